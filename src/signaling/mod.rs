@@ -1,0 +1,1 @@
+//! WebSocket signaling: the seed's message format, made unspoofable, long-lived and resumable.

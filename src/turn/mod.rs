@@ -1,0 +1,1 @@
+//! The embedded TURN relay around the `turn` crate.

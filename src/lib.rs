@@ -23,5 +23,11 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod config;
+pub mod http;
+pub mod limits;
+pub mod server;
+pub mod shutdown;
 pub mod signaling;
+pub mod tls;
 pub mod turn;

@@ -1,0 +1,627 @@
+//! The one configuration type, [`Config`], and where its values come from.
+//!
+//! Every setting has the same name as a command-line flag (`--https-listen`), a key in the optional
+//! TOML file (`https-listen = "…"`) and an environment variable (`CALLGATE_HTTPS_LISTEN`). Precedence:
+//! flags > environment > file > defaults. The raw layers are [`Options`] (every field optional);
+//! [`Config::resolve`] merges them, applies the defaults and validates, so the rest of the program only
+//! ever sees a complete, checked [`Config`]. Defaults are safe on the public internet.
+//!
+//! This module reads the config file and nothing else: no sockets, no certificates.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// The command line: global [`Options`] plus an optional subcommand.
+#[derive(Debug, Parser)]
+#[command(
+    name = "callgate",
+    version,
+    about = "Browser video calls in one binary: HTTPS, WebSocket signaling and a TURN relay",
+    long_about = "Browser video calls in one binary: HTTPS, WebSocket signaling and a TURN relay.\n\n\
+                  Every flag can also be set as CALLGATE_<FLAG> in the environment or as <flag> in the \
+                  TOML file given with --config. Precedence: flags > environment > file > defaults."
+)]
+pub struct Cli {
+    /// Settings; every one is optional here and falls back to the environment, the file, then defaults.
+    #[command(flatten)]
+    pub options: Options,
+
+    /// What to do; without a subcommand callgate serves.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands other than serving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+pub enum Command {
+    /// Serve (the default).
+    Serve,
+    /// Validate the configuration, print the effective values (secrets masked) and exit.
+    CheckConfig,
+}
+
+/// One layer of settings: the command line (with the environment) or the TOML file.
+///
+/// Every field is `Option` so that layers can be merged; [`Config`] holds the resolved values. The
+/// doc comment of each field is its `--help` text.
+#[derive(Debug, Default, Clone, Args, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Options {
+    /// TOML file with settings (keys are the flag names without "--").
+    #[arg(long, env = "CALLGATE_CONFIG", value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// Address of the HTTPS listener (web app, WebSocket signaling) [default: 0.0.0.0:8443].
+    #[arg(long, env = "CALLGATE_HTTPS_LISTEN", value_name = "ADDR")]
+    pub https_listen: Option<SocketAddr>,
+
+    /// Address of the plain-HTTP listener that only redirects to HTTPS and answers /healthz, or "off"
+    /// [default: 0.0.0.0:8080].
+    #[arg(long, env = "CALLGATE_HTTP_LISTEN", value_name = "ADDR|off")]
+    pub http_listen: Option<Listen>,
+
+    /// Public base URL of the HTTPS listener, e.g. https://call.example.com, when it differs from
+    /// what clients send in Host (port mapping, load balancer). Used for redirects and the origin check.
+    #[arg(long, env = "CALLGATE_PUBLIC_URL", value_name = "URL")]
+    pub public_url: Option<String>,
+
+    /// Directory of the web app served over HTTPS [default: public].
+    #[arg(long, env = "CALLGATE_PUBLIC_DIR", value_name = "DIR")]
+    pub public_dir: Option<PathBuf>,
+
+    /// PEM certificate chain (leaf first). Without --tls-cert/--tls-key callgate uses
+    /// certs/cert.pem and certs/key.pem, generating a self-signed development pair there if absent.
+    #[arg(
+        long,
+        env = "CALLGATE_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) for --tls-cert.
+    #[arg(
+        long,
+        env = "CALLGATE_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+
+    /// Directory for the generated development certificate [default: certs].
+    #[arg(long, env = "CALLGATE_CERTS_DIR", value_name = "DIR")]
+    pub certs_dir: Option<PathBuf>,
+
+    /// How often the certificate files are checked for changes; SIGHUP reloads at once [default: 10s].
+    #[arg(long, env = "CALLGATE_TLS_RELOAD_INTERVAL", value_name = "DURATION")]
+    pub tls_reload_interval: Option<Seconds>,
+
+    /// A TLS handshake that takes longer than this is cut off [default: 10s].
+    #[arg(long, env = "CALLGATE_TLS_HANDSHAKE_TIMEOUT", value_name = "DURATION")]
+    pub tls_handshake_timeout: Option<Seconds>,
+
+    /// An HTTP/1 client must send a complete request head within this time; this also bounds how
+    /// long an idle keep-alive connection waits for its next request [default: 10s].
+    #[arg(long, env = "CALLGATE_HEADER_READ_TIMEOUT", value_name = "DURATION")]
+    pub header_read_timeout: Option<Seconds>,
+
+    /// A connection (HTTP/1 or HTTP/2) with no traffic at all for this long is closed [default: 60s].
+    #[arg(long, env = "CALLGATE_IDLE_TIMEOUT", value_name = "DURATION")]
+    pub idle_timeout: Option<Seconds>,
+
+    /// Most concurrent streams per HTTP/2 connection [default: 100].
+    #[arg(long, env = "CALLGATE_H2_MAX_CONCURRENT_STREAMS", value_name = "N")]
+    pub h2_max_concurrent_streams: Option<u32>,
+
+    /// Most open client connections over all listeners; more are refused at accept [default: 10000].
+    #[arg(long, env = "CALLGATE_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+
+    /// Max-age of the Strict-Transport-Security header; 0 tells browsers to forget it [default: 31536000s].
+    #[arg(long, env = "CALLGATE_HSTS_MAX_AGE", value_name = "DURATION")]
+    pub hsts_max_age: Option<Seconds>,
+
+    /// After SIGTERM, how long /readyz reports 503 while new connections are still accepted, so a
+    /// load balancer can take this instance out first [default: 0s].
+    #[arg(long, env = "CALLGATE_SHUTDOWN_DRAIN_DELAY", value_name = "DURATION")]
+    pub shutdown_drain_delay: Option<Seconds>,
+
+    /// After the drain delay, how long in-flight requests may take before callgate exits anyway
+    /// [default: 10s].
+    #[arg(long, env = "CALLGATE_SHUTDOWN_TIMEOUT", value_name = "DURATION")]
+    pub shutdown_timeout: Option<Seconds>,
+
+    /// Log format [default: text].
+    #[arg(long, env = "CALLGATE_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+
+    /// Log filter in tracing's EnvFilter syntax, e.g. "info" or "callgate=debug" [default: info].
+    #[arg(long, env = "CALLGATE_LOG_LEVEL", value_name = "FILTER")]
+    pub log_level: Option<String>,
+}
+
+/// The effective configuration: every layer merged, defaults applied, values checked.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Config {
+    /// Where the HTTPS listener binds.
+    pub https_listen: SocketAddr,
+    /// Where the redirect-only HTTP listener binds, if at all.
+    pub http_listen: Listen,
+    /// Canonical public origin, when clients cannot be trusted to name it in `Host`.
+    pub public_url: Option<PublicUrl>,
+    /// Root of the static web app.
+    pub public_dir: PathBuf,
+    /// Where the certificate and key come from.
+    pub tls: TlsSource,
+    /// Poll interval for certificate changes.
+    #[serde(serialize_with = "as_seconds")]
+    pub tls_reload_interval: Duration,
+    /// Deadline for a TLS handshake.
+    #[serde(serialize_with = "as_seconds")]
+    pub tls_handshake_timeout: Duration,
+    /// Deadline for an HTTP/1 request head, and for an idle keep-alive connection's next request.
+    #[serde(serialize_with = "as_seconds")]
+    pub header_read_timeout: Duration,
+    /// Connections with no traffic for this long are closed.
+    #[serde(serialize_with = "as_seconds")]
+    pub idle_timeout: Duration,
+    /// HTTP/2 stream cap per connection.
+    pub h2_max_concurrent_streams: u32,
+    /// Global cap on open client connections.
+    pub max_connections: usize,
+    /// `Strict-Transport-Security` max-age.
+    #[serde(serialize_with = "as_seconds")]
+    pub hsts_max_age: Duration,
+    /// Time between SIGTERM and closing the listeners.
+    #[serde(serialize_with = "as_seconds")]
+    pub shutdown_drain_delay: Duration,
+    /// Deadline for in-flight work once the listeners are closed.
+    #[serde(serialize_with = "as_seconds")]
+    pub shutdown_timeout: Duration,
+    /// Text for people or JSON for log pipelines.
+    pub log_format: LogFormat,
+    /// tracing `EnvFilter` directive.
+    pub log_level: String,
+}
+
+/// Where the serving certificate comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "source")]
+pub enum TlsSource {
+    /// Files the operator named; they must exist.
+    Files {
+        /// PEM chain, leaf first.
+        cert: PathBuf,
+        /// PEM private key.
+        key: PathBuf,
+    },
+    /// `cert.pem`/`key.pem` in this directory, generated as a self-signed development pair if absent.
+    DevDir {
+        /// The directory, `certs/` by default.
+        dir: PathBuf,
+    },
+}
+
+impl TlsSource {
+    /// The certificate chain and key paths this source reads.
+    pub fn paths(&self) -> (PathBuf, PathBuf) {
+        match self {
+            TlsSource::Files { cert, key } => (cert.clone(), key.clone()),
+            TlsSource::DevDir { dir } => (dir.join("cert.pem"), dir.join("key.pem")),
+        }
+    }
+}
+
+/// A listener address, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listen {
+    /// Bind here.
+    On(SocketAddr),
+    /// Do not open this listener.
+    Off,
+}
+
+impl Listen {
+    /// The address, if the listener is on.
+    pub fn addr(self) -> Option<SocketAddr> {
+        match self {
+            Listen::On(addr) => Some(addr),
+            Listen::Off => None,
+        }
+    }
+}
+
+impl FromStr for Listen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.eq_ignore_ascii_case("off") {
+            return Ok(Listen::Off);
+        }
+        s.parse()
+            .map(Listen::On)
+            .map_err(|_| format!("\"{s}\" is neither an address like 0.0.0.0:8080 nor \"off\""))
+    }
+}
+
+impl fmt::Display for Listen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Listen::On(addr) => addr.fmt(f),
+            Listen::Off => f.write_str("off"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Listen {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for Listen {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// A duration written as seconds: `30`, `30s`, `500ms`, `5m` or `1h`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seconds(pub Duration);
+
+impl FromStr for Seconds {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (digits, unit) = s.split_at(split);
+        let bad = || format!("\"{s}\" is not a duration (examples: 30, 30s, 500ms, 5m, 1h)");
+        let n: u64 = digits.parse().map_err(|_| bad())?;
+        let duration = match unit {
+            "" | "s" => Duration::from_secs(n),
+            "ms" => Duration::from_millis(n),
+            "m" => Duration::from_secs(n.checked_mul(60).ok_or_else(bad)?),
+            "h" => Duration::from_secs(n.checked_mul(3600).ok_or_else(bad)?),
+            _ => return Err(bad()),
+        };
+        Ok(Seconds(duration))
+    }
+}
+
+impl<'de> Deserialize<'de> for Seconds {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(Seconds(Duration::from_secs(n))),
+            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+fn as_seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    if d.subsec_millis() == 0 {
+        s.collect_str(&format_args!("{}s", d.as_secs()))
+    } else {
+        s.collect_str(&format_args!("{}ms", d.as_millis()))
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+/// A checked `https://host[:port]` origin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicUrl {
+    /// `host` or `host:port`, as it appears in an `Origin` header.
+    pub authority: String,
+}
+
+impl PublicUrl {
+    fn parse(s: &str) -> Result<Self, String> {
+        let rest = s
+            .strip_prefix("https://")
+            .ok_or_else(|| format!("\"{s}\" must start with https://"))?;
+        let authority = rest.trim_end_matches('/');
+        let valid = !authority.is_empty()
+            && authority
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b));
+        if !valid {
+            return Err(format!(
+                "\"{s}\" must be https://host or https://host:port, without a path"
+            ));
+        }
+        Ok(PublicUrl {
+            authority: authority.to_ascii_lowercase(),
+        })
+    }
+}
+
+impl fmt::Display for PublicUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "https://{}", self.authority)
+    }
+}
+
+impl Serialize for PublicUrl {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Why the configuration was refused. Each names the key (or file) at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file named by `--config` could not be read.
+    #[error("config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, has an unknown key, or a value of the wrong type.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's explanation, naming the key and line.
+        message: String,
+    },
+    /// A value parsed but is not acceptable.
+    #[error("{key}: {reason}")]
+    Invalid {
+        /// The flag/file key at fault.
+        key: &'static str,
+        /// What is wrong and what would be right.
+        reason: String,
+    },
+}
+
+impl Options {
+    /// Reads a TOML settings file.
+    pub fn from_file(path: &Path) -> Result<Options, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })
+    }
+
+    /// Fills every unset field of `self` from `lower`.
+    fn or(self, lower: Options) -> Options {
+        macro_rules! pick {
+            ($($field:ident),* $(,)?) => {
+                Options { $($field: self.$field.or(lower.$field)),* }
+            };
+        }
+        pick!(
+            config,
+            https_listen,
+            http_listen,
+            public_url,
+            public_dir,
+            tls_cert,
+            tls_key,
+            certs_dir,
+            tls_reload_interval,
+            tls_handshake_timeout,
+            header_read_timeout,
+            idle_timeout,
+            h2_max_concurrent_streams,
+            max_connections,
+            hsts_max_age,
+            shutdown_drain_delay,
+            shutdown_timeout,
+            log_format,
+            log_level,
+        )
+    }
+}
+
+impl Config {
+    /// Merges the command line (flags and environment) over the file it names, applies defaults and
+    /// validates.
+    pub fn resolve(cli: Options) -> Result<Config, ConfigError> {
+        let file = match &cli.config {
+            Some(path) => Options::from_file(path)?,
+            None => Options::default(),
+        };
+        Config::from_options(cli.or(file))
+    }
+
+    /// Applies defaults to merged options and validates them.
+    pub fn from_options(o: Options) -> Result<Config, ConfigError> {
+        let secs =
+            |v: Option<Seconds>, default: u64| v.map_or(Duration::from_secs(default), |s| s.0);
+        let tls = match (o.tls_cert, o.tls_key) {
+            (Some(cert), Some(key)) => TlsSource::Files { cert, key },
+            (None, None) => TlsSource::DevDir {
+                dir: o.certs_dir.unwrap_or_else(|| PathBuf::from("certs")),
+            },
+            (Some(_), None) => return Err(invalid("tls-key", "is required when tls-cert is set")),
+            (None, Some(_)) => return Err(invalid("tls-cert", "is required when tls-key is set")),
+        };
+        let public_url = o
+            .public_url
+            .as_deref()
+            .map(PublicUrl::parse)
+            .transpose()
+            .map_err(|reason| ConfigError::Invalid {
+                key: "public-url",
+                reason,
+            })?;
+        let config = Config {
+            https_listen: o
+                .https_listen
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8443))),
+            http_listen: o
+                .http_listen
+                .unwrap_or(Listen::On(SocketAddr::from(([0, 0, 0, 0], 8080)))),
+            public_url,
+            public_dir: o.public_dir.unwrap_or_else(|| PathBuf::from("public")),
+            tls,
+            tls_reload_interval: secs(o.tls_reload_interval, 10),
+            tls_handshake_timeout: secs(o.tls_handshake_timeout, 10),
+            header_read_timeout: secs(o.header_read_timeout, 10),
+            idle_timeout: secs(o.idle_timeout, 60),
+            h2_max_concurrent_streams: o.h2_max_concurrent_streams.unwrap_or(100),
+            max_connections: o.max_connections.unwrap_or(10_000),
+            hsts_max_age: secs(o.hsts_max_age, 31_536_000),
+            shutdown_drain_delay: secs(o.shutdown_drain_delay, 0),
+            shutdown_timeout: secs(o.shutdown_timeout, 10),
+            log_format: o.log_format.unwrap_or(LogFormat::Text),
+            log_level: o.log_level.unwrap_or_else(|| "info".to_owned()),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("tls-reload-interval", self.tls_reload_interval),
+            ("tls-handshake-timeout", self.tls_handshake_timeout),
+            ("header-read-timeout", self.header_read_timeout),
+            ("idle-timeout", self.idle_timeout),
+        ];
+        for (key, value) in positive {
+            if value.is_zero() {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+        if self.h2_max_concurrent_streams == 0 {
+            return Err(invalid("h2-max-concurrent-streams", "must be at least 1"));
+        }
+        if self.max_connections == 0 {
+            return Err(invalid("max-connections", "must be at least 1"));
+        }
+        if let Listen::On(http) = self.http_listen {
+            if http == self.https_listen {
+                return Err(invalid(
+                    "http-listen",
+                    "must differ from https-listen (the redirect listener needs its own port)",
+                ));
+            }
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
+            return Err(invalid(
+                "log-level",
+                &format!("\"{}\": {e}", self.log_level),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, in the file format, for `check-config`.
+    ///
+    /// Holds no secrets yet; fields that do are masked here when they are added.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot print configuration: {e}\n"))
+    }
+}
+
+fn invalid(key: &'static str, reason: &str) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        reason: reason.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Options {
+        let mut argv = vec!["callgate"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).expect("arguments parse").options
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ports() {
+        let config = Config::from_options(Options::default()).unwrap();
+        assert_eq!(config.https_listen, "0.0.0.0:8443".parse().unwrap());
+        assert_eq!(
+            config.http_listen,
+            Listen::On("0.0.0.0:8080".parse().unwrap())
+        );
+        assert_eq!(
+            config.tls,
+            TlsSource::DevDir {
+                dir: PathBuf::from("certs")
+            }
+        );
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let cli = parse(&["--https-listen", "127.0.0.1:9443", "--http-listen", "off"]);
+        let file: Options =
+            toml::from_str("https-listen = \"127.0.0.1:1\"\nidle-timeout = \"2m\"\n").unwrap();
+        let config = Config::from_options(cli.or(file)).unwrap();
+        assert_eq!(config.https_listen, "127.0.0.1:9443".parse().unwrap());
+        assert_eq!(config.http_listen, Listen::Off);
+        assert_eq!(config.idle_timeout, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn durations_accept_units_and_plain_seconds() {
+        let file: Options = toml::from_str(
+            "tls-handshake-timeout = 3\nheader-read-timeout = \"1500ms\"\nshutdown-timeout = \"1h\"",
+        )
+        .unwrap();
+        let config = Config::from_options(file).unwrap();
+        assert_eq!(config.tls_handshake_timeout, Duration::from_secs(3));
+        assert_eq!(config.header_read_timeout, Duration::from_millis(1500));
+        assert_eq!(config.shutdown_timeout, Duration::from_secs(3600));
+        assert!("5 parsecs".parse::<Seconds>().is_err());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        let unknown = toml::from_str::<Options>("htps-listen = \"0.0.0.0:1\"").unwrap_err();
+        assert!(unknown.to_string().contains("htps-listen"), "{unknown}");
+        let bad = toml::from_str::<Options>("http-listen = \"nowhere\"").unwrap_err();
+        assert!(bad.to_string().contains("http-listen"), "{bad}");
+
+        let zero = Config::from_options(parse(&["--idle-timeout", "0"])).unwrap_err();
+        assert_eq!(zero.to_string(), "idle-timeout: must be greater than 0");
+        let url = Config::from_options(parse(&["--public-url", "http://x"])).unwrap_err();
+        assert!(url.to_string().starts_with("public-url: "), "{url}");
+    }
+
+    #[test]
+    fn the_printed_config_shows_normalised_values() {
+        let config =
+            Config::from_options(parse(&["--public-url", "https://Call.Example.com/"])).unwrap();
+        let printed = config.to_toml();
+        assert!(
+            printed.contains("public-url = \"https://call.example.com\""),
+            "{printed}"
+        );
+    }
+}

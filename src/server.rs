@@ -1,0 +1,234 @@
+//! Binds every listener, starts the subsystems, and owns the one shutdown path.
+//!
+//! [`Server::bind`] does everything that can fail at startup (certificate, listeners, public
+//! directory) so that errors surface before anything is served. [`Server::run`] serves until the
+//! given signal, then: `/readyz` turns 503, the drain delay passes, the listeners close, every
+//! connection and session is told to finish, and the server waits for them up to the shutdown
+//! timeout.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::{Config, TlsSource};
+use crate::http::headers::SecurityHeaders;
+use crate::http::routes::Readiness;
+use crate::http::static_files::StaticFiles;
+use crate::http::{self, App, ConnectionSettings, RedirectTarget};
+use crate::limits::ConnectionLimit;
+use crate::shutdown::ShutdownController;
+use crate::tls::{self, CertStore, LoadError};
+
+/// Why the server could not start. Each names the setting or file to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not bind its address.
+    #[error("{key} {addr}: cannot listen: {source}")]
+    Bind {
+        /// The setting naming the address.
+        key: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// What the OS said (address in use, permission denied, ...).
+        source: std::io::Error,
+    },
+    /// The certificate or key is unusable.
+    #[error(transparent)]
+    Certificate(#[from] LoadError),
+    /// The development certificate could not be written.
+    #[error("cannot create a development certificate in {dir}: {source}")]
+    DevCert {
+        /// The directory.
+        dir: PathBuf,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+    /// The web app directory is missing or unreadable.
+    #[error("{0}")]
+    PublicDir(std::io::Error),
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// The addresses the server actually bound (useful with port 0).
+#[derive(Debug, Clone, Copy)]
+pub struct BoundAddrs {
+    /// HTTPS listener.
+    pub https: SocketAddr,
+    /// Redirect listener, if enabled.
+    pub http: Option<SocketAddr>,
+}
+
+/// A server whose listeners are bound and certificate loaded, ready to [`run`](Server::run).
+#[derive(Debug)]
+pub struct Server {
+    config: Config,
+    https: TcpListener,
+    http: Option<TcpListener>,
+    certs: Arc<CertStore>,
+    app: Arc<App>,
+    readiness: Arc<Readiness>,
+}
+
+impl Server {
+    /// Loads (or generates) the certificate, opens the web app directory and binds every listener.
+    pub async fn bind(config: Config) -> Result<Server, StartError> {
+        if let TlsSource::DevDir { dir } = &config.tls {
+            let generated = tls::ensure_dev_cert(dir).map_err(|source| StartError::DevCert {
+                dir: dir.clone(),
+                source,
+            })?;
+            if let Some(dev) = generated {
+                tracing::warn!(
+                    cert = %dev.cert.display(),
+                    "generated a self-signed development certificate for localhost, 127.0.0.1 and ::1; \
+                     browsers will warn until you trust it. For a real deployment pass --tls-cert and \
+                     --tls-key (see README, \"Certificates\")"
+                );
+            }
+        }
+        let (cert_path, key_path) = config.tls.paths();
+        let certs = CertStore::new(tls::load_certified_key(&cert_path, &key_path)?);
+
+        let files = StaticFiles::new(&config.public_dir).map_err(StartError::PublicDir)?;
+        let readiness = Arc::new(Readiness::default());
+        let app = Arc::new(App::new(
+            files,
+            SecurityHeaders::new(config.hsts_max_age),
+            readiness.clone(),
+        ));
+
+        let https = bind("https-listen", config.https_listen).await?;
+        let http = match config.http_listen.addr() {
+            Some(addr) => Some(bind("http-listen", addr).await?),
+            None => None,
+        };
+        Ok(Server {
+            config,
+            https,
+            http,
+            certs,
+            app,
+            readiness,
+        })
+    }
+
+    /// The bound addresses.
+    pub fn local_addrs(&self) -> BoundAddrs {
+        BoundAddrs {
+            https: self
+                .https
+                .local_addr()
+                .expect("bound socket has an address"),
+            http: self.http.as_ref().and_then(|l| l.local_addr().ok()),
+        }
+    }
+
+    /// The certificate store, for callers that want to watch reloads.
+    pub fn cert_store(&self) -> Arc<CertStore> {
+        self.certs.clone()
+    }
+
+    /// Serves until `stop` completes, then shuts down as described in the module docs.
+    ///
+    /// `handle_sighup` installs the SIGHUP certificate reload (the binary wants it; in-process
+    /// tests, which share one process, do not).
+    pub async fn run(
+        self,
+        stop: impl Future<Output = ()>,
+        handle_sighup: bool,
+    ) -> Result<(), StartError> {
+        let addrs = self.local_addrs();
+        let Server {
+            config,
+            https,
+            http,
+            certs,
+            app,
+            readiness,
+        } = self;
+        let controller = ShutdownController::new();
+        let limit = ConnectionLimit::new(config.max_connections);
+        let settings = ConnectionSettings {
+            tls_handshake_timeout: config.tls_handshake_timeout,
+            header_read_timeout: config.header_read_timeout,
+            idle_timeout: config.idle_timeout,
+            h2_max_concurrent_streams: config.h2_max_concurrent_streams,
+        };
+
+        let (cert_path, key_path) = config.tls.paths();
+        tls::spawn_reloader(
+            certs.clone(),
+            cert_path,
+            key_path,
+            config.tls_reload_interval,
+            handle_sighup,
+            controller.handle(),
+        )
+        .map_err(StartError::Signals)?;
+
+        let acceptor = TlsAcceptor::from(tls::server_config(certs, &[b"h2", b"http/1.1"]));
+        let mut listeners = vec![http::listener_url("https", addrs.https)];
+        tokio::spawn(http::serve_https(
+            https,
+            acceptor,
+            app,
+            settings.clone(),
+            limit.clone(),
+            controller.handle(),
+        ));
+        if let Some(http_listener) = http {
+            listeners.push(format!(
+                "{} (redirect to HTTPS)",
+                http::listener_url("http", addrs.http.expect("bound"))
+            ));
+            let target = RedirectTarget {
+                public_url: config.public_url.clone(),
+                https_port: addrs.https.port(),
+            };
+            tokio::spawn(http::serve_redirects(
+                http_listener,
+                target,
+                settings,
+                limit,
+                controller.handle(),
+            ));
+        }
+        tracing::info!(listeners = %listeners.join(", "), "callgate ready");
+
+        stop.await;
+        readiness.start_draining();
+        tracing::info!(
+            drain_delay = ?config.shutdown_drain_delay,
+            "shutting down: /readyz now reports 503"
+        );
+        tokio::time::sleep(config.shutdown_drain_delay).await;
+        controller.trigger();
+        tracing::info!(timeout = ?config.shutdown_timeout, "listeners closed, draining connections");
+        match tokio::time::timeout(config.shutdown_timeout, controller.drained()).await {
+            Ok(()) => tracing::info!("shutdown complete"),
+            Err(_) => tracing::warn!(
+                "shutdown timeout reached with connections still open; exiting anyway"
+            ),
+        }
+        Ok(())
+    }
+}
+
+async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    };
+    let bind_err = |source| StartError::Bind { key, addr, source };
+    let socket = socket.map_err(bind_err)?;
+    socket.set_reuseaddr(true).map_err(bind_err)?;
+    socket.bind(addr).map_err(bind_err)?;
+    socket.listen(1024).map_err(bind_err)
+}

@@ -1,0 +1,105 @@
+//! TLS for every listener: loading the certificate, generating a development one, hot reload.
+//!
+//! All listeners (HTTPS, and the TURN relay's TLS port) share one [`CertStore`]: a rustls certificate
+//! resolver whose key can be swapped while connections are open. A swap affects only handshakes that
+//! start after it; established connections keep the session they negotiated. This module never
+//! serves anything itself.
+
+mod dev_cert;
+mod load;
+mod reload;
+
+use std::sync::{Arc, RwLock};
+
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+use tokio::sync::watch;
+
+pub use dev_cert::{ensure_dev_cert, DevCert};
+pub use load::{load_certified_key, LoadError};
+pub use reload::spawn_reloader;
+
+/// The certificate currently served, swappable at run time.
+///
+/// rustls asks it for a key on every handshake (`resolve`); [`CertStore::replace`] swaps the key, and
+/// [`CertStore::subscribe`] lets anyone wait for a reload attempt (tests, metrics) without polling.
+#[derive(Debug)]
+pub struct CertStore {
+    /// The key handed to new handshakes. A std lock: held only to clone an `Arc`, never across await.
+    current: RwLock<Arc<CertifiedKey>>,
+    /// Counts of reload attempts and the last failure, so waiters can observe them.
+    status: watch::Sender<ReloadStatus>,
+}
+
+/// What has happened to the certificate since start.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReloadStatus {
+    /// Successful replacements.
+    pub reloads: u64,
+    /// Reload attempts that kept the old certificate because the new files were unusable.
+    pub failures: u64,
+    /// Why the most recent attempt failed, if it did.
+    pub last_error: Option<String>,
+}
+
+impl CertStore {
+    /// A store serving `key` until replaced.
+    pub fn new(key: CertifiedKey) -> Arc<Self> {
+        Arc::new(CertStore {
+            current: RwLock::new(Arc::new(key)),
+            status: watch::Sender::new(ReloadStatus::default()),
+        })
+    }
+
+    /// Serves `key` to every handshake from now on.
+    pub fn replace(&self, key: CertifiedKey) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(key);
+        self.status.send_modify(|s| {
+            s.reloads += 1;
+            s.last_error = None;
+        });
+    }
+
+    /// Records that new files were refused and the old certificate is still served.
+    pub fn record_failure(&self, error: String) {
+        self.status.send_modify(|s| {
+            s.failures += 1;
+            s.last_error = Some(error);
+        });
+    }
+
+    /// The key new handshakes get.
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// A receiver that changes on every reload attempt, successful or not.
+    pub fn subscribe(&self) -> watch::Receiver<ReloadStatus> {
+        self.status.subscribe()
+    }
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+/// A rustls server configuration that takes its certificate from `store`.
+///
+/// TLS 1.2 and 1.3 with rustls' default (modern, AEAD-only) cipher suites; `alpn` lists the
+/// application protocols offered, most preferred first.
+pub fn server_config(store: Arc<CertStore>, alpn: &[&[u8]]) -> Arc<ServerConfig> {
+    let mut config =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .expect("ring supports TLS 1.2 and 1.3")
+            .with_no_client_auth()
+            .with_cert_resolver(store);
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
+}

@@ -520,7 +520,7 @@ impl Config {
             return Err(invalid("max-connections", "must be at least 1"));
         }
         if let Listen::On(http) = self.http_listen {
-            if http == self.https_listen {
+            if http == self.https_listen && http.port() != 0 {
                 return Err(invalid(
                     "http-listen",
                     "must differ from https-listen (the redirect listener needs its own port)",

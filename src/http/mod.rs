@@ -87,9 +87,9 @@ impl ConnectionSettings {
             .http2()
             .timer(TokioTimer::new())
             .max_concurrent_streams(self.h2_max_concurrent_streams)
-            .max_header_list_size(32 * 1024)
-            .keep_alive_interval(Some(self.idle_timeout / 2))
-            .keep_alive_timeout(Duration::from_secs(20));
+            .max_header_list_size(32 * 1024);
+        // No HTTP/2 keep-alive pings: their acks would count as activity and keep idle
+        // connections open forever. A dead peer is idle too, and the idle timeout closes it.
         builder
     }
 }

@@ -10,6 +10,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 
+use http_body_util::BodyExt;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_staticfile::vfs::{FileOpener, FileWithMetadata};
@@ -147,8 +148,15 @@ impl StaticFiles {
             ResolveResult::NotFound => return text_response(StatusCode::NOT_FOUND, "not found\n"),
             _ => (false, false),
         };
+        // hyper-staticfile answers If-Modified-Since but not If-None-Match. RFC 9110 §13.2.2: when
+        // If-None-Match is present, If-Modified-Since is ignored; the ETag is compared below.
+        let if_none_match = req.headers().get(header::IF_NONE_MATCH).cloned();
+        let mut headers = req.headers().clone();
+        if if_none_match.is_some() {
+            headers.remove(header::IF_MODIFIED_SINCE);
+        }
         let response = ResponseBuilder::new()
-            .request(req)
+            .request_parts(req.method(), req.uri(), &headers)
             .cache_headers(Some(600))
             .build(resolved);
         let mut response = match response {
@@ -169,9 +177,47 @@ impl StaticFiles {
             };
             headers.insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
             add_utf8_charset(headers);
+            if let Some(condition) = if_none_match {
+                let status_ok = response.status() == StatusCode::OK
+                    || response.status() == StatusCode::PARTIAL_CONTENT;
+                if status_ok && etag_matches(&condition, response.headers()) {
+                    return not_modified(response);
+                }
+            }
         }
         response
     }
+}
+
+/// Whether an `If-None-Match` value matches the response's ETag (weak comparison, RFC 9110 §8.8.3.2).
+fn etag_matches(condition: &HeaderValue, headers: &hyper::HeaderMap) -> bool {
+    let Some(etag) = headers.get(header::ETAG).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let opaque = |tag: &str| tag.trim().trim_start_matches("W/").to_owned();
+    let etag = opaque(etag);
+    condition.to_str().is_ok_and(|list| {
+        list.split(',')
+            .any(|candidate| candidate.trim() == "*" || opaque(candidate) == etag)
+    })
+}
+
+/// Turns a 200 into a 304 that keeps the validators and caching headers and drops the body.
+fn not_modified(response: Response<Body>) -> Response<Body> {
+    let (mut parts, _body) = response.into_parts();
+    parts.status = StatusCode::NOT_MODIFIED;
+    for dropped in [
+        header::CONTENT_LENGTH,
+        header::CONTENT_TYPE,
+        header::CONTENT_RANGE,
+        header::CONTENT_ENCODING,
+    ] {
+        parts.headers.remove(dropped);
+    }
+    Response::from_parts(
+        parts,
+        super::boxed(http_body_util::Empty::new().map_err(|never| match never {})),
+    )
 }
 
 /// Text files in `public/` are UTF-8; say so, so browsers never guess.

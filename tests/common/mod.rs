@@ -1,0 +1,263 @@
+//! Shared helpers for integration tests: start a real server on loopback ports, talk to it over
+//! real TLS with the server's own certificate as the only trust root.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use callgate::config::{Config, Listen, Options, Seconds};
+use callgate::server::{BoundAddrs, Server};
+use callgate::tls::CertStore;
+use http_body_util::{BodyExt, Empty};
+use hyper::{HeaderMap, Request, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::RootCertStore;
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+/// A server running in this process on ephemeral loopback ports.
+pub struct TestServer {
+    pub addrs: BoundAddrs,
+    pub certs: Arc<CertStore>,
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+    pub public_dir: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+/// Options for a test server: loopback ports, a temp certs dir and a copy of `public/`.
+pub fn test_options(dir: &Path) -> Options {
+    Options {
+        https_listen: Some("127.0.0.1:0".parse().unwrap()),
+        http_listen: Some(Listen::On("127.0.0.1:0".parse().unwrap())),
+        public_dir: Some(dir.join("public")),
+        certs_dir: Some(dir.join("certs")),
+        tls_reload_interval: Some(Seconds(std::time::Duration::from_millis(50))),
+        ..Options::default()
+    }
+}
+
+/// Copies the repository's `public/` into `dir/public`.
+pub fn copy_public(dir: &Path) {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("public");
+    copy_dir(&src, &dir.join("public"));
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let entry = entry.unwrap();
+        let target = dst.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+impl TestServer {
+    /// Starts a server with the default test options, adjusted by `tweak`.
+    pub async fn start(tweak: impl FnOnce(&Path, &mut Options)) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        copy_public(dir.path());
+        let mut options = test_options(dir.path());
+        tweak(dir.path(), &mut options);
+        let config = Config::from_options(options).expect("test config is valid");
+        let (cert_path, key_path) = config.tls.paths();
+        let public_dir = config.public_dir.clone();
+        let server = Server::bind(config).await.expect("server binds");
+        let addrs = server.local_addrs();
+        let certs = server.cert_store();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            server
+                .run(
+                    async {
+                        let _ = stopped.await;
+                    },
+                    false,
+                )
+                .await
+                .unwrap();
+        });
+        TestServer {
+            addrs,
+            certs,
+            cert_path,
+            key_path,
+            public_dir,
+            stop: Some(stop),
+            task: Some(task),
+            _dir: dir,
+        }
+    }
+
+    /// The server's current certificate (the test trust root).
+    pub fn cert_der(&self) -> CertificateDer<'static> {
+        read_cert(&self.cert_path)
+    }
+
+    /// A TLS client trusting only the server's certificate, offering `alpn`.
+    pub fn client(&self, alpn: &[&[u8]]) -> TlsConnector {
+        tls_client(&[self.cert_der()], alpn)
+    }
+
+    /// Stops the server and waits for its shutdown to finish.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap();
+        }
+    }
+}
+
+/// Reads the first certificate of a PEM file.
+pub fn read_cert(path: &Path) -> CertificateDer<'static> {
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::pem_file_iter(path)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+}
+
+/// A TLS connector trusting exactly `roots`.
+pub fn tls_client(roots: &[CertificateDer<'static>], alpn: &[&[u8]]) -> TlsConnector {
+    let mut store = RootCertStore::empty();
+    for root in roots {
+        store.add(root.clone()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(store)
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    TlsConnector::from(Arc::new(config))
+}
+
+/// Opens a TLS connection to `addr` for the name `localhost`.
+pub async fn connect(
+    connector: &TlsConnector,
+    addr: SocketAddr,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+}
+
+/// A response read completely.
+#[derive(Debug)]
+pub struct Fetched {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub version: hyper::Version,
+}
+
+/// An HTTP/1.1 client connection over an established stream.
+pub struct H1 {
+    sender: hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+}
+
+impl H1 {
+    pub async fn over<S>(stream: S) -> H1
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        H1 { sender }
+    }
+
+    pub async fn send(&mut self, req: Request<Empty<Bytes>>) -> hyper::Result<Fetched> {
+        self.sender.ready().await?;
+        let response = self.sender.send_request(req).await?;
+        collect(response).await
+    }
+
+    pub async fn get(&mut self, path: &str) -> Fetched {
+        self.send(get(path)).await.unwrap()
+    }
+}
+
+/// An HTTP/2 client connection; `closed` resolves when the server ends the connection.
+pub struct H2 {
+    pub sender: hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+    pub closed: tokio::task::JoinHandle<hyper::Result<()>>,
+}
+
+impl H2 {
+    pub async fn over<S>(stream: S) -> H2
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        H2 {
+            sender,
+            closed: tokio::spawn(conn),
+        }
+    }
+
+    pub async fn get(&mut self, path: &str) -> Fetched {
+        let req = Request::get(format!("https://localhost{path}"))
+            .body(Empty::new())
+            .unwrap();
+        collect(self.sender.send_request(req).await.unwrap())
+            .await
+            .unwrap()
+    }
+}
+
+async fn collect(response: hyper::Response<hyper::body::Incoming>) -> hyper::Result<Fetched> {
+    let (parts, body) = response.into_parts();
+    Ok(Fetched {
+        status: parts.status,
+        headers: parts.headers,
+        version: parts.version,
+        body: body.collect().await?.to_bytes(),
+    })
+}
+
+/// A GET request with a Host header.
+pub fn get(path: &str) -> Request<Empty<Bytes>> {
+    Request::get(path)
+        .header("host", "localhost")
+        .body(Empty::new())
+        .unwrap()
+}
+
+/// One HTTPS GET over a fresh HTTP/1.1 connection.
+pub async fn https_get(server: &TestServer, path: &str) -> Fetched {
+    let tls = connect(&server.client(&[b"http/1.1"]), server.addrs.https)
+        .await
+        .unwrap();
+    H1::over(tls).await.get(path).await
+}
+
+/// Writes a fresh self-signed certificate and key for `localhost` over `cert` and `key`.
+pub fn write_new_cert(cert: &Path, key: &Path) -> CertificateDer<'static> {
+    let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::write(key, generated.signing_key.serialize_pem()).unwrap();
+    std::fs::write(cert, generated.cert.pem()).unwrap();
+    generated.cert.der().clone()
+}

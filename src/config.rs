@@ -274,7 +274,7 @@ impl Serialize for Listen {
     }
 }
 
-/// A duration written as seconds: `30`, `30s`, `500ms`, `5m` or `1h`.
+/// A duration written as seconds: `30`, `30s`, `500ms`, `5m`, `1h` or `365d`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Seconds(pub Duration);
 
@@ -284,13 +284,14 @@ impl FromStr for Seconds {
         let s = s.trim();
         let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (digits, unit) = s.split_at(split);
-        let bad = || format!("\"{s}\" is not a duration (examples: 30, 30s, 500ms, 5m, 1h)");
+        let bad = || format!("\"{s}\" is not a duration (examples: 30, 30s, 500ms, 5m, 1h, 365d)");
         let n: u64 = digits.parse().map_err(|_| bad())?;
         let duration = match unit {
             "" | "s" => Duration::from_secs(n),
             "ms" => Duration::from_millis(n),
             "m" => Duration::from_secs(n.checked_mul(60).ok_or_else(bad)?),
             "h" => Duration::from_secs(n.checked_mul(3600).ok_or_else(bad)?),
+            "d" => Duration::from_secs(n.checked_mul(86_400).ok_or_else(bad)?),
             _ => return Err(bad()),
         };
         Ok(Seconds(duration))

@@ -89,10 +89,13 @@ impl Running {
         let pid = self.child.id();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || tx.send(self.child.wait().unwrap().code()));
-        rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| {
-            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
-            panic!("callgate did not exit within 30 s");
-        })
+        rx.recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+                panic!("callgate did not exit within 30 s");
+            })
     }
 }
 
@@ -174,6 +177,23 @@ fn check_config_prints_the_effective_config_with_flags_over_env_over_file() {
     );
     assert!(printed.contains("http-listen = \"off\""), "{printed}");
     assert!(printed.contains("idle-timeout = \"120s\""), "{printed}");
+}
+
+#[test]
+fn the_example_config_in_ops_is_valid() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("ops/callgate.toml");
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&example)
+        .arg("check-config")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

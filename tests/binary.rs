@@ -280,7 +280,7 @@ async fn sighup_reloads_the_certificate() {
     running.signal("HUP");
     running.wait_for_log("certificate reloaded");
     let fresh = connect(
-        &tls_client(&[new_cert.clone()], &[b"http/1.1"]),
+        &tls_client(std::slice::from_ref(&new_cert), &[b"http/1.1"]),
         running.https,
     )
     .await

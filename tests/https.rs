@@ -302,7 +302,7 @@ async fn hot_reload_serves_the_new_certificate_to_new_connections_only() {
     let fresh = connect(&both, server.addrs.https).await.unwrap();
     assert_eq!(fresh.get_ref().1.peer_certificates().unwrap()[0], new_cert);
     // (A fresh client: the old one could resume its TLS session without seeing a certificate.)
-    let trusts_old_only = tls_client(&[old_cert.clone()], &[b"http/1.1"]);
+    let trusts_old_only = tls_client(std::slice::from_ref(&old_cert), &[b"http/1.1"]);
     assert!(connect(&trusts_old_only, server.addrs.https).await.is_err());
     // The old connection keeps working.
     assert_eq!(old_conn.get("/healthz").await.status, StatusCode::OK);

@@ -209,6 +209,37 @@ impl ErrorCode {
         }
     }
 
+    /// Plain words for this code, for errors the session layer raises itself (size, rate, frame
+    /// type) where there is no more specific message.
+    pub const fn describe(self) -> &'static str {
+        match self {
+            Self::InvalidJson => "The message is not a valid JSON object.",
+            Self::TooDeep => "The message nests objects and arrays too deeply.",
+            Self::UnknownType => "The message type is not one this server knows.",
+            Self::MissingField => "The message lacks a field its type needs.",
+            Self::InvalidField => "A field of the message has the wrong type or value.",
+            Self::IdMismatch => "The message's id is not this connection's ID.",
+            Self::UnknownClient => "Nobody with that ID is connected.",
+            Self::CannotCallSelf => "You cannot call your own ID.",
+            Self::AlreadyInCall => "You are already in a call; hang up first.",
+            Self::NotInCall => "You have no call with that client.",
+            Self::WrongCallState => "The call is not in a state where that message is allowed.",
+            Self::ResumeFailed => {
+                "That ID cannot be resumed: it is unknown or expired, or the token is wrong."
+            }
+            Self::ResumeNotAllowed => "Hang up your current call before resuming another ID.",
+            Self::SessionReplaced => "Another connection resumed this ID; this one is closing.",
+            Self::MessageTooLarge => "The message is larger than the server accepts.",
+            Self::BinaryNotSupported => "Binary frames are not supported; send JSON text.",
+            Self::RateLimited => "You are sending messages too fast; slow down.",
+            Self::TooManyCalls => "You are starting calls too fast; wait a minute.",
+            Self::TooManyConnections => "Too many connections from your address.",
+            Self::ServerFull => "The server is full; try again later.",
+            Self::TooManyViolations => "Too many invalid messages; the connection is closing.",
+            Self::InternalError => "Something went wrong on the server.",
+        }
+    }
+
     /// Whether this error shows a misbehaving client (counted towards closing it with 1008), as
     /// opposed to an ordinary race such as calling someone who just left.
     pub const fn is_violation(self) -> bool {

@@ -35,7 +35,6 @@ pub struct Hub<D> {
 
 /// One WebSocket connection's standing with the hub. The session layer owns it and passes it to
 /// every hub call; it is the connection's state that does not need to be shared.
-#[derive(Debug)]
 pub struct Attachment {
     /// The ID this connection holds (it changes on a successful resume).
     binding: Binding,
@@ -52,6 +51,17 @@ impl Attachment {
     /// The ID this connection currently holds.
     pub fn id(&self) -> ClientId {
         self.binding.id
+    }
+}
+
+impl std::fmt::Debug for Attachment {
+    /// Leaves out the ICE servers: they carry TURN credentials, which must not reach logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attachment")
+            .field("binding", &self.binding)
+            .field("violations", &self.violations)
+            .field("resume_failures", &self.resume_failures)
+            .finish_non_exhaustive()
     }
 }
 
@@ -74,8 +84,9 @@ pub enum Departure {
     /// The socket broke, timed out or the server is shutting down: keep the ID reserved for
     /// [`SignalingLimits::resume_grace`] so the client can resume.
     Dropped,
-    /// The client closed the WebSocket itself (a close frame with 1000 or 1001, e.g. the tab was
-    /// closed): free the ID now and tell the call peer at once.
+    /// The client said goodbye: it sent a close frame with 1000. Free the ID now and tell the call
+    /// peer at once. (Browsers send 1001 when a page unloads; treat that as `Dropped`, so a reload
+    /// that kept its token can resume.)
     Left,
 }
 

@@ -67,7 +67,8 @@ impl fmt::Display for ClientId {
 ///
 /// 128 random bits, sent only in the `id` message over TLS, compared in constant time, and replaced
 /// by a fresh one on every successful resume so a token is good for one reconnection.
-#[derive(Clone, PartialEq, Eq)]
+/// Deliberately not `PartialEq`: the only comparison is [`ResumeToken::matches`], in constant time.
+#[derive(Clone)]
 pub struct ResumeToken([u8; ResumeToken::LEN]);
 
 impl ResumeToken {

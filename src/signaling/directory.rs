@@ -1060,6 +1060,31 @@ mod tests {
     }
 
     #[test]
+    fn two_ids_in_one_shard_pair_and_part_cleanly() {
+        let dir = directory(SignalingLimits::default());
+        let mut by_shard: HashMap<usize, (Binding, TestOutbox)> = HashMap::new();
+        let (a, b) = loop {
+            let (binding, outbox) = register(&dir);
+            if let Some((other, _)) = by_shard.get(&shard_of(binding.id)) {
+                break (*other, binding);
+            }
+            by_shard.insert(shard_of(binding.id), (binding, outbox));
+        };
+        dir.update_call(a, b.id, |_, theirs| {
+            assert_eq!(theirs, Some(CallState::Idle));
+            Ok::<_, Stale>(CallState::Calling { peer: b.id })
+        })
+        .unwrap();
+        assert_eq!(dir.call_state(b), Ok(CallState::Called { peer: a.id }));
+        assert_eq!(dir.release(b), Ok(Some(a.id)));
+        assert_eq!(dir.call_state(a), Ok(CallState::Idle));
+        assert_eq!(
+            dir.deliver(b.id, Bytes::new(), Instant::now()),
+            Delivery::NoSuchClient
+        );
+    }
+
+    #[test]
     fn call_states_stay_symmetric() {
         let dir = directory(SignalingLimits::default());
         let (a, _) = register(&dir);

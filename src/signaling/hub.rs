@@ -701,6 +701,7 @@ fn wrong_state(mine: CallState, peer: ClientId, kind: MessageKind) -> RuleError 
 #[cfg(test)]
 mod tests {
     use std::cell::{RefCell, RefMut};
+    use std::collections::HashMap;
     use std::time::Duration;
 
     use serde_json::{json, Value};
@@ -1618,6 +1619,85 @@ mod tests {
         }
         assert_eq!(hub.directory().queued_bytes(), 0);
         assert_eq!(hub.directory().pending_deadlines(), 0);
+    }
+
+    #[test]
+    fn concurrent_sessions_keep_call_states_symmetric() {
+        let hub = hub();
+        let now = Instant::now();
+        let clients: Vec<Client> = (0..64)
+            .map(|_| connect_with_capacity(&hub, now, 1_000_000))
+            .collect();
+        let ids: Vec<u64> = clients.iter().map(|c| c.id).collect();
+        let mut groups: Vec<Vec<Client>> = (0..4).map(|_| Vec::new()).collect();
+        for (i, client) in clients.into_iter().enumerate() {
+            groups[i % 4].push(client);
+        }
+        let clients: Vec<Client> = std::thread::scope(|scope| {
+            let workers: Vec<_> = groups
+                .into_iter()
+                .enumerate()
+                .map(|(t, group)| {
+                    let (hub, ids) = (&hub, &ids);
+                    scope.spawn(move || {
+                        let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ t as u64;
+                        let mut next = move || {
+                            seed ^= seed << 13;
+                            seed ^= seed >> 7;
+                            seed ^= seed << 17;
+                            seed
+                        };
+                        for _ in 0..3000 {
+                            let me = &group[next() as usize % group.len()];
+                            let other = ids[next() as usize % ids.len()];
+                            let state = hub.call_state(&me.conn()).unwrap();
+                            let text = match (next() % 6, state.peer()) {
+                                (0, _) => format!(
+                                    r#"{{"type":"video-offer-request","calleeId":{other},"offer":{{}}}}"#
+                                ),
+                                (1, Some(p)) => format!(
+                                    r#"{{"type":"client-reply","reply":"1","callerId":{p},"answer":{{}}}}"#
+                                ),
+                                (2, Some(p)) => format!(r#"{{"type":"close-call-client","clientId":{p}}}"#),
+                                (3, Some(p)) => format!(r#"{{"type":"cancel","clientId":{p}}}"#),
+                                (4, Some(p)) => format!(
+                                    r#"{{"type":"ice-candidate","clientId":{p},"candidate":null}}"#
+                                ),
+                                _ => {
+                                    me.inbox();
+                                    continue;
+                                }
+                            };
+                            let outcome = send(hub, me, &text, now);
+                            assert_eq!(outcome.close, None);
+                        }
+                        group
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().unwrap())
+                .collect()
+        });
+        let states: HashMap<u64, CallState> = clients
+            .iter()
+            .map(|c| (c.id, hub.call_state(&c.conn()).unwrap()))
+            .collect();
+        let mut in_calls = 0;
+        for (id, state) in &states {
+            let Some(peer) = state.peer() else { continue };
+            in_calls += 1;
+            let back = states[&peer.get()];
+            let me = ClientId::new(*id);
+            let expected = match state {
+                CallState::Calling { .. } => CallState::Called { peer: me },
+                CallState::Called { .. } => CallState::Calling { peer: me },
+                _ => CallState::InCall { peer: me },
+            };
+            assert_eq!(back, expected, "{id} is {state:?}");
+        }
+        assert!(in_calls > 0, "the workload should leave some calls up");
     }
 
     #[test]

@@ -601,7 +601,11 @@ pub fn check_shape(frame: &[u8], max_depth: usize) -> Result<(), ProtocolError> 
             b'"' => {
                 i += 1;
                 loop {
-                    match memchr::memchr2(b'"', b'\\', &frame[i..]) {
+                    // An escape may have stepped past the end of a truncated frame.
+                    let Some(rest) = frame.get(i..) else {
+                        return Ok(());
+                    };
+                    match memchr::memchr2(b'"', b'\\', rest) {
                         Some(at) if frame[i + at] == b'\\' => i += at + 2,
                         Some(at) => {
                             i += at;
@@ -1153,6 +1157,33 @@ mod tests {
                 .code(),
             ErrorCode::TooDeep
         );
+    }
+
+    #[test]
+    fn truncated_and_mangled_frames_never_panic() {
+        let valid = r#"{"type":"video-offer-request","id":123,"calleeId":456,"offer":{"type":"offer","sdp":"v=0\r\na=x:\"[{\\\"}"},"reason":["a",{"b":null}]}"#;
+        assert!(parse(valid.as_bytes(), DEPTH).is_ok());
+        for cut in 0..valid.len() {
+            let _ = parse(&valid.as_bytes()[..cut], DEPTH);
+        }
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..5000 {
+            let mut bytes = valid.as_bytes().to_vec();
+            for _ in 0..3 {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let at = (seed % bytes.len() as u64) as usize;
+                let mangle = b"\\\"{}[]:,0 \xff";
+                bytes[at] = mangle[(seed >> 32) as usize % mangle.len()];
+            }
+            if let Err(e) = parse(&bytes, DEPTH) {
+                let _ = e.to_string();
+            }
+        }
+        for tail in ["\\", "\"\\", "{\"a\":\"\\", "{\"type\":\"\\\\\\"] {
+            assert_eq!(code_of(tail), ErrorCode::InvalidJson, "{tail}");
+        }
     }
 
     #[test]

@@ -10,6 +10,39 @@
 //!
 //! Everything here is synchronous and short: no lock is held across a call out of this module, and
 //! a forwarded message is parsed once, serialised once and pushed once.
+//!
+//! # Driving the hub from a session
+//!
+//! ```
+//! use std::time::Instant;
+//! use bytes::Bytes;
+//! use callgate::signaling::{SignalingLimits, directory::MemoryDirectory};
+//! use callgate::signaling::hub::{Departure, Hub};
+//!
+//! let limits = SignalingLimits::default();
+//! let hub = Hub::new(MemoryDirectory::new(&limits), limits);
+//!
+//! // On upgrade: the hub keeps the only sender; the session task writes what `rx` yields.
+//! let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(128);
+//! let mut conn = hub.connect(tx, None, Instant::now()).expect("room for one more");
+//! assert!(rx.try_recv().unwrap().starts_with(br#"{"type":"id","id":"#));
+//!
+//! // For each text frame (after the session's own size and rate checks):
+//! let outcome = hub.handle_text(&mut conn, br#"{"type":"ping"}"#, Instant::now());
+//! assert_eq!(outcome.close, None); // otherwise: flush `rx`, then close with that code
+//! assert_eq!(&rx.try_recv().unwrap()[..], br#"{"type":"pong"}"#);
+//!
+//! // When the socket ends without a close frame 1000 from the client:
+//! hub.disconnect(conn, Departure::Dropped, Instant::now());
+//! // `rx` now reports closed; a timer task calls `hub.expire(Instant::now())` and sleeps until
+//! // the deadline it returns.
+//! assert!(rx.is_closed());
+//! ```
+//!
+//! The session layer must also close the connection when `rx` reports closed while the socket is
+//! still up: that is how the hub disconnects a reader too slow to keep its queue from filling, and
+//! a connection whose ID another connection resumed. Give each queue room for at least
+//! [`SignalingLimits::resume_queue_messages`] + 1 frames so a resume's backlog fits.
 
 use std::time::Instant;
 

@@ -182,6 +182,32 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, for documentation checks and metrics registration.
+    pub const ALL: [ErrorCode; 22] = [
+        Self::InvalidJson,
+        Self::TooDeep,
+        Self::UnknownType,
+        Self::MissingField,
+        Self::InvalidField,
+        Self::IdMismatch,
+        Self::UnknownClient,
+        Self::CannotCallSelf,
+        Self::AlreadyInCall,
+        Self::NotInCall,
+        Self::WrongCallState,
+        Self::ResumeFailed,
+        Self::ResumeNotAllowed,
+        Self::SessionReplaced,
+        Self::MessageTooLarge,
+        Self::BinaryNotSupported,
+        Self::RateLimited,
+        Self::TooManyCalls,
+        Self::TooManyConnections,
+        Self::ServerFull,
+        Self::TooManyViolations,
+        Self::InternalError,
+    ];
+
     /// The stable snake_case code sent on the wire.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -353,6 +379,21 @@ pub enum MessageKind {
 }
 
 impl MessageKind {
+    /// Every client message type.
+    pub const ALL: [MessageKind; 11] = [
+        Self::VideoOfferRequest,
+        Self::ClientReply,
+        Self::CloseCallClient,
+        Self::Normal,
+        Self::IceCandidate,
+        Self::Ringing,
+        Self::Cancel,
+        Self::Offer,
+        Self::Answer,
+        Self::Resume,
+        Self::Ping,
+    ];
+
     /// The `type` string on the wire.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -1304,30 +1345,7 @@ mod tests {
 
     #[test]
     fn error_codes_are_distinct_snake_case() {
-        let all = [
-            ErrorCode::InvalidJson,
-            ErrorCode::TooDeep,
-            ErrorCode::UnknownType,
-            ErrorCode::MissingField,
-            ErrorCode::InvalidField,
-            ErrorCode::IdMismatch,
-            ErrorCode::UnknownClient,
-            ErrorCode::CannotCallSelf,
-            ErrorCode::AlreadyInCall,
-            ErrorCode::NotInCall,
-            ErrorCode::WrongCallState,
-            ErrorCode::ResumeFailed,
-            ErrorCode::ResumeNotAllowed,
-            ErrorCode::SessionReplaced,
-            ErrorCode::MessageTooLarge,
-            ErrorCode::BinaryNotSupported,
-            ErrorCode::RateLimited,
-            ErrorCode::TooManyCalls,
-            ErrorCode::TooManyConnections,
-            ErrorCode::ServerFull,
-            ErrorCode::TooManyViolations,
-            ErrorCode::InternalError,
-        ];
+        let all = ErrorCode::ALL;
         let mut seen = std::collections::HashSet::new();
         for code in all {
             let s = code.as_str();
@@ -1335,6 +1353,43 @@ mod tests {
             assert!(
                 s.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
                 "{s}"
+            );
+        }
+    }
+
+    #[test]
+    fn protocol_md_documents_every_code_type_and_reason() {
+        let doc = include_str!("../../docs/PROTOCOL.md");
+        for code in ErrorCode::ALL {
+            assert!(
+                doc.contains(&format!("| `{}` |", code.as_str())),
+                "{code} undocumented"
+            );
+        }
+        for kind in MessageKind::ALL {
+            let name = format!("`{}`", kind.as_str());
+            assert!(
+                doc.lines()
+                    .any(|l| l.starts_with("### ") && l.contains(&name)),
+                "{kind:?} has no section"
+            );
+            assert!(MessageKind::from_raw(&raw(&format!("\"{}\"", kind.as_str()))) == Some(kind));
+        }
+        for reason in [
+            EndReason::Hangup,
+            EndReason::Cancelled,
+            EndReason::Failed,
+            EndReason::PeerGone,
+        ] {
+            assert!(
+                doc.contains(&format!("| `{}` |", reason.as_str())),
+                "{reason:?} undocumented"
+            );
+        }
+        for code in [1000, 1001, 1008, 1009, 1011, 1013] {
+            assert!(
+                doc.contains(&format!("| {code} |")),
+                "close code {code} undocumented"
             );
         }
     }

@@ -264,6 +264,7 @@ pub trait Directory: Send + Sync {
     /// Atomically reads the call states of the live connection's ID and of `peer` (`None` if
     /// nobody holds `peer`), lets `rule` choose the connection's new state, and sets the peer's to
     /// match: paired when the new state names `peer`, idle when it leaves a call with `peer`.
+    /// The rule may only return `Idle`, a state naming `peer`, or the current state unchanged.
     fn update_call<E: From<Stale>>(
         &self,
         binding: Binding,
@@ -781,9 +782,14 @@ impl<O: Outbox> Directory for MemoryDirectory<O> {
                 Ok(new) => new,
                 Err(e) => return (Err(e), false),
             };
+            debug_assert!(
+                new.peer().is_none() || new.peer() == Some(peer) || new == mine.call,
+                "a rule may only end a call, pair with `peer`, or change nothing"
+            );
             match theirs {
                 Some(theirs) if new.peer() == Some(peer) => theirs.call = new.mirror(me),
                 Some(theirs) if theirs.call.peer() == Some(me) => theirs.call = CallState::Idle,
+                // Pairing with an ID nobody holds would break symmetry: change nothing.
                 None if new.peer() == Some(peer) => return (Ok(mine.call), false),
                 _ => {}
             }
@@ -1057,6 +1063,31 @@ mod tests {
         );
         assert_eq!(dir.queued_bytes(), 6);
         assert!(!dir.detach(a, now), "already detached");
+    }
+
+    #[test]
+    fn two_ids_in_one_shard_pair_and_part_cleanly() {
+        let dir = directory(SignalingLimits::default());
+        let mut by_shard: HashMap<usize, (Binding, TestOutbox)> = HashMap::new();
+        let (a, b) = loop {
+            let (binding, outbox) = register(&dir);
+            if let Some((other, _)) = by_shard.get(&shard_of(binding.id)) {
+                break (*other, binding);
+            }
+            by_shard.insert(shard_of(binding.id), (binding, outbox));
+        };
+        dir.update_call(a, b.id, |_, theirs| {
+            assert_eq!(theirs, Some(CallState::Idle));
+            Ok::<_, Stale>(CallState::Calling { peer: b.id })
+        })
+        .unwrap();
+        assert_eq!(dir.call_state(b), Ok(CallState::Called { peer: a.id }));
+        assert_eq!(dir.release(b), Ok(Some(a.id)));
+        assert_eq!(dir.call_state(a), Ok(CallState::Idle));
+        assert_eq!(
+            dir.deliver(b.id, Bytes::new(), Instant::now()),
+            Delivery::NoSuchClient
+        );
     }
 
     #[test]

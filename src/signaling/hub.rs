@@ -10,6 +10,39 @@
 //!
 //! Everything here is synchronous and short: no lock is held across a call out of this module, and
 //! a forwarded message is parsed once, serialised once and pushed once.
+//!
+//! # Driving the hub from a session
+//!
+//! ```
+//! use std::time::Instant;
+//! use bytes::Bytes;
+//! use callgate::signaling::{SignalingLimits, directory::MemoryDirectory};
+//! use callgate::signaling::hub::{Departure, Hub};
+//!
+//! let limits = SignalingLimits::default();
+//! let hub = Hub::new(MemoryDirectory::new(&limits), limits);
+//!
+//! // On upgrade: the hub keeps the only sender; the session task writes what `rx` yields.
+//! let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(128);
+//! let mut conn = hub.connect(tx, None, Instant::now()).expect("room for one more");
+//! assert!(rx.try_recv().unwrap().starts_with(br#"{"type":"id","id":"#));
+//!
+//! // For each text frame (after the session's own size and rate checks):
+//! let outcome = hub.handle_text(&mut conn, br#"{"type":"ping"}"#, Instant::now());
+//! assert_eq!(outcome.close, None); // otherwise: flush `rx`, then close with that code
+//! assert_eq!(&rx.try_recv().unwrap()[..], br#"{"type":"pong"}"#);
+//!
+//! // When the socket ends without a close frame 1000 from the client:
+//! hub.disconnect(conn, Departure::Dropped, Instant::now());
+//! // `rx` now reports closed; a timer task calls `hub.expire(Instant::now())` and sleeps until
+//! // the deadline it returns.
+//! assert!(rx.is_closed());
+//! ```
+//!
+//! The session layer must also close the connection when `rx` reports closed while the socket is
+//! still up: that is how the hub disconnects a reader too slow to keep its queue from filling, and
+//! a connection whose ID another connection resumed. Give each queue room for at least
+//! [`SignalingLimits::resume_queue_messages`] + 1 frames so a resume's backlog fits.
 
 use std::time::Instant;
 
@@ -35,7 +68,6 @@ pub struct Hub<D> {
 
 /// One WebSocket connection's standing with the hub. The session layer owns it and passes it to
 /// every hub call; it is the connection's state that does not need to be shared.
-#[derive(Debug)]
 pub struct Attachment {
     /// The ID this connection holds (it changes on a successful resume).
     binding: Binding,
@@ -52,6 +84,17 @@ impl Attachment {
     /// The ID this connection currently holds.
     pub fn id(&self) -> ClientId {
         self.binding.id
+    }
+}
+
+impl std::fmt::Debug for Attachment {
+    /// Leaves out the ICE servers: they carry TURN credentials, which must not reach logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attachment")
+            .field("binding", &self.binding)
+            .field("violations", &self.violations)
+            .field("resume_failures", &self.resume_failures)
+            .finish_non_exhaustive()
     }
 }
 
@@ -74,8 +117,9 @@ pub enum Departure {
     /// The socket broke, timed out or the server is shutting down: keep the ID reserved for
     /// [`SignalingLimits::resume_grace`] so the client can resume.
     Dropped,
-    /// The client closed the WebSocket itself (a close frame with 1000 or 1001, e.g. the tab was
-    /// closed): free the ID now and tell the call peer at once.
+    /// The client said goodbye: it sent a close frame with 1000. Free the ID now and tell the call
+    /// peer at once. (Browsers send 1001 when a page unloads; treat that as `Dropped`, so a reload
+    /// that kept its token can resume.)
     Left,
 }
 
@@ -690,6 +734,7 @@ fn wrong_state(mine: CallState, peer: ClientId, kind: MessageKind) -> RuleError 
 #[cfg(test)]
 mod tests {
     use std::cell::{RefCell, RefMut};
+    use std::collections::HashMap;
     use std::time::Duration;
 
     use serde_json::{json, Value};
@@ -1607,6 +1652,85 @@ mod tests {
         }
         assert_eq!(hub.directory().queued_bytes(), 0);
         assert_eq!(hub.directory().pending_deadlines(), 0);
+    }
+
+    #[test]
+    fn concurrent_sessions_keep_call_states_symmetric() {
+        let hub = hub();
+        let now = Instant::now();
+        let clients: Vec<Client> = (0..64)
+            .map(|_| connect_with_capacity(&hub, now, 1_000_000))
+            .collect();
+        let ids: Vec<u64> = clients.iter().map(|c| c.id).collect();
+        let mut groups: Vec<Vec<Client>> = (0..4).map(|_| Vec::new()).collect();
+        for (i, client) in clients.into_iter().enumerate() {
+            groups[i % 4].push(client);
+        }
+        let clients: Vec<Client> = std::thread::scope(|scope| {
+            let workers: Vec<_> = groups
+                .into_iter()
+                .enumerate()
+                .map(|(t, group)| {
+                    let (hub, ids) = (&hub, &ids);
+                    scope.spawn(move || {
+                        let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ t as u64;
+                        let mut next = move || {
+                            seed ^= seed << 13;
+                            seed ^= seed >> 7;
+                            seed ^= seed << 17;
+                            seed
+                        };
+                        for _ in 0..3000 {
+                            let me = &group[next() as usize % group.len()];
+                            let other = ids[next() as usize % ids.len()];
+                            let state = hub.call_state(&me.conn()).unwrap();
+                            let text = match (next() % 6, state.peer()) {
+                                (0, _) => format!(
+                                    r#"{{"type":"video-offer-request","calleeId":{other},"offer":{{}}}}"#
+                                ),
+                                (1, Some(p)) => format!(
+                                    r#"{{"type":"client-reply","reply":"1","callerId":{p},"answer":{{}}}}"#
+                                ),
+                                (2, Some(p)) => format!(r#"{{"type":"close-call-client","clientId":{p}}}"#),
+                                (3, Some(p)) => format!(r#"{{"type":"cancel","clientId":{p}}}"#),
+                                (4, Some(p)) => format!(
+                                    r#"{{"type":"ice-candidate","clientId":{p},"candidate":null}}"#
+                                ),
+                                _ => {
+                                    me.inbox();
+                                    continue;
+                                }
+                            };
+                            let outcome = send(hub, me, &text, now);
+                            assert_eq!(outcome.close, None);
+                        }
+                        group
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().unwrap())
+                .collect()
+        });
+        let states: HashMap<u64, CallState> = clients
+            .iter()
+            .map(|c| (c.id, hub.call_state(&c.conn()).unwrap()))
+            .collect();
+        let mut in_calls = 0;
+        for (id, state) in &states {
+            let Some(peer) = state.peer() else { continue };
+            in_calls += 1;
+            let back = states[&peer.get()];
+            let me = ClientId::new(*id);
+            let expected = match state {
+                CallState::Calling { .. } => CallState::Called { peer: me },
+                CallState::Called { .. } => CallState::Calling { peer: me },
+                _ => CallState::InCall { peer: me },
+            };
+            assert_eq!(back, expected, "{id} is {state:?}");
+        }
+        assert!(in_calls > 0, "the workload should leave some calls up");
     }
 
     #[test]

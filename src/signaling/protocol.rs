@@ -67,7 +67,8 @@ impl fmt::Display for ClientId {
 ///
 /// 128 random bits, sent only in the `id` message over TLS, compared in constant time, and replaced
 /// by a fresh one on every successful resume so a token is good for one reconnection.
-#[derive(Clone, PartialEq, Eq)]
+/// Deliberately not `PartialEq`: the only comparison is [`ResumeToken::matches`], in constant time.
+#[derive(Clone)]
 pub struct ResumeToken([u8; ResumeToken::LEN]);
 
 impl ResumeToken {
@@ -181,6 +182,32 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, for documentation checks and metrics registration.
+    pub const ALL: [ErrorCode; 22] = [
+        Self::InvalidJson,
+        Self::TooDeep,
+        Self::UnknownType,
+        Self::MissingField,
+        Self::InvalidField,
+        Self::IdMismatch,
+        Self::UnknownClient,
+        Self::CannotCallSelf,
+        Self::AlreadyInCall,
+        Self::NotInCall,
+        Self::WrongCallState,
+        Self::ResumeFailed,
+        Self::ResumeNotAllowed,
+        Self::SessionReplaced,
+        Self::MessageTooLarge,
+        Self::BinaryNotSupported,
+        Self::RateLimited,
+        Self::TooManyCalls,
+        Self::TooManyConnections,
+        Self::ServerFull,
+        Self::TooManyViolations,
+        Self::InternalError,
+    ];
+
     /// The stable snake_case code sent on the wire.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -352,6 +379,21 @@ pub enum MessageKind {
 }
 
 impl MessageKind {
+    /// Every client message type.
+    pub const ALL: [MessageKind; 11] = [
+        Self::VideoOfferRequest,
+        Self::ClientReply,
+        Self::CloseCallClient,
+        Self::Normal,
+        Self::IceCandidate,
+        Self::Ringing,
+        Self::Cancel,
+        Self::Offer,
+        Self::Answer,
+        Self::Resume,
+        Self::Ping,
+    ];
+
     /// The `type` string on the wire.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -583,7 +625,7 @@ fn present<'de, D: Deserializer<'de>>(de: D) -> Result<Option<&'de RawValue>, D:
 /// over the bytes before serde sees them (serde's own recursion limit is 128 and costs stack).
 ///
 /// Only structure outside strings is counted; strings are skipped with `memchr`, so a 3 KB SDP costs
-/// a handful of vector compares. Malformed JSON is left for serde to describe.
+/// one vectorised search. Malformed JSON is left for serde to describe.
 pub fn check_shape(frame: &[u8], max_depth: usize) -> Result<(), ProtocolError> {
     let start = frame.iter().position(|b| !b.is_ascii_whitespace());
     if start.is_none_or(|i| frame[i] != b'{') {
@@ -598,16 +640,25 @@ pub fn check_shape(frame: &[u8], max_depth: usize) -> Result<(), ProtocolError> 
     while i < frame.len() {
         match frame[i] {
             b'"' => {
-                i += 1;
+                // Jump from quote to quote; a quote ends the string unless an odd number of
+                // backslashes precedes it. SDP is full of `\r\n` escapes but has no quotes, so
+                // this crosses a 3 KB SDP in one `memchr`.
+                let mut from = i + 1;
                 loop {
-                    match memchr::memchr2(b'"', b'\\', &frame[i..]) {
-                        Some(at) if frame[i + at] == b'\\' => i += at + 2,
-                        Some(at) => {
-                            i += at;
-                            break;
-                        }
-                        None => return Ok(()),
+                    let Some(at) = memchr::memchr(b'"', &frame[from..]) else {
+                        return Ok(()); // unterminated: serde will say so
+                    };
+                    let quote = from + at;
+                    let escapes = frame[..quote]
+                        .iter()
+                        .rev()
+                        .take_while(|&&b| b == b'\\')
+                        .count();
+                    if escapes % 2 == 0 {
+                        i = quote;
+                        break;
                     }
+                    from = quote + 1;
                 }
             }
             b'{' | b'[' => {
@@ -1145,6 +1196,11 @@ mod tests {
             "[{".repeat(100)
         );
         assert!(parse(text.as_bytes(), DEPTH).is_ok());
+        let text = format!(
+            r#"{{"type":"normal","message":"x\\\"{}\\\\"}}"#,
+            "[".repeat(100)
+        );
+        assert!(parse(text.as_bytes(), DEPTH).is_ok(), "{text}");
         // Deep garbage that serde would also reject is still reported as too deep, cheaply.
         assert_eq!(
             parse("{".repeat(10_000).as_bytes(), DEPTH)
@@ -1152,6 +1208,33 @@ mod tests {
                 .code(),
             ErrorCode::TooDeep
         );
+    }
+
+    #[test]
+    fn truncated_and_mangled_frames_never_panic() {
+        let valid = r#"{"type":"video-offer-request","id":123,"calleeId":456,"offer":{"type":"offer","sdp":"v=0\r\na=x:\"[{\\\"}"},"reason":["a",{"b":null}]}"#;
+        assert!(parse(valid.as_bytes(), DEPTH).is_ok());
+        for cut in 0..valid.len() {
+            let _ = parse(&valid.as_bytes()[..cut], DEPTH);
+        }
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..5000 {
+            let mut bytes = valid.as_bytes().to_vec();
+            for _ in 0..3 {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let at = (seed % bytes.len() as u64) as usize;
+                let mangle = b"\\\"{}[]:,0 \xff";
+                bytes[at] = mangle[(seed >> 32) as usize % mangle.len()];
+            }
+            if let Err(e) = parse(&bytes, DEPTH) {
+                let _ = e.to_string();
+            }
+        }
+        for tail in ["\\", "\"\\", "{\"a\":\"\\", "{\"type\":\"\\\\\\"] {
+            assert_eq!(code_of(tail), ErrorCode::InvalidJson, "{tail}");
+        }
     }
 
     #[test]
@@ -1272,30 +1355,7 @@ mod tests {
 
     #[test]
     fn error_codes_are_distinct_snake_case() {
-        let all = [
-            ErrorCode::InvalidJson,
-            ErrorCode::TooDeep,
-            ErrorCode::UnknownType,
-            ErrorCode::MissingField,
-            ErrorCode::InvalidField,
-            ErrorCode::IdMismatch,
-            ErrorCode::UnknownClient,
-            ErrorCode::CannotCallSelf,
-            ErrorCode::AlreadyInCall,
-            ErrorCode::NotInCall,
-            ErrorCode::WrongCallState,
-            ErrorCode::ResumeFailed,
-            ErrorCode::ResumeNotAllowed,
-            ErrorCode::SessionReplaced,
-            ErrorCode::MessageTooLarge,
-            ErrorCode::BinaryNotSupported,
-            ErrorCode::RateLimited,
-            ErrorCode::TooManyCalls,
-            ErrorCode::TooManyConnections,
-            ErrorCode::ServerFull,
-            ErrorCode::TooManyViolations,
-            ErrorCode::InternalError,
-        ];
+        let all = ErrorCode::ALL;
         let mut seen = std::collections::HashSet::new();
         for code in all {
             let s = code.as_str();
@@ -1303,6 +1363,43 @@ mod tests {
             assert!(
                 s.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
                 "{s}"
+            );
+        }
+    }
+
+    #[test]
+    fn protocol_md_documents_every_code_type_and_reason() {
+        let doc = include_str!("../../docs/PROTOCOL.md");
+        for code in ErrorCode::ALL {
+            assert!(
+                doc.contains(&format!("| `{}` |", code.as_str())),
+                "{code} undocumented"
+            );
+        }
+        for kind in MessageKind::ALL {
+            let name = format!("`{}`", kind.as_str());
+            assert!(
+                doc.lines()
+                    .any(|l| l.starts_with("### ") && l.contains(&name)),
+                "{kind:?} has no section"
+            );
+            assert!(MessageKind::from_raw(&raw(&format!("\"{}\"", kind.as_str()))) == Some(kind));
+        }
+        for reason in [
+            EndReason::Hangup,
+            EndReason::Cancelled,
+            EndReason::Failed,
+            EndReason::PeerGone,
+        ] {
+            assert!(
+                doc.contains(&format!("| `{}` |", reason.as_str())),
+                "{reason:?} undocumented"
+            );
+        }
+        for code in [1000, 1001, 1008, 1009, 1011, 1013] {
+            assert!(
+                doc.contains(&format!("| {code} |")),
+                "close code {code} undocumented"
             );
         }
     }

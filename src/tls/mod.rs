@@ -89,6 +89,13 @@ impl ResolvesServerCert for CertStore {
     }
 }
 
+/// When the leaf certificate of `key` expires, as Unix seconds (`None` if it cannot be parsed).
+pub fn not_after(key: &CertifiedKey) -> Option<i64> {
+    let leaf = key.cert.first()?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    Some(parsed.validity().not_after.timestamp())
+}
+
 /// A rustls server configuration that takes its certificate from `store`.
 ///
 /// TLS 1.2 and 1.3 with rustls' default (modern, AEAD-only) cipher suites; `alpn` lists the

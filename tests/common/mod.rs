@@ -38,6 +38,7 @@ pub fn test_options(dir: &Path) -> Options {
     Options {
         https_listen: Some("127.0.0.1:0".parse().unwrap()),
         http_listen: Some(Listen::On("127.0.0.1:0".parse().unwrap())),
+        metrics_listen: Some(Listen::On("127.0.0.1:0".parse().unwrap())),
         public_dir: Some(dir.join("public")),
         certs_dir: Some(dir.join("certs")),
         tls_reload_interval: Some(Seconds(std::time::Duration::from_millis(50))),

@@ -78,6 +78,8 @@ pub struct Server {
     https: TcpListener,
     http: Option<TcpListener>,
     certs: Arc<CertStore>,
+    /// The version of the certificate files that `certs` was loaded from.
+    loaded_version: tls::Fingerprint,
     app: Arc<App>,
     readiness: Arc<Readiness>,
     signaling: Arc<Signaling>,
@@ -105,6 +107,7 @@ impl Server {
             }
         }
         let (cert_path, key_path) = config.tls.paths();
+        let loaded_version = tls::Fingerprint::of(&cert_path, &key_path);
         let certs = CertStore::new(tls::load_certified_key(&cert_path, &key_path)?);
 
         let files = StaticFiles::new(&config.public_dir).map_err(StartError::PublicDir)?;
@@ -146,6 +149,7 @@ impl Server {
             https,
             http,
             certs,
+            loaded_version,
             app,
             readiness,
             signaling,
@@ -188,6 +192,7 @@ impl Server {
             https,
             http,
             certs,
+            loaded_version,
             app,
             readiness,
             signaling,
@@ -214,6 +219,7 @@ impl Server {
             certs.clone(),
             cert_path,
             key_path,
+            loaded_version,
             config.tls_reload_interval,
             handle_sighup,
             controller.handle(),

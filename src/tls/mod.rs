@@ -18,7 +18,7 @@ use tokio::sync::watch;
 
 pub use dev_cert::{ensure_dev_cert, DevCert};
 pub use load::{load_certified_key, LoadError};
-pub use reload::spawn_reloader;
+pub use reload::{spawn_reloader, Fingerprint};
 
 /// The certificate currently served, swappable at run time.
 ///

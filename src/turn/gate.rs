@@ -19,6 +19,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -89,6 +90,8 @@ pub struct GateShared {
     unauthenticated: DefaultKeyedRateLimiter<IpAddr>,
     ledger: Mutex<AllocationLedger>,
     verified: Arc<VerifiedKeys>,
+    /// Error responses carrying a NONCE the engine has sent: each is one entry in its nonce map.
+    engine_nonces: AtomicUsize,
 }
 
 /// Long-term keys the gate has just verified, by client address, for [`RestAuthHandler`]: the
@@ -156,6 +159,9 @@ pub struct GateMemory {
     pub verified_keys: usize,
     /// Allocations (pending and confirmed) in the quota ledger.
     pub ledger_entries: usize,
+    /// Nonces the engine has issued (each one stays in its map): one per priming, none per
+    /// client request.
+    pub engine_nonces: usize,
 }
 
 impl GateShared {
@@ -179,6 +185,7 @@ impl GateShared {
             unauthenticated: RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)),
             ledger: Mutex::new(AllocationLedger::new(user_quota, total_quota)),
             verified: Arc::new(VerifiedKeys::default()),
+            engine_nonces: AtomicUsize::new(0),
         })
     }
 
@@ -209,6 +216,7 @@ impl GateShared {
             rate_limited_ips: self.unauthenticated.len(),
             verified_keys: self.verified.len(),
             ledger_entries: self.ledger().total(),
+            engine_nonces: self.engine_nonces.load(Ordering::Relaxed),
         }
     }
 
@@ -437,12 +445,18 @@ impl Gate {
         let typ = u16::from_be_bytes([packet[0], packet[1]]);
         const ALLOCATE_SUCCESS: u16 = 0x0103;
         const ALLOCATE_ERROR: u16 = 0x0113;
-        if dst == PRIMING_ADDR {
+        // Error responses (class bits 11) are rare; look for engine-issued nonces in them.
+        if typ & 0x0110 == 0x0110 {
             if let Ok(m) = StunMessage::parse(packet) {
                 if let Some(nonce) = m.nonce() {
-                    self.rotate_nonce(nonce.to_owned(), Instant::now());
+                    self.shared.engine_nonces.fetch_add(1, Ordering::Relaxed);
+                    if dst == PRIMING_ADDR {
+                        self.rotate_nonce(nonce.to_owned(), Instant::now());
+                    }
                 }
             }
+        }
+        if dst == PRIMING_ADDR {
             return Outbound::Swallow;
         }
         match typ {

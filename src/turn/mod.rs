@@ -24,13 +24,18 @@ pub mod credentials;
 pub mod error;
 pub mod gate;
 pub mod inspect;
+pub mod peer;
 pub mod policy;
 pub mod quota;
+mod relay;
 pub mod settings;
 pub mod stats;
+pub mod stream;
+pub mod udp;
 
 pub use credentials::{IceServer, IceServers, IssuedCredential, TurnCredentials, TurnEndpoints};
 pub use error::TurnError;
 pub use policy::{PeerPolicy, PeerRefusal};
+pub use relay::{Relay, RunningRelay, TlsAcceptorSource};
 pub use settings::{ExternalIp, TurnSettings};
 pub use stats::{TurnStats, TurnStatsSnapshot};

@@ -154,7 +154,6 @@ impl TurnSettings {
     }
 
     /// The local IP relay sockets bind to.
-    #[allow(dead_code)]
     pub(crate) fn relay_bind_ip(&self) -> IpAddr {
         if let Some(ExternalIp {
             private: Some(p), ..
@@ -168,7 +167,6 @@ impl TurnSettings {
     }
 
     /// The IP advertised in XOR-RELAYED-ADDRESS.
-    #[allow(dead_code)]
     pub(crate) fn relay_advertised_ip(&self, bound: SocketAddr) -> IpAddr {
         match self.external_ip {
             Some(ExternalIp { public, .. }) => public,

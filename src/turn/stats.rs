@@ -88,7 +88,6 @@ impl TurnStats {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    #[allow(dead_code)] // used by the relay sockets
     pub(crate) fn add(counter: &AtomicU64, n: usize) {
         counter.fetch_add(n as u64, Ordering::Relaxed);
     }

@@ -298,6 +298,21 @@ impl Gate {
             .any(|(s, at)| s == nonce && now.saturating_duration_since(*at) < NONCE_ACCEPTED_FOR)
     }
 
+    /// [`Gate::inbound`] at the current time, reading the clocks only for STUN requests: relayed
+    /// data (ChannelData, Send indications) is forwarded after a two-byte look.
+    pub fn inbound_now(&self, packet: &[u8], src: SocketAddr, local: SocketAddr) -> Verdict {
+        match packet.first() {
+            Some(0x40..=0x7f) if src.port() != 0 => {
+                if inspect::inspect(packet).is_ok() {
+                    Verdict::Forward
+                } else {
+                    Verdict::Drop(DropReason::NotTurn)
+                }
+            }
+            _ => self.inbound(packet, src, local, SystemTime::now(), Instant::now()),
+        }
+    }
+
     /// Decides what to do with `packet` from `src` arriving at `local`.
     pub fn inbound(
         &self,
@@ -784,6 +799,23 @@ mod tests {
         assert!(matches!(inbound(&gate, &req, other), Verdict::Reply(_)));
         assert_eq!(s.stats.snapshot().rate_limited, 90);
         assert_eq!(s.memory().rate_limited_ips, 2);
+    }
+
+    #[test]
+    fn channel_data_fast_path_checks_length_only() {
+        let gate = Gate::new(shared(10, 100), Transport::Udp);
+        assert_eq!(
+            gate.inbound_now(&[0x40, 1, 0, 2, 9, 9], client(1), local()),
+            Verdict::Forward
+        );
+        assert_eq!(
+            gate.inbound_now(&[0x40, 1, 0, 9, 9], client(1), local()),
+            Verdict::Drop(DropReason::NotTurn)
+        );
+        assert_eq!(
+            gate.inbound_now(&[0x40, 1, 0, 0], PRIMING_ADDR, local()),
+            Verdict::Drop(DropReason::Spoofed)
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
@@ -321,13 +321,7 @@ impl Conn for StreamFront {
                 _ = shutdown.changed() => return Err(self.end()),
             };
             let frame = &reader.buf[..len];
-            let verdict = self.gate.inbound(
-                frame,
-                self.peer,
-                self.local,
-                SystemTime::now(),
-                Instant::now(),
-            );
+            let verdict = self.gate.inbound_now(frame, self.peer, self.local);
             let forward = match verdict {
                 Verdict::Forward => frame,
                 Verdict::ForwardRewritten(ref v) => v.as_slice(),

@@ -8,7 +8,6 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
 
 use async_trait::async_trait;
 use tokio::net::UdpSocket;
@@ -107,9 +106,7 @@ impl Conn for UdpFront {
                 _ = shutdown.changed() => return Err(closed()),
             };
             let packet = &staging[..n];
-            let verdict =
-                self.gate
-                    .inbound(packet, src, self.local, SystemTime::now(), Instant::now());
+            let verdict = self.gate.inbound_now(packet, src, self.local);
             let forward = match verdict {
                 Verdict::Forward => packet,
                 Verdict::ForwardRewritten(ref v) => v.as_slice(),

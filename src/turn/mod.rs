@@ -13,6 +13,12 @@
 //! | `credentials.rs` | TURN REST API credentials: issue, verify, ICE servers — no I/O |
 //! | `policy.rs` | which peer addresses may be relayed to — a pure function |
 //! | `inspect.rs` | zero-copy STUN/ChannelData reading and the few responses we write — no I/O |
+//! | `quota.rs` | the allocation ledger behind 486 Allocation Quota Reached — no I/O |
+//! | `gate.rs` | the front layer's decisions for every inbound and outbound packet — no I/O |
+//! | `udp.rs` | a UDP listening socket as the engine's `Conn` |
+//! | `stream.rs` | TCP/TLS framing and one engine instance per connection |
+//! | `peer.rs` | relay sockets towards peers: port range, bandwidth cap, counters, policy |
+//! | `relay.rs` | [`Relay::start`] and [`RunningRelay`]: binding, wiring, shutdown |
 //! | `settings.rs` | [`TurnSettings`], coturn's knobs with safe defaults |
 //! | `stats.rs` | [`TurnStats`], atomic counters for the metrics layer |
 //! | `error.rs` | [`TurnError`] |

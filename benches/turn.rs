@@ -11,11 +11,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use callgate::turn::credentials::long_term_key;
-use callgate::turn::gate::{Gate, GateShared, Verdict};
+use callgate::turn::gate::{Gate, GateRules, GateShared, Verdict};
 use callgate::turn::inspect::{
     self, attr, encode_xor_address, integrity_key, method, Class, StunWriter,
 };
 use callgate::turn::quota::Transport;
+use callgate::turn::reservation::PortReservations;
 use callgate::turn::{PeerPolicy, TurnCredentials, TurnStats};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
@@ -23,13 +24,20 @@ const REALM: &str = "callgate";
 
 fn gate() -> Gate {
     let shared = GateShared::new(
-        REALM.into(),
-        TurnCredentials::new(&["bench-secret"]).unwrap(),
-        PeerPolicy::default(),
-        10,
-        10_000,
-        1_000_000,
+        GateRules {
+            realm: REALM.into(),
+            credentials: TurnCredentials::new(&["bench-secret"]).unwrap(),
+            policy: PeerPolicy::default(),
+            user_quota: 10,
+            total_quota: 10_000,
+            unauthenticated_per_ip_per_sec: 1_000_000,
+        },
         Arc::new(TurnStats::default()),
+        Arc::new(PortReservations::new(
+            "127.0.0.1".parse().unwrap(),
+            65535,
+            0,
+        )),
     );
     Gate::new(shared, Transport::Udp)
 }

@@ -285,7 +285,7 @@ async fn binding_requests_are_answered() {
 }
 
 #[tokio::test]
-async fn dont_fragment_is_accepted_and_reservation_tokens_are_refused() {
+async fn dont_fragment_is_accepted_and_unknown_reservation_tokens_get_508() {
     let relay = start(test_settings(), None).await;
     let mut client = RawClient::udp(relay.udp_addrs()[0], "ken").await;
     let df: Vec<Box<dyn Setter>> = vec![Box::new(turn::proto::dontfrag::DontFragmentAttr)];
@@ -297,6 +297,53 @@ async fn dont_fragment_is_accepted_and_reservation_tokens_are_refused() {
     let mut other = RawClient::udp(relay.udp_addrs()[0], "ken").await;
     let token: Vec<Box<dyn Setter>> = vec![Box::new(ReservationToken(vec![1; 8]))];
     assert_eq!(other.allocate_with(token).await, Err(508));
+    relay.shutdown().await;
+}
+
+/// EVEN-PORT with the R bit (the `turn` crate's type keeps the bit private).
+struct EvenPortReserve;
+
+impl Setter for EvenPortReserve {
+    fn add_to(&self, m: &mut stun::message::Message) -> Result<(), stun::Error> {
+        m.add(stun::attributes::ATTR_EVEN_PORT, &[0x80]);
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn even_port_reservation_token_gets_the_next_port() {
+    let relay = start(test_settings(), None).await;
+    let server = relay.udp_addrs()[0];
+    let mut rtp = RawClient::udp(server, "pat").await;
+    if rtp.nonce.is_empty() {
+        rtp.learn_nonce().await;
+    }
+    let attrs: Vec<Box<dyn Setter>> = vec![Box::new(udp_transport()), Box::new(EvenPortReserve)];
+    let Answer::Success(m) = rtp
+        .transact(stun::message::METHOD_ALLOCATE, attrs, true)
+        .await
+    else {
+        panic!("EVEN-PORT allocate failed")
+    };
+    let mut relayed = turn::proto::relayaddr::RelayedAddress::default();
+    stun::message::Getter::get_from(&mut relayed, &m).unwrap();
+    assert_eq!(relayed.port % 2, 0, "even port");
+    let mut token = ReservationToken::default();
+    stun::message::Getter::get_from(&mut token, &m).unwrap();
+
+    let mut rtcp = RawClient::udp(server, "pat").await;
+    let with_token: Vec<Box<dyn Setter>> = vec![Box::new(ReservationToken(token.0.clone()))];
+    let rtcp_addr = rtcp
+        .allocate_with(with_token)
+        .await
+        .expect("token honoured");
+    assert_eq!(rtcp_addr.port(), relayed.port + 1);
+    channel_round_trip(&mut rtcp, rtcp_addr).await;
+
+    // A token is good once.
+    let mut again = RawClient::udp(server, "pat").await;
+    let reused: Vec<Box<dyn Setter>> = vec![Box::new(ReservationToken(token.0))];
+    assert_eq!(again.allocate_with(reused).await, Err(508));
     relay.shutdown().await;
 }
 

@@ -30,6 +30,7 @@ use super::credentials::{long_term_key, RestUsername, TurnCredentials};
 use super::inspect::{self, attr, method, Class, Packet, StunMessage, StunWriter};
 use super::policy::PeerPolicy;
 use super::quota::{AllocationKey, AllocationLedger, QuotaExceeded, Transport};
+use super::reservation::PortReservations;
 use super::stats::TurnStats;
 
 /// The source address of the synthetic request that primes the engine's nonce. Port 0 cannot be a
@@ -53,6 +54,9 @@ pub enum Verdict {
     Forward,
     /// Hand the engine this rewritten packet instead (DONT-FRAGMENT stripped and re-signed).
     ForwardRewritten(Vec<u8>),
+    /// Hand the packet to the engine after putting the port reserved under this token in the
+    /// generator's slot.
+    ForwardReserved([u8; 8]),
     /// Send these bytes back to the source; the engine never sees the request.
     Reply(Vec<u8>),
     /// Drop the packet silently.
@@ -79,6 +83,13 @@ pub enum Outbound {
     Send,
     /// Do not send it (it answered the gate's own priming request).
     Swallow,
+    /// Reserve port `port + 1` under `token` (an EVEN-PORT allocation succeeded), then send it.
+    ReserveThenSend {
+        /// The RESERVATION-TOKEN the engine put in the response.
+        token: [u8; 8],
+        /// The relayed port the engine allocated.
+        port: u16,
+    },
 }
 
 /// State shared by every listener and every engine instance of one relay.
@@ -90,6 +101,7 @@ pub struct GateShared {
     unauthenticated: DefaultKeyedRateLimiter<IpAddr>,
     ledger: Mutex<AllocationLedger>,
     verified: Arc<VerifiedKeys>,
+    reservations: Arc<PortReservations>,
     /// Error responses carrying a NONCE the engine has sent: each is one entry in its nonce map.
     engine_nonces: AtomicUsize,
 }
@@ -164,27 +176,40 @@ pub struct GateMemory {
     pub engine_nonces: usize,
 }
 
+/// The rules a gate enforces, taken from [`TurnSettings`](super::TurnSettings).
+pub struct GateRules {
+    /// `realm`.
+    pub realm: String,
+    /// The REST secrets.
+    pub credentials: TurnCredentials,
+    /// Which peers may be relayed to.
+    pub policy: PeerPolicy,
+    /// `user-quota`.
+    pub user_quota: usize,
+    /// `total-quota`.
+    pub total_quota: usize,
+    /// Unauthenticated requests per source IP per second (burst twice that).
+    pub unauthenticated_per_ip_per_sec: u32,
+}
+
 impl GateShared {
-    /// Builds the shared state from settings already validated.
+    /// Builds the shared state from validated rules.
     pub fn new(
-        realm: String,
-        credentials: TurnCredentials,
-        policy: PeerPolicy,
-        user_quota: usize,
-        total_quota: usize,
-        unauthenticated_per_ip_per_sec: u32,
+        rules: GateRules,
         stats: Arc<TurnStats>,
+        reservations: Arc<PortReservations>,
     ) -> Arc<Self> {
-        let rate = NonZeroU32::new(unauthenticated_per_ip_per_sec).unwrap_or(NonZeroU32::MIN);
+        let rate = NonZeroU32::new(rules.unauthenticated_per_ip_per_sec).unwrap_or(NonZeroU32::MIN);
         let burst = rate.saturating_mul(NonZeroU32::new(2).unwrap_or(NonZeroU32::MIN));
         Arc::new(GateShared {
-            realm,
-            credentials,
-            policy,
+            realm: rules.realm,
+            credentials: rules.credentials,
+            policy: rules.policy,
             stats,
             unauthenticated: RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)),
-            ledger: Mutex::new(AllocationLedger::new(user_quota, total_quota)),
+            ledger: Mutex::new(AllocationLedger::new(rules.user_quota, rules.total_quota)),
             verified: Arc::new(VerifiedKeys::default()),
+            reservations,
             engine_nonces: AtomicUsize::new(0),
         })
     }
@@ -201,6 +226,12 @@ impl GateShared {
         self.unauthenticated.retain_recent();
         self.unauthenticated.shrink_to_fit();
         self.ledger().expire_pending(now);
+        self.reservations.prune(now);
+    }
+
+    /// Ports held for RESERVATION-TOKENs.
+    pub fn reservations(&self) -> &Arc<PortReservations> {
+        &self.reservations
     }
 
     /// The engine closed an allocation (its `alloc_close_notify`).
@@ -362,9 +393,13 @@ impl Gate {
 
         match msg.method {
             method::ALLOCATE => {
-                if msg.reservation_token {
-                    // The engine hands out reservation tokens but never honours them: say so.
-                    return signed_error(&msg, 508, "Insufficient Capacity", &hkey);
+                let mut reserved_port = None;
+                if let Some(token) = msg.reservation_token() {
+                    // The engine never honours tokens; the front does, for the ones it backed.
+                    match token.filter(|t| self.shared.reservations.contains(t, now)) {
+                        Some(t) => reserved_port = Some(t),
+                        None => return signed_error(&msg, 508, "Insufficient Capacity", &hkey),
+                    }
                 }
                 let key = (self.transport, src, local);
                 let reserved = self.shared.ledger().reserve(key, user, now);
@@ -386,7 +421,10 @@ impl Gate {
                         &hkey,
                     ));
                 }
-                Verdict::Forward
+                match reserved_port {
+                    Some(token) => Verdict::ForwardReserved(token),
+                    None => Verdict::Forward,
+                }
             }
             method::CREATE_PERMISSION | method::CHANNEL_BIND => {
                 if msg.too_many_peers {
@@ -475,9 +513,14 @@ impl Gate {
             return Outbound::Swallow;
         }
         match typ {
-            ALLOCATE_SUCCESS if self.shared.ledger().confirm(&(self.transport, dst, local)) => {
-                TurnStats::bump(&self.shared.stats.allocations_created);
-                TurnStats::bump(&self.shared.stats.allocations_active);
+            ALLOCATE_SUCCESS => {
+                if self.shared.ledger().confirm(&(self.transport, dst, local)) {
+                    TurnStats::bump(&self.shared.stats.allocations_created);
+                    TurnStats::bump(&self.shared.stats.allocations_active);
+                }
+                if let Some(reserve) = reservation_in(packet) {
+                    return reserve;
+                }
             }
             ALLOCATE_ERROR => {
                 // 437 (mismatch) means the 5-tuple already has a live allocation: keep it.
@@ -505,6 +548,18 @@ impl Gate {
         drop(n);
         self.primed.send_replace(true);
     }
+}
+
+/// An Allocate success carrying RESERVATION-TOKEN: the port to reserve the next one after.
+fn reservation_in(packet: &[u8]) -> Option<Outbound> {
+    let m = StunMessage::parse(packet).ok()?;
+    let token: [u8; 8] = m.attribute(attr::RESERVATION_TOKEN)?.try_into().ok()?;
+    let relayed =
+        inspect::decode_xor_address(m.attribute(attr::XOR_RELAYED_ADDRESS)?, &m.transaction_id())?;
+    Some(Outbound::ReserveThenSend {
+        token,
+        port: relayed.port(),
+    })
 }
 
 fn signed_error(msg: &StunMessage<'_>, code: u16, reason: &str, key: &hmac::Key) -> Verdict {
@@ -539,13 +594,20 @@ mod tests {
             ..Default::default()
         };
         GateShared::new(
-            REALM.into(),
-            TurnCredentials::new(&["new", "old"]).unwrap(),
-            policy,
-            user_quota,
-            total,
-            5,
+            GateRules {
+                realm: REALM.into(),
+                credentials: TurnCredentials::new(&["new", "old"]).unwrap(),
+                policy,
+                user_quota,
+                total_quota: total,
+                unauthenticated_per_ip_per_sec: 5,
+            },
             Arc::new(TurnStats::default()),
+            Arc::new(PortReservations::new(
+                "127.0.0.1".parse().unwrap(),
+                65535,
+                0,
+            )),
         )
     }
 

@@ -44,6 +44,8 @@ pub mod attr {
     pub const ERROR_CODE: u16 = 0x0009;
     /// XOR-PEER-ADDRESS.
     pub const XOR_PEER_ADDRESS: u16 = 0x0012;
+    /// XOR-RELAYED-ADDRESS.
+    pub const XOR_RELAYED_ADDRESS: u16 = 0x0016;
     /// REALM.
     pub const REALM: u16 = 0x0014;
     /// NONCE.
@@ -115,8 +117,7 @@ pub struct StunMessage<'a> {
     integrity: Option<usize>,
     /// DONT-FRAGMENT is present.
     pub dont_fragment: bool,
-    /// RESERVATION-TOKEN is present.
-    pub reservation_token: bool,
+    reservation_token: Option<(usize, usize)>,
     peers: [(usize, usize); MAX_PEERS],
     peer_count: usize,
     /// More XOR-PEER-ADDRESS attributes than [`MAX_PEERS`].
@@ -174,7 +175,7 @@ impl<'a> StunMessage<'a> {
             nonce: None,
             integrity: None,
             dont_fragment: false,
-            reservation_token: false,
+            reservation_token: None,
             peers: [(0, 0); MAX_PEERS],
             peer_count: 0,
             too_many_peers: false,
@@ -197,7 +198,9 @@ impl<'a> StunMessage<'a> {
                     attr::NONCE => m.nonce = m.nonce.or(Some(value)),
                     attr::MESSAGE_INTEGRITY if l == 20 => m.integrity = Some(at),
                     attr::DONT_FRAGMENT => m.dont_fragment = true,
-                    attr::RESERVATION_TOKEN => m.reservation_token = true,
+                    attr::RESERVATION_TOKEN => {
+                        m.reservation_token = m.reservation_token.or(Some(value))
+                    }
                     attr::XOR_PEER_ADDRESS => {
                         if m.peer_count < MAX_PEERS {
                             m.peers[m.peer_count] = value;
@@ -243,6 +246,32 @@ impl<'a> StunMessage<'a> {
     /// NONCE, if present and UTF-8.
     pub fn nonce(&self) -> Option<&'a str> {
         self.text(self.nonce)
+    }
+
+    /// RESERVATION-TOKEN, if present: `Some(Some(token))` when it is 8 bytes long, `Some(None)`
+    /// when malformed.
+    pub fn reservation_token(&self) -> Option<Option<[u8; 8]>> {
+        self.reservation_token
+            .map(|(a, b)| self.raw[a..b].try_into().ok())
+    }
+
+    /// The first attribute of type `typ` anywhere in the message (a linear scan, for cold paths
+    /// such as reading an engine response).
+    pub fn attribute(&self, typ: u16) -> Option<&'a [u8]> {
+        let raw = self.raw;
+        let mut at = HEADER_LEN;
+        while at + 4 <= raw.len() {
+            let t = u16::from_be_bytes([raw[at], raw[at + 1]]);
+            let l = usize::from(u16::from_be_bytes([raw[at + 2], raw[at + 3]]));
+            if at + 4 + l > raw.len() {
+                return None;
+            }
+            if t == typ {
+                return Some(&raw[at + 4..at + 4 + l]);
+            }
+            at += 4 + l.next_multiple_of(4);
+        }
+        None
     }
 
     /// Whether MESSAGE-INTEGRITY is present.

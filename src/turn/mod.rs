@@ -18,6 +18,7 @@
 //! | `udp.rs` | a UDP listening socket as the engine's `Conn` |
 //! | `stream.rs` | TCP/TLS framing and one engine instance per connection |
 //! | `peer.rs` | relay sockets towards peers: port range, bandwidth cap, counters, policy |
+//! | `reservation.rs` | ports held for RESERVATION-TOKEN (EVEN-PORT), which the engine never honours |
 //! | `relay.rs` | [`Relay::start`] and [`RunningRelay`]: binding, wiring, shutdown |
 //! | `settings.rs` | [`TurnSettings`], coturn's knobs with safe defaults |
 //! | `stats.rs` | [`TurnStats`], atomic counters for the metrics layer |
@@ -34,6 +35,7 @@ pub mod peer;
 pub mod policy;
 pub mod quota;
 mod relay;
+pub mod reservation;
 pub mod settings;
 pub mod stats;
 pub mod stream;

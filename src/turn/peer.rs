@@ -17,6 +17,7 @@ use tokio::net::UdpSocket;
 use webrtc_util::Conn;
 
 use super::policy::PeerPolicy;
+use super::reservation::ReservedSlot;
 use super::stats::TurnStats;
 
 /// Size of the staging buffer a relay socket reads into. The engine hands us a 1500-byte buffer;
@@ -45,6 +46,9 @@ pub struct PeerSocketGenerator {
     pub stats: Arc<TurnStats>,
     /// `max-bps` per allocation and direction.
     pub max_bytes_per_sec: Option<u32>,
+    /// A port reserved by RESERVATION-TOKEN, put here by this engine loop's front just before
+    /// it hands the engine the Allocate that presents the token.
+    pub reserved: ReservedSlot,
 }
 
 #[async_trait]
@@ -64,7 +68,14 @@ impl turn::relay::RelayAddressGenerator for PeerSocketGenerator {
         if use_ipv4 != self.bind_ip.is_ipv4() {
             return Err(turn::Error::ErrInvalidRequestedFamilyValue);
         }
-        let socket = if requested_port != 0 {
+        let reserved = self
+            .reserved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let socket = if let Some(std_socket) = reserved.filter(|_| requested_port == 0) {
+            UdpSocket::from_std(std_socket).map_err(|e| turn::Error::Other(e.to_string()))?
+        } else if requested_port != 0 {
             bind_udp(
                 SocketAddr::new(self.bind_ip, requested_port),
                 false,
@@ -116,6 +127,15 @@ pub fn bind_udp(
     reuse_port: bool,
     recv_buffer_bytes: usize,
 ) -> std::io::Result<UdpSocket> {
+    UdpSocket::from_std(bind_udp_std(addr, reuse_port, recv_buffer_bytes)?)
+}
+
+/// [`bind_udp`] without the tokio registration (usable outside a runtime, e.g. for reservations).
+pub fn bind_udp_std(
+    addr: SocketAddr,
+    reuse_port: bool,
+    recv_buffer_bytes: usize,
+) -> std::io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
@@ -132,7 +152,7 @@ pub fn bind_udp(
     }
     socket.bind(&addr.into())?;
     socket.set_nonblocking(true)?;
-    UdpSocket::from_std(socket.into())
+    Ok(socket.into())
 }
 
 /// One allocation's relay socket.

@@ -18,9 +18,10 @@ use turn::server::Server;
 
 use super::credentials::{TurnCredentials, TurnEndpoints};
 use super::error::TurnError;
-use super::gate::{Gate, GateMemory, GateShared};
+use super::gate::{Gate, GateMemory, GateRules, GateShared};
 use super::peer::{bind_udp, PeerSocketGenerator};
 use super::quota::Transport;
+use super::reservation::PortReservations;
 use super::settings::TurnSettings;
 use super::stats::TurnStats;
 use super::stream::{self, StreamListener};
@@ -83,20 +84,27 @@ impl Relay {
         let advertised_ip = advertised_ip(&settings)?;
         let policy = Arc::new(settings.peer_policy());
         let shared = GateShared::new(
-            settings.realm.clone(),
-            credentials,
-            settings.peer_policy(),
-            settings.user_quota,
-            settings.total_quota,
-            settings.unauthenticated_per_ip_per_sec,
+            GateRules {
+                realm: settings.realm.clone(),
+                credentials,
+                policy: settings.peer_policy(),
+                user_quota: settings.user_quota,
+                total_quota: settings.total_quota,
+                unauthenticated_per_ip_per_sec: settings.unauthenticated_per_ip_per_sec,
+            },
             Arc::clone(&stats),
+            Arc::new(PortReservations::new(
+                settings.relay_bind_ip(),
+                settings.max_port,
+                settings.recv_buffer_bytes,
+            )),
         );
         relay.shared = Some(Arc::clone(&shared));
         let generator = {
             let settings = settings.clone();
             let policy = Arc::clone(&policy);
             let stats = Arc::clone(&stats);
-            move || {
+            move |reserved| {
                 Box::new(PeerSocketGenerator {
                     bind_ip: settings.relay_bind_ip(),
                     advertised_ip,
@@ -106,6 +114,7 @@ impl Relay {
                     policy: Arc::clone(&policy),
                     stats: Arc::clone(&stats),
                     max_bytes_per_sec: settings.max_bytes_per_sec,
+                    reserved,
                 }) as Box<dyn turn::relay::RelayAddressGenerator + Send + Sync>
             }
         };
@@ -252,7 +261,7 @@ async fn start_udp(
             .iter()
             .map(|f| ConnConfig {
                 conn: Arc::clone(f) as Arc<dyn webrtc_util::Conn + Send + Sync>,
-                relay_addr_generator: generator(),
+                relay_addr_generator: generator(f.reserved_slot()),
             })
             .collect(),
         realm: settings.realm.clone(),

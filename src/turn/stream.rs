@@ -27,11 +27,13 @@ use webrtc_util::Conn;
 use super::gate::{Gate, GateShared, Outbound, Verdict, PRIMING_ADDR};
 use super::quota::Transport;
 use super::relay::{forward_closes, TlsAcceptorSource};
+use super::reservation::ReservedSlot;
 use super::stats::TurnStats;
 
-/// Makes a relay-socket generator for each engine instance.
-pub type GeneratorFactory =
-    Arc<dyn Fn() -> Box<dyn turn::relay::RelayAddressGenerator + Send + Sync> + Send + Sync>;
+/// Makes a relay-socket generator for each engine read loop, sharing that loop's reserved slot.
+pub type GeneratorFactory = Arc<
+    dyn Fn(ReservedSlot) -> Box<dyn turn::relay::RelayAddressGenerator + Send + Sync> + Send + Sync,
+>;
 
 /// Frames queued for one client before further ones are dropped.
 const WRITE_QUEUE: usize = 256;
@@ -206,6 +208,7 @@ async fn serve(
         ended: Notify::new(),
         shutdown: ctx.shutdown.clone(),
         idle_timeout: ctx.idle_timeout,
+        reserved: ReservedSlot::default(),
     });
     let (close_tx, close_rx) = mpsc::channel(16);
     tokio::spawn(forward_closes(
@@ -217,7 +220,7 @@ async fn serve(
     let engine = Server::new(ServerConfig {
         conn_configs: vec![ConnConfig {
             conn: Arc::clone(&front) as Arc<dyn Conn + Send + Sync>,
-            relay_addr_generator: (ctx.generator)(),
+            relay_addr_generator: (ctx.generator)(Arc::clone(&front.reserved)),
         }],
         realm: ctx.realm.clone(),
         auth_handler: Arc::new(ctx.shared.auth_handler()),
@@ -266,6 +269,8 @@ pub struct StreamFront {
     ended: Notify,
     shutdown: watch::Receiver<bool>,
     idle_timeout: Duration,
+    /// Shared with this connection's relay-socket generator (RESERVATION-TOKEN).
+    reserved: ReservedSlot,
 }
 
 impl StreamFront {
@@ -293,6 +298,10 @@ impl Conn for StreamFront {
     async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
         let mut reader = self.reader.lock().await;
         let mut shutdown = self.shutdown.clone();
+        self.reserved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         loop {
             if *shutdown.borrow() {
                 return Err(self.end());
@@ -324,6 +333,11 @@ impl Conn for StreamFront {
             let verdict = self.gate.inbound_now(frame, self.peer, self.local);
             let forward = match verdict {
                 Verdict::Forward => frame,
+                Verdict::ForwardReserved(token) => {
+                    let socket = self.gate.shared().reservations().take(&token);
+                    *self.reserved.lock().unwrap_or_else(|p| p.into_inner()) = socket;
+                    frame
+                }
                 Verdict::ForwardRewritten(ref v) => v.as_slice(),
                 Verdict::Reply(v) => {
                     self.queue(v);
@@ -345,8 +359,13 @@ impl Conn for StreamFront {
     }
 
     async fn send_to(&self, buf: &[u8], target: SocketAddr) -> webrtc_util::Result<usize> {
-        if self.gate.outbound(buf, target, self.local) == Outbound::Swallow {
-            return Ok(buf.len());
+        match self.gate.outbound(buf, target, self.local) {
+            Outbound::Swallow => return Ok(buf.len()),
+            Outbound::Send => {}
+            Outbound::ReserveThenSend { token, port } => {
+                let reservations = self.gate.shared().reservations();
+                reservations.reserve(token, port, Instant::now());
+            }
         }
         if target == self.peer {
             self.queue(frame_for_stream(buf));

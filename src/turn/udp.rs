@@ -15,6 +15,7 @@ use tokio::sync::{watch, Notify};
 use webrtc_util::Conn;
 
 use super::gate::{Gate, Outbound, Verdict, PRIMING_ADDR};
+use super::reservation::ReservedSlot;
 use super::stats::TurnStats;
 
 /// Staging buffer size: any UDP datagram fits, so oversized ones are detected, not truncated.
@@ -32,6 +33,8 @@ pub struct UdpFront {
     shutdown: watch::Receiver<bool>,
     /// Only the engine's read loop for this socket calls `recv_from`, so never contended.
     staging: tokio::sync::Mutex<Vec<u8>>,
+    /// Shared with this loop's relay-socket generator (RESERVATION-TOKEN).
+    reserved: ReservedSlot,
 }
 
 impl UdpFront {
@@ -52,7 +55,13 @@ impl UdpFront {
             wake: Notify::new(),
             shutdown,
             staging: tokio::sync::Mutex::new(vec![0; STAGING]),
+            reserved: ReservedSlot::default(),
         })
+    }
+
+    /// The slot this front fills for its generator.
+    pub fn reserved_slot(&self) -> ReservedSlot {
+        Arc::clone(&self.reserved)
     }
 
     /// Makes the engine process `packet` as if it came from [`PRIMING_ADDR`].
@@ -86,6 +95,11 @@ impl Conn for UdpFront {
     async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
         let mut staging = self.staging.lock().await;
         let mut shutdown = self.shutdown.clone();
+        // The previous request has been handled: a reserved socket it did not use is released.
+        self.reserved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         loop {
             if *shutdown.borrow() {
                 return Err(closed());
@@ -109,6 +123,11 @@ impl Conn for UdpFront {
             let verdict = self.gate.inbound_now(packet, src, self.local);
             let forward = match verdict {
                 Verdict::Forward => packet,
+                Verdict::ForwardReserved(token) => {
+                    let socket = self.gate.shared().reservations().take(&token);
+                    *self.reserved.lock().unwrap_or_else(|p| p.into_inner()) = socket;
+                    packet
+                }
                 Verdict::ForwardRewritten(ref v) => v.as_slice(),
                 Verdict::Reply(v) => {
                     let _ = self.socket.send_to(&v, src).await;
@@ -131,9 +150,14 @@ impl Conn for UdpFront {
 
     async fn send_to(&self, buf: &[u8], target: SocketAddr) -> webrtc_util::Result<usize> {
         match self.gate.outbound(buf, target, self.local) {
-            Outbound::Swallow => Ok(buf.len()),
-            Outbound::Send => Ok(self.socket.send_to(buf, target).await?),
+            Outbound::Swallow => return Ok(buf.len()),
+            Outbound::Send => {}
+            Outbound::ReserveThenSend { token, port } => {
+                let reservations = self.gate.shared().reservations();
+                reservations.reserve(token, port, std::time::Instant::now());
+            }
         }
+        Ok(self.socket.send_to(buf, target).await?)
     }
 
     fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {

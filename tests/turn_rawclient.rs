@@ -97,6 +97,10 @@ impl RawClient {
         Self::with_link(Link::Udp(sock, server), user)
     }
 
+    pub fn from_socket(sock: UdpSocket, server: SocketAddr, user: &str) -> Self {
+        Self::with_link(Link::Udp(sock, server), user)
+    }
+
     pub async fn tcp(server: SocketAddr, user: &str) -> Self {
         let s = TcpStream::connect(server).await.unwrap();
         let (r, w) = s.into_split();

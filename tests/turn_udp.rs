@@ -436,3 +436,109 @@ async fn disabled_relay_binds_nothing_but_issues_credentials() {
     assert!(ice.ice_servers.is_empty());
     relay.shutdown().await;
 }
+
+#[tokio::test]
+async fn bandwidth_cap_drops_excess_per_allocation() {
+    let mut settings = test_settings();
+    settings.max_bytes_per_sec = Some(2_000);
+    let relay = start(settings, None).await;
+    let mut client = RawClient::udp(relay.udp_addrs()[0], "olga").await;
+    client.allocate().await.unwrap();
+    let (peer, peer_addr) = peer_socket().await;
+    assert!(matches!(
+        client.channel_bind(0x4000, peer_addr).await,
+        Answer::Success(_)
+    ));
+    // 20 × 500 bytes at once: the 2 000-byte burst lets about four through.
+    for _ in 0..20 {
+        client.send_channel_data(0x4000, &[7u8; 500]).await;
+    }
+    // A marker after the burst proves the drops are the cap, not lost in flight: wait for the
+    // relay to have counted all 20 one way or the other.
+    let stats = Arc::clone(relay.stats());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let s = stats.snapshot();
+        if s.packets_to_peers + s.bandwidth_dropped >= 20 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{s:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let s = stats.snapshot();
+    assert!((3..=5).contains(&s.packets_to_peers), "{s:?}");
+    assert_eq!(s.packets_to_peers + s.bandwidth_dropped, 20, "{s:?}");
+    let mut received = 0;
+    while tokio::time::timeout(Duration::from_millis(100), peer.recv_from(&mut [0u8; 600]))
+        .await
+        .is_ok()
+    {
+        received += 1;
+    }
+    assert_eq!(received, s.packets_to_peers);
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn external_ip_and_port_range_shape_the_relayed_address() {
+    let probe = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let base = probe.local_addr().unwrap().port().min(60_000);
+    drop(probe);
+    let mut settings = test_settings();
+    settings.external_ip = Some(callgate::turn::ExternalIp {
+        public: "203.0.113.7".parse().unwrap(),
+        private: Some("127.0.0.1".parse().unwrap()),
+    });
+    settings.min_port = base;
+    settings.max_port = base + 40;
+    let relay = start(settings, None).await;
+    let mut client = RawClient::udp(relay.udp_addrs()[0], "pia").await;
+    let relayed = client.allocate().await.unwrap();
+    assert_eq!(relayed.ip().to_string(), "203.0.113.7");
+    assert!((base..=base + 40).contains(&relayed.port()), "{relayed}");
+    relay.shutdown().await;
+}
+
+/// REQUESTED-ADDRESS-FAMILY: IPv6 (RFC 6156).
+struct WantIpv6;
+
+impl Setter for WantIpv6 {
+    fn add_to(&self, m: &mut stun::message::Message) -> Result<(), stun::Error> {
+        m.add(
+            stun::attributes::ATTR_REQUESTED_ADDRESS_FAMILY,
+            &[0x02, 0, 0, 0],
+        );
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn ipv6_listener_and_relay_work() {
+    let mut settings = test_settings();
+    settings.listening_ips = vec!["::1".parse().unwrap()];
+    settings.allowed_peer_ips = vec!["::1/128".parse().unwrap()];
+    let relay = start(settings, None).await;
+    let server = relay.udp_addrs()[0];
+    assert!(server.is_ipv6());
+    let sock = UdpSocket::bind("[::1]:0").await.unwrap();
+    let mut client = RawClient::from_socket(sock, server, "quinn");
+    let relayed = client
+        .allocate_with(vec![Box::new(WantIpv6)])
+        .await
+        .unwrap();
+    assert_eq!(relayed.ip().to_string(), "::1");
+    let peer = UdpSocket::bind("[::1]:0").await.unwrap();
+    let peer_addr = peer.local_addr().unwrap();
+    assert!(matches!(
+        client.channel_bind(0x4000, peer_addr).await,
+        Answer::Success(_)
+    ));
+    client.send_channel_data(0x4000, b"v6").await;
+    let (data, _) = recv_from(&peer).await;
+    assert_eq!(data, b"v6");
+    // Without the attribute RFC 6156 means IPv4, which this relay does not have.
+    let sock = UdpSocket::bind("[::1]:0").await.unwrap();
+    let mut v4 = RawClient::from_socket(sock, server, "quinn");
+    assert!(v4.allocate().await.is_err());
+    relay.shutdown().await;
+}

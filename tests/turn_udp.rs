@@ -542,3 +542,37 @@ async fn ipv6_listener_and_relay_work() {
     assert!(v4.allocate().await.is_err());
     relay.shutdown().await;
 }
+
+#[tokio::test]
+async fn lifetimes_are_clamped_per_rfc_8656() {
+    use turn::proto::lifetime::Lifetime;
+    let relay = start(test_settings(), None).await;
+    for (asked, granted) in [(30u64, 600u64), (86_400, 3599), (1200, 1200)] {
+        let mut client = RawClient::udp(relay.udp_addrs()[0], "rita").await;
+        client.learn_nonce().await;
+        let attrs: Vec<Box<dyn Setter>> = vec![
+            Box::new(udp_transport()),
+            Box::new(Lifetime(Duration::from_secs(asked))),
+        ];
+        let Answer::Success(m) = client
+            .transact(stun::message::METHOD_ALLOCATE, attrs, true)
+            .await
+        else {
+            panic!("allocate with lifetime {asked} failed")
+        };
+        let mut lifetime = Lifetime::default();
+        stun::message::Getter::get_from(&mut lifetime, &m).unwrap();
+        assert_eq!(lifetime.0.as_secs(), granted, "asked {asked}");
+        let refreshed = client.refresh(Duration::from_secs(5)).await;
+        let Answer::Success(m) = refreshed else {
+            panic!("refresh failed: {refreshed:?}")
+        };
+        stun::message::Getter::get_from(&mut lifetime, &m).unwrap();
+        assert_eq!(
+            lifetime.0.as_secs(),
+            600,
+            "refresh below the default gets the default"
+        );
+    }
+    relay.shutdown().await;
+}

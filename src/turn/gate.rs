@@ -54,9 +54,14 @@ pub enum Verdict {
     Forward,
     /// Hand the engine this rewritten packet instead (DONT-FRAGMENT stripped and re-signed).
     ForwardRewritten(Vec<u8>),
-    /// Hand the packet to the engine after putting the port reserved under this token in the
-    /// generator's slot.
-    ForwardReserved([u8; 8]),
+    /// Hand the packet (or its rewrite) to the engine after putting the port reserved under
+    /// `token` in the generator's slot.
+    ForwardReserved {
+        /// The RESERVATION-TOKEN the request presented.
+        token: [u8; 8],
+        /// The request re-signed without DONT-FRAGMENT or with LIFETIME adjusted, if needed.
+        rewritten: Option<Vec<u8>>,
+    },
     /// Send these bytes back to the source; the engine never sees the request.
     Reply(Vec<u8>),
     /// Drop the packet silently.
@@ -412,20 +417,17 @@ impl Gate {
                     tracing::debug!(%src, user, "refusing allocation: {e}");
                     return signed_error(&msg, 486, "Allocation Quota Reached", &hkey);
                 }
-                if msg.dont_fragment {
-                    // Linux relay sockets send with DF per path-MTU discovery by default, so
-                    // accepting the attribute (as coturn does) is truthful; the engine would 420.
-                    return Verdict::ForwardRewritten(inspect::rewrite_without(
-                        &msg,
-                        &[attr::DONT_FRAGMENT],
-                        &hkey,
-                    ));
-                }
-                match reserved_port {
-                    Some(token) => Verdict::ForwardReserved(token),
-                    None => Verdict::Forward,
+                let rewritten = rewrite_for_engine(&msg, &hkey);
+                match (reserved_port, rewritten) {
+                    (Some(token), rewritten) => Verdict::ForwardReserved { token, rewritten },
+                    (None, Some(bytes)) => Verdict::ForwardRewritten(bytes),
+                    (None, None) => Verdict::Forward,
                 }
             }
+            method::REFRESH => match rewrite_for_engine(&msg, &hkey) {
+                Some(bytes) => Verdict::ForwardRewritten(bytes),
+                None => Verdict::Forward,
+            },
             method::CREATE_PERMISSION | method::CHANNEL_BIND => {
                 if msg.too_many_peers {
                     return signed_error(&msg, 400, "Too Many Peer Addresses", &hkey);
@@ -548,6 +550,38 @@ impl Gate {
         drop(n);
         self.primed.send_replace(true);
     }
+}
+
+/// RFC 8656 §7.2/§7.3: the lifetime granted is the requested one clamped to at most an hour, and
+/// never below the 10-minute default; 0 in a Refresh deletes the allocation. Returns the value to
+/// put in LIFETIME, or `None` if the request may go to the engine as it is.
+///
+/// The engine uses a requested lifetime only if it is *below* 3600 s (anything else becomes the
+/// default), and uses short ones as they are, so the gate sends it 600..=3599.
+pub fn engine_lifetime(method: u16, requested: u32) -> Option<u32> {
+    const DEFAULT: u32 = 600;
+    const ENGINE_MAX: u32 = 3599;
+    if method == method::REFRESH && requested == 0 {
+        return None;
+    }
+    let desired = requested.clamp(DEFAULT, ENGINE_MAX);
+    (desired != requested).then_some(desired)
+}
+
+/// Re-signs an Allocate or Refresh for the engine if it carries DONT-FRAGMENT (the engine would
+/// answer 420) or a LIFETIME the engine would misapply.
+fn rewrite_for_engine(msg: &StunMessage<'_>, key: &hmac::Key) -> Option<Vec<u8>> {
+    let lifetime = msg
+        .attribute(attr::LIFETIME)
+        .and_then(|v| <[u8; 4]>::try_from(v).ok())
+        .and_then(|v| engine_lifetime(msg.method, u32::from_be_bytes(v)));
+    if !msg.dont_fragment && lifetime.is_none() {
+        return None;
+    }
+    // Linux relay sockets send with DF per path-MTU discovery by default, so accepting
+    // DONT-FRAGMENT (as coturn does) is truthful.
+    let replace = lifetime.map(|l| (attr::LIFETIME, l.to_be_bytes()));
+    Some(inspect::rewrite(msg, &[attr::DONT_FRAGMENT], replace, key))
 }
 
 /// An Allocate success carrying RESERVATION-TOKEN: the port to reserve the next one after.
@@ -861,6 +895,44 @@ mod tests {
         assert!(matches!(inbound(&gate, &req, other), Verdict::Reply(_)));
         assert_eq!(s.stats.snapshot().rate_limited, 90);
         assert_eq!(s.memory().rate_limited_ips, 2);
+    }
+
+    #[test]
+    fn lifetimes_are_clamped_per_rfc_8656() {
+        use method::{ALLOCATE, REFRESH};
+        assert_eq!(engine_lifetime(ALLOCATE, 600), None);
+        assert_eq!(engine_lifetime(ALLOCATE, 1800), None);
+        assert_eq!(engine_lifetime(ALLOCATE, 3599), None);
+        assert_eq!(engine_lifetime(ALLOCATE, 3600), Some(3599));
+        assert_eq!(engine_lifetime(ALLOCATE, u32::MAX), Some(3599));
+        assert_eq!(engine_lifetime(ALLOCATE, 60), Some(600));
+        assert_eq!(engine_lifetime(ALLOCATE, 0), Some(600));
+        assert_eq!(engine_lifetime(REFRESH, 0), None, "0 deletes");
+        assert_eq!(engine_lifetime(REFRESH, 1), Some(600));
+        assert_eq!(engine_lifetime(REFRESH, 86_400), Some(3599));
+    }
+
+    #[test]
+    fn short_lifetime_is_rewritten_and_resigned() {
+        let gate = primed_gate(shared(10, 100));
+        let creds = TurnCredentials::new(&["new"]).unwrap();
+        let req = Req::new(method::REFRESH, &creds, "a");
+        let mut bytes = req.bytes();
+        // Rebuild with LIFETIME 30 s before integrity.
+        let parsed = StunMessage::parse(&bytes).unwrap();
+        let key = integrity_key(&long_term_key(&req.username, REALM, &req.password));
+        bytes = inspect::rewrite(
+            &parsed,
+            &[],
+            Some((attr::LIFETIME, 30u32.to_be_bytes())),
+            &key,
+        );
+        let Verdict::ForwardRewritten(b) = inbound(&gate, &bytes, client(1)) else {
+            panic!("not rewritten")
+        };
+        let m = StunMessage::parse(&b).unwrap();
+        assert_eq!(m.attribute(attr::LIFETIME), Some(&600u32.to_be_bytes()[..]));
+        assert!(m.integrity_matches(&key));
     }
 
     #[test]

@@ -46,6 +46,8 @@ pub mod attr {
     pub const XOR_PEER_ADDRESS: u16 = 0x0012;
     /// XOR-RELAYED-ADDRESS.
     pub const XOR_RELAYED_ADDRESS: u16 = 0x0016;
+    /// LIFETIME.
+    pub const LIFETIME: u16 = 0x000D;
     /// REALM.
     pub const REALM: u16 = 0x0014;
     /// NONCE.
@@ -439,8 +441,20 @@ impl StunWriter {
 /// Rewrites an authenticated request without the attributes in `strip`, re-signing it under `key`.
 /// The front layer uses it to remove DONT-FRAGMENT, which the engine would answer with 420.
 pub fn rewrite_without(message: &StunMessage<'_>, strip: &[u16], key: &hmac::Key) -> Vec<u8> {
+    rewrite(message, strip, None, key)
+}
+
+/// Rewrites an authenticated request without the attributes in `strip` and with the value of the
+/// attribute `replace.0` set to `replace.1` (appended if absent), re-signed under `key`.
+pub fn rewrite(
+    message: &StunMessage<'_>,
+    strip: &[u16],
+    replace: Option<(u16, [u8; 4])>,
+    key: &hmac::Key,
+) -> Vec<u8> {
     let raw = message.raw;
     let class = message.class;
+    let mut replaced = false;
     let mut w = StunWriter::new(message.method, class, message.transaction_id());
     let mut at = HEADER_LEN;
     while at + 4 <= raw.len() {
@@ -449,10 +463,20 @@ pub fn rewrite_without(message: &StunMessage<'_>, strip: &[u16], key: &hmac::Key
         if t == attr::MESSAGE_INTEGRITY {
             break;
         }
-        if !strip.contains(&t) {
-            w.attribute(t, &raw[at + 4..at + 4 + l]);
+        match replace {
+            Some((typ, value)) if typ == t => {
+                w.attribute(t, &value);
+                replaced = true;
+            }
+            _ if strip.contains(&t) => {}
+            _ => {
+                w.attribute(t, &raw[at + 4..at + 4 + l]);
+            }
         }
         at += 4 + l.next_multiple_of(4);
+    }
+    if let Some((typ, value)) = replace.filter(|_| !replaced) {
+        w.attribute(typ, &value);
     }
     w.finish_with_integrity(key)
 }

@@ -333,10 +333,13 @@ impl Conn for StreamFront {
             let verdict = self.gate.inbound_now(frame, self.peer, self.local);
             let forward = match verdict {
                 Verdict::Forward => frame,
-                Verdict::ForwardReserved(token) => {
+                Verdict::ForwardReserved {
+                    token,
+                    ref rewritten,
+                } => {
                     let socket = self.gate.shared().reservations().take(&token);
                     *self.reserved.lock().unwrap_or_else(|p| p.into_inner()) = socket;
-                    frame
+                    rewritten.as_deref().unwrap_or(frame)
                 }
                 Verdict::ForwardRewritten(ref v) => v.as_slice(),
                 Verdict::Reply(v) => {

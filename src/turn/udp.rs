@@ -123,10 +123,13 @@ impl Conn for UdpFront {
             let verdict = self.gate.inbound_now(packet, src, self.local);
             let forward = match verdict {
                 Verdict::Forward => packet,
-                Verdict::ForwardReserved(token) => {
+                Verdict::ForwardReserved {
+                    token,
+                    ref rewritten,
+                } => {
                     let socket = self.gate.shared().reservations().take(&token);
                     *self.reserved.lock().unwrap_or_else(|p| p.into_inner()) = socket;
-                    packet
+                    rewritten.as_deref().unwrap_or(packet)
                 }
                 Verdict::ForwardRewritten(ref v) => v.as_slice(),
                 Verdict::Reply(v) => {

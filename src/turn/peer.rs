@@ -149,6 +149,15 @@ pub fn bind_udp_std(
         if let Err(e) = socket.set_recv_buffer_size(recv_buffer_bytes) {
             tracing::warn!(%addr, "could not set SO_RCVBUF to {recv_buffer_bytes}: {e}");
         }
+        // Linux reports twice what it grants and silently caps at net.core.rmem_max.
+        let granted = socket.recv_buffer_size().unwrap_or(0) / 2;
+        static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if granted < recv_buffer_bytes && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(
+                "TURN sockets got a {granted}-byte receive buffer instead of {recv_buffer_bytes}; \
+                 raise net.core.rmem_max (sysctl) or bursts will be dropped"
+            );
+        }
     }
     socket.bind(&addr.into())?;
     socket.set_nonblocking(true)?;

@@ -23,7 +23,8 @@ pub struct ExternalIp {
 }
 
 /// Everything the relay needs to start. Build it with `TurnSettings::default()` and override fields.
-#[derive(Debug, Clone)]
+/// Its `Debug` output redacts the auth secrets.
+#[derive(Clone)]
 pub struct TurnSettings {
     /// Master switch; when false [`Relay::start`](super::Relay::start) binds nothing.
     pub enabled: bool,
@@ -116,6 +117,43 @@ impl Default for TurnSettings {
     }
 }
 
+impl std::fmt::Debug for TurnSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TurnSettings")
+            .field("enabled", &self.enabled)
+            .field("realm", &self.realm)
+            .field("listening_ips", &self.listening_ips)
+            .field("udp_port", &self.udp_port)
+            .field("tcp_port", &self.tcp_port)
+            .field("tls_port", &self.tls_port)
+            .field("udp_sockets", &self.udp_sockets)
+            .field("recv_buffer_bytes", &self.recv_buffer_bytes)
+            .field("relay_ip", &self.relay_ip)
+            .field("external_ip", &self.external_ip)
+            .field("min_port", &self.min_port)
+            .field("max_port", &self.max_port)
+            .field(
+                "auth_secrets",
+                &format_args!("[{} redacted]", self.auth_secrets.len()),
+            )
+            .field("credential_ttl", &self.credential_ttl)
+            .field("user_quota", &self.user_quota)
+            .field("total_quota", &self.total_quota)
+            .field("max_bytes_per_sec", &self.max_bytes_per_sec)
+            .field(
+                "unauthenticated_per_ip_per_sec",
+                &self.unauthenticated_per_ip_per_sec,
+            )
+            .field("allowed_peer_ips", &self.allowed_peer_ips)
+            .field("denied_peer_ips", &self.denied_peer_ips)
+            .field("allow_private_peers", &self.allow_private_peers)
+            .field("max_stream_connections", &self.max_stream_connections)
+            .field("tls_handshake_timeout", &self.tls_handshake_timeout)
+            .field("stream_idle_timeout", &self.stream_idle_timeout)
+            .finish()
+    }
+}
+
 impl TurnSettings {
     /// The peer policy these settings describe.
     pub fn peer_policy(&self) -> PeerPolicy {
@@ -204,6 +242,17 @@ mod tests {
         s.max_port = 1000;
         let e = s.validate().unwrap_err();
         assert!(e.to_string().contains("min-port"), "{e}");
+    }
+
+    #[test]
+    fn debug_output_redacts_secrets() {
+        let s = TurnSettings {
+            auth_secrets: vec!["hunter2".into()],
+            ..Default::default()
+        };
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("[1 redacted]"), "{shown}");
     }
 
     #[test]

@@ -189,3 +189,58 @@ async fn coturn_stunclient_gets_a_binding_answer() {
     assert!(t.contains("UDP reflexive addr: 127.0.0.1:"), "{t}");
     relay.shutdown().await;
 }
+
+/// Not a test: a burst measurement, run by hand with
+/// `cargo test --test turn_coturn burst -- --ignored --nocapture`. It prints uclient's loss with the
+/// OS-default receive buffer and with callgate's 4 MiB, on one and on two read loops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement; slow and machine-dependent"]
+async fn burst_loss_measurement() {
+    let Some(uclient) = tool("turnutils_uclient") else {
+        return;
+    };
+    for (rcvbuf, sockets) in [(212_992usize, 1usize), (4 << 20, 1), (4 << 20, 2)] {
+        let mut settings = test_settings();
+        settings.recv_buffer_bytes = rcvbuf;
+        settings.udp_sockets = sockets;
+        settings.total_quota = 1000;
+        settings.user_quota = 1000;
+        let relay = start(settings, None).await;
+        let port = relay.udp_addrs()[0].port().to_string();
+        let out = run(
+            &uclient,
+            &[
+                "-y",
+                "-c",
+                "-m",
+                "40",
+                "-n",
+                "300",
+                "-l",
+                "1000",
+                "-z",
+                "1",
+                "-u",
+                "burst",
+                "-W",
+                SECRET,
+                "-p",
+                &port,
+                "127.0.0.1",
+            ],
+        )
+        .await;
+        let t = text(&out);
+        let summary: Vec<&str> = t
+            .lines()
+            .filter(|l| l.contains("Total lost") || l.contains("tot_recv_msgs="))
+            .collect();
+        println!(
+            "rcvbuf={rcvbuf} sockets={sockets}: {:?} stats={:?}",
+            summary.last(),
+            relay.stats().snapshot()
+        );
+        println!("  {}", summary.first().unwrap_or(&""));
+        relay.shutdown().await;
+    }
+}

@@ -576,3 +576,55 @@ async fn lifetimes_are_clamped_per_rfc_8656() {
     }
     relay.shutdown().await;
 }
+
+#[tokio::test]
+async fn start_errors_say_what_to_fix() {
+    let taken = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut settings = test_settings();
+    settings.udp_port = Some(taken.local_addr().unwrap().port());
+    let err = callgate::turn::Relay::start(settings, None, std::future::pending())
+        .await
+        .err()
+        .expect("port in use");
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with("could not bind the TURN UDP listener on 127.0.0.1:"),
+        "{msg}"
+    );
+
+    let mut settings = test_settings();
+    settings.listening_ips = vec!["0.0.0.0".parse().unwrap()];
+    let err = callgate::turn::Relay::start(settings, None, std::future::pending())
+        .await
+        .err()
+        .expect("unspecified relay address");
+    assert!(
+        err.to_string().contains("set relay-ip (or external-ip)"),
+        "{err}"
+    );
+
+    let mut settings = test_settings();
+    settings.auth_secrets.clear();
+    let err = callgate::turn::Relay::start(settings, None, std::future::pending())
+        .await
+        .err()
+        .expect("no secret");
+    assert!(err.to_string().contains("auth secret"), "{err}");
+}
+
+#[tokio::test]
+async fn the_shutdown_future_stops_the_relay() {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let relay = callgate::turn::Relay::start(test_settings(), None, async {
+        let _ = rx.await;
+    })
+    .await
+    .unwrap();
+    let udp = relay.udp_addrs()[0];
+    let mut client = RawClient::udp(udp, "sam").await;
+    client.allocate().await.unwrap();
+    tx.send(()).unwrap();
+    // Shutting down again after the future fired must not hang, and everything is closed.
+    relay.shutdown().await;
+    UdpSocket::bind(udp).await.expect("UDP port free");
+}

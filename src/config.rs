@@ -198,6 +198,17 @@ pub struct Options {
     #[arg(long, env = "CALLGATE_RESUME_GRACE", value_name = "DURATION")]
     pub resume_grace: Option<Seconds>,
 
+    /// Load balancers (CIDR or IP, comma-separated) whose connections start with a PROXY protocol
+    /// header (v1 or v2) naming the real client; required from them, ignored from anyone else
+    /// [default: none].
+    #[arg(
+        long,
+        env = "CALLGATE_PROXY_PROTOCOL_FROM",
+        value_name = "CIDR,...",
+        value_delimiter = ','
+    )]
+    pub proxy_protocol_from: Option<Vec<IpRange>>,
+
     /// Run the embedded TURN relay (true|false) [default: true].
     #[arg(long, env = "CALLGATE_TURN", value_name = "BOOL")]
     pub turn: Option<bool>,
@@ -406,6 +417,8 @@ pub struct Config {
     /// Resume grace period.
     #[serde(serialize_with = "as_seconds")]
     pub resume_grace: Duration,
+    /// Trusted load balancers that send the PROXY protocol.
+    pub proxy_protocol_from: Vec<IpRange>,
     /// Embedded TURN relay settings.
     pub turn: TurnConfig,
     /// Where `/metrics` is served, if at all.
@@ -861,6 +874,7 @@ impl Options {
             ws_connections_per_ip,
             id_digits,
             resume_grace,
+            proxy_protocol_from,
             turn,
             realm,
             listening_ip,
@@ -968,6 +982,7 @@ impl Config {
             ws_connections_per_ip: o.ws_connections_per_ip.unwrap_or(64),
             id_digits: o.id_digits.unwrap_or(9),
             resume_grace: secs(o.resume_grace, 30),
+            proxy_protocol_from: o.proxy_protocol_from.unwrap_or_default(),
             turn: TurnConfig {
                 enabled: o.turn.unwrap_or(true),
                 realm: o.realm.unwrap_or_else(|| "callgate".to_owned()),

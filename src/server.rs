@@ -16,6 +16,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Config, PortOrOff, TlsSource};
 use crate::http::headers::SecurityHeaders;
+use crate::http::proxy_protocol::TrustedProxies;
 use crate::http::routes::Readiness;
 use crate::http::static_files::StaticFiles;
 use crate::http::{self, App, ConnectionSettings, RedirectTarget};
@@ -244,6 +245,7 @@ impl Server {
             header_read_timeout: config.header_read_timeout,
             idle_timeout: config.idle_timeout,
             h2_max_concurrent_streams: config.h2_max_concurrent_streams,
+            trusted_proxies: Arc::new(TrustedProxies::new(config.proxy_protocol_from.clone())),
         };
 
         let (cert_path, key_path) = config.tls.paths();

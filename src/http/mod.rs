@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod headers;
+pub mod proxy_protocol;
 mod redirect;
 pub mod routes;
 pub mod static_files;
@@ -27,7 +28,9 @@ use hyper::{Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+
+use proxy_protocol::{Prefixed, TrustedProxies};
 use tokio_rustls::TlsAcceptor;
 
 use crate::limits::ConnectionLimit;
@@ -72,6 +75,8 @@ pub struct ConnectionSettings {
     pub idle_timeout: Duration,
     /// HTTP/2 concurrent stream cap.
     pub h2_max_concurrent_streams: u32,
+    /// Load balancers whose connections start with a PROXY header.
+    pub trusted_proxies: Arc<TrustedProxies>,
 }
 
 impl ConnectionSettings {
@@ -129,6 +134,9 @@ pub async fn serve_https(
         let shutdown = shutdown.clone();
         let metrics = metrics.clone();
         tokio::spawn(async move {
+            let Some((peer, tcp)) = accept_proxied(tcp, peer, &settings).await else {
+                return;
+            };
             let conn = Arc::new(ConnectionContext {
                 peer,
                 _permit: permit,
@@ -163,6 +171,25 @@ pub async fn serve_https(
             });
             serve_connection(&builder, tls, service, settings.idle_timeout, shutdown).await;
         });
+    }
+}
+
+/// Reads the PROXY header if `peer` is a trusted load balancer; returns the client's address and
+/// the stream to serve, or `None` if a trusted peer sent no valid header in time.
+pub(crate) async fn accept_proxied(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    settings: &ConnectionSettings,
+) -> Option<(SocketAddr, Prefixed<TcpStream>)> {
+    if !settings.trusted_proxies.trusts(peer.ip()) {
+        return Some((peer, Prefixed::direct(tcp)));
+    }
+    match proxy_protocol::read_header(tcp, settings.tls_handshake_timeout).await {
+        Ok((client, stream)) => Some((client.unwrap_or(peer), stream)),
+        Err(e) => {
+            tracing::warn!(%peer, "refusing a load balancer connection: {e}");
+            None
+        }
     }
 }
 

@@ -96,10 +96,10 @@ pub async fn serve_redirects(
         .header_read_timeout(settings.header_read_timeout);
     let builder = Arc::new(builder);
     loop {
-        let tcp = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             _ = shutdown.recv() => return,
             accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     super::accept_error(e).await;
                     continue;
@@ -113,9 +113,13 @@ pub async fn serve_redirects(
         let builder = builder.clone();
         let metrics = metrics.clone();
         let shutdown = shutdown.clone();
-        let idle_timeout = settings.idle_timeout;
+        let settings = settings.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let Some((_, tcp)) = super::accept_proxied(tcp, peer, &settings).await else {
+                return;
+            };
+            let idle_timeout = settings.idle_timeout;
             let service = hyper::service::service_fn(move |req| {
                 let response = redirect(&target, &req);
                 metrics

@@ -285,6 +285,19 @@ impl Ws {
         let tls = connect(&server.client(&[b"http/1.1"]), server.addrs.https)
             .await
             .map_err(|_| UpgradeRefused(None))?;
+        Ws::handshake(server, tls, path, origin).await
+    }
+
+    /// Upgrades an established stream to a WebSocket at `path`.
+    pub async fn handshake<S>(
+        server: &TestServer,
+        stream: S,
+        path: &str,
+        origin: Option<&str>,
+    ) -> Result<Ws, UpgradeRefused>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let mut req = Request::get(path)
             .header("host", format!("localhost:{}", server.addrs.https.port()))
             .header("upgrade", "websocket")
@@ -298,7 +311,7 @@ impl Ws {
             req = req.header("origin", origin);
         }
         let req = req.body(Empty::<Bytes>::new()).unwrap();
-        match fastwebsockets::handshake::client(&SpawnExecutor, req, tls).await {
+        match fastwebsockets::handshake::client(&SpawnExecutor, req, stream).await {
             Ok((ws, _)) => Ok(Ws { ws }),
             Err(fastwebsockets::WebSocketError::InvalidStatusCode(code)) => {
                 Err(UpgradeRefused(Some(code)))

@@ -263,6 +263,21 @@ mod tests {
     }
 
     #[test]
+    fn rate_state_of_quiet_addresses_is_pruned() {
+        let limits = PerIpLimits::new(NonZeroU32::new(1000).unwrap(), 10);
+        for i in 0..5000u32 {
+            let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            limits.check_upgrade(ip).unwrap();
+        }
+        assert_eq!(limits.tracked().0, 5000);
+        // At 1000/s a spent token is back within a millisecond; give the buckets time to refill
+        // (this is the passing of time under test, not a wait for another task).
+        std::thread::sleep(Duration::from_millis(20));
+        limits.prune();
+        assert_eq!(limits.tracked().0, 0, "rotating source addresses leave nothing behind");
+    }
+
+    #[test]
     fn upgrade_rate_is_per_address() {
         let limits = PerIpLimits::new(NonZeroU32::new(3).unwrap(), 10);
         let ip: IpAddr = "192.0.2.1".parse().unwrap();

@@ -9,16 +9,18 @@
 //! | `config.rs` | the one `Config`: CLI flags, `CALLGATE_*` env vars, TOML file, validation |
 //! | `server.rs` | binds every listener, starts the subsystems, owns the one shutdown path |
 //! | `shutdown.rs` | the [`shutdown::Shutdown`] handle every connection task selects on |
-//! | `limits.rs` | connection caps and per-IP rate limiters shared by the listeners |
-//! | `metrics.rs` | Prometheus registry and pre-resolved metric handles |
-//! | `tls/` | certificate loading, dev-certificate generation, hot reload |
-//! | `http/` | accept loop (handshake and header timeouts, connection cap), routes, static files, security headers |
+//! | `limits.rs` | the global connection cap, per-address and per-connection rate limits (governor) |
+//! | `metrics.rs` | Prometheus registry, pre-resolved metric handles, the call observer, TURN export |
+//! | `tls/` | certificate loading (`load`), dev-certificate generation (`dev_cert`), hot reload (`reload`) |
+//! | `http/` | accept loop with timeouts and the cap (`mod`), PROXY protocol (`proxy_protocol`), routes and `/api/turn-credentials` (`routes`), static files, security headers, the redirect listener, the metrics listener (`admin`) |
 //! | `signaling/` | WebSocket sessions (`session`), the call rules without I/O (`hub`), wire messages (`protocol`), where each ID lives (`directory`) |
-//! | `turn/` | the embedded TURN relay: REST credentials, peer policy, TCP/TLS framing |
+//! | `turn/` | the embedded TURN relay: a front layer before the `turn` crate's engine (see its own Layout) |
 //!
-//! Dependencies point down: `server` → `http` → `signaling` → (`config`, `tls`, `metrics`, `limits`).
-//! `signaling::hub`, `signaling::protocol`, `turn::policy` and `turn::credentials` do no I/O: they take
-//! input (and the current time) and return what to do, so they are tested and benched without sockets.
+//! Dependencies point down: `server` → `http` → `signaling` → (`config`, `tls`, `metrics`, `limits`,
+//! `turn::credentials`). `turn` shares only the certificate store and the credential secret with the
+//! rest. `signaling::hub`, `signaling::protocol`, `turn::policy`, `turn::gate` and
+//! `turn::credentials` do no I/O: they take input (and the current time) and return what to do, so
+//! they are tested and benched without sockets.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

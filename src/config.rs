@@ -331,7 +331,7 @@ pub struct Options {
     #[arg(long, env = "CALLGATE_METRICS_LISTEN", value_name = "ADDR|off")]
     pub metrics_listen: Option<Listen>,
 
-    /// Bearer token required on /metrics (Authorization: Bearer <token>); unset means none.
+    /// Bearer token required on /metrics (Authorization: Bearer TOKEN); unset means none.
     #[arg(
         long,
         env = "CALLGATE_METRICS_TOKEN",

@@ -458,7 +458,9 @@ impl Signaling {
                 }
             };
             unanswered.store(0, Ordering::Relaxed);
-            let message: Bytes = match (frame.opcode, frame.fin, session.partial.as_mut()) {
+            // A whole message is handed to the hub straight from the read buffer; only fragmented
+            // ones are assembled into a buffer of their own.
+            let assembled: BytesMut = match (frame.opcode, frame.fin, session.partial.as_mut()) {
                 (OpCode::Close, _, _) => {
                     // 1000 (normal closure): the client is leaving for good. Anything else, 1001
                     // from a reloading tab included, may want to resume.
@@ -500,7 +502,7 @@ impl Signaling {
                         }
                         continue;
                     }
-                    partial.bytes.freeze()
+                    partial.bytes
                 }
                 (opcode @ (OpCode::Text | OpCode::Binary), false, None) => {
                     session.partial = Some(Partial {
@@ -515,9 +517,14 @@ impl Signaling {
                     }
                     continue;
                 }
-                (OpCode::Text, true, None) => Bytes::copy_from_slice(&frame.payload),
+                (OpCode::Text, true, None) => {
+                    if let Some(close) = self.on_text(session, &frame.payload) {
+                        return close;
+                    }
+                    continue;
+                }
             };
-            if let Some(close) = self.on_text(session, &message) {
+            if let Some(close) = self.on_text(session, &assembled) {
                 return close;
             }
         }

@@ -274,7 +274,11 @@ mod tests {
         // (this is the passing of time under test, not a wait for another task).
         std::thread::sleep(Duration::from_millis(20));
         limits.prune();
-        assert_eq!(limits.tracked().0, 0, "rotating source addresses leave nothing behind");
+        assert_eq!(
+            limits.tracked().0,
+            0,
+            "rotating source addresses leave nothing behind"
+        );
     }
 
     #[test]

@@ -109,29 +109,15 @@ pub async fn serve_https(
     settings: ConnectionSettings,
     limit: Arc<ConnectionLimit>,
     metrics: Arc<Metrics>,
-    mut shutdown: Shutdown,
+    shutdown: Shutdown,
 ) {
     let builder = Arc::new(settings.builder());
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.recv() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    accept_error(e).await;
-                    continue;
-                }
-            },
-        };
-        let Some(permit) = limit.try_admit() else {
-            continue;
-        };
+    accept_until_shutdown(listener, &limit, shutdown, |tcp, peer, permit, shutdown| {
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let app = app.clone();
         let builder = builder.clone();
         let settings = settings.clone();
-        let shutdown = shutdown.clone();
         let metrics = metrics.clone();
         tokio::spawn(async move {
             let Some((peer, tcp)) = accept_proxied(tcp, peer, &settings).await else {
@@ -171,6 +157,32 @@ pub async fn serve_https(
             });
             serve_connection(&builder, tls, service, settings.idle_timeout, shutdown).await;
         });
+    })
+    .await;
+}
+
+/// Accepts on `listener` until shutdown. Each connection that fits under `limit` is handed to
+/// `admit` (which spawns its task) with its permit and a shutdown handle; the rest are closed.
+pub(crate) async fn accept_until_shutdown(
+    listener: TcpListener,
+    limit: &ConnectionLimit,
+    mut shutdown: Shutdown,
+    mut admit: impl FnMut(TcpStream, SocketAddr, crate::limits::ConnectionPermit, Shutdown),
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.recv() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    accept_error(e).await;
+                    continue;
+                }
+            },
+        };
+        if let Some(permit) = limit.try_admit() {
+            admit(tcp, peer, permit, shutdown.clone());
+        }
     }
 }
 

@@ -86,7 +86,7 @@ pub async fn serve_redirects(
     settings: ConnectionSettings,
     limit: Arc<ConnectionLimit>,
     metrics: Arc<Metrics>,
-    mut shutdown: Shutdown,
+    shutdown: Shutdown,
 ) {
     let target = Arc::new(target);
     let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
@@ -95,24 +95,10 @@ pub async fn serve_redirects(
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout);
     let builder = Arc::new(builder);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.recv() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    super::accept_error(e).await;
-                    continue;
-                }
-            },
-        };
-        let Some(permit) = limit.try_admit() else {
-            continue;
-        };
+    super::accept_until_shutdown(listener, &limit, shutdown, |tcp, peer, permit, shutdown| {
         let target = target.clone();
         let builder = builder.clone();
         let metrics = metrics.clone();
-        let shutdown = shutdown.clone();
         let settings = settings.clone();
         tokio::spawn(async move {
             let _permit = permit;
@@ -129,7 +115,8 @@ pub async fn serve_redirects(
             });
             super::serve_connection(&builder, tcp, service, idle_timeout, shutdown).await;
         });
-    }
+    })
+    .await;
 }
 
 #[cfg(test)]

@@ -94,6 +94,7 @@ window.callgate = {
   get signaling() { return sig ? sig.state : null; },
   get pc() { return app.call ? app.call.pc : null; },
   get quality() { return app.lastSummary; },
+  get iceServers() { return sig ? sig.iceServers : []; },
   forceRelay: FORCE_RELAY,
 };
 

@@ -35,6 +35,13 @@ export class Callgate {
 
   /** Starts the binary and resolves once its "callgate ready" log line names the listener. */
   async start({ listen = '127.0.0.1:0' } = {}) {
+    if (process.env.CALLGATE_URL) {
+      // An already running server (e.g. a staging instance): nothing to start or stop.
+      this.url = process.env.CALLGATE_URL.replace(/\/$/, '');
+      this.port = Number(new URL(this.url).port);
+      this.external = true;
+      return this.url;
+    }
     const args = [
       '--https-listen', listen,
       '--http-listen', 'off',
@@ -71,7 +78,7 @@ export class Callgate {
 
   /** SIGTERM, then waits for the process to exit. */
   async stop() {
-    if (!this.proc || this.proc.exitCode !== null || this.proc.signalCode !== null) return;
+    if (this.external || !this.proc || this.proc.exitCode !== null || this.proc.signalCode !== null) return;
     const exited = once(this.proc, 'exit');
     this.proc.kill('SIGTERM');
     const timer = setTimeout(() => this.proc.kill('SIGKILL'), 12000);
@@ -85,6 +92,7 @@ export class Callgate {
 
   /** base64 SHA-256 of the certificate's public key, for --ignore-certificate-errors-spki-list. */
   spkiHash() {
+    if (this.external) return '';
     const cert = new X509Certificate(readFileSync(path.join(this.certsDir, 'cert.pem')));
     const spki = cert.publicKey.export({ type: 'spki', format: 'der' });
     return createHash('sha256').update(spki).digest('base64');

@@ -10,6 +10,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -138,6 +139,60 @@ pub struct Options {
     #[arg(long, env = "CALLGATE_SHUTDOWN_TIMEOUT", value_name = "DURATION")]
     pub shutdown_timeout: Option<Seconds>,
 
+    /// Origins (e.g. https://app.example.com) allowed to open signaling WebSockets besides this
+    /// server's own; comma-separated on the command line [default: none].
+    #[arg(long, env = "CALLGATE_ALLOWED_ORIGINS", value_name = "ORIGIN,...", value_delimiter = ',')]
+    pub allowed_origins: Option<Vec<String>>,
+
+    /// Largest signaling message, counted over all fragments [default: 65536].
+    #[arg(long, env = "CALLGATE_WS_MAX_MESSAGE_BYTES", value_name = "BYTES")]
+    pub ws_max_message_bytes: Option<usize>,
+
+    /// Interval of WebSocket pings; after ws-missed-pongs unanswered ones the connection is closed
+    /// [default: 20s].
+    #[arg(long, env = "CALLGATE_WS_HEARTBEAT_INTERVAL", value_name = "DURATION")]
+    pub ws_heartbeat_interval: Option<Seconds>,
+
+    /// Unanswered pings before a connection counts as dead [default: 2].
+    #[arg(long, env = "CALLGATE_WS_MISSED_PONGS", value_name = "N")]
+    pub ws_missed_pongs: Option<u32>,
+
+    /// Frames queued for one client before it counts as too slow and is disconnected [default: 128].
+    #[arg(long, env = "CALLGATE_WS_OUTBOX_FRAMES", value_name = "N")]
+    pub ws_outbox_frames: Option<usize>,
+
+    /// A write to a client that makes no progress for this long ends the connection [default: 10s].
+    #[arg(long, env = "CALLGATE_WS_WRITE_TIMEOUT", value_name = "DURATION")]
+    pub ws_write_timeout: Option<Seconds>,
+
+    /// Signaling messages per second per connection, sustained [default: 20].
+    #[arg(long, env = "CALLGATE_WS_MESSAGES_PER_SECOND", value_name = "N")]
+    pub ws_messages_per_second: Option<u32>,
+
+    /// Signaling message burst per connection [default: 60].
+    #[arg(long, env = "CALLGATE_WS_MESSAGE_BURST", value_name = "N")]
+    pub ws_message_burst: Option<u32>,
+
+    /// New calls per minute per connection (stops ID scanning and call spam) [default: 10].
+    #[arg(long, env = "CALLGATE_WS_CALLS_PER_MINUTE", value_name = "N")]
+    pub ws_calls_per_minute: Option<u32>,
+
+    /// WebSocket upgrades per second per client address (IPv6 per /64) [default: 10].
+    #[arg(long, env = "CALLGATE_WS_UPGRADES_PER_SECOND", value_name = "N")]
+    pub ws_upgrades_per_second: Option<u32>,
+
+    /// Open WebSockets per client address (IPv6 per /64) [default: 64].
+    #[arg(long, env = "CALLGATE_WS_CONNECTIONS_PER_IP", value_name = "N")]
+    pub ws_connections_per_ip: Option<u32>,
+
+    /// Digits in a client ID: random, so IDs cannot be enumerated [default: 9].
+    #[arg(long, env = "CALLGATE_ID_DIGITS", value_name = "N")]
+    pub id_digits: Option<u8>,
+
+    /// How long a dropped client's ID (and call) is kept for it to resume [default: 30s].
+    #[arg(long, env = "CALLGATE_RESUME_GRACE", value_name = "DURATION")]
+    pub resume_grace: Option<Seconds>,
+
     /// Log format [default: text].
     #[arg(long, env = "CALLGATE_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -186,6 +241,35 @@ pub struct Config {
     /// Deadline for in-flight work once the listeners are closed.
     #[serde(serialize_with = "as_seconds")]
     pub shutdown_timeout: Duration,
+    /// Extra origins allowed to open WebSockets.
+    pub allowed_origins: Vec<String>,
+    /// Signaling message size cap.
+    pub ws_max_message_bytes: usize,
+    /// WebSocket ping interval.
+    #[serde(serialize_with = "as_seconds")]
+    pub ws_heartbeat_interval: Duration,
+    /// Unanswered pings before close.
+    pub ws_missed_pongs: u32,
+    /// Outbound queue length per client.
+    pub ws_outbox_frames: usize,
+    /// Stalled-write deadline.
+    #[serde(serialize_with = "as_seconds")]
+    pub ws_write_timeout: Duration,
+    /// Per-connection message rate.
+    pub ws_messages_per_second: NonZeroU32,
+    /// Per-connection message burst.
+    pub ws_message_burst: NonZeroU32,
+    /// Per-connection new calls per minute.
+    pub ws_calls_per_minute: NonZeroU32,
+    /// Per-address upgrade rate.
+    pub ws_upgrades_per_second: NonZeroU32,
+    /// Per-address open WebSockets.
+    pub ws_connections_per_ip: u32,
+    /// Client ID length.
+    pub id_digits: u8,
+    /// Resume grace period.
+    #[serde(serialize_with = "as_seconds")]
+    pub resume_grace: Duration,
     /// Text for people or JSON for log pipelines.
     pub log_format: LogFormat,
     /// tracing `EnvFilter` directive.
@@ -438,6 +522,19 @@ impl Options {
             hsts_max_age,
             shutdown_drain_delay,
             shutdown_timeout,
+            allowed_origins,
+            ws_max_message_bytes,
+            ws_heartbeat_interval,
+            ws_missed_pongs,
+            ws_outbox_frames,
+            ws_write_timeout,
+            ws_messages_per_second,
+            ws_message_burst,
+            ws_calls_per_minute,
+            ws_upgrades_per_second,
+            ws_connections_per_ip,
+            id_digits,
+            resume_grace,
             log_format,
             log_level,
         )
@@ -495,6 +592,25 @@ impl Config {
             hsts_max_age: secs(o.hsts_max_age, 31_536_000),
             shutdown_drain_delay: secs(o.shutdown_drain_delay, 0),
             shutdown_timeout: secs(o.shutdown_timeout, 10),
+            allowed_origins: o
+                .allowed_origins
+                .unwrap_or_default()
+                .into_iter()
+                .map(|origin| origin.trim().trim_end_matches('/').to_ascii_lowercase())
+                .filter(|origin| !origin.is_empty())
+                .collect(),
+            ws_max_message_bytes: o.ws_max_message_bytes.unwrap_or(64 * 1024),
+            ws_heartbeat_interval: secs(o.ws_heartbeat_interval, 20),
+            ws_missed_pongs: o.ws_missed_pongs.unwrap_or(2),
+            ws_outbox_frames: o.ws_outbox_frames.unwrap_or(128),
+            ws_write_timeout: secs(o.ws_write_timeout, 10),
+            ws_messages_per_second: non_zero("ws-messages-per-second", o.ws_messages_per_second, 20)?,
+            ws_message_burst: non_zero("ws-message-burst", o.ws_message_burst, 60)?,
+            ws_calls_per_minute: non_zero("ws-calls-per-minute", o.ws_calls_per_minute, 10)?,
+            ws_upgrades_per_second: non_zero("ws-upgrades-per-second", o.ws_upgrades_per_second, 10)?,
+            ws_connections_per_ip: o.ws_connections_per_ip.unwrap_or(64),
+            id_digits: o.id_digits.unwrap_or(9),
+            resume_grace: secs(o.resume_grace, 30),
             log_format: o.log_format.unwrap_or(LogFormat::Text),
             log_level: o.log_level.unwrap_or_else(|| "info".to_owned()),
         };
@@ -513,6 +629,34 @@ impl Config {
             if value.is_zero() {
                 return Err(invalid(key, "must be greater than 0"));
             }
+        }
+        for origin in &self.allowed_origins {
+            let scheme_ok = origin.starts_with("https://") || origin.starts_with("http://");
+            if !scheme_ok || origin.matches('/').count() != 2 {
+                return Err(invalid(
+                    "allowed-origins",
+                    &format!("\"{origin}\" must be an origin like https://app.example.com (scheme, host, optional port; no path)"),
+                ));
+            }
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&self.ws_max_message_bytes) {
+            return Err(invalid("ws-max-message-bytes", "must be between 1024 and 16777216"));
+        }
+        if self.ws_heartbeat_interval.is_zero() || self.ws_write_timeout.is_zero() {
+            let key = if self.ws_write_timeout.is_zero() { "ws-write-timeout" } else { "ws-heartbeat-interval" };
+            return Err(invalid(key, "must be greater than 0"));
+        }
+        if self.ws_missed_pongs == 0 {
+            return Err(invalid("ws-missed-pongs", "must be at least 1"));
+        }
+        if self.ws_outbox_frames == 0 {
+            return Err(invalid("ws-outbox-frames", "must be at least 1"));
+        }
+        if self.ws_connections_per_ip == 0 {
+            return Err(invalid("ws-connections-per-ip", "must be at least 1"));
+        }
+        if !(6..=15).contains(&self.id_digits) {
+            return Err(invalid("id-digits", "must be between 6 and 15 (IDs must stay exact JavaScript numbers)"));
         }
         if self.h2_max_concurrent_streams == 0 {
             return Err(invalid("h2-max-concurrent-streams", "must be at least 1"));
@@ -543,6 +687,10 @@ impl Config {
     pub fn to_toml(&self) -> String {
         toml::to_string(self).unwrap_or_else(|e| format!("# cannot print configuration: {e}\n"))
     }
+}
+
+fn non_zero(key: &'static str, value: Option<u32>, default: u32) -> Result<NonZeroU32, ConfigError> {
+    NonZeroU32::new(value.unwrap_or(default)).ok_or_else(|| invalid(key, "must be at least 1"))
 }
 
 fn invalid(key: &'static str, reason: &str) -> ConfigError {

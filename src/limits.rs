@@ -1,12 +1,21 @@
-//! Caps shared by the listeners: the global connection limit.
+//! Caps and rate limits shared by the listeners and the signaling sessions.
 //!
-//! A connection holds a [`ConnectionPermit`] for its whole life, WebSocket included; when none is
-//! left, new connections are closed at accept, before any TLS work is spent on them.
+//! - [`ConnectionLimit`]: the global connection cap. A connection holds a [`ConnectionPermit`] for
+//!   its whole life, WebSocket included; when none is left, new connections are closed at accept,
+//!   before any TLS work is spent on them.
+//! - [`PerIpLimits`]: WebSocket upgrades per second and open WebSockets per client address (IPv6
+//!   keyed by its /64, since one host usually owns a whole /64). Maps are pruned, so rotating source
+//!   addresses cannot grow memory without bound.
+//! - [`SessionRates`]: per-connection message rate and new-call rate (governor token buckets).
 
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr};
+use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// The most open client connections over all listeners.
@@ -80,9 +89,187 @@ impl ConnectionLimit {
     }
 }
 
+/// A client address as rate limits see it: IPv4 as is, IPv6 by its /64 prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IpKey(IpAddr);
+
+impl IpKey {
+    /// The key for a peer address (IPv4-mapped IPv6 counts as the IPv4 address).
+    pub fn of(ip: IpAddr) -> IpKey {
+        match ip {
+            IpAddr::V4(v4) => IpKey(IpAddr::V4(v4)),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpKey(IpAddr::V4(v4)),
+                None => {
+                    let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                    IpKey(IpAddr::V6(Ipv6Addr::from(prefix)))
+                }
+            },
+        }
+    }
+}
+
+/// Per-address limits on WebSocket upgrades.
+#[derive(Debug)]
+pub struct PerIpLimits {
+    /// Upgrades per second per address (token bucket).
+    upgrades: DefaultKeyedRateLimiter<IpKey>,
+    /// Open WebSockets per address; an entry is removed when its count drops to zero.
+    open: Mutex<HashMap<IpKey, u32>>,
+    /// Most open WebSockets per address.
+    max_open_per_ip: u32,
+}
+
+/// Why an upgrade was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IpRefusal {
+    /// Too many upgrades per second from this address.
+    UpgradeRate,
+    /// Too many open WebSockets from this address.
+    TooManyOpen,
+}
+
+/// One open WebSocket counted against its address; dropping it gives the slot back.
+#[derive(Debug)]
+pub struct IpSlot {
+    limits: Arc<PerIpLimits>,
+    key: IpKey,
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut open = self.limits.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = open.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl PerIpLimits {
+    /// `upgrades_per_second` sustained (with a burst of the same size) and `max_open_per_ip`
+    /// concurrent WebSockets per address.
+    pub fn new(upgrades_per_second: NonZeroU32, max_open_per_ip: u32) -> Arc<Self> {
+        Arc::new(PerIpLimits {
+            upgrades: RateLimiter::keyed(Quota::per_second(upgrades_per_second)),
+            open: Mutex::new(HashMap::new()),
+            max_open_per_ip,
+        })
+    }
+
+    /// Whether `ip` may upgrade now (consumes a token).
+    pub fn check_upgrade(&self, ip: IpAddr) -> Result<(), IpRefusal> {
+        self.upgrades
+            .check_key(&IpKey::of(ip))
+            .map_err(|_| IpRefusal::UpgradeRate)
+    }
+
+    /// Counts one more open WebSocket for `ip`, or refuses if it has too many.
+    pub fn open(self: &Arc<Self>, ip: IpAddr) -> Result<IpSlot, IpRefusal> {
+        let key = IpKey::of(ip);
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let count = open.entry(key).or_insert(0);
+        if *count >= self.max_open_per_ip {
+            return Err(IpRefusal::TooManyOpen);
+        }
+        *count += 1;
+        Ok(IpSlot {
+            limits: self.clone(),
+            key,
+        })
+    }
+
+    /// Forgets rate-limit state of addresses that have been quiet long enough to be full again.
+    /// Called periodically so that a stream of new source addresses cannot grow the map forever.
+    pub fn prune(&self) {
+        self.upgrades.retain_recent();
+        self.upgrades.shrink_to_fit();
+    }
+
+    /// Addresses with rate-limit state, and addresses with open WebSockets.
+    pub fn tracked(&self) -> (usize, usize) {
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner()).len();
+        (self.upgrades.len(), open)
+    }
+}
+
+/// One connection's token buckets.
+#[derive(Debug)]
+pub struct SessionRates {
+    /// Every text message.
+    pub messages: DefaultDirectRateLimiter,
+    /// New calls (`video-offer-request`), which stops ID scanning and call spam.
+    pub calls: DefaultDirectRateLimiter,
+}
+
+impl SessionRates {
+    /// `messages_per_second` with `message_burst`, and `calls_per_minute` with a burst of the same.
+    pub fn new(
+        messages_per_second: NonZeroU32,
+        message_burst: NonZeroU32,
+        calls_per_minute: NonZeroU32,
+    ) -> Self {
+        SessionRates {
+            messages: RateLimiter::direct(
+                Quota::per_second(messages_per_second).allow_burst(message_burst),
+            ),
+            calls: RateLimiter::direct(Quota::per_minute(calls_per_minute)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv6_is_keyed_by_its_64_and_mapped_ipv4_by_the_ipv4() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(IpKey::of(a), IpKey::of(b));
+        assert_ne!(IpKey::of(a), IpKey::of(c));
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        assert_eq!(IpKey::of(mapped), IpKey::of("192.0.2.7".parse().unwrap()));
+    }
+
+    #[test]
+    fn open_websockets_per_ip_are_capped_and_freed() {
+        let limits = PerIpLimits::new(NonZeroU32::new(100).unwrap(), 2);
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let a = limits.open(ip).unwrap();
+        let _b = limits.open(ip).unwrap();
+        assert_eq!(limits.open(ip).unwrap_err(), IpRefusal::TooManyOpen);
+        assert!(
+            limits.open("192.0.2.2".parse().unwrap()).is_ok(),
+            "other addresses unaffected"
+        );
+        drop(a);
+        assert!(limits.open(ip).is_ok());
+    }
+
+    #[test]
+    fn the_open_map_does_not_keep_closed_addresses() {
+        let limits = PerIpLimits::new(NonZeroU32::new(100).unwrap(), 2);
+        for i in 0..10_000u32 {
+            let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            drop(limits.open(ip).unwrap());
+        }
+        assert_eq!(limits.tracked().1, 0);
+    }
+
+    #[test]
+    fn upgrade_rate_is_per_address() {
+        let limits = PerIpLimits::new(NonZeroU32::new(3).unwrap(), 10);
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        for _ in 0..3 {
+            limits.check_upgrade(ip).unwrap();
+        }
+        assert_eq!(limits.check_upgrade(ip), Err(IpRefusal::UpgradeRate));
+        limits.check_upgrade("192.0.2.2".parse().unwrap()).unwrap();
+    }
 
     #[test]
     fn refuses_past_the_cap_and_frees_on_drop() {

@@ -1,1 +1,73 @@
 //! WebSocket signaling: the seed's message format, made unspoofable, long-lived and resumable.
+//!
+//! | file | what it owns |
+//! |---|---|
+//! | `protocol.rs` | the JSON on the wire: client and server messages, error and close codes |
+//! | `hub.rs` | the rules: who may send what to whom, call states, resume — no I/O, no clock |
+//! | `directory.rs` | where each ID lives (live outbox or reservation) and its call state |
+//!
+//! The WebSocket session (read loop, write queue, heartbeat, size and rate limits) sits on top and
+//! calls [`hub::Hub`] with each text frame and the current time.
+
+use std::time::Duration;
+
+pub mod directory;
+pub mod hub;
+pub mod protocol;
+
+/// Every knob the signaling core needs, with defaults that are safe on the public internet.
+///
+/// The main `Config` maps onto this; the hub and the directory each read the fields they use.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct SignalingLimits {
+    /// Number of decimal digits in a client ID (6..=15, so IDs stay exact JavaScript numbers).
+    /// Default 9: a billion IDs, so a random guess hits a live client with negligible odds.
+    pub id_digits: u8,
+    /// How long a dropped connection's ID stays reserved for a resume. Default 30 s: long enough
+    /// for a Wi-Fi to mobile handover, short enough that the peer is not left waiting.
+    pub resume_grace: Duration,
+    /// Most messages held for one reserved ID. Default 64, far above a call setup's worth of
+    /// candidates; beyond it the reservation ends early and the peer is told.
+    pub resume_queue_messages: usize,
+    /// Most bytes held for one reserved ID. Default 256 KiB (four 64 KiB messages).
+    pub resume_queue_bytes: usize,
+    /// Most bytes held for all reserved IDs together, so many dropped clients cannot exhaust
+    /// memory. Default 64 MiB.
+    pub resume_queue_bytes_total: usize,
+    /// Most IDs (live and reserved) held at once; connects beyond it get `server_full`.
+    /// Default 100 000.
+    pub max_clients: usize,
+    /// Deepest nesting of objects and arrays accepted in a message. Default 32; an SDP object
+    /// needs 2.
+    pub max_nesting_depth: usize,
+    /// Rule violations (bad JSON, spoofed IDs, ...) tolerated per connection before the hub asks for
+    /// a close with 1008. Default 16.
+    pub max_violations: u32,
+    /// Failed resume attempts tolerated per connection before the hub asks for a close with 1008.
+    /// Default 3: a real client needs one.
+    pub max_resume_failures: u32,
+    /// WebSocket ping interval advertised in the `id` message (the session layer does the pinging).
+    /// Default 20 s.
+    pub heartbeat_interval: Duration,
+    /// Longest `normal` text written to the log, in characters. Default 200.
+    pub max_logged_chars: usize,
+}
+
+impl Default for SignalingLimits {
+    fn default() -> Self {
+        Self {
+            id_digits: 9,
+            resume_grace: Duration::from_secs(30),
+            resume_queue_messages: 64,
+            resume_queue_bytes: 256 * 1024,
+            resume_queue_bytes_total: 64 * 1024 * 1024,
+            max_clients: 100_000,
+            max_nesting_depth: 32,
+            max_violations: 16,
+            max_resume_failures: 3,
+            heartbeat_interval: Duration::from_secs(20),
+            max_logged_chars: 200,
+        }
+    }
+}

@@ -127,7 +127,6 @@ export class Call extends EventTarget {
     await this.pc.setRemoteDescription(answer);
     await this.flushRemoteCandidates();
     this.established = true;
-    this.releaseCandidates();
   }
 
   /** Callee: take the caller's offer and produce the answer for `client-reply`. */
@@ -142,8 +141,8 @@ export class Call extends EventTarget {
   }
 
   /**
-   * Starts sending our own candidates. The caller waits for the accept (before it the callee has
-   * no call with us and the server would refuse them); the callee waits until its answer is sent.
+   * Starts sending our own candidates: the caller right after its offer went out, the callee once
+   * its answer is sent (a candidate must never overtake the description it belongs to).
    */
   releaseCandidates() {
     if (this.candidatesReleased) return;

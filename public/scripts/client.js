@@ -251,6 +251,8 @@ async function startCall(peerId, { audioOnly = $('opt-audio-only').checked } = {
   const offer = await call.createInitialOffer();
   if (app.call !== call) return;
   sig.send({ type: 'video-offer-request', calleeId: peerId, offer });
+  // The server relays candidates in any phase of the call, so they may trickle before the answer.
+  call.releaseCandidates();
   $('outgoing-status').textContent = 'Calling…';
   app.noAnswerTimer = setTimeout(() => {
     if (app.state !== 'outgoing') return;

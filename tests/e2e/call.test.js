@@ -348,3 +348,40 @@ test('signaling cut mid-call: both pages reconnect, keep their IDs, and media ke
     await proxy.close();
   }
 });
+
+test('server restart mid-call: pages say so, come back online, and the call\'s media keeps flowing', async (t) => {
+  if (server.external) {
+    t.skip('needs to restart the server, and CALLGATE_URL points at one this test does not own');
+    return;
+  }
+  const a = await person('A');
+  const b = await person('B');
+  const aId = await idOf(a);
+  await connect(a, b);
+
+  // A restart on the same address: SIGTERM (clients are told 1001, "going away"), then start again.
+  await server.stop();
+  await a.page.waitForFunction(() => window.callgate.signaling !== 'open', null, { timeout: STEP_MS });
+  await a.page.waitForSelector('#banner:not([hidden])', { timeout: STEP_MS });
+  assert.match(await a.page.textContent('#banner'), /Reconnecting/);
+  await server.start({ listen: `127.0.0.1:${server.port}` });
+
+  await Promise.all([a, b].map((p) => p.page.waitForFunction(
+    () => window.callgate.signaling === 'open', null, { timeout: 30000 },
+  )));
+  // The restarted server knows nothing of the old IDs (in-memory directory, see PROTOCOL.md), so
+  // each page carries on with a new one and says so, while the call itself is peer to peer.
+  const newId = await idOf(a);
+  if (newId !== aId) {
+    await a.page.waitForFunction(() => /new ID/.test(document.getElementById('toasts').textContent), null, { timeout: STEP_MS });
+  }
+  assert.equal(await a.page.evaluate(() => window.callgate.state), 'incall');
+  await Promise.all([expectFramesFlowing(a), expectFramesFlowing(b)]);
+  // Hanging up still reaches the other side (over the data channel if signaling lost the call).
+  await a.page.click('#btn-hangup');
+  await Promise.all([waitState(a, 'idle'), waitState(b, 'idle')]);
+  for (const p of [a, b]) {
+    const unexpected = p.problems.filter((m) => !/WebSocket|ERR_CONNECTION|net::/.test(m));
+    assert.deepEqual(unexpected, [], `${p.name} had unexpected errors`);
+  }
+});

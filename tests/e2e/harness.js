@@ -72,6 +72,7 @@ export class Callgate {
     });
     proc.once('error', (err) => this.logs.push(`spawn error: ${err.message}`));
     this.url = await ready;
+    this.external = false;
     this.port = Number(new URL(this.url).port);
     return this.url;
   }

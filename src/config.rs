@@ -141,7 +141,12 @@ pub struct Options {
 
     /// Origins (e.g. https://app.example.com) allowed to open signaling WebSockets besides this
     /// server's own; comma-separated on the command line [default: none].
-    #[arg(long, env = "CALLGATE_ALLOWED_ORIGINS", value_name = "ORIGIN,...", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "CALLGATE_ALLOWED_ORIGINS",
+        value_name = "ORIGIN,...",
+        value_delimiter = ','
+    )]
     pub allowed_origins: Option<Vec<String>>,
 
     /// Largest signaling message, counted over all fragments [default: 65536].
@@ -604,10 +609,18 @@ impl Config {
             ws_missed_pongs: o.ws_missed_pongs.unwrap_or(2),
             ws_outbox_frames: o.ws_outbox_frames.unwrap_or(128),
             ws_write_timeout: secs(o.ws_write_timeout, 10),
-            ws_messages_per_second: non_zero("ws-messages-per-second", o.ws_messages_per_second, 20)?,
+            ws_messages_per_second: non_zero(
+                "ws-messages-per-second",
+                o.ws_messages_per_second,
+                20,
+            )?,
             ws_message_burst: non_zero("ws-message-burst", o.ws_message_burst, 60)?,
             ws_calls_per_minute: non_zero("ws-calls-per-minute", o.ws_calls_per_minute, 10)?,
-            ws_upgrades_per_second: non_zero("ws-upgrades-per-second", o.ws_upgrades_per_second, 10)?,
+            ws_upgrades_per_second: non_zero(
+                "ws-upgrades-per-second",
+                o.ws_upgrades_per_second,
+                10,
+            )?,
             ws_connections_per_ip: o.ws_connections_per_ip.unwrap_or(64),
             id_digits: o.id_digits.unwrap_or(9),
             resume_grace: secs(o.resume_grace, 30),
@@ -640,23 +653,37 @@ impl Config {
             }
         }
         if !(1024..=16 * 1024 * 1024).contains(&self.ws_max_message_bytes) {
-            return Err(invalid("ws-max-message-bytes", "must be between 1024 and 16777216"));
+            return Err(invalid(
+                "ws-max-message-bytes",
+                "must be between 1024 and 16777216",
+            ));
         }
         if self.ws_heartbeat_interval.is_zero() || self.ws_write_timeout.is_zero() {
-            let key = if self.ws_write_timeout.is_zero() { "ws-write-timeout" } else { "ws-heartbeat-interval" };
+            let key = if self.ws_write_timeout.is_zero() {
+                "ws-write-timeout"
+            } else {
+                "ws-heartbeat-interval"
+            };
             return Err(invalid(key, "must be greater than 0"));
         }
         if self.ws_missed_pongs == 0 {
             return Err(invalid("ws-missed-pongs", "must be at least 1"));
         }
-        if self.ws_outbox_frames == 0 {
-            return Err(invalid("ws-outbox-frames", "must be at least 1"));
+        // A resumed connection receives its `id` message and up to 64 queued messages at once.
+        if self.ws_outbox_frames < 65 {
+            return Err(invalid(
+                "ws-outbox-frames",
+                "must be at least 65 (a resume delivers up to 64 queued messages at once)",
+            ));
         }
         if self.ws_connections_per_ip == 0 {
             return Err(invalid("ws-connections-per-ip", "must be at least 1"));
         }
         if !(6..=15).contains(&self.id_digits) {
-            return Err(invalid("id-digits", "must be between 6 and 15 (IDs must stay exact JavaScript numbers)"));
+            return Err(invalid(
+                "id-digits",
+                "must be between 6 and 15 (IDs must stay exact JavaScript numbers)",
+            ));
         }
         if self.h2_max_concurrent_streams == 0 {
             return Err(invalid("h2-max-concurrent-streams", "must be at least 1"));
@@ -689,7 +716,11 @@ impl Config {
     }
 }
 
-fn non_zero(key: &'static str, value: Option<u32>, default: u32) -> Result<NonZeroU32, ConfigError> {
+fn non_zero(
+    key: &'static str,
+    value: Option<u32>,
+    default: u32,
+) -> Result<NonZeroU32, ConfigError> {
     NonZeroU32::new(value.unwrap_or(default)).ok_or_else(|| invalid(key, "must be at least 1"))
 }
 

@@ -19,8 +19,12 @@ use crate::http::headers::SecurityHeaders;
 use crate::http::routes::Readiness;
 use crate::http::static_files::StaticFiles;
 use crate::http::{self, App, ConnectionSettings, RedirectTarget};
-use crate::limits::ConnectionLimit;
-use crate::shutdown::ShutdownController;
+use crate::limits::{ConnectionLimit, PerIpLimits};
+use crate::shutdown::{Shutdown, ShutdownController};
+use crate::signaling::directory::MemoryDirectory;
+use crate::signaling::hub::Hub;
+use crate::signaling::session::{SessionSettings, Signaling};
+use crate::signaling::SignalingLimits;
 use crate::tls::{self, CertStore, LoadError};
 
 /// Why the server could not start. Each names the setting or file to fix.
@@ -73,6 +77,9 @@ pub struct Server {
     certs: Arc<CertStore>,
     app: Arc<App>,
     readiness: Arc<Readiness>,
+    signaling: Arc<Signaling>,
+    per_ip: Arc<PerIpLimits>,
+    controller: ShutdownController,
 }
 
 impl Server {
@@ -97,10 +104,22 @@ impl Server {
 
         let files = StaticFiles::new(&config.public_dir).map_err(StartError::PublicDir)?;
         let readiness = Arc::new(Readiness::default());
+        let controller = ShutdownController::new();
+        let per_ip = PerIpLimits::new(config.ws_upgrades_per_second, config.ws_connections_per_ip);
+        let signaling = Signaling::new(
+            Arc::new(Hub::new(
+                MemoryDirectory::new(&signaling_limits(&config)),
+                signaling_limits(&config),
+            )),
+            session_settings(&config),
+            per_ip.clone(),
+        );
         let app = Arc::new(App::new(
             files,
             SecurityHeaders::new(config.hsts_max_age),
             readiness.clone(),
+            signaling.clone(),
+            controller.handle(),
         ));
 
         let https = bind("https-listen", config.https_listen).await?;
@@ -115,6 +134,9 @@ impl Server {
             certs,
             app,
             readiness,
+            signaling,
+            per_ip,
+            controller,
         })
     }
 
@@ -151,8 +173,12 @@ impl Server {
             certs,
             app,
             readiness,
+            signaling,
+            per_ip,
+            controller,
         } = self;
-        let controller = ShutdownController::new();
+        tokio::spawn(expire_reservations(signaling, controller.handle()));
+        tokio::spawn(prune_rate_limits(per_ip, controller.handle()));
         let limit = ConnectionLimit::new(config.max_connections);
         let settings = ConnectionSettings {
             tls_handshake_timeout: config.tls_handshake_timeout,
@@ -217,6 +243,56 @@ impl Server {
             ),
         }
         Ok(())
+    }
+}
+
+/// Ends resume reservations when their grace period is over (and tells their call peers).
+async fn expire_reservations(signaling: Arc<Signaling>, mut shutdown: Shutdown) {
+    let hub = signaling.hub().clone();
+    let grace = hub.limits().resume_grace;
+    loop {
+        let now = std::time::Instant::now();
+        let next = hub.expire(now).unwrap_or(now + grace);
+        let wake = tokio::time::Instant::from_std(next);
+        tokio::select! {
+            _ = shutdown.recv() => return,
+            _ = tokio::time::sleep_until(wake) => {}
+        }
+    }
+}
+
+/// Forgets per-address rate-limit state of quiet addresses, once a minute.
+async fn prune_rate_limits(per_ip: Arc<PerIpLimits>, mut shutdown: Shutdown) {
+    let mut ticks = tokio::time::interval(std::time::Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = shutdown.recv() => return,
+            _ = ticks.tick() => per_ip.prune(),
+        }
+    }
+}
+
+fn signaling_limits(config: &Config) -> SignalingLimits {
+    SignalingLimits {
+        id_digits: config.id_digits,
+        resume_grace: config.resume_grace,
+        heartbeat_interval: config.ws_heartbeat_interval,
+        ..SignalingLimits::default()
+    }
+}
+
+fn session_settings(config: &Config) -> SessionSettings {
+    SessionSettings {
+        max_message_bytes: config.ws_max_message_bytes,
+        outbox_frames: config.ws_outbox_frames,
+        write_timeout: config.ws_write_timeout,
+        heartbeat_interval: config.ws_heartbeat_interval,
+        missed_pongs: config.ws_missed_pongs,
+        messages_per_second: config.ws_messages_per_second,
+        message_burst: config.ws_message_burst,
+        calls_per_minute: config.ws_calls_per_minute,
+        allowed_origins: config.allowed_origins.clone(),
+        public_authority: config.public_url.as_ref().map(|url| url.authority.clone()),
     }
 }
 

@@ -11,6 +11,8 @@ use hyper::{Method, Request, Response, StatusCode};
 use super::headers::SecurityHeaders;
 use super::static_files::StaticFiles;
 use super::{text_response, Body, ConnectionContext};
+use crate::shutdown::Shutdown;
+use crate::signaling::session::Signaling;
 
 /// Whether this instance wants new traffic; flipped once when shutdown begins.
 #[derive(Debug, Default)]
@@ -40,6 +42,10 @@ pub struct App {
     security_headers: SecurityHeaders,
     /// Drives `/readyz`.
     readiness: Arc<Readiness>,
+    /// WebSocket signaling at `/socket` and `/`.
+    signaling: Arc<Signaling>,
+    /// Handed to every WebSocket session, which hyper's graceful shutdown does not reach.
+    shutdown: Shutdown,
 }
 
 impl App {
@@ -48,11 +54,15 @@ impl App {
         files: StaticFiles,
         security_headers: SecurityHeaders,
         readiness: Arc<Readiness>,
+        signaling: Arc<Signaling>,
+        shutdown: Shutdown,
     ) -> Self {
         App {
             files,
             security_headers,
             readiness,
+            signaling,
+            shutdown,
         }
     }
 
@@ -60,20 +70,17 @@ impl App {
     pub async fn handle(
         &self,
         req: Request<Incoming>,
-        _conn: Arc<ConnectionContext>,
+        conn: Arc<ConnectionContext>,
     ) -> Response<Body> {
-        let mut response = self.route(req).await;
+        let mut response = self.route(req, conn).await;
         self.security_headers.apply(response.headers_mut());
         response
     }
 
-    async fn route(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn route(&self, req: Request<Incoming>, conn: Arc<ConnectionContext>) -> Response<Body> {
         let path = req.uri().path();
         if is_websocket_upgrade(&req) && (path == "/socket" || path == "/") {
-            return text_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "signaling is not enabled\n",
-            );
+            return self.signaling.upgrade(req, conn, self.shutdown.clone());
         }
         match path {
             "/healthz" => return health(&req, "ok\n"),

@@ -14,6 +14,7 @@ use std::time::Duration;
 pub mod directory;
 pub mod hub;
 pub mod protocol;
+pub mod session;
 
 /// Every knob the signaling core needs, with defaults that are safe on the public internet.
 ///

@@ -10,12 +10,15 @@
 //! for it.
 
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use fastwebsockets::{Frame, OpCode, Payload, WebSocketError};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
@@ -102,7 +105,11 @@ enum Control {
 
 impl Signaling {
     /// A signaling service over `hub`.
-    pub fn new(hub: Arc<SessionHub>, settings: SessionSettings, per_ip: Arc<PerIpLimits>) -> Arc<Self> {
+    pub fn new(
+        hub: Arc<SessionHub>,
+        settings: SessionSettings,
+        per_ip: Arc<PerIpLimits>,
+    ) -> Arc<Self> {
         Arc::new(Signaling {
             hub,
             settings,
@@ -128,7 +135,10 @@ impl Signaling {
         }
         let ip = conn.peer.ip();
         if self.per_ip.check_upgrade(ip).is_err() {
-            let mut response = text_response(StatusCode::TOO_MANY_REQUESTS, "too many connection attempts; retry in a second\n");
+            let mut response = text_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many connection attempts; retry in a second\n",
+            );
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -138,7 +148,10 @@ impl Signaling {
             Ok(upgraded) => upgraded,
             Err(e) => {
                 tracing::debug!(peer = %conn.peer, "bad WebSocket upgrade: {e}");
-                return text_response(StatusCode::BAD_REQUEST, "invalid WebSocket upgrade request\n");
+                return text_response(
+                    StatusCode::BAD_REQUEST,
+                    "invalid WebSocket upgrade request\n",
+                );
             }
         };
         let this = self.clone();
@@ -193,7 +206,17 @@ impl Signaling {
         let (outbox, outbox_rx) = mpsc::channel::<Bytes>(self.settings.outbox_frames);
         let (control, control_rx) = mpsc::channel::<Control>(8);
         let unanswered = Arc::new(AtomicU32::new(0));
-        let (mut reader, writer) = ws.split(tokio::io::split);
+        let read_side = Arc::new(std::sync::Mutex::new(None));
+        let (mut reader, writer) = ws.split(|io| {
+            let (read, write) = tokio::io::split(io);
+            *read_side.lock().expect("fresh lock") = Some(read);
+            (
+                Detachable {
+                    inner: read_side.clone(),
+                },
+                write,
+            )
+        });
         reader.set_auto_close(true);
         reader.set_auto_pong(true);
         // One byte over the limit lets fastwebsockets reject too-large single frames for us.
@@ -213,7 +236,10 @@ impl Signaling {
             Ok(slot) => slot,
             Err(IpRefusal::TooManyOpen | IpRefusal::UpgradeRate) => {
                 let _ = control.try_send(error_frame(ErrorCode::TooManyConnections));
-                let _ = control.try_send(Control::Close(CloseCode::PolicyViolation, "too many connections from your address"));
+                let _ = control.try_send(Control::Close(
+                    CloseCode::PolicyViolation,
+                    "too many connections from your address",
+                ));
                 drop(control);
                 let _ = writer_task.await;
                 return;
@@ -248,16 +274,29 @@ impl Signaling {
         };
         let departure = match ended {
             ReadEnd::Left => Departure::Left,
-            ReadEnd::Dropped => Departure::Dropped,
-            ReadEnd::Close(code, reason) => {
-                let _ = control.try_send(Control::Close(code, reason));
-                Departure::Dropped
-            }
+            ReadEnd::Dropped | ReadEnd::Close(..) => Departure::Dropped,
         };
-        self.hub.disconnect(session.attachment, departure, Instant::now());
-        drop(control);
-        if !writer_task.is_finished() {
+        self.hub
+            .disconnect(session.attachment, departure, Instant::now());
+        if let ReadEnd::Close(code, reason) = ended {
+            let _ = control.try_send(Control::Close(code, reason));
+            drop(control);
             let _ = writer_task.await;
+            // Closing the socket with unread data in it would reset the connection, and the client
+            // would lose the error and close frame just sent. Read and discard what it still sends
+            // (an oversized frame's rest, a flood) until it closes, for a short while.
+            drop(reader);
+            let raw = read_side.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(mut raw) = raw {
+                let mut sink = tokio::io::sink();
+                let _ =
+                    tokio::time::timeout(CLOSE_LINGER, tokio::io::copy(&mut raw, &mut sink)).await;
+            }
+        } else {
+            drop(control);
+            if !writer_task.is_finished() {
+                let _ = writer_task.await;
+            }
         }
         drop(conn);
     }
@@ -294,20 +333,29 @@ impl Signaling {
             unanswered.store(0, Ordering::Relaxed);
             let message: Bytes = match (frame.opcode, frame.fin, session.partial.as_mut()) {
                 (OpCode::Close, _, _) => {
-                    // 1000 (normal) or 1001 (tab closed, navigation): the client is leaving.
-                    // Anything else is a failure it may want to resume from.
-                    let code = frame.payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]]));
+                    // 1000 (normal closure): the client is leaving for good. Anything else, 1001
+                    // from a reloading tab included, may want to resume.
+                    let code = frame
+                        .payload
+                        .get(..2)
+                        .map(|c| u16::from_be_bytes([c[0], c[1]]));
                     return match code {
-                        Some(1000 | 1001) | None => ReadEnd::Left,
+                        Some(1000) | None => ReadEnd::Left,
                         Some(_) => ReadEnd::Dropped,
                     };
                 }
                 (OpCode::Pong | OpCode::Ping, _, _) => continue,
                 (OpCode::Text | OpCode::Binary, _, Some(_)) => {
-                    return ReadEnd::Close(CloseCode::PolicyViolation, "new message inside a fragmented one");
+                    return ReadEnd::Close(
+                        CloseCode::PolicyViolation,
+                        "new message inside a fragmented one",
+                    );
                 }
                 (OpCode::Continuation, _, None) => {
-                    return ReadEnd::Close(CloseCode::PolicyViolation, "continuation without a message");
+                    return ReadEnd::Close(
+                        CloseCode::PolicyViolation,
+                        "continuation without a message",
+                    );
                 }
                 (OpCode::Continuation, fin, Some(partial)) => {
                     if partial.bytes.len() + frame.payload.len() > max {
@@ -351,7 +399,10 @@ impl Signaling {
     /// Applies the per-connection rates, then hands the message to the hub.
     fn on_text(&self, session: &mut ReadState, message: &[u8]) -> Option<ReadEnd> {
         if std::str::from_utf8(message).is_err() {
-            return Some(ReadEnd::Close(CloseCode::PolicyViolation, "text message is not UTF-8"));
+            return Some(ReadEnd::Close(
+                CloseCode::PolicyViolation,
+                "text message is not UTF-8",
+            ));
         }
         if session.rates.messages.check().is_err() {
             return self.reject(session, ErrorCode::RateLimited);
@@ -369,7 +420,9 @@ impl Signaling {
 
     /// Answers a message the session refused itself; the hub counts it and may ask for a close.
     fn reject(&self, session: &mut ReadState, code: ErrorCode) -> Option<ReadEnd> {
-        let outcome = self.hub.reject(&mut session.attachment, code, Instant::now());
+        let outcome = self
+            .hub
+            .reject(&mut session.attachment, code, Instant::now());
         outcome
             .close
             .map(|code| ReadEnd::Close(code, "closing after repeated violations"))
@@ -440,13 +493,21 @@ async fn write_loop<W>(
     );
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let timeout = settings.write_timeout;
-    let close = |code: CloseCode, reason: &'static str| Frame::close(code.as_u16(), reason.as_bytes());
+    let close =
+        |code: CloseCode, reason: &'static str| Frame::close(code.as_u16(), reason.as_bytes());
     loop {
         let frame = tokio::select! {
             biased;
             ctl = control.recv() => match ctl {
                 Some(Control::Send(opcode, bytes)) => Frame::new(true, opcode, None, Payload::Owned(bytes.to_vec())),
                 Some(Control::Close(code, reason)) => {
+                    // What the hub queued before the close (typically the error that explains
+                    // it) goes out first.
+                    while let Ok(bytes) = outbox.try_recv() {
+                        if write(&mut writer, Frame::text(Payload::Borrowed(&bytes)), timeout).await.is_err() {
+                            return;
+                        }
+                    }
                     let _ = tokio::time::timeout(timeout, writer.write_frame(close(code, reason))).await;
                     return;
                 }
@@ -481,6 +542,34 @@ async fn write_loop<W>(
         };
         if write(&mut writer, frame, timeout).await.is_err() {
             return;
+        }
+    }
+}
+
+/// How long a connection the server is closing may keep sending before the socket is dropped.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
+
+/// The read half of a session's stream, which the session can take back from fastwebsockets.
+///
+/// Used for a lingering close: once the server has sent its close frame it only needs to see the
+/// client go away, and draining the raw stream (rather than resetting it) keeps the close frame
+/// deliverable even when the WebSocket framing is out of step (after an oversized frame). The lock
+/// is uncontended: only the reader task touches it until the session takes the stream back.
+struct Detachable<R> {
+    inner: Arc<std::sync::Mutex<Option<R>>>,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Detachable<R> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        match inner.as_mut() {
+            Some(read) => Pin::new(read).poll_read(cx, buf),
+            // Taken back by the session: end of stream for fastwebsockets.
+            None => Poll::Ready(Ok(())),
         }
     }
 }

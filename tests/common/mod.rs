@@ -261,3 +261,136 @@ pub fn write_new_cert(cert: &Path, key: &Path) -> CertificateDer<'static> {
     std::fs::write(cert, generated.cert.pem()).unwrap();
     generated.cert.der().clone()
 }
+
+/// A WebSocket client over real TLS.
+pub struct Ws {
+    pub ws: fastwebsockets::WebSocket<TokioIo<hyper::upgrade::Upgraded>>,
+}
+
+/// Why a WebSocket upgrade failed: the HTTP status, if the server answered with one.
+#[derive(Debug)]
+pub struct UpgradeRefused(pub Option<u16>);
+
+impl Ws {
+    /// Opens `wss://localhost/<path>` with an optional Origin header.
+    pub async fn open(
+        server: &TestServer,
+        path: &str,
+        origin: Option<&str>,
+    ) -> Result<Ws, UpgradeRefused> {
+        let tls = connect(&server.client(&[b"http/1.1"]), server.addrs.https)
+            .await
+            .map_err(|_| UpgradeRefused(None))?;
+        let mut req = Request::get(path)
+            .header("host", format!("localhost:{}", server.addrs.https.port()))
+            .header("upgrade", "websocket")
+            .header("connection", "upgrade")
+            .header(
+                "sec-websocket-key",
+                fastwebsockets::handshake::generate_key(),
+            )
+            .header("sec-websocket-version", "13");
+        if let Some(origin) = origin {
+            req = req.header("origin", origin);
+        }
+        let req = req.body(Empty::<Bytes>::new()).unwrap();
+        match fastwebsockets::handshake::client(&SpawnExecutor, req, tls).await {
+            Ok((ws, _)) => Ok(Ws { ws }),
+            Err(fastwebsockets::WebSocketError::InvalidStatusCode(code)) => {
+                Err(UpgradeRefused(Some(code)))
+            }
+            Err(_) => Err(UpgradeRefused(None)),
+        }
+    }
+
+    /// Opens `/socket` and reads the `id` message.
+    pub async fn join(server: &TestServer) -> (Ws, serde_json::Value) {
+        let mut ws = Ws::open(server, "/socket", None).await.expect("upgrade");
+        let hello = ws.recv().await;
+        assert_eq!(hello["type"], "id", "{hello}");
+        (ws, hello)
+    }
+
+    pub async fn send(&mut self, text: &str) {
+        self.ws
+            .write_frame(fastwebsockets::Frame::text(
+                fastwebsockets::Payload::Borrowed(text.as_bytes()),
+            ))
+            .await
+            .unwrap();
+    }
+
+    pub async fn send_json(&mut self, value: serde_json::Value) {
+        self.send(&value.to_string()).await;
+    }
+
+    /// The next text message as JSON; panics after 10 s or on close.
+    pub async fn recv(&mut self) -> serde_json::Value {
+        match self.next().await {
+            Event::Text(text) => serde_json::from_str(&text).unwrap(),
+            other => panic!("expected a text message, got {other:?}"),
+        }
+    }
+
+    /// The next text message, close frame or end of stream; panics after 10 s.
+    pub async fn next(&mut self) -> Event {
+        let frame = tokio::time::timeout(std::time::Duration::from_secs(10), self.ws.read_frame())
+            .await
+            .expect("a message within 10 s");
+        match frame {
+            Ok(frame) => match frame.opcode {
+                fastwebsockets::OpCode::Text => {
+                    Event::Text(String::from_utf8(frame.payload.to_vec()).unwrap())
+                }
+                fastwebsockets::OpCode::Close => {
+                    let code = frame
+                        .payload
+                        .get(..2)
+                        .map(|c| u16::from_be_bytes([c[0], c[1]]));
+                    let reason =
+                        String::from_utf8_lossy(frame.payload.get(2..).unwrap_or_default())
+                            .into_owned();
+                    Event::Close(code, reason)
+                }
+                other => Event::Other(format!("{other:?}")),
+            },
+            Err(e) => Event::Ended(e.to_string()),
+        }
+    }
+
+    /// Reads until the server closes; returns the close code.
+    pub async fn expect_close(&mut self) -> Option<u16> {
+        loop {
+            match self.next().await {
+                Event::Close(code, _) => return code,
+                Event::Ended(e) => {
+                    eprintln!("stream ended without a close frame: {e}");
+                    return None;
+                }
+                _ => continue,
+            }
+        }
+    }
+}
+
+/// What a test client saw.
+#[derive(Debug)]
+pub enum Event {
+    Text(String),
+    Close(Option<u16>, String),
+    Other(String),
+    Ended(String),
+}
+
+/// Runs hyper's connection futures on tokio.
+pub struct SpawnExecutor;
+
+impl<F> hyper::rt::Executor<F> for SpawnExecutor
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::spawn(fut);
+    }
+}

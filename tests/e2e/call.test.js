@@ -385,3 +385,30 @@ test('server restart mid-call: pages say so, come back online, and the call\'s m
     assert.deepEqual(unexpected, [], `${p.name} had unexpected errors`);
   }
 });
+
+test('switching camera in the device picker swaps the track without renegotiating', async () => {
+  const a = await person('A');
+  const b = await person('B');
+  await connect(a, b);
+  await a.page.click('#btn-devices');
+  await a.page.waitForSelector('#devices[open]', { timeout: STEP_MS });
+  const cameras = await a.page.$$eval('#camera-select option', (os) => os.map((o) => ({ id: o.value, label: o.textContent })));
+  assert.equal(cameras.length, 3, 'the picker lists all three fake cameras');
+  const before = await a.page.evaluate(() => ({
+    sdp: window.callgate.pc.localDescription.sdp,
+    device: window.callgate.pc.getSenders().find((s) => s.track && s.track.kind === 'video').track.getSettings().deviceId,
+  }));
+  // Chromium's fake_device_1 is a Y16 depth camera, which WebRTC cannot encode; fake_device_2 is
+  // an ordinary (MJPEG) camera.
+  const other = cameras.find((c) => c.label === 'fake_device_2').id;
+  assert.notEqual(other, before.device);
+  await a.page.selectOption('#camera-select', other);
+  await a.page.waitForFunction((id) => window.callgate.pc.getSenders()
+    .some((s) => s.track && s.track.kind === 'video' && s.track.getSettings().deviceId === id), other, { timeout: STEP_MS });
+  await a.page.click('#devices button[type=submit]');
+  await expectFramesFlowing(b, 20);
+  const sdpAfter = await a.page.evaluate(() => window.callgate.pc.localDescription.sdp);
+  assert.equal(sdpAfter, before.sdp, 'no renegotiation: the local description is unchanged');
+  assert.equal(await a.page.evaluate(() => document.getElementById('local-video').srcObject.getVideoTracks()[0].getSettings().deviceId), other, 'the preview shows the new camera');
+  assertClean(a, b);
+});

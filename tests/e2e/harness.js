@@ -155,7 +155,7 @@ export async function launchBrowser(spkiHash) {
       '--disable-background-networking',
       '--disable-component-update',
       '--disable-sync',
-      '--use-fake-device-for-media-stream',
+      '--use-fake-device-for-media-stream=device-count=3',
       '--use-fake-ui-for-media-stream',
       '--autoplay-policy=no-user-gesture-required',
       // Trust exactly callgate's certificate; for a server we did not start, its hash is unknown.

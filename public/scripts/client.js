@@ -8,7 +8,9 @@
 
 import { Signaling } from './signaling.js';
 import { Call } from './call.js';
-import { openMedia, openDevice, openScreen, listDevices, stopStream, unsupportedReason, MediaProblem } from './media.js';
+import {
+  openMedia, openDevice, openScreen, listDevices, stopStream, unsupportedReason, MediaProblem,
+} from './media.js';
 import { StatsMonitor, formatKbps } from './stats.js';
 import {
   $, formatId, parseId, formatDuration, showView, toast, banner, setNetStatus,
@@ -525,25 +527,35 @@ async function getLocalMedia({ video }) {
     return await openMedia({ audio: true, video });
   } catch (err) {
     if (!(err instanceof MediaProblem)) throw err;
+    // Find out whether only the camera is the problem, so we can say so and offer audio only.
+    let problem = err;
     let audioWorks = false;
     if (video) {
       try {
         const audioOnly = await openMedia({ audio: true, video: false });
         audioWorks = true;
         stopStream(audioOnly);
+        try {
+          stopStream(await openMedia({ audio: false, video: true }));
+        } catch (camErr) {
+          if (camErr instanceof MediaProblem) problem = camErr;
+        }
       } catch {
         audioWorks = false;
       }
     }
-    const choice = await askMediaProblem(err.message, audioWorks);
+    const title = audioWorks ? 'Camera unavailable'
+      : video ? 'Camera and microphone unavailable' : 'Microphone unavailable';
+    const choice = await askMediaProblem(title, problem.message, audioWorks);
     if (choice === 'audio') return openMedia({ audio: true, video: false }).catch(() => null);
     if (choice === 'receive') return null;
     return 'cancel';
   }
 }
 
-function askMediaProblem(text, offerAudio) {
+function askMediaProblem(title, text, offerAudio) {
   const dialog = $('media-problem');
+  $('media-problem-title').textContent = title;
   $('media-problem-text').textContent = text;
   $('media-audio').hidden = !offerAudio;
   return new Promise((resolve) => {

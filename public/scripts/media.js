@@ -23,6 +23,7 @@ export class MediaProblem extends Error {
   }
 }
 
+/** Turns a getUserMedia error into a MediaProblem about `wanted` ({audio, video}). */
 function explain(err, wanted) {
   const what = wanted.video && wanted.audio ? 'camera and microphone'
     : wanted.video ? 'camera' : 'microphone';

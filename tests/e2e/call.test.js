@@ -412,3 +412,74 @@ test('switching camera in the device picker swaps the track without renegotiatin
   assert.equal(await a.page.evaluate(() => document.getElementById('local-video').srcObject.getVideoTracks()[0].getSettings().deviceId), other, 'the preview shows the new camera');
   assertClean(a, b);
 });
+
+test('camera or microphone blocked: plain words, then audio-only or receive-only calls work', async () => {
+  // A browser without the auto-accept flag, so permissions are exactly what this test sets.
+  const strict = await launchBrowser(server.spkiHash(), { fakeUi: false });
+  try {
+    const cdp = await strict.newBrowserCDPSession();
+    const blocked = async (name, deny) => {
+      const context = await strict.newContext({ viewport: { width: 1280, height: 800 } });
+      const { browserContextIds } = await cdp.send('Target.getBrowserContexts');
+      const contextId = browserContextIds[browserContextIds.length - 1];
+      for (const permission of ['camera', 'microphone']) {
+        await cdp.send('Browser.setPermission', {
+          permission: { name: permission },
+          setting: deny.includes(permission) ? 'denied' : 'granted',
+          origin: url,
+          browserContextId: contextId,
+        });
+      }
+      const page = await context.newPage();
+      const p = { name, context, page, problems: [] };
+      page.on('console', (msg) => { if (msg.type() === 'error') p.problems.push(msg.text()); });
+      page.on('pageerror', (err) => p.problems.push(err.message));
+      await page.goto(`${url}/`);
+      people.push(p);
+      return p;
+    };
+    const b = await person('B');
+    const bId = await idOf(b);
+
+    // Camera blocked, microphone allowed: the app says so and offers audio only.
+    const a = await blocked('A (camera blocked)', ['camera']);
+    await idOf(a);
+    await a.page.fill('#callee-id', String(bId));
+    await a.page.click('#call-btn');
+    await a.page.waitForSelector('#media-problem[open]', { timeout: STEP_MS });
+    assert.match(await a.page.textContent('#media-problem-text'), /blocked access to your camera\./);
+    assert.equal(await a.page.isVisible('#media-audio'), true, 'audio only is offered');
+    await screenshot(a, 'camera-blocked');
+    await a.page.click('#media-audio');
+    await b.page.waitForSelector('#incoming[open]', { timeout: STEP_MS });
+    await b.page.click('#accept-btn');
+    await Promise.all([waitState(a, 'incall'), waitState(b, 'incall')]);
+    await expectFramesFlowing(a); // A still sees B
+    await b.page.waitForSelector('#remote-placeholder', { state: 'visible', timeout: STEP_MS });
+    const e1 = await pollUntil(() => audioEnergy(b.page), (e) => e > 0, { what: 'B hearing A' });
+    assert.ok(e1 > 0);
+    await a.page.click('#btn-hangup');
+    await Promise.all([waitState(a, 'idle'), waitState(b, 'idle')]);
+
+    // Both blocked: no audio-only offer, but the call can go ahead receive-only.
+    const c = await blocked('C (both blocked)', ['camera', 'microphone']);
+    await idOf(c);
+    await c.page.fill('#callee-id', String(bId));
+    await c.page.click('#call-btn');
+    await c.page.waitForSelector('#media-problem[open]', { timeout: STEP_MS });
+    assert.match(await c.page.textContent('#media-problem-text'), /blocked access to your camera and microphone/);
+    assert.equal(await c.page.isVisible('#media-audio'), false);
+    await c.page.click('#media-receive');
+    await b.page.waitForSelector('#incoming[open]', { timeout: STEP_MS });
+    await b.page.click('#accept-btn');
+    await Promise.all([waitState(c, 'incall'), waitState(b, 'incall')]);
+    await expectFramesFlowing(c);
+    assert.equal(await c.page.getAttribute('#btn-mic', 'aria-label'), 'Turn microphone on');
+    for (const p of [a, c]) {
+      // Chromium logs nothing for a denied permission; any error is the app's.
+      assert.deepEqual(p.problems, [], `${p.name} had console errors`);
+    }
+  } finally {
+    await strict.close();
+  }
+});

@@ -143,7 +143,7 @@ export class CuttableProxy {
 }
 
 /** Debian's Chromium with fake camera and microphone, trusting only callgate's certificate. */
-export async function launchBrowser(spkiHash) {
+export async function launchBrowser(spkiHash, { fakeUi = true } = {}) {
   return chromium.launch({
     executablePath: chromiumPath,
     headless: true,
@@ -156,7 +156,8 @@ export async function launchBrowser(spkiHash) {
       '--disable-component-update',
       '--disable-sync',
       '--use-fake-device-for-media-stream=device-count=3',
-      '--use-fake-ui-for-media-stream',
+      // Accept every camera/microphone prompt; without it, permissions are whatever the test sets.
+      ...(fakeUi ? ['--use-fake-ui-for-media-stream'] : []),
       '--autoplay-policy=no-user-gesture-required',
       // Trust exactly callgate's certificate; for a server we did not start, its hash is unknown.
       spkiHash ? `--ignore-certificate-errors-spki-list=${spkiHash}` : '--ignore-certificate-errors',

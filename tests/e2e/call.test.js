@@ -100,9 +100,15 @@ test('the page loads under the CSP without errors and shows a 9-digit ID and a c
   assert.deepEqual(await cspViolations(a), []);
   assertClean(a);
   await screenshot(a, 'home-desktop');
-  const phone = await person('phone', { viewport: { width: 390, height: 844 } });
+  const phone = await person('phone', { viewport: { width: 390, height: 844 }, colorScheme: 'dark' });
   await idOf(phone);
-  await screenshot(phone, 'home-phone');
+  await screenshot(phone, 'home-phone-dark');
+  const idBox = await phone.page.locator('#my-id').boundingBox();
+  assert.ok(idBox.height < 60, `the ID fits on one line on a phone (${idBox.height}px high)`);
+  // prefers-color-scheme is honoured: the dark page has a dark background.
+  const bg = await phone.page.evaluate(() => getComputedStyle(document.body).backgroundColor);
+  const [r, g, b] = bg.match(/\d+/g).map(Number);
+  assert.ok(r + g + b < 120, `dark background, got ${bg}`);
   // Nothing on a phone-sized screen may be wider than the screen.
   const overflow = await phone.page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
   assert.ok(overflow <= 0, `page is ${overflow}px wider than a phone screen`);

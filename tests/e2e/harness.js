@@ -169,8 +169,8 @@ export async function launchBrowser(spkiHash, { fakeUi = true } = {}) {
  * One person: a fresh browser context (own storage, own permissions) with one page, and every
  * console error, uncaught exception and CSP violation collected so tests can assert there were none.
  */
-export async function openPerson(browser, url, name, { viewport = { width: 1280, height: 800 } } = {}) {
-  const context = await browser.newContext({ viewport, ignoreHTTPSErrors: false });
+export async function openPerson(browser, url, name, { viewport = { width: 1280, height: 800 }, colorScheme = 'light' } = {}) {
+  const context = await browser.newContext({ viewport, colorScheme, ignoreHTTPSErrors: false });
   const page = await context.newPage();
   const problems = [];
   page.on('console', (msg) => {

@@ -32,6 +32,8 @@ export class Call extends EventTarget {
     this.pc = new RTCPeerConnection(rtcConfig);
     this.makingOffer = false;
     this.ignoreOffer = false;
+    /** Offers that crossed ours (glare), resolved by the polite/impolite roles. */
+    this.collisions = 0;
     /** Set once the first offer/answer is done; later negotiations use in-call offer/answer. */
     this.established = false;
     /** Remote candidates that arrived before the remote description. */
@@ -174,6 +176,7 @@ export class Call extends EventTarget {
     const offerCollision = description.type === 'offer'
       && (this.makingOffer || this.pc.signalingState !== 'stable');
     this.ignoreOffer = !this.polite && offerCollision;
+    if (offerCollision) this.collisions += 1;
     if (this.ignoreOffer) return;
     // On a collision the polite side's setRemoteDescription rolls its own offer back implicitly.
     await this.pc.setRemoteDescription(description);

@@ -79,7 +79,7 @@ function main() {
   sig.addEventListener('fatal', () => {
     banner('This ID is now open in another tab or window. Reload this page to get a new ID.', 'error');
     setNetStatus('offline', 'Disconnected');
-    endCall({ message: null, notify: false });
+    endCall({ message: null });
   });
   sig.start();
   // Closing the tab frees our ID at once instead of after the resume grace period.
@@ -97,6 +97,7 @@ window.callgate = {
   get pc() { return app.call ? app.call.pc : null; },
   get quality() { return app.lastSummary; },
   get iceServers() { return sig ? sig.iceServers : []; },
+  get collisions() { return app.call ? app.call.collisions : 0; },
   forceRelay: FORCE_RELAY,
 };
 
@@ -135,7 +136,7 @@ function onId({ id, previousId, resumed }) {
     // that was waiting on the old one is gone.
     toast(`Reconnected with a new ID: ${formatId(id)}. Share it again.`, { kind: 'warn', ms: 8000 });
     if (app.state === 'outgoing' || app.state === 'incoming') {
-      endCall({ message: 'The connection to the server was lost, so the call could not go through.', notify: false });
+      endCall({ message: 'The connection to the server was lost, so the call could not go through.' });
     } else if (app.state === 'incall') {
       showNotice('The server lost track of this call. Media still flows directly; hang up when done.');
     }
@@ -168,7 +169,7 @@ async function onMessage(m) {
       return undefined;
     case 'busy':
       if (app.state === 'outgoing' && m.clientId === app.peerId) {
-        endCall({ message: `${formatId(m.clientId)} is in another call. Try again later.`, notify: false });
+        endCall({ message: `${formatId(m.clientId)} is in another call. Try again later.` });
       }
       return undefined;
     case 'server-reply':
@@ -204,12 +205,12 @@ function onServerError({ code, message, request }) {
       server_full: 'The server is busy. Try again in a moment.',
     };
     if (words[code]) {
-      endCall({ message: words[code], notify: false });
+      endCall({ message: words[code] });
       return;
     }
   }
   if (code === 'unknown_client' && app.state !== 'idle') {
-    endCall({ message: `${peer} is no longer reachable.`, notify: false });
+    endCall({ message: `${peer} is no longer reachable.` });
     return;
   }
   if (code === 'session_replaced') return;
@@ -259,7 +260,7 @@ async function startCall(peerId, { audioOnly = $('opt-audio-only').checked } = {
   app.noAnswerTimer = setTimeout(() => {
     if (app.state !== 'outgoing') return;
     sig.send({ type: 'cancel', clientId: peerId });
-    endCall({ message: `${formatId(peerId)} did not answer.`, notify: false });
+    endCall({ message: `${formatId(peerId)} did not answer.` });
   }, NO_ANSWER_MS);
 }
 
@@ -268,7 +269,7 @@ async function onReply({ reply, calleeId, answer }) {
   clearTimeout(app.noAnswerTimer);
   ringer.stop();
   if (String(reply) !== '1' || !answer) {
-    endCall({ message: `${formatId(calleeId)} declined the call.`, notify: false });
+    endCall({ message: `${formatId(calleeId)} declined the call.` });
     return;
   }
   await app.call.acceptAnswer(answer);
@@ -278,7 +279,7 @@ async function onReply({ reply, calleeId, answer }) {
 function cancelOutgoing() {
   if (app.state !== 'outgoing') return;
   if (app.call) sig.send({ type: 'cancel', clientId: app.peerId });
-  endCall({ message: 'Call cancelled.', notify: false });
+  endCall({ message: 'Call cancelled.' });
 }
 
 // ---- receiving a call --------------------------------------------------------------------------
@@ -379,7 +380,11 @@ function newCall(peerId, polite) {
   });
   call.addEventListener('peer-state', ({ detail: { state } }) => onPeerState(state));
   call.addEventListener('bye', () => {
-    if (app.call === call) endCall({ message: `${formatId(peerId)} hung up.`, notify: false });
+    if (app.call !== call) return;
+    // The peer said goodbye peer to peer. It told the server too, but if that message was lost
+    // (its signaling was down), this keeps the server's view of both of us "not in a call".
+    sig.send({ type: 'close-call-client', clientId: peerId });
+    endCall({ message: `${formatId(peerId)} hung up.` });
   });
   return call;
 }
@@ -424,7 +429,7 @@ function onMediaState(state) {
     app.mediaLostTimer = setTimeout(() => {
       if (app.state === 'incall' && app.call && app.call.pc.connectionState !== 'connected') {
         sig.send({ type: 'close-call-client', clientId: app.peerId, reason: 'failed' });
-        endCall({ message: 'The call was lost: no connection to the other person for 30 seconds.', notify: false });
+        endCall({ message: 'The call was lost: no connection to the other person for 30 seconds.' });
       }
     }, MEDIA_LOST_MS);
   }
@@ -466,13 +471,13 @@ function onPeerClosed(clientId, reason) {
     failed: `The connection to ${who} failed.`,
     peer_gone: `${who} lost their connection.`,
   };
-  endCall({ message: words[reason] || `${who} hung up.`, notify: false });
+  endCall({ message: words[reason] || `${who} hung up.` });
 }
 
 function hangUp() {
   if (app.state !== 'incall') return;
   sig.send({ type: 'close-call-client', clientId: app.peerId });
-  endCall({ message: 'Call ended.', notify: false, tellPeer: true });
+  endCall({ message: 'Call ended.', tellPeer: true });
 }
 
 /** Leaves any call state and goes back home, showing `message`. */

@@ -243,7 +243,7 @@ test('opening a shared link calls its owner', async () => {
   assertClean(a, b);
 });
 
-test('screen share renegotiates mid-call (perfect negotiation) and the peer sees it', async () => {
+test('screen share renegotiates mid-call (perfect negotiation) and the peer sees it', async (t) => {
   const a = await person('A');
   const b = await person('B');
   await connect(a, b);
@@ -268,6 +268,35 @@ test('screen share renegotiates mid-call (perfect negotiation) and the peer sees
     await sharer.page.click('#btn-screen');
     await viewer.page.waitForSelector('#remote-screen', { state: 'hidden', timeout: STEP_MS });
   }
+  // Both start sharing at the same instant: the offers cross ("glare"). The caller (impolite)
+  // ignores the callee's offer, the callee (polite) rolls back and answers, then offers again.
+  await Promise.all([a.page.click('#btn-screen'), b.page.click('#btn-screen')]);
+  for (const viewer of [a, b]) {
+    await viewer.page.waitForSelector('#remote-screen', { state: 'visible', timeout: STEP_MS });
+    const start = await viewer.page.evaluate(async () => {
+      const out = [];
+      (await window.callgate.pc.getStats()).forEach((r) => {
+        if (r.type === 'inbound-rtp' && r.kind === 'video') out.push(r.framesDecoded || 0);
+      });
+      return out;
+    });
+    await pollUntil(
+      () => viewer.page.evaluate(async () => {
+        const out = [];
+        (await window.callgate.pc.getStats()).forEach((r) => {
+          if (r.type === 'inbound-rtp' && r.kind === 'video') out.push(r.framesDecoded || 0);
+        });
+        return out;
+      }),
+      (frames) => frames.length === 2 && frames.every((n, i) => n > (start[i] || 0) + 5),
+      { what: `${viewer.name} decoding camera and screen after simultaneous shares` },
+    );
+  }
+  for (const p of [a, b]) {
+    assert.equal(await p.page.evaluate(() => window.callgate.pc.signalingState), 'stable');
+  }
+  const glare = await Promise.all([a, b].map((p) => p.page.evaluate(() => window.callgate.collisions)));
+  t.diagnostic(`offer collisions seen (caller, callee): ${glare.join(', ')}`);
   await Promise.all([expectFramesFlowing(a), expectFramesFlowing(b)]);
   assertClean(a, b);
 });

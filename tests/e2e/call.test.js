@@ -349,12 +349,18 @@ test('signaling cut mid-call: both pages reconnect, keep their IDs, and media ke
     const bId = await idOf(b);
     await connect(a, b);
 
+    const ufrag = (p) => p.page.evaluate(() => /a=ice-ufrag:(\S+)/.exec(window.callgate.pc.remoteDescription.sdp)[1]);
+    const ufragsBefore = await Promise.all([ufrag(a), ufrag(b)]);
+
     const cut = proxy.cut();
     assert.ok(cut > 0, 'the proxy had connections to cut');
     // Both show the reconnecting state, then are back online with the same IDs.
     await Promise.all([a, b].map((p) => p.page.waitForFunction(
       () => window.callgate.signaling !== 'open', null, { timeout: STEP_MS },
     )));
+    // An ICE restart while signaling is down (what the app does when ICE fails): its offer waits
+    // for the resume and then completes through perfect negotiation.
+    await a.page.evaluate(() => window.callgate.pc.restartIce());
     await a.page.waitForSelector('#banner:not([hidden])', { timeout: STEP_MS });
     assert.match(await a.page.textContent('#banner'), /Reconnecting/);
     await screenshot(a, 'in-call-reconnecting');
@@ -367,6 +373,11 @@ test('signaling cut mid-call: both pages reconnect, keep their IDs, and media ke
 
     // The call never stopped, and still works end to end: media, chat, and signaling (hang up).
     assert.equal(await a.page.evaluate(() => window.callgate.state), 'incall');
+    await pollUntil(
+      () => Promise.all([ufrag(a), ufrag(b)]),
+      ([ua, ub]) => ua !== ufragsBefore[0] && ub !== ufragsBefore[1],
+      { what: 'new ICE credentials on both sides after the restart' },
+    );
     await Promise.all([expectFramesFlowing(a), expectFramesFlowing(b)]);
     await b.page.click('#btn-hangup');
     await Promise.all([waitState(a, 'idle'), waitState(b, 'idle')]);

@@ -198,6 +198,20 @@ pub struct Options {
     #[arg(long, env = "CALLGATE_RESUME_GRACE", value_name = "DURATION")]
     pub resume_grace: Option<Seconds>,
 
+    /// Address of the admin listener serving Prometheus metrics at /metrics, or "off". Keep it
+    /// off the public internet [default: 127.0.0.1:9100].
+    #[arg(long, env = "CALLGATE_METRICS_LISTEN", value_name = "ADDR|off")]
+    pub metrics_listen: Option<Listen>,
+
+    /// Bearer token required on /metrics (Authorization: Bearer <token>); unset means none.
+    #[arg(
+        long,
+        env = "CALLGATE_METRICS_TOKEN",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub metrics_token: Option<Secret>,
+
     /// Log format [default: text].
     #[arg(long, env = "CALLGATE_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -275,6 +289,10 @@ pub struct Config {
     /// Resume grace period.
     #[serde(serialize_with = "as_seconds")]
     pub resume_grace: Duration,
+    /// Where `/metrics` is served, if at all.
+    pub metrics_listen: Listen,
+    /// Token required to scrape `/metrics`.
+    pub metrics_token: Option<Secret>,
     /// Text for people or JSON for log pipelines.
     pub log_format: LogFormat,
     /// tracing `EnvFilter` directive.
@@ -410,6 +428,38 @@ fn as_seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Erro
     }
 }
 
+/// A secret setting (a token): never printed, compared in constant time.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Whether `candidate` equals the secret, in time independent of where they differ.
+    pub fn matches(&self, candidate: &[u8]) -> bool {
+        use subtle::ConstantTimeEq;
+        self.0.len() == candidate.len() && bool::from(self.0.as_bytes().ct_eq(candidate))
+    }
+}
+
+impl FromStr for Secret {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(Secret(s.to_owned()))
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("***")
+    }
+}
+
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -540,6 +590,8 @@ impl Options {
             ws_connections_per_ip,
             id_digits,
             resume_grace,
+            metrics_listen,
+            metrics_token,
             log_format,
             log_level,
         )
@@ -624,6 +676,10 @@ impl Config {
             ws_connections_per_ip: o.ws_connections_per_ip.unwrap_or(64),
             id_digits: o.id_digits.unwrap_or(9),
             resume_grace: secs(o.resume_grace, 30),
+            metrics_listen: o
+                .metrics_listen
+                .unwrap_or(Listen::On(SocketAddr::from(([127, 0, 0, 1], 9100)))),
+            metrics_token: o.metrics_token,
             log_format: o.log_format.unwrap_or(LogFormat::Text),
             log_level: o.log_level.unwrap_or_else(|| "info".to_owned()),
         };
@@ -685,6 +741,9 @@ impl Config {
                 "must be between 6 and 15 (IDs must stay exact JavaScript numbers)",
             ));
         }
+        if self.metrics_token.as_ref().is_some_and(|t| t.0.len() < 16) {
+            return Err(invalid("metrics-token", "must be at least 16 characters"));
+        }
         if self.h2_max_concurrent_streams == 0 {
             return Err(invalid("h2-max-concurrent-streams", "must be at least 1"));
         }
@@ -710,7 +769,7 @@ impl Config {
 
     /// The effective configuration as TOML, in the file format, for `check-config`.
     ///
-    /// Holds no secrets yet; fields that do are masked here when they are added.
+    /// Secrets print as `***`.
     pub fn to_toml(&self) -> String {
         toml::to_string(self).unwrap_or_else(|e| format!("# cannot print configuration: {e}\n"))
     }

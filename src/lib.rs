@@ -26,6 +26,7 @@
 pub mod config;
 pub mod http;
 pub mod limits;
+pub mod metrics;
 pub mod server;
 pub mod shutdown;
 pub mod signaling;

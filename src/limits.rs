@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+use prometheus::IntCounter;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// The most open client connections over all listeners.
@@ -25,8 +26,8 @@ pub struct ConnectionLimit {
     permits: Arc<Semaphore>,
     /// The configured maximum, for log lines.
     max: usize,
-    /// Connections refused since start (for metrics).
-    refused: AtomicU64,
+    /// Connections refused since start (`callgate_rate_limited_total{limit="max_connections"}`).
+    refused: IntCounter,
     /// When the last "limit reached" warning was logged, in ms since `started`, so a flood
     /// produces one line every few seconds rather than one per connection.
     last_warning_ms: AtomicU64,
@@ -42,11 +43,11 @@ const WARNING_INTERVAL: Duration = Duration::from_secs(10);
 
 impl ConnectionLimit {
     /// A limit of `max` concurrent connections.
-    pub fn new(max: usize) -> Arc<Self> {
+    pub fn new(max: usize, refused: IntCounter) -> Arc<Self> {
         Arc::new(ConnectionLimit {
             permits: Arc::new(Semaphore::new(max)),
             max,
-            refused: AtomicU64::new(0),
+            refused,
             last_warning_ms: AtomicU64::new(0),
             started: Instant::now(),
         })
@@ -57,7 +58,8 @@ impl ConnectionLimit {
         match self.permits.clone().try_acquire_owned() {
             Ok(permit) => Some(permit),
             Err(_) => {
-                let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+                self.refused.inc();
+                let refused = self.refused.get();
                 let now =
                     self.started.elapsed().as_millis() as u64 + WARNING_INTERVAL.as_millis() as u64;
                 let last = self.last_warning_ms.load(Ordering::Relaxed);
@@ -80,7 +82,7 @@ impl ConnectionLimit {
 
     /// Connections refused since start.
     pub fn refused(&self) -> u64 {
-        self.refused.load(Ordering::Relaxed)
+        self.refused.get()
     }
 
     /// Connections currently open.
@@ -273,7 +275,7 @@ mod tests {
 
     #[test]
     fn refuses_past_the_cap_and_frees_on_drop() {
-        let limit = ConnectionLimit::new(2);
+        let limit = ConnectionLimit::new(2, IntCounter::new("refused", "test").unwrap());
         let a = limit.try_admit().unwrap();
         let _b = limit.try_admit().unwrap();
         assert!(limit.try_admit().is_none());

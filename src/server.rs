@@ -20,6 +20,7 @@ use crate::http::routes::Readiness;
 use crate::http::static_files::StaticFiles;
 use crate::http::{self, App, ConnectionSettings, RedirectTarget};
 use crate::limits::{ConnectionLimit, PerIpLimits};
+use crate::metrics::{Limit, Metrics};
 use crate::shutdown::{Shutdown, ShutdownController};
 use crate::signaling::directory::MemoryDirectory;
 use crate::signaling::hub::Hub;
@@ -66,6 +67,8 @@ pub struct BoundAddrs {
     pub https: SocketAddr,
     /// Redirect listener, if enabled.
     pub http: Option<SocketAddr>,
+    /// Metrics listener, if enabled.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// A server whose listeners are bound and certificate loaded, ready to [`run`](Server::run).
@@ -75,11 +78,15 @@ pub struct Server {
     https: TcpListener,
     http: Option<TcpListener>,
     certs: Arc<CertStore>,
+    /// The version of the certificate files that `certs` was loaded from.
+    loaded_version: tls::Fingerprint,
     app: Arc<App>,
     readiness: Arc<Readiness>,
     signaling: Arc<Signaling>,
     per_ip: Arc<PerIpLimits>,
     controller: ShutdownController,
+    metrics: Arc<Metrics>,
+    admin: Option<TcpListener>,
 }
 
 impl Server {
@@ -100,19 +107,24 @@ impl Server {
             }
         }
         let (cert_path, key_path) = config.tls.paths();
+        let loaded_version = tls::Fingerprint::of(&cert_path, &key_path);
         let certs = CertStore::new(tls::load_certified_key(&cert_path, &key_path)?);
 
         let files = StaticFiles::new(&config.public_dir).map_err(StartError::PublicDir)?;
         let readiness = Arc::new(Readiness::default());
         let controller = ShutdownController::new();
+        let metrics = Arc::new(Metrics::new());
         let per_ip = PerIpLimits::new(config.ws_upgrades_per_second, config.ws_connections_per_ip);
+        let hub = Hub::new(
+            MemoryDirectory::new(&signaling_limits(&config)),
+            signaling_limits(&config),
+        )
+        .with_observer(metrics.clone());
         let signaling = Signaling::new(
-            Arc::new(Hub::new(
-                MemoryDirectory::new(&signaling_limits(&config)),
-                signaling_limits(&config),
-            )),
+            Arc::new(hub),
             session_settings(&config),
             per_ip.clone(),
+            metrics.clone(),
         );
         let app = Arc::new(App::new(
             files,
@@ -120,9 +132,14 @@ impl Server {
             readiness.clone(),
             signaling.clone(),
             controller.handle(),
+            metrics.clone(),
         ));
 
         let https = bind("https-listen", config.https_listen).await?;
+        let admin = match config.metrics_listen.addr() {
+            Some(addr) => Some(bind("metrics-listen", addr).await?),
+            None => None,
+        };
         let http = match config.http_listen.addr() {
             Some(addr) => Some(bind("http-listen", addr).await?),
             None => None,
@@ -132,11 +149,14 @@ impl Server {
             https,
             http,
             certs,
+            loaded_version,
             app,
             readiness,
             signaling,
             per_ip,
             controller,
+            metrics,
+            admin,
         })
     }
 
@@ -148,6 +168,7 @@ impl Server {
                 .local_addr()
                 .expect("bound socket has an address"),
             http: self.http.as_ref().and_then(|l| l.local_addr().ok()),
+            metrics: self.admin.as_ref().and_then(|l| l.local_addr().ok()),
         }
     }
 
@@ -171,15 +192,21 @@ impl Server {
             https,
             http,
             certs,
+            loaded_version,
             app,
             readiness,
             signaling,
             per_ip,
             controller,
+            metrics,
+            admin,
         } = self;
         tokio::spawn(expire_reservations(signaling, controller.handle()));
         tokio::spawn(prune_rate_limits(per_ip, controller.handle()));
-        let limit = ConnectionLimit::new(config.max_connections);
+        let limit = ConnectionLimit::new(
+            config.max_connections,
+            metrics.limits.rejected_counter(Limit::MaxConnections),
+        );
         let settings = ConnectionSettings {
             tls_handshake_timeout: config.tls_handshake_timeout,
             header_read_timeout: config.header_read_timeout,
@@ -192,12 +219,18 @@ impl Server {
             certs.clone(),
             cert_path,
             key_path,
+            loaded_version,
             config.tls_reload_interval,
             handle_sighup,
             controller.handle(),
         )
         .map_err(StartError::Signals)?;
 
+        tokio::spawn(watch_certificate(
+            certs.clone(),
+            metrics.clone(),
+            controller.handle(),
+        ));
         let acceptor = TlsAcceptor::from(tls::server_config(certs, &[b"h2", b"http/1.1"]));
         let mut listeners = vec![http::listener_url("https", addrs.https)];
         tokio::spawn(http::serve_https(
@@ -206,8 +239,21 @@ impl Server {
             app,
             settings.clone(),
             limit.clone(),
+            metrics.clone(),
             controller.handle(),
         ));
+        if let Some(admin) = admin {
+            listeners.push(format!(
+                "{}/metrics",
+                http::listener_url("http", addrs.metrics.expect("bound"))
+            ));
+            tokio::spawn(http::admin::serve_metrics(
+                admin,
+                metrics.clone(),
+                config.metrics_token.clone(),
+                controller.handle(),
+            ));
+        }
         if let Some(http_listener) = http {
             listeners.push(format!(
                 "{} (redirect to HTTPS)",
@@ -222,6 +268,7 @@ impl Server {
                 target,
                 settings,
                 limit,
+                metrics.clone(),
                 controller.handle(),
             ));
         }
@@ -243,6 +290,28 @@ impl Server {
             ),
         }
         Ok(())
+    }
+}
+
+/// Keeps the certificate metrics current: expiry of the served certificate, reload outcomes.
+async fn watch_certificate(certs: Arc<CertStore>, metrics: Arc<Metrics>, mut shutdown: Shutdown) {
+    let mut status = certs.subscribe();
+    let mut seen = status.borrow().clone();
+    loop {
+        if let Some(expiry) = tls::not_after(&certs.current()) {
+            metrics.tls.certificate_expiry.set(expiry as f64);
+        }
+        tokio::select! {
+            _ = shutdown.recv() => return,
+            changed = status.changed() => if changed.is_err() { return },
+        }
+        let now = status.borrow_and_update().clone();
+        metrics.tls.reloads_ok.inc_by(now.reloads - seen.reloads);
+        metrics
+            .tls
+            .reloads_failed
+            .inc_by(now.failures - seen.failures);
+        seen = now;
     }
 }
 

@@ -30,6 +30,8 @@ impl Running {
                 "127.0.0.1:0",
                 "--http-listen",
                 "off",
+                "--metrics-listen",
+                "127.0.0.1:0",
                 "--log-format",
                 "json",
             ])
@@ -59,7 +61,8 @@ impl Running {
         let ready = running.wait_for_log("callgate ready");
         let event: serde_json::Value = serde_json::from_str(&ready).unwrap();
         let url = event["listeners"].as_str().unwrap();
-        running.https = url.trim_start_matches("https://").parse().unwrap();
+        let first = url.split(", ").next().unwrap();
+        running.https = first.trim_start_matches("https://").parse().unwrap();
         running
     }
 

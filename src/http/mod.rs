@@ -6,6 +6,7 @@
 //! a worker: every connection is its own task, and every wait is bounded. Routing lives in
 //! [`routes`], files in [`static_files`], headers in [`headers`].
 
+pub mod admin;
 pub mod headers;
 mod redirect;
 pub mod routes;
@@ -30,6 +31,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::limits::ConnectionLimit;
+use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 
 pub use redirect::{serve_redirects, RedirectTarget};
@@ -101,6 +103,7 @@ pub async fn serve_https(
     app: Arc<App>,
     settings: ConnectionSettings,
     limit: Arc<ConnectionLimit>,
+    metrics: Arc<Metrics>,
     mut shutdown: Shutdown,
 ) {
     let builder = Arc::new(settings.builder());
@@ -124,25 +127,35 @@ pub async fn serve_https(
         let builder = builder.clone();
         let settings = settings.clone();
         let shutdown = shutdown.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let conn = Arc::new(ConnectionContext {
                 peer,
                 _permit: permit,
             });
-            let tls =
-                match tokio::time::timeout(settings.tls_handshake_timeout, acceptor.accept(tcp))
-                    .await
-                {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, "TLS handshake failed: {e}");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer, "TLS handshake timed out");
-                        return;
-                    }
-                };
+            let started = std::time::Instant::now();
+            let handshake =
+                tokio::time::timeout(settings.tls_handshake_timeout, acceptor.accept(tcp));
+            let tls = match handshake.await {
+                Ok(Ok(tls)) => {
+                    metrics.tls.handshakes_ok.inc();
+                    metrics
+                        .tls
+                        .handshake_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    tls
+                }
+                Ok(Err(e)) => {
+                    metrics.tls.handshakes_failed.inc();
+                    tracing::debug!(%peer, "TLS handshake failed: {e}");
+                    return;
+                }
+                Err(_) => {
+                    metrics.tls.handshakes_timeout.inc();
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
             let service = hyper::service::service_fn(move |req| {
                 let app = app.clone();
                 let conn = conn.clone();

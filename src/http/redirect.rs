@@ -17,6 +17,7 @@ use super::routes::health;
 use super::{text_response, Body, ConnectionSettings};
 use crate::config::PublicUrl;
 use crate::limits::ConnectionLimit;
+use crate::metrics::{Metrics, RouteClass};
 use crate::shutdown::Shutdown;
 
 /// Where redirects point.
@@ -84,6 +85,7 @@ pub async fn serve_redirects(
     target: RedirectTarget,
     settings: ConnectionSettings,
     limit: Arc<ConnectionLimit>,
+    metrics: Arc<Metrics>,
     mut shutdown: Shutdown,
 ) {
     let target = Arc::new(target);
@@ -109,12 +111,16 @@ pub async fn serve_redirects(
         };
         let target = target.clone();
         let builder = builder.clone();
+        let metrics = metrics.clone();
         let shutdown = shutdown.clone();
         let idle_timeout = settings.idle_timeout;
         tokio::spawn(async move {
             let _permit = permit;
             let service = hyper::service::service_fn(move |req| {
                 let response = redirect(&target, &req);
+                metrics
+                    .http
+                    .record(RouteClass::Redirect, response.status().as_u16());
                 async move { Ok::<_, Infallible>(response) }
             });
             super::serve_connection(&builder, tcp, service, idle_timeout, shutdown).await;

@@ -11,6 +11,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use super::headers::SecurityHeaders;
 use super::static_files::StaticFiles;
 use super::{text_response, Body, ConnectionContext};
+use crate::metrics::{Metrics, RouteClass};
 use crate::shutdown::Shutdown;
 use crate::signaling::session::Signaling;
 
@@ -46,6 +47,8 @@ pub struct App {
     signaling: Arc<Signaling>,
     /// Handed to every WebSocket session, which hyper's graceful shutdown does not reach.
     shutdown: Shutdown,
+    /// Request counters.
+    metrics: Arc<Metrics>,
 }
 
 impl App {
@@ -56,6 +59,7 @@ impl App {
         readiness: Arc<Readiness>,
         signaling: Arc<Signaling>,
         shutdown: Shutdown,
+        metrics: Arc<Metrics>,
     ) -> Self {
         App {
             files,
@@ -63,6 +67,7 @@ impl App {
             readiness,
             signaling,
             shutdown,
+            metrics,
         }
     }
 
@@ -72,30 +77,38 @@ impl App {
         req: Request<Incoming>,
         conn: Arc<ConnectionContext>,
     ) -> Response<Body> {
-        let mut response = self.route(req, conn).await;
+        let (route, mut response) = self.route(req, conn).await;
+        self.metrics.http.record(route, response.status().as_u16());
         self.security_headers.apply(response.headers_mut());
         response
     }
 
-    async fn route(&self, req: Request<Incoming>, conn: Arc<ConnectionContext>) -> Response<Body> {
+    async fn route(
+        &self,
+        req: Request<Incoming>,
+        conn: Arc<ConnectionContext>,
+    ) -> (RouteClass, Response<Body>) {
         let path = req.uri().path();
         if is_websocket_upgrade(&req) && (path == "/socket" || path == "/") {
-            return self.signaling.upgrade(req, conn, self.shutdown.clone());
+            let response = self.signaling.upgrade(req, conn, self.shutdown.clone());
+            return (RouteClass::WebSocket, response);
         }
         match path {
-            "/healthz" => return health(&req, "ok\n"),
+            "/healthz" => return (RouteClass::Health, health(&req, "ok\n")),
             "/readyz" => {
-                if self.readiness.is_draining() {
-                    return text_response(StatusCode::SERVICE_UNAVAILABLE, "draining\n");
-                }
-                return health(&req, "ready\n");
+                let response = if self.readiness.is_draining() {
+                    text_response(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+                } else {
+                    health(&req, "ready\n")
+                };
+                return (RouteClass::Health, response);
             }
             _ => {}
         }
         if req.method() != Method::GET && req.method() != Method::HEAD {
-            return method_not_allowed();
+            return (RouteClass::Static, method_not_allowed());
         }
-        self.files.serve(&req).await
+        (RouteClass::Static, self.files.serve(&req).await)
     }
 }
 

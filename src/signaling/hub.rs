@@ -44,6 +44,7 @@
 //! a connection whose ID another connection resumed. Give each queue room for at least
 //! [`SignalingLimits::resume_queue_messages`] + 1 frames so a resume's backlog fits.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -64,6 +65,50 @@ pub struct Hub<D> {
     directory: D,
     /// The knobs, read on every message.
     limits: SignalingLimits,
+    /// Told about every call's start, answer and end (metrics); `None` in most tests.
+    observer: Option<Arc<dyn CallObserver>>,
+}
+
+/// A step in a call's life, reported to the [`CallObserver`] with the time it happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallEvent {
+    /// `caller` sent an offer that was delivered towards `callee`.
+    Offered {
+        /// Who called.
+        caller: ClientId,
+        /// Who is being called.
+        callee: ClientId,
+    },
+    /// `callee` accepted `caller`'s call.
+    Answered {
+        /// Who called.
+        caller: ClientId,
+        /// Who answered.
+        callee: ClientId,
+    },
+    /// `callee` declined `caller`'s call.
+    Declined {
+        /// Who called.
+        caller: ClientId,
+        /// Who declined.
+        callee: ClientId,
+    },
+    /// The call between `by` and `peer` ended (hang-up, cancel, leave, or `by` did not resume).
+    Ended {
+        /// The side that ended it or went away.
+        by: ClientId,
+        /// The other side.
+        peer: ClientId,
+        /// Why.
+        reason: EndReason,
+    },
+}
+
+/// Receives call lifecycle events, for metrics. Called synchronously from the hub: keep it cheap
+/// and never block.
+pub trait CallObserver: Send + Sync {
+    /// One call event at `now`.
+    fn call_event(&self, event: CallEvent, now: Instant);
 }
 
 /// One WebSocket connection's standing with the hub. The session layer owns it and passes it to
@@ -106,6 +151,8 @@ pub struct Outcome {
     pub close: Option<CloseCode>,
     /// The error sent back to this connection, if any (for metrics).
     pub error: Option<ErrorCode>,
+    /// The type of the message handled, when it parsed (for metrics).
+    pub received: Option<MessageKind>,
     /// A peer whose outbox was full: the hub detached it (dropped its outbox, so its session sees
     /// the channel close) and keeps its ID reserved for a resume. For metrics and logs.
     pub detached_peer: Option<ClientId>,
@@ -243,7 +290,23 @@ impl From<Stale> for Refusal {
 impl<D: Directory> Hub<D> {
     /// A hub over `directory`, enforcing `limits`.
     pub fn new(directory: D, limits: SignalingLimits) -> Self {
-        Self { directory, limits }
+        Self {
+            directory,
+            limits,
+            observer: None,
+        }
+    }
+
+    /// Reports call events to `observer` from now on.
+    pub fn with_observer(mut self, observer: Arc<dyn CallObserver>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    fn observe(&self, event: CallEvent, now: Instant) {
+        if let Some(observer) = &self.observer {
+            observer.call_event(event, now);
+        }
     }
 
     /// The directory, for metrics (`len`) and tests.
@@ -288,7 +351,10 @@ impl<D: Directory> Hub<D> {
             Err(e) => return self.refuse(conn, &e.into(), None, now),
         };
         let kind = inbound.message.kind();
-        let mut outcome = Outcome::default();
+        let mut outcome = Outcome {
+            received: Some(kind),
+            ..Outcome::default()
+        };
         let result = match inbound.claimed_id {
             Some(claimed) if claimed != conn.id() => Err(RuleError::IdMismatch {
                 own: conn.id(),
@@ -302,6 +368,7 @@ impl<D: Directory> Hub<D> {
                 let refused = self.refuse(conn, &e, Some(kind), now);
                 Outcome {
                     detached_peer: outcome.detached_peer,
+                    received: Some(kind),
                     ..refused
                 }
             }
@@ -324,6 +391,14 @@ impl<D: Directory> Hub<D> {
                 if let Ok(Some(peer)) = self.directory.release(conn.binding) {
                     let mut outcome = Outcome::default();
                     self.notify_gone(peer, conn.id(), now, &mut outcome);
+                    self.observe(
+                        CallEvent::Ended {
+                            by: conn.id(),
+                            peer,
+                            reason: EndReason::PeerGone,
+                        },
+                        now,
+                    );
                 }
             }
         }
@@ -342,6 +417,14 @@ impl<D: Directory> Hub<D> {
             }
             for gone in expired.drain(..) {
                 if let Some(peer) = gone.peer {
+                    self.observe(
+                        CallEvent::Ended {
+                            by: gone.id,
+                            peer,
+                            reason: EndReason::PeerGone,
+                        },
+                        now,
+                    );
                     let frame = ServerMessage::CloseCallServer {
                         peer: gone.id,
                         reason: EndReason::PeerGone,
@@ -391,6 +474,12 @@ impl<D: Directory> Hub<D> {
                     answer,
                 };
                 self.send(caller, frame.encode(), now, outcome);
+                let event = if accepted {
+                    CallEvent::Answered { caller, callee: me }
+                } else {
+                    CallEvent::Declined { caller, callee: me }
+                };
+                self.observe(event, now);
                 Ok(())
             }
             ClientMessage::CloseCallClient { peer, reason } => self.end_call(
@@ -506,6 +595,13 @@ impl<D: Directory> Hub<D> {
                     offer,
                 };
                 self.send(callee, frame.encode(), now, outcome);
+                self.observe(
+                    CallEvent::Offered {
+                        caller: conn.id(),
+                        callee,
+                    },
+                    now,
+                );
                 Ok(())
             }
             Err(Refusal::Busy) => {
@@ -540,6 +636,14 @@ impl<D: Directory> Hub<D> {
             reason,
         };
         self.send(peer, frame.encode(), now, outcome);
+        self.observe(
+            CallEvent::Ended {
+                by: conn.id(),
+                peer,
+                reason,
+            },
+            now,
+        );
         Ok(())
     }
 

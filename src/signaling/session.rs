@@ -28,6 +28,7 @@ use super::hub::{Attachment, Departure, Hub};
 use super::protocol::{CloseCode, ErrorCode, ServerMessage};
 use crate::http::{text_response, Body, ConnectionContext};
 use crate::limits::{IpRefusal, PerIpLimits, SessionRates};
+use crate::metrics::{CloseReason, Limit, Metrics};
 use crate::shutdown::Shutdown;
 
 /// The hub as sessions use it: the in-process directory over tokio channels.
@@ -84,6 +85,8 @@ pub struct Signaling {
     settings: SessionSettings,
     /// Per-address upgrade rate and open-socket cap.
     per_ip: Arc<PerIpLimits>,
+    /// Connection, message and limit counters.
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Signaling {
@@ -109,11 +112,13 @@ impl Signaling {
         hub: Arc<SessionHub>,
         settings: SessionSettings,
         per_ip: Arc<PerIpLimits>,
+        metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Signaling {
             hub,
             settings,
             per_ip,
+            metrics,
         })
     }
 
@@ -135,6 +140,7 @@ impl Signaling {
         }
         let ip = conn.peer.ip();
         if self.per_ip.check_upgrade(ip).is_err() {
+            self.metrics.limits.rejected(Limit::UpgradeRate);
             let mut response = text_response(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too many connection attempts; retry in a second\n",
@@ -222,12 +228,16 @@ impl Signaling {
         // One byte over the limit lets fastwebsockets reject too-large single frames for us.
         reader.set_max_message_size(self.settings.max_message_bytes + 1);
 
+        let signaling = &self.metrics.signaling;
+        signaling.opened.inc();
+        signaling.open.inc();
         let writer_task = tokio::spawn(write_loop(
             writer,
             outbox_rx,
             control_rx,
             unanswered.clone(),
             self.settings.clone(),
+            self.metrics.clone(),
             shutdown,
         ));
 
@@ -235,6 +245,9 @@ impl Signaling {
         let _ip_slot = match self.per_ip.open(ip) {
             Ok(slot) => slot,
             Err(IpRefusal::TooManyOpen | IpRefusal::UpgradeRate) => {
+                self.metrics.limits.rejected(Limit::ConnectionsPerIp);
+                signaling.error(ErrorCode::TooManyConnections);
+                signaling.closed(CloseReason::Refused);
                 let _ = control.try_send(error_frame(ErrorCode::TooManyConnections));
                 let _ = control.try_send(Control::Close(
                     CloseCode::PolicyViolation,
@@ -249,6 +262,9 @@ impl Signaling {
         let attachment = match self.hub.connect(outbox, None, Instant::now()) {
             Ok(attachment) => attachment,
             Err(e) => {
+                self.metrics.limits.rejected(Limit::ServerFull);
+                signaling.error(e.code());
+                signaling.closed(CloseReason::Refused);
                 let _ = control.try_send(Control::Send(OpCode::Text, e.frame()));
                 let _ = control.try_send(Control::Close(e.close_code(), "cannot join"));
                 drop(control);
@@ -267,11 +283,21 @@ impl Signaling {
         };
 
         let mut writer_task = writer_task;
+        let mut writer_end = None;
         let ended = tokio::select! {
             ended = self.read_loop(&mut reader, &mut session, &control, &unanswered) => ended,
             // The writer ended first (shutdown, heartbeat timeout, slow client): stop reading too.
-            _ = &mut writer_task => ReadEnd::Dropped,
+            end = &mut writer_task => {
+                writer_end = end.ok();
+                ReadEnd::Dropped
+            }
         };
+        signaling.closed(match (writer_end, ended) {
+            (Some(end), _) => end,
+            (None, ReadEnd::Close(CloseCode::MessageTooBig, _)) => CloseReason::TooBig,
+            (None, ReadEnd::Close(..)) => CloseReason::Policy,
+            (None, ReadEnd::Left | ReadEnd::Dropped) => CloseReason::Client,
+        });
         let departure = match ended {
             ReadEnd::Left => Departure::Left,
             ReadEnd::Dropped | ReadEnd::Close(..) => Departure::Dropped,
@@ -405,14 +431,19 @@ impl Signaling {
             ));
         }
         if session.rates.messages.check().is_err() {
+            self.metrics.limits.rejected(Limit::Messages);
             return self.reject(session, ErrorCode::RateLimited);
         }
         if starts_a_call(message) && session.rates.calls.check().is_err() {
+            self.metrics.limits.rejected(Limit::Calls);
             return self.reject(session, ErrorCode::TooManyCalls);
         }
         let outcome = self
             .hub
             .handle_text(&mut session.attachment, message, Instant::now());
+        self.metrics
+            .signaling
+            .handled(outcome.received, outcome.error);
         outcome
             .close
             .map(|code| ReadEnd::Close(code, "closing after repeated violations"))
@@ -420,6 +451,7 @@ impl Signaling {
 
     /// Answers a message the session refused itself; the hub counts it and may ask for a close.
     fn reject(&self, session: &mut ReadState, code: ErrorCode) -> Option<ReadEnd> {
+        self.metrics.signaling.error(code);
         let outcome = self
             .hub
             .reject(&mut session.attachment, code, Instant::now());
@@ -477,14 +509,19 @@ struct Partial {
 }
 
 /// Drains the outbox and control queue into the socket, pings, and closes.
+///
+/// Returns why it ended the connection itself, or the reader's verdict when the reader asked for
+/// the close (then the reader counts the reason).
 async fn write_loop<W>(
     mut writer: fastwebsockets::WebSocketWrite<W>,
     mut outbox: mpsc::Receiver<Bytes>,
     mut control: mpsc::Receiver<Control>,
     unanswered: Arc<AtomicU32>,
     settings: SessionSettings,
+    metrics: Arc<Metrics>,
     mut shutdown: Shutdown,
-) where
+) -> CloseReason
+where
     W: tokio::io::AsyncWrite + Unpin,
 {
     let mut heartbeat = tokio::time::interval_at(
@@ -493,55 +530,103 @@ async fn write_loop<W>(
     );
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let timeout = settings.write_timeout;
-    let close =
-        |code: CloseCode, reason: &'static str| Frame::close(code.as_u16(), reason.as_bytes());
+    let signaling = &metrics.signaling;
+    // Set when the hub told this connection another one resumed its ID.
+    let mut replaced = false;
+    let close = async |writer: &mut fastwebsockets::WebSocketWrite<W>,
+                       code: CloseCode,
+                       reason: &'static str| {
+        let frame = Frame::close(code.as_u16(), reason.as_bytes());
+        let _ = tokio::time::timeout(timeout, writer.write_frame(frame)).await;
+    };
     loop {
         let frame = tokio::select! {
             biased;
             ctl = control.recv() => match ctl {
-                Some(Control::Send(opcode, bytes)) => Frame::new(true, opcode, None, Payload::Owned(bytes.to_vec())),
+                Some(Control::Send(opcode, bytes)) => {
+                    signaling.sent(&bytes);
+                    Frame::new(true, opcode, None, Payload::Owned(bytes.to_vec()))
+                }
                 Some(Control::Close(code, reason)) => {
                     // What the hub queued before the close (typically the error that explains
                     // it) goes out first.
                     while let Ok(bytes) = outbox.try_recv() {
-                        if write(&mut writer, Frame::text(Payload::Borrowed(&bytes)), timeout).await.is_err() {
-                            return;
+                        signaling.sent(&bytes);
+                        if let Err(end) = write(&mut writer, Frame::text(Payload::Borrowed(&bytes)), timeout).await {
+                            return end;
                         }
                     }
-                    let _ = tokio::time::timeout(timeout, writer.write_frame(close(code, reason))).await;
-                    return;
+                    close(&mut writer, code, reason).await;
+                    return CloseReason::Client;
                 }
                 // The reader is gone (client closed or dropped).
-                None => return,
+                None => return CloseReason::Client,
             },
             _ = shutdown.recv() => {
-                let _ = tokio::time::timeout(timeout, writer.write_frame(close(CloseCode::GoingAway, "server restarting; reconnect and resume"))).await;
-                return;
+                close(&mut writer, CloseCode::GoingAway, "server restarting; reconnect and resume").await;
+                return CloseReason::Shutdown;
             }
             next = outbox.recv() => match next {
                 Some(bytes) => {
-                    if write(&mut writer, Frame::text(Payload::Borrowed(&bytes)), timeout).await.is_err() {
-                        return;
+                    signaling.sent(&bytes);
+                    replaced |= bytes.starts_with(br#"{"type":"error","code":"session_replaced""#);
+                    if let Err(end) = write(&mut writer, Frame::text(Payload::Borrowed(&bytes)), timeout).await {
+                        if end == CloseReason::SlowClient {
+                            signaling.outbox_overflows.inc();
+                        }
+                        return end;
                     }
                     continue;
                 }
-                // The hub dropped the outbox: the queue overflowed, or another connection resumed this ID.
+                // The hub dropped the outbox: another connection resumed this ID, or the queue
+                // overflowed because the client does not read.
+                None if replaced => {
+                    close(&mut writer, CloseCode::PolicyViolation, "another connection resumed this ID").await;
+                    return CloseReason::Replaced;
+                }
                 None => {
-                    let _ = tokio::time::timeout(timeout, writer.write_frame(close(CloseCode::PolicyViolation, "connection too slow or replaced"))).await;
-                    return;
+                    signaling.outbox_overflows.inc();
+                    close(&mut writer, CloseCode::PolicyViolation, "too slow: outbound queue full").await;
+                    return CloseReason::SlowClient;
                 }
             },
             _ = heartbeat.tick() => {
                 if unanswered.fetch_add(1, Ordering::Relaxed) >= settings.missed_pongs {
                     tracing::debug!("heartbeat timeout");
-                    let _ = tokio::time::timeout(timeout, writer.write_frame(close(CloseCode::GoingAway, "heartbeat timeout"))).await;
-                    return;
+                    signaling.heartbeat_timeouts.inc();
+                    close(&mut writer, CloseCode::GoingAway, "heartbeat timeout").await;
+                    return CloseReason::HeartbeatTimeout;
                 }
                 Frame::new(true, OpCode::Ping, None, Payload::Borrowed(b"hb"))
             }
         };
-        if write(&mut writer, frame, timeout).await.is_err() {
-            return;
+        if let Err(end) = write(&mut writer, frame, timeout).await {
+            if end == CloseReason::SlowClient {
+                signaling.outbox_overflows.inc();
+            }
+            return end;
+        }
+    }
+}
+
+/// Writes one frame, giving up after `timeout` (a client that does not read).
+async fn write<W>(
+    writer: &mut fastwebsockets::WebSocketWrite<W>,
+    frame: Frame<'_>,
+    timeout: Duration,
+) -> Result<(), CloseReason>
+where
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    match tokio::time::timeout(timeout, writer.write_frame(frame)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
+            tracing::debug!("WebSocket write failed: {e}");
+            Err(CloseReason::Client)
+        }
+        Err(_) => {
+            tracing::debug!("WebSocket write timed out: client not reading");
+            Err(CloseReason::SlowClient)
         }
     }
 }
@@ -570,28 +655,6 @@ impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Detachable<R> {
             Some(read) => Pin::new(read).poll_read(cx, buf),
             // Taken back by the session: end of stream for fastwebsockets.
             None => Poll::Ready(Ok(())),
-        }
-    }
-}
-
-/// Writes one frame, giving up after `timeout` (a client that does not read).
-async fn write<W>(
-    writer: &mut fastwebsockets::WebSocketWrite<W>,
-    frame: Frame<'_>,
-    timeout: Duration,
-) -> Result<(), ()>
-where
-    W: tokio::io::AsyncWrite + Unpin,
-{
-    match tokio::time::timeout(timeout, writer.write_frame(frame)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => {
-            tracing::debug!("WebSocket write failed: {e}");
-            Err(())
-        }
-        Err(_) => {
-            tracing::debug!("WebSocket write timed out: client not reading");
-            Err(())
         }
     }
 }

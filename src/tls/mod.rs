@@ -18,7 +18,7 @@ use tokio::sync::watch;
 
 pub use dev_cert::{ensure_dev_cert, DevCert};
 pub use load::{load_certified_key, LoadError};
-pub use reload::spawn_reloader;
+pub use reload::{spawn_reloader, Fingerprint};
 
 /// The certificate currently served, swappable at run time.
 ///
@@ -87,6 +87,13 @@ impl ResolvesServerCert for CertStore {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(self.current())
     }
+}
+
+/// When the leaf certificate of `key` expires, as Unix seconds (`None` if it cannot be parsed).
+pub fn not_after(key: &CertifiedKey) -> Option<i64> {
+    let leaf = key.cert.first()?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    Some(parsed.validity().not_after.timestamp())
 }
 
 /// A rustls server configuration that takes its certificate from `store`.

@@ -38,6 +38,7 @@ pub fn test_options(dir: &Path) -> Options {
     Options {
         https_listen: Some("127.0.0.1:0".parse().unwrap()),
         http_listen: Some(Listen::On("127.0.0.1:0".parse().unwrap())),
+        metrics_listen: Some(Listen::On("127.0.0.1:0".parse().unwrap())),
         public_dir: Some(dir.join("public")),
         certs_dir: Some(dir.join("certs")),
         tls_reload_interval: Some(Seconds(std::time::Duration::from_millis(50))),
@@ -393,4 +394,43 @@ where
     fn execute(&self, fut: F) {
         tokio::spawn(fut);
     }
+}
+
+/// GETs `/metrics` from the admin listener, with an optional bearer token.
+pub async fn scrape(server: &TestServer, token: Option<&str>) -> Fetched {
+    let tcp = TcpStream::connect(server.addrs.metrics.expect("metrics listener on"))
+        .await
+        .unwrap();
+    let mut req = get("/metrics");
+    if let Some(token) = token {
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    H1::over(tcp).await.send(req).await.unwrap()
+}
+
+/// The value of one sample line (`name{labels} value`) in a text exposition, if present.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        line.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// Whether a system tool is available; in CI (`CI=true`) a missing tool fails the test instead.
+pub fn require_tool(tool: &str, package: &str) -> bool {
+    let found = std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("{tool} is required in CI (Debian package {package}); .ci/run installs it");
+        }
+        eprintln!("skipping: {tool} not installed (apt-get install {package})");
+    }
+    found
 }

@@ -1,0 +1,699 @@
+//! Prometheus metrics: one registry, every family callgate exports, and handles resolved once.
+//!
+//! Hot paths (per message, per connection) touch only pre-resolved counters — arrays indexed by an
+//! enum — never a label lookup or a formatted string. Labels are bounded sets (message types, error
+//! codes, route classes, outcomes); a client ID, address or SDP field is never a label.
+//! The admin listener that serves `/metrics` lives in `crate::http::admin`.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::signaling::hub::{CallEvent, CallObserver};
+use crate::signaling::protocol::{ClientId, ErrorCode, MessageKind};
+
+/// Every metric family, registered in one registry.
+pub struct Metrics {
+    /// What `/metrics` encodes.
+    registry: Registry,
+    /// HTTP requests by route class and status class.
+    pub http: HttpMetrics,
+    /// TLS handshakes and the certificate.
+    pub tls: TlsMetrics,
+    /// Refusals by limit.
+    pub limits: LimitMetrics,
+    /// WebSocket connections and signaling messages.
+    pub signaling: SignalingMetrics,
+    /// Calls: in progress, setup time, duration.
+    pub calls: CallMetrics,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let vec = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(vec.clone()))
+        .expect("unique metric");
+    vec
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("unique metric");
+    c
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("unique metric");
+    g
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+        .expect("valid metric");
+    registry
+        .register(Box::new(h.clone()))
+        .expect("unique metric");
+    h
+}
+
+/// What kind of route a request hit (a bounded label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteClass {
+    /// A file from `public/`.
+    Static,
+    /// `/healthz`, `/readyz`.
+    Health,
+    /// A WebSocket upgrade (answered 101, or refused).
+    WebSocket,
+    /// The plain-HTTP redirect listener.
+    Redirect,
+}
+
+impl RouteClass {
+    const ALL: [RouteClass; 4] = [
+        RouteClass::Static,
+        RouteClass::Health,
+        RouteClass::WebSocket,
+        RouteClass::Redirect,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            RouteClass::Static => "static",
+            RouteClass::Health => "health",
+            RouteClass::WebSocket => "websocket",
+            RouteClass::Redirect => "redirect",
+        }
+    }
+}
+
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// `callgate_http_requests_total{route,status}`.
+pub struct HttpMetrics {
+    /// `[route][status class]`.
+    requests: Vec<[IntCounter; 5]>,
+}
+
+impl HttpMetrics {
+    /// Counts one response.
+    pub fn record(&self, route: RouteClass, status: u16) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.requests[route as usize][class].inc();
+    }
+}
+
+/// TLS handshakes, certificate reloads and expiry.
+pub struct TlsMetrics {
+    /// Completed handshakes.
+    pub handshakes_ok: IntCounter,
+    /// Handshakes that failed (bad client hello, untrusted, protocol error).
+    pub handshakes_failed: IntCounter,
+    /// Handshakes cut off by `tls-handshake-timeout`.
+    pub handshakes_timeout: IntCounter,
+    /// Duration of completed handshakes.
+    pub handshake_seconds: Histogram,
+    /// Unix time the served certificate expires.
+    pub certificate_expiry: Gauge,
+    /// Successful reloads.
+    pub reloads_ok: IntCounter,
+    /// Reloads that kept the old certificate.
+    pub reloads_failed: IntCounter,
+}
+
+/// Which limit refused something (a bounded label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// The global connection cap.
+    MaxConnections,
+    /// WebSocket upgrades per second per address.
+    UpgradeRate,
+    /// Open WebSockets per address.
+    ConnectionsPerIp,
+    /// Signaling messages per second per connection.
+    Messages,
+    /// New calls per minute per connection.
+    Calls,
+    /// The signaling hub is full (max clients).
+    ServerFull,
+}
+
+impl Limit {
+    const ALL: [Limit; 6] = [
+        Limit::MaxConnections,
+        Limit::UpgradeRate,
+        Limit::ConnectionsPerIp,
+        Limit::Messages,
+        Limit::Calls,
+        Limit::ServerFull,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Limit::MaxConnections => "max_connections",
+            Limit::UpgradeRate => "ws_upgrades_per_ip",
+            Limit::ConnectionsPerIp => "ws_connections_per_ip",
+            Limit::Messages => "ws_messages",
+            Limit::Calls => "ws_calls",
+            Limit::ServerFull => "signaling_clients",
+        }
+    }
+}
+
+/// `callgate_rate_limited_total{limit}`.
+pub struct LimitMetrics {
+    /// Indexed by [`Limit`].
+    rejected: Vec<IntCounter>,
+}
+
+impl LimitMetrics {
+    /// Counts one refusal.
+    pub fn rejected(&self, limit: Limit) {
+        self.rejected[limit as usize].inc();
+    }
+
+    /// The counter for one limit, for code that counts its own refusals.
+    pub fn rejected_counter(&self, limit: Limit) -> IntCounter {
+        self.rejected[limit as usize].clone()
+    }
+}
+
+/// Why a WebSocket closed (a bounded label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client closed it (close frame or end of stream).
+    Client,
+    /// No pong for too long.
+    HeartbeatTimeout,
+    /// Its outbound queue overflowed, or a write stalled.
+    SlowClient,
+    /// Another connection resumed its ID.
+    Replaced,
+    /// Repeated violations or malformed framing (1008).
+    Policy,
+    /// A message over the size limit (1009).
+    TooBig,
+    /// Refused right after the upgrade (per-address cap, server full).
+    Refused,
+    /// Server shutdown (1001).
+    Shutdown,
+}
+
+impl CloseReason {
+    const ALL: [CloseReason; 8] = [
+        CloseReason::Client,
+        CloseReason::HeartbeatTimeout,
+        CloseReason::SlowClient,
+        CloseReason::Replaced,
+        CloseReason::Policy,
+        CloseReason::TooBig,
+        CloseReason::Refused,
+        CloseReason::Shutdown,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            CloseReason::Client => "client",
+            CloseReason::HeartbeatTimeout => "heartbeat_timeout",
+            CloseReason::SlowClient => "slow_client",
+            CloseReason::Replaced => "replaced",
+            CloseReason::Policy => "policy",
+            CloseReason::TooBig => "too_big",
+            CloseReason::Refused => "refused",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// The server-to-client message types, as they appear in `"type"`.
+const SENT_TYPES: [&str; 12] = [
+    "id",
+    "video-answer-request",
+    "server-reply",
+    "close-call-server",
+    "ice-candidate",
+    "ringing",
+    "busy",
+    "offer",
+    "answer",
+    "pong",
+    "error",
+    "other",
+];
+
+/// WebSocket and signaling message counters.
+pub struct SignalingMetrics {
+    /// `callgate_websocket_connections_open`.
+    pub open: IntGauge,
+    /// `callgate_websocket_connections_opened_total`.
+    pub opened: IntCounter,
+    /// `callgate_websocket_connections_closed_total{reason}`, indexed by [`CloseReason`].
+    closed: Vec<IntCounter>,
+    /// `callgate_signaling_messages_received_total{type}`, indexed by `MessageKind::ALL` order,
+    /// plus one for messages that did not parse.
+    received: Vec<IntCounter>,
+    /// `callgate_signaling_messages_sent_total{type}`, indexed like [`SENT_TYPES`].
+    sent: Vec<IntCounter>,
+    /// `callgate_signaling_errors_sent_total{code}`, indexed by `ErrorCode::ALL` order.
+    errors: Vec<IntCounter>,
+    /// `callgate_heartbeat_timeouts_total`.
+    pub heartbeat_timeouts: IntCounter,
+    /// `callgate_resumes_total{outcome="ok"}`.
+    pub resumes_ok: IntCounter,
+    /// `callgate_resumes_total{outcome="failed"}`.
+    pub resumes_failed: IntCounter,
+    /// `callgate_outbound_queue_overflows_total`.
+    pub outbox_overflows: IntCounter,
+}
+
+impl SignalingMetrics {
+    /// Counts a closed WebSocket.
+    pub fn closed(&self, reason: CloseReason) {
+        self.closed[reason as usize].inc();
+        self.open.dec();
+    }
+
+    /// Counts a handled message (`None`: it did not parse), the error it drew and a resume outcome.
+    pub fn handled(&self, kind: Option<MessageKind>, error: Option<ErrorCode>) {
+        let index = kind.map_or(MessageKind::ALL.len(), |k| k as usize);
+        self.received[index].inc();
+        if let Some(code) = error {
+            self.errors[code as usize].inc();
+        }
+        if kind == Some(MessageKind::Resume) {
+            match error {
+                None => self.resumes_ok.inc(),
+                Some(_) => self.resumes_failed.inc(),
+            }
+        }
+    }
+
+    /// Counts an error the session raised itself.
+    pub fn error(&self, code: ErrorCode) {
+        self.errors[code as usize].inc();
+    }
+
+    /// Counts an outgoing frame by its type, read from the frame itself: callgate writes every
+    /// frame as `{"type":"<name>",…`, so the name sits at a fixed offset.
+    pub fn sent(&self, frame: &[u8]) {
+        const PREFIX: &[u8] = b"{\"type\":\"";
+        let name = frame
+            .strip_prefix(PREFIX)
+            .and_then(|rest| rest.iter().position(|&b| b == b'"').map(|end| &rest[..end]));
+        let index = name
+            .and_then(|name| SENT_TYPES.iter().position(|t| t.as_bytes() == name))
+            .unwrap_or(SENT_TYPES.len() - 1);
+        self.sent[index].inc();
+    }
+}
+
+/// Call counts and timings, fed by the hub's [`CallObserver`] events.
+pub struct CallMetrics {
+    /// `callgate_calls_in_progress`.
+    pub in_progress: IntGauge,
+    /// `callgate_calls_total{outcome}`: answered, declined, cancelled (ended before an answer).
+    answered: IntCounter,
+    declined: IntCounter,
+    unanswered: IntCounter,
+    /// `callgate_calls_attempted_total`.
+    attempted: IntCounter,
+    /// Offer to answer.
+    setup_seconds: Histogram,
+    /// Answer to hang-up.
+    duration_seconds: Histogram,
+    /// Calls being set up or in progress, keyed by caller ID: when they were offered and answered.
+    /// Bounded: a client is in at most one call, and entries are dropped when calls end.
+    open: Mutex<HashMap<ClientId, CallTimes>>,
+}
+
+/// When one call was offered and (if it was) answered.
+#[derive(Debug, Clone, Copy)]
+struct CallTimes {
+    offered: Instant,
+    answered: Option<Instant>,
+}
+
+/// Calls tracked at most; beyond it new calls are counted but not timed.
+const MAX_TIMED_CALLS: usize = 200_000;
+
+impl CallObserver for CallMetrics {
+    fn call_event(&self, event: CallEvent, now: Instant) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        match event {
+            CallEvent::Offered { caller, .. } => {
+                self.attempted.inc();
+                if open.len() < MAX_TIMED_CALLS {
+                    open.insert(
+                        caller,
+                        CallTimes {
+                            offered: now,
+                            answered: None,
+                        },
+                    );
+                }
+            }
+            CallEvent::Answered { caller, .. } => {
+                self.answered.inc();
+                self.in_progress.inc();
+                if let Some(times) = open.get_mut(&caller) {
+                    times.answered = Some(now);
+                    self.setup_seconds
+                        .observe(now.saturating_duration_since(times.offered).as_secs_f64());
+                }
+            }
+            CallEvent::Declined { caller, .. } => {
+                self.declined.inc();
+                open.remove(&caller);
+            }
+            CallEvent::Ended { by, peer, .. } => {
+                let times = open.remove(&by).or_else(|| open.remove(&peer));
+                match times.and_then(|t| t.answered) {
+                    Some(answered) => {
+                        self.in_progress.dec();
+                        self.duration_seconds
+                            .observe(now.saturating_duration_since(answered).as_secs_f64());
+                    }
+                    None if times.is_some() => self.unanswered.inc(),
+                    None => {}
+                }
+            }
+        }
+    }
+}
+
+impl CallObserver for Metrics {
+    fn call_event(&self, event: CallEvent, now: Instant) {
+        self.calls.call_event(event, now);
+    }
+}
+
+impl Metrics {
+    /// Registers every family (and the process collector) in a fresh registry.
+    pub fn new() -> Self {
+        let registry = Registry::new_custom(Some("callgate".into()), None).expect("valid prefix");
+        let r = &registry;
+
+        let requests = counter_vec(
+            r,
+            "http_requests_total",
+            "HTTP responses sent, by route class and status class.",
+            &["route", "status"],
+        );
+        let http = HttpMetrics {
+            requests: RouteClass::ALL
+                .iter()
+                .map(|route| {
+                    STATUS_CLASSES
+                        .map(|status| requests.with_label_values(&[route.label(), status]))
+                })
+                .collect(),
+        };
+
+        let handshakes = counter_vec(
+            r,
+            "tls_handshakes_total",
+            "TLS handshakes, by outcome.",
+            &["outcome"],
+        );
+        let reloads = counter_vec(
+            r,
+            "certificate_reloads_total",
+            "Certificate reload attempts, by outcome.",
+            &["outcome"],
+        );
+        let expiry = Gauge::new(
+            "certificate_expiry_timestamp_seconds",
+            "Unix time at which the served certificate expires.",
+        )
+        .expect("valid metric");
+        r.register(Box::new(expiry.clone())).expect("unique metric");
+        let tls = TlsMetrics {
+            handshakes_ok: handshakes.with_label_values(&["ok"]),
+            handshakes_failed: handshakes.with_label_values(&["failed"]),
+            handshakes_timeout: handshakes.with_label_values(&["timeout"]),
+            handshake_seconds: histogram(
+                r,
+                "tls_handshake_duration_seconds",
+                "Duration of completed TLS handshakes.",
+                vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                ],
+            ),
+            certificate_expiry: expiry,
+            reloads_ok: reloads.with_label_values(&["ok"]),
+            reloads_failed: reloads.with_label_values(&["failed"]),
+        };
+
+        let rejected = counter_vec(
+            r,
+            "rate_limited_total",
+            "Requests, connections or messages refused by a limit, by limit.",
+            &["limit"],
+        );
+        let limits = LimitMetrics {
+            rejected: Limit::ALL
+                .iter()
+                .map(|l| rejected.with_label_values(&[l.label()]))
+                .collect(),
+        };
+
+        let closed = counter_vec(
+            r,
+            "websocket_connections_closed_total",
+            "WebSocket connections closed, by reason.",
+            &["reason"],
+        );
+        let received = counter_vec(
+            r,
+            "signaling_messages_received_total",
+            "Signaling messages received, by type (\"invalid\" when unparseable).",
+            &["type"],
+        );
+        let sent = counter_vec(
+            r,
+            "signaling_messages_sent_total",
+            "Signaling messages sent, by type.",
+            &["type"],
+        );
+        let errors = counter_vec(
+            r,
+            "signaling_errors_sent_total",
+            "Error messages sent to clients, by code.",
+            &["code"],
+        );
+        let resumes = counter_vec(
+            r,
+            "resumes_total",
+            "Resume attempts, by outcome.",
+            &["outcome"],
+        );
+        let signaling = SignalingMetrics {
+            open: gauge(
+                r,
+                "websocket_connections_open",
+                "WebSocket connections open now.",
+            ),
+            opened: counter(
+                r,
+                "websocket_connections_opened_total",
+                "WebSocket connections opened.",
+            ),
+            closed: CloseReason::ALL
+                .iter()
+                .map(|c| closed.with_label_values(&[c.label()]))
+                .collect(),
+            received: MessageKind::ALL
+                .iter()
+                .map(|k| k.as_str())
+                .chain(["invalid"])
+                .map(|t| received.with_label_values(&[t]))
+                .collect(),
+            sent: SENT_TYPES
+                .iter()
+                .map(|t| sent.with_label_values(&[t]))
+                .collect(),
+            errors: ErrorCode::ALL
+                .iter()
+                .map(|c| errors.with_label_values(&[c.as_str()]))
+                .collect(),
+            heartbeat_timeouts: counter(
+                r,
+                "heartbeat_timeouts_total",
+                "WebSocket connections closed because pings went unanswered.",
+            ),
+            resumes_ok: resumes.with_label_values(&["ok"]),
+            resumes_failed: resumes.with_label_values(&["failed"]),
+            outbox_overflows: counter(
+                r,
+                "outbound_queue_overflows_total",
+                "Clients disconnected because their outbound queue was full or a write stalled.",
+            ),
+        };
+
+        let outcomes = counter_vec(r, "calls_total", "Calls that got a decision, by outcome (answered, declined, unanswered: ended before an answer).", &["outcome"]);
+        let calls = CallMetrics {
+            in_progress: gauge(r, "calls_in_progress", "Answered calls not yet ended."),
+            answered: outcomes.with_label_values(&["answered"]),
+            declined: outcomes.with_label_values(&["declined"]),
+            unanswered: outcomes.with_label_values(&["unanswered"]),
+            attempted: counter(
+                r,
+                "calls_attempted_total",
+                "Call offers delivered to a callee.",
+            ),
+            setup_seconds: histogram(
+                r,
+                "call_setup_duration_seconds",
+                "Time from a call's offer to its answer.",
+                vec![0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 20.0, 30.0, 60.0],
+            ),
+            duration_seconds: histogram(
+                r,
+                "call_duration_seconds",
+                "Time from a call's answer to its end.",
+                vec![
+                    10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0,
+                ],
+            ),
+            open: Mutex::new(HashMap::new()),
+        };
+
+        let build = IntGauge::with_opts(
+            Opts::new("build_info", "Build information; the value is always 1.")
+                .const_label("version", env!("CARGO_PKG_VERSION")),
+        )
+        .expect("valid metric");
+        build.set(1);
+        r.register(Box::new(build)).expect("unique metric");
+        // CPU seconds, resident memory, open and max file descriptors, start time.
+        r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .expect("unique metric");
+
+        Metrics {
+            registry,
+            http,
+            tls,
+            limits,
+            signaling,
+            calls,
+        }
+    }
+
+    /// Adds a collector (the TURN relay's, the process collector) to the registry.
+    pub fn register(&self, collector: Box<dyn prometheus::core::Collector>) {
+        if let Err(e) = self.registry.register(collector) {
+            tracing::warn!("metrics collector not registered: {e}");
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let families = self.registry.gather();
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
+            tracing::error!("encoding metrics: {e}");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn enum_indexes_match_their_all_lists() {
+        for (i, code) in ErrorCode::ALL.iter().enumerate() {
+            assert_eq!(*code as usize, i);
+        }
+        for (i, kind) in MessageKind::ALL.iter().enumerate() {
+            assert_eq!(*kind as usize, i);
+        }
+        for (i, l) in Limit::ALL.iter().enumerate() {
+            assert_eq!(*l as usize, i);
+        }
+        for (i, c) in CloseReason::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+        }
+        for (i, r) in RouteClass::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
+    }
+
+    #[test]
+    fn sent_frames_are_counted_by_their_type() {
+        let m = Metrics::new();
+        m.signaling
+            .sent(br#"{"type":"video-answer-request","callerId":1,"offer":{}}"#);
+        m.signaling.sent(br#"{"type":"pong"}"#);
+        m.signaling.sent(b"garbage");
+        let text = m.encode();
+        assert!(
+            text.contains(
+                r#"callgate_signaling_messages_sent_total{type="video-answer-request"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains(r#"callgate_signaling_messages_sent_total{type="pong"} 1"#));
+        assert!(text.contains(r#"callgate_signaling_messages_sent_total{type="other"} 1"#));
+    }
+
+    #[test]
+    fn call_events_drive_setup_and_duration() {
+        let m = Metrics::new();
+        let (a, b) = (ClientId::new(111_111_111), ClientId::new(222_222_222));
+        let t0 = Instant::now();
+        m.calls.call_event(
+            CallEvent::Offered {
+                caller: a,
+                callee: b,
+            },
+            t0,
+        );
+        m.calls.call_event(
+            CallEvent::Answered {
+                caller: a,
+                callee: b,
+            },
+            t0 + Duration::from_secs(2),
+        );
+        assert_eq!(m.calls.in_progress.get(), 1);
+        m.calls.call_event(
+            CallEvent::Ended {
+                by: b,
+                peer: a,
+                reason: crate::signaling::protocol::EndReason::Hangup,
+            },
+            t0 + Duration::from_secs(62),
+        );
+        assert_eq!(m.calls.in_progress.get(), 0);
+        assert_eq!(m.calls.setup_seconds.get_sample_sum(), 2.0);
+        assert_eq!(m.calls.duration_seconds.get_sample_sum(), 60.0);
+        assert!(m.calls.open.lock().unwrap().is_empty());
+    }
+}

@@ -45,6 +45,8 @@ export class Callgate {
     const args = [
       '--https-listen', listen,
       '--http-listen', 'off',
+      // No admin listener: its fixed default port would collide with anything else running.
+      '--metrics-listen', 'off',
       '--public-dir', path.join(repoRoot, 'public'),
       '--certs-dir', this.certsDir,
       '--log-format', 'json',

@@ -249,6 +249,11 @@ async function startCall(peerId, { audioOnly = $('opt-audio-only').checked } = {
     return;
   }
   app.localStream = stream;
+  if (stream && stream.getVideoTracks().length) {
+    $('outgoing-preview').srcObject = stream;
+    $('outgoing-preview').hidden = false;
+    $('outgoing-avatar').hidden = true;
+  }
   const call = newCall(peerId, false);
   await call.addLocalMedia(stream);
   const offer = await call.createInitialOffer();
@@ -503,7 +508,9 @@ function resetToIdle() {
     state: 'idle', peerId: null, call: null, incoming: null, localStream: null, screenStream: null,
     muted: false, cameraOff: false, startedAt: 0, stats: null, lastSummary: null, unread: 0,
   });
-  for (const id of ['remote-video', 'remote-screen', 'local-video']) $(id).srcObject = null;
+  for (const id of ['remote-video', 'remote-screen', 'local-video', 'outgoing-preview']) $(id).srcObject = null;
+  $('outgoing-preview').hidden = true;
+  $('outgoing-avatar').hidden = false;
   $('remote-video').muted = false;
   $('unmute-remote').hidden = true;
   $('remote-screen').hidden = true;

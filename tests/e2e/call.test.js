@@ -186,6 +186,8 @@ test('B declines: A is told in plain words', async () => {
   const a = await person('A');
   const b = await person('B');
   await dial(a, b);
+  await a.page.waitForFunction(() => document.getElementById('outgoing-status').textContent === 'Ringing…', null, { timeout: STEP_MS });
+  await screenshot(a, 'outgoing-ringing');
   await b.page.click('#decline-btn');
   const text = await homeMessage(a, 'declined');
   assert.match(text, /declined the call/);

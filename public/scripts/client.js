@@ -316,11 +316,11 @@ function closeIncomingDialog() {
 
 async function acceptIncoming({ audioOnly = false } = {}) {
   if (app.state !== 'incoming') return;
-  const { offer, candidates } = app.incoming;
+  // `incoming` keeps collecting the caller's candidates while the camera starts.
+  const { incoming } = app;
   const callerId = app.peerId;
   closeIncomingDialog();
   app.state = 'incall';
-  app.incoming = null;
   const stream = await getLocalMedia({ video: !audioOnly });
   if (app.peerId !== callerId || app.state !== 'incall') {
     stopStream(stream);
@@ -333,9 +333,10 @@ async function acceptIncoming({ audioOnly = false } = {}) {
   }
   app.localStream = stream;
   const call = newCall(callerId, true);
-  call.remoteCandidates.push(...candidates);
+  call.remoteCandidates.push(...incoming.candidates);
+  app.incoming = null;
   enterCall();
-  const answer = await call.answerOffer(offer, stream);
+  const answer = await call.answerOffer(incoming.offer, stream);
   if (app.call !== call) return;
   sig.send({ type: 'client-reply', reply: '1', callerId, answer });
   call.releaseCandidates();

@@ -531,3 +531,33 @@ test('camera or microphone blocked: plain words, then audio-only or receive-only
     await strict.close();
   }
 });
+
+test('keyboard only: call, answer, mute and hang up without a mouse', async () => {
+  const a = await person('A');
+  const b = await person('B');
+  const bId = await idOf(b);
+  await idOf(a);
+  // Tab from the top of the page reaches the ID field; Enter submits the call.
+  await a.page.focus('body');
+  for (let i = 0; i < 10; i += 1) {
+    await a.page.keyboard.press('Tab');
+    if (await a.page.evaluate(() => document.activeElement.id === 'callee-id')) break;
+  }
+  assert.equal(await a.page.evaluate(() => document.activeElement.id), 'callee-id', 'Tab reaches the ID field');
+  await a.page.keyboard.type(String(bId));
+  await a.page.keyboard.press('Enter');
+  await b.page.waitForSelector('#incoming[open]', { timeout: STEP_MS });
+  // Accept has focus in the dialog: Enter answers.
+  await b.page.keyboard.press('Enter');
+  await Promise.all([waitState(a, 'incall'), waitState(b, 'incall')]);
+  await expectFramesFlowing(a);
+  // M toggles the microphone; the focused control shows a visible focus ring.
+  await a.page.keyboard.press('m');
+  await b.page.waitForSelector('#remote-muted', { state: 'visible', timeout: STEP_MS });
+  assert.equal(await a.page.evaluate(() => document.activeElement.id), 'btn-hangup', 'Hang up has focus in a call');
+  const outline = await a.page.evaluate(() => getComputedStyle(document.activeElement).outlineStyle);
+  assert.notEqual(outline, 'none', 'the focused control has a visible outline');
+  await a.page.keyboard.press('Enter');
+  await Promise.all([waitState(a, 'idle'), waitState(b, 'idle')]);
+  assertClean(a, b);
+});

@@ -1,0 +1,978 @@
+//! [`Gate`]: the front layer's decisions. Every packet a listener receives goes through
+//! [`Gate::inbound`] before the engine sees it, and everything the engine sends to a client goes
+//! through [`Gate::outbound`].
+//!
+//! The gate owns the rules that the engine lacks: REST-credential checks with 401 (not 400), the
+//! nonce the engine must accept, per-IP rate limits on unauthenticated requests, the peer policy
+//! (403), allocation quotas (486), stripping DONT-FRAGMENT and refusing RESERVATION-TOKEN. It does
+//! no I/O: it takes bytes and addresses and returns what to do, so it is unit-tested and benched
+//! without sockets. It must never block: the locks it takes guard O(1) map operations.
+//!
+//! # Nonces
+//! The engine keeps every nonce it ever hands out in a map that is only pruned when a client
+//! presents an expired one, so a stream of unauthenticated requests grows it without bound. The gate
+//! therefore never lets the engine challenge a client: it asks the engine for one nonce through a
+//! synthetic request from [`PRIMING_ADDR`] (see [`Gate::priming_request`]), captures the answer in
+//! [`Gate::outbound`], answers every 401/438 itself with that nonce, and only forwards requests that
+//! carry it. The engine's map grows by one entry per rotation ([`NONCE_ROTATION`]), not per packet.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use ring::hmac;
+
+use super::credentials::{long_term_key, RestUsername, TurnCredentials};
+use super::inspect::{self, attr, method, Class, Packet, StunMessage, StunWriter};
+use super::policy::PeerPolicy;
+use super::quota::{AllocationKey, AllocationLedger, QuotaExceeded, Transport};
+use super::reservation::PortReservations;
+use super::stats::TurnStats;
+
+/// The source address of the synthetic request that primes the engine's nonce. Port 0 cannot be a
+/// real UDP or TCP source, and packets claiming it are dropped on the way in.
+pub const PRIMING_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
+
+/// How often a fresh engine nonce is fetched. The engine forgets nonces after an hour.
+pub const NONCE_ROTATION: Duration = Duration::from_secs(30 * 60);
+
+/// A nonce older than this is answered 438 by the gate, well before the engine would expire it
+/// (and insert a new one into its map).
+pub const NONCE_ACCEPTED_FOR: Duration = Duration::from_secs(50 * 60);
+
+/// Above this many remembered keys the cache is cleared (they are re-derived on the next request).
+const MAX_VERIFIED_KEYS: usize = 65_536;
+
+/// What the listener should do with an inbound packet.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Hand the packet to the engine unchanged.
+    Forward,
+    /// Hand the engine this rewritten packet instead (DONT-FRAGMENT stripped and re-signed).
+    ForwardRewritten(Vec<u8>),
+    /// Hand the packet (or its rewrite) to the engine after putting the port reserved under
+    /// `token` in the generator's slot.
+    ForwardReserved {
+        /// The RESERVATION-TOKEN the request presented.
+        token: [u8; 8],
+        /// The request re-signed without DONT-FRAGMENT or with LIFETIME adjusted, if needed.
+        rewritten: Option<Vec<u8>>,
+    },
+    /// Send these bytes back to the source; the engine never sees the request.
+    Reply(Vec<u8>),
+    /// Drop the packet silently.
+    Drop(DropReason),
+}
+
+/// Why a packet was dropped without an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// Not STUN or ChannelData, or a STUN class the relay does not accept from clients.
+    NotTurn,
+    /// The source IP sent too many unauthenticated requests.
+    RateLimited,
+    /// The engine's nonce is not known yet (only during start-up).
+    NotPrimed,
+    /// The packet claims the priming address.
+    Spoofed,
+}
+
+/// What the listener should do with a packet the engine wants to send to a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outbound {
+    /// Send it.
+    Send,
+    /// Do not send it (it answered the gate's own priming request).
+    Swallow,
+    /// Reserve port `port + 1` under `token` (an EVEN-PORT allocation succeeded), then send it.
+    ReserveThenSend {
+        /// The RESERVATION-TOKEN the engine put in the response.
+        token: [u8; 8],
+        /// The relayed port the engine allocated.
+        port: u16,
+    },
+}
+
+/// State shared by every listener and every engine instance of one relay.
+pub struct GateShared {
+    realm: String,
+    credentials: TurnCredentials,
+    policy: PeerPolicy,
+    stats: Arc<TurnStats>,
+    unauthenticated: DefaultKeyedRateLimiter<IpAddr>,
+    ledger: Mutex<AllocationLedger>,
+    verified: Arc<VerifiedKeys>,
+    reservations: Arc<PortReservations>,
+    /// Error responses carrying a NONCE the engine has sent: each is one entry in its nonce map.
+    engine_nonces: AtomicUsize,
+}
+
+/// Long-term keys the gate has just verified, by client address, for [`RestAuthHandler`]: the
+/// engine asks its `AuthHandler` for a key by username only, and with several secrets in rotation
+/// only the gate knows which one the client used.
+#[derive(Debug, Default)]
+pub struct VerifiedKeys {
+    map: Mutex<HashMap<SocketAddr, (String, Vec<u8>)>>,
+}
+
+impl VerifiedKeys {
+    fn remember(&self, src: SocketAddr, username: &str, key: Vec<u8>) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= MAX_VERIFIED_KEYS && !map.contains_key(&src) {
+            map.clear();
+        }
+        map.insert(src, (username.to_owned(), key));
+    }
+
+    /// The key verified for `src` if it was for `username`.
+    fn key_for(&self, src: SocketAddr, username: &str) -> Option<Vec<u8>> {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&src)
+            .filter(|(u, _)| u == username)
+            .map(|(_, k)| k.clone())
+    }
+
+    /// How many keys are remembered (for the bounded-memory test).
+    pub fn len(&self) -> usize {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether no keys are remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The engine's `AuthHandler`: hands it the key the gate verified. The gate has already refused
+/// (with 401) anything this would refuse, so an `Err` here only happens for requests the engine
+/// processes without the gate having authenticated them — which the gate does not forward.
+pub struct RestAuthHandler {
+    verified: Arc<VerifiedKeys>,
+}
+
+impl turn::auth::AuthHandler for RestAuthHandler {
+    fn auth_handle(
+        &self,
+        username: &str,
+        _realm: &str,
+        src_addr: SocketAddr,
+    ) -> Result<Vec<u8>, turn::Error> {
+        self.verified
+            .key_for(src_addr, username)
+            .ok_or(turn::Error::ErrNoSuchUser)
+    }
+}
+
+/// Bounded-memory counters for tests and diagnostics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GateMemory {
+    /// Source IPs the unauthenticated rate limiter tracks.
+    pub rate_limited_ips: usize,
+    /// Keys remembered for the engine's `AuthHandler`.
+    pub verified_keys: usize,
+    /// Allocations (pending and confirmed) in the quota ledger.
+    pub ledger_entries: usize,
+    /// Nonces the engine has issued (each one stays in its map): one per priming, none per
+    /// client request.
+    pub engine_nonces: usize,
+}
+
+/// The rules a gate enforces, taken from [`TurnSettings`](super::TurnSettings).
+pub struct GateRules {
+    /// `realm`.
+    pub realm: String,
+    /// The REST secrets.
+    pub credentials: TurnCredentials,
+    /// Which peers may be relayed to.
+    pub policy: PeerPolicy,
+    /// `user-quota`.
+    pub user_quota: usize,
+    /// `total-quota`.
+    pub total_quota: usize,
+    /// Unauthenticated requests per source IP per second (burst twice that).
+    pub unauthenticated_per_ip_per_sec: u32,
+}
+
+impl GateShared {
+    /// Builds the shared state from validated rules.
+    pub fn new(
+        rules: GateRules,
+        stats: Arc<TurnStats>,
+        reservations: Arc<PortReservations>,
+    ) -> Arc<Self> {
+        let rate = NonZeroU32::new(rules.unauthenticated_per_ip_per_sec).unwrap_or(NonZeroU32::MIN);
+        let burst = rate.saturating_mul(NonZeroU32::new(2).unwrap_or(NonZeroU32::MIN));
+        Arc::new(GateShared {
+            realm: rules.realm,
+            credentials: rules.credentials,
+            policy: rules.policy,
+            stats,
+            unauthenticated: RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)),
+            ledger: Mutex::new(AllocationLedger::new(rules.user_quota, rules.total_quota)),
+            verified: Arc::new(VerifiedKeys::default()),
+            reservations,
+            engine_nonces: AtomicUsize::new(0),
+        })
+    }
+
+    /// The `AuthHandler` to give the engine.
+    pub fn auth_handler(&self) -> RestAuthHandler {
+        RestAuthHandler {
+            verified: Arc::clone(&self.verified),
+        }
+    }
+
+    /// Periodic housekeeping: forget idle rate-limiter entries and stale reservations.
+    pub fn maintain(&self, now: Instant) {
+        self.unauthenticated.retain_recent();
+        self.unauthenticated.shrink_to_fit();
+        self.ledger().expire_pending(now);
+        self.reservations.prune(now);
+    }
+
+    /// Ports held for RESERVATION-TOKENs.
+    pub fn reservations(&self) -> &Arc<PortReservations> {
+        &self.reservations
+    }
+
+    /// The engine closed an allocation (its `alloc_close_notify`).
+    pub fn allocation_closed(&self, key: &AllocationKey) {
+        if self.ledger().release(key) == Some(true) {
+            TurnStats::drop_one(&self.stats.allocations_active);
+        }
+    }
+
+    /// Sizes of the gate's maps.
+    pub fn memory(&self) -> GateMemory {
+        GateMemory {
+            rate_limited_ips: self.unauthenticated.len(),
+            verified_keys: self.verified.len(),
+            ledger_entries: self.ledger().total(),
+            engine_nonces: self.engine_nonces.load(Ordering::Relaxed),
+        }
+    }
+
+    fn ledger(&self) -> std::sync::MutexGuard<'_, AllocationLedger> {
+        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn allow_unauthenticated(&self, ip: IpAddr) -> bool {
+        if self.unauthenticated.check_key(&ip).is_ok() {
+            true
+        } else {
+            TurnStats::bump(&self.stats.rate_limited);
+            false
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct NonceState {
+    current: Option<(String, Instant)>,
+    previous: Option<(String, Instant)>,
+}
+
+/// The gate of one engine instance (one engine `Server`; its listeners share its nonce table).
+pub struct Gate {
+    shared: Arc<GateShared>,
+    transport: Transport,
+    nonce: RwLock<NonceState>,
+    primed: tokio::sync::watch::Sender<bool>,
+}
+
+impl Gate {
+    /// A gate for an engine instance serving `transport`.
+    pub fn new(shared: Arc<GateShared>, transport: Transport) -> Self {
+        Gate {
+            shared,
+            transport,
+            nonce: RwLock::new(NonceState::default()),
+            primed: tokio::sync::watch::channel(false).0,
+        }
+    }
+
+    /// The shared state.
+    pub fn shared(&self) -> &Arc<GateShared> {
+        &self.shared
+    }
+
+    /// The synthetic unauthenticated Allocate whose 401 carries the engine's next nonce.
+    pub fn priming_request() -> Vec<u8> {
+        let mut w = StunWriter::new(method::ALLOCATE, Class::Request, rand::random());
+        w.attribute(0x0019, &[17, 0, 0, 0]);
+        w.finish()
+    }
+
+    /// Whether the nonce is due for rotation at `now` (or was never fetched).
+    pub fn needs_priming(&self, now: Instant) -> bool {
+        let n = self.nonce.read().unwrap_or_else(|p| p.into_inner());
+        n.current
+            .as_ref()
+            .is_none_or(|(_, at)| now.saturating_duration_since(*at) >= NONCE_ROTATION)
+    }
+
+    /// Resolves once the engine's first nonce is known.
+    pub async fn primed(&self) {
+        let mut rx = self.primed.subscribe();
+        let _ = rx.wait_for(|p| *p).await;
+    }
+
+    fn current_nonce(&self) -> Option<String> {
+        let n = self.nonce.read().unwrap_or_else(|p| p.into_inner());
+        n.current.as_ref().map(|(s, _)| s.clone())
+    }
+
+    fn nonce_accepted(&self, nonce: &str, now: Instant) -> bool {
+        let n = self.nonce.read().unwrap_or_else(|p| p.into_inner());
+        n.current
+            .iter()
+            .chain(n.previous.iter())
+            .any(|(s, at)| s == nonce && now.saturating_duration_since(*at) < NONCE_ACCEPTED_FOR)
+    }
+
+    /// [`Gate::inbound`] at the current time, reading the clocks only for STUN requests: relayed
+    /// data (ChannelData, Send indications) is forwarded after a two-byte look.
+    pub fn inbound_now(&self, packet: &[u8], src: SocketAddr, local: SocketAddr) -> Verdict {
+        match packet.first() {
+            Some(0x40..=0x7f) if src.port() != 0 => {
+                if inspect::inspect(packet).is_ok() {
+                    Verdict::Forward
+                } else {
+                    Verdict::Drop(DropReason::NotTurn)
+                }
+            }
+            _ => self.inbound(packet, src, local, SystemTime::now(), Instant::now()),
+        }
+    }
+
+    /// Decides what to do with `packet` from `src` arriving at `local`.
+    pub fn inbound(
+        &self,
+        packet: &[u8],
+        src: SocketAddr,
+        local: SocketAddr,
+        wall: SystemTime,
+        now: Instant,
+    ) -> Verdict {
+        if src.port() == 0 {
+            return Verdict::Drop(DropReason::Spoofed);
+        }
+        let msg = match inspect::inspect(packet) {
+            Ok(Packet::ChannelData { .. }) => return Verdict::Forward,
+            Ok(Packet::Stun(m)) => m,
+            Err(_) => return Verdict::Drop(DropReason::NotTurn),
+        };
+        match msg.class {
+            Class::Indication if msg.method == method::SEND => return Verdict::Forward,
+            Class::Request => {}
+            _ => return Verdict::Drop(DropReason::NotTurn),
+        }
+        if msg.method == method::BINDING {
+            return if self.shared.allow_unauthenticated(src.ip()) {
+                Verdict::Forward
+            } else {
+                Verdict::Drop(DropReason::RateLimited)
+            };
+        }
+        if !msg.has_integrity() {
+            return self.challenge(&msg, src, 401, "Unauthorized");
+        }
+        let (Some(username), Some(realm), Some(nonce)) = (msg.username(), msg.realm(), msg.nonce())
+        else {
+            return Verdict::Reply(StunWriter::error_response(&msg, 400, "Bad Request").finish());
+        };
+        if !self.nonce_accepted(nonce, now) {
+            return self.challenge(&msg, src, 438, "Stale Nonce");
+        }
+        let Some(key) = self.authenticate(&msg, username, realm, wall) else {
+            TurnStats::bump(&self.shared.stats.auth_failures);
+            return self.challenge(&msg, src, 401, "Unauthorized");
+        };
+        let hkey = inspect::integrity_key(&key);
+        let user = RestUsername::parse(username, wall).map_or("", |u| u.user);
+        self.shared.verified.remember(src, username, key);
+
+        match msg.method {
+            method::ALLOCATE => {
+                let mut reserved_port = None;
+                if let Some(token) = msg.reservation_token() {
+                    // The engine never honours tokens; the front does, for the ones it backed.
+                    match token.filter(|t| self.shared.reservations.contains(t, now)) {
+                        Some(t) => reserved_port = Some(t),
+                        None => return signed_error(&msg, 508, "Insufficient Capacity", &hkey),
+                    }
+                }
+                let key = (self.transport, src, local);
+                let reserved = self.shared.ledger().reserve(key, user, now);
+                if let Err(e) = reserved {
+                    let counter = match e {
+                        QuotaExceeded::User(_) => &self.shared.stats.quota_hits_user,
+                        QuotaExceeded::Total(_) => &self.shared.stats.quota_hits_total,
+                    };
+                    TurnStats::bump(counter);
+                    tracing::debug!(%src, user, "refusing allocation: {e}");
+                    return signed_error(&msg, 486, "Allocation Quota Reached", &hkey);
+                }
+                let rewritten = rewrite_for_engine(&msg, &hkey);
+                match (reserved_port, rewritten) {
+                    (Some(token), rewritten) => Verdict::ForwardReserved { token, rewritten },
+                    (None, Some(bytes)) => Verdict::ForwardRewritten(bytes),
+                    (None, None) => Verdict::Forward,
+                }
+            }
+            method::REFRESH => match rewrite_for_engine(&msg, &hkey) {
+                Some(bytes) => Verdict::ForwardRewritten(bytes),
+                None => Verdict::Forward,
+            },
+            method::CREATE_PERMISSION | method::CHANNEL_BIND => {
+                if msg.too_many_peers {
+                    return signed_error(&msg, 400, "Too Many Peer Addresses", &hkey);
+                }
+                for peer in msg.peers().flatten() {
+                    if let Err(why) = self.shared.policy.check(peer.ip()) {
+                        TurnStats::bump(&self.shared.stats.refused_peers);
+                        tracing::debug!(%src, %peer, user, "refusing peer: {why}");
+                        return signed_error(&msg, 403, "Forbidden", &hkey);
+                    }
+                }
+                Verdict::Forward
+            }
+            _ => Verdict::Forward,
+        }
+    }
+
+    /// Answers 401 or 438 with the realm and the engine's nonce, rate-limited per source IP.
+    fn challenge(
+        &self,
+        msg: &StunMessage<'_>,
+        src: SocketAddr,
+        code: u16,
+        reason: &str,
+    ) -> Verdict {
+        if !self.shared.allow_unauthenticated(src.ip()) {
+            return Verdict::Drop(DropReason::RateLimited);
+        }
+        let Some(nonce) = self.current_nonce() else {
+            return Verdict::Drop(DropReason::NotPrimed);
+        };
+        let mut w = StunWriter::error_response(msg, code, reason);
+        w.attribute(attr::REALM, self.shared.realm.as_bytes());
+        w.attribute(attr::NONCE, nonce.as_bytes());
+        Verdict::Reply(w.finish())
+    }
+
+    /// Finds the secret whose key makes MESSAGE-INTEGRITY check out; `None` means 401.
+    fn authenticate(
+        &self,
+        msg: &StunMessage<'_>,
+        username: &str,
+        realm: &str,
+        wall: SystemTime,
+    ) -> Option<Vec<u8>> {
+        if realm != self.shared.realm {
+            return None;
+        }
+        if let Err(e) = RestUsername::parse(username, wall) {
+            tracing::debug!("refusing TURN request: {e}");
+            return None;
+        }
+        self.shared
+            .credentials
+            .passwords(username)
+            .map(|password| long_term_key(username, realm, &password))
+            .find(|key| msg.integrity_matches(&inspect::integrity_key(key)))
+    }
+
+    /// Observes what the engine sends to `dst`: captures priming answers, and keeps the quota
+    /// ledger and allocation counters in step with the engine's Allocate responses.
+    pub fn outbound(&self, packet: &[u8], dst: SocketAddr, local: SocketAddr) -> Outbound {
+        // Hot path first: relayed data (ChannelData, Data indications) needs no look.
+        let Some(&first) = packet.first() else {
+            return Outbound::Send;
+        };
+        if first & 0xc0 != 0 || packet.len() < 2 {
+            return Outbound::Send;
+        }
+        let typ = u16::from_be_bytes([packet[0], packet[1]]);
+        const ALLOCATE_SUCCESS: u16 = 0x0103;
+        const ALLOCATE_ERROR: u16 = 0x0113;
+        // Error responses (class bits 11) are rare; look for engine-issued nonces in them.
+        if typ & 0x0110 == 0x0110 {
+            if let Ok(m) = StunMessage::parse(packet) {
+                if let Some(nonce) = m.nonce() {
+                    self.shared.engine_nonces.fetch_add(1, Ordering::Relaxed);
+                    if dst == PRIMING_ADDR {
+                        self.rotate_nonce(nonce.to_owned(), Instant::now());
+                    }
+                }
+            }
+        }
+        if dst == PRIMING_ADDR {
+            return Outbound::Swallow;
+        }
+        match typ {
+            ALLOCATE_SUCCESS => {
+                if self.shared.ledger().confirm(&(self.transport, dst, local)) {
+                    TurnStats::bump(&self.shared.stats.allocations_created);
+                    TurnStats::bump(&self.shared.stats.allocations_active);
+                }
+                if let Some(reserve) = reservation_in(packet) {
+                    return reserve;
+                }
+            }
+            ALLOCATE_ERROR => {
+                // 437 (mismatch) means the 5-tuple already has a live allocation: keep it.
+                let mismatch =
+                    StunMessage::parse(packet).is_ok_and(|m| error_code(&m) == Some(437));
+                if !mismatch
+                    && self
+                        .shared
+                        .ledger()
+                        .release(&(self.transport, dst, local))
+                        .is_some()
+                {
+                    TurnStats::bump(&self.shared.stats.allocations_failed);
+                }
+            }
+            _ => {}
+        }
+        Outbound::Send
+    }
+
+    fn rotate_nonce(&self, nonce: String, now: Instant) {
+        let mut n = self.nonce.write().unwrap_or_else(|p| p.into_inner());
+        n.previous = n.current.take();
+        n.current = Some((nonce, now));
+        drop(n);
+        self.primed.send_replace(true);
+    }
+}
+
+/// RFC 8656 §7.2/§7.3: the lifetime granted is the requested one clamped to at most an hour, and
+/// never below the 10-minute default; 0 in a Refresh deletes the allocation. Returns the value to
+/// put in LIFETIME, or `None` if the request may go to the engine as it is.
+///
+/// The engine uses a requested lifetime only if it is *below* 3600 s (anything else becomes the
+/// default), and uses short ones as they are, so the gate sends it 600..=3599.
+pub fn engine_lifetime(method: u16, requested: u32) -> Option<u32> {
+    const DEFAULT: u32 = 600;
+    const ENGINE_MAX: u32 = 3599;
+    if method == method::REFRESH && requested == 0 {
+        return None;
+    }
+    let desired = requested.clamp(DEFAULT, ENGINE_MAX);
+    (desired != requested).then_some(desired)
+}
+
+/// Re-signs an Allocate or Refresh for the engine if it carries DONT-FRAGMENT (the engine would
+/// answer 420) or a LIFETIME the engine would misapply.
+fn rewrite_for_engine(msg: &StunMessage<'_>, key: &hmac::Key) -> Option<Vec<u8>> {
+    let lifetime = msg
+        .attribute(attr::LIFETIME)
+        .and_then(|v| <[u8; 4]>::try_from(v).ok())
+        .and_then(|v| engine_lifetime(msg.method, u32::from_be_bytes(v)));
+    if !msg.dont_fragment && lifetime.is_none() {
+        return None;
+    }
+    // Linux relay sockets send with DF per path-MTU discovery by default, so accepting
+    // DONT-FRAGMENT (as coturn does) is truthful.
+    let replace = lifetime.map(|l| (attr::LIFETIME, l.to_be_bytes()));
+    Some(inspect::rewrite(msg, &[attr::DONT_FRAGMENT], replace, key))
+}
+
+/// An Allocate success carrying RESERVATION-TOKEN: the port to reserve the next one after.
+fn reservation_in(packet: &[u8]) -> Option<Outbound> {
+    let m = StunMessage::parse(packet).ok()?;
+    let token: [u8; 8] = m.attribute(attr::RESERVATION_TOKEN)?.try_into().ok()?;
+    let relayed =
+        inspect::decode_xor_address(m.attribute(attr::XOR_RELAYED_ADDRESS)?, &m.transaction_id())?;
+    Some(Outbound::ReserveThenSend {
+        token,
+        port: relayed.port(),
+    })
+}
+
+fn signed_error(msg: &StunMessage<'_>, code: u16, reason: &str, key: &hmac::Key) -> Verdict {
+    Verdict::Reply(StunWriter::error_response(msg, code, reason).finish_with_integrity(key))
+}
+
+/// The ERROR-CODE of an error response, if any.
+pub fn error_code(m: &StunMessage<'_>) -> Option<u16> {
+    let raw = m.raw();
+    let mut at = inspect::HEADER_LEN;
+    while at + 4 <= raw.len() {
+        let t = u16::from_be_bytes([raw[at], raw[at + 1]]);
+        let l = usize::from(u16::from_be_bytes([raw[at + 2], raw[at + 3]]));
+        if t == attr::ERROR_CODE && l >= 4 && at + 8 <= raw.len() {
+            return Some(u16::from(raw[at + 6] & 0x7) * 100 + u16::from(raw[at + 7]));
+        }
+        at += 4 + l.next_multiple_of(4);
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::turn::inspect::{encode_xor_address, integrity_key};
+
+    const REALM: &str = "callgate";
+
+    fn shared(user_quota: usize, total: usize) -> Arc<GateShared> {
+        let policy = PeerPolicy {
+            allowed: vec!["127.0.0.1/32".parse().unwrap()],
+            ..Default::default()
+        };
+        GateShared::new(
+            GateRules {
+                realm: REALM.into(),
+                credentials: TurnCredentials::new(&["new", "old"]).unwrap(),
+                policy,
+                user_quota,
+                total_quota: total,
+                unauthenticated_per_ip_per_sec: 5,
+            },
+            Arc::new(TurnStats::default()),
+            Arc::new(PortReservations::new(
+                "127.0.0.1".parse().unwrap(),
+                65535,
+                0,
+            )),
+        )
+    }
+
+    fn primed_gate(shared: Arc<GateShared>) -> Gate {
+        let gate = Gate::new(shared, Transport::Udp);
+        assert!(gate.needs_priming(Instant::now()));
+        let req = Gate::priming_request();
+        let req = StunMessage::parse(&req).unwrap();
+        let mut answer = StunWriter::error_response(&req, 401, "");
+        answer.attribute(attr::NONCE, b"engine-nonce");
+        let out = gate.outbound(&answer.finish(), PRIMING_ADDR, local());
+        assert_eq!(out, Outbound::Swallow);
+        assert!(!gate.needs_priming(Instant::now()));
+        gate
+    }
+
+    fn local() -> SocketAddr {
+        "192.0.2.100:3478".parse().unwrap()
+    }
+
+    fn client(port: u16) -> SocketAddr {
+        SocketAddr::from(([198, 51, 100, 7], port))
+    }
+
+    struct Req {
+        method: u16,
+        username: String,
+        password: String,
+        nonce: &'static str,
+        peers: Vec<SocketAddr>,
+        dont_fragment: bool,
+    }
+
+    impl Req {
+        fn new(method: u16, creds: &TurnCredentials, user: &str) -> Self {
+            let c = creds.issue(user, SystemTime::now(), Duration::from_secs(600));
+            Req {
+                method,
+                username: c.username,
+                password: c.password,
+                nonce: "engine-nonce",
+                peers: vec![],
+                dont_fragment: false,
+            }
+        }
+
+        fn bytes(&self) -> Vec<u8> {
+            let tid = [9u8; 12];
+            let mut w = StunWriter::new(self.method, Class::Request, tid);
+            w.attribute(0x0019, &[17, 0, 0, 0]);
+            for p in &self.peers {
+                w.attribute(attr::XOR_PEER_ADDRESS, &encode_xor_address(*p, &tid));
+            }
+            if self.dont_fragment {
+                w.attribute(attr::DONT_FRAGMENT, &[]);
+            }
+            w.attribute(attr::USERNAME, self.username.as_bytes());
+            w.attribute(attr::REALM, REALM.as_bytes());
+            w.attribute(attr::NONCE, self.nonce.as_bytes());
+            let key = long_term_key(&self.username, REALM, &self.password);
+            w.finish_with_integrity(&integrity_key(&key))
+        }
+    }
+
+    fn reply_code(v: &Verdict) -> Option<u16> {
+        match v {
+            Verdict::Reply(b) => error_code(&StunMessage::parse(b).unwrap()),
+            _ => None,
+        }
+    }
+
+    fn inbound(gate: &Gate, bytes: &[u8], src: SocketAddr) -> Verdict {
+        gate.inbound(bytes, src, local(), SystemTime::now(), Instant::now())
+    }
+
+    #[test]
+    fn unauthenticated_requests_get_401_with_realm_and_engine_nonce() {
+        let gate = primed_gate(shared(10, 100));
+        let v = inbound(&gate, &Gate::priming_request(), client(1));
+        let Verdict::Reply(b) = &v else {
+            panic!("{v:?}")
+        };
+        let m = StunMessage::parse(b).unwrap();
+        assert_eq!(error_code(&m), Some(401));
+        assert_eq!(m.realm(), Some(REALM));
+        assert_eq!(m.nonce(), Some("engine-nonce"));
+    }
+
+    #[test]
+    fn before_priming_unauthenticated_requests_are_dropped() {
+        let gate = Gate::new(shared(10, 100), Transport::Udp);
+        assert_eq!(
+            inbound(&gate, &Gate::priming_request(), client(1)),
+            Verdict::Drop(DropReason::NotPrimed)
+        );
+    }
+
+    #[test]
+    fn valid_credentials_under_either_secret_are_forwarded() {
+        let s = shared(10, 100);
+        let gate = primed_gate(Arc::clone(&s));
+        let old = TurnCredentials::new(&["old"]).unwrap();
+        let req = Req::new(method::ALLOCATE, &old, "alice");
+        assert_eq!(inbound(&gate, &req.bytes(), client(1)), Verdict::Forward);
+        // The engine's AuthHandler gets the key the gate verified.
+        let handler = s.auth_handler();
+        let key = turn::auth::AuthHandler::auth_handle(&handler, &req.username, REALM, client(1));
+        assert_eq!(
+            key.unwrap(),
+            long_term_key(&req.username, REALM, &req.password)
+        );
+        assert!(turn::auth::AuthHandler::auth_handle(&handler, "x", REALM, client(1)).is_err());
+    }
+
+    #[test]
+    fn wrong_expired_or_foreign_credentials_get_401() {
+        let gate = primed_gate(shared(10, 100));
+        let creds = TurnCredentials::new(&["new"]).unwrap();
+        let mut wrong = Req::new(method::ALLOCATE, &creds, "a");
+        wrong.password = "nope".into();
+        assert_eq!(
+            reply_code(&inbound(&gate, &wrong.bytes(), client(1))),
+            Some(401)
+        );
+
+        let mut expired = Req::new(method::ALLOCATE, &creds, "a");
+        let c = creds.issue(
+            "a",
+            SystemTime::now() - Duration::from_secs(7200),
+            Duration::from_secs(60),
+        );
+        expired.username = c.username;
+        expired.password = c.password;
+        assert_eq!(
+            reply_code(&inbound(&gate, &expired.bytes(), client(2))),
+            Some(401)
+        );
+
+        let other = TurnCredentials::new(&["someone-else"]).unwrap();
+        let foreign = Req::new(method::ALLOCATE, &other, "a");
+        assert_eq!(
+            reply_code(&inbound(&gate, &foreign.bytes(), client(3))),
+            Some(401)
+        );
+        assert_eq!(gate.shared.stats.snapshot().auth_failures, 3);
+    }
+
+    #[test]
+    fn unknown_nonce_gets_438() {
+        let gate = primed_gate(shared(10, 100));
+        let creds = TurnCredentials::new(&["new"]).unwrap();
+        let mut req = Req::new(method::ALLOCATE, &creds, "a");
+        req.nonce = "made-up";
+        assert_eq!(
+            reply_code(&inbound(&gate, &req.bytes(), client(1))),
+            Some(438)
+        );
+    }
+
+    #[test]
+    fn quota_gets_486_and_frees_on_close() {
+        let s = shared(2, 100);
+        let gate = primed_gate(Arc::clone(&s));
+        let creds = TurnCredentials::new(&["new"]).unwrap();
+        let req = Req::new(method::ALLOCATE, &creds, "bob").bytes();
+        for port in [1, 2] {
+            assert_eq!(inbound(&gate, &req, client(port)), Verdict::Forward);
+        }
+        let v = inbound(&gate, &req, client(3));
+        assert_eq!(reply_code(&v), Some(486));
+        // The 486 is signed, so the client can trust it.
+        let Verdict::Reply(b) = v else { unreachable!() };
+        let m = StunMessage::parse(&b).unwrap();
+        let c = Req::new(method::ALLOCATE, &creds, "bob");
+        assert!(m.integrity_matches(&integrity_key(&long_term_key(
+            &c.username,
+            REALM,
+            &c.password
+        ))));
+        assert_eq!(s.stats.snapshot().quota_hits_user, 1);
+
+        // Engine confirms allocation 1, then closes it: a slot frees up.
+        let success = StunWriter::new(method::ALLOCATE, Class::Success, [9; 12]).finish();
+        gate.outbound(&success, client(1), local());
+        assert_eq!(s.stats.snapshot().allocations_active, 1);
+        s.allocation_closed(&(Transport::Udp, client(1), local()));
+        assert_eq!(s.stats.snapshot().allocations_active, 0);
+        assert_eq!(inbound(&gate, &req, client(3)), Verdict::Forward);
+        // An engine error response releases the pending slot.
+        let parsed = StunMessage::parse(&req).unwrap();
+        let err = StunWriter::error_response(&parsed, 508, "").finish();
+        gate.outbound(&err, client(2), local());
+        assert_eq!(inbound(&gate, &req, client(4)), Verdict::Forward);
+    }
+
+    #[test]
+    fn refused_peers_get_403_and_allowed_ones_pass() {
+        let gate = primed_gate(shared(10, 100));
+        let creds = TurnCredentials::new(&["new"]).unwrap();
+        for method in [method::CREATE_PERMISSION, method::CHANNEL_BIND] {
+            for peer in [
+                "[::ffff:127.0.0.3]:9",
+                "0.0.0.0:9",
+                "169.254.169.254:80",
+                "127.0.0.2:9",
+                "10.0.0.1:9",
+                "[::1]:9",
+                "[64:ff9b::a9fe:a9fe]:80",
+            ] {
+                let mut req = Req::new(method, &creds, "a");
+                req.peers = vec!["8.8.8.8:1".parse().unwrap(), peer.parse().unwrap()];
+                assert_eq!(
+                    reply_code(&inbound(&gate, &req.bytes(), client(1))),
+                    Some(403),
+                    "{peer}"
+                );
+            }
+            let mut ok = Req::new(method, &creds, "a");
+            ok.peers = vec!["127.0.0.1:9".parse().unwrap()];
+            assert_eq!(inbound(&gate, &ok.bytes(), client(1)), Verdict::Forward);
+        }
+        assert_eq!(gate.shared.stats.snapshot().refused_peers, 14);
+    }
+
+    #[test]
+    fn dont_fragment_is_stripped_and_resigned() {
+        let gate = primed_gate(shared(10, 100));
+        let creds = TurnCredentials::new(&["new"]).unwrap();
+        let mut req = Req::new(method::ALLOCATE, &creds, "a");
+        req.dont_fragment = true;
+        let Verdict::ForwardRewritten(b) = inbound(&gate, &req.bytes(), client(1)) else {
+            panic!("not rewritten")
+        };
+        let m = StunMessage::parse(&b).unwrap();
+        assert!(!m.dont_fragment);
+        let key = long_term_key(&req.username, REALM, &req.password);
+        assert!(m.integrity_matches(&integrity_key(&key)));
+    }
+
+    #[test]
+    fn unauthenticated_floods_are_rate_limited_per_ip() {
+        let s = shared(10, 100);
+        let gate = primed_gate(Arc::clone(&s));
+        let req = Gate::priming_request();
+        let answered = (0..100)
+            .filter(|_| matches!(inbound(&gate, &req, client(5)), Verdict::Reply(_)))
+            .count();
+        assert_eq!(answered, 10, "burst of 2 x 5/s");
+        // Another IP is unaffected.
+        let other = SocketAddr::from(([203, 0, 113, 1], 5));
+        assert!(matches!(inbound(&gate, &req, other), Verdict::Reply(_)));
+        assert_eq!(s.stats.snapshot().rate_limited, 90);
+        assert_eq!(s.memory().rate_limited_ips, 2);
+    }
+
+    #[test]
+    fn lifetimes_are_clamped_per_rfc_8656() {
+        use method::{ALLOCATE, REFRESH};
+        assert_eq!(engine_lifetime(ALLOCATE, 600), None);
+        assert_eq!(engine_lifetime(ALLOCATE, 1800), None);
+        assert_eq!(engine_lifetime(ALLOCATE, 3599), None);
+        assert_eq!(engine_lifetime(ALLOCATE, 3600), Some(3599));
+        assert_eq!(engine_lifetime(ALLOCATE, u32::MAX), Some(3599));
+        assert_eq!(engine_lifetime(ALLOCATE, 60), Some(600));
+        assert_eq!(engine_lifetime(ALLOCATE, 0), Some(600));
+        assert_eq!(engine_lifetime(REFRESH, 0), None, "0 deletes");
+        assert_eq!(engine_lifetime(REFRESH, 1), Some(600));
+        assert_eq!(engine_lifetime(REFRESH, 86_400), Some(3599));
+    }
+
+    #[test]
+    fn short_lifetime_is_rewritten_and_resigned() {
+        let gate = primed_gate(shared(10, 100));
+        let creds = TurnCredentials::new(&["new"]).unwrap();
+        let req = Req::new(method::REFRESH, &creds, "a");
+        let mut bytes = req.bytes();
+        // Rebuild with LIFETIME 30 s before integrity.
+        let parsed = StunMessage::parse(&bytes).unwrap();
+        let key = integrity_key(&long_term_key(&req.username, REALM, &req.password));
+        bytes = inspect::rewrite(
+            &parsed,
+            &[],
+            Some((attr::LIFETIME, 30u32.to_be_bytes())),
+            &key,
+        );
+        let Verdict::ForwardRewritten(b) = inbound(&gate, &bytes, client(1)) else {
+            panic!("not rewritten")
+        };
+        let m = StunMessage::parse(&b).unwrap();
+        assert_eq!(m.attribute(attr::LIFETIME), Some(&600u32.to_be_bytes()[..]));
+        assert!(m.integrity_matches(&key));
+    }
+
+    #[test]
+    fn channel_data_fast_path_checks_length_only() {
+        let gate = Gate::new(shared(10, 100), Transport::Udp);
+        assert_eq!(
+            gate.inbound_now(&[0x40, 1, 0, 2, 9, 9], client(1), local()),
+            Verdict::Forward
+        );
+        assert_eq!(
+            gate.inbound_now(&[0x40, 1, 0, 9, 9], client(1), local()),
+            Verdict::Drop(DropReason::NotTurn)
+        );
+        assert_eq!(
+            gate.inbound_now(&[0x40, 1, 0, 0], PRIMING_ADDR, local()),
+            Verdict::Drop(DropReason::Spoofed)
+        );
+    }
+
+    #[test]
+    fn drops_what_is_not_a_client_request() {
+        let gate = primed_gate(shared(10, 100));
+        assert_eq!(
+            inbound(&gate, b"GET / HTTP/1.1\r\n", client(1)),
+            Verdict::Drop(DropReason::NotTurn)
+        );
+        let success = StunWriter::new(method::BINDING, Class::Success, [1; 12]).finish();
+        assert_eq!(
+            inbound(&gate, &success, client(1)),
+            Verdict::Drop(DropReason::NotTurn)
+        );
+        assert_eq!(
+            inbound(&gate, &Gate::priming_request(), PRIMING_ADDR),
+            Verdict::Drop(DropReason::Spoofed)
+        );
+        assert_eq!(
+            inbound(&gate, &[0x40, 0, 0, 0], client(1)),
+            Verdict::Forward
+        );
+        let binding = StunWriter::new(method::BINDING, Class::Request, [1; 12]).finish();
+        assert_eq!(inbound(&gate, &binding, client(1)), Verdict::Forward);
+    }
+}

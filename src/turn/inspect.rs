@@ -1,0 +1,670 @@
+//! Zero-copy reading and minimal writing of STUN and ChannelData messages, for the front layer that
+//! sees every packet before the engine does.
+//!
+//! This module owns byte layout only (RFC 8489 / RFC 8656): it tells a ChannelData frame from a STUN
+//! message, indexes the few attributes the front layer acts on, checks MESSAGE-INTEGRITY against a
+//! key, decodes XOR-PEER-ADDRESS, and writes the handful of error responses the front layer sends
+//! itself. It does no I/O and keeps no state, and reading never allocates.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use ring::hmac;
+use subtle::ConstantTimeEq;
+
+/// The fixed STUN magic cookie.
+pub const MAGIC_COOKIE: u32 = 0x2112_A442;
+/// STUN header length.
+pub const HEADER_LEN: usize = 20;
+
+/// STUN methods the front layer distinguishes.
+pub mod method {
+    /// Binding (STUN).
+    pub const BINDING: u16 = 0x001;
+    /// Allocate.
+    pub const ALLOCATE: u16 = 0x003;
+    /// Refresh.
+    pub const REFRESH: u16 = 0x004;
+    /// Send (indication).
+    pub const SEND: u16 = 0x006;
+    /// Data (indication).
+    pub const DATA: u16 = 0x007;
+    /// CreatePermission.
+    pub const CREATE_PERMISSION: u16 = 0x008;
+    /// ChannelBind.
+    pub const CHANNEL_BIND: u16 = 0x009;
+}
+
+/// STUN attribute types the front layer reads or writes.
+pub mod attr {
+    /// USERNAME.
+    pub const USERNAME: u16 = 0x0006;
+    /// MESSAGE-INTEGRITY.
+    pub const MESSAGE_INTEGRITY: u16 = 0x0008;
+    /// ERROR-CODE.
+    pub const ERROR_CODE: u16 = 0x0009;
+    /// XOR-PEER-ADDRESS.
+    pub const XOR_PEER_ADDRESS: u16 = 0x0012;
+    /// XOR-RELAYED-ADDRESS.
+    pub const XOR_RELAYED_ADDRESS: u16 = 0x0016;
+    /// LIFETIME.
+    pub const LIFETIME: u16 = 0x000D;
+    /// REALM.
+    pub const REALM: u16 = 0x0014;
+    /// NONCE.
+    pub const NONCE: u16 = 0x0015;
+    /// DONT-FRAGMENT.
+    pub const DONT_FRAGMENT: u16 = 0x001A;
+    /// RESERVATION-TOKEN.
+    pub const RESERVATION_TOKEN: u16 = 0x0022;
+    /// FINGERPRINT.
+    pub const FINGERPRINT: u16 = 0x8028;
+}
+
+/// The four STUN message classes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// Expects a response.
+    Request,
+    /// Fire and forget (Send, Data).
+    Indication,
+    /// Success response.
+    Success,
+    /// Error response.
+    Error,
+}
+
+/// Why a packet is not something the relay will look at further. Such packets are dropped silently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum InspectError {
+    /// Neither STUN (first two bits 00 with the magic cookie) nor ChannelData (first bits 01).
+    #[error("the packet is neither STUN nor ChannelData")]
+    Unknown,
+    /// The header's length disagrees with the bytes received, or an attribute overruns.
+    #[error("the packet's length fields disagree with its size")]
+    Truncated,
+}
+
+/// One datagram (or one stream frame) as the front layer sees it.
+// Lives on the stack for one packet; boxing the STUN index would allocate per packet.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Packet<'a> {
+    /// Relay data for a bound channel: the hot path, passed through without parsing.
+    ChannelData {
+        /// The channel number (0x4000–0x7FFF).
+        number: u16,
+        /// Length of the application data after the 4-byte header.
+        len: usize,
+    },
+    /// A STUN message with its interesting attributes indexed.
+    Stun(StunMessage<'a>),
+}
+
+/// Upper bound of XOR-PEER-ADDRESS attributes indexed in one CreatePermission. More than this and
+/// the request is refused (clients send one; RFC allows several).
+pub const MAX_PEERS: usize = 8;
+
+/// A parsed STUN message: header fields plus offsets of the attributes the relay acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StunMessage<'a> {
+    raw: &'a [u8],
+    /// The method (`method::ALLOCATE`, …).
+    pub method: u16,
+    /// Request, indication or response.
+    pub class: Class,
+    username: Option<(usize, usize)>,
+    realm: Option<(usize, usize)>,
+    nonce: Option<(usize, usize)>,
+    /// Offset of the MESSAGE-INTEGRITY attribute header, if present.
+    integrity: Option<usize>,
+    /// DONT-FRAGMENT is present.
+    pub dont_fragment: bool,
+    reservation_token: Option<(usize, usize)>,
+    peers: [(usize, usize); MAX_PEERS],
+    peer_count: usize,
+    /// More XOR-PEER-ADDRESS attributes than [`MAX_PEERS`].
+    pub too_many_peers: bool,
+}
+
+/// Splits ChannelData from STUN and indexes a STUN message. `buf` is one datagram or one frame.
+pub fn inspect(buf: &[u8]) -> Result<Packet<'_>, InspectError> {
+    match buf.first() {
+        Some(0x40..=0x7f) => {
+            if buf.len() < 4 {
+                return Err(InspectError::Truncated);
+            }
+            let number = u16::from_be_bytes([buf[0], buf[1]]);
+            let len = usize::from(u16::from_be_bytes([buf[2], buf[3]]));
+            if buf.len() < 4 + len {
+                return Err(InspectError::Truncated);
+            }
+            Ok(Packet::ChannelData { number, len })
+        }
+        Some(0x00..=0x3f) => StunMessage::parse(buf).map(Packet::Stun),
+        _ => Err(InspectError::Unknown),
+    }
+}
+
+impl<'a> StunMessage<'a> {
+    /// Parses the header and indexes attributes up to MESSAGE-INTEGRITY (later ones, other than
+    /// FINGERPRINT, must be ignored per RFC 8489 §14.5).
+    pub fn parse(raw: &'a [u8]) -> Result<Self, InspectError> {
+        if raw.len() < HEADER_LEN {
+            return Err(InspectError::Truncated);
+        }
+        let typ = u16::from_be_bytes([raw[0], raw[1]]);
+        let len = usize::from(u16::from_be_bytes([raw[2], raw[3]]));
+        if typ & 0xc000 != 0 || u32::from_be_bytes([raw[4], raw[5], raw[6], raw[7]]) != MAGIC_COOKIE
+        {
+            return Err(InspectError::Unknown);
+        }
+        if len % 4 != 0 || HEADER_LEN + len != raw.len() {
+            return Err(InspectError::Truncated);
+        }
+        let class = match ((typ >> 4) & 1) | ((typ >> 7) & 2) {
+            0 => Class::Request,
+            1 => Class::Indication,
+            2 => Class::Success,
+            _ => Class::Error,
+        };
+        let method = (typ & 0x000f) | ((typ >> 1) & 0x0070) | ((typ >> 2) & 0x0f80);
+        let mut m = StunMessage {
+            raw,
+            method,
+            class,
+            username: None,
+            realm: None,
+            nonce: None,
+            integrity: None,
+            dont_fragment: false,
+            reservation_token: None,
+            peers: [(0, 0); MAX_PEERS],
+            peer_count: 0,
+            too_many_peers: false,
+        };
+        let mut at = HEADER_LEN;
+        while at < raw.len() {
+            if raw.len() - at < 4 {
+                return Err(InspectError::Truncated);
+            }
+            let t = u16::from_be_bytes([raw[at], raw[at + 1]]);
+            let l = usize::from(u16::from_be_bytes([raw[at + 2], raw[at + 3]]));
+            let value = (at + 4, at + 4 + l);
+            if value.1 > raw.len() {
+                return Err(InspectError::Truncated);
+            }
+            if m.integrity.is_none() {
+                match t {
+                    attr::USERNAME => m.username = m.username.or(Some(value)),
+                    attr::REALM => m.realm = m.realm.or(Some(value)),
+                    attr::NONCE => m.nonce = m.nonce.or(Some(value)),
+                    attr::MESSAGE_INTEGRITY if l == 20 => m.integrity = Some(at),
+                    attr::DONT_FRAGMENT => m.dont_fragment = true,
+                    attr::RESERVATION_TOKEN => {
+                        m.reservation_token = m.reservation_token.or(Some(value))
+                    }
+                    attr::XOR_PEER_ADDRESS => {
+                        if m.peer_count < MAX_PEERS {
+                            m.peers[m.peer_count] = value;
+                            m.peer_count += 1;
+                        } else {
+                            m.too_many_peers = true;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            at += 4 + l.next_multiple_of(4);
+        }
+        Ok(m)
+    }
+
+    /// The whole message.
+    pub fn raw(&self) -> &'a [u8] {
+        self.raw
+    }
+
+    /// The 96-bit transaction ID.
+    pub fn transaction_id(&self) -> [u8; 12] {
+        let mut t = [0; 12];
+        t.copy_from_slice(&self.raw[8..20]);
+        t
+    }
+
+    fn text(&self, span: Option<(usize, usize)>) -> Option<&'a str> {
+        span.and_then(|(a, b)| std::str::from_utf8(&self.raw[a..b]).ok())
+    }
+
+    /// USERNAME, if present and UTF-8.
+    pub fn username(&self) -> Option<&'a str> {
+        self.text(self.username)
+    }
+
+    /// REALM, if present and UTF-8.
+    pub fn realm(&self) -> Option<&'a str> {
+        self.text(self.realm)
+    }
+
+    /// NONCE, if present and UTF-8.
+    pub fn nonce(&self) -> Option<&'a str> {
+        self.text(self.nonce)
+    }
+
+    /// RESERVATION-TOKEN, if present: `Some(Some(token))` when it is 8 bytes long, `Some(None)`
+    /// when malformed.
+    pub fn reservation_token(&self) -> Option<Option<[u8; 8]>> {
+        self.reservation_token
+            .map(|(a, b)| self.raw[a..b].try_into().ok())
+    }
+
+    /// The first attribute of type `typ` anywhere in the message (a linear scan, for cold paths
+    /// such as reading an engine response).
+    pub fn attribute(&self, typ: u16) -> Option<&'a [u8]> {
+        let raw = self.raw;
+        let mut at = HEADER_LEN;
+        while at + 4 <= raw.len() {
+            let t = u16::from_be_bytes([raw[at], raw[at + 1]]);
+            let l = usize::from(u16::from_be_bytes([raw[at + 2], raw[at + 3]]));
+            if at + 4 + l > raw.len() {
+                return None;
+            }
+            if t == typ {
+                return Some(&raw[at + 4..at + 4 + l]);
+            }
+            at += 4 + l.next_multiple_of(4);
+        }
+        None
+    }
+
+    /// Whether MESSAGE-INTEGRITY is present.
+    pub fn has_integrity(&self) -> bool {
+        self.integrity.is_some()
+    }
+
+    /// Checks MESSAGE-INTEGRITY (HMAC-SHA1 over the message up to it, with the header length
+    /// adjusted to end after it) under `key`, in constant time. No allocation.
+    pub fn integrity_matches(&self, key: &hmac::Key) -> bool {
+        let Some(at) = self.integrity else {
+            return false;
+        };
+        let tag = integrity_tag(key, &self.raw[..at]);
+        tag.ct_eq(&self.raw[at + 4..at + 24]).into()
+    }
+
+    /// The XOR-PEER-ADDRESS attributes, decoded; a malformed one yields `None`.
+    pub fn peers(&self) -> impl Iterator<Item = Option<SocketAddr>> + '_ {
+        self.peers[..self.peer_count]
+            .iter()
+            .map(|&(a, b)| decode_xor_address(&self.raw[a..b], &self.raw[8..20]))
+    }
+
+    /// How many XOR-PEER-ADDRESS attributes were indexed.
+    pub fn peer_count(&self) -> usize {
+        self.peer_count
+    }
+}
+
+/// HMAC-SHA1 over `prefix` (header plus attributes before MESSAGE-INTEGRITY) with the header's
+/// length field set as if the message ended right after a MESSAGE-INTEGRITY attribute.
+fn integrity_tag(key: &hmac::Key, prefix: &[u8]) -> [u8; 20] {
+    let mut header = [0u8; HEADER_LEN];
+    header.copy_from_slice(&prefix[..HEADER_LEN]);
+    let len = (prefix.len() - HEADER_LEN + 24) as u16;
+    header[2..4].copy_from_slice(&len.to_be_bytes());
+    let mut ctx = hmac::Context::with_key(key);
+    ctx.update(&header);
+    ctx.update(&prefix[HEADER_LEN..]);
+    let mut tag = [0u8; 20];
+    tag.copy_from_slice(ctx.sign().as_ref());
+    tag
+}
+
+/// Decodes an XOR-MAPPED/PEER/RELAYED-ADDRESS value.
+pub fn decode_xor_address(value: &[u8], transaction_id: &[u8]) -> Option<SocketAddr> {
+    if value.len() < 4 {
+        return None;
+    }
+    let port = u16::from_be_bytes([value[2], value[3]]) ^ (MAGIC_COOKIE >> 16) as u16;
+    let cookie = MAGIC_COOKIE.to_be_bytes();
+    match (value[1], value.len()) {
+        (0x01, 8) => {
+            let mut o = [0u8; 4];
+            for i in 0..4 {
+                o[i] = value[4 + i] ^ cookie[i];
+            }
+            Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::from(o)), port))
+        }
+        (0x02, 20) => {
+            let mut o = [0u8; 16];
+            for i in 0..16 {
+                let pad = if i < 4 {
+                    cookie[i]
+                } else {
+                    transaction_id[i - 4]
+                };
+                o[i] = value[4 + i] ^ pad;
+            }
+            Some(SocketAddr::new(IpAddr::V6(Ipv6Addr::from(o)), port))
+        }
+        _ => None,
+    }
+}
+
+/// Encodes an XOR-PEER-ADDRESS-style value (used by tests, benches and rewritten requests).
+pub fn encode_xor_address(addr: SocketAddr, transaction_id: &[u8; 12]) -> Vec<u8> {
+    let cookie = MAGIC_COOKIE.to_be_bytes();
+    let port = addr.port() ^ (MAGIC_COOKIE >> 16) as u16;
+    let mut v = vec![0u8];
+    match addr.ip() {
+        IpAddr::V4(ip) => {
+            v.push(0x01);
+            v.extend_from_slice(&port.to_be_bytes());
+            v.extend(ip.octets().iter().zip(cookie).map(|(a, c)| a ^ c));
+        }
+        IpAddr::V6(ip) => {
+            v.push(0x02);
+            v.extend_from_slice(&port.to_be_bytes());
+            let pad: Vec<u8> = cookie
+                .iter()
+                .chain(transaction_id.iter())
+                .copied()
+                .collect();
+            v.extend(ip.octets().iter().zip(pad).map(|(a, c)| a ^ c));
+        }
+    }
+    v
+}
+
+/// Writes STUN messages attribute by attribute; used for the few responses the front layer sends
+/// itself and for rewritten requests. Not on the per-packet path.
+#[derive(Debug)]
+pub struct StunWriter {
+    buf: Vec<u8>,
+}
+
+impl StunWriter {
+    /// Starts a message of `method` and `class` with `transaction_id`.
+    pub fn new(method: u16, class: Class, transaction_id: [u8; 12]) -> Self {
+        let c = match class {
+            Class::Request => 0,
+            Class::Indication => 1,
+            Class::Success => 2,
+            Class::Error => 3,
+        };
+        let typ = (method & 0x000f)
+            | ((method & 0x0070) << 1)
+            | ((method & 0x0f80) << 2)
+            | ((c & 1) << 4)
+            | ((c & 2) << 7);
+        let mut buf = Vec::with_capacity(128);
+        buf.extend_from_slice(&typ.to_be_bytes());
+        buf.extend_from_slice(&[0, 0]);
+        buf.extend_from_slice(&MAGIC_COOKIE.to_be_bytes());
+        buf.extend_from_slice(&transaction_id);
+        StunWriter { buf }
+    }
+
+    /// An error response to `request` carrying `code` and a short reason phrase.
+    pub fn error_response(request: &StunMessage<'_>, code: u16, reason: &str) -> Self {
+        let mut w = StunWriter::new(request.method, Class::Error, request.transaction_id());
+        let mut v = vec![0, 0, (code / 100) as u8, (code % 100) as u8];
+        v.extend_from_slice(reason.as_bytes());
+        w.attribute(attr::ERROR_CODE, &v);
+        w
+    }
+
+    /// Appends one attribute, padded to 4 bytes, and updates the header length.
+    pub fn attribute(&mut self, typ: u16, value: &[u8]) -> &mut Self {
+        self.buf.extend_from_slice(&typ.to_be_bytes());
+        self.buf
+            .extend_from_slice(&(value.len() as u16).to_be_bytes());
+        self.buf.extend_from_slice(value);
+        self.buf.resize(self.buf.len().next_multiple_of(4), 0);
+        let len = (self.buf.len() - HEADER_LEN) as u16;
+        self.buf[2..4].copy_from_slice(&len.to_be_bytes());
+        self
+    }
+
+    /// Appends MESSAGE-INTEGRITY under `key` and returns the finished message.
+    pub fn finish_with_integrity(mut self, key: &hmac::Key) -> Vec<u8> {
+        let tag = integrity_tag(key, &self.buf);
+        self.attribute(attr::MESSAGE_INTEGRITY, &tag);
+        self.buf
+    }
+
+    /// Returns the finished message without integrity (challenges, unauthenticated errors).
+    pub fn finish(self) -> Vec<u8> {
+        self.buf
+    }
+}
+
+/// Rewrites an authenticated request without the attributes in `strip`, re-signing it under `key`.
+/// The front layer uses it to remove DONT-FRAGMENT, which the engine would answer with 420.
+pub fn rewrite_without(message: &StunMessage<'_>, strip: &[u16], key: &hmac::Key) -> Vec<u8> {
+    rewrite(message, strip, None, key)
+}
+
+/// Rewrites an authenticated request without the attributes in `strip` and with the value of the
+/// attribute `replace.0` set to `replace.1` (appended if absent), re-signed under `key`.
+pub fn rewrite(
+    message: &StunMessage<'_>,
+    strip: &[u16],
+    replace: Option<(u16, [u8; 4])>,
+    key: &hmac::Key,
+) -> Vec<u8> {
+    let raw = message.raw;
+    let class = message.class;
+    let mut replaced = false;
+    let mut w = StunWriter::new(message.method, class, message.transaction_id());
+    let mut at = HEADER_LEN;
+    while at + 4 <= raw.len() {
+        let t = u16::from_be_bytes([raw[at], raw[at + 1]]);
+        let l = usize::from(u16::from_be_bytes([raw[at + 2], raw[at + 3]]));
+        if t == attr::MESSAGE_INTEGRITY {
+            break;
+        }
+        match replace {
+            Some((typ, value)) if typ == t => {
+                w.attribute(t, &value);
+                replaced = true;
+            }
+            _ if strip.contains(&t) => {}
+            _ => {
+                w.attribute(t, &raw[at + 4..at + 4 + l]);
+            }
+        }
+        at += 4 + l.next_multiple_of(4);
+    }
+    if let Some((typ, value)) = replace.filter(|_| !replaced) {
+        w.attribute(typ, &value);
+    }
+    w.finish_with_integrity(key)
+}
+
+/// An HMAC key for MESSAGE-INTEGRITY from a 16-byte long-term key.
+pub fn integrity_key(long_term_key: &[u8]) -> hmac::Key {
+    hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, long_term_key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stun::agent::TransactionId;
+    use stun::attributes::{ATTR_NONCE, ATTR_REALM, ATTR_USERNAME};
+    use stun::integrity::MessageIntegrity;
+    use stun::message::{Getter, Message, MessageType, Setter, CLASS_REQUEST, METHOD_ALLOCATE};
+    use stun::textattrs::{Nonce, Realm, Username};
+    use turn::proto::peeraddr::PeerAddress;
+
+    fn stun_request(method: stun::message::Method, extra: Vec<Box<dyn Setter>>) -> Message {
+        let mut setters: Vec<Box<dyn Setter>> = vec![
+            Box::new(TransactionId::new()),
+            Box::new(MessageType::new(method, CLASS_REQUEST)),
+        ];
+        setters.extend(extra);
+        let mut m = Message::new();
+        m.build(&setters).unwrap();
+        m
+    }
+
+    #[test]
+    fn tells_channel_data_from_stun_and_garbage() {
+        assert_eq!(
+            inspect(&[0x40, 0x01, 0x00, 0x02, 0xaa, 0xbb, 0, 0]),
+            Ok(Packet::ChannelData {
+                number: 0x4001,
+                len: 2
+            })
+        );
+        assert_eq!(
+            inspect(&[0x40, 0x01, 0x00, 0x05, 0xaa]),
+            Err(InspectError::Truncated)
+        );
+        assert_eq!(inspect(&[0x80; 24]), Err(InspectError::Unknown));
+        assert_eq!(inspect(&[]), Err(InspectError::Unknown));
+        let mut not_cookie = [0u8; 20];
+        not_cookie[1] = 1;
+        assert_eq!(inspect(&not_cookie), Err(InspectError::Unknown));
+    }
+
+    #[test]
+    fn indexes_a_stun_allocate_built_by_the_stun_crate() {
+        let key = crate::turn::credentials::long_term_key("1:u", "realm", "pw");
+        let m = stun_request(
+            METHOD_ALLOCATE,
+            vec![
+                Box::new(Username::new(ATTR_USERNAME, "1:u".into())),
+                Box::new(Realm::new(ATTR_REALM, "realm".into())),
+                Box::new(Nonce::new(ATTR_NONCE, "abc".into())),
+                Box::new(MessageIntegrity(key.clone())),
+            ],
+        );
+        let Ok(Packet::Stun(s)) = inspect(&m.raw) else {
+            panic!("not stun")
+        };
+        assert_eq!(s.method, method::ALLOCATE);
+        assert_eq!(s.class, Class::Request);
+        assert_eq!(s.username(), Some("1:u"));
+        assert_eq!(s.realm(), Some("realm"));
+        assert_eq!(s.nonce(), Some("abc"));
+        assert_eq!(s.transaction_id(), m.transaction_id.0);
+        assert!(s.integrity_matches(&integrity_key(&key)));
+        let wrong = crate::turn::credentials::long_term_key("1:u", "realm", "other");
+        assert!(!s.integrity_matches(&integrity_key(&wrong)));
+        // A flipped bit anywhere before MESSAGE-INTEGRITY breaks it.
+        let mut tampered = m.raw.clone();
+        tampered[HEADER_LEN + 5] ^= 1;
+        let t = StunMessage::parse(&tampered).unwrap();
+        assert!(!t.integrity_matches(&integrity_key(&key)));
+    }
+
+    #[test]
+    fn decodes_peer_addresses_like_the_engine_encodes_them() {
+        for peer in [
+            "127.0.0.1:5000",
+            "[::ffff:127.0.0.1]:7",
+            "[2001:db8::5]:65535",
+        ] {
+            let peer: SocketAddr = peer.parse().unwrap();
+            let m = stun_request(
+                stun::message::METHOD_CREATE_PERMISSION,
+                vec![Box::new(PeerAddress {
+                    ip: peer.ip(),
+                    port: peer.port(),
+                })],
+            );
+            let s = StunMessage::parse(&m.raw).unwrap();
+            assert_eq!(s.peer_count(), 1);
+            assert_eq!(s.peers().next(), Some(Some(peer)));
+            let encoded = encode_xor_address(peer, &m.transaction_id.0);
+            assert_eq!(
+                decode_xor_address(&encoded, &m.transaction_id.0),
+                Some(peer)
+            );
+        }
+        assert_eq!(decode_xor_address(&[0, 1, 0], &[0; 12]), None);
+        assert_eq!(
+            decode_xor_address(&[0, 3, 0, 0, 1, 2, 3, 4], &[0; 12]),
+            None
+        );
+    }
+
+    #[test]
+    fn counts_too_many_peers() {
+        let mut extra: Vec<Box<dyn Setter>> = Vec::new();
+        for i in 0..(MAX_PEERS + 1) {
+            extra.push(Box::new(PeerAddress {
+                ip: "8.8.8.8".parse().unwrap(),
+                port: i as u16,
+            }));
+        }
+        let m = stun_request(stun::message::METHOD_CREATE_PERMISSION, extra);
+        let s = StunMessage::parse(&m.raw).unwrap();
+        assert_eq!(s.peer_count(), MAX_PEERS);
+        assert!(s.too_many_peers);
+    }
+
+    #[test]
+    fn rejects_inconsistent_lengths() {
+        let m = stun_request(METHOD_ALLOCATE, vec![]);
+        let mut longer = m.raw.clone();
+        longer.extend_from_slice(&[0, 0, 0, 0]);
+        assert_eq!(StunMessage::parse(&longer), Err(InspectError::Truncated));
+        let mut overrun = m.raw.clone();
+        overrun.extend_from_slice(&[0, 6, 0, 40, 0, 0, 0, 0]);
+        overrun[3] = 8;
+        assert_eq!(StunMessage::parse(&overrun), Err(InspectError::Truncated));
+    }
+
+    #[test]
+    fn writer_output_is_accepted_by_the_stun_crate() {
+        let req = stun_request(METHOD_ALLOCATE, vec![]);
+        let parsed = StunMessage::parse(&req.raw).unwrap();
+        let key = crate::turn::credentials::long_term_key("1:u", "r", "p");
+        let mut w = StunWriter::error_response(&parsed, 486, "Allocation Quota Reached");
+        w.attribute(attr::REALM, b"r");
+        let bytes = w.finish_with_integrity(&integrity_key(&key));
+
+        let mut m = Message::new();
+        m.raw = bytes.clone();
+        m.decode().unwrap();
+        assert_eq!(m.transaction_id, req.transaction_id);
+        assert_eq!(
+            m.typ,
+            MessageType::new(METHOD_ALLOCATE, stun::message::CLASS_ERROR_RESPONSE)
+        );
+        let mut code = stun::error_code::ErrorCodeAttribute::default();
+        code.get_from(&m).unwrap();
+        assert_eq!(code.code.0, 486);
+        assert_eq!(code.reason, b"Allocation Quota Reached");
+        MessageIntegrity(key).check(&mut m).unwrap();
+        // And our reader agrees.
+        let ours = StunMessage::parse(&bytes).unwrap();
+        assert_eq!(ours.class, Class::Error);
+        assert_eq!(ours.realm(), Some("r"));
+    }
+
+    #[test]
+    fn strips_dont_fragment_and_resigns() {
+        let key_bytes = crate::turn::credentials::long_term_key("1:u", "r", "p");
+        let key = integrity_key(&key_bytes);
+        let mut w = StunWriter::new(method::ALLOCATE, Class::Request, [7; 12]);
+        w.attribute(0x0019, &[17, 0, 0, 0]); // REQUESTED-TRANSPORT UDP
+        w.attribute(attr::DONT_FRAGMENT, &[]);
+        w.attribute(attr::USERNAME, b"1:u");
+        let original = w.finish_with_integrity(&key);
+        let parsed = StunMessage::parse(&original).unwrap();
+        assert!(parsed.dont_fragment);
+        assert!(parsed.integrity_matches(&key));
+
+        let rewritten = rewrite_without(&parsed, &[attr::DONT_FRAGMENT], &key);
+        let again = StunMessage::parse(&rewritten).unwrap();
+        assert!(!again.dont_fragment);
+        assert_eq!(again.username(), Some("1:u"));
+        assert!(again.integrity_matches(&key));
+        let mut m = Message::new();
+        m.raw = rewritten;
+        m.decode().unwrap();
+        MessageIntegrity(key_bytes).check(&mut m).unwrap();
+    }
+}

@@ -1,0 +1,251 @@
+//! Relay sockets: the UDP sockets an allocation uses to talk to peers. [`PeerSocketGenerator`] is the
+//! engine's `RelayAddressGenerator`; every socket it makes is a [`PeerSocket`], a `Conn` that the
+//! engine's per-allocation loop reads and writes.
+//!
+//! This module owns what happens at the peer edge: the port range, the receive buffer, the
+//! advertised (external) address, the bandwidth cap, the byte and packet counters, and — as defence
+//! in depth behind the gate's 403 — refusing to send to a forbidden peer even if a permission
+//! somehow exists. It must never send to an address [`PeerPolicy`] refuses.
+
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tokio::net::UdpSocket;
+use webrtc_util::Conn;
+
+use super::policy::PeerPolicy;
+use super::reservation::ReservedSlot;
+use super::stats::TurnStats;
+
+/// Size of the staging buffer a relay socket reads into. The engine hands us a 1500-byte buffer;
+/// reading into a slightly larger one first lets us drop (and count) datagrams that would not fit
+/// instead of handing the engine a silently truncated one.
+const STAGING: usize = 2048;
+
+/// How many random ports to try before answering 508 (Insufficient Capacity).
+const PORT_ATTEMPTS: usize = 32;
+
+/// Creates relay sockets for the engine.
+pub struct PeerSocketGenerator {
+    /// Local IP relay sockets bind to (`relay-ip`, or the private half of `external-ip`).
+    pub bind_ip: IpAddr,
+    /// IP put in XOR-RELAYED-ADDRESS (the public half of `external-ip`, else `bind_ip`).
+    pub advertised_ip: IpAddr,
+    /// `min-port`.
+    pub min_port: u16,
+    /// `max-port` (inclusive).
+    pub max_port: u16,
+    /// SO_RCVBUF asked for.
+    pub recv_buffer_bytes: usize,
+    /// Checked on every send, after the gate already checked CreatePermission/ChannelBind.
+    pub policy: Arc<PeerPolicy>,
+    /// Where byte and packet counts go.
+    pub stats: Arc<TurnStats>,
+    /// `max-bps` per allocation and direction.
+    pub max_bytes_per_sec: Option<u32>,
+    /// A port reserved by RESERVATION-TOKEN, put here by this engine loop's front just before
+    /// it hands the engine the Allocate that presents the token.
+    pub reserved: ReservedSlot,
+}
+
+#[async_trait]
+impl turn::relay::RelayAddressGenerator for PeerSocketGenerator {
+    fn validate(&self) -> Result<(), turn::Error> {
+        if self.min_port == 0 || self.max_port < self.min_port {
+            return Err(turn::Error::ErrMaxPortLessThanMinPort);
+        }
+        Ok(())
+    }
+
+    async fn allocate_conn(
+        &self,
+        use_ipv4: bool,
+        requested_port: u16,
+    ) -> Result<(Arc<dyn Conn + Send + Sync>, SocketAddr), turn::Error> {
+        if use_ipv4 != self.bind_ip.is_ipv4() {
+            return Err(turn::Error::ErrInvalidRequestedFamilyValue);
+        }
+        let reserved = self
+            .reserved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let socket = if let Some(std_socket) = reserved.filter(|_| requested_port == 0) {
+            UdpSocket::from_std(std_socket).map_err(|e| turn::Error::Other(e.to_string()))?
+        } else if requested_port != 0 {
+            bind_udp(
+                SocketAddr::new(self.bind_ip, requested_port),
+                false,
+                self.recv_buffer_bytes,
+            )
+            .map_err(|e| turn::Error::Other(e.to_string()))?
+        } else {
+            self.bind_in_range()?
+        };
+        let mut relay_addr = socket
+            .local_addr()
+            .map_err(|e| turn::Error::Other(e.to_string()))?;
+        relay_addr.set_ip(self.advertised_ip);
+        let limiter = || {
+            self.max_bytes_per_sec
+                .and_then(NonZeroU32::new)
+                .map(|bps| RateLimiter::direct(Quota::per_second(bps).allow_burst(bps)))
+        };
+        let conn = PeerSocket {
+            socket,
+            policy: Arc::clone(&self.policy),
+            stats: Arc::clone(&self.stats),
+            to_peer_budget: limiter(),
+            to_client_budget: limiter(),
+            staging: tokio::sync::Mutex::new(vec![0; STAGING]),
+        };
+        Ok((Arc::new(conn), relay_addr))
+    }
+}
+
+impl PeerSocketGenerator {
+    fn bind_in_range(&self) -> Result<UdpSocket, turn::Error> {
+        let span = u32::from(self.max_port - self.min_port) + 1;
+        for _ in 0..PORT_ATTEMPTS {
+            let port = self.min_port + (rand::random::<u32>() % span) as u16;
+            let addr = SocketAddr::new(self.bind_ip, port);
+            if let Ok(s) = bind_udp(addr, false, self.recv_buffer_bytes) {
+                return Ok(s);
+            }
+        }
+        Err(turn::Error::ErrMaxRetriesExceeded)
+    }
+}
+
+/// Binds a non-blocking UDP socket with SO_RCVBUF set and, for listener sockets, SO_REUSEPORT so
+/// several read loops can share one port.
+pub fn bind_udp(
+    addr: SocketAddr,
+    reuse_port: bool,
+    recv_buffer_bytes: usize,
+) -> std::io::Result<UdpSocket> {
+    UdpSocket::from_std(bind_udp_std(addr, reuse_port, recv_buffer_bytes)?)
+}
+
+/// [`bind_udp`] without the tokio registration (usable outside a runtime, e.g. for reservations).
+pub fn bind_udp_std(
+    addr: SocketAddr,
+    reuse_port: bool,
+    recv_buffer_bytes: usize,
+) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    if recv_buffer_bytes > 0 {
+        // The kernel caps this at net.core.rmem_max; a smaller buffer is not fatal.
+        if let Err(e) = socket.set_recv_buffer_size(recv_buffer_bytes) {
+            tracing::warn!(%addr, "could not set SO_RCVBUF to {recv_buffer_bytes}: {e}");
+        }
+        // Linux reports twice what it grants and silently caps at net.core.rmem_max.
+        let granted = socket.recv_buffer_size().unwrap_or(0) / 2;
+        static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if granted < recv_buffer_bytes && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(
+                "TURN sockets got a {granted}-byte receive buffer instead of {recv_buffer_bytes}; \
+                 raise net.core.rmem_max (sysctl) or bursts will be dropped"
+            );
+        }
+    }
+    socket.bind(&addr.into())?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+/// One allocation's relay socket.
+pub struct PeerSocket {
+    socket: UdpSocket,
+    policy: Arc<PeerPolicy>,
+    stats: Arc<TurnStats>,
+    to_peer_budget: Option<DefaultDirectRateLimiter>,
+    to_client_budget: Option<DefaultDirectRateLimiter>,
+    /// Only the engine's one per-allocation loop reads, so this lock is never contended.
+    staging: tokio::sync::Mutex<Vec<u8>>,
+}
+
+fn within_budget(budget: &Option<DefaultDirectRateLimiter>, len: usize) -> bool {
+    let Some(limiter) = budget else {
+        return true;
+    };
+    let n = NonZeroU32::new(len.max(1) as u32).unwrap_or(NonZeroU32::MIN);
+    matches!(limiter.check_n(n), Ok(Ok(())))
+}
+
+#[async_trait]
+impl Conn for PeerSocket {
+    async fn connect(&self, _addr: SocketAddr) -> webrtc_util::Result<()> {
+        Err(std::io::Error::other("relay sockets are not connected").into())
+    }
+
+    async fn recv(&self, _buf: &mut [u8]) -> webrtc_util::Result<usize> {
+        Err(std::io::Error::other("use recv_from").into())
+    }
+
+    async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
+        let mut staging = self.staging.lock().await;
+        loop {
+            let (n, src) = self.socket.recv_from(&mut staging).await?;
+            if n > buf.len() {
+                TurnStats::bump(&self.stats.oversized_dropped);
+                continue;
+            }
+            if !within_budget(&self.to_client_budget, n) {
+                TurnStats::bump(&self.stats.bandwidth_dropped);
+                continue;
+            }
+            buf[..n].copy_from_slice(&staging[..n]);
+            TurnStats::add(&self.stats.bytes_to_clients, n);
+            TurnStats::bump(&self.stats.packets_to_clients);
+            return Ok((n, src));
+        }
+    }
+
+    async fn send(&self, _buf: &[u8]) -> webrtc_util::Result<usize> {
+        Err(std::io::Error::other("use send_to").into())
+    }
+
+    async fn send_to(&self, buf: &[u8], target: SocketAddr) -> webrtc_util::Result<usize> {
+        if self.policy.check(target.ip()).is_err() {
+            TurnStats::bump(&self.stats.refused_peers);
+            return Ok(buf.len());
+        }
+        if !within_budget(&self.to_peer_budget, buf.len()) {
+            TurnStats::bump(&self.stats.bandwidth_dropped);
+            // Report success: the engine treats a short write as an error, a drop is UDP.
+            return Ok(buf.len());
+        }
+        let n = self.socket.send_to(buf, target).await?;
+        TurnStats::add(&self.stats.bytes_to_peers, n);
+        TurnStats::bump(&self.stats.packets_to_peers);
+        Ok(n)
+    }
+
+    fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {
+        Ok(self.socket.local_addr()?)
+    }
+
+    fn remote_addr(&self) -> Option<SocketAddr> {
+        None
+    }
+
+    async fn close(&self) -> webrtc_util::Result<()> {
+        // The socket closes when the engine drops its last Arc to this allocation.
+        Ok(())
+    }
+
+    fn as_any(&self) -> &(dyn std::any::Any + Send + Sync) {
+        self
+    }
+}

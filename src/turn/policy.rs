@@ -1,0 +1,390 @@
+//! Which peer addresses the relay may send to (the CVE-2020-26262 / CVE-2026-27624 class: a TURN
+//! relay that forwards to `127.0.0.1`, `169.254.169.254` or the LAN behind it is an open door into the
+//! operator's network).
+//!
+//! This module owns the decision only: [`PeerPolicy::check`] is a pure function of an address. It
+//! must never do I/O, resolve names, or allocate per call — it runs on every CreatePermission and
+//! ChannelBind and, as defence in depth, on every datagram a relay socket sends.
+//!
+//! Every IPv4-in-IPv6 form is normalised to IPv4 *before* any range is consulted, so
+//! `::ffff:127.0.0.1`, `::127.0.0.1`, `2002:7f00:1::`, `64:ff9b::7f00:1` and `64:ff9b:1::7f00:1` are
+//! all judged as `127.0.0.1`.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::IpNet;
+
+/// Why a peer address was refused; reported in logs and counted in metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PeerRefusal {
+    /// The address is in a `denied-peer-ip` range.
+    #[error("the peer address is in a denied-peer-ip range")]
+    Denied,
+    /// Loopback (127/8, ::1): the relay host itself.
+    #[error("the peer address is loopback, i.e. the relay host itself")]
+    Loopback,
+    /// Unspecified or "this network" (0.0.0.0/8, ::), which Linux routes to the host itself.
+    #[error("the peer address is unspecified (0.0.0.0/8 or ::), which reaches the relay host")]
+    Unspecified,
+    /// Link-local (169.254/16, fe80::/10), including cloud metadata at 169.254.169.254.
+    #[error("the peer address is link-local (including cloud metadata services)")]
+    LinkLocal,
+    /// Multicast (224/4, ff00::/8).
+    #[error("the peer address is multicast")]
+    Multicast,
+    /// Broadcast (255.255.255.255) and the reserved 240/4 block.
+    #[error("the peer address is broadcast or reserved (240.0.0.0/4)")]
+    Broadcast,
+    /// A private network (RFC 1918, CGNAT 100.64/10, ULA fc00::/7, site-local fec0::/10, NAT64
+    /// local-use 64:ff9b:1::/48); allowed only with `allow_private_peers` or an `allowed-peer-ip`.
+    #[error("the peer address is on a private network")]
+    Private,
+}
+
+/// The relay's rule for peer addresses, in coturn's vocabulary. The default refuses every
+/// non-public destination; operators open holes explicitly.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerPolicy {
+    /// `allowed-peer-ip`: ranges relayed to even if they are denied or special (this is the explicit
+    /// opt-in for, say, a media server on the LAN, or loopback in tests). Takes precedence over
+    /// everything else, as in coturn.
+    pub allowed: Vec<IpNet>,
+    /// `denied-peer-ip`: extra ranges refused on top of the built-in ones.
+    pub denied: Vec<IpNet>,
+    /// Opens RFC 1918, CGNAT and ULA/site-local wholesale (for a relay serving one private network).
+    /// Loopback, link-local, unspecified, multicast and broadcast stay refused.
+    pub allow_private_peers: bool,
+}
+
+impl PeerPolicy {
+    /// Decides whether the relay may send to `ip` (after normalising IPv4-in-IPv6 forms).
+    pub fn check(&self, ip: IpAddr) -> Result<(), PeerRefusal> {
+        let ip = normalize(ip);
+        // Ranges are configured in either family; compare against both the normalised address and
+        // the raw one so an allowed `::ffff:10.0.0.0/104` still matches.
+        if self.allowed.iter().any(|net| net_contains(net, ip)) {
+            return Ok(());
+        }
+        if self.denied.iter().any(|net| net_contains(net, ip)) {
+            return Err(PeerRefusal::Denied);
+        }
+        match classify(ip) {
+            None => Ok(()),
+            Some(PeerRefusal::Private) if self.allow_private_peers => Ok(()),
+            Some(reason) => Err(reason),
+        }
+    }
+}
+
+fn net_contains(net: &IpNet, ip: IpAddr) -> bool {
+    match (net, ip) {
+        (IpNet::V4(n), IpAddr::V4(a)) => n.contains(&a),
+        (IpNet::V6(n), IpAddr::V6(a)) => n.contains(&a),
+        (IpNet::V6(n), IpAddr::V4(a)) => n.contains(&a.to_ipv6_mapped()),
+        (IpNet::V4(_), IpAddr::V6(_)) => false,
+    }
+}
+
+/// Maps every IPv4-in-IPv6 form to the IPv4 address it reaches: IPv4-mapped `::ffff:a.b.c.d`,
+/// IPv4-compatible `::a.b.c.d` (except `::` and `::1`), 6to4 `2002:aabb:ccdd::/48`, NAT64
+/// well-known `64:ff9b::/96` and local-use `64:ff9b:1::/48` (RFC 8215; the /96 layout when bits
+/// 48–95 are zero, otherwise the RFC 6052 /48 layout). Anything else is returned unchanged.
+pub fn normalize(ip: IpAddr) -> IpAddr {
+    let v6 = match ip {
+        IpAddr::V4(_) => return ip,
+        IpAddr::V6(v6) => v6,
+    };
+    let o = v6.octets();
+    let seg = v6.segments();
+    let v4 = |a: u8, b: u8, c: u8, d: u8| IpAddr::V4(Ipv4Addr::new(a, b, c, d));
+    if seg[..5] == [0, 0, 0, 0, 0] && seg[5] == 0xffff {
+        return v4(o[12], o[13], o[14], o[15]);
+    }
+    if seg[..6] == [0; 6] && !(seg[6] == 0 && seg[7] <= 1) {
+        return v4(o[12], o[13], o[14], o[15]);
+    }
+    if seg[0] == 0x2002 {
+        return v4(o[2], o[3], o[4], o[5]);
+    }
+    if seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        return v4(o[12], o[13], o[14], o[15]);
+    }
+    if seg[..3] == [0x64, 0xff9b, 1] {
+        if seg[3..6] == [0, 0, 0] {
+            return v4(o[12], o[13], o[14], o[15]);
+        }
+        // RFC 6052 /48: bits 48..63 then (skipping the u-octet at 64..71) bits 72..87.
+        return v4(o[6], o[7], o[9], o[10]);
+    }
+    ip
+}
+
+/// The built-in classification of a normalised address, or `None` if it is public.
+fn classify(ip: IpAddr) -> Option<PeerRefusal> {
+    match ip {
+        IpAddr::V4(a) => classify_v4(a),
+        IpAddr::V6(a) => classify_v6(a),
+    }
+}
+
+fn classify_v4(a: Ipv4Addr) -> Option<PeerRefusal> {
+    let [b0, b1, _, _] = a.octets();
+    if b0 == 0 {
+        Some(PeerRefusal::Unspecified)
+    } else if b0 == 127 {
+        Some(PeerRefusal::Loopback)
+    } else if b0 == 169 && b1 == 254 {
+        Some(PeerRefusal::LinkLocal)
+    } else if (224..=239).contains(&b0) {
+        Some(PeerRefusal::Multicast)
+    } else if b0 >= 240 {
+        Some(PeerRefusal::Broadcast)
+    } else if b0 == 10
+        || (b0 == 172 && (16..=31).contains(&b1))
+        || (b0 == 192 && b1 == 168)
+        || (b0 == 100 && (64..=127).contains(&b1))
+    {
+        Some(PeerRefusal::Private)
+    } else {
+        None
+    }
+}
+
+fn classify_v6(a: Ipv6Addr) -> Option<PeerRefusal> {
+    let s0 = a.segments()[0];
+    if a.is_unspecified() {
+        Some(PeerRefusal::Unspecified)
+    } else if a.is_loopback() {
+        Some(PeerRefusal::Loopback)
+    } else if s0 & 0xffc0 == 0xfe80 {
+        Some(PeerRefusal::LinkLocal)
+    } else if s0 & 0xff00 == 0xff00 {
+        Some(PeerRefusal::Multicast)
+    } else if s0 & 0xfe00 == 0xfc00 || s0 & 0xffc0 == 0xfec0 {
+        Some(PeerRefusal::Private)
+    } else if a.segments()[..3] == [0x64, 0xff9b, 1] {
+        // Only reachable for addresses normalize() could not map (it maps the whole /48); kept
+        // so the classification stands on its own.
+        Some(PeerRefusal::Private)
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn refuses_every_special_ipv4_range_by_default() {
+        let p = PeerPolicy::default();
+        let cases = [
+            ("127.0.0.1", PeerRefusal::Loopback),
+            ("127.255.255.254", PeerRefusal::Loopback),
+            ("0.0.0.0", PeerRefusal::Unspecified),
+            ("0.1.2.3", PeerRefusal::Unspecified),
+            ("169.254.169.254", PeerRefusal::LinkLocal),
+            ("169.254.0.1", PeerRefusal::LinkLocal),
+            ("224.0.0.1", PeerRefusal::Multicast),
+            ("239.255.255.250", PeerRefusal::Multicast),
+            ("255.255.255.255", PeerRefusal::Broadcast),
+            ("240.0.0.1", PeerRefusal::Broadcast),
+            ("10.0.0.1", PeerRefusal::Private),
+            ("10.255.255.255", PeerRefusal::Private),
+            ("172.16.0.1", PeerRefusal::Private),
+            ("172.31.255.255", PeerRefusal::Private),
+            ("192.168.1.1", PeerRefusal::Private),
+            ("100.64.0.1", PeerRefusal::Private),
+            ("100.127.255.255", PeerRefusal::Private),
+        ];
+        for (addr, want) in cases {
+            assert_eq!(p.check(ip(addr)), Err(want), "{addr}");
+        }
+    }
+
+    #[test]
+    fn allows_public_neighbours_of_special_ranges() {
+        let p = PeerPolicy::default();
+        for addr in [
+            "1.1.1.1",
+            "8.8.8.8",
+            "9.255.255.255",
+            "11.0.0.0",
+            "100.63.255.255",
+            "100.128.0.0",
+            "126.255.255.255",
+            "128.0.0.0",
+            "169.253.255.255",
+            "169.255.0.0",
+            "172.15.255.255",
+            "172.32.0.0",
+            "192.167.255.255",
+            "192.169.0.0",
+            "223.255.255.255",
+            "2001:4860:4860::8888",
+            "2606:4700::1111",
+        ] {
+            assert_eq!(p.check(ip(addr)), Ok(()), "{addr}");
+        }
+    }
+
+    #[test]
+    fn refuses_every_special_ipv6_range_by_default() {
+        let p = PeerPolicy::default();
+        let cases = [
+            ("::1", PeerRefusal::Loopback),
+            ("::", PeerRefusal::Unspecified),
+            ("fe80::1", PeerRefusal::LinkLocal),
+            ("febf:ffff::1", PeerRefusal::LinkLocal),
+            ("ff02::1", PeerRefusal::Multicast),
+            ("ff0e::1", PeerRefusal::Multicast),
+            ("fc00::1", PeerRefusal::Private),
+            ("fd12:3456::1", PeerRefusal::Private),
+            ("fec0::1", PeerRefusal::Private),
+        ];
+        for (addr, want) in cases {
+            assert_eq!(p.check(ip(addr)), Err(want), "{addr}");
+        }
+    }
+
+    #[test]
+    fn normalizes_every_ipv4_in_ipv6_form_before_judging() {
+        let p = PeerPolicy::default();
+        let cases = [
+            ("::ffff:127.0.0.1", "127.0.0.1"),
+            ("::ffff:169.254.169.254", "169.254.169.254"),
+            ("::ffff:0.0.0.0", "0.0.0.0"),
+            ("::ffff:10.1.2.3", "10.1.2.3"),
+            ("::127.0.0.1", "127.0.0.1"),
+            ("::169.254.169.254", "169.254.169.254"),
+            ("::10.0.0.1", "10.0.0.1"),
+            ("2002:7f00:1::", "127.0.0.1"),
+            ("2002:a9fe:a9fe:1234::1", "169.254.169.254"),
+            ("2002:c0a8:0101::", "192.168.1.1"),
+            ("64:ff9b::7f00:1", "127.0.0.1"),
+            ("64:ff9b::a9fe:a9fe", "169.254.169.254"),
+            ("64:ff9b::0.0.0.0", "0.0.0.0"),
+            ("64:ff9b:1::7f00:1", "127.0.0.1"),
+            ("64:ff9b:1:7f00:0:100::", "127.0.0.1"),
+            ("64:ff9b:1:a9fe:00a9:fe00::", "169.254.169.254"),
+        ];
+        for (v6, v4) in cases {
+            assert_eq!(normalize(ip(v6)), ip(v4), "{v6}");
+            assert_eq!(p.check(ip(v6)), p.check(ip(v4)), "{v6}");
+            assert!(p.check(ip(v6)).is_err(), "{v6}");
+        }
+        // Public IPv4 behind an IPv6 form is public.
+        for v6 in ["::ffff:8.8.8.8", "2002:0808:0808::1", "64:ff9b::808:808"] {
+            assert_eq!(p.check(ip(v6)), Ok(()), "{v6}");
+        }
+        // :: and ::1 are themselves, not 0.0.0.0 / 0.0.0.1.
+        assert_eq!(normalize(ip("::")), ip("::"));
+        assert_eq!(normalize(ip("::1")), ip("::1"));
+        assert_eq!(normalize(ip("2001:db8::1")), ip("2001:db8::1"));
+        assert_eq!(normalize(ip("1.2.3.4")), ip("1.2.3.4"));
+    }
+
+    #[test]
+    fn allowed_ranges_override_built_ins_and_denied_ranges() {
+        let p = PeerPolicy {
+            allowed: vec![net("127.0.0.1/32"), net("10.1.0.0/16")],
+            denied: vec![net("10.0.0.0/8"), net("8.8.8.0/24")],
+            allow_private_peers: false,
+        };
+        assert_eq!(p.check(ip("127.0.0.1")), Ok(()));
+        assert_eq!(p.check(ip("::ffff:127.0.0.1")), Ok(()), "normalised first");
+        assert_eq!(p.check(ip("127.0.0.2")), Err(PeerRefusal::Loopback));
+        assert_eq!(p.check(ip("10.1.2.3")), Ok(()));
+        assert_eq!(p.check(ip("10.2.0.1")), Err(PeerRefusal::Denied));
+        assert_eq!(p.check(ip("8.8.8.8")), Err(PeerRefusal::Denied));
+        assert_eq!(p.check(ip("::ffff:8.8.8.8")), Err(PeerRefusal::Denied));
+        assert_eq!(p.check(ip("8.8.4.4")), Ok(()));
+    }
+
+    #[test]
+    fn ipv6_ranges_match_mapped_ipv4() {
+        let p = PeerPolicy {
+            allowed: vec![net("::ffff:192.168.0.0/112")],
+            ..Default::default()
+        };
+        assert_eq!(p.check(ip("192.168.5.5")), Ok(()));
+        assert_eq!(p.check(ip("192.169.5.5")), Ok(()), "public anyway");
+        assert_eq!(p.check(ip("192.168.255.255")), Ok(()));
+        let v6_allowed = PeerPolicy {
+            allowed: vec![net("fd00::/8")],
+            ..Default::default()
+        };
+        assert_eq!(v6_allowed.check(ip("fd00::5")), Ok(()));
+        assert_eq!(v6_allowed.check(ip("fc00::5")), Err(PeerRefusal::Private));
+    }
+
+    #[test]
+    fn private_opt_in_opens_private_ranges_only() {
+        let p = PeerPolicy {
+            allow_private_peers: true,
+            ..Default::default()
+        };
+        for addr in [
+            "10.0.0.1",
+            "172.16.0.1",
+            "192.168.0.1",
+            "100.64.0.1",
+            "fd00::1",
+            "::ffff:10.0.0.1",
+        ] {
+            assert_eq!(p.check(ip(addr)), Ok(()), "{addr}");
+        }
+        for addr in [
+            "127.0.0.1",
+            "::1",
+            "0.0.0.0",
+            "169.254.169.254",
+            "fe80::1",
+            "224.0.0.1",
+            "255.255.255.255",
+        ] {
+            assert!(p.check(ip(addr)).is_err(), "{addr}");
+        }
+        // A denied range still wins over the blanket private opt-in.
+        let p = PeerPolicy {
+            denied: vec![net("10.0.0.0/8")],
+            allow_private_peers: true,
+            ..Default::default()
+        };
+        assert_eq!(p.check(ip("10.0.0.1")), Err(PeerRefusal::Denied));
+    }
+
+    #[test]
+    fn exhaustive_first_octet_sweep_matches_the_rfc_tables() {
+        // Every /8 once, every address of the interesting /16s' first octets, in both families.
+        let p = PeerPolicy::default();
+        for a in 0u8..=255 {
+            for b in [
+                0u8, 15, 16, 31, 32, 63, 64, 127, 128, 167, 168, 169, 253, 254, 255,
+            ] {
+                let v4 = Ipv4Addr::new(a, b, 1, 1);
+                let special = a == 0
+                    || a == 10
+                    || a == 127
+                    || a >= 224
+                    || (a == 100 && (64..128).contains(&b))
+                    || (a == 169 && b == 254)
+                    || (a == 172 && (16..32).contains(&b))
+                    || (a == 192 && b == 168);
+                let got = p.check(IpAddr::V4(v4));
+                assert_eq!(got.is_err(), special, "{v4}");
+                assert_eq!(p.check(IpAddr::V6(v4.to_ipv6_mapped())), got, "{v4} mapped");
+                let nat64 = Ipv6Addr::from((0x0064_ff9b_u128 << 96) | u128::from(u32::from(v4)));
+                assert_eq!(p.check(IpAddr::V6(nat64)), got, "{nat64}");
+            }
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! [`AllocationLedger`]: who holds how many allocations, so the front layer can answer 486
+//! (Allocation Quota Reached) before the engine creates one.
+//!
+//! The ledger owns counting only. It learns of allocations from three events the front layer
+//! observes — an Allocate request passing authentication (`reserve`), the engine's response
+//! (`confirm` / `release`), and the engine's close notification (`release`) — and never touches a
+//! socket. Its size is bounded by the total quota: a reservation that would exceed it is refused
+//! rather than stored.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Which listener an allocation came through; with the two socket addresses it names the RFC's
+/// 5-tuple.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// A UDP listener.
+    Udp,
+    /// A TCP listener.
+    Tcp,
+    /// A TLS listener.
+    Tls,
+}
+
+/// The client side of an allocation: transport, client address, listener address.
+pub type AllocationKey = (Transport, SocketAddr, SocketAddr);
+
+/// Why an allocation was refused with 486.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum QuotaExceeded {
+    /// The REST user already holds `user-quota` allocations.
+    #[error("the user already holds its quota of {0} allocations")]
+    User(usize),
+    /// The relay already holds `total-quota` allocations.
+    #[error("the relay already holds its total quota of {0} allocations")]
+    Total(usize),
+}
+
+/// A reservation that did not hear back from the engine within this time is forgotten, so a lost
+/// response cannot leak quota.
+pub const PENDING_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug)]
+struct Entry {
+    user: Arc<str>,
+    /// `Some(since)` until the engine confirms the allocation.
+    pending_since: Option<Instant>,
+}
+
+/// Counts allocations per user and in total. Not thread-safe by itself; the front layer keeps it in
+/// a mutex held only for these O(1) operations.
+#[derive(Debug)]
+pub struct AllocationLedger {
+    user_quota: usize,
+    total_quota: usize,
+    entries: HashMap<AllocationKey, Entry>,
+    per_user: HashMap<Arc<str>, usize>,
+}
+
+/// What a [`AllocationLedger::reserve`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reservation {
+    /// A new slot was taken for this 5-tuple.
+    New,
+    /// The 5-tuple already had one (a retransmission or a second Allocate the engine will answer
+    /// 437); nothing changed.
+    Existing,
+}
+
+impl AllocationLedger {
+    /// A ledger enforcing `user_quota` per user and `total_quota` overall.
+    pub fn new(user_quota: usize, total_quota: usize) -> Self {
+        AllocationLedger {
+            user_quota,
+            total_quota,
+            entries: HashMap::new(),
+            per_user: HashMap::new(),
+        }
+    }
+
+    /// Takes a slot for `user` on `key` or says which quota is full.
+    pub fn reserve(
+        &mut self,
+        key: AllocationKey,
+        user: &str,
+        now: Instant,
+    ) -> Result<Reservation, QuotaExceeded> {
+        if self.entries.contains_key(&key) {
+            return Ok(Reservation::Existing);
+        }
+        if self.entries.len() >= self.total_quota {
+            self.expire_pending(now);
+            if self.entries.len() >= self.total_quota {
+                return Err(QuotaExceeded::Total(self.total_quota));
+            }
+        }
+        if self.per_user.get(user).copied().unwrap_or(0) >= self.user_quota {
+            self.expire_pending(now);
+            if self.per_user.get(user).copied().unwrap_or(0) >= self.user_quota {
+                return Err(QuotaExceeded::User(self.user_quota));
+            }
+        }
+        let user: Arc<str> = match self.per_user.get_key_value(user) {
+            Some((k, _)) => Arc::clone(k),
+            None => Arc::from(user),
+        };
+        *self.per_user.entry(Arc::clone(&user)).or_insert(0) += 1;
+        self.entries.insert(
+            key,
+            Entry {
+                user,
+                pending_since: Some(now),
+            },
+        );
+        Ok(Reservation::New)
+    }
+
+    /// The engine created the allocation. Returns true if it was pending (so count it once).
+    pub fn confirm(&mut self, key: &AllocationKey) -> bool {
+        match self.entries.get_mut(key) {
+            Some(e) if e.pending_since.is_some() => {
+                e.pending_since = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The allocation was refused by the engine or has closed. Returns whether it had been
+    /// confirmed (so the caller can decrement its active gauge).
+    pub fn release(&mut self, key: &AllocationKey) -> Option<bool> {
+        let e = self.entries.remove(key)?;
+        if let Some(n) = self.per_user.get_mut(&e.user) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_user.remove(&e.user);
+            }
+        }
+        Some(e.pending_since.is_none())
+    }
+
+    /// Forgets reservations the engine never answered within [`PENDING_TIMEOUT`].
+    pub fn expire_pending(&mut self, now: Instant) {
+        let stale: Vec<AllocationKey> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| {
+                e.pending_since
+                    .is_some_and(|t| now.saturating_duration_since(t) >= PENDING_TIMEOUT)
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for k in stale {
+            self.release(&k);
+        }
+    }
+
+    /// Allocations held (pending or confirmed) by `user`.
+    pub fn held_by(&self, user: &str) -> usize {
+        self.per_user.get(user).copied().unwrap_or(0)
+    }
+
+    /// Allocations held in total (pending or confirmed).
+    pub fn total(&self) -> usize {
+        self.entries.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(port: u16) -> AllocationKey {
+        (
+            Transport::Udp,
+            SocketAddr::from(([192, 0, 2, 1], port)),
+            SocketAddr::from(([192, 0, 2, 100], 3478)),
+        )
+    }
+
+    #[test]
+    fn user_quota_counts_pending_and_confirmed() {
+        let now = Instant::now();
+        let mut l = AllocationLedger::new(2, 100);
+        assert_eq!(l.reserve(key(1), "a", now), Ok(Reservation::New));
+        assert!(l.confirm(&key(1)));
+        assert!(!l.confirm(&key(1)), "confirmed once");
+        assert_eq!(l.reserve(key(2), "a", now), Ok(Reservation::New));
+        assert_eq!(l.reserve(key(3), "a", now), Err(QuotaExceeded::User(2)));
+        assert_eq!(
+            l.reserve(key(3), "b", now),
+            Ok(Reservation::New),
+            "other user"
+        );
+        assert_eq!(l.held_by("a"), 2);
+        assert_eq!(l.release(&key(1)), Some(true));
+        assert_eq!(l.release(&key(1)), None, "released once");
+        assert_eq!(l.reserve(key(4), "a", now), Ok(Reservation::New));
+        assert_eq!(l.total(), 3);
+    }
+
+    #[test]
+    fn same_five_tuple_does_not_count_twice() {
+        let now = Instant::now();
+        let mut l = AllocationLedger::new(1, 1);
+        assert_eq!(l.reserve(key(1), "a", now), Ok(Reservation::New));
+        assert_eq!(l.reserve(key(1), "a", now), Ok(Reservation::Existing));
+        assert_eq!(l.held_by("a"), 1);
+    }
+
+    #[test]
+    fn total_quota_applies_across_users() {
+        let now = Instant::now();
+        let mut l = AllocationLedger::new(10, 2);
+        l.reserve(key(1), "a", now).unwrap();
+        l.reserve(key(2), "b", now).unwrap();
+        assert_eq!(l.reserve(key(3), "c", now), Err(QuotaExceeded::Total(2)));
+        assert_eq!(l.release(&key(2)), Some(false), "was still pending");
+        assert_eq!(l.reserve(key(3), "c", now), Ok(Reservation::New));
+    }
+
+    #[test]
+    fn unanswered_reservations_expire() {
+        let t0 = Instant::now();
+        let mut l = AllocationLedger::new(1, 10);
+        l.reserve(key(1), "a", t0).unwrap();
+        assert!(l.reserve(key(2), "a", t0 + Duration::from_secs(1)).is_err());
+        assert_eq!(
+            l.reserve(key(2), "a", t0 + PENDING_TIMEOUT),
+            Ok(Reservation::New)
+        );
+        assert_eq!(l.total(), 1);
+        // Confirmed ones never expire.
+        l.confirm(&key(2));
+        l.expire_pending(t0 + PENDING_TIMEOUT * 10);
+        assert_eq!(l.held_by("a"), 1);
+    }
+
+    #[test]
+    fn per_user_map_shrinks_back_to_empty() {
+        let now = Instant::now();
+        let mut l = AllocationLedger::new(5, 5);
+        for p in 0..5 {
+            l.reserve(key(p), &format!("u{p}"), now).unwrap();
+        }
+        for p in 0..5 {
+            l.release(&key(p));
+        }
+        assert_eq!(l.total(), 0);
+        assert!(l.per_user.is_empty());
+    }
+}

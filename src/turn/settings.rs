@@ -1,0 +1,278 @@
+//! [`TurnSettings`]: every knob of the embedded relay, named after coturn's options, with defaults that
+//! are safe on the public internet. The gateway's `Config` maps onto this struct; nothing here reads
+//! files or the environment.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use super::credentials::DEFAULT_CREDENTIAL_TTL;
+use super::error::TurnError;
+use super::policy::PeerPolicy;
+
+/// coturn's `external-ip=public/private`: the relay binds on `private` but tells clients `public`
+/// (1:1 NAT, e.g. a cloud VM with an elastic IP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExternalIp {
+    /// The address clients and peers see; advertised in XOR-RELAYED-ADDRESS.
+    pub public: IpAddr,
+    /// The local address relay sockets bind to. `None` means "the relay IP" (see
+    /// [`TurnSettings::relay_ip`]).
+    pub private: Option<IpAddr>,
+}
+
+/// Everything the relay needs to start. Build it with `TurnSettings::default()` and override fields.
+/// Its `Debug` output redacts the auth secrets.
+#[derive(Clone)]
+pub struct TurnSettings {
+    /// Master switch; when false [`Relay::start`](super::Relay::start) binds nothing.
+    pub enabled: bool,
+    /// `realm`: sent in 401 challenges and mixed into the long-term key.
+    pub realm: String,
+    /// `listening-ip`: addresses every listener binds on. Default `0.0.0.0`.
+    pub listening_ips: Vec<IpAddr>,
+    /// `listening-port` for UDP; `None` turns the UDP listener off. Default 3478.
+    pub udp_port: Option<u16>,
+    /// `listening-port` for TCP; `None` turns the TCP listener off. Default 3478.
+    pub tcp_port: Option<u16>,
+    /// `tls-listening-port` for `turns:`; `None` turns it off. Also off when no TLS acceptor is
+    /// passed to `Relay::start`. Default 5349.
+    pub tls_port: Option<u16>,
+    /// How many SO_REUSEPORT UDP sockets share each UDP listening address, each with its own read
+    /// loop, so one loop is not the bottleneck. Default: the number of CPUs, at most 8.
+    pub udp_sockets: usize,
+    /// Receive buffer asked for on every listening and relay socket. The OS default (208 KiB on
+    /// Linux) drops 21–29 % of bursty traffic; coturn asks for 4 MiB. The kernel may cap it at
+    /// `net.core.rmem_max`.
+    pub recv_buffer_bytes: usize,
+    /// `relay-ip`: the local address relay sockets bind to. `None`: the first listening IP, or
+    /// `0.0.0.0` if that is unspecified.
+    pub relay_ip: Option<IpAddr>,
+    /// `external-ip`: the public address to advertise when the relay sits behind 1:1 NAT.
+    pub external_ip: Option<ExternalIp>,
+    /// `min-port`: lowest relay port. Default 49152.
+    pub min_port: u16,
+    /// `max-port`: highest relay port (inclusive). Default 65535.
+    pub max_port: u16,
+    /// `static-auth-secret`(s) of the TURN REST API, newest first. Required.
+    pub auth_secrets: Vec<String>,
+    /// Lifetime of credentials issued to clients. Default one hour.
+    pub credential_ttl: Duration,
+    /// `user-quota`: concurrent allocations per REST user. Default 10.
+    pub user_quota: usize,
+    /// `total-quota`: concurrent allocations in total. Default 10 000.
+    pub total_quota: usize,
+    /// `max-bps` per allocation, in bytes per second each way; `None` for no cap.
+    pub max_bytes_per_sec: Option<u32>,
+    /// Unauthenticated STUN requests (no or bad MESSAGE-INTEGRITY, Binding) accepted per source IP
+    /// per second; beyond it they are dropped unanswered.
+    pub unauthenticated_per_ip_per_sec: u32,
+    /// `allowed-peer-ip`: ranges relayed to even though they are special or denied.
+    pub allowed_peer_ips: Vec<IpNet>,
+    /// `denied-peer-ip`: extra ranges never relayed to.
+    pub denied_peer_ips: Vec<IpNet>,
+    /// Opens RFC 1918, CGNAT and ULA peers (`--allow-private-peers`); loopback, link-local and
+    /// metadata addresses stay refused.
+    pub allow_private_peers: bool,
+    /// Concurrent TCP plus TLS client connections; beyond it new ones are closed at once.
+    pub max_stream_connections: usize,
+    /// How long a TLS client may take to finish its handshake.
+    pub tls_handshake_timeout: Duration,
+    /// How long a TCP/TLS connection may stay silent before it is closed. RFC 8656 clients refresh
+    /// well within the 10-minute default allocation lifetime.
+    pub stream_idle_timeout: Duration,
+}
+
+impl Default for TurnSettings {
+    fn default() -> Self {
+        TurnSettings {
+            enabled: true,
+            realm: "callgate".to_owned(),
+            listening_ips: vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)],
+            udp_port: Some(3478),
+            tcp_port: Some(3478),
+            tls_port: Some(5349),
+            udp_sockets: std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .clamp(1, 8),
+            recv_buffer_bytes: 4 << 20,
+            relay_ip: None,
+            external_ip: None,
+            min_port: 49152,
+            max_port: 65535,
+            auth_secrets: Vec::new(),
+            credential_ttl: DEFAULT_CREDENTIAL_TTL,
+            user_quota: 10,
+            total_quota: 10_000,
+            max_bytes_per_sec: None,
+            unauthenticated_per_ip_per_sec: 20,
+            allowed_peer_ips: Vec::new(),
+            denied_peer_ips: Vec::new(),
+            allow_private_peers: false,
+            max_stream_connections: 4096,
+            tls_handshake_timeout: Duration::from_secs(10),
+            stream_idle_timeout: Duration::from_secs(15 * 60),
+        }
+    }
+}
+
+impl std::fmt::Debug for TurnSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TurnSettings")
+            .field("enabled", &self.enabled)
+            .field("realm", &self.realm)
+            .field("listening_ips", &self.listening_ips)
+            .field("udp_port", &self.udp_port)
+            .field("tcp_port", &self.tcp_port)
+            .field("tls_port", &self.tls_port)
+            .field("udp_sockets", &self.udp_sockets)
+            .field("recv_buffer_bytes", &self.recv_buffer_bytes)
+            .field("relay_ip", &self.relay_ip)
+            .field("external_ip", &self.external_ip)
+            .field("min_port", &self.min_port)
+            .field("max_port", &self.max_port)
+            .field(
+                "auth_secrets",
+                &format_args!("[{} redacted]", self.auth_secrets.len()),
+            )
+            .field("credential_ttl", &self.credential_ttl)
+            .field("user_quota", &self.user_quota)
+            .field("total_quota", &self.total_quota)
+            .field("max_bytes_per_sec", &self.max_bytes_per_sec)
+            .field(
+                "unauthenticated_per_ip_per_sec",
+                &self.unauthenticated_per_ip_per_sec,
+            )
+            .field("allowed_peer_ips", &self.allowed_peer_ips)
+            .field("denied_peer_ips", &self.denied_peer_ips)
+            .field("allow_private_peers", &self.allow_private_peers)
+            .field("max_stream_connections", &self.max_stream_connections)
+            .field("tls_handshake_timeout", &self.tls_handshake_timeout)
+            .field("stream_idle_timeout", &self.stream_idle_timeout)
+            .finish()
+    }
+}
+
+impl TurnSettings {
+    /// The peer policy these settings describe.
+    pub fn peer_policy(&self) -> PeerPolicy {
+        PeerPolicy {
+            allowed: self.allowed_peer_ips.clone(),
+            denied: self.denied_peer_ips.clone(),
+            allow_private_peers: self.allow_private_peers,
+        }
+    }
+
+    /// Checks the settings for mistakes that would only show up at the first allocation.
+    pub fn validate(&self) -> Result<(), TurnError> {
+        let bad = |why: &str| Err(TurnError::InvalidSettings(why.to_owned()));
+        if self.realm.is_empty() {
+            return bad("realm must not be empty");
+        }
+        if self.auth_secrets.is_empty() || self.auth_secrets.iter().any(String::is_empty) {
+            return bad("at least one non-empty auth secret (static-auth-secret) is required");
+        }
+        if self.listening_ips.is_empty() {
+            return bad("at least one listening IP is required");
+        }
+        if self.min_port == 0 || self.max_port < self.min_port {
+            return bad("min-port must be at least 1 and no greater than max-port");
+        }
+        if self.user_quota == 0 || self.total_quota == 0 {
+            return bad("user-quota and total-quota must be at least 1");
+        }
+        if self.unauthenticated_per_ip_per_sec == 0 {
+            return bad("unauthenticated_per_ip_per_sec must be at least 1");
+        }
+        if self.max_bytes_per_sec == Some(0) {
+            return bad("max-bps must be at least 1 byte per second when set");
+        }
+        Ok(())
+    }
+
+    /// The local IP relay sockets bind to.
+    pub(crate) fn relay_bind_ip(&self) -> IpAddr {
+        if let Some(ExternalIp {
+            private: Some(p), ..
+        }) = self.external_ip
+        {
+            return p;
+        }
+        self.relay_ip
+            .or_else(|| self.listening_ips.first().copied())
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+    }
+
+    /// The IP advertised in XOR-RELAYED-ADDRESS.
+    pub(crate) fn relay_advertised_ip(&self, bound: SocketAddr) -> IpAddr {
+        match self.external_ip {
+            Some(ExternalIp { public, .. }) => public,
+            None => bound.ip(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_issue() {
+        let s = TurnSettings::default();
+        assert_eq!(s.udp_port, Some(3478));
+        assert_eq!(s.tcp_port, Some(3478));
+        assert_eq!(s.tls_port, Some(5349));
+        assert_eq!(s.realm, "callgate");
+        assert_eq!(s.user_quota, 10);
+        assert_eq!(s.total_quota, 10_000);
+        assert_eq!(s.credential_ttl, Duration::from_secs(3600));
+        assert!(s.recv_buffer_bytes >= 2 << 20);
+        assert!(!s.allow_private_peers);
+        assert!(s.allowed_peer_ips.is_empty());
+    }
+
+    #[test]
+    fn validate_requires_a_secret_and_sane_ports() {
+        let mut s = TurnSettings::default();
+        assert!(matches!(s.validate(), Err(TurnError::InvalidSettings(_))));
+        s.auth_secrets = vec!["x".into()];
+        assert!(s.validate().is_ok());
+        s.min_port = 2000;
+        s.max_port = 1000;
+        let e = s.validate().unwrap_err();
+        assert!(e.to_string().contains("min-port"), "{e}");
+    }
+
+    #[test]
+    fn debug_output_redacts_secrets() {
+        let s = TurnSettings {
+            auth_secrets: vec!["hunter2".into()],
+            ..Default::default()
+        };
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("[1 redacted]"), "{shown}");
+    }
+
+    #[test]
+    fn external_ip_maps_public_and_private() {
+        let mut s = TurnSettings {
+            listening_ips: vec!["10.0.0.5".parse().unwrap()],
+            ..Default::default()
+        };
+        assert_eq!(s.relay_bind_ip(), "10.0.0.5".parse::<IpAddr>().unwrap());
+        s.relay_ip = Some("10.0.0.6".parse().unwrap());
+        assert_eq!(s.relay_bind_ip(), "10.0.0.6".parse::<IpAddr>().unwrap());
+        s.external_ip = Some(ExternalIp {
+            public: "203.0.113.9".parse().unwrap(),
+            private: Some("10.0.0.7".parse().unwrap()),
+        });
+        assert_eq!(s.relay_bind_ip(), "10.0.0.7".parse::<IpAddr>().unwrap());
+        let bound: SocketAddr = "10.0.0.7:50000".parse().unwrap();
+        assert_eq!(
+            s.relay_advertised_ip(bound),
+            "203.0.113.9".parse::<IpAddr>().unwrap()
+        );
+    }
+}

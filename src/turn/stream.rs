@@ -1,0 +1,449 @@
+//! TURN over TCP and TLS (RFC 8656 §3.1, `turn:?transport=tcp` and `turns:`): STUN and ChannelData
+//! framing on a byte stream, and one engine instance per client connection.
+//!
+//! The engine only speaks datagrams through a `Conn`, so each accepted connection becomes a
+//! [`StreamFront`]: `recv_from` returns one frame at a time (after the [`Gate`]), `send_to` queues
+//! one frame on a bounded writer (ChannelData padded to 4 bytes as streams require). Giving every
+//! connection its own engine `Server` ties the allocation's life to the connection, as the RFC
+//! asks: when the connection ends, the engine's read loop ends and closes its allocations.
+//! Relayed traffic to peers is still UDP.
+//!
+//! This module owns framing and connection lifetimes; it must never make policy decisions (the gate
+//! does) and never let a slow client block the engine (the write queue drops when full, like UDP).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use turn::server::config::{ConnConfig, ServerConfig};
+use turn::server::Server;
+use webrtc_util::Conn;
+
+use super::gate::{Gate, GateShared, Outbound, Verdict, PRIMING_ADDR};
+use super::quota::Transport;
+use super::relay::{forward_closes, TlsAcceptorSource};
+use super::reservation::ReservedSlot;
+use super::stats::TurnStats;
+
+/// Makes a relay-socket generator for each engine read loop, sharing that loop's reserved slot.
+pub type GeneratorFactory = Arc<
+    dyn Fn(ReservedSlot) -> Box<dyn turn::relay::RelayAddressGenerator + Send + Sync> + Send + Sync,
+>;
+
+/// Frames queued for one client before further ones are dropped.
+const WRITE_QUEUE: usize = 256;
+
+/// Why a byte stream cannot be read as TURN frames; the connection is closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FramingError {
+    /// The first two bits are neither 00 (STUN) nor 01 (ChannelData): framing is lost.
+    #[error("the TCP stream is not STUN or ChannelData framed (first byte {0:#04x})")]
+    NotTurn(u8),
+}
+
+/// Given a frame's first four bytes, returns `(frame_len, wire_len)`: the bytes that make up the
+/// message and the bytes it occupies on the stream (ChannelData is padded to a multiple of 4 on
+/// streams; STUN lengths are already multiples of 4).
+pub fn frame_length(header: [u8; 4]) -> Result<(usize, usize), FramingError> {
+    let len = usize::from(u16::from_be_bytes([header[2], header[3]]));
+    match header[0] >> 6 {
+        0 => Ok((20 + len, 20 + len)),
+        1 => Ok((4 + len, (4 + len).next_multiple_of(4))),
+        _ => Err(FramingError::NotTurn(header[0])),
+    }
+}
+
+/// Pads an outgoing ChannelData frame to 4 bytes; STUN is returned as is.
+pub fn frame_for_stream(packet: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(packet.len() + 3);
+    v.extend_from_slice(packet);
+    if packet.first().is_some_and(|b| b >> 6 == 1) {
+        v.resize(packet.len().next_multiple_of(4), 0);
+    }
+    v
+}
+
+/// Reads whole frames from a byte stream into one reused buffer.
+struct FrameReader {
+    inner: BufReader<Box<dyn AsyncRead + Unpin + Send>>,
+    buf: Vec<u8>,
+}
+
+impl FrameReader {
+    async fn next_frame(&mut self) -> std::io::Result<usize> {
+        let mut header = [0u8; 4];
+        self.inner.read_exact(&mut header).await?;
+        let (len, wire) = frame_length(header).map_err(std::io::Error::other)?;
+        self.buf.resize(wire, 0);
+        self.buf[..4].copy_from_slice(&header);
+        self.inner.read_exact(&mut self.buf[4..wire]).await?;
+        Ok(len)
+    }
+}
+
+/// Everything a stream listener needs, shared by its connections.
+pub struct StreamContext {
+    /// Gate state shared with every listener.
+    pub shared: Arc<GateShared>,
+    /// Relay socket generators for each connection's engine.
+    pub generator: GeneratorFactory,
+    /// `realm`.
+    pub realm: String,
+    /// Counters.
+    pub stats: Arc<TurnStats>,
+    /// Cap on concurrent TCP plus TLS connections (per listener).
+    pub max_connections: usize,
+    /// TLS handshake deadline.
+    pub handshake_timeout: Duration,
+    /// Silence after which a connection is closed.
+    pub idle_timeout: Duration,
+    /// Flips to true on relay shutdown.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// A bound TCP listener, plain or TLS.
+pub struct StreamListener {
+    /// The socket.
+    pub listener: TcpListener,
+    /// `Some` for `turns:`.
+    pub tls: Option<TlsAcceptorSource>,
+}
+
+/// Accepts connections until shutdown, then waits for them to close.
+pub async fn accept_loop(l: StreamListener, ctx: Arc<StreamContext>) {
+    let limit = Arc::new(Semaphore::new(ctx.max_connections));
+    let mut conns = JoinSet::new();
+    let mut shutdown = ctx.shutdown.clone();
+    loop {
+        tokio::select! {
+            accepted = l.listener.accept() => {
+                let (tcp, peer) = match accepted {
+                    Ok(v) => v,
+                    Err(e) => {
+                        // EMFILE and friends: back off briefly instead of spinning.
+                        tracing::warn!("TURN accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
+                    tracing::debug!(%peer, "TURN stream connection cap reached");
+                    continue;
+                };
+                conns.spawn(serve(tcp, peer, l.tls.clone(), Arc::clone(&ctx), permit));
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            _ = shutdown.changed() => break,
+        }
+    }
+    while conns.join_next().await.is_some() {}
+}
+
+struct ConnectionCount(Arc<TurnStats>);
+
+impl Drop for ConnectionCount {
+    fn drop(&mut self) {
+        TurnStats::drop_one(&self.0.stream_connections);
+    }
+}
+
+async fn serve(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptorSource>,
+    ctx: Arc<StreamContext>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let _ = tcp.set_nodelay(true);
+    let Ok(local) = tcp.local_addr() else { return };
+    let (transport, reader, writer): (
+        Transport,
+        Box<dyn AsyncRead + Unpin + Send>,
+        Box<dyn AsyncWrite + Unpin + Send>,
+    ) = match tls {
+        Some(source) => {
+            let acceptor = source();
+            match tokio::time::timeout(ctx.handshake_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => {
+                    let (r, w) = tokio::io::split(stream);
+                    (Transport::Tls, Box::new(r), Box::new(w))
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, "TURN TLS handshake failed: {e}");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TURN TLS handshake timed out");
+                    return;
+                }
+            }
+        }
+        None => {
+            let (r, w) = tcp.into_split();
+            (Transport::Tcp, Box::new(r), Box::new(w))
+        }
+    };
+    TurnStats::bump(&ctx.stats.stream_connections);
+    let _count = ConnectionCount(Arc::clone(&ctx.stats));
+
+    let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+    let writer_task = tokio::spawn(write_loop(writer, rx));
+    let gate = Arc::new(Gate::new(Arc::clone(&ctx.shared), transport));
+    let front = Arc::new(StreamFront {
+        reader: tokio::sync::Mutex::new(FrameReader {
+            inner: BufReader::with_capacity(16 * 1024, reader),
+            buf: Vec::with_capacity(2048),
+        }),
+        tx,
+        peer,
+        local,
+        gate: Arc::clone(&gate),
+        stats: Arc::clone(&ctx.stats),
+        injected: Mutex::new(Some(Gate::priming_request())),
+        ended: Notify::new(),
+        shutdown: ctx.shutdown.clone(),
+        idle_timeout: ctx.idle_timeout,
+        reserved: ReservedSlot::default(),
+    });
+    let (close_tx, close_rx) = mpsc::channel(16);
+    tokio::spawn(forward_closes(
+        transport,
+        close_rx,
+        Arc::clone(&ctx.shared),
+        ctx.shutdown.clone(),
+    ));
+    let engine = Server::new(ServerConfig {
+        conn_configs: vec![ConnConfig {
+            conn: Arc::clone(&front) as Arc<dyn Conn + Send + Sync>,
+            relay_addr_generator: (ctx.generator)(Arc::clone(&front.reserved)),
+        }],
+        realm: ctx.realm.clone(),
+        auth_handler: Arc::new(ctx.shared.auth_handler()),
+        channel_bind_timeout: Duration::ZERO,
+        alloc_close_notify: Some(close_tx),
+    })
+    .await;
+    let engine = match engine {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!(%peer, "could not start a TURN engine for a stream connection: {e}");
+            return;
+        }
+    };
+    front.ended.notified().await;
+    let _ = engine.close().await;
+    drop(engine);
+    writer_task.abort();
+}
+
+async fn write_loop(
+    mut writer: Box<dyn AsyncWrite + Unpin + Send>,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+) {
+    while let Some(frame) = rx.recv().await {
+        if writer.write_all(&frame).await.is_err() {
+            return;
+        }
+        if rx.is_empty() && writer.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = writer.shutdown().await;
+}
+
+/// One TCP or TLS client connection as the engine sees it.
+pub struct StreamFront {
+    reader: tokio::sync::Mutex<FrameReader>,
+    tx: mpsc::Sender<Vec<u8>>,
+    peer: SocketAddr,
+    local: SocketAddr,
+    gate: Arc<Gate>,
+    stats: Arc<TurnStats>,
+    injected: Mutex<Option<Vec<u8>>>,
+    /// Notified when `recv_from` fails for good (EOF, error, idle, shutdown).
+    ended: Notify,
+    shutdown: watch::Receiver<bool>,
+    idle_timeout: Duration,
+    /// Shared with this connection's relay-socket generator (RESERVATION-TOKEN).
+    reserved: ReservedSlot,
+}
+
+impl StreamFront {
+    fn end(&self) -> webrtc_util::Error {
+        self.ended.notify_one();
+        webrtc_util::Error::ErrUseClosedNetworkConn
+    }
+
+    fn queue(&self, frame: Vec<u8>) {
+        // A full queue means the client reads slower than it is sent to: drop, as UDP would.
+        let _ = self.tx.try_send(frame);
+    }
+}
+
+#[async_trait]
+impl Conn for StreamFront {
+    async fn connect(&self, _addr: SocketAddr) -> webrtc_util::Result<()> {
+        Err(std::io::Error::other("already connected").into())
+    }
+
+    async fn recv(&self, _buf: &mut [u8]) -> webrtc_util::Result<usize> {
+        Err(std::io::Error::other("use recv_from").into())
+    }
+
+    async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
+        let mut reader = self.reader.lock().await;
+        let mut shutdown = self.shutdown.clone();
+        self.reserved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        loop {
+            if *shutdown.borrow() {
+                return Err(self.end());
+            }
+            let injected = self
+                .injected
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            if let Some(p) = injected {
+                let n = p.len().min(buf.len());
+                buf[..n].copy_from_slice(&p[..n]);
+                return Ok((n, PRIMING_ADDR));
+            }
+            if self.gate.needs_priming(Instant::now()) {
+                // A connection older than the nonce rotation: fetch a fresh nonce first.
+                let p = Gate::priming_request();
+                buf[..p.len()].copy_from_slice(&p);
+                return Ok((p.len(), PRIMING_ADDR));
+            }
+            let len = tokio::select! {
+                r = tokio::time::timeout(self.idle_timeout, reader.next_frame()) => match r {
+                    Ok(Ok(len)) => len,
+                    Ok(Err(_)) | Err(_) => return Err(self.end()),
+                },
+                _ = shutdown.changed() => return Err(self.end()),
+            };
+            let frame = &reader.buf[..len];
+            let verdict = self.gate.inbound_now(frame, self.peer, self.local);
+            let forward = match verdict {
+                Verdict::Forward => frame,
+                Verdict::ForwardReserved {
+                    token,
+                    ref rewritten,
+                } => {
+                    let socket = self.gate.shared().reservations().take(&token);
+                    *self.reserved.lock().unwrap_or_else(|p| p.into_inner()) = socket;
+                    rewritten.as_deref().unwrap_or(frame)
+                }
+                Verdict::ForwardRewritten(ref v) => v.as_slice(),
+                Verdict::Reply(v) => {
+                    self.queue(v);
+                    continue;
+                }
+                Verdict::Drop(_) => continue,
+            };
+            if forward.len() > buf.len() {
+                TurnStats::bump(&self.stats.oversized_dropped);
+                continue;
+            }
+            buf[..forward.len()].copy_from_slice(forward);
+            return Ok((forward.len(), self.peer));
+        }
+    }
+
+    async fn send(&self, _buf: &[u8]) -> webrtc_util::Result<usize> {
+        Err(std::io::Error::other("use send_to").into())
+    }
+
+    async fn send_to(&self, buf: &[u8], target: SocketAddr) -> webrtc_util::Result<usize> {
+        match self.gate.outbound(buf, target, self.local) {
+            Outbound::Swallow => return Ok(buf.len()),
+            Outbound::Send => {}
+            Outbound::ReserveThenSend { token, port } => {
+                let reservations = self.gate.shared().reservations();
+                reservations.reserve(token, port, Instant::now());
+            }
+        }
+        if target == self.peer {
+            self.queue(frame_for_stream(buf));
+        }
+        Ok(buf.len())
+    }
+
+    fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {
+        Ok(self.local)
+    }
+
+    fn remote_addr(&self) -> Option<SocketAddr> {
+        Some(self.peer)
+    }
+
+    async fn close(&self) -> webrtc_util::Result<()> {
+        // Called by the engine when an allocation closes; the connection may carry on (a client
+        // can allocate again). The connection ends when the client or the relay closes it.
+        Ok(())
+    }
+
+    fn as_any(&self) -> &(dyn std::any::Any + Send + Sync) {
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_stun_and_padded_channel_data() {
+        assert_eq!(frame_length([0x00, 0x03, 0x00, 0x08]), Ok((28, 28)));
+        assert_eq!(frame_length([0x00, 0x01, 0x00, 0x00]), Ok((20, 20)));
+        assert_eq!(frame_length([0x40, 0x00, 0x00, 0x05]), Ok((9, 12)));
+        assert_eq!(frame_length([0x7f, 0xff, 0x00, 0x04]), Ok((8, 8)));
+        assert_eq!(frame_length([0x40, 0x00, 0xff, 0xff]), Ok((65539, 65540)));
+        assert_eq!(
+            frame_length([0x80, 0, 0, 0]),
+            Err(FramingError::NotTurn(0x80))
+        );
+        assert_eq!(
+            frame_length([0xc0, 0, 0, 0]),
+            Err(FramingError::NotTurn(0xc0))
+        );
+        // Other protocols may look framed ("GET " reads as channel 0x4745); the gate then drops
+        // what is not a bound channel or valid STUN.
+        assert!(frame_length(*b"GET ").is_ok());
+    }
+
+    #[test]
+    fn pads_outgoing_channel_data_only() {
+        assert_eq!(
+            frame_for_stream(&[0x40, 0, 0, 1, 9]),
+            [0x40, 0, 0, 1, 9, 0, 0, 0]
+        );
+        assert_eq!(frame_for_stream(&[0x40, 0, 0, 0]), [0x40, 0, 0, 0]);
+        let stun = [0u8; 20];
+        assert_eq!(frame_for_stream(&stun), stun);
+    }
+
+    #[tokio::test]
+    async fn reads_back_to_back_frames_from_a_stream() {
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&frame_for_stream(&[0x40, 0x01, 0, 3, 1, 2, 3]));
+        let stun = crate::turn::gate::Gate::priming_request();
+        bytes.extend_from_slice(&stun);
+        let mut r = FrameReader {
+            inner: BufReader::new(Box::new(std::io::Cursor::new(bytes))),
+            buf: Vec::new(),
+        };
+        let n = r.next_frame().await.unwrap();
+        assert_eq!(&r.buf[..n], &[0x40, 0x01, 0, 3, 1, 2, 3]);
+        let n = r.next_frame().await.unwrap();
+        assert_eq!(&r.buf[..n], &stun[..]);
+        assert!(r.next_frame().await.is_err(), "EOF");
+    }
+}

@@ -1,0 +1,183 @@
+//! [`UdpFront`]: one UDP listening socket as the engine sees it — a `webrtc_util::Conn` whose
+//! `recv_from` only returns packets the [`Gate`] let through and whose `send_to` lets the gate watch
+//! the engine's answers.
+//!
+//! This module owns the UDP edge: the read loop's staging buffer, answering the gate's replies
+//! directly on the socket, injecting the nonce-priming request, and stopping on shutdown. It makes
+//! no decisions of its own; those are the gate's.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use tokio::net::UdpSocket;
+use tokio::sync::{watch, Notify};
+use webrtc_util::Conn;
+
+use super::gate::{Gate, Outbound, Verdict, PRIMING_ADDR};
+use super::reservation::ReservedSlot;
+use super::stats::TurnStats;
+
+/// Staging buffer size: any UDP datagram fits, so oversized ones are detected, not truncated.
+const STAGING: usize = 65_536;
+
+/// A listening UDP socket in front of the engine.
+pub struct UdpFront {
+    socket: Arc<UdpSocket>,
+    local: SocketAddr,
+    gate: Arc<Gate>,
+    stats: Arc<TurnStats>,
+    /// A request to hand the engine before the next socket read (nonce priming).
+    injected: Mutex<Option<Vec<u8>>>,
+    wake: Notify,
+    shutdown: watch::Receiver<bool>,
+    /// Only the engine's read loop for this socket calls `recv_from`, so never contended.
+    staging: tokio::sync::Mutex<Vec<u8>>,
+    /// Shared with this loop's relay-socket generator (RESERVATION-TOKEN).
+    reserved: ReservedSlot,
+}
+
+impl UdpFront {
+    /// Wraps a bound socket.
+    pub fn new(
+        socket: UdpSocket,
+        gate: Arc<Gate>,
+        stats: Arc<TurnStats>,
+        shutdown: watch::Receiver<bool>,
+    ) -> std::io::Result<Self> {
+        let local = socket.local_addr()?;
+        Ok(UdpFront {
+            socket: Arc::new(socket),
+            local,
+            gate,
+            stats,
+            injected: Mutex::new(None),
+            wake: Notify::new(),
+            shutdown,
+            staging: tokio::sync::Mutex::new(vec![0; STAGING]),
+            reserved: ReservedSlot::default(),
+        })
+    }
+
+    /// The slot this front fills for its generator.
+    pub fn reserved_slot(&self) -> ReservedSlot {
+        Arc::clone(&self.reserved)
+    }
+
+    /// Makes the engine process `packet` as if it came from [`PRIMING_ADDR`].
+    pub fn inject(&self, packet: Vec<u8>) {
+        *self.injected.lock().unwrap_or_else(|p| p.into_inner()) = Some(packet);
+        self.wake.notify_one();
+    }
+
+    fn take_injected(&self) -> Option<Vec<u8>> {
+        self.injected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+}
+
+fn closed() -> webrtc_util::Error {
+    webrtc_util::Error::ErrUseClosedNetworkConn
+}
+
+#[async_trait]
+impl Conn for UdpFront {
+    async fn connect(&self, _addr: SocketAddr) -> webrtc_util::Result<()> {
+        Err(std::io::Error::other("listening sockets are not connected").into())
+    }
+
+    async fn recv(&self, _buf: &mut [u8]) -> webrtc_util::Result<usize> {
+        Err(std::io::Error::other("use recv_from").into())
+    }
+
+    async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
+        let mut staging = self.staging.lock().await;
+        let mut shutdown = self.shutdown.clone();
+        // The previous request has been handled: a reserved socket it did not use is released.
+        self.reserved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        loop {
+            if *shutdown.borrow() {
+                return Err(closed());
+            }
+            if let Some(p) = self.take_injected() {
+                let n = p.len().min(buf.len());
+                buf[..n].copy_from_slice(&p[..n]);
+                return Ok((n, PRIMING_ADDR));
+            }
+            let (n, src) = tokio::select! {
+                r = self.socket.recv_from(&mut staging) => match r {
+                    Ok(v) => v,
+                    // ICMP port unreachable from an earlier send surfaces here on some systems.
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => continue,
+                    Err(e) => return Err(e.into()),
+                },
+                _ = self.wake.notified() => continue,
+                _ = shutdown.changed() => return Err(closed()),
+            };
+            let packet = &staging[..n];
+            let verdict = self.gate.inbound_now(packet, src, self.local);
+            let forward = match verdict {
+                Verdict::Forward => packet,
+                Verdict::ForwardReserved {
+                    token,
+                    ref rewritten,
+                } => {
+                    let socket = self.gate.shared().reservations().take(&token);
+                    *self.reserved.lock().unwrap_or_else(|p| p.into_inner()) = socket;
+                    rewritten.as_deref().unwrap_or(packet)
+                }
+                Verdict::ForwardRewritten(ref v) => v.as_slice(),
+                Verdict::Reply(v) => {
+                    let _ = self.socket.send_to(&v, src).await;
+                    continue;
+                }
+                Verdict::Drop(_) => continue,
+            };
+            if forward.len() > buf.len() {
+                TurnStats::bump(&self.stats.oversized_dropped);
+                continue;
+            }
+            buf[..forward.len()].copy_from_slice(forward);
+            return Ok((forward.len(), src));
+        }
+    }
+
+    async fn send(&self, _buf: &[u8]) -> webrtc_util::Result<usize> {
+        Err(std::io::Error::other("use send_to").into())
+    }
+
+    async fn send_to(&self, buf: &[u8], target: SocketAddr) -> webrtc_util::Result<usize> {
+        match self.gate.outbound(buf, target, self.local) {
+            Outbound::Swallow => return Ok(buf.len()),
+            Outbound::Send => {}
+            Outbound::ReserveThenSend { token, port } => {
+                let reservations = self.gate.shared().reservations();
+                reservations.reserve(token, port, std::time::Instant::now());
+            }
+        }
+        Ok(self.socket.send_to(buf, target).await?)
+    }
+
+    fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {
+        Ok(self.local)
+    }
+
+    fn remote_addr(&self) -> Option<SocketAddr> {
+        None
+    }
+
+    async fn close(&self) -> webrtc_util::Result<()> {
+        // The engine calls this on its listener Conn whenever *an allocation* closes; closing the
+        // listener then would cut every other client. The relay's shutdown path closes it instead.
+        Ok(())
+    }
+
+    fn as_any(&self) -> &(dyn std::any::Any + Send + Sync) {
+        self
+    }
+}

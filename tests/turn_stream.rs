@@ -1,0 +1,156 @@
+//! The relay over TCP (`turn:?transport=tcp`) and TLS (`turns:`): RFC 8656 framing, allocations
+//! tied to the connection, and certificates the gateway can swap at runtime.
+
+#[path = "turn_rawclient.rs"]
+mod raw;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use callgate::turn::TlsAcceptorSource;
+use raw::*;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::net::TcpStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+struct TestCert {
+    der: CertificateDer<'static>,
+    acceptor: TlsAcceptor,
+}
+
+fn test_cert() -> TestCert {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let der = ck.cert.der().clone();
+    let key = PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![der.clone()], key)
+        .unwrap();
+    TestCert {
+        der,
+        acceptor: TlsAcceptor::from(Arc::new(config)),
+    }
+}
+
+/// An acceptor source the test can swap, as the gateway's certificate reloader would.
+fn swappable(initial: TlsAcceptor) -> (TlsAcceptorSource, Arc<Mutex<TlsAcceptor>>) {
+    let current = Arc::new(Mutex::new(initial));
+    let c = Arc::clone(&current);
+    (Arc::new(move || c.lock().unwrap().clone()), current)
+}
+
+async fn tls_client(
+    addr: std::net::SocketAddr,
+    trust: &CertificateDer<'static>,
+    user: &str,
+) -> std::io::Result<RawClient> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(trust.clone()).unwrap();
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = TcpStream::connect(addr).await?;
+    let tls = TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await?;
+    Ok(RawClient::stream(tls, user))
+}
+
+/// Waits for a counter the engine updates asynchronously (allocation close notifications).
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn tcp_allocates_binds_and_relays_both_ways() {
+    let relay = start(test_settings(), None).await;
+    let mut client = RawClient::tcp(relay.tcp_addrs()[0], "tcp-user").await;
+    let relayed = client.allocate().await.expect("allocates over TCP");
+    channel_round_trip(&mut client, relayed).await;
+    assert_eq!(relay.stats().snapshot().stream_connections, 1);
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn tcp_refuses_bad_credentials_and_peers() {
+    let relay = start(test_settings(), None).await;
+    let mut wrong = RawClient::tcp(relay.tcp_addrs()[0], "x").await;
+    wrong.password = "nope".into();
+    assert_eq!(wrong.allocate().await, Err(401));
+
+    let mut client = RawClient::tcp(relay.tcp_addrs()[0], "y").await;
+    client.allocate().await.unwrap();
+    let metadata = "169.254.169.254:80".parse().unwrap();
+    assert_eq!(client.create_permission(metadata).await.code(), Some(403));
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn closing_the_tcp_connection_releases_its_allocation() {
+    let relay = start(test_settings(), None).await;
+    let mut client = RawClient::tcp(relay.tcp_addrs()[0], "short-lived").await;
+    client.allocate().await.unwrap();
+    assert_eq!(relay.stats().snapshot().allocations_active, 1);
+    drop(client);
+    let stats = Arc::clone(relay.stats());
+    eventually("the allocation to close", || {
+        let s = stats.snapshot();
+        s.allocations_active == 0 && s.stream_connections == 0
+    })
+    .await;
+    assert_eq!(relay.memory().unwrap().ledger_entries, 0);
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn tls_allocates_binds_and_relays_both_ways() {
+    let cert = test_cert();
+    let (source, _) = swappable(cert.acceptor.clone());
+    let relay = start(test_settings(), Some(source)).await;
+    let mut client = tls_client(relay.tls_addrs()[0], &cert.der, "tls-user")
+        .await
+        .unwrap();
+    assert_eq!(client.binding().await.ip().to_string(), "127.0.0.1");
+    let relayed = client.allocate().await.expect("allocates over TLS");
+    channel_round_trip(&mut client, relayed).await;
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn tls_uses_the_certificate_current_at_each_handshake() {
+    let first = test_cert();
+    let second = test_cert();
+    let (source, current) = swappable(first.acceptor.clone());
+    let relay = start(test_settings(), Some(source)).await;
+    let addr = relay.tls_addrs()[0];
+    assert!(tls_client(addr, &first.der, "a").await.is_ok());
+    *current.lock().unwrap() = second.acceptor.clone();
+    assert!(
+        tls_client(addr, &first.der, "a").await.is_err(),
+        "old certificate no longer served"
+    );
+    let mut client = tls_client(addr, &second.der, "a").await.unwrap();
+    assert!(client.allocate().await.is_ok());
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn no_tls_acceptor_means_no_tls_listener() {
+    let relay = start(test_settings(), None).await;
+    assert!(relay.tls_addrs().is_empty());
+    assert_eq!(relay.tcp_addrs().len(), 1);
+    let mut settings = test_settings();
+    settings.tcp_port = None;
+    settings.udp_port = None;
+    let relay2 = start(settings, None).await;
+    assert!(relay2.tcp_addrs().is_empty() && relay2.udp_addrs().is_empty());
+    relay.shutdown().await;
+    relay2.shutdown().await;
+}

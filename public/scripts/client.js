@@ -770,7 +770,8 @@ function renderQuality(s) {
   const route = s.route === 'relayed' ? `Relayed${s.protocol ? ` (${s.protocol.toUpperCase()})` : ''}` : s.route === 'direct' ? 'Direct' : '—';
   const words = { good: 'Good', fair: 'Fair', poor: 'Poor', unknown: 'Connecting…' };
   const rtt = s.rttMs != null ? `${s.rttMs} ms` : '—';
-  setQuality(s, s.level === 'unknown' ? words.unknown : `${words[s.level]} · ${rtt}`);
+  const relayed = s.route === 'relayed' ? ' · Relayed' : '';
+  setQuality(s, s.level === 'unknown' ? words.unknown : `${words[s.level]} · ${rtt}${relayed}`);
   $('quality').setAttribute('aria-label', `Connection ${words[s.level]}. ${route}, round trip ${rtt}.`);
   $('q-route').textContent = route;
   $('q-rtt').textContent = rtt;

@@ -336,6 +336,9 @@ test('forced through callgate\'s TURN relay (?relay=1)', async (t) => {
   assert.equal(route.local, 'relay', `A's selected candidate is ${JSON.stringify(route)}`);
   await a.page.waitForFunction(() => window.callgate.quality && window.callgate.quality.route === 'relayed', null, { timeout: STEP_MS });
   await expectFramesFlowing(b, 20);
+  await a.page.waitForFunction(() => /Relayed/.test(document.getElementById('quality-label').textContent), null, { timeout: STEP_MS });
+  await a.page.click('#quality');
+  assert.match(await a.page.textContent('#q-route'), /^Relayed/);
   await screenshot(a, 'in-call-relayed');
   assertClean(a, b);
 });

@@ -838,6 +838,8 @@ function bindUi() {
   $('btn-mic').addEventListener('click', toggleMic);
   $('btn-cam').addEventListener('click', toggleCamera);
   $('btn-screen').addEventListener('click', toggleScreen);
+  // Phones cannot share their screen from a browser: no button rather than one that fails.
+  $('btn-screen').hidden = typeof navigator.mediaDevices.getDisplayMedia !== 'function';
   $('btn-devices').addEventListener('click', openDevicePicker);
   $('btn-chat').addEventListener('click', () => toggleChat());
   $('chat-close').addEventListener('click', () => toggleChat(false));

@@ -9,7 +9,7 @@
 //! This module reads the config file and nothing else: no sockets, no certificates.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -198,6 +198,123 @@ pub struct Options {
     #[arg(long, env = "CALLGATE_RESUME_GRACE", value_name = "DURATION")]
     pub resume_grace: Option<Seconds>,
 
+    /// Run the embedded TURN relay (true|false) [default: true].
+    #[arg(long, env = "CALLGATE_TURN", value_name = "BOOL")]
+    pub turn: Option<bool>,
+
+    /// TURN realm, sent in authentication challenges [default: callgate].
+    #[arg(long, env = "CALLGATE_REALM", value_name = "REALM")]
+    pub realm: Option<String>,
+
+    /// Addresses the TURN listeners bind, comma-separated [default: 0.0.0.0].
+    #[arg(
+        long,
+        env = "CALLGATE_LISTENING_IP",
+        value_name = "IP,...",
+        value_delimiter = ','
+    )]
+    pub listening_ip: Option<Vec<IpAddr>>,
+
+    /// TURN port for UDP and TCP [default: 3478].
+    #[arg(long, env = "CALLGATE_LISTENING_PORT", value_name = "PORT")]
+    pub listening_port: Option<u16>,
+
+    /// TURN over TLS (turns:) port, using the HTTPS certificate, or "off" [default: 5349].
+    #[arg(long, env = "CALLGATE_TLS_LISTENING_PORT", value_name = "PORT|off")]
+    pub tls_listening_port: Option<PortOrOff>,
+
+    /// Serve TURN over UDP (true|false) [default: true].
+    #[arg(long, env = "CALLGATE_TURN_UDP", value_name = "BOOL")]
+    pub turn_udp: Option<bool>,
+
+    /// Serve TURN over TCP (true|false) [default: true].
+    #[arg(long, env = "CALLGATE_TURN_TCP", value_name = "BOOL")]
+    pub turn_tcp: Option<bool>,
+
+    /// Local address relay sockets bind to [default: the listening IP, or this host's first
+    /// non-loopback address when listening on 0.0.0.0].
+    #[arg(long, env = "CALLGATE_RELAY_IP", value_name = "IP")]
+    pub relay_ip: Option<IpAddr>,
+
+    /// Public address advertised for relayed candidates behind 1:1 NAT (cloud VMs): PUBLIC or
+    /// PUBLIC/PRIVATE.
+    #[arg(long, env = "CALLGATE_EXTERNAL_IP", value_name = "IP[/IP]")]
+    pub external_ip: Option<String>,
+
+    /// Lowest UDP port for relayed candidates [default: 49152].
+    #[arg(long, env = "CALLGATE_MIN_PORT", value_name = "PORT")]
+    pub min_port: Option<u16>,
+
+    /// Highest UDP port for relayed candidates [default: 65535].
+    #[arg(long, env = "CALLGATE_MAX_PORT", value_name = "PORT")]
+    pub max_port: Option<u16>,
+
+    /// TURN REST API shared secret(s), comma-separated, newest first: the first signs new
+    /// credentials, all are accepted (rotation). Same as coturn's static-auth-secret [default: a
+    /// random secret per process].
+    #[arg(
+        long,
+        env = "CALLGATE_STATIC_AUTH_SECRET",
+        value_name = "SECRET,...",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub static_auth_secret: Option<Vec<Secret>>,
+
+    /// Lifetime of TURN credentials handed to clients [default: 1h].
+    #[arg(long, env = "CALLGATE_TURN_CREDENTIAL_TTL", value_name = "DURATION")]
+    pub turn_credential_ttl: Option<Seconds>,
+
+    /// Concurrent TURN allocations per user [default: 10].
+    #[arg(long, env = "CALLGATE_USER_QUOTA", value_name = "N")]
+    pub user_quota: Option<usize>,
+
+    /// Concurrent TURN allocations in total [default: 10000].
+    #[arg(long, env = "CALLGATE_TOTAL_QUOTA", value_name = "N")]
+    pub total_quota: Option<usize>,
+
+    /// Bandwidth cap per allocation, bytes per second each way [default: none].
+    #[arg(long, env = "CALLGATE_MAX_BPS", value_name = "BYTES")]
+    pub max_bps: Option<u32>,
+
+    /// Peer ranges (CIDR or IP) the relay may reach even if special or denied, comma-separated.
+    #[arg(
+        long,
+        env = "CALLGATE_ALLOWED_PEER_IP",
+        value_name = "CIDR,...",
+        value_delimiter = ','
+    )]
+    pub allowed_peer_ip: Option<Vec<IpRange>>,
+
+    /// Extra peer ranges (CIDR or IP) the relay never reaches, comma-separated.
+    #[arg(
+        long,
+        env = "CALLGATE_DENIED_PEER_IP",
+        value_name = "CIDR,...",
+        value_delimiter = ','
+    )]
+    pub denied_peer_ip: Option<Vec<IpRange>>,
+
+    /// Let the relay reach private networks (RFC 1918, CGNAT, ULA): only for relays inside a
+    /// private deployment. Loopback, link-local and metadata addresses stay refused [default: false].
+    #[arg(long, env = "CALLGATE_ALLOW_PRIVATE_PEERS", value_name = "BOOL")]
+    pub allow_private_peers: Option<bool>,
+
+    /// Host name put in the turn:/turns: URLs handed to browsers [default: public-url's host, else
+    /// the host the browser connected to].
+    #[arg(long, env = "CALLGATE_TURN_HOST", value_name = "HOST")]
+    pub turn_host: Option<String>,
+
+    /// API key that enables GET /api/turn-credentials (Authorization: Bearer KEY) for apps doing
+    /// their own signaling [default: endpoint disabled].
+    #[arg(
+        long,
+        env = "CALLGATE_TURN_API_KEY",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub turn_api_key: Option<Secret>,
+
     /// Address of the admin listener serving Prometheus metrics at /metrics, or "off". Keep it
     /// off the public internet [default: 127.0.0.1:9100].
     #[arg(long, env = "CALLGATE_METRICS_LISTEN", value_name = "ADDR|off")]
@@ -289,6 +406,8 @@ pub struct Config {
     /// Resume grace period.
     #[serde(serialize_with = "as_seconds")]
     pub resume_grace: Duration,
+    /// Embedded TURN relay settings.
+    pub turn: TurnConfig,
     /// Where `/metrics` is served, if at all.
     pub metrics_listen: Listen,
     /// Token required to scrape `/metrics`.
@@ -428,12 +547,153 @@ fn as_seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Erro
     }
 }
 
+/// The embedded TURN relay's settings (coturn's names where coturn has one).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct TurnConfig {
+    /// Whether the relay runs at all.
+    pub enabled: bool,
+    /// Authentication realm.
+    pub realm: String,
+    /// Addresses the listeners bind.
+    pub listening_ip: Vec<IpAddr>,
+    /// UDP and TCP port.
+    pub listening_port: u16,
+    /// `turns:` port.
+    pub tls_listening_port: PortOrOff,
+    /// UDP listener on.
+    pub udp: bool,
+    /// TCP listener on.
+    pub tcp: bool,
+    /// Local address for relay sockets.
+    pub relay_ip: Option<IpAddr>,
+    /// Public (and private) address behind 1:1 NAT.
+    pub external_ip: Option<(IpAddr, Option<IpAddr>)>,
+    /// Relay port range start.
+    pub min_port: u16,
+    /// Relay port range end (inclusive).
+    pub max_port: u16,
+    /// REST API secrets, newest first; empty means a random one per process.
+    pub static_auth_secret: Vec<Secret>,
+    /// Lifetime of issued credentials.
+    #[serde(serialize_with = "as_seconds")]
+    pub credential_ttl: Duration,
+    /// Allocations per user.
+    pub user_quota: usize,
+    /// Allocations in total.
+    pub total_quota: usize,
+    /// Per-allocation bandwidth cap (bytes/s each way).
+    pub max_bps: Option<u32>,
+    /// Peer ranges always allowed.
+    pub allowed_peer_ip: Vec<IpRange>,
+    /// Peer ranges always refused.
+    pub denied_peer_ip: Vec<IpRange>,
+    /// Opt-in to private peers.
+    pub allow_private_peers: bool,
+    /// Host name for ICE server URLs.
+    pub host: Option<String>,
+    /// Key for `/api/turn-credentials`.
+    pub api_key: Option<Secret>,
+}
+
+/// A port, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortOrOff {
+    /// Listen on this port.
+    Port(u16),
+    /// No listener.
+    Off,
+}
+
+impl FromStr for PortOrOff {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.eq_ignore_ascii_case("off") {
+            return Ok(PortOrOff::Off);
+        }
+        s.parse()
+            .map(PortOrOff::Port)
+            .map_err(|_| format!("\"{s}\" is neither a port number nor \"off\""))
+    }
+}
+
+impl<'de> Deserialize<'de> for PortOrOff {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u16),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(port) => Ok(PortOrOff::Port(port)),
+            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl Serialize for PortOrOff {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            PortOrOff::Port(port) => s.serialize_u16(*port),
+            PortOrOff::Off => s.serialize_str("off"),
+        }
+    }
+}
+
+/// An address range in CIDR notation (a bare address is a /32 or /128).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpRange(pub ipnet::IpNet);
+
+impl FromStr for IpRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        s.parse::<ipnet::IpNet>()
+            .or_else(|_| s.parse::<IpAddr>().map(ipnet::IpNet::from))
+            .map(IpRange)
+            .map_err(|_| format!("\"{s}\" is not an address or CIDR range (e.g. 10.0.0.0/8)"))
+    }
+}
+
+impl<'de> Deserialize<'de> for IpRange {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for IpRange {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0)
+    }
+}
+
+/// `PUBLIC` or `PUBLIC/PRIVATE`, as coturn's external-ip.
+fn parse_external_ip(s: &str) -> Result<(IpAddr, Option<IpAddr>), String> {
+    let bad =
+        || format!("\"{s}\" must be PUBLIC or PUBLIC/PRIVATE addresses, e.g. 203.0.113.7/10.0.0.5");
+    match s.split_once('/') {
+        Some((public, private)) => Ok((
+            public.trim().parse().map_err(|_| bad())?,
+            Some(private.trim().parse().map_err(|_| bad())?),
+        )),
+        None => Ok((s.trim().parse().map_err(|_| bad())?, None)),
+    }
+}
+
 /// A secret setting (a token): never printed, compared in constant time.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
 pub struct Secret(String);
 
 impl Secret {
+    /// The secret itself, for the one place that must use it (signing, comparing).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
     /// Whether `candidate` equals the secret, in time independent of where they differ.
     pub fn matches(&self, candidate: &[u8]) -> bool {
         use subtle::ConstantTimeEq;
@@ -495,6 +755,17 @@ impl PublicUrl {
         Ok(PublicUrl {
             authority: authority.to_ascii_lowercase(),
         })
+    }
+}
+
+impl PublicUrl {
+    /// The host part, without port or brackets.
+    pub fn host(&self) -> &str {
+        let authority = self.authority.as_str();
+        if let Some(rest) = authority.strip_prefix('[') {
+            return rest.split(']').next().unwrap_or(rest);
+        }
+        authority.split(':').next().unwrap_or(authority)
     }
 }
 
@@ -590,6 +861,27 @@ impl Options {
             ws_connections_per_ip,
             id_digits,
             resume_grace,
+            turn,
+            realm,
+            listening_ip,
+            listening_port,
+            tls_listening_port,
+            turn_udp,
+            turn_tcp,
+            relay_ip,
+            external_ip,
+            min_port,
+            max_port,
+            static_auth_secret,
+            turn_credential_ttl,
+            user_quota,
+            total_quota,
+            max_bps,
+            allowed_peer_ip,
+            denied_peer_ip,
+            allow_private_peers,
+            turn_host,
+            turn_api_key,
             metrics_listen,
             metrics_token,
             log_format,
@@ -676,6 +968,39 @@ impl Config {
             ws_connections_per_ip: o.ws_connections_per_ip.unwrap_or(64),
             id_digits: o.id_digits.unwrap_or(9),
             resume_grace: secs(o.resume_grace, 30),
+            turn: TurnConfig {
+                enabled: o.turn.unwrap_or(true),
+                realm: o.realm.unwrap_or_else(|| "callgate".to_owned()),
+                listening_ip: o
+                    .listening_ip
+                    .unwrap_or_else(|| vec![IpAddr::from([0, 0, 0, 0])]),
+                listening_port: o.listening_port.unwrap_or(3478),
+                tls_listening_port: o.tls_listening_port.unwrap_or(PortOrOff::Port(5349)),
+                udp: o.turn_udp.unwrap_or(true),
+                tcp: o.turn_tcp.unwrap_or(true),
+                relay_ip: o.relay_ip,
+                external_ip: o
+                    .external_ip
+                    .as_deref()
+                    .map(parse_external_ip)
+                    .transpose()
+                    .map_err(|reason| ConfigError::Invalid {
+                        key: "external-ip",
+                        reason,
+                    })?,
+                min_port: o.min_port.unwrap_or(49152),
+                max_port: o.max_port.unwrap_or(65535),
+                static_auth_secret: o.static_auth_secret.unwrap_or_default(),
+                credential_ttl: secs(o.turn_credential_ttl, 3600),
+                user_quota: o.user_quota.unwrap_or(10),
+                total_quota: o.total_quota.unwrap_or(10_000),
+                max_bps: o.max_bps,
+                allowed_peer_ip: o.allowed_peer_ip.unwrap_or_default(),
+                denied_peer_ip: o.denied_peer_ip.unwrap_or_default(),
+                allow_private_peers: o.allow_private_peers.unwrap_or(false),
+                host: o.turn_host,
+                api_key: o.turn_api_key,
+            },
             metrics_listen: o
                 .metrics_listen
                 .unwrap_or(Listen::On(SocketAddr::from(([127, 0, 0, 1], 9100)))),
@@ -740,6 +1065,45 @@ impl Config {
                 "id-digits",
                 "must be between 6 and 15 (IDs must stay exact JavaScript numbers)",
             ));
+        }
+        let turn = &self.turn;
+        if turn.realm.is_empty() {
+            return Err(invalid("realm", "must not be empty"));
+        }
+        if turn.listening_ip.is_empty() {
+            return Err(invalid("listening-ip", "needs at least one address"));
+        }
+        if turn.min_port == 0 || turn.max_port < turn.min_port {
+            return Err(invalid(
+                "min-port",
+                "must be at least 1 and no greater than max-port",
+            ));
+        }
+        if turn.static_auth_secret.iter().any(|s| s.0.len() < 16) {
+            return Err(invalid(
+                "static-auth-secret",
+                "each secret must be at least 16 characters",
+            ));
+        }
+        if turn.credential_ttl.is_zero() {
+            return Err(invalid("turn-credential-ttl", "must be greater than 0"));
+        }
+        if turn.user_quota == 0 || turn.total_quota == 0 {
+            let key = if turn.user_quota == 0 {
+                "user-quota"
+            } else {
+                "total-quota"
+            };
+            return Err(invalid(key, "must be at least 1"));
+        }
+        if turn.max_bps == Some(0) {
+            return Err(invalid(
+                "max-bps",
+                "must be at least 1 (leave it unset for no cap)",
+            ));
+        }
+        if turn.api_key.as_ref().is_some_and(|t| t.0.len() < 16) {
+            return Err(invalid("turn-api-key", "must be at least 16 characters"));
         }
         if self.metrics_token.as_ref().is_some_and(|t| t.0.len() < 16) {
             return Err(invalid("metrics-token", "must be at least 16 characters"));

@@ -6,7 +6,7 @@
 //! The admin listener that serves `/metrics` lives in `crate::http::admin`.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use prometheus::{
@@ -16,6 +16,7 @@ use prometheus::{
 
 use crate::signaling::hub::{CallEvent, CallObserver};
 use crate::signaling::protocol::{ClientId, ErrorCode, MessageKind};
+use crate::turn::TurnStats;
 
 /// Every metric family, registered in one registry.
 pub struct Metrics {
@@ -31,6 +32,100 @@ pub struct Metrics {
     pub signaling: SignalingMetrics,
     /// Calls: in progress, setup time, duration.
     pub calls: CallMetrics,
+    /// The TURN relay's counters, copied from its atomics at every scrape.
+    turn: Mutex<Option<TurnExport>>,
+}
+
+/// Prometheus handles mirroring a running relay's [`TurnStats`].
+struct TurnExport {
+    stats: Arc<TurnStats>,
+    allocations_active: IntGauge,
+    created: IntCounter,
+    quota_user: IntCounter,
+    quota_total: IntCounter,
+    failed: IntCounter,
+    auth_failures: IntCounter,
+    refused_peers: IntCounter,
+    rate_limited: IntCounter,
+    bandwidth_dropped: IntCounter,
+    oversized_dropped: IntCounter,
+    bytes_to_peer: IntCounter,
+    bytes_to_client: IntCounter,
+    packets_to_peer: IntCounter,
+    packets_to_client: IntCounter,
+    stream_connections: IntGauge,
+}
+
+impl TurnExport {
+    fn register(registry: &Registry, stats: Arc<TurnStats>) -> TurnExport {
+        let r = registry;
+        let allocations = counter_vec(
+            r,
+            "turn_allocations_total",
+            "TURN Allocate requests, by outcome (created, quota_user, quota_total, failed).",
+            &["outcome"],
+        );
+        let bytes = counter_vec(
+            r,
+            "turn_relayed_bytes_total",
+            "Payload bytes relayed, by direction.",
+            &["direction"],
+        );
+        let packets = counter_vec(
+            r,
+            "turn_relayed_packets_total",
+            "Datagrams relayed, by direction.",
+            &["direction"],
+        );
+        let dropped = counter_vec(
+            r,
+            "turn_dropped_packets_total",
+            "Datagrams the relay dropped, by reason (bandwidth cap, oversized).",
+            &["reason"],
+        );
+        TurnExport {
+            stats,
+            allocations_active: gauge(r, "turn_allocations_active", "TURN allocations alive now."),
+            created: allocations.with_label_values(&["created"]),
+            quota_user: allocations.with_label_values(&["quota_user"]),
+            quota_total: allocations.with_label_values(&["quota_total"]),
+            failed: allocations.with_label_values(&["failed"]),
+            auth_failures: counter(r, "turn_auth_failures_total", "TURN requests answered 401 (wrong, expired or malformed credentials)."),
+            refused_peers: counter(r, "turn_refused_peers_total", "TURN permissions or channels refused (403) or datagrams dropped by the peer policy."),
+            rate_limited: counter(r, "turn_rate_limited_total", "Unauthenticated TURN requests dropped by the per-address rate limit."),
+            bandwidth_dropped: dropped.with_label_values(&["bandwidth"]),
+            oversized_dropped: dropped.with_label_values(&["oversized"]),
+            bytes_to_peer: bytes.with_label_values(&["to_peer"]),
+            bytes_to_client: bytes.with_label_values(&["to_client"]),
+            packets_to_peer: packets.with_label_values(&["to_peer"]),
+            packets_to_client: packets.with_label_values(&["to_client"]),
+            stream_connections: gauge(r, "turn_stream_connections_open", "TURN TCP and TLS client connections open now."),
+        }
+    }
+
+    /// Copies the relay's atomics into the Prometheus handles.
+    fn refresh(&self) {
+        let s = self.stats.snapshot();
+        let set = |counter: &IntCounter, value: u64| {
+            counter.reset();
+            counter.inc_by(value);
+        };
+        self.allocations_active.set(s.allocations_active as i64);
+        set(&self.created, s.allocations_created);
+        set(&self.quota_user, s.quota_hits_user);
+        set(&self.quota_total, s.quota_hits_total);
+        set(&self.failed, s.allocations_failed);
+        set(&self.auth_failures, s.auth_failures);
+        set(&self.refused_peers, s.refused_peers);
+        set(&self.rate_limited, s.rate_limited);
+        set(&self.bandwidth_dropped, s.bandwidth_dropped);
+        set(&self.oversized_dropped, s.oversized_dropped);
+        set(&self.bytes_to_peer, s.bytes_to_peers);
+        set(&self.bytes_to_client, s.bytes_to_clients);
+        set(&self.packets_to_peer, s.packets_to_peers);
+        set(&self.packets_to_client, s.packets_to_clients);
+        self.stream_connections.set(s.stream_connections as i64);
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -83,14 +178,17 @@ pub enum RouteClass {
     WebSocket,
     /// The plain-HTTP redirect listener.
     Redirect,
+    /// `/api/...` endpoints.
+    Api,
 }
 
 impl RouteClass {
-    const ALL: [RouteClass; 4] = [
+    const ALL: [RouteClass; 5] = [
         RouteClass::Static,
         RouteClass::Health,
         RouteClass::WebSocket,
         RouteClass::Redirect,
+        RouteClass::Api,
     ];
 
     fn label(self) -> &'static str {
@@ -99,6 +197,7 @@ impl RouteClass {
             RouteClass::Health => "health",
             RouteClass::WebSocket => "websocket",
             RouteClass::Redirect => "redirect",
+            RouteClass::Api => "api",
         }
     }
 }
@@ -594,6 +693,15 @@ impl Metrics {
             limits,
             signaling,
             calls,
+            turn: Mutex::new(None),
+        }
+    }
+
+    /// Exports a running relay's counters from now on (once).
+    pub fn export_turn(&self, stats: Arc<TurnStats>) {
+        let mut turn = self.turn.lock().unwrap_or_else(|e| e.into_inner());
+        if turn.is_none() {
+            *turn = Some(TurnExport::register(&self.registry, stats));
         }
     }
 
@@ -606,7 +714,13 @@ impl Metrics {
 
     /// The text exposition of every metric.
     pub fn encode(&self) -> String {
+        // The lock also serialises concurrent scrapes' reset-and-set of the TURN counters.
+        let turn = self.turn.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(turn) = turn.as_ref() {
+            turn.refresh();
+        }
         let families = self.registry.gather();
+        drop(turn);
         let mut out = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
             tracing::error!("encoding metrics: {e}");

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::{Config, TlsSource};
+use crate::config::{Config, PortOrOff, TlsSource};
 use crate::http::headers::SecurityHeaders;
 use crate::http::routes::Readiness;
 use crate::http::static_files::StaticFiles;
@@ -24,9 +24,11 @@ use crate::metrics::{Limit, Metrics};
 use crate::shutdown::{Shutdown, ShutdownController};
 use crate::signaling::directory::MemoryDirectory;
 use crate::signaling::hub::Hub;
+use crate::signaling::session::IceProvider;
 use crate::signaling::session::{SessionSettings, Signaling};
 use crate::signaling::SignalingLimits;
 use crate::tls::{self, CertStore, LoadError};
+use crate::turn::{ExternalIp, Relay, RunningRelay, TlsAcceptorSource, TurnSettings};
 
 /// Why the server could not start. Each names the setting or file to fix.
 #[derive(Debug, thiserror::Error)]
@@ -55,13 +57,16 @@ pub enum StartError {
     /// The web app directory is missing or unreadable.
     #[error("{0}")]
     PublicDir(std::io::Error),
+    /// The TURN relay could not start (bad settings, a port in use).
+    #[error("TURN relay: {0}")]
+    Turn(#[from] crate::turn::TurnError),
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
 }
 
 /// The addresses the server actually bound (useful with port 0).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct BoundAddrs {
     /// HTTPS listener.
     pub https: SocketAddr,
@@ -69,10 +74,15 @@ pub struct BoundAddrs {
     pub http: Option<SocketAddr>,
     /// Metrics listener, if enabled.
     pub metrics: Option<SocketAddr>,
+    /// TURN listeners: UDP, TCP, TLS (empty when off).
+    pub turn_udp: Vec<SocketAddr>,
+    /// TURN over TCP.
+    pub turn_tcp: Vec<SocketAddr>,
+    /// TURN over TLS.
+    pub turn_tls: Vec<SocketAddr>,
 }
 
 /// A server whose listeners are bound and certificate loaded, ready to [`run`](Server::run).
-#[derive(Debug)]
 pub struct Server {
     config: Config,
     https: TcpListener,
@@ -87,6 +97,7 @@ pub struct Server {
     controller: ShutdownController,
     metrics: Arc<Metrics>,
     admin: Option<TcpListener>,
+    relay: RunningRelay,
 }
 
 impl Server {
@@ -114,6 +125,20 @@ impl Server {
         let readiness = Arc::new(Readiness::default());
         let controller = ShutdownController::new();
         let metrics = Arc::new(Metrics::new());
+        let relay = start_relay(&config, &certs).await?;
+        metrics.export_turn(relay.stats().clone());
+        let ice = config.turn.enabled.then(|| {
+            IceProvider::new(
+                relay.credentials().clone(),
+                relay.endpoints(""),
+                config
+                    .turn
+                    .host
+                    .clone()
+                    .or_else(|| config.public_url.as_ref().map(|url| url.host().to_owned())),
+                config.turn.credential_ttl,
+            )
+        });
         let per_ip = PerIpLimits::new(config.ws_upgrades_per_second, config.ws_connections_per_ip);
         let hub = Hub::new(
             MemoryDirectory::new(&signaling_limits(&config)),
@@ -125,6 +150,7 @@ impl Server {
             session_settings(&config),
             per_ip.clone(),
             metrics.clone(),
+            ice,
         );
         let app = Arc::new(App::new(
             files,
@@ -133,6 +159,7 @@ impl Server {
             signaling.clone(),
             controller.handle(),
             metrics.clone(),
+            config.turn.api_key.clone(),
         ));
 
         let https = bind("https-listen", config.https_listen).await?;
@@ -157,6 +184,7 @@ impl Server {
             controller,
             metrics,
             admin,
+            relay,
         })
     }
 
@@ -169,6 +197,9 @@ impl Server {
                 .expect("bound socket has an address"),
             http: self.http.as_ref().and_then(|l| l.local_addr().ok()),
             metrics: self.admin.as_ref().and_then(|l| l.local_addr().ok()),
+            turn_udp: self.relay.udp_addrs().to_vec(),
+            turn_tcp: self.relay.tcp_addrs().to_vec(),
+            turn_tls: self.relay.tls_addrs().to_vec(),
         }
     }
 
@@ -200,6 +231,7 @@ impl Server {
             controller,
             metrics,
             admin,
+            relay,
         } = self;
         tokio::spawn(expire_reservations(signaling, controller.handle()));
         tokio::spawn(prune_rate_limits(per_ip, controller.handle()));
@@ -272,6 +304,13 @@ impl Server {
                 controller.handle(),
             ));
         }
+        for (scheme, addrs) in [
+            ("turn+udp", &addrs.turn_udp),
+            ("turn+tcp", &addrs.turn_tcp),
+            ("turns", &addrs.turn_tls),
+        ] {
+            listeners.extend(addrs.iter().map(|a| format!("{scheme}://{a}")));
+        }
         tracing::info!(listeners = %listeners.join(", "), "callgate ready");
 
         stop.await;
@@ -282,6 +321,7 @@ impl Server {
         );
         tokio::time::sleep(config.shutdown_drain_delay).await;
         controller.trigger();
+        relay.shutdown().await;
         tracing::info!(timeout = ?config.shutdown_timeout, "listeners closed, draining connections");
         match tokio::time::timeout(config.shutdown_timeout, controller.drained()).await {
             Ok(()) => tracing::info!("shutdown complete"),
@@ -291,6 +331,82 @@ impl Server {
         }
         Ok(())
     }
+}
+
+/// Starts the embedded TURN relay (or a disabled one that binds nothing).
+async fn start_relay(config: &Config, certs: &Arc<CertStore>) -> Result<RunningRelay, StartError> {
+    let turn = &config.turn;
+    let mut secrets: Vec<String> = turn
+        .static_auth_secret
+        .iter()
+        .map(|s| s.expose().to_owned())
+        .collect();
+    if secrets.is_empty() {
+        use base64::Engine as _;
+        let random: [u8; 32] = rand::random();
+        secrets.push(base64::engine::general_purpose::STANDARD_NO_PAD.encode(random));
+        if turn.enabled {
+            tracing::info!(
+                "TURN: no static-auth-secret configured; credentials are signed with a random secret \
+                 for this process (set one to share credentials across instances or restarts)"
+            );
+        }
+    }
+    let mut relay_ip = turn.relay_ip;
+    if turn.enabled
+        && relay_ip.is_none()
+        && turn.external_ip.is_none()
+        && turn.listening_ip.iter().all(|ip| ip.is_unspecified())
+    {
+        relay_ip = first_interface_address();
+        match relay_ip {
+            Some(ip) => {
+                tracing::info!(relay_ip = %ip, "TURN: relaying from this host's first non-loopback address (set relay-ip or external-ip to choose)")
+            }
+            None => relay_ip = Some(std::net::IpAddr::from([127, 0, 0, 1])),
+        }
+    }
+    let settings = TurnSettings {
+        enabled: turn.enabled,
+        realm: turn.realm.clone(),
+        listening_ips: turn.listening_ip.clone(),
+        udp_port: turn.udp.then_some(turn.listening_port),
+        tcp_port: turn.tcp.then_some(turn.listening_port),
+        tls_port: match turn.tls_listening_port {
+            PortOrOff::Port(port) => Some(port),
+            PortOrOff::Off => None,
+        },
+        relay_ip,
+        external_ip: turn
+            .external_ip
+            .map(|(public, private)| ExternalIp { public, private }),
+        min_port: turn.min_port,
+        max_port: turn.max_port,
+        auth_secrets: secrets,
+        credential_ttl: turn.credential_ttl,
+        user_quota: turn.user_quota,
+        total_quota: turn.total_quota,
+        max_bytes_per_sec: turn.max_bps,
+        allowed_peer_ips: turn.allowed_peer_ip.iter().map(|r| r.0).collect(),
+        denied_peer_ips: turn.denied_peer_ip.iter().map(|r| r.0).collect(),
+        allow_private_peers: turn.allow_private_peers,
+        tls_handshake_timeout: config.tls_handshake_timeout,
+        ..TurnSettings::default()
+    };
+    let acceptor = TlsAcceptor::from(tls::server_config(certs.clone(), &[]));
+    let tls: TlsAcceptorSource = Arc::new(move || acceptor.clone());
+    Ok(Relay::start(settings, Some(tls), std::future::pending()).await?)
+}
+
+/// This host's first non-loopback, non-link-local IPv4 address, for relay sockets.
+fn first_interface_address() -> Option<std::net::IpAddr> {
+    let interfaces = if_addrs::get_if_addrs().ok()?;
+    interfaces.iter().map(|i| i.ip()).find(|ip| match ip {
+        std::net::IpAddr::V4(v4) => {
+            !v4.is_loopback() && !v4.is_link_local() && !v4.is_unspecified()
+        }
+        std::net::IpAddr::V6(_) => false,
+    })
 }
 
 /// Keeps the certificate metrics current: expiry of the served certificate, reload outcomes.

@@ -32,6 +32,12 @@ impl Running {
                 "off",
                 "--metrics-listen",
                 "127.0.0.1:0",
+                "--listening-ip",
+                "127.0.0.1",
+                "--listening-port",
+                "0",
+                "--tls-listening-port",
+                "0",
                 "--log-format",
                 "json",
             ])

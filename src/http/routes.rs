@@ -11,9 +11,11 @@ use hyper::{Method, Request, Response, StatusCode};
 use super::headers::SecurityHeaders;
 use super::static_files::StaticFiles;
 use super::{text_response, Body, ConnectionContext};
+use crate::config::Secret;
 use crate::metrics::{Metrics, RouteClass};
 use crate::shutdown::Shutdown;
 use crate::signaling::session::Signaling;
+use http_body_util::BodyExt;
 
 /// Whether this instance wants new traffic; flipped once when shutdown begins.
 #[derive(Debug, Default)]
@@ -49,6 +51,8 @@ pub struct App {
     shutdown: Shutdown,
     /// Request counters.
     metrics: Arc<Metrics>,
+    /// Enables `/api/turn-credentials` for holders of this key.
+    turn_api_key: Option<Secret>,
 }
 
 impl App {
@@ -60,6 +64,7 @@ impl App {
         signaling: Arc<Signaling>,
         shutdown: Shutdown,
         metrics: Arc<Metrics>,
+        turn_api_key: Option<Secret>,
     ) -> Self {
         App {
             files,
@@ -68,6 +73,7 @@ impl App {
             signaling,
             shutdown,
             metrics,
+            turn_api_key,
         }
     }
 
@@ -95,6 +101,9 @@ impl App {
         }
         match path {
             "/healthz" => return (RouteClass::Health, health(&req, "ok\n")),
+            "/api/turn-credentials" if self.turn_api_key.is_some() => {
+                return (RouteClass::Api, self.turn_credentials(&req));
+            }
             "/readyz" => {
                 let response = if self.readiness.is_draining() {
                     text_response(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
@@ -109,6 +118,64 @@ impl App {
             return (RouteClass::Static, method_not_allowed());
         }
         (RouteClass::Static, self.files.serve(&req).await)
+    }
+}
+
+impl App {
+    /// TURN REST credentials for apps that do their own signaling: `GET
+    /// /api/turn-credentials?user=NAME` with `Authorization: Bearer <turn-api-key>`.
+    fn turn_credentials<B>(&self, req: &Request<B>) -> Response<Body> {
+        if req.method() != Method::GET {
+            return method_not_allowed();
+        }
+        let authorized = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .zip(self.turn_api_key.as_ref())
+            .is_some_and(|(presented, key)| key.matches(presented));
+        if !authorized {
+            let mut response = text_response(StatusCode::UNAUTHORIZED, "API key required\n");
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"callgate turn\""),
+            );
+            return response;
+        }
+        let user = req
+            .uri()
+            .query()
+            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("user=")))
+            .unwrap_or("api");
+        let valid_user = !user.is_empty()
+            && user.len() <= 64
+            && user
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b));
+        if !valid_user {
+            return text_response(
+                StatusCode::BAD_REQUEST,
+                "user must be 1-64 characters: letters, digits, - _ . @\n",
+            );
+        }
+        let Some(json) = self
+            .signaling
+            .ice()
+            .and_then(|ice| ice.ice_servers_json(req, user))
+        else {
+            return text_response(StatusCode::SERVICE_UNAVAILABLE, "the TURN relay is off\n");
+        };
+        let mut response = Response::new(super::boxed(
+            http_body_util::Full::new(bytes::Bytes::from(json))
+                .map_err(|never: std::convert::Infallible| match never {}),
+        ));
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        response
     }
 }
 

@@ -121,9 +121,13 @@ pub struct Attachment {
     /// Failed resumes so far; at [`SignalingLimits::max_resume_failures`] the hub asks for a close,
     /// so one connection cannot guess tokens.
     resume_failures: u32,
-    /// The ICE servers given at connect, repeated in the `id` message after a resume.
-    ice_servers: Option<Box<RawValue>>,
+    /// Makes the ICE servers (with TURN credentials tied to the ID) for the `id` message, at
+    /// connect and again after a resume, so credentials are fresh and name the resumed ID.
+    ice_servers: Option<IceServersFor>,
 }
+
+/// Produces the `iceServers` JSON for a client ID (TURN credentials are tied to the ID).
+pub type IceServersFor = Arc<dyn Fn(ClientId) -> Option<Box<RawValue>> + Send + Sync>;
 
 impl Attachment {
     /// The ID this connection currently holds.
@@ -320,7 +324,7 @@ impl<D: Directory> Hub<D> {
     }
 
     /// Admits a new connection: draws its ID and resume token and queues the `id` message (with
-    /// `ice_servers`, opaque JSON such as `[{"urls":"turn:..","username":..,"credential":..}]`).
+    /// `ice_servers(id)`, opaque JSON such as `[{"urls":"turn:..","username":..,"credential":..}]`).
     ///
     /// The session layer must hand over the only sending handle of the connection's queue; see
     /// [`Outbox`](super::directory::Outbox). On error, send [`ConnectError::frame`] and close with
@@ -328,12 +332,13 @@ impl<D: Directory> Hub<D> {
     pub fn connect(
         &self,
         outbox: D::Outbox,
-        ice_servers: Option<Box<RawValue>>,
+        ice_servers: Option<IceServersFor>,
         now: Instant,
     ) -> Result<Attachment, ConnectError> {
         let heartbeat = self.limits.heartbeat_interval;
         let binding = self.directory.register(outbox, now, |id, token| {
-            id_frame(id, token, false, heartbeat, ice_servers.as_deref())
+            let ice = ice_servers.as_ref().and_then(|make| make(id));
+            id_frame(id, token, false, heartbeat, ice.as_deref())
         })?;
         Ok(Attachment {
             binding,
@@ -677,11 +682,12 @@ impl<D: Directory> Hub<D> {
         outcome: &mut Outcome,
     ) -> Result<(), RuleError> {
         let heartbeat = self.limits.heartbeat_interval;
-        let ice = conn.ice_servers.as_deref();
+        let ice = conn.ice_servers.clone();
         let resumed = self
             .directory
             .resume(conn.binding, target, token, now, |id, token| {
-                id_frame(id, token, true, heartbeat, ice)
+                let ice = ice.as_ref().and_then(|make| make(id));
+                id_frame(id, token, true, heartbeat, ice.as_deref())
             });
         match resumed {
             Ok(resumed) => {
@@ -1046,7 +1052,11 @@ mod tests {
         )
         .unwrap();
         let conn = hub
-            .connect(outbox.clone(), Some(ice), Instant::now())
+            .connect(
+                outbox.clone(),
+                Some(Arc::new(move |_| Some(ice.clone()))),
+                Instant::now(),
+            )
             .unwrap();
         let hello: Value = serde_json::from_str(&outbox.take()[0]).unwrap();
         assert_eq!(hello["id"], conn.id().get());

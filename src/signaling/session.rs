@@ -24,12 +24,13 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use tokio::sync::mpsc;
 
-use super::hub::{Attachment, Departure, Hub};
-use super::protocol::{CloseCode, ErrorCode, ServerMessage};
+use super::hub::{Attachment, Departure, Hub, IceServersFor};
+use super::protocol::{ClientId, CloseCode, ErrorCode, ServerMessage};
 use crate::http::{text_response, Body, ConnectionContext};
 use crate::limits::{IpRefusal, PerIpLimits, SessionRates};
 use crate::metrics::{CloseReason, Limit, Metrics};
 use crate::shutdown::Shutdown;
+use crate::turn::{TurnCredentials, TurnEndpoints};
 
 /// The hub as sessions use it: the in-process directory over tokio channels.
 pub type SessionHub = Hub<super::directory::MemoryDirectory<mpsc::Sender<Bytes>>>;
@@ -77,6 +78,95 @@ impl Default for SessionSettings {
     }
 }
 
+/// Hands each client its ICE servers: STUN and TURN URLs of the embedded relay, with TURN REST
+/// credentials whose user is the client's ID, valid for `ttl`.
+pub struct IceProvider {
+    /// Signs the credentials.
+    credentials: TurnCredentials,
+    /// The relay's ports; `host` is filled per connection unless configured.
+    endpoints: TurnEndpoints,
+    /// A fixed host for the URLs (`turn-host`, or the public URL's host).
+    host: Option<String>,
+    /// Credential lifetime.
+    ttl: Duration,
+}
+
+impl IceProvider {
+    /// A provider for a relay listening on `endpoints`' ports.
+    pub fn new(
+        credentials: TurnCredentials,
+        endpoints: TurnEndpoints,
+        host: Option<String>,
+        ttl: Duration,
+    ) -> Self {
+        IceProvider {
+            credentials,
+            endpoints,
+            host,
+            ttl,
+        }
+    }
+
+    /// `{"iceServers":[...],"expiresAt":N}` for `user`, for apps that do their own signaling
+    /// (`/api/turn-credentials`). `None` if no host is configured and the request names none.
+    pub fn ice_servers_json<B>(&self, req: &Request<B>, user: &str) -> Option<String> {
+        let host = match &self.host {
+            Some(host) => host.clone(),
+            None => request_host(req)?,
+        };
+        let endpoints = TurnEndpoints {
+            host,
+            ..self.endpoints.clone()
+        };
+        let servers =
+            self.credentials
+                .ice_servers(user, std::time::SystemTime::now(), self.ttl, &endpoints);
+        serde_json::to_string(&servers).ok()
+    }
+
+    /// The generator for one connection: the URLs name the configured host, or else the host the
+    /// browser used to reach this server (which is what it can reach the relay by, too).
+    fn for_request<B>(self: &Arc<Self>, req: &Request<B>) -> Option<IceServersFor> {
+        let host = match &self.host {
+            Some(host) => host.clone(),
+            None => request_host(req)?,
+        };
+        let provider = self.clone();
+        Some(Arc::new(move |id: ClientId| {
+            let endpoints = TurnEndpoints {
+                host: host.clone(),
+                ..provider.endpoints.clone()
+            };
+            let servers = provider.credentials.ice_servers(
+                &id.to_string(),
+                std::time::SystemTime::now(),
+                provider.ttl,
+                &endpoints,
+            );
+            serde_json::value::to_raw_value(&servers.ice_servers).ok()
+        }))
+    }
+}
+
+/// The host name (without port) the client addressed, if it is a plain name or address.
+fn request_host<B>(req: &Request<B>) -> Option<String> {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().host())?;
+    let host = if host.starts_with('[') {
+        &host[1..host.find(']')?]
+    } else {
+        host.rsplit_once(':').map_or(host, |(name, _)| name)
+    };
+    let plain = !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:".contains(&b));
+    plain.then(|| host.to_ascii_lowercase())
+}
+
 /// Accepts WebSocket upgrades and runs their sessions.
 pub struct Signaling {
     /// The call rules and routing table.
@@ -87,6 +177,8 @@ pub struct Signaling {
     per_ip: Arc<PerIpLimits>,
     /// Connection, message and limit counters.
     metrics: Arc<Metrics>,
+    /// ICE servers for the `id` message, when the TURN relay runs.
+    ice: Option<Arc<IceProvider>>,
 }
 
 impl std::fmt::Debug for Signaling {
@@ -113,13 +205,20 @@ impl Signaling {
         settings: SessionSettings,
         per_ip: Arc<PerIpLimits>,
         metrics: Arc<Metrics>,
+        ice: Option<IceProvider>,
     ) -> Arc<Self> {
         Arc::new(Signaling {
             hub,
             settings,
             per_ip,
             metrics,
+            ice: ice.map(Arc::new),
         })
+    }
+
+    /// The ICE server provider, when the TURN relay runs.
+    pub fn ice(&self) -> Option<&Arc<IceProvider>> {
+        self.ice.as_ref()
     }
 
     /// The hub, for the expiry task and metrics.
@@ -160,10 +259,11 @@ impl Signaling {
                 );
             }
         };
+        let ice = self.ice.as_ref().and_then(|ice| ice.for_request(&req));
         let this = self.clone();
         tokio::spawn(async move {
             match upgrade.await {
-                Ok(ws) => this.run(ws, ip, conn, shutdown).await,
+                Ok(ws) => this.run(ws, ip, ice, conn, shutdown).await,
                 Err(e) => tracing::debug!("WebSocket upgrade did not complete: {e}"),
             }
         });
@@ -206,6 +306,7 @@ impl Signaling {
         self: Arc<Self>,
         ws: fastwebsockets::WebSocket<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>,
         ip: IpAddr,
+        ice: Option<IceServersFor>,
         conn: Arc<ConnectionContext>,
         shutdown: Shutdown,
     ) {
@@ -259,7 +360,7 @@ impl Signaling {
             }
         };
 
-        let attachment = match self.hub.connect(outbox, None, Instant::now()) {
+        let attachment = match self.hub.connect(outbox, ice, Instant::now()) {
             Ok(attachment) => attachment,
             Err(e) => {
                 self.metrics.limits.rejected(Limit::ServerFull);

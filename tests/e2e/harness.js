@@ -2,7 +2,7 @@
 // proxy that can cut connections the way a flaky network does. Nothing here is a stand-in: the
 // page talks to the real server over real TLS, and media flows between real browser pages.
 
-import { spawn, spawnSync } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { createHash, X509Certificate } from 'node:crypto';
 import { mkdtempSync, readFileSync, rmSync, mkdirSync } from 'node:fs';
@@ -22,20 +22,15 @@ export const chromiumPath = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
 export const STEP_MS = 15000;
 
 /**
- * The embedded TURN relay on loopback, on ports the OS picks, allowed to relay to loopback peers
- * (both browsers are on this machine; the relay refuses loopback peers by default). Only passed
- * to a binary that has the relay's flags, so the suite also runs against builds without TURN.
+ * The embedded TURN relay on loopback, on ports the OS picks, allowed to relay to loopback peers:
+ * both browsers are on this machine, and the relay refuses loopback peers by default.
  */
-function turnArgs(bin) {
-  const help = spawnSync(bin, ['--help'], { encoding: 'utf8' }).stdout || '';
-  if (!help.includes('--listening-port')) return [];
-  return [
-    '--listening-ip', '127.0.0.1',
-    '--listening-port', '0',
-    '--tls-listening-port', 'off',
-    '--allowed-peer-ip', '127.0.0.1',
-  ];
-}
+const TURN_ARGS = [
+  '--listening-ip', '127.0.0.1',
+  '--listening-port', '0',
+  '--tls-listening-port', 'off',
+  '--allowed-peer-ip', '127.0.0.1',
+];
 
 /** A running callgate binary, started on 127.0.0.1:0 with its own certificate directory. */
 export class Callgate {
@@ -63,7 +58,7 @@ export class Callgate {
       '--http-listen', 'off',
       // No admin listener: its fixed default port would collide with anything else running.
       '--metrics-listen', 'off',
-      ...turnArgs(this.bin),
+      ...TURN_ARGS,
       '--public-dir', path.join(repoRoot, 'public'),
       '--certs-dir', this.certsDir,
       '--log-format', 'json',

@@ -47,7 +47,7 @@ fn the_web_app_works_in_a_real_browser() {
     }
 
     let output = Command::new("node")
-        .args(["--test", "--test-concurrency=1", "--test-reporter=spec"])
+        .args(["--test", "--test-reporter=spec"])
         .current_dir(&e2e)
         .env("CALLGATE_BIN", env!("CARGO_BIN_EXE_callgate"))
         .env("CHROMIUM_PATH", CHROMIUM)

@@ -354,6 +354,8 @@ test('signaling cut mid-call: both pages reconnect, keep their IDs, and media ke
     const ufrag = (p) => p.page.evaluate(() => /a=ice-ufrag:(\S+)/.exec(window.callgate.pc.remoteDescription.sdp)[1]);
     const ufragsBefore = await Promise.all([ufrag(a), ufrag(b)]);
 
+    // The network goes down (existing connections reset, new ones refused) until resumed below.
+    proxy.pause();
     const cut = proxy.cut();
     assert.ok(cut > 0, 'the proxy had connections to cut');
     // Both show the reconnecting state, then are back online with the same IDs.
@@ -363,9 +365,12 @@ test('signaling cut mid-call: both pages reconnect, keep their IDs, and media ke
     // An ICE restart while signaling is down (what the app does when ICE fails): its offer waits
     // for the resume and then completes through perfect negotiation.
     await a.page.evaluate(() => window.callgate.pc.restartIce());
-    await a.page.waitForSelector('#banner:not([hidden])', { timeout: STEP_MS });
-    assert.match(await a.page.textContent('#banner'), /Reconnecting/);
+    await a.page.waitForFunction(() => {
+      const el = document.getElementById('banner');
+      return !el.hidden && /Reconnecting/.test(el.textContent);
+    }, null, { timeout: STEP_MS });
     await screenshot(a, 'in-call-reconnecting');
+    proxy.resume();
     await Promise.all([a, b].map((p) => p.page.waitForFunction(
       () => window.callgate.signaling === 'open', null, { timeout: STEP_MS },
     )));

@@ -122,7 +122,13 @@ export class CuttableProxy {
   constructor(targetPort) {
     this.targetPort = targetPort;
     this.sockets = new Set();
+    this.paused = false;
     this.server = net.createServer((client) => {
+      // While paused the network is "down": new connections are reset at once.
+      if (this.paused) {
+        client.resetAndDestroy();
+        return;
+      }
       const upstream = net.connect(this.targetPort, '127.0.0.1');
       for (const s of [client, upstream]) {
         this.sockets.add(s);
@@ -141,6 +147,15 @@ export class CuttableProxy {
     await once(this.server, 'listening');
     this.port = this.server.address().port;
     return this.port;
+  }
+
+  /** Refuses new connections until `resume()`, so a test can observe the offline state. */
+  pause() {
+    this.paused = true;
+  }
+
+  resume() {
+    this.paused = false;
   }
 
   cut() {

@@ -198,6 +198,11 @@ pub struct Options {
     #[arg(long, env = "CALLGATE_RESUME_GRACE", value_name = "DURATION")]
     pub resume_grace: Option<Seconds>,
 
+    /// Directory an ACME client (certbot --webroot) writes HTTP-01 challenge tokens to; the
+    /// plain-HTTP listener serves /.well-known/acme-challenge/ from it [default: none].
+    #[arg(long, env = "CALLGATE_ACME_CHALLENGE_DIR", value_name = "DIR")]
+    pub acme_challenge_dir: Option<PathBuf>,
+
     /// Load balancers (CIDR or IP, comma-separated) whose connections start with a PROXY protocol
     /// header (v1 or v2) naming the real client; required from them, ignored from anyone else
     /// [default: none].
@@ -417,6 +422,8 @@ pub struct Config {
     /// Resume grace period.
     #[serde(serialize_with = "as_seconds")]
     pub resume_grace: Duration,
+    /// Where ACME HTTP-01 challenge tokens are served from.
+    pub acme_challenge_dir: Option<PathBuf>,
     /// Trusted load balancers that send the PROXY protocol.
     pub proxy_protocol_from: Vec<IpRange>,
     /// Embedded TURN relay settings.
@@ -874,6 +881,7 @@ impl Options {
             ws_connections_per_ip,
             id_digits,
             resume_grace,
+            acme_challenge_dir,
             proxy_protocol_from,
             turn,
             realm,
@@ -982,6 +990,7 @@ impl Config {
             ws_connections_per_ip: o.ws_connections_per_ip.unwrap_or(64),
             id_digits: o.id_digits.unwrap_or(9),
             resume_grace: secs(o.resume_grace, 30),
+            acme_challenge_dir: o.acme_challenge_dir,
             proxy_protocol_from: o.proxy_protocol_from.unwrap_or_default(),
             turn: TurnConfig {
                 enabled: o.turn.unwrap_or(true),

@@ -296,6 +296,7 @@ impl Server {
             let target = RedirectTarget {
                 public_url: config.public_url.clone(),
                 https_port: addrs.https.port(),
+                acme_dir: config.acme_challenge_dir.clone(),
             };
             tokio::spawn(http::serve_redirects(
                 http_listener,

@@ -1,12 +1,14 @@
-//! The plain-HTTP listener: `/healthz`, and a 308 to the same path over HTTPS for everything else.
+//! The plain-HTTP listener: `/healthz`, ACME HTTP-01 challenge files when `acme-challenge-dir` is
+//! set, and a 308 to the same path over HTTPS for everything else.
 //!
-//! It never serves content over plain HTTP. The redirect target is the configured public URL, or
+//! It never serves the app over plain HTTP: challenge tokens are the only files it reads. The redirect target is the configured public URL, or
 //! the request's `Host` with the HTTPS port; a `Host` that is not a plain hostname or address is
 //! refused rather than echoed into `Location`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 
+use http_body_util::BodyExt;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioExecutor;
@@ -27,6 +29,41 @@ pub struct RedirectTarget {
     pub public_url: Option<PublicUrl>,
     /// The HTTPS port to put after the client's host when there is no public URL.
     pub https_port: u16,
+    /// Where an ACME client (certbot `--webroot`) writes HTTP-01 challenge tokens, if anywhere.
+    pub acme_dir: Option<std::path::PathBuf>,
+}
+
+/// The token of `/.well-known/acme-challenge/<token>`, if the path is one and the token is
+/// made of the base64url characters ACME uses (so it can never name another file).
+fn acme_token(path: &str) -> Option<&str> {
+    let token = path.strip_prefix("/.well-known/acme-challenge/")?;
+    let valid = !token.is_empty()
+        && token.len() <= 256
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    valid.then_some(token)
+}
+
+/// Answers one plain-HTTP request.
+async fn answer<B>(target: &RedirectTarget, req: &Request<B>) -> Response<Body> {
+    if let (Some(dir), Some(token)) = (&target.acme_dir, acme_token(req.uri().path())) {
+        return match tokio::fs::read(dir.join(token)).await {
+            Ok(bytes) => {
+                let mut response = Response::new(super::boxed(
+                    http_body_util::Full::new(bytes::Bytes::from(bytes))
+                        .map_err(|never: Infallible| match never {}),
+                ));
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/octet-stream"),
+                );
+                response
+            }
+            Err(_) => text_response(StatusCode::NOT_FOUND, "no such challenge\n"),
+        };
+    }
+    redirect(target, req)
 }
 
 impl RedirectTarget {
@@ -107,11 +144,15 @@ pub async fn serve_redirects(
             };
             let idle_timeout = settings.idle_timeout;
             let service = hyper::service::service_fn(move |req| {
-                let response = redirect(&target, &req);
-                metrics
-                    .http
-                    .record(RouteClass::Redirect, response.status().as_u16());
-                async move { Ok::<_, Infallible>(response) }
+                let target = target.clone();
+                let metrics = metrics.clone();
+                async move {
+                    let response = answer(&target, &req).await;
+                    metrics
+                        .http
+                        .record(RouteClass::Redirect, response.status().as_u16());
+                    Ok::<_, Infallible>(response)
+                }
             });
             super::serve_connection(&builder, tcp, service, idle_timeout, shutdown).await;
         });
@@ -122,6 +163,24 @@ pub async fn serve_redirects(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn acme_tokens_cannot_name_other_files() {
+        assert_eq!(
+            acme_token("/.well-known/acme-challenge/abc-DEF_123"),
+            Some("abc-DEF_123")
+        );
+        for bad in [
+            "/.well-known/acme-challenge/",
+            "/.well-known/acme-challenge/../secret",
+            "/.well-known/acme-challenge/a/b",
+            "/.well-known/acme-challenge/a.b",
+            "/.well-known/acme-challenge/%2e%2e",
+            "/other/abc",
+        ] {
+            assert_eq!(acme_token(bad), None, "{bad}");
+        }
+    }
 
     fn location(target: &RedirectTarget, host: &str, path: &str) -> Option<String> {
         let req = Request::builder()
@@ -137,6 +196,7 @@ mod tests {
         let target = RedirectTarget {
             public_url: None,
             https_port: 8443,
+            acme_dir: None,
         };
         assert_eq!(
             location(&target, "example.com:8080", "/a/b?c=1").as_deref(),
@@ -158,6 +218,7 @@ mod tests {
                 .unwrap(),
             ),
             https_port: 8443,
+            acme_dir: None,
         };
         assert_eq!(
             location(&public, "anything", "/x").as_deref(),

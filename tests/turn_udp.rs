@@ -628,3 +628,22 @@ async fn the_shutdown_future_stops_the_relay() {
     relay.shutdown().await;
     UdpSocket::bind(udp).await.expect("UDP port free");
 }
+
+#[tokio::test]
+async fn dropping_the_handle_stops_the_relay() {
+    let relay = start(test_settings(), None).await;
+    let udp = relay.udp_addrs()[0];
+    let mut client = RawClient::udp(udp, "tina").await;
+    client.allocate().await.unwrap();
+    drop(relay);
+    // The engine's loops notice the dropped shutdown sender on their next poll; nothing to await
+    // from outside, so retry the bind for a bounded time.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while UdpSocket::bind(udp).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "UDP port still bound"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -376,6 +376,7 @@ impl RunningRelay {
     }
 
     /// Stops accepting, closes every allocation and listener, and waits for all relay tasks.
+    /// Dropping a `RunningRelay` also stops it, without waiting.
     pub async fn shutdown(mut self) {
         self.shutdown.send_replace(true);
         for engine in &self.engines {

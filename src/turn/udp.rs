@@ -7,6 +7,7 @@
 //! no decisions of its own; those are the gate's.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -29,6 +30,8 @@ pub struct UdpFront {
     stats: Arc<TurnStats>,
     /// A request to hand the engine before the next socket read (nonce priming).
     injected: Mutex<Option<Vec<u8>>>,
+    /// Set with `injected`, so the per-packet path checks an atomic instead of taking a lock.
+    has_injected: AtomicBool,
     wake: Notify,
     shutdown: watch::Receiver<bool>,
     /// Only the engine's read loop for this socket calls `recv_from`, so never contended.
@@ -52,6 +55,7 @@ impl UdpFront {
             gate,
             stats,
             injected: Mutex::new(None),
+            has_injected: AtomicBool::new(false),
             wake: Notify::new(),
             shutdown,
             staging: tokio::sync::Mutex::new(vec![0; STAGING]),
@@ -67,10 +71,14 @@ impl UdpFront {
     /// Makes the engine process `packet` as if it came from [`PRIMING_ADDR`].
     pub fn inject(&self, packet: Vec<u8>) {
         *self.injected.lock().unwrap_or_else(|p| p.into_inner()) = Some(packet);
+        self.has_injected.store(true, Ordering::Release);
         self.wake.notify_one();
     }
 
     fn take_injected(&self) -> Option<Vec<u8>> {
+        if !self.has_injected.swap(false, Ordering::AcqRel) {
+            return None;
+        }
         self.injected
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -31,6 +31,7 @@ fn gate() -> Gate {
             user_quota: 10,
             total_quota: 10_000,
             unauthenticated_per_ip_per_sec: 1_000_000,
+            relay_is_ipv4: true,
         },
         Arc::new(TurnStats::default()),
         Arc::new(PortReservations::new(

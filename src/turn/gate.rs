@@ -99,6 +99,7 @@ pub enum Outbound {
 
 /// State shared by every listener and every engine instance of one relay.
 pub struct GateShared {
+    relay_is_ipv4: bool,
     realm: String,
     credentials: TurnCredentials,
     policy: PeerPolicy,
@@ -195,6 +196,8 @@ pub struct GateRules {
     pub total_quota: usize,
     /// Unauthenticated requests per source IP per second (burst twice that).
     pub unauthenticated_per_ip_per_sec: u32,
+    /// Whether relay sockets are IPv4 (else IPv6): the one address family allocations can have.
+    pub relay_is_ipv4: bool,
 }
 
 impl GateShared {
@@ -207,6 +210,7 @@ impl GateShared {
         let rate = NonZeroU32::new(rules.unauthenticated_per_ip_per_sec).unwrap_or(NonZeroU32::MIN);
         let burst = rate.saturating_mul(NonZeroU32::new(2).unwrap_or(NonZeroU32::MIN));
         Arc::new(GateShared {
+            relay_is_ipv4: rules.relay_is_ipv4,
             realm: rules.realm,
             credentials: rules.credentials,
             policy: rules.policy,
@@ -405,6 +409,14 @@ impl Gate {
                         Some(t) => reserved_port = Some(t),
                         None => return signed_error(&msg, 508, "Insufficient Capacity", &hkey),
                     }
+                }
+                // RFC 6156: no REQUESTED-ADDRESS-FAMILY means IPv4. Answer 440 for the family the
+                // relay does not have, rather than letting the engine fail with 508.
+                let wants_ipv4 = msg
+                    .attribute(attr::REQUESTED_ADDRESS_FAMILY)
+                    .is_none_or(|v| v.first() == Some(&0x01));
+                if wants_ipv4 != self.shared.relay_is_ipv4 {
+                    return signed_error(&msg, 440, "Address Family not Supported", &hkey);
                 }
                 let key = (self.transport, src, local);
                 let reserved = self.shared.ledger().reserve(key, user, now);
@@ -635,6 +647,7 @@ mod tests {
                 user_quota,
                 total_quota: total,
                 unauthenticated_per_ip_per_sec: 5,
+                relay_is_ipv4: true,
             },
             Arc::new(TurnStats::default()),
             Arc::new(PortReservations::new(
@@ -895,6 +908,30 @@ mod tests {
         assert!(matches!(inbound(&gate, &req, other), Verdict::Reply(_)));
         assert_eq!(s.stats.snapshot().rate_limited, 90);
         assert_eq!(s.memory().rate_limited_ips, 2);
+    }
+
+    #[test]
+    fn other_address_family_gets_440() {
+        let gate = primed_gate(shared(10, 100));
+        let creds = TurnCredentials::new(&["new"]).unwrap();
+        let req = Req::new(method::ALLOCATE, &creds, "a");
+        let parsed_bytes = req.bytes();
+        let parsed = StunMessage::parse(&parsed_bytes).unwrap();
+        let key = integrity_key(&long_term_key(&req.username, REALM, &req.password));
+        let v6 = inspect::rewrite(
+            &parsed,
+            &[],
+            Some((attr::REQUESTED_ADDRESS_FAMILY, [2, 0, 0, 0])),
+            &key,
+        );
+        assert_eq!(reply_code(&inbound(&gate, &v6, client(1))), Some(440));
+        let v4 = inspect::rewrite(
+            &parsed,
+            &[],
+            Some((attr::REQUESTED_ADDRESS_FAMILY, [1, 0, 0, 0])),
+            &key,
+        );
+        assert_eq!(inbound(&gate, &v4, client(2)), Verdict::Forward);
     }
 
     #[test]

@@ -48,6 +48,8 @@ pub mod attr {
     pub const XOR_RELAYED_ADDRESS: u16 = 0x0016;
     /// LIFETIME.
     pub const LIFETIME: u16 = 0x000D;
+    /// REQUESTED-ADDRESS-FAMILY (RFC 6156).
+    pub const REQUESTED_ADDRESS_FAMILY: u16 = 0x0017;
     /// REALM.
     pub const REALM: u16 = 0x0014;
     /// NONCE.

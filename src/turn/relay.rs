@@ -91,6 +91,7 @@ impl Relay {
                 user_quota: settings.user_quota,
                 total_quota: settings.total_quota,
                 unauthenticated_per_ip_per_sec: settings.unauthenticated_per_ip_per_sec,
+                relay_is_ipv4: settings.relay_bind_ip().is_ipv4(),
             },
             Arc::clone(&stats),
             Arc::new(PortReservations::new(

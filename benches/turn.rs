@@ -32,6 +32,7 @@ fn gate() -> Gate {
             total_quota: 10_000,
             unauthenticated_per_ip_per_sec: 1_000_000,
             relay_is_ipv4: true,
+            max_permissions_per_allocation: 64,
         },
         Arc::new(TurnStats::default()),
         Arc::new(PortReservations::new(

@@ -647,3 +647,35 @@ async fn dropping_the_handle_stops_the_relay() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+#[tokio::test]
+async fn permissions_per_allocation_are_capped() {
+    let mut settings = test_settings();
+    settings.max_permissions_per_allocation = 2;
+    let relay = start(settings, None).await;
+    let mut client = RawClient::udp(relay.udp_addrs()[0], "uma").await;
+    client.allocate().await.unwrap();
+    let (_peer, loopback_peer) = peer_socket().await;
+    // Permissions only; nothing is sent to the public addresses.
+    assert_eq!(client.create_permission(loopback_peer).await.code(), None);
+    assert_eq!(
+        client
+            .create_permission("192.0.2.1:9".parse().unwrap())
+            .await
+            .code(),
+        None
+    );
+    assert_eq!(
+        client.channel_bind(0x4000, loopback_peer).await.code(),
+        None,
+        "an existing peer IP does not count again"
+    );
+    assert_eq!(
+        client
+            .create_permission("198.51.100.1:9".parse().unwrap())
+            .await
+            .code(),
+        Some(508)
+    );
+    relay.shutdown().await;
+}

@@ -100,6 +100,7 @@ pub enum Outbound {
 /// State shared by every listener and every engine instance of one relay.
 pub struct GateShared {
     relay_is_ipv4: bool,
+    max_permissions: usize,
     realm: String,
     credentials: TurnCredentials,
     policy: PeerPolicy,
@@ -198,6 +199,9 @@ pub struct GateRules {
     pub unauthenticated_per_ip_per_sec: u32,
     /// Whether relay sockets are IPv4 (else IPv6): the one address family allocations can have.
     pub relay_is_ipv4: bool,
+    /// Distinct peer IPs one allocation may hold permissions for; beyond it CreatePermission and
+    /// ChannelBind get 508.
+    pub max_permissions_per_allocation: usize,
 }
 
 impl GateShared {
@@ -211,6 +215,7 @@ impl GateShared {
         let burst = rate.saturating_mul(NonZeroU32::new(2).unwrap_or(NonZeroU32::MIN));
         Arc::new(GateShared {
             relay_is_ipv4: rules.relay_is_ipv4,
+            max_permissions: rules.max_permissions_per_allocation,
             realm: rules.realm,
             credentials: rules.credentials,
             policy: rules.policy,
@@ -444,12 +449,27 @@ impl Gate {
                 if msg.too_many_peers {
                     return signed_error(&msg, 400, "Too Many Peer Addresses", &hkey);
                 }
+                let mut ips = [IpAddr::V4(Ipv4Addr::UNSPECIFIED); inspect::MAX_PEERS];
+                let mut n = 0;
                 for peer in msg.peers().flatten() {
                     if let Err(why) = self.shared.policy.check(peer.ip()) {
                         TurnStats::bump(&self.shared.stats.refused_peers);
                         tracing::debug!(%src, %peer, user, "refusing peer: {why}");
                         return signed_error(&msg, 403, "Forbidden", &hkey);
                     }
+                    ips[n] = peer.ip();
+                    n += 1;
+                }
+                let key = (self.transport, src, local);
+                let admitted = self.shared.ledger().admit_peers(
+                    &key,
+                    &ips[..n],
+                    self.shared.max_permissions,
+                    now,
+                );
+                if let Err(e) = admitted {
+                    tracing::debug!(%src, user, "refusing permission: {e}");
+                    return signed_error(&msg, 508, "Insufficient Capacity", &hkey);
                 }
                 Verdict::Forward
             }
@@ -648,6 +668,7 @@ mod tests {
                 total_quota: total,
                 unauthenticated_per_ip_per_sec: 5,
                 relay_is_ipv4: true,
+                max_permissions_per_allocation: 3,
             },
             Arc::new(TurnStats::default()),
             Arc::new(PortReservations::new(
@@ -908,6 +929,38 @@ mod tests {
         assert!(matches!(inbound(&gate, &req, other), Verdict::Reply(_)));
         assert_eq!(s.stats.snapshot().rate_limited, 90);
         assert_eq!(s.memory().rate_limited_ips, 2);
+    }
+
+    #[test]
+    fn permissions_per_allocation_are_capped_with_508() {
+        let gate = primed_gate(shared(10, 100));
+        let creds = TurnCredentials::new(&["new"]).unwrap();
+        let alloc = Req::new(method::ALLOCATE, &creds, "a");
+        assert_eq!(inbound(&gate, &alloc.bytes(), client(1)), Verdict::Forward);
+        let success = StunWriter::new(method::ALLOCATE, Class::Success, [9; 12]).finish();
+        gate.outbound(&success, client(1), local());
+        let mut perm = Req::new(method::CREATE_PERMISSION, &creds, "a");
+        perm.peers = ["8.8.8.1:1", "8.8.8.2:1", "8.8.8.3:1"]
+            .iter()
+            .map(|p| p.parse().unwrap())
+            .collect();
+        assert_eq!(inbound(&gate, &perm.bytes(), client(1)), Verdict::Forward);
+        perm.peers = vec!["8.8.8.1:2".parse().unwrap()];
+        assert_eq!(
+            inbound(&gate, &perm.bytes(), client(1)),
+            Verdict::Forward,
+            "same IP"
+        );
+        let mut bind = Req::new(method::CHANNEL_BIND, &creds, "a");
+        bind.peers = vec!["8.8.8.4:1".parse().unwrap()];
+        assert_eq!(
+            reply_code(&inbound(&gate, &bind.bytes(), client(1))),
+            Some(508)
+        );
+        // Closing the allocation forgets its permissions with it.
+        gate.shared()
+            .allocation_closed(&(Transport::Udp, client(1), local()));
+        assert_eq!(gate.shared().memory().ledger_entries, 0);
     }
 
     #[test]

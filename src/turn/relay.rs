@@ -92,6 +92,7 @@ impl Relay {
                 total_quota: settings.total_quota,
                 unauthenticated_per_ip_per_sec: settings.unauthenticated_per_ip_per_sec,
                 relay_is_ipv4: settings.relay_bind_ip().is_ipv4(),
+                max_permissions_per_allocation: settings.max_permissions_per_allocation,
             },
             Arc::clone(&stats),
             Arc::new(PortReservations::new(

@@ -63,6 +63,10 @@ pub struct TurnSettings {
     pub user_quota: usize,
     /// `total-quota`: concurrent allocations in total. Default 10 000.
     pub total_quota: usize,
+    /// Distinct peer IPs one allocation may have permissions for at once (the engine has no limit,
+    /// so one credential could otherwise create permissions, and timer tasks, without bound).
+    /// Default 64; WebRTC needs a handful.
+    pub max_permissions_per_allocation: usize,
     /// `max-bps` per allocation, in bytes per second each way; `None` for no cap.
     pub max_bytes_per_sec: Option<u32>,
     /// Unauthenticated STUN requests (no or bad MESSAGE-INTEGRITY, Binding) accepted per source IP
@@ -105,6 +109,7 @@ impl Default for TurnSettings {
             credential_ttl: DEFAULT_CREDENTIAL_TTL,
             user_quota: 10,
             total_quota: 10_000,
+            max_permissions_per_allocation: 64,
             max_bytes_per_sec: None,
             unauthenticated_per_ip_per_sec: 20,
             allowed_peer_ips: Vec::new(),
@@ -139,6 +144,10 @@ impl std::fmt::Debug for TurnSettings {
             .field("credential_ttl", &self.credential_ttl)
             .field("user_quota", &self.user_quota)
             .field("total_quota", &self.total_quota)
+            .field(
+                "max_permissions_per_allocation",
+                &self.max_permissions_per_allocation,
+            )
             .field("max_bytes_per_sec", &self.max_bytes_per_sec)
             .field(
                 "unauthenticated_per_ip_per_sec",
@@ -178,6 +187,9 @@ impl TurnSettings {
         }
         if self.min_port == 0 || self.max_port < self.min_port {
             return bad("min-port must be at least 1 and no greater than max-port");
+        }
+        if self.max_permissions_per_allocation == 0 {
+            return bad("max_permissions_per_allocation must be at least 1");
         }
         if self.user_quota == 0 || self.total_quota == 0 {
             return bad("user-quota and total-quota must be at least 1");

@@ -145,7 +145,10 @@ impl Relay {
             generator: Arc::clone(&generator),
             realm: settings.realm.clone(),
             stats: Arc::clone(&stats),
-            max_connections: settings.max_stream_connections,
+            connections: Arc::new(tokio::sync::Semaphore::new(settings.max_stream_connections)),
+            per_ip: Arc::new(stream::PerIpConnections::new(
+                settings.max_stream_connections_per_ip,
+            )),
             handshake_timeout: settings.tls_handshake_timeout,
             idle_timeout: settings.stream_idle_timeout,
             shutdown: shutdown_rx.clone(),

@@ -81,7 +81,10 @@ pub struct TurnSettings {
     pub allow_private_peers: bool,
     /// Concurrent TCP plus TLS client connections; beyond it new ones are closed at once.
     pub max_stream_connections: usize,
-    /// How long a TLS client may take to finish its handshake.
+    /// Concurrent TCP plus TLS connections from one source IP.
+    pub max_stream_connections_per_ip: usize,
+    /// How long a TLS client may take to finish its handshake, and any stream client to send its
+    /// first frame.
     pub tls_handshake_timeout: Duration,
     /// How long a TCP/TLS connection may stay silent before it is closed. RFC 8656 clients refresh
     /// well within the 10-minute default allocation lifetime.
@@ -116,6 +119,7 @@ impl Default for TurnSettings {
             denied_peer_ips: Vec::new(),
             allow_private_peers: false,
             max_stream_connections: 4096,
+            max_stream_connections_per_ip: 64,
             tls_handshake_timeout: Duration::from_secs(10),
             stream_idle_timeout: Duration::from_secs(15 * 60),
         }
@@ -157,6 +161,10 @@ impl std::fmt::Debug for TurnSettings {
             .field("denied_peer_ips", &self.denied_peer_ips)
             .field("allow_private_peers", &self.allow_private_peers)
             .field("max_stream_connections", &self.max_stream_connections)
+            .field(
+                "max_stream_connections_per_ip",
+                &self.max_stream_connections_per_ip,
+            )
             .field("tls_handshake_timeout", &self.tls_handshake_timeout)
             .field("stream_idle_timeout", &self.stream_idle_timeout)
             .finish()
@@ -187,6 +195,9 @@ impl TurnSettings {
         }
         if self.min_port == 0 || self.max_port < self.min_port {
             return bad("min-port must be at least 1 and no greater than max-port");
+        }
+        if self.max_stream_connections == 0 || self.max_stream_connections_per_ip == 0 {
+            return bad("max_stream_connections and its per-IP cap must be at least 1");
         }
         if self.max_permissions_per_allocation == 0 {
             return bad("max_permissions_per_allocation must be at least 1");

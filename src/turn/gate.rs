@@ -392,6 +392,9 @@ impl Gate {
         }
         let (Some(username), Some(realm), Some(nonce)) = (msg.username(), msg.realm(), msg.nonce())
         else {
+            if !self.shared.allow_unauthenticated(src.ip()) {
+                return Verdict::Drop(DropReason::RateLimited);
+            }
             return Verdict::Reply(StunWriter::error_response(&msg, 400, "Bad Request").finish());
         };
         if !self.nonce_accepted(nonce, now) {

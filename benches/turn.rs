@@ -15,6 +15,7 @@ use callgate::turn::gate::{Gate, GateRules, GateShared, Verdict};
 use callgate::turn::inspect::{
     self, attr, encode_xor_address, integrity_key, method, Class, StunWriter,
 };
+use callgate::turn::jumbo::JumboTable;
 use callgate::turn::quota::Transport;
 use callgate::turn::reservation::PortReservations;
 use callgate::turn::{PeerPolicy, TurnCredentials, TurnStats};
@@ -40,6 +41,7 @@ fn gate() -> Gate {
             65535,
             0,
         )),
+        Arc::new(JumboTable::default()),
     );
     Gate::new(shared, Transport::Udp)
 }

@@ -106,6 +106,10 @@ async fn closing_the_tcp_connection_releases_its_allocation() {
     })
     .await;
     assert_eq!(relay.memory().unwrap().ledger_entries, 0);
+    eventually("the relay socket to be forgotten", || {
+        relay.memory().unwrap().jumbo == (0, 0, 0)
+    })
+    .await;
     relay.shutdown().await;
 }
 
@@ -223,5 +227,15 @@ async fn silent_stream_connections_are_closed_quickly() {
     talker.binding().await;
     tokio::time::sleep(Duration::from_millis(400)).await;
     talker.binding().await;
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn tcp_relays_channel_data_larger_than_the_engine_buffer() {
+    let relay = start(test_settings(), None).await;
+    let mut client = RawClient::tcp(relay.tcp_addrs()[0], "walt").await;
+    client.allocate().await.unwrap();
+    jumbo_round_trip(&mut client).await;
+    assert_eq!(relay.stats().snapshot().oversized_dropped, 0);
     relay.shutdown().await;
 }

@@ -679,3 +679,22 @@ async fn permissions_per_allocation_are_capped() {
     );
     relay.shutdown().await;
 }
+
+#[tokio::test]
+async fn channel_data_larger_than_the_engine_buffer_is_relayed_both_ways() {
+    let relay = start(test_settings(), None).await;
+    let mut client = RawClient::udp(relay.udp_addrs()[0], "vera").await;
+    client.allocate().await.unwrap();
+    jumbo_round_trip(&mut client).await;
+    let s = relay.stats().snapshot();
+    assert_eq!(s.oversized_dropped, 0, "{s:?}");
+    // On a channel that is not bound, an oversized datagram is dropped and counted.
+    client.send_channel_data(0x4ffe, &[0u8; 3000]).await;
+    client.binding().await; // the relay has handled the packet before this answer
+    assert_eq!(relay.stats().snapshot().oversized_dropped, 1);
+    assert!(
+        s.bytes_to_peers >= 4001 && s.bytes_to_clients >= 9003,
+        "{s:?}"
+    );
+    relay.shutdown().await;
+}

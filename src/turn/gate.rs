@@ -28,6 +28,7 @@ use ring::hmac;
 
 use super::credentials::{long_term_key, RestUsername, TurnCredentials};
 use super::inspect::{self, attr, method, Class, Packet, StunMessage, StunWriter};
+use super::jumbo::JumboTable;
 use super::policy::PeerPolicy;
 use super::quota::{AllocationKey, AllocationLedger, QuotaExceeded, Transport};
 use super::reservation::PortReservations;
@@ -88,12 +89,14 @@ pub enum Outbound {
     Send,
     /// Do not send it (it answered the gate's own priming request).
     Swallow,
-    /// Reserve port `port + 1` under `token` (an EVEN-PORT allocation succeeded), then send it.
-    ReserveThenSend {
-        /// The RESERVATION-TOKEN the engine put in the response.
-        token: [u8; 8],
+    /// The engine created an allocation on relayed `port`: reserve `port + 1` under `reserve` if
+    /// the response carries a RESERVATION-TOKEN, tell the jumbo table how to reach the client,
+    /// then send.
+    AllocatedThenSend {
         /// The relayed port the engine allocated.
         port: u16,
+        /// The RESERVATION-TOKEN the engine put in the response, if any.
+        reserve: Option<[u8; 8]>,
     },
 }
 
@@ -109,6 +112,7 @@ pub struct GateShared {
     ledger: Mutex<AllocationLedger>,
     verified: Arc<VerifiedKeys>,
     reservations: Arc<PortReservations>,
+    jumbo: Arc<JumboTable>,
     /// Error responses carrying a NONCE the engine has sent: each is one entry in its nonce map.
     engine_nonces: AtomicUsize,
 }
@@ -181,6 +185,8 @@ pub struct GateMemory {
     /// Nonces the engine has issued (each one stays in its map): one per priming, none per
     /// client request.
     pub engine_nonces: usize,
+    /// Relay sockets, allocations and pending ChannelBinds in the jumbo table.
+    pub jumbo: (usize, usize, usize),
 }
 
 /// The rules a gate enforces, taken from [`TurnSettings`](super::TurnSettings).
@@ -210,6 +216,7 @@ impl GateShared {
         rules: GateRules,
         stats: Arc<TurnStats>,
         reservations: Arc<PortReservations>,
+        jumbo: Arc<JumboTable>,
     ) -> Arc<Self> {
         let rate = NonZeroU32::new(rules.unauthenticated_per_ip_per_sec).unwrap_or(NonZeroU32::MIN);
         let burst = rate.saturating_mul(NonZeroU32::new(2).unwrap_or(NonZeroU32::MIN));
@@ -224,6 +231,7 @@ impl GateShared {
             ledger: Mutex::new(AllocationLedger::new(rules.user_quota, rules.total_quota)),
             verified: Arc::new(VerifiedKeys::default()),
             reservations,
+            jumbo,
             engine_nonces: AtomicUsize::new(0),
         })
     }
@@ -243,6 +251,11 @@ impl GateShared {
         self.reservations.prune(now);
     }
 
+    /// Relay sockets, allocations and channels known for oversized ChannelData.
+    pub fn jumbo(&self) -> &Arc<JumboTable> {
+        &self.jumbo
+    }
+
     /// Ports held for RESERVATION-TOKENs.
     pub fn reservations(&self) -> &Arc<PortReservations> {
         &self.reservations
@@ -250,6 +263,7 @@ impl GateShared {
 
     /// The engine closed an allocation (its `alloc_close_notify`).
     pub fn allocation_closed(&self, key: &AllocationKey) {
+        self.jumbo.closed(key);
         if self.ledger().release(key) == Some(true) {
             TurnStats::drop_one(&self.stats.allocations_active);
         }
@@ -262,6 +276,7 @@ impl GateShared {
             verified_keys: self.verified.len(),
             ledger_entries: self.ledger().total(),
             engine_nonces: self.engine_nonces.load(Ordering::Relaxed),
+            jumbo: self.jumbo.sizes(),
         }
     }
 
@@ -302,6 +317,11 @@ impl Gate {
             nonce: RwLock::new(NonceState::default()),
             primed: tokio::sync::watch::channel(false).0,
         }
+    }
+
+    /// The transport this gate's engine serves.
+    pub fn transport(&self) -> Transport {
+        self.transport
     }
 
     /// The shared state.
@@ -474,6 +494,23 @@ impl Gate {
                     tracing::debug!(%src, user, "refusing permission: {e}");
                     return signed_error(&msg, 508, "Insufficient Capacity", &hkey);
                 }
+                if msg.method == method::CHANNEL_BIND && n == 1 {
+                    let number = msg
+                        .attribute(attr::CHANNEL_NUMBER)
+                        .filter(|v| v.len() >= 2)
+                        .map(|v| u16::from_be_bytes([v[0], v[1]]));
+                    if let Some(number) = number {
+                        let peer = msg.peers().flatten().next();
+                        if let Some(peer) = peer {
+                            self.shared.jumbo.bind_requested(
+                                key,
+                                msg.transaction_id(),
+                                number,
+                                peer,
+                            );
+                        }
+                    }
+                }
                 Verdict::Forward
             }
             _ => Verdict::Forward,
@@ -535,6 +572,8 @@ impl Gate {
         let typ = u16::from_be_bytes([packet[0], packet[1]]);
         const ALLOCATE_SUCCESS: u16 = 0x0103;
         const ALLOCATE_ERROR: u16 = 0x0113;
+        const CHANNEL_BIND_SUCCESS: u16 = 0x0109;
+        const CHANNEL_BIND_ERROR: u16 = 0x0119;
         // Error responses (class bits 11) are rare; look for engine-issued nonces in them.
         if typ & 0x0110 == 0x0110 {
             if let Ok(m) = StunMessage::parse(packet) {
@@ -555,8 +594,18 @@ impl Gate {
                     TurnStats::bump(&self.shared.stats.allocations_created);
                     TurnStats::bump(&self.shared.stats.allocations_active);
                 }
-                if let Some(reserve) = reservation_in(packet) {
-                    return reserve;
+                if let Some(allocated) = allocated_in(packet) {
+                    return allocated;
+                }
+            }
+            CHANNEL_BIND_SUCCESS | CHANNEL_BIND_ERROR if packet.len() >= 20 => {
+                let mut tid = [0u8; 12];
+                tid.copy_from_slice(&packet[8..20]);
+                let key = (self.transport, dst, local);
+                if typ == CHANNEL_BIND_SUCCESS {
+                    self.shared.jumbo.bind_confirmed(key, tid);
+                } else {
+                    self.shared.jumbo.bind_refused(key, tid);
                 }
             }
             ALLOCATE_ERROR => {
@@ -619,15 +668,17 @@ fn rewrite_for_engine(msg: &StunMessage<'_>, key: &hmac::Key) -> Option<Vec<u8>>
     Some(inspect::rewrite(msg, &[attr::DONT_FRAGMENT], replace, key))
 }
 
-/// An Allocate success carrying RESERVATION-TOKEN: the port to reserve the next one after.
-fn reservation_in(packet: &[u8]) -> Option<Outbound> {
+/// An Allocate success: its relayed port and RESERVATION-TOKEN (if any).
+fn allocated_in(packet: &[u8]) -> Option<Outbound> {
     let m = StunMessage::parse(packet).ok()?;
-    let token: [u8; 8] = m.attribute(attr::RESERVATION_TOKEN)?.try_into().ok()?;
     let relayed =
         inspect::decode_xor_address(m.attribute(attr::XOR_RELAYED_ADDRESS)?, &m.transaction_id())?;
-    Some(Outbound::ReserveThenSend {
-        token,
+    let reserve = m
+        .attribute(attr::RESERVATION_TOKEN)
+        .and_then(|t| t.try_into().ok());
+    Some(Outbound::AllocatedThenSend {
         port: relayed.port(),
+        reserve,
     })
 }
 
@@ -679,6 +730,7 @@ mod tests {
                 65535,
                 0,
             )),
+            Arc::new(JumboTable::default()),
         )
     }
 

@@ -42,6 +42,8 @@ pub mod attr {
     pub const MESSAGE_INTEGRITY: u16 = 0x0008;
     /// ERROR-CODE.
     pub const ERROR_CODE: u16 = 0x0009;
+    /// CHANNEL-NUMBER.
+    pub const CHANNEL_NUMBER: u16 = 0x000C;
     /// XOR-PEER-ADDRESS.
     pub const XOR_PEER_ADDRESS: u16 = 0x0012;
     /// XOR-RELAYED-ADDRESS.

@@ -19,6 +19,7 @@ use turn::server::Server;
 use super::credentials::{TurnCredentials, TurnEndpoints};
 use super::error::TurnError;
 use super::gate::{Gate, GateMemory, GateRules, GateShared};
+use super::jumbo::JumboTable;
 use super::peer::{bind_udp, PeerSocketGenerator};
 use super::quota::Transport;
 use super::reservation::PortReservations;
@@ -100,12 +101,14 @@ impl Relay {
                 settings.max_port,
                 settings.recv_buffer_bytes,
             )),
+            Arc::new(JumboTable::default()),
         );
         relay.shared = Some(Arc::clone(&shared));
         let generator = {
             let settings = settings.clone();
             let policy = Arc::clone(&policy);
             let stats = Arc::clone(&stats);
+            let jumbo = Arc::clone(shared.jumbo());
             move |reserved| {
                 Box::new(PeerSocketGenerator {
                     bind_ip: settings.relay_bind_ip(),
@@ -117,6 +120,7 @@ impl Relay {
                     stats: Arc::clone(&stats),
                     max_bytes_per_sec: settings.max_bytes_per_sec,
                     reserved,
+                    jumbo: Arc::clone(&jumbo),
                 }) as Box<dyn turn::relay::RelayAddressGenerator + Send + Sync>
             }
         };

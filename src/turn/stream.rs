@@ -27,6 +27,8 @@ use turn::server::Server;
 use webrtc_util::Conn;
 
 use super::gate::{Gate, GateShared, Outbound, Verdict, PRIMING_ADDR};
+use super::inspect::{self, Packet};
+use super::jumbo::ClientPath;
 use super::quota::Transport;
 use super::relay::{forward_closes, TlsAcceptorSource};
 use super::reservation::ReservedSlot;
@@ -426,7 +428,23 @@ impl Conn for StreamFront {
                 Verdict::Drop(_) => continue,
             };
             if forward.len() > buf.len() {
-                TurnStats::bump(&self.stats.oversized_dropped);
+                // Too large for the engine: relay it on its bound channel ourselves.
+                let key = (self.gate.transport(), self.peer, self.local);
+                let side = match inspect::inspect(forward) {
+                    Ok(Packet::ChannelData { number, len }) => self
+                        .gate
+                        .shared()
+                        .jumbo()
+                        .to_peer(&key, number)
+                        .map(|(socket, peer)| (socket, peer, len)),
+                    _ => None,
+                };
+                match side {
+                    Some((socket, peer, len)) => {
+                        let _ = Conn::send_to(&*socket, &forward[4..4 + len], peer).await;
+                    }
+                    None => TurnStats::bump(&self.stats.oversized_dropped),
+                }
                 continue;
             }
             buf[..forward.len()].copy_from_slice(forward);
@@ -442,9 +460,18 @@ impl Conn for StreamFront {
         match self.gate.outbound(buf, target, self.local) {
             Outbound::Swallow => return Ok(buf.len()),
             Outbound::Send => {}
-            Outbound::ReserveThenSend { token, port } => {
-                let reservations = self.gate.shared().reservations();
-                reservations.reserve(token, port, Instant::now());
+            Outbound::AllocatedThenSend { port, reserve } => {
+                let shared = self.gate.shared();
+                if let Some(token) = reserve {
+                    shared.reservations().reserve(token, port, Instant::now());
+                }
+                shared.jumbo().allocated(
+                    (self.gate.transport(), target, self.local),
+                    port,
+                    ClientPath::Stream {
+                        queue: self.tx.clone(),
+                    },
+                );
             }
         }
         if target == self.peer {

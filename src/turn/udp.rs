@@ -9,6 +9,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use tokio::net::UdpSocket;
@@ -16,6 +17,9 @@ use tokio::sync::{watch, Notify};
 use webrtc_util::Conn;
 
 use super::gate::{Gate, Outbound, Verdict, PRIMING_ADDR};
+use super::inspect::{self, Packet};
+use super::jumbo::ClientPath;
+use super::quota::Transport;
 use super::reservation::ReservedSlot;
 use super::stats::TurnStats;
 
@@ -147,7 +151,23 @@ impl Conn for UdpFront {
                 Verdict::Drop(_) => continue,
             };
             if forward.len() > buf.len() {
-                TurnStats::bump(&self.stats.oversized_dropped);
+                // Too large for the engine: relay it on its bound channel ourselves.
+                let key = (Transport::Udp, src, self.local);
+                let side = match inspect::inspect(forward) {
+                    Ok(Packet::ChannelData { number, len }) => self
+                        .gate
+                        .shared()
+                        .jumbo()
+                        .to_peer(&key, number)
+                        .map(|(socket, peer)| (socket, peer, len)),
+                    _ => None,
+                };
+                match side {
+                    Some((socket, peer, len)) => {
+                        let _ = Conn::send_to(&*socket, &forward[4..4 + len], peer).await;
+                    }
+                    None => TurnStats::bump(&self.stats.oversized_dropped),
+                }
                 continue;
             }
             buf[..forward.len()].copy_from_slice(forward);
@@ -163,9 +183,19 @@ impl Conn for UdpFront {
         match self.gate.outbound(buf, target, self.local) {
             Outbound::Swallow => return Ok(buf.len()),
             Outbound::Send => {}
-            Outbound::ReserveThenSend { token, port } => {
-                let reservations = self.gate.shared().reservations();
-                reservations.reserve(token, port, std::time::Instant::now());
+            Outbound::AllocatedThenSend { port, reserve } => {
+                let shared = self.gate.shared();
+                if let Some(token) = reserve {
+                    shared.reservations().reserve(token, port, Instant::now());
+                }
+                shared.jumbo().allocated(
+                    (Transport::Udp, target, self.local),
+                    port,
+                    ClientPath::Udp {
+                        socket: Arc::clone(&self.socket),
+                        client: target,
+                    },
+                );
             }
         }
         Ok(self.socket.send_to(buf, target).await?)

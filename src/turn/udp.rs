@@ -124,8 +124,14 @@ impl Conn for UdpFront {
             let (n, src) = tokio::select! {
                 r = self.socket.recv_from(&mut staging) => match r {
                     Ok(v) => v,
-                    // ICMP port unreachable from an earlier send surfaces here on some systems.
-                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => continue,
+                    // ICMP errors from earlier sends surface here on some systems; they concern
+                    // one client, not the listener, which must keep serving everyone else.
+                    Err(e) if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionReset
+                            | std::io::ErrorKind::ConnectionRefused
+                            | std::io::ErrorKind::Interrupted
+                    ) => continue,
                     Err(e) => return Err(e.into()),
                 },
                 _ = self.wake.notified() => continue,

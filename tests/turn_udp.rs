@@ -698,3 +698,37 @@ async fn channel_data_larger_than_the_engine_buffer_is_relayed_both_ways() {
     );
     relay.shutdown().await;
 }
+
+#[tokio::test]
+async fn dual_stack_relay_gives_each_family_its_relay_address() {
+    let mut settings = test_settings();
+    settings.relay_ipv6 = Some("::1".parse().unwrap());
+    settings.allowed_peer_ips.push("::1/128".parse().unwrap());
+    let relay = start(settings, None).await;
+    let server = relay.udp_addrs()[0];
+
+    let mut v6 = RawClient::udp(server, "xena").await;
+    let relayed = v6.allocate_with(vec![Box::new(WantIpv6)]).await.unwrap();
+    assert_eq!(
+        relayed.ip().to_string(),
+        "::1",
+        "IPv6 relay over an IPv4 listener"
+    );
+    let peer = UdpSocket::bind("[::1]:0").await.unwrap();
+    let peer_addr = peer.local_addr().unwrap();
+    assert!(matches!(
+        v6.channel_bind(0x4000, peer_addr).await,
+        Answer::Success(_)
+    ));
+    v6.send_channel_data(0x4000, b"over v6").await;
+    let (data, from) = recv_from(&peer).await;
+    assert_eq!(data, b"over v6");
+    assert_eq!(from.port(), relayed.port());
+    peer.send_to(b"back", from).await.unwrap();
+    assert_eq!(v6.recv_channel_data().await, (0x4000, b"back".to_vec()));
+
+    let mut v4 = RawClient::udp(server, "xena").await;
+    let relayed = v4.allocate().await.unwrap();
+    assert_eq!(relayed.ip().to_string(), "127.0.0.1");
+    relay.shutdown().await;
+}

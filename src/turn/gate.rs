@@ -32,6 +32,7 @@ use super::jumbo::JumboTable;
 use super::policy::PeerPolicy;
 use super::quota::{AllocationKey, AllocationLedger, QuotaExceeded, Transport};
 use super::reservation::PortReservations;
+use super::settings::RelayIps;
 use super::stats::TurnStats;
 
 /// The source address of the synthetic request that primes the engine's nonce. Port 0 cannot be a
@@ -89,12 +90,12 @@ pub enum Outbound {
     Send,
     /// Do not send it (it answered the gate's own priming request).
     Swallow,
-    /// The engine created an allocation on relayed `port`: reserve `port + 1` under `reserve` if
+    /// The engine created an allocation on `relayed`: reserve the next port under `reserve` if
     /// the response carries a RESERVATION-TOKEN, tell the jumbo table how to reach the client,
     /// then send.
     AllocatedThenSend {
-        /// The relayed port the engine allocated.
-        port: u16,
+        /// The relayed address the engine allocated.
+        relayed: SocketAddr,
         /// The RESERVATION-TOKEN the engine put in the response, if any.
         reserve: Option<[u8; 8]>,
     },
@@ -102,7 +103,7 @@ pub enum Outbound {
 
 /// State shared by every listener and every engine instance of one relay.
 pub struct GateShared {
-    relay_is_ipv4: bool,
+    relay_ips: RelayIps,
     max_permissions: usize,
     realm: String,
     credentials: TurnCredentials,
@@ -203,8 +204,8 @@ pub struct GateRules {
     pub total_quota: usize,
     /// Unauthenticated requests per source IP per second (burst twice that).
     pub unauthenticated_per_ip_per_sec: u32,
-    /// Whether relay sockets are IPv4 (else IPv6): the one address family allocations can have.
-    pub relay_is_ipv4: bool,
+    /// The address families relay sockets can have (RFC 6156).
+    pub relay_ips: RelayIps,
     /// Distinct peer IPs one allocation may hold permissions for; beyond it CreatePermission and
     /// ChannelBind get 508.
     pub max_permissions_per_allocation: usize,
@@ -221,7 +222,7 @@ impl GateShared {
         let rate = NonZeroU32::new(rules.unauthenticated_per_ip_per_sec).unwrap_or(NonZeroU32::MIN);
         let burst = rate.saturating_mul(NonZeroU32::new(2).unwrap_or(NonZeroU32::MIN));
         Arc::new(GateShared {
-            relay_is_ipv4: rules.relay_is_ipv4,
+            relay_ips: rules.relay_ips,
             max_permissions: rules.max_permissions_per_allocation,
             realm: rules.realm,
             credentials: rules.credentials,
@@ -438,12 +439,12 @@ impl Gate {
                         None => return signed_error(&msg, 508, "Insufficient Capacity", &hkey),
                     }
                 }
-                // RFC 6156: no REQUESTED-ADDRESS-FAMILY means IPv4. Answer 440 for the family the
+                // RFC 6156: no REQUESTED-ADDRESS-FAMILY means IPv4. Answer 440 for a family the
                 // relay does not have, rather than letting the engine fail with 508.
                 let wants_ipv4 = msg
                     .attribute(attr::REQUESTED_ADDRESS_FAMILY)
                     .is_none_or(|v| v.first() == Some(&0x01));
-                if wants_ipv4 != self.shared.relay_is_ipv4 {
+                if self.shared.relay_ips.for_family(wants_ipv4).is_none() {
                     return signed_error(&msg, 440, "Address Family not Supported", &hkey);
                 }
                 let key = (self.transport, src, local);
@@ -676,10 +677,7 @@ fn allocated_in(packet: &[u8]) -> Option<Outbound> {
     let reserve = m
         .attribute(attr::RESERVATION_TOKEN)
         .and_then(|t| t.try_into().ok());
-    Some(Outbound::AllocatedThenSend {
-        port: relayed.port(),
-        reserve,
-    })
+    Some(Outbound::AllocatedThenSend { relayed, reserve })
 }
 
 fn signed_error(msg: &StunMessage<'_>, code: u16, reason: &str, key: &hmac::Key) -> Verdict {
@@ -721,12 +719,12 @@ mod tests {
                 user_quota,
                 total_quota: total,
                 unauthenticated_per_ip_per_sec: 5,
-                relay_is_ipv4: true,
+                relay_ips: crate::turn::reservation::loopback(),
                 max_permissions_per_allocation: 3,
             },
             Arc::new(TurnStats::default()),
             Arc::new(PortReservations::new(
-                "127.0.0.1".parse().unwrap(),
+                crate::turn::reservation::loopback(),
                 65535,
                 0,
             )),

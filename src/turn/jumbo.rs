@@ -97,7 +97,8 @@ impl JumboRoute {
 /// What the relay knows about allocations beyond the engine, for oversized ChannelData.
 #[derive(Default)]
 pub struct JumboTable {
-    by_port: Mutex<HashMap<u16, Weak<PeerSocket>>>,
+    /// By relayed address: (IPv4?, port), since the advertised IP may be an external one.
+    by_port: Mutex<HashMap<(bool, u16), Weak<PeerSocket>>>,
     by_allocation: Mutex<HashMap<AllocationKey, Weak<PeerSocket>>>,
     pending_binds: Mutex<HashMap<PendingBind, (u16, SocketAddr)>>,
 }
@@ -110,22 +111,24 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl JumboTable {
-    /// A relay socket was created on `port`.
-    pub fn register(&self, port: u16, socket: Weak<PeerSocket>) {
-        lock(&self.by_port).insert(port, socket);
+    /// A relay socket was created for the relayed address `relayed`.
+    pub fn register(&self, relayed: SocketAddr, socket: Weak<PeerSocket>) {
+        lock(&self.by_port).insert((relayed.is_ipv4(), relayed.port()), socket);
     }
 
-    /// The relay socket on `port` is gone.
-    pub fn unregister(&self, port: u16) {
+    /// The relay socket for `relayed` is gone.
+    pub fn unregister(&self, relayed: SocketAddr) {
+        let k = (relayed.is_ipv4(), relayed.port());
         let mut by_port = lock(&self.by_port);
-        if by_port.get(&port).is_some_and(|w| w.strong_count() == 0) {
-            by_port.remove(&port);
+        if by_port.get(&k).is_some_and(|w| w.strong_count() == 0) {
+            by_port.remove(&k);
         }
     }
 
-    /// The engine confirmed the allocation `key` on relayed `port`; its client is reached by `path`.
-    pub fn allocated(&self, key: AllocationKey, port: u16, path: ClientPath) {
-        let Some(socket) = lock(&self.by_port).get(&port).and_then(Weak::upgrade) else {
+    /// The engine confirmed the allocation `key` on `relayed`; its client is reached by `path`.
+    pub fn allocated(&self, key: AllocationKey, relayed: SocketAddr, path: ClientPath) {
+        let k = (relayed.is_ipv4(), relayed.port());
+        let Some(socket) = lock(&self.by_port).get(&k).and_then(Weak::upgrade) else {
             return;
         };
         socket.jumbo_route().client = Some(path);

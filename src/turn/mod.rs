@@ -47,5 +47,5 @@ pub use credentials::{IceServer, IceServers, IssuedCredential, TurnCredentials, 
 pub use error::TurnError;
 pub use policy::{PeerPolicy, PeerRefusal};
 pub use relay::{Relay, RunningRelay, TlsAcceptorSource};
-pub use settings::{ExternalIp, TurnSettings};
+pub use settings::{ExternalIp, RelayIp, RelayIps, TurnSettings};
 pub use stats::{TurnStats, TurnStatsSnapshot};

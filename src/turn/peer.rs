@@ -19,6 +19,7 @@ use webrtc_util::Conn;
 use super::jumbo::{channel_data, JumboRoute, JumboTable};
 use super::policy::PeerPolicy;
 use super::reservation::ReservedSlot;
+use super::settings::RelayIps;
 use super::stats::TurnStats;
 
 thread_local! {
@@ -41,10 +42,9 @@ const PORT_ATTEMPTS: usize = 32;
 
 /// Creates relay sockets for the engine.
 pub struct PeerSocketGenerator {
-    /// Local IP relay sockets bind to (`relay-ip`, or the private half of `external-ip`).
-    pub bind_ip: IpAddr,
-    /// IP put in XOR-RELAYED-ADDRESS (the public half of `external-ip`, else `bind_ip`).
-    pub advertised_ip: IpAddr,
+    /// Where relay sockets bind (`relay-ip`, the private half of `external-ip`, `relay_ipv6`) and
+    /// what they advertise (the public half of `external-ip`), per address family.
+    pub relay_ips: RelayIps,
     /// `min-port`.
     pub min_port: u16,
     /// `max-port` (inclusive).
@@ -78,9 +78,10 @@ impl turn::relay::RelayAddressGenerator for PeerSocketGenerator {
         use_ipv4: bool,
         requested_port: u16,
     ) -> Result<(Arc<dyn Conn + Send + Sync>, SocketAddr), turn::Error> {
-        if use_ipv4 != self.bind_ip.is_ipv4() {
+        let Some(ip) = self.relay_ips.for_family(use_ipv4) else {
+            // The gate answers 440 before this; kept so the generator stands on its own.
             return Err(turn::Error::ErrInvalidRequestedFamilyValue);
-        }
+        };
         let reserved = self
             .reserved
             .lock()
@@ -90,27 +91,26 @@ impl turn::relay::RelayAddressGenerator for PeerSocketGenerator {
             UdpSocket::from_std(std_socket).map_err(|e| turn::Error::Other(e.to_string()))?
         } else if requested_port != 0 {
             bind_udp(
-                SocketAddr::new(self.bind_ip, requested_port),
+                SocketAddr::new(ip.bind, requested_port),
                 false,
                 self.recv_buffer_bytes,
             )
             .map_err(|e| turn::Error::Other(e.to_string()))?
         } else {
-            self.bind_in_range()?
+            self.bind_in_range(ip.bind)?
         };
         let mut relay_addr = socket
             .local_addr()
             .map_err(|e| turn::Error::Other(e.to_string()))?;
-        relay_addr.set_ip(self.advertised_ip);
+        relay_addr.set_ip(ip.advertised);
         let limiter = || {
             self.max_bytes_per_sec
                 .and_then(NonZeroU32::new)
                 .map(|bps| RateLimiter::direct(Quota::per_second(bps).allow_burst(bps)))
         };
-        let port = relay_addr.port();
         let conn = Arc::new(PeerSocket {
             socket,
-            port,
+            relay_addr,
             policy: Arc::clone(&self.policy),
             stats: Arc::clone(&self.stats),
             to_peer_budget: limiter(),
@@ -118,17 +118,17 @@ impl turn::relay::RelayAddressGenerator for PeerSocketGenerator {
             jumbo: Arc::clone(&self.jumbo),
             route: Mutex::new(JumboRoute::default()),
         });
-        self.jumbo.register(port, Arc::downgrade(&conn));
+        self.jumbo.register(relay_addr, Arc::downgrade(&conn));
         Ok((conn, relay_addr))
     }
 }
 
 impl PeerSocketGenerator {
-    fn bind_in_range(&self) -> Result<UdpSocket, turn::Error> {
+    fn bind_in_range(&self, bind_ip: IpAddr) -> Result<UdpSocket, turn::Error> {
         let span = u32::from(self.max_port - self.min_port) + 1;
         for _ in 0..PORT_ATTEMPTS {
             let port = self.min_port + (rand::random::<u32>() % span) as u16;
-            let addr = SocketAddr::new(self.bind_ip, port);
+            let addr = SocketAddr::new(bind_ip, port);
             if let Ok(s) = bind_udp(addr, false, self.recv_buffer_bytes) {
                 return Ok(s);
             }
@@ -184,7 +184,8 @@ pub fn bind_udp_std(
 /// One allocation's relay socket.
 pub struct PeerSocket {
     socket: UdpSocket,
-    port: u16,
+    /// The advertised relayed address (the jumbo table's key for this socket).
+    relay_addr: SocketAddr,
     policy: Arc<PeerPolicy>,
     stats: Arc<TurnStats>,
     to_peer_budget: Option<DefaultDirectRateLimiter>,
@@ -222,7 +223,7 @@ impl PeerSocket {
 
 impl Drop for PeerSocket {
     fn drop(&mut self) {
-        self.jumbo.unregister(self.port);
+        self.jumbo.unregister(self.relay_addr);
     }
 }
 

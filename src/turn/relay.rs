@@ -5,7 +5,7 @@
 //! in the gate, byte handling in `udp`, `stream` and `peer`.
 
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -82,7 +82,7 @@ impl Relay {
         if !settings.enabled {
             return Ok(relay);
         }
-        let advertised_ip = advertised_ip(&settings)?;
+        let relay_ips = settings.relay_ips()?;
         let policy = Arc::new(settings.peer_policy());
         let shared = GateShared::new(
             GateRules {
@@ -92,12 +92,12 @@ impl Relay {
                 user_quota: settings.user_quota,
                 total_quota: settings.total_quota,
                 unauthenticated_per_ip_per_sec: settings.unauthenticated_per_ip_per_sec,
-                relay_is_ipv4: settings.relay_bind_ip().is_ipv4(),
+                relay_ips,
                 max_permissions_per_allocation: settings.max_permissions_per_allocation,
             },
             Arc::clone(&stats),
             Arc::new(PortReservations::new(
-                settings.relay_bind_ip(),
+                relay_ips,
                 settings.max_port,
                 settings.recv_buffer_bytes,
             )),
@@ -111,8 +111,7 @@ impl Relay {
             let jumbo = Arc::clone(shared.jumbo());
             move |reserved| {
                 Box::new(PeerSocketGenerator {
-                    bind_ip: settings.relay_bind_ip(),
-                    advertised_ip,
+                    relay_ips,
                     min_port: settings.min_port,
                     max_port: settings.max_port,
                     recv_buffer_bytes: settings.recv_buffer_bytes,
@@ -328,19 +327,6 @@ fn local(
         addr,
         source,
     })
-}
-
-fn advertised_ip(settings: &TurnSettings) -> Result<IpAddr, TurnError> {
-    let bind = settings.relay_bind_ip();
-    let ip = settings.relay_advertised_ip(SocketAddr::new(bind, 0));
-    if ip.is_unspecified() {
-        return Err(TurnError::InvalidSettings(
-            "relay sockets would advertise an unspecified address: set relay-ip (or external-ip) \
-             when listening on 0.0.0.0 or ::"
-                .to_owned(),
-        ));
-    }
-    Ok(ip)
 }
 
 impl RunningRelay {

@@ -460,14 +460,16 @@ impl Conn for StreamFront {
         match self.gate.outbound(buf, target, self.local) {
             Outbound::Swallow => return Ok(buf.len()),
             Outbound::Send => {}
-            Outbound::AllocatedThenSend { port, reserve } => {
+            Outbound::AllocatedThenSend { relayed, reserve } => {
                 let shared = self.gate.shared();
                 if let Some(token) = reserve {
-                    shared.reservations().reserve(token, port, Instant::now());
+                    shared
+                        .reservations()
+                        .reserve(token, relayed, Instant::now());
                 }
                 shared.jumbo().allocated(
                     (self.gate.transport(), target, self.local),
-                    port,
+                    relayed,
                     ClientPath::Stream {
                         queue: self.tx.clone(),
                     },

@@ -189,14 +189,16 @@ impl Conn for UdpFront {
         match self.gate.outbound(buf, target, self.local) {
             Outbound::Swallow => return Ok(buf.len()),
             Outbound::Send => {}
-            Outbound::AllocatedThenSend { port, reserve } => {
+            Outbound::AllocatedThenSend { relayed, reserve } => {
                 let shared = self.gate.shared();
                 if let Some(token) = reserve {
-                    shared.reservations().reserve(token, port, Instant::now());
+                    shared
+                        .reservations()
+                        .reserve(token, relayed, Instant::now());
                 }
                 shared.jumbo().allocated(
                     (Transport::Udp, target, self.local),
-                    port,
+                    relayed,
                     ClientPath::Udp {
                         socket: Arc::clone(&self.socket),
                         client: target,

@@ -239,3 +239,19 @@ async fn tcp_relays_channel_data_larger_than_the_engine_buffer() {
     assert_eq!(relay.stats().snapshot().oversized_dropped, 0);
     relay.shutdown().await;
 }
+
+#[tokio::test]
+async fn shutdown_does_not_wait_for_stalled_tls_handshakes() {
+    let cert = test_cert();
+    let (source, _) = swappable(cert.acceptor.clone());
+    let mut settings = test_settings();
+    settings.tls_handshake_timeout = Duration::from_secs(60);
+    let relay = start(settings, Some(source)).await;
+    let _stalled = TcpStream::connect(relay.tls_addrs()[0]).await.unwrap();
+    // Let the relay accept it (a Binding on UDP is answered after the accept loop ran).
+    let mut probe = RawClient::udp(relay.udp_addrs()[0], "z").await;
+    probe.binding().await;
+    tokio::time::timeout(Duration::from_secs(5), relay.shutdown())
+        .await
+        .expect("shutdown within 5 s despite a 60 s handshake timeout");
+}

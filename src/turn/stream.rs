@@ -230,7 +230,13 @@ async fn serve(
     ) = match tls {
         Some(source) => {
             let acceptor = source();
-            match tokio::time::timeout(ctx.handshake_timeout, acceptor.accept(tcp)).await {
+            let mut shutdown = ctx.shutdown.clone();
+            let handshake = tokio::time::timeout(ctx.handshake_timeout, acceptor.accept(tcp));
+            let handshake = tokio::select! {
+                r = handshake => r,
+                _ = shutdown.wait_for(|s| *s) => return,
+            };
+            match handshake {
                 Ok(Ok(stream)) => {
                     let (r, w) = tokio::io::split(stream);
                     (Transport::Tls, Box::new(r), Box::new(w))

@@ -165,6 +165,12 @@ fn policy(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("16_ranges", addr), &ip, |b, ip| {
             b.iter(|| configured.check(black_box(*ip)))
         });
+        let compiled = configured.compile();
+        group.bench_with_input(
+            BenchmarkId::new("16_ranges_compiled", addr),
+            &ip,
+            |b, ip| b.iter(|| compiled.check(black_box(*ip))),
+        );
     }
     group.finish();
 }

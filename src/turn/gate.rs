@@ -29,7 +29,7 @@ use ring::hmac;
 use super::credentials::{long_term_key, RestUsername, TurnCredentials};
 use super::inspect::{self, attr, method, Class, Packet, StunMessage, StunWriter};
 use super::jumbo::JumboTable;
-use super::policy::PeerPolicy;
+use super::policy::{PeerFilter, PeerPolicy};
 use super::quota::{AllocationKey, AllocationLedger, QuotaExceeded, Transport};
 use super::reservation::PortReservations;
 use super::settings::RelayIps;
@@ -107,7 +107,7 @@ pub struct GateShared {
     max_permissions: usize,
     realm: String,
     credentials: TurnCredentials,
-    policy: PeerPolicy,
+    policy: PeerFilter,
     stats: Arc<TurnStats>,
     unauthenticated: DefaultKeyedRateLimiter<IpAddr>,
     ledger: Mutex<AllocationLedger>,
@@ -226,7 +226,7 @@ impl GateShared {
             max_permissions: rules.max_permissions_per_allocation,
             realm: rules.realm,
             credentials: rules.credentials,
-            policy: rules.policy,
+            policy: rules.policy.compile(),
             stats,
             unauthenticated: RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)),
             ledger: Mutex::new(AllocationLedger::new(rules.user_quota, rules.total_quota)),

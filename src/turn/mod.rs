@@ -45,7 +45,7 @@ pub mod udp;
 
 pub use credentials::{IceServer, IceServers, IssuedCredential, TurnCredentials, TurnEndpoints};
 pub use error::TurnError;
-pub use policy::{PeerPolicy, PeerRefusal};
+pub use policy::{PeerFilter, PeerPolicy, PeerRefusal};
 pub use relay::{Relay, RunningRelay, TlsAcceptorSource};
 pub use settings::{ExternalIp, RelayIp, RelayIps, TurnSettings};
 pub use stats::{TurnStats, TurnStatsSnapshot};

@@ -17,7 +17,7 @@ use tokio::net::UdpSocket;
 use webrtc_util::Conn;
 
 use super::jumbo::{channel_data, JumboRoute, JumboTable};
-use super::policy::PeerPolicy;
+use super::policy::PeerFilter;
 use super::reservation::ReservedSlot;
 use super::settings::RelayIps;
 use super::stats::TurnStats;
@@ -52,7 +52,7 @@ pub struct PeerSocketGenerator {
     /// SO_RCVBUF asked for.
     pub recv_buffer_bytes: usize,
     /// Checked on every send, after the gate already checked CreatePermission/ChannelBind.
-    pub policy: Arc<PeerPolicy>,
+    pub policy: Arc<PeerFilter>,
     /// Where byte and packet counts go.
     pub stats: Arc<TurnStats>,
     /// `max-bps` per allocation and direction.
@@ -186,7 +186,7 @@ pub struct PeerSocket {
     socket: UdpSocket,
     /// The advertised relayed address (the jumbo table's key for this socket).
     relay_addr: SocketAddr,
-    policy: Arc<PeerPolicy>,
+    policy: Arc<PeerFilter>,
     stats: Arc<TurnStats>,
     to_peer_budget: Option<DefaultDirectRateLimiter>,
     to_client_budget: Option<DefaultDirectRateLimiter>,

@@ -83,7 +83,7 @@ impl Relay {
             return Ok(relay);
         }
         let relay_ips = settings.relay_ips()?;
-        let policy = Arc::new(settings.peer_policy());
+        let policy = Arc::new(settings.peer_policy().compile());
         let shared = GateShared::new(
             GateRules {
                 realm: settings.realm.clone(),

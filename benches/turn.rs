@@ -15,6 +15,7 @@ use callgate::turn::gate::{Gate, GateRules, GateShared, Verdict};
 use callgate::turn::inspect::{
     self, attr, encode_xor_address, integrity_key, method, Class, StunWriter,
 };
+use callgate::turn::jumbo::JumboTable;
 use callgate::turn::quota::Transport;
 use callgate::turn::reservation::PortReservations;
 use callgate::turn::{PeerPolicy, TurnCredentials, TurnStats};
@@ -31,13 +32,16 @@ fn gate() -> Gate {
             user_quota: 10,
             total_quota: 10_000,
             unauthenticated_per_ip_per_sec: 1_000_000,
+            relay_ips: callgate::turn::reservation::loopback(),
+            max_permissions_per_allocation: 64,
         },
         Arc::new(TurnStats::default()),
         Arc::new(PortReservations::new(
-            "127.0.0.1".parse().unwrap(),
+            callgate::turn::reservation::loopback(),
             65535,
             0,
         )),
+        Arc::new(JumboTable::default()),
     );
     Gate::new(shared, Transport::Udp)
 }
@@ -161,6 +165,12 @@ fn policy(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("16_ranges", addr), &ip, |b, ip| {
             b.iter(|| configured.check(black_box(*ip)))
         });
+        let compiled = configured.compile();
+        group.bench_with_input(
+            BenchmarkId::new("16_ranges_compiled", addr),
+            &ip,
+            |b, ip| b.iter(|| compiled.check(black_box(*ip))),
+        );
     }
     group.finish();
 }

@@ -378,3 +378,22 @@ pub async fn channel_round_trip(client: &mut RawClient, relayed: SocketAddr) {
     assert_eq!(number, 0x4000);
     assert_eq!(payload, b"hello client!");
 }
+
+/// ChannelData larger than the engine's 1500-byte buffers, both ways, then a small one.
+pub async fn jumbo_round_trip(client: &mut RawClient) {
+    let (peer, peer_addr) = peer_socket().await;
+    let a = client.channel_bind(0x4001, peer_addr).await;
+    assert!(matches!(a, Answer::Success(_)), "channel bind: {a:?}");
+    let big: Vec<u8> = (0..4001u32).map(|i| i as u8).collect();
+    client.send_channel_data(0x4001, &big).await;
+    let (payload, from) = recv_from(&peer).await;
+    assert_eq!(payload, big, "client → peer, 4001 bytes");
+    let bigger: Vec<u8> = (0..9003u32).map(|i| (i * 7) as u8).collect();
+    peer.send_to(&bigger, from).await.unwrap();
+    let (number, payload) = client.recv_channel_data().await;
+    assert_eq!(number, 0x4001);
+    assert_eq!(payload, bigger, "peer → client, 9003 bytes");
+    peer.send_to(b"small", from).await.unwrap();
+    let (_, payload) = client.recv_channel_data().await;
+    assert_eq!(payload, b"small");
+}

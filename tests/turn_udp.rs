@@ -536,10 +536,10 @@ async fn ipv6_listener_and_relay_work() {
     client.send_channel_data(0x4000, b"v6").await;
     let (data, _) = recv_from(&peer).await;
     assert_eq!(data, b"v6");
-    // Without the attribute RFC 6156 means IPv4, which this relay does not have.
+    // Without the attribute RFC 6156 means IPv4, which this relay does not have: 440.
     let sock = UdpSocket::bind("[::1]:0").await.unwrap();
     let mut v4 = RawClient::from_socket(sock, server, "quinn");
-    assert!(v4.allocate().await.is_err());
+    assert_eq!(v4.allocate().await, Err(440));
     relay.shutdown().await;
 }
 
@@ -627,4 +627,108 @@ async fn the_shutdown_future_stops_the_relay() {
     // Shutting down again after the future fired must not hang, and everything is closed.
     relay.shutdown().await;
     UdpSocket::bind(udp).await.expect("UDP port free");
+}
+
+#[tokio::test]
+async fn dropping_the_handle_stops_the_relay() {
+    let relay = start(test_settings(), None).await;
+    let udp = relay.udp_addrs()[0];
+    let mut client = RawClient::udp(udp, "tina").await;
+    client.allocate().await.unwrap();
+    drop(relay);
+    // The engine's loops notice the dropped shutdown sender on their next poll; nothing to await
+    // from outside, so retry the bind for a bounded time.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while UdpSocket::bind(udp).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "UDP port still bound"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn permissions_per_allocation_are_capped() {
+    let mut settings = test_settings();
+    settings.max_permissions_per_allocation = 2;
+    let relay = start(settings, None).await;
+    let mut client = RawClient::udp(relay.udp_addrs()[0], "uma").await;
+    client.allocate().await.unwrap();
+    let (_peer, loopback_peer) = peer_socket().await;
+    // Permissions only; nothing is sent to the public addresses.
+    assert_eq!(client.create_permission(loopback_peer).await.code(), None);
+    assert_eq!(
+        client
+            .create_permission("192.0.2.1:9".parse().unwrap())
+            .await
+            .code(),
+        None
+    );
+    assert_eq!(
+        client.channel_bind(0x4000, loopback_peer).await.code(),
+        None,
+        "an existing peer IP does not count again"
+    );
+    assert_eq!(
+        client
+            .create_permission("198.51.100.1:9".parse().unwrap())
+            .await
+            .code(),
+        Some(508)
+    );
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn channel_data_larger_than_the_engine_buffer_is_relayed_both_ways() {
+    let relay = start(test_settings(), None).await;
+    let mut client = RawClient::udp(relay.udp_addrs()[0], "vera").await;
+    client.allocate().await.unwrap();
+    jumbo_round_trip(&mut client).await;
+    let s = relay.stats().snapshot();
+    assert_eq!(s.oversized_dropped, 0, "{s:?}");
+    // On a channel that is not bound, an oversized datagram is dropped and counted.
+    client.send_channel_data(0x4ffe, &[0u8; 3000]).await;
+    client.binding().await; // the relay has handled the packet before this answer
+    assert_eq!(relay.stats().snapshot().oversized_dropped, 1);
+    assert!(
+        s.bytes_to_peers >= 4001 && s.bytes_to_clients >= 9003,
+        "{s:?}"
+    );
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn dual_stack_relay_gives_each_family_its_relay_address() {
+    let mut settings = test_settings();
+    settings.relay_ipv6 = Some("::1".parse().unwrap());
+    settings.allowed_peer_ips.push("::1/128".parse().unwrap());
+    let relay = start(settings, None).await;
+    let server = relay.udp_addrs()[0];
+
+    let mut v6 = RawClient::udp(server, "xena").await;
+    let relayed = v6.allocate_with(vec![Box::new(WantIpv6)]).await.unwrap();
+    assert_eq!(
+        relayed.ip().to_string(),
+        "::1",
+        "IPv6 relay over an IPv4 listener"
+    );
+    let peer = UdpSocket::bind("[::1]:0").await.unwrap();
+    let peer_addr = peer.local_addr().unwrap();
+    assert!(matches!(
+        v6.channel_bind(0x4000, peer_addr).await,
+        Answer::Success(_)
+    ));
+    v6.send_channel_data(0x4000, b"over v6").await;
+    let (data, from) = recv_from(&peer).await;
+    assert_eq!(data, b"over v6");
+    assert_eq!(from.port(), relayed.port());
+    peer.send_to(b"back", from).await.unwrap();
+    assert_eq!(v6.recv_channel_data().await, (0x4000, b"back".to_vec()));
+
+    let mut v4 = RawClient::udp(server, "xena").await;
+    let relayed = v4.allocate().await.unwrap();
+    assert_eq!(relayed.ip().to_string(), "127.0.0.1");
+    relay.shutdown().await;
 }

@@ -28,9 +28,11 @@ use ring::hmac;
 
 use super::credentials::{long_term_key, RestUsername, TurnCredentials};
 use super::inspect::{self, attr, method, Class, Packet, StunMessage, StunWriter};
-use super::policy::PeerPolicy;
+use super::jumbo::JumboTable;
+use super::policy::{PeerFilter, PeerPolicy};
 use super::quota::{AllocationKey, AllocationLedger, QuotaExceeded, Transport};
 use super::reservation::PortReservations;
+use super::settings::RelayIps;
 use super::stats::TurnStats;
 
 /// The source address of the synthetic request that primes the engine's nonce. Port 0 cannot be a
@@ -88,25 +90,30 @@ pub enum Outbound {
     Send,
     /// Do not send it (it answered the gate's own priming request).
     Swallow,
-    /// Reserve port `port + 1` under `token` (an EVEN-PORT allocation succeeded), then send it.
-    ReserveThenSend {
-        /// The RESERVATION-TOKEN the engine put in the response.
-        token: [u8; 8],
-        /// The relayed port the engine allocated.
-        port: u16,
+    /// The engine created an allocation on `relayed`: reserve the next port under `reserve` if
+    /// the response carries a RESERVATION-TOKEN, tell the jumbo table how to reach the client,
+    /// then send.
+    AllocatedThenSend {
+        /// The relayed address the engine allocated.
+        relayed: SocketAddr,
+        /// The RESERVATION-TOKEN the engine put in the response, if any.
+        reserve: Option<[u8; 8]>,
     },
 }
 
 /// State shared by every listener and every engine instance of one relay.
 pub struct GateShared {
+    relay_ips: RelayIps,
+    max_permissions: usize,
     realm: String,
     credentials: TurnCredentials,
-    policy: PeerPolicy,
+    policy: PeerFilter,
     stats: Arc<TurnStats>,
     unauthenticated: DefaultKeyedRateLimiter<IpAddr>,
     ledger: Mutex<AllocationLedger>,
     verified: Arc<VerifiedKeys>,
     reservations: Arc<PortReservations>,
+    jumbo: Arc<JumboTable>,
     /// Error responses carrying a NONCE the engine has sent: each is one entry in its nonce map.
     engine_nonces: AtomicUsize,
 }
@@ -179,6 +186,8 @@ pub struct GateMemory {
     /// Nonces the engine has issued (each one stays in its map): one per priming, none per
     /// client request.
     pub engine_nonces: usize,
+    /// Relay sockets, allocations and pending ChannelBinds in the jumbo table.
+    pub jumbo: (usize, usize, usize),
 }
 
 /// The rules a gate enforces, taken from [`TurnSettings`](super::TurnSettings).
@@ -195,6 +204,11 @@ pub struct GateRules {
     pub total_quota: usize,
     /// Unauthenticated requests per source IP per second (burst twice that).
     pub unauthenticated_per_ip_per_sec: u32,
+    /// The address families relay sockets can have (RFC 6156).
+    pub relay_ips: RelayIps,
+    /// Distinct peer IPs one allocation may hold permissions for; beyond it CreatePermission and
+    /// ChannelBind get 508.
+    pub max_permissions_per_allocation: usize,
 }
 
 impl GateShared {
@@ -203,18 +217,22 @@ impl GateShared {
         rules: GateRules,
         stats: Arc<TurnStats>,
         reservations: Arc<PortReservations>,
+        jumbo: Arc<JumboTable>,
     ) -> Arc<Self> {
         let rate = NonZeroU32::new(rules.unauthenticated_per_ip_per_sec).unwrap_or(NonZeroU32::MIN);
         let burst = rate.saturating_mul(NonZeroU32::new(2).unwrap_or(NonZeroU32::MIN));
         Arc::new(GateShared {
+            relay_ips: rules.relay_ips,
+            max_permissions: rules.max_permissions_per_allocation,
             realm: rules.realm,
             credentials: rules.credentials,
-            policy: rules.policy,
+            policy: rules.policy.compile(),
             stats,
             unauthenticated: RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)),
             ledger: Mutex::new(AllocationLedger::new(rules.user_quota, rules.total_quota)),
             verified: Arc::new(VerifiedKeys::default()),
             reservations,
+            jumbo,
             engine_nonces: AtomicUsize::new(0),
         })
     }
@@ -234,6 +252,11 @@ impl GateShared {
         self.reservations.prune(now);
     }
 
+    /// Relay sockets, allocations and channels known for oversized ChannelData.
+    pub fn jumbo(&self) -> &Arc<JumboTable> {
+        &self.jumbo
+    }
+
     /// Ports held for RESERVATION-TOKENs.
     pub fn reservations(&self) -> &Arc<PortReservations> {
         &self.reservations
@@ -241,6 +264,7 @@ impl GateShared {
 
     /// The engine closed an allocation (its `alloc_close_notify`).
     pub fn allocation_closed(&self, key: &AllocationKey) {
+        self.jumbo.closed(key);
         if self.ledger().release(key) == Some(true) {
             TurnStats::drop_one(&self.stats.allocations_active);
         }
@@ -253,6 +277,7 @@ impl GateShared {
             verified_keys: self.verified.len(),
             ledger_entries: self.ledger().total(),
             engine_nonces: self.engine_nonces.load(Ordering::Relaxed),
+            jumbo: self.jumbo.sizes(),
         }
     }
 
@@ -293,6 +318,11 @@ impl Gate {
             nonce: RwLock::new(NonceState::default()),
             primed: tokio::sync::watch::channel(false).0,
         }
+    }
+
+    /// The transport this gate's engine serves.
+    pub fn transport(&self) -> Transport {
+        self.transport
     }
 
     /// The shared state.
@@ -383,6 +413,9 @@ impl Gate {
         }
         let (Some(username), Some(realm), Some(nonce)) = (msg.username(), msg.realm(), msg.nonce())
         else {
+            if !self.shared.allow_unauthenticated(src.ip()) {
+                return Verdict::Drop(DropReason::RateLimited);
+            }
             return Verdict::Reply(StunWriter::error_response(&msg, 400, "Bad Request").finish());
         };
         if !self.nonce_accepted(nonce, now) {
@@ -405,6 +438,14 @@ impl Gate {
                         Some(t) => reserved_port = Some(t),
                         None => return signed_error(&msg, 508, "Insufficient Capacity", &hkey),
                     }
+                }
+                // RFC 6156: no REQUESTED-ADDRESS-FAMILY means IPv4. Answer 440 for a family the
+                // relay does not have, rather than letting the engine fail with 508.
+                let wants_ipv4 = msg
+                    .attribute(attr::REQUESTED_ADDRESS_FAMILY)
+                    .is_none_or(|v| v.first() == Some(&0x01));
+                if self.shared.relay_ips.for_family(wants_ipv4).is_none() {
+                    return signed_error(&msg, 440, "Address Family not Supported", &hkey);
                 }
                 let key = (self.transport, src, local);
                 let reserved = self.shared.ledger().reserve(key, user, now);
@@ -432,11 +473,43 @@ impl Gate {
                 if msg.too_many_peers {
                     return signed_error(&msg, 400, "Too Many Peer Addresses", &hkey);
                 }
+                let mut ips = [IpAddr::V4(Ipv4Addr::UNSPECIFIED); inspect::MAX_PEERS];
+                let mut n = 0;
                 for peer in msg.peers().flatten() {
                     if let Err(why) = self.shared.policy.check(peer.ip()) {
                         TurnStats::bump(&self.shared.stats.refused_peers);
                         tracing::debug!(%src, %peer, user, "refusing peer: {why}");
                         return signed_error(&msg, 403, "Forbidden", &hkey);
+                    }
+                    ips[n] = peer.ip();
+                    n += 1;
+                }
+                let key = (self.transport, src, local);
+                let admitted = self.shared.ledger().admit_peers(
+                    &key,
+                    &ips[..n],
+                    self.shared.max_permissions,
+                    now,
+                );
+                if let Err(e) = admitted {
+                    tracing::debug!(%src, user, "refusing permission: {e}");
+                    return signed_error(&msg, 508, "Insufficient Capacity", &hkey);
+                }
+                if msg.method == method::CHANNEL_BIND && n == 1 {
+                    let number = msg
+                        .attribute(attr::CHANNEL_NUMBER)
+                        .filter(|v| v.len() >= 2)
+                        .map(|v| u16::from_be_bytes([v[0], v[1]]));
+                    if let Some(number) = number {
+                        let peer = msg.peers().flatten().next();
+                        if let Some(peer) = peer {
+                            self.shared.jumbo.bind_requested(
+                                key,
+                                msg.transaction_id(),
+                                number,
+                                peer,
+                            );
+                        }
                     }
                 }
                 Verdict::Forward
@@ -500,6 +573,8 @@ impl Gate {
         let typ = u16::from_be_bytes([packet[0], packet[1]]);
         const ALLOCATE_SUCCESS: u16 = 0x0103;
         const ALLOCATE_ERROR: u16 = 0x0113;
+        const CHANNEL_BIND_SUCCESS: u16 = 0x0109;
+        const CHANNEL_BIND_ERROR: u16 = 0x0119;
         // Error responses (class bits 11) are rare; look for engine-issued nonces in them.
         if typ & 0x0110 == 0x0110 {
             if let Ok(m) = StunMessage::parse(packet) {
@@ -520,8 +595,18 @@ impl Gate {
                     TurnStats::bump(&self.shared.stats.allocations_created);
                     TurnStats::bump(&self.shared.stats.allocations_active);
                 }
-                if let Some(reserve) = reservation_in(packet) {
-                    return reserve;
+                if let Some(allocated) = allocated_in(packet) {
+                    return allocated;
+                }
+            }
+            CHANNEL_BIND_SUCCESS | CHANNEL_BIND_ERROR if packet.len() >= 20 => {
+                let mut tid = [0u8; 12];
+                tid.copy_from_slice(&packet[8..20]);
+                let key = (self.transport, dst, local);
+                if typ == CHANNEL_BIND_SUCCESS {
+                    self.shared.jumbo.bind_confirmed(key, tid);
+                } else {
+                    self.shared.jumbo.bind_refused(key, tid);
                 }
             }
             ALLOCATE_ERROR => {
@@ -584,16 +669,15 @@ fn rewrite_for_engine(msg: &StunMessage<'_>, key: &hmac::Key) -> Option<Vec<u8>>
     Some(inspect::rewrite(msg, &[attr::DONT_FRAGMENT], replace, key))
 }
 
-/// An Allocate success carrying RESERVATION-TOKEN: the port to reserve the next one after.
-fn reservation_in(packet: &[u8]) -> Option<Outbound> {
+/// An Allocate success: its relayed port and RESERVATION-TOKEN (if any).
+fn allocated_in(packet: &[u8]) -> Option<Outbound> {
     let m = StunMessage::parse(packet).ok()?;
-    let token: [u8; 8] = m.attribute(attr::RESERVATION_TOKEN)?.try_into().ok()?;
     let relayed =
         inspect::decode_xor_address(m.attribute(attr::XOR_RELAYED_ADDRESS)?, &m.transaction_id())?;
-    Some(Outbound::ReserveThenSend {
-        token,
-        port: relayed.port(),
-    })
+    let reserve = m
+        .attribute(attr::RESERVATION_TOKEN)
+        .and_then(|t| t.try_into().ok());
+    Some(Outbound::AllocatedThenSend { relayed, reserve })
 }
 
 fn signed_error(msg: &StunMessage<'_>, code: u16, reason: &str, key: &hmac::Key) -> Verdict {
@@ -635,13 +719,16 @@ mod tests {
                 user_quota,
                 total_quota: total,
                 unauthenticated_per_ip_per_sec: 5,
+                relay_ips: crate::turn::reservation::loopback(),
+                max_permissions_per_allocation: 3,
             },
             Arc::new(TurnStats::default()),
             Arc::new(PortReservations::new(
-                "127.0.0.1".parse().unwrap(),
+                crate::turn::reservation::loopback(),
                 65535,
                 0,
             )),
+            Arc::new(JumboTable::default()),
         )
     }
 
@@ -895,6 +982,62 @@ mod tests {
         assert!(matches!(inbound(&gate, &req, other), Verdict::Reply(_)));
         assert_eq!(s.stats.snapshot().rate_limited, 90);
         assert_eq!(s.memory().rate_limited_ips, 2);
+    }
+
+    #[test]
+    fn permissions_per_allocation_are_capped_with_508() {
+        let gate = primed_gate(shared(10, 100));
+        let creds = TurnCredentials::new(&["new"]).unwrap();
+        let alloc = Req::new(method::ALLOCATE, &creds, "a");
+        assert_eq!(inbound(&gate, &alloc.bytes(), client(1)), Verdict::Forward);
+        let success = StunWriter::new(method::ALLOCATE, Class::Success, [9; 12]).finish();
+        gate.outbound(&success, client(1), local());
+        let mut perm = Req::new(method::CREATE_PERMISSION, &creds, "a");
+        perm.peers = ["8.8.8.1:1", "8.8.8.2:1", "8.8.8.3:1"]
+            .iter()
+            .map(|p| p.parse().unwrap())
+            .collect();
+        assert_eq!(inbound(&gate, &perm.bytes(), client(1)), Verdict::Forward);
+        perm.peers = vec!["8.8.8.1:2".parse().unwrap()];
+        assert_eq!(
+            inbound(&gate, &perm.bytes(), client(1)),
+            Verdict::Forward,
+            "same IP"
+        );
+        let mut bind = Req::new(method::CHANNEL_BIND, &creds, "a");
+        bind.peers = vec!["8.8.8.4:1".parse().unwrap()];
+        assert_eq!(
+            reply_code(&inbound(&gate, &bind.bytes(), client(1))),
+            Some(508)
+        );
+        // Closing the allocation forgets its permissions with it.
+        gate.shared()
+            .allocation_closed(&(Transport::Udp, client(1), local()));
+        assert_eq!(gate.shared().memory().ledger_entries, 0);
+    }
+
+    #[test]
+    fn other_address_family_gets_440() {
+        let gate = primed_gate(shared(10, 100));
+        let creds = TurnCredentials::new(&["new"]).unwrap();
+        let req = Req::new(method::ALLOCATE, &creds, "a");
+        let parsed_bytes = req.bytes();
+        let parsed = StunMessage::parse(&parsed_bytes).unwrap();
+        let key = integrity_key(&long_term_key(&req.username, REALM, &req.password));
+        let v6 = inspect::rewrite(
+            &parsed,
+            &[],
+            Some((attr::REQUESTED_ADDRESS_FAMILY, [2, 0, 0, 0])),
+            &key,
+        );
+        assert_eq!(reply_code(&inbound(&gate, &v6, client(1))), Some(440));
+        let v4 = inspect::rewrite(
+            &parsed,
+            &[],
+            Some((attr::REQUESTED_ADDRESS_FAMILY, [1, 0, 0, 0])),
+            &key,
+        );
+        assert_eq!(inbound(&gate, &v4, client(2)), Verdict::Forward);
     }
 
     #[test]

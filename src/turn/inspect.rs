@@ -42,12 +42,16 @@ pub mod attr {
     pub const MESSAGE_INTEGRITY: u16 = 0x0008;
     /// ERROR-CODE.
     pub const ERROR_CODE: u16 = 0x0009;
+    /// CHANNEL-NUMBER.
+    pub const CHANNEL_NUMBER: u16 = 0x000C;
     /// XOR-PEER-ADDRESS.
     pub const XOR_PEER_ADDRESS: u16 = 0x0012;
     /// XOR-RELAYED-ADDRESS.
     pub const XOR_RELAYED_ADDRESS: u16 = 0x0016;
     /// LIFETIME.
     pub const LIFETIME: u16 = 0x000D;
+    /// REQUESTED-ADDRESS-FAMILY (RFC 6156).
+    pub const REQUESTED_ADDRESS_FAMILY: u16 = 0x0017;
     /// REALM.
     pub const REALM: u16 = 0x0014;
     /// NONCE.

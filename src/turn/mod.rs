@@ -19,6 +19,7 @@
 //! | `stream.rs` | TCP/TLS framing and one engine instance per connection |
 //! | `peer.rs` | relay sockets towards peers: port range, bandwidth cap, counters, policy |
 //! | `reservation.rs` | ports held for RESERVATION-TOKEN (EVEN-PORT), which the engine never honours |
+//! | `jumbo.rs` | relaying ChannelData too large for the engine's 1500-byte buffers |
 //! | `relay.rs` | [`Relay::start`] and [`RunningRelay`]: binding, wiring, shutdown |
 //! | `settings.rs` | [`TurnSettings`], coturn's knobs with safe defaults |
 //! | `stats.rs` | [`TurnStats`], atomic counters for the metrics layer |
@@ -31,6 +32,7 @@ pub mod credentials;
 pub mod error;
 pub mod gate;
 pub mod inspect;
+pub mod jumbo;
 pub mod peer;
 pub mod policy;
 pub mod quota;
@@ -43,7 +45,7 @@ pub mod udp;
 
 pub use credentials::{IceServer, IceServers, IssuedCredential, TurnCredentials, TurnEndpoints};
 pub use error::TurnError;
-pub use policy::{PeerPolicy, PeerRefusal};
+pub use policy::{PeerFilter, PeerPolicy, PeerRefusal};
 pub use relay::{Relay, RunningRelay, TlsAcceptorSource};
-pub use settings::{ExternalIp, TurnSettings};
+pub use settings::{ExternalIp, RelayIp, RelayIps, TurnSettings};
 pub use stats::{TurnStats, TurnStatsSnapshot};

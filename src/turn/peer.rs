@@ -9,31 +9,42 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::net::UdpSocket;
 use webrtc_util::Conn;
 
-use super::policy::PeerPolicy;
+use super::jumbo::{channel_data, JumboRoute, JumboTable};
+use super::policy::PeerFilter;
 use super::reservation::ReservedSlot;
+use super::settings::RelayIps;
 use super::stats::TurnStats;
 
-/// Size of the staging buffer a relay socket reads into. The engine hands us a 1500-byte buffer;
-/// reading into a slightly larger one first lets us drop (and count) datagrams that would not fit
-/// instead of handing the engine a silently truncated one.
-const STAGING: usize = 2048;
+thread_local! {
+    /// Where relay sockets read datagrams: one 64 KiB buffer per runtime thread, used only between
+    /// `readable()` and the copy out (never across an await), so thousands of allocations need no
+    /// buffer each and no datagram is ever truncated.
+    static READ_BUFFER: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; 65_536]);
+}
+
+/// What one read from a relay socket produced.
+enum Received {
+    /// Copied into the engine's buffer.
+    Fits(usize, SocketAddr),
+    /// Too large for the engine; relayed on the side if a channel is bound.
+    Oversized(Vec<u8>, SocketAddr),
+}
 
 /// How many random ports to try before answering 508 (Insufficient Capacity).
 const PORT_ATTEMPTS: usize = 32;
 
 /// Creates relay sockets for the engine.
 pub struct PeerSocketGenerator {
-    /// Local IP relay sockets bind to (`relay-ip`, or the private half of `external-ip`).
-    pub bind_ip: IpAddr,
-    /// IP put in XOR-RELAYED-ADDRESS (the public half of `external-ip`, else `bind_ip`).
-    pub advertised_ip: IpAddr,
+    /// Where relay sockets bind (`relay-ip`, the private half of `external-ip`, `relay_ipv6`) and
+    /// what they advertise (the public half of `external-ip`), per address family.
+    pub relay_ips: RelayIps,
     /// `min-port`.
     pub min_port: u16,
     /// `max-port` (inclusive).
@@ -41,7 +52,7 @@ pub struct PeerSocketGenerator {
     /// SO_RCVBUF asked for.
     pub recv_buffer_bytes: usize,
     /// Checked on every send, after the gate already checked CreatePermission/ChannelBind.
-    pub policy: Arc<PeerPolicy>,
+    pub policy: Arc<PeerFilter>,
     /// Where byte and packet counts go.
     pub stats: Arc<TurnStats>,
     /// `max-bps` per allocation and direction.
@@ -49,6 +60,8 @@ pub struct PeerSocketGenerator {
     /// A port reserved by RESERVATION-TOKEN, put here by this engine loop's front just before
     /// it hands the engine the Allocate that presents the token.
     pub reserved: ReservedSlot,
+    /// Where relay sockets are registered for oversized ChannelData.
+    pub jumbo: Arc<JumboTable>,
 }
 
 #[async_trait]
@@ -65,9 +78,10 @@ impl turn::relay::RelayAddressGenerator for PeerSocketGenerator {
         use_ipv4: bool,
         requested_port: u16,
     ) -> Result<(Arc<dyn Conn + Send + Sync>, SocketAddr), turn::Error> {
-        if use_ipv4 != self.bind_ip.is_ipv4() {
+        let Some(ip) = self.relay_ips.for_family(use_ipv4) else {
+            // The gate answers 440 before this; kept so the generator stands on its own.
             return Err(turn::Error::ErrInvalidRequestedFamilyValue);
-        }
+        };
         let reserved = self
             .reserved
             .lock()
@@ -77,41 +91,44 @@ impl turn::relay::RelayAddressGenerator for PeerSocketGenerator {
             UdpSocket::from_std(std_socket).map_err(|e| turn::Error::Other(e.to_string()))?
         } else if requested_port != 0 {
             bind_udp(
-                SocketAddr::new(self.bind_ip, requested_port),
+                SocketAddr::new(ip.bind, requested_port),
                 false,
                 self.recv_buffer_bytes,
             )
             .map_err(|e| turn::Error::Other(e.to_string()))?
         } else {
-            self.bind_in_range()?
+            self.bind_in_range(ip.bind)?
         };
         let mut relay_addr = socket
             .local_addr()
             .map_err(|e| turn::Error::Other(e.to_string()))?;
-        relay_addr.set_ip(self.advertised_ip);
+        relay_addr.set_ip(ip.advertised);
         let limiter = || {
             self.max_bytes_per_sec
                 .and_then(NonZeroU32::new)
                 .map(|bps| RateLimiter::direct(Quota::per_second(bps).allow_burst(bps)))
         };
-        let conn = PeerSocket {
+        let conn = Arc::new(PeerSocket {
             socket,
+            relay_addr,
             policy: Arc::clone(&self.policy),
             stats: Arc::clone(&self.stats),
             to_peer_budget: limiter(),
             to_client_budget: limiter(),
-            staging: tokio::sync::Mutex::new(vec![0; STAGING]),
-        };
-        Ok((Arc::new(conn), relay_addr))
+            jumbo: Arc::clone(&self.jumbo),
+            route: Mutex::new(JumboRoute::default()),
+        });
+        self.jumbo.register(relay_addr, Arc::downgrade(&conn));
+        Ok((conn, relay_addr))
     }
 }
 
 impl PeerSocketGenerator {
-    fn bind_in_range(&self) -> Result<UdpSocket, turn::Error> {
+    fn bind_in_range(&self, bind_ip: IpAddr) -> Result<UdpSocket, turn::Error> {
         let span = u32::from(self.max_port - self.min_port) + 1;
         for _ in 0..PORT_ATTEMPTS {
             let port = self.min_port + (rand::random::<u32>() % span) as u16;
-            let addr = SocketAddr::new(self.bind_ip, port);
+            let addr = SocketAddr::new(bind_ip, port);
             if let Ok(s) = bind_udp(addr, false, self.recv_buffer_bytes) {
                 return Ok(s);
             }
@@ -167,12 +184,47 @@ pub fn bind_udp_std(
 /// One allocation's relay socket.
 pub struct PeerSocket {
     socket: UdpSocket,
-    policy: Arc<PeerPolicy>,
+    /// The advertised relayed address (the jumbo table's key for this socket).
+    relay_addr: SocketAddr,
+    policy: Arc<PeerFilter>,
     stats: Arc<TurnStats>,
     to_peer_budget: Option<DefaultDirectRateLimiter>,
     to_client_budget: Option<DefaultDirectRateLimiter>,
-    /// Only the engine's one per-allocation loop reads, so this lock is never contended.
-    staging: tokio::sync::Mutex<Vec<u8>>,
+    jumbo: Arc<JumboTable>,
+    /// Channels and the client path, for datagrams too large for the engine.
+    route: Mutex<JumboRoute>,
+}
+
+impl PeerSocket {
+    /// The oversized-datagram route of this allocation.
+    pub fn jumbo_route(&self) -> std::sync::MutexGuard<'_, JumboRoute> {
+        self.route.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Relays a datagram too large for the engine to the client, on its bound channel.
+    async fn relay_oversized(&self, datagram: Vec<u8>, src: SocketAddr) {
+        let route = {
+            let r = self.jumbo_route();
+            r.channel_for(src).zip(r.client.clone())
+        };
+        let Some((number, client)) = route else {
+            TurnStats::bump(&self.stats.oversized_dropped);
+            return;
+        };
+        if datagram.len() > usize::from(u16::MAX) {
+            TurnStats::bump(&self.stats.oversized_dropped);
+            return;
+        }
+        TurnStats::add(&self.stats.bytes_to_clients, datagram.len());
+        TurnStats::bump(&self.stats.packets_to_clients);
+        client.send(channel_data(number, &datagram)).await;
+    }
+}
+
+impl Drop for PeerSocket {
+    fn drop(&mut self) {
+        self.jumbo.unregister(self.relay_addr);
+    }
 }
 
 fn within_budget(budget: &Option<DefaultDirectRateLimiter>, len: usize) -> bool {
@@ -194,18 +246,36 @@ impl Conn for PeerSocket {
     }
 
     async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
-        let mut staging = self.staging.lock().await;
         loop {
-            let (n, src) = self.socket.recv_from(&mut staging).await?;
-            if n > buf.len() {
-                TurnStats::bump(&self.stats.oversized_dropped);
-                continue;
-            }
+            self.socket.readable().await?;
+            let received = READ_BUFFER.with(|cell| {
+                let mut big = cell.borrow_mut();
+                match self.socket.try_recv_from(&mut big) {
+                    Ok((n, src)) if n <= buf.len() => {
+                        buf[..n].copy_from_slice(&big[..n]);
+                        Ok(Some(Received::Fits(n, src)))
+                    }
+                    Ok((n, src)) => Ok(Some(Received::Oversized(big[..n].to_vec(), src))),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+                    Err(e) => Err(e),
+                }
+            })?;
+            let (n, src) = match received {
+                None => continue,
+                Some(Received::Fits(n, src)) => (n, src),
+                Some(Received::Oversized(datagram, src)) => {
+                    if within_budget(&self.to_client_budget, datagram.len()) {
+                        self.relay_oversized(datagram, src).await;
+                    } else {
+                        TurnStats::bump(&self.stats.bandwidth_dropped);
+                    }
+                    continue;
+                }
+            };
             if !within_budget(&self.to_client_budget, n) {
                 TurnStats::bump(&self.stats.bandwidth_dropped);
                 continue;
             }
-            buf[..n].copy_from_slice(&staging[..n]);
             TurnStats::add(&self.stats.bytes_to_clients, n);
             TurnStats::bump(&self.stats.packets_to_clients);
             return Ok((n, src));

@@ -76,6 +76,77 @@ impl PeerPolicy {
     }
 }
 
+impl PeerPolicy {
+    /// Compiles the configured ranges into sorted, merged intervals for [`PeerFilter::check`],
+    /// which the per-packet path uses: a binary search instead of a scan of every range.
+    pub fn compile(&self) -> PeerFilter {
+        PeerFilter {
+            allowed: intervals(&self.allowed),
+            denied: intervals(&self.denied),
+            allow_private_peers: self.allow_private_peers,
+        }
+    }
+}
+
+/// [`PeerPolicy`] compiled for the hot path. Decides exactly as [`PeerPolicy::check`] does (a test
+/// sweeps both), in O(log ranges).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerFilter {
+    allowed: Vec<(u128, u128)>,
+    denied: Vec<(u128, u128)>,
+    allow_private_peers: bool,
+}
+
+impl PeerFilter {
+    /// Decides whether the relay may send to `ip` (after normalising IPv4-in-IPv6 forms).
+    pub fn check(&self, ip: IpAddr) -> Result<(), PeerRefusal> {
+        let ip = normalize(ip);
+        let key = as_u128(ip);
+        if in_intervals(&self.allowed, key) {
+            return Ok(());
+        }
+        if in_intervals(&self.denied, key) {
+            return Err(PeerRefusal::Denied);
+        }
+        match classify(ip) {
+            None => Ok(()),
+            Some(PeerRefusal::Private) if self.allow_private_peers => Ok(()),
+            Some(reason) => Err(reason),
+        }
+    }
+}
+
+/// IPv4 is placed at its IPv4-mapped position, so IPv4 and IPv6 ranges share one line (as
+/// `net_contains` treats an IPv6 range as covering mapped IPv4).
+fn as_u128(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(a) => u128::from(a.to_ipv6_mapped()),
+        IpAddr::V6(a) => u128::from(a),
+    }
+}
+
+fn intervals(nets: &[IpNet]) -> Vec<(u128, u128)> {
+    let mut v: Vec<(u128, u128)> = nets
+        .iter()
+        .map(|n| (as_u128(n.network()), as_u128(n.broadcast())))
+        .collect();
+    v.sort_unstable();
+    let mut merged: Vec<(u128, u128)> = Vec::with_capacity(v.len());
+    for (lo, hi) in v {
+        match merged.last_mut() {
+            Some(last) if lo <= last.1.saturating_add(1) => last.1 = last.1.max(hi),
+            _ => merged.push((lo, hi)),
+        }
+    }
+    merged
+}
+
+fn in_intervals(intervals: &[(u128, u128)], key: u128) -> bool {
+    // The first interval starting after `key`; the one before it is the only candidate.
+    let i = intervals.partition_point(|(lo, _)| *lo <= key);
+    i > 0 && intervals[i - 1].1 >= key
+}
+
 fn net_contains(net: &IpNet, ip: IpAddr) -> bool {
     match (net, ip) {
         (IpNet::V4(n), IpAddr::V4(a)) => n.contains(&a),
@@ -360,6 +431,88 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(p.check(ip("10.0.0.1")), Err(PeerRefusal::Denied));
+    }
+
+    #[test]
+    fn compiled_filter_decides_exactly_like_the_policy() {
+        let policies = [
+            PeerPolicy::default(),
+            PeerPolicy {
+                allowed: [
+                    "127.0.0.1/32",
+                    "10.1.0.0/16",
+                    "::ffff:192.168.0.0/112",
+                    "fd00::/8",
+                    "10.1.2.0/24",
+                ]
+                .iter()
+                .map(|n| net(n))
+                .collect(),
+                denied: [
+                    "10.0.0.0/8",
+                    "8.8.8.0/24",
+                    "8.8.9.0/24",
+                    "2001:db8::/32",
+                    "0.0.0.0/0",
+                ]
+                .iter()
+                .map(|n| net(n))
+                .collect(),
+                allow_private_peers: false,
+            },
+            PeerPolicy {
+                denied: vec![net("8.8.0.0/16")],
+                allow_private_peers: true,
+                ..Default::default()
+            },
+        ];
+        let mut addrs: Vec<IpAddr> = Vec::new();
+        for a in 0u8..=255 {
+            for b in [0u8, 1, 8, 9, 63, 64, 127, 168, 169, 254, 255] {
+                for c in [0u8, 1, 2, 255] {
+                    let v4 = Ipv4Addr::new(a, b, c, 1);
+                    addrs.push(IpAddr::V4(v4));
+                    addrs.push(IpAddr::V6(v4.to_ipv6_mapped()));
+                }
+            }
+        }
+        for v6 in [
+            "::1",
+            "::",
+            "fe80::1",
+            "fd00::1",
+            "fc00::1",
+            "2001:db8::1",
+            "2001:db9::1",
+            "ff02::1",
+            "2002:a00:1::",
+            "64:ff9b::808:808",
+        ] {
+            addrs.push(ip(v6));
+        }
+        for p in &policies {
+            let f = p.compile();
+            for a in &addrs {
+                assert_eq!(f.check(*a), p.check(*a), "{a} under {p:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn intervals_merge_and_search() {
+        let v = intervals(&[
+            net("10.0.0.0/24"),
+            net("10.0.1.0/24"),
+            net("10.0.0.128/25"),
+            net("11.0.0.0/8"),
+        ]);
+        assert_eq!(v.len(), 2, "adjacent and nested ranges merge: {v:?}");
+        let k = |s: &str| as_u128(ip(s));
+        assert!(in_intervals(&v, k("10.0.1.255")));
+        assert!(!in_intervals(&v, k("10.0.2.0")));
+        assert!(in_intervals(&v, k("11.255.255.255")));
+        assert!(!in_intervals(&v, k("9.255.255.255")));
+        assert!(!in_intervals(&[], k("1.1.1.1")));
     }
 
     #[test]

@@ -42,11 +42,22 @@ pub enum QuotaExceeded {
 /// response cannot leak quota.
 pub const PENDING_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a permission lives without refresh (RFC 8656 §9: 300 s); the ledger forgets peers it
+/// has not seen for this long.
+pub const PERMISSION_LIFETIME: Duration = Duration::from_secs(300);
+
+/// Refused with 508: the allocation already has this many distinct peer IPs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the allocation already has permissions for {0} peer addresses")]
+pub struct TooManyPermissions(pub usize);
+
 #[derive(Debug)]
 struct Entry {
     user: Arc<str>,
     /// `Some(since)` until the engine confirms the allocation.
     pending_since: Option<Instant>,
+    /// Peer IPs with a live permission (the engine keys permissions by IP), last installed at.
+    peers: HashMap<std::net::IpAddr, Instant>,
 }
 
 /// Counts allocations per user and in total. Not thread-safe by itself; the front layer keeps it in
@@ -112,6 +123,7 @@ impl AllocationLedger {
             Entry {
                 user,
                 pending_since: Some(now),
+                peers: HashMap::new(),
             },
         );
         Ok(Reservation::New)
@@ -155,6 +167,41 @@ impl AllocationLedger {
         for k in stale {
             self.release(&k);
         }
+    }
+
+    /// Records that the allocation on `key` is about to get permissions for `ips`, refusing if that
+    /// would exceed `cap` distinct live peer IPs. Keys without an allocation are let through
+    /// unrecorded (the engine ignores such requests), so the ledger never grows from them.
+    pub fn admit_peers(
+        &mut self,
+        key: &AllocationKey,
+        ips: &[std::net::IpAddr],
+        cap: usize,
+        now: Instant,
+    ) -> Result<(), TooManyPermissions> {
+        let Some(entry) = self.entries.get_mut(key) else {
+            return Ok(());
+        };
+        let new = ips
+            .iter()
+            .filter(|ip| !entry.peers.contains_key(ip))
+            .count();
+        if entry.peers.len() + new > cap {
+            entry
+                .peers
+                .retain(|_, at| now.saturating_duration_since(*at) < PERMISSION_LIFETIME);
+            let new = ips
+                .iter()
+                .filter(|ip| !entry.peers.contains_key(ip))
+                .count();
+            if entry.peers.len() + new > cap {
+                return Err(TooManyPermissions(cap));
+            }
+        }
+        for ip in ips {
+            entry.peers.insert(*ip, now);
+        }
+        Ok(())
     }
 
     /// Allocations held (pending or confirmed) by `user`.
@@ -236,6 +283,34 @@ mod tests {
         l.confirm(&key(2));
         l.expire_pending(t0 + PENDING_TIMEOUT * 10);
         assert_eq!(l.held_by("a"), 1);
+    }
+
+    #[test]
+    fn permissions_per_allocation_are_capped_and_expire() {
+        let t0 = Instant::now();
+        let mut l = AllocationLedger::new(5, 5);
+        let ip = |n: u8| std::net::IpAddr::from([8, 8, 8, n]);
+        // No allocation: let through, nothing recorded.
+        assert_eq!(l.admit_peers(&key(9), &[ip(1)], 2, t0), Ok(()));
+        l.reserve(key(1), "a", t0).unwrap();
+        l.confirm(&key(1));
+        assert_eq!(l.admit_peers(&key(1), &[ip(1), ip(2)], 2, t0), Ok(()));
+        assert_eq!(l.admit_peers(&key(1), &[ip(1)], 2, t0), Ok(()), "refresh");
+        assert_eq!(
+            l.admit_peers(&key(1), &[ip(3)], 2, t0),
+            Err(TooManyPermissions(2))
+        );
+        // ip(2) expires; ip(1) was refreshed later.
+        let later = t0 + PERMISSION_LIFETIME;
+        assert_eq!(
+            l.admit_peers(&key(1), &[ip(1)], 2, later - Duration::from_secs(1)),
+            Ok(())
+        );
+        assert_eq!(l.admit_peers(&key(1), &[ip(3)], 2, later), Ok(()));
+        assert_eq!(
+            l.admit_peers(&key(1), &[ip(4)], 2, later),
+            Err(TooManyPermissions(2))
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! in the gate, byte handling in `udp`, `stream` and `peer`.
 
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,7 @@ use turn::server::Server;
 use super::credentials::{TurnCredentials, TurnEndpoints};
 use super::error::TurnError;
 use super::gate::{Gate, GateMemory, GateRules, GateShared};
+use super::jumbo::JumboTable;
 use super::peer::{bind_udp, PeerSocketGenerator};
 use super::quota::Transport;
 use super::reservation::PortReservations;
@@ -81,8 +82,8 @@ impl Relay {
         if !settings.enabled {
             return Ok(relay);
         }
-        let advertised_ip = advertised_ip(&settings)?;
-        let policy = Arc::new(settings.peer_policy());
+        let relay_ips = settings.relay_ips()?;
+        let policy = Arc::new(settings.peer_policy().compile());
         let shared = GateShared::new(
             GateRules {
                 realm: settings.realm.clone(),
@@ -91,23 +92,26 @@ impl Relay {
                 user_quota: settings.user_quota,
                 total_quota: settings.total_quota,
                 unauthenticated_per_ip_per_sec: settings.unauthenticated_per_ip_per_sec,
+                relay_ips,
+                max_permissions_per_allocation: settings.max_permissions_per_allocation,
             },
             Arc::clone(&stats),
             Arc::new(PortReservations::new(
-                settings.relay_bind_ip(),
+                relay_ips,
                 settings.max_port,
                 settings.recv_buffer_bytes,
             )),
+            Arc::new(JumboTable::default()),
         );
         relay.shared = Some(Arc::clone(&shared));
         let generator = {
             let settings = settings.clone();
             let policy = Arc::clone(&policy);
             let stats = Arc::clone(&stats);
+            let jumbo = Arc::clone(shared.jumbo());
             move |reserved| {
                 Box::new(PeerSocketGenerator {
-                    bind_ip: settings.relay_bind_ip(),
-                    advertised_ip,
+                    relay_ips,
                     min_port: settings.min_port,
                     max_port: settings.max_port,
                     recv_buffer_bytes: settings.recv_buffer_bytes,
@@ -115,6 +119,7 @@ impl Relay {
                     stats: Arc::clone(&stats),
                     max_bytes_per_sec: settings.max_bytes_per_sec,
                     reserved,
+                    jumbo: Arc::clone(&jumbo),
                 }) as Box<dyn turn::relay::RelayAddressGenerator + Send + Sync>
             }
         };
@@ -143,7 +148,10 @@ impl Relay {
             generator: Arc::clone(&generator),
             realm: settings.realm.clone(),
             stats: Arc::clone(&stats),
-            max_connections: settings.max_stream_connections,
+            connections: Arc::new(tokio::sync::Semaphore::new(settings.max_stream_connections)),
+            per_ip: Arc::new(stream::PerIpConnections::new(
+                settings.max_stream_connections_per_ip,
+            )),
             handshake_timeout: settings.tls_handshake_timeout,
             idle_timeout: settings.stream_idle_timeout,
             shutdown: shutdown_rx.clone(),
@@ -321,19 +329,6 @@ fn local(
     })
 }
 
-fn advertised_ip(settings: &TurnSettings) -> Result<IpAddr, TurnError> {
-    let bind = settings.relay_bind_ip();
-    let ip = settings.relay_advertised_ip(SocketAddr::new(bind, 0));
-    if ip.is_unspecified() {
-        return Err(TurnError::InvalidSettings(
-            "relay sockets would advertise an unspecified address: set relay-ip (or external-ip) \
-             when listening on 0.0.0.0 or ::"
-                .to_owned(),
-        ));
-    }
-    Ok(ip)
-}
-
 impl RunningRelay {
     /// Bound UDP listening addresses (the real ports when settings asked for port 0).
     pub fn udp_addrs(&self) -> &[SocketAddr] {
@@ -376,6 +371,7 @@ impl RunningRelay {
     }
 
     /// Stops accepting, closes every allocation and listener, and waits for all relay tasks.
+    /// Dropping a `RunningRelay` also stops it, without waiting.
     pub async fn shutdown(mut self) {
         self.shutdown.send_replace(true);
         for engine in &self.engines {

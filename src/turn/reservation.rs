@@ -11,7 +11,9 @@
 //! [`MAX_RESERVATIONS`] of them.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
+
+use super::settings::RelayIps;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,17 +28,17 @@ pub type ReservedSlot = Arc<Mutex<Option<std::net::UdpSocket>>>;
 
 /// Reserved relay ports by token.
 pub struct PortReservations {
-    bind_ip: IpAddr,
+    relay_ips: RelayIps,
     max_port: u16,
     recv_buffer_bytes: usize,
     held: Mutex<HashMap<[u8; 8], (std::net::UdpSocket, Instant)>>,
 }
 
 impl PortReservations {
-    /// Reservations binding on `bind_ip`, never above `max_port`.
-    pub fn new(bind_ip: IpAddr, max_port: u16, recv_buffer_bytes: usize) -> Self {
+    /// Reservations binding on the relay IP of each family, never above `max_port`.
+    pub fn new(relay_ips: RelayIps, max_port: u16, recv_buffer_bytes: usize) -> Self {
         PortReservations {
-            bind_ip,
+            relay_ips,
             max_port,
             recv_buffer_bytes,
             held: Mutex::new(HashMap::new()),
@@ -47,16 +49,24 @@ impl PortReservations {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Binds `port + 1` and holds it under `token`. Returns whether the port is now reserved.
-    pub fn reserve(&self, token: [u8; 8], port: u16, now: Instant) -> bool {
-        let Some(next) = port.checked_add(1).filter(|p| *p <= self.max_port) else {
+    /// Binds the port after `relayed`'s (same family) and holds it under `token`. Returns whether
+    /// the port is now reserved.
+    pub fn reserve(&self, token: [u8; 8], relayed: SocketAddr, now: Instant) -> bool {
+        let Some(next) = relayed
+            .port()
+            .checked_add(1)
+            .filter(|p| *p <= self.max_port)
+        else {
+            return false;
+        };
+        let Some(ip) = self.relay_ips.for_family(relayed.is_ipv4()) else {
             return false;
         };
         self.prune(now);
         if self.held().len() >= MAX_RESERVATIONS {
             return false;
         }
-        let addr = SocketAddr::new(self.bind_ip, next);
+        let addr = SocketAddr::new(ip.bind, next);
         match super::peer::bind_udp_std(addr, false, self.recv_buffer_bytes) {
             Ok(socket) => {
                 self.held().insert(token, (socket, now));
@@ -98,6 +108,18 @@ impl PortReservations {
     }
 }
 
+/// IPv4 loopback as the only relay address (tests, benches).
+pub fn loopback() -> RelayIps {
+    let ip = std::net::IpAddr::from([127, 0, 0, 1]);
+    RelayIps {
+        ipv4: Some(super::settings::RelayIp {
+            bind: ip,
+            advertised: ip,
+        }),
+        ipv6: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,10 +129,10 @@ mod tests {
         let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let p = probe.local_addr().unwrap().port();
         drop(probe);
-        let r = PortReservations::new("127.0.0.1".parse().unwrap(), u16::MAX, 0);
+        let r = PortReservations::new(loopback(), u16::MAX, 0);
         let t0 = Instant::now();
         // Reserve P+1 where P = p - 1, i.e. the port we just saw free.
-        if !r.reserve([1; 8], p - 1, t0) {
+        if !r.reserve([1; 8], SocketAddr::from(([127, 0, 0, 1], p - 1)), t0) {
             return; // Someone else took the port in between; nothing to assert.
         }
         assert!(r.contains(&[1; 8], t0));
@@ -123,9 +145,15 @@ mod tests {
 
     #[test]
     fn never_beyond_max_port_and_prunes() {
-        let r = PortReservations::new("127.0.0.1".parse().unwrap(), 50_000, 0);
-        assert!(!r.reserve([1; 8], 50_000, Instant::now()));
-        assert!(!r.reserve([1; 8], u16::MAX, Instant::now()));
+        let r = PortReservations::new(loopback(), 50_000, 0);
+        let at = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        assert!(!r.reserve([1; 8], at(50_000), Instant::now()));
+        assert!(!r.reserve([1; 8], at(u16::MAX), Instant::now()));
+        let v6: SocketAddr = "[::1]:4000".parse().unwrap();
+        assert!(
+            !r.reserve([1; 8], v6, Instant::now()),
+            "no IPv6 relay address"
+        );
         assert!(r.is_empty());
     }
 }

@@ -22,6 +22,35 @@ pub struct ExternalIp {
     pub private: Option<IpAddr>,
 }
 
+/// Where relay sockets of one address family bind, and what they advertise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayIp {
+    /// The local address relay sockets bind to.
+    pub bind: IpAddr,
+    /// The address put in XOR-RELAYED-ADDRESS.
+    pub advertised: IpAddr,
+}
+
+/// Relay addresses per family (RFC 6156): IPv4, IPv6, or both for a dual-stack relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RelayIps {
+    /// Where IPv4 allocations live, if the relay has them.
+    pub ipv4: Option<RelayIp>,
+    /// Where IPv6 allocations live, if the relay has them.
+    pub ipv6: Option<RelayIp>,
+}
+
+impl RelayIps {
+    /// The relay address for IPv4 (`true`) or IPv6 (`false`) allocations.
+    pub fn for_family(&self, ipv4: bool) -> Option<RelayIp> {
+        if ipv4 {
+            self.ipv4
+        } else {
+            self.ipv6
+        }
+    }
+}
+
 /// Everything the relay needs to start. Build it with `TurnSettings::default()` and override fields.
 /// Its `Debug` output redacts the auth secrets.
 #[derive(Clone)]
@@ -49,6 +78,10 @@ pub struct TurnSettings {
     /// `relay-ip`: the local address relay sockets bind to. `None`: the first listening IP, or
     /// `0.0.0.0` if that is unspecified.
     pub relay_ip: Option<IpAddr>,
+    /// A second `relay-ip`, IPv6, for a dual-stack relay when the first is IPv4: clients asking
+    /// for an IPv6 relayed address (REQUESTED-ADDRESS-FAMILY, RFC 6156) get one here. `None`: the
+    /// relay only has the first relay IP's family.
+    pub relay_ipv6: Option<IpAddr>,
     /// `external-ip`: the public address to advertise when the relay sits behind 1:1 NAT.
     pub external_ip: Option<ExternalIp>,
     /// `min-port`: lowest relay port. Default 49152.
@@ -63,6 +96,10 @@ pub struct TurnSettings {
     pub user_quota: usize,
     /// `total-quota`: concurrent allocations in total. Default 10 000.
     pub total_quota: usize,
+    /// Distinct peer IPs one allocation may have permissions for at once (the engine has no limit,
+    /// so one credential could otherwise create permissions, and timer tasks, without bound).
+    /// Default 64; WebRTC needs a handful.
+    pub max_permissions_per_allocation: usize,
     /// `max-bps` per allocation, in bytes per second each way; `None` for no cap.
     pub max_bytes_per_sec: Option<u32>,
     /// Unauthenticated STUN requests (no or bad MESSAGE-INTEGRITY, Binding) accepted per source IP
@@ -77,7 +114,10 @@ pub struct TurnSettings {
     pub allow_private_peers: bool,
     /// Concurrent TCP plus TLS client connections; beyond it new ones are closed at once.
     pub max_stream_connections: usize,
-    /// How long a TLS client may take to finish its handshake.
+    /// Concurrent TCP plus TLS connections from one source IP.
+    pub max_stream_connections_per_ip: usize,
+    /// How long a TLS client may take to finish its handshake, and any stream client to send its
+    /// first frame.
     pub tls_handshake_timeout: Duration,
     /// How long a TCP/TLS connection may stay silent before it is closed. RFC 8656 clients refresh
     /// well within the 10-minute default allocation lifetime.
@@ -98,6 +138,7 @@ impl Default for TurnSettings {
                 .clamp(1, 8),
             recv_buffer_bytes: 4 << 20,
             relay_ip: None,
+            relay_ipv6: None,
             external_ip: None,
             min_port: 49152,
             max_port: 65535,
@@ -105,12 +146,14 @@ impl Default for TurnSettings {
             credential_ttl: DEFAULT_CREDENTIAL_TTL,
             user_quota: 10,
             total_quota: 10_000,
+            max_permissions_per_allocation: 64,
             max_bytes_per_sec: None,
             unauthenticated_per_ip_per_sec: 20,
             allowed_peer_ips: Vec::new(),
             denied_peer_ips: Vec::new(),
             allow_private_peers: false,
             max_stream_connections: 4096,
+            max_stream_connections_per_ip: 64,
             tls_handshake_timeout: Duration::from_secs(10),
             stream_idle_timeout: Duration::from_secs(15 * 60),
         }
@@ -129,6 +172,7 @@ impl std::fmt::Debug for TurnSettings {
             .field("udp_sockets", &self.udp_sockets)
             .field("recv_buffer_bytes", &self.recv_buffer_bytes)
             .field("relay_ip", &self.relay_ip)
+            .field("relay_ipv6", &self.relay_ipv6)
             .field("external_ip", &self.external_ip)
             .field("min_port", &self.min_port)
             .field("max_port", &self.max_port)
@@ -139,6 +183,10 @@ impl std::fmt::Debug for TurnSettings {
             .field("credential_ttl", &self.credential_ttl)
             .field("user_quota", &self.user_quota)
             .field("total_quota", &self.total_quota)
+            .field(
+                "max_permissions_per_allocation",
+                &self.max_permissions_per_allocation,
+            )
             .field("max_bytes_per_sec", &self.max_bytes_per_sec)
             .field(
                 "unauthenticated_per_ip_per_sec",
@@ -148,6 +196,10 @@ impl std::fmt::Debug for TurnSettings {
             .field("denied_peer_ips", &self.denied_peer_ips)
             .field("allow_private_peers", &self.allow_private_peers)
             .field("max_stream_connections", &self.max_stream_connections)
+            .field(
+                "max_stream_connections_per_ip",
+                &self.max_stream_connections_per_ip,
+            )
             .field("tls_handshake_timeout", &self.tls_handshake_timeout)
             .field("stream_idle_timeout", &self.stream_idle_timeout)
             .finish()
@@ -179,6 +231,12 @@ impl TurnSettings {
         if self.min_port == 0 || self.max_port < self.min_port {
             return bad("min-port must be at least 1 and no greater than max-port");
         }
+        if self.max_stream_connections == 0 || self.max_stream_connections_per_ip == 0 {
+            return bad("max_stream_connections and its per-IP cap must be at least 1");
+        }
+        if self.max_permissions_per_allocation == 0 {
+            return bad("max_permissions_per_allocation must be at least 1");
+        }
         if self.user_quota == 0 || self.total_quota == 0 {
             return bad("user-quota and total-quota must be at least 1");
         }
@@ -202,6 +260,39 @@ impl TurnSettings {
         self.relay_ip
             .or_else(|| self.listening_ips.first().copied())
             .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+    }
+
+    /// Where relay sockets bind and what they advertise, per family; refuses an unspecified
+    /// advertised address and a second relay IP that is not IPv6 beside an IPv4 first one.
+    pub fn relay_ips(&self) -> Result<RelayIps, TurnError> {
+        let bind = self.relay_bind_ip();
+        let advertised = self.relay_advertised_ip(SocketAddr::new(bind, 0));
+        if advertised.is_unspecified() {
+            return Err(TurnError::InvalidSettings(
+                "relay sockets would advertise an unspecified address: set relay-ip (or \
+                 external-ip) when listening on 0.0.0.0 or ::"
+                    .to_owned(),
+            ));
+        }
+        let first = RelayIp { bind, advertised };
+        let mut ips = RelayIps::default();
+        if bind.is_ipv4() {
+            ips.ipv4 = Some(first);
+        } else {
+            ips.ipv6 = Some(first);
+        }
+        if let Some(v6) = self.relay_ipv6 {
+            if !v6.is_ipv6() || v6.is_unspecified() || !bind.is_ipv4() {
+                return Err(TurnError::InvalidSettings(
+                    "relay_ipv6 must be a specific IPv6 address beside an IPv4 relay-ip".to_owned(),
+                ));
+            }
+            ips.ipv6 = Some(RelayIp {
+                bind: v6,
+                advertised: v6,
+            });
+        }
+        Ok(ips)
     }
 
     /// The IP advertised in XOR-RELAYED-ADDRESS.
@@ -242,6 +333,27 @@ mod tests {
         s.max_port = 1000;
         let e = s.validate().unwrap_err();
         assert!(e.to_string().contains("min-port"), "{e}");
+    }
+
+    #[test]
+    fn relay_ips_per_family() {
+        let mut s = TurnSettings {
+            listening_ips: vec!["127.0.0.1".parse().unwrap()],
+            ..Default::default()
+        };
+        let ips = s.relay_ips().unwrap();
+        assert!(ips.ipv4.is_some() && ips.ipv6.is_none());
+        s.relay_ipv6 = Some("::1".parse().unwrap());
+        let ips = s.relay_ips().unwrap();
+        assert_eq!(
+            ips.for_family(false).unwrap().bind,
+            "::1".parse::<IpAddr>().unwrap()
+        );
+        s.relay_ipv6 = Some("10.0.0.1".parse().unwrap());
+        assert!(s.relay_ips().is_err());
+        s.relay_ipv6 = None;
+        s.listening_ips = vec!["0.0.0.0".parse().unwrap()];
+        assert!(s.relay_ips().is_err(), "would advertise 0.0.0.0");
     }
 
     #[test]

@@ -11,7 +11,9 @@
 //! This module owns framing and connection lifetimes; it must never make policy decisions (the gate
 //! does) and never let a slow client block the engine (the write queue drops when full, like UDP).
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,6 +27,8 @@ use turn::server::Server;
 use webrtc_util::Conn;
 
 use super::gate::{Gate, GateShared, Outbound, Verdict, PRIMING_ADDR};
+use super::inspect::{self, Packet};
+use super::jumbo::ClientPath;
 use super::quota::Transport;
 use super::relay::{forward_closes, TlsAcceptorSource};
 use super::reservation::ReservedSlot;
@@ -96,14 +100,69 @@ pub struct StreamContext {
     pub realm: String,
     /// Counters.
     pub stats: Arc<TurnStats>,
-    /// Cap on concurrent TCP plus TLS connections (per listener).
-    pub max_connections: usize,
-    /// TLS handshake deadline.
+    /// Cap on concurrent TCP plus TLS connections, shared by every stream listener.
+    pub connections: Arc<Semaphore>,
+    /// Concurrent connections per source IP.
+    pub per_ip: Arc<PerIpConnections>,
+    /// TLS handshake deadline, and the deadline for a new connection's first frame.
     pub handshake_timeout: Duration,
     /// Silence after which a connection is closed.
     pub idle_timeout: Duration,
     /// Flips to true on relay shutdown.
     pub shutdown: watch::Receiver<bool>,
+}
+
+/// Counts open stream connections per source IP, so one address cannot take the whole cap.
+pub struct PerIpConnections {
+    limit: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// Held by a connection; gives its per-IP slot back when dropped.
+pub struct PerIpPermit {
+    book: Arc<PerIpConnections>,
+    ip: IpAddr,
+}
+
+impl PerIpConnections {
+    /// At most `limit` concurrent connections per IP.
+    pub fn new(limit: usize) -> Self {
+        PerIpConnections {
+            limit,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes a slot for `ip`, or `None` if it already has `limit` connections.
+    pub fn admit(book: &Arc<Self>, ip: IpAddr) -> Option<PerIpPermit> {
+        let mut open = book.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(ip).or_insert(0);
+        if *n >= book.limit {
+            return None;
+        }
+        *n += 1;
+        Some(PerIpPermit {
+            book: Arc::clone(book),
+            ip,
+        })
+    }
+
+    /// Source IPs with at least one open connection.
+    pub fn tracked(&self) -> usize {
+        self.open.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+impl Drop for PerIpPermit {
+    fn drop(&mut self) {
+        let mut open = self.book.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// A bound TCP listener, plain or TLS.
@@ -116,7 +175,6 @@ pub struct StreamListener {
 
 /// Accepts connections until shutdown, then waits for them to close.
 pub async fn accept_loop(l: StreamListener, ctx: Arc<StreamContext>) {
-    let limit = Arc::new(Semaphore::new(ctx.max_connections));
     let mut conns = JoinSet::new();
     let mut shutdown = ctx.shutdown.clone();
     loop {
@@ -131,11 +189,15 @@ pub async fn accept_loop(l: StreamListener, ctx: Arc<StreamContext>) {
                         continue;
                     }
                 };
-                let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
+                let Ok(permit) = Arc::clone(&ctx.connections).try_acquire_owned() else {
                     tracing::debug!(%peer, "TURN stream connection cap reached");
                     continue;
                 };
-                conns.spawn(serve(tcp, peer, l.tls.clone(), Arc::clone(&ctx), permit));
+                let Some(per_ip) = PerIpConnections::admit(&ctx.per_ip, peer.ip()) else {
+                    tracing::debug!(%peer, "TURN stream connections per IP cap reached");
+                    continue;
+                };
+                conns.spawn(serve(tcp, peer, l.tls.clone(), Arc::clone(&ctx), (permit, per_ip)));
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             _ = shutdown.changed() => break,
@@ -157,7 +219,7 @@ async fn serve(
     peer: SocketAddr,
     tls: Option<TlsAcceptorSource>,
     ctx: Arc<StreamContext>,
-    _permit: OwnedSemaphorePermit,
+    _permits: (OwnedSemaphorePermit, PerIpPermit),
 ) {
     let _ = tcp.set_nodelay(true);
     let Ok(local) = tcp.local_addr() else { return };
@@ -168,7 +230,13 @@ async fn serve(
     ) = match tls {
         Some(source) => {
             let acceptor = source();
-            match tokio::time::timeout(ctx.handshake_timeout, acceptor.accept(tcp)).await {
+            let mut shutdown = ctx.shutdown.clone();
+            let handshake = tokio::time::timeout(ctx.handshake_timeout, acceptor.accept(tcp));
+            let handshake = tokio::select! {
+                r = handshake => r,
+                _ = shutdown.wait_for(|s| *s) => return,
+            };
+            match handshake {
                 Ok(Ok(stream)) => {
                     let (r, w) = tokio::io::split(stream);
                     (Transport::Tls, Box::new(r), Box::new(w))
@@ -208,6 +276,8 @@ async fn serve(
         ended: Notify::new(),
         shutdown: ctx.shutdown.clone(),
         idle_timeout: ctx.idle_timeout,
+        first_frame_timeout: ctx.handshake_timeout,
+        seen_frame: AtomicBool::new(false),
         reserved: ReservedSlot::default(),
     });
     let (close_tx, close_rx) = mpsc::channel(16);
@@ -269,11 +339,23 @@ pub struct StreamFront {
     ended: Notify,
     shutdown: watch::Receiver<bool>,
     idle_timeout: Duration,
+    /// A connection that has sent nothing yet gets this long, not `idle_timeout`, so silent
+    /// connections cannot hold the connection cap.
+    first_frame_timeout: Duration,
+    seen_frame: AtomicBool,
     /// Shared with this connection's relay-socket generator (RESERVATION-TOKEN).
     reserved: ReservedSlot,
 }
 
 impl StreamFront {
+    fn read_timeout(&self) -> Duration {
+        if self.seen_frame.load(Ordering::Relaxed) {
+            self.idle_timeout
+        } else {
+            self.first_frame_timeout
+        }
+    }
+
     fn end(&self) -> webrtc_util::Error {
         self.ended.notify_one();
         webrtc_util::Error::ErrUseClosedNetworkConn
@@ -323,8 +405,11 @@ impl Conn for StreamFront {
                 return Ok((p.len(), PRIMING_ADDR));
             }
             let len = tokio::select! {
-                r = tokio::time::timeout(self.idle_timeout, reader.next_frame()) => match r {
-                    Ok(Ok(len)) => len,
+                r = tokio::time::timeout(self.read_timeout(), reader.next_frame()) => match r {
+                    Ok(Ok(len)) => {
+                        self.seen_frame.store(true, Ordering::Relaxed);
+                        len
+                    }
                     Ok(Err(_)) | Err(_) => return Err(self.end()),
                 },
                 _ = shutdown.changed() => return Err(self.end()),
@@ -349,7 +434,23 @@ impl Conn for StreamFront {
                 Verdict::Drop(_) => continue,
             };
             if forward.len() > buf.len() {
-                TurnStats::bump(&self.stats.oversized_dropped);
+                // Too large for the engine: relay it on its bound channel ourselves.
+                let key = (self.gate.transport(), self.peer, self.local);
+                let side = match inspect::inspect(forward) {
+                    Ok(Packet::ChannelData { number, len }) => self
+                        .gate
+                        .shared()
+                        .jumbo()
+                        .to_peer(&key, number)
+                        .map(|(socket, peer)| (socket, peer, len)),
+                    _ => None,
+                };
+                match side {
+                    Some((socket, peer, len)) => {
+                        let _ = Conn::send_to(&*socket, &forward[4..4 + len], peer).await;
+                    }
+                    None => TurnStats::bump(&self.stats.oversized_dropped),
+                }
                 continue;
             }
             buf[..forward.len()].copy_from_slice(forward);
@@ -365,9 +466,20 @@ impl Conn for StreamFront {
         match self.gate.outbound(buf, target, self.local) {
             Outbound::Swallow => return Ok(buf.len()),
             Outbound::Send => {}
-            Outbound::ReserveThenSend { token, port } => {
-                let reservations = self.gate.shared().reservations();
-                reservations.reserve(token, port, Instant::now());
+            Outbound::AllocatedThenSend { relayed, reserve } => {
+                let shared = self.gate.shared();
+                if let Some(token) = reserve {
+                    shared
+                        .reservations()
+                        .reserve(token, relayed, Instant::now());
+                }
+                shared.jumbo().allocated(
+                    (self.gate.transport(), target, self.local),
+                    relayed,
+                    ClientPath::Stream {
+                        queue: self.tx.clone(),
+                    },
+                );
             }
         }
         if target == self.peer {
@@ -417,6 +529,25 @@ mod tests {
         // Other protocols may look framed ("GET " reads as channel 0x4745); the gate then drops
         // what is not a bound channel or valid STUN.
         assert!(frame_length(*b"GET ").is_ok());
+    }
+
+    #[test]
+    fn per_ip_connections_are_capped_and_released() {
+        let book = Arc::new(PerIpConnections::new(2));
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let p1 = PerIpConnections::admit(&book, a).unwrap();
+        let _p2 = PerIpConnections::admit(&book, a).unwrap();
+        assert!(PerIpConnections::admit(&book, a).is_none());
+        let pb = PerIpConnections::admit(&book, b).unwrap();
+        drop(p1);
+        assert!(PerIpConnections::admit(&book, a).is_some());
+        drop(pb);
+        assert_eq!(
+            book.tracked(),
+            1,
+            "b forgotten once its last connection closed"
+        );
     }
 
     #[test]

@@ -7,7 +7,9 @@
 //! no decisions of its own; those are the gate's.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use tokio::net::UdpSocket;
@@ -15,6 +17,9 @@ use tokio::sync::{watch, Notify};
 use webrtc_util::Conn;
 
 use super::gate::{Gate, Outbound, Verdict, PRIMING_ADDR};
+use super::inspect::{self, Packet};
+use super::jumbo::ClientPath;
+use super::quota::Transport;
 use super::reservation::ReservedSlot;
 use super::stats::TurnStats;
 
@@ -29,6 +34,8 @@ pub struct UdpFront {
     stats: Arc<TurnStats>,
     /// A request to hand the engine before the next socket read (nonce priming).
     injected: Mutex<Option<Vec<u8>>>,
+    /// Set with `injected`, so the per-packet path checks an atomic instead of taking a lock.
+    has_injected: AtomicBool,
     wake: Notify,
     shutdown: watch::Receiver<bool>,
     /// Only the engine's read loop for this socket calls `recv_from`, so never contended.
@@ -52,6 +59,7 @@ impl UdpFront {
             gate,
             stats,
             injected: Mutex::new(None),
+            has_injected: AtomicBool::new(false),
             wake: Notify::new(),
             shutdown,
             staging: tokio::sync::Mutex::new(vec![0; STAGING]),
@@ -67,10 +75,14 @@ impl UdpFront {
     /// Makes the engine process `packet` as if it came from [`PRIMING_ADDR`].
     pub fn inject(&self, packet: Vec<u8>) {
         *self.injected.lock().unwrap_or_else(|p| p.into_inner()) = Some(packet);
+        self.has_injected.store(true, Ordering::Release);
         self.wake.notify_one();
     }
 
     fn take_injected(&self) -> Option<Vec<u8>> {
+        if !self.has_injected.swap(false, Ordering::AcqRel) {
+            return None;
+        }
         self.injected
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -112,8 +124,14 @@ impl Conn for UdpFront {
             let (n, src) = tokio::select! {
                 r = self.socket.recv_from(&mut staging) => match r {
                     Ok(v) => v,
-                    // ICMP port unreachable from an earlier send surfaces here on some systems.
-                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => continue,
+                    // ICMP errors from earlier sends surface here on some systems; they concern
+                    // one client, not the listener, which must keep serving everyone else.
+                    Err(e) if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionReset
+                            | std::io::ErrorKind::ConnectionRefused
+                            | std::io::ErrorKind::Interrupted
+                    ) => continue,
                     Err(e) => return Err(e.into()),
                 },
                 _ = self.wake.notified() => continue,
@@ -139,7 +157,23 @@ impl Conn for UdpFront {
                 Verdict::Drop(_) => continue,
             };
             if forward.len() > buf.len() {
-                TurnStats::bump(&self.stats.oversized_dropped);
+                // Too large for the engine: relay it on its bound channel ourselves.
+                let key = (Transport::Udp, src, self.local);
+                let side = match inspect::inspect(forward) {
+                    Ok(Packet::ChannelData { number, len }) => self
+                        .gate
+                        .shared()
+                        .jumbo()
+                        .to_peer(&key, number)
+                        .map(|(socket, peer)| (socket, peer, len)),
+                    _ => None,
+                };
+                match side {
+                    Some((socket, peer, len)) => {
+                        let _ = Conn::send_to(&*socket, &forward[4..4 + len], peer).await;
+                    }
+                    None => TurnStats::bump(&self.stats.oversized_dropped),
+                }
                 continue;
             }
             buf[..forward.len()].copy_from_slice(forward);
@@ -155,9 +189,21 @@ impl Conn for UdpFront {
         match self.gate.outbound(buf, target, self.local) {
             Outbound::Swallow => return Ok(buf.len()),
             Outbound::Send => {}
-            Outbound::ReserveThenSend { token, port } => {
-                let reservations = self.gate.shared().reservations();
-                reservations.reserve(token, port, std::time::Instant::now());
+            Outbound::AllocatedThenSend { relayed, reserve } => {
+                let shared = self.gate.shared();
+                if let Some(token) = reserve {
+                    shared
+                        .reservations()
+                        .reserve(token, relayed, Instant::now());
+                }
+                shared.jumbo().allocated(
+                    (Transport::Udp, target, self.local),
+                    relayed,
+                    ClientPath::Udp {
+                        socket: Arc::clone(&self.socket),
+                        client: target,
+                    },
+                );
             }
         }
         Ok(self.socket.send_to(buf, target).await?)

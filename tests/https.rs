@@ -264,6 +264,37 @@ async fn plain_http_only_redirects_and_answers_health() {
 }
 
 #[tokio::test]
+async fn acme_challenges_are_served_over_plain_http_from_the_configured_directory() {
+    let server = TestServer::start(|dir, o| {
+        std::fs::create_dir(dir.join("acme")).unwrap();
+        std::fs::write(dir.join("acme/tok-EN_42"), "tok-EN_42.keyauth").unwrap();
+        std::fs::write(dir.join("secret.txt"), "TOP SECRET").unwrap();
+        o.acme_challenge_dir = Some(dir.join("acme"));
+    })
+    .await;
+    let mut client = H1::over(
+        TcpStream::connect(server.addrs.http.unwrap())
+            .await
+            .unwrap(),
+    )
+    .await;
+    let found = client.get("/.well-known/acme-challenge/tok-EN_42").await;
+    assert_eq!(
+        (found.status, &found.body[..]),
+        (StatusCode::OK, &b"tok-EN_42.keyauth"[..])
+    );
+    let missing = client.get("/.well-known/acme-challenge/nope").await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    // Anything that is not a plain token is just redirected, never read.
+    let escape = client
+        .get("/.well-known/acme-challenge/..%2f..%2fsecret.txt")
+        .await;
+    assert_eq!(escape.status, StatusCode::PERMANENT_REDIRECT);
+    assert!(!String::from_utf8_lossy(&escape.body).contains("SECRET"));
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn health_and_readiness() {
     let server = TestServer::start(|_, _| {}).await;
     let health = https_get(&server, "/healthz").await;

@@ -2,7 +2,7 @@
 //! package `coturn`). Without the tools these tests print why and pass — except under `CI=true`,
 //! where a missing tool is a failure, so CI cannot silently skip interop.
 
-#[path = "turn_rawclient.rs"]
+#[path = "support/turn_rawclient.rs"]
 mod raw;
 
 use std::process::Output;

@@ -1,7 +1,7 @@
 //! The relay over TCP (`turn:?transport=tcp`) and TLS (`turns:`): RFC 8656 framing, allocations
 //! tied to the connection, and certificates the gateway can swap at runtime.
 
-#[path = "turn_rawclient.rs"]
+#[path = "support/turn_rawclient.rs"]
 mod raw;
 
 use std::sync::{Arc, Mutex};

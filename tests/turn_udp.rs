@@ -1,7 +1,7 @@
 //! The relay over UDP with real clients on real sockets: the webrtc-rs TURN client and an
 //! independent raw STUN client.
 
-#[path = "turn_rawclient.rs"]
+#[path = "support/turn_rawclient.rs"]
 mod raw;
 
 use std::net::SocketAddr;

@@ -189,6 +189,39 @@ fn check_config_prints_the_effective_config_with_flags_over_env_over_file() {
 }
 
 #[test]
+fn check_config_masks_secrets() {
+    let out = Command::new(BIN)
+        .args([
+            "--static-auth-secret",
+            "turn-secret-0123456789",
+            "check-config",
+        ])
+        .env("CALLGATE_METRICS_TOKEN", "metrics-token-0123456789")
+        .env("CALLGATE_TURN_API_KEY", "api-key-0123456789abcdef")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8_lossy(&out.stdout);
+    for secret in [
+        "turn-secret-0123456789",
+        "metrics-token-0123456789",
+        "api-key-0123456789abcdef",
+    ] {
+        assert!(!printed.contains(secret), "{secret} printed:\n{printed}");
+    }
+    assert!(printed.contains("metrics-token = \"***\""), "{printed}");
+    assert!(
+        printed.contains("static-auth-secret = [\"***\"]"),
+        "{printed}"
+    );
+}
+
+#[test]
 fn the_example_config_in_ops_is_valid() {
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("ops/callgate.toml");
     let out = Command::new(BIN)

@@ -18,7 +18,6 @@
 //! Only round trips scheduled inside the measured window (after `--warmup`) count. The server's
 //! CPU time and RSS (`--server-pid`) are read at the window's start and end.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -66,6 +65,9 @@ const DRAIN: Duration = Duration::from_secs(5);
 #[derive(Default)]
 struct PairResult {
     latencies: Latencies,
+    /// Open loop: how late this client sent offers after their scheduled time (client-side lag,
+    /// included in `latencies`; large values mean the load generator, not the gateway, fell behind).
+    send_lag: Latencies,
     /// Round trips scheduled in the window and completed.
     round_trips: u64,
     errors: u64,
@@ -184,20 +186,27 @@ pub async fn run(
         end: start + warmup + duration,
     };
     let cap = MAX_SAMPLES / args.pairs;
-    let count = pairs.len();
+    let pacer = args.rate.map(|rate| {
+        Arc::new(Pacer {
+            start: window.start,
+            pairs: pairs.len() as u64,
+            rate,
+        })
+    });
+    let mut ticks = Vec::new();
     let mut tasks = tokio::task::JoinSet::new();
     for (index, (a, b, a_id, b_id)) in pairs.into_iter().enumerate() {
         let templates = Templates::new(a_id, b_id, args.sdp_bytes);
         let answerer = tokio::spawn(answer_offers(b, templates.clone()));
-        let rate = args.rate;
+        let paced = pacer.clone().map(|pacer| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            ticks.push(tx);
+            ((pacer, index), rx)
+        });
         tasks.spawn(async move {
-            let mut result = match rate {
+            let mut result = match paced {
                 None => closed_loop(a, &templates, window, cap).await,
-                Some(rate) => {
-                    let interval = Duration::from_secs_f64(count as f64 / rate);
-                    let offset = Duration::from_secs_f64(index as f64 / rate);
-                    open_loop(a, &templates, window, interval, offset, cap).await
-                }
+                Some((pacer, rx)) => open_loop(a, &templates, window, pacer, rx, cap).await,
             };
             match tokio::time::timeout(Duration::from_secs(5), answerer).await {
                 Ok(Ok(Ok(()))) => {}
@@ -208,6 +217,8 @@ pub async fn run(
             result
         });
     }
+
+    let pacer_thread = pacer.map(|pacer| pacer.spawn(window.end, ticks));
 
     // The server's use over exactly the measured window.
     let pid = common.server_pid;
@@ -231,6 +242,7 @@ pub async fn run(
         match tokio::time::timeout_at(deadline, tasks.join_next()).await {
             Ok(Some(Ok(pair))) => {
                 total.latencies.merge(pair.latencies);
+                total.send_lag.merge(pair.send_lag);
                 total.round_trips += pair.round_trips;
                 total.errors += pair.errors;
                 total.lost += pair.lost;
@@ -246,6 +258,9 @@ pub async fn run(
                 break;
             }
         }
+    }
+    if let Some(thread) = pacer_thread {
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     }
     let usage = sampler
         .await
@@ -281,6 +296,13 @@ pub async fn run(
     );
     if let Some(e) = &total.first_error {
         human.push_str(&format!(" (first: {e})"));
+    }
+    let send_lag = args.rate.map(|_| total.send_lag.summary());
+    if let Some(lag) = &send_lag {
+        human.push_str(&format!(
+            "\nclient send lag (offer written − scheduled, part of the latency above): {}",
+            lag.line()
+        ));
     }
     let server = usage.map(|(server, own_cpu)| {
         let per_message = if messages > 0 {
@@ -318,6 +340,7 @@ pub async fn run(
         "round_trips_per_s": stats::round3(round_trips_per_s),
         "messages_per_s": stats::round3(messages as f64 / seconds),
         "latency": latency.json(),
+        "send_lag": send_lag.map(|lag| lag.json()),
         "errors": total.errors,
         "lost": total.lost,
         "first_error": total.first_error,
@@ -434,37 +457,73 @@ async fn closed_loop(
     result
 }
 
-/// A's side, open loop: a writer sends offer k at `start + offset + k × interval`; a reader
-/// matches answers to their scheduled time by `seq`.
+/// Paces every pair's offers from one OS thread: offer `seq` of pair `i` is due at
+/// `start + (seq × pairs + i) / rate`, and the thread hands it to that pair's writer at that
+/// instant. `std::thread::sleep` wakes within tens of microseconds, where tokio's timer wheel rounds
+/// every sleep up to the next millisecond, which would add up to 1 ms of client-side lag to every
+/// latency measured from the schedule.
+struct Pacer {
+    start: Instant,
+    pairs: u64,
+    rate: f64,
+}
+
+impl Pacer {
+    /// When offer `seq` of pair `index` is due.
+    fn scheduled(&self, index: usize, seq: u64) -> Instant {
+        self.start + Duration::from_secs_f64((seq * self.pairs + index as u64) as f64 / self.rate)
+    }
+
+    /// Runs the schedule until `end` on its own thread, sending each due `seq` to its pair.
+    fn spawn(
+        self: Arc<Self>,
+        end: Instant,
+        ticks: Vec<mpsc::UnboundedSender<u64>>,
+    ) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            for k in 0u64.. {
+                let (index, seq) = ((k % self.pairs) as usize, k / self.pairs);
+                let at = self.scheduled(index, seq);
+                if at >= end {
+                    break;
+                }
+                let wait = at.saturating_duration_since(Instant::now());
+                if !wait.is_zero() {
+                    std::thread::sleep(wait);
+                }
+                // A pair that already failed has dropped its receiver; the rest go on.
+                let _ = ticks[index].send(seq);
+            }
+        })
+    }
+}
+
+/// A's side, open loop: a writer sends offer `seq` when the [`Pacer`] says it is due; a reader
+/// matches answers to their scheduled time by `seq`, until every offer scheduled before the end
+/// of the window is answered (or the drain time runs out).
 async fn open_loop(
     a: Socket,
     templates: &Templates,
     window: Window,
-    interval: Duration,
-    offset: Duration,
+    (pacer, index): (Arc<Pacer>, usize),
+    mut ticks: mpsc::UnboundedReceiver<u64>,
     cap: usize,
 ) -> PairResult {
-    let scheduled = move |seq: u64| window.start + offset + interval.mul_f64(seq as f64);
+    let scheduled = move |seq: u64| pacer.scheduled(index, seq);
+    let expected = (0..).take_while(|&seq| scheduled(seq) < window.end).count() as u64;
     let (mut reader, mut writer) = a.split(tokio::io::split);
     // Pongs (and the close echo) the reader owes the server go out through the writer.
     let (owed_tx, mut owed_rx) = mpsc::channel::<(OpCode, Vec<u8>)>(8);
-    let sent = Arc::new(AtomicU64::new(0));
-    let writer_done = Arc::new(AtomicBool::new(false));
     let (reader_done_tx, mut reader_done_rx) = tokio::sync::oneshot::channel::<()>();
 
     let offer = templates.offer.clone();
-    let writer_sent = sent.clone();
-    let writer_finished = writer_done.clone();
+    let writer_scheduled = scheduled.clone();
     let writer_task = tokio::spawn(async move {
         let mut buf = Vec::new();
-        let mut seq = 0u64;
+        let mut lag = Latencies::default();
         let mut failure = None;
-        if scheduled(0) >= window.end {
-            writer_finished.store(true, Ordering::Release);
-        }
+        let mut pacing = true;
         loop {
-            let at = scheduled(seq);
-            let sending = at < window.end;
             tokio::select! {
                 biased;
                 owed = owed_rx.recv() => match owed {
@@ -476,40 +535,35 @@ async fn open_loop(
                     }
                     None => break,
                 },
-                _ = &mut reader_done_rx, if !sending => break,
-                _ = tokio::time::sleep_until(at), if sending => {
-                    Templates::fill(&mut buf, &offer, seq);
-                    if let Err(e) = writer.write_frame(Frame::text(Payload::Borrowed(&buf))).await {
-                        failure = Some(e.to_string());
-                        break;
+                _ = &mut reader_done_rx => break,
+                tick = ticks.recv(), if pacing => match tick {
+                    Some(seq) => {
+                        let at = writer_scheduled(seq);
+                        if window.counts(at) {
+                            lag.record(Instant::now().saturating_duration_since(at), cap);
+                        }
+                        Templates::fill(&mut buf, &offer, seq);
+                        if let Err(e) = writer.write_frame(Frame::text(Payload::Borrowed(&buf))).await {
+                            failure = Some(e.to_string());
+                            break;
+                        }
                     }
-                    seq += 1;
-                    writer_sent.store(seq, Ordering::Release);
-                    // Set before the next await, so the reader knows the count is final by the
-                    // time the last answer can arrive.
-                    if scheduled(seq) >= window.end {
-                        writer_finished.store(true, Ordering::Release);
-                    }
-                }
+                    None => pacing = false,
+                },
             }
         }
-        writer_finished.store(true, Ordering::Release);
         let _ = writer.write_frame(Frame::close(1000, b"")).await;
-        failure
+        (failure, lag)
     });
 
     let mut result = PairResult::default();
     let mut received = 0u64;
-    let mut next_expected = 0u64;
     let mut owe = |frame: Frame<'_>| {
         let owed = owed_tx.clone();
         let payload = (frame.opcode, frame.payload.to_vec());
         async move { owed.send(payload).await }
     };
-    loop {
-        if writer_done.load(Ordering::Acquire) && received >= sent.load(Ordering::Acquire) {
-            break;
-        }
+    while received < expected {
         let frame =
             match tokio::time::timeout_at(window.end + DRAIN, reader.read_frame(&mut owe)).await {
                 Ok(Ok(frame)) => frame,
@@ -533,9 +587,8 @@ async fn open_loop(
             client::message_type(message),
             client::json_u64(message, "seq"),
         ) {
-            (b"answer", Some(seq)) if seq == next_expected => {
+            (b"answer", Some(seq)) if seq == received => {
                 received += 1;
-                next_expected += 1;
                 let at = scheduled(seq);
                 if window.counts(at) {
                     result.round_trips += 1;
@@ -553,11 +606,15 @@ async fn open_loop(
     let _ = reader_done_tx.send(());
     drop(owed_tx);
     match tokio::time::timeout(Duration::from_secs(5), writer_task).await {
-        Ok(Ok(None)) => {}
-        Ok(Ok(Some(e))) => result.error(format!("sending offers: {e}")),
+        Ok(Ok((failure, lag))) => {
+            result.send_lag.merge(lag);
+            if let Some(e) = failure {
+                result.error(format!("sending offers: {e}"));
+            }
+        }
         Ok(Err(e)) => result.error(format!("writer task: {e}")),
         Err(_) => result.error("writer did not finish"),
     }
-    result.lost += sent.load(Ordering::Acquire).saturating_sub(received);
+    result.lost += expected.saturating_sub(received);
     result
 }

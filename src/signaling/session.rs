@@ -373,6 +373,13 @@ impl Signaling {
                         }
                         continue;
                     }
+                    // Checked here, once whole: a character may span fragments.
+                    if std::str::from_utf8(&partial.bytes).is_err() {
+                        return ReadEnd::Close(
+                            CloseCode::PolicyViolation,
+                            "text message is not UTF-8",
+                        );
+                    }
                     partial.bytes.freeze()
                 }
                 (opcode @ (OpCode::Text | OpCode::Binary), false, None) => {
@@ -388,7 +395,14 @@ impl Signaling {
                     }
                     continue;
                 }
-                (OpCode::Text, true, None) => Bytes::copy_from_slice(&frame.payload),
+                // fastwebsockets has checked a whole text frame's UTF-8; the hub reads it where
+                // it lies, with no copy.
+                (OpCode::Text, true, None) => {
+                    if let Some(close) = self.on_text(session, &frame.payload) {
+                        return close;
+                    }
+                    continue;
+                }
             };
             if let Some(close) = self.on_text(session, &message) {
                 return close;
@@ -396,14 +410,8 @@ impl Signaling {
         }
     }
 
-    /// Applies the per-connection rates, then hands the message to the hub.
+    /// Applies the per-connection rates, then hands the message (valid UTF-8) to the hub.
     fn on_text(&self, session: &mut ReadState, message: &[u8]) -> Option<ReadEnd> {
-        if std::str::from_utf8(message).is_err() {
-            return Some(ReadEnd::Close(
-                CloseCode::PolicyViolation,
-                "text message is not UTF-8",
-            ));
-        }
         if session.rates.messages.check().is_err() {
             return self.reject(session, ErrorCode::RateLimited);
         }

@@ -341,6 +341,29 @@ async fn a_fragmented_message_within_the_limit_is_assembled() {
 }
 
 #[tokio::test]
+async fn a_fragmented_message_that_is_not_utf8_closes_with_1008() {
+    let server = TestServer::start(|_, _| {}).await;
+    let (mut a, _) = Ws::join(&server).await;
+    // Each fragment is checked only when the message is whole: a character may span fragments,
+    // so the first half of "é" (0xC3) is fine on its own; 0xFF can never be UTF-8.
+    let mut first = fastwebsockets::Frame::text(fastwebsockets::Payload::Borrowed(
+        b"{\"type\":\"normal\",\"message\":\"\xC3",
+    ));
+    first.fin = false;
+    a.ws.write_frame(first).await.unwrap();
+    a.ws.write_frame(fastwebsockets::Frame::new(
+        true,
+        fastwebsockets::OpCode::Continuation,
+        None,
+        fastwebsockets::Payload::Borrowed(b"\xFF\"}"),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(a.expect_close().await, Some(1008));
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn resume_within_the_grace_period_keeps_the_id_the_call_and_queued_messages() {
     let server = TestServer::start(|_, _| {}).await;
     let (mut a, ha) = Ws::join(&server).await;

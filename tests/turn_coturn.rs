@@ -69,10 +69,16 @@ fn received_packets(out: &str) -> Option<u64> {
         .ok()
 }
 
+/// The relaying tests assert zero loss, so they take turns: four uclient runs at once on a 2-core
+/// machine (with other test binaries beside them) starve the clients themselves, and their own
+/// socket buffers overflow — loss that says nothing about the relay.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn uclient_relays(extra: &[&str], port_of: fn(&callgate::turn::RunningRelay) -> u16) {
     let Some(uclient) = tool("turnutils_uclient") else {
         return;
     };
+    let _turn = ONE_AT_A_TIME.lock().await;
     let relay = start(test_settings(), Some(tls_source())).await;
     let port = port_of(&relay).to_string();
     // -y: two clients relaying to each other, each with an RTP/RTCP pair allocated through

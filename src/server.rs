@@ -366,7 +366,13 @@ async fn start_relay(config: &Config, certs: &Arc<CertStore>) -> Result<RunningR
             Some(ip) => {
                 tracing::info!(relay_ip = %ip, "TURN: relaying from this host's first non-loopback address (set relay-ip or external-ip to choose)")
             }
-            None => relay_ip = Some(std::net::IpAddr::from([127, 0, 0, 1])),
+            None => {
+                tracing::warn!(
+                    "TURN: found no non-loopback IPv4 address to relay from, so relayed candidates \
+                     will be 127.0.0.1 and only work on this host; set relay-ip (or external-ip)"
+                );
+                relay_ip = Some(std::net::IpAddr::from([127, 0, 0, 1]));
+            }
         }
     }
     let settings = TurnSettings {

@@ -120,6 +120,37 @@ pub struct PerIpLimits {
     open: Mutex<HashMap<IpKey, u32>>,
     /// Most open WebSockets per address.
     max_open_per_ip: u32,
+    /// Throttles the log lines naming refused addresses.
+    refusal_log: RefusalLog,
+}
+
+/// Logs the addresses a limit refuses, so an operator can find an abuser, without letting a flood
+/// flood the log: at most 5 lines a second (burst 20); the rest are counted into the next line.
+#[derive(Debug)]
+struct RefusalLog {
+    lines: DefaultDirectRateLimiter,
+    suppressed: AtomicU64,
+}
+
+impl RefusalLog {
+    fn new() -> Self {
+        let five = NonZeroU32::new(5).expect("non-zero");
+        RefusalLog {
+            lines: RateLimiter::direct(
+                Quota::per_second(five).allow_burst(NonZeroU32::new(20).expect("non-zero")),
+            ),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    fn refused(&self, ip: IpAddr, limit: &'static str) {
+        if self.lines.check().is_ok() {
+            let also_suppressed = self.suppressed.swap(0, Ordering::Relaxed);
+            tracing::warn!(client = %ip, limit, also_suppressed, "refused by a per-address limit");
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Why an upgrade was refused.
@@ -158,14 +189,16 @@ impl PerIpLimits {
             upgrades: RateLimiter::keyed(Quota::per_second(upgrades_per_second)),
             open: Mutex::new(HashMap::new()),
             max_open_per_ip,
+            refusal_log: RefusalLog::new(),
         })
     }
 
     /// Whether `ip` may upgrade now (consumes a token).
     pub fn check_upgrade(&self, ip: IpAddr) -> Result<(), IpRefusal> {
-        self.upgrades
-            .check_key(&IpKey::of(ip))
-            .map_err(|_| IpRefusal::UpgradeRate)
+        self.upgrades.check_key(&IpKey::of(ip)).map_err(|_| {
+            self.refusal_log.refused(ip, "ws-upgrades-per-second");
+            IpRefusal::UpgradeRate
+        })
     }
 
     /// Counts one more open WebSocket for `ip`, or refuses if it has too many.
@@ -174,6 +207,8 @@ impl PerIpLimits {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let count = open.entry(key).or_insert(0);
         if *count >= self.max_open_per_ip {
+            drop(open);
+            self.refusal_log.refused(ip, "ws-connections-per-ip");
             return Err(IpRefusal::TooManyOpen);
         }
         *count += 1;

@@ -357,3 +357,38 @@ fn a_missing_certificate_file_is_a_clear_startup_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("nope.pem: cannot read"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_addresses_are_logged_for_operators() {
+    let dir = temp_app();
+    let running = Running::start(dir.path(), &["--ws-upgrades-per-second", "1"]);
+    let tls = trust(dir.path());
+    let upgrade = || {
+        hyper::Request::get("/socket")
+            .header("host", "localhost")
+            .header("upgrade", "websocket")
+            .header("connection", "upgrade")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .header("sec-websocket-version", "13")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap()
+    };
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let mut client = H1::over(connect(&tls, running.https).await.unwrap()).await;
+        statuses.push(client.send(upgrade()).await.unwrap().status);
+    }
+    assert!(
+        statuses.contains(&StatusCode::TOO_MANY_REQUESTS),
+        "{statuses:?}"
+    );
+    let line = running.wait_for_log("refused by a per-address limit");
+    let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(event["client"], "127.0.0.1");
+    assert_eq!(event["limit"], "ws-upgrades-per-second");
+    running.signal("TERM");
+    let code = tokio::task::spawn_blocking(move || running.wait())
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0));
+}

@@ -289,6 +289,11 @@ pub struct Options {
     #[arg(long, env = "CALLGATE_TOTAL_QUOTA", value_name = "N")]
     pub total_quota: Option<usize>,
 
+    /// Unauthenticated TURN requests (each client's first Allocate, Binding) accepted per second per
+    /// source address, burst twice that; more are dropped [default: 20].
+    #[arg(long, env = "CALLGATE_TURN_UNAUTHENTICATED_PER_IP", value_name = "N")]
+    pub turn_unauthenticated_per_ip: Option<u32>,
+
     /// Bandwidth cap per allocation, bytes per second each way [default: none].
     #[arg(long, env = "CALLGATE_MAX_BPS", value_name = "BYTES")]
     pub max_bps: Option<u32>,
@@ -602,6 +607,8 @@ pub struct TurnConfig {
     pub user_quota: usize,
     /// Allocations in total.
     pub total_quota: usize,
+    /// Unauthenticated requests per second per source address.
+    pub unauthenticated_per_ip: u32,
     /// Per-allocation bandwidth cap (bytes/s each way).
     pub max_bps: Option<u32>,
     /// Peer ranges always allowed.
@@ -898,6 +905,7 @@ impl Options {
             turn_credential_ttl,
             user_quota,
             total_quota,
+            turn_unauthenticated_per_ip,
             max_bps,
             allowed_peer_ip,
             denied_peer_ip,
@@ -1018,6 +1026,7 @@ impl Config {
                 credential_ttl: secs(o.turn_credential_ttl, 3600),
                 user_quota: o.user_quota.unwrap_or(10),
                 total_quota: o.total_quota.unwrap_or(10_000),
+                unauthenticated_per_ip: o.turn_unauthenticated_per_ip.unwrap_or(20),
                 max_bps: o.max_bps,
                 allowed_peer_ip: o.allowed_peer_ip.unwrap_or_default(),
                 denied_peer_ip: o.denied_peer_ip.unwrap_or_default(),
@@ -1119,6 +1128,9 @@ impl Config {
                 "total-quota"
             };
             return Err(invalid(key, "must be at least 1"));
+        }
+        if turn.unauthenticated_per_ip == 0 {
+            return Err(invalid("turn-unauthenticated-per-ip", "must be at least 1"));
         }
         if turn.max_bps == Some(0) {
             return Err(invalid(

@@ -396,6 +396,7 @@ async fn start_relay(config: &Config, certs: &Arc<CertStore>) -> Result<RunningR
         user_quota: turn.user_quota,
         total_quota: turn.total_quota,
         max_bytes_per_sec: turn.max_bps,
+        unauthenticated_per_ip_per_sec: turn.unauthenticated_per_ip,
         allowed_peer_ips: turn.allowed_peer_ip.iter().map(|r| r.0).collect(),
         denied_peer_ips: turn.denied_peer_ip.iter().map(|r| r.0).collect(),
         allow_private_peers: turn.allow_private_peers,

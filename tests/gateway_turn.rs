@@ -248,3 +248,28 @@ async fn the_credentials_endpoint_needs_its_api_key() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn the_unauthenticated_request_rate_per_address_is_configurable() {
+    let server = TestServer::start(|_, o| o.turn_unauthenticated_per_ip = Some(1)).await;
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    // Ten STUN Binding requests at once: with 1/s (burst 2) only the first two are answered.
+    for n in 0..10u8 {
+        let mut request = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xA4, 0x42];
+        request.extend([n; 12]);
+        socket
+            .send_to(&request, server.addrs.turn_udp[0])
+            .await
+            .unwrap();
+    }
+    let mut answered = 0;
+    let mut buf = [0u8; 512];
+    // Absence of answers can only be observed by waiting a bounded time for them.
+    while let Ok(Ok(_)) =
+        tokio::time::timeout(Duration::from_millis(500), socket.recv_from(&mut buf)).await
+    {
+        answered += 1;
+    }
+    assert!((1..=2).contains(&answered), "{answered} of 10 answered");
+    server.stop().await;
+}

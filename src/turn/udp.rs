@@ -106,14 +106,13 @@ impl Conn for UdpFront {
 
     async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
         let mut staging = self.staging.lock().await;
-        let mut shutdown = self.shutdown.clone();
         // The previous request has been handled: a reserved socket it did not use is released.
         self.reserved
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
         loop {
-            if *shutdown.borrow() {
+            if *self.shutdown.borrow() {
                 return Err(closed());
             }
             if let Some(p) = self.take_injected() {
@@ -121,21 +120,36 @@ impl Conn for UdpFront {
                 buf[..n].copy_from_slice(&p[..n]);
                 return Ok((n, PRIMING_ADDR));
             }
-            let (n, src) = tokio::select! {
-                r = self.socket.recv_from(&mut staging) => match r {
-                    Ok(v) => v,
-                    // ICMP errors from earlier sends surface here on some systems; they concern
-                    // one client, not the listener, which must keep serving everyone else.
-                    Err(e) if matches!(
+            // Under load a datagram is usually queued already: take it without building the
+            // select! below, whose shutdown and wake futures cost more per packet than the gate
+            // (see docs/PERFORMANCE-TURN.md). Only an empty socket waits.
+            let received = match self.socket.try_recv_from(&mut staging) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let mut shutdown = self.shutdown.clone();
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.changed() => return Err(closed()),
+                        _ = self.wake.notified() => continue,
+                        r = self.socket.recv_from(&mut staging) => r,
+                    }
+                }
+                r => r,
+            };
+            let (n, src) = match received {
+                Ok(v) => v,
+                // ICMP errors from earlier sends surface here on some systems; they concern
+                // one client, not the listener, which must keep serving everyone else.
+                Err(e)
+                    if matches!(
                         e.kind(),
                         std::io::ErrorKind::ConnectionReset
                             | std::io::ErrorKind::ConnectionRefused
                             | std::io::ErrorKind::Interrupted
-                    ) => continue,
-                    Err(e) => return Err(e.into()),
-                },
-                _ = self.wake.notified() => continue,
-                _ = shutdown.changed() => return Err(closed()),
+                    ) =>
+                {
+                    continue
+                }
+                Err(e) => return Err(e.into()),
             };
             let packet = &staging[..n];
             let verdict = self.gate.inbound_now(packet, src, self.local);

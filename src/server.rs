@@ -314,7 +314,13 @@ impl Server {
         ] {
             listeners.extend(addrs.iter().map(|a| format!("{scheme}://{a}")));
         }
-        tracing::info!(listeners = %listeners.join(", "), "callgate ready");
+        // On a wildcard address, say which URL to open on this machine.
+        let local = if addrs.https.ip().is_unspecified() {
+            format!("https://localhost:{}/", addrs.https.port())
+        } else {
+            format!("https://{}/", addrs.https)
+        };
+        tracing::info!(listeners = %listeners.join(", "), open = %local, "callgate ready");
 
         stop.await;
         readiness.start_draining();

@@ -24,6 +24,7 @@ use tokio::sync::mpsc;
 
 use super::peer::PeerSocket;
 use super::quota::AllocationKey;
+use super::stats::TurnStats;
 
 /// Pending ChannelBind requests remembered at most (a bound: entries wait only for the engine's
 /// answer, normally microseconds).
@@ -176,6 +177,23 @@ impl JumboTable {
         let socket = lock(&self.by_allocation).get(key).and_then(Weak::upgrade)?;
         let peer = socket.jumbo_route().peer_for(number)?;
         Some((socket, peer))
+    }
+
+    /// Relays a client's ChannelData message too large for the engine's buffer on its bound
+    /// channel, or counts it as dropped when it is not ChannelData on a channel we track.
+    pub async fn relay_oversized(&self, key: &AllocationKey, message: &[u8], stats: &TurnStats) {
+        let route = match super::inspect::inspect(message) {
+            Ok(super::inspect::Packet::ChannelData { number, len }) => self
+                .to_peer(key, number)
+                .map(|(socket, peer)| (socket, peer, len)),
+            _ => None,
+        };
+        match route {
+            Some((socket, peer, len)) => {
+                let _ = webrtc_util::Conn::send_to(&*socket, &message[4..4 + len], peer).await;
+            }
+            None => TurnStats::bump(&stats.oversized_dropped),
+        }
     }
 
     /// (relay sockets, allocations, pending binds) tracked, for the bounded-memory checks.

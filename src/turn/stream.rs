@@ -27,7 +27,6 @@ use turn::server::Server;
 use webrtc_util::Conn;
 
 use super::gate::{Gate, GateShared, Outbound, Verdict, PRIMING_ADDR};
-use super::inspect::{self, Packet};
 use super::jumbo::ClientPath;
 use super::quota::Transport;
 use super::relay::{forward_closes, TlsAcceptorSource};
@@ -436,21 +435,8 @@ impl Conn for StreamFront {
             if forward.len() > buf.len() {
                 // Too large for the engine: relay it on its bound channel ourselves.
                 let key = (self.gate.transport(), self.peer, self.local);
-                let side = match inspect::inspect(forward) {
-                    Ok(Packet::ChannelData { number, len }) => self
-                        .gate
-                        .shared()
-                        .jumbo()
-                        .to_peer(&key, number)
-                        .map(|(socket, peer)| (socket, peer, len)),
-                    _ => None,
-                };
-                match side {
-                    Some((socket, peer, len)) => {
-                        let _ = Conn::send_to(&*socket, &forward[4..4 + len], peer).await;
-                    }
-                    None => TurnStats::bump(&self.stats.oversized_dropped),
-                }
+                let jumbo = self.gate.shared().jumbo();
+                jumbo.relay_oversized(&key, forward, &self.stats).await;
                 continue;
             }
             buf[..forward.len()].copy_from_slice(forward);

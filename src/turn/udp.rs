@@ -17,7 +17,6 @@ use tokio::sync::{watch, Notify};
 use webrtc_util::Conn;
 
 use super::gate::{Gate, Outbound, Verdict, PRIMING_ADDR};
-use super::inspect::{self, Packet};
 use super::jumbo::ClientPath;
 use super::quota::Transport;
 use super::reservation::ReservedSlot;
@@ -173,21 +172,8 @@ impl Conn for UdpFront {
             if forward.len() > buf.len() {
                 // Too large for the engine: relay it on its bound channel ourselves.
                 let key = (Transport::Udp, src, self.local);
-                let side = match inspect::inspect(forward) {
-                    Ok(Packet::ChannelData { number, len }) => self
-                        .gate
-                        .shared()
-                        .jumbo()
-                        .to_peer(&key, number)
-                        .map(|(socket, peer)| (socket, peer, len)),
-                    _ => None,
-                };
-                match side {
-                    Some((socket, peer, len)) => {
-                        let _ = Conn::send_to(&*socket, &forward[4..4 + len], peer).await;
-                    }
-                    None => TurnStats::bump(&self.stats.oversized_dropped),
-                }
+                let jumbo = self.gate.shared().jumbo();
+                jumbo.relay_oversized(&key, forward, &self.stats).await;
                 continue;
             }
             buf[..forward.len()].copy_from_slice(forward);

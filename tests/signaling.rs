@@ -341,7 +341,7 @@ async fn a_fragmented_message_within_the_limit_is_assembled() {
 }
 
 #[tokio::test]
-async fn a_fragmented_message_that_is_not_utf8_closes_with_1008() {
+async fn a_text_message_that_is_not_utf8_closes_with_1007_whole_or_fragmented() {
     let server = TestServer::start(|_, _| {}).await;
     let (mut a, _) = Ws::join(&server).await;
     // Each fragment is checked only when the message is whole: a character may span fragments,
@@ -359,7 +359,70 @@ async fn a_fragmented_message_that_is_not_utf8_closes_with_1008() {
     ))
     .await
     .unwrap();
-    assert_eq!(a.expect_close().await, Some(1008));
+    assert_eq!(a.expect_close().await, Some(1007));
+
+    let (mut b, _) = Ws::join(&server).await;
+    b.ws.write_frame(fastwebsockets::Frame::text(
+        fastwebsockets::Payload::Borrowed(b"{\"type\":\"normal\",\"message\":\"\xFF\"}"),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(b.expect_close().await, Some(1007));
+
+    // Others are unaffected.
+    let (mut c, _) = Ws::join(&server).await;
+    assert_nothing_pending(&mut c).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn frames_that_break_the_websocket_rules_close_with_1002() {
+    use fastwebsockets::{Frame, OpCode, Payload};
+    let server = TestServer::start(|_, _| {}).await;
+    // A client must mask its frames (RFC 6455 §5.1).
+    let (mut a, _) = Ws::join(&server).await;
+    a.ws.set_auto_apply_mask(false);
+    a.send(r#"{"type":"ping"}"#).await;
+    assert_eq!(a.expect_close().await, Some(1002));
+    // A continuation with no message to continue.
+    let (mut b, _) = Ws::join(&server).await;
+    b.ws.write_frame(Frame::new(
+        true,
+        OpCode::Continuation,
+        None,
+        Payload::Borrowed(b"x"),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(b.expect_close().await, Some(1002));
+    // A close code reserved for local use (1005: "no code") may not be sent.
+    let (mut c, _) = Ws::join(&server).await;
+    c.ws.write_frame(Frame::close_raw(Payload::Borrowed(&1005u16.to_be_bytes())))
+        .await
+        .unwrap();
+    assert_eq!(c.expect_close().await, Some(1002));
+    // Others are unaffected.
+    let (mut d, _) = Ws::join(&server).await;
+    assert_nothing_pending(&mut d).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn pings_are_answered_and_a_client_close_is_echoed() {
+    use fastwebsockets::{Frame, OpCode, Payload};
+    let server = TestServer::start(|_, _| {}).await;
+    let (mut a, _) = Ws::join(&server).await;
+    a.ws.write_frame(Frame::new(
+        true,
+        OpCode::Ping,
+        None,
+        Payload::Borrowed(b"still there?"),
+    ))
+    .await
+    .unwrap();
+    assert!(matches!(a.next().await, Event::Other(op) if op == "Pong"));
+    a.ws.write_frame(Frame::close(1000, b"bye")).await.unwrap();
+    assert_eq!(a.expect_close().await, Some(1000));
     server.stop().await;
 }
 

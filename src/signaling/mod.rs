@@ -5,6 +5,8 @@
 //! | `protocol.rs` | the JSON on the wire: client and server messages, error and close codes |
 //! | `hub.rs` | the rules: who may send what to whom, call states, resume — no I/O, no clock |
 //! | `directory.rs` | where each ID lives (live outbox or reservation) and its call state |
+//! | `session.rs` | one WebSocket: upgrade checks, the session loop, heartbeat, size and rate limits |
+//! | `wire.rs` | WebSocket frames in and out, with no buffer kept between messages |
 //!
 //! The WebSocket session (read loop, write queue, heartbeat, size and rate limits) sits on top and
 //! calls [`hub::Hub`] with each text frame and the current time.
@@ -15,6 +17,7 @@ pub mod directory;
 pub mod hub;
 pub mod protocol;
 pub mod session;
+pub mod wire;
 
 /// Every knob the signaling core needs, with defaults that are safe on the public internet.
 ///

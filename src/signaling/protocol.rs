@@ -300,6 +300,11 @@ pub enum CloseCode {
     Normal,
     /// 1001: the server is going away (restart, deploy); reconnect and resume.
     GoingAway,
+    /// 1002: the client broke the WebSocket framing rules (unmasked frame, reserved bits, a
+    /// continuation without a message, an invalid close frame).
+    ProtocolError,
+    /// 1007: a text message (or a close reason) is not UTF-8.
+    InvalidPayload,
     /// 1008: the client broke a rule (too many violations, too slow to read, taken over by a resume).
     PolicyViolation,
     /// 1009: a frame exceeded the size limit.
@@ -316,6 +321,8 @@ impl CloseCode {
         match self {
             Self::Normal => 1000,
             Self::GoingAway => 1001,
+            Self::ProtocolError => 1002,
+            Self::InvalidPayload => 1007,
             Self::PolicyViolation => 1008,
             Self::MessageTooBig => 1009,
             Self::InternalError => 1011,

@@ -1,23 +1,22 @@
-//! One signaling WebSocket: the upgrade checks, the read loop, the bounded write queue, heartbeats
-//! and per-connection limits. Everything a message *means* is decided by the hub; this module only
-//! moves bytes, enforces sizes and rates, and keeps the connection alive or closes it.
+//! One signaling WebSocket: the upgrade checks, the session loop, the bounded write queue,
+//! heartbeats and per-connection limits. Everything a message *means* is decided by the hub; this
+//! module only moves bytes, enforces sizes and rates, and keeps the connection alive or closes it.
 //!
-//! Each session is two tasks. The reader parses frames, assembles fragmented messages (bounded over
-//! the whole message, which fastwebsockets' `FragmentCollector` does not do) and hands text to the
-//! hub. The writer drains the connection's outbox (a bounded channel the hub pushes into without
-//! ever blocking), sends heartbeat pings, and closes the socket with the right code. A writer that
-//! cannot write for `write-timeout` — a client that stopped reading — is cut off; others never wait
-//! for it.
+//! Each session is one task that owns the socket. It reads frames ([`super::wire`], which keeps no
+//! buffer between messages), assembles fragmented messages (bounded over the whole message) and
+//! hands text to the hub; it drains the connection's outbox (a bounded channel the hub pushes into
+//! without ever blocking) into one write; it pings, and closes the socket with the right code. A
+//! client that takes no output for `write-timeout` — one that stopped reading — is cut off; others
+//! never wait for it. One task instead of a reader and a writer saves a task and a channel per
+//! connection, and a wake-up per relayed message.
 
+use std::future::{poll_fn, Future};
 use std::net::IpAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use fastwebsockets::{Frame, OpCode, Payload, WebSocketError};
+use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
@@ -26,6 +25,7 @@ use tokio::sync::mpsc;
 
 use super::hub::{Attachment, Departure, Hub, IceServersFor};
 use super::protocol::{ClientId, CloseCode, ErrorCode, ServerMessage};
+use super::wire::{close_code_allowed, Frame, FrameReader, OpCode, Outgoing, ReadError};
 use crate::http::{text_response, Body, ConnectionContext};
 use crate::limits::{IpRefusal, PerIpLimits, SessionRates};
 use crate::metrics::{CloseReason, Limit, Metrics};
@@ -189,15 +189,6 @@ impl std::fmt::Debug for Signaling {
     }
 }
 
-/// What the writer task is asked to do besides draining the outbox.
-#[derive(Debug)]
-enum Control {
-    /// Send this frame now (pong replies, session-level errors).
-    Send(OpCode, Bytes),
-    /// Send a close frame and end the connection.
-    Close(CloseCode, &'static str),
-}
-
 impl Signaling {
     /// A signaling service over `hub`.
     pub fn new(
@@ -263,7 +254,8 @@ impl Signaling {
         let this = self.clone();
         tokio::spawn(async move {
             match upgrade.await {
-                Ok(ws) => this.run(ws, ip, ice, conn, shutdown).await,
+                // fastwebsockets only did the handshake; frames are read and written in `wire`.
+                Ok(ws) => this.run(ws.into_inner(), ip, ice, conn, shutdown).await,
                 Err(e) => tracing::debug!("WebSocket upgrade did not complete: {e}"),
             }
         });
@@ -302,48 +294,22 @@ impl Signaling {
         host.is_some_and(|host| host.eq_ignore_ascii_case(authority))
     }
 
+    /// One session, from the upgrade to the closed socket.
     async fn run(
         self: Arc<Self>,
-        ws: fastwebsockets::WebSocket<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>,
+        mut io: Stream,
         ip: IpAddr,
         ice: Option<IceServersFor>,
         conn: Arc<ConnectionContext>,
-        shutdown: Shutdown,
+        mut shutdown: Shutdown,
     ) {
-        let (outbox, outbox_rx) = mpsc::channel::<Bytes>(self.settings.outbox_frames);
-        // Boxed: a tokio channel allocates its first 32-slot block up front whatever the capacity,
-        // so 40-byte `Control`s cost every idle connection 1.3 KB; boxes cost it 0.3 KB, and control
-        // frames (pongs, errors, closes) are rare.
-        let (control, control_rx) = mpsc::channel::<Box<Control>>(8);
-        let unanswered = Arc::new(AtomicU32::new(0));
-        let read_side = Arc::new(std::sync::Mutex::new(None));
-        let (mut reader, writer) = ws.split(|io| {
-            let (read, write) = tokio::io::split(io);
-            *read_side.lock().expect("fresh lock") = Some(read);
-            (
-                Detachable {
-                    inner: read_side.clone(),
-                },
-                write,
-            )
-        });
-        reader.set_auto_close(true);
-        reader.set_auto_pong(true);
-        // One byte over the limit lets fastwebsockets reject too-large single frames for us.
-        reader.set_max_message_size(self.settings.max_message_bytes + 1);
-
         let signaling = &self.metrics.signaling;
         signaling.opened.inc();
         signaling.open.inc();
-        let writer_task = tokio::spawn(write_loop(
-            writer,
-            outbox_rx,
-            control_rx,
-            unanswered.clone(),
-            self.settings.clone(),
-            self.metrics.clone(),
-            shutdown,
-        ));
+        let mut link = Link {
+            reader: FrameReader::new(self.settings.max_message_bytes),
+            out: Outgoing::default(),
+        };
 
         // Too many sockets from one address: say so, then close.
         let _ip_slot = match self.per_ip.open(ip) {
@@ -352,27 +318,27 @@ impl Signaling {
                 self.metrics.limits.rejected(Limit::ConnectionsPerIp);
                 signaling.error(ErrorCode::TooManyConnections);
                 signaling.closed(CloseReason::Refused);
-                let _ = control.try_send(error_frame(ErrorCode::TooManyConnections));
-                let _ = control.try_send(Box::new(Control::Close(
-                    CloseCode::PolicyViolation,
+                link.out
+                    .push(OpCode::Text, &error_frame(ErrorCode::TooManyConnections));
+                let close = (
+                    CloseCode::PolicyViolation.as_u16(),
                     "too many connections from your address",
-                )));
-                drop(control);
-                let _ = writer_task.await;
+                );
+                self.close_and_linger(&mut io, &mut link, close).await;
                 return;
             }
         };
 
+        let (outbox, mut outbox_rx) = mpsc::channel::<Bytes>(self.settings.outbox_frames);
         let attachment = match self.hub.connect(outbox, ice, Instant::now()) {
             Ok(attachment) => attachment,
             Err(e) => {
                 self.metrics.limits.rejected(Limit::ServerFull);
                 signaling.error(e.code());
                 signaling.closed(CloseReason::Refused);
-                let _ = control.try_send(Box::new(Control::Send(OpCode::Text, e.frame())));
-                let _ = control.try_send(Box::new(Control::Close(e.close_code(), "cannot join")));
-                drop(control);
-                let _ = writer_task.await;
+                link.out.push(OpCode::Text, &e.frame());
+                let close = (e.close_code().as_u16(), "cannot join");
+                self.close_and_linger(&mut io, &mut link, close).await;
                 return;
             }
         };
@@ -386,168 +352,263 @@ impl Signaling {
             partial: None,
         };
 
-        let mut writer_task = writer_task;
-        let mut writer_end = None;
-        let ended = tokio::select! {
-            ended = self.read_loop(&mut reader, &mut session, &control, &unanswered) => ended,
-            // The writer ended first (shutdown, heartbeat timeout, slow client): stop reading too.
-            end = &mut writer_task => {
-                writer_end = end.ok();
-                ReadEnd::Dropped
-            }
-        };
-        signaling.closed(match (writer_end, ended) {
-            (Some(end), _) => end,
-            (None, ReadEnd::Close(CloseCode::MessageTooBig, _)) => CloseReason::TooBig,
-            (None, ReadEnd::Close(..)) => CloseReason::Policy,
-            (None, ReadEnd::Left | ReadEnd::Dropped) => CloseReason::Client,
-        });
-        let departure = match ended {
-            ReadEnd::Left => Departure::Left,
-            ReadEnd::Dropped | ReadEnd::Close(..) => Departure::Dropped,
-        };
+        let end = self
+            .serve(
+                &mut io,
+                &mut link,
+                &mut session,
+                &mut outbox_rx,
+                &mut shutdown,
+            )
+            .await;
+        signaling.closed(end.reason);
         self.hub
-            .disconnect(session.attachment, departure, Instant::now());
-        if let ReadEnd::Close(code, reason) = ended {
-            let _ = control.try_send(Box::new(Control::Close(code, reason)));
-            drop(control);
-            let _ = writer_task.await;
-            // Closing the socket with unread data in it would reset the connection, and the client
-            // would lose the error and close frame just sent. Read and discard what it still sends
-            // (an oversized frame's rest, a flood) until it closes, for a short while.
-            drop(reader);
-            let raw = read_side.lock().unwrap_or_else(|e| e.into_inner()).take();
-            if let Some(mut raw) = raw {
-                let mut sink = tokio::io::sink();
-                let _ =
-                    tokio::time::timeout(CLOSE_LINGER, tokio::io::copy(&mut raw, &mut sink)).await;
+            .disconnect(session.attachment, end.departure, Instant::now());
+        match end.close {
+            Closing::Silent => {}
+            Closing::Reply(code) => {
+                link.out.push_close(code, "");
+                let _ = link.out.send(&mut io, self.settings.write_timeout).await;
             }
-        } else {
-            drop(control);
-            if !writer_task.is_finished() {
-                let _ = writer_task.await;
+            Closing::Send(code, reason) => {
+                self.close_and_linger(&mut io, &mut link, (code, reason))
+                    .await;
             }
         }
         drop(conn);
     }
 
-    /// Reads until the client leaves or must be closed; returns the close to send, if any.
-    async fn read_loop<S>(
+    /// Runs an attached session until it ends: reads frames, writes what the hub queues, pings.
+    ///
+    /// One task does it all. Every source is polled in one `poll_fn` (rather than `select!`, which
+    /// would rebuild its futures per message): shutdown first, then the pending write or, when
+    /// nothing is pending, the outbox; then the socket, unless too much output is stuck (a client
+    /// that does not read is not read either); then the one timer, which serves the heartbeat and
+    /// the write timeout.
+    async fn serve(
         &self,
-        reader: &mut fastwebsockets::WebSocketRead<S>,
+        io: &mut Stream,
+        link: &mut Link,
         session: &mut ReadState,
-        control: &mpsc::Sender<Box<Control>>,
-        unanswered: &AtomicU32,
-    ) -> ReadEnd
-    where
-        S: tokio::io::AsyncRead + Unpin,
-    {
-        let max = self.settings.max_message_bytes;
-        let mut obligations = |frame: Frame<'_>| {
-            let control = control.clone();
-            let owned = (frame.opcode, Bytes::copy_from_slice(&frame.payload));
-            async move {
-                control
-                    .send(Box::new(Control::Send(owned.0, owned.1)))
-                    .await
-            }
-        };
+        outbox: &mut mpsc::Receiver<Bytes>,
+        shutdown: &mut Shutdown,
+    ) -> End {
+        let settings = &self.settings;
+        let signaling = &self.metrics.signaling;
+        let Link { reader, out } = link;
+        let mut unanswered = 0u32;
+        // Set when the hub told this connection another one resumed its ID.
+        let mut replaced = false;
+        let mut next_ping = tokio::time::Instant::now() + settings.heartbeat_interval;
+        let mut write_deadline: Option<tokio::time::Instant> = None;
+        let timer = tokio::time::sleep_until(next_ping);
+        let shutdown_signal = shutdown.recv();
+        tokio::pin!(timer, shutdown_signal);
         loop {
-            let frame = match reader.read_frame(&mut obligations).await {
-                Ok(frame) => frame,
-                Err(WebSocketError::FrameTooLarge) => {
-                    let _ = self.reject(session, ErrorCode::MessageTooLarge);
-                    return ReadEnd::Close(CloseCode::MessageTooBig, "message too large");
+            let event = poll_fn(|cx| {
+                if shutdown_signal.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Event::Shutdown);
                 }
-                Err(e) => {
-                    tracing::debug!("WebSocket read ended: {e}");
-                    return ReadEnd::Dropped;
-                }
-            };
-            unanswered.store(0, Ordering::Relaxed);
-            // A whole message is handed to the hub straight from the read buffer; only fragmented
-            // ones are assembled into a buffer of their own.
-            let assembled: BytesMut = match (frame.opcode, frame.fin, session.partial.as_mut()) {
-                (OpCode::Close, _, _) => {
-                    // 1000 (normal closure): the client is leaving for good. Anything else, 1001
-                    // from a reloading tab included, may want to resume.
-                    let code = frame
-                        .payload
-                        .get(..2)
-                        .map(|c| u16::from_be_bytes([c[0], c[1]]));
-                    return match code {
-                        Some(1000) | None => ReadEnd::Left,
-                        Some(_) => ReadEnd::Dropped,
-                    };
-                }
-                (OpCode::Pong | OpCode::Ping, _, _) => continue,
-                (OpCode::Text | OpCode::Binary, _, Some(_)) => {
-                    return ReadEnd::Close(
-                        CloseCode::PolicyViolation,
-                        "new message inside a fragmented one",
-                    );
-                }
-                (OpCode::Continuation, _, None) => {
-                    return ReadEnd::Close(
-                        CloseCode::PolicyViolation,
-                        "continuation without a message",
-                    );
-                }
-                (OpCode::Continuation, fin, Some(partial)) => {
-                    if partial.bytes.len() + frame.payload.len() > max {
-                        let _ = self.reject(session, ErrorCode::MessageTooLarge);
-                        return ReadEnd::Close(CloseCode::MessageTooBig, "message too large");
-                    }
-                    partial.bytes.extend_from_slice(&frame.payload);
-                    if !fin {
-                        continue;
-                    }
-                    let partial = session.partial.take().expect("matched Some");
-                    if partial.binary {
-                        if let Some(close) = self.reject(session, ErrorCode::BinaryNotSupported) {
-                            return close;
+                if out.pending() > 0 {
+                    match out.poll_send(io, cx) {
+                        Poll::Ready(result) => return Poll::Ready(Event::Sent(result)),
+                        Poll::Pending if write_deadline.is_none() => {
+                            let deadline = tokio::time::Instant::now() + settings.write_timeout;
+                            write_deadline = Some(deadline);
+                            if deadline < timer.deadline() {
+                                timer.as_mut().reset(deadline);
+                            }
                         }
-                        continue;
+                        Poll::Pending => {}
                     }
-                    // Checked here, once whole: a character may span fragments.
-                    if std::str::from_utf8(&partial.bytes).is_err() {
-                        return ReadEnd::Close(
-                            CloseCode::PolicyViolation,
-                            "text message is not UTF-8",
-                        );
+                } else if let Poll::Ready(next) = outbox.poll_recv(cx) {
+                    return Poll::Ready(Event::Outbox(next));
+                }
+                if out.pending() < STOP_READING_AT {
+                    if let Poll::Ready(frame) = reader.poll_frame(io, cx) {
+                        return Poll::Ready(Event::Frame(frame));
                     }
-                    partial.bytes
                 }
-                (opcode @ (OpCode::Text | OpCode::Binary), false, None) => {
-                    session.partial = Some(Partial {
-                        binary: opcode == OpCode::Binary,
-                        bytes: BytesMut::from(&frame.payload[..]),
-                    });
-                    continue;
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Event::Timer);
                 }
-                (OpCode::Binary, true, None) => {
-                    if let Some(close) = self.reject(session, ErrorCode::BinaryNotSupported) {
-                        return close;
+                Poll::Pending
+            })
+            .await;
+            match event {
+                Event::Shutdown => {
+                    return End::send(
+                        CloseReason::Shutdown,
+                        CloseCode::GoingAway,
+                        "server restarting; reconnect and resume",
+                    );
+                }
+                Event::Sent(Ok(())) => write_deadline = None,
+                Event::Sent(Err(e)) => {
+                    tracing::debug!("WebSocket write failed: {e}");
+                    return End::silent(CloseReason::Client);
+                }
+                Event::Outbox(Some(frame)) => {
+                    // Everything already queued goes out in one write (one TLS record, one
+                    // system call) when a client is sent several frames at once.
+                    let mut next = Some(frame);
+                    while let Some(frame) = next {
+                        signaling.sent(&frame);
+                        replaced |= frame.starts_with(SESSION_REPLACED);
+                        out.push(OpCode::Text, &frame);
+                        next = match out.pending() < WRITE_BATCH {
+                            true => outbox.try_recv().ok(),
+                            false => None,
+                        };
                     }
-                    continue;
                 }
-                // fastwebsockets has checked a whole text frame's UTF-8; the hub reads it where
-                // it lies, with no copy.
-                (OpCode::Text, true, None) => {
-                    if let Some(close) = self.on_text(session, &frame.payload) {
-                        return close;
+                // The hub dropped the outbox: another connection resumed this ID, or the queue
+                // overflowed because the client does not read.
+                Event::Outbox(None) if replaced => {
+                    return End::send(
+                        CloseReason::Replaced,
+                        CloseCode::PolicyViolation,
+                        "another connection resumed this ID",
+                    );
+                }
+                Event::Outbox(None) => {
+                    signaling.outbox_overflows.inc();
+                    return End::send(
+                        CloseReason::SlowClient,
+                        CloseCode::PolicyViolation,
+                        "too slow: outbound queue full",
+                    );
+                }
+                Event::Frame(frame) => {
+                    let end = match frame {
+                        Ok(frame) => {
+                            unanswered = 0;
+                            self.on_frame(session, frame, out)
+                        }
+                        Err(e) => Some(self.on_read_error(session, e)),
+                    };
+                    if let Some(end) = end {
+                        if let Closing::Send(..) = end.close {
+                            // What the hub queued before the close (typically the error that
+                            // explains it) goes out first.
+                            while let Ok(frame) = outbox.try_recv() {
+                                signaling.sent(&frame);
+                                out.push(OpCode::Text, &frame);
+                            }
+                        }
+                        return end;
                     }
-                    continue;
                 }
-            };
-            if let Some(close) = self.on_text(session, &assembled) {
-                return close;
+                Event::Timer => {
+                    let now = tokio::time::Instant::now();
+                    if write_deadline.is_some_and(|deadline| deadline <= now) {
+                        tracing::debug!("WebSocket write timed out: client not reading");
+                        signaling.outbox_overflows.inc();
+                        return End::silent(CloseReason::SlowClient);
+                    }
+                    if next_ping <= now {
+                        if unanswered >= settings.missed_pongs {
+                            tracing::debug!("heartbeat timeout");
+                            signaling.heartbeat_timeouts.inc();
+                            return End::send(
+                                CloseReason::HeartbeatTimeout,
+                                CloseCode::GoingAway,
+                                "heartbeat timeout",
+                            );
+                        }
+                        unanswered += 1;
+                        out.push(OpCode::Ping, b"hb");
+                        next_ping = now + settings.heartbeat_interval;
+                    }
+                    let wake = write_deadline.map_or(next_ping, |d| d.min(next_ping));
+                    timer.as_mut().reset(wake);
+                }
             }
         }
     }
 
+    /// Handles one frame from the client; returns how the session ends, if it does.
+    fn on_frame(&self, session: &mut ReadState, frame: Frame, out: &mut Outgoing) -> Option<End> {
+        let max = self.settings.max_message_bytes;
+        let Frame {
+            fin,
+            opcode,
+            payload,
+        } = frame;
+        let message = match (opcode, fin, session.partial.as_mut()) {
+            (OpCode::Close, _, _) => return Some(on_close(&payload)),
+            (OpCode::Ping, _, _) => {
+                out.push(OpCode::Pong, &payload);
+                return None;
+            }
+            (OpCode::Pong, _, _) => return None,
+            (OpCode::Text | OpCode::Binary, _, Some(_)) => {
+                return Some(End::protocol("new message inside a fragmented one"));
+            }
+            (OpCode::Continuation, _, None) => {
+                return Some(End::protocol("continuation without a message"));
+            }
+            (OpCode::Continuation, fin, Some(partial)) => {
+                if partial.bytes.len() + payload.len() > max {
+                    return Some(self.too_large(session));
+                }
+                partial.bytes.extend_from_slice(&payload);
+                if !fin {
+                    return None;
+                }
+                let partial = session.partial.take().expect("matched Some");
+                if partial.binary {
+                    return self.reject(session, ErrorCode::BinaryNotSupported);
+                }
+                partial.bytes
+            }
+            (opcode @ (OpCode::Text | OpCode::Binary), false, None) => {
+                session.partial = Some(Partial {
+                    binary: opcode == OpCode::Binary,
+                    bytes: payload,
+                });
+                return None;
+            }
+            (OpCode::Binary, true, None) => {
+                return self.reject(session, ErrorCode::BinaryNotSupported);
+            }
+            (OpCode::Text, true, None) => payload,
+        };
+        // Checked once the message is whole: a character may span fragments.
+        if std::str::from_utf8(&message).is_err() {
+            return Some(End::send(
+                CloseReason::Policy,
+                CloseCode::InvalidPayload,
+                "text message is not UTF-8",
+            ));
+        }
+        self.on_text(session, &message)
+    }
+
+    /// Ends the session after a failed read.
+    fn on_read_error(&self, session: &mut ReadState, error: ReadError) -> End {
+        match error {
+            ReadError::Io(_) | ReadError::Ended => {
+                tracing::debug!("WebSocket read ended: {error}");
+                End::silent(CloseReason::Client)
+            }
+            ReadError::Protocol(reason) => End::protocol(reason),
+            ReadError::TooLarge(_) => self.too_large(session),
+        }
+    }
+
+    /// Refuses a message over the size limit: an error, then close 1009.
+    fn too_large(&self, session: &mut ReadState) -> End {
+        let _ = self.reject(session, ErrorCode::MessageTooLarge);
+        End::send(
+            CloseReason::TooBig,
+            CloseCode::MessageTooBig,
+            "message too large",
+        )
+    }
+
     /// Applies the per-connection rates, then hands the message (valid UTF-8) to the hub.
-    fn on_text(&self, session: &mut ReadState, message: &[u8]) -> Option<ReadEnd> {
+    fn on_text(&self, session: &mut ReadState, message: &[u8]) -> Option<End> {
         if session.rates.messages.check().is_err() {
             self.metrics.limits.rejected(Limit::Messages);
             return self.reject(session, ErrorCode::RateLimited);
@@ -562,33 +623,167 @@ impl Signaling {
         self.metrics
             .signaling
             .handled(outcome.received, outcome.error);
-        outcome
-            .close
-            .map(|code| ReadEnd::Close(code, "closing after repeated violations"))
+        outcome.close.map(End::violations)
     }
 
     /// Answers a message the session refused itself; the hub counts it and may ask for a close.
-    fn reject(&self, session: &mut ReadState, code: ErrorCode) -> Option<ReadEnd> {
+    fn reject(&self, session: &mut ReadState, code: ErrorCode) -> Option<End> {
         self.metrics.signaling.error(code);
         let outcome = self
             .hub
             .reject(&mut session.attachment, code, Instant::now());
-        outcome
-            .close
-            .map(|code| ReadEnd::Close(code, "closing after repeated violations"))
+        outcome.close.map(End::violations)
+    }
+
+    /// Sends what is queued and a close frame, then reads (and discards) what the client still
+    /// sends until its own close frame arrives or it goes away, for at most [`CLOSE_LINGER`].
+    ///
+    /// Closing the socket with unread data in it would reset the connection, and the client would
+    /// lose the error and the close frame just sent (after an oversized frame, or in a flood).
+    async fn close_and_linger(&self, io: &mut Stream, link: &mut Link, close: (u16, &str)) {
+        link.out.push_close(close.0, close.1);
+        if link
+            .out
+            .send(io, self.settings.write_timeout)
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let until_close = poll_fn(|cx| loop {
+            match ready!(link.reader.poll_frame(io, cx)) {
+                Ok(frame) if frame.opcode == OpCode::Close => return Poll::Ready(()),
+                Ok(_) | Err(ReadError::TooLarge(_)) => continue,
+                Err(_) => return Poll::Ready(()),
+            }
+        });
+        let _ = tokio::time::timeout(CLOSE_LINGER, until_close).await;
     }
 }
 
-/// How the read side ended.
-#[derive(Debug, Clone, Copy)]
-enum ReadEnd {
-    /// The client closed the WebSocket normally: its ID is freed at once.
-    Left,
-    /// The connection broke or timed out: the ID stays reserved for a resume.
-    Dropped,
-    /// The server closes it with this code.
-    Close(CloseCode, &'static str),
+/// The stream of an upgraded connection (TLS inside).
+type Stream = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
+
+/// A session's framing state: what is half read and what is not yet written.
+struct Link {
+    /// Incoming frames.
+    reader: FrameReader,
+    /// Encoded outgoing frames.
+    out: Outgoing,
 }
+
+/// What woke the session.
+enum Event {
+    /// The server is shutting down.
+    Shutdown,
+    /// The pending output was written (or could not be).
+    Sent(std::io::Result<()>),
+    /// The hub queued a frame; `None` once it dropped the outbox.
+    Outbox(Option<Bytes>),
+    /// A frame arrived (or the read failed).
+    Frame(Result<Frame, ReadError>),
+    /// The heartbeat or the write timeout is due.
+    Timer,
+}
+
+/// How a session ended.
+#[derive(Debug, Clone, Copy)]
+struct End {
+    /// The reason counted in the metrics.
+    reason: CloseReason,
+    /// Whether the ID is freed now or kept for a resume.
+    departure: Departure,
+    /// The close frame the server sends.
+    close: Closing,
+}
+
+/// The server's part of the closing handshake.
+#[derive(Debug, Clone, Copy)]
+enum Closing {
+    /// None: the connection is gone or cannot be written to.
+    Silent,
+    /// The client closed; answer with this code.
+    Reply(u16),
+    /// The server closes with this code and reason, and waits for the client's answer.
+    Send(u16, &'static str),
+}
+
+impl End {
+    /// The server closes the connection; the ID stays reserved for a resume.
+    fn send(reason: CloseReason, code: CloseCode, why: &'static str) -> End {
+        End {
+            reason,
+            departure: Departure::Dropped,
+            close: Closing::Send(code.as_u16(), why),
+        }
+    }
+
+    /// The connection is gone (or unwritable); the ID stays reserved for a resume.
+    fn silent(reason: CloseReason) -> End {
+        End {
+            reason,
+            departure: Departure::Dropped,
+            close: Closing::Silent,
+        }
+    }
+
+    /// The client broke the framing rules: close 1002.
+    fn protocol(why: &'static str) -> End {
+        End::send(CloseReason::Policy, CloseCode::ProtocolError, why)
+    }
+
+    /// The hub asks for a close after repeated violations.
+    fn violations(code: CloseCode) -> End {
+        let reason = match code {
+            CloseCode::MessageTooBig => CloseReason::TooBig,
+            _ => CloseReason::Policy,
+        };
+        End::send(reason, code, "closing after repeated violations")
+    }
+}
+
+/// Answers the client's close frame. 1000 (normal closure) means the client leaves for good;
+/// anything else, 1001 from a reloading tab included, may want to resume.
+fn on_close(payload: &[u8]) -> End {
+    let code = match payload {
+        [] => None,
+        [_] => return End::protocol("close frame with a one-byte payload"),
+        [hi, lo, reason @ ..] => {
+            let code = u16::from_be_bytes([*hi, *lo]);
+            if !close_code_allowed(code) {
+                return End::protocol("close code not allowed");
+            }
+            if std::str::from_utf8(reason).is_err() {
+                return End::send(
+                    CloseReason::Policy,
+                    CloseCode::InvalidPayload,
+                    "close reason is not UTF-8",
+                );
+            }
+            Some(code)
+        }
+    };
+    End {
+        reason: CloseReason::Client,
+        departure: match code {
+            Some(1000) | None => Departure::Left,
+            Some(_) => Departure::Dropped,
+        },
+        close: Closing::Reply(code.unwrap_or(1000)),
+    }
+}
+
+/// Every frame callgate sends that tells a connection it was replaced starts with this.
+const SESSION_REPLACED: &[u8] = br#"{"type":"error","code":"session_replaced""#;
+
+/// Queued outbox frames are gathered into one write up to this many bytes.
+const WRITE_BATCH: usize = 64 * 1024;
+
+/// With this much output not taken by the client, its frames are not read until it catches up.
+const STOP_READING_AT: usize = 64 * 1024;
+
+/// How long a connection the server is closing may keep sending before the socket is dropped.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
 /// Whether a text message is a `video-offer-request`, cheaply and without a full parse: the
 /// per-minute call limit must apply before the hub does any work on it.
@@ -598,18 +793,17 @@ fn starts_a_call(message: &[u8]) -> bool {
     memchr::memmem::find(message, b"\"video-offer-request\"").is_some()
 }
 
-/// A session-level error as a frame for the writer.
-fn error_frame(code: ErrorCode) -> Box<Control> {
-    let frame = ServerMessage::Error {
+/// A session-level error as a ready-to-send text frame.
+fn error_frame(code: ErrorCode) -> Bytes {
+    ServerMessage::Error {
         code,
         message: code.describe(),
         request: None,
     }
-    .encode();
-    Box::new(Control::Send(OpCode::Text, frame))
+    .encode()
 }
 
-/// What the reader keeps between frames.
+/// What the session keeps between frames.
 struct ReadState {
     /// This connection's standing with the hub (its ID changes on resume).
     attachment: Attachment,
@@ -624,156 +818,5 @@ struct Partial {
     /// Whether it started as a binary frame (refused once complete).
     binary: bool,
     /// The bytes so far; never more than `max_message_bytes`.
-    bytes: BytesMut,
-}
-
-/// Drains the outbox and control queue into the socket, pings, and closes.
-///
-/// Returns why it ended the connection itself, or the reader's verdict when the reader asked for
-/// the close (then the reader counts the reason).
-async fn write_loop<W>(
-    mut writer: fastwebsockets::WebSocketWrite<W>,
-    mut outbox: mpsc::Receiver<Bytes>,
-    mut control: mpsc::Receiver<Box<Control>>,
-    unanswered: Arc<AtomicU32>,
-    settings: SessionSettings,
-    metrics: Arc<Metrics>,
-    mut shutdown: Shutdown,
-) -> CloseReason
-where
-    W: tokio::io::AsyncWrite + Unpin,
-{
-    let mut heartbeat = tokio::time::interval_at(
-        tokio::time::Instant::now() + settings.heartbeat_interval,
-        settings.heartbeat_interval,
-    );
-    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let timeout = settings.write_timeout;
-    let signaling = &metrics.signaling;
-    // Set when the hub told this connection another one resumed its ID.
-    let mut replaced = false;
-    let close = async |writer: &mut fastwebsockets::WebSocketWrite<W>,
-                       code: CloseCode,
-                       reason: &'static str| {
-        let frame = Frame::close(code.as_u16(), reason.as_bytes());
-        let _ = tokio::time::timeout(timeout, writer.write_frame(frame)).await;
-    };
-    loop {
-        let frame = tokio::select! {
-            biased;
-            ctl = control.recv() => match ctl.map(|boxed| *boxed) {
-                Some(Control::Send(opcode, bytes)) => {
-                    signaling.sent(&bytes);
-                    Frame::new(true, opcode, None, Payload::Owned(bytes.to_vec()))
-                }
-                Some(Control::Close(code, reason)) => {
-                    // What the hub queued before the close (typically the error that explains
-                    // it) goes out first.
-                    while let Ok(bytes) = outbox.try_recv() {
-                        signaling.sent(&bytes);
-                        if let Err(end) = write(&mut writer, Frame::text(Payload::Borrowed(&bytes)), timeout).await {
-                            return end;
-                        }
-                    }
-                    close(&mut writer, code, reason).await;
-                    return CloseReason::Client;
-                }
-                // The reader is gone (client closed or dropped).
-                None => return CloseReason::Client,
-            },
-            _ = shutdown.recv() => {
-                close(&mut writer, CloseCode::GoingAway, "server restarting; reconnect and resume").await;
-                return CloseReason::Shutdown;
-            }
-            next = outbox.recv() => match next {
-                Some(bytes) => {
-                    signaling.sent(&bytes);
-                    replaced |= bytes.starts_with(br#"{"type":"error","code":"session_replaced""#);
-                    if let Err(end) = write(&mut writer, Frame::text(Payload::Borrowed(&bytes)), timeout).await {
-                        if end == CloseReason::SlowClient {
-                            signaling.outbox_overflows.inc();
-                        }
-                        return end;
-                    }
-                    continue;
-                }
-                // The hub dropped the outbox: another connection resumed this ID, or the queue
-                // overflowed because the client does not read.
-                None if replaced => {
-                    close(&mut writer, CloseCode::PolicyViolation, "another connection resumed this ID").await;
-                    return CloseReason::Replaced;
-                }
-                None => {
-                    signaling.outbox_overflows.inc();
-                    close(&mut writer, CloseCode::PolicyViolation, "too slow: outbound queue full").await;
-                    return CloseReason::SlowClient;
-                }
-            },
-            _ = heartbeat.tick() => {
-                if unanswered.fetch_add(1, Ordering::Relaxed) >= settings.missed_pongs {
-                    tracing::debug!("heartbeat timeout");
-                    signaling.heartbeat_timeouts.inc();
-                    close(&mut writer, CloseCode::GoingAway, "heartbeat timeout").await;
-                    return CloseReason::HeartbeatTimeout;
-                }
-                Frame::new(true, OpCode::Ping, None, Payload::Borrowed(b"hb"))
-            }
-        };
-        if let Err(end) = write(&mut writer, frame, timeout).await {
-            if end == CloseReason::SlowClient {
-                signaling.outbox_overflows.inc();
-            }
-            return end;
-        }
-    }
-}
-
-/// Writes one frame, giving up after `timeout` (a client that does not read).
-async fn write<W>(
-    writer: &mut fastwebsockets::WebSocketWrite<W>,
-    frame: Frame<'_>,
-    timeout: Duration,
-) -> Result<(), CloseReason>
-where
-    W: tokio::io::AsyncWrite + Unpin,
-{
-    match tokio::time::timeout(timeout, writer.write_frame(frame)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => {
-            tracing::debug!("WebSocket write failed: {e}");
-            Err(CloseReason::Client)
-        }
-        Err(_) => {
-            tracing::debug!("WebSocket write timed out: client not reading");
-            Err(CloseReason::SlowClient)
-        }
-    }
-}
-
-/// How long a connection the server is closing may keep sending before the socket is dropped.
-const CLOSE_LINGER: Duration = Duration::from_secs(1);
-
-/// The read half of a session's stream, which the session can take back from fastwebsockets.
-///
-/// Used for a lingering close: once the server has sent its close frame it only needs to see the
-/// client go away, and draining the raw stream (rather than resetting it) keeps the close frame
-/// deliverable even when the WebSocket framing is out of step (after an oversized frame). The lock
-/// is uncontended: only the reader task touches it until the session takes the stream back.
-struct Detachable<R> {
-    inner: Arc<std::sync::Mutex<Option<R>>>,
-}
-
-impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Detachable<R> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        match inner.as_mut() {
-            Some(read) => Pin::new(read).poll_read(cx, buf),
-            // Taken back by the session: end of stream for fastwebsockets.
-            None => Poll::Ready(Ok(())),
-        }
-    }
+    bytes: Vec<u8>,
 }

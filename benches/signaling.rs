@@ -1,8 +1,7 @@
 //! Benchmarks of the signaling hot paths, without sockets: what one text frame costs from the
 //! moment the session hands it to the hub until the ready-to-send frame sits in the peer's outbox.
 //!
-//! Every hub bench runs against a [`MemoryDirectory`] over the real tokio channel outboxes the
-//! sessions use, holding [`CLIENTS`] registered clients (half of them paired in calls), and each
+//! Every hub bench runs against a [`MemoryDirectory`] over the real outboxes the sessions use, holding [`CLIENTS`] registered clients (half of them paired in calls), and each
 //! iteration moves to another pair so the routing table is not artificially hot in cache. SDP
 //! payloads are 1, 3 and 10 KB of realistic text (JSON-escaped `\r\n`, candidates, fingerprints).
 //!
@@ -22,10 +21,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use callgate::signaling::directory::MemoryDirectory;
 use callgate::signaling::hub::{Attachment, Departure, Hub};
+use callgate::signaling::outbox::{self, OutboxReceiver, OutboxSender};
 use callgate::signaling::protocol;
 use callgate::signaling::SignalingLimits;
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
-use tokio::sync::mpsc;
 
 /// Registered clients in every hub fixture: "thousands", as on a busy instance.
 const CLIENTS: usize = 10_000;
@@ -33,12 +32,12 @@ const CLIENTS: usize = 10_000;
 /// SDP sizes (bytes of the whole JSON payload object) every SDP-carrying message is measured at.
 const SDP_SIZES: [usize; 3] = [1024, 3 * 1024, 10 * 1024];
 
-type BenchHub = Hub<MemoryDirectory<mpsc::Sender<Bytes>>>;
+type BenchHub = Hub<MemoryDirectory<OutboxSender>>;
 
 /// One registered client: its standing with the hub and the far end of its outbox.
 struct Client {
     attachment: Attachment,
-    outbox: mpsc::Receiver<Bytes>,
+    outbox: OutboxReceiver,
     /// The resume token from the last `id` message.
     token: String,
 }
@@ -66,7 +65,7 @@ fn fixture(n: usize, paired: usize) -> (BenchHub, Vec<Client>) {
     let now = Instant::now();
     let mut clients: Vec<Client> = (0..n)
         .map(|_| {
-            let (tx, mut rx) = mpsc::channel(128);
+            let (tx, mut rx) = outbox::channel(128);
             let attachment = hub.connect(tx, None, now).expect("room");
             let token = token_of(&rx.try_recv().expect("id message"));
             Client {
@@ -395,7 +394,7 @@ fn resume(c: &mut Criterion) {
                     // The reconnecting client's new socket, with its throwaway ID (not measured).
                     let p = next % count;
                     next += 1;
-                    let (tx, mut rx) = mpsc::channel(128);
+                    let (tx, mut rx) = outbox::channel(128);
                     let attachment = hub.connect(tx, None, Instant::now()).expect("room");
                     let token = token_of(&rx.try_recv().expect("id message"));
                     let fresh = Client {

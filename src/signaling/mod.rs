@@ -5,6 +5,7 @@
 //! | `protocol.rs` | the JSON on the wire: client and server messages, error and close codes |
 //! | `hub.rs` | the rules: who may send what to whom, call states, resume — no I/O, no clock |
 //! | `directory.rs` | where each ID lives (live outbox or reservation) and its call state |
+//! | `outbox.rs` | a connection's bounded queue of frames to send, filled by the hub |
 //! | `session.rs` | one WebSocket: upgrade checks, the session loop, heartbeat, size and rate limits |
 //! | `wire.rs` | WebSocket frames in and out, with no buffer kept between messages |
 //!
@@ -15,6 +16,7 @@ use std::time::Duration;
 
 pub mod directory;
 pub mod hub;
+pub mod outbox;
 pub mod protocol;
 pub mod session;
 pub mod wire;

@@ -4,8 +4,8 @@
 //!
 //! Each session is one task that owns the socket. It reads frames ([`super::wire`], which keeps no
 //! buffer between messages), assembles fragmented messages (bounded over the whole message) and
-//! hands text to the hub; it drains the connection's outbox (a bounded channel the hub pushes into
-//! without ever blocking) into one write; it pings, and closes the socket with the right code. A
+//! hands text to the hub; it drains the connection's outbox ([`super::outbox`], bounded, which the hub
+//! pushes into without ever blocking) into one write; it pings, and closes the socket with the right code. A
 //! client that takes no output for `write-timeout` — one that stopped reading — is cut off; others
 //! never wait for it. One task instead of a reader and a writer saves a task and a channel per
 //! connection, and a wake-up per relayed message.
@@ -21,9 +21,9 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
-use tokio::sync::mpsc;
 
 use super::hub::{Attachment, Departure, Hub, IceServersFor};
+use super::outbox::{self, OutboxReceiver, OutboxSender};
 use super::protocol::{ClientId, CloseCode, ErrorCode, ServerMessage};
 use super::wire::{close_code_allowed, Frame, FrameReader, OpCode, Outgoing, ReadError};
 use crate::http::{text_response, Body, ConnectionContext};
@@ -32,8 +32,8 @@ use crate::metrics::{CloseReason, Limit, Metrics};
 use crate::shutdown::Shutdown;
 use crate::turn::{TurnCredentials, TurnEndpoints};
 
-/// The hub as sessions use it: the in-process directory over tokio channels.
-pub type SessionHub = Hub<super::directory::MemoryDirectory<mpsc::Sender<Bytes>>>;
+/// The hub as sessions use it: the in-process directory over session outboxes.
+pub type SessionHub = Hub<super::directory::MemoryDirectory<OutboxSender>>;
 
 /// Session-level settings, taken from the config.
 #[derive(Debug, Clone)]
@@ -329,7 +329,7 @@ impl Signaling {
             }
         };
 
-        let (outbox, mut outbox_rx) = mpsc::channel::<Bytes>(self.settings.outbox_frames);
+        let (outbox, mut outbox_rx) = outbox::channel(self.settings.outbox_frames);
         let attachment = match self.hub.connect(outbox, ice, Instant::now()) {
             Ok(attachment) => attachment,
             Err(e) => {
@@ -390,7 +390,7 @@ impl Signaling {
         io: &mut Stream,
         link: &mut Link,
         session: &mut ReadState,
-        outbox: &mut mpsc::Receiver<Bytes>,
+        outbox: &mut OutboxReceiver,
         shutdown: &mut Shutdown,
     ) -> End {
         let settings = &self.settings;
@@ -457,7 +457,7 @@ impl Signaling {
                         replaced |= frame.starts_with(SESSION_REPLACED);
                         out.push(OpCode::Text, &frame);
                         next = match out.pending() < WRITE_BATCH {
-                            true => outbox.try_recv().ok(),
+                            true => outbox.try_recv(),
                             false => None,
                         };
                     }
@@ -491,7 +491,7 @@ impl Signaling {
                         if let Closing::Send(..) = end.close {
                             // What the hub queued before the close (typically the error that
                             // explains it) goes out first.
-                            while let Ok(frame) = outbox.try_recv() {
+                            while let Some(frame) = outbox.try_recv() {
                                 signaling.sent(&frame);
                                 out.push(OpCode::Text, &frame);
                             }

@@ -304,7 +304,7 @@ pub enum CloseReason {
     SlowClient,
     /// Another connection resumed its ID.
     Replaced,
-    /// Repeated violations or malformed framing (1008).
+    /// Repeated violations (1008), broken framing (1002) or text that is not UTF-8 (1007).
     Policy,
     /// A message over the size limit (1009).
     TooBig,

@@ -381,10 +381,10 @@ impl Signaling {
     /// Runs an attached session until it ends: reads frames, writes what the hub queues, pings.
     ///
     /// One task does it all. Every source is polled in one `poll_fn` (rather than `select!`, which
-    /// would rebuild its futures per message): shutdown first, then the pending write or, when
-    /// nothing is pending, the outbox; then the socket, unless too much output is stuck (a client
-    /// that does not read is not read either); then the one timer, which serves the heartbeat and
-    /// the write timeout.
+    /// would rebuild its futures per message): the pending write or, when nothing is pending, the
+    /// outbox; then the socket, unless too much output is stuck (a client that does not read is
+    /// not read either); then shutdown; then the one timer, which serves the heartbeat and the
+    /// write timeout.
     async fn serve(
         &self,
         io: &mut Stream,
@@ -406,9 +406,6 @@ impl Signaling {
         tokio::pin!(timer, shutdown_signal);
         loop {
             let event = poll_fn(|cx| {
-                if shutdown_signal.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Event::Shutdown);
-                }
                 if out.pending() > 0 {
                     match out.poll_send(io, cx) {
                         Poll::Ready(result) => return Poll::Ready(Event::Sent(result)),
@@ -428,6 +425,11 @@ impl Signaling {
                     if let Poll::Ready(frame) = reader.poll_frame(io, cx) {
                         return Poll::Ready(Event::Frame(frame));
                     }
+                }
+                // Polled after the busy sources (polling it costs more than a message's
+                // routing); tokio's cooperative budget makes a busy socket yield to it.
+                if shutdown_signal.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Event::Shutdown);
                 }
                 if timer.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Event::Timer);
@@ -574,8 +576,9 @@ impl Signaling {
             }
             (OpCode::Text, true, None) => payload,
         };
-        // Checked once the message is whole: a character may span fragments.
-        if std::str::from_utf8(&message).is_err() {
+        // Checked once the message is whole: a character may span fragments. (simdutf8: std's
+        // check was 5% of the instructions spent on a 3 KB message.)
+        if simdutf8::basic::from_utf8(&message).is_err() {
             return Some(End::send(
                 CloseReason::Policy,
                 CloseCode::InvalidPayload,

@@ -17,6 +17,7 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
+use bytes::BufMut;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Longest frame header: 2 bytes, an 8-byte length, a 4-byte mask.
@@ -112,10 +113,10 @@ struct Body {
     opcode: OpCode,
     /// The client's masking key.
     mask: [u8; 4],
-    /// The payload buffer, already of its final size.
+    /// The payload read so far, in a buffer allocated for the whole of it (not zeroed).
     bytes: Vec<u8>,
-    /// How much of `bytes` has been read.
-    filled: usize,
+    /// The payload's length.
+    len: usize,
 }
 
 /// Reads client frames one at a time, holding 14 header bytes and the current frame's payload.
@@ -174,9 +175,17 @@ impl FrameReader {
             self.body = Some(self.start_body()?);
         }
         let body = self.body.as_mut().expect("set above");
-        while body.filled < body.bytes.len() {
-            let n = ready!(read_some(io, cx, &mut body.bytes[body.filled..]))?;
-            body.filled += n;
+        while body.bytes.len() < body.len {
+            let missing = body.len - body.bytes.len();
+            let mut rest = (&mut body.bytes).limit(missing);
+            if ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut *io),
+                cx,
+                &mut rest
+            ))? == 0
+            {
+                return Poll::Ready(Err(ReadError::Ended));
+            }
         }
         let Body {
             fin,
@@ -252,8 +261,8 @@ impl FrameReader {
             fin,
             opcode,
             mask,
-            bytes: vec![0; len],
-            filled: 0,
+            bytes: Vec::with_capacity(len),
+            len,
         })
     }
 }

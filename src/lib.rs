@@ -13,7 +13,7 @@
 //! | `metrics.rs` | Prometheus registry, pre-resolved metric handles, the call observer, TURN export |
 //! | `tls/` | certificate loading (`load`), dev-certificate generation (`dev_cert`), hot reload (`reload`) |
 //! | `http/` | accept loop with timeouts and the cap (`mod`), PROXY protocol (`proxy_protocol`), routes and `/api/turn-credentials` (`routes`), static files, security headers, the redirect listener, the metrics listener (`admin`) |
-//! | `signaling/` | WebSocket sessions (`session`), the call rules without I/O (`hub`), wire messages (`protocol`), where each ID lives (`directory`) |
+//! | `signaling/` | WebSocket sessions (`session`), their frames (`wire`) and send queues (`outbox`), the call rules without I/O (`hub`), wire messages (`protocol`), where each ID lives (`directory`) |
 //! | `turn/` | the embedded TURN relay: a front layer before the `turn` crate's engine (see its own Layout) |
 //!
 //! Dependencies point down: `server` → `http` → `signaling` → (`config`, `tls`, `metrics`, `limits`,

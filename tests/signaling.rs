@@ -670,6 +670,42 @@ async fn persistent_flooding_gets_the_connection_closed_with_1008() {
 }
 
 #[tokio::test]
+async fn a_ping_flood_counts_against_the_message_rate() {
+    let server = TestServer::start(|_, o| {
+        o.ws_messages_per_second = Some(1);
+        o.ws_message_burst = Some(1);
+    })
+    .await;
+    let (mut a, _) = Ws::join(&server).await;
+    for _ in 0..200 {
+        let ping = fastwebsockets::Frame::new(
+            true,
+            fastwebsockets::OpCode::Ping,
+            None,
+            fastwebsockets::Payload::Borrowed(b"flood"),
+        );
+        if a.ws.write_frame(ping).await.is_err() {
+            break;
+        }
+    }
+    let mut rate_limited = 0;
+    let code = loop {
+        match a.next().await {
+            Event::Text(text) if text.contains(r#""code":"rate_limited""#) => rate_limited += 1,
+            Event::Close(code, _) => break code,
+            Event::Ended(e) => panic!("no close frame: {e}"),
+            _ => {}
+        }
+    };
+    assert_eq!(code, Some(1008));
+    assert!(rate_limited > 0, "the flood was told before the close");
+    // Others are unaffected.
+    let (mut b, _) = Ws::join(&server).await;
+    assert_nothing_pending(&mut b).await;
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn new_call_rate_limit() {
     let server = TestServer::start(|_, o| o.ws_calls_per_minute = Some(2)).await;
     let (mut a, _) = Ws::join(&server).await;

@@ -539,11 +539,18 @@ impl Signaling {
         } = frame;
         let message = match (opcode, fin, session.partial.as_mut()) {
             (OpCode::Close, _, _) => return Some(on_close(&payload)),
-            (OpCode::Ping, _, _) => {
-                out.push(OpCode::Pong, &payload);
+            // Control frames count against the message rate like text does: browsers never send
+            // pings (and answer the server's with one pong each), so only a flood is refused.
+            (OpCode::Ping | OpCode::Pong, _, _) => {
+                if session.rates.messages.check().is_err() {
+                    self.metrics.limits.rejected(Limit::Messages);
+                    return self.reject(session, ErrorCode::RateLimited);
+                }
+                if opcode == OpCode::Ping {
+                    out.push(OpCode::Pong, &payload);
+                }
                 return None;
             }
-            (OpCode::Pong, _, _) => return None,
             (OpCode::Text | OpCode::Binary, _, Some(_)) => {
                 return Some(End::protocol("new message inside a fragmented one"));
             }

@@ -7,6 +7,7 @@
 //!
 //! | group | what one iteration is |
 //! |---|---|
+//! | `wire` | reading one masked client frame (header, payload, unmasking) and encoding + writing one server frame |
 //! | `parse` | `protocol::parse` of one client message (shape check + serde, borrowed payload) |
 //! | `hub` | `Hub::handle_text` of one message (parse, rules, routing, serialise, push) + the peer's pop |
 //! | `call` | a whole call set-up and tear-down: `video-offer-request`, `client-reply`, `close-call-client` |
@@ -23,6 +24,7 @@ use callgate::signaling::directory::MemoryDirectory;
 use callgate::signaling::hub::{Attachment, Departure, Hub};
 use callgate::signaling::outbox::{self, OutboxReceiver, OutboxSender};
 use callgate::signaling::protocol;
+use callgate::signaling::wire::{FrameReader, OpCode, Outgoing};
 use callgate::signaling::SignalingLimits;
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 
@@ -133,6 +135,60 @@ fn sdp(kind: &str, size: usize) -> String {
 
 fn kib(size: usize) -> String {
     format!("{}KB", size / 1024)
+}
+
+/// A masked client text frame carrying `payload`, as a browser sends it.
+fn client_frame(payload: &[u8]) -> Vec<u8> {
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    let mut frame = vec![0x81];
+    match payload.len() {
+        n if n < 126 => frame.push(0x80 | n as u8),
+        n => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+fn wire(c: &mut Criterion) {
+    let mut group = c.benchmark_group("wire");
+    let waker = std::task::Waker::noop();
+    for size in SDP_SIZES {
+        let message = format!(
+            r#"{{"type":"offer","clientId":123456789,"offer":{}}}"#,
+            sdp("offer", size)
+        );
+        let frame = client_frame(message.as_bytes());
+        group.throughput(Throughput::Bytes(frame.len() as u64));
+        group.bench_with_input(BenchmarkId::new("read", kib(size)), &frame, |b, frame| {
+            let mut cx = std::task::Context::from_waker(waker);
+            b.iter(|| {
+                let mut reader = FrameReader::new(64 * 1024);
+                let mut io: &[u8] = frame;
+                match reader.poll_frame(&mut io, &mut cx) {
+                    std::task::Poll::Ready(Ok(frame)) => frame,
+                    other => panic!("a whole frame was in memory: {other:?}"),
+                }
+            })
+        });
+        group.bench_with_input(
+            BenchmarkId::new("write", kib(size)),
+            &message,
+            |b, message| {
+                let mut cx = std::task::Context::from_waker(waker);
+                let mut sink = tokio::io::sink();
+                b.iter(|| {
+                    let mut out = Outgoing::default();
+                    out.push(OpCode::Text, message.as_bytes());
+                    assert!(out.poll_send(&mut sink, &mut cx).is_ready());
+                })
+            },
+        );
+    }
+    group.finish();
 }
 
 fn parse(c: &mut Criterion) {
@@ -443,6 +499,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = parse, hub, call, routing, resume
+    targets = wire, parse, hub, call, routing, resume
 }
 criterion_main!(benches);

@@ -125,6 +125,10 @@ pub struct Options {
     #[arg(long, env = "CALLGATE_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
 
+    /// Threads running connections [default: one per CPU core the process may use].
+    #[arg(long, env = "CALLGATE_WORKER_THREADS", value_name = "N")]
+    pub worker_threads: Option<usize>,
+
     /// Max-age of the Strict-Transport-Security header; 0 tells browsers to forget it [default: 31536000s].
     #[arg(long, env = "CALLGATE_HSTS_MAX_AGE", value_name = "DURATION")]
     pub hsts_max_age: Option<Seconds>,
@@ -389,6 +393,8 @@ pub struct Config {
     pub h2_max_concurrent_streams: u32,
     /// Global cap on open client connections.
     pub max_connections: usize,
+    /// Threads of the async runtime.
+    pub worker_threads: usize,
     /// `Strict-Transport-Security` max-age.
     #[serde(serialize_with = "as_seconds")]
     pub hsts_max_age: Duration,
@@ -872,6 +878,7 @@ impl Options {
             idle_timeout,
             h2_max_concurrent_streams,
             max_connections,
+            worker_threads,
             hsts_max_age,
             shutdown_drain_delay,
             shutdown_timeout,
@@ -968,6 +975,9 @@ impl Config {
             idle_timeout: secs(o.idle_timeout, 60),
             h2_max_concurrent_streams: o.h2_max_concurrent_streams.unwrap_or(100),
             max_connections: o.max_connections.unwrap_or(10_000),
+            worker_threads: o.worker_threads.unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+            }),
             hsts_max_age: secs(o.hsts_max_age, 31_536_000),
             shutdown_drain_delay: secs(o.shutdown_drain_delay, 0),
             shutdown_timeout: secs(o.shutdown_timeout, 10),
@@ -1150,6 +1160,9 @@ impl Config {
         if self.max_connections == 0 {
             return Err(invalid("max-connections", "must be at least 1"));
         }
+        if !(1..=1024).contains(&self.worker_threads) {
+            return Err(invalid("worker-threads", "must be between 1 and 1024"));
+        }
         if let Listen::On(http) = self.http_listen {
             if http == self.https_listen && http.port() != 0 {
                 return Err(invalid(
@@ -1225,6 +1238,20 @@ mod tests {
         assert_eq!(config.https_listen, "127.0.0.1:9443".parse().unwrap());
         assert_eq!(config.http_listen, Listen::Off);
         assert_eq!(config.idle_timeout, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn worker_threads_default_to_the_usable_cores_and_are_bounded() {
+        let config = Config::from_options(Options::default()).unwrap();
+        let cores = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(config.worker_threads, cores);
+        let one = Config::from_options(parse(&["--worker-threads", "1"])).unwrap();
+        assert_eq!(one.worker_threads, 1);
+        let zero = Config::from_options(parse(&["--worker-threads", "0"])).unwrap_err();
+        assert_eq!(
+            zero.to_string(),
+            "worker-threads: must be between 1 and 1024"
+        );
     }
 
     #[test]

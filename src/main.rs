@@ -23,6 +23,7 @@ fn main() -> ExitCode {
     }
     init_logging(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.worker_threads)
         .enable_all()
         .build()
     {

@@ -333,7 +333,14 @@ impl Conn for PeerSocket {
             // Report success: the engine treats a short write as an error, a drop is UDP.
             return Ok(buf.len());
         }
-        let n = self.socket.send_to(buf, target).await?;
+        // A UDP send rarely finds the socket buffer full: try it without building tokio's
+        // readiness future, and wait for writability only when it does.
+        let n = match self.socket.try_send_to(buf, target) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                self.socket.send_to(buf, target).await?
+            }
+            r => r?,
+        };
         TurnStats::add(&self.stats.bytes_to_peers, n);
         TurnStats::bump(&self.stats.packets_to_peers);
         Ok(n)

@@ -206,7 +206,13 @@ impl Conn for UdpFront {
                 );
             }
         }
-        Ok(self.socket.send_to(buf, target).await?)
+        // Same fast path as the relay sockets: wait for writability only on a full buffer.
+        match self.socket.try_send_to(buf, target) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                Ok(self.socket.send_to(buf, target).await?)
+            }
+            r => Ok(r?),
+        }
     }
 
     fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {

@@ -333,11 +333,12 @@ impl Conn for PeerSocket {
             // Report success: the engine treats a short write as an error, a drop is UDP.
             return Ok(buf.len());
         }
-        // A UDP send rarely finds the socket buffer full: try it without building tokio's
-        // readiness future, and wait for writability only when it does.
+        // Try the send first; wait for writability (a full socket buffer) through a poll function
+        // rather than `UdpSocket::send_to(..).await`: `async_trait` boxes this future on every
+        // call, and tokio's send future would make it, and the copy into the box, larger.
         let n = match self.socket.try_send_to(buf, target) {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                self.socket.send_to(buf, target).await?
+                std::future::poll_fn(|cx| self.socket.poll_send_to(cx, buf, target)).await?
             }
             r => r?,
         };

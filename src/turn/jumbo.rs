@@ -239,6 +239,16 @@ mod tests {
     }
 
     #[test]
+    fn a_full_client_queue_drops_the_frame_instead_of_waiting() {
+        let (queue, mut rx) = mpsc::channel(1);
+        let path = ClientPath::Stream { queue };
+        assert!(path.send(channel_data(0x4000, b"first")));
+        assert!(!path.send(channel_data(0x4000, b"second")), "queue full");
+        assert!(rx.try_recv().is_ok());
+        assert!(path.send(channel_data(0x4000, b"third")));
+    }
+
+    #[test]
     fn channel_data_layout() {
         assert_eq!(
             channel_data(0x4001, &[9, 8, 7]),

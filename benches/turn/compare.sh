@@ -4,15 +4,22 @@
 #
 #   cargo build --release && benches/turn/compare.sh            # all scenarios, 3 rounds
 #   ROUNDS=5 SCENARIOS="40k 60k" benches/turn/compare.sh
+#   CALLGATE_OLD=/tmp/callgate-main benches/turn/compare.sh   # also interleave an older build
 #
 # Each run starts a fresh server, runs one uclient load against it, then reads from /proc:
-# CPU (utime+stime delta), VmHWM (peak RSS) and VmRSS; the server is then stopped. Runs are
-# interleaved callgate, coturn, callgate, coturn ... and `uptime` is logged before each.
+# CPU (utime+stime delta), VmHWM (peak RSS) and VmRSS, and where the kernel dropped datagrams:
+# in the server's own sockets (listener and relay ports, from /proc/net/udp) or elsewhere (the
+# rest of the system-wide UDP receive-buffer errors, i.e. uclient's sockets on this otherwise
+# UDP-quiet box); the server is then stopped. Runs are interleaved [callgate_old,] callgate,
+# coturn, ... and `uptime` is logged before each.
 # Output: one CSV line per run on stdout (and in $OUT if set).
 set -euo pipefail
 
 cd "$(dirname "$0")/../.."
 CALLGATE=${CALLGATE:-target/release/callgate}
+CALLGATE_OLD=${CALLGATE_OLD:-}
+SERVERS="callgate coturn"
+[[ -z $CALLGATE_OLD ]] || SERVERS="callgate_old $SERVERS"
 ROUNDS=${ROUNDS:-3}
 SCENARIOS=${SCENARIOS:-"40k 60k sat flood idle1000 idle5000"}
 SECRET=${SECRET:-compare-secret-0123456789}
@@ -65,9 +72,11 @@ wait_udp_port() { # wait until something listens on 127.0.0.1:$1/udp
     echo "server did not bind udp port $1" >&2; return 1
 }
 
+start_callgate_old() { start_callgate "$CALLGATE_OLD"; }
+
 start_callgate() {
     mkdir -p "$TMP/certs"
-    "$CALLGATE" --https-listen 127.0.0.1:0 --http-listen off --metrics-listen off \
+    "${1:-$CALLGATE}" --https-listen 127.0.0.1:0 --http-listen off --metrics-listen off \
         --certs-dir "$TMP/certs" --public-dir "$TMP" --log-level warn \
         --listening-ip 127.0.0.1 --listening-port "$CG_PORT" --tls-listening-port off \
         --turn-tcp false --relay-ip 127.0.0.1 --min-port 40000 --max-port 49999 \
@@ -76,6 +85,7 @@ start_callgate() {
     SERVER_PID=$!
     wait_udp_port "$CG_PORT"
     PORT=$CG_PORT
+    RELAY_PORTS="40000 49999"
 }
 
 start_coturn() {
@@ -102,11 +112,29 @@ CONF
     SERVER_PID=$!
     wait_udp_port "$CT_PORT"
     PORT=$CT_PORT
+    RELAY_PORTS="50000 59999"
 }
 
 server_sockets() { # sockets the server process holds (callgate: listener + one relay socket
     # per allocation; coturn: listener threads + relay socket and per-client UDP session socket)
     { find "/proc/$SERVER_PID/fd" -lname 'socket:*' 2>/dev/null || true; } | wc -l
+}
+server_drops() { # datagrams dropped by the server's sockets: its listening port and relay range
+    # shellcheck disable=SC2086 # RELAY_PORTS is "low high"
+    python3 - "$PORT" $RELAY_PORTS <<'PY'
+import sys
+port, lo, hi = map(int, sys.argv[1:])
+total = 0
+for line in open("/proc/net/udp").readlines()[1:] + open("/proc/net/udp6").readlines()[1:]:
+    f = line.split()
+    p = int(f[1].rsplit(":", 1)[1], 16)
+    if p == port or lo <= p <= hi:
+        total += int(f[-1])
+print(total)
+PY
+}
+rcvbuf_errors() { # system-wide UDP receive-buffer drops (Udp: RcvbufErrors in /proc/net/snmp)
+    awk '/^Udp:/ { if (!h) { for (i = 1; i <= NF; i++) if ($i == "RcvbufErrors") c = i; h = 1 } else print $c }' /proc/net/snmp
 }
 cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 status_kb() { awk -v k="$2:" '$1==k {print $2}' "/proc/$1/status"; }
@@ -125,8 +153,10 @@ one_run() {
     args=$(scenario_args "$scen")
     t0=$(date +%s.%N)
     allocs=""
-    local sock0
+    local sock0 err0 sdrop0
     sock0=$(server_sockets)
+    err0=$(rcvbuf_errors)
+    sdrop0=$(server_drops)
     if [[ $scen == idle* ]]; then
         # N allocations in N/1000 parallel uclient processes of 1000 clients each (uclient sets
         # up its clients one after another, ~0.1 s each). -h keeps the allocations after the
@@ -168,6 +198,9 @@ one_run() {
     echo "$out" >"$TMP/uclient.last"
     t1=$(date +%s.%N)
     cpu1=$(cpu_ticks "$SERVER_PID")
+    local sdrop odrop
+    sdrop=$(($(server_drops) - sdrop0))
+    odrop=$(($(rcvbuf_errors) - err0 - sdrop))
     hwm=$(status_kb "$SERVER_PID" VmHWM)
     [[ -n $rss ]] || rss=$(status_kb "$SERVER_PID" VmRSS)
     stop_server
@@ -182,19 +215,20 @@ one_run() {
     local wall cpu_s
     wall=$(echo "$t1 - $t0" | bc -l)
     cpu_s=$(echo "($cpu1 - $cpu0) / $HZ" | bc -l)
-    printf '%s,%s,%s,%s,%.1f,%s,%s,%s,%s,%s,%.2f,%s,%s,%s,%s\n' \
+    printf '%s,%s,%s,%s,%.1f,%s,%s,%s,%s,%s,%.2f,%s,%s,%s,%s,%s,%s\n' \
         "$round" "$server" "$scen" "$load" "$wall" "${xmit_s:-}" "${sent:-}" "${recv:-}" "${lost:-}" "${lostpct:-}" \
-        "$cpu_s" "$rss0" "$hwm" "$rss" "$allocs" | tee -a "$OUT"
+        "$cpu_s" "$rss0" "$hwm" "$rss" "$allocs" "$sdrop" "$odrop" | tee -a "$OUT"
     [[ -z ${KEEP_OUTPUT:-} ]] || cp "$TMP/uclient.last" "$KEEP_OUTPUT/$server-$scen-$round.txt"
 }
 
 {
 echo "# $(date -u +%FT%TZ) $(uname -r) cpus=$(nproc) $(turnserver --version 2>&1 | head -1) callgate=$(git rev-parse --short HEAD)"
-echo "round,server,scenario,load1,wall_s,transmit_s,sent,recv,lost,lost_pct,server_cpu_s,rss_start_kb,vmhwm_kb,rss_kb,new_server_sockets"
+echo "round,server,scenario,load1,wall_s,transmit_s,sent,recv,lost,lost_pct,server_cpu_s,rss_start_kb,vmhwm_kb,rss_kb,new_server_sockets,server_sock_drops,other_udp_drops"
 } | tee -a "$OUT"
 for round in $(seq "$ROUNDS"); do
     for scen in $SCENARIOS; do
-        one_run callgate "$scen" "$round"
-        one_run coturn "$scen" "$round"
+        for server in $SERVERS; do
+            one_run "$server" "$scen" "$round"
+        done
     done
 done

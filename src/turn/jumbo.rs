@@ -48,15 +48,18 @@ pub enum ClientPath {
 }
 
 impl ClientPath {
-    /// Sends one ChannelData frame to the client.
-    pub async fn send(&self, frame: Vec<u8>) {
+    /// Sends one ChannelData frame to the client without waiting: a full socket buffer or write
+    /// queue drops the frame, as UDP would. Returns whether it was handed on.
+    ///
+    /// Not `async` on purpose: relay sockets call this from inside their receive future, which
+    /// every idle allocation keeps allocated; an awaited send would make that future several
+    /// hundred bytes larger for a path that is almost never taken.
+    pub fn send(&self, frame: Vec<u8>) -> bool {
         match self {
-            ClientPath::Udp { socket, client } => {
-                let _ = socket.send_to(&frame, *client).await;
-            }
-            ClientPath::Stream { queue } => {
-                let _ = queue.try_send(super::stream::frame_for_stream(&frame));
-            }
+            ClientPath::Udp { socket, client } => socket.try_send_to(&frame, *client).is_ok(),
+            ClientPath::Stream { queue } => queue
+                .try_send(super::stream::frame_for_stream(&frame))
+                .is_ok(),
         }
     }
 }
@@ -233,6 +236,16 @@ mod tests {
         r.bind(0x4002, a); // rebinding a peer to another channel replaces the old pair
         assert_eq!(r.channel_for(a), Some(0x4002));
         assert_eq!(r.peer_for(0x4000), None);
+    }
+
+    #[test]
+    fn a_full_client_queue_drops_the_frame_instead_of_waiting() {
+        let (queue, mut rx) = mpsc::channel(1);
+        let path = ClientPath::Stream { queue };
+        assert!(path.send(channel_data(0x4000, b"first")));
+        assert!(!path.send(channel_data(0x4000, b"second")), "queue full");
+        assert!(rx.try_recv().is_ok());
+        assert!(path.send(channel_data(0x4000, b"third")));
     }
 
     #[test]

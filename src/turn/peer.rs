@@ -10,6 +10,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
 
 use async_trait::async_trait;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -23,9 +24,9 @@ use super::settings::RelayIps;
 use super::stats::TurnStats;
 
 thread_local! {
-    /// Where relay sockets read datagrams: one 64 KiB buffer per runtime thread, used only between
-    /// `readable()` and the copy out (never across an await), so thousands of allocations need no
-    /// buffer each and no datagram is ever truncated.
+    /// Where relay sockets read datagrams: one 64 KiB buffer per runtime thread, used only inside
+    /// one poll (never across an await), so thousands of allocations need no buffer each and no
+    /// datagram is ever truncated.
     static READ_BUFFER: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; 65_536]);
 }
 
@@ -103,18 +104,19 @@ impl turn::relay::RelayAddressGenerator for PeerSocketGenerator {
             .local_addr()
             .map_err(|e| turn::Error::Other(e.to_string()))?;
         relay_addr.set_ip(ip.advertised);
-        let limiter = || {
-            self.max_bytes_per_sec
-                .and_then(NonZeroU32::new)
-                .map(|bps| RateLimiter::direct(Quota::per_second(bps).allow_burst(bps)))
-        };
+        let budgets = self.max_bytes_per_sec.and_then(NonZeroU32::new).map(|bps| {
+            let limiter = || RateLimiter::direct(Quota::per_second(bps).allow_burst(bps));
+            Box::new(Budgets {
+                to_peer: limiter(),
+                to_client: limiter(),
+            })
+        });
         let conn = Arc::new(PeerSocket {
             socket,
             relay_addr,
             policy: Arc::clone(&self.policy),
             stats: Arc::clone(&self.stats),
-            to_peer_budget: limiter(),
-            to_client_budget: limiter(),
+            budgets,
             jumbo: Arc::clone(&self.jumbo),
             route: Mutex::new(JumboRoute::default()),
         });
@@ -181,18 +183,26 @@ pub fn bind_udp_std(
     Ok(socket.into())
 }
 
-/// One allocation's relay socket.
+/// One allocation's relay socket. The engine keeps one per allocation for the allocation's whole
+/// life, so its size (and that of its receive future) is paid by every idle allocation; see
+/// `docs/PERFORMANCE-TURN.md`, "Memory per allocation".
 pub struct PeerSocket {
     socket: UdpSocket,
     /// The advertised relayed address (the jumbo table's key for this socket).
     relay_addr: SocketAddr,
     policy: Arc<PeerFilter>,
     stats: Arc<TurnStats>,
-    to_peer_budget: Option<DefaultDirectRateLimiter>,
-    to_client_budget: Option<DefaultDirectRateLimiter>,
+    /// `max-bps`, boxed so that allocations without a cap (the default) do not carry two limiters.
+    budgets: Option<Box<Budgets>>,
     jumbo: Arc<JumboTable>,
     /// Channels and the client path, for datagrams too large for the engine.
     route: Mutex<JumboRoute>,
+}
+
+/// The `max-bps` limiters of one allocation, one per direction.
+struct Budgets {
+    to_peer: DefaultDirectRateLimiter,
+    to_client: DefaultDirectRateLimiter,
 }
 
 impl PeerSocket {
@@ -202,7 +212,7 @@ impl PeerSocket {
     }
 
     /// Relays a datagram too large for the engine to the client, on its bound channel.
-    async fn relay_oversized(&self, datagram: Vec<u8>, src: SocketAddr) {
+    fn relay_oversized(&self, datagram: Vec<u8>, src: SocketAddr) {
         let route = {
             let r = self.jumbo_route();
             r.channel_for(src).zip(r.client.clone())
@@ -215,24 +225,84 @@ impl PeerSocket {
             TurnStats::bump(&self.stats.oversized_dropped);
             return;
         }
-        TurnStats::add(&self.stats.bytes_to_clients, datagram.len());
-        TurnStats::bump(&self.stats.packets_to_clients);
-        client.send(channel_data(number, &datagram)).await;
+        if client.send(channel_data(number, &datagram)) {
+            TurnStats::add(&self.stats.bytes_to_clients, datagram.len());
+            TurnStats::bump(&self.stats.packets_to_clients);
+        } else {
+            TurnStats::bump(&self.stats.oversized_dropped);
+        }
     }
+
+    /// Polls for one datagram for the client: copies it into `buf` and returns its length and
+    /// sender, or handles it on the side (oversized, over budget) and keeps polling.
+    ///
+    /// A plain poll function, so that the future the engine keeps pending on every idle
+    /// allocation holds two references instead of tokio's readiness future and an awaited send.
+    fn poll_for_client(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<std::io::Result<(usize, SocketAddr)>> {
+        loop {
+            let received = READ_BUFFER.with(|cell| {
+                let mut big = cell.borrow_mut();
+                let mut read = tokio::io::ReadBuf::new(&mut big);
+                let src = ready!(self.socket.poll_recv_from(cx, &mut read))?;
+                let n = read.filled().len();
+                Poll::Ready(Ok::<_, std::io::Error>(if n <= buf.len() {
+                    buf[..n].copy_from_slice(read.filled());
+                    Received::Fits(n, src)
+                } else {
+                    Received::Oversized(read.filled().to_vec(), src)
+                }))
+            });
+            let (n, src) = match ready!(received)? {
+                Received::Fits(n, src) => (n, src),
+                Received::Oversized(datagram, src) => {
+                    if self.within_budget(Direction::ToClient, datagram.len()) {
+                        self.relay_oversized(datagram, src);
+                    } else {
+                        TurnStats::bump(&self.stats.bandwidth_dropped);
+                    }
+                    continue;
+                }
+            };
+            if !self.within_budget(Direction::ToClient, n) {
+                TurnStats::bump(&self.stats.bandwidth_dropped);
+                continue;
+            }
+            TurnStats::add(&self.stats.bytes_to_clients, n);
+            TurnStats::bump(&self.stats.packets_to_clients);
+            return Poll::Ready(Ok((n, src)));
+        }
+    }
+
+    /// Whether `len` bytes fit this allocation's `max-bps` budget in `direction` (always, without
+    /// a cap).
+    fn within_budget(&self, direction: Direction, len: usize) -> bool {
+        let Some(budgets) = &self.budgets else {
+            return true;
+        };
+        let limiter = match direction {
+            Direction::ToPeer => &budgets.to_peer,
+            Direction::ToClient => &budgets.to_client,
+        };
+        let n = NonZeroU32::new(len.max(1) as u32).unwrap_or(NonZeroU32::MIN);
+        matches!(limiter.check_n(n), Ok(Ok(())))
+    }
+}
+
+/// Which way a datagram goes, for the bandwidth cap.
+#[derive(Clone, Copy)]
+enum Direction {
+    ToPeer,
+    ToClient,
 }
 
 impl Drop for PeerSocket {
     fn drop(&mut self) {
         self.jumbo.unregister(self.relay_addr);
     }
-}
-
-fn within_budget(budget: &Option<DefaultDirectRateLimiter>, len: usize) -> bool {
-    let Some(limiter) = budget else {
-        return true;
-    };
-    let n = NonZeroU32::new(len.max(1) as u32).unwrap_or(NonZeroU32::MIN);
-    matches!(limiter.check_n(n), Ok(Ok(())))
 }
 
 #[async_trait]
@@ -246,40 +316,7 @@ impl Conn for PeerSocket {
     }
 
     async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
-        loop {
-            self.socket.readable().await?;
-            let received = READ_BUFFER.with(|cell| {
-                let mut big = cell.borrow_mut();
-                match self.socket.try_recv_from(&mut big) {
-                    Ok((n, src)) if n <= buf.len() => {
-                        buf[..n].copy_from_slice(&big[..n]);
-                        Ok(Some(Received::Fits(n, src)))
-                    }
-                    Ok((n, src)) => Ok(Some(Received::Oversized(big[..n].to_vec(), src))),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
-                    Err(e) => Err(e),
-                }
-            })?;
-            let (n, src) = match received {
-                None => continue,
-                Some(Received::Fits(n, src)) => (n, src),
-                Some(Received::Oversized(datagram, src)) => {
-                    if within_budget(&self.to_client_budget, datagram.len()) {
-                        self.relay_oversized(datagram, src).await;
-                    } else {
-                        TurnStats::bump(&self.stats.bandwidth_dropped);
-                    }
-                    continue;
-                }
-            };
-            if !within_budget(&self.to_client_budget, n) {
-                TurnStats::bump(&self.stats.bandwidth_dropped);
-                continue;
-            }
-            TurnStats::add(&self.stats.bytes_to_clients, n);
-            TurnStats::bump(&self.stats.packets_to_clients);
-            return Ok((n, src));
-        }
+        Ok(std::future::poll_fn(|cx| self.poll_for_client(cx, buf)).await?)
     }
 
     async fn send(&self, _buf: &[u8]) -> webrtc_util::Result<usize> {
@@ -291,12 +328,20 @@ impl Conn for PeerSocket {
             TurnStats::bump(&self.stats.refused_peers);
             return Ok(buf.len());
         }
-        if !within_budget(&self.to_peer_budget, buf.len()) {
+        if !self.within_budget(Direction::ToPeer, buf.len()) {
             TurnStats::bump(&self.stats.bandwidth_dropped);
             // Report success: the engine treats a short write as an error, a drop is UDP.
             return Ok(buf.len());
         }
-        let n = self.socket.send_to(buf, target).await?;
+        // Try the send first; wait for writability (a full socket buffer) through a poll function
+        // rather than `UdpSocket::send_to(..).await`: `async_trait` boxes this future on every
+        // call, and tokio's send future would make it, and the copy into the box, larger.
+        let n = match self.socket.try_send_to(buf, target) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::future::poll_fn(|cx| self.socket.poll_send_to(cx, buf, target)).await?
+            }
+            r => r?,
+        };
         TurnStats::add(&self.stats.bytes_to_peers, n);
         TurnStats::bump(&self.stats.packets_to_peers);
         Ok(n)
@@ -317,5 +362,61 @@ impl Conn for PeerSocket {
 
     fn as_any(&self) -> &(dyn std::any::Any + Send + Sync) {
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::turn::policy::PeerPolicy;
+
+    fn generator(max_bytes_per_sec: Option<u32>) -> PeerSocketGenerator {
+        let loopback = IpAddr::from([127, 0, 0, 1]);
+        PeerSocketGenerator {
+            relay_ips: RelayIps {
+                ipv4: Some(crate::turn::settings::RelayIp {
+                    bind: loopback,
+                    advertised: loopback,
+                }),
+                ipv6: None,
+            },
+            min_port: 49_000,
+            max_port: 49_999,
+            recv_buffer_bytes: 0,
+            policy: Arc::new(PeerPolicy::default().compile()),
+            stats: Arc::new(TurnStats::default()),
+            max_bytes_per_sec,
+            reserved: ReservedSlot::default(),
+            jumbo: Arc::new(JumboTable::default()),
+        }
+    }
+
+    /// The engine keeps one pending `recv_from` future per allocation for the allocation's whole
+    /// life (boxed by `async_trait`). It was 800 bytes while it held tokio's readiness future and
+    /// an awaited send; keep it to a few references.
+    #[tokio::test]
+    async fn the_pending_receive_of_an_idle_allocation_stays_small() {
+        use turn::relay::RelayAddressGenerator;
+        for cap in [None, Some(1_000_000)] {
+            let (conn, _) = generator(cap).allocate_conn(true, 0).await.unwrap();
+            let mut buf = [0u8; 1500];
+            let pending = conn.recv_from(&mut buf);
+            let size = std::mem::size_of_val(&*pending);
+            assert!(size <= 64, "recv_from future is {size} bytes");
+        }
+    }
+
+    /// What every allocation carries for its relay socket besides the socket itself.
+    #[test]
+    fn a_relay_socket_without_a_bandwidth_cap_carries_no_limiters() {
+        assert_eq!(
+            std::mem::size_of::<Option<Box<Budgets>>>(),
+            std::mem::size_of::<usize>()
+        );
+        assert!(
+            std::mem::size_of::<PeerSocket>() <= 192,
+            "{}",
+            std::mem::size_of::<PeerSocket>()
+        );
     }
 }

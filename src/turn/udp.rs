@@ -37,8 +37,10 @@ pub struct UdpFront {
     has_injected: AtomicBool,
     wake: Notify,
     shutdown: watch::Receiver<bool>,
-    /// Only the engine's read loop for this socket calls `recv_from`, so never contended.
-    staging: tokio::sync::Mutex<Vec<u8>>,
+    /// Only the engine's read loop for this socket calls `recv_from`, so never contended: a
+    /// `recv_from` takes the buffer out for its duration ([`Staging`]) instead of holding an async
+    /// lock, which cost a semaphore acquire and release per packet.
+    staging: Mutex<Vec<u8>>,
     /// Shared with this loop's relay-socket generator (RESERVATION-TOKEN).
     reserved: ReservedSlot,
 }
@@ -61,7 +63,7 @@ impl UdpFront {
             has_injected: AtomicBool::new(false),
             wake: Notify::new(),
             shutdown,
-            staging: tokio::sync::Mutex::new(vec![0; STAGING]),
+            staging: Mutex::new(vec![0; STAGING]),
             reserved: ReservedSlot::default(),
         })
     }
@@ -89,6 +91,30 @@ impl UdpFront {
     }
 }
 
+/// The staging buffer, taken out of its [`UdpFront`] for one `recv_from` and put back when that
+/// call ends or is dropped.
+struct Staging<'a> {
+    home: &'a Mutex<Vec<u8>>,
+    buf: Vec<u8>,
+}
+
+impl<'a> Staging<'a> {
+    fn take(home: &'a Mutex<Vec<u8>>) -> Self {
+        let mut buf = std::mem::take(&mut *home.lock().unwrap_or_else(|p| p.into_inner()));
+        if buf.len() < STAGING {
+            // Only if the engine ever called recv_from twice at once: the second call gets its own.
+            buf = vec![0; STAGING];
+        }
+        Staging { home, buf }
+    }
+}
+
+impl Drop for Staging<'_> {
+    fn drop(&mut self) {
+        *self.home.lock().unwrap_or_else(|p| p.into_inner()) = std::mem::take(&mut self.buf);
+    }
+}
+
 fn closed() -> webrtc_util::Error {
     webrtc_util::Error::ErrUseClosedNetworkConn
 }
@@ -104,7 +130,8 @@ impl Conn for UdpFront {
     }
 
     async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
-        let mut staging = self.staging.lock().await;
+        let mut staging = Staging::take(&self.staging);
+        let staging = &mut staging.buf;
         // The previous request has been handled: a reserved socket it did not use is released.
         self.reserved
             .lock()
@@ -122,14 +149,14 @@ impl Conn for UdpFront {
             // Under load a datagram is usually queued already: take it without building the
             // select! below, whose shutdown and wake futures cost more per packet than the gate
             // (see docs/PERFORMANCE-TURN.md). Only an empty socket waits.
-            let received = match self.socket.try_recv_from(&mut staging) {
+            let received = match self.socket.try_recv_from(staging) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     let mut shutdown = self.shutdown.clone();
                     tokio::select! {
                         biased;
                         _ = shutdown.changed() => return Err(closed()),
                         _ = self.wake.notified() => continue,
-                        r = self.socket.recv_from(&mut staging) => r,
+                        r = self.socket.recv_from(staging) => r,
                     }
                 }
                 r => r,
@@ -206,7 +233,13 @@ impl Conn for UdpFront {
                 );
             }
         }
-        Ok(self.socket.send_to(buf, target).await?)
+        // As in `PeerSocket::send_to`: try first, wait through a poll function (small future).
+        match self.socket.try_send_to(buf, target) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                Ok(std::future::poll_fn(|cx| self.socket.poll_send_to(cx, buf, target)).await?)
+            }
+            r => Ok(r?),
+        }
     }
 
     fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {
@@ -225,5 +258,26 @@ impl Conn for UdpFront {
 
     fn as_any(&self) -> &(dyn std::any::Any + Send + Sync) {
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_staging_buffer_goes_back_when_a_receive_ends_or_is_dropped() {
+        let home = Mutex::new(vec![0; STAGING]);
+        let ptr = home.lock().unwrap().as_ptr();
+        {
+            let first = Staging::take(&home);
+            assert_eq!(first.buf.as_ptr(), ptr, "the one buffer is reused");
+            assert!(home.lock().unwrap().is_empty());
+            // A second receive at the same time (the engine never does this) gets its own.
+            let second = Staging::take(&home);
+            assert_eq!(second.buf.len(), STAGING);
+            assert_ne!(second.buf.as_ptr(), ptr);
+        }
+        assert_eq!(home.lock().unwrap().len(), STAGING);
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use raw::*;
-use stun::message::Setter;
+use stun::message::{Getter, Setter};
 use tokio::net::UdpSocket;
 use turn::client::{Client, ClientConfig};
 use turn::proto::rsrvtoken::ReservationToken;
@@ -258,6 +258,41 @@ async fn user_quota_answers_486_and_frees_on_release() {
         tokio::task::yield_now().await;
     }
     assert!(freed, "slot freed after release");
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_retransmitted_allocate_gets_the_same_success_again() {
+    let relay = start(test_settings(), None).await;
+    let server = relay.udp_addrs()[0];
+    let mut client = RawClient::udp(server, "judy").await;
+    client.learn_nonce().await;
+    let allocate = client.request(
+        stun::message::METHOD_ALLOCATE,
+        vec![Box::new(udp_transport())],
+        true,
+    );
+    client.send_raw(&allocate.raw).await;
+    let first = client.recv_raw().await;
+    // As if that response was lost on the way: the client retransmits the same request.
+    client.send_raw(&allocate.raw).await;
+    let again = client.recv_raw().await;
+    assert_eq!(
+        again, first,
+        "the same success, not 437 Allocation Mismatch"
+    );
+    let mut response = stun::message::Message::new();
+    response.raw = again;
+    response.decode().unwrap();
+    assert_eq!(response.typ.class, stun::message::CLASS_SUCCESS_RESPONSE);
+    assert_eq!(relay.stats().snapshot().allocations_active, 1);
+    // The allocation works.
+    let relayed = {
+        let mut r = turn::proto::relayaddr::RelayedAddress::default();
+        r.get_from(&response).unwrap();
+        SocketAddr::new(r.ip, r.port)
+    };
+    channel_round_trip(&mut client, relayed).await;
     relay.shutdown().await;
 }
 

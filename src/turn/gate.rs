@@ -49,6 +49,21 @@ pub const NONCE_ACCEPTED_FOR: Duration = Duration::from_secs(50 * 60);
 /// Above this many remembered keys the cache is cleared (they are re-derived on the next request).
 const MAX_VERIFIED_KEYS: usize = 65_536;
 
+/// How long an Allocate success is kept to answer the request's retransmissions: a STUN client
+/// over UDP gives up on a transaction after 39.5 s (RFC 8489 §6.2.1, default timers).
+const ALLOCATE_REPLAY_FOR: Duration = Duration::from_secs(40);
+
+/// An Allocate success the engine sent over UDP, kept for [`ALLOCATE_REPLAY_FOR`].
+#[derive(Debug)]
+struct AllocateReply {
+    /// The transaction it answered.
+    transaction: [u8; 12],
+    /// The response as sent.
+    bytes: Vec<u8>,
+    /// When it was sent.
+    sent: Instant,
+}
+
 /// What the listener should do with an inbound packet.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -116,6 +131,10 @@ pub struct GateShared {
     jumbo: Arc<JumboTable>,
     /// Error responses carrying a NONCE the engine has sent: each is one entry in its nonce map.
     engine_nonces: AtomicUsize,
+    /// Recent Allocate successes over UDP, by 5-tuple: a retransmitted Allocate (its response was
+    /// lost) gets the same success again (RFC 8656 §7.2) instead of the engine's 437, after which
+    /// clients allocate anew and the first allocation would hold quota for its whole lifetime.
+    allocate_replies: Mutex<HashMap<AllocationKey, AllocateReply>>,
 }
 
 /// Long-term keys the gate has just verified, by client address, for [`RestAuthHandler`]: the
@@ -190,6 +209,8 @@ pub struct GateMemory {
     pub verified_keys: usize,
     /// Allocations (pending and confirmed) in the quota ledger.
     pub ledger_entries: usize,
+    /// Allocate successes kept to answer retransmissions.
+    pub allocate_replies: usize,
     /// Nonces the engine has issued (each one stays in its map): one per priming, none per
     /// client request.
     pub engine_nonces: usize,
@@ -241,6 +262,7 @@ impl GateShared {
             reservations,
             jumbo,
             engine_nonces: AtomicUsize::new(0),
+            allocate_replies: Mutex::new(HashMap::new()),
         })
     }
 
@@ -257,6 +279,8 @@ impl GateShared {
         self.unauthenticated.shrink_to_fit();
         self.ledger().expire_pending(now);
         self.reservations.prune(now);
+        self.allocate_replies()
+            .retain(|_, reply| now.duration_since(reply.sent) < ALLOCATE_REPLAY_FOR);
     }
 
     /// Relay sockets, allocations and channels known for oversized ChannelData.
@@ -272,6 +296,7 @@ impl GateShared {
     /// The engine closed an allocation (its `alloc_close_notify`).
     pub fn allocation_closed(&self, key: &AllocationKey) {
         self.jumbo.closed(key);
+        self.allocate_replies().remove(key);
         if self.ledger().release(key) == Some(true) {
             TurnStats::drop_one(&self.stats.allocations_active);
         }
@@ -283,6 +308,7 @@ impl GateShared {
             rate_limited_ips: self.unauthenticated.len(),
             verified_keys: self.verified.len(),
             ledger_entries: self.ledger().total(),
+            allocate_replies: self.allocate_replies().len(),
             engine_nonces: self.engine_nonces.load(Ordering::Relaxed),
             jumbo: self.jumbo.sizes(),
         }
@@ -290,6 +316,25 @@ impl GateShared {
 
     fn ledger(&self) -> std::sync::MutexGuard<'_, AllocationLedger> {
         self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn allocate_replies(&self) -> std::sync::MutexGuard<'_, HashMap<AllocationKey, AllocateReply>> {
+        self.allocate_replies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The success already sent for this Allocate transaction on this 5-tuple, if recent.
+    fn replay_allocate(
+        &self,
+        key: &AllocationKey,
+        transaction: [u8; 12],
+        now: Instant,
+    ) -> Option<Vec<u8>> {
+        let replies = self.allocate_replies();
+        let reply = replies.get(key)?;
+        let fresh = now.duration_since(reply.sent) < ALLOCATE_REPLAY_FOR;
+        (fresh && reply.transaction == transaction).then(|| reply.bytes.clone())
     }
 
     fn allow_unauthenticated(&self, ip: IpAddr) -> bool {
@@ -434,10 +479,22 @@ impl Gate {
         };
         let hkey = inspect::integrity_key(&key);
         let user = RestUsername::parse(username, wall).map_or("", |u| u.user);
+        if msg.method == method::ALLOCATE {
+            let replay = self.shared.replay_allocate(
+                &(self.transport, src, local),
+                msg.transaction_id(),
+                now,
+            );
+            if let Some(reply) = replay {
+                tracing::debug!(%src, user, "answering a retransmitted Allocate again");
+                return Verdict::Reply(reply);
+            }
+        }
         self.shared.verified.remember(src, username, key);
 
         match msg.method {
             method::ALLOCATE => {
+                let key = (self.transport, src, local);
                 let mut reserved_port = None;
                 if let Some(token) = msg.reservation_token() {
                     // The engine never honours tokens; the front does, for the ones it backed.
@@ -454,7 +511,6 @@ impl Gate {
                 if self.shared.relay_ips.for_family(wants_ipv4).is_none() {
                     return signed_error(&msg, 440, "Address Family not Supported", &hkey);
                 }
-                let key = (self.transport, src, local);
                 let reserved = self.shared.ledger().reserve(key, user, now);
                 if let Err(e) = reserved {
                     let counter = match e {
@@ -598,9 +654,21 @@ impl Gate {
         }
         match typ {
             ALLOCATE_SUCCESS => {
-                if self.shared.ledger().confirm(&(self.transport, dst, local)) {
+                let key = (self.transport, dst, local);
+                if self.shared.ledger().confirm(&key) {
                     TurnStats::bump(&self.shared.stats.allocations_created);
                     TurnStats::bump(&self.shared.stats.allocations_active);
+                }
+                // Only UDP loses responses; a reliable transport never retransmits.
+                if self.transport == Transport::Udp && packet.len() >= 20 {
+                    let mut transaction = [0u8; 12];
+                    transaction.copy_from_slice(&packet[8..20]);
+                    let reply = AllocateReply {
+                        transaction,
+                        bytes: packet.to_vec(),
+                        sent: Instant::now(),
+                    };
+                    self.shared.allocate_replies().insert(key, reply);
                 }
                 if let Some(allocated) = allocated_in(packet) {
                     return allocated;
@@ -955,6 +1023,47 @@ mod tests {
         let err = StunWriter::error_response(&parsed, 508, "").finish();
         gate.outbound(&err, client(2), local());
         assert_eq!(inbound(&gate, &req, client(4)), Verdict::Forward);
+    }
+
+    #[test]
+    fn a_retransmitted_allocate_gets_the_same_success_not_a_second_allocation() {
+        let s = shared(10, 100);
+        let gate = primed_gate(Arc::clone(&s));
+        let creds = TurnCredentials::new(&["new"]).unwrap();
+        let req = Req::new(method::ALLOCATE, &creds, "bob").bytes();
+        assert_eq!(inbound(&gate, &req, client(1)), Verdict::Forward);
+        s.verified.take_for(
+            client(1),
+            &Req::new(method::ALLOCATE, &creds, "bob").username,
+        );
+        let mut success = StunWriter::new(method::ALLOCATE, Class::Success, [9; 12]);
+        success.attribute(attr::LIFETIME, &600u32.to_be_bytes());
+        let success = success.finish();
+        gate.outbound(&success, client(1), local());
+        assert_eq!(s.memory().allocate_replies, 1);
+
+        // The response was lost; the client sends the same request again.
+        assert_eq!(
+            inbound(&gate, &req, client(1)),
+            Verdict::Reply(success.clone())
+        );
+        assert_eq!(s.stats.snapshot().allocations_active, 1);
+        assert_eq!(
+            s.memory().verified_keys,
+            0,
+            "the engine never sees the replay"
+        );
+        // Another client's identical bytes, or a new transaction, go to the engine as before.
+        assert_eq!(inbound(&gate, &req, client(2)), Verdict::Forward);
+        // Forty seconds on, or once the allocation is gone, nothing is replayed.
+        let later = Instant::now() + ALLOCATE_REPLAY_FOR;
+        let v = gate.inbound(&req, client(1), local(), SystemTime::now(), later);
+        assert_ne!(v, Verdict::Reply(success.clone()));
+        s.maintain(later);
+        assert_eq!(s.memory().allocate_replies, 0);
+        gate.outbound(&success, client(3), local());
+        s.allocation_closed(&(Transport::Udp, client(3), local()));
+        assert_eq!(s.memory().allocate_replies, 0);
     }
 
     #[test]

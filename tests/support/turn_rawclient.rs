@@ -172,16 +172,10 @@ impl RawClient {
         }
     }
 
-    /// Sends a request and waits for the response with the same transaction ID.
-    pub async fn transact(
-        &mut self,
-        method: Method,
-        attrs: Vec<Box<dyn Setter>>,
-        sign: bool,
-    ) -> Answer {
-        let tid = TransactionId::new();
+    /// A request with a new transaction ID, signed with the client's credentials if `sign`.
+    pub fn request(&self, method: Method, attrs: Vec<Box<dyn Setter>>, sign: bool) -> Message {
         let mut setters: Vec<Box<dyn Setter>> = vec![
-            Box::new(tid),
+            Box::new(TransactionId::new()),
             Box::new(MessageType::new(method, CLASS_REQUEST)),
         ];
         setters.extend(attrs);
@@ -200,6 +194,18 @@ impl RawClient {
         }
         let mut m = Message::new();
         m.build(&setters).unwrap();
+        m
+    }
+
+    /// Sends a request and waits for the response with the same transaction ID.
+    pub async fn transact(
+        &mut self,
+        method: Method,
+        attrs: Vec<Box<dyn Setter>>,
+        sign: bool,
+    ) -> Answer {
+        let m = self.request(method, attrs, sign);
+        let tid = m.transaction_id;
         self.send_raw(&m.raw).await;
         loop {
             let raw = self.recv_raw().await;

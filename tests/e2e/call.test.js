@@ -229,6 +229,24 @@ test('calling an ID nobody has, and cancelling while it rings', async () => {
   assertClean(a, b);
 });
 
+test('nobody answers: after 45 s the caller gives up and the callee sees a missed call', async () => {
+  const a = await person('A');
+  const b = await person('B');
+  // A's timers run on Playwright's clock so the 45-second wait takes no time; B and the server
+  // keep real time.
+  await a.page.clock.install();
+  await dial(a, b);
+  await a.page.waitForFunction(() => document.getElementById('outgoing-status').textContent === 'Ringing…', null, { timeout: STEP_MS });
+  await a.page.clock.fastForward(44_000);
+  assert.equal(await a.page.evaluate(() => window.callgate.state), 'outgoing', 'still ringing at 44 s');
+  assert.equal(await b.page.isVisible('#incoming'), true);
+  await a.page.clock.fastForward(2_000);
+  assert.match(await homeMessage(a, 'did not answer'), /did not answer/);
+  await Promise.all([waitState(a, 'idle'), waitState(b, 'idle')]);
+  await homeMessage(b, 'Missed call');
+  assertClean(a, b);
+});
+
 test('opening a shared link calls its owner', async () => {
   const b = await person('B');
   const bId = await idOf(b);

@@ -26,6 +26,10 @@ const MAX_HEAD: usize = 14;
 /// Largest payload of a control frame (close, ping, pong).
 const MAX_CONTROL_PAYLOAD: usize = 125;
 
+/// Payload buffer allocated before any of a frame's payload has arrived; it then doubles as bytes
+/// come in. Signaling messages are mostly 1–10 KB.
+const FIRST_READ: usize = 4096;
+
 /// What a frame carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpCode {
@@ -177,6 +181,12 @@ impl FrameReader {
         let body = self.body.as_mut().expect("set above");
         while body.bytes.len() < body.len {
             let missing = body.len - body.bytes.len();
+            if body.bytes.len() == body.bytes.capacity() {
+                // Grow with what arrives (doubling, never past the frame), so a header that
+                // announces a big frame costs nothing until its bytes are actually sent.
+                body.bytes
+                    .reserve_exact(missing.min(body.bytes.capacity().max(FIRST_READ)));
+            }
             let mut rest = (&mut body.bytes).limit(missing);
             if ready!(tokio_util::io::poll_read_buf(
                 Pin::new(&mut *io),
@@ -261,7 +271,7 @@ impl FrameReader {
             fin,
             opcode,
             mask,
-            bytes: Vec::with_capacity(len),
+            bytes: Vec::with_capacity(len.min(FIRST_READ)),
             len,
         })
     }
@@ -429,6 +439,24 @@ mod tests {
         let frame = read(&mut reader, &mut server).await.unwrap();
         assert_eq!(frame.payload, br#"{"type":"ping"}"#);
         assert_eq!(frame.opcode, OpCode::Text);
+    }
+
+    #[tokio::test]
+    async fn a_big_frame_costs_memory_only_as_its_bytes_arrive() {
+        let (mut client, mut server) = tokio::io::duplex(1 << 20);
+        let mut reader = FrameReader::new(1 << 20);
+        let payload = vec![b'x'; 60_000];
+        let bytes = client_frame(0x81, &payload);
+        // The header (4 bytes + mask) and ten payload bytes: the frame announces 60,000.
+        client.write_all(&bytes[..18]).await.unwrap();
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        assert!(reader.poll_frame(&mut server, &mut cx).is_pending());
+        let held = reader.body.as_ref().map(|b| b.bytes.capacity());
+        assert_eq!(held, Some(FIRST_READ));
+        client.write_all(&bytes[18..]).await.unwrap();
+        let frame = read(&mut reader, &mut server).await.unwrap();
+        assert_eq!(frame.payload, payload);
     }
 
     #[tokio::test]

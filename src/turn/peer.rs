@@ -5,7 +5,7 @@
 //! This module owns what happens at the peer edge: the port range, the receive buffer, the
 //! advertised (external) address, the bandwidth cap, the byte and packet counters, and — as defence
 //! in depth behind the gate's 403 — refusing to send to a forbidden peer even if a permission
-//! somehow exists. It must never send to an address [`PeerPolicy`] refuses.
+//! somehow exists. It must never send to an address [`PeerPolicy`](super::PeerPolicy) refuses.
 
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;

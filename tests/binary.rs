@@ -239,6 +239,21 @@ fn the_example_config_in_ops_is_valid() {
 }
 
 #[test]
+fn cargo_run_starts_the_gateway() {
+    // The README's first command is `cargo run --release`; with the load generator beside the
+    // gateway, cargo must know which binary that means.
+    let out = Command::new(env!("CARGO"))
+        .args(["run", "--quiet", "--", "--version"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("cargo runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "cargo run failed: {stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with("callgate "), "{stdout}");
+}
+
+#[test]
 fn help_lists_every_setting() {
     let out = Command::new(BIN).arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&out.stdout);

@@ -28,7 +28,7 @@ use ring::hmac;
 
 use super::credentials::{long_term_key, RestUsername, TurnCredentials};
 use super::inspect::{self, attr, method, Class, Packet, StunMessage, StunWriter};
-use super::jumbo::JumboTable;
+use super::jumbo::{ClientPath, JumboTable};
 use super::policy::{PeerFilter, PeerPolicy};
 use super::quota::{AllocationKey, AllocationLedger, QuotaExceeded, Transport};
 use super::reservation::PortReservations;
@@ -701,6 +701,27 @@ impl Gate {
             _ => {}
         }
         Outbound::Send
+    }
+
+    /// The engine allocated `relayed` for `client` (the [`Outbound::AllocatedThenSend`] answer):
+    /// hold the port a RESERVATION-TOKEN promised, and tell the jumbo table how to reach the
+    /// client through this listener.
+    pub fn allocated(
+        &self,
+        client: SocketAddr,
+        local: SocketAddr,
+        relayed: SocketAddr,
+        reserve: Option<[u8; 8]>,
+        path: ClientPath,
+    ) {
+        if let Some(token) = reserve {
+            self.shared
+                .reservations
+                .reserve(token, relayed, Instant::now());
+        }
+        self.shared
+            .jumbo
+            .allocated((self.transport, client, local), relayed, path);
     }
 
     fn rotate_nonce(&self, nonce: String, now: Instant) {

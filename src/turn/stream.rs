@@ -453,19 +453,11 @@ impl Conn for StreamFront {
             Outbound::Swallow => return Ok(buf.len()),
             Outbound::Send => {}
             Outbound::AllocatedThenSend { relayed, reserve } => {
-                let shared = self.gate.shared();
-                if let Some(token) = reserve {
-                    shared
-                        .reservations()
-                        .reserve(token, relayed, Instant::now());
-                }
-                shared.jumbo().allocated(
-                    (self.gate.transport(), target, self.local),
-                    relayed,
-                    ClientPath::Stream {
-                        queue: self.tx.clone(),
-                    },
-                );
+                let path = ClientPath::Stream {
+                    queue: self.tx.clone(),
+                };
+                self.gate
+                    .allocated(target, self.local, relayed, reserve, path);
             }
         }
         if target == self.peer {

@@ -9,7 +9,6 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use async_trait::async_trait;
 use tokio::net::UdpSocket;
@@ -217,20 +216,12 @@ impl Conn for UdpFront {
             Outbound::Swallow => return Ok(buf.len()),
             Outbound::Send => {}
             Outbound::AllocatedThenSend { relayed, reserve } => {
-                let shared = self.gate.shared();
-                if let Some(token) = reserve {
-                    shared
-                        .reservations()
-                        .reserve(token, relayed, Instant::now());
-                }
-                shared.jumbo().allocated(
-                    (Transport::Udp, target, self.local),
-                    relayed,
-                    ClientPath::Udp {
-                        socket: Arc::clone(&self.socket),
-                        client: target,
-                    },
-                );
+                let path = ClientPath::Udp {
+                    socket: Arc::clone(&self.socket),
+                    client: target,
+                };
+                self.gate
+                    .allocated(target, self.local, relayed, reserve, path);
             }
         }
         // As in `PeerSocket::send_to`: try first, wait through a poll function (small future).

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use raw::*;
-use stun::message::{Getter, Setter};
+use stun::message::Setter;
 use tokio::net::UdpSocket;
 use turn::client::{Client, ClientConfig};
 use turn::proto::rsrvtoken::ReservationToken;
@@ -287,12 +287,7 @@ async fn a_retransmitted_allocate_gets_the_same_success_again() {
     assert_eq!(response.typ.class, stun::message::CLASS_SUCCESS_RESPONSE);
     assert_eq!(relay.stats().snapshot().allocations_active, 1);
     // The allocation works.
-    let relayed = {
-        let mut r = turn::proto::relayaddr::RelayedAddress::default();
-        r.get_from(&response).unwrap();
-        SocketAddr::new(r.ip, r.port)
-    };
-    channel_round_trip(&mut client, relayed).await;
+    channel_round_trip(&mut client, relayed_address(&response)).await;
     relay.shutdown().await;
 }
 

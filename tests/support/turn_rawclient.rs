@@ -265,9 +265,7 @@ impl RawClient {
                 )
                 .check(&mut m.clone())
                 .expect("success responses are signed");
-                let mut relayed = RelayedAddress::default();
-                relayed.get_from(&m).unwrap();
-                Ok(SocketAddr::new(relayed.ip, relayed.port))
+                Ok(relayed_address(&m))
             }
             Answer::Error(code, _) => Err(code),
         }
@@ -340,6 +338,13 @@ fn split_channel_data(f: &[u8]) -> (u16, Vec<u8>) {
     let n = u16::from_be_bytes([f[0], f[1]]);
     let len = u16::from_be_bytes([f[2], f[3]]) as usize;
     (n, f[4..4 + len].to_vec())
+}
+
+/// The XOR-RELAYED-ADDRESS of an Allocate success.
+pub fn relayed_address(success: &Message) -> SocketAddr {
+    let mut relayed = RelayedAddress::default();
+    relayed.get_from(success).unwrap();
+    SocketAddr::new(relayed.ip, relayed.port)
 }
 
 pub fn udp_transport() -> RequestedTransport {

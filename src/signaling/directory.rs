@@ -54,16 +54,6 @@ impl PushError {
     }
 }
 
-impl Outbox for tokio::sync::mpsc::Sender<Bytes> {
-    fn try_push(&self, frame: Bytes) -> Result<(), PushError> {
-        use tokio::sync::mpsc::error::TrySendError;
-        self.try_send(frame).map_err(|e| match e {
-            TrySendError::Full(frame) => PushError::Full(frame),
-            TrySendError::Closed(frame) => PushError::Closed(frame),
-        })
-    }
-}
-
 /// Which connection currently holds an ID.
 ///
 /// The epoch changes whenever the ID moves to another connection (a resume), so a connection that

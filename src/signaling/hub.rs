@@ -15,7 +15,6 @@
 //!
 //! ```
 //! use std::time::Instant;
-//! use bytes::Bytes;
 //! use callgate::signaling::{SignalingLimits, directory::MemoryDirectory};
 //! use callgate::signaling::hub::{Departure, Hub};
 //!
@@ -23,7 +22,7 @@
 //! let hub = Hub::new(MemoryDirectory::new(&limits), limits);
 //!
 //! // On upgrade: the hub keeps the only sender; the session task writes what `rx` yields.
-//! let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(128);
+//! let (tx, mut rx) = callgate::signaling::outbox::channel(128);
 //! let mut conn = hub.connect(tx, None, Instant::now()).expect("room for one more");
 //! assert!(rx.try_recv().unwrap().starts_with(br#"{"type":"id","id":"#));
 //!
@@ -1866,14 +1865,14 @@ mod tests {
     }
 
     #[test]
-    fn the_hub_is_shareable_across_tasks_with_tokio_channels() {
+    fn the_hub_is_shareable_across_tasks_with_session_outboxes() {
         fn assert_shareable<T: Send + Sync>() {}
-        assert_shareable::<Hub<MemoryDirectory<tokio::sync::mpsc::Sender<Bytes>>>>();
+        assert_shareable::<Hub<MemoryDirectory<crate::signaling::outbox::OutboxSender>>>();
         let hub = Hub::new(
             MemoryDirectory::new(&SignalingLimits::default()),
             SignalingLimits::default(),
         );
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(8);
+        let (tx, mut rx) = crate::signaling::outbox::channel(8);
         let mut conn = hub.connect(tx, None, Instant::now()).unwrap();
         let _ = hub.handle_text(&mut conn, br#"{"type":"ping"}"#, Instant::now());
         let hello: Value = serde_json::from_slice(&rx.try_recv().unwrap()).unwrap();

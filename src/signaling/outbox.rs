@@ -134,6 +134,11 @@ impl OutboxReceiver {
         pop(&mut self.shared.lock())
     }
 
+    /// Whether the sender is gone (frames already queued can still be taken).
+    pub fn is_closed(&self) -> bool {
+        self.shared.lock().sender_gone
+    }
+
     /// Waits for the next frame; `None` once the sender is gone and the queue is empty.
     pub async fn recv(&mut self) -> Option<Bytes> {
         std::future::poll_fn(|cx| self.poll_recv(cx)).await
@@ -168,7 +173,9 @@ mod tests {
         for text in ["a", "b", "c"] {
             tx.try_push(Bytes::from_static(text.as_bytes())).unwrap();
         }
+        assert!(!rx.is_closed());
         drop(tx);
+        assert!(rx.is_closed());
         assert_eq!(rx.recv().await.as_deref(), Some(&b"a"[..]));
         assert_eq!(rx.try_recv().as_deref(), Some(&b"b"[..]));
         assert_eq!(rx.recv().await.as_deref(), Some(&b"c"[..]));

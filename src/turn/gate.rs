@@ -96,6 +96,9 @@ pub enum DropReason {
     NotPrimed,
     /// The packet claims the priming address.
     Spoofed,
+    /// A Send indication the engine could read differently from the gate (see
+    /// [`inspect::Ambiguity`]); indications get no answer.
+    Ambiguous,
 }
 
 /// What the listener should do with a packet the engine wants to send to a client.
@@ -337,6 +340,11 @@ impl GateShared {
         (fresh && reply.transaction == transaction).then(|| reply.bytes.clone())
     }
 
+    /// Whether `peer` may be relayed to: the peer policy for its IP.
+    fn check_peer(&self, peer: SocketAddr) -> Result<(), super::policy::PeerRefusal> {
+        self.policy.check(peer.ip())
+    }
+
     fn allow_unauthenticated(&self, ip: IpAddr) -> bool {
         if self.unauthenticated.check_key(&ip).is_ok() {
             true
@@ -449,15 +457,22 @@ impl Gate {
             Err(_) => return Verdict::Drop(DropReason::NotTurn),
         };
         match msg.class {
-            Class::Indication if msg.method == method::SEND => return Verdict::Forward,
+            Class::Indication if msg.method == method::SEND => {
+                return match msg.ambiguity() {
+                    None => Verdict::Forward,
+                    Some(_) => Verdict::Drop(DropReason::Ambiguous),
+                };
+            }
             Class::Request => {}
             _ => return Verdict::Drop(DropReason::NotTurn),
         }
         if msg.method == method::BINDING {
-            return if self.shared.allow_unauthenticated(src.ip()) {
-                Verdict::Forward
-            } else {
+            return if !self.shared.allow_unauthenticated(src.ip()) {
                 Verdict::Drop(DropReason::RateLimited)
+            } else if msg.ambiguity().is_some() {
+                Verdict::Reply(StunWriter::error_response(&msg, 400, "Bad Request").finish())
+            } else {
+                Verdict::Forward
             };
         }
         if !msg.has_integrity() {
@@ -479,6 +494,12 @@ impl Gate {
         };
         let hkey = inspect::integrity_key(&key);
         let user = RestUsername::parse(username, wall).map_or("", |u| u.user);
+        // One reading of every request: what the engine would read differently is refused.
+        if let Some(why) = msg.ambiguity() {
+            TurnStats::bump(&self.shared.stats.ambiguous_requests);
+            tracing::debug!(%src, user, "refusing an ambiguous request: {why}");
+            return signed_error(&msg, 400, "Bad Request", &hkey);
+        }
         if msg.method == method::ALLOCATE {
             let replay = self.shared.replay_allocate(
                 &(self.transport, src, local),
@@ -505,9 +526,13 @@ impl Gate {
                 }
                 // RFC 6156: no REQUESTED-ADDRESS-FAMILY means IPv4. Answer 440 for a family the
                 // relay does not have, rather than letting the engine fail with 508.
-                let wants_ipv4 = msg
-                    .attribute(attr::REQUESTED_ADDRESS_FAMILY)
-                    .is_none_or(|v| v.first() == Some(&0x01));
+                let wants_ipv4 = match msg.requested_family() {
+                    None | Some(0x01) => true,
+                    Some(0x02) => false,
+                    Some(_) => {
+                        return signed_error(&msg, 440, "Address Family not Supported", &hkey)
+                    }
+                };
                 if self.shared.relay_ips.for_family(wants_ipv4).is_none() {
                     return signed_error(&msg, 440, "Address Family not Supported", &hkey);
                 }
@@ -533,19 +558,22 @@ impl Gate {
                 None => Verdict::Forward,
             },
             method::CREATE_PERMISSION | method::CHANNEL_BIND => {
-                if msg.too_many_peers {
-                    return signed_error(&msg, 400, "Too Many Peer Addresses", &hkey);
+                // The engine grants the first XOR-PEER-ADDRESS (once per peer attribute); the
+                // gate checks every one and counts every one against the cap, so nothing the
+                // engine acts on went unchecked. ChannelBind names exactly one peer.
+                let n = msg.peer_count();
+                let bind = msg.method == method::CHANNEL_BIND;
+                if n == 0 || (bind && (n != 1 || msg.channel_number().is_none())) {
+                    return signed_error(&msg, 400, "Bad Request", &hkey);
                 }
                 let mut ips = [IpAddr::V4(Ipv4Addr::UNSPECIFIED); inspect::MAX_PEERS];
-                let mut n = 0;
-                for peer in msg.peers().flatten() {
-                    if let Err(why) = self.shared.policy.check(peer.ip()) {
+                for (i, peer) in msg.peers().enumerate() {
+                    if let Err(why) = self.shared.check_peer(peer) {
                         TurnStats::bump(&self.shared.stats.refused_peers);
                         tracing::debug!(%src, %peer, user, "refusing peer: {why}");
                         return signed_error(&msg, 403, "Forbidden", &hkey);
                     }
-                    ips[n] = peer.ip();
-                    n += 1;
+                    ips[i] = peer.ip();
                 }
                 let key = (self.transport, src, local);
                 let admitted = self.shared.ledger().admit_peers(
@@ -558,22 +586,12 @@ impl Gate {
                     tracing::debug!(%src, user, "refusing permission: {e}");
                     return signed_error(&msg, 508, "Insufficient Capacity", &hkey);
                 }
-                if msg.method == method::CHANNEL_BIND && n == 1 {
-                    let number = msg
-                        .attribute(attr::CHANNEL_NUMBER)
-                        .filter(|v| v.len() >= 2)
-                        .map(|v| u16::from_be_bytes([v[0], v[1]]));
-                    if let Some(number) = number {
-                        let peer = msg.peers().flatten().next();
-                        if let Some(peer) = peer {
-                            self.shared.jumbo.bind_requested(
-                                key,
-                                msg.transaction_id(),
-                                number,
-                                peer,
-                            );
-                        }
-                    }
+                if let (true, Some(number), Some(peer)) =
+                    (bind, msg.channel_number(), msg.peers().next())
+                {
+                    self.shared
+                        .jumbo
+                        .bind_requested(key, msg.transaction_id(), number, peer);
                 }
                 Verdict::Forward
             }
@@ -752,10 +770,7 @@ pub fn engine_lifetime(method: u16, requested: u32) -> Option<u32> {
 /// Re-signs an Allocate or Refresh for the engine if it carries DONT-FRAGMENT (the engine would
 /// answer 420) or a LIFETIME the engine would misapply.
 fn rewrite_for_engine(msg: &StunMessage<'_>, key: &hmac::Key) -> Option<Vec<u8>> {
-    let lifetime = msg
-        .attribute(attr::LIFETIME)
-        .and_then(|v| <[u8; 4]>::try_from(v).ok())
-        .and_then(|v| engine_lifetime(msg.method, u32::from_be_bytes(v)));
+    let lifetime = msg.lifetime().and_then(|v| engine_lifetime(msg.method, v));
     if !msg.dont_fragment && lifetime.is_none() {
         return None;
     }
@@ -875,6 +890,9 @@ mod tests {
             let tid = [9u8; 12];
             let mut w = StunWriter::new(self.method, Class::Request, tid);
             w.attribute(0x0019, &[17, 0, 0, 0]);
+            if self.method == method::CHANNEL_BIND {
+                w.attribute(attr::CHANNEL_NUMBER, &[0x40, 0, 0, 0]);
+            }
             for p in &self.peers {
                 w.attribute(attr::XOR_PEER_ADDRESS, &encode_xor_address(*p, &tid));
             }
@@ -888,6 +906,9 @@ mod tests {
             w.finish_with_integrity(&integrity_key(&key))
         }
     }
+
+    /// An attribute nobody reads (SOFTWARE).
+    const SOFTWARE_FOR_TESTS: u16 = 0x8022;
 
     fn reply_code(v: &Verdict) -> Option<u16> {
         match v {
@@ -1102,7 +1123,11 @@ mod tests {
                 "[64:ff9b::a9fe:a9fe]:80",
             ] {
                 let mut req = Req::new(method, &creds, "a");
-                req.peers = vec!["8.8.8.8:1".parse().unwrap(), peer.parse().unwrap()];
+                req.peers = vec![peer.parse().unwrap()];
+                if method == method::CREATE_PERMISSION {
+                    // Every peer is checked, not only the first.
+                    req.peers.insert(0, "8.8.8.8:1".parse().unwrap());
+                }
                 assert_eq!(
                     reply_code(&inbound(&gate, &req.bytes(), client(1))),
                     Some(403),
@@ -1114,6 +1139,203 @@ mod tests {
             assert_eq!(inbound(&gate, &ok.bytes(), client(1)), Verdict::Forward);
         }
         assert_eq!(gate.shared.stats.snapshot().refused_peers, 14);
+    }
+
+    /// Appends one attribute to a finished message (after MESSAGE-INTEGRITY, if it has one).
+    fn append(mut bytes: Vec<u8>, typ: u16, value: &[u8]) -> Vec<u8> {
+        bytes.extend_from_slice(&typ.to_be_bytes());
+        bytes.extend_from_slice(&(value.len() as u16).to_be_bytes());
+        bytes.extend_from_slice(value);
+        bytes.resize(bytes.len().next_multiple_of(4), 0);
+        let len = (bytes.len() - inspect::HEADER_LEN) as u16;
+        bytes[2..4].copy_from_slice(&len.to_be_bytes());
+        bytes
+    }
+
+    /// A signed request with `extra` attributes before MESSAGE-INTEGRITY.
+    fn signed_with(req: &Req, extra: &[(u16, Vec<u8>)]) -> Vec<u8> {
+        let tid = [9u8; 12];
+        let mut w = StunWriter::new(req.method, Class::Request, tid);
+        for (t, v) in extra {
+            w.attribute(*t, v);
+        }
+        for p in &req.peers {
+            w.attribute(attr::XOR_PEER_ADDRESS, &encode_xor_address(*p, &tid));
+        }
+        w.attribute(attr::USERNAME, req.username.as_bytes());
+        w.attribute(attr::REALM, REALM.as_bytes());
+        w.attribute(attr::NONCE, req.nonce.as_bytes());
+        let key = long_term_key(&req.username, REALM, &req.password);
+        w.finish_with_integrity(&integrity_key(&key))
+    }
+
+    #[test]
+    fn a_peer_after_message_integrity_gets_400_not_the_engine() {
+        let s = shared(10, 100);
+        let gate = primed_gate(Arc::clone(&s));
+        let creds = TurnCredentials::new(&["new"]).unwrap();
+        let req = Req::new(method::CREATE_PERMISSION, &creds, "a");
+        let bytes = req.bytes();
+        // The engine would grant 10.0.0.1, which the policy refuses; the gate saw no peer.
+        let after = append(
+            bytes,
+            attr::XOR_PEER_ADDRESS,
+            &encode_xor_address("10.0.0.1:9".parse().unwrap(), &[9; 12]),
+        );
+        assert_eq!(reply_code(&inbound(&gate, &after, client(1))), Some(400));
+        // FINGERPRINT after MESSAGE-INTEGRITY is fine, anything after FINGERPRINT is not.
+        let mut ok = Req::new(method::CREATE_PERMISSION, &creds, "a");
+        ok.peers = vec!["8.8.8.8:1".parse().unwrap()];
+        let fp = append(ok.bytes(), attr::FINGERPRINT, &[0; 4]);
+        assert_eq!(inbound(&gate, &fp, client(1)), Verdict::Forward);
+        let fp_then = append(fp, SOFTWARE_FOR_TESTS, b"x");
+        assert_eq!(reply_code(&inbound(&gate, &fp_then, client(1))), Some(400));
+        assert_eq!(s.stats.snapshot().ambiguous_requests, 2);
+    }
+
+    #[test]
+    fn peer_addresses_must_decode_strictly() {
+        let gate = primed_gate(shared(10, 100));
+        let creds = TurnCredentials::new(&["new"]).unwrap();
+        let good = encode_xor_address("127.0.0.1:9".parse().unwrap(), &[9; 12]);
+        let mut cases: Vec<Vec<u8>> = (5..8).map(|n| good[..n].to_vec()).collect();
+        cases.push([&good[..], &[0]].concat()); // 9 bytes
+        let mut v6_short = encode_xor_address("[2001:db8::1]:9".parse().unwrap(), &[9; 12]);
+        v6_short.truncate(16);
+        cases.push(v6_short);
+        let mut family_in_first_byte = good.clone();
+        family_in_first_byte[0] = 1; // the stun crate reads the family as a u16
+        cases.push(family_in_first_byte);
+        let mut family_3 = good.clone();
+        family_3[1] = 3;
+        cases.push(family_3);
+        for method in [method::CREATE_PERMISSION, method::CHANNEL_BIND] {
+            for value in &cases {
+                let req = Req::new(method, &creds, "a");
+                let extra = [
+                    (attr::CHANNEL_NUMBER, vec![0x40, 0, 0, 0]),
+                    (attr::XOR_PEER_ADDRESS, value.clone()),
+                ];
+                let extra = if method == method::CHANNEL_BIND {
+                    &extra[..]
+                } else {
+                    &extra[1..]
+                };
+                let bytes = signed_with(&req, extra);
+                assert_eq!(
+                    reply_code(&inbound(&gate, &bytes, client(1))),
+                    Some(400),
+                    "{value:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn peer_lists_must_be_present_and_channel_bind_names_one() {
+        let gate = primed_gate(shared(10, 100));
+        let creds = TurnCredentials::new(&["new"]).unwrap();
+        let empty = Req::new(method::CREATE_PERMISSION, &creds, "a");
+        assert_eq!(
+            reply_code(&inbound(&gate, &empty.bytes(), client(1))),
+            Some(400)
+        );
+        let mut two = Req::new(method::CHANNEL_BIND, &creds, "a");
+        two.peers = vec!["8.8.8.8:1".parse().unwrap(), "8.8.4.4:1".parse().unwrap()];
+        assert_eq!(
+            reply_code(&inbound(&gate, &two.bytes(), client(1))),
+            Some(400)
+        );
+        let mut no_number = Req::new(method::CHANNEL_BIND, &creds, "a");
+        no_number.method = method::CHANNEL_BIND;
+        no_number.peers = vec!["8.8.8.8:1".parse().unwrap()];
+        let bytes = signed_with(
+            &Req {
+                method: method::CHANNEL_BIND,
+                ..no_number
+            },
+            &[],
+        );
+        assert_eq!(reply_code(&inbound(&gate, &bytes, client(1))), Some(400));
+    }
+
+    #[test]
+    fn duplicated_attributes_get_400() {
+        let gate = primed_gate(shared(10, 100));
+        let creds = TurnCredentials::new(&["new"]).unwrap();
+        let udp = || (attr::REQUESTED_TRANSPORT, vec![17, 0, 0, 0]);
+        let life = |s: u32| (attr::LIFETIME, s.to_be_bytes().to_vec());
+        type Attributes = Vec<(u16, Vec<u8>)>;
+        let cases: Vec<(u16, Attributes)> = vec![
+            (
+                method::ALLOCATE,
+                vec![udp(), (attr::REQUESTED_TRANSPORT, vec![6, 0, 0, 0])],
+            ),
+            (method::ALLOCATE, vec![udp(), life(600), life(3000)]),
+            (method::REFRESH, vec![life(0), life(600)]),
+            (
+                method::ALLOCATE,
+                vec![
+                    udp(),
+                    (attr::DONT_FRAGMENT, vec![]),
+                    (attr::DONT_FRAGMENT, vec![]),
+                ],
+            ),
+            (
+                method::ALLOCATE,
+                vec![
+                    udp(),
+                    (attr::REQUESTED_ADDRESS_FAMILY, vec![1, 0, 0, 0]),
+                    (attr::REQUESTED_ADDRESS_FAMILY, vec![2, 0, 0, 0]),
+                ],
+            ),
+            // Lengths the engine would ignore (LIFETIME of 3 bytes reads as no LIFETIME).
+            (method::REFRESH, vec![(attr::LIFETIME, vec![0, 0, 0])]),
+            (
+                method::ALLOCATE,
+                vec![udp(), (attr::REQUESTED_ADDRESS_FAMILY, vec![2])],
+            ),
+            (
+                method::ALLOCATE,
+                vec![udp(), (attr::EVEN_PORT, vec![0x80, 0])],
+            ),
+        ];
+        for (method, extra) in cases {
+            let req = Req::new(method, &creds, "a");
+            let bytes = signed_with(&req, &extra);
+            assert_eq!(
+                reply_code(&inbound(&gate, &bytes, client(1))),
+                Some(400),
+                "{extra:?}"
+            );
+        }
+        // Two USERNAMEs: the real one first (a wrong first one is simply a 401).
+        let req = Req::new(method::REFRESH, &creds, "a");
+        let mut w = StunWriter::new(method::REFRESH, Class::Request, [9; 12]);
+        w.attribute(attr::USERNAME, req.username.as_bytes());
+        w.attribute(attr::USERNAME, b"someone-else");
+        w.attribute(attr::REALM, REALM.as_bytes());
+        w.attribute(attr::NONCE, req.nonce.as_bytes());
+        let key = long_term_key(&req.username, REALM, &req.password);
+        let bytes = w.finish_with_integrity(&integrity_key(&key));
+        assert_eq!(reply_code(&inbound(&gate, &bytes, client(1))), Some(400));
+    }
+
+    #[test]
+    fn ambiguous_send_indications_are_dropped() {
+        let gate = primed_gate(shared(10, 100));
+        let tid = [3u8; 12];
+        let peer = encode_xor_address("8.8.8.8:1".parse().unwrap(), &tid);
+        let mut w = StunWriter::new(method::SEND, Class::Indication, tid);
+        w.attribute(attr::XOR_PEER_ADDRESS, &peer);
+        w.attribute(attr::DATA, b"hi");
+        let ok = w.finish();
+        assert_eq!(inbound(&gate, &ok, client(1)), Verdict::Forward);
+        let twice = append(ok, attr::DATA, b"other");
+        assert_eq!(
+            inbound(&gate, &twice, client(1)),
+            Verdict::Drop(DropReason::Ambiguous)
+        );
     }
 
     #[test]

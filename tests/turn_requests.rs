@@ -1,0 +1,129 @@
+//! One reading of every request: what the engine acts on is what the gate checked. Each test
+//! sends, over a real UDP socket to the real relay, a request the `turn` engine would read
+//! differently from the gate (issue 11, finding 1), and expects 400 — before the fix each of
+//! these was granted.
+
+#[path = "support/turn_rawclient.rs"]
+mod raw;
+
+use std::net::SocketAddr;
+
+use raw::*;
+use stun::message::{Setter, METHOD_CREATE_PERMISSION, METHOD_REFRESH};
+use turn::proto::lifetime::Lifetime;
+use turn::proto::peeraddr::PeerAddress;
+
+/// XOR-PEER-ADDRESS.
+const XOR_PEER_ADDRESS: u16 = 0x0012;
+
+fn peer_attr(peer: SocketAddr) -> PeerAddress {
+    PeerAddress {
+        ip: peer.ip(),
+        port: peer.port(),
+    }
+}
+
+/// A relay with the default peer policy (loopback refused) and an allocation on it.
+async fn allocated(user: &str) -> (callgate::turn::RunningRelay, RawClient) {
+    let mut settings = test_settings();
+    settings.allowed_peer_ips.clear();
+    let relay = start(settings, None).await;
+    let mut client = RawClient::udp(relay.udp_addrs()[0], user).await;
+    client.allocate().await.unwrap();
+    (relay, client)
+}
+
+#[tokio::test]
+async fn a_refused_peer_after_message_integrity_gets_400_not_a_permission() {
+    let (relay, mut client) = allocated("mia").await;
+    let loopback: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    assert_eq!(client.create_permission(loopback).await.code(), Some(403));
+    // The same peer placed after MESSAGE-INTEGRITY, where the gate used not to look.
+    let mut m = client.request(METHOD_CREATE_PERMISSION, vec![], true);
+    peer_attr(loopback).add_to(&mut m).unwrap();
+    assert_eq!(client.exchange(&m).await.code(), Some(400));
+    // And after an allowed one before it.
+    let mut m = client.request(
+        METHOD_CREATE_PERMISSION,
+        vec![Box::new(peer_attr("192.0.2.1:9".parse().unwrap()))],
+        true,
+    );
+    peer_attr(loopback).add_to(&mut m).unwrap();
+    assert_eq!(client.exchange(&m).await.code(), Some(400));
+    assert_eq!(relay.stats().snapshot().ambiguous_requests, 2);
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_truncated_peer_address_gets_400() {
+    let (relay, mut client) = allocated("tia").await;
+    for len in 5..=7 {
+        // Family 1, port 9, then 1–3 bytes of 127.x: the engine zero-filled the rest.
+        let mut value = vec![0, 1, 0x21, 0x12 ^ 9, 0x7f ^ 0x21, 0x12, 0xa4];
+        value.truncate(len);
+        let a = client
+            .transact(
+                METHOD_CREATE_PERMISSION,
+                vec![Box::new(RawAttribute(XOR_PEER_ADDRESS, value))],
+                true,
+            )
+            .await;
+        assert_eq!(a.code(), Some(400), "{len} bytes");
+    }
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn peers_after_message_integrity_cannot_grow_permissions_past_the_cap() {
+    let (relay, mut client) = allocated("flo").await;
+    // The default cap: 64 distinct peer IPs per allocation.
+    for i in 0..64u8 {
+        let peer: SocketAddr = SocketAddr::from(([192, 0, 2, i], 9));
+        assert_eq!(client.create_permission(peer).await.code(), None, "{peer}");
+    }
+    let next: SocketAddr = "198.51.100.1:9".parse().unwrap();
+    assert_eq!(client.create_permission(next).await.code(), Some(508));
+    for i in 0..50u8 {
+        let mut m = client.request(METHOD_CREATE_PERMISSION, vec![], true);
+        peer_attr(SocketAddr::from(([198, 51, 100, i], 9)))
+            .add_to(&mut m)
+            .unwrap();
+        assert_eq!(client.exchange(&m).await.code(), Some(400), "peer {i}");
+    }
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn create_permission_without_a_peer_gets_400() {
+    let (relay, mut client) = allocated("nia").await;
+    let a = client
+        .transact(METHOD_CREATE_PERMISSION, vec![], true)
+        .await;
+    assert_eq!(a.code(), Some(400));
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn two_lifetimes_in_a_refresh_get_400() {
+    let (relay, mut client) = allocated("lia").await;
+    let a = client
+        .transact(
+            METHOD_REFRESH,
+            vec![
+                Box::new(Lifetime(std::time::Duration::from_secs(0))),
+                Box::new(Lifetime(std::time::Duration::from_secs(600))),
+            ],
+            true,
+        )
+        .await;
+    assert_eq!(a.code(), Some(400));
+    // The allocation is still there: a plain refresh succeeds.
+    assert_eq!(
+        client
+            .refresh(std::time::Duration::from_secs(600))
+            .await
+            .code(),
+        None
+    );
+    relay.shutdown().await;
+}

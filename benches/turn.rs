@@ -31,6 +31,7 @@ fn gate() -> Gate {
             policy: PeerPolicy::default(),
             user_quota: 10,
             total_quota: 10_000,
+            allocations_per_ip: 10_000,
             unauthenticated_per_ip_per_sec: 1_000_000,
             relay_ips: callgate::turn::reservation::loopback(),
             max_permissions_per_allocation: 64,

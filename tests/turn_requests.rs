@@ -1,7 +1,8 @@
-//! One reading of every request: what the engine acts on is what the gate checked. Each test
-//! sends, over a real UDP socket to the real relay, a request the `turn` engine would read
-//! differently from the gate (issue 11, finding 1), and expects 400 — before the fix each of
-//! these was granted.
+//! What one client may make the relay do, over real sockets to the real relay (issue 11).
+//!
+//! One reading of every request: what the engine acts on is what the gate checked. The first
+//! tests send a request the `turn` engine would read differently from the gate (finding 1) and
+//! expect 400 — before the fix each of these was granted. Then per-source limits (finding 3).
 
 #[path = "support/turn_rawclient.rs"]
 mod raw;
@@ -124,6 +125,43 @@ async fn two_lifetimes_in_a_refresh_get_400() {
             .await
             .code(),
         None
+    );
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn one_address_cannot_hold_more_than_allocations_per_ip() {
+    let mut settings = test_settings();
+    settings.allocations_per_ip = Some(3);
+    let relay = start(settings, None).await;
+    let server = relay.udp_addrs()[0];
+    // Anonymous WebSocket clients each get their own user: four users, one address.
+    let mut clients = Vec::new();
+    for user in ["a1", "a2", "a3"] {
+        let mut c = RawClient::udp(server, user).await;
+        c.allocate().await.unwrap();
+        clients.push(c);
+    }
+    let mut fourth = RawClient::udp(server, "a4").await;
+    assert_eq!(fourth.allocate().await, Err(486));
+    assert_eq!(relay.stats().snapshot().quota_hits_ip, 1);
+    // A released allocation frees the address's slot.
+    assert_eq!(
+        clients[0].refresh(std::time::Duration::ZERO).await.code(),
+        None
+    );
+    let mut fifth = RawClient::udp(server, "a5").await;
+    let mut freed = false;
+    for _ in 0..50 {
+        if fifth.allocate().await.is_ok() {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        freed,
+        "the slot is freed once the engine closes the allocation"
     );
     relay.shutdown().await;
 }

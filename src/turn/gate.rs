@@ -33,6 +33,7 @@ use super::policy::{PeerFilter, PeerPolicy};
 use super::quota::{AllocationKey, AllocationLedger, QuotaExceeded, Transport};
 use super::reservation::PortReservations;
 use super::settings::RelayIps;
+use super::source::source_key;
 use super::stats::TurnStats;
 
 /// The source address of the synthetic request that primes the engine's nonce. Port 0 cannot be a
@@ -48,6 +49,9 @@ pub const NONCE_ACCEPTED_FOR: Duration = Duration::from_secs(50 * 60);
 
 /// Above this many remembered keys the cache is cleared (they are re-derived on the next request).
 const MAX_VERIFIED_KEYS: usize = 65_536;
+
+/// Source keys the unauthenticated rate limiter tracks at most (about 64 bytes each).
+pub const MAX_UNAUTHENTICATED_SOURCES: usize = 65_536;
 
 /// How long an Allocate success is kept to answer the request's retransmissions: a STUN client
 /// over UDP gives up on a transaction after 39.5 s (RFC 8489 §6.2.1, default timers).
@@ -127,7 +131,11 @@ pub struct GateShared {
     credentials: TurnCredentials,
     policy: PeerFilter,
     stats: Arc<TurnStats>,
-    unauthenticated: DefaultKeyedRateLimiter<IpAddr>,
+    /// Per-source rate of unauthenticated requests, keyed by [`source_key`]; replaced by an empty
+    /// one when it tracks [`MAX_UNAUTHENTICATED_SOURCES`] (see [`GateShared::allow_unauthenticated`]).
+    unauthenticated: RwLock<DefaultKeyedRateLimiter<IpAddr>>,
+    /// The quota of [`GateShared::unauthenticated`], to rebuild it empty.
+    unauthenticated_quota: Quota,
     ledger: Mutex<AllocationLedger>,
     verified: Arc<VerifiedKeys>,
     reservations: Arc<PortReservations>,
@@ -233,6 +241,8 @@ pub struct GateRules {
     pub user_quota: usize,
     /// `total-quota`.
     pub total_quota: usize,
+    /// `allocations-per-ip`: allocations one client address (IPv6: one /64) may hold.
+    pub allocations_per_ip: usize,
     /// Unauthenticated requests per source IP per second (burst twice that).
     pub unauthenticated_per_ip_per_sec: u32,
     /// The address families relay sockets can have (RFC 6156).
@@ -252,6 +262,7 @@ impl GateShared {
     ) -> Arc<Self> {
         let rate = NonZeroU32::new(rules.unauthenticated_per_ip_per_sec).unwrap_or(NonZeroU32::MIN);
         let burst = rate.saturating_mul(NonZeroU32::new(2).unwrap_or(NonZeroU32::MIN));
+        let quota = Quota::per_second(rate).allow_burst(burst);
         Arc::new(GateShared {
             relay_ips: rules.relay_ips,
             max_permissions: rules.max_permissions_per_allocation,
@@ -259,8 +270,13 @@ impl GateShared {
             credentials: rules.credentials,
             policy: rules.policy.compile(),
             stats,
-            unauthenticated: RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)),
-            ledger: Mutex::new(AllocationLedger::new(rules.user_quota, rules.total_quota)),
+            unauthenticated: RwLock::new(RateLimiter::keyed(quota)),
+            unauthenticated_quota: quota,
+            ledger: Mutex::new(AllocationLedger::new(
+                rules.user_quota,
+                rules.total_quota,
+                rules.allocations_per_ip,
+            )),
             verified: Arc::new(VerifiedKeys::default()),
             reservations,
             jumbo,
@@ -278,8 +294,10 @@ impl GateShared {
 
     /// Periodic housekeeping: forget idle rate-limiter entries and stale reservations.
     pub fn maintain(&self, now: Instant) {
-        self.unauthenticated.retain_recent();
-        self.unauthenticated.shrink_to_fit();
+        let limiter = self.limiter();
+        limiter.retain_recent();
+        limiter.shrink_to_fit();
+        drop(limiter);
         self.ledger().expire_pending(now);
         self.reservations.prune(now);
         self.allocate_replies()
@@ -308,7 +326,7 @@ impl GateShared {
     /// Sizes of the gate's maps.
     pub fn memory(&self) -> GateMemory {
         GateMemory {
-            rate_limited_ips: self.unauthenticated.len(),
+            rate_limited_ips: self.limiter().len(),
             verified_keys: self.verified.len(),
             ledger_entries: self.ledger().total(),
             allocate_replies: self.allocate_replies().len(),
@@ -345,8 +363,48 @@ impl GateShared {
         self.policy.check(peer.ip())
     }
 
+    fn limiter(&self) -> std::sync::RwLockReadGuard<'_, DefaultKeyedRateLimiter<IpAddr>> {
+        self.unauthenticated
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether an unauthenticated request from `ip` is within its source's rate.
+    ///
+    /// Spoofed UDP sources would grow the table by one entry per packet between two
+    /// [`GateShared::maintain`] calls, so it is bounded: at [`MAX_UNAUTHENTICATED_SOURCES`] keys
+    /// the idle ones are forgotten, and if that leaves more than half, all are (shed, rather than
+    /// refusing new sources: refusing would lock every new client out for as long as a spoofing
+    /// flood lasts, while shedding only hands sources that were rate-limited a fresh burst, and
+    /// answers to spoofed sources are challenges no larger than the request).
     fn allow_unauthenticated(&self, ip: IpAddr) -> bool {
-        if self.unauthenticated.check_key(&ip).is_ok() {
+        let key = source_key(ip);
+        let limiter = self.limiter();
+        if limiter.len() >= MAX_UNAUTHENTICATED_SOURCES {
+            limiter.retain_recent();
+            if limiter.len() > MAX_UNAUTHENTICATED_SOURCES / 2 {
+                drop(limiter);
+                let mut slot = self
+                    .unauthenticated
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner());
+                if slot.len() > MAX_UNAUTHENTICATED_SOURCES / 2 {
+                    *slot = RateLimiter::keyed(self.unauthenticated_quota);
+                    tracing::debug!("unauthenticated rate limiter full: shed");
+                }
+                drop(slot);
+                return self.allow_unauthenticated_in(&self.limiter(), key);
+            }
+        }
+        self.allow_unauthenticated_in(&limiter, key)
+    }
+
+    fn allow_unauthenticated_in(
+        &self,
+        limiter: &DefaultKeyedRateLimiter<IpAddr>,
+        key: IpAddr,
+    ) -> bool {
+        if limiter.check_key(&key).is_ok() {
             true
         } else {
             TurnStats::bump(&self.stats.rate_limited);
@@ -541,6 +599,7 @@ impl Gate {
                     let counter = match e {
                         QuotaExceeded::User(_) => &self.shared.stats.quota_hits_user,
                         QuotaExceeded::Total(_) => &self.shared.stats.quota_hits_total,
+                        QuotaExceeded::Source(_) => &self.shared.stats.quota_hits_ip,
                     };
                     TurnStats::bump(counter);
                     tracing::debug!(%src, user, "refusing allocation: {e}");
@@ -829,6 +888,7 @@ mod tests {
                 policy,
                 user_quota,
                 total_quota: total,
+                allocations_per_ip: 50,
                 unauthenticated_per_ip_per_sec: 5,
                 relay_ips: crate::turn::reservation::loopback(),
                 max_permissions_per_allocation: 3,
@@ -1367,6 +1427,64 @@ mod tests {
         assert!(matches!(inbound(&gate, &req, other), Verdict::Reply(_)));
         assert_eq!(s.stats.snapshot().rate_limited, 90);
         assert_eq!(s.memory().rate_limited_ips, 2);
+    }
+
+    #[test]
+    fn unauthenticated_limiter_stays_bounded_under_spoofed_sources() {
+        let s = shared(10, 100);
+        let gate = primed_gate(Arc::clone(&s));
+        let req = Gate::priming_request();
+        let mut most = 0;
+        for i in 0..(MAX_UNAUTHENTICATED_SOURCES as u32 * 3) {
+            let spoofed = SocketAddr::from((std::net::Ipv4Addr::from(0x0a00_0000 + i), 5));
+            assert!(matches!(inbound(&gate, &req, spoofed), Verdict::Reply(_)));
+            most = most.max(s.memory().rate_limited_ips);
+        }
+        assert!(most <= MAX_UNAUTHENTICATED_SOURCES, "{most}");
+        // A real client keeps its rate after the sheds.
+        let answered = (0..100)
+            .filter(|_| matches!(inbound(&gate, &req, client(5)), Verdict::Reply(_)))
+            .count();
+        assert_eq!(answered, 10);
+    }
+
+    #[test]
+    fn unauthenticated_ipv6_sources_are_limited_per_64() {
+        let s = shared(10, 100);
+        let gate = primed_gate(Arc::clone(&s));
+        let req = Gate::priming_request();
+        // A fresh address in the same /64 for every request.
+        let answered = (0..100u16)
+            .filter(|i| {
+                let src = SocketAddr::new(
+                    std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 7, *i, 1, 2, 3).into(),
+                    5,
+                );
+                matches!(inbound(&gate, &req, src), Verdict::Reply(_))
+            })
+            .count();
+        assert_eq!(answered, 10, "burst of 2 x 5/s for the whole /64");
+        assert_eq!(s.memory().rate_limited_ips, 1);
+    }
+
+    #[test]
+    fn allocations_per_source_address_get_486() {
+        let s = shared(1000, 1000);
+        let gate = primed_gate(Arc::clone(&s));
+        let creds = TurnCredentials::new(&["new"]).unwrap();
+        // 50 per address in `shared`; every allocation under a fresh user (anonymous clients).
+        for port in 1..=50 {
+            let req = Req::new(method::ALLOCATE, &creds, &format!("u{port}"));
+            assert_eq!(inbound(&gate, &req.bytes(), client(port)), Verdict::Forward);
+        }
+        let req = Req::new(method::ALLOCATE, &creds, "u51");
+        assert_eq!(
+            reply_code(&inbound(&gate, &req.bytes(), client(51))),
+            Some(486)
+        );
+        assert_eq!(s.stats.snapshot().quota_hits_ip, 1);
+        let elsewhere = SocketAddr::from(([203, 0, 113, 9], 1));
+        assert_eq!(inbound(&gate, &req.bytes(), elsewhere), Verdict::Forward);
     }
 
     #[test]

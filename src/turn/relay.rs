@@ -91,6 +91,7 @@ impl Relay {
                 policy: settings.peer_policy(),
                 user_quota: settings.user_quota,
                 total_quota: settings.total_quota,
+                allocations_per_ip: settings.allocations_per_ip(),
                 unauthenticated_per_ip_per_sec: settings.unauthenticated_per_ip_per_sec,
                 relay_ips,
                 max_permissions_per_allocation: settings.max_permissions_per_allocation,

@@ -96,6 +96,10 @@ pub struct TurnSettings {
     pub user_quota: usize,
     /// `total-quota`: concurrent allocations in total. Default 10 000.
     pub total_quota: usize,
+    /// `allocations-per-ip`: allocations one client address may hold (IPv6: one /64), so one
+    /// address cannot take the total quota with many anonymous users. `None` means 1 % of
+    /// `total_quota` (at least 1); see [`TurnSettings::allocations_per_ip`].
+    pub allocations_per_ip: Option<usize>,
     /// Distinct peer IPs one allocation may have permissions for at once (the engine has no limit,
     /// so one credential could otherwise create permissions, and timer tasks, without bound).
     /// Default 64; WebRTC needs a handful.
@@ -146,6 +150,7 @@ impl Default for TurnSettings {
             credential_ttl: DEFAULT_CREDENTIAL_TTL,
             user_quota: 10,
             total_quota: 10_000,
+            allocations_per_ip: None,
             max_permissions_per_allocation: 64,
             max_bytes_per_sec: None,
             unauthenticated_per_ip_per_sec: 20,
@@ -183,6 +188,7 @@ impl std::fmt::Debug for TurnSettings {
             .field("credential_ttl", &self.credential_ttl)
             .field("user_quota", &self.user_quota)
             .field("total_quota", &self.total_quota)
+            .field("allocations_per_ip", &self.allocations_per_ip)
             .field(
                 "max_permissions_per_allocation",
                 &self.max_permissions_per_allocation,
@@ -240,6 +246,9 @@ impl TurnSettings {
         if self.user_quota == 0 || self.total_quota == 0 {
             return bad("user-quota and total-quota must be at least 1");
         }
+        if self.allocations_per_ip == Some(0) {
+            return bad("allocations-per-ip must be at least 1");
+        }
         if self.unauthenticated_per_ip_per_sec == 0 {
             return bad("unauthenticated_per_ip_per_sec must be at least 1");
         }
@@ -247,6 +256,13 @@ impl TurnSettings {
             return bad("max-bps must be at least 1 byte per second when set");
         }
         Ok(())
+    }
+
+    /// Allocations one client address (IPv6: one /64) may hold: `allocations_per_ip`, or 1 % of
+    /// `total_quota` (at least 1) when unset.
+    pub fn allocations_per_ip(&self) -> usize {
+        self.allocations_per_ip
+            .unwrap_or((self.total_quota / 100).max(1))
     }
 
     /// The local IP relay sockets bind to.

@@ -165,3 +165,95 @@ async fn one_address_cannot_hold_more_than_allocations_per_ip() {
     );
     relay.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_relays_own_listeners_are_refused_as_peers_even_where_allowed() {
+    // test_settings allows 127.0.0.1, where the relay itself listens.
+    let relay = start(test_settings(), None).await;
+    let mut client = RawClient::udp(relay.udp_addrs()[0], "own").await;
+    client.allocate().await.unwrap();
+    let listeners: Vec<SocketAddr> = relay
+        .udp_addrs()
+        .iter()
+        .chain(relay.tcp_addrs())
+        .copied()
+        .collect();
+    for listener in listeners {
+        assert_eq!(
+            client.create_permission(listener).await.code(),
+            Some(403),
+            "{listener}"
+        );
+        assert_eq!(
+            client.channel_bind(0x4005, listener).await.code(),
+            Some(403),
+            "{listener}"
+        );
+    }
+    // Another socket on the allowed loopback address still works.
+    let mut other = RawClient::udp(relay.udp_addrs()[0], "own2").await;
+    let relayed = other.allocate().await.unwrap();
+    channel_round_trip(&mut other, relayed).await;
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn two_relayed_callers_exchange_data_through_one_relay_with_the_default_policy() {
+    // No allowed-peer-ip: 127.0.0.1 (the relay's own address, and loopback) is refused, except
+    // where it is a live relayed address of this relay.
+    let mut settings = test_settings();
+    settings.allowed_peer_ips.clear();
+    let relay = start(settings, None).await;
+    let server = relay.udp_addrs()[0];
+    let mut alice = RawClient::udp(server, "alice").await;
+    let mut bob = RawClient::udp(server, "bob").await;
+    let alice_relayed = alice.allocate().await.unwrap();
+    let bob_relayed = bob.allocate().await.unwrap();
+    assert_eq!(alice.channel_bind(0x4000, bob_relayed).await.code(), None);
+    assert_eq!(bob.channel_bind(0x4001, alice_relayed).await.code(), None);
+    alice.send_channel_data(0x4000, b"hi bob").await;
+    assert_eq!(bob.recv_channel_data().await, (0x4001, b"hi bob".to_vec()));
+    bob.send_channel_data(0x4001, b"hi alice").await;
+    assert_eq!(
+        alice.recv_channel_data().await,
+        (0x4000, b"hi alice".to_vec())
+    );
+
+    // The permission for 127.0.0.1 does not open the relay's listener: a Send indication there
+    // is dropped at the relay socket and counted.
+    let refused = relay.stats().snapshot().refused_peers;
+    let mut send = stun::message::Message::new();
+    send.build(&[
+        Box::new(stun::agent::TransactionId::new()),
+        Box::new(stun::message::MessageType::new(
+            stun::message::METHOD_SEND,
+            stun::message::CLASS_INDICATION,
+        )),
+        Box::new(peer_attr(server)),
+        Box::new(turn::proto::data::Data(b"to the listener".to_vec())),
+    ])
+    .unwrap();
+    alice.send_raw(&send.raw).await;
+    // The relay handles one client's packets in order: once the next request is answered, the
+    // Send indication has been processed.
+    assert_eq!(
+        alice
+            .refresh(std::time::Duration::from_secs(600))
+            .await
+            .code(),
+        None
+    );
+    assert_eq!(relay.stats().snapshot().refused_peers, refused + 1);
+    // A relayed address that is no longer live is refused again.
+    assert_eq!(bob.refresh(std::time::Duration::ZERO).await.code(), None);
+    let mut refused_later = false;
+    for _ in 0..50 {
+        if alice.create_permission(bob_relayed).await.code() == Some(403) {
+            refused_later = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(refused_later, "bob's relayed address is closed");
+    relay.shutdown().await;
+}

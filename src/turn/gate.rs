@@ -29,7 +29,7 @@ use ring::hmac;
 use super::credentials::{long_term_key, RestUsername, TurnCredentials};
 use super::inspect::{self, attr, method, Class, Packet, StunMessage, StunWriter};
 use super::jumbo::{ClientPath, JumboTable};
-use super::policy::{PeerFilter, PeerPolicy};
+use super::policy::{OwnAddresses, PeerFilter, PeerPolicy};
 use super::quota::{AllocationKey, AllocationLedger, QuotaExceeded, Transport};
 use super::reservation::PortReservations;
 use super::settings::RelayIps;
@@ -358,9 +358,15 @@ impl GateShared {
         (fresh && reply.transaction == transaction).then(|| reply.bytes.clone())
     }
 
-    /// Whether `peer` may be relayed to: the peer policy for its IP.
+    /// Whether `peer` may be relayed to: the peer policy, and not the relay's own address unless
+    /// it is a live relayed address.
     fn check_peer(&self, peer: SocketAddr) -> Result<(), super::policy::PeerRefusal> {
-        self.policy.check(peer.ip())
+        self.policy.check_peer(peer, |a| self.jumbo.is_relayed(a))
+    }
+
+    /// Gives the gate's peer filter the relay's own addresses, once the listeners are bound.
+    pub fn set_own_addresses(&self, own: OwnAddresses) {
+        self.policy.set_own_addresses(own);
     }
 
     fn limiter(&self) -> std::sync::RwLockReadGuard<'_, DefaultKeyedRateLimiter<IpAddr>> {

@@ -180,6 +180,11 @@ impl Relay {
                 });
             }
         }
+        // Now that every listener is bound: the relay's own addresses are refused as peers.
+        let bound = [&relay.udp_addrs, &relay.tcp_addrs, &relay.tls_addrs].map(|a| a.as_slice());
+        let own = settings.own_addresses(&bound.concat());
+        shared.set_own_addresses(own.clone());
+        policy.set_own_addresses(own);
         for l in stream_listeners {
             relay
                 .tasks

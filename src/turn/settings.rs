@@ -9,7 +9,7 @@ use ipnet::IpNet;
 
 use super::credentials::DEFAULT_CREDENTIAL_TTL;
 use super::error::TurnError;
-use super::policy::PeerPolicy;
+use super::policy::{OwnAddresses, PeerPolicy};
 
 /// coturn's `external-ip=public/private`: the relay binds on `private` but tells clients `public`
 /// (1:1 NAT, e.g. a cloud VM with an elastic IP).
@@ -263,6 +263,39 @@ impl TurnSettings {
     pub fn allocations_per_ip(&self) -> usize {
         self.allocations_per_ip
             .unwrap_or((self.total_quota / 100).max(1))
+    }
+
+    /// The relay's own addresses once its listeners are bound to `listeners`: those, the relay
+    /// and external IPs, and — when a listener is on an unspecified address — every address of
+    /// the host's interfaces (read here, once, at start).
+    pub fn own_addresses(&self, listeners: &[SocketAddr]) -> OwnAddresses {
+        let mut ips: Vec<IpAddr> = Vec::new();
+        if listeners.iter().any(|l| l.ip().is_unspecified())
+            || self.listening_ips.iter().any(IpAddr::is_unspecified)
+        {
+            match if_addrs::get_if_addrs() {
+                Ok(interfaces) => ips.extend(interfaces.iter().map(|i| i.ip())),
+                Err(e) => tracing::warn!(
+                    "cannot list the host's addresses to refuse them as TURN peers: {e}"
+                ),
+            }
+        }
+        if let Some(ExternalIp { public, private }) = self.external_ip {
+            ips.push(public);
+            ips.extend(private);
+        }
+        let relay_ips = self.relay_ips().map(|r| {
+            [r.ipv4, r.ipv6]
+                .into_iter()
+                .flatten()
+                .flat_map(|r| [r.bind, r.advertised])
+                .collect::<Vec<_>>()
+        });
+        OwnAddresses::new(
+            ips,
+            relay_ips.unwrap_or_default(),
+            listeners.iter().copied(),
+        )
     }
 
     /// The local IP relay sockets bind to.

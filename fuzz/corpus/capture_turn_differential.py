@@ -4,9 +4,9 @@
 Starts coturn's `turnserver` on loopback, puts a UDP proxy in front of it, runs coturn's
 `turnutils_uclient` through the proxy in a few modes (channels, Send indications, DONT-FRAGMENT,
 EVEN-PORT, client-to-client), and writes every distinct client-to-server datagram to
-`fuzz/seeds/turn_differential/<sha1>` (a few per message shape). Only loopback traffic. Usage, from the repository root:
+`fuzz/corpus/turn_differential/<sha1>` (a few per message shape). Only loopback traffic. Usage, from the repository root:
 
-    python3 fuzz/seeds/capture_turn.py
+    python3 fuzz/corpus/capture_turn_differential.py
 """
 
 import hashlib

@@ -49,6 +49,7 @@ struct TurnExport {
     rate_limited: IntCounter,
     bandwidth_dropped: IntCounter,
     oversized_dropped: IntCounter,
+    client_queue_dropped: IntCounter,
     bytes_to_peer: IntCounter,
     bytes_to_client: IntCounter,
     packets_to_peer: IntCounter,
@@ -80,7 +81,7 @@ impl TurnExport {
         let dropped = counter_vec(
             r,
             "turn_dropped_packets_total",
-            "Datagrams the relay dropped, by reason (bandwidth cap, oversized).",
+            "Datagrams the relay dropped, by reason (bandwidth cap, oversized, a TCP/TLS client's full write queue).",
             &["reason"],
         );
         TurnExport {
@@ -95,6 +96,7 @@ impl TurnExport {
             rate_limited: counter(r, "turn_rate_limited_total", "Unauthenticated TURN requests dropped by the per-address rate limit."),
             bandwidth_dropped: dropped.with_label_values(&["bandwidth"]),
             oversized_dropped: dropped.with_label_values(&["oversized"]),
+            client_queue_dropped: dropped.with_label_values(&["client_queue_full"]),
             bytes_to_peer: bytes.with_label_values(&["to_peer"]),
             bytes_to_client: bytes.with_label_values(&["to_client"]),
             packets_to_peer: packets.with_label_values(&["to_peer"]),
@@ -120,6 +122,7 @@ impl TurnExport {
         set(&self.rate_limited, s.rate_limited);
         set(&self.bandwidth_dropped, s.bandwidth_dropped);
         set(&self.oversized_dropped, s.oversized_dropped);
+        set(&self.client_queue_dropped, s.client_queue_dropped);
         set(&self.bytes_to_peer, s.bytes_to_peers);
         set(&self.bytes_to_client, s.bytes_to_clients);
         set(&self.packets_to_peer, s.packets_to_peers);

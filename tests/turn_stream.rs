@@ -222,11 +222,57 @@ async fn silent_stream_connections_are_closed_quickly() {
         "{:?}",
         started.elapsed()
     );
-    // A client that talks is not bound by the first-frame deadline.
+    // A client that authenticated is not bound by the deadline.
     let mut talker = RawClient::tcp(relay.tcp_addrs()[0], "w").await;
-    talker.binding().await;
+    talker.allocate().await.unwrap();
     tokio::time::sleep(Duration::from_millis(400)).await;
     talker.binding().await;
+    relay.shutdown().await;
+}
+
+/// Writes unauthenticated STUN and garbage (framed as ChannelData) every 20 ms until the relay
+/// closes the connection; returns how long that took.
+async fn busy_unauthenticated_client(addr: std::net::SocketAddr) -> Duration {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let started = tokio::time::Instant::now();
+    let (mut r, mut w) = TcpStream::connect(addr).await.unwrap().into_split();
+    let binding: [u8; 20] = [
+        0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+    ];
+    let unauthenticated_allocate = callgate::turn::gate::Gate::priming_request();
+    let garbage = b"GET / HTTP/1.1\r\n\r\n";
+    let reader = tokio::spawn(async move {
+        let mut buf = [0u8; 4096];
+        while matches!(r.read(&mut buf).await, Ok(n) if n > 0) {}
+    });
+    let writer = async {
+        loop {
+            for frame in [&binding[..], &unauthenticated_allocate, garbage] {
+                if w.write_all(frame).await.is_err() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::select! {
+        _ = reader => {}
+        _ = writer => {}
+        _ = tokio::time::sleep(Duration::from_secs(5)) => panic!("still connected after 5 s"),
+    }
+    started.elapsed()
+}
+
+#[tokio::test]
+async fn unauthenticated_stream_connections_are_cut_however_much_they_send() {
+    let mut settings = test_settings();
+    settings.tls_handshake_timeout = Duration::from_millis(500);
+    let relay = start(settings, None).await;
+    let lasted = busy_unauthenticated_client(relay.tcp_addrs()[0]).await;
+    assert!(
+        lasted >= Duration::from_millis(450) && lasted < Duration::from_secs(3),
+        "cut after {lasted:?}; the deadline is 500 ms from accept, however busy the client"
+    );
     relay.shutdown().await;
 }
 

@@ -38,6 +38,9 @@ pub struct TurnStats {
     pub packets_to_clients: AtomicU64,
     /// TCP and TLS client connections currently open.
     pub stream_connections: AtomicU64,
+    /// Frames for TCP/TLS clients dropped because the client's write queue was at its byte
+    /// budget (the client reads slower than it is sent to).
+    pub client_queue_dropped: AtomicU64,
 }
 
 /// A copy of [`TurnStats`] at one instant, for exporting and asserting in tests.
@@ -59,6 +62,7 @@ pub struct TurnStatsSnapshot {
     pub bytes_to_clients: u64,
     pub packets_to_clients: u64,
     pub stream_connections: u64,
+    pub client_queue_dropped: u64,
 }
 
 impl TurnStats {
@@ -81,6 +85,7 @@ impl TurnStats {
             bytes_to_clients: r(&self.bytes_to_clients),
             packets_to_clients: r(&self.packets_to_clients),
             stream_connections: r(&self.stream_connections),
+            client_queue_dropped: r(&self.client_queue_dropped),
         }
     }
 

@@ -301,3 +301,38 @@ async fn shutdown_does_not_wait_for_stalled_tls_handshakes() {
         .await
         .expect("shutdown within 5 s despite a 60 s handshake timeout");
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_has_relayed_data_dropped_and_counted_not_queued() {
+    let relay = start(test_settings(), None).await;
+    let mut stalled = RawClient::tcp(relay.tcp_addrs()[0], "stalled").await;
+    let relayed = stalled.allocate().await.expect("allocates over TCP");
+    let (peer, peer_addr) = peer_socket().await;
+    assert_eq!(stalled.channel_bind(0x4000, peer_addr).await.code(), None);
+
+    // The client never reads again. Once the kernel's buffers on both ends are full, what the
+    // peer sends can only wait in the connection's write queue, which is bounded in bytes.
+    let payload = vec![7u8; 1200];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut sent = 0u64;
+    while relay.stats().snapshot().client_queue_dropped == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no drop counted after {sent} datagrams ({} MB)",
+            (sent * 1200) >> 20
+        );
+        for _ in 0..100 {
+            peer.send_to(&payload, relayed).await.unwrap();
+            sent += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // The relay is not blocked by the stalled client: another one is served at once.
+    let mut other = RawClient::tcp(relay.tcp_addrs()[0], "other").await;
+    let other_relayed = other
+        .allocate()
+        .await
+        .expect("allocates beside the stalled client");
+    channel_round_trip(&mut other, other_relayed).await;
+    relay.shutdown().await;
+}

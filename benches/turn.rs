@@ -207,5 +207,31 @@ fn policy(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, front_layer, credentials, policy);
+/// A relayed frame queued towards a TCP/TLS client and taken by its writer: the byte-bounded
+/// queue beside the frame-counted tokio channel it replaced (same run, same frame).
+fn stream_queue(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let frame = channel_data(1200);
+    let (queue, mut rx) = callgate::turn::write_queue::channel(
+        callgate::turn::write_queue::DEFAULT_WRITE_QUEUE_BYTES,
+        Arc::new(TurnStats::default()),
+    );
+    c.bench_function("stream/write_queue_push_recv", |b| {
+        b.iter(|| {
+            queue.push(black_box(frame.clone()));
+            rt.block_on(rx.recv())
+        })
+    });
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(256);
+    c.bench_function("stream/frame_counted_mpsc_try_send_recv", |b| {
+        b.iter(|| {
+            let _ = tx.try_send(black_box(frame.clone()));
+            rt.block_on(rx.recv())
+        })
+    });
+}
+
+criterion_group!(benches, front_layer, credentials, policy, stream_queue);
 criterion_main!(benches);

@@ -226,7 +226,9 @@ pub struct Options {
     #[arg(long, env = "CALLGATE_REALM", value_name = "REALM")]
     pub realm: Option<String>,
 
-    /// Addresses the TURN listeners bind, comma-separated [default: 0.0.0.0].
+    /// Addresses the TURN listeners bind, comma-separated; 0.0.0.0 and :: stand for every IPv4 and
+    /// IPv6 address of this host at start, each bound separately so answers leave from the address
+    /// asked [default: 0.0.0.0,::].
     #[arg(
         long,
         env = "CALLGATE_LISTENING_IP",
@@ -591,7 +593,7 @@ pub struct TurnConfig {
     pub enabled: bool,
     /// Authentication realm.
     pub realm: String,
-    /// Addresses the listeners bind.
+    /// Addresses the listeners bind; a wildcard stands for every host address of its family.
     pub listening_ip: Vec<IpAddr>,
     /// UDP and TCP port.
     pub listening_port: u16,
@@ -1023,7 +1025,7 @@ impl Config {
                 realm: o.realm.unwrap_or_else(|| "callgate".to_owned()),
                 listening_ip: o
                     .listening_ip
-                    .unwrap_or_else(|| vec![IpAddr::from([0, 0, 0, 0])]),
+                    .unwrap_or_else(|| vec![IpAddr::from([0, 0, 0, 0]), IpAddr::from([0u16; 8])]),
                 listening_port: o.listening_port.unwrap_or(3478),
                 tls_listening_port: o.tls_listening_port.unwrap_or(PortOrOff::Port(5349)),
                 udp: o.turn_udp.unwrap_or(true),

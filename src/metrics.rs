@@ -51,6 +51,7 @@ struct TurnExport {
     quota_hits_ip: IntCounter,
     bandwidth_dropped: IntCounter,
     oversized_dropped: IntCounter,
+    client_queue_dropped: IntCounter,
     bytes_to_peer: IntCounter,
     bytes_to_client: IntCounter,
     packets_to_peer: IntCounter,
@@ -82,7 +83,7 @@ impl TurnExport {
         let dropped = counter_vec(
             r,
             "turn_dropped_packets_total",
-            "Datagrams the relay dropped, by reason (bandwidth cap, oversized).",
+            "Datagrams the relay dropped, by reason (bandwidth cap, oversized, a TCP/TLS client's full write queue).",
             &["reason"],
         );
         TurnExport {
@@ -99,6 +100,7 @@ impl TurnExport {
             quota_hits_ip: counter(r, "turn_quota_hits_ip_total", "TURN Allocate requests refused (486) because their source address (IPv6: /64) reached allocations-per-ip."),
             bandwidth_dropped: dropped.with_label_values(&["bandwidth"]),
             oversized_dropped: dropped.with_label_values(&["oversized"]),
+            client_queue_dropped: dropped.with_label_values(&["client_queue_full"]),
             bytes_to_peer: bytes.with_label_values(&["to_peer"]),
             bytes_to_client: bytes.with_label_values(&["to_client"]),
             packets_to_peer: packets.with_label_values(&["to_peer"]),
@@ -126,6 +128,7 @@ impl TurnExport {
         set(&self.quota_hits_ip, s.quota_hits_ip);
         set(&self.bandwidth_dropped, s.bandwidth_dropped);
         set(&self.oversized_dropped, s.oversized_dropped);
+        set(&self.client_queue_dropped, s.client_queue_dropped);
         set(&self.bytes_to_peer, s.bytes_to_peers);
         set(&self.bytes_to_client, s.bytes_to_clients);
         set(&self.packets_to_peer, s.packets_to_peers);

@@ -126,7 +126,7 @@ impl Server {
         let readiness = Arc::new(Readiness::default());
         let controller = ShutdownController::new();
         let metrics = Arc::new(Metrics::new());
-        let relay = start_relay(&config, &certs).await?;
+        let relay = start_relay(&config, &certs, controller.handle()).await?;
         metrics.export_turn(relay.stats().clone());
         let ice = config.turn.enabled.then(|| {
             IceProvider::new(
@@ -330,8 +330,9 @@ impl Server {
         );
         tokio::time::sleep(config.shutdown_drain_delay).await;
         controller.trigger();
-        relay.shutdown().await;
-        tracing::info!(timeout = ?config.shutdown_timeout, "listeners closed, draining connections");
+        // The relay holds a shutdown handle like every listener: the drain below waits for it.
+        drop(relay);
+        tracing::info!(timeout = ?config.shutdown_timeout, "listeners closing, draining connections");
         match tokio::time::timeout(config.shutdown_timeout, controller.drained()).await {
             Ok(()) => tracing::info!("shutdown complete"),
             Err(_) => tracing::warn!(
@@ -343,7 +344,11 @@ impl Server {
 }
 
 /// Starts the embedded TURN relay (or a disabled one that binds nothing).
-async fn start_relay(config: &Config, certs: &Arc<CertStore>) -> Result<RunningRelay, StartError> {
+async fn start_relay(
+    config: &Config,
+    certs: &Arc<CertStore>,
+    shutdown: Shutdown,
+) -> Result<RunningRelay, StartError> {
     let turn = &config.turn;
     let mut secrets: Vec<String> = turn
         .static_auth_secret
@@ -412,7 +417,7 @@ async fn start_relay(config: &Config, certs: &Arc<CertStore>) -> Result<RunningR
     };
     let acceptor = TlsAcceptor::from(tls::server_config(certs.clone(), &[]));
     let tls: TlsAcceptorSource = Arc::new(move || acceptor.clone());
-    Ok(Relay::start(settings, Some(tls), std::future::pending()).await?)
+    Ok(Relay::start(settings, Some(tls), shutdown).await?)
 }
 
 /// This host's first non-loopback, non-link-local IPv4 address, for relay sockets.

@@ -1,6 +1,8 @@
 //! The real `callgate` binary: configuration checks, signals, draining.
 
 mod common;
+#[path = "support/turn_rawclient.rs"]
+mod raw;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -20,6 +22,8 @@ struct Running {
     child: Child,
     lines: mpsc::Receiver<String>,
     https: SocketAddr,
+    /// Every listener URL from the "callgate ready" line.
+    listeners: Vec<String>,
 }
 
 impl Running {
@@ -63,13 +67,26 @@ impl Running {
             child,
             lines,
             https: "0.0.0.0:0".parse().unwrap(),
+            listeners: Vec::new(),
         };
         let ready = running.wait_for_log("callgate ready");
         let event: serde_json::Value = serde_json::from_str(&ready).unwrap();
         let url = event["listeners"].as_str().unwrap();
-        let first = url.split(", ").next().unwrap();
+        running.listeners = url.split(", ").map(str::to_owned).collect();
+        let first = &running.listeners[0];
         running.https = first.trim_start_matches("https://").parse().unwrap();
         running
+    }
+
+    /// The first listener with this scheme (e.g. "turn+udp").
+    fn listener(&self, scheme: &str) -> SocketAddr {
+        let prefix = format!("{scheme}://");
+        self.listeners
+            .iter()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no {scheme} listener in {:?}", self.listeners))
+            .parse()
+            .unwrap()
     }
 
     /// Blocks until a log line contains `needle`, returning it; panics after 30 s.
@@ -311,6 +328,50 @@ async fn sigterm_reports_not_ready_finishes_in_flight_downloads_and_exits() {
         .await
         .unwrap();
     assert_eq!(code, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_live_turn_allocations_stops_the_relay_within_the_shutdown_timeout() {
+    let dir = temp_app();
+    let running = Running::start(
+        dir.path(),
+        &[
+            "--static-auth-secret",
+            raw::SECRET,
+            "--shutdown-timeout",
+            "5s",
+        ],
+    );
+    let udp = running.listener("turn+udp");
+    let tcp = running.listener("turn+tcp");
+    let mut over_udp = raw::RawClient::udp(udp, "udp-user").await;
+    over_udp.allocate().await.expect("allocates over UDP");
+    let mut over_tcp = raw::RawClient::tcp(tcp, "tcp-user").await;
+    over_tcp.allocate().await.expect("allocates over TCP");
+    // A TLS client mid-handshake too: it must not hold the exit either.
+    let _stalled_tls = tokio::net::TcpStream::connect(running.listener("turns"))
+        .await
+        .unwrap();
+
+    let started = std::time::Instant::now();
+    running.signal("TERM");
+    // The drain, bounded by shutdown-timeout, includes the relay: it completes, not times out.
+    // (Were the relay still running at the timeout, the log would say "shutdown timeout reached"
+    // and this would fail when the process exits.)
+    running.wait_for_log("shutdown complete");
+    let code = tokio::task::spawn_blocking(move || running.wait())
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "exited after {:?}",
+        started.elapsed()
+    );
+    // Every relay socket is closed with the process.
+    tokio::net::UdpSocket::bind(udp)
+        .await
+        .expect("UDP port free");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -25,7 +25,7 @@ fn peer_attr(peer: SocketAddr) -> PeerAddress {
 }
 
 /// A relay with the default peer policy (loopback refused) and an allocation on it.
-async fn allocated(user: &str) -> (callgate::turn::RunningRelay, RawClient) {
+async fn allocated(user: &str) -> (TestRelay, RawClient) {
     let mut settings = test_settings();
     settings.allowed_peer_ips.clear();
     let relay = start(settings, None).await;

@@ -222,11 +222,57 @@ async fn silent_stream_connections_are_closed_quickly() {
         "{:?}",
         started.elapsed()
     );
-    // A client that talks is not bound by the first-frame deadline.
+    // A client that authenticated is not bound by the deadline.
     let mut talker = RawClient::tcp(relay.tcp_addrs()[0], "w").await;
-    talker.binding().await;
+    talker.allocate().await.unwrap();
     tokio::time::sleep(Duration::from_millis(400)).await;
     talker.binding().await;
+    relay.shutdown().await;
+}
+
+/// Writes unauthenticated STUN and garbage (framed as ChannelData) every 20 ms until the relay
+/// closes the connection; returns how long that took.
+async fn busy_unauthenticated_client(addr: std::net::SocketAddr) -> Duration {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let started = tokio::time::Instant::now();
+    let (mut r, mut w) = TcpStream::connect(addr).await.unwrap().into_split();
+    let binding: [u8; 20] = [
+        0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+    ];
+    let unauthenticated_allocate = callgate::turn::gate::Gate::priming_request();
+    let garbage = b"GET / HTTP/1.1\r\n\r\n";
+    let reader = tokio::spawn(async move {
+        let mut buf = [0u8; 4096];
+        while matches!(r.read(&mut buf).await, Ok(n) if n > 0) {}
+    });
+    let writer = async {
+        loop {
+            for frame in [&binding[..], &unauthenticated_allocate, garbage] {
+                if w.write_all(frame).await.is_err() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::select! {
+        _ = reader => {}
+        _ = writer => {}
+        _ = tokio::time::sleep(Duration::from_secs(5)) => panic!("still connected after 5 s"),
+    }
+    started.elapsed()
+}
+
+#[tokio::test]
+async fn unauthenticated_stream_connections_are_cut_however_much_they_send() {
+    let mut settings = test_settings();
+    settings.tls_handshake_timeout = Duration::from_millis(500);
+    let relay = start(settings, None).await;
+    let lasted = busy_unauthenticated_client(relay.tcp_addrs()[0]).await;
+    assert!(
+        lasted >= Duration::from_millis(450) && lasted < Duration::from_secs(3),
+        "cut after {lasted:?}; the deadline is 500 ms from accept, however busy the client"
+    );
     relay.shutdown().await;
 }
 
@@ -254,4 +300,39 @@ async fn shutdown_does_not_wait_for_stalled_tls_handshakes() {
     tokio::time::timeout(Duration::from_secs(5), relay.shutdown())
         .await
         .expect("shutdown within 5 s despite a 60 s handshake timeout");
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_has_relayed_data_dropped_and_counted_not_queued() {
+    let relay = start(test_settings(), None).await;
+    let mut stalled = RawClient::tcp(relay.tcp_addrs()[0], "stalled").await;
+    let relayed = stalled.allocate().await.expect("allocates over TCP");
+    let (peer, peer_addr) = peer_socket().await;
+    assert_eq!(stalled.channel_bind(0x4000, peer_addr).await.code(), None);
+
+    // The client never reads again. Once the kernel's buffers on both ends are full, what the
+    // peer sends can only wait in the connection's write queue, which is bounded in bytes.
+    let payload = vec![7u8; 1200];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut sent = 0u64;
+    while relay.stats().snapshot().client_queue_dropped == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no drop counted after {sent} datagrams ({} MB)",
+            (sent * 1200) >> 20
+        );
+        for _ in 0..100 {
+            peer.send_to(&payload, relayed).await.unwrap();
+            sent += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // The relay is not blocked by the stalled client: another one is served at once.
+    let mut other = RawClient::tcp(relay.tcp_addrs()[0], "other").await;
+    let other_relayed = other
+        .allocate()
+        .await
+        .expect("allocates beside the stalled client");
+    channel_round_trip(&mut other, other_relayed).await;
+    relay.shutdown().await;
 }

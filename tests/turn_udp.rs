@@ -612,10 +612,7 @@ async fn start_errors_say_what_to_fix() {
     let taken = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let mut settings = test_settings();
     settings.udp_port = Some(taken.local_addr().unwrap().port());
-    let err = callgate::turn::Relay::start(settings, None, std::future::pending())
-        .await
-        .err()
-        .expect("port in use");
+    let err = try_start(settings, None).await.err().expect("port in use");
     let msg = err.to_string();
     assert!(
         msg.starts_with("could not bind the TURN UDP listener on 127.0.0.1:"),
@@ -624,7 +621,7 @@ async fn start_errors_say_what_to_fix() {
 
     let mut settings = test_settings();
     settings.listening_ips = vec!["0.0.0.0".parse().unwrap()];
-    let err = callgate::turn::Relay::start(settings, None, std::future::pending())
+    let err = try_start(settings, None)
         .await
         .err()
         .expect("unspecified relay address");
@@ -635,38 +632,43 @@ async fn start_errors_say_what_to_fix() {
 
     let mut settings = test_settings();
     settings.auth_secrets.clear();
-    let err = callgate::turn::Relay::start(settings, None, std::future::pending())
-        .await
-        .err()
-        .expect("no secret");
+    let err = try_start(settings, None).await.err().expect("no secret");
     assert!(err.to_string().contains("auth secret"), "{err}");
 }
 
 #[tokio::test]
-async fn the_shutdown_future_stops_the_relay() {
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let relay = callgate::turn::Relay::start(test_settings(), None, async {
-        let _ = rx.await;
-    })
-    .await
-    .unwrap();
+async fn the_server_shutdown_stops_the_relay_and_waits_for_it() {
+    let controller = callgate::shutdown::ShutdownController::new();
+    let relay = callgate::turn::Relay::start(test_settings(), None, controller.handle())
+        .await
+        .unwrap();
     let udp = relay.udp_addrs()[0];
+    let tcp = relay.tcp_addrs()[0];
     let mut client = RawClient::udp(udp, "sam").await;
     client.allocate().await.unwrap();
-    tx.send(()).unwrap();
-    // Shutting down again after the future fired must not hang, and everything is closed.
-    relay.shutdown().await;
+    let mut stream_client = RawClient::tcp(tcp, "sam-tcp").await;
+    stream_client.allocate().await.unwrap();
+    // The relay handle is not what keeps it alive: the server's shutdown is.
+    drop(relay);
+    controller.trigger();
+    tokio::time::timeout(WAIT, controller.drained())
+        .await
+        .expect("the drain includes the relay and ends once it stopped");
+    // Drained means stopped: every listener is closed by then, no retry needed.
     UdpSocket::bind(udp).await.expect("UDP port free");
+    tokio::net::TcpListener::bind(tcp)
+        .await
+        .expect("TCP port free");
 }
 
 #[tokio::test]
-async fn dropping_the_handle_stops_the_relay() {
+async fn dropping_the_shutdown_controller_stops_the_relay() {
     let relay = start(test_settings(), None).await;
     let udp = relay.udp_addrs()[0];
     let mut client = RawClient::udp(udp, "tina").await;
     client.allocate().await.unwrap();
     drop(relay);
-    // The engine's loops notice the dropped shutdown sender on their next poll; nothing to await
+    // The engine's loops notice the dropped controller on their next poll; nothing to await
     // from outside, so retry the bind for a bounded time.
     let deadline = tokio::time::Instant::now() + WAIT;
     while UdpSocket::bind(udp).await.is_err() {

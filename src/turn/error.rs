@@ -19,6 +19,9 @@ pub enum TurnError {
         #[source]
         source: std::io::Error,
     },
+    /// A listening IP is a wildcard and this host's addresses could not be listed.
+    #[error("could not list this host's addresses to listen on (listening-ip is a wildcard): {0}")]
+    HostAddresses(#[source] std::io::Error),
     /// The `turn` engine refused its configuration or failed to start.
     #[error("the TURN engine failed to start: {0}")]
     Engine(#[from] turn::Error),

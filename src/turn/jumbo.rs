@@ -20,11 +20,11 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
 
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
 
 use super::peer::PeerSocket;
 use super::quota::AllocationKey;
 use super::stats::TurnStats;
+use super::write_queue::WriteQueue;
 
 /// Pending ChannelBind requests remembered at most (a bound: entries wait only for the engine's
 /// answer, normally microseconds).
@@ -42,8 +42,8 @@ pub enum ClientPath {
     },
     /// Through the TCP/TLS connection's write queue (frames are padded by the sender).
     Stream {
-        /// The connection's bounded write queue.
-        queue: mpsc::Sender<Vec<u8>>,
+        /// The connection's write queue, bounded in bytes.
+        queue: WriteQueue,
     },
 }
 
@@ -57,9 +57,7 @@ impl ClientPath {
     pub fn send(&self, frame: Vec<u8>) -> bool {
         match self {
             ClientPath::Udp { socket, client } => socket.try_send_to(&frame, *client).is_ok(),
-            ClientPath::Stream { queue } => queue
-                .try_send(super::stream::frame_for_stream(&frame))
-                .is_ok(),
+            ClientPath::Stream { queue } => queue.push(super::stream::frame_for_stream(&frame)),
         }
     }
 }
@@ -247,14 +245,16 @@ mod tests {
         assert_eq!(r.peer_for(0x4000), None);
     }
 
-    #[test]
-    fn a_full_client_queue_drops_the_frame_instead_of_waiting() {
-        let (queue, mut rx) = mpsc::channel(1);
+    #[tokio::test]
+    async fn a_full_client_queue_drops_the_frame_instead_of_waiting() {
+        let stats = Arc::new(TurnStats::default());
+        let (queue, mut rx) = super::super::write_queue::channel(8, Arc::clone(&stats));
         let path = ClientPath::Stream { queue };
         assert!(path.send(channel_data(0x4000, b"first")));
         assert!(!path.send(channel_data(0x4000, b"second")), "queue full");
-        assert!(rx.try_recv().is_ok());
+        assert!(rx.recv().await.is_some());
         assert!(path.send(channel_data(0x4000, b"third")));
+        assert_eq!(stats.snapshot().client_queue_dropped, 1);
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //! | `gate.rs` | the front layer's decisions for every inbound and outbound packet — no I/O |
 //! | `udp.rs` | a UDP listening socket as the engine's `Conn` |
 //! | `stream.rs` | TCP/TLS framing and one engine instance per connection |
+//! | `write_queue.rs` | a TCP/TLS client's outgoing frames, bounded in bytes |
 //! | `peer.rs` | relay sockets towards peers: port range, bandwidth cap, counters, policy |
 //! | `source.rs` | [`source::source_key`]: per-address limits count IPv4 per address, IPv6 per /64 |
 //! | `reservation.rs` | ports held for RESERVATION-TOKEN (EVEN-PORT), which the engine never honours |
@@ -44,6 +45,7 @@ pub mod source;
 pub mod stats;
 pub mod stream;
 pub mod udp;
+pub mod write_queue;
 
 pub use credentials::{IceServer, IceServers, IssuedCredential, TurnCredentials, TurnEndpoints};
 pub use error::TurnError;

@@ -1,11 +1,10 @@
 //! [`Relay::start`] and [`RunningRelay`]: binds the listeners, wires the front layer to the engine,
-//! runs housekeeping, and owns the relay's one shutdown path.
+//! runs housekeeping, and stops the relay when the server's [`Shutdown`] fires.
 //!
 //! This module owns lifetimes — which tasks run and how they stop — and nothing else. Decisions live
 //! in the gate, byte handling in `udp`, `stream` and `peer`.
 
-use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,6 +26,7 @@ use super::settings::TurnSettings;
 use super::stats::TurnStats;
 use super::stream::{self, StreamListener};
 use super::udp::UdpFront;
+use crate::shutdown::Shutdown;
 
 /// Where the TLS listener gets its acceptor, called once per connection so a certificate the
 /// gateway reloads is used by the next handshake. The gateway owns loading and reloading.
@@ -38,36 +38,43 @@ const MAINTENANCE_EVERY: Duration = Duration::from_secs(5);
 /// The embedded TURN relay. See [`Relay::start`].
 pub struct Relay;
 
-/// A started relay: its bound addresses, its counters, and the handle that stops it.
+/// A started relay: its bound addresses and counters. It runs until the [`Shutdown`] passed to
+/// [`Relay::start`] fires; dropping this handle does not stop it.
 pub struct RunningRelay {
+    /// Bound UDP listening addresses, one per listening address.
     udp_addrs: Vec<SocketAddr>,
+    /// Bound TCP listening addresses.
     tcp_addrs: Vec<SocketAddr>,
+    /// Bound TLS listening addresses.
     tls_addrs: Vec<SocketAddr>,
+    /// Issues the credentials the relay accepts.
     credentials: TurnCredentials,
+    /// Counters for the metrics layer.
     stats: Arc<TurnStats>,
+    /// The gate's shared tables, for [`RunningRelay::memory`]; `None` when disabled.
     shared: Option<Arc<GateShared>>,
-    shutdown: watch::Sender<bool>,
-    engines: Vec<Server>,
-    tasks: JoinSet<()>,
 }
 
 impl Relay {
-    /// Binds every enabled listener (UDP, TCP, and TLS if `tls` is given), starts the engine behind
-    /// the front layer and returns once the relay answers requests. It stops when `shutdown`
-    /// resolves or [`RunningRelay::shutdown`] is called.
+    /// Binds every enabled listener (UDP, TCP, and TLS if `tls` is given) on every listening
+    /// address (see [`TurnSettings::listening_addrs`]), starts the engine behind the front layer
+    /// and returns once the relay answers requests.
+    ///
+    /// The relay stops with the rest of the server: when `shutdown` fires (or its controller is
+    /// dropped) it stops accepting, closes every allocation and listener, and holds `shutdown`
+    /// until all of its tasks have ended, so the server's `shutdown-timeout` bounds it too.
     ///
     /// With `settings.enabled == false` nothing is bound and the returned relay is inert (its
     /// credentials still work, so the signaling layer needs no special case).
     pub async fn start(
         settings: TurnSettings,
         tls: Option<TlsAcceptorSource>,
-        shutdown: impl Future<Output = ()> + Send + 'static,
+        shutdown: Shutdown,
     ) -> Result<RunningRelay, TurnError> {
         settings.validate()?;
         let credentials = TurnCredentials::new(&settings.auth_secrets)
             .map_err(|e| TurnError::InvalidSettings(e.to_string()))?;
         let stats = Arc::new(TurnStats::default());
-        let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let mut relay = RunningRelay {
             udp_addrs: Vec::new(),
             tcp_addrs: Vec::new(),
@@ -75,13 +82,17 @@ impl Relay {
             credentials: credentials.clone(),
             stats: Arc::clone(&stats),
             shared: None,
-            shutdown: shutdown_tx,
-            engines: Vec::new(),
-            tasks: JoinSet::new(),
         };
         if !settings.enabled {
             return Ok(relay);
         }
+        let listen = settings.listening_addrs(&host_addresses(&settings)?)?;
+        // What the engine's objects (its `Conn`s) watch: set by `supervise` when `shutdown`
+        // fires. They must not hold `shutdown` itself, or the engine's lifetime would delay the
+        // server's drain; the tasks below are what `supervise` waits for.
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        let mut engines = Vec::new();
         let relay_ips = settings.relay_ips()?;
         let policy = Arc::new(settings.peer_policy().compile());
         let shared = GateShared::new(
@@ -127,19 +138,26 @@ impl Relay {
         let generator: stream::GeneratorFactory = Arc::new(generator);
 
         let mut udp_gates = Vec::new();
-        if let Some(port) = settings.udp_port {
-            for ip in &settings.listening_ips {
-                let (engine, gate, front, addr) = start_udp(
-                    SocketAddr::new(*ip, port),
+        if let Some(mut port) = settings.udp_port {
+            for &ip in &listen {
+                let started = start_udp(
+                    SocketAddr::new(ip, port),
                     &settings,
                     &shared,
                     &generator,
                     &stats,
-                    &shutdown_rx,
-                    &mut relay.tasks,
+                    &stop_rx,
+                    &mut tasks,
                 )
-                .await?;
-                relay.engines.push(engine);
+                .await;
+                let Some((engine, gate, front, addr)) = skip_vanished(&settings, ip, started)?
+                else {
+                    continue;
+                };
+                // Port 0 (tests): every address listens on the port the first one got, so one
+                // advertised URL port works on all of them.
+                port = addr.port();
+                engines.push(engine);
                 relay.udp_addrs.push(addr);
                 udp_gates.push((gate, front));
             }
@@ -155,28 +173,31 @@ impl Relay {
             )),
             handshake_timeout: settings.tls_handshake_timeout,
             idle_timeout: settings.stream_idle_timeout,
-            shutdown: shutdown_rx.clone(),
+            write_queue_bytes: settings.stream_write_queue_bytes,
+            shutdown: stop_rx.clone(),
         });
         let mut stream_listeners = Vec::new();
-        if let Some(port) = settings.tcp_port {
-            for ip in &settings.listening_ips {
-                let addr = SocketAddr::new(*ip, port);
-                let listener = bind_tcp(addr, "TCP")?;
-                relay.tcp_addrs.push(local(&listener, addr, "TCP")?);
+        let stream_ports = [
+            (settings.tcp_port, None, "TCP"),
+            (settings.tls_port.filter(|_| tls.is_some()), tls, "TLS"),
+        ];
+        for (port, tls, transport) in stream_ports {
+            let Some(mut port) = port else { continue };
+            for &ip in &listen {
+                let bound = bind_tcp(SocketAddr::new(ip, port), transport);
+                let Some(listener) = skip_vanished(&settings, ip, bound)? else {
+                    continue;
+                };
+                let addr = local(&listener, SocketAddr::new(ip, port), transport)?;
+                port = addr.port();
+                if tls.is_some() {
+                    relay.tls_addrs.push(addr);
+                } else {
+                    relay.tcp_addrs.push(addr);
+                }
                 stream_listeners.push(StreamListener {
                     listener,
-                    tls: None,
-                });
-            }
-        }
-        if let (Some(port), Some(tls)) = (settings.tls_port, tls) {
-            for ip in &settings.listening_ips {
-                let addr = SocketAddr::new(*ip, port);
-                let listener = bind_tcp(addr, "TLS")?;
-                relay.tls_addrs.push(local(&listener, addr, "TLS")?);
-                stream_listeners.push(StreamListener {
-                    listener,
-                    tls: Some(Arc::clone(&tls)),
+                    tls: tls.clone(),
                 });
             }
         }
@@ -186,21 +207,19 @@ impl Relay {
         shared.set_own_addresses(own.clone());
         policy.set_own_addresses(own);
         for l in stream_listeners {
-            relay
-                .tasks
-                .spawn(stream::accept_loop(l, Arc::clone(&stream_ctx)));
+            tasks.spawn(stream::accept_loop(l, Arc::clone(&stream_ctx)));
         }
 
         // Housekeeping: prune maps, rotate the engine nonce before it expires.
         {
             let shared = Arc::clone(&shared);
-            let mut shutdown = shutdown_rx.clone();
-            relay.tasks.spawn(async move {
+            let mut stop = stop_rx.clone();
+            tasks.spawn(async move {
                 let mut tick = tokio::time::interval(MAINTENANCE_EVERY);
                 loop {
                     tokio::select! {
                         _ = tick.tick() => {}
-                        _ = shutdown.changed() => return,
+                        _ = stop.wait_for(|s| *s) => return,
                     }
                     let now = Instant::now();
                     shared.maintain(now);
@@ -212,25 +231,64 @@ impl Relay {
                 }
             });
         }
-        // The caller's shutdown future.
-        {
-            let tx = relay.shutdown.clone();
-            relay.tasks.spawn(async move {
-                let mut closed = tx.subscribe();
-                tokio::select! {
-                    _ = shutdown => { tx.send_replace(true); }
-                    _ = closed.wait_for(|s| *s) => {}
-                }
-            });
-        }
         tracing::info!(
             udp = ?relay.udp_addrs,
             tcp = ?relay.tcp_addrs,
             tls = ?relay.tls_addrs,
             "TURN relay listening"
         );
+        tokio::spawn(supervise(shutdown, stop_tx, engines, tasks));
         Ok(relay)
     }
+}
+
+/// This host's addresses, read only when a listening IP is a wildcard that needs them.
+fn host_addresses(settings: &TurnSettings) -> Result<Vec<IpAddr>, TurnError> {
+    if !settings.listening_ips.iter().any(IpAddr::is_unspecified) {
+        return Ok(Vec::new());
+    }
+    let interfaces = if_addrs::get_if_addrs().map_err(TurnError::HostAddresses)?;
+    Ok(interfaces.iter().map(|i| i.ip()).collect())
+}
+
+/// Passes a bind result through, except that an address found by expanding a wildcard which the
+/// OS will not bind (`EADDRNOTAVAIL`: it went away since it was listed, or IPv6 duplicate address
+/// detection has not finished) is skipped with a warning instead of failing the start. An address
+/// the operator named fails the start.
+fn skip_vanished<T>(
+    settings: &TurnSettings,
+    ip: IpAddr,
+    bound: Result<T, TurnError>,
+) -> Result<Option<T>, TurnError> {
+    match bound {
+        Err(TurnError::Bind { source, addr, .. })
+            if source.kind() == std::io::ErrorKind::AddrNotAvailable
+                && !settings.listening_ips.contains(&ip) =>
+        {
+            tracing::warn!(%addr, "TURN: not listening on a host address the OS would not bind: {source}");
+            Ok(None)
+        }
+        other => other.map(Some),
+    }
+}
+
+/// Waits for the server's shutdown, then stops the relay: tells every front to stop (their reads
+/// fail, which ends the engine's read loops and closes their allocations), closes the engines,
+/// and waits for every relay task. `shutdown` is held until then, so the server's drain — bounded
+/// by `shutdown-timeout` — includes the relay.
+async fn supervise(
+    mut shutdown: Shutdown,
+    stop: watch::Sender<bool>,
+    engines: Vec<Server>,
+    mut tasks: JoinSet<()>,
+) {
+    shutdown.recv().await;
+    stop.send_replace(true);
+    for engine in &engines {
+        let _ = engine.close().await;
+    }
+    while tasks.join_next().await.is_some() {}
+    tracing::debug!("TURN relay stopped");
 }
 
 /// Binds one UDP listening address with `settings.udp_sockets` SO_REUSEPORT sockets, all in front
@@ -241,7 +299,7 @@ async fn start_udp(
     shared: &Arc<GateShared>,
     generator: &stream::GeneratorFactory,
     stats: &Arc<TurnStats>,
-    shutdown: &watch::Receiver<bool>,
+    stop: &watch::Receiver<bool>,
     tasks: &mut JoinSet<()>,
 ) -> Result<(Server, Arc<Gate>, Arc<UdpFront>, SocketAddr), TurnError> {
     let bind_err = |source| TurnError::Bind {
@@ -259,7 +317,7 @@ async fn start_udp(
     let gate = Arc::new(Gate::new(Arc::clone(shared), Transport::Udp));
     let mut fronts = Vec::new();
     for s in sockets {
-        let front = UdpFront::new(s, Arc::clone(&gate), Arc::clone(stats), shutdown.clone())
+        let front = UdpFront::new(s, Arc::clone(&gate), Arc::clone(stats), stop.clone())
             .map_err(bind_err)?;
         fronts.push(Arc::new(front));
     }
@@ -268,7 +326,7 @@ async fn start_udp(
         Transport::Udp,
         close_rx,
         Arc::clone(shared),
-        shutdown.clone(),
+        stop.clone(),
     ));
     let engine = Server::new(ServerConfig {
         conn_configs: fronts
@@ -374,15 +432,5 @@ impl RunningRelay {
     /// Sizes of the front layer's maps (all bounded), for tests and diagnostics.
     pub fn memory(&self) -> Option<GateMemory> {
         self.shared.as_ref().map(|s| s.memory())
-    }
-
-    /// Stops accepting, closes every allocation and listener, and waits for all relay tasks.
-    /// Dropping a `RunningRelay` also stops it, without waiting.
-    pub async fn shutdown(mut self) {
-        self.shutdown.send_replace(true);
-        for engine in &self.engines {
-            let _ = engine.close().await;
-        }
-        while self.tasks.join_next().await.is_some() {}
     }
 }

@@ -2,7 +2,7 @@
 //! are safe on the public internet. The gateway's `Config` maps onto this struct; nothing here reads
 //! files or the environment.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -59,7 +59,10 @@ pub struct TurnSettings {
     pub enabled: bool,
     /// `realm`: sent in 401 challenges and mixed into the long-term key.
     pub realm: String,
-    /// `listening-ip`: addresses every listener binds on. Default `0.0.0.0`.
+    /// `listening-ip`: addresses every listener binds on. A wildcard (`0.0.0.0`, `::`) stands for
+    /// every address of that family this host has when the relay starts, each bound on its own
+    /// socket (see [`TurnSettings::listening_addrs`]), so an answer always leaves from the address
+    /// its request came to. Default `[0.0.0.0, ::]`: every address of the host, as coturn does.
     pub listening_ips: Vec<IpAddr>,
     /// `listening-port` for UDP; `None` turns the UDP listener off. Default 3478.
     pub udp_port: Option<u16>,
@@ -120,12 +123,16 @@ pub struct TurnSettings {
     pub max_stream_connections: usize,
     /// Concurrent TCP plus TLS connections from one source IP.
     pub max_stream_connections_per_ip: usize,
-    /// How long a TLS client may take to finish its handshake, and any stream client to send its
-    /// first frame.
+    /// How long a TLS client may take to finish its handshake, and any stream client to get its
+    /// first authenticated request answered (until then it is closed at this deadline whatever
+    /// it sends).
     pub tls_handshake_timeout: Duration,
     /// How long a TCP/TLS connection may stay silent before it is closed. RFC 8656 clients refresh
     /// well within the 10-minute default allocation lifetime.
     pub stream_idle_timeout: Duration,
+    /// Bytes queued towards one TCP/TLS client before further frames are dropped and counted
+    /// (`turn_dropped_packets_total{reason="client_queue_full"}`). Default 256 KiB.
+    pub stream_write_queue_bytes: usize,
 }
 
 impl Default for TurnSettings {
@@ -133,7 +140,10 @@ impl Default for TurnSettings {
         TurnSettings {
             enabled: true,
             realm: "callgate".to_owned(),
-            listening_ips: vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)],
+            listening_ips: vec![
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            ],
             udp_port: Some(3478),
             tcp_port: Some(3478),
             tls_port: Some(5349),
@@ -161,6 +171,7 @@ impl Default for TurnSettings {
             max_stream_connections_per_ip: 64,
             tls_handshake_timeout: Duration::from_secs(10),
             stream_idle_timeout: Duration::from_secs(15 * 60),
+            stream_write_queue_bytes: super::write_queue::DEFAULT_WRITE_QUEUE_BYTES,
         }
     }
 }
@@ -208,6 +219,7 @@ impl std::fmt::Debug for TurnSettings {
             )
             .field("tls_handshake_timeout", &self.tls_handshake_timeout)
             .field("stream_idle_timeout", &self.stream_idle_timeout)
+            .field("stream_write_queue_bytes", &self.stream_write_queue_bytes)
             .finish()
     }
 }
@@ -239,6 +251,9 @@ impl TurnSettings {
         }
         if self.max_stream_connections == 0 || self.max_stream_connections_per_ip == 0 {
             return bad("max_stream_connections and its per-IP cap must be at least 1");
+        }
+        if self.stream_write_queue_bytes < 4096 {
+            return bad("stream_write_queue_bytes must be at least 4096");
         }
         if self.max_permissions_per_allocation == 0 {
             return bad("max_permissions_per_allocation must be at least 1");
@@ -296,6 +311,45 @@ impl TurnSettings {
             relay_ips.unwrap_or_default(),
             listeners.iter().copied(),
         )
+    }
+
+    /// The addresses to bind listeners on, given the addresses this host has (`host`, as
+    /// `if_addrs` reports them): each configured address as is, and each wildcard replaced by
+    /// every host address of its family. IPv6 link-local addresses are left out (they need a
+    /// scope to be bound and no TURN client reaches a server by one), as are multicast ones.
+    /// Duplicates are dropped, order is kept. An empty result is an error: nothing to listen on.
+    ///
+    /// Addresses added to the host after the relay started are not listened on until a restart
+    /// (coturn behaves the same); a bound address that disappears stops receiving.
+    pub fn listening_addrs(&self, host: &[IpAddr]) -> Result<Vec<IpAddr>, TurnError> {
+        let mut out: Vec<IpAddr> = Vec::new();
+        let mut add = |ip: IpAddr| {
+            if !out.contains(&ip) {
+                out.push(ip);
+            }
+        };
+        for &ip in &self.listening_ips {
+            if !ip.is_unspecified() {
+                add(ip);
+                continue;
+            }
+            let expanded = host.iter().copied().filter(|h| {
+                h.is_ipv4() == ip.is_ipv4()
+                    && !h.is_unspecified()
+                    && !h.is_multicast()
+                    && !matches!(h, IpAddr::V6(v6) if v6.is_unicast_link_local())
+            });
+            for h in expanded {
+                add(h);
+            }
+        }
+        if out.is_empty() {
+            return Err(TurnError::InvalidSettings(format!(
+                "listening-ip {:?} matches no address of this host; name an address the host has",
+                self.listening_ips
+            )));
+        }
+        Ok(out)
     }
 
     /// The local IP relay sockets bind to.
@@ -403,6 +457,48 @@ mod tests {
         s.relay_ipv6 = None;
         s.listening_ips = vec!["0.0.0.0".parse().unwrap()];
         assert!(s.relay_ips().is_err(), "would advertise 0.0.0.0");
+    }
+
+    #[test]
+    fn a_wildcard_listens_on_every_host_address_of_its_family() {
+        let ips = |v: &[&str]| -> Vec<IpAddr> { v.iter().map(|s| s.parse().unwrap()).collect() };
+        let host = ips(&[
+            "127.0.0.1",
+            "192.0.2.2",
+            "::1",
+            "fe80::1",
+            "2001:db8::2",
+            "192.0.2.2",
+        ]);
+        let s = TurnSettings::default();
+        assert_eq!(
+            s.listening_addrs(&host).unwrap(),
+            ips(&["127.0.0.1", "192.0.2.2", "::1", "2001:db8::2"]),
+            "both families by default, link-local and duplicates left out"
+        );
+        let s = TurnSettings {
+            listening_ips: ips(&["0.0.0.0", "127.0.0.1"]),
+            ..Default::default()
+        };
+        assert_eq!(
+            s.listening_addrs(&host).unwrap(),
+            ips(&["127.0.0.1", "192.0.2.2"])
+        );
+        let s = TurnSettings {
+            listening_ips: ips(&["10.9.9.9"]),
+            ..Default::default()
+        };
+        assert_eq!(
+            s.listening_addrs(&[]).unwrap(),
+            ips(&["10.9.9.9"]),
+            "an explicit address is bound as given"
+        );
+        let s = TurnSettings {
+            listening_ips: ips(&["::"]),
+            ..Default::default()
+        };
+        let e = s.listening_addrs(&ips(&["127.0.0.1"])).unwrap_err();
+        assert!(e.to_string().contains("matches no address"), "{e}");
     }
 
     #[test]

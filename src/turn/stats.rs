@@ -44,6 +44,9 @@ pub struct TurnStats {
     /// Allocate requests refused with 486 because their source address (IPv6: its /64) held
     /// `allocations-per-ip` allocations.
     pub quota_hits_ip: AtomicU64,
+    /// Frames for TCP/TLS clients dropped because the client's write queue was at its byte
+    /// budget (the client reads slower than it is sent to).
+    pub client_queue_dropped: AtomicU64,
 }
 
 /// A copy of [`TurnStats`] at one instant, for exporting and asserting in tests.
@@ -67,6 +70,7 @@ pub struct TurnStatsSnapshot {
     pub stream_connections: u64,
     pub ambiguous_requests: u64,
     pub quota_hits_ip: u64,
+    pub client_queue_dropped: u64,
 }
 
 impl TurnStats {
@@ -91,6 +95,7 @@ impl TurnStats {
             stream_connections: r(&self.stream_connections),
             ambiguous_requests: r(&self.ambiguous_requests),
             quota_hits_ip: r(&self.quota_hits_ip),
+            client_queue_dropped: r(&self.client_queue_dropped),
         }
     }
 

@@ -8,8 +8,15 @@
 //! asks: when the connection ends, the engine's read loop ends and closes its allocations.
 //! Relayed traffic to peers is still UDP.
 //!
+//! A connection is on a short clock until it authenticates: it must get a success answer to an
+//! authenticated request (which the engine only gives after the gate and the engine both checked
+//! MESSAGE-INTEGRITY) within the handshake timeout of being accepted, whatever else it sends; only
+//! then does the long idle timeout apply. Garbage or unauthenticated STUN cannot hold a connection
+//! slot for longer.
+//!
 //! This module owns framing and connection lifetimes; it must never make policy decisions (the gate
-//! does) and never let a slow client block the engine (the write queue drops when full, like UDP).
+//! does) and never let a slow client block the engine (the write queue, bounded in bytes, drops
+//! when full, like UDP).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -22,24 +29,24 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+use tokio::time::Instant as Deadline;
 use turn::server::config::{ConnConfig, ServerConfig};
 use turn::server::Server;
 use webrtc_util::Conn;
 
 use super::gate::{Gate, GateShared, Outbound, Verdict, PRIMING_ADDR};
+use super::inspect::{self, method, Class, Packet};
 use super::jumbo::ClientPath;
 use super::quota::Transport;
 use super::relay::{forward_closes, TlsAcceptorSource};
 use super::reservation::ReservedSlot;
 use super::stats::TurnStats;
+use super::write_queue::{self, WriteQueue, WriteQueueReceiver};
 
 /// Makes a relay-socket generator for each engine read loop, sharing that loop's reserved slot.
 pub type GeneratorFactory = Arc<
     dyn Fn(ReservedSlot) -> Box<dyn turn::relay::RelayAddressGenerator + Send + Sync> + Send + Sync,
 >;
-
-/// Frames queued for one client before further ones are dropped.
-const WRITE_QUEUE: usize = 256;
 
 /// Why a byte stream cannot be read as TURN frames; the connection is closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -103,10 +110,12 @@ pub struct StreamContext {
     pub connections: Arc<Semaphore>,
     /// Concurrent connections per source IP.
     pub per_ip: Arc<PerIpConnections>,
-    /// TLS handshake deadline, and the deadline for a new connection's first frame.
+    /// TLS handshake deadline, and how long a connection may go on without authenticating.
     pub handshake_timeout: Duration,
-    /// Silence after which a connection is closed.
+    /// Silence after which an authenticated connection is closed.
     pub idle_timeout: Duration,
+    /// Bytes queued for one client before further frames are dropped.
+    pub write_queue_bytes: usize,
     /// Flips to true on relay shutdown.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -258,7 +267,7 @@ async fn serve(
     TurnStats::bump(&ctx.stats.stream_connections);
     let _count = ConnectionCount(Arc::clone(&ctx.stats));
 
-    let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+    let (tx, rx) = write_queue::channel(ctx.write_queue_bytes, Arc::clone(&ctx.stats));
     let writer_task = tokio::spawn(write_loop(writer, rx));
     let gate = Arc::new(Gate::new(Arc::clone(&ctx.shared), transport));
     let front = Arc::new(StreamFront {
@@ -275,8 +284,8 @@ async fn serve(
         ended: Notify::new(),
         shutdown: ctx.shutdown.clone(),
         idle_timeout: ctx.idle_timeout,
-        first_frame_timeout: ctx.handshake_timeout,
-        seen_frame: AtomicBool::new(false),
+        unauthenticated_until: Deadline::now() + ctx.handshake_timeout,
+        authenticated: AtomicBool::new(false),
         reserved: ReservedSlot::default(),
     });
     let (close_tx, close_rx) = mpsc::channel(16);
@@ -310,10 +319,7 @@ async fn serve(
     writer_task.abort();
 }
 
-async fn write_loop(
-    mut writer: Box<dyn AsyncWrite + Unpin + Send>,
-    mut rx: mpsc::Receiver<Vec<u8>>,
-) {
+async fn write_loop(mut writer: Box<dyn AsyncWrite + Unpin + Send>, mut rx: WriteQueueReceiver) {
     while let Some(frame) = rx.recv().await {
         if writer.write_all(&frame).await.is_err() {
             return;
@@ -328,7 +334,8 @@ async fn write_loop(
 /// One TCP or TLS client connection as the engine sees it.
 pub struct StreamFront {
     reader: tokio::sync::Mutex<FrameReader>,
-    tx: mpsc::Sender<Vec<u8>>,
+    /// Frames to the client, bounded in bytes.
+    tx: WriteQueue,
     peer: SocketAddr,
     local: SocketAddr,
     gate: Arc<Gate>,
@@ -338,20 +345,36 @@ pub struct StreamFront {
     ended: Notify,
     shutdown: watch::Receiver<bool>,
     idle_timeout: Duration,
-    /// A connection that has sent nothing yet gets this long, not `idle_timeout`, so silent
-    /// connections cannot hold the connection cap.
-    first_frame_timeout: Duration,
-    seen_frame: AtomicBool,
+    /// Until [`StreamFront::authenticated`], the connection is closed at this instant, whatever it
+    /// sends: silent, garbage-sending or never-authenticating connections cannot hold the cap.
+    unauthenticated_until: Deadline,
+    /// Set once the engine answered an authenticated request with success; from then on the
+    /// connection is closed only after `idle_timeout` of silence.
+    authenticated: AtomicBool,
     /// Shared with this connection's relay-socket generator (RESERVATION-TOKEN).
     reserved: ReservedSlot,
 }
 
 impl StreamFront {
-    fn read_timeout(&self) -> Duration {
-        if self.seen_frame.load(Ordering::Relaxed) {
-            self.idle_timeout
+    /// When the next read gives up: the fixed unauthenticated deadline, or `idle_timeout` from now.
+    fn read_deadline(&self) -> Deadline {
+        if self.authenticated.load(Ordering::Relaxed) {
+            Deadline::now() + self.idle_timeout
         } else {
-            self.first_frame_timeout
+            self.unauthenticated_until
+        }
+    }
+
+    /// Notes an engine answer to the client: a success response to anything but Binding means a
+    /// request authenticated (the engine checks MESSAGE-INTEGRITY on all of them, after the gate).
+    fn observe_answer(&self, packet: &[u8]) {
+        if self.authenticated.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Ok(Packet::Stun(m)) = inspect::inspect(packet) {
+            if m.class == Class::Success && m.method != method::BINDING {
+                self.authenticated.store(true, Ordering::Relaxed);
+            }
         }
     }
 
@@ -361,8 +384,9 @@ impl StreamFront {
     }
 
     fn queue(&self, frame: Vec<u8>) {
-        // A full queue means the client reads slower than it is sent to: drop, as UDP would.
-        let _ = self.tx.try_send(frame);
+        // A full queue means the client reads slower than it is sent to: drop (counted), as UDP
+        // would.
+        self.tx.push(frame);
     }
 }
 
@@ -404,11 +428,8 @@ impl Conn for StreamFront {
                 return Ok((p.len(), PRIMING_ADDR));
             }
             let len = tokio::select! {
-                r = tokio::time::timeout(self.read_timeout(), reader.next_frame()) => match r {
-                    Ok(Ok(len)) => {
-                        self.seen_frame.store(true, Ordering::Relaxed);
-                        len
-                    }
+                r = tokio::time::timeout_at(self.read_deadline(), reader.next_frame()) => match r {
+                    Ok(Ok(len)) => len,
                     Ok(Err(_)) | Err(_) => return Err(self.end()),
                 },
                 _ = shutdown.changed() => return Err(self.end()),
@@ -461,6 +482,7 @@ impl Conn for StreamFront {
             }
         }
         if target == self.peer {
+            self.observe_answer(buf);
             self.queue(frame_for_stream(buf));
         }
         Ok(buf.len())

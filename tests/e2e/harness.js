@@ -25,7 +25,7 @@ export const STEP_MS = 15000;
  * The embedded TURN relay on loopback, on ports the OS picks, allowed to relay to loopback peers:
  * both browsers are on this machine, and the relay refuses loopback peers by default.
  */
-const TURN_ARGS = [
+export const TURN_ARGS = [
   '--listening-ip', '127.0.0.1',
   '--listening-port', '0',
   '--tls-listening-port', 'off',
@@ -34,11 +34,13 @@ const TURN_ARGS = [
 
 /** A running callgate binary, started on 127.0.0.1:0 with its own certificate directory. */
 export class Callgate {
-  constructor({ certsDir, extraArgs = [] } = {}) {
+  /** `turnArgs` replaces the loopback-only TURN settings above (e.g. to test the defaults). */
+  constructor({ certsDir, extraArgs = [], turnArgs = TURN_ARGS } = {}) {
     this.bin = process.env.CALLGATE_BIN || path.join(repoRoot, 'target', 'debug', 'callgate');
     this.ownsCerts = !certsDir;
     this.certsDir = certsDir || mkdtempSync(path.join(tmpdir(), 'callgate-e2e-certs-'));
     this.extraArgs = extraArgs;
+    this.turnArgs = turnArgs;
     this.logs = [];
     this.proc = null;
     this.url = null;
@@ -58,7 +60,7 @@ export class Callgate {
       '--http-listen', 'off',
       // No admin listener: its fixed default port would collide with anything else running.
       '--metrics-listen', 'off',
-      ...TURN_ARGS,
+      ...this.turnArgs,
       '--public-dir', path.join(repoRoot, 'public'),
       '--certs-dir', this.certsDir,
       '--log-format', 'json',
@@ -198,8 +200,10 @@ export async function launchBrowser(spkiHash, { fakeUi = true } = {}) {
  * One person: a fresh browser context (own storage, own permissions) with one page, and every
  * console error, uncaught exception and CSP violation collected so tests can assert there were none.
  */
-export async function openPerson(browser, url, name, { viewport = { width: 1280, height: 800 }, colorScheme = 'light' } = {}) {
+export async function openPerson(browser, url, name, { viewport = { width: 1280, height: 800 }, colorScheme = 'light', initScript } = {}) {
   const context = await browser.newContext({ viewport, colorScheme, ignoreHTTPSErrors: false });
+  // Runs in the page before any of its scripts (e.g. to change what RTCPeerConnection is given).
+  if (initScript) await context.addInitScript(initScript);
   const page = await context.newPage();
   const problems = [];
   page.on('console', (msg) => {

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use callgate::shutdown::ShutdownController;
 use callgate::turn::{Relay, RunningRelay, TlsAcceptorSource, TurnCredentials, TurnSettings};
 use stun::agent::TransactionId;
 use stun::attributes::*;
@@ -42,10 +43,42 @@ pub fn test_settings() -> TurnSettings {
     }
 }
 
-pub async fn start(settings: TurnSettings, tls: Option<TlsAcceptorSource>) -> RunningRelay {
-    Relay::start(settings, tls, std::future::pending())
-        .await
-        .expect("relay starts")
+/// A relay and the shutdown controller it stops with, as the server owns them. Dropping it drops
+/// the controller, which also stops the relay (without waiting).
+pub struct TestRelay {
+    relay: RunningRelay,
+    controller: ShutdownController,
+}
+
+impl std::ops::Deref for TestRelay {
+    type Target = RunningRelay;
+    fn deref(&self) -> &RunningRelay {
+        &self.relay
+    }
+}
+
+impl TestRelay {
+    /// Fires the shutdown and waits, as the server does, until the relay has let go of it.
+    pub async fn shutdown(self) {
+        self.controller.trigger();
+        tokio::time::timeout(WAIT, self.controller.drained())
+            .await
+            .expect("the relay stops within 5 s of shutdown");
+    }
+}
+
+/// Starts a relay with its own shutdown controller.
+pub async fn try_start(
+    settings: TurnSettings,
+    tls: Option<TlsAcceptorSource>,
+) -> Result<TestRelay, callgate::turn::TurnError> {
+    let controller = ShutdownController::new();
+    let relay = Relay::start(settings, tls, controller.handle()).await?;
+    Ok(TestRelay { relay, controller })
+}
+
+pub async fn start(settings: TurnSettings, tls: Option<TlsAcceptorSource>) -> TestRelay {
+    try_start(settings, tls).await.expect("relay starts")
 }
 
 pub fn credentials(user: &str) -> (String, String) {

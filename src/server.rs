@@ -56,8 +56,8 @@ pub enum StartError {
         source: std::io::Error,
     },
     /// The web app directory is missing or unreadable.
-    #[error("{0}")]
-    PublicDir(std::io::Error),
+    #[error(transparent)]
+    PublicDir(#[from] crate::http::static_files::PublicDirError),
     /// The TURN relay could not start (bad settings, a port in use).
     #[error("TURN relay: {0}")]
     Turn(#[from] crate::turn::TurnError),
@@ -122,7 +122,13 @@ impl Server {
         let loaded_version = tls::Fingerprint::of(&cert_path, &key_path);
         let certs = CertStore::new(tls::load_certified_key(&cert_path, &key_path)?);
 
-        let files = StaticFiles::new(&config.public_dir).map_err(StartError::PublicDir)?;
+        let files = StaticFiles::load(&config.public_dir, config.public_dir_max_bytes)?;
+        let (file_count, file_bytes) = files.size();
+        tracing::debug!(
+            files = file_count,
+            bytes = file_bytes,
+            "web app loaded into memory"
+        );
         let readiness = Arc::new(Readiness::default());
         let controller = ShutdownController::new();
         let metrics = Arc::new(Metrics::new());

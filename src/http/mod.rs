@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod headers;
 pub mod proxy_protocol;
+pub mod ranges;
 mod redirect;
 pub mod routes;
 pub mod static_files;

@@ -251,16 +251,19 @@ pub enum Limit {
     Calls,
     /// The signaling hub is full (max clients).
     ServerFull,
+    /// Too many open connections from one address, on any listener.
+    AddressConnections,
 }
 
 impl Limit {
-    const ALL: [Limit; 6] = [
+    const ALL: [Limit; 7] = [
         Limit::MaxConnections,
         Limit::UpgradeRate,
         Limit::ConnectionsPerIp,
         Limit::Messages,
         Limit::Calls,
         Limit::ServerFull,
+        Limit::AddressConnections,
     ];
 
     fn label(self) -> &'static str {
@@ -271,6 +274,7 @@ impl Limit {
             Limit::Messages => "ws_messages",
             Limit::Calls => "ws_calls",
             Limit::ServerFull => "signaling_clients",
+            Limit::AddressConnections => "connections_per_ip",
         }
     }
 }

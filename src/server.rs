@@ -19,8 +19,8 @@ use crate::http::headers::SecurityHeaders;
 use crate::http::proxy_protocol::TrustedProxies;
 use crate::http::routes::Readiness;
 use crate::http::static_files::StaticFiles;
-use crate::http::{self, App, ConnectionSettings, RedirectTarget};
-use crate::limits::{ConnectionLimit, PerIpLimits};
+use crate::http::{self, Admission, App, ConnectionSettings, RedirectTarget};
+use crate::limits::{AddressLimit, ConnectionLimit, PerIpLimits};
 use crate::metrics::{Limit, Metrics};
 use crate::shutdown::{Shutdown, ShutdownController};
 use crate::signaling::directory::MemoryDirectory;
@@ -242,16 +242,37 @@ impl Server {
         } = self;
         tokio::spawn(expire_reservations(signaling, controller.handle()));
         tokio::spawn(prune_rate_limits(per_ip, controller.handle()));
-        let limit = ConnectionLimit::new(
-            config.max_connections,
-            metrics.limits.rejected_counter(Limit::MaxConnections),
+        let per_ip = AddressLimit::new(
+            config.connections_per_ip,
+            metrics.limits.rejected_counter(Limit::AddressConnections),
         );
+        let admission = Admission {
+            limit: ConnectionLimit::new(
+                config.max_connections,
+                metrics.limits.rejected_counter(Limit::MaxConnections),
+            ),
+            per_ip: per_ip.clone(),
+            trusted_proxies: Arc::new(TrustedProxies::new(config.proxy_protocol_from.clone())),
+            proxy_header_timeout: config.tls_handshake_timeout,
+        };
+        // The metrics listener has its own global cap (a flood on the public port must not keep
+        // the scraper out) and trusts no PROXY header; the per-address cap is shared.
+        let metrics_admission = Admission {
+            limit: ConnectionLimit::new(
+                config.max_connections,
+                metrics.limits.rejected_counter(Limit::MaxConnections),
+            ),
+            per_ip,
+            trusted_proxies: Arc::new(TrustedProxies::default()),
+            proxy_header_timeout: config.tls_handshake_timeout,
+        };
         let settings = ConnectionSettings {
             tls_handshake_timeout: config.tls_handshake_timeout,
             header_read_timeout: config.header_read_timeout,
             idle_timeout: config.idle_timeout,
+            response_stall_timeout: config.response_stall_timeout,
+            close_timeout: config.shutdown_timeout,
             h2_max_concurrent_streams: config.h2_max_concurrent_streams,
-            trusted_proxies: Arc::new(TrustedProxies::new(config.proxy_protocol_from.clone())),
         };
 
         let (cert_path, key_path) = config.tls.paths();
@@ -278,7 +299,7 @@ impl Server {
             acceptor,
             app,
             settings.clone(),
-            limit.clone(),
+            admission.clone(),
             metrics.clone(),
             controller.handle(),
         ));
@@ -291,6 +312,8 @@ impl Server {
                 admin,
                 metrics.clone(),
                 config.metrics_token.clone(),
+                settings.clone(),
+                metrics_admission,
                 controller.handle(),
             ));
         }
@@ -308,7 +331,7 @@ impl Server {
                 http_listener,
                 target,
                 settings,
-                limit,
+                admission,
                 metrics.clone(),
                 controller.handle(),
             ));

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
 use bytes::{Bytes, BytesMut};
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Empty};
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 
@@ -442,8 +442,44 @@ fn empty_body() -> Body {
     super::boxed(Empty::new().map_err(|never| match never {}))
 }
 
+/// Largest body frame handed to the connection: bodies move in steps of this size, so a client
+/// that stops reading stops the progress [`super::lifetime`] watches, and HTTP/2 buffers at most
+/// a few frames per stream rather than the whole file.
+pub const CHUNK: usize = 16 * 1024;
+
+/// A stored body sent in [`CHUNK`]-sized, reference-counted slices (no copy).
+struct Chunks {
+    /// What is still to send.
+    rest: Bytes,
+}
+
+impl hyper::body::Body for Chunks {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, io::Error>>> {
+        if self.rest.is_empty() {
+            return std::task::Poll::Ready(None);
+        }
+        let take = self.rest.len().min(CHUNK);
+        let chunk = self.rest.split_to(take);
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(chunk))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.rest.is_empty()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.rest.len() as u64)
+    }
+}
+
 fn full_body(bytes: Bytes) -> Body {
-    super::boxed(Full::new(bytes).map_err(|never| match never {}))
+    super::boxed(Chunks { rest: bytes })
 }
 
 /// The response for a found file.

@@ -261,21 +261,25 @@ async fn zero_window_http2_clients_hold_no_descriptors_and_are_cut() {
             let _ = connection.await;
             started.elapsed()
         });
-        let mut responses = Vec::new();
+        let mut pending = Vec::new();
         for _ in 0..100 {
             sender = sender.ready().await.unwrap();
-            let (response, _) = sender
-                .send_request(h2_get("/scripts/client.js"), true)
-                .unwrap();
-            responses.push(response);
+            pending.push(
+                sender
+                    .send_request(h2_get("/scripts/client.js"), true)
+                    .unwrap(),
+            );
         }
-        // Headers arrive (they are not flow-controlled); the bodies cannot.
-        for response in responses.iter_mut() {
-            let head = tokio::time::timeout(Duration::from_secs(10), response)
+        // Headers arrive (they are not flow-controlled); the bodies cannot. Every stream is
+        // kept open: the responses (with their bodies) are held, never read.
+        let mut responses = Vec::new();
+        for (response, send) in pending {
+            let response = tokio::time::timeout(Duration::from_secs(10), response)
                 .await
                 .expect("response headers")
                 .unwrap();
-            assert_eq!(head.status(), StatusCode::OK);
+            assert_eq!(response.status(), StatusCode::OK);
+            responses.push((response, send));
         }
         connections.push((sender, responses, closed));
     }
@@ -342,10 +346,12 @@ async fn a_connection_that_never_finishes_is_dropped_after_the_close_deadline() 
     let (mut sender, connection) = h2_client(&server, [127, 0, 0, 1], 0).await;
     let closed = tokio::spawn(connection);
     sender = sender.ready().await.unwrap();
-    let (response, _) = sender
+    let (response, _send) = sender
         .send_request(h2_get("/scripts/client.js"), true)
         .unwrap();
-    assert_eq!(response.await.unwrap().status(), StatusCode::OK);
+    // The response (and its body) is held, never read: the stream stays open.
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
     // Shutdown starts a graceful close; the stream can never finish (zero window).
     let started = Instant::now();
     server.stop().await;
@@ -358,7 +364,7 @@ async fn a_connection_that_never_finishes_is_dropped_after_the_close_deadline() 
         "unfinishable connection dropped {:?} after shutdown began",
         started.elapsed()
     );
-    drop(sender);
+    drop((sender, response));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -59,12 +59,13 @@ pub struct Options {
     #[serde(skip)]
     pub config: Option<PathBuf>,
 
-    /// Address of the HTTPS listener (web app, WebSocket signaling) [default: 0.0.0.0:8443].
+    /// Address of the HTTPS listener (web app, WebSocket signaling); `[::]` accepts IPv4 too, and
+    /// falls back to 0.0.0.0 on a host without IPv6 [default: [::]:8443].
     #[arg(long, env = "CALLGATE_HTTPS_LISTEN", value_name = "ADDR")]
     pub https_listen: Option<SocketAddr>,
 
     /// Address of the plain-HTTP listener that only redirects to HTTPS and answers /healthz, or "off"
-    /// [default: 0.0.0.0:8080].
+    /// [default: [::]:8080].
     #[arg(long, env = "CALLGATE_HTTP_LISTEN", value_name = "ADDR|off")]
     pub http_listen: Option<Listen>,
 
@@ -988,10 +989,11 @@ impl Config {
         let config = Config {
             https_listen: o
                 .https_listen
-                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8443))),
-            http_listen: o
-                .http_listen
-                .unwrap_or(Listen::On(SocketAddr::from(([0, 0, 0, 0], 8080)))),
+                .unwrap_or_else(|| SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 8443))),
+            http_listen: o.http_listen.unwrap_or(Listen::On(SocketAddr::from((
+                std::net::Ipv6Addr::UNSPECIFIED,
+                8080,
+            )))),
             public_url,
             public_dir: o.public_dir.unwrap_or_else(|| PathBuf::from("public")),
             tls,
@@ -1255,11 +1257,8 @@ mod tests {
     #[test]
     fn defaults_are_the_documented_ports() {
         let config = Config::from_options(Options::default()).unwrap();
-        assert_eq!(config.https_listen, "0.0.0.0:8443".parse().unwrap());
-        assert_eq!(
-            config.http_listen,
-            Listen::On("0.0.0.0:8080".parse().unwrap())
-        );
+        assert_eq!(config.https_listen, "[::]:8443".parse().unwrap());
+        assert_eq!(config.http_listen, Listen::On("[::]:8080".parse().unwrap()));
         assert_eq!(
             config.tls,
             TlsSource::DevDir {

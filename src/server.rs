@@ -526,15 +526,43 @@ fn session_settings(config: &Config) -> SessionSettings {
     }
 }
 
+/// Binds a listener. `[::]` is dual-stack (IPv4 clients arrive as `::ffff:a.b.c.d`, which the
+/// accept loops show as IPv4); on a host without IPv6 it falls back to `0.0.0.0` with a log line.
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()
-    } else {
-        tokio::net::TcpSocket::new_v6()
-    };
-    let bind_err = |source| StartError::Bind { key, addr, source };
-    let socket = socket.map_err(bind_err)?;
-    socket.set_reuseaddr(true).map_err(bind_err)?;
-    socket.bind(addr).map_err(bind_err)?;
-    socket.listen(1024).map_err(bind_err)
+    match listen(addr) {
+        Ok(listener) => Ok(listener),
+        Err(e) if addr.ip() == std::net::Ipv6Addr::UNSPECIFIED && ipv6_unavailable(&e) => {
+            let v4 = SocketAddr::from(([0, 0, 0, 0], addr.port()));
+            tracing::info!(
+                setting = key,
+                "IPv6 is not available on this host ({e}); listening on {v4} (IPv4 only)"
+            );
+            listen(v4).map_err(|source| StartError::Bind {
+                key,
+                addr: v4,
+                source,
+            })
+        }
+        Err(source) => Err(StartError::Bind { key, addr, source }),
+    }
+}
+
+/// A listening socket on `addr`; IPv6 sockets also accept IPv4 (`IPV6_V6ONLY` off).
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Whether binding `[::]` failed because the host has no IPv6 (disabled in the kernel, or no
+/// IPv6 address family): EAFNOSUPPORT, EPROTONOSUPPORT, EADDRNOTAVAIL.
+fn ipv6_unavailable(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::AddrNotAvailable || matches!(e.raw_os_error(), Some(97 | 93))
 }

@@ -542,3 +542,45 @@ async fn two_thousand_ranges_get_the_file_once() {
     honest_client_is_served(&server, "range floods").await;
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_listener_cuts_silent_and_idle_connections() {
+    let _serial = SERIAL.lock().await;
+    let server = TestServer::start(|_, o| {
+        o.header_read_timeout = Some(Seconds(Duration::from_secs(1)));
+        o.idle_timeout = Some(Seconds(Duration::from_secs(1)));
+    })
+    .await;
+    let metrics = server.addrs.metrics.unwrap();
+    // Silent: never sends a request head.
+    let mut silent = TcpStream::connect(metrics).await.unwrap();
+    let lived = closed_within(&mut silent, Duration::from_secs(10))
+        .await
+        .expect("a silent metrics connection is closed by the header timeout");
+    println!("silent metrics connection closed after {lived:?}");
+    // Slow: a request head dribbled a byte every 100 ms never completes.
+    let mut slow = TcpStream::connect(metrics).await.unwrap();
+    let started = Instant::now();
+    let mut cut = false;
+    for byte in b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Pad: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" {
+        if slow.write_all(&[*byte]).await.is_err() {
+            cut = true;
+            break;
+        }
+        if closed_within(&mut slow, Duration::from_millis(100))
+            .await
+            .is_some()
+        {
+            cut = true;
+            break;
+        }
+    }
+    assert!(cut, "a dribbled metrics request is cut off");
+    println!("slow metrics request cut after {:?}", started.elapsed());
+    let text = scrape_from(&server, [127, 0, 0, 2]).await;
+    assert!(
+        text.contains("callgate_build_info"),
+        "the scraper is served"
+    );
+    server.stop().await;
+}

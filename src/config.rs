@@ -1293,6 +1293,31 @@ mod tests {
     }
 
     #[test]
+    fn edge_limits_have_safe_defaults_and_are_validated() {
+        let config = Config::from_options(Options::default()).unwrap();
+        assert_eq!(config.connections_per_ip, 128);
+        assert_eq!(config.response_stall_timeout, Duration::from_secs(30));
+        assert_eq!(config.public_dir_max_bytes, 64 * 1024 * 1024);
+        for (args, message) in [
+            (
+                &["--connections-per-ip", "0"][..],
+                "connections-per-ip: must be at least 1",
+            ),
+            (
+                &["--response-stall-timeout", "0"][..],
+                "response-stall-timeout: must be greater than 0",
+            ),
+            (
+                &["--public-dir-max-bytes", "10"][..],
+                "public-dir-max-bytes: must be between 1024 and 4294967296 (the web app is held in memory)",
+            ),
+        ] {
+            let err = Config::from_options(parse(args)).unwrap_err();
+            assert_eq!(err.to_string(), message);
+        }
+    }
+
+    #[test]
     fn durations_accept_units_and_plain_seconds() {
         let file: Options = toml::from_str(
             "tls-handshake-timeout = 3\nheader-read-timeout = \"1500ms\"\nshutdown-timeout = \"1h\"",

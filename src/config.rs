@@ -59,12 +59,13 @@ pub struct Options {
     #[serde(skip)]
     pub config: Option<PathBuf>,
 
-    /// Address of the HTTPS listener (web app, WebSocket signaling) [default: 0.0.0.0:8443].
+    /// Address of the HTTPS listener (web app, WebSocket signaling); `[::]` accepts IPv4 too, and
+    /// falls back to 0.0.0.0 on a host without IPv6 [default: [::]:8443].
     #[arg(long, env = "CALLGATE_HTTPS_LISTEN", value_name = "ADDR")]
     pub https_listen: Option<SocketAddr>,
 
     /// Address of the plain-HTTP listener that only redirects to HTTPS and answers /healthz, or "off"
-    /// [default: 0.0.0.0:8080].
+    /// [default: [::]:8080].
     #[arg(long, env = "CALLGATE_HTTP_LISTEN", value_name = "ADDR|off")]
     pub http_listen: Option<Listen>,
 
@@ -120,6 +121,22 @@ pub struct Options {
     /// Most concurrent streams per HTTP/2 connection [default: 100].
     #[arg(long, env = "CALLGATE_H2_MAX_CONCURRENT_STREAMS", value_name = "N")]
     pub h2_max_concurrent_streams: Option<u32>,
+
+    /// Most open connections per client address (IPv6 per /64) on every listener, counted at accept
+    /// before any TLS work; behind a trusted PROXY-protocol balancer, per address it names
+    /// [default: 128].
+    #[arg(long, env = "CALLGATE_CONNECTIONS_PER_IP", value_name = "N")]
+    pub connections_per_ip: Option<u32>,
+
+    /// A response that sends no byte for this long (the client stopped reading, or advertises a zero
+    /// HTTP/2 window) ends its connection [default: 30s].
+    #[arg(long, env = "CALLGATE_RESPONSE_STALL_TIMEOUT", value_name = "DURATION")]
+    pub response_stall_timeout: Option<Seconds>,
+
+    /// Largest total size of public-dir, which is held in memory; more fails at startup
+    /// [default: 67108864].
+    #[arg(long, env = "CALLGATE_PUBLIC_DIR_MAX_BYTES", value_name = "BYTES")]
+    pub public_dir_max_bytes: Option<u64>,
 
     /// Most open client connections over all listeners; more are refused at accept [default: 10000].
     #[arg(long, env = "CALLGATE_MAX_CONNECTIONS", value_name = "N")]
@@ -398,6 +415,13 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// HTTP/2 stream cap per connection.
     pub h2_max_concurrent_streams: u32,
+    /// Open connections per client address (IPv6 per /64), on every listener.
+    pub connections_per_ip: u32,
+    /// A response that makes no progress for this long ends its connection.
+    #[serde(serialize_with = "as_seconds")]
+    pub response_stall_timeout: Duration,
+    /// Budget for the web app held in memory.
+    pub public_dir_max_bytes: u64,
     /// Global cap on open client connections.
     pub max_connections: usize,
     /// Threads of the async runtime.
@@ -886,6 +910,9 @@ impl Options {
             header_read_timeout,
             idle_timeout,
             h2_max_concurrent_streams,
+            connections_per_ip,
+            response_stall_timeout,
+            public_dir_max_bytes,
             max_connections,
             worker_threads,
             hsts_max_age,
@@ -972,10 +999,11 @@ impl Config {
         let config = Config {
             https_listen: o
                 .https_listen
-                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8443))),
-            http_listen: o
-                .http_listen
-                .unwrap_or(Listen::On(SocketAddr::from(([0, 0, 0, 0], 8080)))),
+                .unwrap_or_else(|| SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 8443))),
+            http_listen: o.http_listen.unwrap_or(Listen::On(SocketAddr::from((
+                std::net::Ipv6Addr::UNSPECIFIED,
+                8080,
+            )))),
             public_url,
             public_dir: o.public_dir.unwrap_or_else(|| PathBuf::from("public")),
             tls,
@@ -984,6 +1012,9 @@ impl Config {
             header_read_timeout: secs(o.header_read_timeout, 10),
             idle_timeout: secs(o.idle_timeout, 60),
             h2_max_concurrent_streams: o.h2_max_concurrent_streams.unwrap_or(100),
+            connections_per_ip: o.connections_per_ip.unwrap_or(128),
+            response_stall_timeout: secs(o.response_stall_timeout, 30),
+            public_dir_max_bytes: o.public_dir_max_bytes.unwrap_or(64 * 1024 * 1024),
             max_connections: o.max_connections.unwrap_or(10_000),
             worker_threads: o.worker_threads.unwrap_or_else(|| {
                 std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
@@ -1074,6 +1105,7 @@ impl Config {
             ("tls-handshake-timeout", self.tls_handshake_timeout),
             ("header-read-timeout", self.header_read_timeout),
             ("idle-timeout", self.idle_timeout),
+            ("response-stall-timeout", self.response_stall_timeout),
         ];
         for (key, value) in positive {
             if value.is_zero() {
@@ -1173,6 +1205,15 @@ impl Config {
         if self.h2_max_concurrent_streams == 0 {
             return Err(invalid("h2-max-concurrent-streams", "must be at least 1"));
         }
+        if self.connections_per_ip == 0 {
+            return Err(invalid("connections-per-ip", "must be at least 1"));
+        }
+        if !(1024..=4 * 1024 * 1024 * 1024).contains(&self.public_dir_max_bytes) {
+            return Err(invalid(
+                "public-dir-max-bytes",
+                "must be between 1024 and 4294967296 (the web app is held in memory)",
+            ));
+        }
         if self.max_connections == 0 {
             return Err(invalid("max-connections", "must be at least 1"));
         }
@@ -1232,11 +1273,8 @@ mod tests {
     #[test]
     fn defaults_are_the_documented_ports() {
         let config = Config::from_options(Options::default()).unwrap();
-        assert_eq!(config.https_listen, "0.0.0.0:8443".parse().unwrap());
-        assert_eq!(
-            config.http_listen,
-            Listen::On("0.0.0.0:8080".parse().unwrap())
-        );
+        assert_eq!(config.https_listen, "[::]:8443".parse().unwrap());
+        assert_eq!(config.http_listen, Listen::On("[::]:8080".parse().unwrap()));
         assert_eq!(
             config.tls,
             TlsSource::DevDir {
@@ -1268,6 +1306,31 @@ mod tests {
             zero.to_string(),
             "worker-threads: must be between 1 and 1024"
         );
+    }
+
+    #[test]
+    fn edge_limits_have_safe_defaults_and_are_validated() {
+        let config = Config::from_options(Options::default()).unwrap();
+        assert_eq!(config.connections_per_ip, 128);
+        assert_eq!(config.response_stall_timeout, Duration::from_secs(30));
+        assert_eq!(config.public_dir_max_bytes, 64 * 1024 * 1024);
+        for (args, message) in [
+            (
+                &["--connections-per-ip", "0"][..],
+                "connections-per-ip: must be at least 1",
+            ),
+            (
+                &["--response-stall-timeout", "0"][..],
+                "response-stall-timeout: must be greater than 0",
+            ),
+            (
+                &["--public-dir-max-bytes", "10"][..],
+                "public-dir-max-bytes: must be between 1024 and 4294967296 (the web app is held in memory)",
+            ),
+        ] {
+            let err = Config::from_options(parse(args)).unwrap_err();
+            assert_eq!(err.to_string(), message);
+        }
     }
 
     #[test]

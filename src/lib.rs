@@ -9,10 +9,10 @@
 //! | `config.rs` | the one `Config`: CLI flags, `CALLGATE_*` env vars, TOML file, validation |
 //! | `server.rs` | binds every listener, starts the subsystems, owns the one shutdown path |
 //! | `shutdown.rs` | the [`shutdown::Shutdown`] handle every connection task selects on |
-//! | `limits.rs` | the global connection cap, per-address and per-connection rate limits (governor) |
+//! | `limits.rs` | the global connection cap, the per-address connection cap, per-address and per-connection rate limits (governor) |
 //! | `metrics.rs` | Prometheus registry, pre-resolved metric handles, the call observer, TURN export |
 //! | `tls/` | certificate loading (`load`), dev-certificate generation (`dev_cert`), hot reload (`reload`) |
-//! | `http/` | accept loop with timeouts and the cap (`mod`), PROXY protocol (`proxy_protocol`), routes and `/api/turn-credentials` (`routes`), static files, security headers, the redirect listener, the metrics listener (`admin`) |
+//! | `http/` | accept loop with admission (per-address and global caps) and timeouts (`mod`), idle/stall/close limits of a connection (`lifetime`), PROXY protocol (`proxy_protocol`), routes and `/api/turn-credentials` (`routes`), static files held in memory (`static_files`) and the range policy (`ranges`), security headers, the redirect listener, the metrics listener (`admin`) |
 //! | `signaling/` | WebSocket sessions (`session`), their frames (`wire`) and send queues (`outbox`), the call rules without I/O (`hub`), wire messages (`protocol`), where each ID lives (`directory`) |
 //! | `turn/` | the embedded TURN relay: a front layer before the `turn` crate's engine (see its own Layout) |
 //!

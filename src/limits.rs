@@ -3,6 +3,9 @@
 //! - [`ConnectionLimit`]: the global connection cap. A connection holds a [`ConnectionPermit`] for
 //!   its whole life, WebSocket included; when none is left, new connections are closed at accept,
 //!   before any TLS work is spent on them.
+//! - [`AddressLimit`]: open connections per client address on every listener (IPv6 keyed by its
+//!   /64), taken at accept before the global permit and before any TLS or PROXY-header work, so one
+//!   host cannot fill the global cap with silent connections.
 //! - [`PerIpLimits`]: WebSocket upgrades per second and open WebSockets per client address (IPv6
 //!   keyed by its /64, since one host usually owns a whole /64). Maps are pruned, so rotating source
 //!   addresses cannot grow memory without bound.
@@ -88,6 +91,77 @@ impl ConnectionLimit {
     /// Connections currently open.
     pub fn open(&self) -> usize {
         self.max - self.permits.available_permits()
+    }
+}
+
+/// Open connections per client address, on every listener.
+#[derive(Debug)]
+pub struct AddressLimit {
+    /// Open connections per address; an entry is removed when its count drops to zero, so the map
+    /// holds at most one entry per open connection.
+    open: Mutex<HashMap<IpKey, u32>>,
+    /// Most open connections per address (`connections-per-ip`).
+    max_per_ip: u32,
+    /// Connections refused (`callgate_rate_limited_total{limit="connections_per_ip"}`).
+    refused: IntCounter,
+    /// Throttles the log lines naming refused addresses.
+    refusal_log: RefusalLog,
+}
+
+/// One open connection counted against its address; dropping it gives the slot back.
+#[derive(Debug)]
+pub struct AddressSlot {
+    /// The limit the slot belongs to.
+    limit: Arc<AddressLimit>,
+    /// The address (or /64) it is counted against.
+    key: IpKey,
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut open = self.limit.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = open.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl AddressLimit {
+    /// At most `max_per_ip` open connections per address; refusals are counted in `refused`.
+    pub fn new(max_per_ip: u32, refused: IntCounter) -> Arc<Self> {
+        Arc::new(AddressLimit {
+            open: Mutex::new(HashMap::new()),
+            max_per_ip,
+            refused,
+            refusal_log: RefusalLog::new(),
+        })
+    }
+
+    /// A slot for one more connection from `ip`, or `None` (counted, logged at most a few times a
+    /// second) when it already has `max_per_ip` open.
+    pub fn try_take(self: &Arc<Self>, ip: IpAddr) -> Option<AddressSlot> {
+        let key = IpKey::of(ip);
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let count = open.entry(key).or_insert(0);
+        if *count >= self.max_per_ip {
+            drop(open);
+            self.refused.inc();
+            self.refusal_log.refused(ip, "connections-per-ip");
+            return None;
+        }
+        *count += 1;
+        Some(AddressSlot {
+            limit: self.clone(),
+            key,
+        })
+    }
+
+    /// Addresses with open connections.
+    pub fn tracked(&self) -> usize {
+        self.open.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 }
 
@@ -325,6 +399,27 @@ mod tests {
         }
         assert_eq!(limits.check_upgrade(ip), Err(IpRefusal::UpgradeRate));
         limits.check_upgrade("192.0.2.2".parse().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn connections_per_address_are_capped_per_64_and_freed() {
+        let limit = AddressLimit::new(2, IntCounter::new("refused", "test").unwrap());
+        let a: IpAddr = "2001:db8::1".parse().unwrap();
+        let same_64: IpAddr = "2001:db8::ffff:2".parse().unwrap();
+        let first = limit.try_take(a).unwrap();
+        let _second = limit.try_take(same_64).unwrap();
+        assert!(limit.try_take(a).is_none(), "a third from the same /64");
+        assert_eq!(limit.refused.get(), 1);
+        assert!(limit.try_take("2001:db8:0:1::1".parse().unwrap()).is_some());
+        drop(first);
+        assert!(
+            limit.try_take(a).is_some(),
+            "a closed connection frees its slot"
+        );
+        for i in 0..1000u32 {
+            drop(limit.try_take(IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i))));
+        }
+        assert_eq!(limit.tracked(), 1, "closed addresses leave nothing behind");
     }
 
     #[test]

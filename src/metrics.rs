@@ -22,6 +22,8 @@ use crate::turn::TurnStats;
 pub struct Metrics {
     /// What `/metrics` encodes.
     registry: Registry,
+    /// The process collector's families (`process_*`), kept apart from the `callgate_` prefix.
+    process: Registry,
     /// HTTP requests by route class and status class.
     pub http: HttpMetrics,
     /// TLS handshakes and the certificate.
@@ -260,16 +262,19 @@ pub enum Limit {
     Calls,
     /// The signaling hub is full (max clients).
     ServerFull,
+    /// Too many open connections from one address, on any listener.
+    AddressConnections,
 }
 
 impl Limit {
-    const ALL: [Limit; 6] = [
+    const ALL: [Limit; 7] = [
         Limit::MaxConnections,
         Limit::UpgradeRate,
         Limit::ConnectionsPerIp,
         Limit::Messages,
         Limit::Calls,
         Limit::ServerFull,
+        Limit::AddressConnections,
     ];
 
     fn label(self) -> &'static str {
@@ -280,6 +285,7 @@ impl Limit {
             Limit::Messages => "ws_messages",
             Limit::Calls => "ws_calls",
             Limit::ServerFull => "signaling_clients",
+            Limit::AddressConnections => "connections_per_ip",
         }
     }
 }
@@ -689,14 +695,19 @@ impl Metrics {
         .expect("valid metric");
         build.set(1);
         r.register(Box::new(build)).expect("unique metric");
-        // CPU seconds, resident memory, open and max file descriptors, start time.
-        r.register(Box::new(
-            prometheus::process_collector::ProcessCollector::for_self(),
-        ))
-        .expect("unique metric");
+        // CPU seconds, resident memory, open and max file descriptors, start time: exported as
+        // `process_*` (Prometheus' convention, which dashboards and alerts expect), so they live in
+        // a registry without the `callgate_` prefix.
+        let process = Registry::new();
+        process
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("unique metric");
 
         Metrics {
             registry,
+            process,
             http,
             tls,
             limits,
@@ -728,8 +739,9 @@ impl Metrics {
         if let Some(turn) = turn.as_ref() {
             turn.refresh();
         }
-        let families = self.registry.gather();
+        let mut families = self.registry.gather();
         drop(turn);
+        families.extend(self.process.gather());
         let mut out = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
             tracing::error!("encoding metrics: {e}");

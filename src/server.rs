@@ -19,8 +19,8 @@ use crate::http::headers::SecurityHeaders;
 use crate::http::proxy_protocol::TrustedProxies;
 use crate::http::routes::Readiness;
 use crate::http::static_files::StaticFiles;
-use crate::http::{self, App, ConnectionSettings, RedirectTarget};
-use crate::limits::{ConnectionLimit, PerIpLimits};
+use crate::http::{self, Admission, App, ConnectionSettings, RedirectTarget};
+use crate::limits::{AddressLimit, ConnectionLimit, PerIpLimits};
 use crate::metrics::{Limit, Metrics};
 use crate::shutdown::{Shutdown, ShutdownController};
 use crate::signaling::directory::MemoryDirectory;
@@ -56,8 +56,8 @@ pub enum StartError {
         source: std::io::Error,
     },
     /// The web app directory is missing or unreadable.
-    #[error("{0}")]
-    PublicDir(std::io::Error),
+    #[error(transparent)]
+    PublicDir(#[from] crate::http::static_files::PublicDirError),
     /// The TURN relay could not start (bad settings, a port in use).
     #[error("TURN relay: {0}")]
     Turn(#[from] crate::turn::TurnError),
@@ -122,7 +122,13 @@ impl Server {
         let loaded_version = tls::Fingerprint::of(&cert_path, &key_path);
         let certs = CertStore::new(tls::load_certified_key(&cert_path, &key_path)?);
 
-        let files = StaticFiles::new(&config.public_dir).map_err(StartError::PublicDir)?;
+        let files = StaticFiles::load(&config.public_dir, config.public_dir_max_bytes)?;
+        let (file_count, file_bytes) = files.size();
+        tracing::debug!(
+            files = file_count,
+            bytes = file_bytes,
+            "web app loaded into memory"
+        );
         let readiness = Arc::new(Readiness::default());
         let controller = ShutdownController::new();
         let metrics = Arc::new(Metrics::new());
@@ -236,16 +242,37 @@ impl Server {
         } = self;
         tokio::spawn(expire_reservations(signaling, controller.handle()));
         tokio::spawn(prune_rate_limits(per_ip, controller.handle()));
-        let limit = ConnectionLimit::new(
-            config.max_connections,
-            metrics.limits.rejected_counter(Limit::MaxConnections),
+        let per_ip = AddressLimit::new(
+            config.connections_per_ip,
+            metrics.limits.rejected_counter(Limit::AddressConnections),
         );
+        let admission = Admission {
+            limit: ConnectionLimit::new(
+                config.max_connections,
+                metrics.limits.rejected_counter(Limit::MaxConnections),
+            ),
+            per_ip: per_ip.clone(),
+            trusted_proxies: Arc::new(TrustedProxies::new(config.proxy_protocol_from.clone())),
+            proxy_header_timeout: config.tls_handshake_timeout,
+        };
+        // The metrics listener has its own global cap (a flood on the public port must not keep
+        // the scraper out) and trusts no PROXY header; the per-address cap is shared.
+        let metrics_admission = Admission {
+            limit: ConnectionLimit::new(
+                config.max_connections,
+                metrics.limits.rejected_counter(Limit::MaxConnections),
+            ),
+            per_ip,
+            trusted_proxies: Arc::new(TrustedProxies::default()),
+            proxy_header_timeout: config.tls_handshake_timeout,
+        };
         let settings = ConnectionSettings {
             tls_handshake_timeout: config.tls_handshake_timeout,
             header_read_timeout: config.header_read_timeout,
             idle_timeout: config.idle_timeout,
+            response_stall_timeout: config.response_stall_timeout,
+            close_timeout: config.shutdown_timeout,
             h2_max_concurrent_streams: config.h2_max_concurrent_streams,
-            trusted_proxies: Arc::new(TrustedProxies::new(config.proxy_protocol_from.clone())),
         };
 
         let (cert_path, key_path) = config.tls.paths();
@@ -272,7 +299,7 @@ impl Server {
             acceptor,
             app,
             settings.clone(),
-            limit.clone(),
+            admission.clone(),
             metrics.clone(),
             controller.handle(),
         ));
@@ -285,6 +312,8 @@ impl Server {
                 admin,
                 metrics.clone(),
                 config.metrics_token.clone(),
+                settings.clone(),
+                metrics_admission,
                 controller.handle(),
             ));
         }
@@ -302,7 +331,7 @@ impl Server {
                 http_listener,
                 target,
                 settings,
-                limit,
+                admission,
                 metrics.clone(),
                 controller.handle(),
             ));
@@ -503,15 +532,43 @@ fn session_settings(config: &Config) -> SessionSettings {
     }
 }
 
+/// Binds a listener. `[::]` is dual-stack (IPv4 clients arrive as `::ffff:a.b.c.d`, which the
+/// accept loops show as IPv4); on a host without IPv6 it falls back to `0.0.0.0` with a log line.
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()
-    } else {
-        tokio::net::TcpSocket::new_v6()
-    };
-    let bind_err = |source| StartError::Bind { key, addr, source };
-    let socket = socket.map_err(bind_err)?;
-    socket.set_reuseaddr(true).map_err(bind_err)?;
-    socket.bind(addr).map_err(bind_err)?;
-    socket.listen(1024).map_err(bind_err)
+    match listen(addr) {
+        Ok(listener) => Ok(listener),
+        Err(e) if addr.ip() == std::net::Ipv6Addr::UNSPECIFIED && ipv6_unavailable(&e) => {
+            let v4 = SocketAddr::from(([0, 0, 0, 0], addr.port()));
+            tracing::info!(
+                setting = key,
+                "IPv6 is not available on this host ({e}); listening on {v4} (IPv4 only)"
+            );
+            listen(v4).map_err(|source| StartError::Bind {
+                key,
+                addr: v4,
+                source,
+            })
+        }
+        Err(source) => Err(StartError::Bind { key, addr, source }),
+    }
+}
+
+/// A listening socket on `addr`; IPv6 sockets also accept IPv4 (`IPV6_V6ONLY` off).
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Whether binding `[::]` failed because the host has no IPv6 (disabled in the kernel, or no
+/// IPv6 address family): EAFNOSUPPORT, EPROTONOSUPPORT, EADDRNOTAVAIL.
+fn ipv6_unavailable(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::AddrNotAvailable || matches!(e.raw_os_error(), Some(97 | 93))
 }

@@ -477,3 +477,36 @@ async fn connections_over_the_cap_are_refused_and_others_still_served() {
     assert!(served, "a freed slot admits a new connection");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn the_default_wildcard_listener_is_dual_stack() {
+    let server = TestServer::start(|_, o| {
+        o.https_listen = Some("[::]:0".parse().unwrap());
+        o.connections_per_ip = Some(2);
+    })
+    .await;
+    let port = server.addrs.https.port();
+    let client = server.client(&[b"http/1.1"]);
+    // IPv4 clients arrive as ::ffff:127.0.0.1 and are counted as 127.0.0.1: two are served over
+    // IPv4, a third is refused at accept, and IPv6 (another address) is still served.
+    let v4 = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut a = H1::over(connect(&client, v4).await.unwrap()).await;
+    assert_eq!(
+        a.get("/healthz").await.status,
+        StatusCode::OK,
+        "served over IPv4"
+    );
+    let _b = connect(&client, v4).await.unwrap();
+    assert!(
+        connect(&client, v4).await.is_err(),
+        "the per-address cap sees IPv4-mapped clients as their IPv4 address"
+    );
+    let v6 = std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port));
+    let tls = connect(&client, v6).await.unwrap();
+    assert_eq!(
+        H1::over(tls).await.get("/healthz").await.status,
+        StatusCode::OK,
+        "served over IPv6"
+    );
+    server.stop().await;
+}

@@ -108,7 +108,7 @@ async fn a_scripted_call_moves_the_counters_and_histograms() {
         .as_secs_f64();
     assert!(expiry > now, "certificate expiry {expiry} is in the future");
     expect(r#"callgate_build_info{version="0.1.0"}"#, 1.0);
-    assert!(sample(&text, "callgate_process_resident_memory_bytes").unwrap() > 0.0);
+    assert!(sample(&text, "process_resident_memory_bytes").unwrap() > 0.0);
 
     // Closing a socket is counted with its reason.
     drop(b);

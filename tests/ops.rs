@@ -761,7 +761,7 @@ fn systemd_unit_has_what_production_needs() {
         !settings
             .iter()
             .any(|(k, v)| k == "ProcSubset" && v == "pid"),
-        "ProcSubset=pid hides /proc/stat, and with it callgate_process_start_time_seconds"
+        "ProcSubset=pid hides /proc/stat, and with it process_start_time_seconds"
     );
     // Client connections and relay sockets each take a descriptor; leave room for TURN TCP/TLS
     // connections and reserved port pairs on top.

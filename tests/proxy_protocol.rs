@@ -60,3 +60,48 @@ async fn an_untrusted_peer_cannot_claim_an_address() {
     assert_eq!(hello["type"], "id");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn the_connection_cap_counts_the_client_a_trusted_balancer_names_not_the_balancer() {
+    let server = TestServer::start(|_, o| {
+        o.proxy_protocol_from = Some(vec!["127.0.0.1/32".parse().unwrap()]);
+        o.connections_per_ip = Some(2);
+    })
+    .await;
+    let via = |client: &'static str, port: u16| {
+        let header = format!("PROXY TCP4 {client} 127.0.0.1 {port} 443\r\n");
+        let server = &server;
+        async move {
+            let mut tcp = TcpStream::connect(server.addrs.https).await.unwrap();
+            tcp.write_all(header.as_bytes()).await.unwrap();
+            server
+                .client(&[b"http/1.1"])
+                .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                .await
+        }
+    };
+    // Two connections from one client through the balancer: its cap of two.
+    let _a = via("203.0.113.9", 40001).await.unwrap();
+    let _b = via("203.0.113.9", 40002).await.unwrap();
+    assert!(
+        via("203.0.113.9", 40003).await.is_err(),
+        "a third from the same client is refused"
+    );
+    // The balancer itself (127.0.0.1) already has three connections open; other clients through
+    // it are still admitted, since the balancer's own address is not capped per address.
+    let mut others = Vec::new();
+    for port in 0..4 {
+        others.push(via("198.51.100.4", 41000 + port).await);
+    }
+    assert_eq!(
+        others.iter().filter(|c| c.is_ok()).count(),
+        2,
+        "another client gets its own two"
+    );
+    let third = via("192.0.2.1", 42000).await.unwrap();
+    assert_eq!(
+        H1::over(third).await.get("/healthz").await.status,
+        hyper::StatusCode::OK
+    );
+    server.stop().await;
+}

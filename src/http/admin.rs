@@ -10,11 +10,9 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
-use super::{text_response, Body};
+use super::{text_response, Admission, Body, ConnectionSettings};
 use crate::config::Secret;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
@@ -54,41 +52,36 @@ fn answer<B>(req: &Request<B>, metrics: &Metrics, token: Option<&Secret>) -> Res
     response
 }
 
-/// Serves `/metrics` on `listener` until shutdown.
+/// Serves `/metrics` on `listener` until shutdown, with the same per-address cap, header timeout,
+/// idle and stall limits as the public listeners (and a global cap of its own, so a flood on the
+/// public port cannot keep the scraper out).
 pub async fn serve_metrics(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     token: Option<Secret>,
-    mut shutdown: Shutdown,
+    settings: ConnectionSettings,
+    admission: Admission,
+    shutdown: Shutdown,
 ) {
     let token = Arc::new(token);
-    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()).http1_only());
-    loop {
-        let tcp = tokio::select! {
-            _ = shutdown.recv() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
-                Err(e) => {
-                    super::accept_error(e).await;
-                    continue;
-                }
-            },
-        };
+    let builder = Arc::new(super::redirect::http1_builder(&settings));
+    let gate = admission.clone();
+    super::accept_until_shutdown(listener, &gate, shutdown, |accepted, shutdown| {
         let metrics = metrics.clone();
         let token = token.clone();
         let builder = builder.clone();
-        let mut shutdown = shutdown.clone();
+        let settings = settings.clone();
+        let admission = admission.clone();
         tokio::spawn(async move {
+            let Some((_, tcp, _hold)) = admission.client(accepted).await else {
+                return;
+            };
             let service = hyper::service::service_fn(move |req| {
                 let response = answer(&req, &metrics, token.as_ref().as_ref());
                 async move { Ok::<_, Infallible>(response) }
             });
-            let conn = builder.serve_connection(TokioIo::new(tcp), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = shutdown.recv() => {}
-            }
+            super::serve_connection(&builder, tcp, service, &settings, shutdown).await;
         });
-    }
+    })
+    .await;
 }

@@ -1,41 +1,43 @@
 //! The HTTPS and redirect listeners: accept loops, connection limits, timeouts, graceful close.
 //!
-//! Each accepted TCP connection must get a permit from the global [`ConnectionLimit`], finish its
-//! TLS handshake within `tls-handshake-timeout`, send request heads within `header-read-timeout`
-//! and show some traffic at least every `idle-timeout`; otherwise it is closed. None of this holds
-//! a worker: every connection is its own task, and every wait is bounded. Routing lives in
-//! [`routes`], files in [`static_files`], headers in [`headers`].
+//! Each accepted TCP connection must first fit under its address's `connections-per-ip` and then
+//! get a permit from the listener's [`ConnectionLimit`] ([`Admission`]; behind a trusted PROXY
+//! balancer the address is the one the header names). It must then finish its TLS handshake within
+//! `tls-handshake-timeout` and send request heads within `header-read-timeout`; afterwards
+//! [`lifetime`] ends it when idle, stalled, or closing for too long. None of this holds a worker:
+//! every connection is its own task, and every wait is bounded. Routing lives in [`routes`], files
+//! in [`static_files`], headers in [`headers`].
 
 pub mod admin;
 pub mod headers;
+pub mod lifetime;
 pub mod proxy_protocol;
+pub mod ranges;
 mod redirect;
 pub mod routes;
 pub mod static_files;
 
 use std::convert::Infallible;
 use std::io;
-use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
 use hyper::{Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
 use proxy_protocol::{Prefixed, TrustedProxies};
 use tokio_rustls::TlsAcceptor;
 
-use crate::limits::ConnectionLimit;
+use crate::limits::{AddressLimit, AddressSlot, ConnectionLimit, ConnectionPermit};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
+use lifetime::{Activity, TrackedBody, Verdict};
 
 pub use redirect::{serve_redirects, RedirectTarget};
 pub use routes::App;
@@ -64,24 +66,47 @@ pub fn text_response(status: StatusCode, text: &'static str) -> Response<Body> {
     response
 }
 
+/// HTTP/2 header list limit (decoded size of one request's headers). Browsers send 1–4 KB;
+/// this is also where a CONTINUATION flood is cut.
+pub const H2_MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
+
+/// Streams the client may reset before the server has accepted them, per connection; more and
+/// the connection ends with GOAWAY ENHANCE_YOUR_CALM (the "rapid reset" attack, CVE-2023-44487).
+pub const H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+
+/// Streams the server may reset because of the client's protocol errors, per connection, before
+/// it ends the connection (CVE-2024-27316 family, "MadeYouReset").
+pub const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 64;
+
+/// Largest HTTP/2 frame the server accepts (the protocol's minimum, 16 KiB).
+pub const H2_MAX_FRAME_SIZE: u32 = 16 * 1024;
+
+/// Bytes hyper buffers per HTTP/2 stream for sending; with file bodies in 16 KiB frames this
+/// keeps a zero-window stream from queueing the whole file.
+pub const H2_MAX_SEND_BUF_SIZE: usize = 64 * 1024;
+
 /// Timeouts and caps for HTTP connections, taken from the config.
 #[derive(Debug, Clone)]
 pub struct ConnectionSettings {
-    /// Deadline for the TLS handshake.
+    /// Deadline for the TLS handshake (and for a trusted balancer's PROXY header).
     pub tls_handshake_timeout: Duration,
     /// Deadline for each HTTP/1 request head (and the idle wait before it).
     pub header_read_timeout: Duration,
-    /// Close a connection with no reads or writes for this long.
+    /// Graceful close of a connection with no request in flight for this long.
     pub idle_timeout: Duration,
+    /// A connection whose responses make no progress for this long is dropped.
+    pub response_stall_timeout: Duration,
+    /// After a graceful close begins, the connection is dropped after this long whatever the peer
+    /// does (`shutdown-timeout`: the server does not wait longer on shutdown either).
+    pub close_timeout: Duration,
     /// HTTP/2 concurrent stream cap.
     pub h2_max_concurrent_streams: u32,
-    /// Load balancers whose connections start with a PROXY header.
-    pub trusted_proxies: Arc<TrustedProxies>,
 }
 
 impl ConnectionSettings {
     /// The hyper builder: HTTP/1.1 with upgrades and HTTP/2 (no extended CONNECT, so browsers open
-    /// WebSockets over HTTP/1.1), with hyper's timer for the header timeout.
+    /// WebSockets over HTTP/1.1), with hyper's timer for the header timeout and every HTTP/2 limit
+    /// set explicitly rather than left to library defaults.
     fn builder(&self) -> auto::Builder<TokioExecutor> {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
@@ -94,10 +119,112 @@ impl ConnectionSettings {
             .http2()
             .timer(TokioTimer::new())
             .max_concurrent_streams(self.h2_max_concurrent_streams)
-            .max_header_list_size(32 * 1024);
-        // No HTTP/2 keep-alive pings: their acks would count as activity and keep idle
-        // connections open forever. A dead peer is idle too, and the idle timeout closes it.
+            .max_header_list_size(H2_MAX_HEADER_LIST_SIZE)
+            .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
+            .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESET_STREAMS)
+            .max_frame_size(H2_MAX_FRAME_SIZE)
+            .max_send_buf_size(H2_MAX_SEND_BUF_SIZE)
+            // No server PINGs: a dead peer with nothing in flight is idle, and one with requests
+            // in flight makes no progress, so the idle and stall limits already end it; and the
+            // client's PINGs do not count as activity (see `lifetime`).
+            .keep_alive_interval(None);
         builder
+    }
+}
+
+/// Who may open a connection on a listener: the per-address cap, then the listener's global cap.
+#[derive(Debug, Clone)]
+pub struct Admission {
+    /// The listener's global cap (`max-connections`).
+    pub limit: Arc<ConnectionLimit>,
+    /// Open connections per client address, shared by every listener (`connections-per-ip`).
+    pub per_ip: Arc<AddressLimit>,
+    /// Load balancers whose connections start with a PROXY header.
+    pub trusted_proxies: Arc<TrustedProxies>,
+    /// Deadline for a trusted balancer's PROXY header.
+    pub proxy_header_timeout: Duration,
+}
+
+/// A connection admitted at accept, before any bytes are read.
+pub(crate) struct Accepted {
+    /// The TCP stream.
+    tcp: TcpStream,
+    /// The TCP peer (IPv4-mapped IPv6 shown as IPv4).
+    peer: SocketAddr,
+    /// What the connection holds so far.
+    hold: ConnectionHold,
+}
+
+/// The slots a connection holds for its whole life (a WebSocket's included); dropping it frees them.
+#[derive(Debug)]
+pub struct ConnectionHold {
+    /// The slot under the listener's global cap.
+    _permit: ConnectionPermit,
+    /// The slot under the client address's cap; `None` for a trusted balancer's own connections
+    /// that name no client (health checks), which are capped only globally.
+    _slot: Option<AddressSlot>,
+}
+
+/// `::ffff:a.b.c.d` (what a dual-stack listener reports for IPv4 clients) as `a.b.c.d`.
+fn canonical(peer: SocketAddr) -> SocketAddr {
+    match peer.ip() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), peer.port()),
+            None => peer,
+        },
+        IpAddr::V4(_) => peer,
+    }
+}
+
+impl Admission {
+    /// Decides at accept, without reading: a direct client must fit under its address's cap and
+    /// then the global cap; a trusted balancer only under the global cap (its clients are capped
+    /// once the PROXY header names them, in [`Admission::client`]).
+    fn at_accept(&self, tcp: TcpStream, peer: SocketAddr) -> Option<Accepted> {
+        let peer = canonical(peer);
+        let slot = if self.trusted_proxies.trusts(peer.ip()) {
+            None
+        } else {
+            Some(self.per_ip.try_take(peer.ip())?)
+        };
+        let permit = self.limit.try_admit()?;
+        Some(Accepted {
+            tcp,
+            peer,
+            hold: ConnectionHold {
+                _permit: permit,
+                _slot: slot,
+            },
+        })
+    }
+
+    /// Reads the PROXY header if the peer is a trusted balancer and takes the named client's
+    /// address slot; returns the client's address, the stream to serve and the slots held, or
+    /// `None` if the header is missing, late or invalid, or the client is over its cap.
+    pub(crate) async fn client(
+        &self,
+        accepted: Accepted,
+    ) -> Option<(SocketAddr, Prefixed<TcpStream>, ConnectionHold)> {
+        let Accepted {
+            tcp,
+            peer,
+            mut hold,
+        } = accepted;
+        if !self.trusted_proxies.trusts(peer.ip()) {
+            return Some((peer, Prefixed::direct(tcp), hold));
+        }
+        match proxy_protocol::read_header(tcp, self.proxy_header_timeout).await {
+            Ok((Some(client), stream)) => {
+                let client = canonical(client);
+                hold._slot = Some(self.per_ip.try_take(client.ip())?);
+                Some((client, stream, hold))
+            }
+            Ok((None, stream)) => Some((peer, stream, hold)),
+            Err(e) => {
+                tracing::warn!(%peer, "refusing a load balancer connection: {e}");
+                None
+            }
+        }
     }
 }
 
@@ -107,26 +234,25 @@ pub async fn serve_https(
     acceptor: TlsAcceptor,
     app: Arc<App>,
     settings: ConnectionSettings,
-    limit: Arc<ConnectionLimit>,
+    admission: Admission,
     metrics: Arc<Metrics>,
     shutdown: Shutdown,
 ) {
     let builder = Arc::new(settings.builder());
-    accept_until_shutdown(listener, &limit, shutdown, |tcp, peer, permit, shutdown| {
-        let _ = tcp.set_nodelay(true);
+    let gate = admission.clone();
+    accept_until_shutdown(listener, &gate, shutdown, |accepted, shutdown| {
+        let _ = accepted.tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let app = app.clone();
         let builder = builder.clone();
         let settings = settings.clone();
         let metrics = metrics.clone();
+        let admission = admission.clone();
         tokio::spawn(async move {
-            let Some((peer, tcp)) = accept_proxied(tcp, peer, &settings).await else {
+            let Some((peer, tcp, hold)) = admission.client(accepted).await else {
                 return;
             };
-            let conn = Arc::new(ConnectionContext {
-                peer,
-                _permit: permit,
-            });
+            let conn = Arc::new(ConnectionContext { peer, _hold: hold });
             let started = std::time::Instant::now();
             let handshake =
                 tokio::time::timeout(settings.tls_handshake_timeout, acceptor.accept(tcp));
@@ -155,19 +281,19 @@ pub async fn serve_https(
                 let conn = conn.clone();
                 async move { Ok::<_, Infallible>(app.handle(req, conn).await) }
             });
-            serve_connection(&builder, tls, service, settings.idle_timeout, shutdown).await;
+            serve_connection(&builder, tls, service, &settings, shutdown).await;
         });
     })
     .await;
 }
 
-/// Accepts on `listener` until shutdown. Each connection that fits under `limit` is handed to
-/// `admit` (which spawns its task) with its permit and a shutdown handle; the rest are closed.
+/// Accepts on `listener` until shutdown. Each connection that [`Admission`] lets in is handed to
+/// `admit` (which spawns its task) with a shutdown handle; the rest are closed at once.
 pub(crate) async fn accept_until_shutdown(
     listener: TcpListener,
-    limit: &ConnectionLimit,
+    admission: &Admission,
     mut shutdown: Shutdown,
-    mut admit: impl FnMut(TcpStream, SocketAddr, crate::limits::ConnectionPermit, Shutdown),
+    mut admit: impl FnMut(Accepted, Shutdown),
 ) {
     loop {
         let (tcp, peer) = tokio::select! {
@@ -180,27 +306,8 @@ pub(crate) async fn accept_until_shutdown(
                 }
             },
         };
-        if let Some(permit) = limit.try_admit() {
-            admit(tcp, peer, permit, shutdown.clone());
-        }
-    }
-}
-
-/// Reads the PROXY header if `peer` is a trusted load balancer; returns the client's address and
-/// the stream to serve, or `None` if a trusted peer sent no valid header in time.
-pub(crate) async fn accept_proxied(
-    tcp: TcpStream,
-    peer: SocketAddr,
-    settings: &ConnectionSettings,
-) -> Option<(SocketAddr, Prefixed<TcpStream>)> {
-    if !settings.trusted_proxies.trusts(peer.ip()) {
-        return Some((peer, Prefixed::direct(tcp)));
-    }
-    match proxy_protocol::read_header(tcp, settings.tls_handshake_timeout).await {
-        Ok((client, stream)) => Some((client.unwrap_or(peer), stream)),
-        Err(e) => {
-            tracing::warn!(%peer, "refusing a load balancer connection: {e}");
-            None
+        if let Some(accepted) = admission.at_accept(tcp, peer) {
+            admit(accepted, shutdown.clone());
         }
     }
 }
@@ -208,21 +315,23 @@ pub(crate) async fn accept_proxied(
 /// What a request handler knows about its connection.
 ///
 /// Shared by every request on the connection; a WebSocket session keeps it after the upgrade, which
-/// keeps the connection counted against `max-connections` for as long as the socket is open.
+/// keeps the connection counted against `max-connections` and `connections-per-ip` for as long as
+/// the socket is open.
 #[derive(Debug)]
 pub struct ConnectionContext {
-    /// The client's address as seen by the TCP accept.
+    /// The client's address: the TCP peer, or the one a trusted balancer's PROXY header names.
     pub peer: SocketAddr,
-    /// The connection's slot under the global cap.
-    _permit: crate::limits::ConnectionPermit,
+    /// The connection's slots under the caps.
+    _hold: ConnectionHold,
 }
 
-/// Serves one connection until it ends, goes idle, or shutdown asks it to finish.
+/// Serves one connection until it ends, or [`lifetime`] ends it: idle → graceful close, stalled →
+/// dropped, closing (idle or shutdown) for longer than `close_timeout` → dropped.
 async fn serve_connection<I, S>(
     builder: &auto::Builder<TokioExecutor>,
     io: I,
     service: S,
-    idle_timeout: Duration,
+    settings: &ConnectionSettings,
     mut shutdown: Shutdown,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -231,15 +340,49 @@ async fn serve_connection<I, S>(
             Response = Response<Body>,
             Error = Infallible,
         > + Send
+        + Sync
         + 'static,
     S::Future: Send + 'static,
 {
-    let (io, activity) = ActivityIo::new(io);
+    let activity = Activity::new();
+    let service = {
+        let activity = activity.clone();
+        let service = Arc::new(service);
+        hyper::service::service_fn(move |req| {
+            use hyper::service::Service as _;
+            let guard = activity.begin();
+            let response = service.call(req);
+            async move {
+                let response = response.await?;
+                Ok::<_, Infallible>(response.map(|body| boxed(TrackedBody::new(body, guard))))
+            }
+        })
+    };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
-    let mut closing = false;
+    let mut close_deadline: Option<tokio::time::Instant> = None;
     loop {
-        let idle_deadline = activity.deadline(idle_timeout);
+        let verdict = lifetime::judge(
+            activity.snapshot(),
+            lifetime::now_ms(),
+            settings.idle_timeout,
+            settings.response_stall_timeout,
+        );
+        let wait = match verdict {
+            Verdict::Wait(wait) => wait,
+            Verdict::Stalled => {
+                tracing::debug!("connection dropped: its responses made no progress");
+                return;
+            }
+            Verdict::Idle if close_deadline.is_none() => {
+                close_deadline = Some(tokio::time::Instant::now() + settings.close_timeout);
+                conn.as_mut().graceful_shutdown();
+                settings.idle_timeout
+            }
+            Verdict::Idle => settings.idle_timeout,
+        };
+        let check = tokio::time::Instant::now() + wait;
+        let hard_stop = close_deadline.unwrap_or(check);
         tokio::select! {
             result = conn.as_mut() => {
                 if let Err(e) = result {
@@ -247,15 +390,16 @@ async fn serve_connection<I, S>(
                 }
                 return;
             }
-            _ = shutdown.recv(), if !closing => {
-                closing = true;
+            _ = shutdown.recv(), if close_deadline.is_none() => {
+                close_deadline = Some(tokio::time::Instant::now() + settings.close_timeout);
                 conn.as_mut().graceful_shutdown();
             }
-            _ = tokio::time::sleep_until(idle_deadline), if !closing => {
-                if activity.deadline(idle_timeout) <= tokio::time::Instant::now() {
-                    closing = true;
-                    conn.as_mut().graceful_shutdown();
-                }
+            _ = tokio::time::sleep_until(check) => {}
+            // Busy ↔ quiet: the other limit applies from now on.
+            _ = activity.turned() => {}
+            _ = tokio::time::sleep_until(hard_stop), if close_deadline.is_some() => {
+                tracing::debug!("connection dropped: still open after its graceful close deadline");
+                return;
             }
         }
     }
@@ -265,101 +409,6 @@ async fn serve_connection<I, S>(
 async fn accept_error(e: io::Error) {
     tracing::warn!("accept failed: {e}");
     tokio::time::sleep(Duration::from_millis(50)).await;
-}
-
-/// Milliseconds since the process's first call, the clock for [`Activity`].
-fn now_ms() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
-}
-
-/// When the connection last moved a byte, shared between its I/O and its task.
-#[derive(Debug, Clone)]
-struct Activity(Arc<AtomicU64>);
-
-impl Activity {
-    fn touch(&self) {
-        self.0.store(now_ms(), Ordering::Relaxed);
-    }
-
-    /// The instant the connection counts as idle if nothing happens before then.
-    fn deadline(&self, idle: Duration) -> tokio::time::Instant {
-        let quiet_for =
-            Duration::from_millis(now_ms().saturating_sub(self.0.load(Ordering::Relaxed)));
-        tokio::time::Instant::now() + idle.saturating_sub(quiet_for)
-    }
-}
-
-/// I/O that records activity on every successful read or write.
-struct ActivityIo<I> {
-    inner: I,
-    activity: Activity,
-}
-
-impl<I> ActivityIo<I> {
-    fn new(inner: I) -> (Self, Activity) {
-        let activity = Activity(Arc::new(AtomicU64::new(now_ms())));
-        (
-            ActivityIo {
-                inner,
-                activity: activity.clone(),
-            },
-            activity,
-        )
-    }
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for ActivityIo<I> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.activity.touch();
-        }
-        result
-    }
-}
-
-impl<I: AsyncWrite + Unpin> AsyncWrite for ActivityIo<I> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        result
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        result
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
 }
 
 /// A listener address as a URL for the startup log line.

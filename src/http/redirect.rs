@@ -16,9 +16,8 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
 use super::routes::health;
-use super::{text_response, Body, ConnectionSettings};
+use super::{text_response, Admission, Body, ConnectionSettings};
 use crate::config::PublicUrl;
-use crate::limits::ConnectionLimit;
 use crate::metrics::{Metrics, RouteClass};
 use crate::shutdown::Shutdown;
 
@@ -121,28 +120,23 @@ pub async fn serve_redirects(
     listener: TcpListener,
     target: RedirectTarget,
     settings: ConnectionSettings,
-    limit: Arc<ConnectionLimit>,
+    admission: Admission,
     metrics: Arc<Metrics>,
     shutdown: Shutdown,
 ) {
     let target = Arc::new(target);
-    let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
-    builder
-        .http1()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout);
-    let builder = Arc::new(builder);
-    super::accept_until_shutdown(listener, &limit, shutdown, |tcp, peer, permit, shutdown| {
+    let builder = Arc::new(http1_builder(&settings));
+    let gate = admission.clone();
+    super::accept_until_shutdown(listener, &gate, shutdown, |accepted, shutdown| {
         let target = target.clone();
         let builder = builder.clone();
         let metrics = metrics.clone();
         let settings = settings.clone();
+        let admission = admission.clone();
         tokio::spawn(async move {
-            let _permit = permit;
-            let Some((_, tcp)) = super::accept_proxied(tcp, peer, &settings).await else {
+            let Some((_, tcp, _hold)) = admission.client(accepted).await else {
                 return;
             };
-            let idle_timeout = settings.idle_timeout;
             let service = hyper::service::service_fn(move |req| {
                 let target = target.clone();
                 let metrics = metrics.clone();
@@ -154,10 +148,21 @@ pub async fn serve_redirects(
                     Ok::<_, Infallible>(response)
                 }
             });
-            super::serve_connection(&builder, tcp, service, idle_timeout, shutdown).await;
+            super::serve_connection(&builder, tcp, service, &settings, shutdown).await;
         });
     })
     .await;
+}
+
+/// An HTTP/1.1-only builder with the header timeout, for the plain-HTTP listeners.
+pub(super) fn http1_builder(settings: &ConnectionSettings) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(settings.header_read_timeout)
+        .max_buf_size(64 * 1024);
+    builder
 }
 
 #[cfg(test)]

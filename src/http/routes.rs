@@ -117,7 +117,7 @@ impl App {
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return (RouteClass::Static, method_not_allowed());
         }
-        (RouteClass::Static, self.files.serve(&req).await)
+        (RouteClass::Static, self.files.serve(&req))
     }
 }
 

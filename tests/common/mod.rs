@@ -45,6 +45,9 @@ pub fn test_options(dir: &Path) -> Options {
         public_dir: Some(dir.join("public")),
         certs_dir: Some(dir.join("certs")),
         tls_reload_interval: Some(Seconds(std::time::Duration::from_millis(50))),
+        // Every test connects from 127.0.0.1, some with a thousand WebSockets; tests of the
+        // per-address cap (tests/adversarial.rs) set their own.
+        connections_per_ip: Some(100_000),
         ..Options::default()
     }
 }

@@ -11,6 +11,7 @@
 //! | `shutdown.rs` | the [`shutdown::Shutdown`] handle every connection task selects on |
 //! | `limits.rs` | the global connection cap, per-address and per-connection rate limits (governor) |
 //! | `metrics.rs` | Prometheus registry, pre-resolved metric handles, the call observer, TURN export |
+//! | `acme/` | automatic certificates over ACME: ordering and renewal, challenge answers, storage (see its own Layout) |
 //! | `tls/` | certificate loading (`load`), dev-certificate generation (`dev_cert`), hot reload (`reload`) |
 //! | `http/` | accept loop with timeouts and the cap (`mod`), PROXY protocol (`proxy_protocol`), routes and `/api/turn-credentials` (`routes`), static files, security headers, the redirect listener, the metrics listener (`admin`) |
 //! | `signaling/` | WebSocket sessions (`session`), their frames (`wire`) and send queues (`outbox`), the call rules without I/O (`hub`), wire messages (`protocol`), where each ID lives (`directory`) |
@@ -25,6 +26,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod acme;
 pub mod config;
 pub mod http;
 pub mod limits;

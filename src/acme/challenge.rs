@@ -1,0 +1,202 @@
+//! The answers to ACME challenges while an order is open, and the TLS hook that serves them.
+//!
+//! HTTP-01 answers (token → key authorization) are read by the plain-HTTP listener
+//! (`crate::http::redirect`); TLS-ALPN-01 answers (domain → a self-signed certificate carrying the
+//! `acmeIdentifier` extension, RFC 8737) are handed out by [`ChallengeResolver`] to a handshake that
+//! offers the ALPN protocol `acme-tls/1`. Everything is in memory: answers exist only while an
+//! order is being validated and are removed as soon as it ends, so there is nothing to clean up
+//! after a crash. This file never talks to the CA.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, RwLock};
+
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+
+/// The ALPN protocol a TLS-ALPN-01 validation offers (RFC 8737, section 6.2).
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
+/// The challenge answers currently published. Cheap to read; written only by the ACME task.
+#[derive(Default)]
+pub struct ChallengeAnswers {
+    /// HTTP-01: token → key authorization, served as the body of
+    /// `/.well-known/acme-challenge/<token>`.
+    http01: RwLock<HashMap<String, String>>,
+    /// TLS-ALPN-01: domain (lowercase) → the validation certificate.
+    tls_alpn01: RwLock<HashMap<String, Arc<CertifiedKey>>>,
+}
+
+impl fmt::Debug for ChallengeAnswers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChallengeAnswers")
+            .field("http01", &read(&self.http01).len())
+            .field("tls_alpn01", &read(&self.tls_alpn01).len())
+            .finish()
+    }
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Why a TLS-ALPN-01 validation certificate could not be made.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot create the TLS-ALPN-01 validation certificate for {domain}: {reason}")]
+pub struct ValidationCertError {
+    /// The domain being validated.
+    pub domain: String,
+    /// What rcgen or rustls said.
+    pub reason: String,
+}
+
+impl ChallengeAnswers {
+    /// An empty set, shared between the ACME task and the listeners.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// The key authorization for an HTTP-01 `token`, if one is published.
+    pub fn http01(&self, token: &str) -> Option<String> {
+        read(&self.http01).get(token).cloned()
+    }
+
+    /// Publishes an HTTP-01 answer.
+    pub fn add_http01(&self, token: String, key_authorization: String) {
+        write(&self.http01).insert(token, key_authorization);
+    }
+
+    /// Publishes a TLS-ALPN-01 answer: a self-signed certificate for `domain` whose critical
+    /// `acmeIdentifier` extension holds `digest` (SHA-256 of the key authorization).
+    pub fn add_tls_alpn01(&self, domain: &str, digest: &[u8]) -> Result<(), ValidationCertError> {
+        let key = validation_certificate(domain, digest).map_err(|reason| ValidationCertError {
+            domain: domain.to_owned(),
+            reason,
+        })?;
+        write(&self.tls_alpn01).insert(domain.to_ascii_lowercase(), Arc::new(key));
+        Ok(())
+    }
+
+    /// The validation certificate for `domain`, if one is published.
+    pub fn tls_alpn01(&self, domain: &str) -> Option<Arc<CertifiedKey>> {
+        read(&self.tls_alpn01)
+            .get(&domain.to_ascii_lowercase())
+            .cloned()
+    }
+
+    /// Removes every answer (the order is over, whatever its outcome).
+    pub fn clear(&self) {
+        write(&self.http01).clear();
+        write(&self.tls_alpn01).clear();
+    }
+
+    /// How many answers are published (HTTP-01 plus TLS-ALPN-01).
+    pub fn len(&self) -> usize {
+        read(&self.http01).len() + read(&self.tls_alpn01).len()
+    }
+
+    /// Whether no answer is published.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// RFC 8737 section 3: a certificate with the domain as its only SAN and the critical
+/// `id-pe-acmeIdentifier` extension.
+fn validation_certificate(domain: &str, digest: &[u8]) -> Result<CertifiedKey, String> {
+    let mut params =
+        rcgen::CertificateParams::new(vec![domain.to_owned()]).map_err(|e| e.to_string())?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .custom_extensions
+        .push(rcgen::CustomExtension::new_acme_identifier(digest));
+    let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
+    let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
+    let der = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    let signer = rustls::crypto::ring::sign::any_supported_type(&der).map_err(|e| e.to_string())?;
+    Ok(CertifiedKey::new(vec![cert.der().clone()], signer))
+}
+
+/// A certificate resolver for the HTTPS listener: the served certificate for every handshake,
+/// except one offering only `acme-tls/1`, which gets the TLS-ALPN-01 answer for its SNI name (or no
+/// certificate at all, ending the handshake, when none is published).
+#[derive(Debug)]
+pub struct ChallengeResolver {
+    /// The normal path: the served certificate.
+    served: Arc<dyn ResolvesServerCert>,
+    /// The published answers.
+    answers: Arc<ChallengeAnswers>,
+}
+
+impl ResolvesServerCert for ChallengeResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        // A validation offers `acme-tls/1` and nothing else (RFC 8737, section 3); a client
+        // offering it among others gets the normal certificate and the protocol it prefers.
+        let acme = hello.alpn().is_some_and(|mut protocols| {
+            protocols.next() == Some(ACME_TLS_ALPN) && protocols.next().is_none()
+        });
+        if !acme {
+            return self.served.resolve(hello);
+        }
+        self.answers.tls_alpn01(hello.server_name()?)
+    }
+}
+
+/// `config` with TLS-ALPN-01 answered: its resolver wrapped in a [`ChallengeResolver`] and
+/// `acme-tls/1` added to its ALPN list (last, so it is chosen only when it is the only one
+/// offered — which is what a validation does).
+pub fn answer_tls_alpn01(
+    config: Arc<ServerConfig>,
+    answers: Arc<ChallengeAnswers>,
+) -> Arc<ServerConfig> {
+    let mut config = Arc::unwrap_or_clone(config);
+    config.cert_resolver = Arc::new(ChallengeResolver {
+        served: config.cert_resolver.clone(),
+        answers,
+    });
+    config.alpn_protocols.push(ACME_TLS_ALPN.to_vec());
+    Arc::new(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_certificate_carries_the_digest_in_a_critical_extension() {
+        let answers = ChallengeAnswers::new();
+        let digest = [7u8; 32];
+        answers.add_tls_alpn01("Call.Example.com", &digest).unwrap();
+        let key = answers.tls_alpn01("call.example.com").expect("published");
+        let (_, cert) = x509_parser::parse_x509_certificate(key.cert[0].as_ref()).unwrap();
+        let ext = cert
+            .extensions()
+            .iter()
+            .find(|e| e.oid.to_id_string() == "1.3.6.1.5.5.7.1.31")
+            .expect("acmeIdentifier extension");
+        assert!(ext.critical);
+        // DER OCTET STRING of 32 bytes: 0x04 0x20 then the digest.
+        assert_eq!(&ext.value[..2], &[0x04, 0x20]);
+        assert_eq!(&ext.value[2..], &digest);
+        let san = cert.subject_alternative_name().unwrap().unwrap();
+        assert_eq!(san.value.general_names.len(), 1);
+        answers.clear();
+        assert!(answers.is_empty());
+        assert!(answers.tls_alpn01("call.example.com").is_none());
+    }
+
+    #[test]
+    fn http01_answers_are_published_and_cleared() {
+        let answers = ChallengeAnswers::new();
+        answers.add_http01("tok".into(), "tok.thumb".into());
+        assert_eq!(answers.http01("tok").as_deref(), Some("tok.thumb"));
+        assert_eq!(answers.http01("other"), None);
+        answers.clear();
+        assert_eq!(answers.http01("tok"), None);
+    }
+}

@@ -1482,4 +1482,65 @@ mod tests {
             "{printed}"
         );
     }
+
+    #[test]
+    fn acme_is_off_without_a_domain_and_checked_with_one() {
+        assert_eq!(Config::from_options(parse(&[])).unwrap().acme, None);
+        let acme = Config::from_options(parse(&[
+            "--acme-domain",
+            "Call.Example.com.,www.example.com",
+            "--certs-dir",
+            "/var/lib/callgate/certs",
+        ]))
+        .unwrap()
+        .acme
+        .unwrap();
+        assert_eq!(acme.domains, ["call.example.com", "www.example.com"]);
+        assert_eq!(acme.directory, LETS_ENCRYPT_PRODUCTION);
+        assert_eq!(acme.challenge, AcmeChallenge::Auto);
+        assert_eq!(acme.retry_delay, Duration::from_secs(60));
+        assert_eq!(acme.state_dir, Path::new("/var/lib/callgate/certs/acme"));
+
+        let file: Options = toml::from_str(
+            "acme-domain = [\"call.example.com\"]\nacme-email = \"ops@example.com\"\n\
+             acme-directory = \"https://acme-staging-v02.api.letsencrypt.org/directory\"\n\
+             acme-challenge = \"http-01\"\nacme-retry-delay = \"5m\"",
+        )
+        .unwrap();
+        let acme = Config::from_options(file).unwrap().acme.unwrap();
+        assert_eq!(acme.email.as_deref(), Some("ops@example.com"));
+        assert_eq!(acme.challenge, AcmeChallenge::Http01);
+        assert_eq!(acme.retry_delay, Duration::from_secs(300));
+
+        let refused = |args: &[&str]| {
+            let mut all = vec!["--acme-domain", "call.example.com"];
+            all.extend_from_slice(args);
+            Config::from_options(parse(&all)).unwrap_err().to_string()
+        };
+        assert!(refused(&["--tls-cert", "c", "--tls-key", "k"]).starts_with("acme-domain: "));
+        assert!(
+            refused(&["--acme-directory", "http://ca.test/dir"]).starts_with("acme-directory: ")
+        );
+        assert!(refused(&["--acme-email", "nobody"]).starts_with("acme-email: "));
+        assert!(
+            refused(&["--acme-challenge", "http-01", "--http-listen", "off"])
+                .starts_with("acme-challenge: ")
+        );
+        assert!(refused(&["--acme-retry-delay", "0"]).starts_with("acme-retry-delay: "));
+        for bad in [
+            "*.example.com",
+            "192.0.2.1",
+            "localhost",
+            "a..b.com",
+            "-a.example.com",
+        ] {
+            let error = Config::from_options(parse(&[&format!("--acme-domain={bad}")]))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.starts_with(&format!("acme-domain: \"{bad}\"")),
+                "{error}"
+            );
+        }
+    }
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-use crate::acme::{self, Acme};
+use crate::acme::{self, Acme, AcmeMetrics};
 use crate::config::{Config, PortOrOff, TlsSource};
 use crate::http::headers::SecurityHeaders;
 use crate::http::proxy_protocol::TrustedProxies;
@@ -275,8 +275,9 @@ impl Server {
             reload_interval = std::time::Duration::from_secs(365 * 86_400);
         }
         let acme_answers = acme.as_ref().map(Acme::answers);
+        let acme_metrics = AcmeMetrics::register(&metrics);
         if let Some(acme) = acme {
-            acme.spawn(certs.clone(), &metrics, controller.handle());
+            acme.spawn(certs.clone(), acme_metrics, controller.handle());
         }
         tls::spawn_reloader(
             certs.clone(),

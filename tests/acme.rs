@@ -460,6 +460,15 @@ async fn keeps_serving_and_retries_while_the_ca_is_down_or_refuses() {
         |v| v >= 1.0,
     )
     .await;
+    // While failing, the due time stays in the past (what CallgateAcmeRenewalFailing watches).
+    let due = metric(&server, "callgate_acme_next_renewal_timestamp_seconds")
+        .await
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(due > 0.0 && due <= now, "due {due}, now {now}");
     let dev = https_get(&server, "/").await;
     assert_eq!(
         dev.status, 200,

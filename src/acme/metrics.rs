@@ -17,13 +17,18 @@ pub struct AcmeMetrics {
     /// `callgate_acme_failures_total{reason}`, indexed like [`FailureReason::ALL`].
     failures: Vec<IntCounter>,
     /// `callgate_acme_next_renewal_timestamp_seconds`: when the next order is due (Unix time);
-    /// in the past while an order is failing.
+    /// while orders fail it stays at the time the order first became due. 0 without ACME.
     pub next_renewal: Gauge,
 }
 
 impl AcmeMetrics {
-    /// Registers the families in `metrics`' registry.
-    pub fn register(metrics: &Metrics) -> prometheus::Result<AcmeMetrics> {
+    /// Registers the families in `metrics`' registry (always, so dashboards and alerts see
+    /// zeros on a server without ACME rather than no series).
+    pub fn register(metrics: &Metrics) -> AcmeMetrics {
+        Self::families(metrics).expect("the ACME metric definitions are valid")
+    }
+
+    fn families(metrics: &Metrics) -> prometheus::Result<AcmeMetrics> {
         let orders = IntCounter::new(
             "acme_orders_total",
             "ACME orders started (first certificates and renewals).",
@@ -45,7 +50,8 @@ impl AcmeMetrics {
         )?;
         let next_renewal = Gauge::new(
             "acme_next_renewal_timestamp_seconds",
-            "Unix time at which the next ACME order is due; in the past while ordering fails.",
+            "Unix time at which the next ACME order is due; stays at the first due time while \
+             orders fail; 0 without ACME.",
         )?;
         metrics.register(Box::new(orders.clone()));
         metrics.register(Box::new(issued.clone()));

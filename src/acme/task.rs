@@ -23,7 +23,6 @@ use super::metrics::AcmeMetrics;
 use super::schedule::{renew_at, renew_in_window, Backoff};
 use super::store::{AcmeStore, StoreError, StoredCertificate};
 use crate::config::{AcmeChallenge, AcmeConfig};
-use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::tls::CertStore;
 
@@ -228,15 +227,14 @@ impl Acme {
         (stored.not_after > unix_now()).then_some(stored.key)
     }
 
-    /// Starts the task: it registers the `callgate_acme_*` metrics, then orders and renews into
-    /// `certs` until `shutdown`.
+    /// Starts the task: it orders and renews into `certs` until `shutdown`, counting in
+    /// `metrics`.
     pub fn spawn(
         self,
         certs: Arc<CertStore>,
-        metrics: &Metrics,
+        metrics: AcmeMetrics,
         shutdown: Shutdown,
     ) -> tokio::task::JoinHandle<()> {
-        let metrics = AcmeMetrics::register(metrics).expect("ACME metrics are registered once");
         tokio::spawn(self.run(certs, metrics, shutdown))
     }
 
@@ -246,6 +244,9 @@ impl Acme {
         let mut challenge = 0;
         let mut last_failure: Option<String> = None;
         let mut ari = AriState::default();
+        // When the pending order first became due: the gauge stays there while orders fail, so
+        // "due more than a day ago" means "failing for a day" (the alert).
+        let mut overdue_since: Option<i64> = None;
         tracing::info!(
             domains = %self.config.domains.join(","),
             directory = %self.config.directory,
@@ -268,6 +269,11 @@ impl Acme {
                     ari.due
                         .unwrap_or_else(|| renew_at(cert.not_before, cert.not_after))
                 }
+            };
+            let due = if due <= now {
+                *overdue_since.get_or_insert(due)
+            } else {
+                due
             };
             metrics.next_renewal.set(due as f64);
             if due > now {
@@ -305,6 +311,7 @@ impl Acme {
                         metrics.issued_first.inc();
                     }
                     backoff.succeeded();
+                    overdue_since = None;
                     last_failure = None;
                     ari = AriState::default();
                     tracing::info!(
@@ -322,9 +329,6 @@ impl Acme {
                         account = None;
                     }
                     let delay = backoff.failed(error.retry_after(unix_now()));
-                    metrics
-                        .next_renewal
-                        .set((unix_now() + delay.as_secs() as i64) as f64);
                     let message = error.to_string();
                     if last_failure.as_deref() != Some(message.as_str()) {
                         tracing::error!(

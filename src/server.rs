@@ -115,7 +115,14 @@ impl Server {
                 dir: dir.clone(),
                 source,
             })?;
-            if let Some(dev) = generated {
+            if let (Some(dev), Some(acme)) = (&generated, &config.acme) {
+                tracing::info!(
+                    cert = %dev.cert.display(),
+                    "generated a self-signed development certificate, served until ACME obtains \
+                     one for {}",
+                    acme.domains.join(", ")
+                );
+            } else if let Some(dev) = generated {
                 tracing::warn!(
                     cert = %dev.cert.display(),
                     "generated a self-signed development certificate for localhost, 127.0.0.1 and ::1; \

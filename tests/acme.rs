@@ -90,6 +90,8 @@ struct PebbleSettings {
     validity_seconds: u64,
     /// Names pebble refuses to issue for.
     blocked: Vec<String>,
+    /// Point pebble at a DNS server that is not there, so no name resolves.
+    dns_down: bool,
 }
 
 /// A running pebble and its DNS, killed on drop.
@@ -178,7 +180,17 @@ impl PebblePlan {
         let pebble = Command::new("pebble")
             .arg("-config")
             .arg(&config_path)
-            .args(["-dnsserver", &format!("127.0.0.1:{dns}")])
+            .args([
+                "-dnsserver",
+                &format!(
+                    "127.0.0.1:{}",
+                    if settings.dns_down {
+                        free_dns_port()
+                    } else {
+                        dns
+                    }
+                ),
+            ])
             .env("PEBBLE_VA_NOSLEEP", "1")
             .stdout(log("pebble"))
             .stderr(log("pebble.err"))
@@ -316,6 +328,7 @@ async fn obtains_serves_and_keeps_a_certificate_over_tls_alpn_01() {
             tls_port: server.addrs.https.port(),
             validity_seconds: 0,
             blocked: vec![],
+            dns_down: false,
         })
         .await;
     wait_for_issue(&server, 1, Duration::from_secs(60)).await;
@@ -411,6 +424,7 @@ async fn renews_a_short_lived_certificate_over_http_01_without_dropping_a_connec
             tls_port: free_port(), // nothing there: only HTTP-01 can succeed
             validity_seconds: 9,
             blocked: vec![],
+            dns_down: false,
         })
         .await;
     wait_for_issue(&server, 1, Duration::from_secs(60)).await;
@@ -492,6 +506,7 @@ async fn keeps_serving_and_retries_while_the_ca_is_down_or_refuses() {
             tls_port: server.addrs.https.port(),
             validity_seconds: 0,
             blocked: vec!["blocked.callgate.test".into()],
+            dns_down: false,
         })
         .await;
     wait_for_issue(&server, 1, Duration::from_secs(60)).await;
@@ -509,5 +524,68 @@ async fn keeps_serving_and_retries_while_the_ca_is_down_or_refuses() {
     assert_eq!(https_get(&refused, "/").await.status, 200);
     assert_eq!(refused.certs.subscribe().borrow().reloads, 0);
     refused.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn auto_falls_back_to_http_01_when_the_ca_cannot_reach_the_https_port() {
+    if !pebble_installed() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let plan = PebblePlan::new(dir.path());
+    let server = callgate(&plan, &dir.path().join("certs"), NAME, AcmeChallenge::Auto).await;
+    let pebble = plan
+        .start(PebbleSettings {
+            http_port: server.addrs.http.unwrap().port(),
+            tls_port: free_port(), // "443" is closed: TLS-ALPN-01 fails as unreachable
+            validity_seconds: 0,
+            blocked: vec![],
+            dns_down: false,
+        })
+        .await;
+    wait_for_issue(&server, 1, Duration::from_secs(60)).await;
+    assert!(
+        metric(
+            &server,
+            "callgate_acme_failures_total{reason=\"unreachable\"}"
+        )
+        .await
+        .unwrap()
+            >= 1.0,
+        "TLS-ALPN-01 was tried first and failed as unreachable"
+    );
+    let root = pebble.issuing_root().await;
+    served_leaf(&server, &root, NAME).await.unwrap();
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_name_the_ca_cannot_resolve_is_reported_as_dns() {
+    if !pebble_installed() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+
+    let plan = PebblePlan::new(dir.path());
+    let server = callgate(&plan, &dir.path().join("certs"), NAME, AcmeChallenge::Auto).await;
+    let _pebble = plan
+        .start(PebbleSettings {
+            http_port: server.addrs.http.unwrap().port(),
+            tls_port: server.addrs.https.port(),
+            validity_seconds: 0,
+            blocked: vec![],
+            dns_down: true,
+        })
+        .await;
+    wait_for_metric(
+        &server,
+        "callgate_acme_failures_total{reason=\"dns\"}",
+        Duration::from_secs(60),
+        |v| v >= 1.0,
+    )
+    .await;
+    assert_eq!(server.certs.subscribe().borrow().reloads, 0);
+    assert_eq!(https_get(&server, "/").await.status, 200);
     server.stop().await;
 }

@@ -76,6 +76,24 @@ impl FailureReason {
         }
     }
 
+    /// Reads an ACME problem (its type, `urn:ietf:params:acme:error:…`, and its detail) as a
+    /// reason. A detail about resolving the name wins over the type: not every CA uses the `dns`
+    /// type for that (pebble says `malformed`).
+    pub fn from_problem(problem_type: &str, detail: &str) -> FailureReason {
+        let detail = detail.to_ascii_lowercase();
+        let dns = [
+            "dns problem",
+            "nxdomain",
+            "while resolving",
+            "no valid a records",
+            "servfail",
+        ];
+        if dns.iter().any(|d| detail.contains(d)) {
+            return FailureReason::NameNotResolved;
+        }
+        Self::from_problem_type(problem_type)
+    }
+
     /// Reads an ACME problem type (`urn:ietf:params:acme:error:…`) as a reason.
     pub fn from_problem_type(problem_type: &str) -> FailureReason {
         let short = problem_type
@@ -140,6 +158,25 @@ mod tests {
         assert_eq!(r("rejectedIdentifier"), FailureReason::Refused);
         assert_eq!(r("caa"), FailureReason::Refused);
         assert_eq!(r("somethingNew"), FailureReason::Other);
+        // Boulder says "dns"; pebble reports an unresolvable name as "malformed".
+        assert_eq!(
+            FailureReason::from_problem(
+                "urn:ietf:params:acme:error:malformed",
+                "Error occurred while resolving URL \"call.example.com\": read: connection refused"
+            ),
+            FailureReason::NameNotResolved
+        );
+        assert_eq!(
+            FailureReason::from_problem(
+                "urn:ietf:params:acme:error:dns",
+                "DNS problem: NXDOMAIN looking up A for call.example.com"
+            ),
+            FailureReason::NameNotResolved
+        );
+        assert_eq!(
+            FailureReason::from_problem("urn:ietf:params:acme:error:malformed", "bad JWS"),
+            FailureReason::Refused
+        );
         let labels: std::collections::HashSet<_> =
             FailureReason::ALL.iter().map(|r| r.label()).collect();
         assert_eq!(labels.len(), FailureReason::ALL.len());

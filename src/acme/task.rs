@@ -104,13 +104,13 @@ impl OrderError {
 
     fn reason(&self) -> FailureReason {
         if let Some(problem) = self.problem() {
-            let types = problem
+            let parts = problem
                 .subproblems
                 .iter()
-                .filter_map(|s| s.r#type.as_deref())
-                .chain(problem.r#type.as_deref());
-            return types
-                .map(FailureReason::from_problem_type)
+                .map(|s| (s.r#type.as_deref(), s.detail.as_deref()))
+                .chain([(problem.r#type.as_deref(), problem.detail.as_deref())]);
+            return parts
+                .map(|(t, d)| FailureReason::from_problem(t.unwrap_or(""), d.unwrap_or("")))
                 .find(|r| *r != FailureReason::Other)
                 .unwrap_or(FailureReason::Other);
         }
@@ -242,7 +242,9 @@ impl Acme {
         let mut backoff = Backoff::new(self.config.retry_delay);
         let mut account: Option<Account> = None;
         let mut challenge = 0;
-        let mut last_failure: Option<String> = None;
+        // The reason of the last failure logged at error level: a failure with the same reason is
+        // logged at debug level (details such as ports change from try to try).
+        let mut last_failure: Option<FailureReason> = None;
         let mut ari = AriState::default();
         // When the pending order first became due: the gauge stays there while orders fail, so
         // "due more than a day ago" means "failing for a day" (the alert).
@@ -287,12 +289,20 @@ impl Acme {
             let kind = self.challenges[challenge % self.challenges.len()];
             let renewal = stored.is_some();
             metrics.orders.inc();
-            tracing::info!(
-                challenge = kind.name(),
-                renewal,
-                "ACME: ordering a certificate for {}",
-                self.config.domains.join(", ")
-            );
+            if backoff.failures() == 0 {
+                tracing::info!(
+                    challenge = kind.name(),
+                    renewal,
+                    "ACME: ordering a certificate for {}",
+                    self.config.domains.join(", ")
+                );
+            } else {
+                tracing::debug!(
+                    challenge = kind.name(),
+                    failures = backoff.failures(),
+                    "ACME: retrying"
+                );
+            }
             let attempt = tokio::time::timeout(ORDER_TIMEOUT, self.order(&mut account, kind));
             let outcome = tokio::select! {
                 _ = shutdown.recv() => {
@@ -329,8 +339,8 @@ impl Acme {
                         account = None;
                     }
                     let delay = backoff.failed(error.retry_after(unix_now()));
-                    let message = error.to_string();
-                    if last_failure.as_deref() != Some(message.as_str()) {
+                    let message = with_causes(&error);
+                    if last_failure != Some(reason) {
                         tracing::error!(
                             reason = reason.label(),
                             challenge = kind.name(),
@@ -340,7 +350,7 @@ impl Acme {
                             self.config.domains.join(", "),
                             reason.advice(),
                         );
-                        last_failure = Some(message);
+                        last_failure = Some(reason);
                     } else {
                         tracing::debug!(
                             reason = reason.label(),
@@ -573,6 +583,22 @@ impl AriState {
             }
         }
     }
+}
+
+/// `error` and its sources, "outer: inner: innermost" (hyper's "client error (Connect)" alone
+/// does not say that the connection was refused).
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 fn unix_now() -> i64 {

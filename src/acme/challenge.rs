@@ -190,6 +190,92 @@ mod tests {
         assert!(answers.tls_alpn01("call.example.com").is_none());
     }
 
+    /// Runs one handshake over memory; the ALPN chosen, or why it failed.
+    async fn handshake(
+        server: Arc<ServerConfig>,
+        root: &rustls_pki_types::CertificateDer<'static>,
+        name: &str,
+        alpn: &[&[u8]],
+    ) -> Result<Option<Vec<u8>>, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(root.clone()).unwrap();
+        let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        client.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let acceptor = tokio_rustls::TlsAcceptor::from(server);
+        let served = tokio::spawn(async move { acceptor.accept(b).await.map(|_| ()) });
+        let name = rustls_pki_types::ServerName::try_from(name.to_owned()).unwrap();
+        let connected = tokio_rustls::TlsConnector::from(Arc::new(client))
+            .connect(name, a)
+            .await;
+        let _ = served.await;
+        connected
+            .map(|tls| tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec))
+            .map_err(|e| e.to_string())
+    }
+
+    #[tokio::test]
+    async fn only_a_handshake_offering_just_acme_tls_gets_the_validation_certificate() {
+        let normal = rcgen::generate_simple_self_signed(vec!["call.example.com".into()]).unwrap();
+        let key = rustls_pki_types::PrivateKeyDer::Pkcs8(normal.signing_key.serialize_der().into());
+        let store = crate::tls::CertStore::new(CertifiedKey::new(
+            vec![normal.cert.der().clone()],
+            rustls::crypto::ring::sign::any_supported_type(&key).unwrap(),
+        ));
+        let answers = ChallengeAnswers::new();
+        answers
+            .add_tls_alpn01("call.example.com", &[1; 32])
+            .unwrap();
+        let validation = answers.tls_alpn01("call.example.com").unwrap().cert[0].clone();
+        let config = answer_tls_alpn01(
+            crate::tls::server_config(store, &[b"h2", b"http/1.1"]),
+            answers.clone(),
+        );
+        let normal = normal.cert.der().clone();
+
+        // The CA's validation: only acme-tls/1, gets the validation certificate — the only one
+        // with the critical acmeIdentifier extension, which a WebPKI client (rightly) refuses.
+        let served_validation = "UnsupportedCriticalExtension";
+        let acme = handshake(
+            config.clone(),
+            &validation,
+            "call.example.com",
+            &[ACME_TLS_ALPN],
+        );
+        let acme = acme.await.unwrap_err();
+        assert!(acme.contains(served_validation), "{acme}");
+        // A client offering acme-tls/1 among others gets the app's certificate and protocol.
+        let mixed = handshake(
+            config.clone(),
+            &normal,
+            "call.example.com",
+            &[ACME_TLS_ALPN, b"h2"],
+        );
+        assert_eq!(mixed.await, Ok(Some(b"h2".to_vec())));
+        // Browsers are unaffected.
+        let browser = handshake(config.clone(), &normal, "call.example.com", &[b"http/1.1"]);
+        assert_eq!(browser.await, Ok(Some(b"http/1.1".to_vec())));
+        // No answer for the name (or none any more): the validation handshake fails.
+        let other = handshake(
+            config.clone(),
+            &validation,
+            "other.example.com",
+            &[ACME_TLS_ALPN],
+        );
+        let other = other.await.unwrap_err();
+        assert!(!other.contains(served_validation), "{other}");
+        answers.clear();
+        let late = handshake(config, &validation, "call.example.com", &[ACME_TLS_ALPN]);
+        let late = late.await.unwrap_err();
+        assert!(!late.contains(served_validation), "{late}");
+    }
+
     #[test]
     fn http01_answers_are_published_and_cleared() {
         let answers = ChallengeAnswers::new();

@@ -236,4 +236,30 @@ mod tests {
             Some("https://call.example.com/x")
         );
     }
+
+    #[tokio::test]
+    async fn answers_http01_from_the_built_in_acme_client() {
+        let answers = crate::acme::ChallengeAnswers::new();
+        answers.add_http01("tok-1".into(), "tok-1.thumbprint".into());
+        let target = RedirectTarget {
+            public_url: None,
+            https_port: 443,
+            acme_dir: None,
+            acme_answers: Some(answers.clone()),
+        };
+        let request = |path: &str| {
+            Request::builder()
+                .uri(path)
+                .header("host", "call.example.com")
+                .body(())
+                .unwrap()
+        };
+        let found = answer(&target, &request("/.well-known/acme-challenge/tok-1")).await;
+        assert_eq!(found.status(), StatusCode::OK);
+        let body = found.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"tok-1.thumbprint");
+        answers.clear();
+        let gone = answer(&target, &request("/.well-known/acme-challenge/tok-1")).await;
+        assert_eq!(gone.status(), StatusCode::PERMANENT_REDIRECT);
+    }
 }

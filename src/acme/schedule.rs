@@ -18,6 +18,34 @@ pub fn renew_at(not_before: i64, not_after: i64) -> i64 {
     not_after - lifetime / 3
 }
 
+/// What scheduling needs to know about the stored certificate.
+#[derive(Debug, Clone, Copy)]
+pub struct CertificateDates<'a> {
+    /// The DNS names it is valid for (lowercase).
+    pub names: &'a [String],
+    /// Validity start, Unix seconds.
+    pub not_before: i64,
+    /// Validity end, Unix seconds.
+    pub not_after: i64,
+}
+
+/// When the next order is due (Unix seconds): `now` if there is no certificate, it has expired
+/// or it lacks one of `domains`; otherwise the CA's renewal-information time `ari` if it gave
+/// one, else [`renew_at`].
+pub fn order_due(
+    cert: Option<CertificateDates<'_>>,
+    domains: &[String],
+    ari: Option<i64>,
+    now: i64,
+) -> i64 {
+    let usable = cert
+        .filter(|c| c.not_after > now && domains.iter().all(|d| c.names.iter().any(|n| n == d)));
+    match usable {
+        None => now,
+        Some(c) => ari.unwrap_or_else(|| renew_at(c.not_before, c.not_after)),
+    }
+}
+
 /// A time inside a CA's suggested renewal window `[start, end)`: `fraction` (from a random source,
 /// in `[0, 1)`) of the way through, so that many servers do not renew at the same instant.
 pub fn renew_in_window(start: i64, end: i64, fraction: f64) -> i64 {
@@ -76,6 +104,31 @@ mod tests {
         assert_eq!(renew_at(1000, 1000 + 6 * day), 1000 + 4 * day);
         // Garbage dates do not schedule into the past beyond expiry.
         assert_eq!(renew_at(10, 5), 5);
+    }
+
+    #[test]
+    fn orders_at_once_without_a_usable_certificate() {
+        let domains = vec!["a.example.com".to_owned(), "b.example.com".to_owned()];
+        let only_a = vec!["a.example.com".to_owned()];
+        let dates = |names: &[String], not_after| {
+            let due = |ari| {
+                let cert = CertificateDates {
+                    names,
+                    not_before: 0,
+                    not_after,
+                };
+                order_due(Some(cert), &domains, ari, 1000)
+            };
+            (due(None), due(Some(4000)))
+        };
+        assert_eq!(order_due(None, &domains, None, 1000), 1000, "none yet");
+        assert_eq!(dates(&domains, 900), (1000, 1000), "expired");
+        assert_eq!(dates(&only_a, 9000), (1000, 1000), "a name was added");
+        assert_eq!(
+            dates(&domains, 9000),
+            (6000, 4000),
+            "a third left; ARI wins"
+        );
     }
 
     #[test]

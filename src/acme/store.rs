@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use rustls::sign::CertifiedKey;
 
+use super::schedule::CertificateDates;
 use crate::tls::{load_certified_key, LoadError};
 
 /// Why the account or certificate could not be stored or read.
@@ -52,9 +53,13 @@ pub struct StoredCertificate {
 }
 
 impl StoredCertificate {
-    /// Whether it is valid for every name in `domains`.
-    pub fn covers(&self, domains: &[String]) -> bool {
-        domains.iter().all(|d| self.names.iter().any(|n| n == d))
+    /// Its names and validity, for scheduling.
+    pub fn dates(&self) -> CertificateDates<'_> {
+        CertificateDates {
+            names: &self.names,
+            not_before: self.not_before,
+            not_after: self.not_after,
+        }
     }
 }
 
@@ -274,8 +279,6 @@ mod tests {
             .save_certificate(&cert.cert.pem(), &cert.signing_key.serialize_pem())
             .unwrap();
         assert_eq!(saved.names, vec!["call.example.com".to_owned()]);
-        assert!(saved.covers(&["call.example.com".into()]));
-        assert!(!saved.covers(&["other.example.com".into()]));
         assert_eq!(mode(&store.key_path()), 0o600);
         assert_eq!(mode(&store.cert_path()), 0o600);
         assert!(store.certificate().is_some(), "a restart finds it");

@@ -20,7 +20,7 @@ use rustls::sign::CertifiedKey;
 use super::challenge::{ChallengeAnswers, ValidationCertError};
 use super::failure::{retry_after_in_detail, FailureReason};
 use super::metrics::AcmeMetrics;
-use super::schedule::{renew_at, renew_in_window, Backoff};
+use super::schedule::{order_due, renew_at, renew_in_window, Backoff};
 use super::store::{AcmeStore, StoreError, StoredCertificate};
 use crate::config::{AcmeChallenge, AcmeConfig};
 use crate::shutdown::Shutdown;
@@ -258,20 +258,17 @@ impl Acme {
         loop {
             let now = unix_now();
             let stored = self.store.certificate();
-            let usable = stored
-                .as_ref()
-                .filter(|c| c.covers(&self.config.domains) && c.not_after > now);
-            let due = match usable {
-                None => now,
-                Some(cert) => {
+            let dates = stored.as_ref().map(StoredCertificate::dates);
+            if let Some(cert) = stored.as_ref() {
+                if order_due(dates, &self.config.domains, None, now) > now {
+                    // A usable certificate: ask the CA's renewal information when it is time to.
                     if account.is_none() && ari.wants_check(now) {
                         account = self.stored_account(&mut ari, now).await;
                     }
                     ari.refresh(account.as_ref(), cert, now).await;
-                    ari.due
-                        .unwrap_or_else(|| renew_at(cert.not_before, cert.not_after))
                 }
-            };
+            }
+            let due = order_due(dates, &self.config.domains, ari.due, now);
             let due = if due <= now {
                 *overdue_since.get_or_insert(due)
             } else {
@@ -359,7 +356,11 @@ impl Acme {
                             "ACME: the same failure again: {message}"
                         );
                     }
-                    if reason == FailureReason::ChallengeUnreachable {
+                    // Try the other challenge type (with `auto`) when this one could not be
+                    // validated or is not offered by the CA.
+                    if reason == FailureReason::ChallengeUnreachable
+                        || matches!(error, OrderError::NoChallenge { .. })
+                    {
                         challenge += 1;
                     }
                     tokio::select! {

@@ -607,3 +607,44 @@ fn unix_now() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directory_ca_errors_name_the_file_and_the_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let error = read_roots(&missing).unwrap_err().to_string();
+        assert!(
+            error.starts_with(&format!("acme-directory-ca {}: ", missing.display())),
+            "{error}"
+        );
+
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let error = read_roots(&empty).unwrap_err().to_string();
+        assert!(error.contains("no certificate found"), "{error}");
+
+        let two = dir.path().join("two.pem");
+        let a = rcgen::generate_simple_self_signed(vec!["a.test".into()]).unwrap();
+        let b = rcgen::generate_simple_self_signed(vec!["b.test".into()]).unwrap();
+        std::fs::write(&two, format!("{}{}", a.cert.pem(), b.cert.pem())).unwrap();
+        assert_eq!(
+            read_roots(&two).unwrap().len(),
+            2,
+            "every certificate is trusted"
+        );
+    }
+
+    #[test]
+    fn error_messages_include_their_causes() {
+        let inner = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let outer = StoreError::Write {
+            path: "/x".into(),
+            source: inner,
+        };
+        assert_eq!(with_causes(&outer), "/x: cannot write: refused");
+    }
+}

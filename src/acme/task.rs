@@ -639,6 +639,13 @@ mod tests {
     }
 
     #[test]
+    fn the_default_client_trusts_the_system_roots_with_ring_only() {
+        // Without acme-directory-ca the platform verifier is used; it must find a crypto provider
+        // (ring is the only one compiled in) rather than fail at the first order.
+        assert!(Account::builder().is_ok());
+    }
+
+    #[test]
     fn error_messages_include_their_causes() {
         let inner = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
         let outer = StoreError::Write {

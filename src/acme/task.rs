@@ -272,6 +272,7 @@ impl Acme {
             let due = if due <= now {
                 *overdue_since.get_or_insert(due)
             } else {
+                overdue_since = None;
                 due
             };
             metrics.next_renewal.set(due as f64);

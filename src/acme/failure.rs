@@ -133,6 +133,27 @@ impl fmt::Display for FailureReason {
     }
 }
 
+/// Which failures deserve an error-level log line: the first of each run with the same reason
+/// (details such as ports or nonces change from try to try; the reason is what an operator acts
+/// on). Repeats go to debug level and to the metric.
+#[derive(Debug, Default)]
+pub struct FailureLog {
+    /// The reason last logged at error level, until a success.
+    last: Option<FailureReason>,
+}
+
+impl FailureLog {
+    /// Records a failure; true if it should be logged at error level.
+    pub fn is_news(&mut self, reason: FailureReason) -> bool {
+        self.last.replace(reason) != Some(reason)
+    }
+
+    /// An order succeeded: the next failure is news again.
+    pub fn succeeded(&mut self) {
+        self.last = None;
+    }
+}
+
 /// When a rate-limit message says to retry, as Unix seconds: Let's Encrypt writes
 /// "… retry after 2026-12-03 15:04:05 UTC: see …" in the problem detail.
 pub fn retry_after_in_detail(detail: &str) -> Option<i64> {
@@ -180,6 +201,24 @@ mod tests {
         let labels: std::collections::HashSet<_> =
             FailureReason::ALL.iter().map(|r| r.label()).collect();
         assert_eq!(labels.len(), FailureReason::ALL.len());
+    }
+
+    #[test]
+    fn each_reason_is_logged_once_per_run_of_failures() {
+        use FailureReason::*;
+        let mut log = FailureLog::default();
+        let seen: Vec<bool> = [
+            NameNotResolved,
+            NameNotResolved,
+            ChallengeUnreachable,
+            NameNotResolved,
+        ]
+        .into_iter()
+        .map(|r| log.is_news(r))
+        .collect();
+        assert_eq!(seen, [true, false, true, true]);
+        log.succeeded();
+        assert!(log.is_news(NameNotResolved));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use instant_acme::{
 use rustls::sign::CertifiedKey;
 
 use super::challenge::{ChallengeAnswers, ValidationCertError};
-use super::failure::{retry_after_in_detail, FailureReason};
+use super::failure::{retry_after_in_detail, FailureLog, FailureReason};
 use super::metrics::AcmeMetrics;
 use super::schedule::{order_due, renew_at, renew_in_window, Backoff};
 use super::store::{AcmeStore, StoreError, StoredCertificate};
@@ -242,9 +242,7 @@ impl Acme {
         let mut backoff = Backoff::new(self.config.retry_delay);
         let mut account: Option<Account> = None;
         let mut challenge = 0;
-        // The reason of the last failure logged at error level: a failure with the same reason is
-        // logged at debug level (details such as ports change from try to try).
-        let mut last_failure: Option<FailureReason> = None;
+        let mut failure_log = FailureLog::default();
         let mut ari = AriState::default();
         // When the pending order first became due: the gauge stays there while orders fail, so
         // "due more than a day ago" means "failing for a day" (the alert).
@@ -320,7 +318,7 @@ impl Acme {
                     }
                     backoff.succeeded();
                     overdue_since = None;
-                    last_failure = None;
+                    failure_log.succeeded();
                     ari = AriState::default();
                     tracing::info!(
                         names = %issued.names.join(","),
@@ -338,7 +336,7 @@ impl Acme {
                     }
                     let delay = backoff.failed(error.retry_after(unix_now()));
                     let message = with_causes(&error);
-                    if last_failure != Some(reason) {
+                    if failure_log.is_news(reason) {
                         tracing::error!(
                             reason = reason.label(),
                             challenge = kind.name(),
@@ -348,7 +346,6 @@ impl Acme {
                             self.config.domains.join(", "),
                             reason.advice(),
                         );
-                        last_failure = Some(reason);
                     } else {
                         tracing::debug!(
                             reason = reason.label(),

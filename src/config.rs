@@ -218,7 +218,7 @@ pub struct Options {
     )]
     pub acme_domain: Option<Vec<String>>,
 
-    /// Contact address given to the ACME CA for expiry and problem notices [default: none].
+    /// Contact e-mail address for the ACME account, for the CA's problem notices [default: none].
     #[arg(long, env = "CALLGATE_ACME_EMAIL", value_name = "ADDRESS")]
     pub acme_email: Option<String>,
 

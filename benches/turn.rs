@@ -31,6 +31,7 @@ fn gate() -> Gate {
             policy: PeerPolicy::default(),
             user_quota: 10,
             total_quota: 10_000,
+            allocations_per_ip: 10_000,
             unauthenticated_per_ip_per_sec: 1_000_000,
             relay_ips: callgate::turn::reservation::loopback(),
             max_permissions_per_allocation: 64,
@@ -90,6 +91,23 @@ fn front_layer(c: &mut Criterion) {
     let packet = channel_data(1200);
     c.bench_function("front/channel_data_outbound", |b| {
         b.iter(|| g.outbound(black_box(&packet), src, local))
+    });
+
+    // A Send indication: parsed in full by the gate (the relay's slow data path, ChannelData's
+    // twin for clients without channels).
+    let tid = [5u8; 12];
+    let mut w = StunWriter::new(method::SEND, Class::Indication, tid);
+    w.attribute(
+        attr::XOR_PEER_ADDRESS,
+        &encode_xor_address("8.8.8.8:5000".parse().unwrap(), &tid),
+    );
+    w.attribute(0x0013, &[0xab; 160]);
+    let send = w.finish();
+    c.bench_function("front/send_indication_inbound", |b| {
+        b.iter(|| {
+            let v = g.inbound_now(black_box(&send), src, local);
+            assert_eq!(v, Verdict::Forward);
+        })
     });
 
     let creds = TurnCredentials::new(&["bench-secret"]).unwrap();
@@ -171,6 +189,20 @@ fn policy(c: &mut Criterion) {
             &ip,
             |b, ip| b.iter(|| compiled.check(black_box(*ip))),
         );
+    }
+    // What a relay socket checks for every datagram it sends (peer.rs), with the relay's own
+    // address known.
+    let compiled = default.compile();
+    compiled.set_own_addresses(callgate::turn::policy::OwnAddresses::new(
+        ["192.0.2.1".parse().unwrap()],
+        ["192.0.2.1".parse().unwrap()],
+        ["0.0.0.0:3478".parse().unwrap()],
+    ));
+    for addr in ["8.8.8.8:5000", "[2001:4860::8888]:5000"] {
+        let peer: SocketAddr = addr.parse().unwrap();
+        group.bench_with_input(BenchmarkId::new("per_datagram", addr), &peer, |b, p| {
+            b.iter(|| compiled.check_peer(black_box(*p), |_| false))
+        });
     }
     group.finish();
 }

@@ -329,6 +329,11 @@ pub struct Options {
     #[arg(long, env = "CALLGATE_TOTAL_QUOTA", value_name = "N")]
     pub total_quota: Option<usize>,
 
+    /// Concurrent TURN allocations one client address may hold, IPv6 counted per /64; over it
+    /// Allocate gets 486 [default: 1 % of total-quota, at least 1].
+    #[arg(long, env = "CALLGATE_ALLOCATIONS_PER_IP", value_name = "N")]
+    pub allocations_per_ip: Option<usize>,
+
     /// Unauthenticated TURN requests (each client's first Allocate, Binding) accepted per second per
     /// source address, burst twice that; more are dropped [default: 20].
     #[arg(long, env = "CALLGATE_TURN_UNAUTHENTICATED_PER_IP", value_name = "N")]
@@ -651,6 +656,8 @@ pub struct TurnConfig {
     pub user_quota: usize,
     /// Allocations in total.
     pub total_quota: usize,
+    /// Allocations per client address (IPv6: per /64).
+    pub allocations_per_ip: usize,
     /// Unauthenticated requests per second per source address.
     pub unauthenticated_per_ip: u32,
     /// Per-allocation bandwidth cap (bytes/s each way).
@@ -956,6 +963,7 @@ impl Options {
             turn_credential_ttl,
             user_quota,
             total_quota,
+            allocations_per_ip,
             turn_unauthenticated_per_ip,
             max_bps,
             allowed_peer_ip,
@@ -1085,6 +1093,9 @@ impl Config {
                 credential_ttl: secs(o.turn_credential_ttl, 3600),
                 user_quota: o.user_quota.unwrap_or(10),
                 total_quota: o.total_quota.unwrap_or(10_000),
+                allocations_per_ip: o
+                    .allocations_per_ip
+                    .unwrap_or((o.total_quota.unwrap_or(10_000) / 100).max(1)),
                 unauthenticated_per_ip: o.turn_unauthenticated_per_ip.unwrap_or(20),
                 max_bps: o.max_bps,
                 allowed_peer_ip: o.allowed_peer_ip.unwrap_or_default(),
@@ -1187,6 +1198,9 @@ impl Config {
                 "total-quota"
             };
             return Err(invalid(key, "must be at least 1"));
+        }
+        if turn.allocations_per_ip == 0 {
+            return Err(invalid("allocations-per-ip", "must be at least 1"));
         }
         if turn.unauthenticated_per_ip == 0 {
             return Err(invalid("turn-unauthenticated-per-ip", "must be at least 1"));

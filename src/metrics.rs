@@ -47,6 +47,8 @@ struct TurnExport {
     auth_failures: IntCounter,
     refused_peers: IntCounter,
     rate_limited: IntCounter,
+    ambiguous_requests: IntCounter,
+    quota_hits_ip: IntCounter,
     bandwidth_dropped: IntCounter,
     oversized_dropped: IntCounter,
     bytes_to_peer: IntCounter,
@@ -93,6 +95,8 @@ impl TurnExport {
             auth_failures: counter(r, "turn_auth_failures_total", "TURN requests answered 401 (wrong, expired or malformed credentials)."),
             refused_peers: counter(r, "turn_refused_peers_total", "TURN permissions or channels refused (403) or datagrams dropped by the peer policy."),
             rate_limited: counter(r, "turn_rate_limited_total", "Unauthenticated TURN requests dropped by the per-address rate limit."),
+            ambiguous_requests: counter(r, "turn_ambiguous_requests_total", "Authenticated TURN requests answered 400 because the engine could read them differently from the gate."),
+            quota_hits_ip: counter(r, "turn_quota_hits_ip_total", "TURN Allocate requests refused (486) because their source address (IPv6: /64) reached allocations-per-ip."),
             bandwidth_dropped: dropped.with_label_values(&["bandwidth"]),
             oversized_dropped: dropped.with_label_values(&["oversized"]),
             bytes_to_peer: bytes.with_label_values(&["to_peer"]),
@@ -118,6 +122,8 @@ impl TurnExport {
         set(&self.auth_failures, s.auth_failures);
         set(&self.refused_peers, s.refused_peers);
         set(&self.rate_limited, s.rate_limited);
+        set(&self.ambiguous_requests, s.ambiguous_requests);
+        set(&self.quota_hits_ip, s.quota_hits_ip);
         set(&self.bandwidth_dropped, s.bandwidth_dropped);
         set(&self.oversized_dropped, s.oversized_dropped);
         set(&self.bytes_to_peer, s.bytes_to_peers);

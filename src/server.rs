@@ -443,6 +443,7 @@ async fn start_relay(config: &Config, certs: &Arc<CertStore>) -> Result<RunningR
         credential_ttl: turn.credential_ttl,
         user_quota: turn.user_quota,
         total_quota: turn.total_quota,
+        allocations_per_ip: Some(turn.allocations_per_ip),
         max_bytes_per_sec: turn.max_bps,
         unauthenticated_per_ip_per_sec: turn.unauthenticated_per_ip,
         allowed_peer_ips: turn.allowed_peer_ip.iter().map(|r| r.0).collect(),

@@ -211,6 +211,7 @@ async fn burst_loss_measurement() {
         settings.udp_sockets = sockets;
         settings.total_quota = 1000;
         settings.user_quota = 1000;
+        settings.allocations_per_ip = Some(1000);
         let relay = start(settings, None).await;
         let port = relay.udp_addrs()[0].port().to_string();
         let out = run(

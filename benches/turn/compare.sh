@@ -81,7 +81,7 @@ start_callgate() {
         --listening-ip 127.0.0.1 --listening-port "$CG_PORT" --tls-listening-port off \
         --turn-tcp false --relay-ip 127.0.0.1 --min-port 40000 --max-port 49999 \
         --static-auth-secret "$SECRET" --allowed-peer-ip 127.0.0.1/32 \
-        --user-quota 100000 --total-quota 100000 >"$TMP/callgate.log" 2>&1 &
+        --user-quota 100000 --total-quota 100000 --allocations-per-ip 100000 >"$TMP/callgate.log" 2>&1 &
     SERVER_PID=$!
     wait_udp_port "$CG_PORT"
     PORT=$CG_PORT

@@ -28,7 +28,7 @@ mkdir -p "$TMP/certs"
     --listening-ip 127.0.0.1 --listening-port "$PORT" --tls-listening-port off \
     --turn-tcp false --relay-ip 127.0.0.1 --min-port 20000 --max-port 29999 \
     --static-auth-secret "$SECRET" --allowed-peer-ip 127.0.0.1/32 \
-    --user-quota 100000 --total-quota 100000 --turn-unauthenticated-per-ip 100000 \
+    --user-quota 100000 --total-quota 100000 --allocations-per-ip 100000 --turn-unauthenticated-per-ip 100000 \
     >"$TMP/server.log" 2>&1 &
 for _ in $(seq 100); do ss -Hlnu "sport = :$PORT" | grep -q . && break; sleep 0.2; done
 sleep 1

@@ -29,10 +29,11 @@ use ring::hmac;
 use super::credentials::{long_term_key, RestUsername, TurnCredentials};
 use super::inspect::{self, attr, method, Class, Packet, StunMessage, StunWriter};
 use super::jumbo::{ClientPath, JumboTable};
-use super::policy::{PeerFilter, PeerPolicy};
+use super::policy::{OwnAddresses, PeerFilter, PeerPolicy};
 use super::quota::{AllocationKey, AllocationLedger, QuotaExceeded, Transport};
 use super::reservation::PortReservations;
 use super::settings::RelayIps;
+use super::source::source_key;
 use super::stats::TurnStats;
 
 /// The source address of the synthetic request that primes the engine's nonce. Port 0 cannot be a
@@ -48,6 +49,9 @@ pub const NONCE_ACCEPTED_FOR: Duration = Duration::from_secs(50 * 60);
 
 /// Above this many remembered keys the cache is cleared (they are re-derived on the next request).
 const MAX_VERIFIED_KEYS: usize = 65_536;
+
+/// Source keys the unauthenticated rate limiter tracks at most (about 64 bytes each).
+pub const MAX_UNAUTHENTICATED_SOURCES: usize = 65_536;
 
 /// How long an Allocate success is kept to answer the request's retransmissions: a STUN client
 /// over UDP gives up on a transaction after 39.5 s (RFC 8489 §6.2.1, default timers).
@@ -96,6 +100,9 @@ pub enum DropReason {
     NotPrimed,
     /// The packet claims the priming address.
     Spoofed,
+    /// A Send indication the engine could read differently from the gate (see
+    /// [`inspect::Ambiguity`]); indications get no answer.
+    Ambiguous,
 }
 
 /// What the listener should do with a packet the engine wants to send to a client.
@@ -124,7 +131,11 @@ pub struct GateShared {
     credentials: TurnCredentials,
     policy: PeerFilter,
     stats: Arc<TurnStats>,
-    unauthenticated: DefaultKeyedRateLimiter<IpAddr>,
+    /// Per-source rate of unauthenticated requests, keyed by [`source_key`]; replaced by an empty
+    /// one when it tracks [`MAX_UNAUTHENTICATED_SOURCES`] (see [`GateShared::allow_unauthenticated`]).
+    unauthenticated: RwLock<DefaultKeyedRateLimiter<IpAddr>>,
+    /// The quota of [`GateShared::unauthenticated`], to rebuild it empty.
+    unauthenticated_quota: Quota,
     ledger: Mutex<AllocationLedger>,
     verified: Arc<VerifiedKeys>,
     reservations: Arc<PortReservations>,
@@ -230,6 +241,8 @@ pub struct GateRules {
     pub user_quota: usize,
     /// `total-quota`.
     pub total_quota: usize,
+    /// `allocations-per-ip`: allocations one client address (IPv6: one /64) may hold.
+    pub allocations_per_ip: usize,
     /// Unauthenticated requests per source IP per second (burst twice that).
     pub unauthenticated_per_ip_per_sec: u32,
     /// The address families relay sockets can have (RFC 6156).
@@ -249,6 +262,7 @@ impl GateShared {
     ) -> Arc<Self> {
         let rate = NonZeroU32::new(rules.unauthenticated_per_ip_per_sec).unwrap_or(NonZeroU32::MIN);
         let burst = rate.saturating_mul(NonZeroU32::new(2).unwrap_or(NonZeroU32::MIN));
+        let quota = Quota::per_second(rate).allow_burst(burst);
         Arc::new(GateShared {
             relay_ips: rules.relay_ips,
             max_permissions: rules.max_permissions_per_allocation,
@@ -256,8 +270,13 @@ impl GateShared {
             credentials: rules.credentials,
             policy: rules.policy.compile(),
             stats,
-            unauthenticated: RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)),
-            ledger: Mutex::new(AllocationLedger::new(rules.user_quota, rules.total_quota)),
+            unauthenticated: RwLock::new(RateLimiter::keyed(quota)),
+            unauthenticated_quota: quota,
+            ledger: Mutex::new(AllocationLedger::new(
+                rules.user_quota,
+                rules.total_quota,
+                rules.allocations_per_ip,
+            )),
             verified: Arc::new(VerifiedKeys::default()),
             reservations,
             jumbo,
@@ -275,8 +294,10 @@ impl GateShared {
 
     /// Periodic housekeeping: forget idle rate-limiter entries and stale reservations.
     pub fn maintain(&self, now: Instant) {
-        self.unauthenticated.retain_recent();
-        self.unauthenticated.shrink_to_fit();
+        let limiter = self.limiter();
+        limiter.retain_recent();
+        limiter.shrink_to_fit();
+        drop(limiter);
         self.ledger().expire_pending(now);
         self.reservations.prune(now);
         self.allocate_replies()
@@ -305,7 +326,7 @@ impl GateShared {
     /// Sizes of the gate's maps.
     pub fn memory(&self) -> GateMemory {
         GateMemory {
-            rate_limited_ips: self.unauthenticated.len(),
+            rate_limited_ips: self.limiter().len(),
             verified_keys: self.verified.len(),
             ledger_entries: self.ledger().total(),
             allocate_replies: self.allocate_replies().len(),
@@ -337,8 +358,59 @@ impl GateShared {
         (fresh && reply.transaction == transaction).then(|| reply.bytes.clone())
     }
 
+    /// Whether `peer` may be relayed to: the peer policy, and not the relay's own address unless
+    /// it is a live relayed address.
+    fn check_peer(&self, peer: SocketAddr) -> Result<(), super::policy::PeerRefusal> {
+        self.policy.check_peer(peer, |a| self.jumbo.is_relayed(a))
+    }
+
+    /// Gives the gate's peer filter the relay's own addresses, once the listeners are bound.
+    pub fn set_own_addresses(&self, own: OwnAddresses) {
+        self.policy.set_own_addresses(own);
+    }
+
+    fn limiter(&self) -> std::sync::RwLockReadGuard<'_, DefaultKeyedRateLimiter<IpAddr>> {
+        self.unauthenticated
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether an unauthenticated request from `ip` is within its source's rate.
+    ///
+    /// Spoofed UDP sources would grow the table by one entry per packet between two
+    /// [`GateShared::maintain`] calls, so it is bounded: at [`MAX_UNAUTHENTICATED_SOURCES`] keys
+    /// the idle ones are forgotten, and if that leaves more than half, all are (shed, rather than
+    /// refusing new sources: refusing would lock every new client out for as long as a spoofing
+    /// flood lasts, while shedding only hands sources that were rate-limited a fresh burst, and
+    /// answers to spoofed sources are challenges no larger than the request).
     fn allow_unauthenticated(&self, ip: IpAddr) -> bool {
-        if self.unauthenticated.check_key(&ip).is_ok() {
+        let key = source_key(ip);
+        let limiter = self.limiter();
+        if limiter.len() >= MAX_UNAUTHENTICATED_SOURCES {
+            limiter.retain_recent();
+            if limiter.len() > MAX_UNAUTHENTICATED_SOURCES / 2 {
+                drop(limiter);
+                let mut slot = self
+                    .unauthenticated
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner());
+                if slot.len() > MAX_UNAUTHENTICATED_SOURCES / 2 {
+                    *slot = RateLimiter::keyed(self.unauthenticated_quota);
+                    tracing::debug!("unauthenticated rate limiter full: shed");
+                }
+                drop(slot);
+                return self.allow_unauthenticated_in(&self.limiter(), key);
+            }
+        }
+        self.allow_unauthenticated_in(&limiter, key)
+    }
+
+    fn allow_unauthenticated_in(
+        &self,
+        limiter: &DefaultKeyedRateLimiter<IpAddr>,
+        key: IpAddr,
+    ) -> bool {
+        if limiter.check_key(&key).is_ok() {
             true
         } else {
             TurnStats::bump(&self.stats.rate_limited);
@@ -449,15 +521,22 @@ impl Gate {
             Err(_) => return Verdict::Drop(DropReason::NotTurn),
         };
         match msg.class {
-            Class::Indication if msg.method == method::SEND => return Verdict::Forward,
+            Class::Indication if msg.method == method::SEND => {
+                return match msg.ambiguity() {
+                    None => Verdict::Forward,
+                    Some(_) => Verdict::Drop(DropReason::Ambiguous),
+                };
+            }
             Class::Request => {}
             _ => return Verdict::Drop(DropReason::NotTurn),
         }
         if msg.method == method::BINDING {
-            return if self.shared.allow_unauthenticated(src.ip()) {
-                Verdict::Forward
-            } else {
+            return if !self.shared.allow_unauthenticated(src.ip()) {
                 Verdict::Drop(DropReason::RateLimited)
+            } else if msg.ambiguity().is_some() {
+                Verdict::Reply(StunWriter::error_response(&msg, 400, "Bad Request").finish())
+            } else {
+                Verdict::Forward
             };
         }
         if !msg.has_integrity() {
@@ -479,6 +558,12 @@ impl Gate {
         };
         let hkey = inspect::integrity_key(&key);
         let user = RestUsername::parse(username, wall).map_or("", |u| u.user);
+        // One reading of every request: what the engine would read differently is refused.
+        if let Some(why) = msg.ambiguity() {
+            TurnStats::bump(&self.shared.stats.ambiguous_requests);
+            tracing::debug!(%src, user, "refusing an ambiguous request: {why}");
+            return signed_error(&msg, 400, "Bad Request", &hkey);
+        }
         if msg.method == method::ALLOCATE {
             let replay = self.shared.replay_allocate(
                 &(self.transport, src, local),
@@ -505,9 +590,13 @@ impl Gate {
                 }
                 // RFC 6156: no REQUESTED-ADDRESS-FAMILY means IPv4. Answer 440 for a family the
                 // relay does not have, rather than letting the engine fail with 508.
-                let wants_ipv4 = msg
-                    .attribute(attr::REQUESTED_ADDRESS_FAMILY)
-                    .is_none_or(|v| v.first() == Some(&0x01));
+                let wants_ipv4 = match msg.requested_family() {
+                    None | Some(0x01) => true,
+                    Some(0x02) => false,
+                    Some(_) => {
+                        return signed_error(&msg, 440, "Address Family not Supported", &hkey)
+                    }
+                };
                 if self.shared.relay_ips.for_family(wants_ipv4).is_none() {
                     return signed_error(&msg, 440, "Address Family not Supported", &hkey);
                 }
@@ -516,6 +605,7 @@ impl Gate {
                     let counter = match e {
                         QuotaExceeded::User(_) => &self.shared.stats.quota_hits_user,
                         QuotaExceeded::Total(_) => &self.shared.stats.quota_hits_total,
+                        QuotaExceeded::Source(_) => &self.shared.stats.quota_hits_ip,
                     };
                     TurnStats::bump(counter);
                     tracing::debug!(%src, user, "refusing allocation: {e}");
@@ -533,19 +623,22 @@ impl Gate {
                 None => Verdict::Forward,
             },
             method::CREATE_PERMISSION | method::CHANNEL_BIND => {
-                if msg.too_many_peers {
-                    return signed_error(&msg, 400, "Too Many Peer Addresses", &hkey);
+                // The engine grants the first XOR-PEER-ADDRESS (once per peer attribute); the
+                // gate checks every one and counts every one against the cap, so nothing the
+                // engine acts on went unchecked. ChannelBind names exactly one peer.
+                let n = msg.peer_count();
+                let bind = msg.method == method::CHANNEL_BIND;
+                if n == 0 || (bind && (n != 1 || msg.channel_number().is_none())) {
+                    return signed_error(&msg, 400, "Bad Request", &hkey);
                 }
                 let mut ips = [IpAddr::V4(Ipv4Addr::UNSPECIFIED); inspect::MAX_PEERS];
-                let mut n = 0;
-                for peer in msg.peers().flatten() {
-                    if let Err(why) = self.shared.policy.check(peer.ip()) {
+                for (i, peer) in msg.peers().enumerate() {
+                    if let Err(why) = self.shared.check_peer(peer) {
                         TurnStats::bump(&self.shared.stats.refused_peers);
                         tracing::debug!(%src, %peer, user, "refusing peer: {why}");
                         return signed_error(&msg, 403, "Forbidden", &hkey);
                     }
-                    ips[n] = peer.ip();
-                    n += 1;
+                    ips[i] = peer.ip();
                 }
                 let key = (self.transport, src, local);
                 let admitted = self.shared.ledger().admit_peers(
@@ -558,22 +651,12 @@ impl Gate {
                     tracing::debug!(%src, user, "refusing permission: {e}");
                     return signed_error(&msg, 508, "Insufficient Capacity", &hkey);
                 }
-                if msg.method == method::CHANNEL_BIND && n == 1 {
-                    let number = msg
-                        .attribute(attr::CHANNEL_NUMBER)
-                        .filter(|v| v.len() >= 2)
-                        .map(|v| u16::from_be_bytes([v[0], v[1]]));
-                    if let Some(number) = number {
-                        let peer = msg.peers().flatten().next();
-                        if let Some(peer) = peer {
-                            self.shared.jumbo.bind_requested(
-                                key,
-                                msg.transaction_id(),
-                                number,
-                                peer,
-                            );
-                        }
-                    }
+                if let (true, Some(number), Some(peer)) =
+                    (bind, msg.channel_number(), msg.peers().next())
+                {
+                    self.shared
+                        .jumbo
+                        .bind_requested(key, msg.transaction_id(), number, peer);
                 }
                 Verdict::Forward
             }
@@ -752,10 +835,7 @@ pub fn engine_lifetime(method: u16, requested: u32) -> Option<u32> {
 /// Re-signs an Allocate or Refresh for the engine if it carries DONT-FRAGMENT (the engine would
 /// answer 420) or a LIFETIME the engine would misapply.
 fn rewrite_for_engine(msg: &StunMessage<'_>, key: &hmac::Key) -> Option<Vec<u8>> {
-    let lifetime = msg
-        .attribute(attr::LIFETIME)
-        .and_then(|v| <[u8; 4]>::try_from(v).ok())
-        .and_then(|v| engine_lifetime(msg.method, u32::from_be_bytes(v)));
+    let lifetime = msg.lifetime().and_then(|v| engine_lifetime(msg.method, v));
     if !msg.dont_fragment && lifetime.is_none() {
         return None;
     }
@@ -814,6 +894,7 @@ mod tests {
                 policy,
                 user_quota,
                 total_quota: total,
+                allocations_per_ip: 50,
                 unauthenticated_per_ip_per_sec: 5,
                 relay_ips: crate::turn::reservation::loopback(),
                 max_permissions_per_allocation: 3,
@@ -875,6 +956,9 @@ mod tests {
             let tid = [9u8; 12];
             let mut w = StunWriter::new(self.method, Class::Request, tid);
             w.attribute(0x0019, &[17, 0, 0, 0]);
+            if self.method == method::CHANNEL_BIND {
+                w.attribute(attr::CHANNEL_NUMBER, &[0x40, 0, 0, 0]);
+            }
             for p in &self.peers {
                 w.attribute(attr::XOR_PEER_ADDRESS, &encode_xor_address(*p, &tid));
             }
@@ -888,6 +972,9 @@ mod tests {
             w.finish_with_integrity(&integrity_key(&key))
         }
     }
+
+    /// An attribute nobody reads (SOFTWARE).
+    const SOFTWARE_FOR_TESTS: u16 = 0x8022;
 
     fn reply_code(v: &Verdict) -> Option<u16> {
         match v {
@@ -1102,7 +1189,11 @@ mod tests {
                 "[64:ff9b::a9fe:a9fe]:80",
             ] {
                 let mut req = Req::new(method, &creds, "a");
-                req.peers = vec!["8.8.8.8:1".parse().unwrap(), peer.parse().unwrap()];
+                req.peers = vec![peer.parse().unwrap()];
+                if method == method::CREATE_PERMISSION {
+                    // Every peer is checked, not only the first.
+                    req.peers.insert(0, "8.8.8.8:1".parse().unwrap());
+                }
                 assert_eq!(
                     reply_code(&inbound(&gate, &req.bytes(), client(1))),
                     Some(403),
@@ -1114,6 +1205,203 @@ mod tests {
             assert_eq!(inbound(&gate, &ok.bytes(), client(1)), Verdict::Forward);
         }
         assert_eq!(gate.shared.stats.snapshot().refused_peers, 14);
+    }
+
+    /// Appends one attribute to a finished message (after MESSAGE-INTEGRITY, if it has one).
+    fn append(mut bytes: Vec<u8>, typ: u16, value: &[u8]) -> Vec<u8> {
+        bytes.extend_from_slice(&typ.to_be_bytes());
+        bytes.extend_from_slice(&(value.len() as u16).to_be_bytes());
+        bytes.extend_from_slice(value);
+        bytes.resize(bytes.len().next_multiple_of(4), 0);
+        let len = (bytes.len() - inspect::HEADER_LEN) as u16;
+        bytes[2..4].copy_from_slice(&len.to_be_bytes());
+        bytes
+    }
+
+    /// A signed request with `extra` attributes before MESSAGE-INTEGRITY.
+    fn signed_with(req: &Req, extra: &[(u16, Vec<u8>)]) -> Vec<u8> {
+        let tid = [9u8; 12];
+        let mut w = StunWriter::new(req.method, Class::Request, tid);
+        for (t, v) in extra {
+            w.attribute(*t, v);
+        }
+        for p in &req.peers {
+            w.attribute(attr::XOR_PEER_ADDRESS, &encode_xor_address(*p, &tid));
+        }
+        w.attribute(attr::USERNAME, req.username.as_bytes());
+        w.attribute(attr::REALM, REALM.as_bytes());
+        w.attribute(attr::NONCE, req.nonce.as_bytes());
+        let key = long_term_key(&req.username, REALM, &req.password);
+        w.finish_with_integrity(&integrity_key(&key))
+    }
+
+    #[test]
+    fn a_peer_after_message_integrity_gets_400_not_the_engine() {
+        let s = shared(10, 100);
+        let gate = primed_gate(Arc::clone(&s));
+        let creds = TurnCredentials::new(&["new"]).unwrap();
+        let req = Req::new(method::CREATE_PERMISSION, &creds, "a");
+        let bytes = req.bytes();
+        // The engine would grant 10.0.0.1, which the policy refuses; the gate saw no peer.
+        let after = append(
+            bytes,
+            attr::XOR_PEER_ADDRESS,
+            &encode_xor_address("10.0.0.1:9".parse().unwrap(), &[9; 12]),
+        );
+        assert_eq!(reply_code(&inbound(&gate, &after, client(1))), Some(400));
+        // FINGERPRINT after MESSAGE-INTEGRITY is fine, anything after FINGERPRINT is not.
+        let mut ok = Req::new(method::CREATE_PERMISSION, &creds, "a");
+        ok.peers = vec!["8.8.8.8:1".parse().unwrap()];
+        let fp = append(ok.bytes(), attr::FINGERPRINT, &[0; 4]);
+        assert_eq!(inbound(&gate, &fp, client(1)), Verdict::Forward);
+        let fp_then = append(fp, SOFTWARE_FOR_TESTS, b"x");
+        assert_eq!(reply_code(&inbound(&gate, &fp_then, client(1))), Some(400));
+        assert_eq!(s.stats.snapshot().ambiguous_requests, 2);
+    }
+
+    #[test]
+    fn peer_addresses_must_decode_strictly() {
+        let gate = primed_gate(shared(10, 100));
+        let creds = TurnCredentials::new(&["new"]).unwrap();
+        let good = encode_xor_address("127.0.0.1:9".parse().unwrap(), &[9; 12]);
+        let mut cases: Vec<Vec<u8>> = (5..8).map(|n| good[..n].to_vec()).collect();
+        cases.push([&good[..], &[0]].concat()); // 9 bytes
+        let mut v6_short = encode_xor_address("[2001:db8::1]:9".parse().unwrap(), &[9; 12]);
+        v6_short.truncate(16);
+        cases.push(v6_short);
+        let mut family_in_first_byte = good.clone();
+        family_in_first_byte[0] = 1; // the stun crate reads the family as a u16
+        cases.push(family_in_first_byte);
+        let mut family_3 = good.clone();
+        family_3[1] = 3;
+        cases.push(family_3);
+        for method in [method::CREATE_PERMISSION, method::CHANNEL_BIND] {
+            for value in &cases {
+                let req = Req::new(method, &creds, "a");
+                let extra = [
+                    (attr::CHANNEL_NUMBER, vec![0x40, 0, 0, 0]),
+                    (attr::XOR_PEER_ADDRESS, value.clone()),
+                ];
+                let extra = if method == method::CHANNEL_BIND {
+                    &extra[..]
+                } else {
+                    &extra[1..]
+                };
+                let bytes = signed_with(&req, extra);
+                assert_eq!(
+                    reply_code(&inbound(&gate, &bytes, client(1))),
+                    Some(400),
+                    "{value:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn peer_lists_must_be_present_and_channel_bind_names_one() {
+        let gate = primed_gate(shared(10, 100));
+        let creds = TurnCredentials::new(&["new"]).unwrap();
+        let empty = Req::new(method::CREATE_PERMISSION, &creds, "a");
+        assert_eq!(
+            reply_code(&inbound(&gate, &empty.bytes(), client(1))),
+            Some(400)
+        );
+        let mut two = Req::new(method::CHANNEL_BIND, &creds, "a");
+        two.peers = vec!["8.8.8.8:1".parse().unwrap(), "8.8.4.4:1".parse().unwrap()];
+        assert_eq!(
+            reply_code(&inbound(&gate, &two.bytes(), client(1))),
+            Some(400)
+        );
+        let mut no_number = Req::new(method::CHANNEL_BIND, &creds, "a");
+        no_number.method = method::CHANNEL_BIND;
+        no_number.peers = vec!["8.8.8.8:1".parse().unwrap()];
+        let bytes = signed_with(
+            &Req {
+                method: method::CHANNEL_BIND,
+                ..no_number
+            },
+            &[],
+        );
+        assert_eq!(reply_code(&inbound(&gate, &bytes, client(1))), Some(400));
+    }
+
+    #[test]
+    fn duplicated_attributes_get_400() {
+        let gate = primed_gate(shared(10, 100));
+        let creds = TurnCredentials::new(&["new"]).unwrap();
+        let udp = || (attr::REQUESTED_TRANSPORT, vec![17, 0, 0, 0]);
+        let life = |s: u32| (attr::LIFETIME, s.to_be_bytes().to_vec());
+        type Attributes = Vec<(u16, Vec<u8>)>;
+        let cases: Vec<(u16, Attributes)> = vec![
+            (
+                method::ALLOCATE,
+                vec![udp(), (attr::REQUESTED_TRANSPORT, vec![6, 0, 0, 0])],
+            ),
+            (method::ALLOCATE, vec![udp(), life(600), life(3000)]),
+            (method::REFRESH, vec![life(0), life(600)]),
+            (
+                method::ALLOCATE,
+                vec![
+                    udp(),
+                    (attr::DONT_FRAGMENT, vec![]),
+                    (attr::DONT_FRAGMENT, vec![]),
+                ],
+            ),
+            (
+                method::ALLOCATE,
+                vec![
+                    udp(),
+                    (attr::REQUESTED_ADDRESS_FAMILY, vec![1, 0, 0, 0]),
+                    (attr::REQUESTED_ADDRESS_FAMILY, vec![2, 0, 0, 0]),
+                ],
+            ),
+            // Lengths the engine would ignore (LIFETIME of 3 bytes reads as no LIFETIME).
+            (method::REFRESH, vec![(attr::LIFETIME, vec![0, 0, 0])]),
+            (
+                method::ALLOCATE,
+                vec![udp(), (attr::REQUESTED_ADDRESS_FAMILY, vec![2])],
+            ),
+            (
+                method::ALLOCATE,
+                vec![udp(), (attr::EVEN_PORT, vec![0x80, 0])],
+            ),
+        ];
+        for (method, extra) in cases {
+            let req = Req::new(method, &creds, "a");
+            let bytes = signed_with(&req, &extra);
+            assert_eq!(
+                reply_code(&inbound(&gate, &bytes, client(1))),
+                Some(400),
+                "{extra:?}"
+            );
+        }
+        // Two USERNAMEs: the real one first (a wrong first one is simply a 401).
+        let req = Req::new(method::REFRESH, &creds, "a");
+        let mut w = StunWriter::new(method::REFRESH, Class::Request, [9; 12]);
+        w.attribute(attr::USERNAME, req.username.as_bytes());
+        w.attribute(attr::USERNAME, b"someone-else");
+        w.attribute(attr::REALM, REALM.as_bytes());
+        w.attribute(attr::NONCE, req.nonce.as_bytes());
+        let key = long_term_key(&req.username, REALM, &req.password);
+        let bytes = w.finish_with_integrity(&integrity_key(&key));
+        assert_eq!(reply_code(&inbound(&gate, &bytes, client(1))), Some(400));
+    }
+
+    #[test]
+    fn ambiguous_send_indications_are_dropped() {
+        let gate = primed_gate(shared(10, 100));
+        let tid = [3u8; 12];
+        let peer = encode_xor_address("8.8.8.8:1".parse().unwrap(), &tid);
+        let mut w = StunWriter::new(method::SEND, Class::Indication, tid);
+        w.attribute(attr::XOR_PEER_ADDRESS, &peer);
+        w.attribute(attr::DATA, b"hi");
+        let ok = w.finish();
+        assert_eq!(inbound(&gate, &ok, client(1)), Verdict::Forward);
+        let twice = append(ok, attr::DATA, b"other");
+        assert_eq!(
+            inbound(&gate, &twice, client(1)),
+            Verdict::Drop(DropReason::Ambiguous)
+        );
     }
 
     #[test]
@@ -1145,6 +1433,64 @@ mod tests {
         assert!(matches!(inbound(&gate, &req, other), Verdict::Reply(_)));
         assert_eq!(s.stats.snapshot().rate_limited, 90);
         assert_eq!(s.memory().rate_limited_ips, 2);
+    }
+
+    #[test]
+    fn unauthenticated_limiter_stays_bounded_under_spoofed_sources() {
+        let s = shared(10, 100);
+        let gate = primed_gate(Arc::clone(&s));
+        let req = Gate::priming_request();
+        let mut most = 0;
+        for i in 0..(MAX_UNAUTHENTICATED_SOURCES as u32 * 3) {
+            let spoofed = SocketAddr::from((std::net::Ipv4Addr::from(0x0a00_0000 + i), 5));
+            assert!(matches!(inbound(&gate, &req, spoofed), Verdict::Reply(_)));
+            most = most.max(s.memory().rate_limited_ips);
+        }
+        assert!(most <= MAX_UNAUTHENTICATED_SOURCES, "{most}");
+        // A real client keeps its rate after the sheds.
+        let answered = (0..100)
+            .filter(|_| matches!(inbound(&gate, &req, client(5)), Verdict::Reply(_)))
+            .count();
+        assert_eq!(answered, 10);
+    }
+
+    #[test]
+    fn unauthenticated_ipv6_sources_are_limited_per_64() {
+        let s = shared(10, 100);
+        let gate = primed_gate(Arc::clone(&s));
+        let req = Gate::priming_request();
+        // A fresh address in the same /64 for every request.
+        let answered = (0..100u16)
+            .filter(|i| {
+                let src = SocketAddr::new(
+                    std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 7, *i, 1, 2, 3).into(),
+                    5,
+                );
+                matches!(inbound(&gate, &req, src), Verdict::Reply(_))
+            })
+            .count();
+        assert_eq!(answered, 10, "burst of 2 x 5/s for the whole /64");
+        assert_eq!(s.memory().rate_limited_ips, 1);
+    }
+
+    #[test]
+    fn allocations_per_source_address_get_486() {
+        let s = shared(1000, 1000);
+        let gate = primed_gate(Arc::clone(&s));
+        let creds = TurnCredentials::new(&["new"]).unwrap();
+        // 50 per address in `shared`; every allocation under a fresh user (anonymous clients).
+        for port in 1..=50 {
+            let req = Req::new(method::ALLOCATE, &creds, &format!("u{port}"));
+            assert_eq!(inbound(&gate, &req.bytes(), client(port)), Verdict::Forward);
+        }
+        let req = Req::new(method::ALLOCATE, &creds, "u51");
+        assert_eq!(
+            reply_code(&inbound(&gate, &req.bytes(), client(51))),
+            Some(486)
+        );
+        assert_eq!(s.stats.snapshot().quota_hits_ip, 1);
+        let elsewhere = SocketAddr::from(([203, 0, 113, 9], 1));
+        assert_eq!(inbound(&gate, &req.bytes(), elsewhere), Verdict::Forward);
     }
 
     #[test]

@@ -62,6 +62,12 @@ pub mod attr {
     pub const RESERVATION_TOKEN: u16 = 0x0022;
     /// FINGERPRINT.
     pub const FINGERPRINT: u16 = 0x8028;
+    /// DATA (Send and Data indications).
+    pub const DATA: u16 = 0x0013;
+    /// EVEN-PORT.
+    pub const EVEN_PORT: u16 = 0x0018;
+    /// REQUESTED-TRANSPORT.
+    pub const REQUESTED_TRANSPORT: u16 = 0x0019;
 }
 
 /// The four STUN message classes.
@@ -104,11 +110,81 @@ pub enum Packet<'a> {
     Stun(StunMessage<'a>),
 }
 
-/// Upper bound of XOR-PEER-ADDRESS attributes indexed in one CreatePermission. More than this and
-/// the request is refused (clients send one; RFC allows several).
+/// Upper bound of XOR-PEER-ADDRESS attributes indexed in one message. More than this and the
+/// message is ambiguous ([`Ambiguity::TooManyPeers`]); clients send one, RFC 8656 allows several in
+/// CreatePermission.
 pub const MAX_PEERS: usize = 8;
 
+/// Why a well-formed STUN message is still one the relay will not act on: the gate and the engine
+/// (the `stun`/`turn` crates, which read the first attribute of a type anywhere in the message and
+/// zero-fill short addresses) could read it differently. The gate answers such requests 400.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Ambiguity {
+    /// An attribute other than FINGERPRINT follows MESSAGE-INTEGRITY (RFC 8489 §14.5 says to
+    /// ignore it; the engine reads it).
+    #[error("attribute {0:#06x} follows MESSAGE-INTEGRITY, where only FINGERPRINT may")]
+    AfterIntegrity(u16),
+    /// An attribute follows FINGERPRINT, which must be last.
+    #[error("attribute {0:#06x} follows FINGERPRINT, which must be the last attribute")]
+    AfterFingerprint(u16),
+    /// An attribute the relay reads appears twice (only XOR-PEER-ADDRESS may repeat).
+    #[error("attribute {0:#06x} appears more than once")]
+    Duplicate(u16),
+    /// An attribute the relay reads has a length its definition does not allow.
+    #[error("attribute {0:#06x} has a length its definition does not allow")]
+    BadLength(u16),
+    /// An XOR-PEER-ADDRESS is not family 1 with 8 bytes or family 2 with 20 bytes.
+    #[error("an XOR-PEER-ADDRESS is neither 8 bytes of IPv4 nor 20 bytes of IPv6")]
+    BadPeerAddress,
+    /// More XOR-PEER-ADDRESS attributes than [`MAX_PEERS`].
+    #[error("more than {MAX_PEERS} XOR-PEER-ADDRESS attributes")]
+    TooManyPeers,
+}
+
+/// The attributes the relay (gate or engine) reads, each at most once per message: their slot
+/// in [`StunMessage`]'s index, or `None` for attributes nobody reads.
+fn slot(typ: u16) -> Option<usize> {
+    Some(match typ {
+        attr::USERNAME => 0,
+        attr::REALM => 1,
+        attr::NONCE => 2,
+        attr::MESSAGE_INTEGRITY => 3,
+        attr::FINGERPRINT => 4,
+        attr::LIFETIME => 5,
+        attr::REQUESTED_TRANSPORT => 6,
+        attr::REQUESTED_ADDRESS_FAMILY => 7,
+        attr::CHANNEL_NUMBER => 8,
+        attr::RESERVATION_TOKEN => 9,
+        attr::EVEN_PORT => 10,
+        attr::DONT_FRAGMENT => 11,
+        attr::DATA => 12,
+        _ => return None,
+    })
+}
+
+/// How many attribute types [`slot`] knows.
+const SLOTS: usize = 13;
+
+/// The length each slot's attribute must have, where its definition fixes one.
+fn length_allowed(typ: u16, len: usize) -> bool {
+    match typ {
+        attr::MESSAGE_INTEGRITY => len == 20,
+        attr::FINGERPRINT
+        | attr::LIFETIME
+        | attr::REQUESTED_TRANSPORT
+        | attr::REQUESTED_ADDRESS_FAMILY
+        | attr::CHANNEL_NUMBER => len == 4,
+        attr::RESERVATION_TOKEN => len == 8,
+        attr::EVEN_PORT => len == 1,
+        attr::DONT_FRAGMENT => len == 0,
+        _ => true,
+    }
+}
+
 /// A parsed STUN message: header fields plus offsets of the attributes the relay acts on.
+///
+/// Every attribute is indexed, wherever it is; what the engine would read differently from the
+/// gate is recorded as an [`Ambiguity`] rather than skipped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StunMessage<'a> {
     raw: &'a [u8],
@@ -116,18 +192,14 @@ pub struct StunMessage<'a> {
     pub method: u16,
     /// Request, indication or response.
     pub class: Class,
-    username: Option<(usize, usize)>,
-    realm: Option<(usize, usize)>,
-    nonce: Option<(usize, usize)>,
-    /// Offset of the MESSAGE-INTEGRITY attribute header, if present.
-    integrity: Option<usize>,
+    /// Offset of each known attribute's header (see [`slot`]), 0 when absent.
+    known: [u32; SLOTS],
+    /// Offsets of the XOR-PEER-ADDRESS attribute headers, in order.
+    peers: [u32; MAX_PEERS],
+    peer_count: u8,
     /// DONT-FRAGMENT is present.
     pub dont_fragment: bool,
-    reservation_token: Option<(usize, usize)>,
-    peers: [(usize, usize); MAX_PEERS],
-    peer_count: usize,
-    /// More XOR-PEER-ADDRESS attributes than [`MAX_PEERS`].
-    pub too_many_peers: bool,
+    ambiguity: Option<Ambiguity>,
 }
 
 /// Splits ChannelData from STUN and indexes a STUN message. `buf` is one datagram or one frame.
@@ -150,8 +222,9 @@ pub fn inspect(buf: &[u8]) -> Result<Packet<'_>, InspectError> {
 }
 
 impl<'a> StunMessage<'a> {
-    /// Parses the header and indexes attributes up to MESSAGE-INTEGRITY (later ones, other than
-    /// FINGERPRINT, must be ignored per RFC 8489 §14.5).
+    /// Parses the header and indexes every attribute. Refuses (with [`InspectError`]) what is not
+    /// a STUN message; records (in [`StunMessage::ambiguity`]) what is one but could be read two
+    /// ways.
     pub fn parse(raw: &'a [u8]) -> Result<Self, InspectError> {
         if raw.len() < HEADER_LEN {
             return Err(InspectError::Truncated);
@@ -176,16 +249,14 @@ impl<'a> StunMessage<'a> {
             raw,
             method,
             class,
-            username: None,
-            realm: None,
-            nonce: None,
-            integrity: None,
-            dont_fragment: false,
-            reservation_token: None,
-            peers: [(0, 0); MAX_PEERS],
+            known: [0; SLOTS],
+            peers: [0; MAX_PEERS],
             peer_count: 0,
-            too_many_peers: false,
+            dont_fragment: false,
+            ambiguity: None,
         };
+        let mut integrity = false;
+        let mut fingerprint = false;
         let mut at = HEADER_LEN;
         while at < raw.len() {
             if raw.len() - at < 4 {
@@ -193,34 +264,67 @@ impl<'a> StunMessage<'a> {
             }
             let t = u16::from_be_bytes([raw[at], raw[at + 1]]);
             let l = usize::from(u16::from_be_bytes([raw[at + 2], raw[at + 3]]));
-            let value = (at + 4, at + 4 + l);
-            if value.1 > raw.len() {
+            if at + 4 + l > raw.len() {
                 return Err(InspectError::Truncated);
             }
-            if m.integrity.is_none() {
-                match t {
-                    attr::USERNAME => m.username = m.username.or(Some(value)),
-                    attr::REALM => m.realm = m.realm.or(Some(value)),
-                    attr::NONCE => m.nonce = m.nonce.or(Some(value)),
-                    attr::MESSAGE_INTEGRITY if l == 20 => m.integrity = Some(at),
-                    attr::DONT_FRAGMENT => m.dont_fragment = true,
-                    attr::RESERVATION_TOKEN => {
-                        m.reservation_token = m.reservation_token.or(Some(value))
-                    }
-                    attr::XOR_PEER_ADDRESS => {
-                        if m.peer_count < MAX_PEERS {
-                            m.peers[m.peer_count] = value;
-                            m.peer_count += 1;
-                        } else {
-                            m.too_many_peers = true;
-                        }
-                    }
-                    _ => {}
+            let seen = if fingerprint {
+                Some(Ambiguity::AfterFingerprint(t))
+            } else if integrity && t != attr::FINGERPRINT {
+                Some(Ambiguity::AfterIntegrity(t))
+            } else if t == attr::XOR_PEER_ADDRESS {
+                m.index_peer(at, l)
+            } else if let Some(i) = slot(t) {
+                if m.known[i] != 0 {
+                    Some(Ambiguity::Duplicate(t))
+                } else if !length_allowed(t, l) {
+                    Some(Ambiguity::BadLength(t))
+                } else {
+                    // `at` is at least HEADER_LEN, so 0 still means absent.
+                    m.known[i] = at as u32;
+                    integrity |= t == attr::MESSAGE_INTEGRITY;
+                    fingerprint |= t == attr::FINGERPRINT;
+                    m.dont_fragment |= t == attr::DONT_FRAGMENT;
+                    None
                 }
+            } else {
+                None
+            };
+            if m.ambiguity.is_none() {
+                m.ambiguity = seen;
             }
             at += 4 + l.next_multiple_of(4);
         }
         Ok(m)
+    }
+
+    fn index_peer(&mut self, at: usize, len: usize) -> Option<Ambiguity> {
+        let value = &self.raw[at + 4..at + 4 + len];
+        let strict = matches!((value, len), ([0, 1, ..], 8) | ([0, 2, ..], 20));
+        if !strict {
+            return Some(Ambiguity::BadPeerAddress);
+        }
+        let n = usize::from(self.peer_count);
+        if n == MAX_PEERS {
+            return Some(Ambiguity::TooManyPeers);
+        }
+        self.peers[n] = at as u32;
+        self.peer_count += 1;
+        None
+    }
+
+    /// What makes this message one the gate and the engine could read differently, if anything
+    /// (the first such thing found).
+    pub fn ambiguity(&self) -> Option<Ambiguity> {
+        self.ambiguity
+    }
+
+    /// The value of the indexed attribute `typ` (one of those [`slot`] knows).
+    fn known(&self, typ: u16) -> Option<&'a [u8]> {
+        let at = *self.known.get(slot(typ)?)? as usize;
+        (at != 0).then(|| {
+            let l = usize::from(u16::from_be_bytes([self.raw[at + 2], self.raw[at + 3]]));
+            &self.raw[at + 4..at + 4 + l]
+        })
     }
 
     /// The whole message.
@@ -235,35 +339,83 @@ impl<'a> StunMessage<'a> {
         t
     }
 
-    fn text(&self, span: Option<(usize, usize)>) -> Option<&'a str> {
-        span.and_then(|(a, b)| std::str::from_utf8(&self.raw[a..b]).ok())
+    fn text(&self, typ: u16) -> Option<&'a str> {
+        self.known(typ).and_then(|v| std::str::from_utf8(v).ok())
     }
 
     /// USERNAME, if present and UTF-8.
     pub fn username(&self) -> Option<&'a str> {
-        self.text(self.username)
+        self.text(attr::USERNAME)
     }
 
     /// REALM, if present and UTF-8.
     pub fn realm(&self) -> Option<&'a str> {
-        self.text(self.realm)
+        self.text(attr::REALM)
     }
 
     /// NONCE, if present and UTF-8.
     pub fn nonce(&self) -> Option<&'a str> {
-        self.text(self.nonce)
+        self.text(attr::NONCE)
     }
 
     /// RESERVATION-TOKEN, if present: `Some(Some(token))` when it is 8 bytes long, `Some(None)`
-    /// when malformed.
+    /// when malformed (which also makes the message ambiguous).
     pub fn reservation_token(&self) -> Option<Option<[u8; 8]>> {
-        self.reservation_token
-            .map(|(a, b)| self.raw[a..b].try_into().ok())
+        self.attribute(attr::RESERVATION_TOKEN)
+            .map(|v| v.try_into().ok())
     }
 
-    /// The first attribute of type `typ` anywhere in the message (a linear scan, for cold paths
-    /// such as reading an engine response).
+    /// LIFETIME in seconds, if present with its 4 bytes.
+    pub fn lifetime(&self) -> Option<u32> {
+        self.known(attr::LIFETIME)
+            .and_then(|v| <[u8; 4]>::try_from(v).ok())
+            .map(u32::from_be_bytes)
+    }
+
+    /// The protocol number of REQUESTED-TRANSPORT (17 = UDP), if present with its 4 bytes.
+    pub fn requested_transport(&self) -> Option<u8> {
+        self.known(attr::REQUESTED_TRANSPORT)
+            .filter(|v| v.len() == 4)
+            .map(|v| v[0])
+    }
+
+    /// The family byte of REQUESTED-ADDRESS-FAMILY (1 = IPv4, 2 = IPv6), if present with its
+    /// 4 bytes.
+    pub fn requested_family(&self) -> Option<u8> {
+        self.known(attr::REQUESTED_ADDRESS_FAMILY)
+            .filter(|v| v.len() == 4)
+            .map(|v| v[0])
+    }
+
+    /// CHANNEL-NUMBER, if present with its 4 bytes.
+    pub fn channel_number(&self) -> Option<u16> {
+        self.known(attr::CHANNEL_NUMBER)
+            .filter(|v| v.len() == 4)
+            .map(|v| u16::from_be_bytes([v[0], v[1]]))
+    }
+
+    /// Whether EVEN-PORT is present.
+    pub fn has_even_port(&self) -> bool {
+        self.known[10] != 0
+    }
+
+    /// The DATA attribute of a Send indication, if present.
+    pub fn data(&self) -> Option<&'a [u8]> {
+        self.known(attr::DATA)
+    }
+
+    /// Offset of the MESSAGE-INTEGRITY attribute header: the HMAC covers the bytes before it.
+    pub fn integrity_offset(&self) -> Option<usize> {
+        let at = self.known[3] as usize;
+        (at != 0).then_some(at)
+    }
+
+    /// The first attribute of type `typ` anywhere in the message (indexed for the attributes the
+    /// relay reads, a linear scan for others such as those of an engine response).
     pub fn attribute(&self, typ: u16) -> Option<&'a [u8]> {
+        if slot(typ).is_some() {
+            return self.known(typ);
+        }
         let raw = self.raw;
         let mut at = HEADER_LEN;
         while at + 4 <= raw.len() {
@@ -282,29 +434,34 @@ impl<'a> StunMessage<'a> {
 
     /// Whether MESSAGE-INTEGRITY is present.
     pub fn has_integrity(&self) -> bool {
-        self.integrity.is_some()
+        self.integrity_offset().is_some()
     }
 
     /// Checks MESSAGE-INTEGRITY (HMAC-SHA1 over the message up to it, with the header length
     /// adjusted to end after it) under `key`, in constant time. No allocation.
     pub fn integrity_matches(&self, key: &hmac::Key) -> bool {
-        let Some(at) = self.integrity else {
+        let Some(at) = self.integrity_offset() else {
             return false;
         };
         let tag = integrity_tag(key, &self.raw[..at]);
         tag.ct_eq(&self.raw[at + 4..at + 24]).into()
     }
 
-    /// The XOR-PEER-ADDRESS attributes, decoded; a malformed one yields `None`.
-    pub fn peers(&self) -> impl Iterator<Item = Option<SocketAddr>> + '_ {
-        self.peers[..self.peer_count]
+    /// The XOR-PEER-ADDRESS attributes, decoded, in order. Only strictly decodable ones are
+    /// indexed (any other makes the message ambiguous), so each yields an address.
+    pub fn peers(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.peers[..usize::from(self.peer_count)]
             .iter()
-            .map(|&(a, b)| decode_xor_address(&self.raw[a..b], &self.raw[8..20]))
+            .filter_map(|&at| {
+                let at = at as usize;
+                let l = usize::from(u16::from_be_bytes([self.raw[at + 2], self.raw[at + 3]]));
+                decode_xor_address(&self.raw[at + 4..at + 4 + l], &self.raw[8..20])
+            })
     }
 
     /// How many XOR-PEER-ADDRESS attributes were indexed.
     pub fn peer_count(&self) -> usize {
-        self.peer_count
+        usize::from(self.peer_count)
     }
 }
 
@@ -323,9 +480,11 @@ fn integrity_tag(key: &hmac::Key, prefix: &[u8]) -> [u8; 20] {
     tag
 }
 
-/// Decodes an XOR-MAPPED/PEER/RELAYED-ADDRESS value.
+/// Decodes an XOR-MAPPED/PEER/RELAYED-ADDRESS value, strictly: a zero first byte, then family 1
+/// with 8 bytes or family 2 with 20 bytes. Anything else is `None` (the `stun` crate would
+/// zero-fill a short address).
 pub fn decode_xor_address(value: &[u8], transaction_id: &[u8]) -> Option<SocketAddr> {
-    if value.len() < 4 {
+    if value.len() < 4 || value[0] != 0 {
         return None;
     }
     let port = u16::from_be_bytes([value[2], value[3]]) ^ (MAGIC_COOKIE >> 16) as u16;
@@ -579,7 +738,8 @@ mod tests {
             );
             let s = StunMessage::parse(&m.raw).unwrap();
             assert_eq!(s.peer_count(), 1);
-            assert_eq!(s.peers().next(), Some(Some(peer)));
+            assert_eq!(s.peers().next(), Some(peer));
+            assert_eq!(s.ambiguity(), None);
             let encoded = encode_xor_address(peer, &m.transaction_id.0);
             assert_eq!(
                 decode_xor_address(&encoded, &m.transaction_id.0),
@@ -605,7 +765,7 @@ mod tests {
         let m = stun_request(stun::message::METHOD_CREATE_PERMISSION, extra);
         let s = StunMessage::parse(&m.raw).unwrap();
         assert_eq!(s.peer_count(), MAX_PEERS);
-        assert!(s.too_many_peers);
+        assert_eq!(s.ambiguity(), Some(Ambiguity::TooManyPeers));
     }
 
     #[test]

@@ -120,6 +120,15 @@ impl JumboTable {
         lock(&self.by_port).insert((relayed.is_ipv4(), relayed.port()), socket);
     }
 
+    /// Whether `relayed` is the relayed address of a live allocation of this relay (by family and
+    /// port: the advertised IP may be an external one). The peer policy lets such peers through
+    /// although they are the relay's own address, so relayed callers can reach each other.
+    pub fn is_relayed(&self, relayed: SocketAddr) -> bool {
+        lock(&self.by_port)
+            .get(&(relayed.is_ipv4(), relayed.port()))
+            .is_some_and(|w| w.strong_count() > 0)
+    }
+
     /// The relay socket for `relayed` is gone.
     pub fn unregister(&self, relayed: SocketAddr) {
         let k = (relayed.is_ipv4(), relayed.port());

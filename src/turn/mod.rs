@@ -18,6 +18,7 @@
 //! | `udp.rs` | a UDP listening socket as the engine's `Conn` |
 //! | `stream.rs` | TCP/TLS framing and one engine instance per connection |
 //! | `peer.rs` | relay sockets towards peers: port range, bandwidth cap, counters, policy |
+//! | `source.rs` | [`source::source_key`]: per-address limits count IPv4 per address, IPv6 per /64 |
 //! | `reservation.rs` | ports held for RESERVATION-TOKEN (EVEN-PORT), which the engine never honours |
 //! | `jumbo.rs` | relaying ChannelData too large for the engine's 1500-byte buffers |
 //! | `relay.rs` | [`Relay::start`] and [`RunningRelay`]: binding, wiring, shutdown |
@@ -39,6 +40,7 @@ pub mod quota;
 mod relay;
 pub mod reservation;
 pub mod settings;
+pub mod source;
 pub mod stats;
 pub mod stream;
 pub mod udp;

@@ -324,7 +324,10 @@ impl Conn for PeerSocket {
     }
 
     async fn send_to(&self, buf: &[u8], target: SocketAddr) -> webrtc_util::Result<usize> {
-        if self.policy.check(target.ip()).is_err() {
+        if (self.policy)
+            .check_peer(target, |a| self.jumbo.is_relayed(a))
+            .is_err()
+        {
             TurnStats::bump(&self.stats.refused_peers);
             return Ok(buf.len());
         }

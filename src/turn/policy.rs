@@ -7,10 +7,16 @@
 //! ChannelBind and, as defence in depth, on every datagram a relay socket sends.
 //!
 //! Every IPv4-in-IPv6 form is normalised to IPv4 *before* any range is consulted, so
-//! `::ffff:127.0.0.1`, `::127.0.0.1`, `2002:7f00:1::`, `64:ff9b::7f00:1` and `64:ff9b:1::7f00:1` are
-//! all judged as `127.0.0.1`.
+//! `::ffff:127.0.0.1`, `::127.0.0.1`, `::ffff:0:127.0.0.1` (SIIT), `2002:7f00:1::`,
+//! `64:ff9b::7f00:1`, `64:ff9b:1::7f00:1` and a Teredo address whose client is `127.0.0.1` are all
+//! judged as `127.0.0.1` (a Teredo address's server IPv4 is judged too).
+//!
+//! The relay's own addresses ([`OwnAddresses`]) are refused as peers — a client must not reach the
+//! relay's listeners or any other daemon on its host through it — except a live relayed address of
+//! this same relay, so that two relayed callers can talk through it.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::OnceLock;
 
 use ipnet::IpNet;
 
@@ -39,6 +45,73 @@ pub enum PeerRefusal {
     /// local-use 64:ff9b:1::/48); allowed only with `allow_private_peers` or an `allowed-peer-ip`.
     #[error("the peer address is on a private network")]
     Private,
+    /// One of the relay host's own addresses (see [`OwnAddresses`]) that is not a live relayed
+    /// address of this relay.
+    #[error("the peer address is the relay host itself and not a live relayed address")]
+    OwnAddress,
+}
+
+/// The relay host's own addresses, for refusing them as peers: every address the relay listens
+/// on (every interface address when it listens on an unspecified one), its relay IPs (bound and
+/// advertised) and its external IPs. Known only once the listeners are bound, so it is given to
+/// a [`PeerFilter`] after start with [`PeerFilter::set_own_addresses`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OwnAddresses {
+    /// Normalised, sorted, deduplicated host addresses.
+    ips: Vec<IpAddr>,
+    /// Where relay sockets bind (normalised); an unspecified one means every host address.
+    relay_ips: Vec<IpAddr>,
+    /// The bound listening sockets (UDP, TCP, TLS); refused even where `allowed-peer-ip` opens
+    /// their IP.
+    listeners: Vec<SocketAddr>,
+}
+
+impl OwnAddresses {
+    /// Own addresses from the host's `ips`, the `relay_ips` relay sockets bind to (also host
+    /// addresses) and the bound `listeners` (their specific IPs are host addresses too).
+    pub fn new(
+        ips: impl IntoIterator<Item = IpAddr>,
+        relay_ips: impl IntoIterator<Item = IpAddr>,
+        listeners: impl IntoIterator<Item = SocketAddr>,
+    ) -> Self {
+        let listeners: Vec<SocketAddr> = listeners.into_iter().collect();
+        let mut relay_ips: Vec<IpAddr> = relay_ips.into_iter().map(normalize).collect();
+        relay_ips.sort_unstable();
+        relay_ips.dedup();
+        let mut all: Vec<IpAddr> = ips
+            .into_iter()
+            .chain(relay_ips.iter().copied())
+            .chain(listeners.iter().map(SocketAddr::ip))
+            .map(normalize)
+            .filter(|ip| !ip.is_unspecified())
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        OwnAddresses {
+            ips: all,
+            relay_ips,
+            listeners,
+        }
+    }
+
+    /// Whether the normalised `ip` is one of the host's.
+    fn holds(&self, ip: IpAddr) -> bool {
+        self.ips.contains(&ip)
+    }
+
+    /// Whether relay sockets can be bound on the normalised `ip`.
+    fn relays_on(&self, ip: IpAddr) -> bool {
+        self.relay_ips
+            .iter()
+            .any(|r| *r == ip || r.is_unspecified())
+    }
+
+    /// Whether `peer` (IP normalised) is one of the relay's listening sockets.
+    fn is_listener(&self, ip: IpAddr, port: u16) -> bool {
+        self.listeners
+            .iter()
+            .any(|l| l.port() == port && (l.ip().is_unspecified() || normalize(l.ip()) == ip))
+    }
 }
 
 /// The relay's rule for peer addresses, in coturn's vocabulary. The default refuses every
@@ -57,9 +130,17 @@ pub struct PeerPolicy {
 }
 
 impl PeerPolicy {
-    /// Decides whether the relay may send to `ip` (after normalising IPv4-in-IPv6 forms).
+    /// Decides whether the relay may send to `ip` (after normalising IPv4-in-IPv6 forms; a Teredo
+    /// address's server IPv4 must pass too).
     pub fn check(&self, ip: IpAddr) -> Result<(), PeerRefusal> {
-        let ip = normalize(ip);
+        self.check_normalized(normalize(ip))?;
+        match teredo_server(ip) {
+            Some(server) => self.check_normalized(IpAddr::V4(server)),
+            None => Ok(()),
+        }
+    }
+
+    fn check_normalized(&self, ip: IpAddr) -> Result<(), PeerRefusal> {
         // Ranges are configured in either family; compare against both the normalised address and
         // the raw one so an allowed `::ffff:10.0.0.0/104` still matches.
         if self.allowed.iter().any(|net| net_contains(net, ip)) {
@@ -84,6 +165,7 @@ impl PeerPolicy {
             allowed: intervals(&self.allowed),
             denied: intervals(&self.denied),
             allow_private_peers: self.allow_private_peers,
+            own: OnceLock::new(),
         }
     }
 }
@@ -95,12 +177,55 @@ pub struct PeerFilter {
     allowed: Vec<(u128, u128)>,
     denied: Vec<(u128, u128)>,
     allow_private_peers: bool,
+    /// The relay's own addresses, once its listeners are bound.
+    own: OnceLock<OwnAddresses>,
 }
 
 impl PeerFilter {
-    /// Decides whether the relay may send to `ip` (after normalising IPv4-in-IPv6 forms).
+    /// Gives the filter the relay's own addresses (once; later calls are ignored and return
+    /// false). Until then [`PeerFilter::check_peer`] judges by the policy alone.
+    pub fn set_own_addresses(&self, own: OwnAddresses) -> bool {
+        self.own.set(own).is_ok()
+    }
+
+    /// Decides whether the relay may send to the transport address `peer`: the relay's own
+    /// addresses are refused unless `peer` is a live relayed address of this relay
+    /// (`is_relayed`, asked only for own addresses, with the IP normalised), or an `allowed-peer-ip` opens its IP and it
+    /// is not one of the relay's listening sockets; every other address is judged by
+    /// [`PeerFilter::check`].
+    pub fn check_peer(
+        &self,
+        peer: SocketAddr,
+        is_relayed: impl FnOnce(SocketAddr) -> bool,
+    ) -> Result<(), PeerRefusal> {
+        if let Some(own) = self.own.get() {
+            let ip = normalize(peer.ip());
+            if own.holds(ip) {
+                if own.relays_on(ip) && is_relayed(SocketAddr::new(ip, peer.port())) {
+                    return Ok(());
+                }
+                let allowed = in_intervals(&self.allowed, as_u128(ip));
+                if !allowed || own.is_listener(ip, peer.port()) {
+                    return Err(PeerRefusal::OwnAddress);
+                }
+                return Ok(());
+            }
+        }
+        self.check(peer.ip())
+    }
+
+    /// Decides whether the relay may send to `ip` (after normalising IPv4-in-IPv6 forms; a Teredo
+    /// address's server IPv4 must pass too). Knows nothing of the relay's own addresses; see
+    /// [`PeerFilter::check_peer`].
     pub fn check(&self, ip: IpAddr) -> Result<(), PeerRefusal> {
-        let ip = normalize(ip);
+        self.check_normalized(normalize(ip))?;
+        match teredo_server(ip) {
+            Some(server) => self.check_normalized(IpAddr::V4(server)),
+            None => Ok(()),
+        }
+    }
+
+    fn check_normalized(&self, ip: IpAddr) -> Result<(), PeerRefusal> {
         let key = as_u128(ip);
         if in_intervals(&self.allowed, key) {
             return Ok(());
@@ -156,10 +281,23 @@ fn net_contains(net: &IpNet, ip: IpAddr) -> bool {
     }
 }
 
+/// The server IPv4 of a Teredo address (RFC 4380: `2001:0000::/32`, server in bits 32–63).
+pub fn teredo_server(ip: IpAddr) -> Option<Ipv4Addr> {
+    match ip {
+        IpAddr::V6(v6) if v6.segments()[..2] == [0x2001, 0] => {
+            let o = v6.octets();
+            Some(Ipv4Addr::new(o[4], o[5], o[6], o[7]))
+        }
+        _ => None,
+    }
+}
+
 /// Maps every IPv4-in-IPv6 form to the IPv4 address it reaches: IPv4-mapped `::ffff:a.b.c.d`,
-/// IPv4-compatible `::a.b.c.d` (except `::` and `::1`), 6to4 `2002:aabb:ccdd::/48`, NAT64
-/// well-known `64:ff9b::/96` and local-use `64:ff9b:1::/48` (RFC 8215; the /96 layout when bits
-/// 48–95 are zero, otherwise the RFC 6052 /48 layout). Anything else is returned unchanged.
+/// IPv4-translated (SIIT, RFC 2765) `::ffff:0:a.b.c.d`, IPv4-compatible `::a.b.c.d` (except `::`
+/// and `::1`), 6to4 `2002:aabb:ccdd::/48`, Teredo `2001:0::/32` (the client's IPv4, stored
+/// inverted in the last 32 bits; see [`teredo_server`] for the other one), NAT64 well-known
+/// `64:ff9b::/96` and local-use `64:ff9b:1::/48` (RFC 8215; the /96 layout when bits 48–95 are
+/// zero, otherwise the RFC 6052 /48 layout). Anything else is returned unchanged.
 pub fn normalize(ip: IpAddr) -> IpAddr {
     let v6 = match ip {
         IpAddr::V4(_) => return ip,
@@ -171,8 +309,14 @@ pub fn normalize(ip: IpAddr) -> IpAddr {
     if seg[..5] == [0, 0, 0, 0, 0] && seg[5] == 0xffff {
         return v4(o[12], o[13], o[14], o[15]);
     }
+    if seg[..4] == [0; 4] && seg[4] == 0xffff && seg[5] == 0 {
+        return v4(o[12], o[13], o[14], o[15]);
+    }
     if seg[..6] == [0; 6] && !(seg[6] == 0 && seg[7] <= 1) {
         return v4(o[12], o[13], o[14], o[15]);
+    }
+    if seg[..2] == [0x2001, 0] {
+        return v4(!o[12], !o[13], !o[14], !o[15]);
     }
     if seg[0] == 0x2002 {
         return v4(o[2], o[3], o[4], o[5]);
@@ -361,6 +505,164 @@ mod tests {
         assert_eq!(normalize(ip("::1")), ip("::1"));
         assert_eq!(normalize(ip("2001:db8::1")), ip("2001:db8::1"));
         assert_eq!(normalize(ip("1.2.3.4")), ip("1.2.3.4"));
+    }
+
+    /// A Teredo address (RFC 4380) with `server` and `client` IPv4s (the client stored inverted).
+    fn teredo(server: [u8; 4], client: [u8; 4]) -> IpAddr {
+        let mut o = [0u8; 16];
+        o[..4].copy_from_slice(&[0x20, 0x01, 0, 0]);
+        o[4..8].copy_from_slice(&server);
+        o[10..12].copy_from_slice(&[0xff, 0xff]); // obfuscated port
+        for (i, b) in client.iter().enumerate() {
+            o[12 + i] = !b;
+        }
+        IpAddr::V6(Ipv6Addr::from(o))
+    }
+
+    #[test]
+    fn teredo_and_siit_forms_are_judged_as_their_ipv4() {
+        // RFC 4380's own example: server 65.54.227.120, client 192.0.2.45.
+        let example = ip("2001:0:4136:e378:8000:63bf:3fff:fdd2");
+        assert_eq!(normalize(example), ip("192.0.2.45"));
+        assert_eq!(
+            teredo_server(example),
+            Some(Ipv4Addr::new(65, 54, 227, 120))
+        );
+        let public = [65, 54, 227, 120];
+        let policy = PeerPolicy::default();
+        let filter = policy.compile();
+        let cases = [
+            (teredo(public, [127, 0, 0, 1]), Err(PeerRefusal::Loopback)),
+            (teredo(public, [10, 1, 2, 3]), Err(PeerRefusal::Private)),
+            (
+                teredo(public, [169, 254, 169, 254]),
+                Err(PeerRefusal::LinkLocal),
+            ),
+            (
+                teredo([10, 0, 0, 1], [8, 8, 8, 8]),
+                Err(PeerRefusal::Private),
+            ),
+            (
+                teredo([127, 0, 0, 1], [8, 8, 8, 8]),
+                Err(PeerRefusal::Loopback),
+            ),
+            (teredo(public, [8, 8, 8, 8]), Ok(())),
+            (ip("::ffff:0:127.0.0.1"), Err(PeerRefusal::Loopback)),
+            (ip("::ffff:0:10.9.8.7"), Err(PeerRefusal::Private)),
+            (ip("::ffff:0:169.254.169.254"), Err(PeerRefusal::LinkLocal)),
+            (ip("::ffff:0:8.8.8.8"), Ok(())),
+            // Neighbours that are neither form.
+            (ip("2001:1::1"), Ok(())),
+            (ip("::fffe:0:7f00:1"), Ok(())),
+        ];
+        for (addr, want) in cases {
+            assert_eq!(policy.check(addr), want, "{addr}");
+            assert_eq!(filter.check(addr), want, "{addr} (compiled)");
+        }
+        // An allowed range for the embedded IPv4 opens the Teredo form too.
+        let open = PeerPolicy {
+            allowed: vec![net("10.0.0.0/8")],
+            ..Default::default()
+        };
+        assert_eq!(open.check(teredo(public, [10, 1, 2, 3])), Ok(()));
+    }
+
+    #[test]
+    fn own_addresses_are_refused_except_live_relayed_ones() {
+        let host = ip("203.0.113.10");
+        let other_host_ip = ip("198.51.100.20"); // listens there too, relays on `host` only
+        let own = OwnAddresses::new(
+            [other_host_ip],
+            [host],
+            [
+                SocketAddr::new(ip("0.0.0.0"), 3478),
+                SocketAddr::new(host, 5349),
+            ],
+        );
+        let relayed: SocketAddr = "203.0.113.10:50000".parse().unwrap();
+        let is_relayed = |a: SocketAddr| a == relayed;
+        let never = |a: SocketAddr| -> bool { panic!("asked about {a}, not an own address") };
+        let at = |s: &str| -> SocketAddr { s.parse().unwrap() };
+
+        let filter = PeerPolicy::default().compile();
+        // Before the relay is bound, only the policy decides.
+        assert_eq!(filter.check_peer(at("203.0.113.10:22"), never), Ok(()));
+        assert!(filter.set_own_addresses(own.clone()));
+        assert!(
+            !filter.set_own_addresses(OwnAddresses::default()),
+            "set once"
+        );
+        for peer in [
+            "203.0.113.10:22",
+            "203.0.113.10:3478",
+            "203.0.113.10:5349",
+            "203.0.113.10:50001",
+            "[::ffff:203.0.113.10]:22",
+            "[::ffff:0:203.0.113.10]:22",
+            "198.51.100.20:53",
+            "198.51.100.20:50000", // a relayed port, but not on a relay IP
+        ] {
+            assert_eq!(
+                filter.check_peer(at(peer), is_relayed),
+                Err(PeerRefusal::OwnAddress),
+                "{peer}"
+            );
+        }
+        assert_eq!(filter.check_peer(relayed, is_relayed), Ok(()));
+        assert_eq!(
+            filter.check_peer(at("[::ffff:203.0.113.10]:50000"), is_relayed),
+            Ok(())
+        );
+        // Others are judged by the policy alone, and never looked up as relayed addresses.
+        assert_eq!(filter.check_peer(at("203.0.113.11:22"), never), Ok(()));
+        assert_eq!(
+            filter.check_peer(at("127.0.0.1:22"), never),
+            Err(PeerRefusal::Loopback)
+        );
+
+        // allowed-peer-ip opens an own IP, but never the relay's listening sockets.
+        let opened = PeerPolicy {
+            allowed: vec![net("203.0.113.10/32")],
+            ..Default::default()
+        }
+        .compile();
+        opened.set_own_addresses(own);
+        assert_eq!(opened.check_peer(at("203.0.113.10:22"), is_relayed), Ok(()));
+        assert_eq!(opened.check_peer(relayed, is_relayed), Ok(()));
+        for listener in ["203.0.113.10:3478", "203.0.113.10:5349"] {
+            assert_eq!(
+                opened.check_peer(at(listener), is_relayed),
+                Err(PeerRefusal::OwnAddress),
+                "{listener}"
+            );
+        }
+        assert_eq!(
+            opened.check_peer(at("198.51.100.20:22"), is_relayed),
+            Err(PeerRefusal::OwnAddress),
+            "another own IP stays refused"
+        );
+    }
+
+    #[test]
+    fn a_relay_bound_on_every_address_relays_on_each_of_them() {
+        let own = OwnAddresses::new(
+            [ip("192.0.2.1"), ip("2001:db8::1")],
+            [ip("0.0.0.0")],
+            [SocketAddr::new(ip("0.0.0.0"), 3478)],
+        );
+        let filter = PeerPolicy::default().compile();
+        filter.set_own_addresses(own);
+        let yes = |_: SocketAddr| true;
+        let no = |_: SocketAddr| false;
+        for peer in ["192.0.2.1:50000", "[2001:db8::1]:50000"] {
+            let peer: SocketAddr = peer.parse().unwrap();
+            assert_eq!(filter.check_peer(peer, yes), Ok(()), "{peer}");
+            assert_eq!(
+                filter.check_peer(peer, no),
+                Err(PeerRefusal::OwnAddress),
+                "{peer}"
+            );
+        }
     }
 
     #[test]

@@ -8,9 +8,11 @@
 //! rather than stored.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use super::source::source_key;
 
 /// Which listener an allocation came through; with the two socket addresses it names the RFC's
 /// 5-tuple.
@@ -36,6 +38,9 @@ pub enum QuotaExceeded {
     /// The relay already holds `total-quota` allocations.
     #[error("the relay already holds its total quota of {0} allocations")]
     Total(usize),
+    /// The client's address (IPv6: its /64) already holds `allocations-per-ip` allocations.
+    #[error("the client's address (IPv6: its /64) already holds its quota of {0} allocations")]
+    Source(usize),
 }
 
 /// A reservation that did not hear back from the engine within this time is forgotten, so a lost
@@ -66,8 +71,12 @@ struct Entry {
 pub struct AllocationLedger {
     user_quota: usize,
     total_quota: usize,
+    source_quota: usize,
     entries: HashMap<AllocationKey, Entry>,
     per_user: HashMap<Arc<str>, usize>,
+    /// Allocations per [`source_key`] of the client address: anonymous WebSocket clients each get
+    /// their own user, so only this stops one address from taking the total quota.
+    per_source: HashMap<IpAddr, usize>,
 }
 
 /// What a [`AllocationLedger::reserve`] did.
@@ -81,13 +90,16 @@ pub enum Reservation {
 }
 
 impl AllocationLedger {
-    /// A ledger enforcing `user_quota` per user and `total_quota` overall.
-    pub fn new(user_quota: usize, total_quota: usize) -> Self {
+    /// A ledger enforcing `user_quota` per user, `source_quota` per client address (IPv6: per
+    /// /64) and `total_quota` overall.
+    pub fn new(user_quota: usize, total_quota: usize, source_quota: usize) -> Self {
         AllocationLedger {
             user_quota,
             total_quota,
+            source_quota,
             entries: HashMap::new(),
             per_user: HashMap::new(),
+            per_source: HashMap::new(),
         }
     }
 
@@ -107,6 +119,13 @@ impl AllocationLedger {
                 return Err(QuotaExceeded::Total(self.total_quota));
             }
         }
+        let source = source_key(key.1.ip());
+        if self.per_source.get(&source).copied().unwrap_or(0) >= self.source_quota {
+            self.expire_pending(now);
+            if self.per_source.get(&source).copied().unwrap_or(0) >= self.source_quota {
+                return Err(QuotaExceeded::Source(self.source_quota));
+            }
+        }
         if self.per_user.get(user).copied().unwrap_or(0) >= self.user_quota {
             self.expire_pending(now);
             if self.per_user.get(user).copied().unwrap_or(0) >= self.user_quota {
@@ -118,6 +137,7 @@ impl AllocationLedger {
             None => Arc::from(user),
         };
         *self.per_user.entry(Arc::clone(&user)).or_insert(0) += 1;
+        *self.per_source.entry(source).or_insert(0) += 1;
         self.entries.insert(
             key,
             Entry {
@@ -148,6 +168,13 @@ impl AllocationLedger {
             *n -= 1;
             if *n == 0 {
                 self.per_user.remove(&e.user);
+            }
+        }
+        let source = source_key(key.1.ip());
+        if let Some(n) = self.per_source.get_mut(&source) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_source.remove(&source);
             }
         }
         Some(e.pending_since.is_none())
@@ -228,9 +255,48 @@ mod tests {
     }
 
     #[test]
+    fn source_quota_counts_ipv4_per_address_and_ipv6_per_64() {
+        let now = Instant::now();
+        let listener = SocketAddr::from(([192, 0, 2, 100], 3478));
+        let from = |ip: &str, port: u16| {
+            (
+                Transport::Udp,
+                SocketAddr::new(ip.parse().unwrap(), port),
+                listener,
+            )
+        };
+        let mut l = AllocationLedger::new(100, 100, 2);
+        // Each allocation under its own user (as anonymous WebSocket clients are).
+        assert!(l.reserve(from("198.51.100.1", 1), "u1", now).is_ok());
+        assert!(l.reserve(from("198.51.100.1", 2), "u2", now).is_ok());
+        assert_eq!(
+            l.reserve(from("198.51.100.1", 3), "u3", now),
+            Err(QuotaExceeded::Source(2))
+        );
+        assert!(
+            l.reserve(from("198.51.100.2", 3), "u3", now).is_ok(),
+            "another address"
+        );
+        // Fresh IPv6 addresses in one /64 count together; another /64 does not.
+        assert!(l.reserve(from("2001:db8:0:1::1", 1), "v1", now).is_ok());
+        assert!(l.reserve(from("2001:db8:0:1::2", 1), "v2", now).is_ok());
+        assert_eq!(
+            l.reserve(from("2001:db8:0:1:dead:beef::3", 1), "v3", now),
+            Err(QuotaExceeded::Source(2))
+        );
+        assert!(l.reserve(from("2001:db8:0:2::1", 1), "v3", now).is_ok());
+        // Releasing one frees its address's slot.
+        l.release(&from("2001:db8:0:1::1", 1));
+        assert!(l.reserve(from("2001:db8:0:1::9", 1), "v4", now).is_ok());
+        // Unanswered reservations expire and free the slot too.
+        let later = now + PENDING_TIMEOUT;
+        assert!(l.reserve(from("198.51.100.1", 4), "u4", later).is_ok());
+    }
+
+    #[test]
     fn user_quota_counts_pending_and_confirmed() {
         let now = Instant::now();
-        let mut l = AllocationLedger::new(2, 100);
+        let mut l = AllocationLedger::new(2, 100, usize::MAX);
         assert_eq!(l.reserve(key(1), "a", now), Ok(Reservation::New));
         assert!(l.confirm(&key(1)));
         assert!(!l.confirm(&key(1)), "confirmed once");
@@ -251,7 +317,7 @@ mod tests {
     #[test]
     fn same_five_tuple_does_not_count_twice() {
         let now = Instant::now();
-        let mut l = AllocationLedger::new(1, 1);
+        let mut l = AllocationLedger::new(1, 1, usize::MAX);
         assert_eq!(l.reserve(key(1), "a", now), Ok(Reservation::New));
         assert_eq!(l.reserve(key(1), "a", now), Ok(Reservation::Existing));
         assert_eq!(l.held_by("a"), 1);
@@ -260,7 +326,7 @@ mod tests {
     #[test]
     fn total_quota_applies_across_users() {
         let now = Instant::now();
-        let mut l = AllocationLedger::new(10, 2);
+        let mut l = AllocationLedger::new(10, 2, usize::MAX);
         l.reserve(key(1), "a", now).unwrap();
         l.reserve(key(2), "b", now).unwrap();
         assert_eq!(l.reserve(key(3), "c", now), Err(QuotaExceeded::Total(2)));
@@ -271,7 +337,7 @@ mod tests {
     #[test]
     fn unanswered_reservations_expire() {
         let t0 = Instant::now();
-        let mut l = AllocationLedger::new(1, 10);
+        let mut l = AllocationLedger::new(1, 10, usize::MAX);
         l.reserve(key(1), "a", t0).unwrap();
         assert!(l.reserve(key(2), "a", t0 + Duration::from_secs(1)).is_err());
         assert_eq!(
@@ -288,7 +354,7 @@ mod tests {
     #[test]
     fn permissions_per_allocation_are_capped_and_expire() {
         let t0 = Instant::now();
-        let mut l = AllocationLedger::new(5, 5);
+        let mut l = AllocationLedger::new(5, 5, usize::MAX);
         let ip = |n: u8| std::net::IpAddr::from([8, 8, 8, n]);
         // No allocation: let through, nothing recorded.
         assert_eq!(l.admit_peers(&key(9), &[ip(1)], 2, t0), Ok(()));
@@ -316,7 +382,7 @@ mod tests {
     #[test]
     fn per_user_map_shrinks_back_to_empty() {
         let now = Instant::now();
-        let mut l = AllocationLedger::new(5, 5);
+        let mut l = AllocationLedger::new(5, 5, usize::MAX);
         for p in 0..5 {
             l.reserve(key(p), &format!("u{p}"), now).unwrap();
         }

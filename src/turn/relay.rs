@@ -91,6 +91,7 @@ impl Relay {
                 policy: settings.peer_policy(),
                 user_quota: settings.user_quota,
                 total_quota: settings.total_quota,
+                allocations_per_ip: settings.allocations_per_ip(),
                 unauthenticated_per_ip_per_sec: settings.unauthenticated_per_ip_per_sec,
                 relay_ips,
                 max_permissions_per_allocation: settings.max_permissions_per_allocation,
@@ -179,6 +180,11 @@ impl Relay {
                 });
             }
         }
+        // Now that every listener is bound: the relay's own addresses are refused as peers.
+        let bound = [&relay.udp_addrs, &relay.tcp_addrs, &relay.tls_addrs].map(|a| a.as_slice());
+        let own = settings.own_addresses(&bound.concat());
+        shared.set_own_addresses(own.clone());
+        policy.set_own_addresses(own);
         for l in stream_listeners {
             relay
                 .tasks

@@ -9,7 +9,7 @@ use ipnet::IpNet;
 
 use super::credentials::DEFAULT_CREDENTIAL_TTL;
 use super::error::TurnError;
-use super::policy::PeerPolicy;
+use super::policy::{OwnAddresses, PeerPolicy};
 
 /// coturn's `external-ip=public/private`: the relay binds on `private` but tells clients `public`
 /// (1:1 NAT, e.g. a cloud VM with an elastic IP).
@@ -96,6 +96,10 @@ pub struct TurnSettings {
     pub user_quota: usize,
     /// `total-quota`: concurrent allocations in total. Default 10 000.
     pub total_quota: usize,
+    /// `allocations-per-ip`: allocations one client address may hold (IPv6: one /64), so one
+    /// address cannot take the total quota with many anonymous users. `None` means 1 % of
+    /// `total_quota` (at least 1); see [`TurnSettings::allocations_per_ip`].
+    pub allocations_per_ip: Option<usize>,
     /// Distinct peer IPs one allocation may have permissions for at once (the engine has no limit,
     /// so one credential could otherwise create permissions, and timer tasks, without bound).
     /// Default 64; WebRTC needs a handful.
@@ -146,6 +150,7 @@ impl Default for TurnSettings {
             credential_ttl: DEFAULT_CREDENTIAL_TTL,
             user_quota: 10,
             total_quota: 10_000,
+            allocations_per_ip: None,
             max_permissions_per_allocation: 64,
             max_bytes_per_sec: None,
             unauthenticated_per_ip_per_sec: 20,
@@ -183,6 +188,7 @@ impl std::fmt::Debug for TurnSettings {
             .field("credential_ttl", &self.credential_ttl)
             .field("user_quota", &self.user_quota)
             .field("total_quota", &self.total_quota)
+            .field("allocations_per_ip", &self.allocations_per_ip)
             .field(
                 "max_permissions_per_allocation",
                 &self.max_permissions_per_allocation,
@@ -240,6 +246,9 @@ impl TurnSettings {
         if self.user_quota == 0 || self.total_quota == 0 {
             return bad("user-quota and total-quota must be at least 1");
         }
+        if self.allocations_per_ip == Some(0) {
+            return bad("allocations-per-ip must be at least 1");
+        }
         if self.unauthenticated_per_ip_per_sec == 0 {
             return bad("unauthenticated_per_ip_per_sec must be at least 1");
         }
@@ -247,6 +256,46 @@ impl TurnSettings {
             return bad("max-bps must be at least 1 byte per second when set");
         }
         Ok(())
+    }
+
+    /// Allocations one client address (IPv6: one /64) may hold: `allocations_per_ip`, or 1 % of
+    /// `total_quota` (at least 1) when unset.
+    pub fn allocations_per_ip(&self) -> usize {
+        self.allocations_per_ip
+            .unwrap_or((self.total_quota / 100).max(1))
+    }
+
+    /// The relay's own addresses once its listeners are bound to `listeners`: those, the relay
+    /// and external IPs, and — when a listener is on an unspecified address — every address of
+    /// the host's interfaces (read here, once, at start).
+    pub fn own_addresses(&self, listeners: &[SocketAddr]) -> OwnAddresses {
+        let mut ips: Vec<IpAddr> = Vec::new();
+        if listeners.iter().any(|l| l.ip().is_unspecified())
+            || self.listening_ips.iter().any(IpAddr::is_unspecified)
+        {
+            match if_addrs::get_if_addrs() {
+                Ok(interfaces) => ips.extend(interfaces.iter().map(|i| i.ip())),
+                Err(e) => tracing::warn!(
+                    "cannot list the host's addresses to refuse them as TURN peers: {e}"
+                ),
+            }
+        }
+        if let Some(ExternalIp { public, private }) = self.external_ip {
+            ips.push(public);
+            ips.extend(private);
+        }
+        let relay_ips = self.relay_ips().map(|r| {
+            [r.ipv4, r.ipv6]
+                .into_iter()
+                .flatten()
+                .flat_map(|r| [r.bind, r.advertised])
+                .collect::<Vec<_>>()
+        });
+        OwnAddresses::new(
+            ips,
+            relay_ips.unwrap_or_default(),
+            listeners.iter().copied(),
+        )
     }
 
     /// The local IP relay sockets bind to.

@@ -38,6 +38,12 @@ pub struct TurnStats {
     pub packets_to_clients: AtomicU64,
     /// TCP and TLS client connections currently open.
     pub stream_connections: AtomicU64,
+    /// Authenticated requests answered 400 because the engine could read them differently from
+    /// the gate (attributes after MESSAGE-INTEGRITY, duplicates, malformed peer addresses).
+    pub ambiguous_requests: AtomicU64,
+    /// Allocate requests refused with 486 because their source address (IPv6: its /64) held
+    /// `allocations-per-ip` allocations.
+    pub quota_hits_ip: AtomicU64,
 }
 
 /// A copy of [`TurnStats`] at one instant, for exporting and asserting in tests.
@@ -59,6 +65,8 @@ pub struct TurnStatsSnapshot {
     pub bytes_to_clients: u64,
     pub packets_to_clients: u64,
     pub stream_connections: u64,
+    pub ambiguous_requests: u64,
+    pub quota_hits_ip: u64,
 }
 
 impl TurnStats {
@@ -81,6 +89,8 @@ impl TurnStats {
             bytes_to_clients: r(&self.bytes_to_clients),
             packets_to_clients: r(&self.packets_to_clients),
             stream_connections: r(&self.stream_connections),
+            ambiguous_requests: r(&self.ambiguous_requests),
+            quota_hits_ip: r(&self.quota_hits_ip),
         }
     }
 

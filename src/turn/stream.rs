@@ -192,7 +192,7 @@ pub async fn accept_loop(l: StreamListener, ctx: Arc<StreamContext>) {
                     tracing::debug!(%peer, "TURN stream connection cap reached");
                     continue;
                 };
-                let Some(per_ip) = PerIpConnections::admit(&ctx.per_ip, peer.ip()) else {
+                let Some(per_ip) = PerIpConnections::admit(&ctx.per_ip, super::source::source_key(peer.ip())) else {
                     tracing::debug!(%peer, "TURN stream connections per IP cap reached");
                     continue;
                 };

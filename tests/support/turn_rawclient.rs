@@ -205,6 +205,12 @@ impl RawClient {
         sign: bool,
     ) -> Answer {
         let m = self.request(method, attrs, sign);
+        self.exchange(&m).await
+    }
+
+    /// Sends an already built request (say, one with attributes after MESSAGE-INTEGRITY) and
+    /// waits for the response with its transaction ID.
+    pub async fn exchange(&mut self, m: &Message) -> Answer {
         let tid = m.transaction_id;
         self.send_raw(&m.raw).await;
         loop {
@@ -338,6 +344,16 @@ fn split_channel_data(f: &[u8]) -> (u16, Vec<u8>) {
     let n = u16::from_be_bytes([f[0], f[1]]);
     let len = u16::from_be_bytes([f[2], f[3]]) as usize;
     (n, f[4..4 + len].to_vec())
+}
+
+/// Any attribute with any value, for requests no well-behaved client would send.
+pub struct RawAttribute(pub u16, pub Vec<u8>);
+
+impl Setter for RawAttribute {
+    fn add_to(&self, m: &mut Message) -> Result<(), stun::Error> {
+        m.add(AttrType(self.0), &self.1);
+        Ok(())
+    }
 }
 
 /// The XOR-RELAYED-ADDRESS of an Allocate success.

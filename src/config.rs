@@ -219,10 +219,46 @@ pub struct Options {
     #[arg(long, env = "CALLGATE_RESUME_GRACE", value_name = "DURATION")]
     pub resume_grace: Option<Seconds>,
 
-    /// Directory an ACME client (certbot --webroot) writes HTTP-01 challenge tokens to; the
-    /// plain-HTTP listener serves /.well-known/acme-challenge/ from it [default: none].
+    /// Directory holding HTTP-01 token files written by an outside ACME client: the plain-HTTP
+    /// listener answers /.well-known/acme-challenge/TOKEN with the file DIR/TOKEN. For
+    /// `certbot --webroot -w W` pass W/.well-known/acme-challenge (not W) [default: none].
     #[arg(long, env = "CALLGATE_ACME_CHALLENGE_DIR", value_name = "DIR")]
     pub acme_challenge_dir: Option<PathBuf>,
+
+    /// Domain names (comma-separated) to get a certificate for automatically over ACME; the
+    /// account key and certificate are kept in certs-dir. Unset: no ACME [default: none].
+    #[arg(
+        long,
+        env = "CALLGATE_ACME_DOMAIN",
+        value_name = "NAME,...",
+        value_delimiter = ','
+    )]
+    pub acme_domain: Option<Vec<String>>,
+
+    /// Contact e-mail address for the ACME account, for the CA's problem notices [default: none].
+    #[arg(long, env = "CALLGATE_ACME_EMAIL", value_name = "ADDRESS")]
+    pub acme_email: Option<String>,
+
+    /// ACME directory URL [default: Let's Encrypt production,
+    /// https://acme-v02.api.letsencrypt.org/directory; staging:
+    /// https://acme-staging-v02.api.letsencrypt.org/directory].
+    #[arg(long, env = "CALLGATE_ACME_DIRECTORY", value_name = "URL")]
+    pub acme_directory: Option<String>,
+
+    /// PEM file of CA certificates to trust for the ACME directory's own HTTPS (a private CA);
+    /// when set, only these are trusted [default: the system's trusted roots].
+    #[arg(long, env = "CALLGATE_ACME_DIRECTORY_CA", value_name = "FILE")]
+    pub acme_directory_ca: Option<PathBuf>,
+
+    /// Which ACME challenge to answer: tls-alpn-01 (on the HTTPS listener), http-01 (on the
+    /// plain-HTTP listener) or auto (both, switching after a failed validation) [default: auto].
+    #[arg(long, env = "CALLGATE_ACME_CHALLENGE", value_name = "TYPE")]
+    pub acme_challenge: Option<AcmeChallenge>,
+
+    /// Wait before retrying a failed ACME order; doubles after each failure up to 6h, and a CA's
+    /// rate-limit Retry-After is always honoured [default: 60s].
+    #[arg(long, env = "CALLGATE_ACME_RETRY_DELAY", value_name = "DURATION")]
+    pub acme_retry_delay: Option<Seconds>,
 
     /// Load balancers (CIDR or IP, comma-separated) whose connections start with a PROXY protocol
     /// header (v1 or v2) naming the real client; required from them, ignored from anyone else
@@ -466,6 +502,8 @@ pub struct Config {
     pub resume_grace: Duration,
     /// Where ACME HTTP-01 challenge tokens are served from.
     pub acme_challenge_dir: Option<PathBuf>,
+    /// Automatic certificates over ACME, if `acme-domain` is set.
+    pub acme: Option<AcmeConfig>,
     /// Trusted load balancers that send the PROXY protocol.
     pub proxy_protocol_from: Vec<IpRange>,
     /// Embedded TURN relay settings.
@@ -932,6 +970,12 @@ impl Options {
             id_digits,
             resume_grace,
             acme_challenge_dir,
+            acme_domain,
+            acme_email,
+            acme_directory,
+            acme_directory_ca,
+            acme_challenge,
+            acme_retry_delay,
             proxy_protocol_from,
             turn,
             realm,
@@ -979,14 +1023,18 @@ impl Config {
     pub fn from_options(o: Options) -> Result<Config, ConfigError> {
         let secs =
             |v: Option<Seconds>, default: u64| v.map_or(Duration::from_secs(default), |s| s.0);
-        let tls = match (o.tls_cert, o.tls_key) {
+        let tls = match (o.tls_cert.clone(), o.tls_key.clone()) {
             (Some(cert), Some(key)) => TlsSource::Files { cert, key },
             (None, None) => TlsSource::DevDir {
-                dir: o.certs_dir.unwrap_or_else(|| PathBuf::from("certs")),
+                dir: o
+                    .certs_dir
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("certs")),
             },
             (Some(_), None) => return Err(invalid("tls-key", "is required when tls-cert is set")),
             (None, Some(_)) => return Err(invalid("tls-cert", "is required when tls-key is set")),
         };
+        let acme = acme_config(&o, &tls)?;
         let public_url = o
             .public_url
             .as_deref()
@@ -1050,6 +1098,7 @@ impl Config {
             id_digits: o.id_digits.unwrap_or(9),
             resume_grace: secs(o.resume_grace, 30),
             acme_challenge_dir: o.acme_challenge_dir,
+            acme,
             proxy_protocol_from: o.proxy_protocol_from.unwrap_or_default(),
             turn: TurnConfig {
                 enabled: o.turn.unwrap_or(true),
@@ -1228,6 +1277,14 @@ impl Config {
                 ));
             }
         }
+        if let Some(acme) = &self.acme {
+            if acme.challenge == AcmeChallenge::Http01 && self.http_listen == Listen::Off {
+                return Err(invalid(
+                    "acme-challenge",
+                    "http-01 is answered on the plain-HTTP listener, so http-listen must not be off",
+                ));
+            }
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
             return Err(invalid(
                 "log-level",
@@ -1243,6 +1300,141 @@ impl Config {
     pub fn to_toml(&self) -> String {
         toml::to_string(self).unwrap_or_else(|e| format!("# cannot print configuration: {e}\n"))
     }
+}
+
+/// Settings for automatic certificates over ACME (`acme-*`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct AcmeConfig {
+    /// The names on the certificate, lowercase, first one first.
+    pub domains: Vec<String>,
+    /// Contact e-mail address for the account, if any.
+    pub email: Option<String>,
+    /// The ACME directory URL (always `https://`).
+    pub directory: String,
+    /// CA certificates to trust for the directory's TLS instead of the system roots.
+    pub directory_ca: Option<PathBuf>,
+    /// Which challenge type to answer.
+    pub challenge: AcmeChallenge,
+    /// First wait after a failed order (doubles up to six hours).
+    #[serde(serialize_with = "as_seconds")]
+    pub retry_delay: Duration,
+    /// Where the account and certificate are kept: `certs-dir/acme`.
+    pub state_dir: PathBuf,
+}
+
+/// Let's Encrypt's production directory, the default `acme-directory`.
+pub const LETS_ENCRYPT_PRODUCTION: &str = "https://acme-v02.api.letsencrypt.org/directory";
+
+/// Which ACME challenge callgate answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AcmeChallenge {
+    /// TLS-ALPN-01 on the HTTPS listener first, HTTP-01 after a failed validation, and so on.
+    Auto,
+    /// Only TLS-ALPN-01 (the CA connects to port 443).
+    #[value(name = "tls-alpn-01")]
+    #[serde(rename = "tls-alpn-01")]
+    TlsAlpn01,
+    /// Only HTTP-01 (the CA connects to port 80).
+    #[value(name = "http-01")]
+    #[serde(rename = "http-01")]
+    Http01,
+}
+
+/// Builds and checks the `acme-*` settings; `None` without `acme-domain`.
+fn acme_config(o: &Options, tls: &TlsSource) -> Result<Option<AcmeConfig>, ConfigError> {
+    let domains: Vec<String> = o
+        .acme_domain
+        .iter()
+        .flatten()
+        .map(|d| d.trim().trim_end_matches('.').to_ascii_lowercase())
+        .filter(|d| !d.is_empty())
+        .collect();
+    if domains.is_empty() {
+        return Ok(None);
+    }
+    let TlsSource::DevDir { dir } = tls else {
+        return Err(invalid(
+            "acme-domain",
+            "cannot be combined with tls-cert/tls-key: ACME obtains the certificate itself \
+             (remove one or the other)",
+        ));
+    };
+    if domains.len() > 100 {
+        return Err(invalid(
+            "acme-domain",
+            "at most 100 names fit on one certificate",
+        ));
+    }
+    for domain in &domains {
+        if let Err(reason) = check_domain(domain) {
+            return Err(invalid("acme-domain", &format!("\"{domain}\" {reason}")));
+        }
+    }
+    let email = o
+        .acme_email
+        .as_deref()
+        .map(str::trim)
+        .filter(|e| !e.is_empty());
+    if let Some(email) = email {
+        let ok = email.split_once('@').is_some_and(|(user, host)| {
+            !user.is_empty() && host.contains('.') && !host.starts_with('.')
+        }) && !email.contains(|c: char| c.is_whitespace() || c == ',' || c == '?');
+        if !ok {
+            return Err(invalid(
+                "acme-email",
+                &format!("\"{email}\" is not an e-mail address like ops@example.com"),
+            ));
+        }
+    }
+    let directory = o
+        .acme_directory
+        .clone()
+        .unwrap_or_else(|| LETS_ENCRYPT_PRODUCTION.to_owned());
+    if !directory.starts_with("https://") || directory.parse::<hyper::Uri>().is_err() {
+        return Err(invalid(
+            "acme-directory",
+            &format!("\"{directory}\" must be an https:// URL such as {LETS_ENCRYPT_PRODUCTION}"),
+        ));
+    }
+    let retry_delay = o.acme_retry_delay.map_or(Duration::from_secs(60), |s| s.0);
+    if retry_delay.is_zero() {
+        return Err(invalid("acme-retry-delay", "must be greater than 0"));
+    }
+    Ok(Some(AcmeConfig {
+        domains,
+        email: email.map(str::to_owned),
+        directory,
+        directory_ca: o.acme_directory_ca.clone(),
+        challenge: o.acme_challenge.unwrap_or(AcmeChallenge::Auto),
+        retry_delay,
+        state_dir: dir.join("acme"),
+    }))
+}
+
+/// Why `name` cannot be on a certificate obtained with HTTP-01 or TLS-ALPN-01, if it cannot.
+fn check_domain(name: &str) -> Result<(), &'static str> {
+    if name.parse::<IpAddr>().is_ok() {
+        return Err("is an IP address; ACME here needs a DNS name");
+    }
+    if name.starts_with("*.") {
+        return Err("is a wildcard, which needs the DNS-01 challenge; list each name instead");
+    }
+    if name.len() > 253 || !name.contains('.') {
+        return Err("is not a fully qualified DNS name like call.example.com");
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if !name.split('.').all(label_ok) {
+        return Err("is not a valid DNS name (letters, digits and hyphens between dots)");
+    }
+    Ok(())
 }
 
 fn non_zero(
@@ -1368,5 +1560,66 @@ mod tests {
             printed.contains("public-url = \"https://call.example.com\""),
             "{printed}"
         );
+    }
+
+    #[test]
+    fn acme_is_off_without_a_domain_and_checked_with_one() {
+        assert_eq!(Config::from_options(parse(&[])).unwrap().acme, None);
+        let acme = Config::from_options(parse(&[
+            "--acme-domain",
+            "Call.Example.com.,www.example.com",
+            "--certs-dir",
+            "/var/lib/callgate/certs",
+        ]))
+        .unwrap()
+        .acme
+        .unwrap();
+        assert_eq!(acme.domains, ["call.example.com", "www.example.com"]);
+        assert_eq!(acme.directory, LETS_ENCRYPT_PRODUCTION);
+        assert_eq!(acme.challenge, AcmeChallenge::Auto);
+        assert_eq!(acme.retry_delay, Duration::from_secs(60));
+        assert_eq!(acme.state_dir, Path::new("/var/lib/callgate/certs/acme"));
+
+        let file: Options = toml::from_str(
+            "acme-domain = [\"call.example.com\"]\nacme-email = \"ops@example.com\"\n\
+             acme-directory = \"https://acme-staging-v02.api.letsencrypt.org/directory\"\n\
+             acme-challenge = \"http-01\"\nacme-retry-delay = \"5m\"",
+        )
+        .unwrap();
+        let acme = Config::from_options(file).unwrap().acme.unwrap();
+        assert_eq!(acme.email.as_deref(), Some("ops@example.com"));
+        assert_eq!(acme.challenge, AcmeChallenge::Http01);
+        assert_eq!(acme.retry_delay, Duration::from_secs(300));
+
+        let refused = |args: &[&str]| {
+            let mut all = vec!["--acme-domain", "call.example.com"];
+            all.extend_from_slice(args);
+            Config::from_options(parse(&all)).unwrap_err().to_string()
+        };
+        assert!(refused(&["--tls-cert", "c", "--tls-key", "k"]).starts_with("acme-domain: "));
+        assert!(
+            refused(&["--acme-directory", "http://ca.test/dir"]).starts_with("acme-directory: ")
+        );
+        assert!(refused(&["--acme-email", "nobody"]).starts_with("acme-email: "));
+        assert!(
+            refused(&["--acme-challenge", "http-01", "--http-listen", "off"])
+                .starts_with("acme-challenge: ")
+        );
+        assert!(refused(&["--acme-retry-delay", "0"]).starts_with("acme-retry-delay: "));
+        for bad in [
+            "*.example.com",
+            "192.0.2.1",
+            "localhost",
+            "a..b.com",
+            "-a.example.com",
+        ] {
+            let error = Config::from_options(parse(&[&format!("--acme-domain={bad}")]))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.starts_with(&format!("acme-domain: \"{bad}\"")),
+                "{error}"
+            );
+        }
     }
 }

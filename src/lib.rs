@@ -11,6 +11,7 @@
 //! | `shutdown.rs` | the [`shutdown::Shutdown`] handle every connection task selects on |
 //! | `limits.rs` | the global connection cap, the per-address connection cap, per-address and per-connection rate limits (governor) |
 //! | `metrics.rs` | Prometheus registry, pre-resolved metric handles, the call observer, TURN export |
+//! | `acme/` | automatic certificates over ACME: ordering and renewal, challenge answers, storage (see its own Layout) |
 //! | `tls/` | certificate loading (`load`), dev-certificate generation (`dev_cert`), hot reload (`reload`) |
 //! | `http/` | accept loop with admission (per-address and global caps) and timeouts (`mod`), idle/stall/close limits of a connection (`lifetime`), PROXY protocol (`proxy_protocol`), routes and `/api/turn-credentials` (`routes`), static files held in memory (`static_files`) and the range policy (`ranges`), security headers, the redirect listener, the metrics listener (`admin`) |
 //! | `signaling/` | WebSocket sessions (`session`), their frames (`wire`) and send queues (`outbox`), the call rules without I/O (`hub`), wire messages (`protocol`), where each ID lives (`directory`) |
@@ -18,13 +19,15 @@
 //!
 //! Dependencies point down: `server` → `http` → `signaling` → (`config`, `tls`, `metrics`, `limits`,
 //! `turn::credentials`). `turn` shares only the certificate store and the credential secret with the
-//! rest. `signaling::hub`, `signaling::protocol`, `turn::policy`, `turn::gate` and
+//! rest. `acme` sits beside `signaling`: `server` starts it and `http::redirect` reads its
+//! challenge answers; it uses only `config`, `tls`, `metrics` and `shutdown`. `signaling::hub`, `signaling::protocol`, `turn::policy`, `turn::gate` and
 //! `turn::credentials` do no I/O: they take input (and the current time) and return what to do, so
 //! they are tested and benched without sockets.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod acme;
 pub mod config;
 pub mod http;
 pub mod limits;

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+use crate::acme::{self, Acme, AcmeMetrics};
 use crate::config::{Config, PortOrOff, TlsSource};
 use crate::http::headers::SecurityHeaders;
 use crate::http::proxy_protocol::TrustedProxies;
@@ -61,6 +62,9 @@ pub enum StartError {
     /// The TURN relay could not start (bad settings, a port in use).
     #[error("TURN relay: {0}")]
     Turn(#[from] crate::turn::TurnError),
+    /// ACME could not be set up (state directory, acme-directory-ca).
+    #[error(transparent)]
+    Acme(#[from] crate::acme::AcmeSetupError),
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
@@ -99,6 +103,8 @@ pub struct Server {
     metrics: Arc<Metrics>,
     admin: Option<TcpListener>,
     relay: RunningRelay,
+    /// Automatic certificates, when `acme-domain` is set: started by `run`.
+    acme: Option<Acme>,
 }
 
 impl Server {
@@ -109,7 +115,14 @@ impl Server {
                 dir: dir.clone(),
                 source,
             })?;
-            if let Some(dev) = generated {
+            if let (Some(dev), Some(acme)) = (&generated, &config.acme) {
+                tracing::info!(
+                    cert = %dev.cert.display(),
+                    "generated a self-signed development certificate, served until ACME obtains \
+                     one for {}",
+                    acme.domains.join(", ")
+                );
+            } else if let Some(dev) = generated {
                 tracing::warn!(
                     cert = %dev.cert.display(),
                     "generated a self-signed development certificate for localhost, 127.0.0.1 and ::1; \
@@ -120,7 +133,15 @@ impl Server {
         }
         let (cert_path, key_path) = config.tls.paths();
         let loaded_version = tls::Fingerprint::of(&cert_path, &key_path);
-        let certs = CertStore::new(tls::load_certified_key(&cert_path, &key_path)?);
+        let acme = config
+            .acme
+            .clone()
+            .map(|acme| Acme::open(acme, acme_listeners(&config)))
+            .transpose()?;
+        let certs = CertStore::new(match acme.as_ref().and_then(Acme::stored_key) {
+            Some(stored) => stored,
+            None => tls::load_certified_key(&cert_path, &key_path)?,
+        });
 
         let files = StaticFiles::load(&config.public_dir, config.public_dir_max_bytes)?;
         let (file_count, file_bytes) = files.size();
@@ -192,6 +213,7 @@ impl Server {
             metrics,
             admin,
             relay,
+            acme,
         })
     }
 
@@ -239,6 +261,7 @@ impl Server {
             metrics,
             admin,
             relay,
+            acme,
         } = self;
         tokio::spawn(expire_reservations(signaling, controller.handle()));
         tokio::spawn(prune_rate_limits(per_ip, controller.handle()));
@@ -275,13 +298,27 @@ impl Server {
             h2_max_concurrent_streams: config.h2_max_concurrent_streams,
         };
 
-        let (cert_path, key_path) = config.tls.paths();
+        let (mut cert_path, mut key_path) = config.tls.paths();
+        let (mut loaded_version, mut reload_interval) =
+            (loaded_version, config.tls_reload_interval);
+        if let Some(acme) = &acme {
+            // The ACME task swaps its certificates in itself; the file watch only serves SIGHUP
+            // (re-reading the ACME files), so it never puts the dev certificate back.
+            (cert_path, key_path) = acme.files();
+            loaded_version = tls::Fingerprint::of(&cert_path, &key_path);
+            reload_interval = std::time::Duration::from_secs(365 * 86_400);
+        }
+        let acme_answers = acme.as_ref().map(Acme::answers);
+        let acme_metrics = AcmeMetrics::register(&metrics);
+        if let Some(acme) = acme {
+            acme.spawn(certs.clone(), acme_metrics, controller.handle());
+        }
         tls::spawn_reloader(
             certs.clone(),
             cert_path,
             key_path,
             loaded_version,
-            config.tls_reload_interval,
+            reload_interval,
             handle_sighup,
             controller.handle(),
         )
@@ -292,7 +329,11 @@ impl Server {
             metrics.clone(),
             controller.handle(),
         ));
-        let acceptor = TlsAcceptor::from(tls::server_config(certs, &[b"h2", b"http/1.1"]));
+        let mut https_config = tls::server_config(certs, &[b"h2", b"http/1.1"]);
+        if let Some(answers) = &acme_answers {
+            https_config = acme::answer_tls_alpn01(https_config, answers.clone());
+        }
+        let acceptor = TlsAcceptor::from(https_config);
         let mut listeners = vec![http::listener_url("https", addrs.https)];
         tokio::spawn(http::serve_https(
             https,
@@ -326,6 +367,7 @@ impl Server {
                 public_url: config.public_url.clone(),
                 https_port: addrs.https.port(),
                 acme_dir: config.acme_challenge_dir.clone(),
+                acme_answers: acme_answers.clone(),
             };
             tokio::spawn(http::serve_redirects(
                 http_listener,
@@ -447,6 +489,14 @@ async fn start_relay(
     let acceptor = TlsAcceptor::from(tls::server_config(certs.clone(), &[]));
     let tls: TlsAcceptorSource = Arc::new(move || acceptor.clone());
     Ok(Relay::start(settings, Some(tls), shutdown).await?)
+}
+
+/// Which ports the CA's validations can reach.
+fn acme_listeners(config: &Config) -> acme::Listeners {
+    acme::Listeners {
+        https_port: config.https_listen.port(),
+        http_port: config.http_listen.addr().map(|a| a.port()),
+    }
 }
 
 /// This host's first non-loopback, non-link-local IPv4 address, for relay sockets.

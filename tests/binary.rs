@@ -288,6 +288,29 @@ fn help_lists_every_setting() {
     }
 }
 
+#[test]
+fn help_says_which_directory_certbot_webroot_needs_and_lists_the_acme_settings() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    // certbot --webroot -w W writes W/.well-known/acme-challenge/<token>; callgate reads DIR/<token>.
+    assert!(
+        help.contains("For `certbot --webroot -w W` pass W/.well-known/acme-challenge (not W)"),
+        "{help}"
+    );
+    for flag in [
+        "--acme-domain",
+        "--acme-email",
+        "--acme-directory ",
+        "--acme-directory-ca",
+        "--acme-challenge ",
+        "--acme-retry-delay",
+        "CALLGATE_ACME_DOMAIN",
+        "https://acme-staging-v02.api.letsencrypt.org/directory",
+    ] {
+        assert!(help.contains(flag), "--help lacks {flag}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_reports_not_ready_finishes_in_flight_downloads_and_exits() {
     let dir = temp_app();

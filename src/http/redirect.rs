@@ -30,6 +30,8 @@ pub struct RedirectTarget {
     pub https_port: u16,
     /// Where an ACME client (certbot `--webroot`) writes HTTP-01 challenge tokens, if anywhere.
     pub acme_dir: Option<std::path::PathBuf>,
+    /// The built-in ACME client's HTTP-01 answers, when `acme-domain` is set.
+    pub acme_answers: Option<Arc<crate::acme::ChallengeAnswers>>,
 }
 
 /// The token of `/.well-known/acme-challenge/<token>`, if the path is one and the token is
@@ -46,23 +48,30 @@ fn acme_token(path: &str) -> Option<&str> {
 
 /// Answers one plain-HTTP request.
 async fn answer<B>(target: &RedirectTarget, req: &Request<B>) -> Response<Body> {
-    if let (Some(dir), Some(token)) = (&target.acme_dir, acme_token(req.uri().path())) {
+    let token = acme_token(req.uri().path());
+    if let Some(key_authorization) = token.and_then(|t| target.acme_answers.as_ref()?.http01(t)) {
+        return octets(key_authorization.into_bytes());
+    }
+    if let (Some(dir), Some(token)) = (&target.acme_dir, token) {
         return match tokio::fs::read(dir.join(token)).await {
-            Ok(bytes) => {
-                let mut response = Response::new(super::boxed(
-                    http_body_util::Full::new(bytes::Bytes::from(bytes))
-                        .map_err(|never: Infallible| match never {}),
-                ));
-                response.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/octet-stream"),
-                );
-                response
-            }
+            Ok(bytes) => octets(bytes),
             Err(_) => text_response(StatusCode::NOT_FOUND, "no such challenge\n"),
         };
     }
     redirect(target, req)
+}
+
+/// A 200 with `bytes` as an `application/octet-stream` body (a challenge answer).
+fn octets(bytes: Vec<u8>) -> Response<Body> {
+    let mut response = Response::new(super::boxed(
+        http_body_util::Full::new(bytes::Bytes::from(bytes))
+            .map_err(|never: Infallible| match never {}),
+    ));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    response
 }
 
 impl RedirectTarget {
@@ -202,6 +211,7 @@ mod tests {
             public_url: None,
             https_port: 8443,
             acme_dir: None,
+            acme_answers: None,
         };
         assert_eq!(
             location(&target, "example.com:8080", "/a/b?c=1").as_deref(),
@@ -224,10 +234,37 @@ mod tests {
             ),
             https_port: 8443,
             acme_dir: None,
+            acme_answers: None,
         };
         assert_eq!(
             location(&public, "anything", "/x").as_deref(),
             Some("https://call.example.com/x")
         );
+    }
+
+    #[tokio::test]
+    async fn answers_http01_from_the_built_in_acme_client() {
+        let answers = crate::acme::ChallengeAnswers::new();
+        answers.add_http01("tok-1".into(), "tok-1.thumbprint".into());
+        let target = RedirectTarget {
+            public_url: None,
+            https_port: 443,
+            acme_dir: None,
+            acme_answers: Some(answers.clone()),
+        };
+        let request = |path: &str| {
+            Request::builder()
+                .uri(path)
+                .header("host", "call.example.com")
+                .body(())
+                .unwrap()
+        };
+        let found = answer(&target, &request("/.well-known/acme-challenge/tok-1")).await;
+        assert_eq!(found.status(), StatusCode::OK);
+        let body = found.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"tok-1.thumbprint");
+        answers.clear();
+        let gone = answer(&target, &request("/.well-known/acme-challenge/tok-1")).await;
+        assert_eq!(gone.status(), StatusCode::PERMANENT_REDIRECT);
     }
 }

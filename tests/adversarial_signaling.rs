@@ -118,7 +118,6 @@ async fn a_peer_whose_connection_died_with_messages_in_flight_gets_all_of_them_o
     let (mut b, hb) = join_from(&server, 1, "/socket?seq=1").await;
     let b_id = id_of(&hb);
     let last_seq = call(&mut a, &mut b, b_id).await;
-    assert!(last_seq > 0, "an opted-in client's messages carry seq");
 
     // B stops reading; A sends 40 offers and learns from its own pong that all were handled.
     for n in 0..40 {
@@ -138,19 +137,23 @@ async fn a_peer_whose_connection_died_with_messages_in_flight_gets_all_of_them_o
     );
     assert_eq!(resumed["resumed"], true);
     assert!(resumed.get("missed").is_none(), "{resumed}");
-    let mut seq = last_seq;
-    for n in 0..40 {
-        let offer = b2.recv().await;
-        assert_eq!(offer["type"], "offer", "{offer}");
-        assert_eq!(offer["offer"]["n"], n, "in order, none twice");
-        assert_eq!(
-            offer["seq"],
-            seq + 1,
-            "numbering continues across the resume"
-        );
-        seq += 1;
+    // Everything B gets before the answer to its own ping.
+    b2.send(r#"{"type":"ping"}"#).await;
+    let mut offers = Vec::new();
+    loop {
+        let m = b2.recv().await;
+        if m["type"] == "pong" {
+            break;
+        }
+        assert_eq!(m["type"], "offer", "{m}");
+        offers.push(m);
     }
-    assert_nothing_pending(&mut b2).await;
+    assert_eq!(offers.len(), 40, "B gets every offer A sent");
+    assert!(last_seq > 0, "an opted-in client's messages carry seq");
+    for (n, offer) in offers.iter().enumerate() {
+        assert_eq!(offer["offer"]["n"], n, "in order, none twice");
+        assert_eq!(offer["seq"], last_seq + 1 + n as u64, "numbering continues");
+    }
     // A was told nothing, because nothing was lost.
     assert_nothing_pending(&mut a).await;
     server.stop().await;
@@ -240,7 +243,7 @@ async fn ten_thousand_messages_a_second_from_one_client_are_cut_by_the_rate_limi
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let (mut pongs, mut limited, mut close) = (0, 0, None);
+        let (mut pongs, mut limited, mut told, mut close) = (0, 0, false, None);
         loop {
             match attacker.next().await {
                 Event::Text(text) => {
@@ -248,6 +251,7 @@ async fn ten_thousand_messages_a_second_from_one_client_are_cut_by_the_rate_limi
                     match (m["type"].as_str(), m["code"].as_str()) {
                         (Some("pong"), _) => pongs += 1,
                         (Some("error"), Some("rate_limited")) => limited += 1,
+                        (Some("error"), Some("too_many_violations")) => told = true,
                         _ => {}
                     }
                 }
@@ -259,22 +263,25 @@ async fn ten_thousand_messages_a_second_from_one_client_are_cut_by_the_rate_limi
                 Event::Other(_) => {}
             }
         }
-        (sent, pongs, limited, close, start.elapsed())
+        (sent, pongs, limited, told, close, start.elapsed())
     });
     let mut samples = Vec::new();
     let mut n = 0;
     while !flood.is_finished() {
         samples.push(round_trip(&mut c, &mut d, d_id, n).await);
         n += 1;
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        // The honest client stays within its own 20 messages a second.
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (sent, pongs, limited, close, took) = flood.await.unwrap();
+    let (sent, pongs, limited, told, close, took) = flood.await.unwrap();
     println!("flood: {sent} sent, {pongs} answered, {limited} rate_limited, close {close:?} after {took:?}");
-    assert_eq!(
-        close,
-        Some(1008),
-        "the flooder is closed for repeated violations"
+    // The close frame (1008) is sent, but the flooder's own unread writes make the server's
+    // socket reset the connection, which may discard it before it is read.
+    assert!(
+        told,
+        "the flooder is told it is closed for repeated violations"
     );
+    assert!(matches!(close, Some(1008) | None), "{close:?}");
     assert!(
         pongs <= 60 + 20,
         "no more than the burst plus a second's rate got through: {pongs}"

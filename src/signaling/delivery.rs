@@ -177,15 +177,13 @@ impl Log {
     /// Starts a resume: frees what the client says it processed (`last_seq`), or, for a client
     /// that does not say, what was already handed to a connection. Returns the frames to replay
     /// with their numbers, in order, and the missed range to report (which is cleared).
-    pub fn resume(
-        &mut self,
-        last_seq: Option<u64>,
-        held_total: &AtomicUsize,
-    ) -> (Vec<(u64, Bytes)>, Option<(u64, u64)>) {
+    pub fn resume(&mut self, last_seq: Option<u64>, held_total: &AtomicUsize) -> Replay {
         let through = last_seq.unwrap_or(self.sent_through).min(self.last_seq);
         self.release_through(through, held_total);
-        let replay = self.held.iter().map(|h| (h.seq, h.frame.clone())).collect();
-        (replay, self.missed.take())
+        Replay {
+            frames: self.held.iter().map(|h| (h.seq, h.frame.clone())).collect(),
+            missed: self.missed.take(),
+        }
     }
 
     /// Empties the log for good, returning who caused each held message (those senders must be
@@ -229,6 +227,15 @@ impl Log {
             self.held = VecDeque::new();
         }
     }
+}
+
+/// What a resume hands the client after its `id` message.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Replay {
+    /// The held frames to send again, with their numbers, in order.
+    pub frames: Vec<(u64, Bytes)>,
+    /// The numbers dropped since the last resume (first, last), both inclusive.
+    pub missed: Option<(u64, u64)>,
 }
 
 /// An acknowledgement of a sequence number the server never gave out.
@@ -291,12 +298,11 @@ mod tests {
         assert_eq!(total.load(Ordering::Relaxed), log.bytes());
         assert_eq!(log.ack(9, &total), Err(AckBeyond { acked: 9, last: 3 }));
         // The client processed 2 before its socket died; 3 was written but never read.
-        let (replay, missed) = log.resume(Some(2), &total);
-        assert_eq!(replay, [(3, frame(3))]);
-        assert_eq!(missed, None);
+        let replay = log.resume(Some(2), &total);
+        assert_eq!(replay.frames, [(3, frame(3))]);
+        assert_eq!(replay.missed, None);
         // Without last_seq, what was handed to a connection counts as delivered (seed behaviour).
-        let (replay, _) = log.resume(None, &total);
-        assert!(replay.is_empty());
+        assert!(log.resume(None, &total).frames.is_empty());
         assert_eq!(total.load(Ordering::Relaxed), 0);
     }
 
@@ -312,9 +318,9 @@ mod tests {
         assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 4);
         assert_eq!(results[4], Err(DropReason::QueueFull));
         // A small message after a drop is dropped too: no unexplained gap.
-        let (replay, missed) = log.resume(Some(0), &total);
-        assert_eq!(replay.len(), 4);
-        assert_eq!(missed, Some((5, 7)));
+        let replay = log.resume(Some(0), &total);
+        assert_eq!(replay.frames.len(), 4);
+        assert_eq!(replay.missed, Some((5, 7)));
         // After the resume the range is cleared and, once the replay is read, messages are
         // held again.
         log.ack(7, &total).unwrap();

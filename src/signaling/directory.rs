@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rand::Rng as _;
 
-use super::delivery::{AckBeyond, Envelope, HoldLimits, Log, Origin};
+use super::delivery::{AckBeyond, Envelope, HoldLimits, Log, Origin, Replay};
 use super::protocol::{ClientId, DropReason, ResumeToken};
 use super::SignalingLimits;
 use crate::limits::IpKey;
@@ -822,7 +822,10 @@ impl<O: Outbox> Directory for MemoryDirectory<O> {
             };
             tgt.address = cur.address;
             tgt.acks = cur.acks;
-            let (replay, missed) = tgt.log.resume(last_seq, shared.held_bytes);
+            let Replay {
+                frames: replay,
+                missed,
+            } = tgt.log.resume(last_seq, shared.held_bytes);
             let hello = hello(target, &tgt.token, missed);
             let Presence::Live(outbox) = &tgt.presence else {
                 unreachable!("just attached");

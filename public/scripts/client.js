@@ -96,6 +96,8 @@ window.callgate = {
   get id() { return sig ? sig.id : null; },
   get state() { return app.state; },
   get signaling() { return sig ? sig.state : null; },
+  /** The highest signaling `seq` processed (the server numbers messages for `?seq=1`). */
+  get lastSeq() { return sig ? sig.lastSeq : 0; },
   get pc() { return app.call ? app.call.pc : null; },
   get quality() { return app.lastSummary; },
   get iceServers() { return sig ? sig.iceServers : []; },

@@ -73,6 +73,9 @@ impl Envelope {
     }
 }
 
+/// Under global pressure, a live ID holding less than this still holds (see [`Log::hold`]).
+pub const LIVE_PRESSURE_BYTES: usize = 64 * 1024;
+
 /// The limits a [`Log`] holds to.
 #[derive(Clone, Copy, Debug)]
 pub struct HoldLimits {
@@ -129,6 +132,11 @@ impl Log {
 
     /// Holds `frame` (numbered `seq`) if the budgets allow and nothing has been dropped since the
     /// last resume; otherwise records `seq` as missed and says why it was not held.
+    ///
+    /// The global budget is hard for a reserved ID (`live` false: connect-and-drop churn is what
+    /// it stops) and soft for a live one: a connection that acknowledges and holds less than
+    /// [`LIVE_PRESSURE_BYTES`] keeps receiving when the budget is spent, so a busy server does
+    /// not cut off clients that keep up.
     pub fn hold(
         &mut self,
         seq: u64,
@@ -136,6 +144,7 @@ impl Log {
         origin: Option<Origin>,
         limits: HoldLimits,
         held_total: &AtomicUsize,
+        live: bool,
     ) -> Result<(), DropReason> {
         let len = frame.len();
         let refusal = if self.missed.is_some()
@@ -143,7 +152,9 @@ impl Log {
             || self.bytes + len > limits.bytes
         {
             Some(DropReason::QueueFull)
-        } else if held_total.fetch_add(len, Ordering::Relaxed) + len > limits.bytes_total {
+        } else if held_total.fetch_add(len, Ordering::Relaxed) + len > limits.bytes_total
+            && !(live && self.bytes < LIVE_PRESSURE_BYTES)
+        {
             held_total.fetch_sub(len, Ordering::Relaxed);
             Some(DropReason::ServerBusy)
         } else {
@@ -290,7 +301,8 @@ mod tests {
         let mut log = Log::default();
         for _ in 0..3 {
             let seq = log.next_seq();
-            log.hold(seq, frame(seq), origin(), LIMITS, &total).unwrap();
+            log.hold(seq, frame(seq), origin(), LIMITS, &total, false)
+                .unwrap();
             log.sent(seq);
         }
         log.ack(1, &total).unwrap();
@@ -313,7 +325,7 @@ mod tests {
         let mut results = Vec::new();
         for _ in 0..7 {
             let seq = log.next_seq();
-            results.push(log.hold(seq, frame(seq), origin(), LIMITS, &total));
+            results.push(log.hold(seq, frame(seq), origin(), LIMITS, &total, false));
         }
         assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 4);
         assert_eq!(results[4], Err(DropReason::QueueFull));
@@ -326,7 +338,8 @@ mod tests {
         log.ack(7, &total).unwrap();
         let seq = log.next_seq();
         assert_eq!(seq, 8);
-        log.hold(seq, frame(seq), origin(), LIMITS, &total).unwrap();
+        log.hold(seq, frame(seq), origin(), LIMITS, &total, false)
+            .unwrap();
     }
 
     #[test]
@@ -338,13 +351,31 @@ mod tests {
         };
         let (mut a, mut b) = (Log::default(), Log::default());
         let seq = a.next_seq();
-        a.hold(seq, frame(seq), None, limits, &total).unwrap();
+        a.hold(seq, frame(seq), None, limits, &total, false)
+            .unwrap();
         let seq = b.next_seq();
         assert!(total.load(Ordering::Relaxed) + frame(seq).len() > 20);
         assert_eq!(
-            b.hold(seq, frame(seq), None, limits, &total),
+            b.hold(seq, frame(seq), None, limits, &total, false),
             Err(DropReason::ServerBusy)
         );
+        // A live ID that holds little still holds under pressure; once it holds more, it does not.
+        let mut c = Log::default();
+        let seq = c.next_seq();
+        c.hold(seq, frame(seq), None, limits, &total, true).unwrap();
+        let limits = HoldLimits {
+            bytes: usize::MAX,
+            ..limits
+        };
+        let seq = c.next_seq();
+        let big = Bytes::from(vec![b'x'; LIVE_PRESSURE_BYTES]);
+        c.hold(seq, big, None, limits, &total, true).unwrap();
+        let seq = c.next_seq();
+        assert_eq!(
+            c.hold(seq, frame(seq), None, limits, &total, true),
+            Err(DropReason::ServerBusy)
+        );
+        c.discard(&total);
         assert_eq!(a.discard(&total), []);
         assert_eq!(total.load(Ordering::Relaxed), 0);
     }
@@ -355,10 +386,12 @@ mod tests {
         let mut log = Log::default();
         for _ in 0..2 {
             let seq = log.next_seq();
-            log.hold(seq, frame(seq), origin(), LIMITS, &total).unwrap();
+            log.hold(seq, frame(seq), origin(), LIMITS, &total, false)
+                .unwrap();
         }
         let seq = log.next_seq();
-        log.hold(seq, frame(seq), None, LIMITS, &total).unwrap();
+        log.hold(seq, frame(seq), None, LIMITS, &total, false)
+            .unwrap();
         assert_eq!(log.discard(&total).len(), 2);
         assert!(log.is_empty());
         assert_eq!(total.load(Ordering::Relaxed), 0);

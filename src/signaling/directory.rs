@@ -666,7 +666,7 @@ impl<O: Outbox> Slot<O> {
                 if self.acks {
                     if let Err(reason) =
                         self.log
-                            .hold(seq, frame.clone(), origin, hold, shared.held_bytes)
+                            .hold(seq, frame.clone(), origin, hold, shared.held_bytes, true)
                     {
                         // Its unacknowledged messages fill its budget: it does not keep up.
                         let deadline = self.reserve(now, shared, id, false);
@@ -686,9 +686,14 @@ impl<O: Outbox> Slot<O> {
                         let deadline = self.reserve(now, shared, id, false);
                         if !self.acks {
                             // The frame that did not fit is kept, so a resume gets it.
-                            let held =
-                                self.log
-                                    .hold(seq, e.into_frame(), origin, hold, shared.held_bytes);
+                            let held = self.log.hold(
+                                seq,
+                                e.into_frame(),
+                                origin,
+                                hold,
+                                shared.held_bytes,
+                                false,
+                            );
                             if let Err(reason) = held {
                                 let dropped = Delivery::Dropped {
                                     reason,
@@ -702,7 +707,10 @@ impl<O: Outbox> Slot<O> {
                 }
             }
             Presence::Reserved { until } if *until > now => {
-                match self.log.hold(seq, frame, origin, hold, shared.held_bytes) {
+                match self
+                    .log
+                    .hold(seq, frame, origin, hold, shared.held_bytes, false)
+                {
                     Ok(()) => (Delivery::Queued, None),
                     Err(reason) => (
                         Delivery::Dropped {

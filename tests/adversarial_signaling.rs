@@ -193,6 +193,15 @@ async fn over_the_per_id_budget_the_peer_learns_the_missed_range_and_the_sender_
         undelivered += 1;
     }
     assert!(undelivered > 0, "64 KiB cannot hold 40 × 3 KB");
+    // Operators see it too.
+    let metrics = scrape(&server, None).await;
+    assert_eq!(
+        sample(
+            std::str::from_utf8(&metrics.body).unwrap(),
+            r#"callgate_signaling_errors_sent_total{code="undelivered"}"#
+        ),
+        Some(undelivered as f64)
+    );
     drop(b);
 
     let (mut b2, _) = join_from(&server, 1, "/socket?seq=1").await;

@@ -478,7 +478,7 @@ impl Signaling {
                     // system call) when a client is sent several frames at once.
                     let mut next = Some(frame);
                     while let Some(frame) = next {
-                        signaling.sent(&frame);
+                        count_sent(signaling, &frame);
                         replaced |= frame.starts_with(SESSION_REPLACED);
                         out.push(OpCode::Text, &frame);
                         next = match out.pending() < WRITE_BATCH {
@@ -517,7 +517,7 @@ impl Signaling {
                             // What the hub queued before the close (typically the error that
                             // explains it) goes out first.
                             while let Some(frame) = outbox.try_recv() {
-                                signaling.sent(&frame);
+                                count_sent(signaling, &frame);
                                 out.push(OpCode::Text, &frame);
                             }
                         }
@@ -805,6 +805,19 @@ fn on_close(payload: &[u8]) -> End {
         close: Closing::Reply(code.unwrap_or(1000)),
     }
 }
+
+/// Counts a frame on its way out: by type, and an `undelivered` notice also by its error code
+/// (`callgate_signaling_errors_sent_total{code="undelivered"}`: messages the server accepted but
+/// could not deliver, immediate drops and expiries alike).
+fn count_sent(signaling: &crate::metrics::SignalingMetrics, frame: &[u8]) {
+    signaling.sent(frame);
+    if frame.starts_with(UNDELIVERED) {
+        signaling.error(ErrorCode::Undelivered);
+    }
+}
+
+/// Every `undelivered` notice starts with this.
+const UNDELIVERED: &[u8] = br#"{"type":"error","code":"undelivered""#;
 
 /// Every frame callgate sends that tells a connection it was replaced starts with this.
 const SESSION_REPLACED: &[u8] = br#"{"type":"error","code":"session_replaced""#;

@@ -374,6 +374,10 @@ async fn a_client_that_never_reads_is_cut_off_at_its_byte_budget() {
         texts < 400,
         "the server stopped queueing for a client that does not read"
     );
+    assert!(
+        matches!(end, Event::Close(Some(1008), _) | Event::Ended(_)),
+        "cut off with 1008 (or reset): {end:?}"
+    );
     samples.push(round_trip(&mut c, &mut d, d_id, n).await);
     report("client that never reads", samples);
     server.stop().await;

@@ -415,8 +415,11 @@ enum Presence<O> {
 
 /// What [`Slot::deliver`] needs from the directory.
 struct Shared<'a> {
+    /// The directory's limits.
     limits: &'a DirectoryLimits,
+    /// Bytes held over all IDs.
     held_bytes: &'a AtomicUsize,
+    /// Reservations per client address.
     reserved_per_ip: &'a Mutex<HashMap<IpKey, usize>>,
 }
 

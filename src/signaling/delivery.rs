@@ -172,6 +172,31 @@ impl Log {
         Ok(())
     }
 
+    /// For a client that does not acknowledge (its log holds nothing while it is live): `frames`
+    /// were handed to its connection but never written, and are held again for its resume, under
+    /// the numbers of the last sequence numbers sent. `id` messages among them (not numbered) are
+    /// left out. Their senders are not known any more, so if these are dropped later nobody is
+    /// told; the client still learns the missed range.
+    pub fn requeue_unsent(
+        &mut self,
+        frames: Vec<Bytes>,
+        limits: HoldLimits,
+        held_total: &AtomicUsize,
+    ) {
+        let frames: Vec<Bytes> = frames
+            .into_iter()
+            .filter(|f| !f.starts_with(br#"{"type":"id","#))
+            .collect();
+        if frames.is_empty() || !self.held.is_empty() {
+            return;
+        }
+        let first = self.sent_through.saturating_sub(frames.len() as u64) + 1;
+        self.sent_through = first - 1;
+        for (seq, frame) in (first..).zip(frames) {
+            let _ = self.hold(seq, frame, None, limits, held_total, false);
+        }
+    }
+
     /// The client processed everything up to `seq`: frees what is held up to it. Refuses a
     /// number never given out.
     pub fn ack(&mut self, seq: u64, held_total: &AtomicUsize) -> Result<(), AckBeyond> {

@@ -36,6 +36,13 @@ use crate::limits::IpKey;
 pub trait Outbox: Send + 'static {
     /// Queues one ready-to-send text frame, or hands it back if the queue is full or closed.
     fn try_push(&self, frame: Bytes) -> Result<(), PushError>;
+
+    /// Takes back every frame the connection has not taken yet, oldest first: called when the
+    /// connection is detached, so what was never written can wait for the resume instead of being
+    /// lost. The default takes nothing.
+    fn take_unsent(&self) -> Vec<Bytes> {
+        Vec::new()
+    }
 }
 
 /// Why a frame could not be queued; the frame comes back so it can be kept for a resume.
@@ -641,6 +648,15 @@ impl<O: Outbox> Slot<O> {
     ) -> Option<Deadline> {
         if !shared.reserve(self.address, enforce) {
             return None;
+        }
+        if let Presence::Live(outbox) = &self.presence {
+            // Frames never written wait for the resume. A client that acknowledges holds them
+            // already; for one that does not, they go back into its log under their numbers.
+            let unsent = outbox.take_unsent();
+            if !self.acks {
+                self.log
+                    .requeue_unsent(unsent, shared.limits.hold, shared.held_bytes);
+            }
         }
         let until = now + shared.limits.grace;
         self.presence = Presence::Reserved { until };
@@ -1408,6 +1424,56 @@ mod tests {
         // Still held until acknowledged; an ack frees them.
         assert!(dir.held_bytes() > 0);
         dir.ack(resumed.binding, 5).unwrap();
+        assert_eq!(dir.held_bytes(), 0);
+    }
+
+    /// A client that does not acknowledge: what its connection never took from its outbox (never
+    /// written) waits for the resume, in order, with what arrived after.
+    #[test]
+    fn frames_never_written_before_a_drop_are_kept_for_the_resume() {
+        use crate::signaling::outbox::{self, OutboxSender};
+        let dir: MemoryDirectory<OutboxSender> = MemoryDirectory::new(&SignalingLimits::default());
+        let now = Instant::now();
+        let join_real = |dir: &MemoryDirectory<OutboxSender>| {
+            let (tx, mut rx) = outbox::channel(16);
+            let binding = dir
+                .register(tx, Joining::default(), now, hello, &mut Vec::new())
+                .unwrap();
+            rx.try_recv().expect("hello");
+            (binding, rx)
+        };
+        let (sender, _sender_rx) = join_real(&dir);
+        let (b, mut b_rx) = join_real(&dir);
+        for n in 0..4 {
+            let json = format!(r#"{{"n":{n}}}"#).into_bytes();
+            let origin = Origin {
+                from: sender.id,
+                kind: MessageKind::Offer,
+            };
+            let delivery = dir.deliver(b.id, Envelope::relaying(json, origin), now);
+            assert_eq!(delivery, Delivery::Sent);
+        }
+        // The session wrote the first one; its socket then died.
+        assert_eq!(&b_rx.try_recv().unwrap()[..], br#"{"n":0}"#);
+        assert_eq!(dir.detach(b, now), Ok(None));
+        assert_eq!(b_rx.try_recv(), None, "taken back from the dead connection");
+        assert!(b_rx.is_closed());
+        let json = br#"{"n":4}"#.to_vec();
+        assert_eq!(
+            dir.deliver(b.id, Envelope::new(json), now),
+            Delivery::Queued
+        );
+        let (fresh, mut fresh_rx) = join_real(&dir);
+        let token = dir.shard(b.id)[&b.id].token.clone();
+        let resumed = dir
+            .resume(fresh, b.id, &token, None, now, resume_hello)
+            .unwrap();
+        assert_eq!((resumed.delivered, resumed.missed), (4, None));
+        fresh_rx.try_recv().expect("resumed hello");
+        for n in 1..5 {
+            let frame = fresh_rx.try_recv().unwrap();
+            assert_eq!(frame, Bytes::from(format!(r#"{{"n":{n}}}"#)));
+        }
         assert_eq!(dir.held_bytes(), 0);
     }
 

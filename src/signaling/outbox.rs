@@ -164,6 +164,23 @@ impl Outbox for OutboxSender {
         }
         Ok(())
     }
+
+    fn take_unsent(&self) -> Vec<Bytes> {
+        self.take_all()
+    }
+}
+
+impl OutboxSender {
+    /// See [`Outbox::take_unsent`].
+    fn take_all(&self) -> Vec<Bytes> {
+        let mut state = self.shared.lock();
+        let frames: Vec<Bytes> = std::mem::take(&mut state.frames).into();
+        if let Some(budget) = &self.shared.limits.budget {
+            budget.used.fetch_sub(state.bytes, Ordering::Relaxed);
+        }
+        state.bytes = 0;
+        frames
+    }
 }
 
 impl Drop for OutboxSender {

@@ -9,7 +9,7 @@
 //! |---|---|
 //! | `wire` | reading one masked client frame (header, payload, unmasking) and encoding + writing one server frame |
 //! | `parse` | `protocol::parse` of one client message (shape check + serde, borrowed payload) |
-//! | `hub` | `Hub::handle_text` of one message (parse, rules, routing, serialise, push) + the peer's pop |
+//! | `hub` | `Hub::handle_text` of one message (parse, rules, routing, serialise, push) + the peer's pop; `offer-acked` with a receiver that opted in to `seq` and acks every 16 messages, as the web app does |
 //! | `call` | a whole call set-up and tear-down: `video-offer-request`, `client-reply`, `close-call-client` |
 //! | `routing` | offers through one shared hub from 1, 2 and 4 threads at once (shard lock contention) |
 //! | `resume` | a dropped client, N 1 KB messages queued for it, a new connection resuming the ID |
@@ -20,7 +20,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use callgate::signaling::directory::MemoryDirectory;
+use callgate::signaling::directory::{Joining, MemoryDirectory};
 use callgate::signaling::hub::{Attachment, Departure, Hub};
 use callgate::signaling::outbox::{self, OutboxReceiver, OutboxSender};
 use callgate::signaling::protocol;
@@ -42,6 +42,8 @@ struct Client {
     outbox: OutboxReceiver,
     /// The resume token from the last `id` message.
     token: String,
+    /// Frames popped so far (for a client that acks: the last `seq` it processed).
+    seq: u64,
 }
 
 impl Client {
@@ -51,6 +53,7 @@ impl Client {
 
     /// Pops one frame, as the session's writer would; panics if there is none (a bench bug).
     fn pop(&mut self) -> Bytes {
+        self.seq += 1;
         self.outbox.try_recv().expect("a frame for this client")
     }
 }
@@ -58,6 +61,11 @@ impl Client {
 /// A hub with `n` registered clients; the first `paired` of them are in calls two by two
 /// (client 2k with 2k+1). Every `id` and set-up frame has been drained.
 fn fixture(n: usize, paired: usize) -> (BenchHub, Vec<Client>) {
+    fixture_with(n, paired, Joining::default())
+}
+
+/// [`fixture`] with every client joining as `joining` says (e.g. opted in to acks).
+fn fixture_with(n: usize, paired: usize, joining: Joining) -> (BenchHub, Vec<Client>) {
     let limits = SignalingLimits::default();
     assert!(
         limits.max_clients >= 2 * n,
@@ -68,12 +76,13 @@ fn fixture(n: usize, paired: usize) -> (BenchHub, Vec<Client>) {
     let mut clients: Vec<Client> = (0..n)
         .map(|_| {
             let (tx, mut rx) = outbox::channel(128);
-            let attachment = hub.connect(tx, None, now).expect("room");
+            let attachment = hub.join(tx, None, joining, now).expect("room");
             let token = token_of(&rx.try_recv().expect("id message"));
             Client {
                 attachment,
                 outbox: rx,
                 token,
+                seq: 0,
             }
         })
         .collect();
@@ -323,6 +332,52 @@ fn hub(c: &mut Criterion) {
         })
     });
     group.finish();
+    hub_acked(c);
+}
+
+/// 3 KB offers to receivers that opted in to `seq`: each message is numbered in place and held
+/// (one refcount) until the receiver's ack, sent every 16 messages as the web app does.
+fn hub_acked(c: &mut Criterion) {
+    let acks = Joining {
+        address: None,
+        acks: true,
+    };
+    let (hub, mut clients) = fixture_with(CLIENTS, CLIENTS, acks);
+    let pairs = CLIENTS / 2;
+    let frames: Vec<String> = (0..pairs)
+        .map(|p| {
+            let to = clients[2 * p + 1].id();
+            format!(
+                r#"{{"type":"offer","clientId":{to},"offer":{}}}"#,
+                sdp("offer", 3 * 1024)
+            )
+        })
+        .collect();
+    let mut group = c.benchmark_group("hub");
+    group.throughput(Throughput::Bytes(frames[0].len() as u64));
+    let mut next = 0;
+    group.bench_function(BenchmarkId::new("offer-acked", "3KB"), |b| {
+        b.iter(|| {
+            // 16 messages to one receiver, which then acks (as the web app does), then the next
+            // pair: every receiver's unacknowledged backlog stays within its budget.
+            let p = (next / 16) % pairs;
+            next += 1;
+            let (a, rest) = clients[2 * p..].split_first_mut().expect("pair");
+            expect_ok(hub.handle_text(&mut a.attachment, frames[p].as_bytes(), Instant::now()));
+            let receiver = &mut rest[0];
+            let frame = receiver.pop();
+            if receiver.seq % 16 == 0 {
+                let ack = format!(r#"{{"type":"ack","seq":{}}}"#, receiver.seq);
+                expect_ok(hub.handle_text(
+                    &mut receiver.attachment,
+                    ack.as_bytes(),
+                    Instant::now(),
+                ));
+            }
+            frame
+        })
+    });
+    group.finish();
 }
 
 /// Call set-up and tear-down with every SDP size: the state-changing messages.
@@ -457,6 +512,7 @@ fn resume(c: &mut Criterion) {
                         attachment,
                         outbox: rx,
                         token,
+                        seq: 0,
                     };
                     (p, fresh)
                 },

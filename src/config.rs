@@ -187,6 +187,31 @@ pub struct Options {
     #[arg(long, env = "CALLGATE_WS_OUTBOX_FRAMES", value_name = "N")]
     pub ws_outbox_frames: Option<usize>,
 
+    /// Bytes queued for one client before it counts as too slow and is disconnected; at least
+    /// resume-queue-bytes + ws-max-message-bytes [default: 1048576].
+    #[arg(long, env = "CALLGATE_WS_OUTBOX_BYTES", value_name = "BYTES")]
+    pub ws_outbox_bytes: Option<usize>,
+
+    /// Bytes queued over all clients; once spent, a client with more than 64 KiB queued counts as
+    /// too slow [default: 268435456].
+    #[arg(long, env = "CALLGATE_WS_OUTBOX_BYTES_TOTAL", value_name = "BYTES")]
+    pub ws_outbox_bytes_total: Option<usize>,
+
+    /// Bytes of messages held for one client ID until it acknowledges them or resumes; beyond
+    /// it, messages are dropped and their senders told [default: 262144].
+    #[arg(long, env = "CALLGATE_RESUME_QUEUE_BYTES", value_name = "BYTES")]
+    pub resume_queue_bytes: Option<usize>,
+
+    /// Reserved IDs (dropped connections awaiting a resume) per client address, IPv6 per /64;
+    /// beyond it a dropped ID is freed at once [default: 16].
+    #[arg(long, env = "CALLGATE_RESERVATIONS_PER_IP", value_name = "N")]
+    pub reservations_per_ip: Option<usize>,
+
+    /// Client IDs held at once, live and reserved; when full, the oldest reservation makes room
+    /// for a live client [default: 100000].
+    #[arg(long, env = "CALLGATE_MAX_CLIENTS", value_name = "N")]
+    pub max_clients: Option<usize>,
+
     /// A write to a client that makes no progress for this long ends the connection [default: 10s].
     #[arg(long, env = "CALLGATE_WS_WRITE_TIMEOUT", value_name = "DURATION")]
     pub ws_write_timeout: Option<Seconds>,
@@ -482,6 +507,16 @@ pub struct Config {
     pub ws_missed_pongs: u32,
     /// Outbound queue length per client.
     pub ws_outbox_frames: usize,
+    /// Outbound queue bytes per client.
+    pub ws_outbox_bytes: usize,
+    /// Outbound queue bytes over all clients.
+    pub ws_outbox_bytes_total: usize,
+    /// Bytes held per client ID until acknowledged or resumed.
+    pub resume_queue_bytes: usize,
+    /// Reserved IDs per client address.
+    pub reservations_per_ip: usize,
+    /// Live plus reserved client IDs.
+    pub max_clients: usize,
     /// Stalled-write deadline.
     #[serde(serialize_with = "as_seconds")]
     pub ws_write_timeout: Duration,
@@ -961,6 +996,11 @@ impl Options {
             ws_heartbeat_interval,
             ws_missed_pongs,
             ws_outbox_frames,
+            ws_outbox_bytes,
+            ws_outbox_bytes_total,
+            resume_queue_bytes,
+            reservations_per_ip,
+            max_clients,
             ws_write_timeout,
             ws_messages_per_second,
             ws_message_burst,
@@ -1081,6 +1121,11 @@ impl Config {
             ws_heartbeat_interval: secs(o.ws_heartbeat_interval, 20),
             ws_missed_pongs: o.ws_missed_pongs.unwrap_or(2),
             ws_outbox_frames: o.ws_outbox_frames.unwrap_or(128),
+            ws_outbox_bytes: o.ws_outbox_bytes.unwrap_or(1024 * 1024),
+            ws_outbox_bytes_total: o.ws_outbox_bytes_total.unwrap_or(256 * 1024 * 1024),
+            resume_queue_bytes: o.resume_queue_bytes.unwrap_or(256 * 1024),
+            reservations_per_ip: o.reservations_per_ip.unwrap_or(16),
+            max_clients: o.max_clients.unwrap_or(100_000),
             ws_write_timeout: secs(o.ws_write_timeout, 10),
             ws_messages_per_second: non_zero(
                 "ws-messages-per-second",
@@ -1188,6 +1233,31 @@ impl Config {
             return Err(invalid("ws-missed-pongs", "must be at least 1"));
         }
         // A resumed connection receives its `id` message and up to 64 queued messages at once.
+        // A resume replays up to resume-queue-bytes of held messages at once.
+        if self.ws_outbox_bytes < self.resume_queue_bytes + self.ws_max_message_bytes {
+            return Err(invalid(
+                "ws-outbox-bytes",
+                "must be at least resume-queue-bytes + ws-max-message-bytes (a resume replays what is held at once)",
+            ));
+        }
+        if self.ws_outbox_bytes_total < self.ws_outbox_bytes {
+            return Err(invalid(
+                "ws-outbox-bytes-total",
+                "must be at least ws-outbox-bytes",
+            ));
+        }
+        if self.resume_queue_bytes < self.ws_max_message_bytes {
+            return Err(invalid(
+                "resume-queue-bytes",
+                "must be at least ws-max-message-bytes (one message must fit)",
+            ));
+        }
+        if self.reservations_per_ip == 0 {
+            return Err(invalid("reservations-per-ip", "must be at least 1"));
+        }
+        if self.max_clients == 0 {
+            return Err(invalid("max-clients", "must be at least 1"));
+        }
         if self.ws_outbox_frames < 65 {
             return Err(invalid(
                 "ws-outbox-frames",

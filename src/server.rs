@@ -562,6 +562,9 @@ fn signaling_limits(config: &Config) -> SignalingLimits {
     SignalingLimits {
         id_digits: config.id_digits,
         resume_grace: config.resume_grace,
+        resume_queue_bytes: config.resume_queue_bytes,
+        max_clients: config.max_clients,
+        reservations_per_ip: config.reservations_per_ip,
         heartbeat_interval: config.ws_heartbeat_interval,
         ..SignalingLimits::default()
     }
@@ -571,6 +574,8 @@ fn session_settings(config: &Config) -> SessionSettings {
     SessionSettings {
         max_message_bytes: config.ws_max_message_bytes,
         outbox_frames: config.ws_outbox_frames,
+        outbox_bytes: config.ws_outbox_bytes,
+        outbox_bytes_total: config.ws_outbox_bytes_total,
         write_timeout: config.ws_write_timeout,
         heartbeat_interval: config.ws_heartbeat_interval,
         missed_pongs: config.ws_missed_pongs,

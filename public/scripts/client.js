@@ -76,6 +76,8 @@ function main() {
     }
   });
   sig.addEventListener('message', (e) => onMessage(e.detail.message).catch((err) => console.error(err)));
+  // The server had to drop messages for us while we were away (its per-ID budget ran out).
+  sig.addEventListener('missed', () => onSignalingGap('Some call messages for you were lost while reconnecting.'));
   sig.addEventListener('fatal', () => {
     banner('This ID is now open in another tab or window. Reload this page to get a new ID.', 'error');
     setNetStatus('offline', 'Disconnected');
@@ -94,6 +96,8 @@ window.callgate = {
   get id() { return sig ? sig.id : null; },
   get state() { return app.state; },
   get signaling() { return sig ? sig.state : null; },
+  /** The highest signaling `seq` processed (the server numbers messages for `?seq=1`). */
+  get lastSeq() { return sig ? sig.lastSeq : 0; },
   get pc() { return app.call ? app.call.pc : null; },
   get quality() { return app.lastSummary; },
   get iceServers() { return sig ? sig.iceServers : []; },
@@ -214,7 +218,31 @@ function onServerError({ code, message, request }) {
     return;
   }
   if (code === 'session_replaced') return;
+  if (code === 'undelivered') {
+    // Our message could not reach the peer (it is away and its queue is full, or it did not come
+    // back): the call's signaling has a hole in it.
+    onSignalingGap(`A message to ${peer || 'the other side'} could not be delivered.`);
+    return;
+  }
   console.warn('signaling error', code, message, request);
+}
+
+/**
+ * Call-setup messages were lost in one direction. A connected call renegotiates with an ICE
+ * restart (its new offer carries everything the lost messages did); a call still being set up
+ * cannot be repaired, so it ends with a word to the user and to the peer.
+ */
+function onSignalingGap(what) {
+  if (app.state === 'incall' && app.call && app.call.established) {
+    app.call.restartIce();
+    showNotice(`${what} Reconnecting the media…`);
+    return;
+  }
+  if (app.state === 'outgoing' || app.state === 'incoming') {
+    endCall({ message: `${what} Please call again.`, tellPeer: true });
+    return;
+  }
+  toast(what, { kind: 'warn' });
 }
 
 // ---- placing a call ----------------------------------------------------------------------------

@@ -4,11 +4,21 @@
 // handshake that takes our ID back after a reconnect, and an application-level ping that notices
 // half-open connections. It knows message *names* (docs/PROTOCOL.md) but not what calls mean: the
 // call logic lives in call.js and client.js. It never touches the DOM.
+//
+// Delivery: the socket is opened with `?seq=1`, so every server message carries `seq`. We remember
+// the highest one processed, acknowledge it cheaply (at most every `ackEvery` messages or after
+// `ackDelayMs`), and send it as `last_seq` on resume, so the server replays exactly what we missed
+// when a socket died with messages in flight. Duplicates (seq already seen) are dropped here.
 
 /** Exponential backoff with full jitter: a uniform delay in [0, min(cap, base·2^attempt)]. */
 export function backoffDelay(attempt, { baseMs = 500, capMs = 15000, random = Math.random } = {}) {
   const ceiling = Math.min(capMs, baseMs * 2 ** Math.min(attempt, 16));
   return Math.floor(random() * ceiling);
+}
+
+/** Adds `seq=1` to the socket URL: the server then numbers its messages and keeps them until acked. */
+export function withSeq(url) {
+  return url + (url.includes('?') ? '&' : '?') + 'seq=1';
 }
 
 /** WebSocket close codes the server uses (see protocol.rs `CloseCode`). */
@@ -20,15 +30,24 @@ const CLOSE_POLICY = 1008;
  * - `state` ({state}) — 'connecting' | 'open' | 'reconnecting' | 'closed'
  * - `retry` ({attempt, delayMs}) — the next connection attempt is scheduled
  * - `id` ({id, resumed, previousId, iceServers}) — we have an ID (fresh, resumed or replaced)
- * - `message` ({message}) — any other server message
+ * - `message` ({message}) — any other server message (each exactly once, in order)
+ * - `missed` ({from, to}) — after a resume: the server had to drop messages `from`..=`to` for us
  * - `fatal` ({reason}) — the server told us not to come back (e.g. session taken over)
  */
 export class Signaling extends EventTarget {
-  constructor(url, { pingEveryMs = 15000, pongTimeoutMs = 8000 } = {}) {
+  constructor(url, { pingEveryMs = 15000, pongTimeoutMs = 8000, ackEvery = 16, ackDelayMs = 1000 } = {}) {
     super();
-    this.url = url;
+    this.url = withSeq(url);
     this.pingEveryMs = pingEveryMs;
     this.pongTimeoutMs = pongTimeoutMs;
+    this.ackEvery = ackEvery;
+    this.ackDelayMs = ackDelayMs;
+    /** Highest `seq` processed for our ID, and the highest the server has been told of. */
+    this.lastSeq = 0;
+    this.ackedSeq = 0;
+    this.ackTimer = 0;
+    /** Highest `seq` seen on a fresh connection while its resume is pending (the throwaway ID's). */
+    this.freshSeq = 0;
     /** Our ID and the token that lets us take it back; both from the last `id` message. */
     this.id = null;
     this.token = null;
@@ -104,6 +123,7 @@ export class Signaling extends EventTarget {
     }
     this.ws = ws;
     this.resuming = false;
+    this.freshSeq = 0;
     ws.onmessage = (ev) => this.onFrame(ev.data);
     ws.onclose = (ev) => this.onClose(ws, ev);
     // An error is always followed by close; nothing to do here.
@@ -116,6 +136,8 @@ export class Signaling extends EventTarget {
     ws.onerror = null;
     if (this.ws === ws) this.ws = null;
     this.stopHeartbeat();
+    clearTimeout(this.ackTimer);
+    this.ackTimer = 0;
   }
 
   onClose(ws, ev) {
@@ -147,6 +169,16 @@ export class Signaling extends EventTarget {
       return;
     }
     this.armPongTimeout();
+    if (typeof message.seq === 'number') {
+      if (this.resuming) {
+        this.freshSeq = Math.max(this.freshSeq, message.seq);
+      } else {
+        // A replay after a resume never repeats what we acknowledged; this guards the rest.
+        if (message.seq <= this.lastSeq) return;
+        this.lastSeq = message.seq;
+        this.scheduleAck();
+      }
+    }
     switch (message.type) {
       case 'id':
         this.onId(message);
@@ -172,24 +204,59 @@ export class Signaling extends EventTarget {
     else if (message.iceServers == null && !message.resumed) this.iceServers = [];
     if (message.resumed) {
       this.resuming = false;
+      this.ackedSeq = Math.min(this.ackedSeq, this.lastSeq);
       this.adopt(fresh, message);
+      if (Array.isArray(message.missed) && message.missed.length === 2) {
+        const [from, to] = message.missed;
+        this.dispatchEvent(new CustomEvent('missed', { detail: { from, to } }));
+      }
       return;
     }
     if (this.id != null && this.token && !this.resuming) {
       // A new connection gave us a fresh ID; ask for our old one back before anyone notices.
       this.resuming = true;
       this.fallback = fresh;
-      this.ws.send(JSON.stringify({ type: 'resume', id: this.id, token: this.token }));
+      this.ws.send(JSON.stringify({
+        type: 'resume', id: this.id, token: this.token, last_seq: this.lastSeq,
+      }));
       return;
     }
+    // A brand-new ID (first connection, or the server forgot us): its numbering starts afresh.
+    this.lastSeq = this.freshSeq;
+    this.ackedSeq = 0;
     this.adopt(fresh, message);
   }
 
-  /** The server did not know our old ID any more (grace period over, or it restarted). */
+  /**
+   * Acknowledges `lastSeq` so the server can free what we read: at once after `ackEvery`
+   * unacknowledged messages, else once `ackDelayMs` after the first. One small frame per batch.
+   */
+  scheduleAck() {
+    if (this.lastSeq - this.ackedSeq >= this.ackEvery) {
+      this.sendAck();
+      return;
+    }
+    if (!this.ackTimer) this.ackTimer = setTimeout(() => this.sendAck(), this.ackDelayMs);
+  }
+
+  sendAck() {
+    clearTimeout(this.ackTimer);
+    this.ackTimer = 0;
+    if (this.lastSeq <= this.ackedSeq || this.resuming) return;
+    if (this.ws && this.ws.readyState === WebSocket.OPEN) {
+      this.ws.send(JSON.stringify({ type: 'ack', seq: this.lastSeq }));
+      this.ackedSeq = this.lastSeq;
+    }
+  }
+
+  /** The server did know our old ID any more (grace period over, or it restarted). */
   resumeFailed() {
     this.resuming = false;
     // Held call messages were addressed as the old ID; they mean nothing now.
     this.pending = [];
+    // Sequence numbers belong to an ID: continue with the fresh one's.
+    this.lastSeq = this.freshSeq;
+    this.ackedSeq = 0;
     this.adopt(this.fallback, { resumed: false });
   }
 

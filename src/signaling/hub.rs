@@ -49,12 +49,14 @@ use std::time::Instant;
 use bytes::Bytes;
 use serde_json::value::RawValue;
 
+use super::delivery::{AckBeyond, Envelope, Origin};
 use super::directory::{
-    Binding, CallState, Delivery, Directory, Outbox as _, RegisterError, ResumeError, Stale,
+    AckError, Binding, CallState, Delivery, Directory, Expired, Joining, Outbox as _,
+    RegisterError, ResumeError, Stale,
 };
 use super::protocol::{
-    self, ClientId, ClientMessage, CloseCode, EndReason, ErrorCode, MessageKind, ProtocolError,
-    ResumeToken, ServerMessage,
+    self, ClientId, ClientMessage, CloseCode, DropReason, EndReason, ErrorCode, MessageKind,
+    ProtocolError, ResumeToken, ServerMessage,
 };
 use super::SignalingLimits;
 
@@ -249,6 +251,9 @@ pub enum RuleError {
         /// The message type.
         kind: MessageKind,
     },
+    /// An `ack` named a sequence number the server never sent.
+    #[error(transparent)]
+    AckBeyond(#[from] AckBeyond),
     /// Wrong token, unknown or expired ID — deliberately one answer for all three.
     #[error("ID {0} cannot be resumed: it is unknown or expired, or the token is wrong.")]
     ResumeFailed(ClientId),
@@ -271,6 +276,7 @@ impl RuleError {
             Self::AlreadyInCall { .. } => ErrorCode::AlreadyInCall,
             Self::NotInCall(_) => ErrorCode::NotInCall,
             Self::WrongCallState { .. } => ErrorCode::WrongCallState,
+            Self::AckBeyond(_) => ErrorCode::InvalidField,
             Self::ResumeFailed(_) => ErrorCode::ResumeFailed,
             Self::ResumeNotAllowed => ErrorCode::ResumeNotAllowed,
             Self::Stale(_) => ErrorCode::SessionReplaced,
@@ -334,11 +340,36 @@ impl<D: Directory> Hub<D> {
         ice_servers: Option<IceServersFor>,
         now: Instant,
     ) -> Result<Attachment, ConnectError> {
+        self.join(outbox, ice_servers, Joining::default(), now)
+    }
+
+    /// [`Hub::connect`] for a connection whose address and delivery mode are known: the address
+    /// counts towards [`SignalingLimits::reservations_per_ip`], and a connection that opted in to
+    /// acknowledgements gets `seq` in every message (see [`super::delivery`]).
+    pub fn join(
+        &self,
+        outbox: D::Outbox,
+        ice_servers: Option<IceServersFor>,
+        joining: Joining,
+        now: Instant,
+    ) -> Result<Attachment, ConnectError> {
         let heartbeat = self.limits.heartbeat_interval;
-        let binding = self.directory.register(outbox, now, |id, token| {
-            let ice = ice_servers.as_ref().and_then(|make| make(id));
-            id_frame(id, token, false, heartbeat, ice.as_deref())
-        })?;
+        let mut evicted = Vec::new();
+        let registered = self.directory.register(
+            outbox,
+            joining,
+            now,
+            |id, token| {
+                let ice = ice_servers.as_ref().and_then(|make| make(id));
+                id_frame(id, token, false, None, heartbeat, ice.as_deref())
+            },
+            &mut evicted,
+        );
+        for gone in evicted {
+            tracing::debug!(client = %gone.id, "reservation ended to make room for a live client");
+            self.gone(gone, now);
+        }
+        let binding = registered?;
         Ok(Attachment {
             binding,
             violations: 0,
@@ -387,24 +418,56 @@ impl<D: Directory> Hub<D> {
 
     /// The connection is gone. See [`Departure`] for the difference between a drop and a leave.
     pub fn disconnect(&self, conn: Attachment, departure: Departure, now: Instant) {
-        match departure {
-            Departure::Dropped => {
-                self.directory.detach(conn.binding, now);
-            }
-            Departure::Left => {
-                if let Ok(Some(peer)) = self.directory.release(conn.binding) {
-                    let mut outcome = Outcome::default();
-                    self.notify_gone(peer, conn.id(), now, &mut outcome);
-                    self.observe(
-                        CallEvent::Ended {
-                            by: conn.id(),
-                            peer,
-                            reason: EndReason::PeerGone,
-                        },
-                        now,
-                    );
+        let gone = match departure {
+            Departure::Dropped => match self.directory.detach(conn.binding, now) {
+                Ok(Some(freed)) => {
+                    tracing::debug!(client = %freed.id, "address holds its share of reservations; ID freed");
+                    Some(freed)
                 }
+                Ok(None) | Err(Stale) => None,
+            },
+            Departure::Left => self.directory.release(conn.binding).ok(),
+        };
+        if let Some(gone) = gone {
+            self.gone(gone, now);
+        }
+    }
+
+    /// An ID went away for good: its call peer gets `close-call-server` (reason `peer_gone`) and
+    /// each sender of a message still held for it gets one `undelivered` with the count.
+    fn gone(&self, gone: Expired, now: Instant) {
+        let mut outcome = Outcome::default();
+        let mut senders: Vec<(ClientId, usize, Option<MessageKind>)> = Vec::new();
+        for Origin { from, kind } in gone.lost {
+            match senders.iter_mut().find(|(sender, ..)| *sender == from) {
+                Some((_, count, first)) => {
+                    *count += 1;
+                    if *first != Some(kind) {
+                        *first = None;
+                    }
+                }
+                None => senders.push((from, 1, Some(kind))),
             }
+        }
+        for (from, count, request) in senders {
+            let message = ServerMessage::Undelivered {
+                to: gone.id,
+                reason: DropReason::RecipientGone,
+                count,
+                request,
+            };
+            self.send(from, Envelope::new(message.to_json()), now, &mut outcome);
+        }
+        if let Some(peer) = gone.peer {
+            self.observe(
+                CallEvent::Ended {
+                    by: gone.id,
+                    peer,
+                    reason: EndReason::PeerGone,
+                },
+                now,
+            );
+            self.notify_gone(peer, gone.id, now, &mut outcome);
         }
     }
 
@@ -420,23 +483,7 @@ impl<D: Directory> Hub<D> {
                 return next;
             }
             for gone in expired.drain(..) {
-                if let Some(peer) = gone.peer {
-                    self.observe(
-                        CallEvent::Ended {
-                            by: gone.id,
-                            peer,
-                            reason: EndReason::PeerGone,
-                        },
-                        now,
-                    );
-                    let frame = ServerMessage::CloseCallServer {
-                        peer: gone.id,
-                        reason: EndReason::PeerGone,
-                    }
-                    .encode();
-                    // An overflow here makes another reservation due now; the loop picks it up.
-                    let _ = self.directory.deliver(peer, frame, now);
-                }
+                self.gone(gone, now);
             }
         }
     }
@@ -454,6 +501,10 @@ impl<D: Directory> Hub<D> {
         outcome: &mut Outcome,
     ) -> Result<(), RuleError> {
         let me = conn.id();
+        let origin = Origin {
+            from: me,
+            kind: message.kind(),
+        };
         match message {
             ClientMessage::VideoOfferRequest { callee, offer } => {
                 self.start_call(conn, callee, offer, now, outcome)
@@ -477,7 +528,7 @@ impl<D: Directory> Hub<D> {
                     callee: me,
                     answer,
                 };
-                self.send(caller, frame.encode(), now, outcome);
+                self.send(caller, relaying(&frame, origin), now, outcome);
                 let event = if accepted {
                     CallEvent::Answered { caller, callee: me }
                 } else {
@@ -486,63 +537,50 @@ impl<D: Directory> Hub<D> {
                 self.observe(event, now);
                 Ok(())
             }
-            ClientMessage::CloseCallClient { peer, reason } => self.end_call(
-                conn,
-                peer,
-                reason,
-                MessageKind::CloseCallClient,
-                now,
-                outcome,
-            ),
-            ClientMessage::Cancel { peer } => self.end_call(
-                conn,
-                peer,
-                EndReason::Cancelled,
-                MessageKind::Cancel,
-                now,
-                outcome,
-            ),
+            ClientMessage::CloseCallClient { peer, reason } => {
+                self.end_call(conn, peer, reason, origin, now, outcome)
+            }
+            ClientMessage::Cancel { peer } => {
+                self.end_call(conn, peer, EndReason::Cancelled, origin, now, outcome)
+            }
             ClientMessage::IceCandidate { peer, candidate } => self.relay(
                 conn,
                 peer,
-                MessageKind::IceCandidate,
+                origin,
                 now,
                 outcome,
                 |_| true,
-                || {
-                    ServerMessage::IceCandidate {
-                        peer: me,
-                        candidate,
-                    }
-                    .encode()
+                || ServerMessage::IceCandidate {
+                    peer: me,
+                    candidate,
                 },
             ),
             ClientMessage::Ringing { peer } => self.relay(
                 conn,
                 peer,
-                MessageKind::Ringing,
+                origin,
                 now,
                 outcome,
                 |s| matches!(s, CallState::Called { .. }),
-                || ServerMessage::Ringing { peer: me }.encode(),
+                || ServerMessage::Ringing { peer: me },
             ),
             ClientMessage::Offer { peer, offer } => self.relay(
                 conn,
                 peer,
-                MessageKind::Offer,
+                origin,
                 now,
                 outcome,
                 |s| matches!(s, CallState::InCall { .. }),
-                || ServerMessage::Offer { peer: me, offer }.encode(),
+                || ServerMessage::Offer { peer: me, offer },
             ),
             ClientMessage::Answer { peer, answer } => self.relay(
                 conn,
                 peer,
-                MessageKind::Answer,
+                origin,
                 now,
                 outcome,
                 |s| matches!(s, CallState::InCall { .. }),
-                || ServerMessage::Answer { peer: me, answer }.encode(),
+                || ServerMessage::Answer { peer: me, answer },
             ),
             ClientMessage::Normal { text } => {
                 let shown = match text.char_indices().nth(self.limits.max_logged_chars) {
@@ -550,19 +588,25 @@ impl<D: Directory> Hub<D> {
                     None => &text[..],
                 };
                 // Debug formatting escapes newlines and control characters: no forged log lines.
-                tracing::info!(client = %me, text = ?shown, truncated = shown.len() < text.len(), "normal message");
+                // DEBUG, not INFO: a client may send 20 a second, and they are no one's business.
+                tracing::debug!(client = %me, text = ?shown, truncated = shown.len() < text.len(), "normal message");
                 Ok(())
             }
-            ClientMessage::Resume { id, token } => self.resume(conn, id, &token, now, outcome),
+            ClientMessage::Resume {
+                id,
+                token,
+                last_seq,
+            } => self.resume(conn, id, &token, last_seq, now, outcome),
             ClientMessage::Ping => {
-                self.reply(
-                    conn,
-                    Bytes::from_static(br#"{"type":"pong"}"#),
-                    now,
-                    outcome,
-                );
+                let pong = Envelope::new(ServerMessage::Pong.to_json());
+                self.reply(conn, pong, now, outcome);
                 Ok(())
             }
+            ClientMessage::Ack { seq } => match self.directory.ack(conn.binding, seq) {
+                Ok(()) => Ok(()),
+                Err(AckError::Stale(stale)) => Err(stale.into()),
+                Err(AckError::Beyond(beyond)) => Err(beyond.into()),
+            },
         }
     }
 
@@ -598,7 +642,11 @@ impl<D: Directory> Hub<D> {
                     caller: conn.id(),
                     offer,
                 };
-                self.send(callee, frame.encode(), now, outcome);
+                let origin = Origin {
+                    from: conn.id(),
+                    kind: MessageKind::VideoOfferRequest,
+                };
+                self.send(callee, relaying(&frame, origin), now, outcome);
                 self.observe(
                     CallEvent::Offered {
                         caller: conn.id(),
@@ -609,7 +657,7 @@ impl<D: Directory> Hub<D> {
                 Ok(())
             }
             Err(Refusal::Busy) => {
-                let frame = ServerMessage::Busy { peer: callee }.encode();
+                let frame = Envelope::new(ServerMessage::Busy { peer: callee }.to_json());
                 self.reply(conn, frame, now, outcome);
                 Ok(())
             }
@@ -622,10 +670,11 @@ impl<D: Directory> Hub<D> {
         conn: &Attachment,
         peer: ClientId,
         reason: EndReason,
-        kind: MessageKind,
+        origin: Origin,
         now: Instant,
         outcome: &mut Outcome,
     ) -> Result<(), RuleError> {
+        let kind = origin.kind;
         self.directory
             .update_call(conn.binding, peer, |mine, _| match mine {
                 CallState::Calling { peer: p } if p == peer => Ok(CallState::Idle),
@@ -639,7 +688,7 @@ impl<D: Directory> Hub<D> {
             peer: conn.id(),
             reason,
         };
-        self.send(peer, frame.encode(), now, outcome);
+        self.send(peer, relaying(&frame, origin), now, outcome);
         self.observe(
             CallEvent::Ended {
                 by: conn.id(),
@@ -654,21 +703,21 @@ impl<D: Directory> Hub<D> {
     /// Forwards a message to the sender's call peer if the sender's call is with `peer` and in a
     /// phase `allowed` accepts.
     #[allow(clippy::too_many_arguments)]
-    fn relay(
+    fn relay<'a>(
         &self,
         conn: &Attachment,
         peer: ClientId,
-        kind: MessageKind,
+        origin: Origin,
         now: Instant,
         outcome: &mut Outcome,
         allowed: impl FnOnce(CallState) -> bool,
-        frame: impl FnOnce() -> Bytes,
+        message: impl FnOnce() -> ServerMessage<'a>,
     ) -> Result<(), RuleError> {
         let state = self.directory.call_state(conn.binding)?;
         if state.peer() != Some(peer) || !allowed(state) {
-            return Err(wrong_state(state, peer, kind));
+            return Err(wrong_state(state, peer, origin.kind));
         }
-        self.send(peer, frame(), now, outcome);
+        self.send(peer, relaying(&message(), origin), now, outcome);
         Ok(())
     }
 
@@ -677,23 +726,30 @@ impl<D: Directory> Hub<D> {
         conn: &mut Attachment,
         target: ClientId,
         token: &ResumeToken,
+        last_seq: Option<u64>,
         now: Instant,
         outcome: &mut Outcome,
     ) -> Result<(), RuleError> {
         let heartbeat = self.limits.heartbeat_interval;
         let ice = conn.ice_servers.clone();
-        let resumed = self
-            .directory
-            .resume(conn.binding, target, token, now, |id, token| {
+        let resumed = self.directory.resume(
+            conn.binding,
+            target,
+            token,
+            last_seq,
+            now,
+            |id, token, missed| {
                 let ice = ice.as_ref().and_then(|make| make(id));
-                id_frame(id, token, true, heartbeat, ice.as_deref())
-            });
+                id_frame(id, token, true, missed, heartbeat, ice.as_deref())
+            },
+        );
         match resumed {
             Ok(resumed) => {
                 tracing::debug!(
                     from = %conn.id(),
                     to = %target,
                     delivered = resumed.delivered,
+                    missed = ?resumed.missed,
                     call = ?resumed.call,
                     "resumed"
                 );
@@ -721,24 +777,39 @@ impl<D: Directory> Hub<D> {
         }
     }
 
-    /// Delivers to another ID, noting a slow peer or an overflowed reservation.
-    fn send(&self, to: ClientId, frame: Bytes, now: Instant, outcome: &mut Outcome) {
-        match self.directory.deliver(to, frame, now) {
+    /// Delivers to another ID, noting a slow peer; a message that cannot be held is reported to
+    /// its sender with `undelivered`.
+    fn send(&self, to: ClientId, message: Envelope, now: Instant, outcome: &mut Outcome) {
+        let origin = message.origin();
+        match self.directory.deliver(to, message, now) {
             Delivery::Sent | Delivery::Queued | Delivery::NoSuchClient => {}
             Delivery::Detached => {
                 tracing::debug!(client = %to, "outbox full; detached");
                 outcome.detached_peer = Some(to);
             }
-            Delivery::Overflowed => {
-                tracing::debug!(client = %to, "resume queue full; reservation ends");
-                self.expire(now);
+            Delivery::Dropped { reason, detached } => {
+                tracing::debug!(client = %to, %reason, detached, "message dropped; sender told");
+                if detached {
+                    outcome.detached_peer = Some(to);
+                }
+                // Server notices (origin `None`) have nobody to tell; the recipient learns the
+                // missed range on resume.
+                if let Some(Origin { from, kind }) = origin {
+                    let notice = ServerMessage::Undelivered {
+                        to,
+                        reason,
+                        count: 1,
+                        request: Some(kind),
+                    };
+                    self.send(from, Envelope::new(notice.to_json()), now, outcome);
+                }
             }
         }
     }
 
-    /// Queues a frame for the connection itself; if it cannot take it, the connection must close.
-    fn reply(&self, conn: &Attachment, frame: Bytes, now: Instant, outcome: &mut Outcome) {
-        match self.directory.reply(conn.binding, frame, now) {
+    /// Queues a message for the connection itself; if it cannot take it, the connection must close.
+    fn reply(&self, conn: &Attachment, message: Envelope, now: Instant, outcome: &mut Outcome) {
+        match self.directory.reply(conn.binding, message, now) {
             Ok(Delivery::Sent) => {}
             Ok(_) | Err(Stale) => outcome.close = Some(CloseCode::PolicyViolation),
         }
@@ -749,7 +820,7 @@ impl<D: Directory> Hub<D> {
             peer: gone,
             reason: EndReason::PeerGone,
         };
-        self.send(peer, frame.encode(), now, outcome);
+        self.send(peer, Envelope::new(frame.to_json()), now, outcome);
     }
 
     fn refuse(
@@ -792,7 +863,7 @@ impl<D: Directory> Hub<D> {
             message,
             request: kind,
         };
-        self.reply(conn, frame.encode(), now, &mut outcome);
+        self.reply(conn, Envelope::new(frame.to_json()), now, &mut outcome);
         if code.is_violation() {
             conn.violations += 1;
             if conn.violations >= self.limits.max_violations {
@@ -802,7 +873,7 @@ impl<D: Directory> Hub<D> {
                     message: code.describe(),
                     request: None,
                 };
-                self.reply(conn, frame.encode(), now, &mut outcome);
+                self.reply(conn, Envelope::new(frame.to_json()), now, &mut outcome);
                 outcome.close = Some(CloseCode::PolicyViolation);
             }
         }
@@ -814,6 +885,7 @@ fn id_frame(
     id: ClientId,
     token: &ResumeToken,
     resumed: bool,
+    missed: Option<(u64, u64)>,
     heartbeat: std::time::Duration,
     ice_servers: Option<&RawValue>,
 ) -> Bytes {
@@ -821,10 +893,16 @@ fn id_frame(
         id,
         token,
         resumed,
+        missed,
         heartbeat,
         ice_servers,
     }
     .encode()
+}
+
+/// A server message relaying what `origin` sent.
+fn relaying(message: &ServerMessage<'_>, origin: Origin) -> Envelope {
+    Envelope::relaying(message.to_json(), origin)
 }
 
 /// The refusal for a message about `peer` that the sender's call state `mine` does not allow.
@@ -922,8 +1000,21 @@ mod tests {
     }
 
     fn connect_with_capacity(hub: &TestHub, now: Instant, capacity: usize) -> Client {
+        join_with(hub, now, capacity, Joining::default())
+    }
+
+    /// A client that opted in to `seq` and acknowledgements.
+    fn join_acking(hub: &TestHub, now: Instant, capacity: usize) -> Client {
+        let joining = Joining {
+            address: None,
+            acks: true,
+        };
+        join_with(hub, now, capacity, joining)
+    }
+
+    fn join_with(hub: &TestHub, now: Instant, capacity: usize, joining: Joining) -> Client {
         let outbox = TestOutbox::with_capacity(capacity);
-        let conn = hub.connect(outbox.clone(), None, now).expect("room");
+        let conn = hub.join(outbox.clone(), None, joining, now).expect("room");
         let mut client = Client {
             id: conn.id().get(),
             conn: RefCell::new(Some(conn)),
@@ -1640,12 +1731,14 @@ mod tests {
         assert_eq!(c.error_code(), "rate_limited");
     }
 
+    /// Only what B truly processed counts: B acknowledges with `seq`, so frames that sat in its
+    /// outbox (or its socket) when it was cut off are replayed on resume, none twice.
     #[test]
     fn a_slow_peer_is_detached_and_can_resume_what_it_missed() {
         let hub = hub();
         let now = Instant::now();
         let a = connect(&hub, now);
-        let b = connect_with_capacity(&hub, now, 4);
+        let b = join_acking(&hub, now, 4);
         ok(&hub, &a, &offer(&a, &b), now);
         // B never reads: three more frames fit, the fourth detaches it.
         let mut detached_at = None;
@@ -1659,13 +1752,60 @@ mod tests {
         }
         assert_eq!(detached_at, Some(3));
         assert!(b.outbox.dropped_by_directory());
-        assert_eq!(b.inbox().len(), 4);
+        // What sat in B's outbox never reached B; B processed only the offer (seq 1).
+        let queued = b.json();
+        assert_eq!(queued[0]["type"], "video-answer-request");
+        assert_eq!(queued[0]["seq"], 1);
         // B's session notices and closes; its old attachment is stale.
         let outcome = send(&hub, &b, r#"{"type":"ping"}"#, now);
         assert_eq!(outcome.close, Some(CloseCode::PolicyViolation));
         hub.disconnect(b.leave(), Departure::Dropped, now);
-        // It comes back and gets candidates 3, 4, 5.
-        let mut b2 = connect(&hub, now);
+        // It comes back and gets candidates 0 to 5, in order, numbered 2 to 7.
+        let mut b2 = join_acking(&hub, now, 64);
+        ok(
+            &hub,
+            &b2,
+            &format!(
+                r#"{{"type":"resume","id":{},"token":"{}","last_seq":1}}"#,
+                b.id, b.token
+            ),
+            now,
+        );
+        let frames = b2.json();
+        assert_eq!(frames.len(), 7, "{frames:?}");
+        assert_eq!(frames[0]["resumed"], true);
+        for (n, frame) in frames[1..].iter().enumerate() {
+            assert!(frame["candidate"]["candidate"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("candidate:{n} ")));
+            assert_eq!(frame["seq"], n + 2);
+        }
+        a.nothing();
+        b2.id = b.id;
+        ok(&hub, &b2, &accept(&b2, &a), now);
+        assert_eq!(a.one()["type"], "server-reply");
+    }
+
+    /// A client that does not acknowledge keeps the seed's behaviour: from the frame that did not
+    /// fit on, everything is kept for its resume.
+    #[test]
+    fn a_slow_peer_without_acks_resumes_from_the_frame_that_did_not_fit() {
+        let hub = hub();
+        let now = Instant::now();
+        let a = connect(&hub, now);
+        let b = connect_with_capacity(&hub, now, 4);
+        ok(&hub, &a, &offer(&a, &b), now);
+        for n in 0..6 {
+            assert_eq!(send(&hub, &a, &candidate(&a, &b, n), now).close, None);
+        }
+        let queued = b.json();
+        assert!(
+            queued.iter().all(|f| f.get("seq").is_none()),
+            "no seq unless asked"
+        );
+        hub.disconnect(b.leave(), Departure::Dropped, now);
+        let b2 = connect(&hub, now);
         ok(&hub, &b2, &resume_text(b.id, &b.token), now);
         let frames = b2.json();
         assert_eq!(frames.len(), 4);
@@ -1675,9 +1815,6 @@ mod tests {
                 .unwrap()
                 .starts_with(&format!("candidate:{n} ")));
         }
-        b2.id = b.id;
-        ok(&hub, &b2, &accept(&b2, &a), now);
-        assert_eq!(a.one()["type"], "server-reply");
     }
 
     #[test]
@@ -1692,7 +1829,7 @@ mod tests {
     }
 
     #[test]
-    fn a_reservation_whose_queue_overflows_ends_early_and_the_peer_is_told() {
+    fn over_its_budget_a_reservation_drops_tells_the_sender_and_reports_the_gap() {
         let hub = hub_with(SignalingLimits {
             resume_queue_messages: 3,
             ..SignalingLimits::default()
@@ -1704,16 +1841,44 @@ mod tests {
             ok(&hub, &a, &candidate(&a, &b, n), now);
             a.nothing();
         }
-        ok(&hub, &a, &candidate(&a, &b, 3), now);
-        assert_eq!(
-            a.inbox(),
-            [format!(
-                r#"{{"type":"close-call-server","clientId":{},"reason":"peer_gone"}}"#,
-                b.id
-            )]
-        );
-        assert_eq!(hub.directory().len(), 1);
-        assert_eq!(hub.directory().queued_bytes(), 0);
+        for n in 3..5 {
+            ok(&hub, &a, &candidate(&a, &b, n), now);
+            let told = a.one();
+            assert_eq!(told["code"], "undelivered");
+            assert_eq!(told["clientId"], b.id);
+            assert_eq!(told["request"], "ice-candidate");
+            assert_eq!(told["reason"], "queue_full");
+        }
+        // The reservation lives on; B gets the three and learns which numbers it missed.
+        let b2 = connect(&hub, now);
+        ok(&hub, &b2, &resume_text(b.id, &b.token), now);
+        let frames = b2.json();
+        assert_eq!(frames.len(), 4);
+        // Seq 1 was B's incoming call; candidates 0..=2 are 2..=4 (held), 3 and 4 are 5 and 6.
+        assert_eq!(frames[0]["missed"], json!([5, 6]));
+        assert_eq!(hub.directory().len(), 2);
+        assert_eq!(hub.directory().held_bytes(), 0);
+    }
+
+    #[test]
+    fn when_a_reservation_expires_each_sender_is_told_what_was_not_delivered() {
+        let hub = hub();
+        let start = Instant::now();
+        let (a, b) = call(&hub, start);
+        hub.disconnect(b.leave(), Departure::Dropped, start);
+        for n in 0..3 {
+            ok(&hub, &a, &candidate(&a, &b, n), start);
+        }
+        a.nothing();
+        hub.expire(start + Duration::from_secs(31));
+        let told = a.json();
+        assert_eq!(told.len(), 2, "{told:?}");
+        assert_eq!(told[0]["code"], "undelivered");
+        assert_eq!(told[0]["count"], 3);
+        assert_eq!(told[0]["reason"], "recipient_gone");
+        assert_eq!(told[0]["request"], "ice-candidate");
+        assert_eq!(told[1]["type"], "close-call-server");
+        assert_eq!(told[1]["reason"], "peer_gone");
     }
 
     #[test]
@@ -1763,7 +1928,7 @@ mod tests {
                 hub.directory().len()
             );
         }
-        assert_eq!(hub.directory().queued_bytes(), 0);
+        assert_eq!(hub.directory().held_bytes(), 0);
         assert_eq!(hub.directory().pending_deadlines(), 0);
     }
 

@@ -5,6 +5,7 @@
 //! | `protocol.rs` | the JSON on the wire: client and server messages, error and close codes |
 //! | `hub.rs` | the rules: who may send what to whom, call states, resume — no I/O, no clock |
 //! | `directory.rs` | where each ID lives (live outbox or reservation) and its call state |
+//! | `delivery.rs` | what each ID is owed: sequence numbers, messages held until acknowledged |
 //! | `outbox.rs` | a connection's bounded queue of frames to send, filled by the hub |
 //! | `session.rs` | one WebSocket: upgrade checks, the session loop, heartbeat, size and rate limits |
 //! | `wire.rs` | WebSocket frames in and out, with no buffer kept between messages |
@@ -14,6 +15,7 @@
 
 use std::time::Duration;
 
+pub mod delivery;
 pub mod directory;
 pub mod hub;
 pub mod outbox;
@@ -33,17 +35,22 @@ pub struct SignalingLimits {
     /// How long a dropped connection's ID stays reserved for a resume. Default 30 s: long enough
     /// for a Wi-Fi to mobile handover, short enough that the peer is not left waiting.
     pub resume_grace: Duration,
-    /// Most messages held for one reserved ID. Default 64, far above a call setup's worth of
-    /// candidates; beyond it the reservation ends early and the peer is told.
+    /// Most messages held for one ID (unacknowledged, or arrived while it is reserved). Default
+    /// 64, far above a call setup's worth of candidates; beyond it messages are dropped and their
+    /// senders told (`undelivered`).
     pub resume_queue_messages: usize,
-    /// Most bytes held for one reserved ID. Default 256 KiB (four 64 KiB messages).
+    /// Most bytes held for one ID. Default 256 KiB (four 64 KiB messages).
     pub resume_queue_bytes: usize,
-    /// Most bytes held for all reserved IDs together, so many dropped clients cannot exhaust
-    /// memory. Default 64 MiB.
+    /// Most bytes held for all IDs together, so many dropped clients cannot exhaust memory.
+    /// Default 64 MiB.
     pub resume_queue_bytes_total: usize,
-    /// Most IDs (live and reserved) held at once; connects beyond it get `server_full`.
+    /// Most IDs (live and reserved) held at once. When full, the oldest reservation is ended to
+    /// make room for a live client; with only live IDs, connects get `server_full`.
     /// Default 100 000.
     pub max_clients: usize,
+    /// Most reserved IDs per client address (IPv6 per /64); a further drop from the address frees
+    /// its ID at once. Default 16, so connect-and-drop churn cannot fill the directory.
+    pub reservations_per_ip: usize,
     /// Deepest nesting of objects and arrays accepted in a message. Default 32; an SDP object
     /// needs 2.
     pub max_nesting_depth: usize,
@@ -69,6 +76,7 @@ impl Default for SignalingLimits {
             resume_queue_bytes: 256 * 1024,
             resume_queue_bytes_total: 64 * 1024 * 1024,
             max_clients: 100_000,
+            reservations_per_ip: 16,
             max_nesting_depth: 32,
             max_violations: 16,
             max_resume_failures: 3,

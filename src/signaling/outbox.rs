@@ -9,8 +9,13 @@
 //! There is one sender. Dropping it is how the hub tells the session "this connection is done"
 //! (another connection resumed its ID, or its queue overflowed): the receiver then sees the end
 //! after the frames already queued.
+//!
+//! A queue is bounded in frames and in bytes, and all queues together by one [`OutboxBudget`]:
+//! once that is spent, a connection with more than [`PRESSURE_BYTES`] queued counts as too slow
+//! (its push fails, and the hub detaches it), while one that keeps up still gets its frames.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
@@ -18,16 +23,65 @@ use bytes::Bytes;
 
 use super::directory::{Outbox, PushError};
 
-/// A new outbox holding at most `capacity` frames.
+/// Under global pressure, a queue holding more than this many bytes refuses new frames. One
+/// largest message: a client that keeps up rarely has more waiting.
+pub const PRESSURE_BYTES: usize = 64 * 1024;
+
+/// The byte budget shared by every connection's outbox.
+#[derive(Debug)]
+pub struct OutboxBudget {
+    /// Most bytes queued over all outboxes (soft: see [`PRESSURE_BYTES`]).
+    limit: usize,
+    /// Bytes queued now.
+    used: AtomicUsize,
+}
+
+impl OutboxBudget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Self {
+            limit,
+            used: AtomicUsize::new(0),
+        })
+    }
+
+    /// Bytes queued over all outboxes now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
+/// How much one outbox may hold.
+#[derive(Clone, Debug)]
+pub struct OutboxLimits {
+    /// Most frames queued.
+    pub frames: usize,
+    /// Most bytes queued.
+    pub bytes: usize,
+    /// The budget over all outboxes, if any.
+    pub budget: Option<Arc<OutboxBudget>>,
+}
+
+/// A new outbox holding at most `capacity` frames (of any size, outside any shared budget).
 pub fn channel(capacity: usize) -> (OutboxSender, OutboxReceiver) {
+    bounded(OutboxLimits {
+        frames: capacity,
+        bytes: usize::MAX,
+        budget: None,
+    })
+}
+
+/// A new outbox holding what `limits` allow.
+pub fn bounded(limits: OutboxLimits) -> (OutboxSender, OutboxReceiver) {
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
             frames: VecDeque::new(),
+            bytes: 0,
             waker: None,
             sender_gone: false,
             receiver_gone: false,
         }),
-        capacity,
+        limits,
     });
     (
         OutboxSender {
@@ -56,8 +110,8 @@ pub struct OutboxReceiver {
 struct Shared {
     /// The frames and who is still there.
     state: Mutex<State>,
-    /// Most frames queued at once.
-    capacity: usize,
+    /// Most frames and bytes queued at once.
+    limits: OutboxLimits,
 }
 
 /// The queue proper.
@@ -65,6 +119,8 @@ struct Shared {
 struct State {
     /// Frames not yet taken by the session.
     frames: VecDeque<Bytes>,
+    /// Their total length.
+    bytes: usize,
     /// The session waiting for a frame, if it is.
     waker: Option<Waker>,
     /// The sender was dropped: no more frames will come.
@@ -87,9 +143,19 @@ impl Outbox for OutboxSender {
         if state.receiver_gone {
             return Err(PushError::Closed(frame));
         }
-        if state.frames.len() >= self.shared.capacity {
+        let len = frame.len();
+        let limits = &self.shared.limits;
+        if state.frames.len() >= limits.frames || state.bytes.saturating_add(len) > limits.bytes {
             return Err(PushError::Full(frame));
         }
+        if let Some(budget) = &limits.budget {
+            let used = budget.used.fetch_add(len, Ordering::Relaxed) + len;
+            if used > budget.limit && state.bytes > PRESSURE_BYTES {
+                budget.used.fetch_sub(len, Ordering::Relaxed);
+                return Err(PushError::Full(frame));
+            }
+        }
+        state.bytes += len;
         state.frames.push_back(frame);
         let waker = state.waker.take();
         drop(state);
@@ -97,6 +163,23 @@ impl Outbox for OutboxSender {
             waker.wake();
         }
         Ok(())
+    }
+
+    fn take_unsent(&self) -> Vec<Bytes> {
+        self.take_all()
+    }
+}
+
+impl OutboxSender {
+    /// See [`Outbox::take_unsent`].
+    fn take_all(&self) -> Vec<Bytes> {
+        let mut state = self.shared.lock();
+        let frames: Vec<Bytes> = std::mem::take(&mut state.frames).into();
+        if let Some(budget) = &self.shared.limits.budget {
+            budget.used.fetch_sub(state.bytes, Ordering::Relaxed);
+        }
+        state.bytes = 0;
+        frames
     }
 }
 
@@ -116,7 +199,7 @@ impl OutboxReceiver {
     /// The next frame; `None` once the sender is gone and every frame has been taken.
     pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
         let mut state = self.shared.lock();
-        if let Some(frame) = pop(&mut state) {
+        if let Some(frame) = pop(&mut state, &self.shared.limits) {
             return Poll::Ready(Some(frame));
         }
         if state.sender_gone {
@@ -131,7 +214,12 @@ impl OutboxReceiver {
 
     /// The next frame if one is queued.
     pub fn try_recv(&mut self) -> Option<Bytes> {
-        pop(&mut self.shared.lock())
+        pop(&mut self.shared.lock(), &self.shared.limits)
+    }
+
+    /// Bytes queued and not yet taken.
+    pub fn queued_bytes(&self) -> usize {
+        self.shared.lock().bytes
     }
 
     /// Whether the sender is gone (frames already queued can still be taken).
@@ -151,12 +239,20 @@ impl Drop for OutboxReceiver {
         state.receiver_gone = true;
         // Frames nobody will send are freed now, not when the hub lets go of the sender.
         state.frames = VecDeque::new();
+        if let Some(budget) = &self.shared.limits.budget {
+            budget.used.fetch_sub(state.bytes, Ordering::Relaxed);
+        }
+        state.bytes = 0;
     }
 }
 
 /// Takes the oldest frame; the queue's memory goes back once it is empty, unless it is small.
-fn pop(state: &mut State) -> Option<Bytes> {
+fn pop(state: &mut State, limits: &OutboxLimits) -> Option<Bytes> {
     let frame = state.frames.pop_front()?;
+    state.bytes -= frame.len();
+    if let Some(budget) = &limits.budget {
+        budget.used.fetch_sub(frame.len(), Ordering::Relaxed);
+    }
     if state.frames.is_empty() && state.frames.capacity() > 4 {
         state.frames = VecDeque::new();
     }
@@ -221,6 +317,52 @@ mod tests {
         let (first, end) = waiting.await.unwrap();
         assert_eq!(first.as_deref(), Some(&b"hello"[..]));
         assert_eq!(end, None);
+    }
+
+    #[test]
+    fn a_queue_is_bounded_in_bytes() {
+        let (tx, mut rx) = bounded(OutboxLimits {
+            frames: 100,
+            bytes: 10,
+            budget: None,
+        });
+        tx.try_push(Bytes::from_static(b"123456")).unwrap();
+        assert!(matches!(
+            tx.try_push(Bytes::from_static(b"12345")),
+            Err(PushError::Full(_))
+        ));
+        tx.try_push(Bytes::from_static(b"1234")).unwrap();
+        assert_eq!(rx.queued_bytes(), 10);
+        rx.try_recv().unwrap();
+        tx.try_push(Bytes::from_static(b"12345")).unwrap();
+    }
+
+    #[test]
+    fn the_shared_budget_cuts_the_queue_that_holds_the_most_and_spares_one_that_keeps_up() {
+        let budget = OutboxBudget::new(2 * PRESSURE_BYTES);
+        let limits = OutboxLimits {
+            frames: 1000,
+            bytes: usize::MAX,
+            budget: Some(budget.clone()),
+        };
+        let (slow, slow_rx) = bounded(limits.clone());
+        let (fast, mut fast_rx) = bounded(limits);
+        let chunk = || Bytes::from(vec![0; 16 * 1024]);
+        // The slow reader fills the budget and then some.
+        let mut queued = 0;
+        while slow.try_push(chunk()).is_ok() {
+            queued += 1;
+        }
+        assert!(budget.used() >= 2 * PRESSURE_BYTES);
+        assert!(queued * 16 * 1024 > PRESSURE_BYTES);
+        // A reader that keeps up (its queue is short) still gets every frame.
+        for _ in 0..100 {
+            fast.try_push(chunk()).unwrap();
+            fast_rx.try_recv().unwrap();
+        }
+        // Dropping the slow receiver gives its bytes back.
+        drop(slow_rx);
+        assert_eq!(budget.used(), 0);
     }
 
     #[test]

@@ -163,6 +163,9 @@ pub enum ErrorCode {
     ResumeNotAllowed,
     /// This connection was taken over by a resume from another connection.
     SessionReplaced,
+    /// A message the client sent was accepted but will not reach its recipient (see
+    /// [`ServerMessage::Undelivered`]).
+    Undelivered,
     /// The frame is larger than the server accepts (enforced by the session layer).
     MessageTooLarge,
     /// A binary frame arrived; the protocol is JSON text only (enforced by the session layer).
@@ -183,7 +186,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for documentation checks and metrics registration.
-    pub const ALL: [ErrorCode; 22] = [
+    pub const ALL: [ErrorCode; 23] = [
         Self::InvalidJson,
         Self::TooDeep,
         Self::UnknownType,
@@ -198,6 +201,7 @@ impl ErrorCode {
         Self::ResumeFailed,
         Self::ResumeNotAllowed,
         Self::SessionReplaced,
+        Self::Undelivered,
         Self::MessageTooLarge,
         Self::BinaryNotSupported,
         Self::RateLimited,
@@ -225,6 +229,7 @@ impl ErrorCode {
             Self::ResumeFailed => "resume_failed",
             Self::ResumeNotAllowed => "resume_not_allowed",
             Self::SessionReplaced => "session_replaced",
+            Self::Undelivered => "undelivered",
             Self::MessageTooLarge => "message_too_large",
             Self::BinaryNotSupported => "binary_not_supported",
             Self::RateLimited => "rate_limited",
@@ -256,6 +261,7 @@ impl ErrorCode {
             }
             Self::ResumeNotAllowed => "Hang up your current call before resuming another ID.",
             Self::SessionReplaced => "Another connection resumed this ID; this one is closing.",
+            Self::Undelivered => "A message you sent could not be delivered.",
             Self::MessageTooLarge => "The message is larger than the server accepts.",
             Self::BinaryNotSupported => "Binary frames are not supported; send JSON text.",
             Self::RateLimited => "You are sending messages too fast; slow down.",
@@ -383,11 +389,13 @@ pub enum MessageKind {
     Resume,
     /// Application-level liveness check; answered with `pong`.
     Ping,
+    /// Acknowledges every server message up to a sequence number.
+    Ack,
 }
 
 impl MessageKind {
     /// Every client message type.
-    pub const ALL: [MessageKind; 11] = [
+    pub const ALL: [MessageKind; 12] = [
         Self::VideoOfferRequest,
         Self::ClientReply,
         Self::CloseCallClient,
@@ -399,6 +407,7 @@ impl MessageKind {
         Self::Answer,
         Self::Resume,
         Self::Ping,
+        Self::Ack,
     ];
 
     /// The `type` string on the wire.
@@ -415,6 +424,7 @@ impl MessageKind {
             Self::Answer => "answer",
             Self::Resume => "resume",
             Self::Ping => "ping",
+            Self::Ack => "ack",
         }
     }
 
@@ -432,10 +442,40 @@ impl MessageKind {
             "\"answer\"" => Self::Answer,
             "\"resume\"" => Self::Resume,
             "\"ping\"" => Self::Ping,
+            "\"ack\"" => Self::Ack,
             _ => return None,
         })
     }
 }
+
+/// Why a message could not be held for its recipient.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DropReason {
+    /// The ID's own budget (bytes or messages) is spent: it is away, or does not acknowledge.
+    #[error("its queue is full")]
+    QueueFull,
+    /// The budget over all IDs is spent.
+    #[error("the server is holding too many messages")]
+    ServerBusy,
+    /// The ID went away for good (left, or did not come back within the resume grace).
+    #[error("it left or did not come back in time")]
+    RecipientGone,
+}
+
+impl DropReason {
+    /// The stable code sent as `reason` in the `undelivered` error.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::QueueFull => "queue_full",
+            Self::ServerBusy => "server_busy",
+            Self::RecipientGone => "recipient_gone",
+        }
+    }
+}
+
+/// Room kept at the end of every encoded server message for `,"seq":N` (N up to 20 digits), so
+/// the directory can number it in place.
+pub const SEQ_ROOM: usize = 28;
 
 /// Why a frame could not be read as a client message. Each maps to one [`ErrorCode`].
 #[derive(Debug, thiserror::Error)]
@@ -569,9 +609,16 @@ pub enum ClientMessage<'a> {
         id: ClientId,
         /// The token from the last `id` message for that ID.
         token: ResumeToken,
+        /// The highest `seq` the client processed for that ID (`last_seq`), if it says.
+        last_seq: Option<u64>,
     },
     /// Application-level ping; the server answers `pong` to this connection.
     Ping,
+    /// Every server message up to `seq` was processed; the server may free them.
+    Ack {
+        /// The highest `seq` processed.
+        seq: u64,
+    },
 }
 
 impl ClientMessage<'_> {
@@ -589,6 +636,7 @@ impl ClientMessage<'_> {
             Self::Answer { .. } => MessageKind::Answer,
             Self::Resume { .. } => MessageKind::Resume,
             Self::Ping => MessageKind::Ping,
+            Self::Ack { .. } => MessageKind::Ack,
         }
     }
 }
@@ -621,6 +669,10 @@ struct Fields<'a> {
     message: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     token: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    seq: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    last_seq: Option<&'a RawValue>,
 }
 
 /// Deserializes a present field as raw JSON, keeping `null` (plain `Option` would turn it into `None`).
@@ -785,13 +837,33 @@ pub fn parse(frame: &[u8], max_depth: usize) -> Result<Inbound<'_>, ProtocolErro
                     field: "token",
                     expected: "the token from the last \"id\" message",
                 })?,
+            last_seq: match fields.last_seq {
+                Some(raw) if raw.get() != "null" => Some(sequence_number("last_seq", raw)?),
+                _ => None,
+            },
         },
         MessageKind::Ping => ClientMessage::Ping,
+        MessageKind::Ack => ClientMessage::Ack {
+            seq: sequence_number("seq", need("seq", fields.seq)?)?,
+        },
     };
     Ok(Inbound {
         claimed_id,
         message,
     })
+}
+
+/// A sequence number field: a non-negative JSON integer.
+fn sequence_number(field: &'static str, raw: &RawValue) -> Result<u64, ProtocolError> {
+    let text = raw.get();
+    text.bytes()
+        .all(|b| b.is_ascii_digit())
+        .then(|| text.parse().ok())
+        .flatten()
+        .ok_or(ProtocolError::InvalidField {
+            field,
+            expected: "a sequence number (a non-negative integer)",
+        })
 }
 
 /// A field the message type cannot do without; `null` counts as absent.
@@ -829,6 +901,8 @@ pub enum ServerMessage<'a> {
         token: &'a ResumeToken,
         /// True when this answers a successful `resume`.
         resumed: bool,
+        /// After a resume: the `seq` range dropped for the ID while it was away (both inclusive).
+        missed: Option<(u64, u64)>,
         /// How often the server pings at the WebSocket level, so clients can size their own timeouts.
         heartbeat: Duration,
         /// ICE servers (STUN/TURN with credentials) as opaque JSON from the caller of the hub.
@@ -890,6 +964,18 @@ pub enum ServerMessage<'a> {
     },
     /// Answer to `ping`.
     Pong,
+    /// An `error` with code `undelivered`: messages the client sent to `to` were accepted but
+    /// will not be delivered.
+    Undelivered {
+        /// The recipient.
+        to: ClientId,
+        /// Why.
+        reason: DropReason,
+        /// How many of the client's messages this covers.
+        count: usize,
+        /// The type of the client's message(s), when all were of one type.
+        request: Option<MessageKind>,
+    },
     /// The last message could not be processed.
     Error {
         /// Stable machine code.
@@ -904,6 +990,12 @@ pub enum ServerMessage<'a> {
 impl ServerMessage<'_> {
     /// Serialises the message once into a ready-to-send WebSocket text payload.
     pub fn encode(&self) -> Bytes {
+        Bytes::from(self.to_json())
+    }
+
+    /// The message's JSON, with room at the end for the `seq` the directory adds (see
+    /// [`super::delivery::Envelope`]), so numbering it never copies or reallocates.
+    pub fn to_json(&self) -> Vec<u8> {
         let payload_len = match self {
             Self::VideoAnswerRequest { offer: raw, .. }
             | Self::IceCandidate { candidate: raw, .. }
@@ -912,12 +1004,13 @@ impl ServerMessage<'_> {
             Self::ServerReply { answer, .. } => answer.map_or(0, |a| a.get().len()),
             Self::Id { ice_servers, .. } => ice_servers.map_or(0, |a| a.get().len()),
             Self::Error { message, .. } => message.len() + 64,
+            Self::Undelivered { .. } => 128,
             _ => 0,
         };
-        let mut out = Vec::with_capacity(96 + payload_len);
+        let mut out = Vec::with_capacity(96 + SEQ_ROOM + payload_len);
         self.write_to(&mut out)
             .expect("writing to a Vec cannot fail");
-        Bytes::from(out)
+        out
     }
 
     fn write_to(&self, out: &mut Vec<u8>) -> std::io::Result<()> {
@@ -926,6 +1019,7 @@ impl ServerMessage<'_> {
                 id,
                 token,
                 resumed,
+                missed,
                 heartbeat,
                 ice_servers,
             } => {
@@ -936,6 +1030,9 @@ impl ServerMessage<'_> {
                     r#"","resumed":{resumed},"version":{PROTOCOL_VERSION},"heartbeatMs":{}"#,
                     heartbeat.as_millis()
                 )?;
+                if let Some((first, last)) = missed {
+                    write!(out, r#","missed":[{first},{last}]"#)?;
+                }
                 if let Some(ice) = ice_servers {
                     out.extend_from_slice(br#","iceServers":"#);
                     out.extend_from_slice(ice.get().as_bytes());
@@ -987,6 +1084,29 @@ impl ServerMessage<'_> {
                 raw_then_close(out, answer);
             }
             Self::Pong => out.extend_from_slice(br#"{"type":"pong"}"#),
+            Self::Undelivered {
+                to,
+                reason,
+                count,
+                request,
+            } => {
+                let code = ErrorCode::Undelivered;
+                let what = match (request, count) {
+                    (Some(kind), 1) => format!("Your {} to {to} was", kind.as_str()),
+                    (_, 1) => format!("Your message to {to} was"),
+                    (_, n) => format!("{n} of your messages to {to} were"),
+                };
+                write!(out, r#"{{"type":"error","code":"{code}","message":"#)?;
+                serde_json::to_writer(&mut *out, &format!("{what} not delivered: {reason}."))?;
+                if let Some(request) = request {
+                    write!(out, r#","request":"{}""#, request.as_str())?;
+                }
+                write!(
+                    out,
+                    r#","clientId":{to},"reason":"{}","count":{count}}}"#,
+                    reason.as_str()
+                )?;
+            }
             Self::Error {
                 code,
                 message,
@@ -1299,7 +1419,11 @@ mod tests {
             assert!(!ResumeToken::random(&mut rng).matches(&token));
             let msg = format!(r#"{{"type":"resume","id":77,"token":"{text}"}}"#);
             match parse_ok(&msg).message {
-                ClientMessage::Resume { id, token: t } => {
+                ClientMessage::Resume {
+                    id,
+                    token: t,
+                    last_seq: None,
+                } => {
                     assert_eq!(id, ClientId::new(77));
                     assert!(t.matches(&token));
                 }
@@ -1308,6 +1432,80 @@ mod tests {
         }
         assert_eq!(format!("{:?}", ResumeToken([7; 16])), "ResumeToken(..)");
         assert!(ResumeToken::parse("!!!!!!!!!!!!!!!!!!!!!!").is_none());
+    }
+
+    #[test]
+    fn ack_and_last_seq_are_sequence_numbers() {
+        match parse_ok(r#"{"type":"ack","seq":42}"#).message {
+            ClientMessage::Ack { seq } => assert_eq!(seq, 42),
+            other => panic!("{other:?}"),
+        }
+        let token = ResumeToken([1; 16]);
+        let resume = format!(r#"{{"type":"resume","id":77,"token":"{token}","last_seq":9}}"#);
+        match parse_ok(&resume).message {
+            ClientMessage::Resume { last_seq, .. } => assert_eq!(last_seq, Some(9)),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(code_of(r#"{"type":"ack"}"#), ErrorCode::MissingField);
+        for bad in [r#""7""#, "-1", "1.5", "1e3", "true", "18446744073709551616"] {
+            let text = format!(r#"{{"type":"ack","seq":{bad}}}"#);
+            assert_eq!(code_of(&text), ErrorCode::InvalidField, "{bad}");
+        }
+        let resume = format!(r#"{{"type":"resume","id":77,"token":"{token}","last_seq":"x"}}"#);
+        assert_eq!(code_of(&resume), ErrorCode::InvalidField);
+    }
+
+    #[test]
+    fn the_id_message_names_the_missed_range_and_undelivered_names_what_and_why() {
+        let token = ResumeToken([0xfb; 16]);
+        let id = ServerMessage::Id {
+            id: ClientId::new(123456789),
+            token: &token,
+            resumed: true,
+            missed: Some((5, 9)),
+            heartbeat: Duration::from_secs(20),
+            ice_servers: None,
+        };
+        assert_eq!(
+            String::from_utf8(id.to_json()).unwrap(),
+            format!(
+                r#"{{"type":"id","id":123456789,"token":"{token}","resumed":true,"version":1,"heartbeatMs":20000,"missed":[5,9]}}"#
+            )
+        );
+        let undelivered = ServerMessage::Undelivered {
+            to: ClientId::new(222222222),
+            reason: DropReason::QueueFull,
+            count: 1,
+            request: Some(MessageKind::Offer),
+        };
+        assert_eq!(
+            &undelivered.encode()[..],
+            br#"{"type":"error","code":"undelivered","message":"Your offer to 222222222 was not delivered: its queue is full.","request":"offer","clientId":222222222,"reason":"queue_full","count":1}"#
+        );
+        let gone = ServerMessage::Undelivered {
+            to: ClientId::new(222222222),
+            reason: DropReason::RecipientGone,
+            count: 3,
+            request: None,
+        };
+        let json: serde_json::Value = serde_json::from_slice(&gone.encode()).unwrap();
+        assert_eq!(json["count"], 3);
+        assert_eq!(json["reason"], "recipient_gone");
+        assert!(json["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("3 of your messages"));
+    }
+
+    #[test]
+    fn every_server_message_leaves_room_for_its_seq() {
+        let ice = raw(r#"[{"urls":"stun:example.org"}]"#);
+        let json = ServerMessage::IceCandidate {
+            peer: ClientId::new(1),
+            candidate: &ice,
+        }
+        .to_json();
+        assert!(json.capacity() - json.len() >= SEQ_ROOM);
     }
 
     #[test]
@@ -1322,6 +1520,7 @@ mod tests {
                     id,
                     token: &token,
                     resumed: false,
+                    missed: None,
                     heartbeat: Duration::from_secs(20),
                     ice_servers: Some(&ice),
                 },

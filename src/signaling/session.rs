@@ -22,12 +22,13 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 
+use super::directory::Joining;
 use super::hub::{Attachment, Departure, Hub, IceServersFor};
-use super::outbox::{self, OutboxReceiver, OutboxSender};
+use super::outbox::{self, OutboxBudget, OutboxLimits, OutboxReceiver, OutboxSender};
 use super::protocol::{ClientId, CloseCode, ErrorCode, ServerMessage};
 use super::wire::{close_code_allowed, Frame, FrameReader, OpCode, Outgoing, ReadError};
 use crate::http::{text_response, Body, ConnectionContext};
-use crate::limits::{IpRefusal, PerIpLimits, SessionRates};
+use crate::limits::{IpKey, IpRefusal, PerIpLimits, SessionRates};
 use crate::metrics::{CloseReason, Limit, Metrics};
 use crate::shutdown::Shutdown;
 use crate::turn::{TurnCredentials, TurnEndpoints};
@@ -42,6 +43,11 @@ pub struct SessionSettings {
     pub max_message_bytes: usize,
     /// Frames waiting for a client before it counts as too slow and is disconnected. Default 128.
     pub outbox_frames: usize,
+    /// Bytes waiting for a client before it counts as too slow and is disconnected. Default 1 MiB.
+    pub outbox_bytes: usize,
+    /// Bytes waiting over all clients; once spent, a client with more than 64 KiB waiting counts
+    /// as too slow. Default 256 MiB.
+    pub outbox_bytes_total: usize,
     /// A write that makes no progress for this long ends the connection. Default 10 s.
     pub write_timeout: Duration,
     /// WebSocket ping interval. Default 20 s.
@@ -66,6 +72,8 @@ impl Default for SessionSettings {
         SessionSettings {
             max_message_bytes: 64 * 1024,
             outbox_frames: 128,
+            outbox_bytes: 1024 * 1024,
+            outbox_bytes_total: 256 * 1024 * 1024,
             write_timeout: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(20),
             missed_pongs: 2,
@@ -179,6 +187,8 @@ pub struct Signaling {
     metrics: Arc<Metrics>,
     /// ICE servers for the `id` message, when the TURN relay runs.
     ice: Option<Arc<IceProvider>>,
+    /// The byte budget over every session's outbox.
+    outbox_budget: Arc<OutboxBudget>,
 }
 
 impl std::fmt::Debug for Signaling {
@@ -200,6 +210,7 @@ impl Signaling {
     ) -> Arc<Self> {
         Arc::new(Signaling {
             hub,
+            outbox_budget: OutboxBudget::new(settings.outbox_bytes_total),
             settings,
             per_ip,
             metrics,
@@ -251,11 +262,18 @@ impl Signaling {
             }
         };
         let ice = self.ice.as_ref().and_then(|ice| ice.for_request(&req));
+        let joining = Joining {
+            address: Some(IpKey::of(ip)),
+            acks: wants_seq(req.uri().query()),
+        };
         let this = self.clone();
         tokio::spawn(async move {
             match upgrade.await {
                 // fastwebsockets only did the handshake; frames are read and written in `wire`.
-                Ok(ws) => this.run(ws.into_inner(), ip, ice, conn, shutdown).await,
+                Ok(ws) => {
+                    this.run(ws.into_inner(), ip, joining, ice, conn, shutdown)
+                        .await
+                }
                 Err(e) => tracing::debug!("WebSocket upgrade did not complete: {e}"),
             }
         });
@@ -299,6 +317,7 @@ impl Signaling {
         self: Arc<Self>,
         mut io: Stream,
         ip: IpAddr,
+        joining: Joining,
         ice: Option<IceServersFor>,
         conn: Arc<ConnectionContext>,
         mut shutdown: Shutdown,
@@ -329,8 +348,12 @@ impl Signaling {
             }
         };
 
-        let (outbox, mut outbox_rx) = outbox::channel(self.settings.outbox_frames);
-        let attachment = match self.hub.connect(outbox, ice, Instant::now()) {
+        let (outbox, mut outbox_rx) = outbox::bounded(OutboxLimits {
+            frames: self.settings.outbox_frames,
+            bytes: self.settings.outbox_bytes,
+            budget: Some(self.outbox_budget.clone()),
+        });
+        let attachment = match self.hub.join(outbox, ice, joining, Instant::now()) {
             Ok(attachment) => attachment,
             Err(e) => {
                 self.metrics.limits.rejected(Limit::ServerFull);
@@ -455,7 +478,7 @@ impl Signaling {
                     // system call) when a client is sent several frames at once.
                     let mut next = Some(frame);
                     while let Some(frame) = next {
-                        signaling.sent(&frame);
+                        count_sent(signaling, &frame);
                         replaced |= frame.starts_with(SESSION_REPLACED);
                         out.push(OpCode::Text, &frame);
                         next = match out.pending() < WRITE_BATCH {
@@ -494,7 +517,7 @@ impl Signaling {
                             // What the hub queued before the close (typically the error that
                             // explains it) goes out first.
                             while let Some(frame) = outbox.try_recv() {
-                                signaling.sent(&frame);
+                                count_sent(signaling, &frame);
                                 out.push(OpCode::Text, &frame);
                             }
                         }
@@ -783,6 +806,19 @@ fn on_close(payload: &[u8]) -> End {
     }
 }
 
+/// Counts a frame on its way out: by type, and an `undelivered` notice also by its error code
+/// (`callgate_signaling_errors_sent_total{code="undelivered"}`: messages the server accepted but
+/// could not deliver, immediate drops and expiries alike).
+fn count_sent(signaling: &crate::metrics::SignalingMetrics, frame: &[u8]) {
+    signaling.sent(frame);
+    if frame.starts_with(UNDELIVERED) {
+        signaling.error(ErrorCode::Undelivered);
+    }
+}
+
+/// Every `undelivered` notice starts with this.
+const UNDELIVERED: &[u8] = br#"{"type":"error","code":"undelivered""#;
+
 /// Every frame callgate sends that tells a connection it was replaced starts with this.
 const SESSION_REPLACED: &[u8] = br#"{"type":"error","code":"session_replaced""#;
 
@@ -794,6 +830,11 @@ const STOP_READING_AT: usize = 64 * 1024;
 
 /// How long a connection the server is closing may keep sending before the socket is dropped.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
+
+/// Whether the upgrade's query string opts in to sequence numbers and acknowledgements (`seq=1`).
+fn wants_seq(query: Option<&str>) -> bool {
+    query.is_some_and(|q| q.split('&').any(|pair| pair == "seq=1"))
+}
 
 /// Whether a text message is a `video-offer-request`, cheaply and without a full parse: the
 /// per-minute call limit must apply before the hub does any work on it.

@@ -371,6 +371,9 @@ test('signaling cut mid-call: both pages reconnect, keep their IDs, and media ke
 
     const ufrag = (p) => p.page.evaluate(() => /a=ice-ufrag:(\S+)/.exec(window.callgate.pc.remoteDescription.sdp)[1]);
     const ufragsBefore = await Promise.all([ufrag(a), ufrag(b)]);
+    const lastSeq = (p) => p.page.evaluate(() => window.callgate.lastSeq);
+    const seqsBefore = await Promise.all([lastSeq(a), lastSeq(b)]);
+    assert.ok(seqsBefore.every((n) => n > 0), `the server numbers the app's messages: ${seqsBefore}`);
 
     // The network goes down (existing connections reset, new ones refused) until resumed below.
     proxy.pause();
@@ -394,6 +397,9 @@ test('signaling cut mid-call: both pages reconnect, keep their IDs, and media ke
     )));
     assert.equal(await idOf(a), aId, 'A resumed its ID');
     assert.equal(await idOf(b), bId, 'B resumed its ID');
+    // The numbering continued across the resume (the app sent last_seq; nothing was lost).
+    const seqsAfter = await Promise.all([lastSeq(a), lastSeq(b)]);
+    assert.ok(seqsAfter[0] >= seqsBefore[0] && seqsAfter[1] >= seqsBefore[1], `${seqsBefore} → ${seqsAfter}`);
     assert.equal(await a.page.isVisible('#banner'), false);
 
     // The call never stopped, and still works end to end: media, chat, and signaling (hang up).

@@ -781,7 +781,8 @@ mod tests {
     fn records_what_the_engine_could_read_differently() {
         let peer = encode_xor_address("8.8.8.8:1".parse().unwrap(), &[4; 12]);
         let mi: &[u8] = &[0; 20];
-        let cases: [(&[(u16, &[u8])], Option<Ambiguity>); 10] = [
+        type Attributes<'a> = &'a [(u16, &'a [u8])];
+        let cases: [(Attributes, Option<Ambiguity>); 10] = [
             (
                 &[
                     (attr::XOR_PEER_ADDRESS, &peer),

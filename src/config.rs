@@ -1692,4 +1692,23 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn allocations_per_ip_defaults_to_one_percent_of_the_total_quota() {
+        let default = Config::from_options(Options::default()).unwrap();
+        assert_eq!(default.turn.allocations_per_ip, 100);
+        let bigger = Config::from_options(parse(&["--total-quota", "50000"])).unwrap();
+        assert_eq!(bigger.turn.allocations_per_ip, 500);
+        let tiny = Config::from_options(parse(&["--total-quota", "20"])).unwrap();
+        assert_eq!(tiny.turn.allocations_per_ip, 1);
+        let file: Options = toml::from_str("allocations-per-ip = 7").unwrap();
+        assert_eq!(
+            Config::from_options(file).unwrap().turn.allocations_per_ip,
+            7
+        );
+        let flag = Config::from_options(parse(&["--allocations-per-ip", "3"])).unwrap();
+        assert_eq!(flag.turn.allocations_per_ip, 3);
+        let zero = Config::from_options(parse(&["--allocations-per-ip", "0"])).unwrap_err();
+        assert_eq!(zero.to_string(), "allocations-per-ip: must be at least 1");
+    }
 }

@@ -24,19 +24,24 @@ fn peer_attr(peer: SocketAddr) -> PeerAddress {
     }
 }
 
-/// A relay with the default peer policy (loopback refused) and an allocation on it.
-async fn allocated(user: &str) -> (TestRelay, RawClient) {
+/// Settings with the default peer policy (loopback refused).
+fn default_policy() -> callgate::turn::TurnSettings {
     let mut settings = test_settings();
     settings.allowed_peer_ips.clear();
-    let relay = start(settings, None).await;
+    settings
+}
+
+/// A client of `relay` holding an allocation.
+async fn allocated(relay: &callgate::turn::RunningRelay, user: &str) -> RawClient {
     let mut client = RawClient::udp(relay.udp_addrs()[0], user).await;
     client.allocate().await.unwrap();
-    (relay, client)
+    client
 }
 
 #[tokio::test]
 async fn a_refused_peer_after_message_integrity_gets_400_not_a_permission() {
-    let (relay, mut client) = allocated("mia").await;
+    let relay = start(default_policy(), None).await;
+    let mut client = allocated(&relay, "mia").await;
     let loopback: SocketAddr = "127.0.0.1:9".parse().unwrap();
     assert_eq!(client.create_permission(loopback).await.code(), Some(403));
     // The same peer placed after MESSAGE-INTEGRITY, where the gate used not to look.
@@ -57,7 +62,8 @@ async fn a_refused_peer_after_message_integrity_gets_400_not_a_permission() {
 
 #[tokio::test]
 async fn a_truncated_peer_address_gets_400() {
-    let (relay, mut client) = allocated("tia").await;
+    let relay = start(default_policy(), None).await;
+    let mut client = allocated(&relay, "tia").await;
     for len in 5..=7 {
         // Family 1, port 9, then 1–3 bytes of 127.x: the engine zero-filled the rest.
         let mut value = vec![0, 1, 0x21, 0x12 ^ 9, 0x7f ^ 0x21, 0x12, 0xa4];
@@ -76,7 +82,8 @@ async fn a_truncated_peer_address_gets_400() {
 
 #[tokio::test]
 async fn peers_after_message_integrity_cannot_grow_permissions_past_the_cap() {
-    let (relay, mut client) = allocated("flo").await;
+    let relay = start(default_policy(), None).await;
+    let mut client = allocated(&relay, "flo").await;
     // The default cap: 64 distinct peer IPs per allocation.
     for i in 0..64u8 {
         let peer: SocketAddr = SocketAddr::from(([192, 0, 2, i], 9));
@@ -96,7 +103,8 @@ async fn peers_after_message_integrity_cannot_grow_permissions_past_the_cap() {
 
 #[tokio::test]
 async fn create_permission_without_a_peer_gets_400() {
-    let (relay, mut client) = allocated("nia").await;
+    let relay = start(default_policy(), None).await;
+    let mut client = allocated(&relay, "nia").await;
     let a = client
         .transact(METHOD_CREATE_PERMISSION, vec![], true)
         .await;
@@ -106,7 +114,8 @@ async fn create_permission_without_a_peer_gets_400() {
 
 #[tokio::test]
 async fn two_lifetimes_in_a_refresh_get_400() {
-    let (relay, mut client) = allocated("lia").await;
+    let relay = start(default_policy(), None).await;
+    let mut client = allocated(&relay, "lia").await;
     let a = client
         .transact(
             METHOD_REFRESH,

@@ -15,11 +15,15 @@
 
 use std::net::SocketAddr;
 
-use callgate::turn::inspect::{self, method, Class, Packet, HEADER_LEN};
+use callgate::turn::inspect::{self, method, Class, Packet, StunWriter, HEADER_LEN};
 use libfuzzer_sys::fuzz_target;
 use stun::attributes::{AttrType, ATTR_DONT_FRAGMENT, ATTR_MESSAGE_INTEGRITY, ATTR_NONCE, ATTR_REALM, ATTR_USERNAME};
 use stun::integrity::MessageIntegrity;
-use stun::message::{Getter, Message, CLASS_ERROR_RESPONSE, CLASS_INDICATION, CLASS_REQUEST, CLASS_SUCCESS_RESPONSE};
+use stun::message::{
+    Getter, Message, CLASS_ERROR_RESPONSE, CLASS_INDICATION, CLASS_REQUEST,
+    CLASS_SUCCESS_RESPONSE, METHOD_ALLOCATE, METHOD_BINDING, METHOD_CHANNEL_BIND,
+    METHOD_CREATE_PERMISSION, METHOD_REFRESH, METHOD_SEND,
+};
 use stun::textattrs::TextAttribute;
 use turn::proto::channum::ChannelNumber;
 use turn::proto::data::Data;
@@ -50,7 +54,19 @@ fuzz_target!(|datagram: &[u8]| {
         .expect("the engine decodes every message the gate forwards");
 
     // Header.
-    assert_eq!(engine.typ.method.0, gate.method, "method");
+    // The same message type: the gate's method and class written back give the engine's type.
+    let ours = StunWriter::new(gate.method, gate.class, gate.transaction_id()).finish();
+    assert_eq!(engine.typ.value(), u16::from_be_bytes([ours[0], ours[1]]), "type");
+    for (theirs, ours) in [
+        (METHOD_BINDING, method::BINDING),
+        (METHOD_ALLOCATE, method::ALLOCATE),
+        (METHOD_REFRESH, method::REFRESH),
+        (METHOD_SEND, method::SEND),
+        (METHOD_CREATE_PERMISSION, method::CREATE_PERMISSION),
+        (METHOD_CHANNEL_BIND, method::CHANNEL_BIND),
+    ] {
+        assert_eq!(engine.typ.method == theirs, gate.method == ours, "method {theirs}");
+    }
     let class = match gate.class {
         Class::Request => CLASS_REQUEST,
         Class::Indication => CLASS_INDICATION,
@@ -74,7 +90,7 @@ fuzz_target!(|datagram: &[u8]| {
     // ChannelBind and Send; the gate checked all of them.
     let peers: Vec<SocketAddr> = gate.peers().collect();
     assert_eq!(peers.len(), gate.peer_count());
-    let engine_peers: Vec<&stun::message::RawAttribute> = engine
+    let engine_peers: Vec<&stun::attributes::RawAttribute> = engine
         .attributes
         .0
         .iter()

@@ -768,6 +768,78 @@ mod tests {
         assert_eq!(s.ambiguity(), Some(Ambiguity::TooManyPeers));
     }
 
+    /// A request with `attrs` (type, value) in this order.
+    fn with_attributes(attrs: &[(u16, &[u8])]) -> Vec<u8> {
+        let mut w = StunWriter::new(method::CREATE_PERMISSION, Class::Request, [4; 12]);
+        for (t, v) in attrs {
+            w.attribute(*t, v);
+        }
+        w.finish()
+    }
+
+    #[test]
+    fn records_what_the_engine_could_read_differently() {
+        let peer = encode_xor_address("8.8.8.8:1".parse().unwrap(), &[4; 12]);
+        let mi: &[u8] = &[0; 20];
+        type Attributes<'a> = &'a [(u16, &'a [u8])];
+        let cases: [(Attributes, Option<Ambiguity>); 10] = [
+            (
+                &[
+                    (attr::XOR_PEER_ADDRESS, &peer),
+                    (attr::MESSAGE_INTEGRITY, mi),
+                ],
+                None,
+            ),
+            (
+                &[(attr::MESSAGE_INTEGRITY, mi), (attr::FINGERPRINT, &[0; 4])],
+                None,
+            ),
+            (
+                &[
+                    (attr::MESSAGE_INTEGRITY, mi),
+                    (attr::XOR_PEER_ADDRESS, &peer),
+                ],
+                Some(Ambiguity::AfterIntegrity(attr::XOR_PEER_ADDRESS)),
+            ),
+            (
+                &[(attr::FINGERPRINT, &[0; 4]), (attr::MESSAGE_INTEGRITY, mi)],
+                Some(Ambiguity::AfterFingerprint(attr::MESSAGE_INTEGRITY)),
+            ),
+            (
+                &[(attr::NONCE, b"a"), (attr::NONCE, b"b")],
+                Some(Ambiguity::Duplicate(attr::NONCE)),
+            ),
+            (
+                &[(attr::LIFETIME, &[0, 0, 1])],
+                Some(Ambiguity::BadLength(attr::LIFETIME)),
+            ),
+            (
+                &[(attr::MESSAGE_INTEGRITY, &[0; 19])],
+                Some(Ambiguity::BadLength(attr::MESSAGE_INTEGRITY)),
+            ),
+            (
+                &[(attr::XOR_PEER_ADDRESS, &peer[..6])],
+                Some(Ambiguity::BadPeerAddress),
+            ),
+            (
+                &[(attr::XOR_PEER_ADDRESS, &[&peer[..], &[0; 12]].concat())],
+                Some(Ambiguity::BadPeerAddress),
+            ),
+            // Attributes nobody reads may repeat.
+            (&[(0x8022, b"x"), (0x8022, b"y")], None),
+        ];
+        for (attrs, want) in cases {
+            let bytes = with_attributes(attrs);
+            let m = StunMessage::parse(&bytes).unwrap();
+            assert_eq!(m.ambiguity(), want, "{attrs:?}");
+        }
+        // The error reads like a sentence.
+        assert_eq!(
+            Ambiguity::AfterIntegrity(0x0012).to_string(),
+            "attribute 0x0012 follows MESSAGE-INTEGRITY, where only FINGERPRINT may"
+        );
+    }
+
     #[test]
     fn rejects_inconsistent_lengths() {
         let m = stun_request(METHOD_ALLOCATE, vec![]);

@@ -198,8 +198,8 @@ impl PeerFilter {
         peer: SocketAddr,
         is_relayed: impl FnOnce(SocketAddr) -> bool,
     ) -> Result<(), PeerRefusal> {
+        let ip = normalize(peer.ip());
         if let Some(own) = self.own.get() {
-            let ip = normalize(peer.ip());
             if own.holds(ip) {
                 if own.relays_on(ip) && is_relayed(SocketAddr::new(ip, peer.port())) {
                     return Ok(());
@@ -211,7 +211,11 @@ impl PeerFilter {
                 return Ok(());
             }
         }
-        self.check(peer.ip())
+        self.check_normalized(ip)?;
+        match teredo_server(peer.ip()) {
+            Some(server) => self.check_normalized(IpAddr::V4(server)),
+            None => Ok(()),
+        }
     }
 
     /// Decides whether the relay may send to `ip` (after normalising IPv4-in-IPv6 forms; a Teredo

@@ -33,7 +33,10 @@ fuzz_target!(|frame: &[u8]| {
     }
     // serde_json's own recursion limit is 128: beyond it there is no Value to compare with.
     if let Ok(value @ Value::Object(_)) = serde_json::from_slice::<Value>(frame) {
-        let too_deep = matches!(check_shape(frame, MAX_DEPTH), Err(ProtocolError::TooDeep { .. }));
+        let too_deep = matches!(
+            check_shape(frame, MAX_DEPTH),
+            Err(ProtocolError::TooDeep { .. })
+        );
         assert_eq!(
             too_deep,
             depth(&value) > MAX_DEPTH,

@@ -22,8 +22,17 @@ fuzz_target!(|datagram: &[u8]| {
         Ok(Packet::Stun(m)) => {
             assert_eq!(m.raw(), datagram);
             let _ = (m.username(), m.realm(), m.nonce(), m.reservation_token());
-            let _ = (m.has_integrity(), m.integrity_matches(&key), m.too_many_peers);
-            for typ in [attr::XOR_PEER_ADDRESS, attr::LIFETIME, attr::FINGERPRINT, 0xffff] {
+            let _ = (
+                m.has_integrity(),
+                m.integrity_matches(&key),
+                m.too_many_peers,
+            );
+            for typ in [
+                attr::XOR_PEER_ADDRESS,
+                attr::LIFETIME,
+                attr::FINGERPRINT,
+                0xffff,
+            ] {
                 let _ = m.attribute(typ);
             }
             assert!(m.peer_count() <= inspect::MAX_PEERS);
@@ -33,13 +42,17 @@ fuzz_target!(|datagram: &[u8]| {
                 assert_eq!(decode_xor_address(&encoded, &tid), Some(peer));
             }
             let strip = [attr::DONT_FRAGMENT];
-            let rewritten = inspect::rewrite(&m, &strip, Some((attr::LIFETIME, [0, 0, 2, 88])), &key);
+            let rewritten =
+                inspect::rewrite(&m, &strip, Some((attr::LIFETIME, [0, 0, 2, 88])), &key);
             let again = StunMessage::parse(&rewritten).expect("a rewritten request parses");
             assert_eq!(
                 (again.method, again.class, again.transaction_id()),
                 (m.method, m.class, tid)
             );
-            assert!(again.integrity_matches(&key), "a re-signed request fails its own check");
+            assert!(
+                again.integrity_matches(&key),
+                "a re-signed request fails its own check"
+            );
             assert!(!again.dont_fragment, "a stripped attribute survived");
             assert_eq!(again.attribute(attr::LIFETIME), Some(&[0, 0, 2, 88][..]));
         }

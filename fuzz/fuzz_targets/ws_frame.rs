@@ -28,13 +28,19 @@ fn read_all(stream: &[u8], seed: Option<u8>) -> Vec<String> {
         match reader.poll_frame(&mut io, &mut cx) {
             Poll::Pending => {
                 // Pending is only allowed when the stream was: otherwise the session would hang.
-                assert!(io.pendings > pendings, "reader pending without the stream being");
+                assert!(
+                    io.pendings > pendings,
+                    "reader pending without the stream being"
+                );
                 pendings = io.pendings;
                 continue;
             }
             Poll::Ready(Ok(frame)) => {
                 assert!(frame.payload.len() <= MAX_PAYLOAD, "frame over the limit");
-                seen.push(format!("{} {:?} {:?}", frame.fin, frame.opcode, frame.payload));
+                seen.push(format!(
+                    "{} {:?} {:?}",
+                    frame.fin, frame.opcode, frame.payload
+                ));
             }
             // The session skips an oversized frame's payload during a lingering close.
             Poll::Ready(Err(ReadError::TooLarge(len))) => {

@@ -95,9 +95,9 @@ async fn scan(testssl: &str, addr: std::net::SocketAddr, http: bool) -> Vec<Find
         "--warnings",
         "off",
         "--connect-timeout",
-        "10",
+        "30",
         "--openssl-timeout",
-        "10",
+        "30",
         "--protocols",
         "--std",
         "--fs",
@@ -134,6 +134,27 @@ async fn scan(testssl: &str, addr: std::net::SocketAddr, http: bool) -> Vec<Find
         )
     });
     serde_json::from_str(&text).expect("testssl's JSON is a list of findings")
+}
+
+/// Whether a finding is a scan problem (testssl's WARN, e.g. "check failed because of connect
+/// problem" on a loaded machine) rather than a verdict about the server.
+fn scan_problem(f: &Finding) -> bool {
+    f.severity == "WARN" && !SCANNER_ONLY.iter().any(|(id, _)| f.id == *id)
+}
+
+/// Scans `addr`, once more if the first scan had a problem (a loaded CI machine makes single
+/// checks time out); the second scan's findings are final.
+async fn scan_twice_if_needed(
+    testssl: &str,
+    addr: std::net::SocketAddr,
+    http: bool,
+) -> Vec<Finding> {
+    let findings = scan(testssl, addr, http).await;
+    if !findings.iter().any(scan_problem) {
+        return findings;
+    }
+    eprintln!("testssl {addr}: scan problems, scanning again");
+    scan(testssl, addr, http).await
 }
 
 /// Fails on every finding rated MEDIUM or higher (or WARN: a scan problem) not in the exception
@@ -176,7 +197,7 @@ fn assert_clean(listener: &str, findings: &[Finding]) {
 async fn https_listener_passes_testssl() {
     let Some(testssl) = testssl() else { return };
     let server = TestServer::start(|_, _| {}).await;
-    let findings = scan(&testssl, server.addrs.https, true).await;
+    let findings = scan_twice_if_needed(&testssl, server.addrs.https, true).await;
     assert_clean("HTTPS", &findings);
     assert!(
         findings
@@ -192,7 +213,7 @@ async fn turn_tls_listener_passes_testssl() {
     let Some(testssl) = testssl() else { return };
     let server = TestServer::start(|_, _| {}).await;
     let turn_tls = *server.addrs.turn_tls.first().expect("TURN-TLS listener");
-    let findings = scan(&testssl, turn_tls, false).await;
+    let findings = scan_twice_if_needed(&testssl, turn_tls, false).await;
     assert_clean("TURN-TLS", &findings);
     server.stop().await;
 }

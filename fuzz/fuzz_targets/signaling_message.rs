@@ -6,18 +6,64 @@
 
 #![no_main]
 
+use std::fmt;
+
 use callgate::signaling::protocol::{check_shape, parse, ProtocolError};
 use libfuzzer_sys::fuzz_target;
+use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
 /// The server's default `max_nesting_depth`.
 const MAX_DEPTH: usize = 32;
 
-fn depth(value: &Value) -> usize {
-    match value {
-        Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
-        Value::Object(fields) => 1 + fields.values().map(depth).max().unwrap_or(0),
-        _ => 0,
+/// The nesting depth of a JSON text as serde reads it: every array and object counts, also those
+/// under a key that appears twice (a `Value` would keep only the last).
+struct Depth(usize);
+
+impl<'de> Deserialize<'de> for Depth {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(DepthVisitor)
+    }
+}
+
+struct DepthVisitor;
+
+impl<'de> Visitor<'de> for DepthVisitor {
+    type Value = Depth;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("JSON")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Depth, E> {
+        Ok(Depth(0))
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Depth, E> {
+        Ok(Depth(0))
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Depth, E> {
+        Ok(Depth(0))
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Depth, E> {
+        Ok(Depth(0))
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Depth, E> {
+        Ok(Depth(0))
+    }
+    fn visit_unit<E>(self) -> Result<Depth, E> {
+        Ok(Depth(0))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Depth, A::Error> {
+        let mut deepest = 0;
+        while let Some(Depth(d)) = seq.next_element()? {
+            deepest = deepest.max(d);
+        }
+        Ok(Depth(deepest + 1))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Depth, A::Error> {
+        let mut deepest = 0;
+        while let Some((IgnoredAny, Depth(d))) = map.next_entry()? {
+            deepest = deepest.max(d);
+        }
+        Ok(Depth(deepest + 1))
     }
 }
 
@@ -31,15 +77,16 @@ fuzz_target!(|frame: &[u8]| {
             Ok(Value::Object(_))
         ));
     }
-    // serde_json's own recursion limit is 128: beyond it there is no Value to compare with.
-    if let Ok(value @ Value::Object(_)) = serde_json::from_slice::<Value>(frame) {
+    // serde_json's own recursion limit is 128: beyond it there is no depth to compare with.
+    let is_object = frame.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+    if let (true, Ok(Depth(depth))) = (is_object, serde_json::from_slice::<Depth>(frame)) {
         let too_deep = matches!(
             check_shape(frame, MAX_DEPTH),
             Err(ProtocolError::TooDeep { .. })
         );
         assert_eq!(
             too_deep,
-            depth(&value) > MAX_DEPTH,
+            depth > MAX_DEPTH,
             "check_shape disagrees with serde about nesting"
         );
     }

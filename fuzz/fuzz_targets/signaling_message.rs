@@ -1,4 +1,5 @@
-//! The signaling protocol parser (`signaling::protocol::parse`) on arbitrary text frames.
+//! The signaling protocol parser (`signaling::protocol::parse`) on arbitrary UTF-8 text frames
+//! (the session closes with 1007 on anything else before parsing).
 //!
 //! Checked: no panic; the cheap pre-pass (`check_shape`) agrees with serde_json about nesting —
 //! a frame serde reads as deeper than the limit is refused as too deep, and a frame within the
@@ -68,6 +69,10 @@ impl<'de> Visitor<'de> for DepthVisitor {
 }
 
 fuzz_target!(|frame: &[u8]| {
+    // The session refuses a text message that is not UTF-8 (close 1007) before parsing it.
+    if std::str::from_utf8(frame).is_err() {
+        return;
+    }
     let parsed = parse(frame, MAX_DEPTH);
     if let Ok(inbound) = &parsed {
         // Whatever was accepted is a JSON object serde can read.

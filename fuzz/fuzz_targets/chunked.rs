@@ -23,7 +23,7 @@ impl<'a> Chunked<'a> {
         Chunked {
             data,
             // xorshift needs a non-zero state.
-            state: seed.map(|s| u64::from(s) * 0x9E37_79B9_7F4A_7C15 | 1),
+            state: seed.map(|s| (u64::from(s) * 0x9E37_79B9_7F4A_7C15) | 1),
             paused: false,
             pendings: 0,
         }

@@ -125,9 +125,10 @@ impl Server {
             } else if let Some(dev) = generated {
                 tracing::warn!(
                     cert = %dev.cert.display(),
-                    "generated a self-signed development certificate for localhost, 127.0.0.1 and ::1; \
-                     browsers will warn until you trust it. For a real deployment pass --tls-cert and \
-                     --tls-key (see README, \"Certificates\")"
+                    reason = %dev.reason,
+                    "generated a self-signed development certificate for localhost, 127.0.0.1 and ::1, \
+                     valid 27 months; browsers will warn until you trust it. For a real deployment pass \
+                     --tls-cert and --tls-key (see README, \"Certificates\")"
                 );
             }
         }

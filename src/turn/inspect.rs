@@ -623,7 +623,9 @@ pub fn rewrite(
     while at + 4 <= raw.len() {
         let t = u16::from_be_bytes([raw[at], raw[at + 1]]);
         let l = usize::from(u16::from_be_bytes([raw[at + 2], raw[at + 3]]));
-        if t == attr::MESSAGE_INTEGRITY {
+        // Nothing after MESSAGE-INTEGRITY is covered by it, and a FINGERPRINT covers the old
+        // bytes: both end the copy (the message is re-signed below).
+        if t == attr::MESSAGE_INTEGRITY || t == attr::FINGERPRINT {
             break;
         }
         match replace {
@@ -902,5 +904,24 @@ mod tests {
         m.raw = rewritten;
         m.decode().unwrap();
         MessageIntegrity(key_bytes).check(&mut m).unwrap();
+    }
+
+    #[test]
+    fn a_rewrite_drops_a_fingerprint_that_no_longer_matches() {
+        // Found by the stun_inspect fuzz target: a FINGERPRINT without MESSAGE-INTEGRITY was
+        // copied into the rewrite, so the appended attribute and the new MESSAGE-INTEGRITY
+        // followed it and the rewrite failed its own check.
+        let key = integrity_key(&crate::turn::credentials::long_term_key("1:u", "r", "p"));
+        let mut w = StunWriter::new(method::ALLOCATE, Class::Request, [9; 12]);
+        w.attribute(attr::USERNAME, b"1:u");
+        w.attribute(attr::FINGERPRINT, &[1, 2, 3, 4]);
+        let original = w.finish();
+        let parsed = StunMessage::parse(&original).unwrap();
+        let rewritten = rewrite(&parsed, &[], Some((attr::LIFETIME, [0, 0, 2, 88])), &key);
+        let again = StunMessage::parse(&rewritten).unwrap();
+        assert_eq!(again.ambiguity(), None);
+        assert!(again.integrity_matches(&key));
+        assert_eq!(again.attribute(attr::FINGERPRINT), None);
+        assert_eq!(again.attribute(attr::LIFETIME), Some(&[0, 0, 2, 88][..]));
     }
 }

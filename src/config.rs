@@ -410,6 +410,12 @@ pub struct Options {
     #[arg(long, env = "CALLGATE_ALLOW_PRIVATE_PEERS", value_name = "BOOL")]
     pub allow_private_peers: Option<bool>,
 
+    /// Also answer TURN over TLS on the HTTPS port (connections offering ALPN `stun.turn`, or none
+    /// and starting with a STUN header) and advertise `turns:HOST:HTTPS-PORT?transport=tcp`, for
+    /// callers whose firewall opens only TCP 443. Needs TURN on [default: true].
+    #[arg(long, env = "CALLGATE_TURN_ON_HTTPS_PORT", value_name = "BOOL")]
+    pub turn_on_https_port: Option<bool>,
+
     /// Host name put in the turn:/turns: URLs handed to browsers [default: public-url's host, else
     /// the host the browser connected to].
     #[arg(long, env = "CALLGATE_TURN_HOST", value_name = "HOST")]
@@ -729,6 +735,8 @@ pub struct TurnConfig {
     pub denied_peer_ip: Vec<IpRange>,
     /// Opt-in to private peers.
     pub allow_private_peers: bool,
+    /// TURN over TLS on the HTTPS port too (`turn-on-https-port`).
+    pub on_https_port: bool,
     /// Host name for ICE server URLs.
     pub host: Option<String>,
     /// Key for `/api/turn-credentials`.
@@ -1038,6 +1046,7 @@ impl Options {
             allowed_peer_ip,
             denied_peer_ip,
             allow_private_peers,
+            turn_on_https_port,
             turn_host,
             turn_api_key,
             metrics_listen,
@@ -1179,6 +1188,7 @@ impl Config {
                 allowed_peer_ip: o.allowed_peer_ip.unwrap_or_default(),
                 denied_peer_ip: o.denied_peer_ip.unwrap_or_default(),
                 allow_private_peers: o.allow_private_peers.unwrap_or(false),
+                on_https_port: o.turn_on_https_port.unwrap_or(true),
                 host: o.turn_host,
                 api_key: o.turn_api_key,
             },

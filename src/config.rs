@@ -1093,6 +1093,12 @@ impl Config {
                 key: "public-url",
                 reason,
             })?;
+        if o.turn_on_https_port == Some(true) && o.turn == Some(false) {
+            return Err(invalid(
+                "turn-on-https-port",
+                "needs the TURN relay on (turn = true)",
+            ));
+        }
         let config = Config {
             https_listen: o
                 .https_listen
@@ -1564,6 +1570,19 @@ mod tests {
         assert_eq!(config.https_listen, "127.0.0.1:9443".parse().unwrap());
         assert_eq!(config.http_listen, Listen::Off);
         assert_eq!(config.idle_timeout, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn turn_on_https_port_is_on_by_default_and_needs_turn() {
+        let config = Config::from_options(Options::default()).unwrap();
+        assert!(config.turn.on_https_port);
+        let off = Config::from_options(parse(&["--turn-on-https-port", "false"])).unwrap();
+        assert!(!off.turn.on_https_port);
+        let file: Options = toml::from_str("turn-on-https-port = false").unwrap();
+        assert!(!Config::from_options(file).unwrap().turn.on_https_port);
+        let without_turn = parse(&["--turn", "false", "--turn-on-https-port", "true"]);
+        let err = Config::from_options(without_turn).unwrap_err();
+        assert!(err.to_string().contains("turn-on-https-port"), "{err}");
     }
 
     #[test]

@@ -25,6 +25,7 @@ async fn server(on_https_port: Option<bool>) -> TestServer {
         o.allowed_peer_ip = Some(vec!["127.0.0.1/32".parse().unwrap()]);
         o.relay_ip = Some("127.0.0.1".parse().unwrap());
         o.turn_on_https_port = on_https_port;
+        o.metrics_token = None;
     })
     .await
 }
@@ -67,6 +68,14 @@ async fn a_client_with_no_alpn_sending_stun_gets_turn_and_one_sending_http_gets_
     let mut turn = connect(&server.client(&[]), https).await.unwrap();
     assert_eq!(turn.get_ref().1.alpn_protocol(), None);
     assert_eq!(binding(&mut turn).await, BINDING_SUCCESS);
+    // An SRE can tell these apart from 5349's.
+    let metrics = scrape(&server, None).await;
+    let text = String::from_utf8_lossy(&metrics.body);
+    assert_eq!(
+        sample(&text, "callgate_turn_https_port_connections_open"),
+        Some(1.0),
+        "{text}"
+    );
 
     // `curl --no-alpn`: no ALPN, then HTTP/1.1.
     let tls = connect(&server.client(&[]), https).await.unwrap();

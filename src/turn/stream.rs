@@ -310,9 +310,20 @@ impl StreamHandoff {
             tracing::debug!(%peer, "TURN stream connections per IP cap reached (HTTPS port)");
             return;
         };
+        TurnStats::bump(&ctx.stats.https_port_connections);
+        let _count = HttpsPortCount(Arc::clone(&ctx.stats));
         let (r, w) = tokio::io::split(stream);
         let io = (Transport::Tls, Box::new(r) as _, Box::new(w) as _);
         run(io, peer, local, ctx, (permit, per_ip)).await;
+    }
+}
+
+/// Keeps `https_port_connections` counting one connection until dropped.
+struct HttpsPortCount(Arc<TurnStats>);
+
+impl Drop for HttpsPortCount {
+    fn drop(&mut self) {
+        TurnStats::drop_one(&self.0.https_port_connections);
     }
 }
 

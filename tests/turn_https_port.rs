@@ -264,3 +264,46 @@ async fn coturn_uclient_relays_through_the_https_port_while_https_and_websockets
     assert!(received_packets(&t).unwrap_or(0) >= 100, "no traffic:\n{t}");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn turn_connections_on_the_https_port_keep_their_per_address_slot() {
+    let server = TestServer::start(|_, o| {
+        o.static_auth_secret = Some(vec![SECRET.parse().unwrap()]);
+        o.connections_per_ip = Some(2);
+    })
+    .await;
+    let https = server.addrs.https;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut turn = connect(&server.client(&[]), https).await.unwrap();
+        assert_eq!(binding(&mut turn).await, BINDING_SUCCESS);
+        held.push(turn);
+    }
+    // Both slots are held by TURN connections: a third connection from the address is refused.
+    let third = async {
+        let mut tls = connect(&server.client(&[b"http/1.1"]), https).await?;
+        tls.write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n")
+            .await?;
+        let mut buf = [0u8; 1];
+        match tls.read(&mut buf).await? {
+            0 => Err(std::io::Error::other("closed")),
+            _ => Ok(()),
+        }
+    };
+    let refused = tokio::time::timeout(WAIT, third).await.expect("an answer");
+    assert!(refused.is_err(), "a third connection was served");
+    // A TURN connection ending gives its slot back.
+    drop(held.pop());
+    let fetched = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok(tls) = connect(&server.client(&[b"http/1.1"]), https).await {
+                break H1::over(tls).await.get("/healthz").await;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the freed slot is usable");
+    assert_eq!(fetched.status, 200);
+    server.stop().await;
+}

@@ -545,6 +545,47 @@ fn token_of(id_frame: &[u8]) -> String {
     value["token"].as_str().expect("token").to_owned()
 }
 
+/// TURN on the HTTPS port (issue 14): what routing adds. Per connection: reading the ClientHello's
+/// ALPN and, without ALPN, the first bytes. Per forwarded WebSocket message: the HTTP side now
+/// reads through `Prefixed` (the replay of the peeked bytes), compared here with reading directly.
+fn https_port(c: &mut Criterion) {
+    use callgate::http::proxy_protocol::Prefixed;
+    use callgate::http::tls_route;
+    use tokio::io::AsyncReadExt;
+
+    let mut group = c.benchmark_group("https_port");
+    let uclient: [&[u8]; 3] = [b"http/1.1", b"stun.turn", b"stun.nat-discovery"];
+    group.bench_function("alpn-uclient", |b| {
+        b.iter(|| tls_route::by_alpn(Some(std::hint::black_box(uclient).into_iter())))
+    });
+    let stun = [
+        0u8, 1, 0, 0, 0x21, 0x12, 0xA4, 0x42, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+    ];
+    group.bench_function("sniff-stun", |b| {
+        b.iter(|| tls_route::by_first_bytes(std::hint::black_box(&stun)))
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let message = client_frame(sdp("offer", 3 * 1024).as_bytes());
+    let mut buf = vec![0u8; message.len()];
+    group.throughput(Throughput::Elements(1));
+    group.bench_function(BenchmarkId::new("ws-message-3KB", "direct"), |b| {
+        b.iter(|| {
+            let mut reader = std::hint::black_box(&message[..]);
+            rt.block_on(reader.read_exact(&mut buf)).unwrap();
+        })
+    });
+    group.bench_function(BenchmarkId::new("ws-message-3KB", "routed"), |b| {
+        b.iter(|| {
+            let mut reader =
+                Prefixed::with_prefix(Bytes::new(), std::hint::black_box(&message[..]));
+            rt.block_on(reader.read_exact(&mut buf)).unwrap();
+        })
+    });
+    group.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_secs(1))
@@ -555,6 +596,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = wire, parse, hub, call, routing, resume
+    targets = wire, parse, hub, call, routing, resume, https_port
 }
 criterion_main!(benches);

@@ -410,6 +410,12 @@ pub struct Options {
     #[arg(long, env = "CALLGATE_ALLOW_PRIVATE_PEERS", value_name = "BOOL")]
     pub allow_private_peers: Option<bool>,
 
+    /// Also answer TURN over TLS on the HTTPS port (connections offering ALPN `stun.turn`, or none
+    /// and starting with a STUN header) and advertise `turns:HOST:HTTPS-PORT?transport=tcp`, for
+    /// callers whose firewall opens only TCP 443. Needs TURN on [default: true].
+    #[arg(long, env = "CALLGATE_TURN_ON_HTTPS_PORT", value_name = "BOOL")]
+    pub turn_on_https_port: Option<bool>,
+
     /// Host name put in the turn:/turns: URLs handed to browsers [default: public-url's host, else
     /// the host the browser connected to].
     #[arg(long, env = "CALLGATE_TURN_HOST", value_name = "HOST")]
@@ -729,6 +735,8 @@ pub struct TurnConfig {
     pub denied_peer_ip: Vec<IpRange>,
     /// Opt-in to private peers.
     pub allow_private_peers: bool,
+    /// TURN over TLS on the HTTPS port too (`turn-on-https-port`).
+    pub on_https_port: bool,
     /// Host name for ICE server URLs.
     pub host: Option<String>,
     /// Key for `/api/turn-credentials`.
@@ -1038,6 +1046,7 @@ impl Options {
             allowed_peer_ip,
             denied_peer_ip,
             allow_private_peers,
+            turn_on_https_port,
             turn_host,
             turn_api_key,
             metrics_listen,
@@ -1084,6 +1093,12 @@ impl Config {
                 key: "public-url",
                 reason,
             })?;
+        if o.turn_on_https_port == Some(true) && o.turn == Some(false) {
+            return Err(invalid(
+                "turn-on-https-port",
+                "needs the TURN relay on (turn = true)",
+            ));
+        }
         let config = Config {
             https_listen: o
                 .https_listen
@@ -1179,6 +1194,7 @@ impl Config {
                 allowed_peer_ip: o.allowed_peer_ip.unwrap_or_default(),
                 denied_peer_ip: o.denied_peer_ip.unwrap_or_default(),
                 allow_private_peers: o.allow_private_peers.unwrap_or(false),
+                on_https_port: o.turn_on_https_port.unwrap_or(true),
                 host: o.turn_host,
                 api_key: o.turn_api_key,
             },
@@ -1554,6 +1570,19 @@ mod tests {
         assert_eq!(config.https_listen, "127.0.0.1:9443".parse().unwrap());
         assert_eq!(config.http_listen, Listen::Off);
         assert_eq!(config.idle_timeout, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn turn_on_https_port_is_on_by_default_and_needs_turn() {
+        let config = Config::from_options(Options::default()).unwrap();
+        assert!(config.turn.on_https_port);
+        let off = Config::from_options(parse(&["--turn-on-https-port", "false"])).unwrap();
+        assert!(!off.turn.on_https_port);
+        let file: Options = toml::from_str("turn-on-https-port = false").unwrap();
+        assert!(!Config::from_options(file).unwrap().turn.on_https_port);
+        let without_turn = parse(&["--turn", "false", "--turn-on-https-port", "true"]);
+        let err = Config::from_options(without_turn).unwrap_err();
+        assert!(err.to_string().contains("turn-on-https-port"), "{err}");
     }
 
     #[test]

@@ -59,6 +59,7 @@ struct TurnExport {
     packets_to_peer: IntCounter,
     packets_to_client: IntCounter,
     stream_connections: IntGauge,
+    https_port_connections: IntGauge,
 }
 
 impl TurnExport {
@@ -108,6 +109,7 @@ impl TurnExport {
             packets_to_peer: packets.with_label_values(&["to_peer"]),
             packets_to_client: packets.with_label_values(&["to_client"]),
             stream_connections: gauge(r, "turn_stream_connections_open", "TURN TCP and TLS client connections open now."),
+            https_port_connections: gauge(r, "turn_https_port_connections_open", "Of the TURN TLS connections open now, those on the HTTPS port (turn-on-https-port)."),
         }
     }
 
@@ -136,6 +138,8 @@ impl TurnExport {
         set(&self.packets_to_peer, s.packets_to_peers);
         set(&self.packets_to_client, s.packets_to_clients);
         self.stream_connections.set(s.stream_connections as i64);
+        self.https_port_connections
+            .set(s.https_port_connections as i64);
     }
 }
 

@@ -156,10 +156,18 @@ impl Server {
         let metrics = Arc::new(Metrics::new());
         let relay = start_relay(&config, &certs, controller.handle()).await?;
         metrics.export_turn(relay.stats().clone());
+        let https = bind("https-listen", config.https_listen).await?;
+        let mut endpoints = relay.endpoints("");
+        if config.turn.on_https_port {
+            let port = https
+                .local_addr()
+                .map_or(config.https_listen.port(), |a| a.port());
+            endpoints.https_port = Some(port);
+        }
         let ice = config.turn.enabled.then(|| {
             IceProvider::new(
                 relay.credentials().clone(),
-                relay.endpoints(""),
+                endpoints,
                 config
                     .turn
                     .host
@@ -191,7 +199,6 @@ impl Server {
             config.turn.api_key.clone(),
         ));
 
-        let https = bind("https-listen", config.https_listen).await?;
         let admin = match config.metrics_listen.addr() {
             Some(addr) => Some(bind("metrics-listen", addr).await?),
             None => None,
@@ -330,15 +337,22 @@ impl Server {
             metrics.clone(),
             controller.handle(),
         ));
-        let mut https_config = tls::server_config(certs, &[b"h2", b"http/1.1"]);
+        let mut https_config = tls::server_config(certs.clone(), &[b"h2", b"http/1.1"]);
         if let Some(answers) = &acme_answers {
             https_config = acme::answer_tls_alpn01(https_config, answers.clone());
         }
-        let acceptor = TlsAcceptor::from(https_config);
+        let turn_on_https = relay
+            .stream_handoff()
+            .filter(|_| config.turn.on_https_port)
+            .map(|handoff| http::TurnOnHttps {
+                config: tls::server_config(certs.clone(), &[http::tls_route::STUN_TURN_ALPN]),
+                handoff,
+            });
         let mut listeners = vec![http::listener_url("https", addrs.https)];
         tokio::spawn(http::serve_https(
             https,
-            acceptor,
+            https_config,
+            turn_on_https,
             app,
             settings.clone(),
             admission.clone(),

@@ -80,6 +80,11 @@ async fn clients_get_ice_servers_whose_credentials_the_relay_accepts() {
             format!("turn:localhost:{}?transport=udp", udp.port()),
             format!("turn:localhost:{}?transport=tcp", tcp.port()),
             format!("turns:localhost:{}?transport=tcp", tls.port()),
+            // turn-on-https-port (default on): TURN over TLS on the HTTPS port too.
+            format!(
+                "turns:localhost:{}?transport=tcp",
+                server.addrs.https.port()
+            ),
         ]
     );
     let (expiry, user) = user_a.split_once(':').unwrap();

@@ -6,7 +6,8 @@
 //! `tls-handshake-timeout` and send request heads within `header-read-timeout`; afterwards
 //! [`lifetime`] ends it when idle, stalled, or closing for too long. None of this holds a worker:
 //! every connection is its own task, and every wait is bounded. Routing lives in [`routes`], files
-//! in [`static_files`], headers in [`headers`].
+//! in [`static_files`], headers in [`headers`]. With [`TurnOnHttps`], TLS connections meant for
+//! TURN are told apart ([`tls_route`]) and handed to the relay.
 
 pub mod admin;
 pub mod headers;
@@ -16,6 +17,7 @@ pub mod ranges;
 mod redirect;
 pub mod routes;
 pub mod static_files;
+pub mod tls_route;
 
 use std::convert::Infallible;
 use std::io;
@@ -32,12 +34,15 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
 use proxy_protocol::{Prefixed, TrustedProxies};
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::LazyConfigAcceptor;
 
 use crate::limits::{AddressLimit, AddressSlot, ConnectionLimit, ConnectionPermit};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
+use crate::turn::stream::StreamHandoff;
 use lifetime::{Activity, TrackedBody, Verdict};
+use tls_route::{HelloRoute, Service};
 
 pub use redirect::{serve_redirects, RedirectTarget};
 pub use routes::App;
@@ -228,10 +233,24 @@ impl Admission {
     }
 }
 
-/// Accepts TLS connections on `listener` until shutdown and serves each with `app`.
+/// TURN over TLS on the HTTPS port (`turn-on-https-port`): the TLS configuration for clients that
+/// offer ALPN `stun.turn`, and where TURN connections go once routed.
+#[derive(Debug, Clone)]
+pub struct TurnOnHttps {
+    /// The TLS configuration for a ClientHello offering `stun.turn` (same certificates, that
+    /// protocol selected).
+    pub config: Arc<ServerConfig>,
+    /// The relay's stream front.
+    pub handoff: StreamHandoff,
+}
+
+/// Accepts TLS connections on `listener` until shutdown and serves each with `app`, or, with
+/// `turn`, hands those meant for TURN (see [`tls_route`]) to the relay.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve_https(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    https_config: Arc<ServerConfig>,
+    turn: Option<TurnOnHttps>,
     app: Arc<App>,
     settings: ConnectionSettings,
     admission: Admission,
@@ -242,7 +261,11 @@ pub async fn serve_https(
     let gate = admission.clone();
     accept_until_shutdown(listener, &gate, shutdown, |accepted, shutdown| {
         let _ = accepted.tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
+        let Ok(local) = accepted.tcp.local_addr() else {
+            return;
+        };
+        let https_config = https_config.clone();
+        let turn = turn.clone();
         let app = app.clone();
         let builder = builder.clone();
         let settings = settings.clone();
@@ -254,34 +277,67 @@ pub async fn serve_https(
             };
             let conn = Arc::new(ConnectionContext { peer, _hold: hold });
             let started = std::time::Instant::now();
-            let handshake =
-                tokio::time::timeout(settings.tls_handshake_timeout, acceptor.accept(tcp));
-            let tls = match handshake.await {
-                Ok(Ok(tls)) => {
-                    metrics.tls.handshakes_ok.inc();
-                    metrics
-                        .tls
-                        .handshake_seconds
-                        .observe(started.elapsed().as_secs_f64());
-                    tls
-                }
-                Ok(Err(e)) => {
-                    metrics.tls.handshakes_failed.inc();
-                    tracing::debug!(%peer, "TLS handshake failed: {e}");
-                    return;
-                }
-                Err(_) => {
-                    metrics.tls.handshakes_timeout.inc();
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                    return;
+            let handshake = async {
+                let start =
+                    LazyConfigAcceptor::new(tokio_rustls::rustls::server::Acceptor::default(), tcp)
+                        .await?;
+                let route = match &turn {
+                    Some(_) => tls_route::by_alpn(start.client_hello().alpn()),
+                    None => HelloRoute::To(Service::Http),
+                };
+                let config = match (&turn, route) {
+                    (Some(turn), HelloRoute::To(Service::Turn)) => turn.config.clone(),
+                    _ => https_config,
+                };
+                let tls = start.into_stream(config).await?;
+                Ok::<_, io::Error>((route, tls))
+            };
+            let (route, mut tls) =
+                match tokio::time::timeout(settings.tls_handshake_timeout, handshake).await {
+                    Ok(Ok(done)) => {
+                        metrics.tls.handshakes_ok.inc();
+                        metrics
+                            .tls
+                            .handshake_seconds
+                            .observe(started.elapsed().as_secs_f64());
+                        done
+                    }
+                    Ok(Err(e)) => {
+                        metrics.tls.handshakes_failed.inc();
+                        tracing::debug!(%peer, "TLS handshake failed: {e}");
+                        return;
+                    }
+                    Err(_) => {
+                        metrics.tls.handshakes_timeout.inc();
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                };
+            let (service, replay) = match route {
+                HelloRoute::To(service) => (service, Bytes::new()),
+                HelloRoute::Sniff => {
+                    match tls_route::peek(&mut tls, settings.header_read_timeout).await {
+                        Ok(decided) => decided,
+                        Err(e) => {
+                            tracing::debug!(%peer, "closing an HTTPS-port connection: {e}");
+                            return;
+                        }
+                    }
                 }
             };
+            let io = Prefixed::with_prefix(replay, tls);
+            if let (Service::Turn, Some(turn)) = (service, turn) {
+                // The connection keeps its HTTPS-listener slots (`conn`) while TURN serves it.
+                turn.handoff.serve(io, peer, local).await;
+                drop((conn, shutdown));
+                return;
+            }
             let service = hyper::service::service_fn(move |req| {
                 let app = app.clone();
                 let conn = conn.clone();
                 async move { Ok::<_, Infallible>(app.handle(req, conn).await) }
             });
-            serve_connection(&builder, tls, service, &settings, shutdown).await;
+            serve_connection(&builder, io, service, &settings, shutdown).await;
         });
     })
     .await;

@@ -73,6 +73,11 @@ impl<S> Prefixed<S> {
             inner,
         }
     }
+
+    /// A stream that first replays `prefix` (bytes read to route it), then reads `inner`.
+    pub fn with_prefix(prefix: Bytes, inner: S) -> Self {
+        Prefixed { prefix, inner }
+    }
 }
 
 /// Reads the PROXY header from a trusted peer's `stream` and returns the client address it names

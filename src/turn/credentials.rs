@@ -177,7 +177,10 @@ impl TurnCredentials {
         if let Some(port) = endpoints.tcp_port {
             turn_urls.push(format!("turn:{host}:{port}?transport=tcp"));
         }
-        if let Some(port) = endpoints.tls_port {
+        for port in [endpoints.tls_port, endpoints.https_port]
+            .into_iter()
+            .flatten()
+        {
             turn_urls.push(format!("turns:{host}:{port}?transport=tcp"));
         }
         if !turn_urls.is_empty() {
@@ -206,6 +209,10 @@ pub struct TurnEndpoints {
     pub tcp_port: Option<u16>,
     /// The TLS port (`turns:`), or `None` if TLS is off.
     pub tls_port: Option<u16>,
+    /// The HTTPS port, when it also answers TURN over TLS (`turn-on-https-port`): a second
+    /// `turns:` URL, for callers whose firewall opens only that port.
+    #[serde(default)]
+    pub https_port: Option<u16>,
 }
 
 impl TurnEndpoints {
@@ -404,6 +411,7 @@ mod tests {
             udp_port: Some(3478),
             tcp_port: Some(3478),
             tls_port: Some(5349),
+            https_port: Some(443),
         };
         let ice = creds.ice_servers("id-7", at(0), DEFAULT_CREDENTIAL_TTL, &endpoints);
         assert_eq!(ice.expires_at, 3600);
@@ -413,7 +421,8 @@ mod tests {
             [
                 "turn:call.example.org:3478?transport=udp",
                 "turn:call.example.org:3478?transport=tcp",
-                "turns:call.example.org:5349?transport=tcp"
+                "turns:call.example.org:5349?transport=tcp",
+                "turns:call.example.org:443?transport=tcp"
             ]
         );
         assert_eq!(ice.ice_servers[1].username.as_deref(), Some("3600:id-7"));
@@ -427,7 +436,8 @@ mod tests {
             host: "2001:db8::1".into(),
             udp_port: None,
             tcp_port: None,
-            tls_port: Some(443),
+            tls_port: None,
+            https_port: Some(443),
         };
         let ice = creds.ice_servers("x", at(0), DEFAULT_CREDENTIAL_TTL, &only_tls);
         assert_eq!(ice.ice_servers.len(), 1);

@@ -53,6 +53,8 @@ pub struct RunningRelay {
     stats: Arc<TurnStats>,
     /// The gate's shared tables, for [`RunningRelay::memory`]; `None` when disabled.
     shared: Option<Arc<GateShared>>,
+    /// Where the HTTPS listener hands TURN connections it routed; `None` when disabled.
+    handoff: Option<stream::StreamHandoff>,
 }
 
 impl Relay {
@@ -82,6 +84,7 @@ impl Relay {
             credentials: credentials.clone(),
             stats: Arc::clone(&stats),
             shared: None,
+            handoff: None,
         };
         if !settings.enabled {
             return Ok(relay);
@@ -176,6 +179,7 @@ impl Relay {
             write_queue_bytes: settings.stream_write_queue_bytes,
             shutdown: stop_rx.clone(),
         });
+        relay.handoff = Some(stream::StreamHandoff::new(Arc::clone(&stream_ctx)));
         let mut stream_listeners = Vec::new();
         let stream_ports = [
             (settings.tcp_port, None, "TCP"),
@@ -426,7 +430,14 @@ impl RunningRelay {
             udp_port: self.udp_addrs.first().map(SocketAddr::port),
             tcp_port: self.tcp_addrs.first().map(SocketAddr::port),
             tls_port: self.tls_addrs.first().map(SocketAddr::port),
+            https_port: None,
         }
+    }
+
+    /// Serves TURN-over-TLS connections accepted on another listener (the HTTPS port); `None`
+    /// when the relay is disabled.
+    pub fn stream_handoff(&self) -> Option<stream::StreamHandoff> {
+        self.handoff.clone()
     }
 
     /// Sizes of the front layer's maps (all bounded), for tests and diagnostics.

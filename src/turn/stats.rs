@@ -38,6 +38,8 @@ pub struct TurnStats {
     pub packets_to_clients: AtomicU64,
     /// TCP and TLS client connections currently open.
     pub stream_connections: AtomicU64,
+    /// Of those, TLS connections that came in on the HTTPS port (`turn-on-https-port`).
+    pub https_port_connections: AtomicU64,
     /// Authenticated requests answered 400 because the engine could read them differently from
     /// the gate (attributes after MESSAGE-INTEGRITY, duplicates, malformed peer addresses).
     pub ambiguous_requests: AtomicU64,
@@ -68,6 +70,7 @@ pub struct TurnStatsSnapshot {
     pub bytes_to_clients: u64,
     pub packets_to_clients: u64,
     pub stream_connections: u64,
+    pub https_port_connections: u64,
     pub ambiguous_requests: u64,
     pub quota_hits_ip: u64,
     pub client_queue_dropped: u64,
@@ -93,6 +96,7 @@ impl TurnStats {
             bytes_to_clients: r(&self.bytes_to_clients),
             packets_to_clients: r(&self.packets_to_clients),
             stream_connections: r(&self.stream_connections),
+            https_port_connections: r(&self.https_port_connections),
             ambiguous_requests: r(&self.ambiguous_requests),
             quota_hits_ip: r(&self.quota_hits_ip),
             client_queue_dropped: r(&self.client_queue_dropped),

@@ -227,15 +227,11 @@ async fn serve(
     peer: SocketAddr,
     tls: Option<TlsAcceptorSource>,
     ctx: Arc<StreamContext>,
-    _permits: (OwnedSemaphorePermit, PerIpPermit),
+    permits: (OwnedSemaphorePermit, PerIpPermit),
 ) {
     let _ = tcp.set_nodelay(true);
     let Ok(local) = tcp.local_addr() else { return };
-    let (transport, reader, writer): (
-        Transport,
-        Box<dyn AsyncRead + Unpin + Send>,
-        Box<dyn AsyncWrite + Unpin + Send>,
-    ) = match tls {
+    match tls {
         Some(source) => {
             let acceptor = source();
             let mut shutdown = ctx.shutdown.clone();
@@ -247,23 +243,98 @@ async fn serve(
             match handshake {
                 Ok(Ok(stream)) => {
                     let (r, w) = tokio::io::split(stream);
-                    (Transport::Tls, Box::new(r), Box::new(w))
+                    let io = (Transport::Tls, Box::new(r) as _, Box::new(w) as _);
+                    run(io, peer, local, ctx, permits).await;
                 }
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, "TURN TLS handshake failed: {e}");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "TURN TLS handshake timed out");
-                    return;
-                }
+                Ok(Err(e)) => tracing::debug!(%peer, "TURN TLS handshake failed: {e}"),
+                Err(_) => tracing::debug!(%peer, "TURN TLS handshake timed out"),
             }
         }
         None => {
             let (r, w) = tcp.into_split();
-            (Transport::Tcp, Box::new(r), Box::new(w))
+            run(
+                (Transport::Tcp, Box::new(r), Box::new(w)),
+                peer,
+                local,
+                ctx,
+                permits,
+            )
+            .await;
         }
-    };
+    }
+}
+
+/// A connection's transport and its two halves.
+type StreamIo = (
+    Transport,
+    Box<dyn AsyncRead + Unpin + Send>,
+    Box<dyn AsyncWrite + Unpin + Send>,
+);
+
+/// Hands TLS connections accepted elsewhere (the HTTPS port, after routing by ClientHello or by
+/// the first bytes) to the TURN stream front: the same gate, quotas, connection caps (the stream
+/// cap and the per-address cap are taken here, as on the TURN ports), unauthenticated deadline and
+/// idle timeout as a connection to the TURN TLS port.
+#[derive(Clone)]
+pub struct StreamHandoff {
+    ctx: Arc<StreamContext>,
+}
+
+impl std::fmt::Debug for StreamHandoff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamHandoff").finish_non_exhaustive()
+    }
+}
+
+impl StreamHandoff {
+    /// A handoff into `ctx`'s connections.
+    pub fn new(ctx: Arc<StreamContext>) -> Self {
+        StreamHandoff { ctx }
+    }
+
+    /// Serves `stream` (already past its TLS handshake, with any bytes read to route it put back)
+    /// as a TURN-over-TLS connection from `peer` until it ends. Returns at once, closing it, when
+    /// the TURN stream caps are full.
+    pub async fn serve<S>(&self, stream: S, peer: SocketAddr, local: SocketAddr)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let ctx = Arc::clone(&self.ctx);
+        let Ok(permit) = Arc::clone(&ctx.connections).try_acquire_owned() else {
+            tracing::debug!(%peer, "TURN stream connection cap reached (HTTPS port)");
+            return;
+        };
+        let Some(per_ip) =
+            PerIpConnections::admit(&ctx.per_ip, super::source::source_key(peer.ip()))
+        else {
+            tracing::debug!(%peer, "TURN stream connections per IP cap reached (HTTPS port)");
+            return;
+        };
+        TurnStats::bump(&ctx.stats.https_port_connections);
+        let _count = HttpsPortCount(Arc::clone(&ctx.stats));
+        let (r, w) = tokio::io::split(stream);
+        let io = (Transport::Tls, Box::new(r) as _, Box::new(w) as _);
+        run(io, peer, local, ctx, (permit, per_ip)).await;
+    }
+}
+
+/// Keeps `https_port_connections` counting one connection until dropped.
+struct HttpsPortCount(Arc<TurnStats>);
+
+impl Drop for HttpsPortCount {
+    fn drop(&mut self) {
+        TurnStats::drop_one(&self.0.https_port_connections);
+    }
+}
+
+/// Runs one TURN stream connection: its engine, its writer, its lifetime.
+async fn run(
+    (transport, reader, writer): StreamIo,
+    peer: SocketAddr,
+    local: SocketAddr,
+    ctx: Arc<StreamContext>,
+    _permits: (OwnedSemaphorePermit, PerIpPermit),
+) {
     TurnStats::bump(&ctx.stats.stream_connections);
     let _count = ConnectionCount(Arc::clone(&ctx.stats));
 

@@ -173,10 +173,13 @@ export class CuttableProxy {
   }
 }
 
-/** Debian's Chromium with fake camera and microphone, trusting only callgate's certificate. */
-export async function launchBrowser(spkiHash, { fakeUi = true } = {}) {
+/**
+ * Debian's Chromium with fake camera and microphone, trusting only callgate's certificate
+ * (`executablePath`: e.g. a wrapper that starts it inside a network namespace).
+ */
+export async function launchBrowser(spkiHash, { fakeUi = true, executablePath = chromiumPath } = {}) {
   return chromium.launch({
-    executablePath: chromiumPath,
+    executablePath,
     headless: true,
     args: [
       '--no-sandbox',

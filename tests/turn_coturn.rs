@@ -5,11 +5,15 @@
 #[path = "support/turn_rawclient.rs"]
 mod raw;
 
+#[path = "support/uclient.rs"]
+mod uclient;
+
 use std::process::Output;
 use std::time::Duration;
 
 use raw::*;
 use tokio::process::Command;
+use uclient::{lost_packets, received_packets};
 
 /// Resolves a coturn tool or explains why the test cannot run.
 fn tool(name: &str) -> Option<String> {
@@ -44,29 +48,6 @@ fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
-}
-
-/// `Total lost packets N (x%)` from uclient's summary.
-fn lost_packets(out: &str) -> Option<u64> {
-    let line = out.lines().find(|l| l.contains("Total lost packets"))?;
-    line.split("Total lost packets")
-        .nth(1)?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-/// Sent/received totals, to make sure traffic actually flowed.
-fn received_packets(out: &str) -> Option<u64> {
-    // Progress lines come first; the summary is the last one.
-    let line = out.lines().rev().find(|l| l.contains("tot_recv_msgs="))?;
-    line.split("tot_recv_msgs=")
-        .nth(1)?
-        .split(|c: char| !c.is_ascii_digit())
-        .next()?
-        .parse()
-        .ok()
 }
 
 /// The relaying tests assert zero loss, so they take turns: four uclient runs at once on a 2-core

@@ -7,6 +7,9 @@
 
 mod common;
 
+#[path = "support/uclient.rs"]
+mod uclient;
+
 use std::process::Output;
 use std::time::Duration;
 
@@ -14,6 +17,7 @@ use common::*;
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::process::Command;
+use uclient::{lost_packets, received_packets};
 
 const SECRET: &str = "https-port-secret";
 const WAIT: Duration = Duration::from_secs(5);
@@ -180,28 +184,6 @@ async fn run(program: &str, args: &[&str]) -> Output {
         .await
         .unwrap_or_else(|_| panic!("{program} {args:?} did not finish"))
         .expect("tool runs")
-}
-
-/// `Total lost packets N (x%)` from uclient's summary.
-fn lost_packets(out: &str) -> Option<u64> {
-    let line = out.lines().find(|l| l.contains("Total lost packets"))?;
-    line.split("Total lost packets")
-        .nth(1)?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-/// uclient's received total (the summary is the last line carrying it).
-fn received_packets(out: &str) -> Option<u64> {
-    let line = out.lines().rev().find(|l| l.contains("tot_recv_msgs="))?;
-    line.split("tot_recv_msgs=")
-        .nth(1)?
-        .split(|c: char| !c.is_ascii_digit())
-        .next()?
-        .parse()
-        .ok()
 }
 
 #[tokio::test]

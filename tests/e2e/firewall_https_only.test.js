@@ -15,6 +15,7 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import {
   Callgate, launchBrowser, openPerson, idOf, pollUntil, expectFramesFlowing, chromiumPath, STEP_MS,
+  selectedLocal,
 } from './harness.js';
 
 const tag = String(process.pid % 10000);
@@ -115,22 +116,6 @@ after(async () => {
   }
   if (scratch) rmSync(scratch, { recursive: true, force: true });
 });
-
-/** The selected pair's local candidate: its type, relay protocol and the TURN URL it came from. */
-async function selectedLocal(page) {
-  return page.evaluate(async () => {
-    const stats = await window.callgate.pc.getStats();
-    const byId = new Map();
-    stats.forEach((r) => byId.set(r.id, r));
-    let local = null;
-    stats.forEach((r) => {
-      if (r.type === 'transport' && r.selectedCandidatePairId) {
-        local = byId.get(byId.get(r.selectedCandidatePairId)?.localCandidateId) || null;
-      }
-    });
-    return local && { type: local.candidateType, relayProtocol: local.relayProtocol, url: local.url };
-  });
-}
 
 test('behind a firewall that opens only the HTTPS port and drops all UDP, two pages still get a call', { skip }, async () => {
   // The firewall really is closed to UDP (the send itself is refused), and open to the HTTPS port.

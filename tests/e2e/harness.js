@@ -282,6 +282,22 @@ export async function selectedRoute(page) {
   });
 }
 
+/** The selected pair's local candidate: its type, relay protocol, address and the TURN URL it came from. */
+export async function selectedLocal(page) {
+  return page.evaluate(async () => {
+    const stats = await window.callgate.pc.getStats();
+    const byId = new Map();
+    stats.forEach((r) => byId.set(r.id, r));
+    let local = null;
+    stats.forEach((r) => {
+      if (r.type === 'transport' && r.selectedCandidatePairId) {
+        local = byId.get(byId.get(r.selectedCandidatePairId)?.localCandidateId) || null;
+      }
+    });
+    return local && { type: local.candidateType, relayProtocol: local.relayProtocol, address: local.address, url: local.url };
+  });
+}
+
 /**
  * Polls `probe` until `accept(value)` holds, for values the browser only exposes by polling
  * (getStats). Fails with the last value seen. Use page.waitForFunction for DOM state instead.

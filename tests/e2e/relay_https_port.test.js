@@ -9,6 +9,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import {
   Callgate, launchBrowser, openPerson, idOf, pollUntil, expectFramesFlowing, STEP_MS,
+  selectedLocal,
 } from './harness.js';
 
 /**
@@ -62,22 +63,6 @@ after(async () => {
     server.cleanup();
   }
 });
-
-/** The selected pair's local candidate: its type, relay protocol and the TURN URL it came from. */
-async function selectedLocal(page) {
-  return page.evaluate(async () => {
-    const stats = await window.callgate.pc.getStats();
-    const byId = new Map();
-    stats.forEach((r) => byId.set(r.id, r));
-    let local = null;
-    stats.forEach((r) => {
-      if (r.type === 'transport' && r.selectedCandidatePairId) {
-        local = byId.get(byId.get(r.selectedCandidatePairId)?.localCandidateId) || null;
-      }
-    });
-    return local && { type: local.candidateType, relayProtocol: local.relayProtocol, url: local.url };
-  });
-}
 
 test('a relay-only call offered only turns: on the HTTPS port connects and shows video', async () => {
   const a = await openPerson(browser, `${url}/?relay=1`, 'A', { initScript: onlyTurnsOnThisPort });

@@ -13,6 +13,7 @@ import assert from 'node:assert/strict';
 import os from 'node:os';
 import {
   Callgate, launchBrowser, openPerson, idOf, pollUntil, expectFramesFlowing, STEP_MS,
+  selectedLocal,
 } from './harness.js';
 
 /** How soon the relayed call must connect once accepted (it took ~20 s, or forever, before). */
@@ -76,22 +77,6 @@ after(async () => {
     server.cleanup();
   }
 });
-
-/** The selected pair's local candidate: its type, relay protocol and address. */
-async function selectedLocal(page) {
-  return page.evaluate(async () => {
-    const stats = await window.callgate.pc.getStats();
-    const byId = new Map();
-    stats.forEach((r) => byId.set(r.id, r));
-    let local = null;
-    stats.forEach((r) => {
-      if (r.type === 'transport' && r.selectedCandidatePairId) {
-        local = byId.get(byId.get(r.selectedCandidatePairId)?.localCandidateId) || null;
-      }
-    });
-    return local && { type: local.candidateType, relayProtocol: local.relayProtocol, address: local.address, url: local.url };
-  });
-}
 
 test('a relay-only call offered only turn:…?transport=udp connects within seconds on the default listening addresses', { skip: noSecondAddress }, async () => {
   // The relay listens on every address of the host, each on its own socket.

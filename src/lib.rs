@@ -28,6 +28,7 @@
 #![warn(missing_docs)]
 
 pub mod acme;
+pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod limits;

@@ -1,0 +1,418 @@
+//! Delivery between nodes through Redis: a message for an ID held by another node is published on
+//! that node's channel; a message that finds nobody live is held in the ID's capped stream until
+//! the node that resumes the ID takes it.
+//!
+//! Pub/sub alone drops what arrives while a node is away, so `PUBLISH`'s answer (how many
+//! subscribers received it) is what tells the sender whether to hold the message instead. Held
+//! messages live in `cg:held:{id}`: a stream with an exact cap on messages and bytes, checked
+//! before each `XADD`, so nothing already held is trimmed away silently — a message that does not
+//! fit is refused and its sender is told. A node's own subscription reconnects and resubscribes by
+//! itself after Redis restarts, and says so ([`BusEvent::Subscribed`]) so the node can take what
+//! was held for its live IDs meanwhile.
+//!
+//! The payload is a small versioned binary record ([`BusMessage::encode`]); the frame inside is
+//! the unsealed JSON, since sequence numbers are given by the node that holds the ID.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
+use futures_util::StreamExt as _;
+use redis::aio::ConnectionManager;
+use redis::Script;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::types::{NodeId, Unavailable};
+use crate::signaling::delivery::{Envelope, Origin};
+use crate::signaling::protocol::{ClientId, DropReason, MessageKind, SEQ_ROOM};
+
+/// The stream holding messages for an ID nobody holds live.
+pub fn held_key(id: ClientId) -> String {
+    format!("cg:held:{id}")
+}
+
+/// A node's inbox channel.
+pub fn node_channel(node: &NodeId) -> String {
+    format!("cg:node:{node}")
+}
+
+/// Holds one message, checking the caps first.
+static HOLD: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/hold.lua")));
+/// Takes and deletes every held message in one step.
+static TAKE_HELD: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/take_held.lua")));
+
+/// A message on its way to an ID on another node, or held for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BusMessage {
+    /// The recipient.
+    pub to: ClientId,
+    /// The recipient's epoch the sender routed by, if it knew one: a receiving node whose holder
+    /// of `to` has another epoch answers that the route is stale.
+    pub epoch: Option<u64>,
+    /// Who caused the message, to tell them if it is never delivered.
+    pub origin: Option<Origin>,
+    /// The JSON object, without a sequence number.
+    pub frame: Bytes,
+}
+
+/// Why a payload read from Redis is not a [`BusMessage`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PayloadError {
+    /// Written by a newer (or unrelated) program.
+    #[error("The bus payload has version {0}; this node reads version 1.")]
+    Version(u8),
+    /// Shorter than its header says.
+    #[error("The bus payload is truncated.")]
+    Truncated,
+    /// A message type this node does not know.
+    #[error("The bus payload names message type {0}, which this node does not know.")]
+    UnknownKind(u8),
+}
+
+impl BusMessage {
+    /// Payload format version, the first byte.
+    const VERSION: u8 = 1;
+    /// Flag: an epoch follows the recipient.
+    const HAS_EPOCH: u8 = 1;
+    /// Flag: an origin (sender ID and message type) follows.
+    const HAS_ORIGIN: u8 = 2;
+
+    /// The message carrying `envelope` to `to` (routed by `epoch` when known).
+    pub fn new(to: ClientId, epoch: Option<u64>, envelope: Envelope) -> Self {
+        Self {
+            to,
+            epoch,
+            origin: envelope.origin(),
+            frame: envelope.seal(None),
+        }
+    }
+
+    /// Back into an envelope for the local delivery log (with room for a sequence number).
+    pub fn into_envelope(self) -> Envelope {
+        let mut json = Vec::with_capacity(self.frame.len() + SEQ_ROOM);
+        json.extend_from_slice(&self.frame);
+        match self.origin {
+            Some(origin) => Envelope::relaying(json, origin),
+            None => Envelope::new(json),
+        }
+    }
+
+    /// The payload: version, flags, recipient (u64), then the epoch (u64) and origin (u64 sender,
+    /// u8 message type) when present, all big-endian; the frame takes the rest. 10 to 27 bytes
+    /// of header.
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(27 + self.frame.len());
+        let flags = if self.epoch.is_some() {
+            Self::HAS_EPOCH
+        } else {
+            0
+        } | if self.origin.is_some() {
+            Self::HAS_ORIGIN
+        } else {
+            0
+        };
+        out.put_u8(Self::VERSION);
+        out.put_u8(flags);
+        out.put_u64(self.to.get());
+        if let Some(epoch) = self.epoch {
+            out.put_u64(epoch);
+        }
+        if let Some(origin) = self.origin {
+            out.put_u64(origin.from.get());
+            out.put_u8(kind_code(origin.kind));
+        }
+        out.put_slice(&self.frame);
+        out.freeze()
+    }
+
+    /// Reads a payload written by [`BusMessage::encode`].
+    pub fn decode(mut payload: Bytes) -> Result<Self, PayloadError> {
+        let need = |payload: &Bytes, n: usize| {
+            if payload.remaining() < n {
+                Err(PayloadError::Truncated)
+            } else {
+                Ok(())
+            }
+        };
+        need(&payload, 10)?;
+        let version = payload.get_u8();
+        if version != Self::VERSION {
+            return Err(PayloadError::Version(version));
+        }
+        let flags = payload.get_u8();
+        let to = ClientId::new(payload.get_u64());
+        let epoch = if flags & Self::HAS_EPOCH != 0 {
+            need(&payload, 8)?;
+            Some(payload.get_u64())
+        } else {
+            None
+        };
+        let origin = if flags & Self::HAS_ORIGIN != 0 {
+            need(&payload, 9)?;
+            let from = ClientId::new(payload.get_u64());
+            let code = payload.get_u8();
+            let kind = *MessageKind::ALL
+                .get(usize::from(code))
+                .ok_or(PayloadError::UnknownKind(code))?;
+            Some(Origin { from, kind })
+        } else {
+            None
+        };
+        Ok(Self {
+            to,
+            epoch,
+            origin,
+            frame: payload,
+        })
+    }
+}
+
+/// A message type's code on the bus: its place in [`MessageKind::ALL`].
+fn kind_code(kind: MessageKind) -> u8 {
+    let index = MessageKind::ALL
+        .iter()
+        .position(|k| *k == kind)
+        .expect("ALL lists every kind");
+    u8::try_from(index).expect("fewer than 256 message kinds")
+}
+
+/// What became of a message handed to [`RedisBus::hold`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
+pub enum Hold {
+    /// Held for the next resume of the ID.
+    Held,
+    /// Nobody holds the ID (it left or expired): tell the sender.
+    NoSuchClient,
+    /// The ID moved to another epoch since the sender located it: locate it again and send there.
+    Moved,
+    /// The ID's held budget (messages or bytes) is spent: tell the sender.
+    Dropped(DropReason),
+}
+
+/// One event of a node's subscription.
+#[derive(Debug)]
+pub enum BusEvent {
+    /// The subscription is (again) in place. `resumed` is true after a gap (Redis restarted or the
+    /// connection broke): senders found no receiver meanwhile and held their messages, so the
+    /// node should [take](RedisBus::take_held) what was held for its live IDs.
+    Subscribed {
+        /// Whether this follows a gap rather than being the first subscription.
+        resumed: bool,
+    },
+    /// A message for one of this node's IDs.
+    Message(BusMessage),
+}
+
+/// How the bus behaves; the cluster configuration maps onto this.
+#[derive(Clone, Copy, Debug)]
+pub struct BusSettings {
+    /// Most messages held per ID (`resume_queue_messages`).
+    pub held_messages: usize,
+    /// Most payload bytes held per ID (`resume_queue_bytes`).
+    pub held_bytes: usize,
+    /// Shortest life of a held stream (the resume grace); longer while its ID's key lives longer.
+    pub grace: Duration,
+    /// Longest wait for one operation, and for the subscription's liveness ping.
+    pub timeout: Duration,
+}
+
+/// Publishes to other nodes, holds for reserved IDs, and subscribes this node's inbox.
+#[derive(Clone)]
+pub struct RedisBus {
+    /// Opens the subscription's own connection (pub/sub needs a dedicated one).
+    client: redis::Client,
+    /// The shared command connection.
+    conn: ConnectionManager,
+    /// Caps and timeouts.
+    settings: BusSettings,
+}
+
+impl RedisBus {
+    /// A bus on `conn` (commands) and `client` (subscriptions).
+    pub fn new(client: redis::Client, conn: ConnectionManager, settings: BusSettings) -> Self {
+        Self {
+            client,
+            conn,
+            settings,
+        }
+    }
+
+    /// Publishes `message` on `node`'s channel. `Ok(true)`: the node received it; `Ok(false)`:
+    /// nobody is subscribed (that node is gone or between reconnects) — hold it instead.
+    pub async fn send(&self, node: &NodeId, message: &BusMessage) -> Result<bool, Unavailable> {
+        let mut conn = self.conn.clone();
+        let cmd = redis::cmd("PUBLISH")
+            .arg(node_channel(node))
+            .arg(message.encode().as_ref())
+            .to_owned();
+        let receivers: u64 = self.run(cmd.query_async(&mut conn)).await?;
+        Ok(receivers > 0)
+    }
+
+    /// Holds `message` for its recipient's next resume, if the recipient exists at the epoch it
+    /// was routed by and its budget allows. The stream lives as long as the ID can be resumed.
+    pub async fn hold(&self, message: &BusMessage) -> Result<Hold, Unavailable> {
+        let mut call = HOLD.prepare_invoke();
+        call.key(super::registry::id_key(message.to))
+            .key(held_key(message.to))
+            .arg(message.epoch.map(|e| e.to_string()).unwrap_or_default())
+            .arg(message.encode().as_ref())
+            .arg(self.settings.held_messages)
+            .arg(self.settings.held_bytes)
+            .arg(
+                u64::try_from(self.settings.grace.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .max(1),
+            );
+        let mut conn = self.conn.clone();
+        let code: i64 = self.run(call.invoke_async(&mut conn)).await?;
+        Ok(match code {
+            1 => Hold::Held,
+            0 => Hold::NoSuchClient,
+            2 => Hold::Moved,
+            _ => Hold::Dropped(DropReason::QueueFull),
+        })
+    }
+
+    /// Takes every message held for `to`, oldest first, deleting them in the same step: of two
+    /// nodes racing to replay, one gets them all and the other none. Payloads that cannot be read
+    /// are logged and skipped.
+    pub async fn take_held(&self, to: ClientId) -> Result<Vec<BusMessage>, Unavailable> {
+        let mut call = TAKE_HELD.prepare_invoke();
+        call.key(held_key(to)).key(super::registry::id_key(to));
+        let mut conn = self.conn.clone();
+        let payloads: Vec<Vec<u8>> = self.run(call.invoke_async(&mut conn)).await?;
+        Ok(payloads
+            .into_iter()
+            .filter_map(|payload| match BusMessage::decode(Bytes::from(payload)) {
+                Ok(message) => Some(message),
+                Err(e) => {
+                    tracing::warn!(error = %e, id = %to, "redis bus: skipped a held message");
+                    None
+                }
+            })
+            .collect())
+    }
+
+    /// Subscribes to `node`'s channel on a connection of its own, kept up by a task that
+    /// reconnects (every `timeout`, at most) and resubscribes after any break. Dropping the
+    /// [`Subscription`] ends the task. Up to `capacity` events wait for the reader; beyond that
+    /// the task stops reading and Redis buffers (up to its `client-output-buffer-limit pubsub`).
+    pub fn subscribe(&self, node: &NodeId, capacity: usize) -> Subscription {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let task = tokio::spawn(keep_subscribed(
+            self.client.clone(),
+            node_channel(node),
+            self.settings.timeout,
+            tx,
+        ));
+        Subscription { rx, task }
+    }
+
+    /// Runs one Redis future within the timeout; any error or a timeout is `Unavailable`.
+    async fn run<T>(
+        &self,
+        op: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, Unavailable> {
+        match tokio::time::timeout(self.settings.timeout, op).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "redis bus operation failed");
+                Err(Unavailable)
+            }
+            Err(_) => {
+                tracing::debug!("redis bus operation timed out");
+                Err(Unavailable)
+            }
+        }
+    }
+}
+
+/// A node's inbox: events from its subscription task, which ends when this is dropped.
+#[derive(Debug)]
+pub struct Subscription {
+    /// Events from the task.
+    rx: mpsc::Receiver<BusEvent>,
+    /// The task, aborted on drop so its connection closes.
+    task: JoinHandle<()>,
+}
+
+impl Subscription {
+    /// The next event; `None` only if the task ended (it does not, short of a panic).
+    pub async fn next(&mut self) -> Option<BusEvent> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The subscription task: connect, subscribe, forward messages, ping every `timeout` to notice a
+/// silent break; after any break wait `timeout` and start over. Ends when the receiver is gone.
+async fn keep_subscribed(
+    client: redis::Client,
+    channel: String,
+    timeout: Duration,
+    tx: mpsc::Sender<BusEvent>,
+) {
+    let mut resumed = false;
+    loop {
+        match tokio::time::timeout(timeout, subscribe_once(&client, &channel)).await {
+            Ok(Ok(pubsub)) => {
+                let (mut sink, mut stream) = pubsub.split();
+                if tx.send(BusEvent::Subscribed { resumed }).await.is_err() {
+                    return;
+                }
+                resumed = true;
+                let mut ping = tokio::time::interval(timeout);
+                ping.tick().await;
+                loop {
+                    tokio::select! {
+                        message = stream.next() => {
+                            let Some(message) = message else { break };
+                            let payload = Bytes::copy_from_slice(message.get_payload_bytes());
+                            match BusMessage::decode(payload) {
+                                Ok(message) => {
+                                    if tx.send(BusEvent::Message(message)).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                Err(e) => tracing::warn!(error = %e, "redis bus: skipped a message"),
+                            }
+                        }
+                        _ = ping.tick() => {
+                            let pong = tokio::time::timeout(timeout, sink.ping::<redis::Value>()).await;
+                            if !matches!(pong, Ok(Ok(_))) {
+                                break;
+                            }
+                        }
+                        () = tx.closed() => return,
+                    }
+                }
+                tracing::warn!(%channel, "redis bus: subscription lost; resubscribing");
+            }
+            Ok(Err(e)) => tracing::debug!(error = %e, %channel, "redis bus: subscribe failed"),
+            Err(_) => tracing::debug!(%channel, "redis bus: subscribe timed out"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(timeout) => {}
+            () = tx.closed() => return,
+        }
+    }
+}
+
+/// One connection, subscribed.
+async fn subscribe_once(
+    client: &redis::Client,
+    channel: &str,
+) -> redis::RedisResult<redis::aio::PubSub> {
+    let mut pubsub = client.get_async_pubsub().await?;
+    pubsub.subscribe(channel).await?;
+    Ok(pubsub)
+}

@@ -1,0 +1,464 @@
+//! The registry in Redis: which node holds each client ID, its epoch, resume token and call state,
+//! shared by every node of a cluster.
+//!
+//! Every operation is one Lua script (sent by SHA with `EVALSHA`, loaded again on `NOSCRIPT`) that
+//! reads and writes at most two IDs' hashes, so the rules the memory registry enforces under its
+//! locks hold here across nodes: two offers to one idle callee, or two resumes of one ID, cannot
+//! both win. The scripts live in `lua/`, one per operation, behind a shared prelude.
+//!
+//! Every key has a TTL: a live ID's lease is renewed by [`RedisRegistry::refresh`]; a reserved
+//! one expires after its grace period; so a node that dies leaves nothing behind for longer than
+//! a lease. Resume tokens are stored only as SHA-256 digests: reading Redis does not let anyone
+//! take over an ID. A Redis that cannot be reached within the configured timeout yields
+//! `Unavailable`, never a panic and never a wait longer than the timeout.
+//!
+//! This file never decides what a message means (that is the hub) and never touches a socket
+//! other than through the Redis connection it is given.
+
+use std::future::Future;
+use std::sync::LazyLock;
+use std::time::{Duration, Instant};
+
+use rand::Rng as _;
+use redis::aio::ConnectionManager;
+use redis::{Script, Value};
+
+use super::types::{
+    BindingError, Claim, Freed, Location, NodeId, RegisterError, ResumeError, Takeover, Transition,
+    TransitionError, Unavailable,
+};
+use crate::signaling::directory::{Binding, CallState, Stale};
+use crate::signaling::protocol::{ClientId, ResumeToken};
+
+/// The counter every epoch is drawn from: one key, so epochs are unique cluster-wide.
+const EPOCH_KEY: &str = "cg:epoch";
+
+/// Random draws before a claim gives up with [`RegisterError::NoFreeId`].
+const CLAIM_DRAWS: usize = 32;
+
+/// IDs renewed per script by [`RedisRegistry::refresh`]: small enough that one script holds Redis
+/// for well under a millisecond, large enough that 100 000 IDs take a few hundred round trips.
+const REFRESH_BATCH: usize = 256;
+
+/// The registry's Redis key for an ID's hash.
+pub fn id_key(id: ClientId) -> String {
+    format!("cg:id:{id}")
+}
+
+/// One script per operation, each prefixed with the prelude's helpers.
+struct Scripts {
+    /// Takes a free ID.
+    claim: Script,
+    /// Moves an ID to a resuming connection.
+    resume: Script,
+    /// Reserves a live ID for its grace period.
+    detach: Script,
+    /// Frees a live ID.
+    release: Script,
+    /// Frees a reserved ID still at its epoch.
+    expire: Script,
+    /// Reads a live ID's call state.
+    call_state: Script,
+    /// Applies a call transition to two IDs.
+    transition: Script,
+    /// Renews a node's live IDs' leases.
+    refresh: Script,
+}
+
+/// Compiled (hashed) once per process; Redis caches the scripts by SHA.
+static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
+    let with_prelude =
+        |body: &str| Script::new(&format!("{}\n{body}", include_str!("lua/prelude.lua")));
+    Scripts {
+        claim: with_prelude(include_str!("lua/claim.lua")),
+        resume: with_prelude(include_str!("lua/resume.lua")),
+        detach: with_prelude(include_str!("lua/detach.lua")),
+        release: with_prelude(include_str!("lua/release.lua")),
+        expire: with_prelude(include_str!("lua/expire.lua")),
+        call_state: with_prelude(include_str!("lua/call_state.lua")),
+        transition: with_prelude(include_str!("lua/transition.lua")),
+        refresh: with_prelude(include_str!("lua/refresh.lua")),
+    }
+});
+
+/// How the Redis registry behaves; the cluster configuration maps onto this.
+#[derive(Clone, Copy, Debug)]
+pub struct RegistrySettings {
+    /// Decimal digits in a client ID (clamped to 6..=15, as the memory directory does).
+    pub id_digits: u8,
+    /// TTL of a live ID's key: the resume grace plus the refresh period, so a node that stops
+    /// refreshing (it died) leaves its IDs resumable for at least a grace period, then gone.
+    pub lease: Duration,
+    /// Longest wait for one operation's answer before it fails with `Unavailable`.
+    pub timeout: Duration,
+}
+
+/// The cluster-wide registry, kept in Redis. Cheap to clone (the connection is shared).
+#[derive(Clone)]
+pub struct RedisRegistry {
+    /// The shared, self-reconnecting connection.
+    conn: ConnectionManager,
+    /// Lowest ID (inclusive) for `id_digits` digits.
+    id_low: u64,
+    /// Highest ID (exclusive).
+    id_high: u64,
+    /// A live key's TTL, in milliseconds.
+    lease_ms: u64,
+    /// Per-operation timeout.
+    timeout: Duration,
+}
+
+impl RedisRegistry {
+    /// A registry on `conn`. The connection should have its own response timeout too; this one
+    /// bounds the whole operation, reconnect waits included.
+    pub fn new(conn: ConnectionManager, settings: RegistrySettings) -> Self {
+        let digits = u32::from(settings.id_digits.clamp(6, 15));
+        Self {
+            conn,
+            id_low: 10u64.pow(digits - 1),
+            id_high: 10u64.pow(digits),
+            lease_ms: millis(settings.lease),
+            timeout: settings.timeout,
+        }
+    }
+
+    /// A fresh random ID and token, live on `node`. Retries on collision (the script refuses a
+    /// taken ID); [`RegisterError::NoFreeId`] after 32 draws.
+    pub async fn claim(&self, node: &NodeId, _now: Instant) -> Result<Claim, RegisterError> {
+        let token = ResumeToken::random(&mut rand::rng());
+        let digest = token_digest(&token);
+        for _ in 0..CLAIM_DRAWS {
+            let id = ClientId::new(rand::rng().random_range(self.id_low..self.id_high));
+            let mut call = SCRIPTS.claim.prepare_invoke();
+            call.key(id_key(id))
+                .key(EPOCH_KEY)
+                .key(super::bus::held_key(id))
+                .arg(node.as_str())
+                .arg(&digest)
+                .arg(self.lease_ms);
+            let mut conn = self.conn.clone();
+            let epoch: u64 = self.run(call.invoke_async(&mut conn)).await?;
+            if epoch != 0 {
+                return Ok(Claim {
+                    binding: Binding { id, epoch },
+                    token,
+                });
+            }
+        }
+        Err(RegisterError::NoFreeId)
+    }
+
+    /// Moves `target` to `node` if `token` matches and `current` is idle; frees `current`'s own
+    /// ID. Checks in the memory directory's order: stale, in call, unknown (or own ID), token.
+    pub async fn resume(
+        &self,
+        current: Binding,
+        target: ClientId,
+        token: &ResumeToken,
+        node: &NodeId,
+        _now: Instant,
+    ) -> Result<Takeover, ResumeError> {
+        let new_token = ResumeToken::random(&mut rand::rng());
+        let mut call = SCRIPTS.resume.prepare_invoke();
+        call.key(id_key(current.id))
+            .key(id_key(target))
+            .key(EPOCH_KEY)
+            .arg(current.epoch)
+            .arg(token_digest(token))
+            .arg(token_digest(&new_token))
+            .arg(node.as_str())
+            .arg(self.lease_ms);
+        let mut conn = self.conn.clone();
+        let reply: Vec<Value> = self.run(call.invoke_async(&mut conn)).await?;
+        match int(reply.first()) {
+            Some(1) => {
+                let parsed = (|| {
+                    let epoch = u64::try_from(int(reply.get(1))?).ok()?;
+                    let previous_node = NodeId::new(text(reply.get(2))?);
+                    let was_live = text(reply.get(3))? == "1";
+                    let call = call_state(text(reply.get(4))?, text(reply.get(5))?)?;
+                    Some((epoch, previous_node, was_live, call))
+                })();
+                let (epoch, previous_node, was_live, call) = parsed.ok_or_else(malformed)?;
+                Ok(Takeover {
+                    binding: Binding { id: target, epoch },
+                    token: new_token,
+                    previous_node,
+                    was_live,
+                    call,
+                })
+            }
+            Some(-1) => Err(ResumeError::Stale(Stale)),
+            Some(-2) => Err(ResumeError::InCall),
+            Some(-3) => Err(ResumeError::Unknown),
+            Some(-4) => Err(ResumeError::TokenMismatch),
+            _ => Err(malformed().into()),
+        }
+    }
+
+    /// The connection dropped: the ID stays reserved (call kept) for `grace`, then vanishes by
+    /// itself unless a resume takes it.
+    pub async fn detach(
+        &self,
+        binding: Binding,
+        _now: Instant,
+        grace: Duration,
+    ) -> Result<(), BindingError> {
+        let mut call = SCRIPTS.detach.prepare_invoke();
+        call.key(id_key(binding.id))
+            .arg(binding.epoch)
+            .arg(millis(grace));
+        let mut conn = self.conn.clone();
+        let done: i64 = self.run(call.invoke_async(&mut conn)).await?;
+        if done == 1 {
+            Ok(())
+        } else {
+            Err(Stale.into())
+        }
+    }
+
+    /// Frees the ID now (the client left). Resets the peer's call to Idle and returns it.
+    pub async fn release(&self, binding: Binding) -> Result<Freed, BindingError> {
+        let mut call = SCRIPTS.release.prepare_invoke();
+        call.key(id_key(binding.id))
+            .arg(binding.epoch)
+            .arg(binding.id.get());
+        let mut conn = self.conn.clone();
+        let reply: Vec<Value> = self.run(call.invoke_async(&mut conn)).await?;
+        freed(binding.id, &reply)?.ok_or(BindingError::Stale(Stale))
+    }
+
+    /// Frees `binding` only if it is still reserved with that epoch (a resume elsewhere wins).
+    pub async fn expire(&self, binding: Binding) -> Result<Option<Freed>, Unavailable> {
+        let mut call = SCRIPTS.expire.prepare_invoke();
+        call.key(id_key(binding.id))
+            .arg(binding.epoch)
+            .arg(binding.id.get());
+        let mut conn = self.conn.clone();
+        let reply: Vec<Value> = self.run(call.invoke_async(&mut conn)).await?;
+        freed(binding.id, &reply)
+    }
+
+    /// The call state of a live binding.
+    pub async fn call_state(&self, binding: Binding) -> Result<CallState, BindingError> {
+        let mut call = SCRIPTS.call_state.prepare_invoke();
+        call.key(id_key(binding.id)).arg(binding.epoch);
+        let mut conn = self.conn.clone();
+        let reply: Vec<Value> = self.run(call.invoke_async(&mut conn)).await?;
+        match int(reply.first()) {
+            Some(1) => Ok(call_state(
+                text(reply.get(1)).unwrap_or(""),
+                text(reply.get(2)).unwrap_or(""),
+            )
+            .ok_or_else(malformed)?),
+            Some(0) => Err(Stale.into()),
+            _ => Err(malformed().into()),
+        }
+    }
+
+    /// Applies one transition atomically to `binding`'s ID and `peer`; returns my new state.
+    pub async fn transition(
+        &self,
+        binding: Binding,
+        peer: ClientId,
+        t: Transition,
+    ) -> Result<CallState, TransitionError> {
+        let name = match t {
+            Transition::Offer => "offer",
+            Transition::Accept => "accept",
+            Transition::Decline => "decline",
+            Transition::Cancel => "cancel",
+            Transition::Hangup => "hangup",
+        };
+        let mut call = SCRIPTS.transition.prepare_invoke();
+        call.key(id_key(binding.id))
+            .key(id_key(peer))
+            .arg(binding.epoch)
+            .arg(name)
+            .arg(binding.id.get())
+            .arg(peer.get());
+        let mut conn = self.conn.clone();
+        let reply: Vec<Value> = self
+            .run(call.invoke_async(&mut conn))
+            .await
+            .map_err(|Unavailable| TransitionError::Unavailable)?;
+        let state = || {
+            text(reply.get(1))
+                .zip(text(reply.get(2)))
+                .and_then(|(phase, peer)| call_state(phase, peer))
+                .ok_or_else(|| {
+                    malformed();
+                    TransitionError::Unavailable
+                })
+        };
+        match int(reply.first()) {
+            Some(1) => state(),
+            Some(0) => Err(TransitionError::Stale),
+            Some(2) => {
+                let state = state()?;
+                let peer = state.peer().ok_or(TransitionError::Unavailable)?;
+                Err(TransitionError::AlreadyInCall { peer, state })
+            }
+            Some(3) => Err(TransitionError::UnknownPeer),
+            Some(4) => Err(TransitionError::Busy),
+            Some(5) => Err(TransitionError::WrongState(state()?)),
+            _ => {
+                malformed();
+                Err(TransitionError::Unavailable)
+            }
+        }
+    }
+
+    /// Where an ID is held: one `HMGET`, no script (a single-key read is atomic by itself).
+    pub async fn locate(&self, id: ClientId) -> Result<Option<Location>, Unavailable> {
+        let mut conn = self.conn.clone();
+        let cmd = redis::cmd("HMGET")
+            .arg(id_key(id))
+            .arg("node")
+            .arg("epoch")
+            .arg("live")
+            .to_owned();
+        let (node, epoch, live): (Option<String>, Option<u64>, Option<String>) =
+            self.run(cmd.query_async(&mut conn)).await?;
+        Ok(match (node, epoch, live) {
+            (Some(node), Some(epoch), Some(live)) => Some(Location {
+                node: NodeId::new(&node),
+                epoch,
+                live: live == "1",
+            }),
+            _ => None,
+        })
+    }
+
+    /// Renews the lease of this node's live IDs, skipping any that moved or were detached:
+    /// batches of 256 IDs per script, all batches in one pipeline (one round trip). Returns how
+    /// many were renewed.
+    pub async fn refresh(&self, node: &NodeId, live: &[Binding]) -> Result<usize, Unavailable> {
+        if live.is_empty() {
+            return Ok(0);
+        }
+        let mut pipe = redis::pipe();
+        for batch in live.chunks(REFRESH_BATCH) {
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(SCRIPTS.refresh.get_hash()).arg(batch.len());
+            for binding in batch {
+                cmd.arg(id_key(binding.id));
+            }
+            cmd.arg(node.as_str()).arg(self.lease_ms);
+            for binding in batch {
+                cmd.arg(binding.epoch);
+            }
+            pipe.add_command(cmd);
+        }
+        let mut conn = self.conn.clone();
+        let first: redis::RedisResult<Vec<usize>> =
+            match tokio::time::timeout(self.timeout, pipe.query_async(&mut conn)).await {
+                Ok(result) => result,
+                Err(_) => return Err(self.fail("timed out")),
+            };
+        let renewed = match first {
+            Ok(renewed) => renewed,
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                // Redis restarted and forgot its scripts: load this one and send the batch again.
+                self.run(SCRIPTS.refresh.load_async(&mut conn)).await?;
+                self.run(pipe.query_async(&mut conn)).await?
+            }
+            Err(e) => return Err(self.fail(&e.to_string())),
+        };
+        Ok(renewed.iter().sum())
+    }
+
+    /// Runs one Redis future within the timeout; any error or a timeout is `Unavailable`.
+    async fn run<T>(
+        &self,
+        op: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, Unavailable> {
+        match tokio::time::timeout(self.timeout, op).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(self.fail(&e.to_string())),
+            Err(_) => Err(self.fail("timed out")),
+        }
+    }
+
+    /// Notes a failed operation. Debug level only: during an outage every operation fails, and
+    /// the connection's owner (`cluster::redis`) logs the outage once and counts it.
+    fn fail(&self, why: &str) -> Unavailable {
+        tracing::debug!(why, timeout = ?self.timeout, "redis registry operation failed");
+        Unavailable
+    }
+}
+
+/// The form a resume token is stored in: hex SHA-256 of its wire form. A digest, so a copy of
+/// Redis's data does not let anyone resume an ID; compared in Lua with `==`, which leaks at most
+/// how much of a digest matched — useless for finding a token.
+fn token_digest(token: &ResumeToken) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, token.to_string().as_bytes());
+    let mut hex = String::with_capacity(64);
+    for byte in digest.as_ref() {
+        hex.push_str(&format!("{byte:02x}"));
+    }
+    hex
+}
+
+/// A duration in whole milliseconds, at least 1 (Redis refuses `PEXPIRE key 0` as "expire now").
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+/// Reads `{1, peer or ''}` (freed) or `{0}` (nothing freed).
+fn freed(id: ClientId, reply: &[Value]) -> Result<Option<Freed>, Unavailable> {
+    match int(reply.first()) {
+        Some(1) => {
+            let peer = match text(reply.get(1)).ok_or_else(malformed)? {
+                "" => None,
+                peer => Some(parse_id(peer).ok_or_else(malformed)?),
+            };
+            Ok(Some(Freed { id, peer }))
+        }
+        Some(0) => Ok(None),
+        _ => Err(malformed()),
+    }
+}
+
+/// A call state from the hash's `phase` and `peer` fields.
+fn call_state(phase: &str, peer: &str) -> Option<CallState> {
+    if phase == "idle" {
+        return Some(CallState::Idle);
+    }
+    let peer = parse_id(peer)?;
+    match phase {
+        "calling" => Some(CallState::Calling { peer }),
+        "called" => Some(CallState::Called { peer }),
+        "incall" => Some(CallState::InCall { peer }),
+        _ => None,
+    }
+}
+
+/// A decimal ID as the scripts write it.
+fn parse_id(text: &str) -> Option<ClientId> {
+    text.parse().ok().map(ClientId::new)
+}
+
+/// An integer element of a script's reply.
+fn int(value: Option<&Value>) -> Option<i64> {
+    match value? {
+        Value::Int(n) => Some(*n),
+        _ => None,
+    }
+}
+
+/// A string element of a script's reply.
+fn text(value: Option<&Value>) -> Option<&str> {
+    match value? {
+        Value::BulkString(bytes) => std::str::from_utf8(bytes).ok(),
+        Value::SimpleString(s) => Some(s),
+        _ => None,
+    }
+}
+
+/// A reply that does not have the shape the script returns: a different script version runs
+/// under the same SHA (impossible) or the server is not Redis. Logged, treated as unavailable.
+fn malformed() -> Unavailable {
+    tracing::warn!("redis registry: a script answered in an unexpected shape");
+    Unavailable
+}

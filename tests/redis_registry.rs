@@ -1,0 +1,954 @@
+//! The Redis registry and bus (issue 13) against a real `redis-server` started per test on a free
+//! loopback port: every operation and refusal, races between nodes, TTLs, a Redis outage and its
+//! end, and the node inbox resubscribing after a Redis restart. Without redis-server the tests
+//! print why and pass — except under `CI=true`, where a missing server fails them.
+
+#[path = "support/redis.rs"]
+mod redis_support;
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use callgate::cluster::bus::{BusEvent, BusMessage, BusSettings, Hold, RedisBus};
+use callgate::cluster::registry::{RedisRegistry, RegistrySettings};
+use callgate::cluster::types::{
+    BindingError, NodeId, RegisterError, ResumeError, Transition, TransitionError, Unavailable,
+};
+use callgate::signaling::delivery::Origin;
+use callgate::signaling::directory::{Binding, CallState, Stale};
+use callgate::signaling::protocol::{ClientId, DropReason, MessageKind, ResumeToken};
+use redis::aio::ConnectionManager;
+use redis::AsyncCommands as _;
+use redis_support::RedisServer;
+
+/// Per-operation timeout in these tests: what "Unavailable quickly" is measured against.
+const TIMEOUT: Duration = Duration::from_millis(500);
+
+/// A running Redis with a registry and a bus on it, plus a raw connection for assertions.
+struct Setup {
+    /// The server (stopped when dropped).
+    redis: RedisServer,
+    /// Opens subscriptions.
+    client: redis::Client,
+    /// Raw commands for assertions.
+    raw: ConnectionManager,
+    /// The registry under test.
+    registry: RedisRegistry,
+    /// The bus under test.
+    bus: RedisBus,
+}
+
+/// Node names used in the tests.
+fn node(name: &str) -> NodeId {
+    NodeId::new(name)
+}
+
+/// A connection manager that fails fast (the registry's own timeout bounds each operation too).
+async fn manager(client: &redis::Client) -> ConnectionManager {
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(TIMEOUT))
+        .set_response_timeout(Some(TIMEOUT))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_millis(100));
+    client
+        .get_connection_manager_with_config(config)
+        .await
+        .expect("connects to the test's redis-server")
+}
+
+/// Starts Redis and builds a registry with `lease` and a bus holding at most 4 messages / 1 KiB
+/// per ID for `grace`. `None`: redis-server is missing (outside CI) and the test passes.
+async fn setup_with(lease: Duration, grace: Duration) -> Option<Setup> {
+    let redis = RedisServer::start()?;
+    let client = redis::Client::open(redis.url()).expect("a valid URL");
+    let raw = manager(&client).await;
+    let registry = RedisRegistry::new(
+        manager(&client).await,
+        RegistrySettings {
+            id_digits: 9,
+            lease,
+            timeout: TIMEOUT,
+        },
+    );
+    let bus = RedisBus::new(
+        client.clone(),
+        manager(&client).await,
+        BusSettings {
+            held_messages: 4,
+            held_bytes: 1024,
+            grace,
+            timeout: TIMEOUT,
+        },
+    );
+    Some(Setup {
+        redis,
+        client,
+        raw,
+        registry,
+        bus,
+    })
+}
+
+/// The usual setup: leases and grace long enough that nothing expires during a test.
+async fn setup() -> Option<Setup> {
+    setup_with(Duration::from_secs(60), Duration::from_secs(30)).await
+}
+
+impl Setup {
+    /// Claims a new live ID on `n`.
+    async fn claim(&self, n: &str) -> (Binding, ResumeToken) {
+        let claim = self
+            .registry
+            .claim(&node(n), Instant::now())
+            .await
+            .expect("claim");
+        (claim.binding, claim.token)
+    }
+
+    /// The call state of a live binding, which must exist.
+    async fn state(&self, binding: Binding) -> CallState {
+        self.registry.call_state(binding).await.expect("live")
+    }
+
+    /// Every per-client key (`cg:*` except the one epoch counter) and its PTTL.
+    async fn client_keys(&self) -> Vec<(String, i64)> {
+        let mut raw = self.raw.clone();
+        let keys: Vec<String> = raw.keys("cg:*").await.expect("KEYS");
+        let mut out = Vec::new();
+        for key in keys.into_iter().filter(|k| k != "cg:epoch") {
+            let ttl: i64 = raw.pttl(&key).await.expect("PTTL");
+            out.push((key, ttl));
+        }
+        out
+    }
+
+    /// Asserts every per-client key has a TTL (PTTL > 0: not -1 "no expiry").
+    async fn assert_every_key_expires(&self, after: &str) {
+        let keys = self.client_keys().await;
+        for (key, ttl) in &keys {
+            assert!(*ttl > 0, "after {after}: {key} has PTTL {ttl}, no expiry");
+        }
+    }
+}
+
+/// Polls `check` every 20 ms until it holds, failing after `within`.
+async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !check().await {
+        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_claim_is_live_on_its_node_with_a_lease_and_a_digest_of_its_token() {
+    let Some(s) = setup().await else { return };
+    let (a, token) = s.claim("n1").await;
+    assert!(
+        (100_000_000..1_000_000_000).contains(&a.id.get()),
+        "9 digits: {}",
+        a.id
+    );
+    let at = s.registry.locate(a.id).await.unwrap().expect("located");
+    assert_eq!(at.node, node("n1"));
+    assert_eq!(at.epoch, a.epoch);
+    assert!(at.live);
+    assert_eq!(s.state(a).await, CallState::Idle);
+
+    let mut raw = s.raw.clone();
+    let stored: String = raw.hget(format!("cg:id:{}", a.id), "token").await.unwrap();
+    assert_eq!(stored.len(), 64, "a hex SHA-256");
+    assert_ne!(
+        stored,
+        token.to_string(),
+        "the token itself is never stored"
+    );
+    let ttl: i64 = raw.pttl(format!("cg:id:{}", a.id)).await.unwrap();
+    assert!(ttl > 59_000 && ttl <= 60_000, "the lease: {ttl}");
+
+    let (b, _) = s.claim("n1").await;
+    assert!(b.epoch > a.epoch, "epochs come from one counter");
+    s.assert_every_key_expires("claim").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_concurrent_claims_from_several_nodes_get_distinct_ids_and_epochs() {
+    let Some(s) = setup().await else { return };
+    let mut tasks = Vec::new();
+    for i in 0..400 {
+        let registry = s.registry.clone();
+        let n = node(&format!("n{}", i % 4));
+        tasks.push(tokio::spawn(async move {
+            registry.claim(&n, Instant::now()).await.unwrap().binding
+        }));
+    }
+    let mut ids = std::collections::HashSet::new();
+    let mut epochs = std::collections::HashSet::new();
+    for task in tasks {
+        let binding = task.await.unwrap();
+        ids.insert(binding.id);
+        epochs.insert(binding.epoch);
+    }
+    assert_eq!(ids.len(), 400);
+    assert_eq!(epochs.len(), 400);
+    let keys = s.client_keys().await;
+    assert_eq!(keys.len(), 400, "one key per claim, nothing else");
+}
+
+#[tokio::test]
+async fn a_full_id_space_is_no_free_id_after_32_draws_not_a_hang() {
+    let Some(s) = setup().await else { return };
+    let registry = RedisRegistry::new(
+        s.raw.clone(),
+        RegistrySettings {
+            id_digits: 6,
+            lease: Duration::from_secs(60),
+            timeout: Duration::from_secs(5),
+        },
+    );
+    // Every 6-digit ID taken: 900 000 small keys, made inside Redis, 50 000 per script, on a
+    // connection without the tests' short timeout.
+    let patient =
+        redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(60)));
+    let mut raw = s
+        .client
+        .get_multiplexed_async_connection_with_config(&patient)
+        .await
+        .unwrap();
+    let fill = redis::Script::new(
+        "for i = ARGV[1], ARGV[2] do redis.call('SET', 'cg:id:' .. i, 1, 'PX', 60000) end",
+    );
+    for low in (100_000..1_000_000).step_by(50_000) {
+        let () = fill
+            .arg(low)
+            .arg(low + 49_999)
+            .invoke_async(&mut raw)
+            .await
+            .unwrap();
+    }
+    let refused = registry.claim(&node("n1"), Instant::now()).await;
+    assert!(
+        matches!(refused, Err(RegisterError::NoFreeId)),
+        "{refused:?}"
+    );
+}
+
+#[tokio::test]
+async fn resume_moves_the_id_with_a_new_epoch_and_token_and_frees_the_resumers_own_id() {
+    let Some(s) = setup().await else { return };
+    let (a, a_token) = s.claim("n1").await;
+    let (b, _) = s.claim("n1").await;
+    // A is in a call with B, then drops; a new connection on n2 resumes it.
+    s.registry
+        .transition(a, b.id, Transition::Offer)
+        .await
+        .unwrap();
+    s.registry
+        .transition(b, a.id, Transition::Accept)
+        .await
+        .unwrap();
+    s.registry
+        .detach(a, Instant::now(), Duration::from_secs(30))
+        .await
+        .unwrap();
+    let (fresh, _) = s.claim("n2").await;
+
+    let took = s
+        .registry
+        .resume(fresh, a.id, &a_token, &node("n2"), Instant::now())
+        .await
+        .expect("resumed");
+    assert_eq!(took.binding.id, a.id);
+    assert!(took.binding.epoch > fresh.epoch);
+    assert_eq!(took.previous_node, node("n1"));
+    assert!(!took.was_live, "it was reserved");
+    assert_eq!(
+        took.call,
+        CallState::InCall { peer: b.id },
+        "the call carries over"
+    );
+    assert!(
+        !took.token.matches(&a_token),
+        "a token is good for one resume"
+    );
+
+    let at = s.registry.locate(a.id).await.unwrap().unwrap();
+    assert_eq!(
+        (at.node, at.epoch, at.live),
+        (node("n2"), took.binding.epoch, true)
+    );
+    assert_eq!(
+        s.registry.locate(fresh.id).await.unwrap(),
+        None,
+        "the resumer's own ID is freed"
+    );
+    assert_eq!(
+        s.state(b).await,
+        CallState::InCall { peer: a.id },
+        "the peer never noticed"
+    );
+    // The old epoch is stale everywhere.
+    assert_eq!(
+        s.registry.call_state(a).await,
+        Err(BindingError::Stale(Stale))
+    );
+
+    // A live holder (a half-open connection) is taken over and reported so.
+    let (other, _) = s.claim("n3").await;
+    let again = s
+        .registry
+        .resume(other, a.id, &took.token, &node("n3"), Instant::now())
+        .await
+        .unwrap();
+    assert!(again.was_live);
+    assert_eq!(again.previous_node, node("n2"));
+    s.assert_every_key_expires("resume").await;
+}
+
+#[tokio::test]
+async fn resume_refusals_come_in_the_memory_directorys_order() {
+    let Some(s) = setup().await else { return };
+    let (target, token) = s.claim("n1").await;
+    let (me, _) = s.claim("n2").await;
+    let (peer, _) = s.claim("n2").await;
+    let now = Instant::now();
+    let n2 = node("n2");
+    let resume = |current: Binding, id: ClientId, token: ResumeToken| {
+        let registry = s.registry.clone();
+        let n2 = n2.clone();
+        async move {
+            registry
+                .resume(current, id, &token, &n2, now)
+                .await
+                .map(|_| ())
+        }
+    };
+    let stale = Binding {
+        id: me.id,
+        epoch: me.epoch + 1000,
+    };
+    assert_eq!(
+        resume(stale, target.id, token.clone()).await,
+        Err(ResumeError::Stale(Stale))
+    );
+    assert_eq!(
+        resume(me, me.id, token.clone()).await,
+        Err(ResumeError::Unknown),
+        "own ID"
+    );
+    assert_eq!(
+        resume(me, ClientId::new(123_456_789), token.clone()).await,
+        Err(ResumeError::Unknown)
+    );
+    let wrong = ResumeToken::random(&mut rand::rng());
+    assert_eq!(
+        resume(me, target.id, wrong).await,
+        Err(ResumeError::TokenMismatch)
+    );
+    s.registry
+        .transition(me, peer.id, Transition::Offer)
+        .await
+        .unwrap();
+    assert_eq!(
+        resume(me, target.id, token.clone()).await,
+        Err(ResumeError::InCall)
+    );
+    // Nothing changed by the refusals.
+    let at = s.registry.locate(target.id).await.unwrap().unwrap();
+    assert_eq!((at.node, at.epoch), (node("n1"), target.epoch));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_racing_to_resume_one_id_exactly_one_wins() {
+    let Some(s) = setup().await else { return };
+    for round in 0..50 {
+        let (target, token) = s.claim("dead").await;
+        s.registry
+            .detach(target, Instant::now(), Duration::from_secs(30))
+            .await
+            .unwrap();
+        let (x, _) = s.claim("n1").await;
+        let (y, _) = s.claim("n2").await;
+        let race = |current: Binding, n: &str| {
+            let registry = s.registry.clone();
+            let token = token.clone();
+            let n = node(n);
+            tokio::spawn(async move {
+                registry
+                    .resume(current, target.id, &token, &n, Instant::now())
+                    .await
+            })
+        };
+        let (rx, ry) = (race(x, "n1"), race(y, "n2"));
+        let (rx, ry) = (rx.await.unwrap(), ry.await.unwrap());
+        let winners = [&rx, &ry].iter().filter(|r| r.is_ok()).count();
+        assert_eq!(winners, 1, "round {round}: {rx:?} / {ry:?}");
+        let loser = if rx.is_ok() { &ry } else { &rx };
+        assert!(
+            matches!(loser, Err(ResumeError::TokenMismatch)),
+            "{loser:?}"
+        );
+        let won = rx.as_ref().or(ry.as_ref()).unwrap();
+        let at = s.registry.locate(target.id).await.unwrap().unwrap();
+        assert_eq!(at.epoch, won.binding.epoch);
+    }
+}
+
+#[tokio::test]
+async fn a_detached_id_stays_resumable_for_its_grace_then_vanishes_with_its_held_messages() {
+    let Some(s) = setup_with(Duration::from_secs(60), Duration::from_millis(300)).await else {
+        return;
+    };
+    let (a, _) = s.claim("n1").await;
+    let (b, _) = s.claim("n1").await;
+    s.registry
+        .transition(a, b.id, Transition::Offer)
+        .await
+        .unwrap();
+    s.registry
+        .detach(a, Instant::now(), Duration::from_millis(300))
+        .await
+        .unwrap();
+    let at = s.registry.locate(a.id).await.unwrap().unwrap();
+    assert!(!at.live, "reserved");
+    assert_eq!(
+        s.registry.call_state(a).await,
+        Err(BindingError::Stale(Stale)),
+        "not live"
+    );
+    assert_eq!(
+        s.registry
+            .detach(a, Instant::now(), Duration::from_millis(300))
+            .await,
+        Err(BindingError::Stale(Stale)),
+        "detached once"
+    );
+    let held = BusMessage {
+        to: a.id,
+        epoch: Some(a.epoch),
+        origin: Some(Origin {
+            from: b.id,
+            kind: MessageKind::IceCandidate,
+        }),
+        frame: Bytes::from_static(br#"{"type":"ice-candidate"}"#),
+    };
+    assert_eq!(s.bus.hold(&held).await.unwrap(), Hold::Held);
+    s.assert_every_key_expires("detach and hold").await;
+    let mut raw = s.raw.clone();
+    let ttl: i64 = raw.pttl(format!("cg:id:{}", a.id)).await.unwrap();
+    assert!(ttl > 0 && ttl <= 300, "grace, not the lease: {ttl}");
+
+    let a_keys = [format!("cg:id:{}", a.id), format!("cg:held:{}", a.id)];
+    eventually(
+        Duration::from_secs(5),
+        "the reservation expires",
+        || async {
+            let keys = s.client_keys().await;
+            !keys.iter().any(|(k, _)| a_keys.contains(k))
+        },
+    )
+    .await;
+    assert_eq!(s.registry.locate(a.id).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn expire_frees_only_a_reservation_still_at_its_epoch_and_resets_the_peer() {
+    let Some(s) = setup().await else { return };
+    let (a, token) = s.claim("n1").await;
+    let (b, _) = s.claim("n2").await;
+    s.registry
+        .transition(b, a.id, Transition::Offer)
+        .await
+        .unwrap();
+    assert_eq!(s.registry.expire(a).await, Ok(None), "live: not expired");
+    s.registry
+        .detach(a, Instant::now(), Duration::from_secs(30))
+        .await
+        .unwrap();
+
+    // Resumed elsewhere first: the old reservation's expiry does nothing.
+    let (c, _) = s.claim("n3").await;
+    let took = s
+        .registry
+        .resume(c, a.id, &token, &node("n3"), Instant::now())
+        .await
+        .unwrap();
+    assert_eq!(s.registry.expire(a).await, Ok(None));
+    assert_eq!(
+        s.state(took.binding).await,
+        CallState::Called { peer: b.id }
+    );
+
+    s.registry
+        .detach(took.binding, Instant::now(), Duration::from_secs(30))
+        .await
+        .unwrap();
+    let freed = s
+        .registry
+        .expire(took.binding)
+        .await
+        .unwrap()
+        .expect("freed");
+    assert_eq!((freed.id, freed.peer), (a.id, Some(b.id)));
+    assert_eq!(
+        s.state(b).await,
+        CallState::Idle,
+        "the caller's call was reset"
+    );
+    assert_eq!(s.registry.locate(a.id).await.unwrap(), None);
+    assert_eq!(s.registry.expire(took.binding).await, Ok(None), "only once");
+}
+
+#[tokio::test]
+async fn release_frees_the_id_and_returns_the_peer_whose_call_it_reset() {
+    let Some(s) = setup().await else { return };
+    let (a, _) = s.claim("n1").await;
+    let (b, _) = s.claim("n2").await;
+    let (c, _) = s.claim("n2").await;
+    s.registry
+        .transition(a, b.id, Transition::Offer)
+        .await
+        .unwrap();
+    s.registry
+        .transition(b, a.id, Transition::Accept)
+        .await
+        .unwrap();
+    let freed = s.registry.release(a).await.unwrap();
+    assert_eq!((freed.id, freed.peer), (a.id, Some(b.id)));
+    assert_eq!(s.state(b).await, CallState::Idle);
+    assert_eq!(s.registry.release(a).await, Err(BindingError::Stale(Stale)));
+    let freed = s.registry.release(c).await.unwrap();
+    assert_eq!(freed.peer, None, "idle: nobody to tell");
+    assert_eq!(s.registry.locate(c.id).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn every_transition_and_every_refusal_keeps_both_sides_symmetric() {
+    let Some(s) = setup().await else { return };
+    let (a, _) = s.claim("n1").await;
+    let (b, _) = s.claim("n2").await;
+    let (c, _) = s.claim("n2").await;
+    let t = |me: Binding, peer: Binding, what: Transition| s.registry.transition(me, peer.id, what);
+    use CallState::*;
+    use Transition::*;
+
+    // Refusals from idle.
+    assert_eq!(
+        t(a, b, Accept).await,
+        Err(TransitionError::WrongState(Idle))
+    );
+    assert_eq!(
+        t(a, b, Decline).await,
+        Err(TransitionError::WrongState(Idle))
+    );
+    assert_eq!(
+        t(a, b, Cancel).await,
+        Err(TransitionError::WrongState(Idle))
+    );
+    assert_eq!(
+        t(a, b, Hangup).await,
+        Err(TransitionError::WrongState(Idle))
+    );
+    assert_eq!(
+        s.registry
+            .transition(a, ClientId::new(123_456_789), Offer)
+            .await,
+        Err(TransitionError::UnknownPeer)
+    );
+    assert_eq!(
+        t(a, a, Offer).await,
+        Err(TransitionError::UnknownPeer),
+        "not yourself"
+    );
+
+    // Offer, then everything that does not fit it.
+    assert_eq!(t(a, b, Offer).await, Ok(Calling { peer: b.id }));
+    assert_eq!(s.state(b).await, Called { peer: a.id });
+    assert_eq!(
+        t(a, c, Offer).await,
+        Err(TransitionError::AlreadyInCall {
+            peer: b.id,
+            state: Calling { peer: b.id }
+        })
+    );
+    assert_eq!(t(c, b, Offer).await, Err(TransitionError::Busy));
+    assert_eq!(t(c, a, Offer).await, Err(TransitionError::Busy));
+    assert_eq!(
+        t(a, b, Accept).await,
+        Err(TransitionError::WrongState(Calling { peer: b.id }))
+    );
+    assert_eq!(
+        t(b, a, Cancel).await,
+        Err(TransitionError::WrongState(Called { peer: a.id }))
+    );
+    assert_eq!(
+        t(b, c, Accept).await,
+        Err(TransitionError::WrongState(Called { peer: a.id })),
+        "other peer"
+    );
+
+    // Decline ends it on both sides; cancel likewise.
+    assert_eq!(t(b, a, Decline).await, Ok(Idle));
+    assert_eq!((s.state(a).await, s.state(b).await), (Idle, Idle));
+    t(a, b, Offer).await.unwrap();
+    assert_eq!(t(a, b, Cancel).await, Ok(Idle));
+    assert_eq!((s.state(a).await, s.state(b).await), (Idle, Idle));
+
+    // Accept, then hang up from either side.
+    t(a, b, Offer).await.unwrap();
+    assert_eq!(t(b, a, Accept).await, Ok(InCall { peer: a.id }));
+    assert_eq!(s.state(a).await, InCall { peer: b.id });
+    assert_eq!(
+        t(a, b, Cancel).await,
+        Err(TransitionError::WrongState(InCall { peer: b.id }))
+    );
+    assert_eq!(t(b, a, Hangup).await, Ok(Idle));
+    assert_eq!((s.state(a).await, s.state(b).await), (Idle, Idle));
+    t(a, b, Offer).await.unwrap();
+    assert_eq!(
+        t(a, b, Hangup).await,
+        Ok(Idle),
+        "hang up works in any phase"
+    );
+    assert_eq!(s.state(b).await, Idle);
+
+    // A stale binding can do nothing.
+    let stale = Binding {
+        id: a.id,
+        epoch: a.epoch + 1000,
+    };
+    assert_eq!(t(stale, b, Offer).await, Err(TransitionError::Stale));
+    s.registry
+        .detach(c, Instant::now(), Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(
+        t(c, b, Offer).await,
+        Err(TransitionError::Stale),
+        "reserved is not live"
+    );
+
+    // A reserved callee can be called (it may resume), and a peer that vanished by TTL
+    // does not block hanging up.
+    assert_eq!(t(a, c, Offer).await, Ok(Calling { peer: c.id }));
+    let mut raw = s.raw.clone();
+    let () = raw.del(format!("cg:id:{}", c.id)).await.unwrap();
+    assert_eq!(t(a, c, Hangup).await, Ok(Idle));
+    s.assert_every_key_expires("transitions").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_callers_racing_to_offer_to_one_idle_callee_exactly_one_wins() {
+    let Some(s) = setup().await else { return };
+    for round in 0..50 {
+        let (callee, _) = s.claim("n3").await;
+        let (x, _) = s.claim("n1").await;
+        let (y, _) = s.claim("n2").await;
+        let offer = |me: Binding| {
+            let registry = s.registry.clone();
+            tokio::spawn(async move { registry.transition(me, callee.id, Transition::Offer).await })
+        };
+        let (ox, oy) = (offer(x), offer(y));
+        let (ox, oy) = (ox.await.unwrap(), oy.await.unwrap());
+        let (winner, loser) = match (&ox, &oy) {
+            (Ok(_), Err(TransitionError::Busy)) => (x, y),
+            (Err(TransitionError::Busy), Ok(_)) => (y, x),
+            other => panic!("round {round}: not exactly one winner: {other:?}"),
+        };
+        assert_eq!(s.state(callee).await, CallState::Called { peer: winner.id });
+        assert_eq!(s.state(loser).await, CallState::Idle);
+    }
+}
+
+#[tokio::test]
+async fn refresh_keeps_a_live_nodes_ids_and_a_silent_nodes_ids_expire() {
+    let lease = Duration::from_millis(400);
+    let Some(s) = setup_with(lease, Duration::from_secs(30)).await else {
+        return;
+    };
+    let (kept, _) = s.claim("alive").await;
+    let (moved, token) = s.claim("alive").await;
+    let (silent, _) = s.claim("silent").await;
+    let (detached, _) = s.claim("alive").await;
+    s.registry
+        .detach(detached, Instant::now(), Duration::from_millis(5_000))
+        .await
+        .unwrap();
+    let (resumer, _) = s.claim("other").await;
+    let took = s
+        .registry
+        .resume(resumer, moved.id, &token, &node("other"), Instant::now())
+        .await
+        .unwrap();
+
+    // "alive" refreshes every 100 ms for 1.2 s (three leases); "silent" never does.
+    let alive = node("alive");
+    let bindings = [kept, moved, detached];
+    let started = Instant::now();
+    let mut renewed = Vec::new();
+    while started.elapsed() < Duration::from_millis(1_200) {
+        renewed.push(s.registry.refresh(&alive, &bindings).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        renewed.iter().all(|n| *n == 1),
+        "only the ID still live at its epoch: {renewed:?}"
+    );
+    assert!(
+        s.registry.locate(kept.id).await.unwrap().is_some(),
+        "refreshed: still there"
+    );
+    assert_eq!(
+        s.registry.locate(silent.id).await.unwrap(),
+        None,
+        "not refreshed: gone"
+    );
+    assert_eq!(
+        s.registry.locate(took.binding.id).await.unwrap(),
+        None,
+        "moved on, not renewed by the old node"
+    );
+    let mut raw = s.raw.clone();
+    let ttl: i64 = raw.pttl(format!("cg:id:{}", detached.id)).await.unwrap();
+    assert!(
+        ttl > 3_000,
+        "a reservation keeps its grace, not the lease: {ttl}"
+    );
+    assert_eq!(s.registry.refresh(&alive, &[]).await, Ok(0));
+}
+
+#[tokio::test]
+async fn refresh_batches_thousands_of_ids_in_one_round_trip() {
+    let Some(s) = setup().await else { return };
+    let n1 = node("n1");
+    let mut live = Vec::new();
+    for _ in 0..1_000 {
+        live.push(s.claim("n1").await.0);
+    }
+    assert_eq!(s.registry.refresh(&n1, &live).await, Ok(1_000));
+    // After a Redis restart the scripts are gone (NOSCRIPT): refresh loads them again.
+    let mut raw = s.raw.clone();
+    let () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(s.registry.refresh(&n1, &live).await, Ok(1_000));
+}
+
+#[tokio::test]
+async fn held_messages_are_capped_exactly_replayed_in_order_once_and_expire() {
+    let Some(s) = setup().await else { return };
+    let (a, token) = s.claim("n1").await;
+    let (b, _) = s.claim("n2").await;
+    s.registry
+        .detach(a, Instant::now(), Duration::from_secs(30))
+        .await
+        .unwrap();
+    let message = |n: usize, size: usize| BusMessage {
+        to: a.id,
+        epoch: Some(a.epoch),
+        origin: Some(Origin {
+            from: b.id,
+            kind: MessageKind::IceCandidate,
+        }),
+        frame: Bytes::from(format!("{{\"n\":{n},\"pad\":\"{}\"}}", "x".repeat(size))),
+    };
+    for n in 0..4 {
+        assert_eq!(s.bus.hold(&message(n, 10)).await.unwrap(), Hold::Held);
+    }
+    assert_eq!(
+        s.bus.hold(&message(4, 10)).await.unwrap(),
+        Hold::Dropped(DropReason::QueueFull),
+        "the fifth of four is refused, not trimmed"
+    );
+    s.assert_every_key_expires("hold").await;
+    let stale = BusMessage {
+        epoch: Some(a.epoch + 1000),
+        ..message(9, 1)
+    };
+    assert_eq!(s.bus.hold(&stale).await.unwrap(), Hold::Moved);
+    let nobody = BusMessage {
+        to: ClientId::new(123_456_789),
+        ..message(9, 1)
+    };
+    assert_eq!(s.bus.hold(&nobody).await.unwrap(), Hold::NoSuchClient);
+
+    // The resuming node takes them all, in order, once.
+    let (c, _) = s.claim("n3").await;
+    let took = s
+        .registry
+        .resume(c, a.id, &token, &node("n3"), Instant::now())
+        .await
+        .unwrap();
+    let held = s.bus.take_held(a.id).await.unwrap();
+    assert_eq!(held, (0..4).map(|n| message(n, 10)).collect::<Vec<_>>());
+    assert!(
+        s.bus.take_held(a.id).await.unwrap().is_empty(),
+        "never replayed twice"
+    );
+
+    // The byte budget (1 KiB) counts from empty again.
+    s.registry
+        .detach(took.binding, Instant::now(), Duration::from_secs(30))
+        .await
+        .unwrap();
+    let big = |n| BusMessage {
+        epoch: Some(took.binding.epoch),
+        ..message(n, 600)
+    };
+    assert_eq!(s.bus.hold(&big(0)).await.unwrap(), Hold::Held);
+    assert_eq!(
+        s.bus.hold(&big(1)).await.unwrap(),
+        Hold::Dropped(DropReason::QueueFull)
+    );
+    let mut raw = s.raw.clone();
+    let ttl: i64 = raw.pttl(format!("cg:held:{}", a.id)).await.unwrap();
+    assert!(ttl > 29_000, "held as long as the ID can be resumed: {ttl}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_racing_to_take_held_messages_one_gets_all_the_other_none() {
+    let Some(s) = setup().await else { return };
+    for _ in 0..30 {
+        let (a, _) = s.claim("n1").await;
+        for n in 0..3u8 {
+            let m = BusMessage {
+                to: a.id,
+                epoch: None,
+                origin: None,
+                frame: Bytes::from(vec![b'0' + n]),
+            };
+            assert_eq!(s.bus.hold(&m).await.unwrap(), Hold::Held);
+        }
+        let take = || {
+            let bus = s.bus.clone();
+            tokio::spawn(async move { bus.take_held(a.id).await.unwrap().len() })
+        };
+        let (x, y) = (take(), take());
+        let mut got = [x.await.unwrap(), y.await.unwrap()];
+        got.sort_unstable();
+        assert_eq!(got, [0, 3]);
+    }
+}
+
+#[tokio::test]
+async fn send_reaches_the_subscribed_node_and_says_when_nobody_listens() {
+    let Some(s) = setup().await else { return };
+    let n1 = node("n1");
+    let mut inbox = s.bus.subscribe(&n1, 16);
+    assert!(matches!(
+        inbox.next().await,
+        Some(BusEvent::Subscribed { resumed: false })
+    ));
+    let m = BusMessage {
+        to: ClientId::new(111_222_333),
+        epoch: Some(7),
+        origin: Some(Origin {
+            from: ClientId::new(444_555_666),
+            kind: MessageKind::Offer,
+        }),
+        frame: Bytes::from_static(br#"{"type":"offer","sdp":"v=0"}"#),
+    };
+    assert!(s.bus.send(&n1, &m).await.unwrap(), "received");
+    match inbox.next().await {
+        Some(BusEvent::Message(got)) => assert_eq!(got, m),
+        other => panic!("expected the message, got {other:?}"),
+    }
+    assert!(
+        !s.bus.send(&node("gone"), &m).await.unwrap(),
+        "nobody: hold it instead"
+    );
+    drop(inbox);
+    eventually(
+        Duration::from_secs(5),
+        "the dropped subscription unsubscribes",
+        || async { !s.bus.send(&n1, &m).await.unwrap() },
+    )
+    .await;
+    let _ = &s.client;
+}
+
+#[tokio::test]
+async fn a_redis_outage_is_unavailable_within_the_timeout_and_everything_recovers() {
+    let Some(mut s) = setup().await else { return };
+    let n1 = node("n1");
+    let (a, _) = s.claim("n1").await;
+    let (b, _) = s.claim("n1").await;
+    let mut inbox = s.bus.subscribe(&n1, 16);
+    assert!(matches!(
+        inbox.next().await,
+        Some(BusEvent::Subscribed { resumed: false })
+    ));
+
+    s.redis.stop();
+    let bound = TIMEOUT * 2 + Duration::from_millis(500);
+    let m = BusMessage {
+        to: b.id,
+        epoch: None,
+        origin: None,
+        frame: Bytes::from_static(b"{}"),
+    };
+    let started = Instant::now();
+    assert!(matches!(
+        s.registry.claim(&n1, Instant::now()).await,
+        Err(RegisterError::Unavailable(Unavailable))
+    ));
+    assert_eq!(
+        s.registry.transition(a, b.id, Transition::Offer).await,
+        Err(TransitionError::Unavailable)
+    );
+    assert_eq!(s.registry.locate(a.id).await, Err(Unavailable));
+    assert_eq!(
+        s.registry.call_state(a).await,
+        Err(BindingError::Unavailable(Unavailable))
+    );
+    assert_eq!(s.registry.refresh(&n1, &[a]).await, Err(Unavailable));
+    assert_eq!(s.bus.send(&n1, &m).await, Err(Unavailable));
+    assert_eq!(s.bus.hold(&m).await, Err(Unavailable));
+    let took = started.elapsed();
+    assert!(
+        took < bound * 7,
+        "seven operations took {took:?}; each must fail within {bound:?}"
+    );
+
+    // Redis comes back empty (no persistence): claims work again by themselves, and the node's
+    // subscription is back in place and says so.
+    s.redis.restart();
+    eventually(Duration::from_secs(10), "claims work again", || async {
+        s.registry.claim(&n1, Instant::now()).await.is_ok()
+    })
+    .await;
+    let resumed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match inbox.next().await {
+                Some(BusEvent::Subscribed { resumed: true }) => return,
+                Some(_) => continue,
+                None => panic!("the subscription task ended"),
+            }
+        }
+    })
+    .await;
+    assert!(resumed.is_ok(), "no resubscription within 10 s");
+    assert!(
+        s.bus.send(&n1, &m).await.unwrap(),
+        "the node receives again"
+    );
+    match inbox.next().await {
+        Some(BusEvent::Message(got)) => assert_eq!(got, m),
+        other => panic!("expected the message, got {other:?}"),
+    }
+    // A fresh Redis lost its scripts: every script-backed operation reloads them.
+    let (c, _) = s.claim("n1").await;
+    let (d, _) = s.claim("n1").await;
+    assert!(s
+        .registry
+        .transition(c, d.id, Transition::Offer)
+        .await
+        .is_ok());
+}

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use callgate::cluster::bus::{BusEvent, BusMessage, BusSettings, Hold, RedisBus};
-use callgate::cluster::registry::{RedisRegistry, RegistrySettings};
+use callgate::cluster::registry::{RedisRegistry, Refreshed, RegistrySettings};
 use callgate::cluster::types::{
     BindingError, NodeId, RegisterError, ResumeError, Transition, TransitionError, Unavailable,
 };
@@ -690,15 +690,15 @@ async fn refresh_keeps_a_live_nodes_ids_and_a_silent_nodes_ids_expire() {
     let alive = node("alive");
     let bindings = [kept, moved, detached];
     let started = Instant::now();
-    let mut renewed = Vec::new();
     while started.elapsed() < Duration::from_millis(1_200) {
-        renewed.push(s.registry.refresh(&alive, &bindings).await.unwrap());
+        let refreshed = s.registry.refresh(&alive, &bindings).await.unwrap();
+        assert_eq!(refreshed.renewed, 1, "only the ID still live at its epoch");
+        assert_eq!(refreshed.restored, 0);
+        let mut lost = refreshed.lost.clone();
+        lost.sort_by_key(|b| b.epoch);
+        assert_eq!(lost, [moved, detached], "moved and detached are stale here");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(
-        renewed.iter().all(|n| *n == 1),
-        "only the ID still live at its epoch: {renewed:?}"
-    );
     assert!(
         s.registry.locate(kept.id).await.unwrap().is_some(),
         "refreshed: still there"
@@ -719,7 +719,10 @@ async fn refresh_keeps_a_live_nodes_ids_and_a_silent_nodes_ids_expire() {
         ttl > 3_000,
         "a reservation keeps its grace, not the lease: {ttl}"
     );
-    assert_eq!(s.registry.refresh(&alive, &[]).await, Ok(0));
+    assert_eq!(
+        s.registry.refresh(&alive, &[]).await,
+        Ok(Refreshed::default())
+    );
 }
 
 #[tokio::test]
@@ -730,15 +733,19 @@ async fn refresh_batches_thousands_of_ids_in_one_round_trip() {
     for _ in 0..1_000 {
         live.push(s.claim("n1").await.0);
     }
-    assert_eq!(s.registry.refresh(&n1, &live).await, Ok(1_000));
-    // After a Redis restart the scripts are gone (NOSCRIPT): refresh loads them again.
+    let all = Refreshed {
+        renewed: 1_000,
+        ..Refreshed::default()
+    };
+    assert_eq!(s.registry.refresh(&n1, &live).await, Ok(all.clone()));
+    // Redis forgot the scripts (as after a restart): refresh loads them again.
     let mut raw = s.raw.clone();
     let () = redis::cmd("SCRIPT")
         .arg("FLUSH")
         .query_async(&mut raw)
         .await
         .unwrap();
-    assert_eq!(s.registry.refresh(&n1, &live).await, Ok(1_000));
+    assert_eq!(s.registry.refresh(&n1, &live).await, Ok(all));
 }
 
 #[tokio::test]
@@ -951,4 +958,58 @@ async fn a_redis_outage_is_unavailable_within_the_timeout_and_everything_recover
         .transition(c, d.id, Transition::Offer)
         .await
         .is_ok());
+}
+
+#[tokio::test]
+async fn after_redis_restarts_empty_refresh_puts_the_nodes_live_ids_back_and_epochs_stay_unique() {
+    let Some(mut s) = setup().await else { return };
+    let n1 = node("n1");
+    let (a, a_token) = s.claim("n1").await;
+    let (b, _) = s.claim("n1").await;
+    let (left, _) = s.claim("n1").await;
+    s.registry.release(left).await.unwrap();
+    // Without a data loss, a gone key stays gone: the counter is ahead of its epoch.
+    let refreshed = s.registry.refresh(&n1, &[a, left]).await.unwrap();
+    assert_eq!((refreshed.renewed, refreshed.restored), (1, 0));
+    assert_eq!(refreshed.lost, [left]);
+
+    s.redis.restart();
+    eventually(Duration::from_secs(10), "Redis answers again", || async {
+        let mut raw = s.raw.clone();
+        let ping: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut raw).await;
+        ping.is_ok() && s.registry.locate(a.id).await.is_ok()
+    })
+    .await;
+    assert_eq!(
+        s.registry.locate(a.id).await,
+        Ok(None),
+        "Redis lost everything"
+    );
+    let refreshed = s.registry.refresh(&n1, &[a, b]).await.unwrap();
+    assert_eq!((refreshed.renewed, refreshed.restored), (0, 2));
+    assert!(refreshed.lost.is_empty());
+    let at = s.registry.locate(a.id).await.unwrap().unwrap();
+    assert_eq!((at.node, at.epoch, at.live), (n1.clone(), a.epoch, true));
+    s.assert_every_key_expires("restore").await;
+
+    // The restored IDs work: they can call each other; new epochs are past the restored ones.
+    assert_eq!(s.state(a).await, CallState::Idle);
+    assert!(s
+        .registry
+        .transition(a, b.id, Transition::Offer)
+        .await
+        .is_ok());
+    let (c, _) = s.claim("n2").await;
+    assert!(c.epoch > a.epoch.max(b.epoch), "epoch {} reused", c.epoch);
+    // The lost token cannot be checked any more: no resume with it.
+    assert_eq!(
+        s.registry
+            .resume(c, a.id, &a_token, &node("n2"), Instant::now())
+            .await
+            .map(|_| ()),
+        Err(ResumeError::TokenMismatch)
+    );
+    // And the next refresh just renews.
+    let refreshed = s.registry.refresh(&n1, &[a, b]).await.unwrap();
+    assert_eq!((refreshed.renewed, refreshed.restored), (2, 0));
 }

@@ -63,6 +63,8 @@ struct Scripts {
     transition: Script,
     /// Renews a node's live IDs' leases.
     refresh: Script,
+    /// Puts back a node's live IDs after Redis lost its data.
+    restore: Script,
 }
 
 /// Compiled (hashed) once per process; Redis caches the scripts by SHA.
@@ -78,8 +80,21 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
         call_state: with_prelude(include_str!("lua/call_state.lua")),
         transition: with_prelude(include_str!("lua/transition.lua")),
         refresh: with_prelude(include_str!("lua/refresh.lua")),
+        restore: with_prelude(include_str!("lua/restore.lua")),
     }
 });
+
+/// What [`RedisRegistry::refresh`] found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Refreshed {
+    /// Leases renewed.
+    pub renewed: usize,
+    /// IDs Redis had lost (it restarted empty), put back live on this node.
+    pub restored: usize,
+    /// Bindings this node no longer holds (moved, detached, or gone): their connections are
+    /// stale and should be closed so the clients resume.
+    pub lost: Vec<Binding>,
+}
 
 /// How the Redis registry behaves; the cluster configuration maps onto this.
 #[derive(Clone, Copy, Debug)]
@@ -330,14 +345,21 @@ impl RedisRegistry {
         })
     }
 
-    /// Renews the lease of this node's live IDs, skipping any that moved or were detached:
-    /// batches of 256 IDs per script, all batches in one pipeline (one round trip). Returns how
-    /// many were renewed.
-    pub async fn refresh(&self, node: &NodeId, live: &[Binding]) -> Result<usize, Unavailable> {
+    /// Renews the lease of this node's live IDs: batches of 256 IDs per script, all batches in
+    /// one pipeline (one round trip). IDs that moved, were detached or are gone are reported in
+    /// [`Refreshed::lost`]; the node's connections for them are stale.
+    ///
+    /// After Redis lost its data (a restart without persistence: the epoch counter went below
+    /// the node's epochs) the IDs are put back instead, live on this node, idle and without a
+    /// token (a second round trip, only then), so routing to the node's clients recovers by
+    /// itself. Deviation from the design's `()` return: the node needs to know what it lost.
+    pub async fn refresh(&self, node: &NodeId, live: &[Binding]) -> Result<Refreshed, Unavailable> {
+        let mut refreshed = Refreshed::default();
         if live.is_empty() {
-            return Ok(0);
+            return Ok(refreshed);
         }
         let mut pipe = redis::pipe();
+        pipe.cmd("GET").arg(EPOCH_KEY);
         for batch in live.chunks(REFRESH_BATCH) {
             let mut cmd = redis::cmd("EVALSHA");
             cmd.arg(SCRIPTS.refresh.get_hash()).arg(batch.len());
@@ -350,22 +372,86 @@ impl RedisRegistry {
             }
             pipe.add_command(cmd);
         }
+        let replies = self.pipeline(&pipe, &SCRIPTS.refresh).await?;
+        let (seen, codes) = replies.split_first().ok_or_else(malformed)?;
+        let seen: u64 = match seen {
+            Value::Nil => 0,
+            value => redis::from_redis_value_ref(value).map_err(|_| malformed())?,
+        };
+        let mut missing = Vec::new();
+        for (batch, codes) in live.chunks(REFRESH_BATCH).zip(codes) {
+            let codes: Vec<i64> = redis::from_redis_value_ref(codes).map_err(|_| malformed())?;
+            if codes.len() != batch.len() {
+                return Err(malformed());
+            }
+            for (binding, code) in batch.iter().zip(codes) {
+                match code {
+                    1 => refreshed.renewed += 1,
+                    0 => missing.push(*binding),
+                    _ => refreshed.lost.push(*binding),
+                }
+            }
+        }
+        if missing.is_empty() {
+            return Ok(refreshed);
+        }
+        let mut pipe = redis::pipe();
+        for batch in missing.chunks(REFRESH_BATCH) {
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(SCRIPTS.restore.get_hash()).arg(batch.len() + 1);
+            for binding in batch {
+                cmd.arg(id_key(binding.id));
+            }
+            cmd.arg(EPOCH_KEY)
+                .arg(node.as_str())
+                .arg(self.lease_ms)
+                .arg(seen);
+            for binding in batch {
+                cmd.arg(binding.epoch);
+            }
+            pipe.add_command(cmd);
+        }
+        let replies = self.pipeline(&pipe, &SCRIPTS.restore).await?;
+        for (batch, codes) in missing.chunks(REFRESH_BATCH).zip(&replies) {
+            let codes: Vec<i64> = redis::from_redis_value_ref(codes).map_err(|_| malformed())?;
+            for (binding, code) in batch.iter().zip(codes) {
+                if code == 1 {
+                    refreshed.restored += 1;
+                } else {
+                    refreshed.lost.push(*binding);
+                }
+            }
+        }
+        if refreshed.restored > 0 {
+            tracing::warn!(
+                restored = refreshed.restored,
+                "redis registry: Redis had lost this node's live IDs (restarted without persistence?); put them back, idle and not resumable"
+            );
+        }
+        Ok(refreshed)
+    }
+
+    /// Sends a pipeline of `EVALSHA`s of `script` (and plain commands); on `NOSCRIPT` (Redis
+    /// restarted and forgot its scripts) loads the script once and sends the pipeline again.
+    async fn pipeline(
+        &self,
+        pipe: &redis::Pipeline,
+        script: &Script,
+    ) -> Result<Vec<Value>, Unavailable> {
         let mut conn = self.conn.clone();
-        let first: redis::RedisResult<Vec<usize>> =
+        let first: redis::RedisResult<Vec<Value>> =
             match tokio::time::timeout(self.timeout, pipe.query_async(&mut conn)).await {
                 Ok(result) => result,
                 Err(_) => return Err(self.fail("timed out")),
             };
-        let renewed = match first {
-            Ok(renewed) => renewed,
+        match first {
+            Ok(replies) => Ok(replies),
             Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                // Redis restarted and forgot its scripts: load this one and send the batch again.
-                self.run(SCRIPTS.refresh.load_async(&mut conn)).await?;
-                self.run(pipe.query_async(&mut conn)).await?
+                self.run(script.load_async(&mut conn)).await?;
+                self.run(pipe.query_async(&mut conn)).await
             }
-            Err(e) => return Err(self.fail(&e.to_string())),
-        };
-        Ok(renewed.iter().sum())
+            Err(e) => Err(self.fail(&e.to_string())),
+        }
     }
 
     /// Runs one Redis future within the timeout; any error or a timeout is `Unavailable`.

@@ -1013,3 +1013,145 @@ async fn after_redis_restarts_empty_refresh_puts_the_nodes_live_ids_back_and_epo
     let refreshed = s.registry.refresh(&n1, &[a, b]).await.unwrap();
     assert_eq!((refreshed.renewed, refreshed.restored), (2, 0));
 }
+
+/// `calls=` of one command in `INFO commandstats` (0 if never called).
+async fn command_calls(s: &Setup, command: &str) -> u64 {
+    let mut raw = s.raw.clone();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+/// Median and 99th percentile of `samples`, in microseconds.
+fn median_p99(mut samples: Vec<Duration>) -> (u128, u128) {
+    samples.sort_unstable();
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize].as_micros();
+    (at(0.5), at(0.99))
+}
+
+/// Times `rounds` sequential runs of `op` after one warm-up run, and counts the Redis commands named `command` they sent.
+async fn measure<F, Fut>(s: &Setup, name: &str, command: &str, rounds: u32, mut op: F) -> u64
+where
+    F: FnMut(u32) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    // The first use of a script loads it (NOSCRIPT, SCRIPT LOAD, EVALSHA): once per Redis start.
+    op(u32::MAX).await;
+    let before = command_calls(s, command).await;
+    let mut samples = Vec::new();
+    for round in 0..rounds {
+        let started = Instant::now();
+        op(round).await;
+        samples.push(started.elapsed());
+    }
+    let sent = command_calls(s, command).await - before;
+    let (median, p99) = median_p99(samples);
+    println!(
+        "{name:<18} {:>5.2} {command} per op, median {median} µs, p99 {p99} µs",
+        sent as f64 / f64::from(rounds)
+    );
+    sent
+}
+
+/// Prints the numbers docs/PERFORMANCE.md needs (run alone for stable latencies:
+/// `cargo test --test redis_registry round_trips -- --nocapture`) and asserts the round trips:
+/// exactly one per operation, so a route cache in front of them saves all of them.
+#[tokio::test]
+async fn round_trips_and_latency_per_operation_on_loopback() {
+    let Some(s) = setup().await else { return };
+    let (a, _) = s.claim("n1").await;
+    let (b, _) = s.claim("n2").await;
+    let n1 = node("n1");
+    let mut inbox = s.bus.subscribe(&n1, 1024);
+    assert!(matches!(
+        inbox.next().await,
+        Some(BusEvent::Subscribed { .. })
+    ));
+    const N: u32 = 1_000;
+
+    let sent = measure(&s, "transition", "evalsha", N, |round| {
+        let t = if round % 2 == 1 {
+            Transition::Offer
+        } else {
+            Transition::Hangup
+        };
+        let registry = s.registry.clone();
+        async move {
+            registry.transition(a, b.id, t).await.unwrap();
+        }
+    })
+    .await;
+    assert_eq!(sent, u64::from(N));
+    let sent = measure(&s, "call_state", "evalsha", N, |_| {
+        let registry = s.registry.clone();
+        async move {
+            registry.call_state(a).await.unwrap();
+        }
+    })
+    .await;
+    assert_eq!(sent, u64::from(N));
+    let sent = measure(&s, "locate", "hmget", N, |_| {
+        let registry = s.registry.clone();
+        async move {
+            registry.locate(b.id).await.unwrap().unwrap();
+        }
+    })
+    .await;
+    assert_eq!(sent, u64::from(N), "locate is one HMGET, no script");
+    let m = BusMessage {
+        to: a.id,
+        epoch: Some(a.epoch),
+        origin: Some(Origin {
+            from: b.id,
+            kind: MessageKind::IceCandidate,
+        }),
+        frame: Bytes::from(format!(
+            r#"{{"type":"ice-candidate","candidate":"{}"}}"#,
+            "x".repeat(200)
+        )),
+    };
+    let sent = measure(&s, "send (publish)", "publish", N, |_| {
+        let bus = s.bus.clone();
+        let m = m.clone();
+        let n1 = n1.clone();
+        async move {
+            assert!(bus.send(&n1, &m).await.unwrap());
+        }
+    })
+    .await;
+    assert_eq!(sent, u64::from(N));
+    for _ in 0..N {
+        assert!(matches!(inbox.next().await, Some(BusEvent::Message(_))));
+    }
+    let sent = measure(&s, "claim", "evalsha", 200, |_| {
+        let registry = s.registry.clone();
+        async move {
+            registry.claim(&node("n3"), Instant::now()).await.unwrap();
+        }
+    })
+    .await;
+    assert_eq!(sent, 200, "no collisions among 9-digit IDs here");
+    let mut live = Vec::new();
+    for _ in 0..1_000 {
+        live.push(s.claim("n4").await.0);
+    }
+    let sent = measure(&s, "refresh 1000 IDs", "evalsha", 20, |_| {
+        let registry = s.registry.clone();
+        let live = live.clone();
+        async move {
+            assert_eq!(
+                registry.refresh(&node("n4"), &live).await.unwrap().renewed,
+                1_000
+            );
+        }
+    })
+    .await;
+    assert_eq!(sent, 20 * 4, "four scripts of 256 IDs, one pipeline");
+}

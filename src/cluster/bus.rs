@@ -416,3 +416,91 @@ async fn subscribe_once(
     pubsub.subscribe(channel).await?;
     Ok(pubsub)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(epoch: Option<u64>, origin: Option<Origin>) -> BusMessage {
+        BusMessage {
+            to: ClientId::new(123_456_789),
+            epoch,
+            origin,
+            frame: Bytes::from_static(br#"{"type":"ice-candidate","candidate":{}}"#),
+        }
+    }
+
+    #[test]
+    fn every_shape_of_message_survives_the_payload_round_trip() {
+        let origin = Origin {
+            from: ClientId::new(987_654_321),
+            kind: MessageKind::Answer,
+        };
+        for m in [
+            message(None, None),
+            message(Some(u64::MAX), None),
+            message(None, Some(origin)),
+            message(Some(7), Some(origin)),
+        ] {
+            let payload = m.encode();
+            assert_eq!(BusMessage::decode(payload).unwrap(), m);
+        }
+        for kind in MessageKind::ALL {
+            let m = message(None, Some(Origin { kind, ..origin }));
+            assert_eq!(BusMessage::decode(m.encode()).unwrap(), m);
+        }
+        assert_eq!(message(Some(7), Some(origin)).encode().len(), 27 + 39);
+    }
+
+    #[test]
+    fn a_payload_that_is_not_ours_is_refused_not_misread() {
+        let full = message(
+            Some(7),
+            Some(Origin {
+                from: ClientId::new(1),
+                kind: MessageKind::Offer,
+            }),
+        )
+        .encode();
+        // Cut inside the header: truncated, at every length.
+        for len in 0..27 {
+            assert_eq!(
+                BusMessage::decode(full.slice(..len)),
+                Err(PayloadError::Truncated),
+                "{len} bytes"
+            );
+        }
+        let mut newer = full.to_vec();
+        newer[0] = 2;
+        assert_eq!(
+            BusMessage::decode(Bytes::from(newer)),
+            Err(PayloadError::Version(2))
+        );
+        let mut unknown = full.to_vec();
+        unknown[26] = 200;
+        assert_eq!(
+            BusMessage::decode(Bytes::from(unknown)),
+            Err(PayloadError::UnknownKind(200))
+        );
+    }
+
+    #[test]
+    fn an_envelope_crosses_the_bus_with_its_origin_and_seals_the_same() {
+        let origin = Origin {
+            from: ClientId::new(5),
+            kind: MessageKind::IceCandidate,
+        };
+        let json = br#"{"type":"ice-candidate"}"#.to_vec();
+        let m = BusMessage::new(
+            ClientId::new(9),
+            Some(3),
+            Envelope::relaying(json.clone(), origin),
+        );
+        let back = BusMessage::decode(m.encode()).unwrap().into_envelope();
+        assert_eq!(back.origin(), Some(origin));
+        assert_eq!(
+            &back.seal(Some(42))[..],
+            br#"{"type":"ice-candidate","seq":42}"#
+        );
+    }
+}

@@ -61,7 +61,13 @@ async fn manager(client: &redis::Client) -> ConnectionManager {
 /// per ID for `grace`. `None`: redis-server is missing (outside CI) and the test passes.
 async fn setup_with(lease: Duration, grace: Duration) -> Option<Setup> {
     let redis = RedisServer::start()?;
-    let client = redis::Client::open(redis.url()).expect("a valid URL");
+    let url = redis.url();
+    Some(setup_on(redis, &url, lease, grace).await)
+}
+
+/// A registry and a bus on a running `redis`, connecting with `url`.
+async fn setup_on(redis: RedisServer, url: &str, lease: Duration, grace: Duration) -> Setup {
+    let client = redis::Client::open(url).expect("a valid URL");
     let raw = manager(&client).await;
     let registry = RedisRegistry::new(
         manager(&client).await,
@@ -81,13 +87,13 @@ async fn setup_with(lease: Duration, grace: Duration) -> Option<Setup> {
             timeout: TIMEOUT,
         },
     );
-    Some(Setup {
+    Setup {
         redis,
         client,
         raw,
         registry,
         bus,
-    })
+    }
 }
 
 /// The usual setup: leases and grace long enough that nothing expires during a test.
@@ -1318,4 +1324,105 @@ async fn a_redis_that_accepts_and_never_answers_costs_at_most_the_timeout() {
     let mut inbox = bus.subscribe(&node("n1"), 4);
     let event = tokio::time::timeout(TIMEOUT * 4, inbox.next()).await;
     assert!(event.is_err(), "subscribed to a black hole? {event:?}");
+}
+
+/// The ACL docs/SECURITY.md ("Redis") recommends for callgate's Redis user: its own keys and
+/// channels, the commands its scripts and calls use, nothing else.
+const CALLGATE_ACL: &str =
+    "callgate on >test-only-password resetkeys ~cg:* resetchannels &cg:node:* \
+     -@all +hello +auth +ping +evalsha +script|load +hmget +get +publish \
+     +subscribe +unsubscribe +exists +incr +hset +hget +pexpire +del +xlen +xadd +hincrby +pttl \
+     +xrange +set";
+
+#[tokio::test]
+async fn every_operation_works_as_the_restricted_acl_user_and_nothing_else_does() {
+    // On redis-server's command line a directive's words are separate arguments.
+    let mut args = vec!["--user"];
+    args.extend(CALLGATE_ACL.split_whitespace());
+    args.extend(["--user", "default", "off"]);
+    let Some(redis) = RedisServer::start_with(&args) else {
+        return;
+    };
+    let url = format!(
+        "redis://callgate:test-only-password@127.0.0.1:{}/",
+        redis.port()
+    );
+    let s = setup_on(
+        redis,
+        &url,
+        Duration::from_secs(60),
+        Duration::from_secs(30),
+    )
+    .await;
+    let n1 = node("n1");
+    let mut inbox = s.bus.subscribe(&n1, 16);
+    assert!(matches!(
+        inbox.next().await,
+        Some(BusEvent::Subscribed { .. })
+    ));
+    let (a, a_token) = s.claim("n1").await;
+    let (b, _) = s.claim("n1").await;
+    s.registry
+        .transition(a, b.id, Transition::Offer)
+        .await
+        .unwrap();
+    s.registry
+        .transition(b, a.id, Transition::Accept)
+        .await
+        .unwrap();
+    s.registry
+        .detach(a, Instant::now(), Duration::from_secs(30))
+        .await
+        .unwrap();
+    let m = BusMessage {
+        to: a.id,
+        epoch: Some(a.epoch),
+        origin: None,
+        frame: Bytes::from_static(b"{}"),
+    };
+    assert_eq!(s.bus.hold(&m).await.unwrap(), Hold::Held);
+    let (c, _) = s.claim("n1").await;
+    let took = s
+        .registry
+        .resume(c, a.id, &a_token, &n1, Instant::now())
+        .await
+        .unwrap();
+    assert_eq!(s.bus.take_held(a.id).await.unwrap().len(), 1);
+    assert_eq!(
+        s.registry
+            .refresh(&n1, &[took.binding, b])
+            .await
+            .unwrap()
+            .renewed,
+        2
+    );
+    assert!(s.registry.locate(a.id).await.unwrap().is_some());
+    assert_eq!(
+        s.state(took.binding).await,
+        CallState::InCall { peer: b.id }
+    );
+    assert!(s.bus.send(&n1, &m).await.unwrap());
+    assert!(matches!(inbox.next().await, Some(BusEvent::Message(_))));
+    s.registry
+        .detach(b, Instant::now(), Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(s.registry.expire(b).await.unwrap().is_some());
+    s.registry.release(took.binding).await.unwrap();
+
+    // And nothing else: no other keys, no admin commands, no other channels.
+    let mut raw = s.raw.clone();
+    let other: redis::RedisResult<Option<String>> = raw.get("session:42").await;
+    let noperm = |e: redis::RedisError| e.code() == Some("NOPERM");
+    assert!(noperm(other.unwrap_err()), "another application's key");
+    let flush: redis::RedisResult<()> = redis::cmd("FLUSHALL").query_async(&mut raw).await;
+    assert!(noperm(flush.unwrap_err()), "FLUSHALL");
+    let eval: redis::RedisResult<()> = redis::cmd("EVAL")
+        .arg("return 1")
+        .arg(0)
+        .query_async(&mut raw)
+        .await;
+    assert!(noperm(eval.unwrap_err()), "no ad-hoc scripts");
+    let publish: redis::RedisResult<i64> = raw.publish("other", "x").await;
+    assert!(noperm(publish.unwrap_err()), "another channel");
 }

@@ -1426,3 +1426,46 @@ async fn every_operation_works_as_the_restricted_acl_user_and_nothing_else_does(
     let publish: redis::RedisResult<i64> = raw.publish("other", "x").await;
     assert!(noperm(publish.unwrap_err()), "another channel");
 }
+
+#[tokio::test]
+async fn a_full_redis_refuses_new_ids_as_unavailable_and_keeps_every_existing_one() {
+    // `maxmemory` with `noeviction` (Redis's default policy, the one docs/SECURITY.md asks for):
+    // when full, writes fail instead of registry keys being evicted silently.
+    let Some(redis) =
+        RedisServer::start_with(&["--maxmemory", "3mb", "--maxmemory-policy", "noeviction"])
+    else {
+        return;
+    };
+    let url = redis.url();
+    let s = setup_on(
+        redis,
+        &url,
+        Duration::from_secs(60),
+        Duration::from_secs(30),
+    )
+    .await;
+    let mut claimed = Vec::new();
+    let refused = loop {
+        match s.registry.claim(&node("n1"), Instant::now()).await {
+            Ok(claim) => claimed.push(claim.binding),
+            Err(e) => break e,
+        }
+        assert!(claimed.len() < 100_000, "3 MB never filled");
+    };
+    assert_eq!(refused, RegisterError::Unavailable(Unavailable));
+    assert!(claimed.len() > 1_000, "only {} IDs fit", claimed.len());
+    // Reads and renewals still work; nothing was evicted.
+    let refreshed = s.registry.refresh(&node("n1"), &claimed).await.unwrap();
+    assert_eq!(refreshed.renewed, claimed.len());
+    let m = BusMessage {
+        to: claimed[0].id,
+        epoch: None,
+        origin: None,
+        frame: Bytes::from(vec![b'x'; 512]),
+    };
+    assert_eq!(
+        s.bus.hold(&m).await,
+        Err(Unavailable),
+        "a full Redis holds nothing more"
+    );
+}

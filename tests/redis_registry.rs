@@ -10,7 +10,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use callgate::cluster::bus::{BusEvent, BusMessage, BusSettings, Hold, RedisBus};
+use callgate::cluster::bus::{BusEvent, BusKind, BusMessage, BusSettings, Hold, RedisBus};
 use callgate::cluster::registry::{RedisRegistry, Refreshed, RegistrySettings};
 use callgate::cluster::types::{
     BindingError, NodeId, RegisterError, ResumeError, Transition, TransitionError, Unavailable,
@@ -435,6 +435,8 @@ async fn a_detached_id_stays_resumable_for_its_grace_then_vanishes_with_its_held
         "detached once"
     );
     let held = BusMessage {
+        kind: BusKind::Deliver,
+        call: None,
         to: a.id,
         epoch: Some(a.epoch),
         origin: Some(Origin {
@@ -764,6 +766,8 @@ async fn held_messages_are_capped_exactly_replayed_in_order_once_and_expire() {
         .await
         .unwrap();
     let message = |n: usize, size: usize| BusMessage {
+        kind: BusKind::Deliver,
+        call: None,
         to: a.id,
         epoch: Some(a.epoch),
         origin: Some(Origin {
@@ -787,6 +791,8 @@ async fn held_messages_are_capped_exactly_replayed_in_order_once_and_expire() {
     };
     assert_eq!(s.bus.hold(&stale).await.unwrap(), Hold::Moved);
     let nobody = BusMessage {
+        kind: BusKind::Deliver,
+        call: None,
         to: ClientId::new(123_456_789),
         ..message(9, 1)
     };
@@ -832,6 +838,8 @@ async fn two_nodes_racing_to_take_held_messages_one_gets_all_the_other_none() {
         let (a, _) = s.claim("n1").await;
         for n in 0..3u8 {
             let m = BusMessage {
+                kind: BusKind::Deliver,
+                call: None,
                 to: a.id,
                 epoch: None,
                 origin: None,
@@ -860,18 +868,25 @@ async fn send_reaches_the_subscribed_node_and_says_when_nobody_listens() {
         Some(BusEvent::Subscribed { resumed: false })
     ));
     let m = BusMessage {
+        kind: BusKind::Deliver,
+        call: Some(CallState::Called {
+            peer: ClientId::new(444_555_666),
+        }),
         to: ClientId::new(111_222_333),
         epoch: Some(7),
         origin: Some(Origin {
             from: ClientId::new(444_555_666),
-            kind: MessageKind::Offer,
+            kind: MessageKind::VideoOfferRequest,
         }),
-        frame: Bytes::from_static(br#"{"type":"offer","sdp":"v=0"}"#),
+        frame: Bytes::from_static(br#"{"type":"video-answer-request","offer":{"sdp":"v=0"}}"#),
     };
-    assert!(s.bus.send(&n1, &m).await.unwrap(), "received");
-    match inbox.next().await {
-        Some(BusEvent::Message(got)) => assert_eq!(got, m),
-        other => panic!("expected the message, got {other:?}"),
+    let kick = BusMessage::kick(ClientId::new(111_222_333), 6);
+    for sent in [&m, &kick] {
+        assert!(s.bus.send(&n1, sent).await.unwrap(), "received");
+        match inbox.next().await {
+            Some(BusEvent::Message(got)) => assert_eq!(&got, sent),
+            other => panic!("expected the message, got {other:?}"),
+        }
     }
     assert!(
         !s.bus.send(&node("gone"), &m).await.unwrap(),
@@ -901,6 +916,8 @@ async fn a_redis_outage_is_unavailable_within_the_timeout_and_everything_recover
 
     s.redis.stop();
     let m = BusMessage {
+        kind: BusKind::Deliver,
+        call: None,
         to: b.id,
         epoch: None,
         origin: None,
@@ -1199,6 +1216,8 @@ async fn round_trips_and_latency_per_operation_on_loopback() {
     .await;
     assert_eq!(sent, u64::from(N), "locate is one HMGET, no script");
     let m = BusMessage {
+        kind: BusKind::Deliver,
+        call: None,
         to: a.id,
         epoch: Some(a.epoch),
         origin: Some(Origin {
@@ -1308,6 +1327,8 @@ async fn a_redis_that_accepts_and_never_answers_costs_at_most_the_timeout() {
         started.elapsed()
     );
     let m = BusMessage {
+        kind: BusKind::Deliver,
+        call: None,
         to: ClientId::new(1),
         epoch: None,
         origin: None,
@@ -1375,6 +1396,8 @@ async fn every_operation_works_as_the_restricted_acl_user_and_nothing_else_does(
         .await
         .unwrap();
     let m = BusMessage {
+        kind: BusKind::Deliver,
+        call: None,
         to: a.id,
         epoch: Some(a.epoch),
         origin: None,
@@ -1458,6 +1481,8 @@ async fn a_full_redis_refuses_new_ids_as_unavailable_and_keeps_every_existing_on
     let refreshed = s.registry.refresh(&node("n1"), &claimed).await.unwrap();
     assert_eq!(refreshed.renewed, claimed.len());
     let m = BusMessage {
+        kind: BusKind::Deliver,
+        call: None,
         to: claimed[0].id,
         epoch: None,
         origin: None,

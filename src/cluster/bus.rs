@@ -25,6 +25,7 @@ use tokio::task::JoinHandle;
 
 use super::types::{NodeId, Unavailable};
 use crate::signaling::delivery::{Envelope, Origin};
+use crate::signaling::directory::CallState;
 use crate::signaling::protocol::{ClientId, DropReason, MessageKind, SEQ_ROOM};
 
 /// The stream holding messages for an ID nobody holds live.
@@ -43,9 +44,21 @@ static HOLD: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/h
 static TAKE_HELD: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/take_held.lua")));
 
+/// What the receiving node is asked to do with a [`BusMessage`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BusKind {
+    /// Deliver the frame to the recipient's connection (or its delivery log).
+    Deliver,
+    /// Close the connection holding the recipient at `epoch`: the ID was resumed elsewhere while
+    /// that (half-open) connection still held it. The frame is empty.
+    Kick,
+}
+
 /// A message on its way to an ID on another node, or held for it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BusMessage {
+    /// What to do with it.
+    pub kind: BusKind,
     /// The recipient.
     pub to: ClientId,
     /// The recipient's epoch the sender routed by, if it knew one: a receiving node whose holder
@@ -53,6 +66,10 @@ pub struct BusMessage {
     pub epoch: Option<u64>,
     /// Who caused the message, to tell them if it is never delivered.
     pub origin: Option<Origin>,
+    /// The recipient's call state after the transition this message announces (an offer, a
+    /// reply, a cancel, a hang-up), so the recipient's node updates its cached state without
+    /// asking Redis.
+    pub call: Option<CallState>,
     /// The JSON object, without a sequence number.
     pub frame: Bytes,
 }
@@ -69,6 +86,12 @@ pub enum PayloadError {
     /// A message type this node does not know.
     #[error("The bus payload names message type {0}, which this node does not know.")]
     UnknownKind(u8),
+    /// A call phase this node does not know.
+    #[error("The bus payload names call phase {0}, which this node does not know.")]
+    UnknownPhase(u8),
+    /// A kick without the epoch it is for.
+    #[error("The bus payload is a kick without an epoch.")]
+    KickWithoutEpoch,
 }
 
 impl BusMessage {
@@ -78,14 +101,40 @@ impl BusMessage {
     const HAS_EPOCH: u8 = 1;
     /// Flag: an origin (sender ID and message type) follows.
     const HAS_ORIGIN: u8 = 2;
+    /// Flag: the recipient's new call state follows (u8 phase, then u64 peer unless idle).
+    const HAS_CALL: u8 = 4;
+    /// Flag: a [`BusKind::Kick`] (otherwise a delivery).
+    const KICK: u8 = 8;
+    /// The longest header: version, flags, recipient, epoch, origin, call.
+    const MAX_HEADER: usize = 1 + 1 + 8 + 8 + 9 + 9;
 
-    /// The message carrying `envelope` to `to` (routed by `epoch` when known).
-    pub fn new(to: ClientId, epoch: Option<u64>, envelope: Envelope) -> Self {
+    /// The message carrying `envelope` to `to` (routed by `epoch` when known), announcing the
+    /// recipient's new call state `call` when the message changes it.
+    pub fn new(
+        to: ClientId,
+        epoch: Option<u64>,
+        call: Option<CallState>,
+        envelope: Envelope,
+    ) -> Self {
         Self {
+            kind: BusKind::Deliver,
             to,
             epoch,
             origin: envelope.origin(),
+            call,
             frame: envelope.seal(None),
+        }
+    }
+
+    /// Asks `to`'s node to close the connection holding `to` at `epoch`.
+    pub fn kick(to: ClientId, epoch: u64) -> Self {
+        Self {
+            kind: BusKind::Kick,
+            to,
+            epoch: Some(epoch),
+            origin: None,
+            call: None,
+            frame: Bytes::new(),
         }
     }
 
@@ -99,20 +148,24 @@ impl BusMessage {
         }
     }
 
-    /// The payload: version, flags, recipient (u64), then the epoch (u64) and origin (u64 sender,
-    /// u8 message type) when present, all big-endian; the frame takes the rest. 10 to 27 bytes
-    /// of header.
+    /// The payload: version, flags, recipient (u64), then when present the epoch (u64), the
+    /// origin (u64 sender, u8 message type) and the call state (u8 phase, u64 peer unless idle),
+    /// all big-endian; the frame takes the rest. 10 to 36 bytes of header.
     pub fn encode(&self) -> Bytes {
-        let mut out = BytesMut::with_capacity(27 + self.frame.len());
-        let flags = if self.epoch.is_some() {
-            Self::HAS_EPOCH
-        } else {
-            0
-        } | if self.origin.is_some() {
-            Self::HAS_ORIGIN
-        } else {
-            0
-        };
+        let mut out = BytesMut::with_capacity(Self::MAX_HEADER + self.frame.len());
+        let mut flags = 0;
+        if self.epoch.is_some() {
+            flags |= Self::HAS_EPOCH;
+        }
+        if self.origin.is_some() {
+            flags |= Self::HAS_ORIGIN;
+        }
+        if self.call.is_some() {
+            flags |= Self::HAS_CALL;
+        }
+        if self.kind == BusKind::Kick {
+            flags |= Self::KICK;
+        }
         out.put_u8(Self::VERSION);
         out.put_u8(flags);
         out.put_u64(self.to.get());
@@ -122,6 +175,18 @@ impl BusMessage {
         if let Some(origin) = self.origin {
             out.put_u64(origin.from.get());
             out.put_u8(kind_code(origin.kind));
+        }
+        if let Some(call) = self.call {
+            let (phase, peer) = match call {
+                CallState::Idle => (0, None),
+                CallState::Calling { peer } => (1, Some(peer)),
+                CallState::Called { peer } => (2, Some(peer)),
+                CallState::InCall { peer } => (3, Some(peer)),
+            };
+            out.put_u8(phase);
+            if let Some(peer) = peer {
+                out.put_u64(peer.get());
+            }
         }
         out.put_slice(&self.frame);
         out.freeze()
@@ -160,10 +225,38 @@ impl BusMessage {
         } else {
             None
         };
+        let call = if flags & Self::HAS_CALL != 0 {
+            need(&payload, 1)?;
+            let phase = payload.get_u8();
+            if phase == 0 {
+                Some(CallState::Idle)
+            } else {
+                need(&payload, 8)?;
+                let peer = ClientId::new(payload.get_u64());
+                Some(match phase {
+                    1 => CallState::Calling { peer },
+                    2 => CallState::Called { peer },
+                    3 => CallState::InCall { peer },
+                    _ => return Err(PayloadError::UnknownPhase(phase)),
+                })
+            }
+        } else {
+            None
+        };
+        let kind = if flags & Self::KICK != 0 {
+            if epoch.is_none() {
+                return Err(PayloadError::KickWithoutEpoch);
+            }
+            BusKind::Kick
+        } else {
+            BusKind::Deliver
+        };
         Ok(Self {
+            kind,
             to,
             epoch,
             origin,
+            call,
             frame: payload,
         })
     }
@@ -423,9 +516,11 @@ mod tests {
 
     fn message(epoch: Option<u64>, origin: Option<Origin>) -> BusMessage {
         BusMessage {
+            kind: BusKind::Deliver,
             to: ClientId::new(123_456_789),
             epoch,
             origin,
+            call: None,
             frame: Bytes::from_static(br#"{"type":"ice-candidate","candidate":{}}"#),
         }
     }
@@ -449,7 +544,26 @@ mod tests {
             let m = message(None, Some(Origin { kind, ..origin }));
             assert_eq!(BusMessage::decode(m.encode()).unwrap(), m);
         }
-        assert_eq!(message(Some(7), Some(origin)).encode().len(), 27 + 39);
+        let peer = ClientId::new(42);
+        for call in [
+            CallState::Idle,
+            CallState::Calling { peer },
+            CallState::Called { peer },
+            CallState::InCall { peer },
+        ] {
+            let m = BusMessage {
+                call: Some(call),
+                ..message(Some(7), Some(origin))
+            };
+            assert_eq!(BusMessage::decode(m.encode()).unwrap(), m);
+        }
+        let kick = BusMessage::kick(ClientId::new(5), 99);
+        assert_eq!(BusMessage::decode(kick.encode()).unwrap(), kick);
+        let longest = BusMessage {
+            call: Some(CallState::InCall { peer }),
+            ..message(Some(7), Some(origin))
+        };
+        assert_eq!(longest.encode().len(), BusMessage::MAX_HEADER + 39);
     }
 
     #[test]
@@ -482,6 +596,30 @@ mod tests {
             BusMessage::decode(Bytes::from(unknown)),
             Err(PayloadError::UnknownKind(200))
         );
+        let with_call = BusMessage {
+            call: Some(CallState::InCall {
+                peer: ClientId::new(3),
+            }),
+            ..message(None, None)
+        }
+        .encode();
+        let mut phase = with_call.to_vec();
+        phase[10] = 9;
+        assert_eq!(
+            BusMessage::decode(Bytes::from(phase)),
+            Err(PayloadError::UnknownPhase(9))
+        );
+        assert_eq!(
+            BusMessage::decode(with_call.slice(..15)),
+            Err(PayloadError::Truncated)
+        );
+        let mut kick = BusMessage::kick(ClientId::new(5), 99).encode().to_vec();
+        kick[1] &= !BusMessage::HAS_EPOCH;
+        kick.truncate(10);
+        assert_eq!(
+            BusMessage::decode(Bytes::from(kick)),
+            Err(PayloadError::KickWithoutEpoch)
+        );
     }
 
     #[test]
@@ -494,6 +632,7 @@ mod tests {
         let m = BusMessage::new(
             ClientId::new(9),
             Some(3),
+            Some(CallState::Called { peer: origin.from }),
             Envelope::relaying(json.clone(), origin),
         );
         let back = BusMessage::decode(m.encode()).unwrap().into_envelope();

@@ -13,10 +13,10 @@ use bytes::Bytes;
 use callgate::cluster::bus::{BusEvent, BusKind, BusMessage, BusSettings, Hold, RedisBus};
 use callgate::cluster::registry::{RedisRegistry, Refreshed, RegistrySettings};
 use callgate::cluster::types::{
-    BindingError, NodeId, RegisterError, ResumeError, Transition, TransitionError, Unavailable,
+    Binding, BindingError, CallState, NodeId, RegisterError, ResumeError, Stale, Transition,
+    TransitionError, Unavailable,
 };
 use callgate::signaling::delivery::Origin;
-use callgate::signaling::directory::{Binding, CallState, Stale};
 use callgate::signaling::protocol::{ClientId, DropReason, MessageKind, ResumeToken};
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands as _;
@@ -273,6 +273,7 @@ async fn resume_moves_the_id_with_a_new_epoch_and_token_and_frees_the_resumers_o
     assert!(took.binding.epoch > fresh.epoch);
     assert_eq!(took.previous_node, node("n1"));
     assert!(!took.was_live, "it was reserved");
+    assert_eq!(took.previous_epoch, a.epoch);
     assert_eq!(
         took.call,
         CallState::InCall { peer: b.id },
@@ -312,6 +313,10 @@ async fn resume_moves_the_id_with_a_new_epoch_and_token_and_frees_the_resumers_o
         .await
         .unwrap();
     assert!(again.was_live);
+    assert_eq!(
+        again.previous_epoch, took.binding.epoch,
+        "the connection to kick"
+    );
     assert_eq!(again.previous_node, node("n2"));
     s.assert_every_key_expires("resume").await;
 }
@@ -630,14 +635,14 @@ async fn every_transition_and_every_refusal_keeps_both_sides_symmetric() {
         id: a.id,
         epoch: a.epoch + 1000,
     };
-    assert_eq!(t(stale, b, Offer).await, Err(TransitionError::Stale));
+    assert_eq!(t(stale, b, Offer).await, Err(TransitionError::Stale(Stale)));
     s.registry
         .detach(c, Instant::now(), Duration::from_secs(30))
         .await
         .unwrap();
     assert_eq!(
         t(c, b, Offer).await,
-        Err(TransitionError::Stale),
+        Err(TransitionError::Stale(Stale)),
         "reserved is not live"
     );
 
@@ -927,10 +932,7 @@ async fn a_redis_outage_is_unavailable_within_the_timeout_and_everything_recover
     let bound = TIMEOUT + Duration::from_millis(300);
     let started = Instant::now();
     let claimed = s.registry.claim(&n1, Instant::now()).await;
-    assert!(matches!(
-        claimed,
-        Err(RegisterError::Unavailable(Unavailable))
-    ));
+    assert!(matches!(claimed, Err(RegisterError::Unavailable)));
     assert!(
         started.elapsed() < bound,
         "claim took {:?}",
@@ -947,10 +949,7 @@ async fn a_redis_outage_is_unavailable_within_the_timeout_and_everything_recover
             Instant::now(),
         )
         .await;
-    assert!(matches!(
-        resumed,
-        Err(ResumeError::Unavailable(Unavailable))
-    ));
+    assert!(matches!(resumed, Err(ResumeError::Unavailable)));
     assert!(
         started.elapsed() < bound,
         "resume took {:?}",
@@ -1308,7 +1307,7 @@ async fn a_redis_that_accepts_and_never_answers_costs_at_most_the_timeout() {
     let started = Instant::now();
     let claimed = registry.claim(&node("n1"), Instant::now()).await;
     assert!(
-        matches!(claimed, Err(RegisterError::Unavailable(Unavailable))),
+        matches!(claimed, Err(RegisterError::Unavailable)),
         "{claimed:?}"
     );
     assert!(
@@ -1475,7 +1474,7 @@ async fn a_full_redis_refuses_new_ids_as_unavailable_and_keeps_every_existing_on
         }
         assert!(claimed.len() < 100_000, "3 MB never filled");
     };
-    assert_eq!(refused, RegisterError::Unavailable(Unavailable));
+    assert_eq!(refused, RegisterError::Unavailable);
     assert!(claimed.len() > 1_000, "only {} IDs fit", claimed.len());
     // Reads and renewals still work; nothing was evicted.
     let refreshed = s.registry.refresh(&node("n1"), &claimed).await.unwrap();

@@ -23,9 +23,8 @@ use redis::Script;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::types::{NodeId, Unavailable};
+use super::types::{CallState, NodeId, Unavailable};
 use crate::signaling::delivery::{Envelope, Origin};
-use crate::signaling::directory::CallState;
 use crate::signaling::protocol::{ClientId, DropReason, MessageKind, SEQ_ROOM};
 
 /// The stream holding messages for an ID nobody holds live.

@@ -24,10 +24,9 @@ use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 
 use super::types::{
-    BindingError, Claim, Freed, Location, NodeId, RegisterError, ResumeError, Takeover, Transition,
-    TransitionError, Unavailable,
+    Binding, BindingError, CallState, Claim, Freed, Location, NodeId, RegisterError, ResumeError,
+    Stale, Takeover, Transition, TransitionError, Unavailable,
 };
-use crate::signaling::directory::{Binding, CallState, Stale};
 use crate::signaling::protocol::{ClientId, ResumeToken};
 
 /// The counter every epoch is drawn from: one key, so epochs are unique cluster-wide.
@@ -192,14 +191,17 @@ impl RedisRegistry {
                     let previous_node = NodeId::new(text(reply.get(2))?);
                     let was_live = text(reply.get(3))? == "1";
                     let call = call_state(text(reply.get(4))?, text(reply.get(5))?)?;
-                    Some((epoch, previous_node, was_live, call))
+                    let previous_epoch = text(reply.get(6))?.parse().ok()?;
+                    Some((epoch, previous_node, was_live, call, previous_epoch))
                 })();
-                let (epoch, previous_node, was_live, call) = parsed.ok_or_else(malformed)?;
+                let (epoch, previous_node, was_live, call, previous_epoch) =
+                    parsed.ok_or_else(malformed)?;
                 Ok(Takeover {
                     binding: Binding { id: target, epoch },
                     token: new_token,
                     previous_node,
                     was_live,
+                    previous_epoch,
                     call,
                 })
             }
@@ -308,7 +310,7 @@ impl RedisRegistry {
         };
         match int(reply.first()) {
             Some(1) => state(),
-            Some(0) => Err(TransitionError::Stale),
+            Some(0) => Err(TransitionError::Stale(Stale)),
             Some(2) => {
                 let state = state()?;
                 let peer = state.peer().ok_or(TransitionError::Unavailable)?;

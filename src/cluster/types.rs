@@ -1,26 +1,34 @@
 //! The registry's vocabulary as CLUSTER-DESIGN.md spells it, for the Redis implementation to be
 //! written and tested before the `hubcore` branch's `signaling/registry.rs` exists.
 //!
-//! Plain data only: when the branches merge, these are replaced by hubcore's definitions (same
-//! names, same meaning). Two deliberate additions, because a network backend can fail where a map
-//! in memory cannot: [`RegisterError`] and [`ResumeError`] gain `Unavailable`, and the operations
-//! the design types as `Result<_, Stale>` or infallible return [`BindingError`] or
-//! [`Unavailable`] here, so a Redis outage is never mistaken for a stale binding or an unknown ID.
+//! Plain data only, shaped like hubcore's `signaling/registry.rs` (commit 2ca22e9): when the
+//! branches merge, this file becomes one `pub use crate::signaling::registry::{...}` line plus
+//! [`Unavailable`] and [`BindingError`]. The Redis code imports these names from here only.
+//!
+//! One deliberate addition, because a network backend can fail where a map in memory cannot: the
+//! operations the design types as `Result<_, Stale>` or infallible (detach, release, expire,
+//! call_state, locate, refresh) return [`BindingError`] or [`Unavailable`] here, so a Redis outage
+//! is never mistaken for a stale binding or an unknown ID.
 
 use std::fmt;
 use std::sync::Arc;
 
-use crate::signaling::directory::{Binding, CallState, Stale};
+pub use crate::signaling::directory::{Binding, CallState, Stale};
 use crate::signaling::protocol::{ClientId, ResumeToken};
 
 /// Which node holds an ID. Single node: one fixed id ("local"). Cluster: the `node-id` setting.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct NodeId(Arc<str>);
 
 impl NodeId {
     /// Wraps a node name as configured.
     pub fn new(name: &str) -> Self {
         Self(Arc::from(name))
+    }
+
+    /// The one node of a server that runs alone.
+    pub fn local() -> Self {
+        Self::new("local")
     }
 
     /// The name, as written into Redis and into the node's bus channel.
@@ -36,7 +44,7 @@ impl fmt::Display for NodeId {
 }
 
 /// A freshly claimed ID: live on the claiming node.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Claim {
     /// The new ID with its first epoch.
     pub binding: Binding,
@@ -64,8 +72,8 @@ pub enum Transition {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum TransitionError {
     /// The binding no longer holds its ID.
-    #[error("This connection no longer holds its ID.")]
-    Stale,
+    #[error(transparent)]
+    Stale(#[from] Stale),
     /// An offer while a call is going.
     #[error("You are already {} with {peer}; hang up first.", state.describe())]
     AlreadyInCall {
@@ -89,7 +97,7 @@ pub enum TransitionError {
 }
 
 /// A successful resume: the target ID now belongs to the resuming connection.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Takeover {
     /// The target with a new epoch, on this node.
     pub binding: Binding,
@@ -99,6 +107,8 @@ pub struct Takeover {
     pub previous_node: NodeId,
     /// A half-open connection held it: that node must kick it.
     pub was_live: bool,
+    /// The previous holder's epoch, so its node can tell which connection to kick.
+    pub previous_epoch: u64,
     /// The call, carried over.
     pub call: CallState,
 }
@@ -139,19 +149,25 @@ pub enum BindingError {
     Unavailable(#[from] Unavailable),
 }
 
-/// Why a new connection could not be given an ID (main's `RegisterError` plus `Unavailable`).
+/// Why a new connection could not be given an ID (as hubcore's, with `Unavailable`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum RegisterError {
+    /// The node holds as many clients as it is configured for (never returned by Redis).
+    #[error("The server holds as many clients as it is configured for.")]
+    Full,
     /// Random draws kept hitting taken IDs; the ID space is too crowded for the ID length.
     #[error("No free client ID was found; the ID length is too short for this many clients.")]
     NoFreeId,
-    /// The backend cannot be reached.
-    #[error(transparent)]
-    Unavailable(#[from] Unavailable),
+    /// The new connection's queue refused the `id` message (never returned by Redis).
+    #[error("The new connection's outbound queue did not accept its first message.")]
+    OutboxRejected,
+    /// The shared registry (Redis) cannot be reached.
+    #[error("The cluster's shared registry cannot be reached.")]
+    Unavailable,
 }
 
-/// Why a resume was refused (main's `ResumeError` plus `Unavailable`).
+/// Why a resume was refused (as hubcore's, with `Unavailable`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ResumeError {
@@ -168,7 +184,25 @@ pub enum ResumeError {
     /// The resuming connection no longer holds its own ID.
     #[error(transparent)]
     Stale(#[from] Stale),
-    /// The backend cannot be reached.
-    #[error(transparent)]
-    Unavailable(#[from] Unavailable),
+    /// The shared registry (Redis) cannot be reached.
+    #[error("The cluster's shared registry cannot be reached.")]
+    Unavailable,
+}
+
+impl From<Unavailable> for RegisterError {
+    fn from(Unavailable: Unavailable) -> Self {
+        Self::Unavailable
+    }
+}
+
+impl From<Unavailable> for ResumeError {
+    fn from(Unavailable: Unavailable) -> Self {
+        Self::Unavailable
+    }
+}
+
+impl From<Unavailable> for TransitionError {
+    fn from(Unavailable: Unavailable) -> Self {
+        Self::Unavailable
+    }
 }

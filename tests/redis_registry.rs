@@ -12,11 +12,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use callgate::cluster::bus::{BusEvent, BusKind, BusMessage, BusSettings, Hold, RedisBus};
 use callgate::cluster::registry::{RedisRegistry, Refreshed, RegistrySettings};
+use callgate::cluster::route::{BusDelivery, RouteSettings, Routes};
 use callgate::cluster::types::{
     Binding, BindingError, CallState, NodeId, RegisterError, ResumeError, Stale, Transition,
     TransitionError, Unavailable,
 };
-use callgate::signaling::delivery::Origin;
+use callgate::signaling::delivery::{Envelope, Origin};
 use callgate::signaling::protocol::{ClientId, DropReason, MessageKind, ResumeToken};
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands as _;
@@ -1492,4 +1493,168 @@ async fn a_full_redis_refuses_new_ids_as_unavailable_and_keeps_every_existing_on
         Err(Unavailable),
         "a full Redis holds nothing more"
     );
+}
+
+/// Routes over the setup's registry and bus.
+fn routes(s: &Setup, ttl: Duration) -> Routes {
+    Routes::new(
+        s.registry.clone(),
+        s.bus.clone(),
+        RouteSettings { max_routes: 2, ttl },
+    )
+}
+
+/// An envelope relaying an ICE candidate from `from`.
+fn candidate(from: ClientId, n: usize) -> Envelope {
+    Envelope::relaying(
+        format!(r#"{{"type":"ice-candidate","n":{n}}}"#).into_bytes(),
+        Origin {
+            from,
+            kind: MessageKind::IceCandidate,
+        },
+    )
+}
+
+#[tokio::test]
+async fn a_cached_route_costs_one_publish_and_no_registry_read_per_message() {
+    let Some(s) = setup().await else { return };
+    let n2 = node("n2");
+    let mut inbox = s.bus.subscribe(&n2, 64);
+    assert!(matches!(
+        inbox.next().await,
+        Some(BusEvent::Subscribed { .. })
+    ));
+    let (a, _) = s.claim("n1").await;
+    let (b, _) = s.claim("n2").await;
+    let routes = routes(&s, Duration::from_secs(60));
+    let called = CallState::Called { peer: a.id };
+    assert_eq!(
+        routes.deliver(b.id, Some(called), candidate(a.id, 0)).await,
+        BusDelivery::Delivered
+    );
+    match inbox.next().await {
+        Some(BusEvent::Message(m)) => {
+            assert_eq!((m.to, m.epoch, m.call), (b.id, Some(b.epoch), Some(called)));
+            assert_eq!(&m.frame[..], br#"{"type":"ice-candidate","n":0}"#);
+        }
+        other => panic!("expected the message, got {other:?}"),
+    }
+    let (reads, publishes) = (
+        command_calls(&s, "hmget").await,
+        command_calls(&s, "publish").await,
+    );
+    for n in 1..=20 {
+        assert_eq!(
+            routes.deliver(b.id, None, candidate(a.id, n)).await,
+            BusDelivery::Delivered
+        );
+    }
+    assert_eq!(
+        command_calls(&s, "hmget").await - reads,
+        0,
+        "no registry read"
+    );
+    assert_eq!(
+        command_calls(&s, "publish").await - publishes,
+        20,
+        "one PUBLISH each"
+    );
+    for n in 1..=20 {
+        match inbox.next().await {
+            Some(BusEvent::Message(m)) => {
+                assert_eq!(m.frame, format!(r#"{{"type":"ice-candidate","n":{n}}}"#))
+            }
+            other => panic!("expected message {n}, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn messages_for_a_dead_nodes_or_a_reserved_id_are_held_and_a_moved_id_is_chased() {
+    let Some(s) = setup().await else { return };
+    let (a, _) = s.claim("n1").await;
+    let routes = routes(&s, Duration::from_secs(60));
+    assert_eq!(
+        routes
+            .deliver(ClientId::new(123_456_789), None, candidate(a.id, 0))
+            .await,
+        BusDelivery::NoSuchClient
+    );
+
+    // b is live on n2, which nobody runs (it died): held for b's resume.
+    let (b, b_token) = s.claim("n2").await;
+    assert_eq!(
+        routes.deliver(b.id, None, candidate(a.id, 1)).await,
+        BusDelivery::Held
+    );
+    // c is reserved: held without a PUBLISH.
+    let (c, _) = s.claim("n2").await;
+    s.registry
+        .detach(c, Instant::now(), Duration::from_secs(30))
+        .await
+        .unwrap();
+    let publishes = command_calls(&s, "publish").await;
+    assert_eq!(
+        routes.deliver(c.id, None, candidate(a.id, 2)).await,
+        BusDelivery::Held
+    );
+    assert_eq!(command_calls(&s, "publish").await, publishes);
+
+    // b resumes on n3 (running) while a's node still caches "b live on n2": the hold answers
+    // that the epoch moved, the route is read again, and the message reaches n3.
+    let n3 = node("n3");
+    let mut inbox = s.bus.subscribe(&n3, 16);
+    assert!(matches!(
+        inbox.next().await,
+        Some(BusEvent::Subscribed { .. })
+    ));
+    let (fresh, _) = s.claim("n3").await;
+    let took = s
+        .registry
+        .resume(fresh, b.id, &b_token, &n3, Instant::now())
+        .await
+        .unwrap();
+    let held = s.bus.take_held(b.id).await.unwrap();
+    assert_eq!(held.len(), 1, "what arrived while b was away");
+    assert_eq!(
+        routes.deliver(b.id, None, candidate(a.id, 3)).await,
+        BusDelivery::Delivered
+    );
+    match inbox.next().await {
+        Some(BusEvent::Message(m)) => assert_eq!(m.epoch, Some(took.binding.epoch)),
+        other => panic!("expected the message, got {other:?}"),
+    }
+
+    // A full held stream is reported, not trimmed; a freed ID is no such client.
+    for n in 0..3 {
+        assert_eq!(
+            routes.deliver(c.id, None, candidate(a.id, n)).await,
+            BusDelivery::Held
+        );
+    }
+    assert_eq!(
+        routes.deliver(c.id, None, candidate(a.id, 9)).await,
+        BusDelivery::Dropped(DropReason::QueueFull)
+    );
+    s.registry.expire(c).await.unwrap();
+    assert_eq!(
+        routes.deliver(c.id, None, candidate(a.id, 10)).await,
+        BusDelivery::NoSuchClient
+    );
+    assert!(routes.len() <= 2, "the cache is bounded: {}", routes.len());
+}
+
+#[tokio::test]
+async fn routes_answer_unavailable_when_redis_is_down() {
+    let Some(mut s) = setup().await else { return };
+    let (a, _) = s.claim("n1").await;
+    let (b, _) = s.claim("n2").await;
+    let routes = routes(&s, Duration::from_secs(60));
+    s.redis.stop();
+    let started = Instant::now();
+    assert_eq!(
+        routes.deliver(b.id, None, candidate(a.id, 0)).await,
+        BusDelivery::Unavailable
+    );
+    assert!(started.elapsed() < TIMEOUT * 2 + Duration::from_millis(300));
 }

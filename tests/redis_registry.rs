@@ -1242,6 +1242,34 @@ async fn round_trips_and_latency_per_operation_on_loopback() {
     for _ in 0..N {
         assert!(matches!(inbox.next().await, Some(BusEvent::Message(_))));
     }
+    let routes = Routes::new(
+        s.registry.clone(),
+        s.bus.clone(),
+        RouteSettings {
+            max_routes: 1_000,
+            ttl: Duration::from_secs(60),
+        },
+    );
+    let frame = m.frame.clone();
+    let sent = measure(&s, "deliver (cached)", "publish", N, |_| {
+        let envelope = Envelope::relaying(frame.to_vec(), m.origin.unwrap());
+        let routes = &routes;
+        async move {
+            assert_eq!(
+                routes.deliver(a.id, None, envelope).await,
+                BusDelivery::Delivered
+            );
+        }
+    })
+    .await;
+    assert_eq!(
+        sent,
+        u64::from(N),
+        "one PUBLISH per message on a cached route"
+    );
+    for _ in 0..=N {
+        assert!(matches!(inbox.next().await, Some(BusEvent::Message(_))));
+    }
     let sent = measure(&s, "claim", "evalsha", 200, |_| {
         let registry = s.registry.clone();
         async move {

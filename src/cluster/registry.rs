@@ -295,10 +295,7 @@ impl RedisRegistry {
             .arg(binding.id.get())
             .arg(peer.get());
         let mut conn = self.conn.clone();
-        let reply: Vec<Value> = self
-            .run(call.invoke_async(&mut conn))
-            .await
-            .map_err(|Unavailable| TransitionError::Unavailable)?;
+        let reply: Vec<Value> = self.run(call.invoke_async(&mut conn)).await?;
         let state = || {
             text(reply.get(1))
                 .zip(text(reply.get(2)))

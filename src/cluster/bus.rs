@@ -88,6 +88,9 @@ pub enum PayloadError {
     /// A call phase this node does not know.
     #[error("The bus payload names call phase {0}, which this node does not know.")]
     UnknownPhase(u8),
+    /// Flags this version does not define.
+    #[error("The bus payload sets flags {0:#04x}, which this node does not know.")]
+    UnknownFlags(u8),
     /// A kick without the epoch it is for.
     #[error("The bus payload is a kick without an epoch.")]
     KickWithoutEpoch,
@@ -206,6 +209,10 @@ impl BusMessage {
             return Err(PayloadError::Version(version));
         }
         let flags = payload.get_u8();
+        let unknown = flags & !(Self::HAS_EPOCH | Self::HAS_ORIGIN | Self::HAS_CALL | Self::KICK);
+        if unknown != 0 {
+            return Err(PayloadError::UnknownFlags(unknown));
+        }
         let to = ClientId::new(payload.get_u64());
         let epoch = if flags & Self::HAS_EPOCH != 0 {
             need(&payload, 8)?;
@@ -589,6 +596,12 @@ mod tests {
             BusMessage::decode(Bytes::from(newer)),
             Err(PayloadError::Version(2))
         );
+        let mut flags = full.to_vec();
+        flags[1] |= 0x40;
+        assert_eq!(
+            BusMessage::decode(Bytes::from(flags)),
+            Err(PayloadError::UnknownFlags(0x40))
+        );
         let mut unknown = full.to_vec();
         unknown[26] = 200;
         assert_eq!(
@@ -618,6 +631,33 @@ mod tests {
         assert_eq!(
             BusMessage::decode(Bytes::from(kick)),
             Err(PayloadError::KickWithoutEpoch)
+        );
+    }
+
+    #[test]
+    fn decoding_arbitrary_bytes_never_panics_and_what_decodes_encodes_back_the_same() {
+        use rand::{Rng as _, SeedableRng as _};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+        let mut decoded = 0;
+        for _ in 0..200_000 {
+            let len = rng.random_range(0..48);
+            let mut bytes: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+            if let Some(first) = bytes.first_mut() {
+                *first = 1; // mostly the current version, so the rest of the header is exercised
+            }
+            if let Some(flags) = bytes.get_mut(1) {
+                if rng.random_range(0..8) != 0 {
+                    *flags &= 0x0f;
+                }
+            }
+            if let Ok(m) = BusMessage::decode(Bytes::from(bytes)) {
+                decoded += 1;
+                assert_eq!(BusMessage::decode(m.encode()).unwrap(), m);
+            }
+        }
+        assert!(
+            decoded > 10_000,
+            "the generator reaches valid payloads: {decoded}"
         );
     }
 

@@ -16,7 +16,7 @@
 //! other than through the Redis connection it is given.
 
 use std::future::Future;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use rand::Rng as _;
@@ -31,6 +31,11 @@ use crate::signaling::protocol::{ClientId, ResumeToken};
 
 /// The counter every epoch is drawn from: one key, so epochs are unique cluster-wide.
 const EPOCH_KEY: &str = "cg:epoch";
+
+/// A random name for this Redis's data set, created when Redis is found empty: a node that sees it
+/// change knows Redis lost everything (a restart without persistence) rather than that its IDs
+/// expired, and puts its live IDs back. One key, like the counter.
+const GENERATION_KEY: &str = "cg:generation";
 
 /// Random draws before a claim gives up with [`RegisterError::NoFreeId`].
 const CLAIM_DRAWS: usize = 32;
@@ -120,6 +125,8 @@ pub struct RedisRegistry {
     lease_ms: u64,
     /// Per-operation timeout.
     timeout: Duration,
+    /// The generation of Redis's data this node's IDs were made in (see [`GENERATION_KEY`]).
+    generation: Arc<Mutex<Option<String>>>,
 }
 
 impl RedisRegistry {
@@ -133,6 +140,7 @@ impl RedisRegistry {
             id_high: 10u64.pow(digits),
             lease_ms: millis(settings.lease),
             timeout: settings.timeout,
+            generation: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -147,12 +155,22 @@ impl RedisRegistry {
             call.key(id_key(id))
                 .key(EPOCH_KEY)
                 .key(super::bus::held_key(id))
+                .key(GENERATION_KEY)
                 .arg(node.as_str())
                 .arg(&digest)
-                .arg(self.lease_ms);
+                .arg(self.lease_ms)
+                .arg(random_generation());
             let mut conn = self.conn.clone();
-            let epoch: u64 = self.run(call.invoke_async(&mut conn)).await?;
+            let reply: Vec<Value> = self.run(call.invoke_async(&mut conn)).await?;
+            let epoch = int(reply.first())
+                .and_then(|e| u64::try_from(e).ok())
+                .ok_or_else(malformed)?;
             if epoch != 0 {
+                // Learnt once; later changes are for refresh to notice.
+                let mut known = self.generation();
+                if known.is_none() {
+                    *known = text(reply.get(1)).map(str::to_owned);
+                }
                 return Ok(Claim {
                     binding: Binding { id, epoch },
                     token,
@@ -348,8 +366,8 @@ impl RedisRegistry {
     /// one pipeline (one round trip). IDs that moved, were detached or are gone are reported in
     /// [`Refreshed::lost`]; the node's connections for them are stale.
     ///
-    /// After Redis lost its data (a restart without persistence: the epoch counter went below
-    /// the node's epochs) the IDs are put back instead, live on this node, idle and without a
+    /// After Redis lost its data (a restart without persistence: the generation key changed or
+    /// vanished) the missing IDs are put back instead, live on this node, idle and without a
     /// token (a second round trip, only then), so routing to the node's clients recovers by
     /// itself. Deviation from the design's `()` return: the node needs to know what it lost.
     pub async fn refresh(&self, node: &NodeId, live: &[Binding]) -> Result<Refreshed, Unavailable> {
@@ -358,7 +376,7 @@ impl RedisRegistry {
             return Ok(refreshed);
         }
         let mut pipe = redis::pipe();
-        pipe.cmd("GET").arg(EPOCH_KEY);
+        pipe.cmd("GET").arg(GENERATION_KEY);
         for batch in live.chunks(REFRESH_BATCH) {
             let mut cmd = redis::cmd("EVALSHA");
             cmd.arg(SCRIPTS.refresh.get_hash()).arg(batch.len());
@@ -372,11 +390,9 @@ impl RedisRegistry {
             pipe.add_command(cmd);
         }
         let replies = self.pipeline(&pipe, &SCRIPTS.refresh).await?;
-        let (seen, codes) = replies.split_first().ok_or_else(malformed)?;
-        let seen: u64 = match seen {
-            Value::Nil => 0,
-            value => redis::from_redis_value_ref(value).map_err(|_| malformed())?,
-        };
+        let (current, codes) = replies.split_first().ok_or_else(malformed)?;
+        let current: Option<String> =
+            redis::from_redis_value_ref(current).map_err(|_| malformed())?;
         let mut missing = Vec::new();
         for (batch, codes) in live.chunks(REFRESH_BATCH).zip(codes) {
             let codes: Vec<i64> = redis::from_redis_value_ref(codes).map_err(|_| malformed())?;
@@ -391,36 +407,54 @@ impl RedisRegistry {
                 }
             }
         }
-        if missing.is_empty() {
+        let reset = {
+            let mut known = self.generation();
+            match (&current, known.as_ref()) {
+                (None, _) => true,
+                (Some(now), Some(before)) => now != before,
+                (Some(now), None) => {
+                    *known = Some(now.clone());
+                    false
+                }
+            }
+        };
+        if !reset || missing.is_empty() {
+            refreshed.lost.extend(missing);
             return Ok(refreshed);
         }
+        let generation = random_generation();
         let mut pipe = redis::pipe();
         for batch in missing.chunks(REFRESH_BATCH) {
             let mut cmd = redis::cmd("EVALSHA");
-            cmd.arg(SCRIPTS.restore.get_hash()).arg(batch.len() + 1);
+            cmd.arg(SCRIPTS.restore.get_hash()).arg(batch.len() + 2);
             for binding in batch {
                 cmd.arg(id_key(binding.id));
             }
             cmd.arg(EPOCH_KEY)
+                .arg(GENERATION_KEY)
                 .arg(node.as_str())
                 .arg(self.lease_ms)
-                .arg(seen);
+                .arg(&generation);
             for binding in batch {
                 cmd.arg(binding.epoch);
             }
             pipe.add_command(cmd);
         }
         let replies = self.pipeline(&pipe, &SCRIPTS.restore).await?;
-        for (batch, codes) in missing.chunks(REFRESH_BATCH).zip(&replies) {
-            let codes: Vec<i64> = redis::from_redis_value_ref(codes).map_err(|_| malformed())?;
+        let mut now_known = None;
+        for (batch, reply) in missing.chunks(REFRESH_BATCH).zip(&replies) {
+            let reply: Vec<Value> = redis::from_redis_value_ref(reply).map_err(|_| malformed())?;
+            let (generation, codes) = reply.split_first().ok_or_else(malformed)?;
+            now_known = Some(text(Some(generation)).ok_or_else(malformed)?.to_owned());
             for (binding, code) in batch.iter().zip(codes) {
-                if code == 1 {
+                if int(Some(code)) == Some(1) {
                     refreshed.restored += 1;
                 } else {
                     refreshed.lost.push(*binding);
                 }
             }
         }
+        *self.generation() = now_known;
         if refreshed.restored > 0 {
             tracing::warn!(
                 restored = refreshed.restored,
@@ -428,6 +462,13 @@ impl RedisRegistry {
             );
         }
         Ok(refreshed)
+    }
+
+    /// The generation this node knows; a panic elsewhere while holding it leaves a valid value.
+    fn generation(&self) -> MutexGuard<'_, Option<String>> {
+        self.generation
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Sends a pipeline of `EVALSHA`s of `script` (and plain commands); on `NOSCRIPT` (Redis
@@ -483,6 +524,11 @@ fn token_digest(token: &ResumeToken) -> String {
         hex.push_str(&format!("{byte:02x}"));
     }
     hex
+}
+
+/// A fresh generation name: 64 random bits in hex.
+fn random_generation() -> String {
+    format!("{:016x}", rand::rng().random::<u64>())
 }
 
 /// A duration in whole milliseconds, at least 1 (Redis refuses `PEXPIRE key 0` as "expire now").

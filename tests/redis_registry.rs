@@ -91,6 +91,7 @@ async fn setup_on(redis: RedisServer, url: &str, lease: Duration, grace: Duratio
         BusSettings {
             held_messages: 4,
             held_bytes: 1024,
+            held_bytes_total: 1 << 20,
             grace,
             timeout: TIMEOUT,
         },
@@ -1377,6 +1378,7 @@ async fn a_redis_that_accepts_and_never_answers_costs_at_most_the_timeout() {
         BusSettings {
             held_messages: 4,
             held_bytes: 1024,
+            held_bytes_total: 1 << 20,
             grace: Duration::from_secs(1),
             timeout: TIMEOUT,
         },
@@ -1430,7 +1432,7 @@ const CALLGATE_ACL: &str =
     "callgate on >test-only-password resetkeys ~cg:* resetchannels &cg:node:* \
      -@all +hello +auth +ping +evalsha +script|load +hmget +get +publish \
      +subscribe +unsubscribe +exists +incr +hset +hget +pexpire +del +xlen +xadd +hincrby +pttl \
-     +xrange +set";
+     +xrange +set +time +incrby";
 
 #[tokio::test]
 async fn every_operation_works_as_the_restricted_acl_user_and_nothing_else_does() {
@@ -1734,4 +1736,54 @@ async fn routes_answer_unavailable_when_redis_is_down() {
         BusDelivery::Unavailable
     );
     assert!(started.elapsed() < TIMEOUT * 2 + SLACK);
+}
+
+#[tokio::test]
+async fn a_cluster_wide_budget_bounds_what_all_reserved_ids_together_can_hold() {
+    let grace = Duration::from_millis(300);
+    let Some(s) = setup_with(Duration::from_secs(60), grace).await else {
+        return;
+    };
+    // Per ID 1 KiB, all IDs together 2 KiB: three 800-byte messages for three IDs do not fit.
+    let bus = RedisBus::new(
+        s.client.clone(),
+        manager(&s.client).await,
+        BusSettings {
+            held_messages: 4,
+            held_bytes: 1024,
+            held_bytes_total: 2048,
+            grace,
+            timeout: TIMEOUT,
+        },
+    );
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let (x, _) = s.claim("n1").await;
+        s.registry
+            .detach(x, Instant::now(), Duration::from_secs(30))
+            .await
+            .unwrap();
+        ids.push(x);
+    }
+    let big = |to: Binding| BusMessage {
+        kind: BusKind::Deliver,
+        call: None,
+        to: to.id,
+        epoch: Some(to.epoch),
+        origin: None,
+        frame: Bytes::from(vec![b'x'; 800]),
+    };
+    assert_eq!(bus.hold(&big(ids[0])).await.unwrap(), Hold::Held);
+    assert_eq!(bus.hold(&big(ids[1])).await.unwrap(), Hold::Held);
+    assert_eq!(
+        bus.hold(&big(ids[2])).await.unwrap(),
+        Hold::Dropped(DropReason::ServerBusy),
+        "the third would pass 2 KiB held in all"
+    );
+    s.assert_every_key_expires("the budget's counters").await;
+    // The budget comes back once the windows that counted those bytes have passed.
+    eventually(Duration::from_secs(10), "the budget frees up", || async {
+        bus.hold(&big(ids[2])).await.unwrap() == Hold::Held
+    })
+    .await;
 }

@@ -5,8 +5,8 @@
 //! Pub/sub alone drops what arrives while a node is away, so `PUBLISH`'s answer (how many
 //! subscribers received it) is what tells the sender whether to hold the message instead. Held
 //! messages live in `cg:held:{id}`: a stream with an exact cap on messages and bytes, checked
-//! before each `XADD`, so nothing already held is trimmed away silently — a message that does not
-//! fit is refused and its sender is told. A node's own subscription reconnects and resubscribes by
+//! before each `XADD`, under a cluster-wide byte budget too, so nothing already held is trimmed
+//! away silently — a message that does not fit is refused and its sender is told. A node's own subscription reconnects and resubscribes by
 //! itself after Redis restarts, and says so ([`BusEvent::Subscribed`]) so the node can take what
 //! was held for its live IDs meanwhile.
 //!
@@ -287,7 +287,8 @@ pub enum Hold {
     NoSuchClient,
     /// The ID moved to another epoch since the sender located it: locate it again and send there.
     Moved,
-    /// The ID's held budget (messages or bytes) is spent: tell the sender.
+    /// The ID's held budget (messages or bytes: `QueueFull`) or the cluster's (`ServerBusy`) is
+    /// spent: tell the sender.
     Dropped(DropReason),
 }
 
@@ -312,6 +313,9 @@ pub struct BusSettings {
     pub held_messages: usize,
     /// Most payload bytes held per ID (`resume_queue_bytes`).
     pub held_bytes: usize,
+    /// Most payload bytes held for all IDs together, cluster-wide (`resume_queue_bytes_total`),
+    /// so many reserved IDs cannot fill Redis. Counted per grace-long window, conservatively.
+    pub held_bytes_total: usize,
     /// Shortest life of a held stream (the resume grace); longer while its ID's key lives longer.
     pub grace: Duration,
     /// Longest wait for one operation, and for the subscription's liveness ping.
@@ -365,13 +369,15 @@ impl RedisBus {
                 u64::try_from(self.settings.grace.as_millis())
                     .unwrap_or(u64::MAX)
                     .max(1),
-            );
+            )
+            .arg(self.settings.held_bytes_total);
         let mut conn = self.conn.clone();
         let code: i64 = self.run(call.invoke_async(&mut conn)).await?;
         Ok(match code {
             1 => Hold::Held,
             0 => Hold::NoSuchClient,
             2 => Hold::Moved,
+            5 => Hold::Dropped(DropReason::ServerBusy),
             _ => Hold::Dropped(DropReason::QueueFull),
         })
     }

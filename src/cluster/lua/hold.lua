@@ -1,8 +1,13 @@
 -- KEYS: cg:id:{id}, cg:held:{id}
--- ARGV: epoch expected ('' for any), payload, max messages, max bytes, grace ms
+-- ARGV: epoch expected ('' for any), payload, max messages, max bytes, grace ms, max bytes total
 -- Returns 1 held, 0 no such client, 2 moved (epoch differs: locate again), 3 too many messages,
--- 4 too many bytes. The caps are checked before XADD, so nothing already held is ever trimmed
--- away without its sender being told.
+-- 4 too many bytes for this ID, 5 too many bytes held cluster-wide. The caps are checked before
+-- XADD, so nothing already held is ever trimmed away without its sender being told.
+--
+-- The cluster-wide budget counts the bytes held per grace-long window (cg:held:bytes:{window},
+-- by Redis's clock) over the last four windows: a held stream lives at most its ID's lease
+-- after its last message (under two grace periods), so every byte still held is counted, and
+-- bytes already taken keep counting until their window passes (conservative, never under).
 local e, held = unpack(redis.call('HMGET', KEYS[1], 'epoch', 'held_bytes'))
 if not e then
   return 0
@@ -17,9 +22,22 @@ local size = string.len(ARGV[2])
 if (tonumber(held) or 0) + size > tonumber(ARGV[4]) then
   return 4
 end
+local grace = tonumber(ARGV[5])
+local clock = redis.call('TIME')
+local window = math.floor((tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)) / grace)
+local total = 0
+for w = window - 3, window do
+  total = total + (tonumber(redis.call('GET', 'cg:held:bytes:' .. w)) or 0)
+end
+if total + size > tonumber(ARGV[6]) then
+  return 5
+end
 redis.call('XADD', KEYS[2], '*', 'm', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'held_bytes', size)
 -- Live as long as the ID can still be resumed, and at least a grace period.
-local ttl = math.max(tonumber(ARGV[5]), redis.call('PTTL', KEYS[1]))
+local ttl = math.max(grace, redis.call('PTTL', KEYS[1]))
 redis.call('PEXPIRE', KEYS[2], ttl)
+local counter = 'cg:held:bytes:' .. window
+redis.call('INCRBY', counter, size)
+redis.call('PEXPIRE', counter, grace * 5)
 return 1

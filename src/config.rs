@@ -144,25 +144,48 @@ fn key_of(field: &str) -> String {
     field.replace('_', "-")
 }
 
-/// Gives every flag its environment variable, `CALLGATE_` and the flag's name in capitals.
+/// Gives every flag its environment variable, `CALLGATE_` and the flag's name in capitals, and
+/// ends its help with the default from [`Config::default`] unless the help describes the default
+/// itself (one that depends on the host or on another setting).
 fn with_env_var(arg: clap::Arg) -> clap::Arg {
-    match arg.get_long() {
-        Some(long) => {
-            let var = format!("CALLGATE_{}", long.replace('-', "_").to_ascii_uppercase());
-            arg.env(var)
-        }
+    let Some(long) = arg.get_long() else {
+        return arg;
+    };
+    let var = format!("CALLGATE_{}", long.replace('-', "_").to_ascii_uppercase());
+    let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+    let default = default_text(long).filter(|_| !help.contains("[default:"));
+    let arg = arg.env(var);
+    match default {
+        Some(default) => arg.help(format!("{help} [default: {default}]")),
         None => arg,
+    }
+}
+
+/// The default of the setting `key` as written in a flag, if it has one: `Config::default()`
+/// read back into a layer.
+fn default_text(key: &str) -> Option<String> {
+    static DEFAULTS: std::sync::OnceLock<toml::Table> = std::sync::OnceLock::new();
+    let defaults = DEFAULTS
+        .get_or_init(|| toml::Table::try_from(Options::of(&Config::default())).unwrap_or_default());
+    let text = |value: &toml::Value| match value {
+        toml::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    match defaults.get(key)? {
+        toml::Value::Array(items) if items.is_empty() => Some("none".to_owned()),
+        toml::Value::Array(items) => Some(items.iter().map(text).collect::<Vec<_>>().join(",")),
+        value => Some(text(value)),
     }
 }
 
 settings! {
     /// Address of the HTTPS listener (web app, WebSocket signaling); `[::]` accepts IPv4 too, and
-    /// falls back to 0.0.0.0 on a host without IPv6 [default: [::]:8443].
+    /// falls back to 0.0.0.0 on a host without IPv6.
     #[arg(value_name = "ADDR")]
     https_listen: SocketAddr => http.https_listen;
 
-    /// Address of the plain-HTTP listener that only redirects to HTTPS and answers /healthz, or "off"
-    /// [default: [::]:8080].
+    /// Address of the plain-HTTP listener that only redirects to HTTPS and answers /healthz, or
+    /// "off".
     #[arg(value_name = "ADDR|off")]
     http_listen: Listen => http.http_listen;
 
@@ -171,7 +194,7 @@ settings! {
     #[arg(value_name = "URL")]
     public_url: String => http.public_url;
 
-    /// Directory of the web app served over HTTPS [default: public].
+    /// Directory of the web app served over HTTPS.
     #[arg(value_name = "DIR")]
     public_dir: PathBuf => http.public_dir;
 
@@ -184,48 +207,46 @@ settings! {
     #[arg(value_name = "FILE", requires = "tls_cert")]
     tls_key: PathBuf => tls.key;
 
-    /// Directory for the generated development certificate [default: certs].
+    /// Directory for the generated development certificate.
     #[arg(value_name = "DIR")]
     certs_dir: PathBuf => tls.certs_dir;
 
-    /// How often the certificate files are checked for changes; SIGHUP reloads at once [default: 10s].
+    /// How often the certificate files are checked for changes; SIGHUP reloads at once.
     #[arg(value_name = "DURATION")]
     tls_reload_interval: Seconds => tls.reload_interval;
 
-    /// A TLS handshake that takes longer than this is cut off [default: 10s].
+    /// A TLS handshake that takes longer than this is cut off.
     #[arg(value_name = "DURATION")]
     tls_handshake_timeout: Seconds => http.connection.tls_handshake_timeout;
 
     /// An HTTP/1 client must send a complete request head within this time; this also bounds how
-    /// long an idle keep-alive connection waits for its next request [default: 10s].
+    /// long an idle keep-alive connection waits for its next request.
     #[arg(value_name = "DURATION")]
     header_read_timeout: Seconds => http.connection.header_read_timeout;
 
-    /// A connection (HTTP/1 or HTTP/2) with no traffic at all for this long is closed [default: 60s].
+    /// A connection (HTTP/1 or HTTP/2) with no traffic at all for this long is closed.
     #[arg(value_name = "DURATION")]
     idle_timeout: Seconds => http.connection.idle_timeout;
 
-    /// Most concurrent streams per HTTP/2 connection [default: 100].
+    /// Most concurrent streams per HTTP/2 connection.
     #[arg(value_name = "N")]
     h2_max_concurrent_streams: u32 => http.connection.h2_max_concurrent_streams;
 
     /// Most open connections per client address (IPv6 per /64) on every listener, counted at accept
-    /// before any TLS work; behind a trusted PROXY-protocol balancer, per address it names
-    /// [default: 128].
+    /// before any TLS work; behind a trusted PROXY-protocol balancer, per address it names.
     #[arg(value_name = "N")]
     connections_per_ip: u32 => http.connections_per_ip;
 
     /// A response that sends no byte for this long (the client stopped reading, or advertises a zero
-    /// HTTP/2 window) ends its connection [default: 30s].
+    /// HTTP/2 window) ends its connection.
     #[arg(value_name = "DURATION")]
     response_stall_timeout: Seconds => http.connection.response_stall_timeout;
 
-    /// Largest total size of public-dir, which is held in memory; more fails at startup
-    /// [default: 67108864].
+    /// Largest total size of public-dir, which is held in memory; more fails at startup.
     #[arg(value_name = "BYTES")]
     public_dir_max_bytes: u64 => http.public_dir_max_bytes;
 
-    /// Most open client connections over all listeners; more are refused at accept [default: 10000].
+    /// Most open client connections over all listeners; more are refused at accept.
     #[arg(value_name = "N")]
     max_connections: usize => http.max_connections;
 
@@ -233,96 +254,94 @@ settings! {
     #[arg(value_name = "N")]
     worker_threads: usize => runtime.worker_threads;
 
-    /// Max-age of the Strict-Transport-Security header; 0 tells browsers to forget it [default: 31536000s].
+    /// Max-age of the Strict-Transport-Security header; 0 tells browsers to forget it.
     #[arg(value_name = "DURATION")]
     hsts_max_age: Seconds => http.hsts_max_age;
 
     /// After SIGTERM, how long /readyz reports 503 while new connections are still accepted, so a
-    /// load balancer can take this instance out first [default: 0s].
+    /// load balancer can take this instance out first.
     #[arg(value_name = "DURATION")]
     shutdown_drain_delay: Seconds => shutdown.drain_delay;
 
-    /// After the drain delay, how long in-flight requests may take before callgate exits anyway
-    /// [default: 10s].
+    /// After the drain delay, how long in-flight requests may take before callgate exits anyway.
     #[arg(value_name = "DURATION")]
     shutdown_timeout: Seconds => shutdown.timeout;
 
     /// Origins (e.g. https://app.example.com) allowed to open signaling WebSockets besides this
-    /// server's own; comma-separated on the command line [default: none].
+    /// server's own; comma-separated on the command line.
     #[arg(value_name = "ORIGIN,...", value_delimiter = ',')]
     allowed_origins: Vec<String> => signaling.session.allowed_origins;
 
-    /// Largest signaling message, counted over all fragments [default: 65536].
+    /// Largest signaling message, counted over all fragments.
     #[arg(value_name = "BYTES")]
     ws_max_message_bytes: usize => signaling.session.max_message_bytes;
 
-    /// Interval of WebSocket pings; after ws-missed-pongs unanswered ones the connection is closed
-    /// [default: 20s].
+    /// Interval of WebSocket pings; after ws-missed-pongs unanswered ones the connection is closed.
     #[arg(value_name = "DURATION")]
     ws_heartbeat_interval: Seconds => signaling.session.heartbeat_interval;
 
-    /// Unanswered pings before a connection counts as dead [default: 2].
+    /// Unanswered pings before a connection counts as dead.
     #[arg(value_name = "N")]
     ws_missed_pongs: u32 => signaling.session.missed_pongs;
 
-    /// Frames queued for one client before it counts as too slow and is disconnected [default: 128].
+    /// Frames queued for one client before it counts as too slow and is disconnected.
     #[arg(value_name = "N")]
     ws_outbox_frames: usize => signaling.session.outbox_frames;
 
     /// Bytes queued for one client before it counts as too slow and is disconnected; at least
-    /// resume-queue-bytes + ws-max-message-bytes [default: 1048576].
+    /// resume-queue-bytes + ws-max-message-bytes.
     #[arg(value_name = "BYTES")]
     ws_outbox_bytes: usize => signaling.session.outbox_bytes;
 
     /// Bytes queued over all clients; once spent, a client with more than 64 KiB queued counts as
-    /// too slow [default: 268435456].
+    /// too slow.
     #[arg(value_name = "BYTES")]
     ws_outbox_bytes_total: usize => signaling.session.outbox_bytes_total;
 
     /// Bytes of messages held for one client ID until it acknowledges them or resumes; beyond
-    /// it, messages are dropped and their senders told [default: 262144].
+    /// it, messages are dropped and their senders told.
     #[arg(value_name = "BYTES")]
     resume_queue_bytes: usize => signaling.limits.resume_queue_bytes;
 
     /// Reserved IDs (dropped connections awaiting a resume) per client address, IPv6 per /64;
-    /// beyond it a dropped ID is freed at once [default: 16].
+    /// beyond it a dropped ID is freed at once.
     #[arg(value_name = "N")]
     reservations_per_ip: usize => signaling.limits.reservations_per_ip;
 
     /// Client IDs held at once, live and reserved; when full, the oldest reservation makes room
-    /// for a live client [default: 100000].
+    /// for a live client.
     #[arg(value_name = "N")]
     max_clients: usize => signaling.limits.max_clients;
 
-    /// A write to a client that makes no progress for this long ends the connection [default: 10s].
+    /// A write to a client that makes no progress for this long ends the connection.
     #[arg(value_name = "DURATION")]
     ws_write_timeout: Seconds => signaling.session.write_timeout;
 
-    /// Signaling messages per second per connection, sustained [default: 20].
+    /// Signaling messages per second per connection, sustained.
     #[arg(value_name = "N")]
     ws_messages_per_second: u32 => signaling.session.messages_per_second;
 
-    /// Signaling message burst per connection [default: 60].
+    /// Signaling message burst per connection.
     #[arg(value_name = "N")]
     ws_message_burst: u32 => signaling.session.message_burst;
 
-    /// New calls per minute per connection (stops ID scanning and call spam) [default: 10].
+    /// New calls per minute per connection (stops ID scanning and call spam).
     #[arg(value_name = "N")]
     ws_calls_per_minute: u32 => signaling.session.calls_per_minute;
 
-    /// WebSocket upgrades per second per client address (IPv6 per /64) [default: 10].
+    /// WebSocket upgrades per second per client address (IPv6 per /64).
     #[arg(value_name = "N")]
     ws_upgrades_per_second: u32 => signaling.upgrades_per_second;
 
-    /// Open WebSockets per client address (IPv6 per /64) [default: 64].
+    /// Open WebSockets per client address (IPv6 per /64).
     #[arg(value_name = "N")]
     ws_connections_per_ip: u32 => signaling.connections_per_ip;
 
-    /// Digits in a client ID: random, so IDs cannot be enumerated [default: 9].
+    /// Digits in a client ID: random, so IDs cannot be enumerated.
     #[arg(value_name = "N")]
     id_digits: u8 => signaling.limits.id_digits;
 
-    /// How long a dropped client's ID (and call) is kept for it to resume [default: 30s].
+    /// How long a dropped client's ID (and call) is kept for it to resume.
     #[arg(value_name = "DURATION")]
     resume_grace: Seconds => signaling.limits.resume_grace;
 
@@ -333,7 +352,7 @@ settings! {
     acme_challenge_dir: PathBuf => acme.challenge_dir;
 
     /// Domain names (comma-separated) to get a certificate for automatically over ACME; the
-    /// account key and certificate are kept in certs-dir. Unset: no ACME [default: none].
+    /// account key and certificate are kept in certs-dir. Unset: no ACME.
     #[arg(value_name = "NAME,...", value_delimiter = ',')]
     acme_domain: Vec<String> => acme.domains;
 
@@ -341,9 +360,8 @@ settings! {
     #[arg(value_name = "ADDRESS")]
     acme_email: String => acme.email;
 
-    /// ACME directory URL [default: Let's Encrypt production,
-    /// https://acme-v02.api.letsencrypt.org/directory; staging:
-    /// https://acme-staging-v02.api.letsencrypt.org/directory].
+    /// ACME directory URL; the default is Let's Encrypt production, its staging directory is
+    /// https://acme-staging-v02.api.letsencrypt.org/directory.
     #[arg(value_name = "URL")]
     acme_directory: String => acme.directory;
 
@@ -353,48 +371,47 @@ settings! {
     acme_directory_ca: PathBuf => acme.directory_ca;
 
     /// Which ACME challenge to answer: tls-alpn-01 (on the HTTPS listener), http-01 (on the
-    /// plain-HTTP listener) or auto (both, switching after a failed validation) [default: auto].
+    /// plain-HTTP listener) or auto (both, switching after a failed validation).
     #[arg(value_name = "TYPE")]
     acme_challenge: AcmeChallenge => acme.challenge;
 
     /// Wait before retrying a failed ACME order; doubles after each failure up to 6h, and a CA's
-    /// rate-limit Retry-After is always honoured [default: 60s].
+    /// rate-limit Retry-After is always honoured.
     #[arg(value_name = "DURATION")]
     acme_retry_delay: Seconds => acme.retry_delay;
 
     /// Load balancers (CIDR or IP, comma-separated) whose connections start with a PROXY protocol
-    /// header (v1 or v2) naming the real client; required from them, ignored from anyone else
-    /// [default: none].
+    /// header (v1 or v2) naming the real client; required from them, ignored from anyone else.
     #[arg(value_name = "CIDR,...", value_delimiter = ',')]
     proxy_protocol_from: Vec<IpRange> => http.proxy_protocol_from;
 
-    /// Run the embedded TURN relay (true|false) [default: true].
+    /// Run the embedded TURN relay (true|false).
     #[arg(value_name = "BOOL")]
     turn: bool => turn.relay.enabled;
 
-    /// TURN realm, sent in authentication challenges [default: callgate].
+    /// TURN realm, sent in authentication challenges.
     #[arg(value_name = "REALM")]
     realm: String => turn.relay.realm;
 
     /// Addresses the TURN listeners bind, comma-separated; 0.0.0.0 and :: stand for every IPv4 and
     /// IPv6 address of this host at start, each bound separately so answers leave from the address
-    /// asked [default: 0.0.0.0,::].
+    /// asked.
     #[arg(value_name = "IP,...", value_delimiter = ',')]
     listening_ip: Vec<IpAddr> => turn.relay.listening_ips;
 
-    /// TURN port for UDP and TCP [default: 3478].
+    /// TURN port for UDP and TCP.
     #[arg(value_name = "PORT")]
     listening_port: u16 => turn.listening_port;
 
-    /// TURN over TLS (turns:) port, using the HTTPS certificate, or "off" [default: 5349].
+    /// TURN over TLS (turns:) port, using the HTTPS certificate, or "off".
     #[arg(value_name = "PORT|off")]
     tls_listening_port: PortOrOff => turn.relay.tls_port;
 
-    /// Serve TURN over UDP (true|false) [default: true].
+    /// Serve TURN over UDP (true|false).
     #[arg(value_name = "BOOL")]
     turn_udp: bool => turn.udp;
 
-    /// Serve TURN over TCP (true|false) [default: true].
+    /// Serve TURN over TCP (true|false).
     #[arg(value_name = "BOOL")]
     turn_tcp: bool => turn.tcp;
 
@@ -408,11 +425,11 @@ settings! {
     #[arg(value_name = "IP[/IP]")]
     external_ip: String => turn.relay.external_ip;
 
-    /// Lowest UDP port for relayed candidates [default: 49152].
+    /// Lowest UDP port for relayed candidates.
     #[arg(value_name = "PORT")]
     min_port: u16 => turn.relay.min_port;
 
-    /// Highest UDP port for relayed candidates [default: 65535].
+    /// Highest UDP port for relayed candidates.
     #[arg(value_name = "PORT")]
     max_port: u16 => turn.relay.max_port;
 
@@ -422,15 +439,15 @@ settings! {
     #[arg(value_name = "SECRET,...", value_delimiter = ',', hide_env_values = true)]
     static_auth_secret: Vec<Secret> => turn.relay.auth_secrets;
 
-    /// Lifetime of TURN credentials handed to clients [default: 1h].
+    /// Lifetime of TURN credentials handed to clients.
     #[arg(value_name = "DURATION")]
     turn_credential_ttl: Seconds => turn.relay.credential_ttl;
 
-    /// Concurrent TURN allocations per user [default: 10].
+    /// Concurrent TURN allocations per user.
     #[arg(value_name = "N")]
     user_quota: usize => turn.relay.user_quota;
 
-    /// Concurrent TURN allocations in total [default: 10000].
+    /// Concurrent TURN allocations in total.
     #[arg(value_name = "N")]
     total_quota: usize => turn.relay.total_quota;
 
@@ -440,7 +457,7 @@ settings! {
     allocations_per_ip: usize => turn.relay.allocations_per_ip;
 
     /// Unauthenticated TURN requests (each client's first Allocate, Binding) accepted per second per
-    /// source address, burst twice that; more are dropped [default: 20].
+    /// source address, burst twice that; more are dropped.
     #[arg(value_name = "N")]
     turn_unauthenticated_per_ip: u32 => turn.relay.unauthenticated_per_ip_per_sec;
 
@@ -457,13 +474,13 @@ settings! {
     denied_peer_ip: Vec<IpRange> => turn.relay.denied_peer_ips;
 
     /// Let the relay reach private networks (RFC 1918, CGNAT, ULA): only for relays inside a
-    /// private deployment. Loopback, link-local and metadata addresses stay refused [default: false].
+    /// private deployment. Loopback, link-local and metadata addresses stay refused.
     #[arg(value_name = "BOOL")]
     allow_private_peers: bool => turn.relay.allow_private_peers;
 
     /// Also answer TURN over TLS on the HTTPS port (connections offering ALPN `stun.turn`, or none
     /// and starting with a STUN header) and advertise `turns:HOST:HTTPS-PORT?transport=tcp`, for
-    /// callers whose firewall opens only TCP 443. Needs TURN on [default: true].
+    /// callers whose firewall opens only TCP 443. Needs TURN on.
     #[arg(value_name = "BOOL")]
     turn_on_https_port: bool => turn.on_https_port;
 
@@ -478,7 +495,7 @@ settings! {
     turn_api_key: Secret => turn.api_key;
 
     /// Address of the admin listener serving Prometheus metrics at /metrics, or "off". Keep it
-    /// off the public internet [default: 127.0.0.1:9100].
+    /// off the public internet.
     #[arg(value_name = "ADDR|off")]
     metrics_listen: Listen => metrics.listen;
 
@@ -486,11 +503,11 @@ settings! {
     #[arg(value_name = "SECRET", hide_env_values = true)]
     metrics_token: Secret => metrics.token;
 
-    /// Log format [default: text].
+    /// Log format.
     #[arg(value_name = "FORMAT")]
     log_format: LogFormat => log.format;
 
-    /// Log filter in tracing's EnvFilter syntax, e.g. "info" or "callgate=debug" [default: info].
+    /// Log filter in tracing's EnvFilter syntax, e.g. "info" or "callgate=debug".
     #[arg(value_name = "FILTER")]
     log_level: String => log.level;
 }
@@ -1587,5 +1604,132 @@ mod tests {
         assert_eq!(flag.turn.relay.allocations_per_ip(), 3);
         let zero = Config::from_options(parse(&["--allocations-per-ip", "0"])).unwrap_err();
         assert_eq!(zero.to_string(), "allocations-per-ip: must be at least 1");
+    }
+
+    #[test]
+    fn every_default_in_help_is_the_default() {
+        use clap::CommandFactory;
+        let defaults = Config::default().to_toml();
+        let mut checked = Vec::new();
+        let command = Cli::command();
+        for arg in command.get_arguments() {
+            let Some(long) = arg.get_long() else {
+                continue;
+            };
+            let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+            assert!(help.matches("[default:").count() <= 1, "--{long}: {help}");
+            let Some(text) = help
+                .split_once("[default: ")
+                .and_then(|(_, rest)| rest.strip_suffix(']'))
+            else {
+                continue;
+            };
+            let line = defaults
+                .lines()
+                .find(|l| l.starts_with(&format!("{long} = ")));
+            if line.is_none_or(|l| l.ends_with("= []")) {
+                // Unset by default: the help says what that means in words.
+                checked.push(long);
+                continue;
+            }
+            assert_ne!(
+                text, "none",
+                "--{long}: help says none, the default is {line:?}"
+            );
+            // Descriptive defaults ("one per CPU core ...") are not values; the rest must be
+            // exactly what an unset setting gives.
+            let Ok(cli) = Cli::try_parse_from(["callgate", &format!("--{long}={text}")]) else {
+                continue;
+            };
+            let Ok(config) = Config::from_options(cli.options) else {
+                continue;
+            };
+            assert_eq!(config.to_toml(), defaults, "--{long}: help says {text}");
+            checked.push(long);
+        }
+        assert!(checked.len() >= 55, "only {checked:?}");
+    }
+
+    #[test]
+    fn the_printed_config_reads_back_as_the_same_config() {
+        let config = Config::from_options(parse(&[
+            "--public-url=https://Call.Example.com",
+            "--external-ip=203.0.113.7/10.0.0.5",
+            "--relay-ip=192.0.2.1",
+            "--tls-listening-port=off",
+            "--max-bps=250000",
+            "--allowed-peer-ip=10.0.0.0/8,192.0.2.7",
+            "--acme-domain=call.example.com",
+            "--acme-email=ops@example.com",
+            "--ws-heartbeat-interval=1500ms",
+            "--ws-messages-per-second=5",
+            "--turn-udp=false",
+            "--metrics-listen=off",
+            "--log-format=json",
+            "--allowed-origins=https://App.example.com/",
+        ]))
+        .unwrap();
+        let printed = config.to_toml();
+        for line in [
+            "public-url = \"https://call.example.com\"",
+            "external-ip = \"203.0.113.7/10.0.0.5\"",
+            "tls-listening-port = \"off\"",
+            "allowed-peer-ip = [\"10.0.0.0/8\", \"192.0.2.7/32\"]",
+            "ws-heartbeat-interval = \"1500ms\"",
+            "turn-udp = false",
+            "allowed-origins = [\"https://app.example.com\"]",
+        ] {
+            assert!(printed.contains(line), "{line} not in\n{printed}");
+        }
+        let reread: Options =
+            toml::from_str(&printed).expect("check-config prints the file format");
+        assert_eq!(Config::from_options(reread).unwrap().to_toml(), printed);
+    }
+
+    #[test]
+    fn values_that_several_subsystems_use_are_set_once() {
+        let config = Config::from_options(parse(&[
+            "--ws-heartbeat-interval=5s",
+            "--shutdown-timeout=3s",
+            "--tls-handshake-timeout=4s",
+            "--public-url=https://call.example.com:8443",
+            "--listening-port=4000",
+            "--turn-tcp=false",
+            "--certs-dir=/srv/certs",
+        ]))
+        .unwrap();
+        let secs = Duration::from_secs;
+        assert_eq!(config.signaling.session.heartbeat_interval, secs(5));
+        assert_eq!(config.signaling.limits.heartbeat_interval, secs(5));
+        assert_eq!(config.shutdown.timeout, secs(3));
+        assert_eq!(config.http.connection.close_timeout, secs(3));
+        assert_eq!(config.http.connection.tls_handshake_timeout, secs(4));
+        assert_eq!(config.turn.relay.tls_handshake_timeout, secs(4));
+        assert_eq!(
+            config.signaling.session.public_authority.as_deref(),
+            Some("call.example.com:8443")
+        );
+        assert_eq!(config.turn.relay.udp_port, Some(4000));
+        assert_eq!(config.turn.relay.tcp_port, None);
+        assert_eq!(config.acme.state_dir, Path::new("/srv/certs/acme"));
+
+        // The defaults agree with the subsystems' own.
+        let defaults = Config::default();
+        assert_eq!(
+            defaults.signaling.limits.heartbeat_interval,
+            crate::signaling::HEARTBEAT_INTERVAL
+        );
+        assert_eq!(
+            defaults.http.connection.close_timeout,
+            defaults.shutdown.timeout
+        );
+        assert_eq!(
+            defaults.turn.relay.udp_port,
+            TurnSettings::default().udp_port
+        );
+        assert_eq!(
+            defaults.turn.relay.tls_port,
+            TurnSettings::default().tls_port
+        );
     }
 }

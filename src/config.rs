@@ -18,12 +18,14 @@
 //! 1. Give the section that uses it a field with a `///` comment and its default in the
 //!    section's `Default` (a new section: a struct with `Default` and `check`, and a field in
 //!    [`Config`]).
-//! 2. Add one row to the [`settings!`] table below: the `///` help text for `--help` (ending in
-//!    `[default: …]`), `#[arg(value_name = …)]`, then `key: LayerType => section.field;`. The row's
-//!    name is the TOML key in snake case; the macro makes the flag `--key`, the environment variable
-//!    `CALLGATE_KEY` and the TOML key `key`, merges the layers and prints it in `check-config`.
-//!    `LayerType` is what the user writes (`Seconds` for a duration, `u32` for a count); it becomes
-//!    the field's type through [`Layered`] (add an impl there for a new pair of types).
+//! 2. Add one row to the `settings!` table below: the `///` help text for `--help`,
+//!    `#[arg(value_name = …)]`, then `key: LayerType => section.field;`. The row's name is the
+//!    TOML key in snake case; the macro makes the flag `--key`, the environment variable
+//!    `CALLGATE_KEY` and the TOML key `key`, merges the layers and prints the value in
+//!    `check-config`; `--help` appends `[default: …]` read from `Config::default()` (write it in
+//!    words in the help only when it depends on the host or on another setting). `LayerType` is
+//!    what the user writes (`Seconds` for a duration, `u32` for a count); it becomes the field's
+//!    type through [`Layered`] (add an impl there for a new pair of types).
 //! 3. Validate the value in the section's `check` (or [`Config::check`] if it depends on another
 //!    section), with an error naming the key.
 //! 4. Add it to README's settings table and to `ops/callgate.toml` (`tests/ops.rs` checks that

@@ -1190,3 +1190,45 @@ fn the_example_config_shows_the_defaults() {
     assert_eq!(differing, Vec::new(), "default vs ops/callgate.toml");
     assert_eq!(defaults.lines().count(), with_file.lines().count());
 }
+
+#[test]
+fn the_readme_table_shows_the_defaults() {
+    use callgate::config::{Cli, Config};
+    use clap::Parser;
+    let defaults = Config::default().to_toml();
+    let readme = read("README.md");
+    let table = readme
+        .split("| setting | default | meaning |")
+        .nth(1)
+        .expect("README has the settings table");
+    let mut checked = 0;
+    for row in table
+        .lines()
+        .skip(2)
+        .take_while(|line| line.starts_with('|'))
+    {
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        let names: Vec<&str> = cells[1].split(", ").map(|n| n.trim_matches('`')).collect();
+        let values: Vec<&str> = cells[2].split(", ").collect();
+        if names.len() != values.len() {
+            continue;
+        }
+        for (name, value) in names.iter().zip(values) {
+            // Only a value in backticks is one; words ("random per process") describe.
+            let Some(value) = value.strip_prefix('`').and_then(|v| v.strip_suffix('`')) else {
+                continue;
+            };
+            let cli = Cli::try_parse_from(["callgate", &format!("--{name}={value}")])
+                .unwrap_or_else(|e| panic!("README: {name} = {value}: {e}"));
+            let config = Config::from_options(cli.options)
+                .unwrap_or_else(|e| panic!("README: {name} = {value}: {e}"));
+            assert_eq!(
+                config.to_toml(),
+                defaults,
+                "README says {name} defaults to {value}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 40, "only {checked} defaults checked");
+}

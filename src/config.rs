@@ -24,8 +24,10 @@
 //!    `CALLGATE_KEY` and the TOML key `key`, merges the layers and prints the value in
 //!    `check-config`; `--help` appends `[default: …]` read from `Config::default()` (write it in
 //!    words in the help only when it depends on the host or on another setting). `LayerType` is
-//!    what the user writes (`Seconds` for a duration, `u32` for a count); it becomes the field's
-//!    type through [`Layered`] (add an impl there for a new pair of types).
+//!    what the user writes (`Seconds` for a duration, `u32` for a count, `Secret` for anything
+//!    that must not be printed; a new one needs `FromStr`, `Deserialize` and `Serialize`, see
+//!    [`values`]); it becomes the field's type through [`Layered`] (add an impl there for a new
+//!    pair of types).
 //! 3. Validate the value in the section's `check` (or [`Config::check`] if it depends on another
 //!    section), with an error naming the key.
 //! 4. Add it to README's settings table and to `ops/callgate.toml` (`tests/ops.rs` checks that
@@ -773,7 +775,7 @@ impl Default for TlsConfig {
 }
 
 impl TlsConfig {
-    /// The certificate source these settings name ([`TlsConfig::check`] made sure they name one).
+    /// The certificate source these settings name (`check` made sure they name one).
     pub fn source(&self) -> TlsSource {
         match (&self.cert, &self.key) {
             (Some(cert), Some(key)) => TlsSource::Files {

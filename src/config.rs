@@ -954,7 +954,10 @@ impl Default for TurnConfig {
     fn default() -> Self {
         let relay = TurnSettings::default();
         TurnConfig {
-            listening_port: relay.udp_port.or(relay.tcp_port).unwrap_or(3478),
+            listening_port: relay
+                .udp_port
+                .or(relay.tcp_port)
+                .expect("the relay listens on UDP and TCP by default"),
             udp: relay.udp_port.is_some(),
             tcp: relay.tcp_port.is_some(),
             relay,
@@ -1688,6 +1691,12 @@ mod tests {
         let reread: Options =
             toml::from_str(&printed).expect("check-config prints the file format");
         assert_eq!(Config::from_options(reread).unwrap().to_toml(), printed);
+
+        // An optional part of a value prints as written (TOML has no null).
+        let public_only = Config::from_options(parse(&["--external-ip=203.0.113.7"])).unwrap();
+        assert!(public_only
+            .to_toml()
+            .contains("external-ip = \"203.0.113.7\"\n"));
     }
 
     #[test]

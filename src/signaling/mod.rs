@@ -29,8 +29,7 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(20);
 
 /// Every knob the signaling core needs, with defaults that are safe on the public internet.
 ///
-/// This is the config's `signaling.limits` section; the hub and the directory each read the
-/// fields they use.
+/// The main `Config` maps onto this; the hub and the directory each read the fields they use.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct SignalingLimits {

@@ -3,20 +3,56 @@
 //! Every setting has the same name as a command-line flag (`--https-listen`), a key in the optional
 //! TOML file (`https-listen = "…"`) and an environment variable (`CALLGATE_HTTPS_LISTEN`). Precedence:
 //! flags > environment > file > defaults. The raw layers are [`Options`] (every field optional);
-//! [`Config::resolve`] merges them, applies the defaults and validates, so the rest of the program only
-//! ever sees a complete, checked [`Config`]. Defaults are safe on the public internet.
+//! [`Config::resolve`] merges them over [`Config::default`], links the values that several
+//! subsystems share, and validates, so the rest of the program only ever sees a complete, checked
+//! [`Config`]. Defaults are safe on the public internet.
+//!
+//! `Config` is made of sections, and the sections are the types the subsystems take:
+//! [`ConnectionSettings`] (HTTP connections), [`SessionSettings`] and [`SignalingLimits`]
+//! (signaling), [`TurnSettings`] (the relay), [`AcmeConfig`], and small ones defined here. Each
+//! section has one `Default`, which is the one place its defaults are written, and one `check`,
+//! which validates each of its values once; [`Config::check`] adds the checks that span sections.
+//!
+//! # How to add a setting
+//!
+//! 1. Give the section that uses it a field with a `///` comment and its default in the
+//!    section's `Default` (a new section: a struct with `Default` and `check`, and a field in
+//!    [`Config`]).
+//! 2. Add one row to the `settings!` table below: the `///` help text for `--help`,
+//!    `#[arg(value_name = …)]`, then `key: LayerType => section.field;`. The row's name is the
+//!    TOML key in snake case; the macro makes the flag `--key`, the environment variable
+//!    `CALLGATE_KEY` and the TOML key `key`, merges the layers and prints the value in
+//!    `check-config`; `--help` appends `[default: …]` read from `Config::default()` (write it in
+//!    words in the help only when it depends on the host or on another setting). `LayerType` is
+//!    what the user writes (`Seconds` for a duration, `u32` for a count, `Secret` for anything
+//!    that must not be printed; a new one needs `FromStr`, `Deserialize` and `Serialize`, see
+//!    [`values`]); it becomes the field's type through [`Layered`] (add an impl there for a new
+//!    pair of types).
+//! 3. Validate the value in the section's `check` (or [`Config::check`] if it depends on another
+//!    section), with an error naming the key.
+//! 4. Add it to README's settings table and to `ops/callgate.toml` (`tests/ops.rs` checks that
+//!    every setting appears exactly once in `--help`, the table and the example file).
 //!
 //! This module reads the config file and nothing else: no sockets, no certificates.
 
-use std::fmt;
+pub mod values;
+
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
-use serde::{Deserialize, Deserializer, Serialize};
+use clap::{Args, Parser, Subcommand};
+use serde::{Deserialize, Serialize};
+
+pub use crate::http::ConnectionSettings;
+pub use crate::signaling::session::SessionSettings;
+pub use crate::signaling::SignalingLimits;
+use crate::turn::{ExternalIp, TurnSettings};
+pub use values::{
+    AcmeChallenge, IpRange, Listen, LogFormat, PortOrOff, PublicUrl, Seconds, Secret,
+    LETS_ENCRYPT_PRODUCTION,
+};
 
 /// The command line: global [`Options`] plus an optional subcommand.
 #[derive(Debug, Parser)]
@@ -47,417 +83,593 @@ pub enum Command {
     CheckConfig,
 }
 
-/// One layer of settings: the command line (with the environment) or the TOML file.
-///
-/// Every field is `Option` so that layers can be merged; [`Config`] holds the resolved values. The
-/// doc comment of each field is its `--help` text.
-#[derive(Debug, Default, Clone, Args, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
-pub struct Options {
-    /// TOML file with settings (keys are the flag names without "--").
-    #[arg(long, env = "CALLGATE_CONFIG", value_name = "FILE")]
-    #[serde(skip)]
-    pub config: Option<PathBuf>,
+/// Generates, from one row per setting, the layer type [`Options`] (a clap flag with its
+/// `CALLGATE_*` variable and a TOML key per row), merging layers, writing a layer into a
+/// [`Config`] and reading a `Config` back into a layer (for `check-config`).
+macro_rules! settings {
+    ($(
+        $(#[doc = $doc:literal])*
+        #[arg($($arg:tt)*)]
+        $key:ident: $layer:ty => $($path:ident).+;
+    )*) => {
+        /// One layer of settings: the command line (with the environment) or the TOML file.
+        ///
+        /// Every field is `Option` so that layers can be merged; [`Config`] holds the resolved
+        /// values. The doc comment of each field is its `--help` text.
+        #[derive(Debug, Default, Clone, Args, Deserialize, Serialize)]
+        #[serde(rename_all = "kebab-case", deny_unknown_fields)]
+        #[command(mut_args = with_env_var)]
+        pub struct Options {
+            /// TOML file with settings (keys are the flag names without "--").
+            #[arg(long, value_name = "FILE")]
+            #[serde(skip)]
+            pub config: Option<PathBuf>,
+            $(
+                $(#[doc = $doc])*
+                #[arg(long, $($arg)*)]
+                #[serde(skip_serializing_if = "Option::is_none")]
+                pub $key: Option<$layer>,
+            )*
+        }
 
+        impl Options {
+            /// Fills every unset field of `self` from `lower`.
+            fn or(self, lower: Options) -> Options {
+                Options {
+                    config: self.config.or(lower.config),
+                    $($key: self.$key.or(lower.$key),)*
+                }
+            }
+
+            /// Writes every value this layer sets into `config`.
+            fn apply(self, config: &mut Config) -> Result<(), ConfigError> {
+                $(
+                    if let Some(value) = self.$key {
+                        config.$($path).+ = Layered::from_layer(value)
+                            .map_err(|reason| invalid(&key_of(stringify!($key)), &reason))?;
+                    }
+                )*
+                Ok(())
+            }
+
+            /// The layer that sets every setting to its value in `config`.
+            fn of(config: &Config) -> Options {
+                Options {
+                    config: None,
+                    $($key: <_ as Layered<$layer>>::to_layer(&config.$($path).+),)*
+                }
+            }
+        }
+    };
+}
+
+/// `ws_max_message_bytes` → `ws-max-message-bytes`.
+fn key_of(field: &str) -> String {
+    field.replace('_', "-")
+}
+
+/// Gives every flag its environment variable, `CALLGATE_` and the flag's name in capitals, and
+/// ends its help with the default from [`Config::default`] unless the help describes the default
+/// itself (one that depends on the host or on another setting).
+fn with_env_var(arg: clap::Arg) -> clap::Arg {
+    let Some(long) = arg.get_long() else {
+        return arg;
+    };
+    let var = format!("CALLGATE_{}", long.replace('-', "_").to_ascii_uppercase());
+    let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+    let default = default_text(long).filter(|_| !help.contains("[default:"));
+    let arg = arg.env(var);
+    match default {
+        Some(default) => arg.help(format!("{help} [default: {default}]")),
+        None => arg,
+    }
+}
+
+/// The default of the setting `key` as written in a flag, if it has one: `Config::default()`
+/// read back into a layer.
+fn default_text(key: &str) -> Option<String> {
+    static DEFAULTS: std::sync::OnceLock<toml::Table> = std::sync::OnceLock::new();
+    let defaults = DEFAULTS
+        .get_or_init(|| toml::Table::try_from(Options::of(&Config::default())).unwrap_or_default());
+    let text = |value: &toml::Value| match value {
+        toml::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    match defaults.get(key)? {
+        toml::Value::Array(items) if items.is_empty() => Some("none".to_owned()),
+        toml::Value::Array(items) => Some(items.iter().map(text).collect::<Vec<_>>().join(",")),
+        value => Some(text(value)),
+    }
+}
+
+settings! {
     /// Address of the HTTPS listener (web app, WebSocket signaling); `[::]` accepts IPv4 too, and
-    /// falls back to 0.0.0.0 on a host without IPv6 [default: [::]:8443].
-    #[arg(long, env = "CALLGATE_HTTPS_LISTEN", value_name = "ADDR")]
-    pub https_listen: Option<SocketAddr>,
+    /// falls back to 0.0.0.0 on a host without IPv6.
+    #[arg(value_name = "ADDR")]
+    https_listen: SocketAddr => http.https_listen;
 
-    /// Address of the plain-HTTP listener that only redirects to HTTPS and answers /healthz, or "off"
-    /// [default: [::]:8080].
-    #[arg(long, env = "CALLGATE_HTTP_LISTEN", value_name = "ADDR|off")]
-    pub http_listen: Option<Listen>,
+    /// Address of the plain-HTTP listener that only redirects to HTTPS and answers /healthz, or
+    /// "off".
+    #[arg(value_name = "ADDR|off")]
+    http_listen: Listen => http.http_listen;
 
     /// Public base URL of the HTTPS listener, e.g. https://call.example.com, when it differs from
     /// what clients send in Host (port mapping, load balancer). Used for redirects and the origin check.
-    #[arg(long, env = "CALLGATE_PUBLIC_URL", value_name = "URL")]
-    pub public_url: Option<String>,
+    #[arg(value_name = "URL")]
+    public_url: String => http.public_url;
 
-    /// Directory of the web app served over HTTPS [default: public].
-    #[arg(long, env = "CALLGATE_PUBLIC_DIR", value_name = "DIR")]
-    pub public_dir: Option<PathBuf>,
+    /// Directory of the web app served over HTTPS.
+    #[arg(value_name = "DIR")]
+    public_dir: PathBuf => http.public_dir;
 
     /// PEM certificate chain (leaf first). Without --tls-cert/--tls-key callgate uses
     /// certs/cert.pem and certs/key.pem, generating a self-signed development pair there if absent.
-    #[arg(
-        long,
-        env = "CALLGATE_TLS_CERT",
-        value_name = "FILE",
-        requires = "tls_key"
-    )]
-    pub tls_cert: Option<PathBuf>,
+    #[arg(value_name = "FILE", requires = "tls_key")]
+    tls_cert: PathBuf => tls.cert;
 
     /// PEM private key (PKCS#8, PKCS#1 or SEC1) for --tls-cert.
-    #[arg(
-        long,
-        env = "CALLGATE_TLS_KEY",
-        value_name = "FILE",
-        requires = "tls_cert"
-    )]
-    pub tls_key: Option<PathBuf>,
+    #[arg(value_name = "FILE", requires = "tls_cert")]
+    tls_key: PathBuf => tls.key;
 
-    /// Directory for the generated development certificate [default: certs].
-    #[arg(long, env = "CALLGATE_CERTS_DIR", value_name = "DIR")]
-    pub certs_dir: Option<PathBuf>,
+    /// Directory for the generated development certificate.
+    #[arg(value_name = "DIR")]
+    certs_dir: PathBuf => tls.certs_dir;
 
-    /// How often the certificate files are checked for changes; SIGHUP reloads at once [default: 10s].
-    #[arg(long, env = "CALLGATE_TLS_RELOAD_INTERVAL", value_name = "DURATION")]
-    pub tls_reload_interval: Option<Seconds>,
+    /// How often the certificate files are checked for changes; SIGHUP reloads at once.
+    #[arg(value_name = "DURATION")]
+    tls_reload_interval: Seconds => tls.reload_interval;
 
-    /// A TLS handshake that takes longer than this is cut off [default: 10s].
-    #[arg(long, env = "CALLGATE_TLS_HANDSHAKE_TIMEOUT", value_name = "DURATION")]
-    pub tls_handshake_timeout: Option<Seconds>,
+    /// A TLS handshake that takes longer than this is cut off.
+    #[arg(value_name = "DURATION")]
+    tls_handshake_timeout: Seconds => http.connection.tls_handshake_timeout;
 
     /// An HTTP/1 client must send a complete request head within this time; this also bounds how
-    /// long an idle keep-alive connection waits for its next request [default: 10s].
-    #[arg(long, env = "CALLGATE_HEADER_READ_TIMEOUT", value_name = "DURATION")]
-    pub header_read_timeout: Option<Seconds>,
+    /// long an idle keep-alive connection waits for its next request.
+    #[arg(value_name = "DURATION")]
+    header_read_timeout: Seconds => http.connection.header_read_timeout;
 
-    /// A connection (HTTP/1 or HTTP/2) with no traffic at all for this long is closed [default: 60s].
-    #[arg(long, env = "CALLGATE_IDLE_TIMEOUT", value_name = "DURATION")]
-    pub idle_timeout: Option<Seconds>,
+    /// A connection (HTTP/1 or HTTP/2) with no traffic at all for this long is closed.
+    #[arg(value_name = "DURATION")]
+    idle_timeout: Seconds => http.connection.idle_timeout;
 
-    /// Most concurrent streams per HTTP/2 connection [default: 100].
-    #[arg(long, env = "CALLGATE_H2_MAX_CONCURRENT_STREAMS", value_name = "N")]
-    pub h2_max_concurrent_streams: Option<u32>,
+    /// Most concurrent streams per HTTP/2 connection.
+    #[arg(value_name = "N")]
+    h2_max_concurrent_streams: u32 => http.connection.h2_max_concurrent_streams;
 
     /// Most open connections per client address (IPv6 per /64) on every listener, counted at accept
-    /// before any TLS work; behind a trusted PROXY-protocol balancer, per address it names
-    /// [default: 128].
-    #[arg(long, env = "CALLGATE_CONNECTIONS_PER_IP", value_name = "N")]
-    pub connections_per_ip: Option<u32>,
+    /// before any TLS work; behind a trusted PROXY-protocol balancer, per address it names.
+    #[arg(value_name = "N")]
+    connections_per_ip: u32 => http.connections_per_ip;
 
     /// A response that sends no byte for this long (the client stopped reading, or advertises a zero
-    /// HTTP/2 window) ends its connection [default: 30s].
-    #[arg(long, env = "CALLGATE_RESPONSE_STALL_TIMEOUT", value_name = "DURATION")]
-    pub response_stall_timeout: Option<Seconds>,
+    /// HTTP/2 window) ends its connection.
+    #[arg(value_name = "DURATION")]
+    response_stall_timeout: Seconds => http.connection.response_stall_timeout;
 
-    /// Largest total size of public-dir, which is held in memory; more fails at startup
-    /// [default: 67108864].
-    #[arg(long, env = "CALLGATE_PUBLIC_DIR_MAX_BYTES", value_name = "BYTES")]
-    pub public_dir_max_bytes: Option<u64>,
+    /// Largest total size of public-dir, which is held in memory; more fails at startup.
+    #[arg(value_name = "BYTES")]
+    public_dir_max_bytes: u64 => http.public_dir_max_bytes;
 
-    /// Most open client connections over all listeners; more are refused at accept [default: 10000].
-    #[arg(long, env = "CALLGATE_MAX_CONNECTIONS", value_name = "N")]
-    pub max_connections: Option<usize>,
+    /// Most open client connections over all listeners; more are refused at accept.
+    #[arg(value_name = "N")]
+    max_connections: usize => http.max_connections;
 
     /// Threads running connections [default: one per CPU core the process may use].
-    #[arg(long, env = "CALLGATE_WORKER_THREADS", value_name = "N")]
-    pub worker_threads: Option<usize>,
+    #[arg(value_name = "N")]
+    worker_threads: usize => runtime.worker_threads;
 
-    /// Max-age of the Strict-Transport-Security header; 0 tells browsers to forget it [default: 31536000s].
-    #[arg(long, env = "CALLGATE_HSTS_MAX_AGE", value_name = "DURATION")]
-    pub hsts_max_age: Option<Seconds>,
+    /// Max-age of the Strict-Transport-Security header; 0 tells browsers to forget it.
+    #[arg(value_name = "DURATION")]
+    hsts_max_age: Seconds => http.hsts_max_age;
 
     /// After SIGTERM, how long /readyz reports 503 while new connections are still accepted, so a
-    /// load balancer can take this instance out first [default: 0s].
-    #[arg(long, env = "CALLGATE_SHUTDOWN_DRAIN_DELAY", value_name = "DURATION")]
-    pub shutdown_drain_delay: Option<Seconds>,
+    /// load balancer can take this instance out first.
+    #[arg(value_name = "DURATION")]
+    shutdown_drain_delay: Seconds => shutdown.drain_delay;
 
-    /// After the drain delay, how long in-flight requests may take before callgate exits anyway
-    /// [default: 10s].
-    #[arg(long, env = "CALLGATE_SHUTDOWN_TIMEOUT", value_name = "DURATION")]
-    pub shutdown_timeout: Option<Seconds>,
+    /// After the drain delay, how long in-flight requests may take before callgate exits anyway.
+    #[arg(value_name = "DURATION")]
+    shutdown_timeout: Seconds => shutdown.timeout;
 
     /// Origins (e.g. https://app.example.com) allowed to open signaling WebSockets besides this
-    /// server's own; comma-separated on the command line [default: none].
-    #[arg(
-        long,
-        env = "CALLGATE_ALLOWED_ORIGINS",
-        value_name = "ORIGIN,...",
-        value_delimiter = ','
-    )]
-    pub allowed_origins: Option<Vec<String>>,
+    /// server's own; comma-separated on the command line.
+    #[arg(value_name = "ORIGIN,...", value_delimiter = ',')]
+    allowed_origins: Vec<String> => signaling.session.allowed_origins;
 
-    /// Largest signaling message, counted over all fragments [default: 65536].
-    #[arg(long, env = "CALLGATE_WS_MAX_MESSAGE_BYTES", value_name = "BYTES")]
-    pub ws_max_message_bytes: Option<usize>,
+    /// Largest signaling message, counted over all fragments.
+    #[arg(value_name = "BYTES")]
+    ws_max_message_bytes: usize => signaling.session.max_message_bytes;
 
-    /// Interval of WebSocket pings; after ws-missed-pongs unanswered ones the connection is closed
-    /// [default: 20s].
-    #[arg(long, env = "CALLGATE_WS_HEARTBEAT_INTERVAL", value_name = "DURATION")]
-    pub ws_heartbeat_interval: Option<Seconds>,
+    /// Interval of WebSocket pings; after ws-missed-pongs unanswered ones the connection is closed.
+    #[arg(value_name = "DURATION")]
+    ws_heartbeat_interval: Seconds => signaling.session.heartbeat_interval;
 
-    /// Unanswered pings before a connection counts as dead [default: 2].
-    #[arg(long, env = "CALLGATE_WS_MISSED_PONGS", value_name = "N")]
-    pub ws_missed_pongs: Option<u32>,
+    /// Unanswered pings before a connection counts as dead.
+    #[arg(value_name = "N")]
+    ws_missed_pongs: u32 => signaling.session.missed_pongs;
 
-    /// Frames queued for one client before it counts as too slow and is disconnected [default: 128].
-    #[arg(long, env = "CALLGATE_WS_OUTBOX_FRAMES", value_name = "N")]
-    pub ws_outbox_frames: Option<usize>,
+    /// Frames queued for one client before it counts as too slow and is disconnected.
+    #[arg(value_name = "N")]
+    ws_outbox_frames: usize => signaling.session.outbox_frames;
 
     /// Bytes queued for one client before it counts as too slow and is disconnected; at least
-    /// resume-queue-bytes + ws-max-message-bytes [default: 1048576].
-    #[arg(long, env = "CALLGATE_WS_OUTBOX_BYTES", value_name = "BYTES")]
-    pub ws_outbox_bytes: Option<usize>,
+    /// resume-queue-bytes + ws-max-message-bytes.
+    #[arg(value_name = "BYTES")]
+    ws_outbox_bytes: usize => signaling.session.outbox_bytes;
 
     /// Bytes queued over all clients; once spent, a client with more than 64 KiB queued counts as
-    /// too slow [default: 268435456].
-    #[arg(long, env = "CALLGATE_WS_OUTBOX_BYTES_TOTAL", value_name = "BYTES")]
-    pub ws_outbox_bytes_total: Option<usize>,
+    /// too slow.
+    #[arg(value_name = "BYTES")]
+    ws_outbox_bytes_total: usize => signaling.session.outbox_bytes_total;
 
     /// Bytes of messages held for one client ID until it acknowledges them or resumes; beyond
-    /// it, messages are dropped and their senders told [default: 262144].
-    #[arg(long, env = "CALLGATE_RESUME_QUEUE_BYTES", value_name = "BYTES")]
-    pub resume_queue_bytes: Option<usize>,
+    /// it, messages are dropped and their senders told.
+    #[arg(value_name = "BYTES")]
+    resume_queue_bytes: usize => signaling.limits.resume_queue_bytes;
 
     /// Reserved IDs (dropped connections awaiting a resume) per client address, IPv6 per /64;
-    /// beyond it a dropped ID is freed at once [default: 16].
-    #[arg(long, env = "CALLGATE_RESERVATIONS_PER_IP", value_name = "N")]
-    pub reservations_per_ip: Option<usize>,
+    /// beyond it a dropped ID is freed at once.
+    #[arg(value_name = "N")]
+    reservations_per_ip: usize => signaling.limits.reservations_per_ip;
 
     /// Client IDs held at once, live and reserved; when full, the oldest reservation makes room
-    /// for a live client [default: 100000].
-    #[arg(long, env = "CALLGATE_MAX_CLIENTS", value_name = "N")]
-    pub max_clients: Option<usize>,
+    /// for a live client.
+    #[arg(value_name = "N")]
+    max_clients: usize => signaling.limits.max_clients;
 
-    /// A write to a client that makes no progress for this long ends the connection [default: 10s].
-    #[arg(long, env = "CALLGATE_WS_WRITE_TIMEOUT", value_name = "DURATION")]
-    pub ws_write_timeout: Option<Seconds>,
+    /// A write to a client that makes no progress for this long ends the connection.
+    #[arg(value_name = "DURATION")]
+    ws_write_timeout: Seconds => signaling.session.write_timeout;
 
-    /// Signaling messages per second per connection, sustained [default: 20].
-    #[arg(long, env = "CALLGATE_WS_MESSAGES_PER_SECOND", value_name = "N")]
-    pub ws_messages_per_second: Option<u32>,
+    /// Signaling messages per second per connection, sustained.
+    #[arg(value_name = "N")]
+    ws_messages_per_second: u32 => signaling.session.messages_per_second;
 
-    /// Signaling message burst per connection [default: 60].
-    #[arg(long, env = "CALLGATE_WS_MESSAGE_BURST", value_name = "N")]
-    pub ws_message_burst: Option<u32>,
+    /// Signaling message burst per connection.
+    #[arg(value_name = "N")]
+    ws_message_burst: u32 => signaling.session.message_burst;
 
-    /// New calls per minute per connection (stops ID scanning and call spam) [default: 10].
-    #[arg(long, env = "CALLGATE_WS_CALLS_PER_MINUTE", value_name = "N")]
-    pub ws_calls_per_minute: Option<u32>,
+    /// New calls per minute per connection (stops ID scanning and call spam).
+    #[arg(value_name = "N")]
+    ws_calls_per_minute: u32 => signaling.session.calls_per_minute;
 
-    /// WebSocket upgrades per second per client address (IPv6 per /64) [default: 10].
-    #[arg(long, env = "CALLGATE_WS_UPGRADES_PER_SECOND", value_name = "N")]
-    pub ws_upgrades_per_second: Option<u32>,
+    /// WebSocket upgrades per second per client address (IPv6 per /64).
+    #[arg(value_name = "N")]
+    ws_upgrades_per_second: u32 => signaling.upgrades_per_second;
 
-    /// Open WebSockets per client address (IPv6 per /64) [default: 64].
-    #[arg(long, env = "CALLGATE_WS_CONNECTIONS_PER_IP", value_name = "N")]
-    pub ws_connections_per_ip: Option<u32>,
+    /// Open WebSockets per client address (IPv6 per /64).
+    #[arg(value_name = "N")]
+    ws_connections_per_ip: u32 => signaling.connections_per_ip;
 
-    /// Digits in a client ID: random, so IDs cannot be enumerated [default: 9].
-    #[arg(long, env = "CALLGATE_ID_DIGITS", value_name = "N")]
-    pub id_digits: Option<u8>,
+    /// Digits in a client ID: random, so IDs cannot be enumerated.
+    #[arg(value_name = "N")]
+    id_digits: u8 => signaling.limits.id_digits;
 
-    /// How long a dropped client's ID (and call) is kept for it to resume [default: 30s].
-    #[arg(long, env = "CALLGATE_RESUME_GRACE", value_name = "DURATION")]
-    pub resume_grace: Option<Seconds>,
+    /// How long a dropped client's ID (and call) is kept for it to resume.
+    #[arg(value_name = "DURATION")]
+    resume_grace: Seconds => signaling.limits.resume_grace;
 
     /// Directory holding HTTP-01 token files written by an outside ACME client: the plain-HTTP
     /// listener answers /.well-known/acme-challenge/TOKEN with the file DIR/TOKEN. For
     /// `certbot --webroot -w W` pass W/.well-known/acme-challenge (not W) [default: none].
-    #[arg(long, env = "CALLGATE_ACME_CHALLENGE_DIR", value_name = "DIR")]
-    pub acme_challenge_dir: Option<PathBuf>,
+    #[arg(value_name = "DIR")]
+    acme_challenge_dir: PathBuf => acme.challenge_dir;
 
     /// Domain names (comma-separated) to get a certificate for automatically over ACME; the
-    /// account key and certificate are kept in certs-dir. Unset: no ACME [default: none].
-    #[arg(
-        long,
-        env = "CALLGATE_ACME_DOMAIN",
-        value_name = "NAME,...",
-        value_delimiter = ','
-    )]
-    pub acme_domain: Option<Vec<String>>,
+    /// account key and certificate are kept in certs-dir. Unset: no ACME.
+    #[arg(value_name = "NAME,...", value_delimiter = ',')]
+    acme_domain: Vec<String> => acme.domains;
 
     /// Contact e-mail address for the ACME account, for the CA's problem notices [default: none].
-    #[arg(long, env = "CALLGATE_ACME_EMAIL", value_name = "ADDRESS")]
-    pub acme_email: Option<String>,
+    #[arg(value_name = "ADDRESS")]
+    acme_email: String => acme.email;
 
-    /// ACME directory URL [default: Let's Encrypt production,
-    /// https://acme-v02.api.letsencrypt.org/directory; staging:
-    /// https://acme-staging-v02.api.letsencrypt.org/directory].
-    #[arg(long, env = "CALLGATE_ACME_DIRECTORY", value_name = "URL")]
-    pub acme_directory: Option<String>,
+    /// ACME directory URL; the default is Let's Encrypt production, its staging directory is
+    /// https://acme-staging-v02.api.letsencrypt.org/directory.
+    #[arg(value_name = "URL")]
+    acme_directory: String => acme.directory;
 
     /// PEM file of CA certificates to trust for the ACME directory's own HTTPS (a private CA);
     /// when set, only these are trusted [default: the system's trusted roots].
-    #[arg(long, env = "CALLGATE_ACME_DIRECTORY_CA", value_name = "FILE")]
-    pub acme_directory_ca: Option<PathBuf>,
+    #[arg(value_name = "FILE")]
+    acme_directory_ca: PathBuf => acme.directory_ca;
 
     /// Which ACME challenge to answer: tls-alpn-01 (on the HTTPS listener), http-01 (on the
-    /// plain-HTTP listener) or auto (both, switching after a failed validation) [default: auto].
-    #[arg(long, env = "CALLGATE_ACME_CHALLENGE", value_name = "TYPE")]
-    pub acme_challenge: Option<AcmeChallenge>,
+    /// plain-HTTP listener) or auto (both, switching after a failed validation).
+    #[arg(value_name = "TYPE")]
+    acme_challenge: AcmeChallenge => acme.challenge;
 
     /// Wait before retrying a failed ACME order; doubles after each failure up to 6h, and a CA's
-    /// rate-limit Retry-After is always honoured [default: 60s].
-    #[arg(long, env = "CALLGATE_ACME_RETRY_DELAY", value_name = "DURATION")]
-    pub acme_retry_delay: Option<Seconds>,
+    /// rate-limit Retry-After is always honoured.
+    #[arg(value_name = "DURATION")]
+    acme_retry_delay: Seconds => acme.retry_delay;
 
     /// Load balancers (CIDR or IP, comma-separated) whose connections start with a PROXY protocol
-    /// header (v1 or v2) naming the real client; required from them, ignored from anyone else
-    /// [default: none].
-    #[arg(
-        long,
-        env = "CALLGATE_PROXY_PROTOCOL_FROM",
-        value_name = "CIDR,...",
-        value_delimiter = ','
-    )]
-    pub proxy_protocol_from: Option<Vec<IpRange>>,
+    /// header (v1 or v2) naming the real client; required from them, ignored from anyone else.
+    #[arg(value_name = "CIDR,...", value_delimiter = ',')]
+    proxy_protocol_from: Vec<IpRange> => http.proxy_protocol_from;
 
-    /// Run the embedded TURN relay (true|false) [default: true].
-    #[arg(long, env = "CALLGATE_TURN", value_name = "BOOL")]
-    pub turn: Option<bool>,
+    /// Run the embedded TURN relay (true|false).
+    #[arg(value_name = "BOOL")]
+    turn: bool => turn.relay.enabled;
 
-    /// TURN realm, sent in authentication challenges [default: callgate].
-    #[arg(long, env = "CALLGATE_REALM", value_name = "REALM")]
-    pub realm: Option<String>,
+    /// TURN realm, sent in authentication challenges.
+    #[arg(value_name = "REALM")]
+    realm: String => turn.relay.realm;
 
     /// Addresses the TURN listeners bind, comma-separated; 0.0.0.0 and :: stand for every IPv4 and
     /// IPv6 address of this host at start, each bound separately so answers leave from the address
-    /// asked [default: 0.0.0.0,::].
-    #[arg(
-        long,
-        env = "CALLGATE_LISTENING_IP",
-        value_name = "IP,...",
-        value_delimiter = ','
-    )]
-    pub listening_ip: Option<Vec<IpAddr>>,
+    /// asked.
+    #[arg(value_name = "IP,...", value_delimiter = ',')]
+    listening_ip: Vec<IpAddr> => turn.relay.listening_ips;
 
-    /// TURN port for UDP and TCP [default: 3478].
-    #[arg(long, env = "CALLGATE_LISTENING_PORT", value_name = "PORT")]
-    pub listening_port: Option<u16>,
+    /// TURN port for UDP and TCP.
+    #[arg(value_name = "PORT")]
+    listening_port: u16 => turn.listening_port;
 
-    /// TURN over TLS (turns:) port, using the HTTPS certificate, or "off" [default: 5349].
-    #[arg(long, env = "CALLGATE_TLS_LISTENING_PORT", value_name = "PORT|off")]
-    pub tls_listening_port: Option<PortOrOff>,
+    /// TURN over TLS (turns:) port, using the HTTPS certificate, or "off".
+    #[arg(value_name = "PORT|off")]
+    tls_listening_port: PortOrOff => turn.relay.tls_port;
 
-    /// Serve TURN over UDP (true|false) [default: true].
-    #[arg(long, env = "CALLGATE_TURN_UDP", value_name = "BOOL")]
-    pub turn_udp: Option<bool>,
+    /// Serve TURN over UDP (true|false).
+    #[arg(value_name = "BOOL")]
+    turn_udp: bool => turn.udp;
 
-    /// Serve TURN over TCP (true|false) [default: true].
-    #[arg(long, env = "CALLGATE_TURN_TCP", value_name = "BOOL")]
-    pub turn_tcp: Option<bool>,
+    /// Serve TURN over TCP (true|false).
+    #[arg(value_name = "BOOL")]
+    turn_tcp: bool => turn.tcp;
 
     /// Local address relay sockets bind to [default: the listening IP, or this host's first
     /// non-loopback address when listening on 0.0.0.0].
-    #[arg(long, env = "CALLGATE_RELAY_IP", value_name = "IP")]
-    pub relay_ip: Option<IpAddr>,
+    #[arg(value_name = "IP")]
+    relay_ip: IpAddr => turn.relay.relay_ip;
 
     /// Public address advertised for relayed candidates behind 1:1 NAT (cloud VMs): PUBLIC or
     /// PUBLIC/PRIVATE.
-    #[arg(long, env = "CALLGATE_EXTERNAL_IP", value_name = "IP[/IP]")]
-    pub external_ip: Option<String>,
+    #[arg(value_name = "IP[/IP]")]
+    external_ip: String => turn.relay.external_ip;
 
-    /// Lowest UDP port for relayed candidates [default: 49152].
-    #[arg(long, env = "CALLGATE_MIN_PORT", value_name = "PORT")]
-    pub min_port: Option<u16>,
+    /// Lowest UDP port for relayed candidates.
+    #[arg(value_name = "PORT")]
+    min_port: u16 => turn.relay.min_port;
 
-    /// Highest UDP port for relayed candidates [default: 65535].
-    #[arg(long, env = "CALLGATE_MAX_PORT", value_name = "PORT")]
-    pub max_port: Option<u16>,
+    /// Highest UDP port for relayed candidates.
+    #[arg(value_name = "PORT")]
+    max_port: u16 => turn.relay.max_port;
 
     /// TURN REST API shared secret(s), comma-separated, newest first: the first signs new
     /// credentials, all are accepted (rotation). Same as coturn's static-auth-secret [default: a
     /// random secret per process].
-    #[arg(
-        long,
-        env = "CALLGATE_STATIC_AUTH_SECRET",
-        value_name = "SECRET,...",
-        value_delimiter = ',',
-        hide_env_values = true
-    )]
-    pub static_auth_secret: Option<Vec<Secret>>,
+    #[arg(value_name = "SECRET,...", value_delimiter = ',', hide_env_values = true)]
+    static_auth_secret: Vec<Secret> => turn.relay.auth_secrets;
 
-    /// Lifetime of TURN credentials handed to clients [default: 1h].
-    #[arg(long, env = "CALLGATE_TURN_CREDENTIAL_TTL", value_name = "DURATION")]
-    pub turn_credential_ttl: Option<Seconds>,
+    /// Lifetime of TURN credentials handed to clients.
+    #[arg(value_name = "DURATION")]
+    turn_credential_ttl: Seconds => turn.relay.credential_ttl;
 
-    /// Concurrent TURN allocations per user [default: 10].
-    #[arg(long, env = "CALLGATE_USER_QUOTA", value_name = "N")]
-    pub user_quota: Option<usize>,
+    /// Concurrent TURN allocations per user.
+    #[arg(value_name = "N")]
+    user_quota: usize => turn.relay.user_quota;
 
-    /// Concurrent TURN allocations in total [default: 10000].
-    #[arg(long, env = "CALLGATE_TOTAL_QUOTA", value_name = "N")]
-    pub total_quota: Option<usize>,
+    /// Concurrent TURN allocations in total.
+    #[arg(value_name = "N")]
+    total_quota: usize => turn.relay.total_quota;
 
     /// Concurrent TURN allocations one client address may hold, IPv6 counted per /64; over it
     /// Allocate gets 486 [default: 1 % of total-quota, at least 1].
-    #[arg(long, env = "CALLGATE_ALLOCATIONS_PER_IP", value_name = "N")]
-    pub allocations_per_ip: Option<usize>,
+    #[arg(value_name = "N")]
+    allocations_per_ip: usize => turn.relay.allocations_per_ip;
 
     /// Unauthenticated TURN requests (each client's first Allocate, Binding) accepted per second per
-    /// source address, burst twice that; more are dropped [default: 20].
-    #[arg(long, env = "CALLGATE_TURN_UNAUTHENTICATED_PER_IP", value_name = "N")]
-    pub turn_unauthenticated_per_ip: Option<u32>,
+    /// source address, burst twice that; more are dropped.
+    #[arg(value_name = "N")]
+    turn_unauthenticated_per_ip: u32 => turn.relay.unauthenticated_per_ip_per_sec;
 
     /// Bandwidth cap per allocation, bytes per second each way [default: none].
-    #[arg(long, env = "CALLGATE_MAX_BPS", value_name = "BYTES")]
-    pub max_bps: Option<u32>,
+    #[arg(value_name = "BYTES")]
+    max_bps: u32 => turn.relay.max_bytes_per_sec;
 
     /// Peer ranges (CIDR or IP) the relay may reach even if special or denied, comma-separated.
-    #[arg(
-        long,
-        env = "CALLGATE_ALLOWED_PEER_IP",
-        value_name = "CIDR,...",
-        value_delimiter = ','
-    )]
-    pub allowed_peer_ip: Option<Vec<IpRange>>,
+    #[arg(value_name = "CIDR,...", value_delimiter = ',')]
+    allowed_peer_ip: Vec<IpRange> => turn.relay.allowed_peer_ips;
 
     /// Extra peer ranges (CIDR or IP) the relay never reaches, comma-separated.
-    #[arg(
-        long,
-        env = "CALLGATE_DENIED_PEER_IP",
-        value_name = "CIDR,...",
-        value_delimiter = ','
-    )]
-    pub denied_peer_ip: Option<Vec<IpRange>>,
+    #[arg(value_name = "CIDR,...", value_delimiter = ',')]
+    denied_peer_ip: Vec<IpRange> => turn.relay.denied_peer_ips;
 
     /// Let the relay reach private networks (RFC 1918, CGNAT, ULA): only for relays inside a
-    /// private deployment. Loopback, link-local and metadata addresses stay refused [default: false].
-    #[arg(long, env = "CALLGATE_ALLOW_PRIVATE_PEERS", value_name = "BOOL")]
-    pub allow_private_peers: Option<bool>,
+    /// private deployment. Loopback, link-local and metadata addresses stay refused.
+    #[arg(value_name = "BOOL")]
+    allow_private_peers: bool => turn.relay.allow_private_peers;
 
     /// Also answer TURN over TLS on the HTTPS port (connections offering ALPN `stun.turn`, or none
     /// and starting with a STUN header) and advertise `turns:HOST:HTTPS-PORT?transport=tcp`, for
-    /// callers whose firewall opens only TCP 443. Needs TURN on [default: true].
-    #[arg(long, env = "CALLGATE_TURN_ON_HTTPS_PORT", value_name = "BOOL")]
-    pub turn_on_https_port: Option<bool>,
+    /// callers whose firewall opens only TCP 443. Needs TURN on.
+    #[arg(value_name = "BOOL")]
+    turn_on_https_port: bool => turn.on_https_port;
 
     /// Host name put in the turn:/turns: URLs handed to browsers [default: public-url's host, else
     /// the host the browser connected to].
-    #[arg(long, env = "CALLGATE_TURN_HOST", value_name = "HOST")]
-    pub turn_host: Option<String>,
+    #[arg(value_name = "HOST")]
+    turn_host: String => turn.host;
 
     /// API key that enables GET /api/turn-credentials (Authorization: Bearer KEY) for apps doing
     /// their own signaling [default: endpoint disabled].
-    #[arg(
-        long,
-        env = "CALLGATE_TURN_API_KEY",
-        value_name = "SECRET",
-        hide_env_values = true
-    )]
-    pub turn_api_key: Option<Secret>,
+    #[arg(value_name = "SECRET", hide_env_values = true)]
+    turn_api_key: Secret => turn.api_key;
 
     /// Address of the admin listener serving Prometheus metrics at /metrics, or "off". Keep it
-    /// off the public internet [default: 127.0.0.1:9100].
-    #[arg(long, env = "CALLGATE_METRICS_LISTEN", value_name = "ADDR|off")]
-    pub metrics_listen: Option<Listen>,
+    /// off the public internet.
+    #[arg(value_name = "ADDR|off")]
+    metrics_listen: Listen => metrics.listen;
 
     /// Bearer token required on /metrics (Authorization: Bearer TOKEN); unset means none.
-    #[arg(
-        long,
-        env = "CALLGATE_METRICS_TOKEN",
-        value_name = "SECRET",
-        hide_env_values = true
-    )]
-    pub metrics_token: Option<Secret>,
+    #[arg(value_name = "SECRET", hide_env_values = true)]
+    metrics_token: Secret => metrics.token;
 
-    /// Log format [default: text].
-    #[arg(long, env = "CALLGATE_LOG_FORMAT", value_name = "FORMAT")]
-    pub log_format: Option<LogFormat>,
+    /// Log format.
+    #[arg(value_name = "FORMAT")]
+    log_format: LogFormat => log.format;
 
-    /// Log filter in tracing's EnvFilter syntax, e.g. "info" or "callgate=debug" [default: info].
-    #[arg(long, env = "CALLGATE_LOG_LEVEL", value_name = "FILTER")]
-    pub log_level: Option<String>,
+    /// Log filter in tracing's EnvFilter syntax, e.g. "info" or "callgate=debug".
+    #[arg(value_name = "FILTER")]
+    log_level: String => log.level;
+}
+
+/// How a setting's layer value (what the user writes) becomes the field it sets, and back.
+///
+/// Most settings are their field's type; a duration is written as [`Seconds`] and held as a
+/// [`Duration`], an optional field is set by a plain value, and so on.
+pub trait Layered<L>: Sized {
+    /// The field's value for a layer value; `Err` says why it is not acceptable.
+    fn from_layer(value: L) -> Result<Self, String>;
+    /// The layer value that sets this field to `self`, if it has one.
+    fn to_layer(&self) -> Option<L>;
+}
+
+impl<T: Clone> Layered<T> for T {
+    fn from_layer(value: T) -> Result<T, String> {
+        Ok(value)
+    }
+    fn to_layer(&self) -> Option<T> {
+        Some(self.clone())
+    }
+}
+
+impl<T: Clone> Layered<T> for Option<T> {
+    fn from_layer(value: T) -> Result<Self, String> {
+        Ok(Some(value))
+    }
+    fn to_layer(&self) -> Option<T> {
+        self.clone()
+    }
+}
+
+impl Layered<Seconds> for Duration {
+    fn from_layer(value: Seconds) -> Result<Self, String> {
+        Ok(value.0)
+    }
+    fn to_layer(&self) -> Option<Seconds> {
+        Some(Seconds(*self))
+    }
+}
+
+impl Layered<u32> for NonZeroU32 {
+    fn from_layer(value: u32) -> Result<Self, String> {
+        NonZeroU32::new(value).ok_or_else(|| "must be at least 1".to_owned())
+    }
+    fn to_layer(&self) -> Option<u32> {
+        Some(self.get())
+    }
+}
+
+impl Layered<String> for Option<PublicUrl> {
+    fn from_layer(value: String) -> Result<Self, String> {
+        PublicUrl::parse(&value).map(Some)
+    }
+    fn to_layer(&self) -> Option<String> {
+        self.as_ref().map(ToString::to_string)
+    }
+}
+
+impl Layered<PortOrOff> for Option<u16> {
+    fn from_layer(value: PortOrOff) -> Result<Self, String> {
+        Ok(match value {
+            PortOrOff::Port(port) => Some(port),
+            PortOrOff::Off => None,
+        })
+    }
+    fn to_layer(&self) -> Option<PortOrOff> {
+        Some(self.map_or(PortOrOff::Off, PortOrOff::Port))
+    }
+}
+
+impl Layered<String> for Option<ExternalIp> {
+    fn from_layer(value: String) -> Result<Self, String> {
+        let (public, private) = values::parse_external_ip(&value)?;
+        Ok(Some(ExternalIp { public, private }))
+    }
+    fn to_layer(&self) -> Option<String> {
+        self.map(|ip| match ip.private {
+            Some(private) => format!("{}/{private}", ip.public),
+            None => ip.public.to_string(),
+        })
+    }
+}
+
+impl Layered<Vec<Secret>> for Vec<String> {
+    fn from_layer(value: Vec<Secret>) -> Result<Self, String> {
+        Ok(value.iter().map(|s| s.expose().to_owned()).collect())
+    }
+    fn to_layer(&self) -> Option<Vec<Secret>> {
+        Some(self.iter().map(|s| Secret::from(s.clone())).collect())
+    }
+}
+
+impl Layered<Vec<IpRange>> for Vec<ipnet::IpNet> {
+    fn from_layer(value: Vec<IpRange>) -> Result<Self, String> {
+        Ok(value.into_iter().map(|r| r.0).collect())
+    }
+    fn to_layer(&self) -> Option<Vec<IpRange>> {
+        Some(self.iter().copied().map(IpRange).collect())
+    }
 }
 
 /// The effective configuration: every layer merged, defaults applied, values checked.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "kebab-case")]
+///
+/// Each field is a section; the subsystems take their section (or a part of it) as it is.
+#[derive(Debug, Clone)]
 pub struct Config {
+    /// The HTTPS and redirect listeners, the web app and HTTP connection limits.
+    pub http: HttpConfig,
+    /// Where the certificate comes from and how often it is re-read.
+    pub tls: TlsConfig,
+    /// Automatic certificates over ACME (`acme-*`); off without `acme-domain`.
+    pub acme: AcmeConfig,
+    /// WebSocket sessions, the signaling hub and per-address WebSocket limits.
+    pub signaling: SignalingConfig,
+    /// The embedded TURN relay.
+    pub turn: TurnConfig,
+    /// The Prometheus listener.
+    pub metrics: MetricsConfig,
+    /// Log format and filter.
+    pub log: LogConfig,
+    /// What happens after SIGTERM.
+    pub shutdown: ShutdownConfig,
+    /// The async runtime.
+    pub runtime: RuntimeConfig,
+}
+
+impl Default for Config {
+    /// Every section's defaults, linked.
+    fn default() -> Self {
+        let mut config = Config::unlinked();
+        config.link();
+        config
+    }
+}
+
+impl Config {
+    /// Every section's own defaults, before [`Config::link`] derives the shared values (so that
+    /// a default derived from another setting, like `allocations-per-ip`, follows that setting).
+    fn unlinked() -> Config {
+        Config {
+            http: HttpConfig::default(),
+            tls: TlsConfig::default(),
+            acme: AcmeConfig::default(),
+            signaling: SignalingConfig::default(),
+            turn: TurnConfig::default(),
+            metrics: MetricsConfig::default(),
+            log: LogConfig::default(),
+            shutdown: ShutdownConfig::default(),
+            runtime: RuntimeConfig::default(),
+        }
+    }
+}
+
+/// The HTTPS and redirect listeners, the web app and the limits of HTTP connections.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
     /// Where the HTTPS listener binds.
     pub https_listen: SocketAddr,
     /// Where the redirect-only HTTP listener binds, if at all.
@@ -466,102 +678,136 @@ pub struct Config {
     pub public_url: Option<PublicUrl>,
     /// Root of the static web app.
     pub public_dir: PathBuf,
-    /// Where the certificate and key come from.
-    pub tls: TlsSource,
-    /// Poll interval for certificate changes.
-    #[serde(serialize_with = "as_seconds")]
-    pub tls_reload_interval: Duration,
-    /// Deadline for a TLS handshake.
-    #[serde(serialize_with = "as_seconds")]
-    pub tls_handshake_timeout: Duration,
-    /// Deadline for an HTTP/1 request head, and for an idle keep-alive connection's next request.
-    #[serde(serialize_with = "as_seconds")]
-    pub header_read_timeout: Duration,
-    /// Connections with no traffic for this long are closed.
-    #[serde(serialize_with = "as_seconds")]
-    pub idle_timeout: Duration,
-    /// HTTP/2 stream cap per connection.
-    pub h2_max_concurrent_streams: u32,
-    /// Open connections per client address (IPv6 per /64), on every listener.
-    pub connections_per_ip: u32,
-    /// A response that makes no progress for this long ends its connection.
-    #[serde(serialize_with = "as_seconds")]
-    pub response_stall_timeout: Duration,
     /// Budget for the web app held in memory.
     pub public_dir_max_bytes: u64,
-    /// Global cap on open client connections.
+    /// Global cap on open client connections (HTTPS and redirect listeners).
     pub max_connections: usize,
-    /// Threads of the async runtime.
-    pub worker_threads: usize,
+    /// Open connections per client address (IPv6 per /64), on every listener.
+    pub connections_per_ip: u32,
     /// `Strict-Transport-Security` max-age.
-    #[serde(serialize_with = "as_seconds")]
     pub hsts_max_age: Duration,
-    /// Time between SIGTERM and closing the listeners.
-    #[serde(serialize_with = "as_seconds")]
-    pub shutdown_drain_delay: Duration,
-    /// Deadline for in-flight work once the listeners are closed.
-    #[serde(serialize_with = "as_seconds")]
-    pub shutdown_timeout: Duration,
-    /// Extra origins allowed to open WebSockets.
-    pub allowed_origins: Vec<String>,
-    /// Signaling message size cap.
-    pub ws_max_message_bytes: usize,
-    /// WebSocket ping interval.
-    #[serde(serialize_with = "as_seconds")]
-    pub ws_heartbeat_interval: Duration,
-    /// Unanswered pings before close.
-    pub ws_missed_pongs: u32,
-    /// Outbound queue length per client.
-    pub ws_outbox_frames: usize,
-    /// Outbound queue bytes per client.
-    pub ws_outbox_bytes: usize,
-    /// Outbound queue bytes over all clients.
-    pub ws_outbox_bytes_total: usize,
-    /// Bytes held per client ID until acknowledged or resumed.
-    pub resume_queue_bytes: usize,
-    /// Reserved IDs per client address.
-    pub reservations_per_ip: usize,
-    /// Live plus reserved client IDs.
-    pub max_clients: usize,
-    /// Stalled-write deadline.
-    #[serde(serialize_with = "as_seconds")]
-    pub ws_write_timeout: Duration,
-    /// Per-connection message rate.
-    pub ws_messages_per_second: NonZeroU32,
-    /// Per-connection message burst.
-    pub ws_message_burst: NonZeroU32,
-    /// Per-connection new calls per minute.
-    pub ws_calls_per_minute: NonZeroU32,
-    /// Per-address upgrade rate.
-    pub ws_upgrades_per_second: NonZeroU32,
-    /// Per-address open WebSockets.
-    pub ws_connections_per_ip: u32,
-    /// Client ID length.
-    pub id_digits: u8,
-    /// Resume grace period.
-    #[serde(serialize_with = "as_seconds")]
-    pub resume_grace: Duration,
-    /// Where ACME HTTP-01 challenge tokens are served from.
-    pub acme_challenge_dir: Option<PathBuf>,
-    /// Automatic certificates over ACME, if `acme-domain` is set.
-    pub acme: Option<AcmeConfig>,
     /// Trusted load balancers that send the PROXY protocol.
     pub proxy_protocol_from: Vec<IpRange>,
-    /// Embedded TURN relay settings.
-    pub turn: TurnConfig,
-    /// Where `/metrics` is served, if at all.
-    pub metrics_listen: Listen,
-    /// Token required to scrape `/metrics`.
-    pub metrics_token: Option<Secret>,
-    /// Text for people or JSON for log pipelines.
-    pub log_format: LogFormat,
-    /// tracing `EnvFilter` directive.
-    pub log_level: String,
+    /// Timeouts and caps of each connection.
+    pub connection: ConnectionSettings,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            https_listen: SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 8443)),
+            http_listen: Listen::On(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 8080))),
+            public_url: None,
+            public_dir: PathBuf::from("public"),
+            public_dir_max_bytes: 64 * 1024 * 1024,
+            max_connections: 10_000,
+            connections_per_ip: 128,
+            hsts_max_age: Duration::from_secs(365 * 86_400),
+            proxy_protocol_from: Vec::new(),
+            connection: ConnectionSettings::default(),
+        }
+    }
+}
+
+impl HttpConfig {
+    fn check(&self) -> Result<(), ConfigError> {
+        let c = &self.connection;
+        let positive = [
+            ("tls-handshake-timeout", c.tls_handshake_timeout),
+            ("header-read-timeout", c.header_read_timeout),
+            ("idle-timeout", c.idle_timeout),
+            ("response-stall-timeout", c.response_stall_timeout),
+        ];
+        for (key, value) in positive {
+            if value.is_zero() {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+        if c.h2_max_concurrent_streams == 0 {
+            return Err(invalid("h2-max-concurrent-streams", "must be at least 1"));
+        }
+        if self.connections_per_ip == 0 {
+            return Err(invalid("connections-per-ip", "must be at least 1"));
+        }
+        if !(1024..=4 * 1024 * 1024 * 1024).contains(&self.public_dir_max_bytes) {
+            return Err(invalid(
+                "public-dir-max-bytes",
+                "must be between 1024 and 4294967296 (the web app is held in memory)",
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err(invalid("max-connections", "must be at least 1"));
+        }
+        if let Listen::On(http) = self.http_listen {
+            if http == self.https_listen && http.port() != 0 {
+                return Err(invalid(
+                    "http-listen",
+                    "must differ from https-listen (the redirect listener needs its own port)",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where the serving certificate comes from and how often it is re-read.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// `tls-cert`: a PEM chain the operator named.
+    pub cert: Option<PathBuf>,
+    /// `tls-key`: its private key.
+    pub key: Option<PathBuf>,
+    /// `certs-dir`: the development certificate and the ACME state.
+    pub certs_dir: PathBuf,
+    /// Poll interval for certificate changes.
+    pub reload_interval: Duration,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert: None,
+            key: None,
+            certs_dir: PathBuf::from("certs"),
+            reload_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+impl TlsConfig {
+    /// The certificate source these settings name (`check` made sure they name one).
+    pub fn source(&self) -> TlsSource {
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => TlsSource::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+            },
+            _ => TlsSource::DevDir {
+                dir: self.certs_dir.clone(),
+            },
+        }
+    }
+
+    /// The certificate chain and key paths to read: [`TlsSource::paths`] of the source.
+    pub fn paths(&self) -> (PathBuf, PathBuf) {
+        self.source().paths()
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        match (&self.cert, &self.key) {
+            (Some(_), None) => return Err(invalid("tls-key", "is required when tls-cert is set")),
+            (None, Some(_)) => return Err(invalid("tls-cert", "is required when tls-key is set")),
+            _ => {}
+        }
+        if self.reload_interval.is_zero() {
+            return Err(invalid("tls-reload-interval", "must be greater than 0"));
+        }
+        Ok(())
+    }
 }
 
 /// Where the serving certificate comes from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case", tag = "source")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TlsSource {
     /// Files the operator named; they must exist.
     Files {
@@ -587,154 +833,114 @@ impl TlsSource {
     }
 }
 
-/// A listener address, or `off`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Listen {
-    /// Bind here.
-    On(SocketAddr),
-    /// Do not open this listener.
-    Off,
+/// Signaling: the WebSocket sessions, the hub, and per-address WebSocket limits.
+#[derive(Debug, Clone)]
+pub struct SignalingConfig {
+    /// What each WebSocket session may send and queue.
+    pub session: SessionSettings,
+    /// The hub's IDs, reservations and held messages.
+    pub limits: SignalingLimits,
+    /// WebSocket upgrades per second per client address (IPv6 per /64).
+    pub upgrades_per_second: NonZeroU32,
+    /// Open WebSockets per client address (IPv6 per /64).
+    pub connections_per_ip: u32,
 }
 
-impl Listen {
-    /// The address, if the listener is on.
-    pub fn addr(self) -> Option<SocketAddr> {
-        match self {
-            Listen::On(addr) => Some(addr),
-            Listen::Off => None,
+impl Default for SignalingConfig {
+    fn default() -> Self {
+        SignalingConfig {
+            session: SessionSettings::default(),
+            limits: SignalingLimits::default(),
+            upgrades_per_second: NonZeroU32::new(10).expect("non-zero"),
+            connections_per_ip: 64,
         }
     }
 }
 
-impl FromStr for Listen {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        if s.eq_ignore_ascii_case("off") {
-            return Ok(Listen::Off);
+impl SignalingConfig {
+    fn check(&self) -> Result<(), ConfigError> {
+        let (session, limits) = (&self.session, &self.limits);
+        for origin in &session.allowed_origins {
+            let scheme_ok = origin.starts_with("https://") || origin.starts_with("http://");
+            if !scheme_ok || origin.matches('/').count() != 2 {
+                return Err(invalid(
+                    "allowed-origins",
+                    &format!("\"{origin}\" must be an origin like https://app.example.com (scheme, host, optional port; no path)"),
+                ));
+            }
         }
-        s.parse()
-            .map(Listen::On)
-            .map_err(|_| format!("\"{s}\" is neither an address like 0.0.0.0:8080 nor \"off\""))
-    }
-}
-
-impl fmt::Display for Listen {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Listen::On(addr) => addr.fmt(f),
-            Listen::Off => f.write_str("off"),
+        if !(1024..=16 * 1024 * 1024).contains(&session.max_message_bytes) {
+            return Err(invalid(
+                "ws-max-message-bytes",
+                "must be between 1024 and 16777216",
+            ));
         }
-    }
-}
-
-impl<'de> Deserialize<'de> for Listen {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
-    }
-}
-
-impl Serialize for Listen {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-/// A duration written as seconds: `30`, `30s`, `500ms`, `5m`, `1h` or `365d`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Seconds(pub Duration);
-
-impl FromStr for Seconds {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let s = s.trim();
-        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-        let (digits, unit) = s.split_at(split);
-        let bad = || format!("\"{s}\" is not a duration (examples: 30, 30s, 500ms, 5m, 1h, 365d)");
-        let n: u64 = digits.parse().map_err(|_| bad())?;
-        let duration = match unit {
-            "" | "s" => Duration::from_secs(n),
-            "ms" => Duration::from_millis(n),
-            "m" => Duration::from_secs(n.checked_mul(60).ok_or_else(bad)?),
-            "h" => Duration::from_secs(n.checked_mul(3600).ok_or_else(bad)?),
-            "d" => Duration::from_secs(n.checked_mul(86_400).ok_or_else(bad)?),
-            _ => return Err(bad()),
-        };
-        Ok(Seconds(duration))
-    }
-}
-
-impl<'de> Deserialize<'de> for Seconds {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(u64),
-            Text(String),
+        if session.write_timeout.is_zero() {
+            return Err(invalid("ws-write-timeout", "must be greater than 0"));
         }
-        match Raw::deserialize(d)? {
-            Raw::Int(n) => Ok(Seconds(Duration::from_secs(n))),
-            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
+        if session.heartbeat_interval.is_zero() {
+            return Err(invalid("ws-heartbeat-interval", "must be greater than 0"));
         }
+        if session.missed_pongs == 0 {
+            return Err(invalid("ws-missed-pongs", "must be at least 1"));
+        }
+        // A resume replays up to resume-queue-bytes of held messages at once.
+        if session.outbox_bytes < limits.resume_queue_bytes + session.max_message_bytes {
+            return Err(invalid(
+                "ws-outbox-bytes",
+                "must be at least resume-queue-bytes + ws-max-message-bytes (a resume replays what is held at once)",
+            ));
+        }
+        if session.outbox_bytes_total < session.outbox_bytes {
+            return Err(invalid(
+                "ws-outbox-bytes-total",
+                "must be at least ws-outbox-bytes",
+            ));
+        }
+        if limits.resume_queue_bytes < session.max_message_bytes {
+            return Err(invalid(
+                "resume-queue-bytes",
+                "must be at least ws-max-message-bytes (one message must fit)",
+            ));
+        }
+        if limits.reservations_per_ip == 0 {
+            return Err(invalid("reservations-per-ip", "must be at least 1"));
+        }
+        if limits.max_clients == 0 {
+            return Err(invalid("max-clients", "must be at least 1"));
+        }
+        if session.outbox_frames < 65 {
+            return Err(invalid(
+                "ws-outbox-frames",
+                "must be at least 65 (a resume delivers up to 64 queued messages at once)",
+            ));
+        }
+        if self.connections_per_ip == 0 {
+            return Err(invalid("ws-connections-per-ip", "must be at least 1"));
+        }
+        if !(6..=15).contains(&limits.id_digits) {
+            return Err(invalid(
+                "id-digits",
+                "must be between 6 and 15 (IDs must stay exact JavaScript numbers)",
+            ));
+        }
+        Ok(())
     }
 }
 
-fn as_seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    if d.subsec_millis() == 0 {
-        s.collect_str(&format_args!("{}s", d.as_secs()))
-    } else {
-        s.collect_str(&format_args!("{}ms", d.as_millis()))
-    }
-}
-
-/// The embedded TURN relay's settings (coturn's names where coturn has one).
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "kebab-case")]
+/// The embedded TURN relay: its [`TurnSettings`] and what the gateway adds around it.
+#[derive(Debug, Clone)]
 pub struct TurnConfig {
-    /// Whether the relay runs at all.
-    pub enabled: bool,
-    /// Authentication realm.
-    pub realm: String,
-    /// Addresses the listeners bind; a wildcard stands for every host address of its family.
-    pub listening_ip: Vec<IpAddr>,
-    /// UDP and TCP port.
+    /// The relay's own settings; its ports and TLS handshake timeout are linked from the
+    /// settings below and from the HTTP section. `auth_secrets` empty means a random secret per
+    /// process (chosen at start).
+    pub relay: TurnSettings,
+    /// `listening-port`: the UDP and TCP port.
     pub listening_port: u16,
-    /// `turns:` port.
-    pub tls_listening_port: PortOrOff,
-    /// UDP listener on.
+    /// `turn-udp`: the UDP listener is on.
     pub udp: bool,
-    /// TCP listener on.
+    /// `turn-tcp`: the TCP listener is on.
     pub tcp: bool,
-    /// Local address for relay sockets.
-    pub relay_ip: Option<IpAddr>,
-    /// Public (and private) address behind 1:1 NAT.
-    pub external_ip: Option<(IpAddr, Option<IpAddr>)>,
-    /// Relay port range start.
-    pub min_port: u16,
-    /// Relay port range end (inclusive).
-    pub max_port: u16,
-    /// REST API secrets, newest first; empty means a random one per process.
-    pub static_auth_secret: Vec<Secret>,
-    /// Lifetime of issued credentials.
-    #[serde(serialize_with = "as_seconds")]
-    pub credential_ttl: Duration,
-    /// Allocations per user.
-    pub user_quota: usize,
-    /// Allocations in total.
-    pub total_quota: usize,
-    /// Allocations per client address (IPv6: per /64).
-    pub allocations_per_ip: usize,
-    /// Unauthenticated requests per second per source address.
-    pub unauthenticated_per_ip: u32,
-    /// Per-allocation bandwidth cap (bytes/s each way).
-    pub max_bps: Option<u32>,
-    /// Peer ranges always allowed.
-    pub allowed_peer_ip: Vec<IpRange>,
-    /// Peer ranges always refused.
-    pub denied_peer_ip: Vec<IpRange>,
-    /// Opt-in to private peers.
-    pub allow_private_peers: bool,
     /// TURN over TLS on the HTTPS port too (`turn-on-https-port`).
     pub on_https_port: bool,
     /// Host name for ICE server URLs.
@@ -743,188 +949,170 @@ pub struct TurnConfig {
     pub api_key: Option<Secret>,
 }
 
-/// A port, or `off`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PortOrOff {
-    /// Listen on this port.
-    Port(u16),
-    /// No listener.
-    Off,
-}
-
-impl FromStr for PortOrOff {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        if s.eq_ignore_ascii_case("off") {
-            return Ok(PortOrOff::Off);
-        }
-        s.parse()
-            .map(PortOrOff::Port)
-            .map_err(|_| format!("\"{s}\" is neither a port number nor \"off\""))
-    }
-}
-
-impl<'de> Deserialize<'de> for PortOrOff {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(u16),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Int(port) => Ok(PortOrOff::Port(port)),
-            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
+impl Default for TurnConfig {
+    /// The relay's defaults; the listening port and transports are read from them.
+    fn default() -> Self {
+        let relay = TurnSettings::default();
+        TurnConfig {
+            listening_port: relay
+                .udp_port
+                .or(relay.tcp_port)
+                .expect("the relay listens on UDP and TCP by default"),
+            udp: relay.udp_port.is_some(),
+            tcp: relay.tcp_port.is_some(),
+            relay,
+            on_https_port: true,
+            host: None,
+            api_key: None,
         }
     }
 }
 
-impl Serialize for PortOrOff {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self {
-            PortOrOff::Port(port) => s.serialize_u16(*port),
-            PortOrOff::Off => s.serialize_str("off"),
+impl TurnConfig {
+    fn check(&self) -> Result<(), ConfigError> {
+        let relay = &self.relay;
+        if relay.realm.is_empty() {
+            return Err(invalid("realm", "must not be empty"));
         }
-    }
-}
-
-/// An address range in CIDR notation (a bare address is a /32 or /128).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IpRange(pub ipnet::IpNet);
-
-impl FromStr for IpRange {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let s = s.trim();
-        s.parse::<ipnet::IpNet>()
-            .or_else(|_| s.parse::<IpAddr>().map(ipnet::IpNet::from))
-            .map(IpRange)
-            .map_err(|_| format!("\"{s}\" is not an address or CIDR range (e.g. 10.0.0.0/8)"))
-    }
-}
-
-impl<'de> Deserialize<'de> for IpRange {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
-    }
-}
-
-impl Serialize for IpRange {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&self.0)
-    }
-}
-
-/// `PUBLIC` or `PUBLIC/PRIVATE`, as coturn's external-ip.
-fn parse_external_ip(s: &str) -> Result<(IpAddr, Option<IpAddr>), String> {
-    let bad =
-        || format!("\"{s}\" must be PUBLIC or PUBLIC/PRIVATE addresses, e.g. 203.0.113.7/10.0.0.5");
-    match s.split_once('/') {
-        Some((public, private)) => Ok((
-            public.trim().parse().map_err(|_| bad())?,
-            Some(private.trim().parse().map_err(|_| bad())?),
-        )),
-        None => Ok((s.trim().parse().map_err(|_| bad())?, None)),
-    }
-}
-
-/// A secret setting (a token): never printed, compared in constant time.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    /// The secret itself, for the one place that must use it (signing, comparing).
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    /// Whether `candidate` equals the secret, in time independent of where they differ.
-    pub fn matches(&self, candidate: &[u8]) -> bool {
-        use subtle::ConstantTimeEq;
-        self.0.len() == candidate.len() && bool::from(self.0.as_bytes().ct_eq(candidate))
-    }
-}
-
-impl FromStr for Secret {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Ok(Secret(s.to_owned()))
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
-
-impl Serialize for Secret {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str("***")
-    }
-}
-
-/// How log lines are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum LogFormat {
-    /// One human-readable line per event.
-    Text,
-    /// One JSON object per line, for log pipelines.
-    Json,
-}
-
-/// A checked `https://host[:port]` origin.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PublicUrl {
-    /// `host` or `host:port`, as it appears in an `Origin` header.
-    pub authority: String,
-}
-
-impl PublicUrl {
-    fn parse(s: &str) -> Result<Self, String> {
-        let rest = s
-            .strip_prefix("https://")
-            .ok_or_else(|| format!("\"{s}\" must start with https://"))?;
-        let authority = rest.trim_end_matches('/');
-        let valid = !authority.is_empty()
-            && authority
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b));
-        if !valid {
-            return Err(format!(
-                "\"{s}\" must be https://host or https://host:port, without a path"
+        if relay.listening_ips.is_empty() {
+            return Err(invalid("listening-ip", "needs at least one address"));
+        }
+        if relay.min_port == 0 || relay.max_port < relay.min_port {
+            return Err(invalid(
+                "min-port",
+                "must be at least 1 and no greater than max-port",
             ));
         }
-        Ok(PublicUrl {
-            authority: authority.to_ascii_lowercase(),
-        })
-    }
-}
-
-impl PublicUrl {
-    /// The host part, without port or brackets.
-    pub fn host(&self) -> &str {
-        let authority = self.authority.as_str();
-        if let Some(rest) = authority.strip_prefix('[') {
-            return rest.split(']').next().unwrap_or(rest);
+        if relay.auth_secrets.iter().any(|s| s.len() < 16) {
+            return Err(invalid(
+                "static-auth-secret",
+                "each secret must be at least 16 characters",
+            ));
         }
-        authority.split(':').next().unwrap_or(authority)
+        if relay.credential_ttl.is_zero() {
+            return Err(invalid("turn-credential-ttl", "must be greater than 0"));
+        }
+        if relay.user_quota == 0 {
+            return Err(invalid("user-quota", "must be at least 1"));
+        }
+        if relay.total_quota == 0 {
+            return Err(invalid("total-quota", "must be at least 1"));
+        }
+        if relay.allocations_per_ip == Some(0) {
+            return Err(invalid("allocations-per-ip", "must be at least 1"));
+        }
+        if relay.unauthenticated_per_ip_per_sec == 0 {
+            return Err(invalid("turn-unauthenticated-per-ip", "must be at least 1"));
+        }
+        if relay.max_bytes_per_sec == Some(0) {
+            return Err(invalid(
+                "max-bps",
+                "must be at least 1 (leave it unset for no cap)",
+            ));
+        }
+        if self.api_key.as_ref().is_some_and(|t| t.expose().len() < 16) {
+            return Err(invalid("turn-api-key", "must be at least 16 characters"));
+        }
+        Ok(())
     }
 }
 
-impl fmt::Display for PublicUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "https://{}", self.authority)
+/// The admin listener serving Prometheus metrics.
+#[derive(Debug, Clone)]
+pub struct MetricsConfig {
+    /// Where `/metrics` is served, if at all.
+    pub listen: Listen,
+    /// Token required to scrape `/metrics`.
+    pub token: Option<Secret>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: Listen::On(SocketAddr::from(([127, 0, 0, 1], 9100))),
+            token: None,
+        }
     }
 }
 
-impl Serialize for PublicUrl {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
+impl MetricsConfig {
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.token.as_ref().is_some_and(|t| t.expose().len() < 16) {
+            return Err(invalid("metrics-token", "must be at least 16 characters"));
+        }
+        Ok(())
+    }
+}
+
+/// How and what the process logs.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// Text for people or JSON for log pipelines.
+    pub format: LogFormat,
+    /// tracing `EnvFilter` directive.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".to_owned(),
+        }
+    }
+}
+
+impl LogConfig {
+    fn check(&self) -> Result<(), ConfigError> {
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.level) {
+            return Err(invalid("log-level", &format!("\"{}\": {e}", self.level)));
+        }
+        Ok(())
+    }
+}
+
+/// What happens between SIGTERM and exit.
+#[derive(Debug, Clone)]
+pub struct ShutdownConfig {
+    /// Time between SIGTERM and closing the listeners, while `/readyz` reports 503.
+    pub drain_delay: Duration,
+    /// Deadline for in-flight work once the listeners are closed; also how long any connection
+    /// may take to close gracefully ([`ConnectionSettings::close_timeout`] is linked to it).
+    pub timeout: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            drain_delay: Duration::ZERO,
+            timeout: ConnectionSettings::default().close_timeout,
+        }
+    }
+}
+
+/// The async runtime.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Threads running connections.
+    pub worker_threads: usize,
+}
+
+impl Default for RuntimeConfig {
+    /// One worker per CPU core the process may use.
+    fn default() -> Self {
+        RuntimeConfig {
+            worker_threads: std::thread::available_parallelism()
+                .map_or(1, std::num::NonZeroUsize::get),
+        }
+    }
+}
+
+impl RuntimeConfig {
+    fn check(&self) -> Result<(), ConfigError> {
+        if !(1..=1024).contains(&self.worker_threads) {
+            return Err(invalid("worker-threads", "must be between 1 and 1024"));
+        }
+        Ok(())
     }
 }
 
@@ -951,7 +1139,7 @@ pub enum ConfigError {
     #[error("{key}: {reason}")]
     Invalid {
         /// The flag/file key at fault.
-        key: &'static str,
+        key: String,
         /// What is wrong and what would be right.
         reason: String,
     },
@@ -969,92 +1157,6 @@ impl Options {
             message: e.to_string().trim_end().replace('\n', " "),
         })
     }
-
-    /// Fills every unset field of `self` from `lower`.
-    fn or(self, lower: Options) -> Options {
-        macro_rules! pick {
-            ($($field:ident),* $(,)?) => {
-                Options { $($field: self.$field.or(lower.$field)),* }
-            };
-        }
-        pick!(
-            config,
-            https_listen,
-            http_listen,
-            public_url,
-            public_dir,
-            tls_cert,
-            tls_key,
-            certs_dir,
-            tls_reload_interval,
-            tls_handshake_timeout,
-            header_read_timeout,
-            idle_timeout,
-            h2_max_concurrent_streams,
-            connections_per_ip,
-            response_stall_timeout,
-            public_dir_max_bytes,
-            max_connections,
-            worker_threads,
-            hsts_max_age,
-            shutdown_drain_delay,
-            shutdown_timeout,
-            allowed_origins,
-            ws_max_message_bytes,
-            ws_heartbeat_interval,
-            ws_missed_pongs,
-            ws_outbox_frames,
-            ws_outbox_bytes,
-            ws_outbox_bytes_total,
-            resume_queue_bytes,
-            reservations_per_ip,
-            max_clients,
-            ws_write_timeout,
-            ws_messages_per_second,
-            ws_message_burst,
-            ws_calls_per_minute,
-            ws_upgrades_per_second,
-            ws_connections_per_ip,
-            id_digits,
-            resume_grace,
-            acme_challenge_dir,
-            acme_domain,
-            acme_email,
-            acme_directory,
-            acme_directory_ca,
-            acme_challenge,
-            acme_retry_delay,
-            proxy_protocol_from,
-            turn,
-            realm,
-            listening_ip,
-            listening_port,
-            tls_listening_port,
-            turn_udp,
-            turn_tcp,
-            relay_ip,
-            external_ip,
-            min_port,
-            max_port,
-            static_auth_secret,
-            turn_credential_ttl,
-            user_quota,
-            total_quota,
-            allocations_per_ip,
-            turn_unauthenticated_per_ip,
-            max_bps,
-            allowed_peer_ip,
-            denied_peer_ip,
-            allow_private_peers,
-            turn_on_https_port,
-            turn_host,
-            turn_api_key,
-            metrics_listen,
-            metrics_token,
-            log_format,
-            log_level,
-        )
-    }
 }
 
 impl Config {
@@ -1068,331 +1170,99 @@ impl Config {
         Config::from_options(cli.or(file))
     }
 
-    /// Applies defaults to merged options and validates them.
-    pub fn from_options(o: Options) -> Result<Config, ConfigError> {
-        let secs =
-            |v: Option<Seconds>, default: u64| v.map_or(Duration::from_secs(default), |s| s.0);
-        let tls = match (o.tls_cert.clone(), o.tls_key.clone()) {
-            (Some(cert), Some(key)) => TlsSource::Files { cert, key },
-            (None, None) => TlsSource::DevDir {
-                dir: o
-                    .certs_dir
-                    .clone()
-                    .unwrap_or_else(|| PathBuf::from("certs")),
-            },
-            (Some(_), None) => return Err(invalid("tls-key", "is required when tls-cert is set")),
-            (None, Some(_)) => return Err(invalid("tls-cert", "is required when tls-key is set")),
-        };
-        let acme = acme_config(&o, &tls)?;
-        let public_url = o
-            .public_url
-            .as_deref()
-            .map(PublicUrl::parse)
-            .transpose()
-            .map_err(|reason| ConfigError::Invalid {
-                key: "public-url",
-                reason,
-            })?;
-        if o.turn_on_https_port == Some(true) && o.turn == Some(false) {
+    /// Applies merged options over the defaults, links shared values and validates.
+    pub fn from_options(options: Options) -> Result<Config, ConfigError> {
+        // Only an explicit request conflicts: with the relay off, the default is moot.
+        if options.turn_on_https_port == Some(true) && options.turn == Some(false) {
             return Err(invalid(
                 "turn-on-https-port",
                 "needs the TURN relay on (turn = true)",
             ));
         }
-        let config = Config {
-            https_listen: o
-                .https_listen
-                .unwrap_or_else(|| SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 8443))),
-            http_listen: o.http_listen.unwrap_or(Listen::On(SocketAddr::from((
-                std::net::Ipv6Addr::UNSPECIFIED,
-                8080,
-            )))),
-            public_url,
-            public_dir: o.public_dir.unwrap_or_else(|| PathBuf::from("public")),
-            tls,
-            tls_reload_interval: secs(o.tls_reload_interval, 10),
-            tls_handshake_timeout: secs(o.tls_handshake_timeout, 10),
-            header_read_timeout: secs(o.header_read_timeout, 10),
-            idle_timeout: secs(o.idle_timeout, 60),
-            h2_max_concurrent_streams: o.h2_max_concurrent_streams.unwrap_or(100),
-            connections_per_ip: o.connections_per_ip.unwrap_or(128),
-            response_stall_timeout: secs(o.response_stall_timeout, 30),
-            public_dir_max_bytes: o.public_dir_max_bytes.unwrap_or(64 * 1024 * 1024),
-            max_connections: o.max_connections.unwrap_or(10_000),
-            worker_threads: o.worker_threads.unwrap_or_else(|| {
-                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
-            }),
-            hsts_max_age: secs(o.hsts_max_age, 31_536_000),
-            shutdown_drain_delay: secs(o.shutdown_drain_delay, 0),
-            shutdown_timeout: secs(o.shutdown_timeout, 10),
-            allowed_origins: o
-                .allowed_origins
-                .unwrap_or_default()
-                .into_iter()
-                .map(|origin| origin.trim().trim_end_matches('/').to_ascii_lowercase())
-                .filter(|origin| !origin.is_empty())
-                .collect(),
-            ws_max_message_bytes: o.ws_max_message_bytes.unwrap_or(64 * 1024),
-            ws_heartbeat_interval: secs(o.ws_heartbeat_interval, 20),
-            ws_missed_pongs: o.ws_missed_pongs.unwrap_or(2),
-            ws_outbox_frames: o.ws_outbox_frames.unwrap_or(128),
-            ws_outbox_bytes: o.ws_outbox_bytes.unwrap_or(1024 * 1024),
-            ws_outbox_bytes_total: o.ws_outbox_bytes_total.unwrap_or(256 * 1024 * 1024),
-            resume_queue_bytes: o.resume_queue_bytes.unwrap_or(256 * 1024),
-            reservations_per_ip: o.reservations_per_ip.unwrap_or(16),
-            max_clients: o.max_clients.unwrap_or(100_000),
-            ws_write_timeout: secs(o.ws_write_timeout, 10),
-            ws_messages_per_second: non_zero(
-                "ws-messages-per-second",
-                o.ws_messages_per_second,
-                20,
-            )?,
-            ws_message_burst: non_zero("ws-message-burst", o.ws_message_burst, 60)?,
-            ws_calls_per_minute: non_zero("ws-calls-per-minute", o.ws_calls_per_minute, 10)?,
-            ws_upgrades_per_second: non_zero(
-                "ws-upgrades-per-second",
-                o.ws_upgrades_per_second,
-                10,
-            )?,
-            ws_connections_per_ip: o.ws_connections_per_ip.unwrap_or(64),
-            id_digits: o.id_digits.unwrap_or(9),
-            resume_grace: secs(o.resume_grace, 30),
-            acme_challenge_dir: o.acme_challenge_dir,
-            acme,
-            proxy_protocol_from: o.proxy_protocol_from.unwrap_or_default(),
-            turn: TurnConfig {
-                enabled: o.turn.unwrap_or(true),
-                realm: o.realm.unwrap_or_else(|| "callgate".to_owned()),
-                listening_ip: o
-                    .listening_ip
-                    .unwrap_or_else(|| vec![IpAddr::from([0, 0, 0, 0]), IpAddr::from([0u16; 8])]),
-                listening_port: o.listening_port.unwrap_or(3478),
-                tls_listening_port: o.tls_listening_port.unwrap_or(PortOrOff::Port(5349)),
-                udp: o.turn_udp.unwrap_or(true),
-                tcp: o.turn_tcp.unwrap_or(true),
-                relay_ip: o.relay_ip,
-                external_ip: o
-                    .external_ip
-                    .as_deref()
-                    .map(parse_external_ip)
-                    .transpose()
-                    .map_err(|reason| ConfigError::Invalid {
-                        key: "external-ip",
-                        reason,
-                    })?,
-                min_port: o.min_port.unwrap_or(49152),
-                max_port: o.max_port.unwrap_or(65535),
-                static_auth_secret: o.static_auth_secret.unwrap_or_default(),
-                credential_ttl: secs(o.turn_credential_ttl, 3600),
-                user_quota: o.user_quota.unwrap_or(10),
-                total_quota: o.total_quota.unwrap_or(10_000),
-                allocations_per_ip: o
-                    .allocations_per_ip
-                    .unwrap_or((o.total_quota.unwrap_or(10_000) / 100).max(1)),
-                unauthenticated_per_ip: o.turn_unauthenticated_per_ip.unwrap_or(20),
-                max_bps: o.max_bps,
-                allowed_peer_ip: o.allowed_peer_ip.unwrap_or_default(),
-                denied_peer_ip: o.denied_peer_ip.unwrap_or_default(),
-                allow_private_peers: o.allow_private_peers.unwrap_or(false),
-                on_https_port: o.turn_on_https_port.unwrap_or(true),
-                host: o.turn_host,
-                api_key: o.turn_api_key,
-            },
-            metrics_listen: o
-                .metrics_listen
-                .unwrap_or(Listen::On(SocketAddr::from(([127, 0, 0, 1], 9100)))),
-            metrics_token: o.metrics_token,
-            log_format: o.log_format.unwrap_or(LogFormat::Text),
-            log_level: o.log_level.unwrap_or_else(|| "info".to_owned()),
-        };
-        config.validate()?;
+        let mut config = Config::unlinked();
+        options.apply(&mut config)?;
+        config.link();
+        config.check()?;
         Ok(config)
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
-        let positive = [
-            ("tls-reload-interval", self.tls_reload_interval),
-            ("tls-handshake-timeout", self.tls_handshake_timeout),
-            ("header-read-timeout", self.header_read_timeout),
-            ("idle-timeout", self.idle_timeout),
-            ("response-stall-timeout", self.response_stall_timeout),
-        ];
-        for (key, value) in positive {
-            if value.is_zero() {
-                return Err(invalid(key, "must be greater than 0"));
-            }
-        }
-        for origin in &self.allowed_origins {
-            let scheme_ok = origin.starts_with("https://") || origin.starts_with("http://");
-            if !scheme_ok || origin.matches('/').count() != 2 {
-                return Err(invalid(
-                    "allowed-origins",
-                    &format!("\"{origin}\" must be an origin like https://app.example.com (scheme, host, optional port; no path)"),
-                ));
-            }
-        }
-        if !(1024..=16 * 1024 * 1024).contains(&self.ws_max_message_bytes) {
+    /// Copies the values several sections share from the section that owns them, and
+    /// normalises lists, so every subsystem sees the same value.
+    fn link(&mut self) {
+        self.http.connection.close_timeout = self.shutdown.timeout;
+        let session = &mut self.signaling.session;
+        self.signaling.limits.heartbeat_interval = session.heartbeat_interval;
+        session.public_authority = self
+            .http
+            .public_url
+            .as_ref()
+            .map(|url| url.authority.clone());
+        session.allowed_origins = session
+            .allowed_origins
+            .iter()
+            .map(|origin| origin.trim().trim_end_matches('/').to_ascii_lowercase())
+            .filter(|origin| !origin.is_empty())
+            .collect();
+        let turn = &mut self.turn;
+        turn.relay.udp_port = turn.udp.then_some(turn.listening_port);
+        turn.relay.tcp_port = turn.tcp.then_some(turn.listening_port);
+        turn.relay.tls_handshake_timeout = self.http.connection.tls_handshake_timeout;
+        turn.relay.allocations_per_ip = Some(turn.relay.allocations_per_ip());
+        self.acme.state_dir = self.tls.certs_dir.join("acme");
+        self.acme.normalise();
+    }
+
+    /// Validates every section, then what spans sections.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        self.http.check()?;
+        self.tls.check()?;
+        self.acme.check()?;
+        self.signaling.check()?;
+        self.turn.check()?;
+        self.metrics.check()?;
+        self.log.check()?;
+        self.runtime.check()?;
+        if self.acme.enabled() && self.tls.cert.is_some() {
             return Err(invalid(
-                "ws-max-message-bytes",
-                "must be between 1024 and 16777216",
+                "acme-domain",
+                "cannot be combined with tls-cert/tls-key: ACME obtains the certificate itself \
+                 (remove one or the other)",
             ));
         }
-        if self.ws_heartbeat_interval.is_zero() || self.ws_write_timeout.is_zero() {
-            let key = if self.ws_write_timeout.is_zero() {
-                "ws-write-timeout"
-            } else {
-                "ws-heartbeat-interval"
-            };
-            return Err(invalid(key, "must be greater than 0"));
-        }
-        if self.ws_missed_pongs == 0 {
-            return Err(invalid("ws-missed-pongs", "must be at least 1"));
-        }
-        // A resumed connection receives its `id` message and up to 64 queued messages at once.
-        // A resume replays up to resume-queue-bytes of held messages at once.
-        if self.ws_outbox_bytes < self.resume_queue_bytes + self.ws_max_message_bytes {
+        if self.acme.enabled()
+            && self.acme.challenge == AcmeChallenge::Http01
+            && self.http.http_listen == Listen::Off
+        {
             return Err(invalid(
-                "ws-outbox-bytes",
-                "must be at least resume-queue-bytes + ws-max-message-bytes (a resume replays what is held at once)",
-            ));
-        }
-        if self.ws_outbox_bytes_total < self.ws_outbox_bytes {
-            return Err(invalid(
-                "ws-outbox-bytes-total",
-                "must be at least ws-outbox-bytes",
-            ));
-        }
-        if self.resume_queue_bytes < self.ws_max_message_bytes {
-            return Err(invalid(
-                "resume-queue-bytes",
-                "must be at least ws-max-message-bytes (one message must fit)",
-            ));
-        }
-        if self.reservations_per_ip == 0 {
-            return Err(invalid("reservations-per-ip", "must be at least 1"));
-        }
-        if self.max_clients == 0 {
-            return Err(invalid("max-clients", "must be at least 1"));
-        }
-        if self.ws_outbox_frames < 65 {
-            return Err(invalid(
-                "ws-outbox-frames",
-                "must be at least 65 (a resume delivers up to 64 queued messages at once)",
-            ));
-        }
-        if self.ws_connections_per_ip == 0 {
-            return Err(invalid("ws-connections-per-ip", "must be at least 1"));
-        }
-        if !(6..=15).contains(&self.id_digits) {
-            return Err(invalid(
-                "id-digits",
-                "must be between 6 and 15 (IDs must stay exact JavaScript numbers)",
-            ));
-        }
-        let turn = &self.turn;
-        if turn.realm.is_empty() {
-            return Err(invalid("realm", "must not be empty"));
-        }
-        if turn.listening_ip.is_empty() {
-            return Err(invalid("listening-ip", "needs at least one address"));
-        }
-        if turn.min_port == 0 || turn.max_port < turn.min_port {
-            return Err(invalid(
-                "min-port",
-                "must be at least 1 and no greater than max-port",
-            ));
-        }
-        if turn.static_auth_secret.iter().any(|s| s.0.len() < 16) {
-            return Err(invalid(
-                "static-auth-secret",
-                "each secret must be at least 16 characters",
-            ));
-        }
-        if turn.credential_ttl.is_zero() {
-            return Err(invalid("turn-credential-ttl", "must be greater than 0"));
-        }
-        if turn.user_quota == 0 || turn.total_quota == 0 {
-            let key = if turn.user_quota == 0 {
-                "user-quota"
-            } else {
-                "total-quota"
-            };
-            return Err(invalid(key, "must be at least 1"));
-        }
-        if turn.allocations_per_ip == 0 {
-            return Err(invalid("allocations-per-ip", "must be at least 1"));
-        }
-        if turn.unauthenticated_per_ip == 0 {
-            return Err(invalid("turn-unauthenticated-per-ip", "must be at least 1"));
-        }
-        if turn.max_bps == Some(0) {
-            return Err(invalid(
-                "max-bps",
-                "must be at least 1 (leave it unset for no cap)",
-            ));
-        }
-        if turn.api_key.as_ref().is_some_and(|t| t.0.len() < 16) {
-            return Err(invalid("turn-api-key", "must be at least 16 characters"));
-        }
-        if self.metrics_token.as_ref().is_some_and(|t| t.0.len() < 16) {
-            return Err(invalid("metrics-token", "must be at least 16 characters"));
-        }
-        if self.h2_max_concurrent_streams == 0 {
-            return Err(invalid("h2-max-concurrent-streams", "must be at least 1"));
-        }
-        if self.connections_per_ip == 0 {
-            return Err(invalid("connections-per-ip", "must be at least 1"));
-        }
-        if !(1024..=4 * 1024 * 1024 * 1024).contains(&self.public_dir_max_bytes) {
-            return Err(invalid(
-                "public-dir-max-bytes",
-                "must be between 1024 and 4294967296 (the web app is held in memory)",
-            ));
-        }
-        if self.max_connections == 0 {
-            return Err(invalid("max-connections", "must be at least 1"));
-        }
-        if !(1..=1024).contains(&self.worker_threads) {
-            return Err(invalid("worker-threads", "must be between 1 and 1024"));
-        }
-        if let Listen::On(http) = self.http_listen {
-            if http == self.https_listen && http.port() != 0 {
-                return Err(invalid(
-                    "http-listen",
-                    "must differ from https-listen (the redirect listener needs its own port)",
-                ));
-            }
-        }
-        if let Some(acme) = &self.acme {
-            if acme.challenge == AcmeChallenge::Http01 && self.http_listen == Listen::Off {
-                return Err(invalid(
-                    "acme-challenge",
-                    "http-01 is answered on the plain-HTTP listener, so http-listen must not be off",
-                ));
-            }
-        }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
-            return Err(invalid(
-                "log-level",
-                &format!("\"{}\": {e}", self.log_level),
+                "acme-challenge",
+                "http-01 is answered on the plain-HTTP listener, so http-listen must not be off",
             ));
         }
         Ok(())
     }
 
-    /// The effective configuration as TOML, in the file format, for `check-config`.
+    /// Automatic certificates, if `acme-domain` is set.
+    pub fn acme(&self) -> Option<&AcmeConfig> {
+        self.acme.enabled().then_some(&self.acme)
+    }
+
+    /// The effective configuration in the file format, for `check-config`: every setting, one
+    /// key each, in the order of `--help`.
     ///
     /// Secrets print as `***`.
     pub fn to_toml(&self) -> String {
-        toml::to_string(self).unwrap_or_else(|e| format!("# cannot print configuration: {e}\n"))
+        match toml::to_string(&Options::of(self)) {
+            Ok(text) if text.ends_with('\n') => text,
+            Ok(text) => text + "\n",
+            Err(e) => format!("# cannot print configuration: {e}\n"),
+        }
     }
 }
 
 /// Settings for automatic certificates over ACME (`acme-*`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AcmeConfig {
-    /// The names on the certificate, lowercase, first one first.
+    /// The names on the certificate, lowercase, first one first; empty: ACME is off.
     pub domains: Vec<String>,
     /// Contact e-mail address for the account, if any.
     pub email: Option<String>,
@@ -1403,100 +1273,92 @@ pub struct AcmeConfig {
     /// Which challenge type to answer.
     pub challenge: AcmeChallenge,
     /// First wait after a failed order (doubles up to six hours).
-    #[serde(serialize_with = "as_seconds")]
     pub retry_delay: Duration,
-    /// Where the account and certificate are kept: `certs-dir/acme`.
+    /// Where the account and certificate are kept: `certs-dir/acme` (linked).
     pub state_dir: PathBuf,
+    /// Where HTTP-01 tokens of an outside ACME client are read from (`acme-challenge-dir`),
+    /// served whether or not callgate runs ACME itself.
+    pub challenge_dir: Option<PathBuf>,
 }
 
-/// Let's Encrypt's production directory, the default `acme-directory`.
-pub const LETS_ENCRYPT_PRODUCTION: &str = "https://acme-v02.api.letsencrypt.org/directory";
-
-/// Which ACME challenge callgate answers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum AcmeChallenge {
-    /// TLS-ALPN-01 on the HTTPS listener first, HTTP-01 after a failed validation, and so on.
-    Auto,
-    /// Only TLS-ALPN-01 (the CA connects to port 443).
-    #[value(name = "tls-alpn-01")]
-    #[serde(rename = "tls-alpn-01")]
-    TlsAlpn01,
-    /// Only HTTP-01 (the CA connects to port 80).
-    #[value(name = "http-01")]
-    #[serde(rename = "http-01")]
-    Http01,
-}
-
-/// Builds and checks the `acme-*` settings; `None` without `acme-domain`.
-fn acme_config(o: &Options, tls: &TlsSource) -> Result<Option<AcmeConfig>, ConfigError> {
-    let domains: Vec<String> = o
-        .acme_domain
-        .iter()
-        .flatten()
-        .map(|d| d.trim().trim_end_matches('.').to_ascii_lowercase())
-        .filter(|d| !d.is_empty())
-        .collect();
-    if domains.is_empty() {
-        return Ok(None);
-    }
-    let TlsSource::DevDir { dir } = tls else {
-        return Err(invalid(
-            "acme-domain",
-            "cannot be combined with tls-cert/tls-key: ACME obtains the certificate itself \
-             (remove one or the other)",
-        ));
-    };
-    if domains.len() > 100 {
-        return Err(invalid(
-            "acme-domain",
-            "at most 100 names fit on one certificate",
-        ));
-    }
-    for domain in &domains {
-        if let Err(reason) = check_domain(domain) {
-            return Err(invalid("acme-domain", &format!("\"{domain}\" {reason}")));
+impl Default for AcmeConfig {
+    fn default() -> Self {
+        AcmeConfig {
+            domains: Vec::new(),
+            email: None,
+            directory: LETS_ENCRYPT_PRODUCTION.to_owned(),
+            directory_ca: None,
+            challenge: AcmeChallenge::Auto,
+            retry_delay: Duration::from_secs(60),
+            state_dir: PathBuf::from("certs/acme"),
+            challenge_dir: None,
         }
     }
-    let email = o
-        .acme_email
-        .as_deref()
-        .map(str::trim)
-        .filter(|e| !e.is_empty());
-    if let Some(email) = email {
-        let ok = email.split_once('@').is_some_and(|(user, host)| {
-            !user.is_empty() && host.contains('.') && !host.starts_with('.')
-        }) && !email.contains(|c: char| c.is_whitespace() || c == ',' || c == '?');
-        if !ok {
+}
+
+impl AcmeConfig {
+    /// Whether callgate obtains its certificate over ACME (`acme-domain` is set).
+    pub fn enabled(&self) -> bool {
+        !self.domains.is_empty()
+    }
+
+    /// Lowercases the names and drops trailing dots and empty entries; an empty e-mail is none.
+    fn normalise(&mut self) {
+        self.domains = self
+            .domains
+            .iter()
+            .map(|d| d.trim().trim_end_matches('.').to_ascii_lowercase())
+            .filter(|d| !d.is_empty())
+            .collect();
+        self.email = self
+            .email
+            .as_deref()
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .map(str::to_owned);
+    }
+
+    /// Checks the `acme-*` settings; without `acme-domain` there is nothing to check.
+    fn check(&self) -> Result<(), ConfigError> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        if self.domains.len() > 100 {
             return Err(invalid(
-                "acme-email",
-                &format!("\"{email}\" is not an e-mail address like ops@example.com"),
+                "acme-domain",
+                "at most 100 names fit on one certificate",
             ));
         }
+        for domain in &self.domains {
+            if let Err(reason) = check_domain(domain) {
+                return Err(invalid("acme-domain", &format!("\"{domain}\" {reason}")));
+            }
+        }
+        if let Some(email) = &self.email {
+            let ok = email.split_once('@').is_some_and(|(user, host)| {
+                !user.is_empty() && host.contains('.') && !host.starts_with('.')
+            }) && !email.contains(|c: char| c.is_whitespace() || c == ',' || c == '?');
+            if !ok {
+                return Err(invalid(
+                    "acme-email",
+                    &format!("\"{email}\" is not an e-mail address like ops@example.com"),
+                ));
+            }
+        }
+        let directory = &self.directory;
+        if !directory.starts_with("https://") || directory.parse::<hyper::Uri>().is_err() {
+            return Err(invalid(
+                "acme-directory",
+                &format!(
+                    "\"{directory}\" must be an https:// URL such as {LETS_ENCRYPT_PRODUCTION}"
+                ),
+            ));
+        }
+        if self.retry_delay.is_zero() {
+            return Err(invalid("acme-retry-delay", "must be greater than 0"));
+        }
+        Ok(())
     }
-    let directory = o
-        .acme_directory
-        .clone()
-        .unwrap_or_else(|| LETS_ENCRYPT_PRODUCTION.to_owned());
-    if !directory.starts_with("https://") || directory.parse::<hyper::Uri>().is_err() {
-        return Err(invalid(
-            "acme-directory",
-            &format!("\"{directory}\" must be an https:// URL such as {LETS_ENCRYPT_PRODUCTION}"),
-        ));
-    }
-    let retry_delay = o.acme_retry_delay.map_or(Duration::from_secs(60), |s| s.0);
-    if retry_delay.is_zero() {
-        return Err(invalid("acme-retry-delay", "must be greater than 0"));
-    }
-    Ok(Some(AcmeConfig {
-        domains,
-        email: email.map(str::to_owned),
-        directory,
-        directory_ca: o.acme_directory_ca.clone(),
-        challenge: o.acme_challenge.unwrap_or(AcmeChallenge::Auto),
-        retry_delay,
-        state_dir: dir.join("acme"),
-    }))
 }
 
 /// Why `name` cannot be on a certificate obtained with HTTP-01 or TLS-ALPN-01, if it cannot.
@@ -1523,17 +1385,9 @@ fn check_domain(name: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-fn non_zero(
-    key: &'static str,
-    value: Option<u32>,
-    default: u32,
-) -> Result<NonZeroU32, ConfigError> {
-    NonZeroU32::new(value.unwrap_or(default)).ok_or_else(|| invalid(key, "must be at least 1"))
-}
-
-fn invalid(key: &'static str, reason: &str) -> ConfigError {
+fn invalid(key: &str, reason: &str) -> ConfigError {
     ConfigError::Invalid {
-        key,
+        key: key.to_owned(),
         reason: reason.to_owned(),
     }
 }
@@ -1551,10 +1405,13 @@ mod tests {
     #[test]
     fn defaults_are_the_documented_ports() {
         let config = Config::from_options(Options::default()).unwrap();
-        assert_eq!(config.https_listen, "[::]:8443".parse().unwrap());
-        assert_eq!(config.http_listen, Listen::On("[::]:8080".parse().unwrap()));
+        assert_eq!(config.http.https_listen, "[::]:8443".parse().unwrap());
         assert_eq!(
-            config.tls,
+            config.http.http_listen,
+            Listen::On("[::]:8080".parse().unwrap())
+        );
+        assert_eq!(
+            config.tls.source(),
             TlsSource::DevDir {
                 dir: PathBuf::from("certs")
             }
@@ -1567,9 +1424,12 @@ mod tests {
         let file: Options =
             toml::from_str("https-listen = \"127.0.0.1:1\"\nidle-timeout = \"2m\"\n").unwrap();
         let config = Config::from_options(cli.or(file)).unwrap();
-        assert_eq!(config.https_listen, "127.0.0.1:9443".parse().unwrap());
-        assert_eq!(config.http_listen, Listen::Off);
-        assert_eq!(config.idle_timeout, Duration::from_secs(120));
+        assert_eq!(config.http.https_listen, "127.0.0.1:9443".parse().unwrap());
+        assert_eq!(config.http.http_listen, Listen::Off);
+        assert_eq!(
+            config.http.connection.idle_timeout,
+            Duration::from_secs(120)
+        );
     }
 
     #[test]
@@ -1589,9 +1449,9 @@ mod tests {
     fn worker_threads_default_to_the_usable_cores_and_are_bounded() {
         let config = Config::from_options(Options::default()).unwrap();
         let cores = std::thread::available_parallelism().unwrap().get();
-        assert_eq!(config.worker_threads, cores);
+        assert_eq!(config.runtime.worker_threads, cores);
         let one = Config::from_options(parse(&["--worker-threads", "1"])).unwrap();
-        assert_eq!(one.worker_threads, 1);
+        assert_eq!(one.runtime.worker_threads, 1);
         let zero = Config::from_options(parse(&["--worker-threads", "0"])).unwrap_err();
         assert_eq!(
             zero.to_string(),
@@ -1602,9 +1462,12 @@ mod tests {
     #[test]
     fn edge_limits_have_safe_defaults_and_are_validated() {
         let config = Config::from_options(Options::default()).unwrap();
-        assert_eq!(config.connections_per_ip, 128);
-        assert_eq!(config.response_stall_timeout, Duration::from_secs(30));
-        assert_eq!(config.public_dir_max_bytes, 64 * 1024 * 1024);
+        assert_eq!(config.http.connections_per_ip, 128);
+        assert_eq!(
+            config.http.connection.response_stall_timeout,
+            Duration::from_secs(30)
+        );
+        assert_eq!(config.http.public_dir_max_bytes, 64 * 1024 * 1024);
         for (args, message) in [
             (
                 &["--connections-per-ip", "0"][..],
@@ -1631,9 +1494,15 @@ mod tests {
         )
         .unwrap();
         let config = Config::from_options(file).unwrap();
-        assert_eq!(config.tls_handshake_timeout, Duration::from_secs(3));
-        assert_eq!(config.header_read_timeout, Duration::from_millis(1500));
-        assert_eq!(config.shutdown_timeout, Duration::from_secs(3600));
+        assert_eq!(
+            config.http.connection.tls_handshake_timeout,
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            config.http.connection.header_read_timeout,
+            Duration::from_millis(1500)
+        );
+        assert_eq!(config.shutdown.timeout, Duration::from_secs(3600));
         assert!("5 parsecs".parse::<Seconds>().is_err());
     }
 
@@ -1663,7 +1532,7 @@ mod tests {
 
     #[test]
     fn acme_is_off_without_a_domain_and_checked_with_one() {
-        assert_eq!(Config::from_options(parse(&[])).unwrap().acme, None);
+        assert_eq!(Config::from_options(parse(&[])).unwrap().acme(), None);
         let acme = Config::from_options(parse(&[
             "--acme-domain",
             "Call.Example.com.,www.example.com",
@@ -1671,8 +1540,7 @@ mod tests {
             "/var/lib/callgate/certs",
         ]))
         .unwrap()
-        .acme
-        .unwrap();
+        .acme;
         assert_eq!(acme.domains, ["call.example.com", "www.example.com"]);
         assert_eq!(acme.directory, LETS_ENCRYPT_PRODUCTION);
         assert_eq!(acme.challenge, AcmeChallenge::Auto);
@@ -1685,7 +1553,7 @@ mod tests {
              acme-challenge = \"http-01\"\nacme-retry-delay = \"5m\"",
         )
         .unwrap();
-        let acme = Config::from_options(file).unwrap().acme.unwrap();
+        let acme = Config::from_options(file).unwrap().acme;
         assert_eq!(acme.email.as_deref(), Some("ops@example.com"));
         assert_eq!(acme.challenge, AcmeChallenge::Http01);
         assert_eq!(acme.retry_delay, Duration::from_secs(300));
@@ -1725,19 +1593,156 @@ mod tests {
     #[test]
     fn allocations_per_ip_defaults_to_one_percent_of_the_total_quota() {
         let default = Config::from_options(Options::default()).unwrap();
-        assert_eq!(default.turn.allocations_per_ip, 100);
+        assert_eq!(default.turn.relay.allocations_per_ip(), 100);
         let bigger = Config::from_options(parse(&["--total-quota", "50000"])).unwrap();
-        assert_eq!(bigger.turn.allocations_per_ip, 500);
+        assert_eq!(bigger.turn.relay.allocations_per_ip(), 500);
         let tiny = Config::from_options(parse(&["--total-quota", "20"])).unwrap();
-        assert_eq!(tiny.turn.allocations_per_ip, 1);
+        assert_eq!(tiny.turn.relay.allocations_per_ip(), 1);
         let file: Options = toml::from_str("allocations-per-ip = 7").unwrap();
         assert_eq!(
-            Config::from_options(file).unwrap().turn.allocations_per_ip,
+            Config::from_options(file)
+                .unwrap()
+                .turn
+                .relay
+                .allocations_per_ip(),
             7
         );
         let flag = Config::from_options(parse(&["--allocations-per-ip", "3"])).unwrap();
-        assert_eq!(flag.turn.allocations_per_ip, 3);
+        assert_eq!(flag.turn.relay.allocations_per_ip(), 3);
         let zero = Config::from_options(parse(&["--allocations-per-ip", "0"])).unwrap_err();
         assert_eq!(zero.to_string(), "allocations-per-ip: must be at least 1");
+    }
+
+    #[test]
+    fn every_default_in_help_is_the_default() {
+        use clap::CommandFactory;
+        let defaults = Config::default().to_toml();
+        let mut checked = Vec::new();
+        let command = Cli::command();
+        for arg in command.get_arguments() {
+            let Some(long) = arg.get_long() else {
+                continue;
+            };
+            let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+            assert!(help.matches("[default:").count() <= 1, "--{long}: {help}");
+            let Some(text) = help
+                .split_once("[default: ")
+                .and_then(|(_, rest)| rest.strip_suffix(']'))
+            else {
+                continue;
+            };
+            let line = defaults
+                .lines()
+                .find(|l| l.starts_with(&format!("{long} = ")));
+            if line.is_none_or(|l| l.ends_with("= []")) {
+                // Unset by default: the help says what that means in words.
+                checked.push(long);
+                continue;
+            }
+            assert_ne!(
+                text, "none",
+                "--{long}: help says none, the default is {line:?}"
+            );
+            // Descriptive defaults ("one per CPU core ...") are not values; the rest must be
+            // exactly what an unset setting gives.
+            let Ok(cli) = Cli::try_parse_from(["callgate", &format!("--{long}={text}")]) else {
+                continue;
+            };
+            let Ok(config) = Config::from_options(cli.options) else {
+                continue;
+            };
+            assert_eq!(config.to_toml(), defaults, "--{long}: help says {text}");
+            checked.push(long);
+        }
+        assert!(checked.len() >= 55, "only {checked:?}");
+    }
+
+    #[test]
+    fn the_printed_config_reads_back_as_the_same_config() {
+        let config = Config::from_options(parse(&[
+            "--public-url=https://Call.Example.com",
+            "--external-ip=203.0.113.7/10.0.0.5",
+            "--relay-ip=192.0.2.1",
+            "--tls-listening-port=off",
+            "--max-bps=250000",
+            "--allowed-peer-ip=10.0.0.0/8,192.0.2.7",
+            "--acme-domain=call.example.com",
+            "--acme-email=ops@example.com",
+            "--ws-heartbeat-interval=1500ms",
+            "--ws-messages-per-second=5",
+            "--turn-udp=false",
+            "--metrics-listen=off",
+            "--log-format=json",
+            "--allowed-origins=https://App.example.com/",
+        ]))
+        .unwrap();
+        let printed = config.to_toml();
+        for line in [
+            "public-url = \"https://call.example.com\"",
+            "external-ip = \"203.0.113.7/10.0.0.5\"",
+            "tls-listening-port = \"off\"",
+            "allowed-peer-ip = [\"10.0.0.0/8\", \"192.0.2.7/32\"]",
+            "ws-heartbeat-interval = \"1500ms\"",
+            "turn-udp = false",
+            "allowed-origins = [\"https://app.example.com\"]",
+        ] {
+            assert!(printed.contains(line), "{line} not in\n{printed}");
+        }
+        let reread: Options =
+            toml::from_str(&printed).expect("check-config prints the file format");
+        assert_eq!(Config::from_options(reread).unwrap().to_toml(), printed);
+
+        // An optional part of a value prints as written (TOML has no null).
+        let public_only = Config::from_options(parse(&["--external-ip=203.0.113.7"])).unwrap();
+        assert!(public_only
+            .to_toml()
+            .contains("external-ip = \"203.0.113.7\"\n"));
+    }
+
+    #[test]
+    fn values_that_several_subsystems_use_are_set_once() {
+        let config = Config::from_options(parse(&[
+            "--ws-heartbeat-interval=5s",
+            "--shutdown-timeout=3s",
+            "--tls-handshake-timeout=4s",
+            "--public-url=https://call.example.com:8443",
+            "--listening-port=4000",
+            "--turn-tcp=false",
+            "--certs-dir=/srv/certs",
+        ]))
+        .unwrap();
+        let secs = Duration::from_secs;
+        assert_eq!(config.signaling.session.heartbeat_interval, secs(5));
+        assert_eq!(config.signaling.limits.heartbeat_interval, secs(5));
+        assert_eq!(config.shutdown.timeout, secs(3));
+        assert_eq!(config.http.connection.close_timeout, secs(3));
+        assert_eq!(config.http.connection.tls_handshake_timeout, secs(4));
+        assert_eq!(config.turn.relay.tls_handshake_timeout, secs(4));
+        assert_eq!(
+            config.signaling.session.public_authority.as_deref(),
+            Some("call.example.com:8443")
+        );
+        assert_eq!(config.turn.relay.udp_port, Some(4000));
+        assert_eq!(config.turn.relay.tcp_port, None);
+        assert_eq!(config.acme.state_dir, Path::new("/srv/certs/acme"));
+
+        // The defaults agree with the subsystems' own.
+        let defaults = Config::default();
+        assert_eq!(
+            defaults.signaling.limits.heartbeat_interval,
+            crate::signaling::HEARTBEAT_INTERVAL
+        );
+        assert_eq!(
+            defaults.http.connection.close_timeout,
+            defaults.shutdown.timeout
+        );
+        assert_eq!(
+            defaults.turn.relay.udp_port,
+            TurnSettings::default().udp_port
+        );
+        assert_eq!(
+            defaults.turn.relay.tls_port,
+            TurnSettings::default().tls_port
+        );
     }
 }

@@ -6,7 +6,7 @@
 //! | file | what it holds |
 //! |---|---|
 //! | `main.rs` | parse [`config::Config`], start logging, run [`server`] until a signal |
-//! | `config.rs` | the one `Config`: CLI flags, `CALLGATE_*` env vars, TOML file, validation |
+//! | `config.rs` | the one `Config`, made of the subsystems' settings types as sections: CLI flags, `CALLGATE_*` env vars, TOML file, defaults, validation; `config/values.rs`: how setting values are written (durations, addresses, secrets) |
 //! | `server.rs` | binds every listener, starts the subsystems, owns the one shutdown path |
 //! | `shutdown.rs` | the [`shutdown::Shutdown`] handle every connection task selects on |
 //! | `limits.rs` | the global connection cap, the per-address connection cap, per-address and per-connection rate limits (governor) |
@@ -17,8 +17,11 @@
 //! | `signaling/` | WebSocket sessions (`session`), their frames (`wire`) and send queues (`outbox`), the call rules without I/O (`hub`), wire messages (`protocol`), where each ID lives (`directory`) |
 //! | `turn/` | the embedded TURN relay: a front layer before the `turn` crate's engine (see its own Layout) |
 //!
-//! Dependencies point down: `server` → `http` → `signaling` → (`config`, `tls`, `metrics`, `limits`,
-//! `turn::credentials`). `turn` shares only the certificate store and the credential secret with the
+//! Dependencies point down: `server` → `http` → `signaling` → (`config::values`, `tls`, `metrics`,
+//! `limits`, `turn::credentials`). `config` itself sits beside `server`, above the subsystems: its
+//! sections are their settings types (`ConnectionSettings`, `SessionSettings`, `SignalingLimits`,
+//! `TurnSettings`), which it fills from flags, environment and file; `config::values` imports
+//! nothing from the crate. `turn` shares only the certificate store and the credential secret with the
 //! rest. `acme` sits beside `signaling`: `server` starts it and `http::redirect` reads its
 //! challenge answers; it uses only `config`, `tls`, `metrics` and `shutdown`. `signaling::hub`, `signaling::protocol`, `turn::policy`, `turn::gate` and
 //! `turn::credentials` do no I/O: they take input (and the current time) and return what to do, so

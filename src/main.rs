@@ -23,7 +23,7 @@ fn main() -> ExitCode {
     }
     init_logging(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.worker_threads)
+        .worker_threads(config.runtime.worker_threads)
         .enable_all()
         .build()
     {
@@ -67,11 +67,11 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::new(&config.log_level);
+    let filter = tracing_subscriber::EnvFilter::new(&config.log.level);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    match config.log_format {
+    match config.log.format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }

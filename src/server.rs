@@ -15,22 +15,21 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::acme::{self, Acme, AcmeMetrics};
-use crate::config::{Config, PortOrOff, TlsSource};
+use crate::config::{Config, TlsSource};
 use crate::http::headers::SecurityHeaders;
 use crate::http::proxy_protocol::TrustedProxies;
 use crate::http::routes::Readiness;
 use crate::http::static_files::StaticFiles;
-use crate::http::{self, Admission, App, ConnectionSettings, RedirectTarget};
+use crate::http::{self, Admission, App, RedirectTarget};
 use crate::limits::{AddressLimit, ConnectionLimit, PerIpLimits};
 use crate::metrics::{Limit, Metrics};
 use crate::shutdown::{Shutdown, ShutdownController};
 use crate::signaling::directory::MemoryDirectory;
 use crate::signaling::hub::Hub;
 use crate::signaling::session::IceProvider;
-use crate::signaling::session::{SessionSettings, Signaling};
-use crate::signaling::SignalingLimits;
+use crate::signaling::session::Signaling;
 use crate::tls::{self, CertStore, LoadError};
-use crate::turn::{ExternalIp, Relay, RunningRelay, TlsAcceptorSource, TurnSettings};
+use crate::turn::{Relay, RunningRelay, TlsAcceptorSource};
 
 /// Why the server could not start. Each names the setting or file to fix.
 #[derive(Debug, thiserror::Error)]
@@ -110,12 +109,12 @@ pub struct Server {
 impl Server {
     /// Loads (or generates) the certificate, opens the web app directory and binds every listener.
     pub async fn bind(config: Config) -> Result<Server, StartError> {
-        if let TlsSource::DevDir { dir } = &config.tls {
+        if let TlsSource::DevDir { dir } = &config.tls.source() {
             let generated = tls::ensure_dev_cert(dir).map_err(|source| StartError::DevCert {
                 dir: dir.clone(),
                 source,
             })?;
-            if let (Some(dev), Some(acme)) = (&generated, &config.acme) {
+            if let (Some(dev), Some(acme)) = (&generated, config.acme()) {
                 tracing::info!(
                     cert = %dev.cert.display(),
                     "generated a self-signed development certificate, served until ACME obtains \
@@ -135,8 +134,8 @@ impl Server {
         let (cert_path, key_path) = config.tls.paths();
         let loaded_version = tls::Fingerprint::of(&cert_path, &key_path);
         let acme = config
-            .acme
-            .clone()
+            .acme()
+            .cloned()
             .map(|acme| Acme::open(acme, acme_listeners(&config)))
             .transpose()?;
         let certs = CertStore::new(match acme.as_ref().and_then(Acme::stored_key) {
@@ -144,7 +143,7 @@ impl Server {
             None => tls::load_certified_key(&cert_path, &key_path)?,
         });
 
-        let files = StaticFiles::load(&config.public_dir, config.public_dir_max_bytes)?;
+        let files = StaticFiles::load(&config.http.public_dir, config.http.public_dir_max_bytes)?;
         let (file_count, file_bytes) = files.size();
         tracing::debug!(
             files = file_count,
@@ -156,42 +155,47 @@ impl Server {
         let metrics = Arc::new(Metrics::new());
         let relay = start_relay(&config, &certs, controller.handle()).await?;
         metrics.export_turn(relay.stats().clone());
-        let https = bind("https-listen", config.https_listen).await?;
+        let https = bind("https-listen", config.http.https_listen).await?;
         let mut endpoints = relay.endpoints("");
         if config.turn.on_https_port {
             let port = https
                 .local_addr()
-                .map_or(config.https_listen.port(), |a| a.port());
+                .map_or(config.http.https_listen.port(), |a| a.port());
             endpoints.https_port = Some(port);
         }
-        let ice = config.turn.enabled.then(|| {
+        let ice = config.turn.relay.enabled.then(|| {
             IceProvider::new(
                 relay.credentials().clone(),
                 endpoints,
-                config
-                    .turn
-                    .host
-                    .clone()
-                    .or_else(|| config.public_url.as_ref().map(|url| url.host().to_owned())),
-                config.turn.credential_ttl,
+                config.turn.host.clone().or_else(|| {
+                    config
+                        .http
+                        .public_url
+                        .as_ref()
+                        .map(|url| url.host().to_owned())
+                }),
+                config.turn.relay.credential_ttl,
             )
         });
-        let per_ip = PerIpLimits::new(config.ws_upgrades_per_second, config.ws_connections_per_ip);
+        let per_ip = PerIpLimits::new(
+            config.signaling.upgrades_per_second,
+            config.signaling.connections_per_ip,
+        );
         let hub = Hub::new(
-            MemoryDirectory::new(&signaling_limits(&config)),
-            signaling_limits(&config),
+            MemoryDirectory::new(&config.signaling.limits),
+            config.signaling.limits.clone(),
         )
         .with_observer(metrics.clone());
         let signaling = Signaling::new(
             Arc::new(hub),
-            session_settings(&config),
+            config.signaling.session.clone(),
             per_ip.clone(),
             metrics.clone(),
             ice,
         );
         let app = Arc::new(App::new(
             files,
-            SecurityHeaders::new(config.hsts_max_age),
+            SecurityHeaders::new(config.http.hsts_max_age),
             readiness.clone(),
             signaling.clone(),
             controller.handle(),
@@ -199,11 +203,11 @@ impl Server {
             config.turn.api_key.clone(),
         ));
 
-        let admin = match config.metrics_listen.addr() {
+        let admin = match config.metrics.listen.addr() {
             Some(addr) => Some(bind("metrics-listen", addr).await?),
             None => None,
         };
-        let http = match config.http_listen.addr() {
+        let http = match config.http.http_listen.addr() {
             Some(addr) => Some(bind("http-listen", addr).await?),
             None => None,
         };
@@ -274,41 +278,34 @@ impl Server {
         tokio::spawn(expire_reservations(signaling, controller.handle()));
         tokio::spawn(prune_rate_limits(per_ip, controller.handle()));
         let per_ip = AddressLimit::new(
-            config.connections_per_ip,
+            config.http.connections_per_ip,
             metrics.limits.rejected_counter(Limit::AddressConnections),
         );
         let admission = Admission {
             limit: ConnectionLimit::new(
-                config.max_connections,
+                config.http.max_connections,
                 metrics.limits.rejected_counter(Limit::MaxConnections),
             ),
             per_ip: per_ip.clone(),
-            trusted_proxies: Arc::new(TrustedProxies::new(config.proxy_protocol_from.clone())),
-            proxy_header_timeout: config.tls_handshake_timeout,
+            trusted_proxies: Arc::new(TrustedProxies::new(config.http.proxy_protocol_from.clone())),
+            proxy_header_timeout: config.http.connection.tls_handshake_timeout,
         };
         // The metrics listener has its own global cap (a flood on the public port must not keep
         // the scraper out) and trusts no PROXY header; the per-address cap is shared.
         let metrics_admission = Admission {
             limit: ConnectionLimit::new(
-                config.max_connections,
+                config.http.max_connections,
                 metrics.limits.rejected_counter(Limit::MaxConnections),
             ),
             per_ip,
             trusted_proxies: Arc::new(TrustedProxies::default()),
-            proxy_header_timeout: config.tls_handshake_timeout,
+            proxy_header_timeout: config.http.connection.tls_handshake_timeout,
         };
-        let settings = ConnectionSettings {
-            tls_handshake_timeout: config.tls_handshake_timeout,
-            header_read_timeout: config.header_read_timeout,
-            idle_timeout: config.idle_timeout,
-            response_stall_timeout: config.response_stall_timeout,
-            close_timeout: config.shutdown_timeout,
-            h2_max_concurrent_streams: config.h2_max_concurrent_streams,
-        };
+        let settings = config.http.connection.clone();
 
         let (mut cert_path, mut key_path) = config.tls.paths();
         let (mut loaded_version, mut reload_interval) =
-            (loaded_version, config.tls_reload_interval);
+            (loaded_version, config.tls.reload_interval);
         if let Some(acme) = &acme {
             // The ACME task swaps its certificates in itself; the file watch only serves SIGHUP
             // (re-reading the ACME files), so it never puts the dev certificate back.
@@ -367,7 +364,7 @@ impl Server {
             tokio::spawn(http::admin::serve_metrics(
                 admin,
                 metrics.clone(),
-                config.metrics_token.clone(),
+                config.metrics.token.clone(),
                 settings.clone(),
                 metrics_admission,
                 controller.handle(),
@@ -379,9 +376,9 @@ impl Server {
                 http::listener_url("http", addrs.http.expect("bound"))
             ));
             let target = RedirectTarget {
-                public_url: config.public_url.clone(),
+                public_url: config.http.public_url.clone(),
                 https_port: addrs.https.port(),
-                acme_dir: config.acme_challenge_dir.clone(),
+                acme_dir: config.acme.challenge_dir.clone(),
                 acme_answers: acme_answers.clone(),
             };
             tokio::spawn(http::serve_redirects(
@@ -411,15 +408,15 @@ impl Server {
         stop.await;
         readiness.start_draining();
         tracing::info!(
-            drain_delay = ?config.shutdown_drain_delay,
+            drain_delay = ?config.shutdown.drain_delay,
             "shutting down: /readyz now reports 503"
         );
-        tokio::time::sleep(config.shutdown_drain_delay).await;
+        tokio::time::sleep(config.shutdown.drain_delay).await;
         controller.trigger();
         // The relay holds a shutdown handle like every listener: the drain below waits for it.
         drop(relay);
-        tracing::info!(timeout = ?config.shutdown_timeout, "listeners closing, draining connections");
-        match tokio::time::timeout(config.shutdown_timeout, controller.drained()).await {
+        tracing::info!(timeout = ?config.shutdown.timeout, "listeners closing, draining connections");
+        match tokio::time::timeout(config.shutdown.timeout, controller.drained()).await {
             Ok(()) => tracing::info!("shutdown complete"),
             Err(_) => tracing::warn!(
                 "shutdown timeout reached with connections still open; exiting anyway"
@@ -435,31 +432,27 @@ async fn start_relay(
     certs: &Arc<CertStore>,
     shutdown: Shutdown,
 ) -> Result<RunningRelay, StartError> {
-    let turn = &config.turn;
-    let mut secrets: Vec<String> = turn
-        .static_auth_secret
-        .iter()
-        .map(|s| s.expose().to_owned())
-        .collect();
-    if secrets.is_empty() {
+    let mut settings = config.turn.relay.clone();
+    if settings.auth_secrets.is_empty() {
         use base64::Engine as _;
         let random: [u8; 32] = rand::random();
-        secrets.push(base64::engine::general_purpose::STANDARD_NO_PAD.encode(random));
-        if turn.enabled {
+        settings
+            .auth_secrets
+            .push(base64::engine::general_purpose::STANDARD_NO_PAD.encode(random));
+        if settings.enabled {
             tracing::info!(
                 "TURN: no static-auth-secret configured; credentials are signed with a random secret \
                  for this process (set one to share credentials across instances or restarts)"
             );
         }
     }
-    let mut relay_ip = turn.relay_ip;
-    if turn.enabled
-        && relay_ip.is_none()
-        && turn.external_ip.is_none()
-        && turn.listening_ip.iter().all(|ip| ip.is_unspecified())
+    if settings.enabled
+        && settings.relay_ip.is_none()
+        && settings.external_ip.is_none()
+        && settings.listening_ips.iter().all(|ip| ip.is_unspecified())
     {
-        relay_ip = first_interface_address();
-        match relay_ip {
+        settings.relay_ip = first_interface_address();
+        match settings.relay_ip {
             Some(ip) => {
                 tracing::info!(relay_ip = %ip, "TURN: relaying from this host's first non-loopback address (set relay-ip or external-ip to choose)")
             }
@@ -468,39 +461,10 @@ async fn start_relay(
                     "TURN: found no non-loopback IPv4 address to relay from, so relayed candidates \
                      will be 127.0.0.1 and only work on this host; set relay-ip (or external-ip)"
                 );
-                relay_ip = Some(std::net::IpAddr::from([127, 0, 0, 1]));
+                settings.relay_ip = Some(std::net::IpAddr::from([127, 0, 0, 1]));
             }
         }
     }
-    let settings = TurnSettings {
-        enabled: turn.enabled,
-        realm: turn.realm.clone(),
-        listening_ips: turn.listening_ip.clone(),
-        udp_port: turn.udp.then_some(turn.listening_port),
-        tcp_port: turn.tcp.then_some(turn.listening_port),
-        tls_port: match turn.tls_listening_port {
-            PortOrOff::Port(port) => Some(port),
-            PortOrOff::Off => None,
-        },
-        relay_ip,
-        external_ip: turn
-            .external_ip
-            .map(|(public, private)| ExternalIp { public, private }),
-        min_port: turn.min_port,
-        max_port: turn.max_port,
-        auth_secrets: secrets,
-        credential_ttl: turn.credential_ttl,
-        user_quota: turn.user_quota,
-        total_quota: turn.total_quota,
-        allocations_per_ip: Some(turn.allocations_per_ip),
-        max_bytes_per_sec: turn.max_bps,
-        unauthenticated_per_ip_per_sec: turn.unauthenticated_per_ip,
-        allowed_peer_ips: turn.allowed_peer_ip.iter().map(|r| r.0).collect(),
-        denied_peer_ips: turn.denied_peer_ip.iter().map(|r| r.0).collect(),
-        allow_private_peers: turn.allow_private_peers,
-        tls_handshake_timeout: config.tls_handshake_timeout,
-        ..TurnSettings::default()
-    };
     let acceptor = TlsAcceptor::from(tls::server_config(certs.clone(), &[]));
     let tls: TlsAcceptorSource = Arc::new(move || acceptor.clone());
     Ok(Relay::start(settings, Some(tls), shutdown).await?)
@@ -509,8 +473,8 @@ async fn start_relay(
 /// Which ports the CA's validations can reach.
 fn acme_listeners(config: &Config) -> acme::Listeners {
     acme::Listeners {
-        https_port: config.https_listen.port(),
-        http_port: config.http_listen.addr().map(|a| a.port()),
+        https_port: config.http.https_listen.port(),
+        http_port: config.http.http_listen.addr().map(|a| a.port()),
     }
 }
 
@@ -570,35 +534,6 @@ async fn prune_rate_limits(per_ip: Arc<PerIpLimits>, mut shutdown: Shutdown) {
             _ = shutdown.recv() => return,
             _ = ticks.tick() => per_ip.prune(),
         }
-    }
-}
-
-fn signaling_limits(config: &Config) -> SignalingLimits {
-    SignalingLimits {
-        id_digits: config.id_digits,
-        resume_grace: config.resume_grace,
-        resume_queue_bytes: config.resume_queue_bytes,
-        max_clients: config.max_clients,
-        reservations_per_ip: config.reservations_per_ip,
-        heartbeat_interval: config.ws_heartbeat_interval,
-        ..SignalingLimits::default()
-    }
-}
-
-fn session_settings(config: &Config) -> SessionSettings {
-    SessionSettings {
-        max_message_bytes: config.ws_max_message_bytes,
-        outbox_frames: config.ws_outbox_frames,
-        outbox_bytes: config.ws_outbox_bytes,
-        outbox_bytes_total: config.ws_outbox_bytes_total,
-        write_timeout: config.ws_write_timeout,
-        heartbeat_interval: config.ws_heartbeat_interval,
-        missed_pongs: config.ws_missed_pongs,
-        messages_per_second: config.ws_messages_per_second,
-        message_burst: config.ws_message_burst,
-        calls_per_minute: config.ws_calls_per_minute,
-        allowed_origins: config.allowed_origins.clone(),
-        public_authority: config.public_url.as_ref().map(|url| url.authority.clone()),
     }
 }
 

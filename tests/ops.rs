@@ -1066,3 +1066,169 @@ async fn certbot_deploy_hook_installs_a_renewal_that_the_running_server_picks_up
     }
     server.stop().await;
 }
+
+// ------------------------------------------------------------------------------------------------
+// Settings: one name, documented once everywhere.
+
+/// Every setting's name (the flag without `--`), from the binary's own command line.
+fn setting_names() -> BTreeSet<String> {
+    use clap::CommandFactory;
+    callgate::config::Cli::command()
+        .get_arguments()
+        .filter_map(|arg| arg.get_long())
+        .filter(|long| *long != "config")
+        .map(str::to_owned)
+        .collect()
+}
+
+/// How often each name occurs in `found`, as `name → count`, for the names that are not once.
+fn not_once(names: &BTreeSet<String>, found: &[String]) -> BTreeMap<String, usize> {
+    let mut counts: BTreeMap<String, usize> = names.iter().map(|n| (n.clone(), 0)).collect();
+    for name in found {
+        *counts.entry(name.clone()).or_default() += 1;
+    }
+    counts.retain(|_, count| *count != 1);
+    counts
+}
+
+#[test]
+fn every_setting_appears_once_in_help_the_readme_table_and_the_example_config() {
+    let names = setting_names();
+    assert!(names.len() > 60, "{names:?}");
+
+    // --help: one entry per flag, each with its CALLGATE_* variable.
+    let out = Command::new(env!("CARGO_BIN_EXE_callgate"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    let entries: Vec<String> = help
+        .lines()
+        .filter_map(|line| line.trim_start().strip_prefix("--"))
+        .map(|entry| entry.split([' ', '=']).next().unwrap_or("").to_owned())
+        .filter(|name| name != "config" && name != "help" && name != "version")
+        .collect();
+    assert_eq!(not_once(&names, &entries), BTreeMap::new(), "--help");
+    for name in &names {
+        let var = format!("CALLGATE_{}", name.replace('-', "_").to_uppercase());
+        // Secrets show the variable's name only (hide_env_values).
+        let shown =
+            help.contains(&format!("[env: {var}=")) || help.contains(&format!("[env: {var}]"));
+        assert!(shown, "--help lacks {var}");
+    }
+
+    // README: the first column of the settings table.
+    let readme = read("README.md");
+    let table = readme
+        .split("| setting | default | meaning |")
+        .nth(1)
+        .expect("README has the settings table");
+    let listed: Vec<String> = table
+        .lines()
+        .skip(2)
+        .take_while(|line| line.starts_with('|'))
+        .flat_map(|row| {
+            let first = row.split('|').nth(1).unwrap_or("").to_owned();
+            first
+                .split('`')
+                .skip(1)
+                .step_by(2)
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(not_once(&names, &listed), BTreeMap::new(), "README table");
+
+    // ops/callgate.toml: each key set or shown commented out, once.
+    let example = read("ops/callgate.toml");
+    let keys: Vec<String> = example
+        .lines()
+        .filter_map(|line| {
+            let line = line.strip_prefix('#').unwrap_or(line).trim_start();
+            let (key, _) = line.split_once('=')?;
+            let key = key.trim();
+            (!key.is_empty()
+                && key
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'-' || b.is_ascii_digit()))
+            .then(|| key.to_owned())
+        })
+        .collect();
+    assert_eq!(
+        not_once(&names, &keys),
+        BTreeMap::new(),
+        "ops/callgate.toml"
+    );
+}
+
+#[test]
+fn the_example_config_shows_the_defaults() {
+    // The example documents each default by setting it; check-config prints the effective values,
+    // so with and without the file they are the same unless the example or a default drifted.
+    let check = |args: &[&std::ffi::OsStr]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_callgate"))
+            .args(args)
+            .arg("check-config")
+            .env_clear()
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let example = repo("ops/callgate.toml");
+    let with_file = check(&["--config".as_ref(), example.as_os_str()]);
+    let defaults = check(&[]);
+    let differing: Vec<(&str, &str)> = defaults
+        .lines()
+        .zip(with_file.lines())
+        .filter(|(a, b)| a != b)
+        .collect();
+    assert_eq!(differing, Vec::new(), "default vs ops/callgate.toml");
+    assert_eq!(defaults.lines().count(), with_file.lines().count());
+}
+
+#[test]
+fn the_readme_table_shows_the_defaults() {
+    use callgate::config::{Cli, Config};
+    use clap::Parser;
+    let defaults = Config::default().to_toml();
+    let readme = read("README.md");
+    let table = readme
+        .split("| setting | default | meaning |")
+        .nth(1)
+        .expect("README has the settings table");
+    let mut checked = 0;
+    for row in table
+        .lines()
+        .skip(2)
+        .take_while(|line| line.starts_with('|'))
+    {
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        let names: Vec<&str> = cells[1].split(", ").map(|n| n.trim_matches('`')).collect();
+        let values: Vec<&str> = cells[2].split(", ").collect();
+        if names.len() != values.len() {
+            continue;
+        }
+        for (name, value) in names.iter().zip(values) {
+            // Only a value in backticks is one; words ("random per process") describe.
+            let Some(value) = value.strip_prefix('`').and_then(|v| v.strip_suffix('`')) else {
+                continue;
+            };
+            let cli = Cli::try_parse_from(["callgate", &format!("--{name}={value}")])
+                .unwrap_or_else(|e| panic!("README: {name} = {value}: {e}"));
+            let config = Config::from_options(cli.options)
+                .unwrap_or_else(|e| panic!("README: {name} = {value}: {e}"));
+            assert_eq!(
+                config.to_toml(),
+                defaults,
+                "README says {name} defaults to {value}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 40, "only {checked} defaults checked");
+}

@@ -13,7 +13,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use tokio::net::TcpListener;
 
 use super::{text_response, Admission, Body, ConnectionSettings};
-use crate::config::Secret;
+use crate::config::values::Secret;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 

@@ -90,7 +90,7 @@ pub const H2_MAX_FRAME_SIZE: u32 = 16 * 1024;
 /// keeps a zero-window stream from queueing the whole file.
 pub const H2_MAX_SEND_BUF_SIZE: usize = 64 * 1024;
 
-/// Timeouts and caps for HTTP connections, taken from the config.
+/// Timeouts and caps for HTTP connections: the config's `http.connection` section.
 #[derive(Debug, Clone)]
 pub struct ConnectionSettings {
     /// Deadline for the TLS handshake (and for a trusted balancer's PROXY header).
@@ -106,6 +106,21 @@ pub struct ConnectionSettings {
     pub close_timeout: Duration,
     /// HTTP/2 concurrent stream cap.
     pub h2_max_concurrent_streams: u32,
+}
+
+impl Default for ConnectionSettings {
+    /// The defaults of `tls-handshake-timeout`, `header-read-timeout`, `idle-timeout`,
+    /// `response-stall-timeout`, `shutdown-timeout` and `h2-max-concurrent-streams`.
+    fn default() -> Self {
+        ConnectionSettings {
+            tls_handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            response_stall_timeout: Duration::from_secs(30),
+            close_timeout: Duration::from_secs(10),
+            h2_max_concurrent_streams: 100,
+        }
+    }
 }
 
 impl ConnectionSettings {

@@ -16,7 +16,7 @@ use bytes::{Buf, Bytes};
 use ppp::{v1, v2, HeaderResult, PartialResult};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
-use crate::config::IpRange;
+use crate::config::values::IpRange;
 
 /// The longest header accepted: v1 is at most 107 bytes; v2 carries addresses and TLVs.
 const MAX_HEADER: usize = 536;

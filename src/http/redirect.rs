@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 
 use super::routes::health;
 use super::{text_response, Admission, Body, ConnectionSettings};
-use crate::config::PublicUrl;
+use crate::config::values::PublicUrl;
 use crate::metrics::{Metrics, RouteClass};
 use crate::shutdown::Shutdown;
 
@@ -229,6 +229,7 @@ mod tests {
                     ..Default::default()
                 })
                 .unwrap()
+                .http
                 .public_url
                 .unwrap(),
             ),

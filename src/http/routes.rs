@@ -11,7 +11,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use super::headers::SecurityHeaders;
 use super::static_files::StaticFiles;
 use super::{text_response, Body, ConnectionContext};
-use crate::config::Secret;
+use crate::config::values::Secret;
 use crate::metrics::{Metrics, RouteClass};
 use crate::shutdown::Shutdown;
 use crate::signaling::session::Signaling;

@@ -23,6 +23,10 @@ pub mod protocol;
 pub mod session;
 pub mod wire;
 
+/// Default WebSocket ping interval (`ws-heartbeat-interval`): the session pings this often and
+/// the hub advertises it in the `id` message.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(20);
+
 /// Every knob the signaling core needs, with defaults that are safe on the public internet.
 ///
 /// The main `Config` maps onto this; the hub and the directory each read the fields they use.
@@ -60,8 +64,8 @@ pub struct SignalingLimits {
     /// Failed resume attempts tolerated per connection before the hub asks for a close with 1008.
     /// Default 3: a real client needs one.
     pub max_resume_failures: u32,
-    /// WebSocket ping interval advertised in the `id` message (the session layer does the pinging).
-    /// Default 20 s.
+    /// WebSocket ping interval advertised in the `id` message (the session layer does the pinging;
+    /// the config links this to `ws-heartbeat-interval`). Default 20 s.
     pub heartbeat_interval: Duration,
     /// Longest `normal` text written to the log, in characters. Default 200.
     pub max_logged_chars: usize,
@@ -80,7 +84,7 @@ impl Default for SignalingLimits {
             max_nesting_depth: 32,
             max_violations: 16,
             max_resume_failures: 3,
-            heartbeat_interval: Duration::from_secs(20),
+            heartbeat_interval: HEARTBEAT_INTERVAL,
             max_logged_chars: 200,
         }
     }

@@ -36,7 +36,7 @@ use crate::turn::{TurnCredentials, TurnEndpoints};
 /// The hub as sessions use it: the in-process directory over session outboxes.
 pub type SessionHub = Hub<super::directory::MemoryDirectory<OutboxSender>>;
 
-/// Session-level settings, taken from the config.
+/// Session-level settings: the config's `signaling.session` section.
 #[derive(Debug, Clone)]
 pub struct SessionSettings {
     /// Largest message accepted, counted over all fragments. Default 64 KiB.
@@ -62,7 +62,8 @@ pub struct SessionSettings {
     pub calls_per_minute: std::num::NonZeroU32,
     /// Origins allowed to open a WebSocket; empty means "the server's own host".
     pub allowed_origins: Vec<String>,
-    /// The configured public origin's authority (`host[:port]`), also allowed.
+    /// The configured public origin's authority (`host[:port]`), also allowed (linked from
+    /// `public-url`).
     pub public_authority: Option<String>,
 }
 
@@ -75,7 +76,7 @@ impl Default for SessionSettings {
             outbox_bytes: 1024 * 1024,
             outbox_bytes_total: 256 * 1024 * 1024,
             write_timeout: Duration::from_secs(10),
-            heartbeat_interval: Duration::from_secs(20),
+            heartbeat_interval: super::HEARTBEAT_INTERVAL,
             missed_pongs: 2,
             messages_per_second: n(20),
             message_burst: n(60),

@@ -1,6 +1,6 @@
 //! [`TurnSettings`]: every knob of the embedded relay, named after coturn's options, with defaults that
-//! are safe on the public internet. The gateway's `Config` maps onto this struct; nothing here reads
-//! files or the environment.
+//! are safe on the public internet. This is the gateway config's `turn.relay` section (its
+//! defaults are the config's); nothing here reads files or the environment.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;

@@ -80,7 +80,7 @@ impl TestServer {
         tweak(dir.path(), &mut options);
         let config = Config::from_options(options).expect("test config is valid");
         let (cert_path, key_path) = config.tls.paths();
-        let public_dir = config.public_dir.clone();
+        let public_dir = config.http.public_dir.clone();
         let server = Server::bind(config).await.expect("server binds");
         let addrs = server.local_addrs();
         let certs = server.cert_store();

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
 use futures_util::StreamExt as _;
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::Script;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -322,20 +322,24 @@ pub struct BusSettings {
     pub timeout: Duration,
 }
 
-/// Publishes to other nodes, holds for reserved IDs, and subscribes this node's inbox.
+/// Publishes to other nodes, holds for reserved IDs, and subscribes this node's inbox. Generic
+/// over the command connection, like [`super::registry::RedisRegistry`].
 #[derive(Clone)]
-pub struct RedisBus {
+pub struct RedisBus<C = ConnectionManager> {
     /// Opens the subscription's own connection (pub/sub needs a dedicated one).
     client: redis::Client,
     /// The shared command connection.
-    conn: ConnectionManager,
+    conn: C,
     /// Caps and timeouts.
     settings: BusSettings,
 }
 
-impl RedisBus {
+impl<C> RedisBus<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
     /// A bus on `conn` (commands) and `client` (subscriptions).
-    pub fn new(client: redis::Client, conn: ConnectionManager, settings: BusSettings) -> Self {
+    pub fn new(client: redis::Client, conn: C, settings: BusSettings) -> Self {
         Self {
             client,
             conn,

@@ -20,7 +20,7 @@ use std::sync::{Arc, LazyLock, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use rand::Rng as _;
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::{Script, Value};
 
 use super::types::{
@@ -113,10 +113,13 @@ pub struct RegistrySettings {
 }
 
 /// The cluster-wide registry, kept in Redis. Cheap to clone (the connection is shared).
+///
+/// Generic over the connection so the node's shared, instrumented one (`cluster::redis`'s
+/// `RedisConnection`) or a bare [`ConnectionManager`] both fit.
 #[derive(Clone)]
-pub struct RedisRegistry {
+pub struct RedisRegistry<C = ConnectionManager> {
     /// The shared, self-reconnecting connection.
-    conn: ConnectionManager,
+    conn: C,
     /// Lowest ID (inclusive) for `id_digits` digits.
     id_low: u64,
     /// Highest ID (exclusive).
@@ -129,10 +132,13 @@ pub struct RedisRegistry {
     generation: Arc<Mutex<Option<String>>>,
 }
 
-impl RedisRegistry {
+impl<C> RedisRegistry<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
     /// A registry on `conn`. The connection should have its own response timeout too; this one
     /// bounds the whole operation, reconnect waits included.
-    pub fn new(conn: ConnectionManager, settings: RegistrySettings) -> Self {
+    pub fn new(conn: C, settings: RegistrySettings) -> Self {
         let digits = u32::from(settings.id_digits.clamp(6, 15));
         Self {
             conn,

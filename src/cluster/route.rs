@@ -12,6 +12,8 @@ use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use redis::aio::{ConnectionLike, ConnectionManager};
+
 use super::bus::{BusMessage, Hold, RedisBus};
 use super::registry::RedisRegistry;
 use super::types::{CallState, NodeId};
@@ -59,11 +61,11 @@ struct Route {
 }
 
 /// The route cache and the delivery rule.
-pub struct Routes {
+pub struct Routes<C = ConnectionManager> {
     /// Where IDs are, when the cache does not know.
-    registry: RedisRegistry,
+    registry: RedisRegistry<C>,
     /// Publishing and holding.
-    bus: RedisBus,
+    bus: RedisBus<C>,
     /// Cached routes, bounded by `settings.max_routes`.
     cache: Mutex<HashMap<ClientId, Route>>,
     /// Bounds.
@@ -73,9 +75,12 @@ pub struct Routes {
 /// Tries before giving up on an ID that keeps moving while a message chases it.
 const ATTEMPTS: usize = 3;
 
-impl Routes {
+impl<C> Routes<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
     /// Routes through `registry` and `bus`.
-    pub fn new(registry: RedisRegistry, bus: RedisBus, settings: RouteSettings) -> Self {
+    pub fn new(registry: RedisRegistry<C>, bus: RedisBus<C>, settings: RouteSettings) -> Self {
         Self {
             registry,
             bus,
@@ -180,5 +185,40 @@ impl Routes {
     /// The cache; a panic elsewhere while holding it leaves nothing half-written worth refusing.
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ClientId, Route>> {
         self.cache.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::types::{Binding, Transition};
+    use crate::signaling::protocol::ResumeToken;
+
+    fn send<T: Send>(_: T) {}
+
+    /// The Registry and Bus traits need `Send` futures, for any connection type that fits: this
+    /// compiles only if every operation's future is `Send` whatever `C` is.
+    #[allow(dead_code)]
+    fn every_operation_future_is_send<C>(routes: &Routes<C>, node: &NodeId, b: Binding)
+    where
+        C: ConnectionLike + Clone + Send + Sync + 'static,
+    {
+        let (r, bus) = (&routes.registry, &routes.bus);
+        let now = Instant::now();
+        let token = ResumeToken::random(&mut rand::rng());
+        send(r.claim(node, now));
+        send(r.resume(b, b.id, &token, node, now));
+        send(r.detach(b, now, Duration::ZERO));
+        send(r.release(b));
+        send(r.expire(b));
+        send(r.call_state(b));
+        send(r.transition(b, b.id, Transition::Offer));
+        send(r.locate(b.id));
+        send(r.refresh(node, &[]));
+        let m = BusMessage::kick(b.id, 1);
+        send(bus.send(node, &m));
+        send(bus.hold(&m));
+        send(bus.take_held(b.id));
+        send(routes.deliver(b.id, None, Envelope::new(Vec::new())));
     }
 }

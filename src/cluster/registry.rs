@@ -239,6 +239,11 @@ where
 
     /// The connection dropped: the ID stays reserved (call kept) for `grace`, then vanishes by
     /// itself unless a resume takes it.
+    ///
+    /// The key's TTL is `grace` plus [`reservation_margin`]: the detaching node's own timer
+    /// calls [`expire`](Self::expire) at `grace`, which frees the ID *and resets its peer's call*;
+    /// had the TTL fired first, `expire` would find nothing and the peer would stay in a call with
+    /// a ghost. The TTL is the backstop for a node that died.
     pub async fn detach(
         &self,
         binding: Binding,
@@ -248,7 +253,7 @@ where
         let mut call = SCRIPTS.detach.prepare_invoke();
         call.key(id_key(binding.id))
             .arg(binding.epoch)
-            .arg(millis(grace));
+            .arg(millis(grace + reservation_margin(grace)));
         let mut conn = self.conn.clone();
         let done: i64 = self.run(call.invoke_async(&mut conn)).await?;
         if done == 1 {
@@ -530,6 +535,12 @@ fn token_digest(token: &ResumeToken) -> String {
         hex.push_str(&format!("{byte:02x}"));
     }
     hex
+}
+
+/// How long a reservation's key outlives its grace period, so the holding node's expiry (late by
+/// a busy scheduler or a slow Redis) finds it: half the grace, at least one second.
+pub fn reservation_margin(grace: Duration) -> Duration {
+    (grace / 2).max(Duration::from_secs(1))
 }
 
 /// A fresh generation name: 64 random bits in hex.

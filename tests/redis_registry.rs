@@ -1435,7 +1435,7 @@ const CALLGATE_ACL: &str =
     "callgate on >test-only-password resetkeys ~cg:* resetchannels &cg:node:* \
      -@all +hello +auth +ping +evalsha +script|load +hmget +get +publish \
      +subscribe +unsubscribe +exists +incr +hset +hget +pexpire +del +xlen +xadd +hincrby +pttl \
-     +xrange +set +time +incrby";
+     +xrange +set +time +incrby +zadd +zrem +zrangebyscore +zremrangebyscore";
 
 #[tokio::test]
 async fn every_operation_works_as_the_restricted_acl_user_and_nothing_else_does() {
@@ -1514,6 +1514,7 @@ async fn every_operation_works_as_the_restricted_acl_user_and_nothing_else_does(
         .unwrap();
     assert!(s.registry.expire(b).await.unwrap().is_some());
     s.registry.release(took.binding).await.unwrap();
+    assert!(s.bus.take_orphans(10).await.unwrap().is_empty());
 
     // And nothing else: no other keys, no admin commands, no other channels.
     let mut raw = s.raw.clone();
@@ -1816,5 +1817,87 @@ async fn the_detaching_nodes_expiry_finds_the_reservation_even_late_and_resets_t
         s.state(b).await,
         CallState::Idle,
         "the caller was told and reset"
+    );
+}
+
+#[tokio::test]
+async fn messages_held_for_an_id_that_expired_unresumed_are_swept_so_their_senders_are_told() {
+    let grace = Duration::from_millis(300);
+    let Some(s) = setup_with(Duration::from_secs(60), grace).await else {
+        return;
+    };
+    let candidate = |to: Binding, from: ClientId, n: u8| BusMessage {
+        kind: BusKind::Deliver,
+        call: None,
+        to: to.id,
+        epoch: Some(to.epoch),
+        origin: Some(Origin {
+            from,
+            kind: MessageKind::IceCandidate,
+        }),
+        frame: Bytes::from(vec![b'0' + n]),
+    };
+    let (sender, _) = s.claim("n2").await;
+    // `orphan` was reserved on a node that then died: nobody calls expire or take_held for it.
+    let (orphan, _) = s.claim("dead").await;
+    s.registry
+        .detach(orphan, Instant::now(), grace)
+        .await
+        .unwrap();
+    // `resumed` is taken back in time: its messages are replayed, never swept.
+    let (resumed, token) = s.claim("dead").await;
+    s.registry
+        .detach(resumed, Instant::now(), grace)
+        .await
+        .unwrap();
+    // `waiting` is reserved for longer: not due yet.
+    let (waiting, _) = s.claim("n3").await;
+    s.registry
+        .detach(waiting, Instant::now(), Duration::from_secs(30))
+        .await
+        .unwrap();
+    for n in 0..2 {
+        for to in [orphan, resumed, waiting] {
+            assert_eq!(
+                s.bus.hold(&candidate(to, sender.id, n)).await.unwrap(),
+                Hold::Held
+            );
+        }
+    }
+    s.assert_every_key_expires("holds with the sweep's index")
+        .await;
+    let (fresh, _) = s.claim("n4").await;
+    s.registry
+        .resume(fresh, resumed.id, &token, &node("n4"), Instant::now())
+        .await
+        .unwrap();
+    assert_eq!(s.bus.take_held(resumed.id).await.unwrap().len(), 2);
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut swept = Vec::new();
+    while swept.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the orphan's messages were never swept"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        swept.extend(s.bus.take_orphans(100).await.unwrap());
+    }
+    assert_eq!(swept.len(), 1, "only the orphan: {swept:?}");
+    let (id, messages) = &swept[0];
+    assert_eq!(*id, orphan.id);
+    assert_eq!(
+        messages
+            .iter()
+            .map(|m| m.origin.unwrap().from)
+            .collect::<Vec<_>>(),
+        [sender.id, sender.id],
+        "each sender is known, to be told"
+    );
+    assert!(s.bus.take_orphans(100).await.unwrap().is_empty(), "once");
+    assert_eq!(
+        s.bus.take_held(waiting.id).await.unwrap().len(),
+        2,
+        "not swept while resumable"
     );
 }

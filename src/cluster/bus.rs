@@ -42,6 +42,12 @@ static HOLD: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/h
 /// Takes and deletes every held message in one step.
 static TAKE_HELD: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/take_held.lua")));
+/// Takes the messages held for IDs that expired unresumed.
+static ORPHANS: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/orphans.lua")));
+
+/// When each ID with held messages should be looked at by the orphan sweep (a sorted set; its
+/// entries are bounded by the IDs with held messages, and it expires when holds stop).
+const DUE_KEY: &str = "cg:held:due";
 
 /// What the receiving node is asked to do with a [`BusMessage`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -268,6 +274,20 @@ impl BusMessage {
     }
 }
 
+/// Decodes held payloads for `to`, logging and skipping any that cannot be read.
+fn decode_all(to: ClientId, payloads: Vec<Vec<u8>>) -> Vec<BusMessage> {
+    payloads
+        .into_iter()
+        .filter_map(|payload| match BusMessage::decode(Bytes::from(payload)) {
+            Ok(message) => Some(message),
+            Err(e) => {
+                tracing::warn!(error = %e, id = %to, "redis bus: skipped a held message");
+                None
+            }
+        })
+        .collect()
+}
+
 /// A message type's code on the bus: its place in [`MessageKind::ALL`].
 fn kind_code(kind: MessageKind) -> u8 {
     let index = MessageKind::ALL
@@ -365,6 +385,7 @@ where
         let mut call = HOLD.prepare_invoke();
         call.key(super::registry::id_key(message.to))
             .key(held_key(message.to))
+            .key(DUE_KEY)
             .arg(message.epoch.map(|e| e.to_string()).unwrap_or_default())
             .arg(message.encode().as_ref())
             .arg(self.settings.held_messages)
@@ -374,7 +395,8 @@ where
                     .unwrap_or(u64::MAX)
                     .max(1),
             )
-            .arg(self.settings.held_bytes_total);
+            .arg(self.settings.held_bytes_total)
+            .arg(message.to.get());
         let mut conn = self.conn.clone();
         let code: i64 = self.run(call.invoke_async(&mut conn)).await?;
         Ok(match code {
@@ -391,19 +413,44 @@ where
     /// are logged and skipped.
     pub async fn take_held(&self, to: ClientId) -> Result<Vec<BusMessage>, Unavailable> {
         let mut call = TAKE_HELD.prepare_invoke();
-        call.key(held_key(to)).key(super::registry::id_key(to));
+        call.key(held_key(to))
+            .key(super::registry::id_key(to))
+            .key(DUE_KEY)
+            .arg(to.get());
         let mut conn = self.conn.clone();
         let payloads: Vec<Vec<u8>> = self.run(call.invoke_async(&mut conn)).await?;
-        Ok(payloads
-            .into_iter()
-            .filter_map(|payload| match BusMessage::decode(Bytes::from(payload)) {
-                Ok(message) => Some(message),
-                Err(e) => {
-                    tracing::warn!(error = %e, id = %to, "redis bus: skipped a held message");
-                    None
+        Ok(decode_all(to, payloads))
+    }
+
+    /// The orphan sweep, for any node to run every few seconds: takes the messages held for up
+    /// to `limit` IDs that expired without a resume (their node died before anyone resumed
+    /// them), so the caller can tell each message's sender it was not delivered
+    /// (`recipient_gone`). Atomic like [`take_held`](Self::take_held): of all the nodes
+    /// sweeping, and a resume racing them, exactly one gets each message.
+    pub async fn take_orphans(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<(ClientId, Vec<BusMessage>)>, Unavailable> {
+        let mut call = ORPHANS.prepare_invoke();
+        call.key(DUE_KEY).arg(limit.max(1));
+        let mut conn = self.conn.clone();
+        let found: Vec<redis::Value> = self.run(call.invoke_async(&mut conn)).await?;
+        let mut out = Vec::new();
+        for pair in found.chunks(2) {
+            let [id, payloads] = pair else { break };
+            let id: Option<u64> = redis::from_redis_value_ref::<String>(id)
+                .ok()
+                .and_then(|id| id.parse().ok());
+            let payloads: Option<Vec<Vec<u8>>> = redis::from_redis_value_ref(payloads).ok();
+            match (id, payloads) {
+                (Some(id), Some(payloads)) => {
+                    let id = ClientId::new(id);
+                    out.push((id, decode_all(id, payloads)));
                 }
-            })
-            .collect())
+                _ => tracing::warn!("redis bus: the orphan sweep answered in an unexpected shape"),
+            }
+        }
+        Ok(out)
     }
 
     /// Subscribes to `node`'s channel on a connection of its own, kept up by a task that

@@ -1,5 +1,5 @@
--- KEYS: cg:id:{id}, cg:held:{id}
--- ARGV: epoch expected ('' for any), payload, max messages, max bytes, grace ms, max bytes total
+-- KEYS: cg:id:{id}, cg:held:{id}, cg:held:due
+-- ARGV: epoch expected ('' for any), payload, max messages, max bytes, grace ms, max bytes total, id
 -- Returns 1 held, 0 no such client, 2 moved (epoch differs: locate again), 3 too many messages,
 -- 4 too many bytes for this ID, 5 too many bytes held cluster-wide. The caps are checked before
 -- XADD, so nothing already held is ever trimmed away without its sender being told.
@@ -24,7 +24,8 @@ if (tonumber(held) or 0) + size > tonumber(ARGV[4]) then
 end
 local grace = tonumber(ARGV[5])
 local clock = redis.call('TIME')
-local window = math.floor((tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)) / grace)
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local window = math.floor(now / grace)
 local total = 0
 for w = window - 3, window do
   total = total + (tonumber(redis.call('GET', 'cg:held:bytes:' .. w)) or 0)
@@ -34,9 +35,15 @@ if total + size > tonumber(ARGV[6]) then
 end
 redis.call('XADD', KEYS[2], '*', 'm', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'held_bytes', size)
--- Live as long as the ID can still be resumed, and at least a grace period.
-local ttl = math.max(grace, redis.call('PTTL', KEYS[1]))
-redis.call('PEXPIRE', KEYS[2], ttl)
+-- Live a grace period longer than the ID can still be resumed: if the ID expires unresumed (its
+-- node died), the orphan sweep (orphans.lua) still finds the messages and their senders are told.
+local id_ttl = redis.call('PTTL', KEYS[1])
+redis.call('PEXPIRE', KEYS[2], math.max(grace, id_ttl) + grace)
+-- When to look for the ID next; entries older than any stream can live are dropped, and the
+-- index itself expires when holds stop, so it stays bounded with or without a sweep.
+redis.call('ZADD', KEYS[3], now + math.max(id_ttl, 0), ARGV[7])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - 10 * grace)
+redis.call('PEXPIRE', KEYS[3], 10 * grace)
 local counter = 'cg:held:bytes:' .. window
 redis.call('INCRBY', counter, size)
 redis.call('PEXPIRE', counter, grace * 5)

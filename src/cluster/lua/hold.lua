@@ -5,9 +5,11 @@
 -- XADD, so nothing already held is ever trimmed away without its sender being told.
 --
 -- The cluster-wide budget counts the bytes held per grace-long window (cg:held:bytes:{window},
--- by Redis's clock) over the last four windows: a held stream lives at most its ID's lease
--- after its last message (under two grace periods), so every byte still held is counted, and
--- bytes already taken keep counting until their window passes (conservative, never under).
+-- by Redis's clock) over the current and the last five windows. A stream's messages arrive while
+-- its ID lives (at most a reservation: 1.5 grace, or a lease) and the stream lives a grace
+-- longer than the ID: about four grace periods from first message to deletion, under the five
+-- full windows counted. So every byte still held is counted, and bytes already taken keep
+-- counting until their window passes (conservative, never under).
 local e, held = unpack(redis.call('HMGET', KEYS[1], 'epoch', 'held_bytes'))
 if not e then
   return 0
@@ -27,7 +29,7 @@ local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local window = math.floor(now / grace)
 local total = 0
-for w = window - 3, window do
+for w = window - 5, window do
   total = total + (tonumber(redis.call('GET', 'cg:held:bytes:' .. w)) or 0)
 end
 if total + size > tonumber(ARGV[6]) then
@@ -46,5 +48,5 @@ redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - 10 * grace)
 redis.call('PEXPIRE', KEYS[3], 10 * grace)
 local counter = 'cg:held:bytes:' .. window
 redis.call('INCRBY', counter, size)
-redis.call('PEXPIRE', counter, grace * 5)
+redis.call('PEXPIRE', counter, grace * 7)
 return 1

@@ -10,6 +10,10 @@
 //! itself after Redis restarts, and says so ([`BusEvent::Subscribed`]) so the node can take what
 //! was held for its live IDs meanwhile.
 //!
+//! Messages held for an ID that expires without a resume (its node died) outlive it by a grace
+//! period; any node's orphan sweep ([`RedisBus::take_orphans`]) takes them so their senders can
+//! be told.
+//!
 //! The payload is a small versioned binary record ([`BusMessage::encode`]); the frame inside is
 //! the unsealed JSON, since sequence numbers are given by the node that holds the ID.
 

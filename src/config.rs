@@ -452,6 +452,22 @@ pub struct Options {
     /// Log filter in tracing's EnvFilter syntax, e.g. "info" or "callgate=debug" [default: info].
     #[arg(long, env = "CALLGATE_LOG_LEVEL", value_name = "FILTER")]
     pub log_level: Option<String>,
+
+    /// Redis that every node of a cluster shares (redis://[:PASSWORD@]HOST[:PORT][/DB], or
+    /// rediss:// for TLS); nodes given the same URL form one cluster. Needs static-auth-secret and
+    /// turn-host or external-ip. Unset: a single node, nothing shared [default: none].
+    #[arg(
+        long,
+        env = "CALLGATE_REDIS_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub redis_url: Option<RedisUrl>,
+
+    /// This node's name in the cluster: letters, digits, '.', '_', '-', at most 64 characters,
+    /// unique per node [default: the host name plus a random suffix].
+    #[arg(long, env = "CALLGATE_NODE_ID", value_name = "NAME")]
+    pub node_id: Option<String>,
 }
 
 /// The effective configuration: every layer merged, defaults applied, values checked.
@@ -557,6 +573,163 @@ pub struct Config {
     pub log_format: LogFormat,
     /// tracing `EnvFilter` directive.
     pub log_level: String,
+    /// Cluster mode, if `redis-url` is set.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// Settings of cluster mode (`redis-url`, `node-id`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ClusterConfig {
+    /// The Redis every node shares; printed with its password masked.
+    pub redis_url: RedisUrl,
+    /// This node's unique name: in Redis keys, membership and logs.
+    pub node_id: String,
+}
+
+/// A `redis://` or `rediss://` URL. It may carry a password, so it prints with the user part
+/// masked (`redis://***@host:6379`).
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    /// The URL itself, for the one place that connects.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether the connection uses TLS (`rediss://`).
+    pub fn is_tls(&self) -> bool {
+        self.0.starts_with("rediss://")
+    }
+}
+
+impl FromStr for RedisUrl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if !(s.starts_with("redis://") || s.starts_with("rediss://")) {
+            return Err(format!(
+                "\"{}\" must start with redis:// or rediss:// (e.g. redis://10.0.0.5:6379)",
+                RedisUrl(s.to_owned())
+            ));
+        }
+        redis::IntoConnectionInfo::into_connection_info(s).map_err(|e| {
+            format!(
+                "\"{}\" is not a Redis URL like redis://:PASSWORD@HOST:6379/0 ({:?})",
+                RedisUrl(s.to_owned()),
+                e.kind()
+            )
+        })?;
+        Ok(RedisUrl(s.to_owned()))
+    }
+}
+
+impl TryFrom<String> for RedisUrl {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl fmt::Display for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Some((scheme, rest)) = self.0.split_once("://") else {
+            return f.write_str("***");
+        };
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        match rest[..authority_end].rfind('@') {
+            Some(at) => write!(f, "{scheme}://***{}", &rest[at..]),
+            None => f.write_str(&self.0),
+        }
+    }
+}
+
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RedisUrl({self})")
+    }
+}
+
+impl Serialize for RedisUrl {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Checks a `node-id`: it names Redis keys and log lines, so only `[A-Za-z0-9._-]`, 1 to 64.
+fn check_node_id(id: &str) -> Result<(), String> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "\"{id}\" must be 1 to 64 characters of letters, digits, '.', '_' and '-'"
+        ))
+    }
+}
+
+/// The default `node-id`: this host's name (cleaned to the allowed characters) and a random
+/// suffix, so two processes on one host, or two containers with one image, still differ.
+fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_default();
+    let mut host: String = host
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "._-".contains(*c))
+        .take(48)
+        .collect();
+    if host.is_empty() {
+        host.push_str("callgate");
+    }
+    format!("{host}-{:06x}", rand::random::<u32>() & 0xff_ffff)
+}
+
+/// Builds and checks the cluster settings; `None` without `redis-url`.
+fn cluster_config(o: &Options) -> Result<Option<ClusterConfig>, ConfigError> {
+    let Some(redis_url) = o.redis_url.clone() else {
+        if o.node_id.is_some() {
+            return Err(invalid(
+                "node-id",
+                "only means something in a cluster: set redis-url too",
+            ));
+        }
+        return Ok(None);
+    };
+    let node_id = match o.node_id.as_deref().map(str::trim) {
+        Some(id) => {
+            check_node_id(id).map_err(|reason| ConfigError::Invalid {
+                key: "node-id",
+                reason,
+            })?;
+            id.to_owned()
+        }
+        None => default_node_id(),
+    };
+    if o.turn != Some(false) {
+        if o.static_auth_secret.as_ref().is_none_or(Vec::is_empty) {
+            return Err(invalid(
+                "static-auth-secret",
+                "is required with redis-url: every node must sign TURN credentials with the same \
+                 secret so that credentials from one node work on the relay of another",
+            ));
+        }
+        if o.turn_host.is_none() && o.external_ip.is_none() {
+            return Err(invalid(
+                "turn-host",
+                "(or external-ip) is required with redis-url: each node must advertise its own TURN \
+                 address, since media must reach the relay that holds the allocation",
+            ));
+        }
+    }
+    Ok(Some(ClusterConfig { redis_url, node_id }))
 }
 
 /// Where the serving certificate comes from.
@@ -1053,6 +1226,8 @@ impl Options {
             metrics_token,
             log_format,
             log_level,
+            redis_url,
+            node_id,
         )
     }
 }
@@ -1084,6 +1259,7 @@ impl Config {
             (None, Some(_)) => return Err(invalid("tls-cert", "is required when tls-key is set")),
         };
         let acme = acme_config(&o, &tls)?;
+        let cluster = cluster_config(&o)?;
         let public_url = o
             .public_url
             .as_deref()
@@ -1204,6 +1380,7 @@ impl Config {
             metrics_token: o.metrics_token,
             log_format: o.log_format.unwrap_or(LogFormat::Text),
             log_level: o.log_level.unwrap_or_else(|| "info".to_owned()),
+            cluster,
         };
         config.validate()?;
         Ok(config)
@@ -1739,5 +1916,68 @@ mod tests {
         assert_eq!(flag.turn.allocations_per_ip, 3);
         let zero = Config::from_options(parse(&["--allocations-per-ip", "0"])).unwrap_err();
         assert_eq!(zero.to_string(), "allocations-per-ip: must be at least 1");
+    }
+
+    #[test]
+    fn cluster_mode_needs_a_shared_secret_and_an_own_turn_address() {
+        assert_eq!(Config::from_options(parse(&[])).unwrap().cluster, None);
+        let url = ["--redis-url", "redis://:hunter2hunter2@10.0.0.5:6379/0"];
+        let refused = |extra: &[&str]| {
+            let mut args = url.to_vec();
+            args.extend_from_slice(extra);
+            Config::from_options(parse(&args)).unwrap_err().to_string()
+        };
+        assert!(refused(&[]).starts_with("static-auth-secret: is required with redis-url"));
+        let secret = ["--static-auth-secret", "0123456789abcdef0123"];
+        assert!(refused(&secret).starts_with("turn-host: (or external-ip) is required"));
+        // Without TURN nothing is advertised, so neither is needed.
+        assert!(Config::from_options(parse(&[url[0], url[1], "--turn", "false"])).is_ok());
+
+        let mut args = url.to_vec();
+        args.extend_from_slice(&secret);
+        args.extend_from_slice(&["--turn-host", "node1.example.com", "--node-id", "node-1"]);
+        let config = Config::from_options(parse(&args)).unwrap();
+        let cluster = config.cluster.as_ref().unwrap();
+        assert_eq!(cluster.node_id, "node-1");
+        assert_eq!(cluster.redis_url.expose(), url[1]);
+        // check-config masks the password; the host stays visible.
+        let printed = config.to_toml();
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(printed.contains("redis://***@10.0.0.5:6379/0"), "{printed}");
+    }
+
+    #[test]
+    fn node_ids_are_checked_and_default_to_the_host_name_and_a_suffix() {
+        let base = [
+            "--redis-url",
+            "rediss://redis.internal:6380",
+            "--turn",
+            "false",
+        ];
+        let with_id = |id: &str| {
+            let mut args = base.to_vec();
+            args.extend_from_slice(&["--node-id", id]);
+            Config::from_options(parse(&args))
+        };
+        assert!(with_id("eu-1.node_2").is_ok());
+        for bad in ["", "a b", "a/b", "ключ", &"n".repeat(65)] {
+            let error = with_id(bad).unwrap_err().to_string();
+            assert!(error.starts_with("node-id: "), "{bad:?}: {error}");
+        }
+        let a = Config::from_options(parse(&base)).unwrap().cluster.unwrap();
+        let b = Config::from_options(parse(&base)).unwrap().cluster.unwrap();
+        assert!(check_node_id(&a.node_id).is_ok(), "{}", a.node_id);
+        assert_ne!(a.node_id, b.node_id, "two processes on one host differ");
+        assert!(a.redis_url.is_tls());
+        // node-id alone is a mistake, and so is a URL of another scheme.
+        let alone = Config::from_options(parse(&["--node-id", "n1"])).unwrap_err();
+        assert!(alone
+            .to_string()
+            .starts_with("node-id: only means something in a cluster"));
+        let http = Cli::try_parse_from(["callgate", "--redis-url", "http://x"]).unwrap_err();
+        assert!(
+            http.to_string().contains("must start with redis://"),
+            "{http}"
+        );
     }
 }

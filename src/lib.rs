@@ -15,6 +15,7 @@
 //! | `tls/` | certificate loading (`load`), dev-certificate generation (`dev_cert`), hot reload (`reload`) |
 //! | `http/` | accept loop with admission (per-address and global caps) and timeouts (`mod`), idle/stall/close limits of a connection (`lifetime`), PROXY protocol (`proxy_protocol`), routes and `/api/turn-credentials` (`routes`), static files held in memory (`static_files`) and the range policy (`ranges`), security headers, the redirect listener, the metrics listener (`admin`) |
 //! | `signaling/` | WebSocket sessions (`session`), their frames (`wire`) and send queues (`outbox`), the call rules without I/O (`hub`), wire messages (`protocol`), where each ID lives (`directory`) |
+//! | `cluster/` | scale-out over Redis (`redis-url`): the shared connection with its metrics (`redis`), node membership, heartbeats and drain (`nodes`) (see its own Layout) |
 //! | `turn/` | the embedded TURN relay: a front layer before the `turn` crate's engine (see its own Layout) |
 //!
 //! Dependencies point down: `server` → `http` → `signaling` → (`config`, `tls`, `metrics`, `limits`,
@@ -28,6 +29,7 @@
 #![warn(missing_docs)]
 
 pub mod acme;
+pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod limits;

@@ -1,0 +1,127 @@
+//! A real `redis-server` for tests: on a free loopback port, persistence off, stopped by PID.
+//!
+//! [`RedisServer::start`] returns `None` (and says why) when redis-server is not installed —
+//! except under `CI=true`, where that is a failure. [`RedisServer::stop`] and
+//! [`RedisServer::restart`] are for the "Redis trouble" tests: the port stays the same, so the
+//! nodes' redis-url stays valid.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running redis-server, killed on drop.
+pub struct RedisServer {
+    /// The process, while it runs.
+    child: Option<Child>,
+    /// Its address (127.0.0.1 and a port that was free at start).
+    pub addr: SocketAddr,
+}
+
+impl RedisServer {
+    /// Starts redis-server on a free port and waits until it answers PING.
+    pub fn start() -> Option<RedisServer> {
+        if !tool_present() {
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut server = RedisServer {
+            child: None,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        };
+        server.restart();
+        Some(server)
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://{}", self.addr)
+    }
+
+    /// A synchronous client, for assertions on what the nodes wrote.
+    pub fn client(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_connection_with_timeout(Duration::from_secs(2))
+            .expect("test redis answers")
+    }
+
+    /// Stops the server (SIGKILL by PID: nothing is persisted anyway) and waits for it to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port (empty: persistence is off) and waits for PING.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop it first");
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.addr.port().to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "yes",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.pings() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on {} did not answer PING within 10 s",
+                self.addr
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the server answers PING right now.
+    fn pings(&self) -> bool {
+        let Ok(mut tcp) = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)) else {
+            return false;
+        };
+        let _ = tcp.set_read_timeout(Some(Duration::from_millis(500)));
+        let mut answer = [0u8; 7];
+        tcp.write_all(b"PING\r\n").is_ok()
+            && tcp.read_exact(&mut answer).is_ok()
+            && &answer == b"+PONG\r\n"
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Whether redis-server is installed; under `CI=true` its absence fails the test.
+fn tool_present() -> bool {
+    let found = std::process::Command::new("sh")
+        .args(["-c", "command -v redis-server"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("redis-server is required under CI=true (Debian package redis-server); .ci/run installs it");
+        }
+        eprintln!("skipping: redis-server not installed (apt-get install redis-server)");
+    }
+    found
+}

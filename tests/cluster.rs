@@ -301,3 +301,32 @@ async fn haproxy_from_ops_spreads_websockets_and_takes_out_dead_and_draining_nod
     let down = balancer.wait_for_log(&format!("{survivor_name} is DOWN"), Duration::from_secs(10));
     assert!(down.contains("Layer7 wrong status, code: 503"), "{down}");
 }
+
+#[tokio::test]
+async fn rediss_urls_connect_over_tls_to_a_redis_the_system_trusts() {
+    let mut cluster = Cluster::without_redis();
+    let (cert, key) = cluster.dev_cert();
+    let Some(redis) = RedisServer::start_tls(&cert, &key) else {
+        return;
+    };
+    cluster.redis_url = redis.url();
+    assert!(cluster.redis_url.starts_with("rediss://"));
+
+    // Without the CA among its trusted roots a node refuses the server: not up, and it says so.
+    let untrusting = cluster.start("node-u", &[]).await;
+    untrusting
+        .wait_for_log("Redis is unreachable", Duration::from_secs(10))
+        .await;
+    assert_eq!(untrusting.metric(REDIS_UP).await, 0.0);
+    drop(untrusting);
+
+    // rustls-native-certs reads SSL_CERT_FILE: the nodes trust the test certificate and join.
+    cluster.env("SSL_CERT_FILE", cert.to_str().unwrap());
+    let a = cluster.start("node-a", &[]).await;
+    let b = cluster.start("node-b", &[]).await;
+    for node in [&a, &b] {
+        node.wait_for_metric(ALIVE, |n| n == 2.0, Duration::from_secs(10))
+            .await;
+        assert_eq!(node.metric(REDIS_UP).await, 1.0);
+    }
+}

@@ -29,6 +29,8 @@ pub struct Cluster {
     dir: tempfile::TempDir,
     /// Given to every node.
     pub redis_url: String,
+    /// Extra environment variables for every node.
+    env: Vec<(String, String)>,
 }
 
 impl Cluster {
@@ -36,7 +38,29 @@ impl Cluster {
     pub fn new(redis_url: String) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         crate::common::copy_public(dir.path());
-        Cluster { dir, redis_url }
+        Cluster {
+            dir,
+            redis_url,
+            env: Vec::new(),
+        }
+    }
+
+    /// A cluster whose Redis is not started yet: `redis_url` is set once it is.
+    pub fn without_redis() -> Cluster {
+        Cluster::new(String::new())
+    }
+
+    /// Sets an environment variable for every node started from now on.
+    pub fn env(&mut self, name: &str, value: &str) {
+        self.env.push((name.to_owned(), value.to_owned()));
+    }
+
+    /// The cluster's development certificate and key (generated now if absent), e.g. for a
+    /// TLS Redis that the nodes then trust through `SSL_CERT_FILE`.
+    pub fn dev_cert(&self) -> (PathBuf, PathBuf) {
+        let dir = self.dir.path().join("certs");
+        callgate::tls::ensure_dev_cert(&dir).unwrap();
+        (dir.join("cert.pem"), dir.join("key.pem"))
     }
 
     /// Starts node `id` with the test settings plus `extra` flags, and waits until it is ready.
@@ -74,6 +98,7 @@ impl Cluster {
             .arg("--certs-dir")
             .arg(self.dir.path().join("certs"))
             .args(extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()

@@ -9,6 +9,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -18,11 +19,23 @@ pub struct RedisServer {
     child: Option<Child>,
     /// Its address (127.0.0.1 and a port that was free at start).
     pub addr: SocketAddr,
+    /// Certificate and key when it speaks only TLS on `addr`.
+    tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl RedisServer {
     /// Starts redis-server on a free port and waits until it answers PING.
     pub fn start() -> Option<RedisServer> {
+        Self::start_with(None)
+    }
+
+    /// Starts redis-server speaking only TLS (with this PEM certificate and key, clients not
+    /// asked for certificates) on a free port, and waits until it listens.
+    pub fn start_tls(cert: &Path, key: &Path) -> Option<RedisServer> {
+        Self::start_with(Some((cert.to_owned(), key.to_owned())))
+    }
+
+    fn start_with(tls: Option<(PathBuf, PathBuf)>) -> Option<RedisServer> {
         if !tool_present() {
             return None;
         }
@@ -34,17 +47,22 @@ impl RedisServer {
         let mut server = RedisServer {
             child: None,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            tls,
         };
         server.restart();
         Some(server)
     }
 
-    /// `redis://127.0.0.1:PORT`.
+    /// `redis://127.0.0.1:PORT`, or `rediss://localhost:PORT` for a TLS server (the name its
+    /// certificate carries).
     pub fn url(&self) -> String {
-        format!("redis://{}", self.addr)
+        match self.tls {
+            None => format!("redis://{}", self.addr),
+            Some(_) => format!("rediss://localhost:{}", self.addr.port()),
+        }
     }
 
-    /// A synchronous client, for assertions on what the nodes wrote.
+    /// A synchronous client, for assertions on what the nodes wrote (plain servers only).
     pub fn client(&self) -> redis::Connection {
         redis::Client::open(self.url())
             .unwrap()
@@ -63,10 +81,26 @@ impl RedisServer {
     /// Starts the server again on the same port (empty: persistence is off) and waits for PING.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop it first");
-        let child = Command::new("redis-server")
+        let port = self.addr.port().to_string();
+        let mut command = Command::new("redis-server");
+        match &self.tls {
+            None => command.args(["--port", &port]),
+            Some((cert, key)) => command
+                .args([
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    &port,
+                    "--tls-auth-clients",
+                    "no",
+                ])
+                .arg("--tls-cert-file")
+                .arg(cert)
+                .arg("--tls-key-file")
+                .arg(key),
+        };
+        let child = command
             .args([
-                "--port",
-                &self.addr.port().to_string(),
                 "--bind",
                 "127.0.0.1",
                 "--save",
@@ -92,11 +126,14 @@ impl RedisServer {
         }
     }
 
-    /// Whether the server answers PING right now.
+    /// Whether the server answers PING right now (a TLS server: whether it listens).
     fn pings(&self) -> bool {
         let Ok(mut tcp) = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)) else {
             return false;
         };
+        if self.tls.is_some() {
+            return true;
+        }
         let _ = tcp.set_read_timeout(Some(Duration::from_millis(500)));
         let mut answer = [0u8; 7];
         tcp.write_all(b"PING\r\n").is_ok()

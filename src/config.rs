@@ -882,6 +882,7 @@ pub struct TurnConfig {
     /// Local address for relay sockets.
     pub relay_ip: Option<IpAddr>,
     /// Public (and private) address behind 1:1 NAT.
+    #[serde(serialize_with = "external_ip_text")]
     pub external_ip: Option<(IpAddr, Option<IpAddr>)>,
     /// Relay port range start.
     pub min_port: u16,
@@ -987,6 +988,19 @@ impl<'de> Deserialize<'de> for IpRange {
 impl Serialize for IpRange {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(&self.0)
+    }
+}
+
+/// Prints `external-ip` as it is written (`PUBLIC` or `PUBLIC/PRIVATE`); TOML has no null for
+/// a missing private address.
+fn external_ip_text<S: serde::Serializer>(
+    value: &Option<(IpAddr, Option<IpAddr>)>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match value {
+        None => s.serialize_none(),
+        Some((public, None)) => s.collect_str(public),
+        Some((public, Some(private))) => s.collect_str(&format_args!("{public}/{private}")),
     }
 }
 
@@ -1944,6 +1958,24 @@ mod tests {
         let printed = config.to_toml();
         assert!(!printed.contains("hunter2"), "{printed}");
         assert!(printed.contains("redis://***@10.0.0.5:6379/0"), "{printed}");
+    }
+
+    #[test]
+    fn check_config_prints_external_ip_as_written() {
+        // A public address without a private one used to stop the printout ("unsupported None
+        // value"), since TOML has no null.
+        let public = Config::from_options(parse(&["--external-ip", "203.0.113.7"])).unwrap();
+        let printed = public.to_toml();
+        assert!(
+            printed.contains("external-ip = \"203.0.113.7\""),
+            "{printed}"
+        );
+        let both = Config::from_options(parse(&["--external-ip", "203.0.113.7/10.0.0.5"])).unwrap();
+        let printed = both.to_toml();
+        assert!(
+            printed.contains("external-ip = \"203.0.113.7/10.0.0.5\""),
+            "{printed}"
+        );
     }
 
     #[test]

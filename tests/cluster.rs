@@ -158,6 +158,8 @@ async fn sigterm_marks_the_node_draining_in_redis_before_readyz_turns_503() {
     let info = heartbeat(&redis, "node-a").expect("still alive while draining");
     assert_eq!(info["draining"], true, "{info}");
     // During the drain delay the node still runs and answers, but not ready.
+    a.wait_for_log("/readyz now reports 503", Duration::from_secs(5))
+        .await;
     assert_eq!(a.readyz().await, Some(503));
     assert!(a.is_running());
     b.wait_for_metric(
@@ -209,11 +211,17 @@ async fn redis_going_away_is_one_log_line_and_a_metric_and_it_comes_back_by_itse
     // ... while two clients of this node call each other as on a single node.
     call(&mut caller, caller_id, &mut callee, callee_id).await;
     let mut ticks = tokio::time::interval(Duration::from_millis(200));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         ticks.tick().await;
-        if a.metric(errors).await + a.metric(timeouts).await >= failed_at_outage + 3.0 {
+        let failed = a.metric(errors).await + a.metric(timeouts).await;
+        if failed >= failed_at_outage + 3.0 {
             break;
         }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {failed} failed Redis commands after 10 s without Redis"
+        );
     }
     // ... and the operator reads one line about it, not one per failed command.
     assert_eq!(a.log_count("Redis is unreachable"), 1, "{}", a.log_text());
@@ -329,4 +337,50 @@ async fn rediss_urls_connect_over_tls_to_a_redis_the_system_trusts() {
             .await;
         assert_eq!(node.metric(REDIS_UP).await, 1.0);
     }
+}
+
+#[test]
+fn check_config_names_what_cluster_mode_needs_and_masks_the_password() {
+    let bin = env!("CARGO_BIN_EXE_callgate");
+    let check = |extra: &[&str]| {
+        let out = std::process::Command::new(bin)
+            .env("CALLGATE_REDIS_URL", "redis://:s3cret-pass@10.0.0.5:6379/0")
+            .args(extra)
+            .arg("check-config")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!text.contains("s3cret-pass"), "password printed:\n{text}");
+        (out.status.success(), text)
+    };
+    let (ok, text) = check(&[]);
+    assert!(!ok);
+    assert!(
+        text.contains("static-auth-secret: is required with redis-url"),
+        "{text}"
+    );
+    let (ok, text) = check(&["--static-auth-secret", nodes::SECRET]);
+    assert!(!ok);
+    assert!(
+        text.contains("turn-host: (or external-ip) is required"),
+        "{text}"
+    );
+    let (ok, text) = check(&[
+        "--static-auth-secret",
+        nodes::SECRET,
+        "--external-ip",
+        "203.0.113.7",
+        "--node-id",
+        "call-1",
+    ]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("redis-url = \"redis://***@10.0.0.5:6379/0\""),
+        "{text}"
+    );
+    assert!(text.contains("node-id = \"call-1\""), "{text}");
 }

@@ -2011,5 +2011,11 @@ mod tests {
             http.to_string().contains("must start with redis://"),
             "{http}"
         );
+        // The file takes the same keys; a bad URL there names the key too.
+        let file: Options =
+            toml::from_str("redis-url = \"redis://10.0.0.5:6379\"\nnode-id = \"call-2\"").unwrap();
+        assert_eq!(file.node_id.as_deref(), Some("call-2"));
+        let bad = toml::from_str::<Options>("redis-url = \"10.0.0.5:6379\"").unwrap_err();
+        assert!(bad.to_string().contains("redis-url"), "{bad}");
     }
 }

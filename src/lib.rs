@@ -21,7 +21,9 @@
 //! Dependencies point down: `server` → `http` → `signaling` → (`config`, `tls`, `metrics`, `limits`,
 //! `turn::credentials`). `turn` shares only the certificate store and the credential secret with the
 //! rest. `acme` sits beside `signaling`: `server` starts it and `http::redirect` reads its
-//! challenge answers; it uses only `config`, `tls`, `metrics` and `shutdown`. `signaling::hub`, `signaling::protocol`, `turn::policy`, `turn::gate` and
+//! challenge answers; it uses only `config`, `tls`, `metrics` and `shutdown`. `cluster` (only with
+//! `redis-url`) also sits beside `signaling`: `server` opens its Redis connection and membership and
+//! calls it first on shutdown; it uses only `config` and `metrics`. `signaling::hub`, `signaling::protocol`, `turn::policy`, `turn::gate` and
 //! `turn::credentials` do no I/O: they take input (and the current time) and return what to do, so
 //! they are tested and benched without sockets.
 

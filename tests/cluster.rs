@@ -384,3 +384,70 @@ fn check_config_names_what_cluster_mode_needs_and_masks_the_password() {
     );
     assert!(text.contains("node-id = \"call-1\""), "{text}");
 }
+
+#[tokio::test]
+async fn the_redis_connection_times_every_command_and_tells_error_answers_from_outages() {
+    use callgate::cluster::redis::{Redis, RedisMetrics, COMMAND_TIMEOUT};
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let metrics = callgate::metrics::Metrics::new();
+    let url: callgate::config::RedisUrl = redis.url().parse().unwrap();
+    let conn = Redis::open(&url, RedisMetrics::register(&metrics)).unwrap();
+    let pong: String = conn.query(&redis::cmd("PING")).await.unwrap();
+    assert_eq!(pong, "PONG");
+    assert!(conn.is_up());
+
+    // An error answer is Redis being there: counted as "server", still up.
+    let _: () = conn
+        .query(redis::cmd("SET").arg("k").arg("v"))
+        .await
+        .unwrap();
+    let wrong = conn
+        .query::<Option<String>>(redis::cmd("HGET").arg("k").arg("f"))
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.kind(), "server", "{wrong}");
+    assert!(conn.is_up());
+
+    // Scripts go through the same connection and survive a flushed script cache (NOSCRIPT).
+    let script = redis::Script::new("return redis.call('GET', KEYS[1])");
+    let mut call = script.prepare_invoke();
+    call.key("k");
+    assert_eq!(conn.script::<String>(&call).await.unwrap(), "v");
+    let _: () = conn.query(redis::cmd("SCRIPT").arg("FLUSH")).await.unwrap();
+    assert_eq!(conn.script::<String>(&call).await.unwrap(), "v");
+
+    // A Redis that hangs (SIGSTOP): the command fails at the timeout, not later, and counts.
+    redis.pause();
+    let started = std::time::Instant::now();
+    let hung = conn.query::<String>(&redis::cmd("PING")).await.unwrap_err();
+    let waited = started.elapsed();
+    assert_eq!(hung.kind(), "timeout", "{hung}");
+    assert!(
+        waited >= COMMAND_TIMEOUT && waited < COMMAND_TIMEOUT + Duration::from_millis(500),
+        "{waited:?}"
+    );
+    assert!(!conn.is_up());
+    redis.resume();
+    let mut ticks = tokio::time::interval(Duration::from_millis(100));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while conn.query::<String>(&redis::cmd("PING")).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no answer after SIGCONT"
+        );
+        ticks.tick().await;
+    }
+    assert!(conn.is_up());
+
+    let text = metrics.encode();
+    assert_eq!(common::sample(&text, "callgate_redis_up"), Some(1.0));
+    assert_eq!(
+        common::sample(&text, "callgate_redis_errors_total{kind=\"server\"}"),
+        Some(1.0)
+    );
+    assert!(common::sample(&text, "callgate_redis_errors_total{kind=\"timeout\"}").unwrap() >= 1.0);
+    // PING, SET, HGET, the scripts (EVALSHA, NOSCRIPT, EVAL or LOAD), FLUSH, the hung PING, ...
+    assert!(common::sample(&text, "callgate_redis_round_trip_seconds_count").unwrap() >= 7.0);
+}

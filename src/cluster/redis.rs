@@ -180,6 +180,8 @@ struct Shared {
 /// A node's connection to Redis: cheap to clone, shared by every task.
 #[derive(Clone)]
 pub struct Redis {
+    /// The client the manager was made from; the bus opens its own subscriber connection from it.
+    client: redis::Client,
     /// redis-rs's self-reconnecting multiplexed connection.
     manager: ConnectionManager,
     /// Metrics and health, shared by clones.
@@ -209,10 +211,11 @@ impl Redis {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(200));
-        let manager = ConnectionManager::new_lazy_with_config(client, config)
+        let manager = ConnectionManager::new_lazy_with_config(client.clone(), config)
             .map_err(|e| RedisError::from_redis(&e))?;
         metrics.up.set(0);
         Ok(Redis {
+            client,
             manager,
             shared: Arc::new(Shared {
                 url: url.to_string(),
@@ -226,6 +229,12 @@ impl Redis {
     /// times and tracks health like [`query`](Self::query).
     pub fn connection(&self) -> RedisConnection {
         RedisConnection(self.clone())
+    }
+
+    /// The client, for a connection of its own that the shared one cannot be: a pub/sub
+    /// subscriber (which blocks its connection). Commands should use [`connection`](Self::connection).
+    pub fn client(&self) -> &redis::Client {
+        &self.client
     }
 
     /// Runs one command.
@@ -261,10 +270,13 @@ impl Redis {
         self.shared.health.load(Ordering::Relaxed) == Health::Up as u8
     }
 
-    /// Runs `exchange` with the timeout, and records its time and outcome.
+    /// Runs `exchange` with the timeout, and records its time and outcome. An answer that is a
+    /// Redis error (`answered_error`: WRONGTYPE, OOM, a script error; redis-rs hands those back as
+    /// values and turns them into errors later) counts as a `server` error.
     async fn timed<T>(
         &self,
         exchange: impl std::future::Future<Output = redis::RedisResult<T>>,
+        answered_error: impl FnOnce(&T) -> bool,
     ) -> redis::RedisResult<T> {
         let started = Instant::now();
         let outcome = match tokio::time::timeout(COMMAND_TIMEOUT, exchange).await {
@@ -280,7 +292,12 @@ impl Redis {
             .round_trip
             .observe(started.elapsed().as_secs_f64());
         match &outcome {
-            Ok(_) => self.set_health(Health::Up, None),
+            Ok(answer) => {
+                if answered_error(answer) {
+                    shared.metrics.errors[RedisError::Server(String::new()).index()].inc();
+                }
+                self.set_health(Health::Up, None);
+            }
             Err(e) => {
                 let error = RedisError::from_redis(e);
                 shared.metrics.errors[error.index()].inc();
@@ -330,7 +347,11 @@ impl ConnectionLike for RedisConnection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         let mut manager = self.0.manager.clone();
         let redis = self.0.clone();
-        Box::pin(async move { redis.timed(manager.send_packed_command(cmd)).await })
+        Box::pin(async move {
+            redis
+                .timed(manager.send_packed_command(cmd), is_counted_error)
+                .await
+        })
     }
 
     fn req_packed_commands<'a>(
@@ -343,13 +364,25 @@ impl ConnectionLike for RedisConnection {
         let redis = self.0.clone();
         Box::pin(async move {
             redis
-                .timed(manager.send_packed_commands(pipeline, offset, count))
+                .timed(
+                    manager.send_packed_commands(pipeline, offset, count),
+                    |answers: &Vec<Value>| answers.iter().any(is_counted_error),
+                )
                 .await
         })
     }
 
     fn get_db(&self) -> i64 {
         self.0.manager.get_db()
+    }
+}
+
+/// Whether an answer is an error worth counting: every error answer but NOSCRIPT, which only
+/// means the script cache was empty (after a Redis restart) and redis-rs loads it and retries.
+fn is_counted_error(answer: &Value) -> bool {
+    match answer {
+        Value::ServerError(e) => e.kind() != Some(redis::ServerErrorKind::NoScript),
+        _ => false,
     }
 }
 

@@ -73,9 +73,34 @@ impl RedisServer {
     /// Stops the server (SIGKILL by PID: nothing is persisted anyway) and waits for it to exit.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            // A paused server must run again to die of SIGKILL promptly; SIGKILL works anyway,
+            // SIGCONT only makes sure nothing waits on it.
+            let _ = Command::new("kill")
+                .args(["-CONT", &child.id().to_string()])
+                .status();
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Freezes the server (SIGSTOP): it keeps its connections but answers nothing, like a Redis
+    /// that hangs or a network that drops everything.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused server go on (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, name: &str) {
+        let pid = self.child.as_ref().expect("redis-server runs").id();
+        let status = Command::new("kill")
+            .args([name, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
     }
 
     /// Starts the server again on the same port (empty: persistence is off) and waits for PING.

@@ -451,3 +451,28 @@ async fn the_redis_connection_times_every_command_and_tells_error_answers_from_o
     // PING, SET, HGET, the scripts (EVALSHA, NOSCRIPT, EVAL or LOAD), FLUSH, the hung PING, ...
     assert!(common::sample(&text, "callgate_redis_round_trip_seconds_count").unwrap() >= 7.0);
 }
+
+#[tokio::test]
+async fn a_node_starts_without_its_redis_and_joins_when_redis_answers() {
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    redis.stop();
+    let cluster = Cluster::new(redis.url());
+    let a = cluster.start("node-a", &[]).await;
+    assert_eq!(
+        a.readyz().await,
+        Some(200),
+        "serves as a single node meanwhile"
+    );
+    a.wait_for_log("Redis is unreachable", Duration::from_secs(5))
+        .await;
+    assert_eq!(a.metric(REDIS_UP).await, 0.0);
+    let (_client, _) = join(&cluster, a.https).await;
+
+    redis.restart();
+    a.wait_for_metric(ALIVE, |n| n == 1.0, Duration::from_secs(10))
+        .await;
+    assert_eq!(a.metric(REDIS_UP).await, 1.0);
+    assert!(heartbeat(&redis, "node-a").is_some());
+}

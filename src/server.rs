@@ -2,9 +2,9 @@
 //!
 //! [`Server::bind`] does everything that can fail at startup (certificate, listeners, public
 //! directory) so that errors surface before anything is served. [`Server::run`] serves until the
-//! given signal, then: `/readyz` turns 503, the drain delay passes, the listeners close, every
-//! connection and session is told to finish, and the server waits for them up to the shutdown
-//! timeout.
+//! given signal, then: in a cluster the node is marked draining in Redis, `/readyz` turns 503, the
+//! drain delay passes, the listeners close, every connection and session is told to finish, the
+//! server waits for them up to the shutdown timeout, and a cluster node leaves the membership.
 
 use std::future::Future;
 use std::net::SocketAddr;

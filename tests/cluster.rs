@@ -476,3 +476,42 @@ async fn a_node_starts_without_its_redis_and_joins_when_redis_answers() {
     assert_eq!(a.metric(REDIS_UP).await, 1.0);
     assert!(heartbeat(&redis, "node-a").is_some());
 }
+
+/// The ACL docs/SECURITY.md recommends for callgate's Redis user: its keys, its channels, and
+/// only the commands it sends (the registry's and bus's, plus membership's `time`, `hgetall`
+/// and `hdel`, which run inside the heartbeat script, where Redis 7 checks them too).
+const CALLGATE_ACL: &str = "on >acl-test-password-0123 resetkeys ~cg:* resetchannels &cg:node:* \
+    -@all +hello +auth +ping +evalsha +script|load +hmget +get +publish +subscribe +unsubscribe \
+    +exists +incr +hset +hget +pexpire +del +xlen +xadd +hincrby +pttl +xrange +set \
+    +time +hgetall +hdel";
+
+#[tokio::test]
+async fn membership_works_as_the_restricted_acl_user() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let mut admin = redis.client();
+    let mut setuser = redis::cmd("ACL");
+    setuser.arg("SETUSER").arg("callgate");
+    for rule in CALLGATE_ACL.split_whitespace() {
+        setuser.arg(rule);
+    }
+    let () = setuser.query(&mut admin).unwrap();
+    let url = format!("redis://callgate:acl-test-password-0123@{}", redis.addr);
+    let cluster = Cluster::new(url);
+    let mut a = cluster.start("node-a", &[]).await;
+    let b = cluster.start("node-b", &[]).await;
+    for node in [&a, &b] {
+        node.wait_for_metric(ALIVE, |n| n == 2.0, Duration::from_secs(10))
+            .await;
+    }
+    // Draining and leaving (SET in the script, DEL and HDEL) are allowed too.
+    a.terminate();
+    assert_eq!(a.wait_exit(Duration::from_secs(20)).await, Some(0));
+    assert!(heartbeat(&redis, "node-a").is_none());
+    b.wait_for_metric(ALIVE, |n| n == 1.0, Duration::from_secs(3))
+        .await;
+    for node in [&a, &b] {
+        assert_eq!(node.log_count("NOPERM"), 0, "{}", node.log_text());
+    }
+}

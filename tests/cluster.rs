@@ -497,6 +497,35 @@ async fn membership_works_as_the_restricted_acl_user() {
         setuser.arg(rule);
     }
     let () = setuser.query(&mut admin).unwrap();
+
+    // A user without the heartbeat's commands: the node says so, once, and names the ACL.
+    let narrow = CALLGATE_ACL.replace("+time +hgetall +hdel", "");
+    let mut setuser = redis::cmd("ACL");
+    setuser.arg("SETUSER").arg("narrow");
+    for rule in narrow.split_whitespace() {
+        setuser.arg(rule);
+    }
+    let () = setuser.query(&mut admin).unwrap();
+    let refused = Cluster::new(format!(
+        "redis://narrow:acl-test-password-0123@{}",
+        redis.addr
+    ));
+    let x = refused.start("node-x", &[]).await;
+    x.wait_for_log(
+        "Redis refuses this node's heartbeat",
+        Duration::from_secs(5),
+    )
+    .await;
+    x.wait_for_metric(
+        "callgate_redis_errors_total{kind=\"server\"}",
+        |n| n >= 3.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(x.log_count("Redis refuses this node's heartbeat"), 1);
+    assert_eq!(x.metric(ALIVE).await, 0.0);
+    drop(x);
+
     let url = format!("redis://callgate:acl-test-password-0123@{}", redis.addr);
     let cluster = Cluster::new(url);
     let mut a = cluster.start("node-a", &[]).await;

@@ -213,16 +213,31 @@ impl Drop for Membership {
 async fn beat(inner: Arc<Inner>) {
     let mut ticks = tokio::time::interval(HEARTBEAT_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Whether the last heartbeat was refused for a reason other than an outage (which `Redis`
+    // logs itself): such a refusal is logged once, not every second.
+    let mut refused = false;
     loop {
         tokio::select! {
             _ = inner.stop.notified() => return,
             _ = ticks.tick() => {}
         }
-        if let Ok(alive) = write(&inner).await {
-            let draining = alive.iter().filter(|n| n.draining).count();
-            inner.metrics.alive.set(alive.len() as i64);
-            inner.metrics.draining.set(draining as i64);
-            inner.alive.send_replace(alive);
+        match write(&inner).await {
+            Ok(alive) => {
+                refused = false;
+                let draining = alive.iter().filter(|n| n.draining).count();
+                inner.metrics.alive.set(alive.len() as i64);
+                inner.metrics.draining.set(draining as i64);
+                inner.alive.send_replace(alive);
+            }
+            Err(e) if !e.is_outage() && !refused => {
+                refused = true;
+                tracing::error!(
+                    node = %inner.info.id,
+                    "Redis refuses this node's heartbeat ({e}); the other nodes do not see it. \
+                     Check the Redis user's ACL (docs/SECURITY.md, \"Cluster\")"
+                );
+            }
+            Err(_) => {}
         }
     }
 }

@@ -41,10 +41,11 @@ pub enum RedisError {
     /// The connection could not be made or broke (refused, reset, DNS, TLS).
     #[error("cannot reach Redis: {0}")]
     Connection(String),
-    /// Redis refused the password or user (AUTH failed, NOAUTH, NOPERM).
-    #[error("Redis refused our credentials: {0}")]
+    /// Redis refused the user or password (AUTH failed, NOAUTH, WRONGPASS).
+    #[error("Redis refused our user or password: {0}")]
     Auth(String),
-    /// Redis answered with an error (out of memory, read-only replica, script error).
+    /// Redis answered with an error (out of memory, read-only replica, a script error, a
+    /// command the ACL does not allow).
     #[error("Redis answered with an error: {0}")]
     Server(String),
     /// The answer had an unexpected shape, or the client could not be set up.
@@ -88,11 +89,9 @@ impl RedisError {
         match e.kind() {
             ErrorKind::Io => RedisError::Connection(text),
             ErrorKind::AuthenticationFailed => RedisError::Auth(text),
-            ErrorKind::Server(kind)
-                if matches!(kind, redis::ServerErrorKind::NoPerm)
-                    || text.contains("NOAUTH")
-                    || text.contains("WRONGPASS") =>
-            {
+            // NOPERM is an answer to one command (an ACL without it): Redis is there, so it is
+            // a `Server` error, logged by the caller, not an outage.
+            ErrorKind::Server(_) if text.contains("NOAUTH") || text.contains("WRONGPASS") => {
                 RedisError::Auth(text)
             }
             ErrorKind::Server(_) | ErrorKind::Extension => RedisError::Server(text),

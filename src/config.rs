@@ -453,8 +453,8 @@ pub struct Options {
     #[arg(long, env = "CALLGATE_LOG_LEVEL", value_name = "FILTER")]
     pub log_level: Option<String>,
 
-    /// Redis that every node of a cluster shares (redis://[:PASSWORD@]HOST[:PORT][/DB], or
-    /// rediss:// for TLS); nodes given the same URL form one cluster. Needs static-auth-secret and
+    /// Redis that every node of a cluster shares, e.g. redis://:PASSWORD@HOST:6379/0 (password,
+    /// port and database optional; rediss:// for TLS); nodes given the same URL form one cluster. Needs static-auth-secret and
     /// turn-host or external-ip. Unset: a single node, nothing shared [default: none].
     #[arg(
         long,

@@ -50,7 +50,7 @@ pub use crate::signaling::session::SessionSettings;
 pub use crate::signaling::SignalingLimits;
 use crate::turn::{ExternalIp, TurnSettings};
 pub use values::{
-    AcmeChallenge, IpRange, Listen, LogFormat, PortOrOff, PublicUrl, Seconds, Secret,
+    AcmeChallenge, IpRange, Listen, LogFormat, PortOrOff, PublicUrl, RedisUrl, Seconds, Secret,
     LETS_ENCRYPT_PRODUCTION,
 };
 
@@ -514,6 +514,17 @@ settings! {
     /// Log filter in tracing's EnvFilter syntax, e.g. "info" or "callgate=debug".
     #[arg(value_name = "FILTER")]
     log_level: String => log.level;
+
+    /// Redis that every node of a cluster shares, e.g. redis://:PASSWORD@HOST:6379/0 (password,
+    /// port and database optional; rediss:// for TLS); nodes given the same URL form one cluster.
+    /// Needs static-auth-secret and turn-host or external-ip. Unset: a single node, nothing shared.
+    #[arg(value_name = "URL", hide_env_values = true)]
+    redis_url: RedisUrl => cluster.redis_url;
+
+    /// This node's name in the cluster: letters, digits, '.', '_', '-', at most 64 characters,
+    /// unique per node [default: the host name plus a random suffix].
+    #[arg(value_name = "NAME")]
+    node_id: String => cluster.node_id;
 }
 
 /// How a setting's layer value (what the user writes) becomes the field it sets, and back.
@@ -638,6 +649,8 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     /// The async runtime.
     pub runtime: RuntimeConfig,
+    /// Cluster mode (`redis-url`, `node-id`); off without `redis-url`.
+    pub cluster: ClusterConfig,
 }
 
 impl Default for Config {
@@ -663,6 +676,7 @@ impl Config {
             log: LogConfig::default(),
             shutdown: ShutdownConfig::default(),
             runtime: RuntimeConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -1017,6 +1031,68 @@ impl TurnConfig {
     }
 }
 
+/// Cluster mode: several nodes sharing one Redis (`redis-url`, `node-id`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// The Redis every node shares; printed with its password masked. `None`: a single node.
+    pub redis_url: Option<RedisUrl>,
+    /// This node's unique name (Redis keys, membership, logs); filled with [`default_node_id`]
+    /// when `redis-url` is set and it is not.
+    pub node_id: Option<String>,
+}
+
+impl ClusterConfig {
+    /// The Redis URL and this node's name, in cluster mode.
+    pub fn enabled(&self) -> Option<(&RedisUrl, &str)> {
+        Some((self.redis_url.as_ref()?, self.node_id.as_deref()?))
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        match (&self.redis_url, &self.node_id) {
+            (None, Some(_)) => Err(invalid(
+                "node-id",
+                "only means something in a cluster: set redis-url too",
+            )),
+            (_, Some(id)) => check_node_id(id).map_err(|reason| invalid("node-id", &reason)),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Checks a `node-id`: it names Redis keys and log lines, so only `[A-Za-z0-9._-]`, 1 to 64.
+fn check_node_id(id: &str) -> Result<(), String> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "\"{id}\" must be 1 to 64 characters of letters, digits, '.', '_' and '-'"
+        ))
+    }
+}
+
+/// The default `node-id`: this host's name (cleaned to the allowed characters) and a random
+/// suffix, so two processes on one host, or two containers with one image, still differ.
+fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_default();
+    let mut host: String = host
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "._-".contains(*c))
+        .take(48)
+        .collect();
+    if host.is_empty() {
+        host.push_str("callgate");
+    }
+    format!("{host}-{:06x}", rand::random::<u32>() & 0xff_ffff)
+}
+
 /// The admin listener serving Prometheus metrics.
 #[derive(Debug, Clone)]
 pub struct MetricsConfig {
@@ -1210,6 +1286,9 @@ impl Config {
         turn.relay.allocations_per_ip = Some(turn.relay.allocations_per_ip());
         self.acme.state_dir = self.tls.certs_dir.join("acme");
         self.acme.normalise();
+        if self.cluster.redis_url.is_some() && self.cluster.node_id.is_none() {
+            self.cluster.node_id = Some(default_node_id());
+        }
     }
 
     /// Validates every section, then what spans sections.
@@ -1222,6 +1301,23 @@ impl Config {
         self.metrics.check()?;
         self.log.check()?;
         self.runtime.check()?;
+        self.cluster.check()?;
+        if self.cluster.redis_url.is_some() && self.turn.relay.enabled {
+            if self.turn.relay.auth_secrets.is_empty() {
+                return Err(invalid(
+                    "static-auth-secret",
+                    "is required with redis-url: every node must sign TURN credentials with the \
+                     same secret so that credentials from one node work on the relay of another",
+                ));
+            }
+            if self.turn.host.is_none() && self.turn.relay.external_ip.is_none() {
+                return Err(invalid(
+                    "turn-host",
+                    "(or external-ip) is required with redis-url: each node must advertise its own \
+                     TURN address, since media must reach the relay that holds the allocation",
+                ));
+            }
+        }
         if self.acme.enabled() && self.tls.cert.is_some() {
             return Err(invalid(
                 "acme-domain",
@@ -1744,5 +1840,81 @@ mod tests {
             defaults.turn.relay.tls_port,
             TurnSettings::default().tls_port
         );
+    }
+
+    #[test]
+    fn cluster_mode_needs_a_shared_secret_and_an_own_turn_address() {
+        assert_eq!(
+            Config::from_options(parse(&[])).unwrap().cluster.enabled(),
+            None
+        );
+        let url = ["--redis-url", "redis://:hunter2hunter2@10.0.0.5:6379/0"];
+        let refused = |extra: &[&str]| {
+            let mut args = url.to_vec();
+            args.extend_from_slice(extra);
+            Config::from_options(parse(&args)).unwrap_err().to_string()
+        };
+        assert!(refused(&[]).starts_with("static-auth-secret: is required with redis-url"));
+        let secret = ["--static-auth-secret", "0123456789abcdef0123"];
+        assert!(refused(&secret).starts_with("turn-host: (or external-ip) is required"));
+        // Without TURN nothing is advertised, so neither is needed.
+        assert!(Config::from_options(parse(&[url[0], url[1], "--turn", "false"])).is_ok());
+
+        let mut args = url.to_vec();
+        args.extend_from_slice(&secret);
+        args.extend_from_slice(&["--turn-host", "node1.example.com", "--node-id", "node-1"]);
+        let config = Config::from_options(parse(&args)).unwrap();
+        let (redis_url, node_id) = config.cluster.enabled().unwrap();
+        assert_eq!(node_id, "node-1");
+        assert_eq!(redis_url.expose(), url[1]);
+        // check-config masks the password; the host stays visible.
+        let printed = config.to_toml();
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(printed.contains("redis://***@10.0.0.5:6379/0"), "{printed}");
+    }
+
+    #[test]
+    fn node_ids_are_checked_and_default_to_the_host_name_and_a_suffix() {
+        let base = [
+            "--redis-url",
+            "rediss://redis.internal:6380",
+            "--turn",
+            "false",
+        ];
+        let with_id = |id: &str| {
+            let mut args = base.to_vec();
+            args.extend_from_slice(&["--node-id", id]);
+            Config::from_options(parse(&args))
+        };
+        assert!(with_id("eu-1.node_2").is_ok());
+        for bad in ["", "a b", "a/b", "ключ", &"n".repeat(65)] {
+            let error = with_id(bad).unwrap_err().to_string();
+            assert!(error.starts_with("node-id: "), "{bad:?}: {error}");
+        }
+        let a = Config::from_options(parse(&base)).unwrap().cluster;
+        let b = Config::from_options(parse(&base)).unwrap().cluster;
+        let (a_url, a_id) = a.enabled().unwrap();
+        let (_, b_id) = b.enabled().unwrap();
+        assert!(check_node_id(a_id).is_ok(), "{a_id}");
+        assert_ne!(a_id, b_id, "two processes on one host differ");
+        assert!(a_url.is_tls());
+        // Config::default() stays deterministic: no node-id without redis-url.
+        assert_eq!(Config::default().cluster, ClusterConfig::default());
+        // node-id alone is a mistake, and so is a URL of another scheme.
+        let alone = Config::from_options(parse(&["--node-id", "n1"])).unwrap_err();
+        assert!(alone
+            .to_string()
+            .starts_with("node-id: only means something in a cluster"));
+        let http = Cli::try_parse_from(["callgate", "--redis-url", "http://x"]).unwrap_err();
+        assert!(
+            http.to_string().contains("must start with redis://"),
+            "{http}"
+        );
+        // The file takes the same keys; a bad URL there names the key too.
+        let file: Options =
+            toml::from_str("redis-url = \"redis://10.0.0.5:6379\"\nnode-id = \"call-2\"").unwrap();
+        assert_eq!(file.node_id.as_deref(), Some("call-2"));
+        let bad = toml::from_str::<Options>("redis-url = \"10.0.0.5:6379\"").unwrap_err();
+        assert!(bad.to_string().contains("redis-url"), "{bad}");
     }
 }

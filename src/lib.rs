@@ -15,6 +15,7 @@
 //! | `tls/` | certificate loading (`load`), dev-certificate generation (`dev_cert`), hot reload (`reload`) |
 //! | `http/` | accept loop with admission (per-address and global caps) and timeouts (`mod`), idle/stall/close limits of a connection (`lifetime`), PROXY protocol (`proxy_protocol`), routes and `/api/turn-credentials` (`routes`), static files held in memory (`static_files`) and the range policy (`ranges`), security headers, the redirect listener, the metrics listener (`admin`) |
 //! | `signaling/` | WebSocket sessions (`session`), their frames (`wire`) and send queues (`outbox`), the call rules without I/O (`hub`), wire messages (`protocol`), where each ID lives (`directory`) |
+//! | `cluster/` | scale-out over Redis (`redis-url`): the shared connection with its metrics (`redis`), node membership, heartbeats and drain (`nodes`) (see its own Layout) |
 //! | `turn/` | the embedded TURN relay: a front layer before the `turn` crate's engine (see its own Layout) |
 //!
 //! Dependencies point down: `server` → `http` → `signaling` → (`config::values`, `tls`, `metrics`,
@@ -23,7 +24,9 @@
 //! `TurnSettings`), which it fills from flags, environment and file; `config::values` imports
 //! nothing from the crate. `turn` shares only the certificate store and the credential secret with the
 //! rest. `acme` sits beside `signaling`: `server` starts it and `http::redirect` reads its
-//! challenge answers; it uses only `config`, `tls`, `metrics` and `shutdown`. `signaling::hub`, `signaling::protocol`, `turn::policy`, `turn::gate` and
+//! challenge answers; it uses only `config`, `tls`, `metrics` and `shutdown`. `cluster` (only with
+//! `redis-url`) also sits beside `signaling`: `server` opens its Redis connection and membership and
+//! calls it first on shutdown; it uses only `config` and `metrics`. `signaling::hub`, `signaling::protocol`, `turn::policy`, `turn::gate` and
 //! `turn::credentials` do no I/O: they take input (and the current time) and return what to do, so
 //! they are tested and benched without sockets.
 

@@ -2,9 +2,9 @@
 //!
 //! [`Server::bind`] does everything that can fail at startup (certificate, listeners, public
 //! directory) so that errors surface before anything is served. [`Server::run`] serves until the
-//! given signal, then: `/readyz` turns 503, the drain delay passes, the listeners close, every
-//! connection and session is told to finish, and the server waits for them up to the shutdown
-//! timeout.
+//! given signal, then: in a cluster the node is marked draining in Redis, `/readyz` turns 503, the
+//! drain delay passes, the listeners close, every connection and session is told to finish, the
+//! server waits for them up to the shutdown timeout, and a cluster node leaves the membership.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -15,6 +15,8 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::acme::{self, Acme, AcmeMetrics};
+use crate::cluster::nodes::{Membership, NodeInfo, NodeMetrics};
+use crate::cluster::redis::{Redis, RedisMetrics};
 use crate::config::{Config, TlsSource};
 use crate::http::headers::SecurityHeaders;
 use crate::http::proxy_protocol::TrustedProxies;
@@ -64,6 +66,9 @@ pub enum StartError {
     /// ACME could not be set up (state directory, acme-directory-ca).
     #[error(transparent)]
     Acme(#[from] crate::acme::AcmeSetupError),
+    /// The Redis client could not be set up from `redis-url` (nothing is connected yet).
+    #[error("redis-url: {0}")]
+    Redis(#[from] crate::cluster::redis::RedisError),
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
@@ -104,6 +109,10 @@ pub struct Server {
     relay: RunningRelay,
     /// Automatic certificates, when `acme-domain` is set: started by `run`.
     acme: Option<Acme>,
+    /// The shared Redis connection, when `redis-url` is set (cluster mode): not connected yet.
+    redis: Option<Redis>,
+    /// The `callgate_cluster_nodes_*` gauges, registered on every node (0 on a single node).
+    node_metrics: NodeMetrics,
 }
 
 impl Server {
@@ -153,6 +162,12 @@ impl Server {
         let readiness = Arc::new(Readiness::default());
         let controller = ShutdownController::new();
         let metrics = Arc::new(Metrics::new());
+        let redis_metrics = RedisMetrics::register(&metrics);
+        let node_metrics = NodeMetrics::register(&metrics);
+        let redis = match config.cluster.enabled() {
+            Some((redis_url, _)) => Some(Redis::open(redis_url, redis_metrics)?),
+            None => None,
+        };
         let relay = start_relay(&config, &certs, controller.handle()).await?;
         metrics.export_turn(relay.stats().clone());
         let https = bind("https-listen", config.http.https_listen).await?;
@@ -226,6 +241,8 @@ impl Server {
             admin,
             relay,
             acme,
+            redis,
+            node_metrics,
         })
     }
 
@@ -274,7 +291,29 @@ impl Server {
             admin,
             relay,
             acme,
+            redis,
+            node_metrics,
         } = self;
+        let membership = match (config.cluster.enabled(), redis) {
+            (Some((_, node_id)), Some(redis)) => Some(Membership::start(
+                redis,
+                NodeInfo {
+                    id: node_id.to_owned(),
+                    https: addrs.https.to_string(),
+                    turn: config.turn.host.clone().or_else(|| {
+                        config
+                            .turn
+                            .relay
+                            .external_ip
+                            .map(|ip| ip.public.to_string())
+                    }),
+                    draining: false,
+                },
+                config.signaling.limits.resume_grace,
+                node_metrics,
+            )),
+            _ => None,
+        };
         tokio::spawn(expire_reservations(signaling, controller.handle()));
         tokio::spawn(prune_rate_limits(per_ip, controller.handle()));
         let per_ip = AddressLimit::new(
@@ -406,6 +445,17 @@ impl Server {
         tracing::info!(listeners = %listeners.join(", "), open = %local, "callgate ready");
 
         stop.await;
+        // In a cluster the others (and their resumes) learn first: the flag is in Redis before
+        // /readyz turns 503 and before any client is told to reconnect.
+        if let Some(membership) = &membership {
+            match membership.start_draining().await {
+                Ok(()) => tracing::info!(node = %membership.node_id(), "marked draining in Redis"),
+                Err(e) => tracing::warn!(
+                    node = %membership.node_id(),
+                    "could not mark this node draining in Redis ({e}); shutting down anyway"
+                ),
+            }
+        }
         readiness.start_draining();
         tracing::info!(
             drain_delay = ?config.shutdown.drain_delay,
@@ -421,6 +471,9 @@ impl Server {
             Err(_) => tracing::warn!(
                 "shutdown timeout reached with connections still open; exiting anyway"
             ),
+        }
+        if let Some(membership) = membership {
+            membership.leave().await;
         }
         Ok(())
     }

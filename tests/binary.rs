@@ -333,7 +333,8 @@ async fn sigterm_reports_not_ready_finishes_in_flight_downloads_and_exits() {
     assert_eq!(response.status(), StatusCode::OK);
 
     running.signal("TERM");
-    running.wait_for_log("SIGTERM received");
+    // The log line comes after readiness is withdrawn (the signal's own line comes before).
+    running.wait_for_log("/readyz now reports 503");
     // During the drain delay new requests are still answered, but readiness is withdrawn.
     let ready = H1::over(connect(&tls, running.https).await.unwrap())
         .await

@@ -629,7 +629,8 @@ fn dashboard_is_importable_with_a_prometheus_datasource_input() {
             "Are calls succeeding?",
             "How long do calls take to set up?",
             "Is anyone abusing it?",
-            "Is the relay healthy?"
+            "Is the relay healthy?",
+            "Is the cluster whole?"
         ]
     );
 }
@@ -923,6 +924,70 @@ fn selector_lexer_finds_metrics_and_their_matchers() {
         selectors("time() - start_seconds")[0].metric,
         "start_seconds"
     );
+}
+
+// ------------------------------------------------------------------------------------------------
+// The HAProxy configuration for several nodes (tests/cluster.rs runs HAProxy from it).
+
+/// The value of a `keyword value` line in a HAProxy config (first occurrence).
+fn haproxy_setting<'a>(config: &'a str, keyword: &str) -> Option<&'a str> {
+    config.lines().find_map(|line| {
+        line.trim()
+            .strip_prefix(keyword)
+            .filter(|rest| rest.starts_with(' '))
+            .map(str::trim)
+    })
+}
+
+#[test]
+fn haproxy_config_is_valid_and_keeps_websockets_proxy_headers_and_turn_right() {
+    let config = read("ops/haproxy/haproxy.cfg");
+    if require_tool("haproxy", "haproxy") {
+        run_ok(
+            Command::new("haproxy")
+                .arg("-c")
+                .arg("-f")
+                .arg(repo("ops/haproxy/haproxy.cfg")),
+        );
+    }
+    // TLS ends at callgate: TCP mode, no certificate on the bind line.
+    assert_eq!(haproxy_setting(&config, "mode"), Some("tcp"));
+    let bind = haproxy_setting(&config, "bind").expect("a bind line");
+    assert!(!bind.contains("ssl"), "TLS must end at callgate: {bind}");
+    // Nodes learn the client's address, health checks included, and are checked on /readyz.
+    let servers = haproxy_setting(&config, "default-server").expect("default-server options");
+    for option in ["send-proxy-v2", "check-send-proxy", "check-ssl", "check"] {
+        assert!(
+            servers.split_whitespace().any(|o| o == option),
+            "default-server lacks {option}: {servers}"
+        );
+    }
+    let check = haproxy_setting(&config, "http-check send").expect("an http-check send line");
+    assert!(check.contains("uri /readyz"), "{check}");
+    assert_eq!(
+        haproxy_setting(&config, "http-check expect"),
+        Some("status 200")
+    );
+    // An idle WebSocket lives through at least three heartbeats of the default interval.
+    let heartbeat = callgate::config::Config::default()
+        .signaling
+        .session
+        .heartbeat_interval;
+    let tunnel = haproxy_setting(&config, "timeout tunnel").expect("timeout tunnel");
+    let tunnel: callgate::config::Seconds = tunnel.parse().unwrap();
+    assert!(
+        tunnel.0 >= heartbeat * 3,
+        "timeout tunnel {tunnel:?} is under three heartbeats ({heartbeat:?} each)"
+    );
+    // TURN never goes through the balancer: no listener on the TURN ports.
+    for line in config.lines().filter(|l| l.trim().starts_with("bind")) {
+        for port in [":3478", ":5349"] {
+            assert!(
+                !line.contains(port),
+                "TURN port {port} behind HAProxy: {line}"
+            );
+        }
+    }
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -1051,6 +1051,7 @@ async fn a_redis_outage_is_unavailable_within_the_timeout_and_everything_recover
 
     // Redis comes back empty (no persistence): claims work again by themselves, and the node's
     // subscription is back in place and says so.
+    s.redis.stop();
     s.redis.restart();
     eventually(Duration::from_secs(10), "claims work again", || async {
         s.registry.claim(&n1, Instant::now()).await.is_ok()
@@ -1114,6 +1115,7 @@ async fn after_redis_restarts_empty_every_nodes_refresh_puts_its_live_ids_back_a
     let refreshed = other.refresh(&n2, &[b, b2]).await.unwrap();
     assert_eq!((refreshed.renewed, refreshed.restored), (2, 0));
 
+    s.redis.stop();
     s.redis.restart();
     eventually(Duration::from_secs(10), "Redis answers again", || async {
         let mut raw = s.raw.clone();
@@ -1443,12 +1445,12 @@ async fn every_operation_works_as_the_restricted_acl_user_and_nothing_else_does(
     let mut args = vec!["--user"];
     args.extend(CALLGATE_ACL.split_whitespace());
     args.extend(["--user", "default", "off"]);
-    let Some(redis) = RedisServer::start_with(&args) else {
+    let Some(redis) = RedisServer::start_configured(&args) else {
         return;
     };
     let url = format!(
         "redis://callgate:test-only-password@127.0.0.1:{}/",
-        redis.port()
+        redis.addr.port()
     );
     let s = setup_on(
         redis,
@@ -1538,7 +1540,7 @@ async fn a_full_redis_refuses_new_ids_as_unavailable_and_keeps_every_existing_on
     // `maxmemory` with `noeviction` (Redis's default policy, the one docs/SECURITY.md asks for):
     // when full, writes fail instead of registry keys being evicted silently.
     let Some(redis) =
-        RedisServer::start_with(&["--maxmemory", "3mb", "--maxmemory-policy", "noeviction"])
+        RedisServer::start_configured(&["--maxmemory", "3mb", "--maxmemory-policy", "noeviction"])
     else {
         return;
     };

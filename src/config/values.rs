@@ -343,3 +343,74 @@ pub enum AcmeChallenge {
     #[serde(rename = "http-01")]
     Http01,
 }
+
+/// A `redis://` or `rediss://` URL. It may carry a password, so it prints with the user part
+/// masked (`redis://***@host:6379`).
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    /// The URL itself, for the one place that connects.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether the connection uses TLS (`rediss://`).
+    pub fn is_tls(&self) -> bool {
+        self.0.starts_with("rediss://")
+    }
+}
+
+impl FromStr for RedisUrl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if !(s.starts_with("redis://") || s.starts_with("rediss://")) {
+            return Err(format!(
+                "\"{}\" must start with redis:// or rediss:// (e.g. redis://10.0.0.5:6379)",
+                RedisUrl(s.to_owned())
+            ));
+        }
+        redis::IntoConnectionInfo::into_connection_info(s).map_err(|e| {
+            format!(
+                "\"{}\" is not a Redis URL like redis://:PASSWORD@HOST:6379/0 ({:?})",
+                RedisUrl(s.to_owned()),
+                e.kind()
+            )
+        })?;
+        Ok(RedisUrl(s.to_owned()))
+    }
+}
+
+impl TryFrom<String> for RedisUrl {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl fmt::Display for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Some((scheme, rest)) = self.0.split_once("://") else {
+            return f.write_str("***");
+        };
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        match rest[..authority_end].rfind('@') {
+            Some(at) => write!(f, "{scheme}://***{}", &rest[at..]),
+            None => f.write_str(&self.0),
+        }
+    }
+}
+
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RedisUrl({self})")
+    }
+}
+
+impl Serialize for RedisUrl {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}

@@ -1,0 +1,162 @@
+//! A real HAProxy for tests, configured from the shipped `ops/haproxy/haproxy.cfg`.
+//!
+//! The harness keeps every option of the shipped file and changes only what must differ on a
+//! test machine: the `bind` address (a free loopback port), the `server` lines (one per test
+//! node, each connecting from `source` so that only HAProxy's connections are trusted for the
+//! PROXY header), and the process settings of `global` (no chroot, no user switch, log to
+//! stderr, `maxconn` within an unprivileged file limit). Started with `-db` (foreground), stopped by PID on drop. Without haproxy installed
+//! `start` returns `None` — under `CI=true` it panics instead.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// A running haproxy, killed on drop.
+pub struct Haproxy {
+    child: Child,
+    /// The frontend address clients connect to.
+    pub addr: SocketAddr,
+    /// Its stderr, line by line (server state changes: "Server callgate_nodes/node1 is DOWN").
+    lines: mpsc::Receiver<String>,
+    /// Holds the generated config.
+    _dir: tempfile::TempDir,
+}
+
+impl Haproxy {
+    /// Starts haproxy in front of `nodes` (their HTTPS addresses), connecting from `source`.
+    pub fn start(nodes: &[SocketAddr], source: IpAddr) -> Option<Haproxy> {
+        if !tool_present() {
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let template = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("ops/haproxy/haproxy.cfg"),
+        )
+        .unwrap();
+        let config = for_test(&template, addr, nodes, source);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("haproxy.cfg");
+        std::fs::write(&path, &config).unwrap();
+        let mut child = Command::new("haproxy")
+            .arg("-f")
+            .arg(&path)
+            .arg("-db")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("haproxy starts");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                let said: Vec<String> = lines.try_iter().collect();
+                panic!(
+                    "haproxy exited with {status}:\n{}\n{config}",
+                    said.join("\n")
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "haproxy did not listen on {addr}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(Haproxy {
+            child,
+            addr,
+            lines,
+            _dir: dir,
+        })
+    }
+
+    /// Blocks until a stderr line contains `needle`; panics after `within`.
+    pub fn wait_for_log(&self, needle: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => continue,
+                Err(_) => panic!("haproxy logged no line containing {needle:?} within {within:?}"),
+            }
+        }
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The shipped config with test addresses; every other line kept as it is.
+pub fn for_test(template: &str, bind: SocketAddr, nodes: &[SocketAddr], source: IpAddr) -> String {
+    let mut out = String::new();
+    let mut servers_written = false;
+    for line in template.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.first().copied() {
+            Some("chroot" | "user" | "group" | "daemon") => continue,
+            // Sized for production; a test runs unprivileged with a lower file limit.
+            Some("maxconn") => out.push_str("    maxconn 1000\n"),
+            Some("log") if words.get(1) == Some(&"/dev/log") => {
+                out.push_str("    log stderr format raw local0\n");
+            }
+            Some("bind") => out.push_str(&format!("    bind {bind}\n")),
+            Some("server") => {
+                // One line per test node, with the template's options after the address.
+                if !servers_written {
+                    let options = words.get(3..).unwrap_or_default().join(" ");
+                    for (i, node) in nodes.iter().enumerate() {
+                        out.push_str(&format!(
+                            "    server node{} {node} {options} source {source}\n",
+                            i + 1
+                        ));
+                    }
+                    servers_written = true;
+                }
+            }
+            _ => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    assert!(servers_written, "the template has no server line");
+    out
+}
+
+/// Whether haproxy is installed; under `CI=true` its absence fails the test.
+fn tool_present() -> bool {
+    let found = Command::new("sh")
+        .args(["-c", "command -v haproxy"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!(
+                "haproxy is required under CI=true (Debian package haproxy); .ci/run installs it"
+            );
+        }
+        eprintln!("skipping: haproxy not installed (apt-get install haproxy)");
+    }
+    found
+}

@@ -221,4 +221,39 @@ mod tests {
         send(bus.take_held(b.id));
         send(routes.deliver(b.id, None, Envelope::new(Vec::new())));
     }
+
+    /// The node's shared, instrumented connection (timeouts, `callgate_redis_*` metrics) is one
+    /// the registry, bus and routes take as they are.
+    #[allow(dead_code)]
+    fn the_nodes_shared_connection_fits(
+        redis: &crate::cluster::redis::Redis,
+    ) -> Routes<impl ConnectionLike> {
+        let registry = RedisRegistry::new(
+            redis.connection(),
+            crate::cluster::registry::RegistrySettings {
+                id_digits: 9,
+                lease: Duration::from_secs(40),
+                timeout: Duration::from_secs(1),
+            },
+        );
+        let bus = RedisBus::new(
+            redis.client().clone(),
+            redis.connection(),
+            crate::cluster::bus::BusSettings {
+                held_messages: 64,
+                held_bytes: 256 * 1024,
+                held_bytes_total: 64 * 1024 * 1024,
+                grace: Duration::from_secs(30),
+                timeout: Duration::from_secs(1),
+            },
+        );
+        Routes::new(
+            registry,
+            bus,
+            RouteSettings {
+                max_routes: 100_000,
+                ttl: Duration::from_secs(2),
+            },
+        )
+    }
 }

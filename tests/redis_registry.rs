@@ -1432,12 +1432,13 @@ async fn a_redis_that_accepts_and_never_answers_costs_at_most_the_timeout() {
 }
 
 /// The ACL docs/SECURITY.md ("Redis") recommends for callgate's Redis user: its own keys and
-/// channels, the commands its scripts and calls use, nothing else.
+/// channels, the commands its scripts and calls use (registry, bus and membership, the same list
+/// as tests/cluster.rs), nothing else.
 const CALLGATE_ACL: &str =
     "callgate on >test-only-password resetkeys ~cg:* resetchannels &cg:node:* \
      -@all +hello +auth +ping +evalsha +script|load +hmget +get +publish \
      +subscribe +unsubscribe +exists +incr +hset +hget +pexpire +del +xlen +xadd +hincrby +pttl \
-     +xrange +set +time +incrby +zadd +zrem +zrangebyscore +zremrangebyscore";
+     +xrange +set +time +incrby +zadd +zrem +zrangebyscore +zremrangebyscore +hgetall +hdel";
 
 #[tokio::test]
 async fn every_operation_works_as_the_restricted_acl_user_and_nothing_else_does() {

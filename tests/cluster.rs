@@ -483,7 +483,7 @@ async fn a_node_starts_without_its_redis_and_joins_when_redis_answers() {
 const CALLGATE_ACL: &str = "on >acl-test-password-0123 resetkeys ~cg:* resetchannels &cg:node:* \
     -@all +hello +auth +ping +evalsha +script|load +hmget +get +publish +subscribe +unsubscribe \
     +exists +incr +hset +hget +pexpire +del +xlen +xadd +hincrby +pttl +xrange +set \
-    +time +hgetall +hdel";
+    +time +hgetall +hdel +incrby +zadd +zrem +zrangebyscore +zremrangebyscore";
 
 #[tokio::test]
 async fn membership_works_as_the_restricted_acl_user() {

@@ -2,7 +2,8 @@
 //!
 //! Without `redis-url` none of this runs: a single node keeps everything in memory. With it, every
 //! node opens one Redis connection ([`redis`]), writes its heartbeat and reads the others'
-//! ([`nodes`]), and marks itself draining first when it shuts down.
+//! ([`nodes`]), and marks itself draining first when it shuts down. The client registry
+//! ([`registry`]) and the bus between nodes ([`bus`], [`route`]) run on that connection.
 //!
 //! # Layout
 //!
@@ -10,10 +11,18 @@
 //! |---|---|
 //! | `redis.rs` | the one shared Redis connection: reconnects by itself, times out and times every command, `callgate_redis_*` metrics, one log line per outage |
 //! | `nodes.rs` | membership: this node's heartbeat, advertised address and `draining` flag; the other nodes seen alive; stale nodes removed |
+//! | `registry.rs` | [`registry::RedisRegistry`]: each client ID's node, epoch, resume token and call state, one Lua script per operation (`lua/`) |
+//! | `bus.rs` | [`bus::RedisBus`]: messages to IDs on other nodes (`PUBLISH`), held for reserved IDs (capped streams), the orphan sweep, a node's self-healing subscription |
+//! | `route.rs` | [`route::Routes`]: delivery to an ID on another node — cached route, one `PUBLISH`, or the held stream |
+//! | `types.rs` | the registry's vocabulary from the cluster design, until `signaling/registry.rs` provides it |
 //!
 //! Every key this module writes has a TTL or a bound (see docs/OPERATIONS.md, "Running several
-//! nodes"). Dependencies point down: `cluster` uses `config`, `metrics` and `shutdown`; nothing in
-//! `signaling` or `turn` imports it.
+//! nodes", and docs/SECURITY.md, "Redis"). Dependencies point down: `cluster` uses `config`,
+//! `metrics`, `shutdown` and `signaling`'s types; nothing in `signaling` or `turn` imports it.
 
+pub mod bus;
 pub mod nodes;
 pub mod redis;
+pub mod registry;
+pub mod route;
+pub mod types;

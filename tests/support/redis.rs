@@ -21,12 +21,30 @@ pub struct RedisServer {
     pub addr: SocketAddr,
     /// Certificate and key when it speaks only TLS on `addr`.
     tls: Option<(PathBuf, PathBuf)>,
+    /// Extra configuration directives (ACL users, `maxmemory`), kept across restarts.
+    extra: Vec<String>,
 }
 
 impl RedisServer {
     /// Starts redis-server on a free port and waits until it answers PING.
     pub fn start() -> Option<RedisServer> {
         Self::start_with(None)
+    }
+
+    /// Starts redis-server with extra configuration directives, each word its own argument
+    /// (`["--maxmemory", "3mb"]`, `["--user", "callgate", "on", ...]`).
+    pub fn start_configured(extra: &[&str]) -> Option<RedisServer> {
+        if !tool_present() {
+            return None;
+        }
+        let mut server = RedisServer {
+            child: None,
+            addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            tls: None,
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        server.restart();
+        Some(server)
     }
 
     /// Starts redis-server speaking only TLS (with this PEM certificate and key, clients not
@@ -39,15 +57,11 @@ impl RedisServer {
         if !tool_present() {
             return None;
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
         let mut server = RedisServer {
             child: None,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
             tls,
+            extra: Vec::new(),
         };
         server.restart();
         Some(server)
@@ -135,6 +149,7 @@ impl RedisServer {
                 "--protected-mode",
                 "yes",
             ])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -142,6 +157,13 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while !self.pings() {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("redis-server exited at start ({status}); check its arguments");
+            }
             assert!(
                 Instant::now() < deadline,
                 "redis-server on {} did not answer PING within 10 s",
@@ -161,9 +183,10 @@ impl RedisServer {
         }
         let _ = tcp.set_read_timeout(Some(Duration::from_millis(500)));
         let mut answer = [0u8; 7];
+        // With the default user switched off (ACL tests) the answer is -NOAUTH: up all the same.
         tcp.write_all(b"PING\r\n").is_ok()
             && tcp.read_exact(&mut answer).is_ok()
-            && &answer == b"+PONG\r\n"
+            && (&answer == b"+PONG\r\n" || &answer == b"-NOAUTH")
     }
 }
 
@@ -171,6 +194,15 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A loopback port that was free a moment ago.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Whether redis-server is installed; under `CI=true` its absence fails the test.

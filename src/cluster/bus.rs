@@ -1,0 +1,745 @@
+//! Delivery between nodes through Redis: a message for an ID held by another node is published on
+//! that node's channel; a message that finds nobody live is held in the ID's capped stream until
+//! the node that resumes the ID takes it.
+//!
+//! Pub/sub alone drops what arrives while a node is away, so `PUBLISH`'s answer (how many
+//! subscribers received it) is what tells the sender whether to hold the message instead. Held
+//! messages live in `cg:held:{id}`: a stream with an exact cap on messages and bytes, checked
+//! before each `XADD`, under a cluster-wide byte budget too, so nothing already held is trimmed
+//! away silently — a message that does not fit is refused and its sender is told. A node's own subscription reconnects and resubscribes by
+//! itself after Redis restarts, and says so ([`BusEvent::Subscribed`]) so the node can take what
+//! was held for its live IDs meanwhile.
+//!
+//! Messages held for an ID that expires without a resume (its node died) outlive it by a grace
+//! period; any node's orphan sweep ([`RedisBus::take_orphans`]) takes them so their senders can
+//! be told.
+//!
+//! The payload is a small versioned binary record ([`BusMessage::encode`]); the frame inside is
+//! the unsealed JSON, since sequence numbers are given by the node that holds the ID.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
+use futures_util::StreamExt as _;
+use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::Script;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::types::{CallState, NodeId, Unavailable};
+use crate::signaling::delivery::{Envelope, Origin};
+use crate::signaling::protocol::{ClientId, DropReason, MessageKind, SEQ_ROOM};
+
+/// The stream holding messages for an ID nobody holds live.
+pub fn held_key(id: ClientId) -> String {
+    format!("cg:held:{id}")
+}
+
+/// A node's inbox channel.
+pub fn node_channel(node: &NodeId) -> String {
+    format!("cg:node:{node}")
+}
+
+/// Holds one message, checking the caps first.
+static HOLD: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/hold.lua")));
+/// Takes and deletes every held message in one step.
+static TAKE_HELD: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/take_held.lua")));
+/// Takes the messages held for IDs that expired unresumed.
+static ORPHANS: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/orphans.lua")));
+
+/// When each ID with held messages should be looked at by the orphan sweep (a sorted set; its
+/// entries are bounded by the IDs with held messages, and it expires when holds stop).
+const DUE_KEY: &str = "cg:held:due";
+
+/// What the receiving node is asked to do with a [`BusMessage`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BusKind {
+    /// Deliver the frame to the recipient's connection (or its delivery log).
+    Deliver,
+    /// Close the connection holding the recipient at `epoch`: the ID was resumed elsewhere while
+    /// that (half-open) connection still held it. The frame is empty.
+    Kick,
+}
+
+/// A message on its way to an ID on another node, or held for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BusMessage {
+    /// What to do with it.
+    pub kind: BusKind,
+    /// The recipient.
+    pub to: ClientId,
+    /// The recipient's epoch the sender routed by, if it knew one: a receiving node whose holder
+    /// of `to` has another epoch answers that the route is stale.
+    pub epoch: Option<u64>,
+    /// Who caused the message, to tell them if it is never delivered.
+    pub origin: Option<Origin>,
+    /// The recipient's call state after the transition this message announces (an offer, a
+    /// reply, a cancel, a hang-up), so the recipient's node updates its cached state without
+    /// asking Redis.
+    pub call: Option<CallState>,
+    /// The JSON object, without a sequence number.
+    pub frame: Bytes,
+}
+
+/// Why a payload read from Redis is not a [`BusMessage`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PayloadError {
+    /// Written by a newer (or unrelated) program.
+    #[error("The bus payload has version {0}; this node reads version 1.")]
+    Version(u8),
+    /// Shorter than its header says.
+    #[error("The bus payload is truncated.")]
+    Truncated,
+    /// A message type this node does not know.
+    #[error("The bus payload names message type {0}, which this node does not know.")]
+    UnknownKind(u8),
+    /// A call phase this node does not know.
+    #[error("The bus payload names call phase {0}, which this node does not know.")]
+    UnknownPhase(u8),
+    /// Flags this version does not define.
+    #[error("The bus payload sets flags {0:#04x}, which this node does not know.")]
+    UnknownFlags(u8),
+    /// A kick without the epoch it is for.
+    #[error("The bus payload is a kick without an epoch.")]
+    KickWithoutEpoch,
+}
+
+impl BusMessage {
+    /// Payload format version, the first byte.
+    const VERSION: u8 = 1;
+    /// Flag: an epoch follows the recipient.
+    const HAS_EPOCH: u8 = 1;
+    /// Flag: an origin (sender ID and message type) follows.
+    const HAS_ORIGIN: u8 = 2;
+    /// Flag: the recipient's new call state follows (u8 phase, then u64 peer unless idle).
+    const HAS_CALL: u8 = 4;
+    /// Flag: a [`BusKind::Kick`] (otherwise a delivery).
+    const KICK: u8 = 8;
+    /// The longest header: version, flags, recipient, epoch, origin, call.
+    const MAX_HEADER: usize = 1 + 1 + 8 + 8 + 9 + 9;
+
+    /// The message carrying `envelope` to `to` (routed by `epoch` when known), announcing the
+    /// recipient's new call state `call` when the message changes it.
+    pub fn new(
+        to: ClientId,
+        epoch: Option<u64>,
+        call: Option<CallState>,
+        envelope: Envelope,
+    ) -> Self {
+        Self {
+            kind: BusKind::Deliver,
+            to,
+            epoch,
+            origin: envelope.origin(),
+            call,
+            frame: envelope.seal(None),
+        }
+    }
+
+    /// Asks `to`'s node to close the connection holding `to` at `epoch`.
+    pub fn kick(to: ClientId, epoch: u64) -> Self {
+        Self {
+            kind: BusKind::Kick,
+            to,
+            epoch: Some(epoch),
+            origin: None,
+            call: None,
+            frame: Bytes::new(),
+        }
+    }
+
+    /// Back into an envelope for the local delivery log (with room for a sequence number).
+    pub fn into_envelope(self) -> Envelope {
+        let mut json = Vec::with_capacity(self.frame.len() + SEQ_ROOM);
+        json.extend_from_slice(&self.frame);
+        match self.origin {
+            Some(origin) => Envelope::relaying(json, origin),
+            None => Envelope::new(json),
+        }
+    }
+
+    /// The payload: version, flags, recipient (u64), then when present the epoch (u64), the
+    /// origin (u64 sender, u8 message type) and the call state (u8 phase, u64 peer unless idle),
+    /// all big-endian; the frame takes the rest. 10 to 36 bytes of header.
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(Self::MAX_HEADER + self.frame.len());
+        let mut flags = 0;
+        if self.epoch.is_some() {
+            flags |= Self::HAS_EPOCH;
+        }
+        if self.origin.is_some() {
+            flags |= Self::HAS_ORIGIN;
+        }
+        if self.call.is_some() {
+            flags |= Self::HAS_CALL;
+        }
+        if self.kind == BusKind::Kick {
+            flags |= Self::KICK;
+        }
+        out.put_u8(Self::VERSION);
+        out.put_u8(flags);
+        out.put_u64(self.to.get());
+        if let Some(epoch) = self.epoch {
+            out.put_u64(epoch);
+        }
+        if let Some(origin) = self.origin {
+            out.put_u64(origin.from.get());
+            out.put_u8(kind_code(origin.kind));
+        }
+        if let Some(call) = self.call {
+            let (phase, peer) = match call {
+                CallState::Idle => (0, None),
+                CallState::Calling { peer } => (1, Some(peer)),
+                CallState::Called { peer } => (2, Some(peer)),
+                CallState::InCall { peer } => (3, Some(peer)),
+            };
+            out.put_u8(phase);
+            if let Some(peer) = peer {
+                out.put_u64(peer.get());
+            }
+        }
+        out.put_slice(&self.frame);
+        out.freeze()
+    }
+
+    /// Reads a payload written by [`BusMessage::encode`].
+    pub fn decode(mut payload: Bytes) -> Result<Self, PayloadError> {
+        let need = |payload: &Bytes, n: usize| {
+            if payload.remaining() < n {
+                Err(PayloadError::Truncated)
+            } else {
+                Ok(())
+            }
+        };
+        need(&payload, 10)?;
+        let version = payload.get_u8();
+        if version != Self::VERSION {
+            return Err(PayloadError::Version(version));
+        }
+        let flags = payload.get_u8();
+        let unknown = flags & !(Self::HAS_EPOCH | Self::HAS_ORIGIN | Self::HAS_CALL | Self::KICK);
+        if unknown != 0 {
+            return Err(PayloadError::UnknownFlags(unknown));
+        }
+        let to = ClientId::new(payload.get_u64());
+        let epoch = if flags & Self::HAS_EPOCH != 0 {
+            need(&payload, 8)?;
+            Some(payload.get_u64())
+        } else {
+            None
+        };
+        let origin = if flags & Self::HAS_ORIGIN != 0 {
+            need(&payload, 9)?;
+            let from = ClientId::new(payload.get_u64());
+            let code = payload.get_u8();
+            let kind = *MessageKind::ALL
+                .get(usize::from(code))
+                .ok_or(PayloadError::UnknownKind(code))?;
+            Some(Origin { from, kind })
+        } else {
+            None
+        };
+        let call = if flags & Self::HAS_CALL != 0 {
+            need(&payload, 1)?;
+            let phase = payload.get_u8();
+            if phase == 0 {
+                Some(CallState::Idle)
+            } else {
+                need(&payload, 8)?;
+                let peer = ClientId::new(payload.get_u64());
+                Some(match phase {
+                    1 => CallState::Calling { peer },
+                    2 => CallState::Called { peer },
+                    3 => CallState::InCall { peer },
+                    _ => return Err(PayloadError::UnknownPhase(phase)),
+                })
+            }
+        } else {
+            None
+        };
+        let kind = if flags & Self::KICK != 0 {
+            if epoch.is_none() {
+                return Err(PayloadError::KickWithoutEpoch);
+            }
+            BusKind::Kick
+        } else {
+            BusKind::Deliver
+        };
+        Ok(Self {
+            kind,
+            to,
+            epoch,
+            origin,
+            call,
+            frame: payload,
+        })
+    }
+}
+
+/// Decodes held payloads for `to`, logging and skipping any that cannot be read.
+fn decode_all(to: ClientId, payloads: Vec<Vec<u8>>) -> Vec<BusMessage> {
+    payloads
+        .into_iter()
+        .filter_map(|payload| match BusMessage::decode(Bytes::from(payload)) {
+            Ok(message) => Some(message),
+            Err(e) => {
+                tracing::warn!(error = %e, id = %to, "redis bus: skipped a held message");
+                None
+            }
+        })
+        .collect()
+}
+
+/// A message type's code on the bus: its place in [`MessageKind::ALL`].
+fn kind_code(kind: MessageKind) -> u8 {
+    let index = MessageKind::ALL
+        .iter()
+        .position(|k| *k == kind)
+        .expect("ALL lists every kind");
+    u8::try_from(index).expect("fewer than 256 message kinds")
+}
+
+/// What became of a message handed to [`RedisBus::hold`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
+pub enum Hold {
+    /// Held for the next resume of the ID.
+    Held,
+    /// Nobody holds the ID (it left or expired): tell the sender.
+    NoSuchClient,
+    /// The ID moved to another epoch since the sender located it: locate it again and send there.
+    Moved,
+    /// The ID's held budget (messages or bytes: `QueueFull`) or the cluster's (`ServerBusy`) is
+    /// spent: tell the sender.
+    Dropped(DropReason),
+}
+
+/// One event of a node's subscription.
+#[derive(Debug)]
+pub enum BusEvent {
+    /// The subscription is (again) in place. `resumed` is true after a gap (Redis restarted or the
+    /// connection broke): senders found no receiver meanwhile and held their messages, so the
+    /// node should [take](RedisBus::take_held) what was held for its live IDs.
+    Subscribed {
+        /// Whether this follows a gap rather than being the first subscription.
+        resumed: bool,
+    },
+    /// A message for one of this node's IDs.
+    Message(BusMessage),
+}
+
+/// How the bus behaves; the cluster configuration maps onto this.
+#[derive(Clone, Copy, Debug)]
+pub struct BusSettings {
+    /// Most messages held per ID (`resume_queue_messages`).
+    pub held_messages: usize,
+    /// Most payload bytes held per ID (`resume_queue_bytes`).
+    pub held_bytes: usize,
+    /// Most payload bytes held for all IDs together, cluster-wide (`resume_queue_bytes_total`),
+    /// so many reserved IDs cannot fill Redis. Counted per grace-long window, conservatively.
+    pub held_bytes_total: usize,
+    /// Shortest life of a held stream (the resume grace); longer while its ID's key lives longer.
+    pub grace: Duration,
+    /// Longest wait for one operation, and for the subscription's liveness ping.
+    pub timeout: Duration,
+}
+
+/// Publishes to other nodes, holds for reserved IDs, and subscribes this node's inbox. Generic
+/// over the command connection, like [`super::registry::RedisRegistry`].
+#[derive(Clone)]
+pub struct RedisBus<C = ConnectionManager> {
+    /// Opens the subscription's own connection (pub/sub needs a dedicated one).
+    client: redis::Client,
+    /// The shared command connection.
+    conn: C,
+    /// Caps and timeouts.
+    settings: BusSettings,
+}
+
+impl<C> RedisBus<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    /// A bus on `conn` (commands) and `client` (subscriptions).
+    pub fn new(client: redis::Client, conn: C, settings: BusSettings) -> Self {
+        Self {
+            client,
+            conn,
+            settings,
+        }
+    }
+
+    /// Publishes `message` on `node`'s channel. `Ok(true)`: the node received it; `Ok(false)`:
+    /// nobody is subscribed (that node is gone or between reconnects) — hold it instead.
+    pub async fn send(&self, node: &NodeId, message: &BusMessage) -> Result<bool, Unavailable> {
+        let mut conn = self.conn.clone();
+        let cmd = redis::cmd("PUBLISH")
+            .arg(node_channel(node))
+            .arg(message.encode().as_ref())
+            .to_owned();
+        let receivers: u64 = self.run(cmd.query_async(&mut conn)).await?;
+        Ok(receivers > 0)
+    }
+
+    /// Holds `message` for its recipient's next resume, if the recipient exists at the epoch it
+    /// was routed by and its budget allows. The stream lives as long as the ID can be resumed.
+    pub async fn hold(&self, message: &BusMessage) -> Result<Hold, Unavailable> {
+        let mut call = HOLD.prepare_invoke();
+        call.key(super::registry::id_key(message.to))
+            .key(held_key(message.to))
+            .key(DUE_KEY)
+            .arg(message.epoch.map(|e| e.to_string()).unwrap_or_default())
+            .arg(message.encode().as_ref())
+            .arg(self.settings.held_messages)
+            .arg(self.settings.held_bytes)
+            .arg(
+                u64::try_from(self.settings.grace.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .max(1),
+            )
+            .arg(self.settings.held_bytes_total)
+            .arg(message.to.get());
+        let mut conn = self.conn.clone();
+        let code: i64 = self.run(call.invoke_async(&mut conn)).await?;
+        Ok(match code {
+            1 => Hold::Held,
+            0 => Hold::NoSuchClient,
+            2 => Hold::Moved,
+            5 => Hold::Dropped(DropReason::ServerBusy),
+            _ => Hold::Dropped(DropReason::QueueFull),
+        })
+    }
+
+    /// Takes every message held for `to`, oldest first, deleting them in the same step: of two
+    /// nodes racing to replay, one gets them all and the other none. Payloads that cannot be read
+    /// are logged and skipped.
+    pub async fn take_held(&self, to: ClientId) -> Result<Vec<BusMessage>, Unavailable> {
+        let mut call = TAKE_HELD.prepare_invoke();
+        call.key(held_key(to))
+            .key(super::registry::id_key(to))
+            .key(DUE_KEY)
+            .arg(to.get());
+        let mut conn = self.conn.clone();
+        let payloads: Vec<Vec<u8>> = self.run(call.invoke_async(&mut conn)).await?;
+        Ok(decode_all(to, payloads))
+    }
+
+    /// The orphan sweep, for any node to run every few seconds: takes the messages held for up
+    /// to `limit` IDs that expired without a resume (their node died before anyone resumed
+    /// them), so the caller can tell each message's sender it was not delivered
+    /// (`recipient_gone`). Atomic like [`take_held`](Self::take_held): of all the nodes
+    /// sweeping, and a resume racing them, exactly one gets each message.
+    pub async fn take_orphans(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<(ClientId, Vec<BusMessage>)>, Unavailable> {
+        let mut call = ORPHANS.prepare_invoke();
+        call.key(DUE_KEY).arg(limit.max(1));
+        let mut conn = self.conn.clone();
+        let found: Vec<redis::Value> = self.run(call.invoke_async(&mut conn)).await?;
+        let mut out = Vec::new();
+        for pair in found.chunks(2) {
+            let [id, payloads] = pair else { break };
+            let id: Option<u64> = redis::from_redis_value_ref::<String>(id)
+                .ok()
+                .and_then(|id| id.parse().ok());
+            let payloads: Option<Vec<Vec<u8>>> = redis::from_redis_value_ref(payloads).ok();
+            match (id, payloads) {
+                (Some(id), Some(payloads)) => {
+                    let id = ClientId::new(id);
+                    out.push((id, decode_all(id, payloads)));
+                }
+                _ => tracing::warn!("redis bus: the orphan sweep answered in an unexpected shape"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Subscribes to `node`'s channel on a connection of its own, kept up by a task that
+    /// reconnects (every `timeout`, at most) and resubscribes after any break. Dropping the
+    /// [`Subscription`] ends the task. Up to `capacity` events wait for the reader; beyond that
+    /// the task stops reading and Redis buffers (up to its `client-output-buffer-limit pubsub`).
+    pub fn subscribe(&self, node: &NodeId, capacity: usize) -> Subscription {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let task = tokio::spawn(keep_subscribed(
+            self.client.clone(),
+            node_channel(node),
+            self.settings.timeout,
+            tx,
+        ));
+        Subscription { rx, task }
+    }
+
+    /// Runs one Redis future within the timeout; any error or a timeout is `Unavailable`.
+    async fn run<T>(
+        &self,
+        op: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, Unavailable> {
+        match tokio::time::timeout(self.settings.timeout, op).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "redis bus operation failed");
+                Err(Unavailable)
+            }
+            Err(_) => {
+                tracing::debug!("redis bus operation timed out");
+                Err(Unavailable)
+            }
+        }
+    }
+}
+
+/// A node's inbox: events from its subscription task, which ends when this is dropped.
+#[derive(Debug)]
+pub struct Subscription {
+    /// Events from the task.
+    rx: mpsc::Receiver<BusEvent>,
+    /// The task, aborted on drop so its connection closes.
+    task: JoinHandle<()>,
+}
+
+impl Subscription {
+    /// The next event; `None` only if the task ended (it does not, short of a panic).
+    pub async fn next(&mut self) -> Option<BusEvent> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The subscription task: connect, subscribe, forward messages, ping every `timeout` to notice a
+/// silent break; after any break wait `timeout` and start over. Ends when the receiver is gone.
+async fn keep_subscribed(
+    client: redis::Client,
+    channel: String,
+    timeout: Duration,
+    tx: mpsc::Sender<BusEvent>,
+) {
+    let mut resumed = false;
+    loop {
+        match tokio::time::timeout(timeout, subscribe_once(&client, &channel)).await {
+            Ok(Ok(pubsub)) => {
+                let (mut sink, mut stream) = pubsub.split();
+                if tx.send(BusEvent::Subscribed { resumed }).await.is_err() {
+                    return;
+                }
+                resumed = true;
+                let mut ping = tokio::time::interval(timeout);
+                ping.tick().await;
+                loop {
+                    tokio::select! {
+                        message = stream.next() => {
+                            let Some(message) = message else { break };
+                            let payload = Bytes::copy_from_slice(message.get_payload_bytes());
+                            match BusMessage::decode(payload) {
+                                Ok(message) => {
+                                    if tx.send(BusEvent::Message(message)).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                Err(e) => tracing::warn!(error = %e, "redis bus: skipped a message"),
+                            }
+                        }
+                        _ = ping.tick() => {
+                            let pong = tokio::time::timeout(timeout, sink.ping::<redis::Value>()).await;
+                            if !matches!(pong, Ok(Ok(_))) {
+                                break;
+                            }
+                        }
+                        () = tx.closed() => return,
+                    }
+                }
+                tracing::warn!(%channel, "redis bus: subscription lost; resubscribing");
+            }
+            Ok(Err(e)) => tracing::debug!(error = %e, %channel, "redis bus: subscribe failed"),
+            Err(_) => tracing::debug!(%channel, "redis bus: subscribe timed out"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(timeout) => {}
+            () = tx.closed() => return,
+        }
+    }
+}
+
+/// One connection, subscribed.
+async fn subscribe_once(
+    client: &redis::Client,
+    channel: &str,
+) -> redis::RedisResult<redis::aio::PubSub> {
+    let mut pubsub = client.get_async_pubsub().await?;
+    pubsub.subscribe(channel).await?;
+    Ok(pubsub)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(epoch: Option<u64>, origin: Option<Origin>) -> BusMessage {
+        BusMessage {
+            kind: BusKind::Deliver,
+            to: ClientId::new(123_456_789),
+            epoch,
+            origin,
+            call: None,
+            frame: Bytes::from_static(br#"{"type":"ice-candidate","candidate":{}}"#),
+        }
+    }
+
+    #[test]
+    fn every_shape_of_message_survives_the_payload_round_trip() {
+        let origin = Origin {
+            from: ClientId::new(987_654_321),
+            kind: MessageKind::Answer,
+        };
+        for m in [
+            message(None, None),
+            message(Some(u64::MAX), None),
+            message(None, Some(origin)),
+            message(Some(7), Some(origin)),
+        ] {
+            let payload = m.encode();
+            assert_eq!(BusMessage::decode(payload).unwrap(), m);
+        }
+        for kind in MessageKind::ALL {
+            let m = message(None, Some(Origin { kind, ..origin }));
+            assert_eq!(BusMessage::decode(m.encode()).unwrap(), m);
+        }
+        let peer = ClientId::new(42);
+        for call in [
+            CallState::Idle,
+            CallState::Calling { peer },
+            CallState::Called { peer },
+            CallState::InCall { peer },
+        ] {
+            let m = BusMessage {
+                call: Some(call),
+                ..message(Some(7), Some(origin))
+            };
+            assert_eq!(BusMessage::decode(m.encode()).unwrap(), m);
+        }
+        let kick = BusMessage::kick(ClientId::new(5), 99);
+        assert_eq!(BusMessage::decode(kick.encode()).unwrap(), kick);
+        let longest = BusMessage {
+            call: Some(CallState::InCall { peer }),
+            ..message(Some(7), Some(origin))
+        };
+        assert_eq!(longest.encode().len(), BusMessage::MAX_HEADER + 39);
+    }
+
+    #[test]
+    fn a_payload_that_is_not_ours_is_refused_not_misread() {
+        let full = message(
+            Some(7),
+            Some(Origin {
+                from: ClientId::new(1),
+                kind: MessageKind::Offer,
+            }),
+        )
+        .encode();
+        // Cut inside the header: truncated, at every length.
+        for len in 0..27 {
+            assert_eq!(
+                BusMessage::decode(full.slice(..len)),
+                Err(PayloadError::Truncated),
+                "{len} bytes"
+            );
+        }
+        let mut newer = full.to_vec();
+        newer[0] = 2;
+        assert_eq!(
+            BusMessage::decode(Bytes::from(newer)),
+            Err(PayloadError::Version(2))
+        );
+        let mut flags = full.to_vec();
+        flags[1] |= 0x40;
+        assert_eq!(
+            BusMessage::decode(Bytes::from(flags)),
+            Err(PayloadError::UnknownFlags(0x40))
+        );
+        let mut unknown = full.to_vec();
+        unknown[26] = 200;
+        assert_eq!(
+            BusMessage::decode(Bytes::from(unknown)),
+            Err(PayloadError::UnknownKind(200))
+        );
+        let with_call = BusMessage {
+            call: Some(CallState::InCall {
+                peer: ClientId::new(3),
+            }),
+            ..message(None, None)
+        }
+        .encode();
+        let mut phase = with_call.to_vec();
+        phase[10] = 9;
+        assert_eq!(
+            BusMessage::decode(Bytes::from(phase)),
+            Err(PayloadError::UnknownPhase(9))
+        );
+        assert_eq!(
+            BusMessage::decode(with_call.slice(..15)),
+            Err(PayloadError::Truncated)
+        );
+        let mut kick = BusMessage::kick(ClientId::new(5), 99).encode().to_vec();
+        kick[1] &= !BusMessage::HAS_EPOCH;
+        kick.truncate(10);
+        assert_eq!(
+            BusMessage::decode(Bytes::from(kick)),
+            Err(PayloadError::KickWithoutEpoch)
+        );
+    }
+
+    #[test]
+    fn decoding_arbitrary_bytes_never_panics_and_what_decodes_encodes_back_the_same() {
+        use rand::{Rng as _, SeedableRng as _};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+        let mut decoded = 0;
+        for _ in 0..200_000 {
+            let len = rng.random_range(0..48);
+            let mut bytes: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+            if let Some(first) = bytes.first_mut() {
+                *first = 1; // mostly the current version, so the rest of the header is exercised
+            }
+            if let Some(flags) = bytes.get_mut(1) {
+                if rng.random_range(0..8) != 0 {
+                    *flags &= 0x0f;
+                }
+            }
+            if let Ok(m) = BusMessage::decode(Bytes::from(bytes)) {
+                decoded += 1;
+                assert_eq!(BusMessage::decode(m.encode()).unwrap(), m);
+            }
+        }
+        assert!(
+            decoded > 10_000,
+            "the generator reaches valid payloads: {decoded}"
+        );
+    }
+
+    #[test]
+    fn an_envelope_crosses_the_bus_with_its_origin_and_seals_the_same() {
+        let origin = Origin {
+            from: ClientId::new(5),
+            kind: MessageKind::IceCandidate,
+        };
+        let json = br#"{"type":"ice-candidate"}"#.to_vec();
+        let m = BusMessage::new(
+            ClientId::new(9),
+            Some(3),
+            Some(CallState::Called { peer: origin.from }),
+            Envelope::relaying(json.clone(), origin),
+        );
+        let back = BusMessage::decode(m.encode()).unwrap().into_envelope();
+        assert_eq!(back.origin(), Some(origin));
+        assert_eq!(
+            &back.seal(Some(42))[..],
+            br#"{"type":"ice-candidate","seq":42}"#
+        );
+    }
+}

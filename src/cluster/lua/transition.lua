@@ -1,0 +1,46 @@
+-- KEYS: cg:id:{me}, cg:id:{peer}   ARGV: epoch, transition, me, peer
+-- Returns {1, new phase, new peer} or a refusal:
+-- {0} stale, {2, phase, peer} already in a call, {3} unknown peer, {4} busy,
+-- {5, phase, peer} wrong state (my current one).
+local e, live, phase, peer = unpack(redis.call('HMGET', KEYS[1], 'epoch', 'live', 'phase', 'peer'))
+if e ~= ARGV[1] or live ~= '1' then
+  return { 0 }
+end
+local t, me, other = ARGV[2], ARGV[3], ARGV[4]
+if t == 'offer' then
+  if phase ~= 'idle' then
+    return { 2, phase, peer }
+  end
+  if me == other then
+    return { 3 }
+  end
+  local their = redis.call('HGET', KEYS[2], 'phase')
+  if not their then
+    return { 3 }
+  end
+  if their ~= 'idle' then
+    return { 4 }
+  end
+  redis.call('HSET', KEYS[1], 'phase', 'calling', 'peer', other)
+  redis.call('HSET', KEYS[2], 'phase', 'called', 'peer', me)
+  return { 1, 'calling', other }
+end
+local wanted
+if t == 'accept' or t == 'decline' then
+  wanted = 'called'
+elseif t == 'cancel' then
+  wanted = 'calling'
+elseif t == 'hangup' then
+  wanted = phase ~= 'idle' and phase or 'none'
+else
+  return redis.error_reply('unknown transition ' .. t)
+end
+if phase ~= wanted or peer ~= other then
+  return { 5, phase, peer }
+end
+local new = t == 'accept' and 'incall' or 'idle'
+set_pair(KEYS[1], me, new, other)
+if new == 'idle' then
+  return { 1, 'idle', '' }
+end
+return { 1, new, other }

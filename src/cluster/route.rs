@@ -1,0 +1,259 @@
+//! Delivery to an ID another node holds: where it is (a small route cache in front of
+//! [`RedisRegistry::locate`]), then one `PUBLISH` to that node, or the ID's held stream when
+//! nobody is live for it. This is the cluster side of hubcore's `Bus::send(to, envelope)`.
+//!
+//! Between two peers that keep talking the route is cached, so a relayed message costs one
+//! `PUBLISH` and no registry read. A cached route goes stale when the ID moves; that is noticed
+//! when the node named is gone (`PUBLISH` reaches nobody) or the held stream answers that the
+//! epoch moved, and otherwise bounded by the cache's TTL (a node that receives a message for an
+//! epoch it no longer holds forwards it). The cache is bounded in entries.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionLike, ConnectionManager};
+
+use super::bus::{BusMessage, Hold, RedisBus};
+use super::registry::RedisRegistry;
+use super::types::{CallState, NodeId};
+use crate::signaling::delivery::Envelope;
+use crate::signaling::protocol::{ClientId, DropReason};
+
+/// What became of a message handed to [`Routes::deliver`] (hubcore's `BusDelivery`, plus
+/// `Dropped`: a held stream that is full must be reported to the sender like a local one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
+pub enum BusDelivery {
+    /// The node holding the ID took it (it numbers and queues or holds it there).
+    Delivered,
+    /// Nobody holds the ID live right now; the message is held for its resume.
+    Held,
+    /// No node holds the ID.
+    NoSuchClient,
+    /// The ID's held budget is spent: the sender must be told.
+    Dropped(DropReason),
+    /// Redis cannot be reached; the message is lost and its sender must be told.
+    Unavailable,
+}
+
+/// How the route cache behaves.
+#[derive(Clone, Copy, Debug)]
+pub struct RouteSettings {
+    /// Most routes kept; when full, expired ones go, then all (a cache, not a table).
+    pub max_routes: usize,
+    /// How long a route is trusted without a registry read. Short (a second or two): it bounds
+    /// how long messages take a detour through a node the ID has left.
+    pub ttl: Duration,
+}
+
+/// One cached route.
+#[derive(Clone, Debug)]
+struct Route {
+    /// The node holding the ID.
+    node: NodeId,
+    /// The holder's epoch.
+    epoch: u64,
+    /// Live on that node (else reserved: its messages go to the held stream).
+    live: bool,
+    /// When it was read from the registry.
+    read_at: Instant,
+}
+
+/// The route cache and the delivery rule.
+pub struct Routes<C = ConnectionManager> {
+    /// Where IDs are, when the cache does not know.
+    registry: RedisRegistry<C>,
+    /// Publishing and holding.
+    bus: RedisBus<C>,
+    /// Cached routes, bounded by `settings.max_routes`.
+    cache: Mutex<HashMap<ClientId, Route>>,
+    /// Bounds.
+    settings: RouteSettings,
+}
+
+/// Tries before giving up on an ID that keeps moving while a message chases it.
+const ATTEMPTS: usize = 3;
+
+impl<C> Routes<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    /// Routes through `registry` and `bus`.
+    pub fn new(registry: RedisRegistry<C>, bus: RedisBus<C>, settings: RouteSettings) -> Self {
+        Self {
+            registry,
+            bus,
+            cache: Mutex::new(HashMap::new()),
+            settings,
+        }
+    }
+
+    /// Delivers `envelope` to `to`, held by another node, announcing `to`'s new call state
+    /// `call` when the message changes it. One `PUBLISH` on a cached route to a live ID; a
+    /// registry read first when the route is not cached; the held stream when nobody is live.
+    pub async fn deliver(
+        &self,
+        to: ClientId,
+        call: Option<CallState>,
+        envelope: Envelope,
+    ) -> BusDelivery {
+        let mut message = BusMessage::new(to, None, call, envelope);
+        for _ in 0..ATTEMPTS {
+            let route = match self.cached(to) {
+                Some(route) => route,
+                None => match self.registry.locate(to).await {
+                    Ok(Some(at)) => self.remember(to, at.node, at.epoch, at.live),
+                    Ok(None) => return BusDelivery::NoSuchClient,
+                    Err(_) => return BusDelivery::Unavailable,
+                },
+            };
+            message.epoch = Some(route.epoch);
+            if route.live {
+                match self.bus.send(&route.node, &message).await {
+                    Ok(true) => return BusDelivery::Delivered,
+                    // The node is gone or between reconnects: hold, if the ID is still there.
+                    Ok(false) => {}
+                    Err(_) => return BusDelivery::Unavailable,
+                }
+            }
+            match self.bus.hold(&message).await {
+                Ok(Hold::Held) => return BusDelivery::Held,
+                Ok(Hold::NoSuchClient) => {
+                    self.forget(to);
+                    return BusDelivery::NoSuchClient;
+                }
+                Ok(Hold::Moved) => self.forget(to),
+                Ok(Hold::Dropped(reason)) => return BusDelivery::Dropped(reason),
+                Err(_) => return BusDelivery::Unavailable,
+            }
+        }
+        tracing::debug!(%to, "an ID kept moving while a message chased it");
+        BusDelivery::Unavailable
+    }
+
+    /// Drops the cached route to `id` (the caller learnt it moved or left).
+    pub fn forget(&self, id: ClientId) {
+        self.lock().remove(&id);
+    }
+
+    /// How many routes are cached (for metrics).
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no route is cached.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    /// A route still within its TTL.
+    fn cached(&self, id: ClientId) -> Option<Route> {
+        let mut cache = self.lock();
+        match cache.get(&id) {
+            Some(route) if route.read_at.elapsed() < self.settings.ttl => Some(route.clone()),
+            Some(_) => {
+                cache.remove(&id);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Caches a route just read, making room first if the cache is full.
+    fn remember(&self, id: ClientId, node: NodeId, epoch: u64, live: bool) -> Route {
+        let route = Route {
+            node,
+            epoch,
+            live,
+            read_at: Instant::now(),
+        };
+        let mut cache = self.lock();
+        if cache.len() >= self.settings.max_routes {
+            let ttl = self.settings.ttl;
+            cache.retain(|_, r| r.read_at.elapsed() < ttl);
+            if cache.len() >= self.settings.max_routes {
+                cache.clear();
+            }
+        }
+        if self.settings.max_routes > 0 {
+            cache.insert(id, route.clone());
+        }
+        route
+    }
+
+    /// The cache; a panic elsewhere while holding it leaves nothing half-written worth refusing.
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ClientId, Route>> {
+        self.cache.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::types::{Binding, Transition};
+    use crate::signaling::protocol::ResumeToken;
+
+    fn send<T: Send>(_: T) {}
+
+    /// The Registry and Bus traits need `Send` futures, for any connection type that fits: this
+    /// compiles only if every operation's future is `Send` whatever `C` is.
+    #[allow(dead_code)]
+    fn every_operation_future_is_send<C>(routes: &Routes<C>, node: &NodeId, b: Binding)
+    where
+        C: ConnectionLike + Clone + Send + Sync + 'static,
+    {
+        let (r, bus) = (&routes.registry, &routes.bus);
+        let now = Instant::now();
+        let token = ResumeToken::random(&mut rand::rng());
+        send(r.claim(node, now));
+        send(r.resume(b, b.id, &token, node, now));
+        send(r.detach(b, now, Duration::ZERO));
+        send(r.release(b));
+        send(r.expire(b));
+        send(r.call_state(b));
+        send(r.transition(b, b.id, Transition::Offer));
+        send(r.locate(b.id));
+        send(r.refresh(node, &[]));
+        let m = BusMessage::kick(b.id, 1);
+        send(bus.send(node, &m));
+        send(bus.hold(&m));
+        send(bus.take_held(b.id));
+        send(routes.deliver(b.id, None, Envelope::new(Vec::new())));
+    }
+
+    /// The node's shared, instrumented connection (timeouts, `callgate_redis_*` metrics) is one
+    /// the registry, bus and routes take as they are.
+    #[allow(dead_code)]
+    fn the_nodes_shared_connection_fits(
+        redis: &crate::cluster::redis::Redis,
+    ) -> Routes<impl ConnectionLike> {
+        let registry = RedisRegistry::new(
+            redis.connection(),
+            crate::cluster::registry::RegistrySettings {
+                id_digits: 9,
+                lease: Duration::from_secs(40),
+                timeout: Duration::from_secs(1),
+            },
+        );
+        let bus = RedisBus::new(
+            redis.client().clone(),
+            redis.connection(),
+            crate::cluster::bus::BusSettings {
+                held_messages: 64,
+                held_bytes: 256 * 1024,
+                held_bytes_total: 64 * 1024 * 1024,
+                grace: Duration::from_secs(30),
+                timeout: Duration::from_secs(1),
+            },
+        );
+        Routes::new(
+            registry,
+            bus,
+            RouteSettings {
+                max_routes: 100_000,
+                ttl: Duration::from_secs(2),
+            },
+        )
+    }
+}

@@ -185,6 +185,7 @@ impl ConnectError {
     pub fn code(&self) -> ErrorCode {
         match self.0 {
             RegisterError::Full | RegisterError::NoFreeId => ErrorCode::ServerFull,
+            RegisterError::Unavailable => ErrorCode::ClusterUnavailable,
             _ => ErrorCode::InternalError,
         }
     }
@@ -192,7 +193,9 @@ impl ConnectError {
     /// The close code to use.
     pub fn close_code(&self) -> CloseCode {
         match self.0 {
-            RegisterError::Full | RegisterError::NoFreeId => CloseCode::TryAgainLater,
+            RegisterError::Full | RegisterError::NoFreeId | RegisterError::Unavailable => {
+                CloseCode::TryAgainLater
+            }
             _ => CloseCode::InternalError,
         }
     }
@@ -263,6 +266,9 @@ pub enum RuleError {
     /// The connection lost its ID (taken over, or detached for reading too slowly).
     #[error(transparent)]
     Stale(#[from] Stale),
+    /// The cluster's shared registry cannot be reached; nothing changed.
+    #[error("The cluster cannot be reached right now; nothing was done. Try again shortly.")]
+    ClusterUnavailable,
 }
 
 impl RuleError {
@@ -280,6 +286,7 @@ impl RuleError {
             Self::ResumeFailed(_) => ErrorCode::ResumeFailed,
             Self::ResumeNotAllowed => ErrorCode::ResumeNotAllowed,
             Self::Stale(_) => ErrorCode::SessionReplaced,
+            Self::ClusterUnavailable => ErrorCode::ClusterUnavailable,
         }
     }
 }
@@ -771,6 +778,7 @@ impl<D: Directory> Hub<D> {
             }
             Err(ResumeError::Stale(stale)) => Err(stale.into()),
             Err(ResumeError::InCall) => Err(RuleError::ResumeNotAllowed),
+            Err(ResumeError::Unavailable) => Err(RuleError::ClusterUnavailable),
             Err(ResumeError::Unknown | ResumeError::TokenMismatch) => {
                 Err(RuleError::ResumeFailed(target))
             }

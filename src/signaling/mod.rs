@@ -20,6 +20,7 @@ pub mod directory;
 pub mod hub;
 pub mod outbox;
 pub mod protocol;
+pub mod registry;
 pub mod session;
 pub mod wire;
 

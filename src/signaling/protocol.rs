@@ -182,11 +182,14 @@ pub enum ErrorCode {
     TooManyViolations,
     /// Something went wrong on the server; the message was not processed.
     InternalError,
+    /// The cluster's shared registry (Redis) cannot be reached, so an action that needs it (a new
+    /// ID, a resume, a call to a client on another node) failed; retry later.
+    ClusterUnavailable,
 }
 
 impl ErrorCode {
     /// Every code, for documentation checks and metrics registration.
-    pub const ALL: [ErrorCode; 23] = [
+    pub const ALL: [ErrorCode; 24] = [
         Self::InvalidJson,
         Self::TooDeep,
         Self::UnknownType,
@@ -210,6 +213,7 @@ impl ErrorCode {
         Self::ServerFull,
         Self::TooManyViolations,
         Self::InternalError,
+        Self::ClusterUnavailable,
     ];
 
     /// The stable snake_case code sent on the wire.
@@ -238,6 +242,7 @@ impl ErrorCode {
             Self::ServerFull => "server_full",
             Self::TooManyViolations => "too_many_violations",
             Self::InternalError => "internal_error",
+            Self::ClusterUnavailable => "cluster_unavailable",
         }
     }
 
@@ -270,6 +275,9 @@ impl ErrorCode {
             Self::ServerFull => "The server is full; try again later.",
             Self::TooManyViolations => "Too many invalid messages; the connection is closing.",
             Self::InternalError => "Something went wrong on the server.",
+            Self::ClusterUnavailable => {
+                "The cluster cannot be reached right now; nothing was done. Try again shortly."
+            }
         }
     }
 

@@ -24,8 +24,7 @@ use crate::http::{self, Admission, App, ConnectionSettings, RedirectTarget};
 use crate::limits::{AddressLimit, ConnectionLimit, PerIpLimits};
 use crate::metrics::{Limit, Metrics};
 use crate::shutdown::{Shutdown, ShutdownController};
-use crate::signaling::directory::MemoryDirectory;
-use crate::signaling::hub::Hub;
+use crate::signaling::router::Router;
 use crate::signaling::session::IceProvider;
 use crate::signaling::session::{SessionSettings, Signaling};
 use crate::signaling::SignalingLimits;
@@ -177,11 +176,7 @@ impl Server {
             )
         });
         let per_ip = PerIpLimits::new(config.ws_upgrades_per_second, config.ws_connections_per_ip);
-        let hub = Hub::new(
-            MemoryDirectory::new(&signaling_limits(&config)),
-            signaling_limits(&config),
-        )
-        .with_observer(metrics.clone());
+        let hub = Router::single_node(signaling_limits(&config)).with_observer(metrics.clone());
         let signaling = Signaling::new(
             Arc::new(hub),
             session_settings(&config),
@@ -553,7 +548,7 @@ async fn expire_reservations(signaling: Arc<Signaling>, mut shutdown: Shutdown) 
     let grace = hub.limits().resume_grace;
     loop {
         let now = std::time::Instant::now();
-        let next = hub.expire(now).unwrap_or(now + grace);
+        let next = hub.expire(now).await.unwrap_or(now + grace);
         let wake = tokio::time::Instant::from_std(next);
         tokio::select! {
             _ = shutdown.recv() => return,

@@ -1,6 +1,6 @@
 //! What one client ID is owed: sequence numbers, the messages held until the client acknowledges
 //! them (or, for clients that do not acknowledge, until a resume takes them), and the range it
-//! missed when the budget ran out. Pure bookkeeping: no I/O, no clock, no locks (the directory
+//! missed when the budget ran out. Pure bookkeeping: no I/O, no clock, no locks (the connections table
 //! holds this inside the ID's slot, under its shard lock).
 //!
 //! Bytes written to a socket that then dies are lost, so "written" is not "delivered". A client

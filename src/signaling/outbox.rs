@@ -21,7 +21,7 @@ use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 
-use super::directory::{Outbox, PushError};
+use super::connections::{Outbox, PushError};
 
 /// Under global pressure, a queue holding more than this many bytes refuses new frames. One
 /// largest message: a client that keeps up rarely has more waiting.

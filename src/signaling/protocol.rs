@@ -27,12 +27,12 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// The number a client is reached by: what the seed calls its "ID".
 ///
 /// The seed client turns a typed ID into a JavaScript `Number`, so IDs stay integers on the wire; they
-/// are random (see `directory`) so that knowing one ID tells nothing about the others.
+/// are random (see `registry`) so that knowing one ID tells nothing about the others.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ClientId(u64);
 
 impl ClientId {
-    /// Wraps a raw number; used by the directory when it draws a new ID and by tests.
+    /// Wraps a raw number; used by the registry when it draws a new ID and by tests.
     pub const fn new(raw: u64) -> Self {
         Self(raw)
     }
@@ -482,7 +482,7 @@ impl DropReason {
 }
 
 /// Room kept at the end of every encoded server message for `,"seq":N` (N up to 20 digits), so
-/// the directory can number it in place.
+// the connections table can number it in place.
 pub const SEQ_ROOM: usize = 28;
 
 /// Why a frame could not be read as a client message. Each maps to one [`ErrorCode`].
@@ -1001,7 +1001,7 @@ impl ServerMessage<'_> {
         Bytes::from(self.to_json())
     }
 
-    /// The message's JSON, with room at the end for the `seq` the directory adds (see
+    /// The message's JSON, with room at the end for the `seq` the connections table adds (see
     /// [`super::delivery::Envelope`]), so numbering it never copies or reallocates.
     pub fn to_json(&self) -> Vec<u8> {
         let payload_len = match self {

@@ -22,8 +22,8 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 
-use super::directory::Joining;
-use super::hub::{Attachment, Departure, Hub, IceServersFor};
+use super::connections::Joining;
+use super::hub::{Attachment, Departure, IceServersFor};
 use super::outbox::{self, OutboxBudget, OutboxLimits, OutboxReceiver, OutboxSender};
 use super::protocol::{ClientId, CloseCode, ErrorCode, ServerMessage};
 use super::wire::{close_code_allowed, Frame, FrameReader, OpCode, Outgoing, ReadError};
@@ -33,8 +33,9 @@ use crate::metrics::{CloseReason, Limit, Metrics};
 use crate::shutdown::Shutdown;
 use crate::turn::{TurnCredentials, TurnEndpoints};
 
-/// The hub as sessions use it: the in-process directory over session outboxes.
-pub type SessionHub = Hub<super::directory::MemoryDirectory<OutboxSender>>;
+/// The signaling core as sessions use it: a single node's router over session outboxes.
+pub type SessionHub =
+    super::router::Router<super::registry::MemoryRegistry, super::bus::NoBus, OutboxSender>;
 
 /// Session-level settings, taken from the config.
 #[derive(Debug, Clone)]
@@ -353,7 +354,7 @@ impl Signaling {
             bytes: self.settings.outbox_bytes,
             budget: Some(self.outbox_budget.clone()),
         });
-        let attachment = match self.hub.join(outbox, ice, joining, Instant::now()) {
+        let attachment = match self.hub.join(outbox, ice, joining, Instant::now()).await {
             Ok(attachment) => attachment,
             Err(e) => {
                 self.metrics.limits.rejected(Limit::ServerFull);
@@ -386,7 +387,8 @@ impl Signaling {
             .await;
         signaling.closed(end.reason);
         self.hub
-            .disconnect(session.attachment, end.departure, Instant::now());
+            .disconnect(session.attachment, end.departure, Instant::now())
+            .await;
         match end.close {
             Closing::Silent => {}
             Closing::Reply(code) => {
@@ -508,9 +510,9 @@ impl Signaling {
                     let end = match frame {
                         Ok(frame) => {
                             unanswered = 0;
-                            self.on_frame(session, frame, out)
+                            self.on_frame(session, frame, out).await
                         }
-                        Err(e) => Some(self.on_read_error(session, e)),
+                        Err(e) => Some(self.on_read_error(session, e).await),
                     };
                     if let Some(end) = end {
                         if let Closing::Send(..) = end.close {
@@ -553,7 +555,12 @@ impl Signaling {
     }
 
     /// Handles one frame from the client; returns how the session ends, if it does.
-    fn on_frame(&self, session: &mut ReadState, frame: Frame, out: &mut Outgoing) -> Option<End> {
+    async fn on_frame(
+        &self,
+        session: &mut ReadState,
+        frame: Frame,
+        out: &mut Outgoing,
+    ) -> Option<End> {
         let max = self.settings.max_message_bytes;
         let Frame {
             fin,
@@ -567,7 +574,7 @@ impl Signaling {
             (OpCode::Ping | OpCode::Pong, _, _) => {
                 if session.rates.messages.check().is_err() {
                     self.metrics.limits.rejected(Limit::Messages);
-                    return self.reject(session, ErrorCode::RateLimited);
+                    return self.reject(session, ErrorCode::RateLimited).await;
                 }
                 if opcode == OpCode::Ping {
                     out.push(OpCode::Pong, &payload);
@@ -582,7 +589,7 @@ impl Signaling {
             }
             (OpCode::Continuation, fin, Some(partial)) => {
                 if partial.bytes.len() + payload.len() > max {
-                    return Some(self.too_large(session));
+                    return Some(self.too_large(session).await);
                 }
                 partial.bytes.extend_from_slice(&payload);
                 if !fin {
@@ -590,7 +597,7 @@ impl Signaling {
                 }
                 let partial = session.partial.take().expect("matched Some");
                 if partial.binary {
-                    return self.reject(session, ErrorCode::BinaryNotSupported);
+                    return self.reject(session, ErrorCode::BinaryNotSupported).await;
                 }
                 partial.bytes
             }
@@ -602,7 +609,7 @@ impl Signaling {
                 return None;
             }
             (OpCode::Binary, true, None) => {
-                return self.reject(session, ErrorCode::BinaryNotSupported);
+                return self.reject(session, ErrorCode::BinaryNotSupported).await;
             }
             (OpCode::Text, true, None) => payload,
         };
@@ -615,24 +622,24 @@ impl Signaling {
                 "text message is not UTF-8",
             ));
         }
-        self.on_text(session, &message)
+        self.on_text(session, &message).await
     }
 
     /// Ends the session after a failed read.
-    fn on_read_error(&self, session: &mut ReadState, error: ReadError) -> End {
+    async fn on_read_error(&self, session: &mut ReadState, error: ReadError) -> End {
         match error {
             ReadError::Io(_) | ReadError::Ended => {
                 tracing::debug!("WebSocket read ended: {error}");
                 End::silent(CloseReason::Client)
             }
             ReadError::Protocol(reason) => End::protocol(reason),
-            ReadError::TooLarge(_) => self.too_large(session),
+            ReadError::TooLarge(_) => self.too_large(session).await,
         }
     }
 
     /// Refuses a message over the size limit: an error, then close 1009.
-    fn too_large(&self, session: &mut ReadState) -> End {
-        let _ = self.reject(session, ErrorCode::MessageTooLarge);
+    async fn too_large(&self, session: &mut ReadState) -> End {
+        let _ = self.reject(session, ErrorCode::MessageTooLarge).await;
         End::send(
             CloseReason::TooBig,
             CloseCode::MessageTooBig,
@@ -641,18 +648,19 @@ impl Signaling {
     }
 
     /// Applies the per-connection rates, then hands the message (valid UTF-8) to the hub.
-    fn on_text(&self, session: &mut ReadState, message: &[u8]) -> Option<End> {
+    async fn on_text(&self, session: &mut ReadState, message: &[u8]) -> Option<End> {
         if session.rates.messages.check().is_err() {
             self.metrics.limits.rejected(Limit::Messages);
-            return self.reject(session, ErrorCode::RateLimited);
+            return self.reject(session, ErrorCode::RateLimited).await;
         }
         if starts_a_call(message) && session.rates.calls.check().is_err() {
             self.metrics.limits.rejected(Limit::Calls);
-            return self.reject(session, ErrorCode::TooManyCalls);
+            return self.reject(session, ErrorCode::TooManyCalls).await;
         }
         let outcome = self
             .hub
-            .handle_text(&mut session.attachment, message, Instant::now());
+            .handle_text(&mut session.attachment, message, Instant::now())
+            .await;
         self.metrics
             .signaling
             .handled(outcome.received, outcome.error);
@@ -660,11 +668,12 @@ impl Signaling {
     }
 
     /// Answers a message the session refused itself; the hub counts it and may ask for a close.
-    fn reject(&self, session: &mut ReadState, code: ErrorCode) -> Option<End> {
+    async fn reject(&self, session: &mut ReadState, code: ErrorCode) -> Option<End> {
         self.metrics.signaling.error(code);
         let outcome = self
             .hub
-            .reject(&mut session.attachment, code, Instant::now());
+            .reject(&mut session.attachment, code, Instant::now())
+            .await;
         outcome.close.map(End::violations)
     }
 

@@ -1,13 +1,12 @@
-//! Where each client ID lives: a live connection's outbox or a reservation waiting for a resume, plus
-//! the ID's resume token, call state and delivery log. This module owns that table and its
-//! atomicity; it never decides what a message means (that is `hub`) and never touches a socket.
+//! What this node holds for the IDs it is home to: each live connection's outbox, each ID's
+//! delivery [`Log`] (sequence numbers, held messages, acks), the deadlines of the reservations
+//! this node made, reservations per client address, and the cap on clients. Nothing here is
+//! shared with other nodes (that is [`super::registry`]), and nothing here decides what a message
+//! means (that is [`super::hub`]); no socket is touched.
 //!
-//! [`Directory`] is the seam for running several callgate instances: [`MemoryDirectory`] keeps the
-//! table in this process; a Redis-backed one can implement the same few operations (each is one
-//! atomic step on at most two IDs) and deliver to connections on other instances through pub/sub,
-//! without the hub or the session layer changing.
+//! Sequence numbers are given out here, by the node that holds the ID, never by the registry.
 //!
-//! Every map and queue here is bounded: IDs by [`SignalingLimits::max_clients`] (a live client
+//! Every map and queue here is bounded: entries by [`SignalingLimits::max_clients`] (a live client
 //! that needs room ends the oldest reservation), reservations per client address by
 //! [`SignalingLimits::reservations_per_ip`], each ID's held messages by count and bytes
 //! ([`super::delivery`]), all of them together by a global byte budget, and the deadline heap by
@@ -15,24 +14,25 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rand::Rng as _;
 
 use super::delivery::{AckBeyond, Envelope, HoldLimits, Log, Origin, Replay};
-use super::protocol::{ClientId, DropReason, ResumeToken};
+use super::protocol::{ClientId, DropReason};
+use super::registry::{Binding, RegisterError, Stale};
 use super::SignalingLimits;
 use crate::limits::IpKey;
 
-/// One live connection's outbound queue, as the hub sees it.
+/// One live connection's outbound queue, as the node sees it.
 ///
-/// Pushing must never block: a full queue means a slow reader, and the directory answers it by
+/// Pushing must never block: a full queue means a slow reader, and the node answers it by
 /// dropping the outbox (so the connection's writer sees its channel close and hangs up) and keeping
-/// the ID reserved for a resume. The directory holds the only long-lived handle to a connection's
-/// outbox; the session layer must not keep a clone of the sending side, or it will not notice.
+/// the ID reserved for a resume. [`Connections`] holds the only long-lived handle to a
+/// connection's outbox; the session layer must not keep a clone of the sending side, or it will not
+/// notice.
 pub trait Outbox: Send + 'static {
     /// Queues one ready-to-send text frame, or hands it back if the queue is full or closed.
     fn try_push(&self, frame: Bytes) -> Result<(), PushError>;
@@ -65,7 +65,7 @@ impl PushError {
     }
 }
 
-/// What the directory needs to know about a connection that joins.
+/// What the node needs to know about a connection that joins.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Joining {
     /// The client's address (IPv6 by /64), for the cap on reservations per address; `None` when
@@ -75,8 +75,6 @@ pub struct Joining {
     /// `seq` and are held until it acknowledges them.
     pub acks: bool,
 }
-
-pub use super::registry::{Binding, CallState, RegisterError, ResumeError, Stale};
 
 /// Why an acknowledgement was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -89,253 +87,147 @@ pub enum AckError {
     Beyond(#[from] AckBeyond),
 }
 
-/// A successful resume.
-#[derive(Debug)]
-pub struct Resumed<O> {
-    /// The connection's new binding (the resumed ID, with a new epoch).
-    pub binding: Binding,
-    /// The outbox of a connection that still held the ID (a half-open socket the client gave up
-    /// on); it no longer receives anything and should be told and dropped.
-    pub replaced: Option<O>,
-    /// How many held messages were replayed after the `id` message.
-    pub delivered: usize,
-    /// The sequence numbers dropped for the ID since its last resume, told in the `id` message.
-    pub missed: Option<(u64, u64)>,
-    /// The resuming connection's own outbox overflowed while taking the replay; it has been
-    /// detached again (what was not replayed stays held).
-    pub overflowed: bool,
-    /// The call the ID is in, carried over.
-    pub call: CallState,
-}
-
-/// What happened to a message handed to [`Directory::deliver`].
+/// What happened to a message given to [`Connections::deliver`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[must_use]
 pub enum Delivery {
-    /// Queued on the live connection's outbox (and, for a client that acknowledges, held until
-    /// it does).
+    /// Queued on the recipient's live connection.
     Sent,
-    /// The ID is reserved; the message is held for a resume.
+    /// Held for the recipient's resume (it is reserved).
     Queued,
-    /// The live connection's outbox was full or closed: it was detached (its outbox dropped) and
-    /// the ID reserved, with this message held for the resume.
+    /// The recipient's outbox was full: it was detached (now reserved) and the message is held
+    /// for its resume.
     Detached,
-    /// The message could not be held and is dropped; its sender must be told. `detached` says
-    /// whether the live connection was detached for it (a client whose unacknowledged messages
-    /// filled its budget, or a slow reader whose reservation had no room left).
+    /// Not held: the budget is spent or the recipient is gone. Its sender must be told.
     Dropped {
         /// Why.
         reason: DropReason,
-        /// Whether a live connection was detached.
+        /// The recipient was also detached for not keeping up.
         detached: bool,
     },
-    /// Nobody holds this ID.
-    NoSuchClient,
 }
 
-/// An ID that went away for good: its reservation ended, it left, or it was ended to make room.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Expired {
-    /// The freed ID.
-    pub id: ClientId,
-    /// The call peer whose call state was reset and who must be told.
-    pub peer: Option<ClientId>,
-    /// The senders (and message types) of the messages still held for it, never delivered.
+/// The result of a detach.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Detached {
+    /// The ID is reserved until its deadline.
+    Reserved,
+    /// Its address holds its share of reservations: the entry is gone; these senders' held
+    /// messages will never be delivered.
+    Freed(Vec<Origin>),
+}
+
+/// What a resume did on this node.
+#[derive(Debug)]
+pub struct TakenOver<O> {
+    /// A connection that held the ID live here, now replaced (it was sent `session_replaced`).
+    pub replaced: Option<O>,
+    /// Held messages replayed after the `id` message.
+    pub delivered: usize,
+    /// The missed range reported in the `id` message.
+    pub missed: Option<(u64, u64)>,
+    /// The backlog did not fit the connection's queue: it is detached again (reserved).
+    pub overflowed: bool,
+}
+
+/// An entry that was removed (expired or evicted), with the senders whose held messages die.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Removed {
+    /// The binding that held it.
+    pub binding: Binding,
+    /// Who caused each message still held.
     pub lost: Vec<Origin>,
 }
 
-/// The routing table, ID reservations, resume tokens, call states and delivery logs, behind
-/// operations that are each atomic on at most two IDs.
-///
-/// Implementations must keep these invariants: IDs are unique among live and reserved entries; call
-/// states are symmetric (see [`CallState`]); an ID's messages are numbered and delivered in the
-/// order they were given to it, without duplicates; every operation is non-blocking apart from
-/// short internal locks.
-pub trait Directory: Send + Sync {
-    /// A live connection's outbound queue.
-    type Outbox: Outbox;
-
-    /// Gives a new connection a fresh random ID and token, and pushes `hello(id, token)` (the `id`
-    /// message) as its first frame before anyone can send to it. When every ID is taken, the
-    /// oldest reservation is ended to make room and appended to `evicted` (its peer and senders
-    /// must be told).
-    fn register(
-        &self,
-        outbox: Self::Outbox,
-        joining: Joining,
-        now: Instant,
-        hello: impl FnOnce(ClientId, &ResumeToken) -> Bytes,
-        evicted: &mut Vec<Expired>,
-    ) -> Result<Binding, RegisterError>;
-
-    /// Moves `target` to the connection holding `current`, if `token` is `target`'s token and
-    /// `current` is idle. `current`'s own ID is freed, `target` gets a new token and epoch, and the
-    /// connection receives `hello(target, new_token, missed)` followed by every held message after
-    /// `last_seq` (or, without it, every message not yet handed to a connection), in order. A live
-    /// holder of `target` is replaced.
-    #[allow(clippy::too_many_arguments)]
-    fn resume(
-        &self,
-        current: Binding,
-        target: ClientId,
-        token: &ResumeToken,
-        last_seq: Option<u64>,
-        now: Instant,
-        hello: impl FnOnce(ClientId, &ResumeToken, Option<(u64, u64)>) -> Bytes,
-    ) -> Result<Resumed<Self::Outbox>, ResumeError>;
-
-    /// The connection dropped: its outbox is released and the ID is reserved until
-    /// `now + resume_grace`, keeping its call and held messages. If its address already holds
-    /// [`SignalingLimits::reservations_per_ip`] reservations, the ID is freed at once instead and
-    /// returned (its peer and senders must be told).
-    fn detach(&self, binding: Binding, now: Instant) -> Result<Option<Expired>, Stale>;
-
-    /// The connection left for good: the ID is freed now and its call peer reset to idle.
-    fn release(&self, binding: Binding) -> Result<Expired, Stale>;
-
-    /// Frees every reservation whose deadline is at or before `now`, appending them to `expired`,
-    /// and returns the next deadline, if any.
-    fn expire(&self, now: Instant, expired: &mut Vec<Expired>) -> Option<Instant>;
-
-    /// The call state of a live connection's ID.
-    fn call_state(&self, binding: Binding) -> Result<CallState, Stale>;
-
-    /// Atomically reads the call states of the live connection's ID and of `peer` (`None` if
-    /// nobody holds `peer`), lets `rule` choose the connection's new state, and sets the peer's to
-    /// match: paired when the new state names `peer`, idle when it leaves a call with `peer`.
-    /// The rule may only return `Idle`, a state naming `peer`, or the current state unchanged.
-    fn update_call<E: From<Stale>>(
-        &self,
-        binding: Binding,
-        peer: ClientId,
-        rule: impl FnOnce(CallState, Option<CallState>) -> Result<CallState, E>,
-    ) -> Result<CallState, E>;
-
-    /// Numbers `message` and queues it for whoever holds `to`, live or reserved. Never blocks.
-    fn deliver(&self, to: ClientId, message: Envelope, now: Instant) -> Delivery;
-
-    /// Queues `message` for the connection itself (replies and errors), if it still holds its ID.
-    fn reply(&self, binding: Binding, message: Envelope, now: Instant) -> Result<Delivery, Stale>;
-
-    /// The connection processed every message up to `seq`: what is held up to it is freed.
-    fn ack(&self, binding: Binding, seq: u64) -> Result<(), AckError>;
-
-    /// How many IDs are live or reserved.
-    fn len(&self) -> usize;
-
-    /// Whether no ID is live or reserved.
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-/// Number of independently locked shards; IDs are random, so they spread evenly.
+/// Number of shards (a power of two).
 const SHARDS: usize = 64;
 
-/// Random draws tried before giving up on finding a free ID.
-const ID_DRAWS: usize = 32;
-
-/// The in-process [`Directory`]: sharded `std::sync::Mutex`es, never held across anything slow.
-pub struct MemoryDirectory<O> {
-    /// The table, split by `id % SHARDS` so concurrent sessions rarely contend.
+/// The node-local table.
+pub struct Connections<O> {
+    /// Entries by ID, sharded so unrelated clients rarely share a lock.
     shards: Box<[Mutex<Shard<O>>]>,
-    /// Reservation deadlines, earliest first. Entries whose slot moved on are skipped when popped.
+    /// When each reservation made here ends, soonest first. Stale entries (the ID resumed or
+    /// left meanwhile) are skipped when popped.
     deadlines: Mutex<BinaryHeap<Reverse<Deadline>>>,
-    /// The knobs this table needs (copied, so the hot path reads them without indirection).
-    limits: DirectoryLimits,
-    /// Live plus reserved IDs, checked against `max_clients` before inserting.
+    /// The limits.
+    limits: Limits,
+    /// Entries held (live and reserved), counted before the entry exists so the cap is exact.
     clients: AtomicUsize,
-    /// Bytes held in all delivery logs together, checked against the global budget.
+    /// Bytes held over all logs.
     held_bytes: AtomicUsize,
-    /// Reservations per client address. Locked after a shard lock, never before one.
+    /// Reservations per client address.
     reserved_per_ip: Mutex<HashMap<IpKey, usize>>,
-    /// Source of binding epochs.
-    next_epoch: AtomicU64,
 }
 
-/// The subset of [`SignalingLimits`] the directory enforces.
+/// The limits [`Connections`] reads.
 #[derive(Clone, Debug)]
-struct DirectoryLimits {
-    /// Smallest ID with the configured number of digits.
-    id_low: u64,
-    /// One past the largest such ID.
-    id_high: u64,
+struct Limits {
     /// How long a reservation lasts.
     grace: Duration,
-    /// What one ID and all IDs together may hold.
+    /// Per-ID and global budgets of held messages.
     hold: HoldLimits,
-    /// Most IDs, live and reserved.
+    /// Most entries.
     max_clients: usize,
-    /// Most reservations per client address.
+    /// Most reservations per address.
     reservations_per_ip: usize,
 }
 
-/// One lock's worth of the table.
+/// One shard of the table.
 type Shard<O> = HashMap<ClientId, Slot<O>>;
 
-/// A reservation's deadline, tagged with the epoch it was made for.
+/// A reservation's end, in the heap.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct Deadline {
-    /// When it is due.
+    /// When it ends.
     at: Instant,
-    /// The reserved ID.
+    /// Whose.
     id: ClientId,
-    /// The holder it was made for; a resume or a new reservation makes this entry stale.
+    /// Which holder's (a resume changes it, making this deadline stale).
     epoch: u64,
 }
 
-/// Everything the directory knows about one ID.
+/// One local ID.
 struct Slot<O> {
-    /// What a reconnecting client must show to take the ID back.
-    token: ResumeToken,
-    /// Which connection holds the ID (see [`Binding`]).
+    /// The holder's epoch (as in the registry).
     epoch: u64,
-    /// The ID's call, which survives a reconnect.
-    call: CallState,
-    /// Live outbox or reservation.
+    /// Live or reserved.
     presence: Presence<O>,
     /// Sequence numbers and held messages.
     log: Log,
-    /// Whether the latest connection acknowledges (its messages carry `seq` and are held).
+    /// The client opted in to acknowledgements.
     acks: bool,
-    /// The latest connection's address, for the per-address reservation cap.
+    /// The client's address, for the reservations cap.
     address: Option<IpKey>,
 }
 
 /// Whether a connection holds the ID.
 enum Presence<O> {
-    /// A connection is attached and reading.
+    /// A connection holds it: frames go to its outbox.
     Live(O),
-    /// No connection; waiting for a resume until `until`.
+    /// Waiting for a resume until `until`.
     Reserved {
-        /// When the ID is freed if nobody resumes it.
+        /// The deadline.
         until: Instant,
     },
-    /// Being removed by the operation holding the lock (a resume takes the outbox first).
-    Leaving,
 }
 
-/// What [`Slot::deliver`] needs from the directory.
+/// What a slot's operations read besides the slot.
 struct Shared<'a> {
-    /// The directory's limits.
-    limits: &'a DirectoryLimits,
-    /// Bytes held over all IDs.
+    /// The limits.
+    limits: &'a Limits,
+    /// The global held-bytes counter.
     held_bytes: &'a AtomicUsize,
-    /// Reservations per client address.
+    /// Reservations per address.
     reserved_per_ip: &'a Mutex<HashMap<IpKey, usize>>,
 }
 
-impl<O: Outbox> MemoryDirectory<O> {
-    /// An empty directory enforcing `limits`. `id_digits` is clamped to 6..=15 so IDs stay exact
-    /// JavaScript numbers and the ID space is never tiny.
+impl<O: Outbox> Connections<O> {
+    /// An empty table enforcing `limits`.
     pub fn new(limits: &SignalingLimits) -> Self {
-        let digits = u32::from(limits.id_digits.clamp(6, 15));
         Self {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             deadlines: Mutex::new(BinaryHeap::new()),
-            limits: DirectoryLimits {
-                id_low: 10u64.pow(digits - 1),
-                id_high: 10u64.pow(digits),
+            limits: Limits {
                 grace: limits.resume_grace,
                 hold: HoldLimits {
                     messages: limits.resume_queue_messages,
@@ -348,23 +240,346 @@ impl<O: Outbox> MemoryDirectory<O> {
             clients: AtomicUsize::new(0),
             held_bytes: AtomicUsize::new(0),
             reserved_per_ip: Mutex::new(HashMap::new()),
-            next_epoch: AtomicU64::new(1),
         }
     }
 
-    /// Bytes currently held for all IDs (for metrics and tests).
+    /// How long a reservation lasts.
+    pub fn grace(&self) -> Duration {
+        self.limits.grace
+    }
+
+    /// Entries held, live and reserved.
+    pub fn len(&self) -> usize {
+        self.clients.load(Ordering::Relaxed)
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes held over all logs.
     pub fn held_bytes(&self) -> usize {
         self.held_bytes.load(Ordering::Relaxed)
     }
 
-    /// Reservation deadlines still tracked, including stale ones (for tests of boundedness).
+    /// Deadlines in the heap (stale ones included).
     pub fn pending_deadlines(&self) -> usize {
         lock(&self.deadlines).len()
     }
 
-    /// Addresses that hold reservations (for tests of boundedness).
+    /// Addresses holding at least one reservation.
     pub fn reserving_addresses(&self) -> usize {
         lock(&self.reserved_per_ip).len()
+    }
+
+    /// Whether this node holds `id` (live or reserved).
+    pub fn holds(&self, id: ClientId) -> bool {
+        self.shard(id).contains_key(&id)
+    }
+
+    /// Takes a place for one more entry; false when the table is full (see [`Self::evict_oldest`]).
+    /// A place taken must be filled by [`Self::attach`] or given back by [`Self::cancel_admit`].
+    pub fn admit(&self) -> bool {
+        if self.clients.fetch_add(1, Ordering::Relaxed) >= self.limits.max_clients {
+            self.clients.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// Gives back a place taken by [`Self::admit`] that no entry filled.
+    pub fn cancel_admit(&self) {
+        self.clients.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Adds a live entry for a fresh ID in a place taken by [`Self::admit`], after pushing its
+    /// `hello` (the `id` message). If the outbox refuses it, the place is given back.
+    pub fn attach(
+        &self,
+        binding: Binding,
+        outbox: O,
+        joining: Joining,
+        hello: Bytes,
+    ) -> Result<(), RegisterError> {
+        if outbox.try_push(hello).is_err() {
+            self.cancel_admit();
+            return Err(RegisterError::OutboxRejected);
+        }
+        let slot = Slot {
+            epoch: binding.epoch,
+            presence: Presence::Live(outbox),
+            log: Log::default(),
+            acks: joining.acks,
+            address: joining.address,
+        };
+        if let Some(old) = self.shard(binding.id).insert(binding.id, slot) {
+            // The registry gave out an ID this node still held: only after a registry loss.
+            tracing::warn!(client = %binding.id, epoch = old.epoch, "a fresh ID replaced a local entry");
+            self.forget(old);
+        }
+        Ok(())
+    }
+
+    /// Ends the oldest reservation to make room for a live client; `None` if there is none.
+    pub fn evict_oldest(&self) -> Option<Removed> {
+        loop {
+            let Reverse(oldest) = lock(&self.deadlines).pop()?;
+            let binding = Binding {
+                id: oldest.id,
+                epoch: oldest.epoch,
+            };
+            let removed = self.remove_if(binding, |s| {
+                s.epoch == oldest.epoch && matches!(s.presence, Presence::Reserved { .. })
+            });
+            if let Some(lost) = removed {
+                return Some(Removed { binding, lost });
+            }
+        }
+    }
+
+    /// The connection dropped: its outbox is released and the ID reserved until
+    /// `now + resume_grace`, keeping its held messages. If its address already holds its share of
+    /// reservations, the entry is removed instead.
+    pub fn detach(&self, binding: Binding, now: Instant) -> Result<Detached, Stale> {
+        let shared = self.shared();
+        let reserved = {
+            let mut shard = self.shard(binding.id);
+            let slot = shard
+                .get_mut(&binding.id)
+                .filter(|s| s.is_live(binding.epoch))
+                .ok_or(Stale)?;
+            slot.reserve(now, &shared, binding.id, true)
+        };
+        match reserved {
+            Some(deadline) => {
+                self.schedule(Some(deadline));
+                Ok(Detached::Reserved)
+            }
+            None => Ok(Detached::Freed(self.remove(binding).unwrap_or_default())),
+        }
+    }
+
+    /// Removes `binding`'s entry (live or reserved), returning who caused each held message.
+    pub fn remove(&self, binding: Binding) -> Option<Vec<Origin>> {
+        self.remove_if(binding, |s| s.epoch == binding.epoch)
+    }
+
+    /// Removes every reservation due at `now`, appending them to `expired`; returns the next
+    /// deadline, if any.
+    pub fn expire(&self, now: Instant, expired: &mut Vec<Removed>) -> Option<Instant> {
+        loop {
+            let due = {
+                let mut heap = lock(&self.deadlines);
+                match heap.peek() {
+                    Some(Reverse(d)) if d.at <= now => heap.pop().map(|Reverse(d)| d),
+                    Some(Reverse(d)) => return Some(d.at),
+                    None => return None,
+                }
+            };
+            let Some(due) = due else { continue };
+            let binding = Binding {
+                id: due.id,
+                epoch: due.epoch,
+            };
+            let removed = self.remove_if(binding, |s| {
+                s.epoch == due.epoch
+                    && matches!(s.presence, Presence::Reserved { until } if until <= now)
+            });
+            if let Some(lost) = removed {
+                expired.push(Removed { binding, lost });
+            }
+        }
+    }
+
+    /// The connection `from` (live, Idle) resumed `to.id`, which the registry moved to this node
+    /// under the epoch `to.epoch` (it was held under `previous_epoch`). Moves `from`'s outbox to
+    /// `to`, sends the `id` message made by `hello(missed)` and replays what is held, in order;
+    /// `from`'s own entry is removed. A live holder here is replaced (told `session_replaced`
+    /// through `replaced_frame`, and its outbox dropped). If `to` is not held here (it was on
+    /// another node), it starts with an empty log.
+    #[allow(clippy::too_many_arguments)]
+    pub fn take_over(
+        &self,
+        from: Binding,
+        to: Binding,
+        previous_epoch: u64,
+        last_seq: Option<u64>,
+        now: Instant,
+        hello: impl FnOnce(Option<(u64, u64)>) -> Bytes,
+        replaced_frame: Bytes,
+    ) -> TakenOver<O> {
+        let shared = self.shared();
+        // The resuming connection's own entry goes; its outbox moves.
+        let mine = self.shard(from.id).remove(&from.id);
+        let mut removed_mine = false;
+        let (outbox, address, acks) = match mine {
+            Some(mut slot) if slot.epoch == from.epoch => {
+                removed_mine = true;
+                let presence =
+                    std::mem::replace(&mut slot.presence, Presence::Reserved { until: now });
+                if let Presence::Reserved { .. } = presence {
+                    // Detached between the registry's check and now (a slow reader).
+                    shared.unreserve(slot.address);
+                }
+                let _ = slot.log.discard(&self.held_bytes);
+                let outbox = match presence {
+                    Presence::Live(outbox) => Some(outbox),
+                    Presence::Reserved { .. } => None,
+                };
+                (outbox, slot.address, slot.acks)
+            }
+            Some(other) => {
+                // Not ours to remove after all.
+                self.shard(from.id).insert(from.id, other);
+                (None, None, false)
+            }
+            None => (None, None, false),
+        };
+        if removed_mine {
+            self.clients.fetch_sub(1, Ordering::Relaxed);
+        }
+        let mut shard = self.shard(to.id);
+        let local = matches!(shard.get(&to.id), Some(s) if s.epoch == previous_epoch);
+        if !local {
+            if let Some(old) = shard.remove(&to.id) {
+                // A leftover of an older holder: the registry moved on without it.
+                let _ = self.forget(old);
+            }
+            self.clients.fetch_add(1, Ordering::Relaxed);
+        }
+        let tgt = shard.entry(to.id).or_insert_with(|| Slot {
+            epoch: to.epoch,
+            presence: Presence::Reserved { until: now },
+            log: Log::default(),
+            acks,
+            address,
+        });
+        tgt.epoch = to.epoch;
+        let new_presence = match outbox {
+            Some(outbox) => Presence::Live(outbox),
+            None => Presence::Reserved { until: now },
+        };
+        let replaced = match std::mem::replace(&mut tgt.presence, new_presence) {
+            Presence::Live(old) => {
+                // Best effort: the old connection is most likely already dead.
+                let _ = old.try_push(replaced_frame);
+                Some(old)
+            }
+            Presence::Reserved { .. } if local => {
+                shared.unreserve(tgt.address);
+                None
+            }
+            Presence::Reserved { .. } => None,
+        };
+        tgt.address = address;
+        tgt.acks = acks;
+        let Replay {
+            frames: replay,
+            missed,
+        } = tgt.log.resume(last_seq, &self.held_bytes);
+        let hello = hello(missed);
+        let (mut overflowed, mut delivered, mut sent_through) = (true, 0, None);
+        if let Presence::Live(outbox) = &tgt.presence {
+            overflowed = outbox.try_push(hello).is_err();
+            for (seq, frame) in replay {
+                if overflowed || outbox.try_push(frame).is_err() {
+                    overflowed = true;
+                    break;
+                }
+                delivered += 1;
+                sent_through = Some(seq);
+            }
+        }
+        if let Some(seq) = sent_through {
+            tgt.log.sent(seq);
+            if !tgt.acks {
+                // A client that does not acknowledge is not replayed anything twice.
+                tgt.log.release_through(seq, &self.held_bytes);
+            }
+        }
+        let deadline = if overflowed {
+            match tgt.presence {
+                Presence::Live(_) => tgt.reserve(now, &shared, to.id, false),
+                // No outbox to move: reserve it properly.
+                Presence::Reserved { .. } => {
+                    shared.reserve(tgt.address, false);
+                    let until = now + shared.limits.grace;
+                    tgt.presence = Presence::Reserved { until };
+                    Some(Deadline {
+                        at: until,
+                        id: to.id,
+                        epoch: to.epoch,
+                    })
+                }
+            }
+        } else {
+            None
+        };
+        drop(shard);
+        self.schedule(deadline);
+        TakenOver {
+            replaced,
+            delivered,
+            missed,
+            overflowed,
+        }
+    }
+
+    /// Numbers `message` and queues it for whoever holds `to` here, live or reserved. Never
+    /// blocks. When the recipient is detached for not keeping up, its binding comes back too (the
+    /// registry must learn it is reserved). If this node does not hold `to`, the message comes
+    /// back (for the bus).
+    pub fn deliver(
+        &self,
+        to: ClientId,
+        message: Envelope,
+        now: Instant,
+    ) -> Result<(Delivery, Option<Binding>), Envelope> {
+        let (delivery, deadline) = {
+            let mut shard = self.shard(to);
+            match shard.get_mut(&to) {
+                Some(slot) => slot.deliver(message, now, &self.shared(), to),
+                None => return Err(message),
+            }
+        };
+        let detached = deadline.map(|d| Binding {
+            id: d.id,
+            epoch: d.epoch,
+        });
+        self.schedule(deadline);
+        Ok((delivery, detached))
+    }
+
+    /// Like [`Self::deliver`], to a live connection's own ID.
+    pub fn reply(
+        &self,
+        binding: Binding,
+        message: Envelope,
+        now: Instant,
+    ) -> Result<(Delivery, Option<Binding>), Stale> {
+        let (delivery, deadline) = {
+            let mut shard = self.shard(binding.id);
+            let slot = shard
+                .get_mut(&binding.id)
+                .filter(|s| s.is_live(binding.epoch))
+                .ok_or(Stale)?;
+            slot.deliver(message, now, &self.shared(), binding.id)
+        };
+        let detached = deadline.map(|_| binding);
+        self.schedule(deadline);
+        Ok((delivery, detached))
+    }
+
+    /// The client processed everything up to `seq`.
+    pub fn ack(&self, binding: Binding, seq: u64) -> Result<(), AckError> {
+        let mut shard = self.shard(binding.id);
+        let slot = shard
+            .get_mut(&binding.id)
+            .filter(|s| s.is_live(binding.epoch))
+            .ok_or(Stale)?;
+        slot.log.ack(seq, &self.held_bytes)?;
+        Ok(())
     }
 
     fn shard(&self, id: ClientId) -> MutexGuard<'_, Shard<O>> {
@@ -379,122 +594,29 @@ impl<O: Outbox> MemoryDirectory<O> {
         }
     }
 
-    fn epoch(&self) -> u64 {
-        self.next_epoch.fetch_add(1, Ordering::Relaxed)
-    }
-
     fn schedule(&self, deadline: Option<Deadline>) {
         if let Some(deadline) = deadline {
             lock(&self.deadlines).push(Reverse(deadline));
         }
     }
 
-    /// Runs `f` with both slots locked (shards taken in index order, so two callers never deadlock).
-    /// If `f` returns true in its second value, `a`'s slot is removed before the locks are released
-    /// and accounted for; what it held is returned with `f`'s result.
-    fn with_two<R>(
-        &self,
-        a: ClientId,
-        b: ClientId,
-        f: impl FnOnce(Option<&mut Slot<O>>, Option<&mut Slot<O>>) -> (R, bool),
-    ) -> (R, Option<Vec<Origin>>) {
-        debug_assert_ne!(a, b);
-        let (ia, ib) = (shard_of(a), shard_of(b));
-        let (result, removed) = if ia == ib {
-            let mut shard = lock(&self.shards[ia]);
-            // Two `&mut` into one map: lift `b` out for the duration (rare: 1 pair in SHARDS).
-            let mut sb = shard.remove(&b);
-            let (result, remove_a) = f(shard.get_mut(&a), sb.as_mut());
-            if let Some(sb) = sb {
-                shard.insert(b, sb);
-            }
-            let removed = remove_a.then(|| shard.remove(&a)).flatten();
-            let lost = removed.map(|slot| self.forget(slot));
-            (result, lost)
-        } else {
-            let (mut ga, mut gb) = if ia < ib {
-                let ga = lock(&self.shards[ia]);
-                (ga, lock(&self.shards[ib]))
-            } else {
-                let gb = lock(&self.shards[ib]);
-                (lock(&self.shards[ia]), gb)
-            };
-            let (result, remove_a) = f(ga.get_mut(&a), gb.get_mut(&b));
-            let removed = remove_a.then(|| ga.remove(&a)).flatten();
-            let lost = removed.map(|slot| self.forget(slot));
-            (result, lost)
+    /// Removes `binding.id` if `pred` holds for its slot.
+    fn remove_if(&self, binding: Binding, pred: impl Fn(&Slot<O>) -> bool) -> Option<Vec<Origin>> {
+        let slot = {
+            let mut shard = self.shard(binding.id);
+            shard.get(&binding.id).filter(|s| pred(s))?;
+            shard.remove(&binding.id)?
         };
-        (result, removed)
+        Some(self.forget(slot))
     }
 
-    /// Accounts for a slot that left the table (called under its shard lock): the client count,
-    /// its reservation, its held bytes. Returns the senders of what it still held.
+    /// Accounts for a slot taken out of the table; returns who caused each message it held.
     fn forget(&self, mut slot: Slot<O>) -> Vec<Origin> {
         self.clients.fetch_sub(1, Ordering::Relaxed);
         if let Presence::Reserved { .. } = slot.presence {
             self.shared().unreserve(slot.address);
         }
         slot.log.discard(&self.held_bytes)
-    }
-
-    /// Removes `id` if `pred` holds for its slot, resetting its call peer. Returns `None` if `pred`
-    /// failed, else the ID's departure.
-    fn remove_if(&self, id: ClientId, pred: impl Fn(&Slot<O>) -> bool) -> Option<Expired> {
-        // The peer can only change from Some to None while we do not hold the lock (the peer hangs
-        // up), so one re-check under both locks is enough.
-        let peer = {
-            let shard = self.shard(id);
-            let slot = shard.get(&id).filter(|s| pred(s))?;
-            slot.call.peer()
-        };
-        match peer {
-            None => {
-                let mut shard = self.shard(id);
-                shard.get(&id).filter(|s| pred(s))?;
-                let slot = shard.remove(&id)?;
-                let peer = slot.call.peer();
-                debug_assert!(peer.is_none(), "a call began with a reserved or leaving ID");
-                let lost = self.forget(slot);
-                Some(Expired { id, peer, lost })
-            }
-            Some(peer) => {
-                let (reset, lost) = self.with_two(id, peer, |slot, peer_slot| {
-                    let Some(slot) = slot.filter(|s| pred(s)) else {
-                        return (None, false);
-                    };
-                    let mut reset = None;
-                    if let Some(p) = peer_slot {
-                        if p.call.peer() == Some(id) {
-                            p.call = CallState::Idle;
-                            reset = Some(peer);
-                        }
-                    }
-                    slot.call = CallState::Idle;
-                    (Some(reset), true)
-                });
-                Some(Expired {
-                    id,
-                    peer: reset?,
-                    lost: lost.unwrap_or_default(),
-                })
-            }
-        }
-    }
-
-    /// Ends the oldest reservation to make room for a live client. Returns false if there is none.
-    fn evict_oldest(&self, evicted: &mut Vec<Expired>) -> bool {
-        loop {
-            let Some(Reverse(oldest)) = lock(&self.deadlines).pop() else {
-                return false;
-            };
-            let ended = self.remove_if(oldest.id, |s| {
-                s.epoch == oldest.epoch && matches!(s.presence, Presence::Reserved { .. })
-            });
-            if let Some(ended) = ended {
-                evicted.push(ended);
-                return true;
-            }
-        }
     }
 }
 
@@ -635,8 +757,8 @@ impl<O: Outbox> Slot<O> {
                     ),
                 }
             }
-            // Due (the expiry task has not run yet) or being removed: it will not come back.
-            Presence::Reserved { .. } | Presence::Leaving => (
+            // Due (the expiry task has not run yet): it will not come back.
+            Presence::Reserved { .. } => (
                 Delivery::Dropped {
                     reason: DropReason::RecipientGone,
                     detached: false,
@@ -644,284 +766,6 @@ impl<O: Outbox> Slot<O> {
                 None,
             ),
         }
-    }
-}
-
-impl<O: Outbox> Directory for MemoryDirectory<O> {
-    type Outbox = O;
-
-    fn register(
-        &self,
-        outbox: O,
-        joining: Joining,
-        _now: Instant,
-        hello: impl FnOnce(ClientId, &ResumeToken) -> Bytes,
-        evicted: &mut Vec<Expired>,
-    ) -> Result<Binding, RegisterError> {
-        // Reservations never lock a live client out: when every ID is taken, the oldest
-        // reservation makes room (a few tries, in case other connections take the room first).
-        let mut tries = 0;
-        while self.clients.fetch_add(1, Ordering::Relaxed) >= self.limits.max_clients {
-            self.clients.fetch_sub(1, Ordering::Relaxed);
-            tries += 1;
-            if tries > 4 || !self.evict_oldest(evicted) {
-                return Err(RegisterError::Full);
-            }
-        }
-        let mut rng = rand::rng();
-        for _ in 0..ID_DRAWS {
-            let id = ClientId::new(rng.random_range(self.limits.id_low..self.limits.id_high));
-            let mut shard = self.shard(id);
-            let std::collections::hash_map::Entry::Vacant(entry) = shard.entry(id) else {
-                continue;
-            };
-            let token = ResumeToken::random(&mut rng);
-            if outbox.try_push(hello(id, &token)).is_err() {
-                drop(shard);
-                self.clients.fetch_sub(1, Ordering::Relaxed);
-                return Err(RegisterError::OutboxRejected);
-            }
-            let epoch = self.epoch();
-            entry.insert(Slot {
-                token,
-                epoch,
-                call: CallState::Idle,
-                presence: Presence::Live(outbox),
-                log: Log::default(),
-                acks: joining.acks,
-                address: joining.address,
-            });
-            return Ok(Binding { id, epoch });
-        }
-        self.clients.fetch_sub(1, Ordering::Relaxed);
-        Err(RegisterError::NoFreeId)
-    }
-
-    fn resume(
-        &self,
-        current: Binding,
-        target: ClientId,
-        token: &ResumeToken,
-        last_seq: Option<u64>,
-        now: Instant,
-        hello: impl FnOnce(ClientId, &ResumeToken, Option<(u64, u64)>) -> Bytes,
-    ) -> Result<Resumed<O>, ResumeError> {
-        if current.id == target {
-            // Holding the ID already; nothing to take back. Checked for liveness only.
-            self.call_state(current)?;
-            return Err(ResumeError::Unknown);
-        }
-        let new_token = ResumeToken::random(&mut rand::rng());
-        let epoch = self.epoch();
-        let shared = self.shared();
-        let ((result, deadline), _) = self.with_two(current.id, target, |cur, tgt| {
-            let Some(cur) = cur.filter(|s| s.is_live(current.epoch)) else {
-                return ((Err(ResumeError::Stale(Stale)), None), false);
-            };
-            if cur.call != CallState::Idle {
-                return ((Err(ResumeError::InCall), None), false);
-            }
-            let Some(tgt) = tgt else {
-                return ((Err(ResumeError::Unknown), None), false);
-            };
-            if !tgt.token.matches(token) {
-                return ((Err(ResumeError::TokenMismatch), None), false);
-            }
-            // Take the resuming connection's outbox; its own slot is removed by `with_two`.
-            let Presence::Live(outbox) = std::mem::replace(&mut cur.presence, Presence::Leaving)
-            else {
-                unreachable!("checked live above");
-            };
-            tgt.token = new_token;
-            tgt.epoch = epoch;
-            let replaced = match std::mem::replace(&mut tgt.presence, Presence::Live(outbox)) {
-                Presence::Live(old) => Some(old),
-                Presence::Reserved { .. } => {
-                    shared.unreserve(tgt.address);
-                    None
-                }
-                Presence::Leaving => unreachable!("only inside an operation"),
-            };
-            tgt.address = cur.address;
-            tgt.acks = cur.acks;
-            let Replay {
-                frames: replay,
-                missed,
-            } = tgt.log.resume(last_seq, shared.held_bytes);
-            let hello = hello(target, &tgt.token, missed);
-            let Presence::Live(outbox) = &tgt.presence else {
-                unreachable!("just attached");
-            };
-            let mut overflowed = outbox.try_push(hello).is_err();
-            let mut delivered = 0;
-            let mut sent_through = None;
-            for (seq, frame) in replay {
-                if overflowed || outbox.try_push(frame).is_err() {
-                    overflowed = true;
-                    break;
-                }
-                delivered += 1;
-                sent_through = Some(seq);
-            }
-            if let Some(seq) = sent_through {
-                tgt.log.sent(seq);
-                if !tgt.acks {
-                    // A client that does not acknowledge is not replayed anything twice.
-                    tgt.log.release_through(seq, shared.held_bytes);
-                }
-            }
-            let deadline = overflowed
-                .then(|| tgt.reserve(now, &shared, target, false))
-                .flatten();
-            let resumed = Resumed {
-                binding: Binding { id: target, epoch },
-                replaced,
-                delivered,
-                missed,
-                overflowed,
-                call: tgt.call,
-            };
-            ((Ok(resumed), deadline), true)
-        });
-        self.schedule(deadline);
-        result
-    }
-
-    fn detach(&self, binding: Binding, now: Instant) -> Result<Option<Expired>, Stale> {
-        let shared = self.shared();
-        let reserved = {
-            let mut shard = self.shard(binding.id);
-            let slot = shard
-                .get_mut(&binding.id)
-                .filter(|s| s.is_live(binding.epoch))
-                .ok_or(Stale)?;
-            slot.reserve(now, &shared, binding.id, true)
-        };
-        match reserved {
-            Some(deadline) => {
-                self.schedule(Some(deadline));
-                Ok(None)
-            }
-            // Its address holds its share of reservations: the ID is freed as if it had left.
-            None => Ok(self.remove_if(binding.id, |s| s.is_live(binding.epoch))),
-        }
-    }
-
-    fn release(&self, binding: Binding) -> Result<Expired, Stale> {
-        self.remove_if(binding.id, |s| s.epoch == binding.epoch)
-            .ok_or(Stale)
-    }
-
-    fn expire(&self, now: Instant, expired: &mut Vec<Expired>) -> Option<Instant> {
-        loop {
-            let due = {
-                let mut heap = lock(&self.deadlines);
-                match heap.peek() {
-                    Some(Reverse(d)) if d.at <= now => heap.pop().map(|Reverse(d)| d),
-                    Some(Reverse(d)) => return Some(d.at),
-                    None => return None,
-                }
-            };
-            let Some(due) = due else { continue };
-            let ended = self.remove_if(due.id, |s| {
-                s.epoch == due.epoch
-                    && matches!(s.presence, Presence::Reserved { until } if until <= now)
-            });
-            if let Some(ended) = ended {
-                expired.push(ended);
-            }
-        }
-    }
-
-    fn call_state(&self, binding: Binding) -> Result<CallState, Stale> {
-        let shard = self.shard(binding.id);
-        match shard.get(&binding.id) {
-            Some(slot) if slot.is_live(binding.epoch) => Ok(slot.call),
-            _ => Err(Stale),
-        }
-    }
-
-    fn update_call<E: From<Stale>>(
-        &self,
-        binding: Binding,
-        peer: ClientId,
-        rule: impl FnOnce(CallState, Option<CallState>) -> Result<CallState, E>,
-    ) -> Result<CallState, E> {
-        let me = binding.id;
-        if peer == me {
-            let mut shard = self.shard(me);
-            let slot = shard
-                .get_mut(&me)
-                .filter(|s| s.is_live(binding.epoch))
-                .ok_or(Stale)?;
-            let new = rule(slot.call, None)?;
-            if new.peer().is_none() {
-                slot.call = new;
-            }
-            return Ok(new);
-        }
-        let (result, _) = self.with_two(me, peer, |mine, theirs| {
-            let Some(mine) = mine.filter(|s| s.is_live(binding.epoch)) else {
-                return (Err(Stale.into()), false);
-            };
-            let new = match rule(mine.call, theirs.as_ref().map(|s| s.call)) {
-                Ok(new) => new,
-                Err(e) => return (Err(e), false),
-            };
-            debug_assert!(
-                new.peer().is_none() || new.peer() == Some(peer) || new == mine.call,
-                "a rule may only end a call, pair with `peer`, or change nothing"
-            );
-            match theirs {
-                Some(theirs) if new.peer() == Some(peer) => theirs.call = new.mirror(me),
-                Some(theirs) if theirs.call.peer() == Some(me) => theirs.call = CallState::Idle,
-                // Pairing with an ID nobody holds would break symmetry: change nothing.
-                None if new.peer() == Some(peer) => return (Ok(mine.call), false),
-                _ => {}
-            }
-            mine.call = new;
-            (Ok(new), false)
-        });
-        result
-    }
-
-    fn deliver(&self, to: ClientId, message: Envelope, now: Instant) -> Delivery {
-        let (delivery, deadline) = {
-            let mut shard = self.shard(to);
-            match shard.get_mut(&to) {
-                Some(slot) => slot.deliver(message, now, &self.shared(), to),
-                None => (Delivery::NoSuchClient, None),
-            }
-        };
-        self.schedule(deadline);
-        delivery
-    }
-
-    fn reply(&self, binding: Binding, message: Envelope, now: Instant) -> Result<Delivery, Stale> {
-        let (delivery, deadline) = {
-            let mut shard = self.shard(binding.id);
-            let slot = shard
-                .get_mut(&binding.id)
-                .filter(|s| s.is_live(binding.epoch))
-                .ok_or(Stale)?;
-            slot.deliver(message, now, &self.shared(), binding.id)
-        };
-        self.schedule(deadline);
-        Ok(delivery)
-    }
-
-    fn ack(&self, binding: Binding, seq: u64) -> Result<(), AckError> {
-        let mut shard = self.shard(binding.id);
-        let slot = shard
-            .get_mut(&binding.id)
-            .filter(|s| s.is_live(binding.epoch))
-            .ok_or(Stale)?;
-        slot.log.ack(seq, &self.held_bytes)?;
-        Ok(())
-    }
-
-    fn len(&self) -> usize {
-        self.clients.load(Ordering::Relaxed)
     }
 }
 
@@ -945,7 +789,7 @@ pub(crate) mod test_outbox {
 
     use super::{Outbox, PushError};
 
-    /// The test's view of one connection's queue. The directory holds a clone.
+    /// The test's view of one connection's queue. The node holds a clone.
     #[derive(Clone)]
     pub(crate) struct TestOutbox(Arc<Mutex<Inner>>);
 
@@ -972,8 +816,8 @@ pub(crate) mod test_outbox {
                 .collect()
         }
 
-        /// Whether the directory has dropped its handle (the connection was detached or replaced).
-        pub(crate) fn dropped_by_directory(&self) -> bool {
+        /// Whether the node has dropped its handle (the connection was detached or replaced).
+        pub(crate) fn dropped_by_node(&self) -> bool {
             Arc::strong_count(&self.0) == 1
         }
     }
@@ -992,14 +836,171 @@ pub(crate) mod test_outbox {
 
 #[cfg(test)]
 mod tests {
+    use std::cell::RefCell;
     use std::collections::HashSet;
 
     use super::test_outbox::TestOutbox;
     use super::*;
-    use crate::signaling::protocol::MessageKind;
+    use crate::signaling::protocol::{MessageKind, ResumeToken};
+    use crate::signaling::registry::{
+        ready, CallState, MemoryRegistry, NodeId, Registry, ResumeError, Transition,
+    };
 
-    fn directory(limits: SignalingLimits) -> MemoryDirectory<TestOutbox> {
-        MemoryDirectory::new(&limits)
+    /// The node-local table with a memory registry beside it, applied the way the router does:
+    /// the directory these tests were first written against, rebuilt from the two halves.
+    struct Dir<O> {
+        conns: Connections<O>,
+        registry: MemoryRegistry,
+        tokens: RefCell<HashMap<ClientId, ResumeToken>>,
+    }
+
+    /// An ID freed for good, as the router learns of it.
+    #[derive(Debug, PartialEq, Eq)]
+    struct Expired {
+        id: ClientId,
+        peer: Option<ClientId>,
+        lost: Vec<Origin>,
+    }
+
+    /// A resume's result.
+    struct Resumed {
+        binding: Binding,
+        delivered: usize,
+        missed: Option<(u64, u64)>,
+    }
+
+    impl<O: Outbox> std::ops::Deref for Dir<O> {
+        type Target = Connections<O>;
+        fn deref(&self) -> &Connections<O> {
+            &self.conns
+        }
+    }
+
+    impl<O: Outbox> Dir<O> {
+        fn new(limits: &SignalingLimits) -> Self {
+            Self {
+                conns: Connections::new(limits),
+                registry: MemoryRegistry::new(limits),
+                tokens: RefCell::new(HashMap::new()),
+            }
+        }
+
+        fn end(&self, removed: Removed) -> Expired {
+            let freed = ready(self.registry.expire(removed.binding)).expect("reserved in both");
+            Expired {
+                id: freed.id,
+                peer: freed.peer,
+                lost: removed.lost,
+            }
+        }
+
+        fn register(
+            &self,
+            outbox: O,
+            joining: Joining,
+            now: Instant,
+            hello: impl FnOnce(ClientId, &ResumeToken) -> Bytes,
+            evicted: &mut Vec<Expired>,
+        ) -> Result<Binding, RegisterError> {
+            let mut tries = 0;
+            while !self.conns.admit() {
+                tries += 1;
+                let removed = (tries <= 4).then(|| self.conns.evict_oldest()).flatten();
+                evicted.push(self.end(removed.ok_or(RegisterError::Full)?));
+            }
+            let claim = ready(self.registry.claim(&NodeId::local(), now))?;
+            let frame = hello(claim.binding.id, &claim.token);
+            self.conns.attach(claim.binding, outbox, joining, frame)?;
+            self.tokens
+                .borrow_mut()
+                .insert(claim.binding.id, claim.token);
+            Ok(claim.binding)
+        }
+
+        fn token(&self, id: ClientId) -> ResumeToken {
+            self.tokens.borrow()[&id].clone()
+        }
+
+        fn detach(&self, binding: Binding, now: Instant) -> Result<Option<Expired>, Stale> {
+            match self.conns.detach(binding, now)? {
+                Detached::Reserved => {
+                    ready(self.registry.detach(binding, now, self.conns.grace()))?;
+                    Ok(None)
+                }
+                Detached::Freed(lost) => {
+                    let freed = ready(self.registry.release(binding))?;
+                    Ok(Some(Expired {
+                        id: freed.id,
+                        peer: freed.peer,
+                        lost,
+                    }))
+                }
+            }
+        }
+
+        fn release(&self, binding: Binding) -> Result<Expired, Stale> {
+            let freed = ready(self.registry.release(binding))?;
+            let lost = self.conns.remove(binding).unwrap_or_default();
+            Ok(Expired {
+                id: freed.id,
+                peer: freed.peer,
+                lost,
+            })
+        }
+
+        fn expire(&self, now: Instant, expired: &mut Vec<Expired>) -> Option<Instant> {
+            let mut removed = Vec::new();
+            let next = self.conns.expire(now, &mut removed);
+            expired.extend(removed.into_iter().map(|r| self.end(r)));
+            next
+        }
+
+        fn deliver(&self, to: ClientId, message: Envelope, now: Instant) -> Delivery {
+            let (delivery, detached) = self
+                .conns
+                .deliver(to, message, now)
+                .unwrap_or_else(|_| panic!("{to} is not held here"));
+            if let Some(binding) = detached {
+                ready(self.registry.detach(binding, now, self.conns.grace())).unwrap();
+            }
+            delivery
+        }
+
+        fn call_state(&self, binding: Binding) -> Result<CallState, Stale> {
+            ready(self.registry.call_state(binding))
+        }
+
+        fn resume(
+            &self,
+            current: Binding,
+            target: ClientId,
+            token: &ResumeToken,
+            last_seq: Option<u64>,
+            now: Instant,
+            hello: impl FnOnce(ClientId, &ResumeToken, Option<(u64, u64)>) -> Bytes,
+        ) -> Result<Resumed, ResumeError> {
+            let node = NodeId::local();
+            let took = ready(self.registry.resume(current, target, token, &node, now))?;
+            let taken = self.conns.take_over(
+                current,
+                took.binding,
+                took.previous_epoch,
+                last_seq,
+                now,
+                |missed| hello(target, &took.token, missed),
+                Bytes::from_static(b"replaced"),
+            );
+            self.tokens.borrow_mut().insert(target, took.token.clone());
+            Ok(Resumed {
+                binding: took.binding,
+                delivered: taken.delivered,
+                missed: taken.missed,
+            })
+        }
+    }
+
+    fn directory(limits: SignalingLimits) -> Dir<TestOutbox> {
+        Dir::new(&limits)
     }
 
     fn hello(id: ClientId, _: &ResumeToken) -> Bytes {
@@ -1007,7 +1008,7 @@ mod tests {
     }
 
     fn join(
-        dir: &MemoryDirectory<TestOutbox>,
+        dir: &Dir<TestOutbox>,
         joining: Joining,
         capacity: usize,
     ) -> Result<(Binding, TestOutbox), RegisterError> {
@@ -1018,7 +1019,7 @@ mod tests {
         Ok((binding, outbox))
     }
 
-    fn register(dir: &MemoryDirectory<TestOutbox>) -> (Binding, TestOutbox) {
+    fn register(dir: &Dir<TestOutbox>) -> (Binding, TestOutbox) {
         join(dir, Joining::default(), 1000).unwrap()
     }
 
@@ -1187,7 +1188,12 @@ mod tests {
         assert_eq!(dir.held_bytes(), 0);
         assert_eq!(dir.pending_deadlines(), 0);
         assert_eq!(dir.reserving_addresses(), 0);
-        assert!(dir.shards.iter().all(|s| s.lock().unwrap().is_empty()));
+        assert!(dir
+            .conns
+            .shards
+            .iter()
+            .all(|s| s.lock().unwrap().is_empty()));
+        assert!(dir.registry.is_empty());
     }
 
     #[test]
@@ -1220,10 +1226,7 @@ mod tests {
         // The reservation lives on; its owner gets the four and learns it missed 5 and 6.
         let (fresh, outbox) = register(&dir);
         outbox.take();
-        let token = {
-            let shard = dir.shard(a.id);
-            shard[&a.id].token.clone()
-        };
+        let token = dir.token(a.id);
         let resumed = dir
             .resume(fresh, a.id, &token, None, now, resume_hello)
             .unwrap();
@@ -1274,9 +1277,9 @@ mod tests {
                 &mut Vec::new(),
             )
             .unwrap();
-        assert!(!outbox.dropped_by_directory());
+        assert!(!outbox.dropped_by_node());
         assert_eq!(dir.deliver(a.id, notice(), now), Delivery::Detached);
-        assert!(outbox.dropped_by_directory());
+        assert!(outbox.dropped_by_node());
         assert_eq!(dir.call_state(a), Err(Stale));
         assert_eq!(dir.deliver(a.id, notice(), now), Delivery::Queued);
         assert_eq!(dir.held_bytes(), 2 * br#"{"type":"pong"}"#.len());
@@ -1309,7 +1312,7 @@ mod tests {
         dir.detach(b, now).unwrap();
         let (fresh, outbox2) = join(&dir, acks, 100).unwrap();
         outbox2.take();
-        let token = dir.shard(b.id)[&b.id].token.clone();
+        let token = dir.token(b.id);
         let resumed = dir
             .resume(fresh, b.id, &token, Some(3), now, resume_hello)
             .unwrap();
@@ -1327,9 +1330,9 @@ mod tests {
     #[test]
     fn frames_never_written_before_a_drop_are_kept_for_the_resume() {
         use crate::signaling::outbox::{self, OutboxSender};
-        let dir: MemoryDirectory<OutboxSender> = MemoryDirectory::new(&SignalingLimits::default());
+        let dir: Dir<OutboxSender> = Dir::new(&SignalingLimits::default());
         let now = Instant::now();
-        let join_real = |dir: &MemoryDirectory<OutboxSender>| {
+        let join_real = |dir: &Dir<OutboxSender>| {
             let (tx, mut rx) = outbox::channel(16);
             let binding = dir
                 .register(tx, Joining::default(), now, hello, &mut Vec::new())
@@ -1359,7 +1362,7 @@ mod tests {
             Delivery::Queued
         );
         let (fresh, mut fresh_rx) = join_real(&dir);
-        let token = dir.shard(b.id)[&b.id].token.clone();
+        let token = dir.token(b.id);
         let resumed = dir
             .resume(fresh, b.id, &token, None, now, resume_hello)
             .unwrap();
@@ -1395,7 +1398,7 @@ mod tests {
                 detached: true
             }
         );
-        assert!(outbox.dropped_by_directory());
+        assert!(outbox.dropped_by_node());
         assert_eq!(dir.call_state(b), Err(Stale));
     }
 
@@ -1410,18 +1413,11 @@ mod tests {
             }
             by_shard.insert(shard_of(binding.id), (binding, outbox));
         };
-        dir.update_call(a, b.id, |_, theirs| {
-            assert_eq!(theirs, Some(CallState::Idle));
-            Ok::<_, Stale>(CallState::Calling { peer: b.id })
-        })
-        .unwrap();
+        ready(dir.registry.transition(a, b.id, Transition::Offer)).unwrap();
         assert_eq!(dir.call_state(b), Ok(CallState::Called { peer: a.id }));
         assert_eq!(dir.release(b).map(|e| e.peer), Ok(Some(a.id)));
         assert_eq!(dir.call_state(a), Ok(CallState::Idle));
-        assert_eq!(
-            dir.deliver(b.id, notice(), Instant::now()),
-            Delivery::NoSuchClient
-        );
+        assert!(dir.conns.deliver(b.id, notice(), Instant::now()).is_err());
     }
 
     #[test]
@@ -1429,20 +1425,11 @@ mod tests {
         let dir = directory(SignalingLimits::default());
         let (a, _) = register(&dir);
         let (b, _) = register(&dir);
-        let begin = |mine: CallState, theirs: Option<CallState>| -> Result<CallState, Stale> {
-            assert_eq!(mine, CallState::Idle);
-            assert_eq!(theirs, Some(CallState::Idle));
-            Ok(CallState::Calling { peer: b.id })
-        };
-        dir.update_call(a, b.id, begin).unwrap();
+        ready(dir.registry.transition(a, b.id, Transition::Offer)).unwrap();
         assert_eq!(dir.call_state(b), Ok(CallState::Called { peer: a.id }));
-        dir.update_call(b, a.id, |_, _| {
-            Ok::<_, Stale>(CallState::InCall { peer: a.id })
-        })
-        .unwrap();
+        ready(dir.registry.transition(b, a.id, Transition::Accept)).unwrap();
         assert_eq!(dir.call_state(a), Ok(CallState::InCall { peer: b.id }));
-        dir.update_call(a, b.id, |_, _| Ok::<_, Stale>(CallState::Idle))
-            .unwrap();
+        ready(dir.registry.transition(a, b.id, Transition::Hangup)).unwrap();
         assert_eq!(dir.call_state(a), Ok(CallState::Idle));
         assert_eq!(dir.call_state(b), Ok(CallState::Idle));
     }

@@ -57,7 +57,10 @@ impl Client {
     /// Pops one frame, as the session's writer would; panics if there is none (a bench bug).
     fn pop(&mut self) -> Bytes {
         self.seq += 1;
-        self.outbox.try_recv().expect("a frame for this client")
+        self.outbox
+            .try_recv()
+            .expect("a frame for this client")
+            .bytes
     }
 }
 
@@ -80,7 +83,7 @@ fn fixture_with(n: usize, paired: usize, joining: Joining) -> (BenchHub, Vec<Cli
         .map(|_| {
             let (tx, mut rx) = outbox::channel(128);
             let attachment = ready(hub.join(tx, None, joining, now)).expect("room");
-            let token = token_of(&rx.try_recv().expect("id message"));
+            let token = token_of(&rx.try_recv().expect("id message").bytes);
             Client {
                 attachment,
                 outbox: rx,
@@ -539,7 +542,7 @@ fn resume(c: &mut Criterion) {
                     next += 1;
                     let (tx, mut rx) = outbox::channel(128);
                     let attachment = ready(hub.connect(tx, None, Instant::now())).expect("room");
-                    let token = token_of(&rx.try_recv().expect("id message"));
+                    let token = token_of(&rx.try_recv().expect("id message").bytes);
                     let fresh = Client {
                         attachment,
                         outbox: rx,

@@ -13,14 +13,15 @@
 //! | `metrics.rs` | Prometheus registry, pre-resolved metric handles, the call observer, TURN export |
 //! | `acme/` | automatic certificates over ACME: ordering and renewal, challenge answers, storage (see its own Layout) |
 //! | `tls/` | certificate loading (`load`), dev-certificate generation (`dev_cert`), hot reload (`reload`) |
-//! | `http/` | accept loop with admission (per-address and global caps) and timeouts (`mod`), idle/stall/close limits of a connection (`lifetime`), PROXY protocol (`proxy_protocol`), routes and `/api/turn-credentials` (`routes`), static files held in memory (`static_files`) and the range policy (`ranges`), security headers, the redirect listener, the metrics listener (`admin`) |
-//! | `signaling/` | WebSocket sessions (`session`), their frames (`wire`) and send queues (`outbox`), the call rules without I/O (`hub`) and what applies them (`router`), wire messages (`protocol`), the shared ID table (`registry`), this node's IDs (`connections`), other nodes' IDs (`bus`) |
+//! | `http/` | accept loop with admission (per-address and global caps) and timeouts (`mod`), idle/stall/close limits of a connection (`lifetime`), PROXY protocol (`proxy_protocol`), routes and `/api/turn-credentials` (`routes`), the WebSocket upgrade with its origin check and ICE servers (`websocket`), static files held in memory (`static_files`) and the range policy (`ranges`), security headers, the redirect listener, the metrics listener (`admin`) |
+//! | `signaling/` | upgraded WebSocket sessions (`session`) and what they report (`observer`), their frames (`wire`) and send queues (`outbox`), the call rules without I/O (`hub`) and what applies them (`router`), wire messages (`protocol`), the shared ID table (`registry`), this node's IDs (`connections`), other nodes' IDs (`bus`) |
 //! | `turn/` | the embedded TURN relay: a front layer before the `turn` crate's engine (see its own Layout) |
 //!
-//! Dependencies point down: `server` → `http` → `signaling` → (`config`, `tls`, `metrics`, `limits`,
-//! `turn::credentials`). `turn` shares only the certificate store and the credential secret with the
+//! Dependencies point down: `server` → `http` → (`signaling`, `metrics`, `turn::credentials`);
+//! `metrics` → `signaling` (it implements signaling's observer hooks); `signaling` → (`limits`,
+//! `shutdown`) only, checked by `tests/signaling_layout.rs`. `turn` shares only the certificate store and the credential secret with the
 //! rest. `acme` sits beside `signaling`: `server` starts it and `http::redirect` reads its
-//! challenge answers; it uses only `config`, `tls`, `metrics` and `shutdown`. `signaling::hub`, `signaling::protocol`, `turn::policy`, `turn::gate` and
+//! challenge answers; it uses only `config`, `tls`, `metrics` and `shutdown`. `signaling::hub`, `signaling::registry`, `signaling::connections`, `signaling::protocol`, `turn::policy`, `turn::gate` and
 //! `turn::credentials` do no I/O: they take input (and the current time) and return what to do, so
 //! they are tested and benched without sockets.
 

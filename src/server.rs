@@ -20,13 +20,13 @@ use crate::http::headers::SecurityHeaders;
 use crate::http::proxy_protocol::TrustedProxies;
 use crate::http::routes::Readiness;
 use crate::http::static_files::StaticFiles;
+use crate::http::websocket::{IceProvider, OriginPolicy, WebSocketEndpoint};
 use crate::http::{self, Admission, App, ConnectionSettings, RedirectTarget};
 use crate::limits::{AddressLimit, ConnectionLimit, PerIpLimits};
 use crate::metrics::{Limit, Metrics};
 use crate::shutdown::{Shutdown, ShutdownController};
 use crate::signaling::router::Router;
-use crate::signaling::session::IceProvider;
-use crate::signaling::session::{SessionSettings, Signaling};
+use crate::signaling::session::{SessionSettings, Sessions};
 use crate::signaling::SignalingLimits;
 use crate::tls::{self, CertStore, LoadError};
 use crate::turn::{ExternalIp, Relay, RunningRelay, TlsAcceptorSource, TurnSettings};
@@ -96,7 +96,7 @@ pub struct Server {
     loaded_version: tls::Fingerprint,
     app: Arc<App>,
     readiness: Arc<Readiness>,
-    signaling: Arc<Signaling>,
+    signaling: Arc<WebSocketEndpoint>,
     per_ip: Arc<PerIpLimits>,
     controller: ShutdownController,
     metrics: Arc<Metrics>,
@@ -177,9 +177,15 @@ impl Server {
         });
         let per_ip = PerIpLimits::new(config.ws_upgrades_per_second, config.ws_connections_per_ip);
         let hub = Router::single_node(signaling_limits(&config)).with_observer(metrics.clone());
-        let signaling = Signaling::new(
+        let sessions = Sessions::new(
             Arc::new(hub),
             session_settings(&config),
+            per_ip.clone(),
+            metrics.clone(),
+        );
+        let signaling = WebSocketEndpoint::new(
+            sessions,
+            origin_policy(&config),
             per_ip.clone(),
             metrics.clone(),
             ice,
@@ -543,7 +549,7 @@ async fn watch_certificate(certs: Arc<CertStore>, metrics: Arc<Metrics>, mut shu
 }
 
 /// Ends resume reservations when their grace period is over (and tells their call peers).
-async fn expire_reservations(signaling: Arc<Signaling>, mut shutdown: Shutdown) {
+async fn expire_reservations(signaling: Arc<WebSocketEndpoint>, mut shutdown: Shutdown) {
     let hub = signaling.hub().clone();
     let grace = hub.limits().resume_grace;
     loop {
@@ -592,6 +598,11 @@ fn session_settings(config: &Config) -> SessionSettings {
         messages_per_second: config.ws_messages_per_second,
         message_burst: config.ws_message_burst,
         calls_per_minute: config.ws_calls_per_minute,
+    }
+}
+
+fn origin_policy(config: &Config) -> OriginPolicy {
+    OriginPolicy {
         allowed_origins: config.allowed_origins.clone(),
         public_authority: config.public_url.as_ref().map(|url| url.authority.clone()),
     }

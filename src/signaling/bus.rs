@@ -49,7 +49,7 @@ mod tests {
 
     #[test]
     fn a_lone_node_knows_no_other_id() {
-        let envelope = Envelope::new(br#"{"type":"pong"}"#.to_vec());
+        let envelope = Envelope::new(&crate::signaling::protocol::ServerMessage::Pong);
         assert_eq!(
             ready(NoBus.send(ClientId::new(123_456_789), envelope)),
             BusDelivery::NoSuchClient

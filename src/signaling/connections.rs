@@ -18,10 +18,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-
 use super::delivery::{AckBeyond, Envelope, HoldLimits, Log, Origin, Replay};
-use super::protocol::{ClientId, DropReason};
+use super::protocol::{ClientId, DropReason, ServerFrame};
 use super::registry::{Binding, RegisterError, Stale};
 use super::SignalingLimits;
 use crate::limits::IpKey;
@@ -35,12 +33,12 @@ use crate::limits::IpKey;
 /// notice.
 pub trait Outbox: Send + 'static {
     /// Queues one ready-to-send text frame, or hands it back if the queue is full or closed.
-    fn try_push(&self, frame: Bytes) -> Result<(), PushError>;
+    fn try_push(&self, frame: ServerFrame) -> Result<(), PushError>;
 
     /// Takes back every frame the connection has not taken yet, oldest first: called when the
     /// connection is detached, so what was never written can wait for the resume instead of being
     /// lost. The default takes nothing.
-    fn take_unsent(&self) -> Vec<Bytes> {
+    fn take_unsent(&self) -> Vec<ServerFrame> {
         Vec::new()
     }
 }
@@ -50,15 +48,15 @@ pub trait Outbox: Send + 'static {
 pub enum PushError {
     /// The connection reads too slowly and its queue is full.
     #[error("The connection's outbound queue is full.")]
-    Full(Bytes),
+    Full(ServerFrame),
     /// The connection's writer is gone.
     #[error("The connection's outbound queue is closed.")]
-    Closed(Bytes),
+    Closed(ServerFrame),
 }
 
 impl PushError {
     /// The frame that was not queued.
-    pub fn into_frame(self) -> Bytes {
+    pub fn into_frame(self) -> ServerFrame {
         match self {
             Self::Full(frame) | Self::Closed(frame) => frame,
         }
@@ -300,7 +298,7 @@ impl<O: Outbox> Connections<O> {
         binding: Binding,
         outbox: O,
         joining: Joining,
-        hello: Bytes,
+        hello: ServerFrame,
     ) -> Result<(), RegisterError> {
         if outbox.try_push(hello).is_err() {
             self.cancel_admit();
@@ -406,8 +404,8 @@ impl<O: Outbox> Connections<O> {
         previous_epoch: u64,
         last_seq: Option<u64>,
         now: Instant,
-        hello: impl FnOnce(Option<(u64, u64)>) -> Bytes,
-        replaced_frame: Bytes,
+        hello: impl FnOnce(Option<(u64, u64)>) -> ServerFrame,
+        replaced_frame: ServerFrame,
     ) -> TakenOver<O> {
         let shared = self.shared();
         // The resuming connection's own entry goes; its outbox moves.
@@ -785,16 +783,15 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 pub(crate) mod test_outbox {
     use std::sync::{Arc, Mutex};
 
-    use bytes::Bytes;
-
     use super::{Outbox, PushError};
+    use crate::signaling::protocol::ServerFrame;
 
     /// The test's view of one connection's queue. The node holds a clone.
     #[derive(Clone)]
     pub(crate) struct TestOutbox(Arc<Mutex<Inner>>);
 
     struct Inner {
-        frames: Vec<Bytes>,
+        frames: Vec<ServerFrame>,
         capacity: usize,
     }
 
@@ -812,7 +809,7 @@ pub(crate) mod test_outbox {
             inner
                 .frames
                 .drain(..)
-                .map(|f| String::from_utf8(f.to_vec()).unwrap())
+                .map(|f| String::from_utf8(f.bytes.to_vec()).unwrap())
                 .collect()
         }
 
@@ -823,7 +820,7 @@ pub(crate) mod test_outbox {
     }
 
     impl Outbox for TestOutbox {
-        fn try_push(&self, frame: Bytes) -> Result<(), PushError> {
+        fn try_push(&self, frame: ServerFrame) -> Result<(), PushError> {
             let mut inner = self.0.lock().unwrap();
             if inner.frames.len() >= inner.capacity {
                 return Err(PushError::Full(frame));
@@ -841,7 +838,19 @@ mod tests {
 
     use super::test_outbox::TestOutbox;
     use super::*;
-    use crate::signaling::protocol::{MessageKind, ResumeToken};
+    use bytes::Bytes;
+
+    use crate::signaling::protocol::{
+        ErrorCode, MessageKind, ResumeToken, ServerKind, ServerMessage,
+    };
+
+    /// A frame of `text` of kind `kind`.
+    fn text_frame(kind: ServerKind, text: String) -> ServerFrame {
+        ServerFrame {
+            kind,
+            bytes: Bytes::from(text),
+        }
+    }
     use crate::signaling::registry::{
         ready, CallState, MemoryRegistry, NodeId, Registry, ResumeError, Transition,
     };
@@ -899,7 +908,7 @@ mod tests {
             outbox: O,
             joining: Joining,
             now: Instant,
-            hello: impl FnOnce(ClientId, &ResumeToken) -> Bytes,
+            hello: impl FnOnce(ClientId, &ResumeToken) -> ServerFrame,
             evicted: &mut Vec<Expired>,
         ) -> Result<Binding, RegisterError> {
             let mut tries = 0;
@@ -977,7 +986,7 @@ mod tests {
             token: &ResumeToken,
             last_seq: Option<u64>,
             now: Instant,
-            hello: impl FnOnce(ClientId, &ResumeToken, Option<(u64, u64)>) -> Bytes,
+            hello: impl FnOnce(ClientId, &ResumeToken, Option<(u64, u64)>) -> ServerFrame,
         ) -> Result<Resumed, ResumeError> {
             let node = NodeId::local();
             let took = ready(self.registry.resume(current, target, token, &node, now))?;
@@ -988,7 +997,10 @@ mod tests {
                 last_seq,
                 now,
                 |missed| hello(target, &took.token, missed),
-                Bytes::from_static(b"replaced"),
+                text_frame(
+                    ServerKind::Error(ErrorCode::SessionReplaced),
+                    "replaced".into(),
+                ),
             );
             self.tokens.borrow_mut().insert(target, took.token.clone());
             Ok(Resumed {
@@ -1003,8 +1015,8 @@ mod tests {
         Dir::new(&limits)
     }
 
-    fn hello(id: ClientId, _: &ResumeToken) -> Bytes {
-        Bytes::from(format!("hello {id}"))
+    fn hello(id: ClientId, _: &ResumeToken) -> ServerFrame {
+        text_frame(ServerKind::Id, format!("hello {id}"))
     }
 
     fn join(
@@ -1031,15 +1043,15 @@ mod tests {
             from: from.id,
             kind: MessageKind::IceCandidate,
         };
-        Envelope::relaying(json, origin)
+        Envelope::from_parts(ServerKind::IceCandidate, json, Some(origin))
     }
 
     fn notice() -> Envelope {
-        Envelope::new(br#"{"type":"pong"}"#.to_vec())
+        Envelope::new(&ServerMessage::Pong)
     }
 
-    fn resume_hello(id: ClientId, _: &ResumeToken, missed: Option<(u64, u64)>) -> Bytes {
-        Bytes::from(format!("resumed {id} missed {missed:?}"))
+    fn resume_hello(id: ClientId, _: &ResumeToken, missed: Option<(u64, u64)>) -> ServerFrame {
+        text_frame(ServerKind::Id, format!("resumed {id} missed {missed:?}"))
     }
 
     fn address(last: u8) -> Option<IpKey> {
@@ -1348,17 +1360,22 @@ mod tests {
                 from: sender.id,
                 kind: MessageKind::Offer,
             };
-            let delivery = dir.deliver(b.id, Envelope::relaying(json, origin), now);
+            let envelope = Envelope::from_parts(ServerKind::Offer, json, Some(origin));
+            let delivery = dir.deliver(b.id, envelope, now);
             assert_eq!(delivery, Delivery::Sent);
         }
         // The session wrote the first one; its socket then died.
-        assert_eq!(&b_rx.try_recv().unwrap()[..], br#"{"n":0}"#);
+        assert_eq!(&b_rx.try_recv().unwrap().bytes[..], br#"{"n":0}"#);
         assert_eq!(dir.detach(b, now), Ok(None));
         assert_eq!(b_rx.try_recv(), None, "taken back from the dead connection");
         assert!(b_rx.is_closed());
         let json = br#"{"n":4}"#.to_vec();
         assert_eq!(
-            dir.deliver(b.id, Envelope::new(json), now),
+            dir.deliver(
+                b.id,
+                Envelope::from_parts(ServerKind::Offer, json, None),
+                now
+            ),
             Delivery::Queued
         );
         let (fresh, mut fresh_rx) = join_real(&dir);
@@ -1370,7 +1387,7 @@ mod tests {
         fresh_rx.try_recv().expect("resumed hello");
         for n in 1..5 {
             let frame = fresh_rx.try_recv().unwrap();
-            assert_eq!(frame, Bytes::from(format!(r#"{{"n":{n}}}"#)));
+            assert_eq!(frame.bytes, Bytes::from(format!(r#"{{"n":{n}}}"#)));
         }
         assert_eq!(dir.held_bytes(), 0);
     }

@@ -18,6 +18,7 @@
 //! use std::time::Instant;
 //! use callgate::signaling::SignalingLimits;
 //! use callgate::signaling::hub::Departure;
+//! use callgate::signaling::protocol::ServerKind;
 //! use callgate::signaling::router::Router;
 //!
 //! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
@@ -26,12 +27,14 @@
 //! // On upgrade: the router keeps the only sender; the session task writes what `rx` yields.
 //! let (tx, mut rx) = callgate::signaling::outbox::channel(128);
 //! let mut conn = router.connect(tx, None, Instant::now()).await.expect("room for one more");
-//! assert!(rx.try_recv().unwrap().starts_with(br#"{"type":"id","id":"#));
+//! assert!(rx.try_recv().unwrap().bytes.starts_with(br#"{"type":"id","id":"#));
 //!
 //! // For each text frame (after the session's own size and rate checks):
 //! let outcome = router.handle_text(&mut conn, br#"{"type":"ping"}"#, Instant::now()).await;
 //! assert_eq!(outcome.close, None); // otherwise: flush `rx`, then close with that code
-//! assert_eq!(&rx.try_recv().unwrap()[..], br#"{"type":"pong"}"#);
+//! let pong = rx.try_recv().unwrap();
+//! assert_eq!(pong.kind, ServerKind::Pong); // typed: nobody reads the bytes to learn this
+//! assert_eq!(&pong.bytes[..], br#"{"type":"pong"}"#);
 //!
 //! // When the socket ends without a close frame 1000 from the client:
 //! router.disconnect(conn, Departure::Dropped, Instant::now()).await;
@@ -56,7 +59,7 @@ use smallvec::SmallVec;
 use super::delivery::{AckBeyond, Envelope, Origin};
 use super::protocol::{
     self, ClientId, ClientMessage, CloseCode, DropReason, EndReason, ErrorCode, MessageKind,
-    ProtocolError, ResumeToken, ServerMessage,
+    ProtocolError, ResumeToken, ServerFrame, ServerMessage,
 };
 use super::registry::{
     Binding, CallState, Freed, MemoryRegistry, NodeId, RegisterError, Registry, ResumeError, Stale,
@@ -403,7 +406,7 @@ impl<R: Registry> Hub<R> {
         &self,
         ice_servers: Option<IceServersFor>,
         now: Instant,
-    ) -> Result<(Attachment, Bytes), ConnectError> {
+    ) -> Result<(Attachment, ServerFrame), ConnectError> {
         let claim = self.registry.claim(&self.node, now).await?;
         let ice = ice_servers.as_ref().and_then(|make| make(claim.binding.id));
         let hello = id_frame(
@@ -500,7 +503,7 @@ impl<R: Registry> Hub<R> {
             };
             effects.push(Effect::Deliver {
                 to: from,
-                envelope: Envelope::new(message.to_json()),
+                envelope: Envelope::new(&message),
             });
         }
         if let Some(peer) = freed.peer {
@@ -518,7 +521,7 @@ impl<R: Registry> Hub<R> {
             };
             effects.push(Effect::Deliver {
                 to: peer,
-                envelope: Envelope::new(frame.to_json()),
+                envelope: Envelope::new(&frame),
             });
         }
         effects
@@ -542,7 +545,7 @@ impl<R: Registry> Hub<R> {
         };
         Some(Effect::Deliver {
             to: from,
-            envelope: Envelope::new(notice.to_json()),
+            envelope: Envelope::new(&notice),
         })
     }
 
@@ -651,7 +654,7 @@ impl<R: Registry> Hub<R> {
                 last_seq,
             } => self.resume(conn, id, &token, last_seq, now, effects).await,
             ClientMessage::Ping => {
-                let pong = Envelope::new(ServerMessage::Pong.to_json());
+                let pong = Envelope::new(&ServerMessage::Pong);
                 effects.push(Effect::Reply(pong));
                 Ok(())
             }
@@ -713,7 +716,7 @@ impl<R: Registry> Hub<R> {
                 Ok(())
             }
             Err(TransitionError::Busy) => {
-                let frame = Envelope::new(ServerMessage::Busy { peer: callee }.to_json());
+                let frame = Envelope::new(&ServerMessage::Busy { peer: callee });
                 effects.push(Effect::Reply(frame));
                 Ok(())
             }
@@ -851,7 +854,7 @@ impl<R: Registry> Hub<R> {
             message,
             request: kind,
         };
-        effects.push(Effect::Reply(Envelope::new(frame.to_json())));
+        effects.push(Effect::Reply(Envelope::new(&frame)));
         if code.is_violation() {
             conn.violations += 1;
             if conn.violations >= self.limits.max_violations {
@@ -861,7 +864,7 @@ impl<R: Registry> Hub<R> {
                     message: code.describe(),
                     request: None,
                 };
-                effects.push(Effect::Reply(Envelope::new(frame.to_json())));
+                effects.push(Effect::Reply(Envelope::new(&frame)));
                 effects.outcome.close = Some(CloseCode::PolicyViolation);
             }
         }
@@ -887,7 +890,7 @@ pub fn id_frame(
     missed: Option<(u64, u64)>,
     heartbeat: std::time::Duration,
     ice_servers: Option<&RawValue>,
-) -> Bytes {
+) -> ServerFrame {
     ServerMessage::Id {
         id,
         token,
@@ -896,25 +899,25 @@ pub fn id_frame(
         heartbeat,
         ice_servers,
     }
-    .encode()
+    .frame()
 }
 
 /// The `session_replaced` error sent to a connection whose ID another connection resumed.
-pub fn replaced_frame() -> Bytes {
+pub fn replaced_frame() -> ServerFrame {
     let code = ErrorCode::SessionReplaced;
     ServerMessage::Error {
         code,
         message: code.describe(),
         request: None,
     }
-    .encode()
+    .frame()
 }
 
 /// A delivery of a server message relaying what `origin` sent.
 fn deliver(to: ClientId, message: &ServerMessage<'_>, origin: Origin) -> Effect {
     Effect::Deliver {
         to,
-        envelope: Envelope::relaying(message.to_json(), origin),
+        envelope: Envelope::relaying(message, origin),
     }
 }
 
@@ -2069,10 +2072,10 @@ mod tests {
         let (tx, mut rx) = crate::signaling::outbox::channel(8);
         let mut conn = ready(hub.connect(tx, None, Instant::now())).unwrap();
         let _ = ready(hub.handle_text(&mut conn, br#"{"type":"ping"}"#, Instant::now()));
-        let hello: Value = serde_json::from_slice(&rx.try_recv().unwrap()).unwrap();
+        let hello: Value = serde_json::from_slice(&rx.try_recv().unwrap().bytes).unwrap();
         assert_eq!(hello["id"], conn.id().get());
         assert_eq!(
-            rx.try_recv().unwrap(),
+            rx.try_recv().unwrap().bytes,
             Bytes::from_static(br#"{"type":"pong"}"#)
         );
         // Detaching drops the only sender: the session's receiver sees the channel close.

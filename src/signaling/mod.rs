@@ -10,7 +10,8 @@
 //! | `router.rs` | applies the hub's effects: local IDs through `connections`, others through `bus` |
 //! | `delivery.rs` | what each ID is owed: sequence numbers, messages held until acknowledged |
 //! | `outbox.rs` | a connection's bounded queue of frames to send, filled by the router |
-//! | `session.rs` | one WebSocket: upgrade checks, the session loop, heartbeat, size and rate limits |
+//! | `session.rs` | one upgraded WebSocket: the session loop, heartbeat, size and rate limits |
+//! | `observer.rs` | what sessions report (opens, closes, messages, limits) for metrics to count |
 //! | `wire.rs` | WebSocket frames in and out, with no buffer kept between messages |
 //!
 //! The WebSocket session (read loop, write queue, heartbeat, size and rate limits) sits on top and
@@ -25,6 +26,7 @@ pub mod bus;
 pub mod connections;
 pub mod delivery;
 pub mod hub;
+pub mod observer;
 pub mod outbox;
 pub mod protocol;
 pub mod registry;

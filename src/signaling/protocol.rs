@@ -995,10 +995,124 @@ pub enum ServerMessage<'a> {
     },
 }
 
+/// The type of a message the server sends, known when the message is built, so nothing
+/// downstream (metrics, the session) has to read it back out of the bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ServerKind {
+    /// `id`.
+    Id,
+    /// `video-answer-request`.
+    VideoAnswerRequest,
+    /// `server-reply`.
+    ServerReply,
+    /// `close-call-server`.
+    CloseCallServer,
+    /// `ice-candidate`.
+    IceCandidate,
+    /// `ringing`.
+    Ringing,
+    /// `busy`.
+    Busy,
+    /// `offer`.
+    Offer,
+    /// `answer`.
+    Answer,
+    /// `pong`.
+    Pong,
+    /// `error`, with its code (`undelivered` included).
+    Error(ErrorCode),
+}
+
+impl ServerKind {
+    /// Every `"type"` the server sends, in [`ServerKind::type_index`] order.
+    pub const TYPES: [&'static str; 11] = [
+        "id",
+        "video-answer-request",
+        "server-reply",
+        "close-call-server",
+        "ice-candidate",
+        "ringing",
+        "busy",
+        "offer",
+        "answer",
+        "pong",
+        "error",
+    ];
+
+    /// The position of this kind's `"type"` in [`ServerKind::TYPES`] (errors share one).
+    pub const fn type_index(self) -> usize {
+        match self {
+            Self::Id => 0,
+            Self::VideoAnswerRequest => 1,
+            Self::ServerReply => 2,
+            Self::CloseCallServer => 3,
+            Self::IceCandidate => 4,
+            Self::Ringing => 5,
+            Self::Busy => 6,
+            Self::Offer => 7,
+            Self::Answer => 8,
+            Self::Pong => 9,
+            Self::Error(_) => 10,
+        }
+    }
+
+    /// The `"type"` on the wire.
+    pub const fn as_str(self) -> &'static str {
+        Self::TYPES[self.type_index()]
+    }
+}
+
+/// A ready-to-send text frame and its type.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerFrame {
+    /// What kind of message it is.
+    pub kind: ServerKind,
+    /// The JSON text, as sent.
+    pub bytes: Bytes,
+}
+
+impl ServerFrame {
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Whether it is empty (never, for a frame callgate built).
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+}
+
 impl ServerMessage<'_> {
     /// Serialises the message once into a ready-to-send WebSocket text payload.
     pub fn encode(&self) -> Bytes {
         Bytes::from(self.to_json())
+    }
+
+    /// [`ServerMessage::encode`], with the message's kind.
+    pub fn frame(&self) -> ServerFrame {
+        ServerFrame {
+            kind: self.kind(),
+            bytes: self.encode(),
+        }
+    }
+
+    /// The message's type.
+    pub const fn kind(&self) -> ServerKind {
+        match self {
+            Self::Id { .. } => ServerKind::Id,
+            Self::VideoAnswerRequest { .. } => ServerKind::VideoAnswerRequest,
+            Self::ServerReply { .. } => ServerKind::ServerReply,
+            Self::CloseCallServer { .. } => ServerKind::CloseCallServer,
+            Self::IceCandidate { .. } => ServerKind::IceCandidate,
+            Self::Ringing { .. } => ServerKind::Ringing,
+            Self::Busy { .. } => ServerKind::Busy,
+            Self::Offer { .. } => ServerKind::Offer,
+            Self::Answer { .. } => ServerKind::Answer,
+            Self::Pong => ServerKind::Pong,
+            Self::Undelivered { .. } => ServerKind::Error(ErrorCode::Undelivered),
+            Self::Error { code, .. } => ServerKind::Error(*code),
+        }
     }
 
     /// The message's JSON, with room at the end for the `seq` the connections table adds (see

@@ -358,3 +358,89 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::signaling::connections::test_outbox::TestOutbox;
+    use crate::signaling::registry::{ready, Location, NodeId};
+
+    type TestRouter = Router<MemoryRegistry, NoBus, TestOutbox>;
+
+    fn offer(from: ClientId, to: ClientId) -> String {
+        format!(
+            r#"{{"type":"video-offer-request","id":{from},"calleeId":{to},"offer":{{"type":"offer","sdp":"v=0"}}}}"#
+        )
+    }
+
+    /// The hub alone decides and touches no queue: an offer comes back as one delivery to the
+    /// callee, and nothing reaches the callee until the router applies it.
+    #[test]
+    fn the_hub_returns_effects_and_pushes_nothing() {
+        let router: TestRouter = Router::single_node(SignalingLimits::default());
+        let now = Instant::now();
+        let (a_out, b_out) = (TestOutbox::with_capacity(8), TestOutbox::with_capacity(8));
+        let mut a = ready(router.connect(a_out.clone(), None, now)).unwrap();
+        let b = ready(router.connect(b_out.clone(), None, now)).unwrap();
+        a_out.take();
+        b_out.take();
+        let frame = offer(a.id(), b.id());
+        let effects = ready(router.hub().handle_text(&mut a, frame.as_bytes(), now));
+        assert_eq!(effects.list.len(), 1);
+        let Effect::Deliver { to, envelope } = &effects.list[0] else {
+            panic!("{:?}", effects.list);
+        };
+        assert_eq!(*to, b.id());
+        assert_eq!(envelope.kind(), protocol_kind());
+        assert!(b_out.take().is_empty(), "the hub pushed into an outbox");
+        // Applied, it arrives.
+        let outcome = ready(router.apply(Some(&mut a), effects, now));
+        assert_eq!(outcome.close, None);
+        assert_eq!(b_out.take().len(), 1);
+    }
+
+    fn protocol_kind() -> crate::signaling::protocol::ServerKind {
+        crate::signaling::protocol::ServerKind::VideoAnswerRequest
+    }
+
+    /// A recipient too slow to take a message is detached in the registry too, so its ID expires
+    /// when its grace is over instead of staying "live" in the shared table for ever.
+    #[test]
+    fn a_peer_detached_for_being_slow_is_reserved_in_the_registry_and_expires() {
+        let limits = SignalingLimits::default();
+        let grace = limits.resume_grace;
+        let router: TestRouter = Router::single_node(limits);
+        let now = Instant::now();
+        let a_out = TestOutbox::with_capacity(64);
+        let mut a = ready(router.connect(a_out.clone(), None, now)).unwrap();
+        // Room for the `id` message only: the offer will not fit.
+        let b = ready(router.connect(TestOutbox::with_capacity(1), None, now)).unwrap();
+        let frame = offer(a.id(), b.id());
+        let outcome = ready(router.handle_text(&mut a, frame.as_bytes(), now));
+        assert_eq!(outcome.detached_peer, Some(b.id()));
+        assert_eq!(
+            ready(router.hub().registry().locate(b.id())),
+            Some(Location {
+                node: NodeId::local(),
+                epoch: b.binding().epoch,
+                live: false
+            })
+        );
+        // Not resumed: at the deadline the ID is gone from both tables and the caller is told.
+        a_out.take();
+        assert_eq!(
+            ready(router.expire(now + grace + Duration::from_secs(1))),
+            None
+        );
+        assert_eq!(ready(router.hub().registry().locate(b.id())), None);
+        assert!(router.hub().registry().len() == 1);
+        assert_eq!(router.connections().len(), 1);
+        let told = a_out.take();
+        assert!(
+            told.iter().any(|f| f.contains("close-call-server")),
+            "{told:?}"
+        );
+    }
+}

@@ -99,17 +99,22 @@ pub enum Effect {
         seq: u64,
     },
     /// The connection resumed another ID: move its queue there, kick a live holder, send the `id`
-    /// message (made with [`id_frame`]) and replay what is held.
-    TakeOver {
-        /// The connection's binding before the resume (its own ID, now freed).
-        from: Binding,
-        /// What the registry did.
-        takeover: Takeover,
-        /// The last sequence number the client says it processed.
-        last_seq: Option<u64>,
-        /// The ICE servers for the resumed ID, for the `id` message.
-        ice_servers: Option<Box<RawValue>>,
-    },
+    /// message (made with [`id_frame`]) and replay what is held. Boxed: rare, and large next to a
+    /// delivery.
+    TakeOver(Box<Resumption>),
+}
+
+/// What the router needs to carry out a resume.
+#[derive(Debug)]
+pub struct Resumption {
+    /// The connection's binding before the resume (its own ID, now freed).
+    pub from: Binding,
+    /// What the registry did.
+    pub takeover: Takeover,
+    /// The last sequence number the client says it processed.
+    pub last_seq: Option<u64>,
+    /// The ICE servers for the resumed ID, for the `id` message.
+    pub ice_servers: Option<Box<RawValue>>,
 }
 
 /// Everything a hub call decided: effects in order, and what the session must know.
@@ -792,12 +797,12 @@ impl<R: Registry> Hub<R> {
                 let from = conn.binding;
                 conn.binding = takeover.binding;
                 let ice_servers = conn.ice_servers.as_ref().and_then(|make| make(target));
-                effects.push(Effect::TakeOver {
+                effects.push(Effect::TakeOver(Box::new(Resumption {
                     from,
                     takeover,
                     last_seq,
                     ice_servers,
-                });
+                })));
                 Ok(())
             }
             Err(ResumeError::Stale(stale)) => Err(stale.into()),

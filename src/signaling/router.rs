@@ -10,14 +10,12 @@
 
 use std::time::Instant;
 
-use smallvec::SmallVec;
-
 use super::bus::{Bus, BusDelivery, NoBus};
 use super::connections::{AckError, Connections, Delivery, Detached, Joining, Outbox, Removed};
 use super::delivery::Envelope;
 use super::hub::{
     id_frame, replaced_frame, AckRefusal, Attachment, CallObserver, ConnectError, Departure,
-    Effect, Effects, Hub, IceServersFor, Outcome,
+    Effect, Effects, Hub, IceServersFor, Outcome, Resumption,
 };
 use super::outbox::OutboxSender;
 use super::protocol::{ClientId, CloseCode, DropReason, ErrorCode};
@@ -236,31 +234,17 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
         now: Instant,
     ) -> Outcome {
         let Effects { list, mut outcome } = effects;
-        // A stack: effects that arise while applying one (an `undelivered` notice) go next.
-        let mut pending: SmallVec<[Effect; 4]> = list.into_iter().rev().collect();
-        while let Some(effect) = pending.pop() {
+        for effect in list {
             match effect {
                 Effect::Deliver { to, envelope } => {
-                    if let Some(notice) = self.deliver(to, envelope, now, &mut outcome).await {
-                        pending.push(notice);
-                    }
+                    self.deliver_or_tell(to, envelope, now, &mut outcome).await;
                 }
                 Effect::Reply(envelope) => {
                     let Some(conn) = conn.as_deref() else {
                         debug_assert!(false, "a reply with no connection");
                         continue;
                     };
-                    match self.connections.reply(conn.binding(), envelope, now) {
-                        Ok((Delivery::Sent, _)) => {}
-                        Ok((_, detached)) => {
-                            outcome.close = Some(CloseCode::PolicyViolation);
-                            if let Some(binding) = detached {
-                                let grace = self.connections.grace();
-                                let _ = self.hub.registry().detach(binding, now, grace).await;
-                            }
-                        }
-                        Err(Stale) => outcome.close = Some(CloseCode::PolicyViolation),
-                    }
+                    self.reply(conn, envelope, now, &mut outcome).await;
                 }
                 Effect::Ack { seq } => {
                     let Some(conn) = conn.as_deref_mut() else {
@@ -275,52 +259,100 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
                     let refused = self.hub.refuse_ack(conn, refusal);
                     outcome.close = outcome.close.or(refused.outcome.close);
                     outcome.error = refused.outcome.error;
-                    pending.extend(refused.list.into_iter().rev());
+                    // A refusal is answered with replies only.
+                    for effect in refused.list {
+                        if let Effect::Reply(envelope) = effect {
+                            self.reply(conn, envelope, now, &mut outcome).await;
+                        }
+                    }
                 }
-                Effect::TakeOver {
-                    from,
-                    takeover,
-                    last_seq,
-                    ice_servers,
-                } => {
-                    let heartbeat = self.limits().heartbeat_interval;
-                    let (id, token) = (takeover.binding.id, &takeover.token);
-                    let taken = self.connections.take_over(
-                        from,
-                        takeover.binding,
-                        takeover.previous_epoch,
-                        last_seq,
-                        now,
-                        |missed| {
-                            id_frame(id, token, true, missed, heartbeat, ice_servers.as_deref())
-                        },
-                        replaced_frame(),
-                    );
-                    tracing::debug!(
-                        client = %id,
-                        delivered = taken.delivered,
-                        missed = ?taken.missed,
-                        replaced = taken.replaced.is_some(),
-                        "took over"
-                    );
-                    if takeover.was_live && takeover.previous_node != *self.hub.node() {
-                        // TODO(cluster): ask that node to kick its half-open connection; until
-                        // then it finds out on its next operation (Stale).
-                        tracing::debug!(client = %id, node = %takeover.previous_node, "resumed from a live connection on another node");
-                    }
-                    if taken.overflowed {
-                        outcome.close = Some(CloseCode::PolicyViolation);
-                        let grace = self.connections.grace();
-                        let _ = self
-                            .hub
-                            .registry()
-                            .detach(takeover.binding, now, grace)
-                            .await;
-                    }
+                Effect::TakeOver(resumption) => {
+                    self.take_over(*resumption, now, &mut outcome).await;
                 }
             }
         }
         outcome
+    }
+
+    /// Queues a message for the connection itself; if it cannot take it, the connection must
+    /// close.
+    async fn reply(
+        &self,
+        conn: &Attachment,
+        envelope: Envelope,
+        now: Instant,
+        outcome: &mut Outcome,
+    ) {
+        match self.connections.reply(conn.binding(), envelope, now) {
+            Ok((Delivery::Sent, _)) => {}
+            Ok((_, detached)) => {
+                outcome.close = Some(CloseCode::PolicyViolation);
+                if let Some(binding) = detached {
+                    let grace = self.connections.grace();
+                    let _ = self.hub.registry().detach(binding, now, grace).await;
+                }
+            }
+            Err(Stale) => outcome.close = Some(CloseCode::PolicyViolation),
+        }
+    }
+
+    /// Moves the resuming connection onto the ID the registry gave it.
+    async fn take_over(&self, resumption: Resumption, now: Instant, outcome: &mut Outcome) {
+        let Resumption {
+            from,
+            takeover,
+            last_seq,
+            ice_servers,
+        } = resumption;
+        let heartbeat = self.limits().heartbeat_interval;
+        let (id, token) = (takeover.binding.id, &takeover.token);
+        let taken = self.connections.take_over(
+            from,
+            takeover.binding,
+            takeover.previous_epoch,
+            last_seq,
+            now,
+            |missed| id_frame(id, token, true, missed, heartbeat, ice_servers.as_deref()),
+            replaced_frame(),
+        );
+        tracing::debug!(
+            client = %id,
+            delivered = taken.delivered,
+            missed = ?taken.missed,
+            replaced = taken.replaced.is_some(),
+            "took over"
+        );
+        if takeover.was_live && takeover.previous_node != *self.hub.node() {
+            // TODO(cluster): ask that node to kick its half-open connection; until then it
+            // finds out on its next operation (Stale).
+            tracing::debug!(client = %id, node = %takeover.previous_node, "resumed from a live connection on another node");
+        }
+        if taken.overflowed {
+            outcome.close = Some(CloseCode::PolicyViolation);
+            let grace = self.connections.grace();
+            let _ = self
+                .hub
+                .registry()
+                .detach(takeover.binding, now, grace)
+                .await;
+        }
+    }
+
+    /// Delivers to `to`; if it can be neither delivered nor held, its sender is told with
+    /// `undelivered` (a notice from the server, which nobody is told about in turn).
+    async fn deliver_or_tell(
+        &self,
+        to: ClientId,
+        envelope: Envelope,
+        now: Instant,
+        outcome: &mut Outcome,
+    ) {
+        if let Some(Effect::Deliver { to, envelope }) =
+            self.deliver(to, envelope, now, outcome).await
+        {
+            let notice = self.deliver(to, envelope, now, outcome).await;
+            debug_assert!(notice.is_none(), "a server notice has no sender to tell");
+        }
     }
 
     /// Delivers to `to`, here or through the bus; returns the `undelivered` notice for the sender

@@ -1,7 +1,7 @@
 //! Benchmarks of the signaling hot paths, without sockets: what one text frame costs from the
 //! moment the session hands it to the hub until the ready-to-send frame sits in the peer's outbox.
 //!
-//! Every hub bench runs against a [`MemoryDirectory`] over the real outboxes the sessions use, holding [`CLIENTS`] registered clients (half of them paired in calls), and each
+//! Every hub bench runs against a single node's [`Router`] (memory registry, no bus) over the real outboxes the sessions use, holding [`CLIENTS`] registered clients (half of them paired in calls), and each
 //! iteration moves to another pair so the routing table is not artificially hot in cache. SDP
 //! payloads are 1, 3 and 10 KB of realistic text (JSON-escaped `\r\n`, candidates, fingerprints).
 //!
@@ -9,7 +9,7 @@
 //! |---|---|
 //! | `wire` | reading one masked client frame (header, payload, unmasking) and encoding + writing one server frame |
 //! | `parse` | `protocol::parse` of one client message (shape check + serde, borrowed payload) |
-//! | `hub` | `Hub::handle_text` of one message (parse, rules, routing, serialise, push) + the peer's pop; `offer-acked` with a receiver that opted in to `seq` and acks every 16 messages, as the web app does |
+//! | `hub` | `Router::handle_text` of one message (parse, rules, routing, serialise, push) + the peer's pop; `offer-acked` with a receiver that opted in to `seq` and acks every 16 messages, as the web app does |
 //! | `call` | a whole call set-up and tear-down: `video-offer-request`, `client-reply`, `close-call-client` |
 //! | `routing` | offers through one shared hub from 1, 2 and 4 threads at once (shard lock contention) |
 //! | `resume` | a dropped client, N 1 KB messages queued for it, a new connection resuming the ID |
@@ -20,10 +20,13 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use callgate::signaling::directory::{Joining, MemoryDirectory};
-use callgate::signaling::hub::{Attachment, Departure, Hub};
+use callgate::signaling::bus::NoBus;
+use callgate::signaling::connections::Joining;
+use callgate::signaling::hub::{Attachment, Departure};
 use callgate::signaling::outbox::{self, OutboxReceiver, OutboxSender};
 use callgate::signaling::protocol;
+use callgate::signaling::registry::{ready, MemoryRegistry};
+use callgate::signaling::router::Router;
 use callgate::signaling::wire::{FrameReader, OpCode, Outgoing};
 use callgate::signaling::SignalingLimits;
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
@@ -34,7 +37,7 @@ const CLIENTS: usize = 10_000;
 /// SDP sizes (bytes of the whole JSON payload object) every SDP-carrying message is measured at.
 const SDP_SIZES: [usize; 3] = [1024, 3 * 1024, 10 * 1024];
 
-type BenchHub = Hub<MemoryDirectory<OutboxSender>>;
+type BenchHub = Router<MemoryRegistry, NoBus, OutboxSender>;
 
 /// One registered client: its standing with the hub and the far end of its outbox.
 struct Client {
@@ -54,7 +57,10 @@ impl Client {
     /// Pops one frame, as the session's writer would; panics if there is none (a bench bug).
     fn pop(&mut self) -> Bytes {
         self.seq += 1;
-        self.outbox.try_recv().expect("a frame for this client")
+        self.outbox
+            .try_recv()
+            .expect("a frame for this client")
+            .bytes
     }
 }
 
@@ -71,13 +77,13 @@ fn fixture_with(n: usize, paired: usize, joining: Joining) -> (BenchHub, Vec<Cli
         limits.max_clients >= 2 * n,
         "room for the clients and the resume bench's extras"
     );
-    let hub = Hub::new(MemoryDirectory::new(&limits), limits);
+    let hub = Router::single_node(limits);
     let now = Instant::now();
     let mut clients: Vec<Client> = (0..n)
         .map(|_| {
             let (tx, mut rx) = outbox::channel(128);
-            let attachment = hub.join(tx, None, joining, now).expect("room");
-            let token = token_of(&rx.try_recv().expect("id message"));
+            let attachment = ready(hub.join(tx, None, joining, now)).expect("room");
+            let token = token_of(&rx.try_recv().expect("id message").bytes);
             Client {
                 attachment,
                 outbox: rx,
@@ -94,14 +100,22 @@ fn fixture_with(n: usize, paired: usize, joining: Joining) -> (BenchHub, Vec<Cli
             a.id(),
             b.id()
         );
-        expect_ok(hub.handle_text(&mut a.attachment, request.as_bytes(), now));
+        expect_ok(ready(hub.handle_text(
+            &mut a.attachment,
+            request.as_bytes(),
+            now,
+        )));
         b.pop();
         let reply = format!(
             r#"{{"type":"client-reply","reply":"1","id":{},"callerId":{},"answer":{offer}}}"#,
             b.id(),
             a.id()
         );
-        expect_ok(hub.handle_text(&mut b.attachment, reply.as_bytes(), now));
+        expect_ok(ready(hub.handle_text(
+            &mut b.attachment,
+            reply.as_bytes(),
+            now,
+        )));
         a.pop();
     }
     (hub, clients)
@@ -260,11 +274,11 @@ fn hub(c: &mut Criterion) {
                     let p = next % pairs;
                     next += 1;
                     let (a, rest) = clients[2 * p..].split_first_mut().expect("pair");
-                    expect_ok(hub.handle_text(
+                    expect_ok(ready(hub.handle_text(
                         &mut a.attachment,
                         frames[p].as_bytes(),
                         Instant::now(),
-                    ));
+                    )));
                     rest[0].pop()
                 })
             });
@@ -280,7 +294,11 @@ fn hub(c: &mut Criterion) {
             let p = next % pairs;
             next += 1;
             let (a, rest) = clients[2 * p..].split_first_mut().expect("pair");
-            expect_ok(hub.handle_text(&mut a.attachment, frames[p].as_bytes(), Instant::now()));
+            expect_ok(ready(hub.handle_text(
+                &mut a.attachment,
+                frames[p].as_bytes(),
+                Instant::now(),
+            )));
             rest[0].pop()
         })
     });
@@ -291,11 +309,11 @@ fn hub(c: &mut Criterion) {
         b.iter(|| {
             let client = &mut clients[next % CLIENTS];
             next += 1;
-            expect_ok(hub.handle_text(
+            expect_ok(ready(hub.handle_text(
                 &mut client.attachment,
                 br#"{"type":"ping"}"#,
                 Instant::now(),
-            ));
+            )));
             client.pop()
         })
     });
@@ -305,11 +323,11 @@ fn hub(c: &mut Criterion) {
         b.iter(|| {
             let client = &mut clients[next % CLIENTS];
             next += 1;
-            expect_ok(hub.handle_text(
+            expect_ok(ready(hub.handle_text(
                 &mut client.attachment,
                 br#"{"type":"normal","message":"hello from the other side"}"#,
                 Instant::now(),
-            ))
+            )))
         })
     });
     // A refused message: the error path (parse, rule check, error frame) must stay cheap too.
@@ -326,7 +344,8 @@ fn hub(c: &mut Criterion) {
             let p = next % pairs;
             next += 1;
             let a = &mut clients[2 * p];
-            let outcome = hub.handle_text(&mut a.attachment, frames[p].as_bytes(), Instant::now());
+            let outcome =
+                ready(hub.handle_text(&mut a.attachment, frames[p].as_bytes(), Instant::now()));
             assert_eq!(outcome.close, None);
             a.pop()
         })
@@ -363,16 +382,20 @@ fn hub_acked(c: &mut Criterion) {
             let p = (next / 16) % pairs;
             next += 1;
             let (a, rest) = clients[2 * p..].split_first_mut().expect("pair");
-            expect_ok(hub.handle_text(&mut a.attachment, frames[p].as_bytes(), Instant::now()));
+            expect_ok(ready(hub.handle_text(
+                &mut a.attachment,
+                frames[p].as_bytes(),
+                Instant::now(),
+            )));
             let receiver = &mut rest[0];
             let frame = receiver.pop();
             if receiver.seq % 16 == 0 {
                 let ack = format!(r#"{{"type":"ack","seq":{}}}"#, receiver.seq);
-                expect_ok(hub.handle_text(
+                expect_ok(ready(hub.handle_text(
                     &mut receiver.attachment,
                     ack.as_bytes(),
                     Instant::now(),
-                ));
+                )));
             }
             frame
         })
@@ -413,11 +436,23 @@ fn call(c: &mut Criterion) {
                 let (a, rest) = clients[2 * p..].split_first_mut().expect("pair");
                 let b = &mut rest[0];
                 let now = Instant::now();
-                expect_ok(hub.handle_text(&mut a.attachment, request.as_bytes(), now));
+                expect_ok(ready(hub.handle_text(
+                    &mut a.attachment,
+                    request.as_bytes(),
+                    now,
+                )));
                 b.pop();
-                expect_ok(hub.handle_text(&mut b.attachment, reply.as_bytes(), now));
+                expect_ok(ready(hub.handle_text(
+                    &mut b.attachment,
+                    reply.as_bytes(),
+                    now,
+                )));
                 a.pop();
-                expect_ok(hub.handle_text(&mut a.attachment, hangup.as_bytes(), now));
+                expect_ok(ready(hub.handle_text(
+                    &mut a.attachment,
+                    hangup.as_bytes(),
+                    now,
+                )));
                 b.pop()
             })
         });
@@ -456,11 +491,11 @@ fn routing(c: &mut Criterion) {
                             for i in 0..per_thread as usize {
                                 let p = i % pairs;
                                 let (a, rest) = mine[2 * p..].split_first_mut().expect("pair");
-                                expect_ok(hub.handle_text(
+                                expect_ok(ready(hub.handle_text(
                                     &mut a.attachment,
                                     frames[p].as_bytes(),
                                     Instant::now(),
-                                ));
+                                )));
                                 rest[0].pop();
                             }
                         });
@@ -506,8 +541,8 @@ fn resume(c: &mut Criterion) {
                     let p = next % count;
                     next += 1;
                     let (tx, mut rx) = outbox::channel(128);
-                    let attachment = hub.connect(tx, None, Instant::now()).expect("room");
-                    let token = token_of(&rx.try_recv().expect("id message"));
+                    let attachment = ready(hub.connect(tx, None, Instant::now())).expect("room");
+                    let token = token_of(&rx.try_recv().expect("id message").bytes);
                     let fresh = Client {
                         attachment,
                         outbox: rx,
@@ -521,12 +556,20 @@ fn resume(c: &mut Criterion) {
                     let (a, slot) = &mut pairs[p];
                     let b = slot.take().expect("connected");
                     let (id, token) = (b.id(), b.token);
-                    hub.disconnect(b.attachment, Departure::Dropped, now);
+                    ready(hub.disconnect(b.attachment, Departure::Dropped, now));
                     for _ in 0..queued {
-                        expect_ok(hub.handle_text(&mut a.attachment, frames[p].as_bytes(), now));
+                        expect_ok(ready(hub.handle_text(
+                            &mut a.attachment,
+                            frames[p].as_bytes(),
+                            now,
+                        )));
                     }
                     let resume = format!(r#"{{"type":"resume","id":{id},"token":"{token}"}}"#);
-                    expect_ok(hub.handle_text(&mut fresh.attachment, resume.as_bytes(), now));
+                    expect_ok(ready(hub.handle_text(
+                        &mut fresh.attachment,
+                        resume.as_bytes(),
+                        now,
+                    )));
                     fresh.token = token_of(&fresh.pop());
                     for _ in 0..queued {
                         fresh.pop();

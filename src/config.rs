@@ -45,6 +45,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use serde::{Deserialize, Serialize};
 
+pub use crate::http::websocket::OriginPolicy;
 pub use crate::http::ConnectionSettings;
 pub use crate::signaling::session::SessionSettings;
 pub use crate::signaling::SignalingLimits;
@@ -274,7 +275,7 @@ settings! {
     /// Origins (e.g. https://app.example.com) allowed to open signaling WebSockets besides this
     /// server's own; comma-separated on the command line.
     #[arg(value_name = "ORIGIN,...", value_delimiter = ',')]
-    allowed_origins: Vec<String> => signaling.session.allowed_origins;
+    allowed_origins: Vec<String> => signaling.origins.allowed_origins;
 
     /// Largest signaling message, counted over all fragments.
     #[arg(value_name = "BYTES")]
@@ -852,6 +853,8 @@ impl TlsSource {
 pub struct SignalingConfig {
     /// What each WebSocket session may send and queue.
     pub session: SessionSettings,
+    /// Which browser origins may open a WebSocket.
+    pub origins: OriginPolicy,
     /// The hub's IDs, reservations and held messages.
     pub limits: SignalingLimits,
     /// WebSocket upgrades per second per client address (IPv6 per /64).
@@ -864,6 +867,7 @@ impl Default for SignalingConfig {
     fn default() -> Self {
         SignalingConfig {
             session: SessionSettings::default(),
+            origins: OriginPolicy::default(),
             limits: SignalingLimits::default(),
             upgrades_per_second: NonZeroU32::new(10).expect("non-zero"),
             connections_per_ip: 64,
@@ -874,7 +878,7 @@ impl Default for SignalingConfig {
 impl SignalingConfig {
     fn check(&self) -> Result<(), ConfigError> {
         let (session, limits) = (&self.session, &self.limits);
-        for origin in &session.allowed_origins {
+        for origin in &self.origins.allowed_origins {
             let scheme_ok = origin.starts_with("https://") || origin.starts_with("http://");
             if !scheme_ok || origin.matches('/').count() != 2 {
                 return Err(invalid(
@@ -1266,14 +1270,15 @@ impl Config {
     /// normalises lists, so every subsystem sees the same value.
     fn link(&mut self) {
         self.http.connection.close_timeout = self.shutdown.timeout;
-        let session = &mut self.signaling.session;
-        self.signaling.limits.heartbeat_interval = session.heartbeat_interval;
-        session.public_authority = self
+        let signaling = &mut self.signaling;
+        signaling.limits.heartbeat_interval = signaling.session.heartbeat_interval;
+        let origins = &mut signaling.origins;
+        origins.public_authority = self
             .http
             .public_url
             .as_ref()
             .map(|url| url.authority.clone());
-        session.allowed_origins = session
+        origins.allowed_origins = origins
             .allowed_origins
             .iter()
             .map(|origin| origin.trim().trim_end_matches('/').to_ascii_lowercase())
@@ -1815,7 +1820,7 @@ mod tests {
         assert_eq!(config.http.connection.tls_handshake_timeout, secs(4));
         assert_eq!(config.turn.relay.tls_handshake_timeout, secs(4));
         assert_eq!(
-            config.signaling.session.public_authority.as_deref(),
+            config.signaling.origins.public_authority.as_deref(),
             Some("call.example.com:8443")
         );
         assert_eq!(config.turn.relay.udp_port, Some(4000));

@@ -15,7 +15,9 @@ use prometheus::{
 };
 
 use crate::signaling::hub::{CallEvent, CallObserver};
-use crate::signaling::protocol::{ClientId, ErrorCode, MessageKind};
+pub use crate::signaling::observer::CloseReason;
+use crate::signaling::observer::{SessionEvent, SessionLimit, SessionObserver};
+use crate::signaling::protocol::{ClientId, ErrorCode, MessageKind, ServerKind};
 use crate::turn::TurnStats;
 
 /// Every metric family, registered in one registry.
@@ -312,27 +314,6 @@ impl LimitMetrics {
     }
 }
 
-/// Why a WebSocket closed (a bounded label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CloseReason {
-    /// The client closed it (close frame or end of stream).
-    Client,
-    /// No pong for too long.
-    HeartbeatTimeout,
-    /// Its outbound queue overflowed, or a write stalled.
-    SlowClient,
-    /// Another connection resumed its ID.
-    Replaced,
-    /// Repeated violations (1008), broken framing (1002) or text that is not UTF-8 (1007).
-    Policy,
-    /// A message over the size limit (1009).
-    TooBig,
-    /// Refused right after the upgrade (per-address cap, server full).
-    Refused,
-    /// Server shutdown (1001).
-    Shutdown,
-}
-
 impl CloseReason {
     const ALL: [CloseReason; 8] = [
         CloseReason::Client,
@@ -359,22 +340,6 @@ impl CloseReason {
     }
 }
 
-/// The server-to-client message types, as they appear in `"type"`.
-const SENT_TYPES: [&str; 12] = [
-    "id",
-    "video-answer-request",
-    "server-reply",
-    "close-call-server",
-    "ice-candidate",
-    "ringing",
-    "busy",
-    "offer",
-    "answer",
-    "pong",
-    "error",
-    "other",
-];
-
 /// WebSocket and signaling message counters.
 pub struct SignalingMetrics {
     /// `callgate_websocket_connections_open`.
@@ -386,7 +351,7 @@ pub struct SignalingMetrics {
     /// `callgate_signaling_messages_received_total{type}`, indexed by `MessageKind::ALL` order,
     /// plus one for messages that did not parse.
     received: Vec<IntCounter>,
-    /// `callgate_signaling_messages_sent_total{type}`, indexed like [`SENT_TYPES`].
+    /// `callgate_signaling_messages_sent_total{type}`, indexed by [`ServerKind::type_index`].
     sent: Vec<IntCounter>,
     /// `callgate_signaling_errors_sent_total{code}`, indexed by `ErrorCode::ALL` order.
     errors: Vec<IntCounter>,
@@ -427,17 +392,38 @@ impl SignalingMetrics {
         self.errors[code as usize].inc();
     }
 
-    /// Counts an outgoing frame by its type, read from the frame itself: callgate writes every
-    /// frame as `{"type":"<name>",…`, so the name sits at a fixed offset.
-    pub fn sent(&self, frame: &[u8]) {
-        const PREFIX: &[u8] = b"{\"type\":\"";
-        let name = frame
-            .strip_prefix(PREFIX)
-            .and_then(|rest| rest.iter().position(|&b| b == b'"').map(|end| &rest[..end]));
-        let index = name
-            .and_then(|name| SENT_TYPES.iter().position(|t| t.as_bytes() == name))
-            .unwrap_or(SENT_TYPES.len() - 1);
-        self.sent[index].inc();
+    /// Counts an outgoing frame by its type (an `undelivered` notice also by its error code:
+    /// `callgate_signaling_errors_sent_total{code="undelivered"}` counts messages the server
+    /// accepted but could not deliver, immediate drops and expiries alike).
+    pub fn sent(&self, kind: ServerKind) {
+        self.sent[kind.type_index()].inc();
+        if kind == ServerKind::Error(ErrorCode::Undelivered) {
+            self.error(ErrorCode::Undelivered);
+        }
+    }
+}
+
+impl SessionObserver for Metrics {
+    fn session_event(&self, event: SessionEvent) {
+        let signaling = &self.signaling;
+        match event {
+            SessionEvent::Opened => {
+                signaling.opened.inc();
+                signaling.open.inc();
+            }
+            SessionEvent::Closed(reason) => signaling.closed(reason),
+            SessionEvent::Handled { kind, error } => signaling.handled(kind, error),
+            SessionEvent::Error(code) => signaling.error(code),
+            SessionEvent::Sent(kind) => signaling.sent(kind),
+            SessionEvent::Limited(limit) => self.limits.rejected(match limit {
+                SessionLimit::ConnectionsPerIp => Limit::ConnectionsPerIp,
+                SessionLimit::Messages => Limit::Messages,
+                SessionLimit::Calls => Limit::Calls,
+                SessionLimit::ServerFull => Limit::ServerFull,
+            }),
+            SessionEvent::OutboxOverflow => signaling.outbox_overflows.inc(),
+            SessionEvent::HeartbeatTimeout => signaling.heartbeat_timeouts.inc(),
+        }
     }
 }
 
@@ -642,7 +628,7 @@ impl Metrics {
                 .chain(["invalid"])
                 .map(|t| received.with_label_values(&[t]))
                 .collect(),
-            sent: SENT_TYPES
+            sent: ServerKind::TYPES
                 .iter()
                 .map(|t| sent.with_label_values(&[t]))
                 .collect(),
@@ -787,10 +773,10 @@ mod tests {
     #[test]
     fn sent_frames_are_counted_by_their_type() {
         let m = Metrics::new();
-        m.signaling
-            .sent(br#"{"type":"video-answer-request","callerId":1,"offer":{}}"#);
-        m.signaling.sent(br#"{"type":"pong"}"#);
-        m.signaling.sent(b"garbage");
+        m.signaling.sent(ServerKind::VideoAnswerRequest);
+        m.signaling.sent(ServerKind::Pong);
+        m.signaling.sent(ServerKind::Error(ErrorCode::Undelivered));
+        m.signaling.sent(ServerKind::Error(ErrorCode::RateLimited));
         let text = m.encode();
         assert!(
             text.contains(
@@ -799,7 +785,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#"callgate_signaling_messages_sent_total{type="pong"} 1"#));
-        assert!(text.contains(r#"callgate_signaling_messages_sent_total{type="other"} 1"#));
+        assert!(text.contains(r#"callgate_signaling_messages_sent_total{type="error"} 2"#));
+        // An `undelivered` notice also counts under its code; other errors are counted where
+        // they are raised.
+        assert!(text.contains(r#"callgate_signaling_errors_sent_total{code="undelivered"} 1"#));
     }
 
     #[test]

@@ -22,14 +22,13 @@ use crate::http::headers::SecurityHeaders;
 use crate::http::proxy_protocol::TrustedProxies;
 use crate::http::routes::Readiness;
 use crate::http::static_files::StaticFiles;
+use crate::http::websocket::{IceProvider, WebSocketEndpoint};
 use crate::http::{self, Admission, App, RedirectTarget};
 use crate::limits::{AddressLimit, ConnectionLimit, PerIpLimits};
 use crate::metrics::{Limit, Metrics};
 use crate::shutdown::{Shutdown, ShutdownController};
-use crate::signaling::directory::MemoryDirectory;
-use crate::signaling::hub::Hub;
-use crate::signaling::session::IceProvider;
-use crate::signaling::session::Signaling;
+use crate::signaling::router::Router;
+use crate::signaling::session::Sessions;
 use crate::tls::{self, CertStore, LoadError};
 use crate::turn::{Relay, RunningRelay, TlsAcceptorSource};
 
@@ -101,7 +100,7 @@ pub struct Server {
     loaded_version: tls::Fingerprint,
     app: Arc<App>,
     readiness: Arc<Readiness>,
-    signaling: Arc<Signaling>,
+    signaling: Arc<WebSocketEndpoint>,
     per_ip: Arc<PerIpLimits>,
     controller: ShutdownController,
     metrics: Arc<Metrics>,
@@ -196,14 +195,17 @@ impl Server {
             config.signaling.upgrades_per_second,
             config.signaling.connections_per_ip,
         );
-        let hub = Hub::new(
-            MemoryDirectory::new(&config.signaling.limits),
-            config.signaling.limits.clone(),
-        )
-        .with_observer(metrics.clone());
-        let signaling = Signaling::new(
+        let hub =
+            Router::single_node(config.signaling.limits.clone()).with_observer(metrics.clone());
+        let sessions = Sessions::new(
             Arc::new(hub),
             config.signaling.session.clone(),
+            per_ip.clone(),
+            metrics.clone(),
+        );
+        let signaling = WebSocketEndpoint::new(
+            sessions,
+            config.signaling.origins.clone(),
             per_ip.clone(),
             metrics.clone(),
             ice,
@@ -565,12 +567,12 @@ async fn watch_certificate(certs: Arc<CertStore>, metrics: Arc<Metrics>, mut shu
 }
 
 /// Ends resume reservations when their grace period is over (and tells their call peers).
-async fn expire_reservations(signaling: Arc<Signaling>, mut shutdown: Shutdown) {
+async fn expire_reservations(signaling: Arc<WebSocketEndpoint>, mut shutdown: Shutdown) {
     let hub = signaling.hub().clone();
     let grace = hub.limits().resume_grace;
     loop {
         let now = std::time::Instant::now();
-        let next = hub.expire(now).unwrap_or(now + grace);
+        let next = hub.expire(now).await.unwrap_or(now + grace);
         let wake = tokio::time::Instant::from_std(next);
         tokio::select! {
             _ = shutdown.recv() => return,

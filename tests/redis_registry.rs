@@ -18,7 +18,7 @@ use callgate::cluster::types::{
     TransitionError, Unavailable,
 };
 use callgate::signaling::delivery::{Envelope, Origin};
-use callgate::signaling::protocol::{ClientId, DropReason, MessageKind, ResumeToken};
+use callgate::signaling::protocol::{ClientId, DropReason, MessageKind, ResumeToken, ServerKind};
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands as _;
 use redis_support::RedisServer;
@@ -460,6 +460,7 @@ async fn a_detached_id_stays_resumable_for_its_grace_then_vanishes_with_its_held
             from: b.id,
             kind: MessageKind::IceCandidate,
         }),
+        server_kind: ServerKind::IceCandidate,
         frame: Bytes::from_static(br#"{"type":"ice-candidate"}"#),
     };
     assert_eq!(s.bus.hold(&held).await.unwrap(), Hold::Held);
@@ -795,6 +796,7 @@ async fn held_messages_are_capped_exactly_replayed_in_order_once_and_expire() {
             from: b.id,
             kind: MessageKind::IceCandidate,
         }),
+        server_kind: ServerKind::IceCandidate,
         frame: Bytes::from(format!("{{\"n\":{n},\"pad\":\"{}\"}}", "x".repeat(size))),
     };
     for n in 0..4 {
@@ -864,6 +866,7 @@ async fn two_nodes_racing_to_take_held_messages_one_gets_all_the_other_none() {
                 to: a.id,
                 epoch: None,
                 origin: None,
+                server_kind: ServerKind::IceCandidate,
                 frame: Bytes::from(vec![b'0' + n]),
             };
             assert_eq!(s.bus.hold(&m).await.unwrap(), Hold::Held);
@@ -899,6 +902,7 @@ async fn send_reaches_the_subscribed_node_and_says_when_nobody_listens() {
             from: ClientId::new(444_555_666),
             kind: MessageKind::VideoOfferRequest,
         }),
+        server_kind: ServerKind::IceCandidate,
         frame: Bytes::from_static(br#"{"type":"video-answer-request","offer":{"sdp":"v=0"}}"#),
     };
     let kick = BusMessage::kick(ClientId::new(111_222_333), 6);
@@ -942,6 +946,7 @@ async fn a_redis_outage_is_unavailable_within_the_timeout_and_everything_recover
         to: b.id,
         epoch: None,
         origin: None,
+        server_kind: ServerKind::IceCandidate,
         frame: Bytes::from_static(b"{}"),
     };
     // Each operation fails on its own within the timeout (plus scheduling slack), never hangs.
@@ -1279,6 +1284,7 @@ async fn round_trips_and_latency_per_operation_on_loopback() {
             from: b.id,
             kind: MessageKind::IceCandidate,
         }),
+        server_kind: ServerKind::IceCandidate,
         frame: Bytes::from(format!(
             r#"{{"type":"ice-candidate","candidate":"{}"}}"#,
             "x".repeat(200)
@@ -1307,7 +1313,7 @@ async fn round_trips_and_latency_per_operation_on_loopback() {
     );
     let frame = m.frame.clone();
     let sent = measure(&s, "deliver (cached)", "publish", N, |_| {
-        let envelope = Envelope::relaying(frame.to_vec(), m.origin.unwrap());
+        let envelope = Envelope::from_parts(m.server_kind, frame.to_vec(), m.origin);
         let routes = &routes;
         async move {
             assert_eq!(
@@ -1416,6 +1422,7 @@ async fn a_redis_that_accepts_and_never_answers_costs_at_most_the_timeout() {
         to: ClientId::new(1),
         epoch: None,
         origin: None,
+        server_kind: ServerKind::IceCandidate,
         frame: Bytes::new(),
     };
     let started = Instant::now();
@@ -1486,6 +1493,7 @@ async fn every_operation_works_as_the_restricted_acl_user_and_nothing_else_does(
         to: a.id,
         epoch: Some(a.epoch),
         origin: None,
+        server_kind: ServerKind::IceCandidate,
         frame: Bytes::from_static(b"{}"),
     };
     assert_eq!(s.bus.hold(&m).await.unwrap(), Hold::Held);
@@ -1572,6 +1580,7 @@ async fn a_full_redis_refuses_new_ids_as_unavailable_and_keeps_every_existing_on
         to: claimed[0].id,
         epoch: None,
         origin: None,
+        server_kind: ServerKind::IceCandidate,
         frame: Bytes::from(vec![b'x'; 512]),
     };
     assert_eq!(
@@ -1592,12 +1601,13 @@ fn routes(s: &Setup, ttl: Duration) -> Routes {
 
 /// An envelope relaying an ICE candidate from `from`.
 fn candidate(from: ClientId, n: usize) -> Envelope {
-    Envelope::relaying(
+    Envelope::from_parts(
+        ServerKind::IceCandidate,
         format!(r#"{{"type":"ice-candidate","n":{n}}}"#).into_bytes(),
-        Origin {
+        Some(Origin {
             from,
             kind: MessageKind::IceCandidate,
-        },
+        }),
     )
 }
 
@@ -1778,6 +1788,7 @@ async fn a_cluster_wide_budget_bounds_what_all_reserved_ids_together_can_hold() 
         to: to.id,
         epoch: Some(to.epoch),
         origin: None,
+        server_kind: ServerKind::IceCandidate,
         frame: Bytes::from(vec![b'x'; 800]),
     };
     assert_eq!(bus.hold(&big(ids[0])).await.unwrap(), Hold::Held);
@@ -1838,6 +1849,7 @@ async fn messages_held_for_an_id_that_expired_unresumed_are_swept_so_their_sende
             from,
             kind: MessageKind::IceCandidate,
         }),
+        server_kind: ServerKind::IceCandidate,
         frame: Bytes::from(vec![b'0' + n]),
     };
     let (sender, _) = s.claim("n2").await;

@@ -29,7 +29,9 @@ use tokio::task::JoinHandle;
 
 use super::types::{CallState, NodeId, Unavailable};
 use crate::signaling::delivery::{Envelope, Origin};
-use crate::signaling::protocol::{ClientId, DropReason, MessageKind, SEQ_ROOM};
+use crate::signaling::protocol::{
+    ClientId, DropReason, ErrorCode, MessageKind, ServerKind, SEQ_ROOM,
+};
 
 /// The stream holding messages for an ID nobody holds live.
 pub fn held_key(id: ClientId) -> String {
@@ -79,6 +81,8 @@ pub struct BusMessage {
     /// reply, a cancel, a hang-up), so the recipient's node updates its cached state without
     /// asking Redis.
     pub call: Option<CallState>,
+    /// The frame's message type, so the receiving node need not read it back out of the JSON.
+    pub server_kind: ServerKind,
     /// The JSON object, without a sequence number.
     pub frame: Bytes,
 }
@@ -87,7 +91,7 @@ pub struct BusMessage {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PayloadError {
     /// Written by a newer (or unrelated) program.
-    #[error("The bus payload has version {0}; this node reads version 1.")]
+    #[error("The bus payload has version {0}; this node reads version 2.")]
     Version(u8),
     /// Shorter than its header says.
     #[error("The bus payload is truncated.")]
@@ -95,6 +99,9 @@ pub enum PayloadError {
     /// A message type this node does not know.
     #[error("The bus payload names message type {0}, which this node does not know.")]
     UnknownKind(u8),
+    /// A server message type this node does not know.
+    #[error("The bus payload names server message type {0:#04x}, which this node does not know.")]
+    UnknownServerKind(u8),
     /// A call phase this node does not know.
     #[error("The bus payload names call phase {0}, which this node does not know.")]
     UnknownPhase(u8),
@@ -108,7 +115,7 @@ pub enum PayloadError {
 
 impl BusMessage {
     /// Payload format version, the first byte.
-    const VERSION: u8 = 1;
+    const VERSION: u8 = 2;
     /// Flag: an epoch follows the recipient.
     const HAS_EPOCH: u8 = 1;
     /// Flag: an origin (sender ID and message type) follows.
@@ -117,8 +124,8 @@ impl BusMessage {
     const HAS_CALL: u8 = 4;
     /// Flag: a [`BusKind::Kick`] (otherwise a delivery).
     const KICK: u8 = 8;
-    /// The longest header: version, flags, recipient, epoch, origin, call.
-    const MAX_HEADER: usize = 1 + 1 + 8 + 8 + 9 + 9;
+    /// The longest header: version, flags, server kind, recipient, epoch, origin, call.
+    const MAX_HEADER: usize = 1 + 1 + 1 + 8 + 8 + 9 + 9;
 
     /// The message carrying `envelope` to `to` (routed by `epoch` when known), announcing the
     /// recipient's new call state `call` when the message changes it.
@@ -134,7 +141,8 @@ impl BusMessage {
             epoch,
             origin: envelope.origin(),
             call,
-            frame: envelope.seal(None),
+            server_kind: envelope.kind(),
+            frame: envelope.seal(None).bytes,
         }
     }
 
@@ -146,6 +154,7 @@ impl BusMessage {
             epoch: Some(epoch),
             origin: None,
             call: None,
+            server_kind: ServerKind::Pong,
             frame: Bytes::new(),
         }
     }
@@ -154,15 +163,12 @@ impl BusMessage {
     pub fn into_envelope(self) -> Envelope {
         let mut json = Vec::with_capacity(self.frame.len() + SEQ_ROOM);
         json.extend_from_slice(&self.frame);
-        match self.origin {
-            Some(origin) => Envelope::relaying(json, origin),
-            None => Envelope::new(json),
-        }
+        Envelope::from_parts(self.server_kind, json, self.origin)
     }
 
-    /// The payload: version, flags, recipient (u64), then when present the epoch (u64), the
+    /// The payload: version, flags, the server message type (u8), recipient (u64), then when present the epoch (u64), the
     /// origin (u64 sender, u8 message type) and the call state (u8 phase, u64 peer unless idle),
-    /// all big-endian; the frame takes the rest. 10 to 36 bytes of header.
+    /// all big-endian; the frame takes the rest. 11 to 37 bytes of header.
     pub fn encode(&self) -> Bytes {
         let mut out = BytesMut::with_capacity(Self::MAX_HEADER + self.frame.len());
         let mut flags = 0;
@@ -180,6 +186,7 @@ impl BusMessage {
         }
         out.put_u8(Self::VERSION);
         out.put_u8(flags);
+        out.put_u8(server_kind_code(self.server_kind));
         out.put_u64(self.to.get());
         if let Some(epoch) = self.epoch {
             out.put_u64(epoch);
@@ -213,7 +220,7 @@ impl BusMessage {
                 Ok(())
             }
         };
-        need(&payload, 10)?;
+        need(&payload, 11)?;
         let version = payload.get_u8();
         if version != Self::VERSION {
             return Err(PayloadError::Version(version));
@@ -223,6 +230,7 @@ impl BusMessage {
         if unknown != 0 {
             return Err(PayloadError::UnknownFlags(unknown));
         }
+        let server_kind = server_kind_of(payload.get_u8())?;
         let to = ClientId::new(payload.get_u64());
         let epoch = if flags & Self::HAS_EPOCH != 0 {
             need(&payload, 8)?;
@@ -273,6 +281,7 @@ impl BusMessage {
             epoch,
             origin,
             call,
+            server_kind,
             frame: payload,
         })
     }
@@ -290,6 +299,49 @@ fn decode_all(to: ClientId, payloads: Vec<Vec<u8>>) -> Vec<BusMessage> {
             }
         })
         .collect()
+}
+
+/// A server message type's code on the bus: its place in [`ServerKind::TYPES`], or for an error
+/// 0x80 plus the code's place in [`ErrorCode::ALL`].
+fn server_kind_code(kind: ServerKind) -> u8 {
+    let index = match kind {
+        ServerKind::Error(code) => {
+            0x80 + ErrorCode::ALL
+                .iter()
+                .position(|c| *c == code)
+                .expect("ALL lists every code")
+        }
+        other => other.type_index(),
+    };
+    u8::try_from(index).expect("fewer than 128 types and codes")
+}
+
+/// The server message type a [`server_kind_code`] names.
+fn server_kind_of(code: u8) -> Result<ServerKind, PayloadError> {
+    let unknown = PayloadError::UnknownServerKind(code);
+    if code >= 0x80 {
+        let error = ErrorCode::ALL
+            .get(usize::from(code - 0x80))
+            .ok_or(unknown)?;
+        return Ok(ServerKind::Error(*error));
+    }
+    const KINDS: [ServerKind; 10] = [
+        ServerKind::Id,
+        ServerKind::VideoAnswerRequest,
+        ServerKind::ServerReply,
+        ServerKind::CloseCallServer,
+        ServerKind::IceCandidate,
+        ServerKind::Ringing,
+        ServerKind::Busy,
+        ServerKind::Offer,
+        ServerKind::Answer,
+        ServerKind::Pong,
+    ];
+    KINDS
+        .iter()
+        .copied()
+        .find(|k| k.type_index() == usize::from(code))
+        .ok_or(unknown)
 }
 
 /// A message type's code on the bus: its place in [`MessageKind::ALL`].
@@ -588,8 +640,34 @@ mod tests {
             epoch,
             origin,
             call: None,
+            server_kind: ServerKind::IceCandidate,
             frame: Bytes::from_static(br#"{"type":"ice-candidate","candidate":{}}"#),
         }
+    }
+
+    #[test]
+    fn every_server_kind_has_a_code_and_comes_back() {
+        let mut kinds: Vec<ServerKind> = ErrorCode::ALL
+            .iter()
+            .map(|c| ServerKind::Error(*c))
+            .collect();
+        kinds.extend([
+            ServerKind::Id,
+            ServerKind::VideoAnswerRequest,
+            ServerKind::ServerReply,
+            ServerKind::CloseCallServer,
+            ServerKind::IceCandidate,
+            ServerKind::Ringing,
+            ServerKind::Busy,
+            ServerKind::Offer,
+            ServerKind::Answer,
+            ServerKind::Pong,
+        ]);
+        for kind in kinds {
+            assert_eq!(server_kind_of(server_kind_code(kind)), Ok(kind));
+        }
+        assert!(server_kind_of(0x7f).is_err());
+        assert!(server_kind_of(0xff).is_err());
     }
 
     #[test]
@@ -644,7 +722,7 @@ mod tests {
         )
         .encode();
         // Cut inside the header: truncated, at every length.
-        for len in 0..27 {
+        for len in 0..28 {
             assert_eq!(
                 BusMessage::decode(full.slice(..len)),
                 Err(PayloadError::Truncated),
@@ -652,10 +730,16 @@ mod tests {
             );
         }
         let mut newer = full.to_vec();
-        newer[0] = 2;
+        newer[0] = 3;
         assert_eq!(
             BusMessage::decode(Bytes::from(newer)),
-            Err(PayloadError::Version(2))
+            Err(PayloadError::Version(3))
+        );
+        let mut server_kind = full.to_vec();
+        server_kind[2] = 0x7f;
+        assert_eq!(
+            BusMessage::decode(Bytes::from(server_kind)),
+            Err(PayloadError::UnknownServerKind(0x7f))
         );
         let mut flags = full.to_vec();
         flags[1] |= 0x40;
@@ -664,7 +748,7 @@ mod tests {
             Err(PayloadError::UnknownFlags(0x40))
         );
         let mut unknown = full.to_vec();
-        unknown[26] = 200;
+        unknown[27] = 200;
         assert_eq!(
             BusMessage::decode(Bytes::from(unknown)),
             Err(PayloadError::UnknownKind(200))
@@ -677,18 +761,18 @@ mod tests {
         }
         .encode();
         let mut phase = with_call.to_vec();
-        phase[10] = 9;
+        phase[11] = 9;
         assert_eq!(
             BusMessage::decode(Bytes::from(phase)),
             Err(PayloadError::UnknownPhase(9))
         );
         assert_eq!(
-            BusMessage::decode(with_call.slice(..15)),
+            BusMessage::decode(with_call.slice(..16)),
             Err(PayloadError::Truncated)
         );
         let mut kick = BusMessage::kick(ClientId::new(5), 99).encode().to_vec();
         kick[1] &= !BusMessage::HAS_EPOCH;
-        kick.truncate(10);
+        kick.truncate(11);
         assert_eq!(
             BusMessage::decode(Bytes::from(kick)),
             Err(PayloadError::KickWithoutEpoch)
@@ -704,7 +788,12 @@ mod tests {
             let len = rng.random_range(0..48);
             let mut bytes: Vec<u8> = (0..len).map(|_| rng.random()).collect();
             if let Some(first) = bytes.first_mut() {
-                *first = 1; // mostly the current version, so the rest of the header is exercised
+                *first = 2; // mostly the current version, so the rest of the header is exercised
+            }
+            if let Some(kind) = bytes.get_mut(2) {
+                if rng.random_range(0..8) != 0 {
+                    *kind %= 10; // mostly a known server kind
+                }
             }
             if let Some(flags) = bytes.get_mut(1) {
                 if rng.random_range(0..8) != 0 {
@@ -733,12 +822,13 @@ mod tests {
             ClientId::new(9),
             Some(3),
             Some(CallState::Called { peer: origin.from }),
-            Envelope::relaying(json.clone(), origin),
+            Envelope::from_parts(ServerKind::IceCandidate, json.clone(), Some(origin)),
         );
         let back = BusMessage::decode(m.encode()).unwrap().into_envelope();
         assert_eq!(back.origin(), Some(origin));
+        assert_eq!(back.kind(), ServerKind::IceCandidate);
         assert_eq!(
-            &back.seal(Some(42))[..],
+            &back.seal(Some(42)).bytes[..],
             br#"{"type":"ice-candidate","seq":42}"#
         );
     }

@@ -219,7 +219,11 @@ mod tests {
         send(bus.send(node, &m));
         send(bus.hold(&m));
         send(bus.take_held(b.id));
-        send(routes.deliver(b.id, None, Envelope::new(Vec::new())));
+        send(routes.deliver(
+            b.id,
+            None,
+            Envelope::new(&crate::signaling::protocol::ServerMessage::Pong),
+        ));
     }
 
     /// The node's shared, instrumented connection (timeouts, `callgate_redis_*` metrics) is one

@@ -13,8 +13,8 @@
 use std::fmt;
 use std::sync::Arc;
 
-pub use crate::signaling::directory::{Binding, CallState, Stale};
 use crate::signaling::protocol::{ClientId, ResumeToken};
+pub use crate::signaling::registry::{Binding, CallState, Stale};
 
 /// Which node holds an ID. Single node: one fixed id ("local"). Cluster: the `node-id` setting.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -18,6 +18,7 @@ mod redirect;
 pub mod routes;
 pub mod static_files;
 pub mod tls_route;
+pub mod websocket;
 
 use std::convert::Infallible;
 use std::io;

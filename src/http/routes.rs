@@ -10,11 +10,11 @@ use hyper::{Method, Request, Response, StatusCode};
 
 use super::headers::SecurityHeaders;
 use super::static_files::StaticFiles;
+use super::websocket::WebSocketEndpoint;
 use super::{text_response, Body, ConnectionContext};
 use crate::config::values::Secret;
 use crate::metrics::{Metrics, RouteClass};
 use crate::shutdown::Shutdown;
-use crate::signaling::session::Signaling;
 use http_body_util::BodyExt;
 
 /// Whether this instance wants new traffic; flipped once when shutdown begins.
@@ -46,7 +46,7 @@ pub struct App {
     /// Drives `/readyz`.
     readiness: Arc<Readiness>,
     /// WebSocket signaling at `/socket` and `/`.
-    signaling: Arc<Signaling>,
+    signaling: Arc<WebSocketEndpoint>,
     /// Handed to every WebSocket session, which hyper's graceful shutdown does not reach.
     shutdown: Shutdown,
     /// Request counters.
@@ -61,7 +61,7 @@ impl App {
         files: StaticFiles,
         security_headers: SecurityHeaders,
         readiness: Arc<Readiness>,
-        signaling: Arc<Signaling>,
+        signaling: Arc<WebSocketEndpoint>,
         shutdown: Shutdown,
         metrics: Arc<Metrics>,
         turn_api_key: Option<Secret>,

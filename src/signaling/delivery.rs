@@ -1,6 +1,6 @@
 //! What one client ID is owed: sequence numbers, the messages held until the client acknowledges
 //! them (or, for clients that do not acknowledge, until a resume takes them), and the range it
-//! missed when the budget ran out. Pure bookkeeping: no I/O, no clock, no locks (the directory
+//! missed when the budget ran out. Pure bookkeeping: no I/O, no clock, no locks (the connections table
 //! holds this inside the ID's slot, under its shard lock).
 //!
 //! Bytes written to a socket that then dies are lost, so "written" is not "delivered". A client
@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 
-use super::protocol::{ClientId, DropReason, MessageKind};
+use super::protocol::{ClientId, DropReason, MessageKind, ServerFrame, ServerKind, ServerMessage};
 
 /// A server message on its way to one ID: its JSON, finished once its sequence number is known.
 #[derive(Debug)]
@@ -28,6 +28,8 @@ pub struct Envelope {
     /// The complete JSON object (ending in `}`), with [`SEQ_ROOM`](super::protocol::SEQ_ROOM) spare
     /// capacity.
     json: Vec<u8>,
+    /// The message's type, carried to the session and metrics with the frame.
+    kind: ServerKind,
     /// Who caused it, when a client did (so it can be told if the message is not delivered).
     origin: Option<Origin>,
 }
@@ -43,16 +45,19 @@ pub struct Origin {
 
 impl Envelope {
     /// A message from the server itself (a reply, an error, a notice): nobody to tell if lost.
-    pub fn new(json: Vec<u8>) -> Self {
-        Self { json, origin: None }
+    pub fn new(message: &ServerMessage<'_>) -> Self {
+        Self::from_parts(message.kind(), message.to_json(), None)
     }
 
     /// A message relaying what `origin` sent.
-    pub fn relaying(json: Vec<u8>, origin: Origin) -> Self {
-        Self {
-            json,
-            origin: Some(origin),
-        }
+    pub fn relaying(message: &ServerMessage<'_>, origin: Origin) -> Self {
+        Self::from_parts(message.kind(), message.to_json(), Some(origin))
+    }
+
+    /// An envelope from its parts, e.g. as a bus carried it from another node. `json` must be one
+    /// complete JSON object of type `kind`.
+    pub fn from_parts(kind: ServerKind, json: Vec<u8>, origin: Option<Origin>) -> Self {
+        Self { json, kind, origin }
     }
 
     /// Who caused this message, if a client did.
@@ -60,16 +65,29 @@ impl Envelope {
         self.origin
     }
 
+    /// The message's type.
+    pub fn kind(&self) -> ServerKind {
+        self.kind
+    }
+
+    /// The JSON, before any `seq` goes in.
+    pub fn json(&self) -> &[u8] {
+        &self.json
+    }
+
     /// The ready-to-send frame: `,"seq":N` goes in before the closing brace when `seq` is given.
     /// No copy: the spare capacity was reserved when the JSON was written.
-    pub fn seal(self, seq: Option<u64>) -> Bytes {
+    pub fn seal(self, seq: Option<u64>) -> ServerFrame {
         let mut json = self.json;
         if let Some(seq) = seq {
             debug_assert_eq!(json.last(), Some(&b'}'));
             json.pop();
             write!(json, r#","seq":{seq}}}"#).expect("writing to a Vec cannot fail");
         }
-        Bytes::from(json)
+        ServerFrame {
+            kind: self.kind,
+            bytes: Bytes::from(json),
+        }
     }
 }
 
@@ -93,7 +111,7 @@ struct Held {
     /// Its sequence number.
     seq: u64,
     /// The frame as sent (with `seq` inside for clients that opted in).
-    frame: Bytes,
+    frame: ServerFrame,
     /// Who caused it, to tell them if it is never delivered.
     origin: Option<Origin>,
 }
@@ -140,7 +158,7 @@ impl Log {
     pub fn hold(
         &mut self,
         seq: u64,
-        frame: Bytes,
+        frame: ServerFrame,
         origin: Option<Origin>,
         limits: HoldLimits,
         held_total: &AtomicUsize,
@@ -179,13 +197,13 @@ impl Log {
     /// told; the client still learns the missed range.
     pub fn requeue_unsent(
         &mut self,
-        frames: Vec<Bytes>,
+        frames: Vec<ServerFrame>,
         limits: HoldLimits,
         held_total: &AtomicUsize,
     ) {
-        let frames: Vec<Bytes> = frames
+        let frames: Vec<ServerFrame> = frames
             .into_iter()
-            .filter(|f| !f.starts_with(br#"{"type":"id","#))
+            .filter(|f| f.kind != ServerKind::Id)
             .collect();
         if frames.is_empty() || !self.held.is_empty() {
             return;
@@ -269,7 +287,7 @@ impl Log {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Replay {
     /// The held frames to send again, with their numbers, in order.
-    pub frames: Vec<(u64, Bytes)>,
+    pub frames: Vec<(u64, ServerFrame)>,
     /// The numbers dropped since the last resume (first, last), both inclusive.
     pub missed: Option<(u64, u64)>,
 }
@@ -294,8 +312,9 @@ mod tests {
         bytes_total: 1000,
     };
 
-    fn frame(n: u64) -> Bytes {
-        Envelope::new(format!(r#"{{"n":{n}}}"#).into_bytes()).seal(Some(n))
+    fn frame(n: u64) -> ServerFrame {
+        let json = format!(r#"{{"n":{n}}}"#).into_bytes();
+        Envelope::from_parts(ServerKind::Offer, json, None).seal(Some(n))
     }
 
     fn origin() -> Option<Origin> {
@@ -310,14 +329,16 @@ mod tests {
         let mut json = Vec::with_capacity(16 + crate::signaling::protocol::SEQ_ROOM);
         json.extend_from_slice(br#"{"type":"pong"}"#);
         let ptr = json.as_ptr();
-        let frame = Envelope::new(json).seal(Some(u64::MAX));
+        let frame = Envelope::from_parts(ServerKind::Pong, json, None).seal(Some(u64::MAX));
         assert_eq!(
-            &frame[..],
+            &frame.bytes[..],
             format!(r#"{{"type":"pong","seq":{}}}"#, u64::MAX).as_bytes()
         );
-        assert_eq!(frame.as_ptr(), ptr, "sealed in place");
-        let plain = Envelope::new(br#"{"type":"pong"}"#.to_vec()).seal(None);
-        assert_eq!(&plain[..], br#"{"type":"pong"}"#);
+        assert_eq!(frame.bytes.as_ptr(), ptr, "sealed in place");
+        assert_eq!(frame.kind, ServerKind::Pong);
+        let plain = Envelope::new(&ServerMessage::Pong).seal(None);
+        assert_eq!(&plain.bytes[..], br#"{"type":"pong"}"#);
+        assert_eq!(plain.kind, ServerKind::Pong);
     }
 
     #[test]
@@ -393,7 +414,10 @@ mod tests {
             ..limits
         };
         let seq = c.next_seq();
-        let big = Bytes::from(vec![b'x'; LIVE_PRESSURE_BYTES]);
+        let big = ServerFrame {
+            kind: ServerKind::Offer,
+            bytes: Bytes::from(vec![b'x'; LIVE_PRESSURE_BYTES]),
+        };
         c.hold(seq, big, None, limits, &total, true).unwrap();
         let seq = c.next_seq();
         assert_eq!(

@@ -1,46 +1,52 @@
-//! The signaling rules: which connection holds which ID, who may send what to whom, how calls move
-//! from idle to calling to in-call and back, and how a dropped connection resumes.
+//! The signaling rules: who may send what to whom, how calls move from idle to calling to in-call
+//! and back, and how a dropped connection resumes.
 //!
-//! The hub does no I/O and reads no clock. The session layer hands it one text frame at a time with
-//! the current [`Instant`]; the hub checks the frame, updates the [`Directory`], and pushes
-//! ready-to-send frames into the [`Outbox`](super::directory::Outbox) of whoever must receive them
-//! (including the sender, for replies and errors). What the session must do itself — close the
-//! connection, count an error — comes back as an [`Outcome`]. Reservations end only when the session
-//! layer's timer calls [`Hub::expire`].
+//! The hub does no I/O, reads no clock and pushes into no queue. Given one text frame and the
+//! current [`Instant`], it checks the frame, asks the [`Registry`] for the one atomic change the
+//! message needs, and returns [`Effects`]: deliver this envelope to that ID, reply to the sender,
+//! acknowledge, take over a resumed ID, close. The [`Router`](super::router::Router) applies them
+//! (local IDs through [`super::connections`], others through [`super::bus`]), which is also what
+//! the session layer calls.
 //!
-//! Everything here is synchronous and short: no lock is held across a call out of this module, and
-//! a forwarded message is parsed once, serialised once and pushed once.
+//! Everything here is short: no lock is held across a call out of this module, and a forwarded
+//! message is parsed once and serialised once. With the [`MemoryRegistry`] every `.await` is
+//! ready at once.
 //!
-//! # Driving the hub from a session
+//! # Driving the hub through a router
 //!
 //! ```
 //! use std::time::Instant;
-//! use callgate::signaling::{SignalingLimits, directory::MemoryDirectory};
-//! use callgate::signaling::hub::{Departure, Hub};
+//! use callgate::signaling::SignalingLimits;
+//! use callgate::signaling::hub::Departure;
+//! use callgate::signaling::protocol::ServerKind;
+//! use callgate::signaling::router::Router;
 //!
-//! let limits = SignalingLimits::default();
-//! let hub = Hub::new(MemoryDirectory::new(&limits), limits);
+//! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+//! let router = Router::single_node(SignalingLimits::default());
 //!
-//! // On upgrade: the hub keeps the only sender; the session task writes what `rx` yields.
+//! // On upgrade: the router keeps the only sender; the session task writes what `rx` yields.
 //! let (tx, mut rx) = callgate::signaling::outbox::channel(128);
-//! let mut conn = hub.connect(tx, None, Instant::now()).expect("room for one more");
-//! assert!(rx.try_recv().unwrap().starts_with(br#"{"type":"id","id":"#));
+//! let mut conn = router.connect(tx, None, Instant::now()).await.expect("room for one more");
+//! assert!(rx.try_recv().unwrap().bytes.starts_with(br#"{"type":"id","id":"#));
 //!
 //! // For each text frame (after the session's own size and rate checks):
-//! let outcome = hub.handle_text(&mut conn, br#"{"type":"ping"}"#, Instant::now());
+//! let outcome = router.handle_text(&mut conn, br#"{"type":"ping"}"#, Instant::now()).await;
 //! assert_eq!(outcome.close, None); // otherwise: flush `rx`, then close with that code
-//! assert_eq!(&rx.try_recv().unwrap()[..], br#"{"type":"pong"}"#);
+//! let pong = rx.try_recv().unwrap();
+//! assert_eq!(pong.kind, ServerKind::Pong); // typed: nobody reads the bytes to learn this
+//! assert_eq!(&pong.bytes[..], br#"{"type":"pong"}"#);
 //!
 //! // When the socket ends without a close frame 1000 from the client:
-//! hub.disconnect(conn, Departure::Dropped, Instant::now());
-//! // `rx` now reports closed; a timer task calls `hub.expire(Instant::now())` and sleeps until
+//! router.disconnect(conn, Departure::Dropped, Instant::now()).await;
+//! // `rx` now reports closed; a timer task calls `router.expire(Instant::now())` and sleeps until
 //! // the deadline it returns.
 //! assert!(rx.is_closed());
+//! # });
 //! ```
 //!
 //! The session layer must also close the connection when `rx` reports closed while the socket is
-//! still up: that is how the hub disconnects a reader too slow to keep its queue from filling, and
-//! a connection whose ID another connection resumed. Give each queue room for at least
+//! still up: that is how a reader too slow to keep its queue from filling is disconnected, and a
+//! connection whose ID another connection resumed. Give each queue room for at least
 //! [`SignalingLimits::resume_queue_messages`] + 1 frames so a resume's backlog fits.
 
 use std::sync::Arc;
@@ -48,26 +54,83 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use serde_json::value::RawValue;
+use smallvec::SmallVec;
 
 use super::delivery::{AckBeyond, Envelope, Origin};
-use super::directory::{
-    AckError, Binding, CallState, Delivery, Directory, Expired, Joining, Outbox as _,
-    RegisterError, ResumeError, Stale,
-};
 use super::protocol::{
     self, ClientId, ClientMessage, CloseCode, DropReason, EndReason, ErrorCode, MessageKind,
-    ProtocolError, ResumeToken, ServerMessage,
+    ProtocolError, ResumeToken, ServerFrame, ServerMessage,
+};
+use super::registry::{
+    Binding, CallState, Freed, MemoryRegistry, NodeId, RegisterError, Registry, ResumeError, Stale,
+    Takeover, Transition, TransitionError,
 };
 use super::SignalingLimits;
 
-/// The signaling core shared by every WebSocket session (wrap it in an `Arc`).
-pub struct Hub<D> {
-    /// Where IDs, reservations and call states live.
-    directory: D,
+/// The signaling rules over a registry (shared by every session through the router).
+pub struct Hub<R = MemoryRegistry> {
+    /// Where IDs, tokens, epochs and call states live.
+    registry: R,
+    /// This node, for claims and resumes.
+    node: NodeId,
     /// The knobs, read on every message.
     limits: SignalingLimits,
     /// Told about every call's start, answer and end (metrics); `None` in most tests.
     observer: Option<Arc<dyn CallObserver>>,
+}
+
+/// One thing the hub decided must happen; the router does it.
+#[derive(Debug)]
+pub enum Effect {
+    /// Deliver to an ID wherever it is held. If it cannot be delivered or held, the envelope's
+    /// origin (if any) is told with `undelivered`.
+    Deliver {
+        /// The recipient.
+        to: ClientId,
+        /// The message.
+        envelope: Envelope,
+    },
+    /// Queue for the connection itself; if it cannot take it, the connection must close.
+    Reply(Envelope),
+    /// The connection acknowledged everything up to `seq`; an ack beyond what was sent is refused
+    /// through [`Hub::refuse_ack`].
+    Ack {
+        /// The acknowledged sequence number.
+        seq: u64,
+    },
+    /// The connection resumed another ID: move its queue there, kick a live holder, send the `id`
+    /// message (made with [`id_frame`]) and replay what is held. Boxed: rare, and large next to a
+    /// delivery.
+    TakeOver(Box<Resumption>),
+}
+
+/// What the router needs to carry out a resume.
+#[derive(Debug)]
+pub struct Resumption {
+    /// The connection's binding before the resume (its own ID, now freed).
+    pub from: Binding,
+    /// What the registry did.
+    pub takeover: Takeover,
+    /// The last sequence number the client says it processed.
+    pub last_seq: Option<u64>,
+    /// The ICE servers for the resumed ID, for the `id` message.
+    pub ice_servers: Option<Box<RawValue>>,
+}
+
+/// Everything a hub call decided: effects in order, and what the session must know.
+#[derive(Debug, Default)]
+#[must_use]
+pub struct Effects {
+    /// What to do, in order.
+    pub list: SmallVec<[Effect; 2]>,
+    /// Close the connection, counts and the message type (the router adds what delivery found).
+    pub outcome: Outcome,
+}
+
+impl Effects {
+    fn push(&mut self, effect: Effect) {
+        self.list.push(effect);
+    }
 }
 
 /// A step in a call's life, reported to the [`CallObserver`] with the time it happened.
@@ -135,6 +198,11 @@ impl Attachment {
     pub fn id(&self) -> ClientId {
         self.binding.id
     }
+
+    /// Which holder of its ID this connection is.
+    pub fn binding(&self) -> Binding {
+        self.binding
+    }
 }
 
 impl std::fmt::Debug for Attachment {
@@ -185,6 +253,7 @@ impl ConnectError {
     pub fn code(&self) -> ErrorCode {
         match self.0 {
             RegisterError::Full | RegisterError::NoFreeId => ErrorCode::ServerFull,
+            RegisterError::Unavailable => ErrorCode::ClusterUnavailable,
             _ => ErrorCode::InternalError,
         }
     }
@@ -192,7 +261,9 @@ impl ConnectError {
     /// The close code to use.
     pub fn close_code(&self) -> CloseCode {
         match self.0 {
-            RegisterError::Full | RegisterError::NoFreeId => CloseCode::TryAgainLater,
+            RegisterError::Full | RegisterError::NoFreeId | RegisterError::Unavailable => {
+                CloseCode::TryAgainLater
+            }
             _ => CloseCode::InternalError,
         }
     }
@@ -263,6 +334,9 @@ pub enum RuleError {
     /// The connection lost its ID (taken over, or detached for reading too slowly).
     #[error(transparent)]
     Stale(#[from] Stale),
+    /// The cluster's shared registry cannot be reached; nothing changed.
+    #[error("The cluster cannot be reached right now; nothing was done. Try again shortly.")]
+    ClusterUnavailable,
 }
 
 impl RuleError {
@@ -280,27 +354,24 @@ impl RuleError {
             Self::ResumeFailed(_) => ErrorCode::ResumeFailed,
             Self::ResumeNotAllowed => ErrorCode::ResumeNotAllowed,
             Self::Stale(_) => ErrorCode::SessionReplaced,
+            Self::ClusterUnavailable => ErrorCode::ClusterUnavailable,
         }
     }
 }
 
-/// A new call's outcome other than success: a rule broken, or the callee busy (not an error).
-enum Refusal {
-    Rule(RuleError),
-    Busy,
-}
-
-impl From<Stale> for Refusal {
-    fn from(stale: Stale) -> Self {
-        Self::Rule(stale.into())
+impl Hub<MemoryRegistry> {
+    /// A hub for a node that runs alone, over a fresh [`MemoryRegistry`].
+    pub fn single_node(limits: SignalingLimits) -> Self {
+        Self::new(MemoryRegistry::new(&limits), NodeId::local(), limits)
     }
 }
 
-impl<D: Directory> Hub<D> {
-    /// A hub over `directory`, enforcing `limits`.
-    pub fn new(directory: D, limits: SignalingLimits) -> Self {
+impl<R: Registry> Hub<R> {
+    /// A hub over `registry` for the node `node`, enforcing `limits`.
+    pub fn new(registry: R, node: NodeId, limits: SignalingLimits) -> Self {
         Self {
-            directory,
+            registry,
+            node,
             limits,
             observer: None,
         }
@@ -318,9 +389,14 @@ impl<D: Directory> Hub<D> {
         }
     }
 
-    /// The directory, for metrics (`len`) and tests.
-    pub fn directory(&self) -> &D {
-        &self.directory
+    /// The registry, for the router and tests.
+    pub fn registry(&self) -> &R {
+        &self.registry
+    }
+
+    /// This node.
+    pub fn node(&self) -> &NodeId {
+        &self.node
     }
 
     /// The limits this hub enforces.
@@ -328,117 +404,91 @@ impl<D: Directory> Hub<D> {
         &self.limits
     }
 
-    /// Admits a new connection: draws its ID and resume token and queues the `id` message (with
-    /// `ice_servers(id)`, opaque JSON such as `[{"urls":"turn:..","username":..,"credential":..}]`).
-    ///
-    /// The session layer must hand over the only sending handle of the connection's queue; see
-    /// [`Outbox`](super::directory::Outbox). On error, send [`ConnectError::frame`] and close with
-    /// [`ConnectError::close_code`].
-    pub fn connect(
+    /// Claims a fresh ID and token for a new connection; returns its attachment and its `id`
+    /// message (with `ice_servers(id)`, opaque JSON such as
+    /// `[{"urls":"turn:..","username":..,"credential":..}]`).
+    pub async fn connect(
         &self,
-        outbox: D::Outbox,
         ice_servers: Option<IceServersFor>,
         now: Instant,
-    ) -> Result<Attachment, ConnectError> {
-        self.join(outbox, ice_servers, Joining::default(), now)
-    }
-
-    /// [`Hub::connect`] for a connection whose address and delivery mode are known: the address
-    /// counts towards [`SignalingLimits::reservations_per_ip`], and a connection that opted in to
-    /// acknowledgements gets `seq` in every message (see [`super::delivery`]).
-    pub fn join(
-        &self,
-        outbox: D::Outbox,
-        ice_servers: Option<IceServersFor>,
-        joining: Joining,
-        now: Instant,
-    ) -> Result<Attachment, ConnectError> {
-        let heartbeat = self.limits.heartbeat_interval;
-        let mut evicted = Vec::new();
-        let registered = self.directory.register(
-            outbox,
-            joining,
-            now,
-            |id, token| {
-                let ice = ice_servers.as_ref().and_then(|make| make(id));
-                id_frame(id, token, false, None, heartbeat, ice.as_deref())
-            },
-            &mut evicted,
+    ) -> Result<(Attachment, ServerFrame), ConnectError> {
+        let claim = self.registry.claim(&self.node, now).await?;
+        let ice = ice_servers.as_ref().and_then(|make| make(claim.binding.id));
+        let hello = id_frame(
+            claim.binding.id,
+            &claim.token,
+            false,
+            None,
+            self.limits.heartbeat_interval,
+            ice.as_deref(),
         );
-        for gone in evicted {
-            tracing::debug!(client = %gone.id, "reservation ended to make room for a live client");
-            self.gone(gone, now);
-        }
-        let binding = registered?;
-        Ok(Attachment {
-            binding,
+        let conn = Attachment {
+            binding: claim.binding,
             violations: 0,
             resume_failures: 0,
             ice_servers,
-        })
+        };
+        Ok((conn, hello))
     }
 
-    /// Handles one text frame from `conn`. Every refusal is answered with an `error` frame on the
-    /// connection's own outbox; the connection stays open unless [`Outcome::close`] says otherwise.
-    pub fn handle_text(&self, conn: &mut Attachment, frame: &[u8], now: Instant) -> Outcome {
+    /// Handles one text frame from `conn`. Every refusal is answered with an `error` frame to the
+    /// connection itself; the connection stays open unless the outcome's `close` says otherwise.
+    pub async fn handle_text(&self, conn: &mut Attachment, frame: &[u8], now: Instant) -> Effects {
         let inbound = match protocol::parse(frame, self.limits.max_nesting_depth) {
             Ok(inbound) => inbound,
-            Err(e) => return self.refuse(conn, &e.into(), None, now),
+            Err(e) => return self.refuse(conn, &e.into(), None),
         };
         let kind = inbound.message.kind();
-        let mut outcome = Outcome {
-            received: Some(kind),
-            ..Outcome::default()
+        let mut effects = Effects {
+            list: SmallVec::new(),
+            outcome: Outcome {
+                received: Some(kind),
+                ..Outcome::default()
+            },
         };
         let result = match inbound.claimed_id {
             Some(claimed) if claimed != conn.id() => Err(RuleError::IdMismatch {
                 own: conn.id(),
                 claimed,
             }),
-            _ => self.dispatch(conn, inbound.message, now, &mut outcome),
+            _ => {
+                self.dispatch(conn, inbound.message, now, &mut effects)
+                    .await
+            }
         };
         match result {
-            Ok(()) => outcome,
+            Ok(()) => effects,
             Err(e) => {
-                let refused = self.refuse(conn, &e, Some(kind), now);
-                Outcome {
-                    detached_peer: outcome.detached_peer,
-                    received: Some(kind),
-                    ..refused
-                }
+                let mut refused = self.refuse(conn, &e, Some(kind));
+                refused.outcome.received = Some(kind);
+                refused
             }
         }
     }
 
     /// Answers a frame the session layer refused itself (too large, binary, rate limited, too many
     /// calls) with an `error` frame, counting it as a violation.
-    pub fn reject(&self, conn: &mut Attachment, code: ErrorCode, now: Instant) -> Outcome {
-        self.send_error(conn, code, code.describe(), None, now)
+    pub fn reject(&self, conn: &mut Attachment, code: ErrorCode) -> Effects {
+        self.send_error(conn, code, code.describe(), None)
     }
 
-    /// The connection is gone. See [`Departure`] for the difference between a drop and a leave.
-    pub fn disconnect(&self, conn: Attachment, departure: Departure, now: Instant) {
-        let gone = match departure {
-            Departure::Dropped => match self.directory.detach(conn.binding, now) {
-                Ok(Some(freed)) => {
-                    tracing::debug!(client = %freed.id, "address holds its share of reservations; ID freed");
-                    Some(freed)
-                }
-                Ok(None) | Err(Stale) => None,
-            },
-            Departure::Left => self.directory.release(conn.binding).ok(),
+    /// Refuses an `ack` the router found beyond what was sent (or from a stale connection).
+    pub fn refuse_ack(&self, conn: &mut Attachment, error: AckRefusal) -> Effects {
+        let error = match error {
+            AckRefusal::Stale(stale) => RuleError::Stale(stale),
+            AckRefusal::Beyond(beyond) => RuleError::AckBeyond(beyond),
         };
-        if let Some(gone) = gone {
-            self.gone(gone, now);
-        }
+        let mut refused = self.refuse(conn, &error, Some(MessageKind::Ack));
+        refused.outcome.received = Some(MessageKind::Ack);
+        refused
     }
 
     /// An ID went away for good: its call peer gets `close-call-server` (reason `peer_gone`) and
-    /// each sender of a message still held for it gets one `undelivered` with the count.
-    fn gone(&self, gone: Expired, now: Instant) {
-        let mut outcome = Outcome::default();
+    /// each sender of a message still held for it (`lost`) gets one `undelivered` with the count.
+    pub fn gone(&self, freed: Freed, lost: Vec<Origin>, now: Instant) -> Effects {
+        let mut effects = Effects::default();
         let mut senders: Vec<(ClientId, usize, Option<MessageKind>)> = Vec::new();
-        for Origin { from, kind } in gone.lost {
+        for Origin { from, kind } in lost {
             match senders.iter_mut().find(|(sender, ..)| *sender == from) {
                 Some((_, count, first)) => {
                     *count += 1;
@@ -451,54 +501,70 @@ impl<D: Directory> Hub<D> {
         }
         for (from, count, request) in senders {
             let message = ServerMessage::Undelivered {
-                to: gone.id,
+                to: freed.id,
                 reason: DropReason::RecipientGone,
                 count,
                 request,
             };
-            self.send(from, Envelope::new(message.to_json()), now, &mut outcome);
+            effects.push(Effect::Deliver {
+                to: from,
+                envelope: Envelope::new(&message),
+            });
         }
-        if let Some(peer) = gone.peer {
+        if let Some(peer) = freed.peer {
             self.observe(
                 CallEvent::Ended {
-                    by: gone.id,
+                    by: freed.id,
                     peer,
                     reason: EndReason::PeerGone,
                 },
                 now,
             );
-            self.notify_gone(peer, gone.id, now, &mut outcome);
+            let frame = ServerMessage::CloseCallServer {
+                peer: freed.id,
+                reason: EndReason::PeerGone,
+            };
+            effects.push(Effect::Deliver {
+                to: peer,
+                envelope: Envelope::new(&frame),
+            });
         }
+        effects
     }
 
-    /// Ends every reservation due at `now`, telling each one's call peer with `close-call-server`
-    /// (reason `peer_gone`). Returns the next deadline: the session layer's timer should sleep until
-    /// then, or for [`SignalingLimits::resume_grace`] when `None` (a reservation made later is due
-    /// no sooner than that).
-    pub fn expire(&self, now: Instant) -> Option<Instant> {
-        let mut expired = Vec::new();
-        loop {
-            let next = self.directory.expire(now, &mut expired);
-            if expired.is_empty() {
-                return next;
-            }
-            for gone in expired.drain(..) {
-                self.gone(gone, now);
-            }
-        }
+    /// The `undelivered` notice for a message to `to` that could not be delivered or held, for
+    /// its sender; `None` for a server notice (nobody to tell: the recipient learns the missed
+    /// range on resume).
+    pub fn undelivered(
+        &self,
+        to: ClientId,
+        reason: DropReason,
+        origin: Option<Origin>,
+    ) -> Option<Effect> {
+        let Origin { from, kind } = origin?;
+        let notice = ServerMessage::Undelivered {
+            to,
+            reason,
+            count: 1,
+            request: Some(kind),
+        };
+        Some(Effect::Deliver {
+            to: from,
+            envelope: Envelope::new(&notice),
+        })
     }
 
     /// The connection's call state, for metrics and tests.
-    pub fn call_state(&self, conn: &Attachment) -> Result<CallState, Stale> {
-        self.directory.call_state(conn.binding)
+    pub async fn call_state(&self, conn: &Attachment) -> Result<CallState, Stale> {
+        self.registry.call_state(conn.binding).await
     }
 
-    fn dispatch(
+    async fn dispatch(
         &self,
         conn: &mut Attachment,
         message: ClientMessage<'_>,
         now: Instant,
-        outcome: &mut Outcome,
+        effects: &mut Effects,
     ) -> Result<(), RuleError> {
         let me = conn.id();
         let origin = Origin {
@@ -507,28 +573,24 @@ impl<D: Directory> Hub<D> {
         };
         match message {
             ClientMessage::VideoOfferRequest { callee, offer } => {
-                self.start_call(conn, callee, offer, now, outcome)
+                self.start_call(conn, callee, offer, now, effects).await
             }
             ClientMessage::ClientReply {
                 caller,
                 accepted,
                 answer,
             } => {
-                self.directory
-                    .update_call(conn.binding, caller, |mine, _| match mine {
-                        CallState::Called { peer } if peer == caller => Ok(if accepted {
-                            CallState::InCall { peer }
-                        } else {
-                            CallState::Idle
-                        }),
-                        _ => Err(wrong_state(mine, caller, MessageKind::ClientReply)),
-                    })?;
+                let t = match accepted {
+                    true => Transition::Accept,
+                    false => Transition::Decline,
+                };
+                self.transition(conn, caller, t, origin.kind).await?;
                 let frame = ServerMessage::ServerReply {
                     accepted,
                     callee: me,
                     answer,
                 };
-                self.send(caller, relaying(&frame, origin), now, outcome);
+                effects.push(deliver(caller, &frame, origin));
                 let event = if accepted {
                     CallEvent::Answered { caller, callee: me }
                 } else {
@@ -538,50 +600,49 @@ impl<D: Directory> Hub<D> {
                 Ok(())
             }
             ClientMessage::CloseCallClient { peer, reason } => {
-                self.end_call(conn, peer, reason, origin, now, outcome)
+                self.end_call(conn, peer, reason, Transition::Hangup, origin, now, effects)
+                    .await
             }
             ClientMessage::Cancel { peer } => {
-                self.end_call(conn, peer, EndReason::Cancelled, origin, now, outcome)
+                let reason = EndReason::Cancelled;
+                self.end_call(conn, peer, reason, Transition::Cancel, origin, now, effects)
+                    .await
             }
-            ClientMessage::IceCandidate { peer, candidate } => self.relay(
-                conn,
-                peer,
-                origin,
-                now,
-                outcome,
-                |_| true,
-                || ServerMessage::IceCandidate {
+            ClientMessage::IceCandidate { peer, candidate } => {
+                self.relay(conn, peer, origin, |_| true).await?;
+                let frame = ServerMessage::IceCandidate {
                     peer: me,
                     candidate,
-                },
-            ),
-            ClientMessage::Ringing { peer } => self.relay(
-                conn,
-                peer,
-                origin,
-                now,
-                outcome,
-                |s| matches!(s, CallState::Called { .. }),
-                || ServerMessage::Ringing { peer: me },
-            ),
-            ClientMessage::Offer { peer, offer } => self.relay(
-                conn,
-                peer,
-                origin,
-                now,
-                outcome,
-                |s| matches!(s, CallState::InCall { .. }),
-                || ServerMessage::Offer { peer: me, offer },
-            ),
-            ClientMessage::Answer { peer, answer } => self.relay(
-                conn,
-                peer,
-                origin,
-                now,
-                outcome,
-                |s| matches!(s, CallState::InCall { .. }),
-                || ServerMessage::Answer { peer: me, answer },
-            ),
+                };
+                effects.push(deliver(peer, &frame, origin));
+                Ok(())
+            }
+            ClientMessage::Ringing { peer } => {
+                self.relay(conn, peer, origin, |s| {
+                    matches!(s, CallState::Called { .. })
+                })
+                .await?;
+                effects.push(deliver(peer, &ServerMessage::Ringing { peer: me }, origin));
+                Ok(())
+            }
+            ClientMessage::Offer { peer, offer } => {
+                self.relay(conn, peer, origin, |s| {
+                    matches!(s, CallState::InCall { .. })
+                })
+                .await?;
+                let frame = ServerMessage::Offer { peer: me, offer };
+                effects.push(deliver(peer, &frame, origin));
+                Ok(())
+            }
+            ClientMessage::Answer { peer, answer } => {
+                self.relay(conn, peer, origin, |s| {
+                    matches!(s, CallState::InCall { .. })
+                })
+                .await?;
+                let frame = ServerMessage::Answer { peer: me, answer };
+                effects.push(deliver(peer, &frame, origin));
+                Ok(())
+            }
             ClientMessage::Normal { text } => {
                 let shown = match text.char_indices().nth(self.limits.max_logged_chars) {
                     Some((cut, _)) => &text[..cut],
@@ -596,47 +657,50 @@ impl<D: Directory> Hub<D> {
                 id,
                 token,
                 last_seq,
-            } => self.resume(conn, id, &token, last_seq, now, outcome),
+            } => self.resume(conn, id, &token, last_seq, now, effects).await,
             ClientMessage::Ping => {
-                let pong = Envelope::new(ServerMessage::Pong.to_json());
-                self.reply(conn, pong, now, outcome);
+                let pong = Envelope::new(&ServerMessage::Pong);
+                effects.push(Effect::Reply(pong));
                 Ok(())
             }
-            ClientMessage::Ack { seq } => match self.directory.ack(conn.binding, seq) {
-                Ok(()) => Ok(()),
-                Err(AckError::Stale(stale)) => Err(stale.into()),
-                Err(AckError::Beyond(beyond)) => Err(beyond.into()),
-            },
+            ClientMessage::Ack { seq } => {
+                effects.push(Effect::Ack { seq });
+                Ok(())
+            }
         }
     }
 
-    fn start_call(
+    /// Applies a call transition named by a message of type `kind` about `peer`, mapping a
+    /// refusal to the sender's words.
+    async fn transition(
+        &self,
+        conn: &Attachment,
+        peer: ClientId,
+        t: Transition,
+        kind: MessageKind,
+    ) -> Result<CallState, RuleError> {
+        match self.registry.transition(conn.binding, peer, t).await {
+            Ok(state) => Ok(state),
+            Err(e) => Err(refusal(e, peer, kind)),
+        }
+    }
+
+    async fn start_call(
         &self,
         conn: &Attachment,
         callee: ClientId,
         offer: &RawValue,
         now: Instant,
-        outcome: &mut Outcome,
+        effects: &mut Effects,
     ) -> Result<(), RuleError> {
         if callee == conn.id() {
             return Err(RuleError::CannotCallSelf);
         }
-        let began = self
-            .directory
-            .update_call(conn.binding, callee, |mine, theirs| {
-                if let Some(peer) = mine.peer() {
-                    return Err(Refusal::Rule(RuleError::AlreadyInCall {
-                        peer,
-                        state: mine.describe(),
-                    }));
-                }
-                match theirs {
-                    None => Err(Refusal::Rule(RuleError::UnknownClient(callee))),
-                    Some(CallState::Idle) => Ok(CallState::Calling { peer: callee }),
-                    Some(_) => Err(Refusal::Busy),
-                }
-            });
-        match began {
+        match self
+            .registry
+            .transition(conn.binding, callee, Transition::Offer)
+            .await
+        {
             Ok(_) => {
                 let frame = ServerMessage::VideoAnswerRequest {
                     caller: conn.id(),
@@ -646,7 +710,7 @@ impl<D: Directory> Hub<D> {
                     from: conn.id(),
                     kind: MessageKind::VideoOfferRequest,
                 };
-                self.send(callee, relaying(&frame, origin), now, outcome);
+                effects.push(deliver(callee, &frame, origin));
                 self.observe(
                     CallEvent::Offered {
                         caller: conn.id(),
@@ -656,39 +720,32 @@ impl<D: Directory> Hub<D> {
                 );
                 Ok(())
             }
-            Err(Refusal::Busy) => {
-                let frame = Envelope::new(ServerMessage::Busy { peer: callee }.to_json());
-                self.reply(conn, frame, now, outcome);
+            Err(TransitionError::Busy) => {
+                let frame = Envelope::new(&ServerMessage::Busy { peer: callee });
+                effects.push(Effect::Reply(frame));
                 Ok(())
             }
-            Err(Refusal::Rule(e)) => Err(e),
+            Err(e) => Err(refusal(e, callee, MessageKind::VideoOfferRequest)),
         }
     }
 
-    fn end_call(
+    #[allow(clippy::too_many_arguments)]
+    async fn end_call(
         &self,
         conn: &Attachment,
         peer: ClientId,
         reason: EndReason,
+        t: Transition,
         origin: Origin,
         now: Instant,
-        outcome: &mut Outcome,
+        effects: &mut Effects,
     ) -> Result<(), RuleError> {
-        let kind = origin.kind;
-        self.directory
-            .update_call(conn.binding, peer, |mine, _| match mine {
-                CallState::Calling { peer: p } if p == peer => Ok(CallState::Idle),
-                // Hanging up works in any phase; cancelling only before an answer.
-                _ if mine.peer() == Some(peer) && kind == MessageKind::CloseCallClient => {
-                    Ok(CallState::Idle)
-                }
-                _ => Err(wrong_state(mine, peer, kind)),
-            })?;
+        self.transition(conn, peer, t, origin.kind).await?;
         let frame = ServerMessage::CloseCallServer {
             peer: conn.id(),
             reason,
         };
-        self.send(peer, relaying(&frame, origin), now, outcome);
+        effects.push(deliver(peer, &frame, origin));
         self.observe(
             CallEvent::Ended {
                 by: conn.id(),
@@ -700,150 +757,87 @@ impl<D: Directory> Hub<D> {
         Ok(())
     }
 
-    /// Forwards a message to the sender's call peer if the sender's call is with `peer` and in a
-    /// phase `allowed` accepts.
-    #[allow(clippy::too_many_arguments)]
-    fn relay<'a>(
+    /// Checks that the sender's call is with `peer` and in a phase `allowed` accepts.
+    async fn relay(
         &self,
         conn: &Attachment,
         peer: ClientId,
         origin: Origin,
-        now: Instant,
-        outcome: &mut Outcome,
         allowed: impl FnOnce(CallState) -> bool,
-        message: impl FnOnce() -> ServerMessage<'a>,
     ) -> Result<(), RuleError> {
-        let state = self.directory.call_state(conn.binding)?;
+        let state = self.registry.call_state(conn.binding).await?;
         if state.peer() != Some(peer) || !allowed(state) {
             return Err(wrong_state(state, peer, origin.kind));
         }
-        self.send(peer, relaying(&message(), origin), now, outcome);
         Ok(())
     }
 
-    fn resume(
+    async fn resume(
         &self,
         conn: &mut Attachment,
         target: ClientId,
         token: &ResumeToken,
         last_seq: Option<u64>,
         now: Instant,
-        outcome: &mut Outcome,
+        effects: &mut Effects,
     ) -> Result<(), RuleError> {
-        let heartbeat = self.limits.heartbeat_interval;
-        let ice = conn.ice_servers.clone();
-        let resumed = self.directory.resume(
-            conn.binding,
-            target,
-            token,
-            last_seq,
-            now,
-            |id, token, missed| {
-                let ice = ice.as_ref().and_then(|make| make(id));
-                id_frame(id, token, true, missed, heartbeat, ice.as_deref())
-            },
-        );
+        let resumed = self
+            .registry
+            .resume(conn.binding, target, token, &self.node, now)
+            .await;
         match resumed {
-            Ok(resumed) => {
+            Ok(takeover) => {
                 tracing::debug!(
                     from = %conn.id(),
                     to = %target,
-                    delivered = resumed.delivered,
-                    missed = ?resumed.missed,
-                    call = ?resumed.call,
+                    call = ?takeover.call,
+                    was_live = takeover.was_live,
                     "resumed"
                 );
-                conn.binding = resumed.binding;
-                if let Some(old) = resumed.replaced {
-                    let code = ErrorCode::SessionReplaced;
-                    let frame = ServerMessage::Error {
-                        code,
-                        message: code.describe(),
-                        request: None,
-                    };
-                    // Best effort: the old connection is most likely already dead.
-                    let _ = old.try_push(frame.encode());
-                }
-                if resumed.overflowed {
-                    outcome.close = Some(CloseCode::PolicyViolation);
-                }
+                let from = conn.binding;
+                conn.binding = takeover.binding;
+                let ice_servers = conn.ice_servers.as_ref().and_then(|make| make(target));
+                effects.push(Effect::TakeOver(Box::new(Resumption {
+                    from,
+                    takeover,
+                    last_seq,
+                    ice_servers,
+                })));
                 Ok(())
             }
             Err(ResumeError::Stale(stale)) => Err(stale.into()),
             Err(ResumeError::InCall) => Err(RuleError::ResumeNotAllowed),
+            Err(ResumeError::Unavailable) => Err(RuleError::ClusterUnavailable),
             Err(ResumeError::Unknown | ResumeError::TokenMismatch) => {
                 Err(RuleError::ResumeFailed(target))
             }
         }
     }
 
-    /// Delivers to another ID, noting a slow peer; a message that cannot be held is reported to
-    /// its sender with `undelivered`.
-    fn send(&self, to: ClientId, message: Envelope, now: Instant, outcome: &mut Outcome) {
-        let origin = message.origin();
-        match self.directory.deliver(to, message, now) {
-            Delivery::Sent | Delivery::Queued | Delivery::NoSuchClient => {}
-            Delivery::Detached => {
-                tracing::debug!(client = %to, "outbox full; detached");
-                outcome.detached_peer = Some(to);
-            }
-            Delivery::Dropped { reason, detached } => {
-                tracing::debug!(client = %to, %reason, detached, "message dropped; sender told");
-                if detached {
-                    outcome.detached_peer = Some(to);
-                }
-                // Server notices (origin `None`) have nobody to tell; the recipient learns the
-                // missed range on resume.
-                if let Some(Origin { from, kind }) = origin {
-                    let notice = ServerMessage::Undelivered {
-                        to,
-                        reason,
-                        count: 1,
-                        request: Some(kind),
-                    };
-                    self.send(from, Envelope::new(notice.to_json()), now, outcome);
-                }
-            }
-        }
-    }
-
-    /// Queues a message for the connection itself; if it cannot take it, the connection must close.
-    fn reply(&self, conn: &Attachment, message: Envelope, now: Instant, outcome: &mut Outcome) {
-        match self.directory.reply(conn.binding, message, now) {
-            Ok(Delivery::Sent) => {}
-            Ok(_) | Err(Stale) => outcome.close = Some(CloseCode::PolicyViolation),
-        }
-    }
-
-    fn notify_gone(&self, peer: ClientId, gone: ClientId, now: Instant, outcome: &mut Outcome) {
-        let frame = ServerMessage::CloseCallServer {
-            peer: gone,
-            reason: EndReason::PeerGone,
-        };
-        self.send(peer, Envelope::new(frame.to_json()), now, outcome);
-    }
-
-    fn refuse(
+    /// The effects of refusing a message with `error`.
+    pub fn refuse(
         &self,
         conn: &mut Attachment,
         error: &RuleError,
         kind: Option<MessageKind>,
-        now: Instant,
-    ) -> Outcome {
+    ) -> Effects {
         if let RuleError::Stale(_) = error {
-            return Outcome {
-                close: Some(CloseCode::PolicyViolation),
-                ..Outcome::default()
+            return Effects {
+                list: SmallVec::new(),
+                outcome: Outcome {
+                    close: Some(CloseCode::PolicyViolation),
+                    ..Outcome::default()
+                },
             };
         }
-        let mut outcome = self.send_error(conn, error.code(), &error.to_string(), kind, now);
+        let mut effects = self.send_error(conn, error.code(), &error.to_string(), kind);
         if let RuleError::ResumeFailed(_) = error {
             conn.resume_failures += 1;
             if conn.resume_failures >= self.limits.max_resume_failures {
-                outcome.close = Some(CloseCode::PolicyViolation);
+                effects.outcome.close = Some(CloseCode::PolicyViolation);
             }
         }
-        outcome
+        effects
     }
 
     fn send_error(
@@ -852,18 +846,20 @@ impl<D: Directory> Hub<D> {
         code: ErrorCode,
         message: &str,
         kind: Option<MessageKind>,
-        now: Instant,
-    ) -> Outcome {
-        let mut outcome = Outcome {
-            error: Some(code),
-            ..Outcome::default()
+    ) -> Effects {
+        let mut effects = Effects {
+            list: SmallVec::new(),
+            outcome: Outcome {
+                error: Some(code),
+                ..Outcome::default()
+            },
         };
         let frame = ServerMessage::Error {
             code,
             message,
             request: kind,
         };
-        self.reply(conn, Envelope::new(frame.to_json()), now, &mut outcome);
+        effects.push(Effect::Reply(Envelope::new(&frame)));
         if code.is_violation() {
             conn.violations += 1;
             if conn.violations >= self.limits.max_violations {
@@ -873,22 +869,33 @@ impl<D: Directory> Hub<D> {
                     message: code.describe(),
                     request: None,
                 };
-                self.reply(conn, Envelope::new(frame.to_json()), now, &mut outcome);
-                outcome.close = Some(CloseCode::PolicyViolation);
+                effects.push(Effect::Reply(Envelope::new(&frame)));
+                effects.outcome.close = Some(CloseCode::PolicyViolation);
             }
         }
-        outcome
+        effects
     }
 }
 
-fn id_frame(
+/// Why the router could not apply an `ack`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AckRefusal {
+    /// The connection lost its ID.
+    Stale(Stale),
+    /// The number was never sent.
+    Beyond(AckBeyond),
+}
+
+/// The `id` message: the connection's ID and resume token, whether it resumed (and what it
+/// missed), the heartbeat interval and the ICE servers.
+pub fn id_frame(
     id: ClientId,
     token: &ResumeToken,
     resumed: bool,
     missed: Option<(u64, u64)>,
     heartbeat: std::time::Duration,
     ice_servers: Option<&RawValue>,
-) -> Bytes {
+) -> ServerFrame {
     ServerMessage::Id {
         id,
         token,
@@ -897,12 +904,42 @@ fn id_frame(
         heartbeat,
         ice_servers,
     }
-    .encode()
+    .frame()
 }
 
-/// A server message relaying what `origin` sent.
-fn relaying(message: &ServerMessage<'_>, origin: Origin) -> Envelope {
-    Envelope::relaying(message.to_json(), origin)
+/// The `session_replaced` error sent to a connection whose ID another connection resumed.
+pub fn replaced_frame() -> ServerFrame {
+    let code = ErrorCode::SessionReplaced;
+    ServerMessage::Error {
+        code,
+        message: code.describe(),
+        request: None,
+    }
+    .frame()
+}
+
+/// A delivery of a server message relaying what `origin` sent.
+fn deliver(to: ClientId, message: &ServerMessage<'_>, origin: Origin) -> Effect {
+    Effect::Deliver {
+        to,
+        envelope: Envelope::relaying(message, origin),
+    }
+}
+
+/// The refusal for a message of type `kind` about `peer` whose transition the registry refused.
+fn refusal(e: TransitionError, peer: ClientId, kind: MessageKind) -> RuleError {
+    match e {
+        TransitionError::Stale(stale) => RuleError::Stale(stale),
+        TransitionError::Unavailable => RuleError::ClusterUnavailable,
+        TransitionError::AlreadyInCall { peer, state } => RuleError::AlreadyInCall {
+            peer,
+            state: state.describe(),
+        },
+        TransitionError::UnknownPeer => RuleError::UnknownClient(peer),
+        // Only an offer finds its peer busy, and `start_call` answers that with `busy`.
+        TransitionError::Busy => RuleError::NotInCall(peer),
+        TransitionError::WrongState(mine) => wrong_state(mine, peer, kind),
+    }
 }
 
 /// The refusal for a message about `peer` that the sender's call state `mine` does not allow.
@@ -927,10 +964,13 @@ mod tests {
     use serde_json::{json, Value};
 
     use super::*;
-    use crate::signaling::directory::test_outbox::TestOutbox;
-    use crate::signaling::directory::MemoryDirectory;
+    use crate::signaling::bus::NoBus;
+    use crate::signaling::connections::test_outbox::TestOutbox;
+    use crate::signaling::connections::Joining;
+    use crate::signaling::registry::{ready, MemoryRegistry};
+    use crate::signaling::router::Router;
 
-    type TestHub = Hub<MemoryDirectory<TestOutbox>>;
+    type TestHub = Router<MemoryRegistry, NoBus, TestOutbox>;
 
     const SDP_OFFER: &str = r#"{"type":"offer","sdp":"v=0\r\no=- 4611731400430051336 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0 1\r\n"}"#;
     const SDP_ANSWER: &str =
@@ -992,7 +1032,7 @@ mod tests {
     }
 
     fn hub_with(limits: SignalingLimits) -> TestHub {
-        Hub::new(MemoryDirectory::new(&limits), limits)
+        Router::single_node(limits)
     }
 
     fn connect(hub: &TestHub, now: Instant) -> Client {
@@ -1014,7 +1054,7 @@ mod tests {
 
     fn join_with(hub: &TestHub, now: Instant, capacity: usize, joining: Joining) -> Client {
         let outbox = TestOutbox::with_capacity(capacity);
-        let conn = hub.join(outbox.clone(), None, joining, now).expect("room");
+        let conn = ready(hub.join(outbox.clone(), None, joining, now)).expect("room");
         let mut client = Client {
             id: conn.id().get(),
             conn: RefCell::new(Some(conn)),
@@ -1029,7 +1069,7 @@ mod tests {
     }
 
     fn send(hub: &TestHub, client: &Client, text: &str, now: Instant) -> Outcome {
-        hub.handle_text(&mut client.conn(), text.as_bytes(), now)
+        ready(hub.handle_text(&mut client.conn(), text.as_bytes(), now))
     }
 
     /// Sends and asserts the hub did not ask for a close.
@@ -1097,7 +1137,7 @@ mod tests {
             )]
         );
         assert_eq!(
-            hub.call_state(&a.conn()),
+            ready(hub.call_state(&a.conn())),
             Ok(CallState::InCall {
                 peer: ClientId::new(b.id)
             })
@@ -1116,8 +1156,8 @@ mod tests {
                 a.id
             )]
         );
-        assert_eq!(hub.call_state(&a.conn()), Ok(CallState::Idle));
-        assert_eq!(hub.call_state(&b.conn()), Ok(CallState::Idle));
+        assert_eq!(ready(hub.call_state(&a.conn())), Ok(CallState::Idle));
+        assert_eq!(ready(hub.call_state(&b.conn())), Ok(CallState::Idle));
 
         // Both can call again, the other way round.
         ok(&hub, &b, &offer(&b, &a), now);
@@ -1141,13 +1181,12 @@ mod tests {
             r#"[{"urls":"turn:example.org","username":"u","credential":"c"}]"#.into(),
         )
         .unwrap();
-        let conn = hub
-            .connect(
-                outbox.clone(),
-                Some(Arc::new(move |_| Some(ice.clone()))),
-                Instant::now(),
-            )
-            .unwrap();
+        let conn = ready(hub.connect(
+            outbox.clone(),
+            Some(Arc::new(move |_| Some(ice.clone()))),
+            Instant::now(),
+        ))
+        .unwrap();
         let hello: Value = serde_json::from_str(&outbox.take()[0]).unwrap();
         assert_eq!(hello["id"], conn.id().get());
         assert_eq!(hello["resumed"], false);
@@ -1193,7 +1232,7 @@ mod tests {
         }
         // The call is untouched.
         assert_eq!(
-            hub.call_state(&b.conn()),
+            ready(hub.call_state(&b.conn())),
             Ok(CallState::InCall {
                 peer: ClientId::new(a.id)
             })
@@ -1227,7 +1266,7 @@ mod tests {
         );
         ok(&hub, &a, &text, now);
         assert_eq!(a.error_code(), "cannot_call_self");
-        assert_eq!(hub.call_state(&a.conn()), Ok(CallState::Idle));
+        assert_eq!(ready(hub.call_state(&a.conn())), Ok(CallState::Idle));
     }
 
     #[test]
@@ -1245,7 +1284,7 @@ mod tests {
         }
         a.nothing();
         b.nothing();
-        assert_eq!(hub.call_state(&c.conn()), Ok(CallState::Idle));
+        assert_eq!(ready(hub.call_state(&c.conn())), Ok(CallState::Idle));
         // The existing call still relays.
         ok(&hub, &b, &candidate(&b, &a, 1), now);
         assert_eq!(a.one()["type"], "ice-candidate");
@@ -1307,7 +1346,7 @@ mod tests {
         ok(&hub, &b, &accept(&b, &a), now);
         assert_eq!(b.error_code(), "not_in_call");
         a.nothing();
-        assert_eq!(hub.call_state(&a.conn()), Ok(CallState::Idle));
+        assert_eq!(ready(hub.call_state(&a.conn())), Ok(CallState::Idle));
     }
 
     #[test]
@@ -1330,8 +1369,8 @@ mod tests {
                 b.id
             )]
         );
-        assert_eq!(hub.call_state(&a.conn()), Ok(CallState::Idle));
-        assert_eq!(hub.call_state(&b.conn()), Ok(CallState::Idle));
+        assert_eq!(ready(hub.call_state(&a.conn())), Ok(CallState::Idle));
+        assert_eq!(ready(hub.call_state(&b.conn())), Ok(CallState::Idle));
         // Candidates after a decline go nowhere.
         ok(&hub, &a, &candidate(&a, &b, 1), now);
         assert_eq!(a.error_code(), "not_in_call");
@@ -1413,7 +1452,7 @@ mod tests {
         e.nothing();
         b.nothing();
         assert_eq!(
-            hub.call_state(&d.conn()),
+            ready(hub.call_state(&d.conn())),
             Ok(CallState::InCall {
                 peer: ClientId::new(e.id)
             })
@@ -1484,13 +1523,16 @@ mod tests {
         let start = Instant::now();
         let (a, b) = call(&hub, start);
         let old_token = a.token.clone();
-        hub.disconnect(a.leave(), Departure::Dropped, start);
+        ready(hub.disconnect(a.leave(), Departure::Dropped, start));
         let later = start + Duration::from_secs(10);
         for n in 0..5 {
             ok(&hub, &b, &candidate(&b, &a, n), later);
         }
         b.nothing();
-        assert_eq!(hub.expire(later), Some(start + Duration::from_secs(30)));
+        assert_eq!(
+            ready(hub.expire(later)),
+            Some(start + Duration::from_secs(30))
+        );
 
         let mut a2 = connect(&hub, later);
         assert_ne!(a2.id, a.id);
@@ -1513,7 +1555,7 @@ mod tests {
         a2.id = a.id;
         assert_eq!(a2.conn().id().get(), a.id);
         // The throwaway ID is freed.
-        assert_eq!(hub.directory().len(), 2);
+        assert_eq!(hub.connections().len(), 2);
         let c = connect(&hub, later);
         ok(
             &hub,
@@ -1535,11 +1577,11 @@ mod tests {
         assert_eq!(a2.one()["type"], "close-call-server");
 
         // Nothing expires for the resumed ID.
-        assert_eq!(hub.expire(start + Duration::from_secs(60)), None);
-        assert_eq!(hub.directory().len(), 3);
+        assert_eq!(ready(hub.expire(start + Duration::from_secs(60))), None);
+        assert_eq!(hub.connections().len(), 3);
 
         // A token is good for one resume only.
-        hub.disconnect(a2.leave(), Departure::Dropped, later);
+        ready(hub.disconnect(a2.leave(), Departure::Dropped, later));
         let x = connect(&hub, later);
         ok(&hub, &x, &resume_text(a.id, &old_token), later);
         assert_eq!(x.error_code(), "resume_failed");
@@ -1552,13 +1594,13 @@ mod tests {
         let hub = hub();
         let start = Instant::now();
         let (a, b) = call(&hub, start);
-        hub.disconnect(a.leave(), Departure::Dropped, start);
+        ready(hub.disconnect(a.leave(), Departure::Dropped, start));
         assert_eq!(
-            hub.expire(start + Duration::from_millis(29_999)),
+            ready(hub.expire(start + Duration::from_millis(29_999))),
             Some(start + Duration::from_secs(30))
         );
         b.nothing();
-        assert_eq!(hub.expire(start + Duration::from_secs(30)), None);
+        assert_eq!(ready(hub.expire(start + Duration::from_secs(30))), None);
         assert_eq!(
             b.inbox(),
             [format!(
@@ -1566,7 +1608,7 @@ mod tests {
                 a.id
             )]
         );
-        assert_eq!(hub.call_state(&b.conn()), Ok(CallState::Idle));
+        assert_eq!(ready(hub.call_state(&b.conn())), Ok(CallState::Idle));
         let a2 = connect(&hub, start + Duration::from_secs(31));
         ok(
             &hub,
@@ -1575,7 +1617,7 @@ mod tests {
             start + Duration::from_secs(31),
         );
         assert_eq!(a2.error_code(), "resume_failed");
-        assert_eq!(hub.directory().len(), 2);
+        assert_eq!(hub.connections().len(), 2);
         // B is free for new calls.
         ok(&hub, &a2, &offer(&a2, &b), start + Duration::from_secs(31));
         assert_eq!(b.one()["type"], "video-answer-request");
@@ -1586,7 +1628,7 @@ mod tests {
         let hub = hub();
         let now = Instant::now();
         let (a, b) = call(&hub, now);
-        hub.disconnect(a.leave(), Departure::Dropped, now);
+        ready(hub.disconnect(a.leave(), Departure::Dropped, now));
         let thief = connect(&hub, now);
         let mut wrong = a.token.clone().into_bytes();
         wrong[0] = if wrong[0] == b'A' { b'B' } else { b'A' };
@@ -1614,13 +1656,13 @@ mod tests {
         ok(&hub, &a2, &resume_text(a.id, &a.token), now);
         assert_eq!(a2.json()[0]["resumed"], true);
         assert_eq!(a.error_code(), "session_replaced");
-        assert!(a.outbox.dropped_by_directory());
+        assert!(a.outbox.dropped_by_node());
         // The old connection can no longer act on the ID and is told to close.
         let outcome = send(&hub, &a, &candidate(&a, &b, 1), now);
         assert_eq!(outcome.close, Some(CloseCode::PolicyViolation));
         b.nothing();
         // Its late disconnect does not disturb the new holder.
-        hub.disconnect(a.leave(), Departure::Left, now);
+        ready(hub.disconnect(a.leave(), Departure::Left, now));
         b.nothing();
         a2.id = a.id;
         ok(&hub, &a2, &candidate(&a2, &b, 2), now);
@@ -1642,7 +1684,7 @@ mod tests {
         let hub = hub();
         let now = Instant::now();
         let (a, b) = call(&hub, now);
-        hub.disconnect(a.leave(), Departure::Left, now);
+        ready(hub.disconnect(a.leave(), Departure::Left, now));
         assert_eq!(
             b.inbox(),
             [format!(
@@ -1650,8 +1692,8 @@ mod tests {
                 a.id
             )]
         );
-        assert_eq!(hub.directory().len(), 1);
-        assert_eq!(hub.expire(now + Duration::from_secs(60)), None);
+        assert_eq!(hub.connections().len(), 1);
+        assert_eq!(ready(hub.expire(now + Duration::from_secs(60))), None);
     }
 
     #[test]
@@ -1726,7 +1768,7 @@ mod tests {
         }
         // Limits the session layer enforces count too.
         let c = connect(&hub, now);
-        let outcome = hub.reject(&mut c.conn(), ErrorCode::RateLimited, now);
+        let outcome = ready(hub.reject(&mut c.conn(), ErrorCode::RateLimited, now));
         assert_eq!(outcome.error, Some(ErrorCode::RateLimited));
         assert_eq!(c.error_code(), "rate_limited");
     }
@@ -1751,7 +1793,7 @@ mod tests {
             }
         }
         assert_eq!(detached_at, Some(3));
-        assert!(b.outbox.dropped_by_directory());
+        assert!(b.outbox.dropped_by_node());
         // What sat in B's outbox never reached B; B processed only the offer (seq 1).
         let queued = b.json();
         assert_eq!(queued[0]["type"], "video-answer-request");
@@ -1759,7 +1801,7 @@ mod tests {
         // B's session notices and closes; its old attachment is stale.
         let outcome = send(&hub, &b, r#"{"type":"ping"}"#, now);
         assert_eq!(outcome.close, Some(CloseCode::PolicyViolation));
-        hub.disconnect(b.leave(), Departure::Dropped, now);
+        ready(hub.disconnect(b.leave(), Departure::Dropped, now));
         // It comes back and gets candidates 0 to 5, in order, numbered 2 to 7.
         let mut b2 = join_acking(&hub, now, 64);
         ok(
@@ -1804,7 +1846,7 @@ mod tests {
             queued.iter().all(|f| f.get("seq").is_none()),
             "no seq unless asked"
         );
-        hub.disconnect(b.leave(), Departure::Dropped, now);
+        ready(hub.disconnect(b.leave(), Departure::Dropped, now));
         let b2 = connect(&hub, now);
         ok(&hub, &b2, &resume_text(b.id, &b.token), now);
         let frames = b2.json();
@@ -1836,7 +1878,7 @@ mod tests {
         });
         let now = Instant::now();
         let (a, b) = call(&hub, now);
-        hub.disconnect(b.leave(), Departure::Dropped, now);
+        ready(hub.disconnect(b.leave(), Departure::Dropped, now));
         for n in 0..3 {
             ok(&hub, &a, &candidate(&a, &b, n), now);
             a.nothing();
@@ -1856,8 +1898,8 @@ mod tests {
         assert_eq!(frames.len(), 4);
         // Seq 1 was B's incoming call; candidates 0..=2 are 2..=4 (held), 3 and 4 are 5 and 6.
         assert_eq!(frames[0]["missed"], json!([5, 6]));
-        assert_eq!(hub.directory().len(), 2);
-        assert_eq!(hub.directory().held_bytes(), 0);
+        assert_eq!(hub.connections().len(), 2);
+        assert_eq!(hub.connections().held_bytes(), 0);
     }
 
     #[test]
@@ -1865,12 +1907,12 @@ mod tests {
         let hub = hub();
         let start = Instant::now();
         let (a, b) = call(&hub, start);
-        hub.disconnect(b.leave(), Departure::Dropped, start);
+        ready(hub.disconnect(b.leave(), Departure::Dropped, start));
         for n in 0..3 {
             ok(&hub, &a, &candidate(&a, &b, n), start);
         }
         a.nothing();
-        hub.expire(start + Duration::from_secs(31));
+        ready(hub.expire(start + Duration::from_secs(31)));
         let told = a.json();
         assert_eq!(told.len(), 2, "{told:?}");
         assert_eq!(told[0]["code"], "undelivered");
@@ -1887,7 +1929,7 @@ mod tests {
         let now = Instant::now();
         let a = connect(&hub, now);
         let b = connect(&hub, now);
-        hub.disconnect(b.leave(), Departure::Dropped, now);
+        ready(hub.disconnect(b.leave(), Departure::Dropped, now));
         ok(&hub, &a, &offer(&a, &b), now);
         a.nothing();
         let b2 = connect(&hub, now);
@@ -1918,18 +1960,18 @@ mod tests {
                 } else {
                     Departure::Dropped
                 };
-                hub.disconnect(a.leave(), how, now);
-                hub.disconnect(b.leave(), Departure::Dropped, now);
+                ready(hub.disconnect(a.leave(), how, now));
+                ready(hub.disconnect(b.leave(), Departure::Dropped, now));
             }
-            hub.expire(now + Duration::from_secs(30));
+            ready(hub.expire(now + Duration::from_secs(30)));
             assert!(
-                hub.directory().is_empty(),
+                hub.connections().is_empty(),
                 "round {round}: {}",
-                hub.directory().len()
+                hub.connections().len()
             );
         }
-        assert_eq!(hub.directory().held_bytes(), 0);
-        assert_eq!(hub.directory().pending_deadlines(), 0);
+        assert_eq!(hub.connections().held_bytes(), 0);
+        assert_eq!(hub.connections().pending_deadlines(), 0);
     }
 
     #[test]
@@ -1961,7 +2003,7 @@ mod tests {
                         for _ in 0..3000 {
                             let me = &group[next() as usize % group.len()];
                             let other = ids[next() as usize % ids.len()];
-                            let state = hub.call_state(&me.conn()).unwrap();
+                            let state = ready(hub.call_state(&me.conn())).unwrap();
                             let text = match (next() % 6, state.peer()) {
                                 (0, _) => format!(
                                     r#"{{"type":"video-offer-request","calleeId":{other},"offer":{{}}}}"#
@@ -1993,7 +2035,7 @@ mod tests {
         });
         let states: HashMap<u64, CallState> = clients
             .iter()
-            .map(|c| (c.id, hub.call_state(&c.conn()).unwrap()))
+            .map(|c| (c.id, ready(hub.call_state(&c.conn())).unwrap()))
             .collect();
         let mut in_calls = 0;
         for (id, state) in &states {
@@ -2020,9 +2062,7 @@ mod tests {
         let now = Instant::now();
         let _a = connect(&hub, now);
         let _b = connect(&hub, now);
-        let err = hub
-            .connect(TestOutbox::with_capacity(4), None, now)
-            .unwrap_err();
+        let err = ready(hub.connect(TestOutbox::with_capacity(4), None, now)).unwrap_err();
         assert_eq!(err.code(), ErrorCode::ServerFull);
         assert_eq!(err.close_code().as_u16(), 1013);
         let frame: Value = serde_json::from_slice(&err.frame()).unwrap();
@@ -2032,22 +2072,19 @@ mod tests {
     #[test]
     fn the_hub_is_shareable_across_tasks_with_session_outboxes() {
         fn assert_shareable<T: Send + Sync>() {}
-        assert_shareable::<Hub<MemoryDirectory<crate::signaling::outbox::OutboxSender>>>();
-        let hub = Hub::new(
-            MemoryDirectory::new(&SignalingLimits::default()),
-            SignalingLimits::default(),
-        );
+        assert_shareable::<Router<MemoryRegistry, NoBus, crate::signaling::outbox::OutboxSender>>();
+        let hub: Router = Router::single_node(SignalingLimits::default());
         let (tx, mut rx) = crate::signaling::outbox::channel(8);
-        let mut conn = hub.connect(tx, None, Instant::now()).unwrap();
-        let _ = hub.handle_text(&mut conn, br#"{"type":"ping"}"#, Instant::now());
-        let hello: Value = serde_json::from_slice(&rx.try_recv().unwrap()).unwrap();
+        let mut conn = ready(hub.connect(tx, None, Instant::now())).unwrap();
+        let _ = ready(hub.handle_text(&mut conn, br#"{"type":"ping"}"#, Instant::now()));
+        let hello: Value = serde_json::from_slice(&rx.try_recv().unwrap().bytes).unwrap();
         assert_eq!(hello["id"], conn.id().get());
         assert_eq!(
-            rx.try_recv().unwrap(),
+            rx.try_recv().unwrap().bytes,
             Bytes::from_static(br#"{"type":"pong"}"#)
         );
         // Detaching drops the only sender: the session's receiver sees the channel close.
-        hub.disconnect(conn, Departure::Dropped, Instant::now());
+        ready(hub.disconnect(conn, Departure::Dropped, Instant::now()));
         assert!(rx.is_closed());
         let _ = json!(null);
     }

@@ -3,23 +3,34 @@
 //! | file | what it owns |
 //! |---|---|
 //! | `protocol.rs` | the JSON on the wire: client and server messages, error and close codes |
-//! | `hub.rs` | the rules: who may send what to whom, call states, resume — no I/O, no clock |
-//! | `directory.rs` | where each ID lives (live outbox or reservation) and its call state |
+//! | `hub.rs` | the rules: who may send what to whom, call states, resume — returns effects, no I/O |
+//! | `registry.rs` | what nodes share per ID: home node, epoch, token, live or reserved, call state; the call transitions |
+//! | `connections.rs` | what this node holds per ID: live outboxes, delivery logs, reservation deadlines, per-address counts |
+//! | `bus.rs` | delivery to IDs held by other nodes (`NoBus` on a single node) |
+//! | `router.rs` | applies the hub's effects: local IDs through `connections`, others through `bus` |
 //! | `delivery.rs` | what each ID is owed: sequence numbers, messages held until acknowledged |
-//! | `outbox.rs` | a connection's bounded queue of frames to send, filled by the hub |
-//! | `session.rs` | one WebSocket: upgrade checks, the session loop, heartbeat, size and rate limits |
+//! | `outbox.rs` | a connection's bounded queue of frames to send, filled by the router |
+//! | `session.rs` | one upgraded WebSocket: the session loop, heartbeat, size and rate limits |
+//! | `observer.rs` | what sessions report (opens, closes, messages, limits) for metrics to count |
 //! | `wire.rs` | WebSocket frames in and out, with no buffer kept between messages |
 //!
 //! The WebSocket session (read loop, write queue, heartbeat, size and rate limits) sits on top and
-//! calls [`hub::Hub`] with each text frame and the current time.
+//! calls [`router::Router`] with each text frame and the current time; the router asks
+//! [`hub::Hub`] what the frame means and applies the answer. The hub and the router are generic
+//! over the [`registry::Registry`] and the [`bus::Bus`], so a cluster plugs in Redis versions of
+//! both without the session changing.
 
 use std::time::Duration;
 
+pub mod bus;
+pub mod connections;
 pub mod delivery;
-pub mod directory;
 pub mod hub;
+pub mod observer;
 pub mod outbox;
 pub mod protocol;
+pub mod registry;
+pub mod router;
 pub mod session;
 pub mod wire;
 
@@ -29,7 +40,8 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(20);
 
 /// Every knob the signaling core needs, with defaults that are safe on the public internet.
 ///
-/// The main `Config` maps onto this; the hub and the directory each read the fields they use.
+/// The main `Config` maps onto this; the hub, the registry and the connections table each read the
+/// fields they use.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct SignalingLimits {
@@ -53,7 +65,7 @@ pub struct SignalingLimits {
     /// Default 100 000.
     pub max_clients: usize,
     /// Most reserved IDs per client address (IPv6 per /64); a further drop from the address frees
-    /// its ID at once. Default 16, so connect-and-drop churn cannot fill the directory.
+    /// its ID at once. Default 16, so connect-and-drop churn cannot fill the node.
     pub reservations_per_ip: usize,
     /// Deepest nesting of objects and arrays accepted in a message. Default 32; an SDP object
     /// needs 2.

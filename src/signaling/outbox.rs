@@ -1,27 +1,26 @@
-//! A connection's outbox: the bounded queue the hub pushes ready-to-send frames into without ever
+//! A connection's outbox: the bounded queue the router pushes ready-to-send frames into without ever
 //! blocking, and the session drains.
 //!
 //! A tokio `mpsc` channel did this before, but it allocates a 32-slot block and two cache-line
 //! aligned headers up front (≈ 1.6 KB per connection, 13% of an idle connection's memory) and
 //! pays a semaphore for its bound. Here one mutex guards a `VecDeque` that holds no memory while
-//! empty. The hub and the session each take the lock for a push or a pop; nothing else shares it.
+//! empty. The router and the session each take the lock for a push or a pop; nothing else shares it.
 //!
-//! There is one sender. Dropping it is how the hub tells the session "this connection is done"
+//! There is one sender. Dropping it is how the router tells the session "this connection is done"
 //! (another connection resumed its ID, or its queue overflowed): the receiver then sees the end
 //! after the frames already queued.
 //!
 //! A queue is bounded in frames and in bytes, and all queues together by one [`OutboxBudget`]:
 //! once that is spent, a connection with more than [`PRESSURE_BYTES`] queued counts as too slow
-//! (its push fails, and the hub detaches it), while one that keeps up still gets its frames.
+//! (its push fails, and the router detaches it), while one that keeps up still gets its frames.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
-use bytes::Bytes;
-
-use super::directory::{Outbox, PushError};
+use super::connections::{Outbox, PushError};
+use super::protocol::ServerFrame;
 
 /// Under global pressure, a queue holding more than this many bytes refuses new frames. One
 /// largest message: a client that keeps up rarely has more waiting.
@@ -91,7 +90,7 @@ pub fn bounded(limits: OutboxLimits) -> (OutboxSender, OutboxReceiver) {
     )
 }
 
-/// The hub's end: pushes frames, never waits.
+/// The router's end: pushes frames, never waits.
 #[derive(Debug)]
 pub struct OutboxSender {
     /// The queue, shared with the receiver.
@@ -118,7 +117,7 @@ struct Shared {
 #[derive(Debug)]
 struct State {
     /// Frames not yet taken by the session.
-    frames: VecDeque<Bytes>,
+    frames: VecDeque<ServerFrame>,
     /// Their total length.
     bytes: usize,
     /// The session waiting for a frame, if it is.
@@ -138,7 +137,7 @@ impl Shared {
 }
 
 impl Outbox for OutboxSender {
-    fn try_push(&self, frame: Bytes) -> Result<(), PushError> {
+    fn try_push(&self, frame: ServerFrame) -> Result<(), PushError> {
         let mut state = self.shared.lock();
         if state.receiver_gone {
             return Err(PushError::Closed(frame));
@@ -165,16 +164,16 @@ impl Outbox for OutboxSender {
         Ok(())
     }
 
-    fn take_unsent(&self) -> Vec<Bytes> {
+    fn take_unsent(&self) -> Vec<ServerFrame> {
         self.take_all()
     }
 }
 
 impl OutboxSender {
     /// See [`Outbox::take_unsent`].
-    fn take_all(&self) -> Vec<Bytes> {
+    fn take_all(&self) -> Vec<ServerFrame> {
         let mut state = self.shared.lock();
-        let frames: Vec<Bytes> = std::mem::take(&mut state.frames).into();
+        let frames: Vec<ServerFrame> = std::mem::take(&mut state.frames).into();
         if let Some(budget) = &self.shared.limits.budget {
             budget.used.fetch_sub(state.bytes, Ordering::Relaxed);
         }
@@ -197,7 +196,7 @@ impl Drop for OutboxSender {
 
 impl OutboxReceiver {
     /// The next frame; `None` once the sender is gone and every frame has been taken.
-    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<ServerFrame>> {
         let mut state = self.shared.lock();
         if let Some(frame) = pop(&mut state, &self.shared.limits) {
             return Poll::Ready(Some(frame));
@@ -213,11 +212,11 @@ impl OutboxReceiver {
     }
 
     /// The next frame if one is queued.
-    pub fn try_recv(&mut self) -> Option<Bytes> {
+    pub fn try_recv(&mut self) -> Option<ServerFrame> {
         pop(&mut self.shared.lock(), &self.shared.limits)
     }
 
-    /// Bytes queued and not yet taken.
+    /// ServerFrame queued and not yet taken.
     pub fn queued_bytes(&self) -> usize {
         self.shared.lock().bytes
     }
@@ -228,7 +227,7 @@ impl OutboxReceiver {
     }
 
     /// Waits for the next frame; `None` once the sender is gone and the queue is empty.
-    pub async fn recv(&mut self) -> Option<Bytes> {
+    pub async fn recv(&mut self) -> Option<ServerFrame> {
         std::future::poll_fn(|cx| self.poll_recv(cx)).await
     }
 }
@@ -237,7 +236,7 @@ impl Drop for OutboxReceiver {
     fn drop(&mut self) {
         let mut state = self.shared.lock();
         state.receiver_gone = true;
-        // Frames nobody will send are freed now, not when the hub lets go of the sender.
+        // Frames nobody will send are freed now, not when the router lets go of the sender.
         state.frames = VecDeque::new();
         if let Some(budget) = &self.shared.limits.budget {
             budget.used.fetch_sub(state.bytes, Ordering::Relaxed);
@@ -247,7 +246,7 @@ impl Drop for OutboxReceiver {
 }
 
 /// Takes the oldest frame; the queue's memory goes back once it is empty, unless it is small.
-fn pop(state: &mut State, limits: &OutboxLimits) -> Option<Bytes> {
+fn pop(state: &mut State, limits: &OutboxLimits) -> Option<ServerFrame> {
     let frame = state.frames.pop_front()?;
     state.bytes -= frame.len();
     if let Some(budget) = &limits.budget {
@@ -262,43 +261,57 @@ fn pop(state: &mut State, limits: &OutboxLimits) -> Option<Bytes> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::signaling::protocol::ServerKind;
+    use bytes::Bytes;
+
+    /// A frame of `bytes` (its kind does not matter to the queue).
+    fn f(bytes: Bytes) -> ServerFrame {
+        ServerFrame {
+            kind: ServerKind::Pong,
+            bytes,
+        }
+    }
+
+    fn text(frame: Option<ServerFrame>) -> Option<Bytes> {
+        frame.map(|f| f.bytes)
+    }
 
     #[tokio::test]
     async fn frames_come_out_in_order_and_the_end_follows_the_last() {
         let (tx, mut rx) = channel(4);
         for text in ["a", "b", "c"] {
-            tx.try_push(Bytes::from_static(text.as_bytes())).unwrap();
+            tx.try_push(f(Bytes::from_static(text.as_bytes()))).unwrap();
         }
         assert!(!rx.is_closed());
         drop(tx);
         assert!(rx.is_closed());
-        assert_eq!(rx.recv().await.as_deref(), Some(&b"a"[..]));
-        assert_eq!(rx.try_recv().as_deref(), Some(&b"b"[..]));
-        assert_eq!(rx.recv().await.as_deref(), Some(&b"c"[..]));
+        assert_eq!(text(rx.recv().await).as_deref(), Some(&b"a"[..]));
+        assert_eq!(text(rx.try_recv()).as_deref(), Some(&b"b"[..]));
+        assert_eq!(text(rx.recv().await).as_deref(), Some(&b"c"[..]));
         assert_eq!(rx.recv().await, None);
     }
 
     #[tokio::test]
     async fn a_full_queue_hands_the_frame_back() {
         let (tx, mut rx) = channel(2);
-        tx.try_push(Bytes::from_static(b"1")).unwrap();
-        tx.try_push(Bytes::from_static(b"2")).unwrap();
-        match tx.try_push(Bytes::from_static(b"3")) {
-            Err(PushError::Full(frame)) => assert_eq!(&frame[..], b"3"),
+        tx.try_push(f(Bytes::from_static(b"1"))).unwrap();
+        tx.try_push(f(Bytes::from_static(b"2"))).unwrap();
+        match tx.try_push(f(Bytes::from_static(b"3"))) {
+            Err(PushError::Full(frame)) => assert_eq!(&frame.bytes[..], b"3"),
             other => panic!("expected Full, got {other:?}"),
         }
-        assert_eq!(rx.try_recv().as_deref(), Some(&b"1"[..]));
-        tx.try_push(Bytes::from_static(b"3")).unwrap();
+        assert_eq!(text(rx.try_recv()).as_deref(), Some(&b"1"[..]));
+        tx.try_push(f(Bytes::from_static(b"3"))).unwrap();
     }
 
     #[test]
     fn a_dropped_receiver_closes_the_queue_and_frees_its_frames() {
         let (tx, rx) = channel(8);
-        tx.try_push(Bytes::from(vec![0; 1000])).unwrap();
+        tx.try_push(f(Bytes::from(vec![0; 1000]))).unwrap();
         drop(rx);
         assert_eq!(tx.shared.lock().frames.capacity(), 0);
-        match tx.try_push(Bytes::from_static(b"late")) {
-            Err(PushError::Closed(frame)) => assert_eq!(&frame[..], b"late"),
+        match tx.try_push(f(Bytes::from_static(b"late"))) {
+            Err(PushError::Closed(frame)) => assert_eq!(&frame.bytes[..], b"late"),
             other => panic!("expected Closed, got {other:?}"),
         }
     }
@@ -312,10 +325,10 @@ mod tests {
             (first, end)
         });
         tokio::task::yield_now().await;
-        tx.try_push(Bytes::from_static(b"hello")).unwrap();
+        tx.try_push(f(Bytes::from_static(b"hello"))).unwrap();
         drop(tx);
         let (first, end) = waiting.await.unwrap();
-        assert_eq!(first.as_deref(), Some(&b"hello"[..]));
+        assert_eq!(text(first).as_deref(), Some(&b"hello"[..]));
         assert_eq!(end, None);
     }
 
@@ -326,15 +339,15 @@ mod tests {
             bytes: 10,
             budget: None,
         });
-        tx.try_push(Bytes::from_static(b"123456")).unwrap();
+        tx.try_push(f(Bytes::from_static(b"123456"))).unwrap();
         assert!(matches!(
-            tx.try_push(Bytes::from_static(b"12345")),
+            tx.try_push(f(Bytes::from_static(b"12345"))),
             Err(PushError::Full(_))
         ));
-        tx.try_push(Bytes::from_static(b"1234")).unwrap();
+        tx.try_push(f(Bytes::from_static(b"1234"))).unwrap();
         assert_eq!(rx.queued_bytes(), 10);
         rx.try_recv().unwrap();
-        tx.try_push(Bytes::from_static(b"12345")).unwrap();
+        tx.try_push(f(Bytes::from_static(b"12345"))).unwrap();
     }
 
     #[test]
@@ -350,14 +363,14 @@ mod tests {
         let chunk = || Bytes::from(vec![0; 16 * 1024]);
         // The slow reader fills the budget and then some.
         let mut queued = 0;
-        while slow.try_push(chunk()).is_ok() {
+        while slow.try_push(f(chunk())).is_ok() {
             queued += 1;
         }
         assert!(budget.used() >= 2 * PRESSURE_BYTES);
         assert!(queued * 16 * 1024 > PRESSURE_BYTES);
         // A reader that keeps up (its queue is short) still gets every frame.
         for _ in 0..100 {
-            fast.try_push(chunk()).unwrap();
+            fast.try_push(f(chunk())).unwrap();
             fast_rx.try_recv().unwrap();
         }
         // Dropping the slow receiver gives its bytes back.
@@ -369,7 +382,7 @@ mod tests {
     fn an_emptied_queue_gives_its_memory_back() {
         let (tx, mut rx) = channel(128);
         for _ in 0..100 {
-            tx.try_push(Bytes::from_static(b"x")).unwrap();
+            tx.try_push(f(Bytes::from_static(b"x"))).unwrap();
         }
         while rx.try_recv().is_some() {}
         assert_eq!(tx.shared.lock().frames.capacity(), 0);

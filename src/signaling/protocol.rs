@@ -27,12 +27,12 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// The number a client is reached by: what the seed calls its "ID".
 ///
 /// The seed client turns a typed ID into a JavaScript `Number`, so IDs stay integers on the wire; they
-/// are random (see `directory`) so that knowing one ID tells nothing about the others.
+/// are random (see `registry`) so that knowing one ID tells nothing about the others.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ClientId(u64);
 
 impl ClientId {
-    /// Wraps a raw number; used by the directory when it draws a new ID and by tests.
+    /// Wraps a raw number; used by the registry when it draws a new ID and by tests.
     pub const fn new(raw: u64) -> Self {
         Self(raw)
     }
@@ -182,11 +182,14 @@ pub enum ErrorCode {
     TooManyViolations,
     /// Something went wrong on the server; the message was not processed.
     InternalError,
+    /// The cluster's shared registry (Redis) cannot be reached, so an action that needs it (a new
+    /// ID, a resume, a call to a client on another node) failed; retry later.
+    ClusterUnavailable,
 }
 
 impl ErrorCode {
     /// Every code, for documentation checks and metrics registration.
-    pub const ALL: [ErrorCode; 23] = [
+    pub const ALL: [ErrorCode; 24] = [
         Self::InvalidJson,
         Self::TooDeep,
         Self::UnknownType,
@@ -210,6 +213,7 @@ impl ErrorCode {
         Self::ServerFull,
         Self::TooManyViolations,
         Self::InternalError,
+        Self::ClusterUnavailable,
     ];
 
     /// The stable snake_case code sent on the wire.
@@ -238,6 +242,7 @@ impl ErrorCode {
             Self::ServerFull => "server_full",
             Self::TooManyViolations => "too_many_violations",
             Self::InternalError => "internal_error",
+            Self::ClusterUnavailable => "cluster_unavailable",
         }
     }
 
@@ -270,6 +275,9 @@ impl ErrorCode {
             Self::ServerFull => "The server is full; try again later.",
             Self::TooManyViolations => "Too many invalid messages; the connection is closing.",
             Self::InternalError => "Something went wrong on the server.",
+            Self::ClusterUnavailable => {
+                "The cluster cannot be reached right now; nothing was done. Try again shortly."
+            }
         }
     }
 
@@ -474,7 +482,7 @@ impl DropReason {
 }
 
 /// Room kept at the end of every encoded server message for `,"seq":N` (N up to 20 digits), so
-/// the directory can number it in place.
+// the connections table can number it in place.
 pub const SEQ_ROOM: usize = 28;
 
 /// Why a frame could not be read as a client message. Each maps to one [`ErrorCode`].
@@ -987,13 +995,127 @@ pub enum ServerMessage<'a> {
     },
 }
 
+/// The type of a message the server sends, known when the message is built, so nothing
+/// downstream (metrics, the session) has to read it back out of the bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ServerKind {
+    /// `id`.
+    Id,
+    /// `video-answer-request`.
+    VideoAnswerRequest,
+    /// `server-reply`.
+    ServerReply,
+    /// `close-call-server`.
+    CloseCallServer,
+    /// `ice-candidate`.
+    IceCandidate,
+    /// `ringing`.
+    Ringing,
+    /// `busy`.
+    Busy,
+    /// `offer`.
+    Offer,
+    /// `answer`.
+    Answer,
+    /// `pong`.
+    Pong,
+    /// `error`, with its code (`undelivered` included).
+    Error(ErrorCode),
+}
+
+impl ServerKind {
+    /// Every `"type"` the server sends, in [`ServerKind::type_index`] order.
+    pub const TYPES: [&'static str; 11] = [
+        "id",
+        "video-answer-request",
+        "server-reply",
+        "close-call-server",
+        "ice-candidate",
+        "ringing",
+        "busy",
+        "offer",
+        "answer",
+        "pong",
+        "error",
+    ];
+
+    /// The position of this kind's `"type"` in [`ServerKind::TYPES`] (errors share one).
+    pub const fn type_index(self) -> usize {
+        match self {
+            Self::Id => 0,
+            Self::VideoAnswerRequest => 1,
+            Self::ServerReply => 2,
+            Self::CloseCallServer => 3,
+            Self::IceCandidate => 4,
+            Self::Ringing => 5,
+            Self::Busy => 6,
+            Self::Offer => 7,
+            Self::Answer => 8,
+            Self::Pong => 9,
+            Self::Error(_) => 10,
+        }
+    }
+
+    /// The `"type"` on the wire.
+    pub const fn as_str(self) -> &'static str {
+        Self::TYPES[self.type_index()]
+    }
+}
+
+/// A ready-to-send text frame and its type.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerFrame {
+    /// What kind of message it is.
+    pub kind: ServerKind,
+    /// The JSON text, as sent.
+    pub bytes: Bytes,
+}
+
+impl ServerFrame {
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Whether it is empty (never, for a frame callgate built).
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+}
+
 impl ServerMessage<'_> {
     /// Serialises the message once into a ready-to-send WebSocket text payload.
     pub fn encode(&self) -> Bytes {
         Bytes::from(self.to_json())
     }
 
-    /// The message's JSON, with room at the end for the `seq` the directory adds (see
+    /// [`ServerMessage::encode`], with the message's kind.
+    pub fn frame(&self) -> ServerFrame {
+        ServerFrame {
+            kind: self.kind(),
+            bytes: self.encode(),
+        }
+    }
+
+    /// The message's type.
+    pub const fn kind(&self) -> ServerKind {
+        match self {
+            Self::Id { .. } => ServerKind::Id,
+            Self::VideoAnswerRequest { .. } => ServerKind::VideoAnswerRequest,
+            Self::ServerReply { .. } => ServerKind::ServerReply,
+            Self::CloseCallServer { .. } => ServerKind::CloseCallServer,
+            Self::IceCandidate { .. } => ServerKind::IceCandidate,
+            Self::Ringing { .. } => ServerKind::Ringing,
+            Self::Busy { .. } => ServerKind::Busy,
+            Self::Offer { .. } => ServerKind::Offer,
+            Self::Answer { .. } => ServerKind::Answer,
+            Self::Pong => ServerKind::Pong,
+            Self::Undelivered { .. } => ServerKind::Error(ErrorCode::Undelivered),
+            Self::Error { code, .. } => ServerKind::Error(*code),
+        }
+    }
+
+    /// The message's JSON, with room at the end for the `seq` the connections table adds (see
     /// [`super::delivery::Envelope`]), so numbering it never copies or reallocates.
     pub fn to_json(&self) -> Vec<u8> {
         let payload_len = match self {

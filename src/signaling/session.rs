@@ -1,14 +1,16 @@
-//! One signaling WebSocket: the upgrade checks, the session loop, the bounded write queue,
-//! heartbeats and per-connection limits. Everything a message *means* is decided by the hub; this
-//! module only moves bytes, enforces sizes and rates, and keeps the connection alive or closes it.
+//! One signaling WebSocket after the upgrade: the session loop, the bounded write queue,
+//! heartbeats and per-connection limits. Everything a message *means* is decided by the hub (through
+//! the router); this module only moves bytes, enforces sizes and rates, and keeps the connection
+//! alive or closes it. The upgrade itself (origin check, per-address upgrade rate, ICE servers) is
+//! `http::websocket`'s; what happens here is reported to a [`SessionObserver`].
 //!
 //! Each session is one task that owns the socket. It reads frames ([`super::wire`], which keeps no
 //! buffer between messages), assembles fragmented messages (bounded over the whole message) and
-//! hands text to the hub; it drains the connection's outbox ([`super::outbox`], bounded, which the hub
-//! pushes into without ever blocking) into one write; it pings, and closes the socket with the right code. A
-//! client that takes no output for `write-timeout` — one that stopped reading — is cut off; others
-//! never wait for it. One task instead of a reader and a writer saves a task and a channel per
-//! connection, and a wake-up per relayed message.
+//! hands text to the router; it drains the connection's outbox ([`super::outbox`], bounded, which
+//! the router pushes into without ever blocking) into one write; it pings, and closes the socket
+//! with the right code. A client that takes no output for `write-timeout` — one that stopped
+//! reading — is cut off; others never wait for it. One task instead of a reader and a writer saves a
+//! task and a channel per connection, and a wake-up per relayed message.
 
 use std::future::{poll_fn, Future};
 use std::net::IpAddr;
@@ -17,24 +19,19 @@ use std::task::{ready, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
-use hyper::header::{self, HeaderValue};
-use hyper::{Request, Response, StatusCode};
 
-use super::directory::Joining;
-use super::hub::{Attachment, Departure, Hub, IceServersFor};
+use super::connections::Joining;
+use super::hub::{Attachment, Departure, IceServersFor};
+use super::observer::{CloseReason, SessionEvent, SessionLimit, SessionObserver};
 use super::outbox::{self, OutboxBudget, OutboxLimits, OutboxReceiver, OutboxSender};
-use super::protocol::{ClientId, CloseCode, ErrorCode, ServerMessage};
+use super::protocol::{CloseCode, ErrorCode, ServerFrame, ServerKind, ServerMessage};
 use super::wire::{close_code_allowed, Frame, FrameReader, OpCode, Outgoing, ReadError};
-use crate::http::{text_response, Body, ConnectionContext};
-use crate::limits::{IpKey, IpRefusal, PerIpLimits, SessionRates};
-use crate::metrics::{CloseReason, Limit, Metrics};
+use crate::limits::{IpRefusal, PerIpLimits, SessionRates};
 use crate::shutdown::Shutdown;
-use crate::turn::{TurnCredentials, TurnEndpoints};
 
-/// The hub as sessions use it: the in-process directory over session outboxes.
-pub type SessionHub = Hub<super::directory::MemoryDirectory<OutboxSender>>;
+/// The signaling core as sessions use it: a single node's router over session outboxes.
+pub type SessionHub =
+    super::router::Router<super::registry::MemoryRegistry, super::bus::NoBus, OutboxSender>;
 
 /// Session-level settings: the config's `signaling.session` section.
 #[derive(Debug, Clone)]
@@ -60,11 +57,6 @@ pub struct SessionSettings {
     pub message_burst: std::num::NonZeroU32,
     /// New calls per minute per connection. Default 10.
     pub calls_per_minute: std::num::NonZeroU32,
-    /// Origins allowed to open a WebSocket; empty means "the server's own host".
-    pub allowed_origins: Vec<String>,
-    /// The configured public origin's authority (`host[:port]`), also allowed (linked from
-    /// `public-url`).
-    pub public_authority: Option<String>,
 }
 
 impl Default for SessionSettings {
@@ -81,251 +73,69 @@ impl Default for SessionSettings {
             messages_per_second: n(20),
             message_burst: n(60),
             calls_per_minute: n(10),
-            allowed_origins: Vec::new(),
-            public_authority: None,
         }
     }
 }
 
-/// Hands each client its ICE servers: STUN and TURN URLs of the embedded relay, with TURN REST
-/// credentials whose user is the client's ID, valid for `ttl`.
-pub struct IceProvider {
-    /// Signs the credentials.
-    credentials: TurnCredentials,
-    /// The relay's ports; `host` is filled per connection unless configured.
-    endpoints: TurnEndpoints,
-    /// A fixed host for the URLs (`turn-host`, or the public URL's host).
-    host: Option<String>,
-    /// Credential lifetime.
-    ttl: Duration,
-}
-
-impl IceProvider {
-    /// A provider for a relay listening on `endpoints`' ports.
-    pub fn new(
-        credentials: TurnCredentials,
-        endpoints: TurnEndpoints,
-        host: Option<String>,
-        ttl: Duration,
-    ) -> Self {
-        IceProvider {
-            credentials,
-            endpoints,
-            host,
-            ttl,
-        }
-    }
-
-    /// `{"iceServers":[...],"expiresAt":N}` for `user`, for apps that do their own signaling
-    /// (`/api/turn-credentials`). `None` if no host is configured and the request names none.
-    pub fn ice_servers_json<B>(&self, req: &Request<B>, user: &str) -> Option<String> {
-        let host = match &self.host {
-            Some(host) => host.clone(),
-            None => request_host(req)?,
-        };
-        let endpoints = TurnEndpoints {
-            host,
-            ..self.endpoints.clone()
-        };
-        let servers =
-            self.credentials
-                .ice_servers(user, std::time::SystemTime::now(), self.ttl, &endpoints);
-        serde_json::to_string(&servers).ok()
-    }
-
-    /// The generator for one connection: the URLs name the configured host, or else the host the
-    /// browser used to reach this server (which is what it can reach the relay by, too).
-    fn for_request<B>(self: &Arc<Self>, req: &Request<B>) -> Option<IceServersFor> {
-        let host = match &self.host {
-            Some(host) => host.clone(),
-            None => request_host(req)?,
-        };
-        let provider = self.clone();
-        Some(Arc::new(move |id: ClientId| {
-            let endpoints = TurnEndpoints {
-                host: host.clone(),
-                ..provider.endpoints.clone()
-            };
-            let servers = provider.credentials.ice_servers(
-                &id.to_string(),
-                std::time::SystemTime::now(),
-                provider.ttl,
-                &endpoints,
-            );
-            serde_json::value::to_raw_value(&servers.ice_servers).ok()
-        }))
-    }
-}
-
-/// The host name (without port) the client addressed, if it is a plain name or address.
-fn request_host<B>(req: &Request<B>) -> Option<String> {
-    let host = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri().host())?;
-    let host = if host.starts_with('[') {
-        &host[1..host.find(']')?]
-    } else {
-        host.rsplit_once(':').map_or(host, |(name, _)| name)
-    };
-    let plain = !host.is_empty()
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-.:".contains(&b));
-    plain.then(|| host.to_ascii_lowercase())
-}
-
-/// Accepts WebSocket upgrades and runs their sessions.
-pub struct Signaling {
+/// Runs upgraded WebSockets as signaling sessions.
+pub struct Sessions {
     /// The call rules and routing table.
     hub: Arc<SessionHub>,
     /// Sizes, rates, heartbeat.
     settings: SessionSettings,
-    /// Per-address upgrade rate and open-socket cap.
+    /// The per-address cap on open sockets.
     per_ip: Arc<PerIpLimits>,
-    /// Connection, message and limit counters.
-    metrics: Arc<Metrics>,
-    /// ICE servers for the `id` message, when the TURN relay runs.
-    ice: Option<Arc<IceProvider>>,
+    /// Told about opens, closes, messages and limits (metrics).
+    observer: Arc<dyn SessionObserver>,
     /// The byte budget over every session's outbox.
     outbox_budget: Arc<OutboxBudget>,
 }
 
-impl std::fmt::Debug for Signaling {
+impl std::fmt::Debug for Sessions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Signaling")
+        f.debug_struct("Sessions")
             .field("settings", &self.settings)
             .finish_non_exhaustive()
     }
 }
 
-impl Signaling {
-    /// A signaling service over `hub`.
+impl Sessions {
+    /// Sessions over `hub`, reporting to `observer`.
     pub fn new(
         hub: Arc<SessionHub>,
         settings: SessionSettings,
         per_ip: Arc<PerIpLimits>,
-        metrics: Arc<Metrics>,
-        ice: Option<IceProvider>,
+        observer: Arc<dyn SessionObserver>,
     ) -> Arc<Self> {
-        Arc::new(Signaling {
+        Arc::new(Sessions {
             hub,
             outbox_budget: OutboxBudget::new(settings.outbox_bytes_total),
             settings,
             per_ip,
-            metrics,
-            ice: ice.map(Arc::new),
+            observer,
         })
     }
 
-    /// The ICE server provider, when the TURN relay runs.
-    pub fn ice(&self) -> Option<&Arc<IceProvider>> {
-        self.ice.as_ref()
-    }
-
-    /// The hub, for the expiry task and metrics.
+    /// The router, for the expiry task and tests.
     pub fn hub(&self) -> &Arc<SessionHub> {
         &self.hub
     }
 
-    /// Answers an upgrade request: refuses it (403, 429, 400) or switches protocols and starts the
-    /// session in its own task.
-    pub fn upgrade(
-        self: &Arc<Self>,
-        mut req: Request<Incoming>,
-        conn: Arc<ConnectionContext>,
-        shutdown: Shutdown,
-    ) -> Response<Body> {
-        if !self.origin_allowed(&req) {
-            return text_response(StatusCode::FORBIDDEN, "origin not allowed\n");
-        }
-        let ip = conn.peer.ip();
-        if self.per_ip.check_upgrade(ip).is_err() {
-            self.metrics.limits.rejected(Limit::UpgradeRate);
-            let mut response = text_response(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too many connection attempts; retry in a second\n",
-            );
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            return response;
-        }
-        let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
-            Ok(upgraded) => upgraded,
-            Err(e) => {
-                tracing::debug!(peer = %conn.peer, "bad WebSocket upgrade: {e}");
-                return text_response(
-                    StatusCode::BAD_REQUEST,
-                    "invalid WebSocket upgrade request\n",
-                );
-            }
-        };
-        let ice = self.ice.as_ref().and_then(|ice| ice.for_request(&req));
-        let joining = Joining {
-            address: Some(IpKey::of(ip)),
-            acks: wants_seq(req.uri().query()),
-        };
-        let this = self.clone();
-        tokio::spawn(async move {
-            match upgrade.await {
-                // fastwebsockets only did the handshake; frames are read and written in `wire`.
-                Ok(ws) => {
-                    this.run(ws.into_inner(), ip, joining, ice, conn, shutdown)
-                        .await
-                }
-                Err(e) => tracing::debug!("WebSocket upgrade did not complete: {e}"),
-            }
-        });
-        response.map(|body| crate::http::boxed(body.map_err(|never| match never {})))
+    fn observe(&self, event: SessionEvent) {
+        self.observer.session_event(event);
     }
 
-    /// Cross-site WebSocket hijacking guard: a browser always sends `Origin`; it must name this
-    /// server (or a configured origin). Clients without `Origin` are not browsers and are allowed.
-    fn origin_allowed<B>(&self, req: &Request<B>) -> bool {
-        let Some(origin) = req.headers().get(header::ORIGIN) else {
-            return true;
-        };
-        let Ok(origin) = origin.to_str() else {
-            return false;
-        };
-        let origin = origin.trim_end_matches('/').to_ascii_lowercase();
-        if self
-            .settings
-            .allowed_origins
-            .iter()
-            .any(|allowed| allowed.eq_ignore_ascii_case(&origin))
-        {
-            return true;
-        }
-        let Some(authority) = origin.strip_prefix("https://") else {
-            return false;
-        };
-        if let Some(public) = &self.settings.public_authority {
-            return authority == public;
-        }
-        let host = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| req.uri().authority().map(|a| a.as_str()));
-        host.is_some_and(|host| host.eq_ignore_ascii_case(authority))
-    }
-
-    /// One session, from the upgrade to the closed socket.
-    async fn run(
+    /// One session, from the completed upgrade to the closed socket: `io` is the upgraded
+    /// connection from `ip`, `ice` makes the ICE servers for its `id` messages.
+    pub async fn run(
         self: Arc<Self>,
         mut io: Stream,
         ip: IpAddr,
         joining: Joining,
         ice: Option<IceServersFor>,
-        conn: Arc<ConnectionContext>,
         mut shutdown: Shutdown,
     ) {
-        let signaling = &self.metrics.signaling;
-        signaling.opened.inc();
-        signaling.open.inc();
+        self.observe(SessionEvent::Opened);
         let mut link = Link {
             reader: FrameReader::new(self.settings.max_message_bytes),
             out: Outgoing::default(),
@@ -335,9 +145,9 @@ impl Signaling {
         let _ip_slot = match self.per_ip.open(ip) {
             Ok(slot) => slot,
             Err(IpRefusal::TooManyOpen | IpRefusal::UpgradeRate) => {
-                self.metrics.limits.rejected(Limit::ConnectionsPerIp);
-                signaling.error(ErrorCode::TooManyConnections);
-                signaling.closed(CloseReason::Refused);
+                self.observe(SessionEvent::Limited(SessionLimit::ConnectionsPerIp));
+                self.observe(SessionEvent::Error(ErrorCode::TooManyConnections));
+                self.observe(SessionEvent::Closed(CloseReason::Refused));
                 link.out
                     .push(OpCode::Text, &error_frame(ErrorCode::TooManyConnections));
                 let close = (
@@ -354,12 +164,12 @@ impl Signaling {
             bytes: self.settings.outbox_bytes,
             budget: Some(self.outbox_budget.clone()),
         });
-        let attachment = match self.hub.join(outbox, ice, joining, Instant::now()) {
+        let attachment = match self.hub.join(outbox, ice, joining, Instant::now()).await {
             Ok(attachment) => attachment,
             Err(e) => {
-                self.metrics.limits.rejected(Limit::ServerFull);
-                signaling.error(e.code());
-                signaling.closed(CloseReason::Refused);
+                self.observe(SessionEvent::Limited(SessionLimit::ServerFull));
+                self.observe(SessionEvent::Error(e.code()));
+                self.observe(SessionEvent::Closed(CloseReason::Refused));
                 link.out.push(OpCode::Text, &e.frame());
                 let close = (e.close_code().as_u16(), "cannot join");
                 self.close_and_linger(&mut io, &mut link, close).await;
@@ -385,9 +195,10 @@ impl Signaling {
                 &mut shutdown,
             )
             .await;
-        signaling.closed(end.reason);
+        self.observe(SessionEvent::Closed(end.reason));
         self.hub
-            .disconnect(session.attachment, end.departure, Instant::now());
+            .disconnect(session.attachment, end.departure, Instant::now())
+            .await;
         match end.close {
             Closing::Silent => {}
             Closing::Reply(code) => {
@@ -399,7 +210,6 @@ impl Signaling {
                     .await;
             }
         }
-        drop(conn);
     }
 
     /// Runs an attached session until it ends: reads frames, writes what the hub queues, pings.
@@ -418,7 +228,6 @@ impl Signaling {
         shutdown: &mut Shutdown,
     ) -> End {
         let settings = &self.settings;
-        let signaling = &self.metrics.signaling;
         let Link { reader, out } = link;
         let mut unanswered = 0u32;
         // Set when the hub told this connection another one resumed its ID.
@@ -479,9 +288,9 @@ impl Signaling {
                     // system call) when a client is sent several frames at once.
                     let mut next = Some(frame);
                     while let Some(frame) = next {
-                        count_sent(signaling, &frame);
-                        replaced |= frame.starts_with(SESSION_REPLACED);
-                        out.push(OpCode::Text, &frame);
+                        self.observe(SessionEvent::Sent(frame.kind));
+                        replaced |= frame.kind == ServerKind::Error(ErrorCode::SessionReplaced);
+                        out.push(OpCode::Text, &frame.bytes);
                         next = match out.pending() < WRITE_BATCH {
                             true => outbox.try_recv(),
                             false => None,
@@ -498,7 +307,7 @@ impl Signaling {
                     );
                 }
                 Event::Outbox(None) => {
-                    signaling.outbox_overflows.inc();
+                    self.observe(SessionEvent::OutboxOverflow);
                     return End::send(
                         CloseReason::SlowClient,
                         CloseCode::PolicyViolation,
@@ -509,17 +318,17 @@ impl Signaling {
                     let end = match frame {
                         Ok(frame) => {
                             unanswered = 0;
-                            self.on_frame(session, frame, out)
+                            self.on_frame(session, frame, out).await
                         }
-                        Err(e) => Some(self.on_read_error(session, e)),
+                        Err(e) => Some(self.on_read_error(session, e).await),
                     };
                     if let Some(end) = end {
                         if let Closing::Send(..) = end.close {
                             // What the hub queued before the close (typically the error that
                             // explains it) goes out first.
                             while let Some(frame) = outbox.try_recv() {
-                                count_sent(signaling, &frame);
-                                out.push(OpCode::Text, &frame);
+                                self.observe(SessionEvent::Sent(frame.kind));
+                                out.push(OpCode::Text, &frame.bytes);
                             }
                         }
                         return end;
@@ -529,13 +338,13 @@ impl Signaling {
                     let now = tokio::time::Instant::now();
                     if write_deadline.is_some_and(|deadline| deadline <= now) {
                         tracing::debug!("WebSocket write timed out: client not reading");
-                        signaling.outbox_overflows.inc();
+                        self.observe(SessionEvent::OutboxOverflow);
                         return End::silent(CloseReason::SlowClient);
                     }
                     if next_ping <= now {
                         if unanswered >= settings.missed_pongs {
                             tracing::debug!("heartbeat timeout");
-                            signaling.heartbeat_timeouts.inc();
+                            self.observe(SessionEvent::HeartbeatTimeout);
                             return End::send(
                                 CloseReason::HeartbeatTimeout,
                                 CloseCode::GoingAway,
@@ -554,7 +363,12 @@ impl Signaling {
     }
 
     /// Handles one frame from the client; returns how the session ends, if it does.
-    fn on_frame(&self, session: &mut ReadState, frame: Frame, out: &mut Outgoing) -> Option<End> {
+    async fn on_frame(
+        &self,
+        session: &mut ReadState,
+        frame: Frame,
+        out: &mut Outgoing,
+    ) -> Option<End> {
         let max = self.settings.max_message_bytes;
         let Frame {
             fin,
@@ -567,8 +381,8 @@ impl Signaling {
             // pings (and answer the server's with one pong each), so only a flood is refused.
             (OpCode::Ping | OpCode::Pong, _, _) => {
                 if session.rates.messages.check().is_err() {
-                    self.metrics.limits.rejected(Limit::Messages);
-                    return self.reject(session, ErrorCode::RateLimited);
+                    self.observe(SessionEvent::Limited(SessionLimit::Messages));
+                    return self.reject(session, ErrorCode::RateLimited).await;
                 }
                 if opcode == OpCode::Ping {
                     out.push(OpCode::Pong, &payload);
@@ -583,7 +397,7 @@ impl Signaling {
             }
             (OpCode::Continuation, fin, Some(partial)) => {
                 if partial.bytes.len() + payload.len() > max {
-                    return Some(self.too_large(session));
+                    return Some(self.too_large(session).await);
                 }
                 partial.bytes.extend_from_slice(&payload);
                 if !fin {
@@ -591,7 +405,7 @@ impl Signaling {
                 }
                 let partial = session.partial.take().expect("matched Some");
                 if partial.binary {
-                    return self.reject(session, ErrorCode::BinaryNotSupported);
+                    return self.reject(session, ErrorCode::BinaryNotSupported).await;
                 }
                 partial.bytes
             }
@@ -603,7 +417,7 @@ impl Signaling {
                 return None;
             }
             (OpCode::Binary, true, None) => {
-                return self.reject(session, ErrorCode::BinaryNotSupported);
+                return self.reject(session, ErrorCode::BinaryNotSupported).await;
             }
             (OpCode::Text, true, None) => payload,
         };
@@ -616,24 +430,24 @@ impl Signaling {
                 "text message is not UTF-8",
             ));
         }
-        self.on_text(session, &message)
+        self.on_text(session, &message).await
     }
 
     /// Ends the session after a failed read.
-    fn on_read_error(&self, session: &mut ReadState, error: ReadError) -> End {
+    async fn on_read_error(&self, session: &mut ReadState, error: ReadError) -> End {
         match error {
             ReadError::Io(_) | ReadError::Ended => {
                 tracing::debug!("WebSocket read ended: {error}");
                 End::silent(CloseReason::Client)
             }
             ReadError::Protocol(reason) => End::protocol(reason),
-            ReadError::TooLarge(_) => self.too_large(session),
+            ReadError::TooLarge(_) => self.too_large(session).await,
         }
     }
 
     /// Refuses a message over the size limit: an error, then close 1009.
-    fn too_large(&self, session: &mut ReadState) -> End {
-        let _ = self.reject(session, ErrorCode::MessageTooLarge);
+    async fn too_large(&self, session: &mut ReadState) -> End {
+        let _ = self.reject(session, ErrorCode::MessageTooLarge).await;
         End::send(
             CloseReason::TooBig,
             CloseCode::MessageTooBig,
@@ -642,30 +456,33 @@ impl Signaling {
     }
 
     /// Applies the per-connection rates, then hands the message (valid UTF-8) to the hub.
-    fn on_text(&self, session: &mut ReadState, message: &[u8]) -> Option<End> {
+    async fn on_text(&self, session: &mut ReadState, message: &[u8]) -> Option<End> {
         if session.rates.messages.check().is_err() {
-            self.metrics.limits.rejected(Limit::Messages);
-            return self.reject(session, ErrorCode::RateLimited);
+            self.observe(SessionEvent::Limited(SessionLimit::Messages));
+            return self.reject(session, ErrorCode::RateLimited).await;
         }
         if starts_a_call(message) && session.rates.calls.check().is_err() {
-            self.metrics.limits.rejected(Limit::Calls);
-            return self.reject(session, ErrorCode::TooManyCalls);
+            self.observe(SessionEvent::Limited(SessionLimit::Calls));
+            return self.reject(session, ErrorCode::TooManyCalls).await;
         }
         let outcome = self
             .hub
-            .handle_text(&mut session.attachment, message, Instant::now());
-        self.metrics
-            .signaling
-            .handled(outcome.received, outcome.error);
+            .handle_text(&mut session.attachment, message, Instant::now())
+            .await;
+        self.observe(SessionEvent::Handled {
+            kind: outcome.received,
+            error: outcome.error,
+        });
         outcome.close.map(End::violations)
     }
 
     /// Answers a message the session refused itself; the hub counts it and may ask for a close.
-    fn reject(&self, session: &mut ReadState, code: ErrorCode) -> Option<End> {
-        self.metrics.signaling.error(code);
+    async fn reject(&self, session: &mut ReadState, code: ErrorCode) -> Option<End> {
+        self.observe(SessionEvent::Error(code));
         let outcome = self
             .hub
-            .reject(&mut session.attachment, code, Instant::now());
+            .reject(&mut session.attachment, code, Instant::now())
+            .await;
         outcome.close.map(End::violations)
     }
 
@@ -696,7 +513,7 @@ impl Signaling {
 }
 
 /// The stream of an upgraded connection (TLS inside).
-type Stream = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
+pub type Stream = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
 
 /// A session's framing state: what is half read and what is not yet written.
 struct Link {
@@ -712,8 +529,8 @@ enum Event {
     Shutdown,
     /// The pending output was written (or could not be).
     Sent(std::io::Result<()>),
-    /// The hub queued a frame; `None` once it dropped the outbox.
-    Outbox(Option<Bytes>),
+    /// The router queued a frame; `None` once it dropped the outbox.
+    Outbox(Option<ServerFrame>),
     /// A frame arrived (or the read failed).
     Frame(Result<Frame, ReadError>),
     /// The heartbeat or the write timeout is due.
@@ -807,22 +624,6 @@ fn on_close(payload: &[u8]) -> End {
     }
 }
 
-/// Counts a frame on its way out: by type, and an `undelivered` notice also by its error code
-/// (`callgate_signaling_errors_sent_total{code="undelivered"}`: messages the server accepted but
-/// could not deliver, immediate drops and expiries alike).
-fn count_sent(signaling: &crate::metrics::SignalingMetrics, frame: &[u8]) {
-    signaling.sent(frame);
-    if frame.starts_with(UNDELIVERED) {
-        signaling.error(ErrorCode::Undelivered);
-    }
-}
-
-/// Every `undelivered` notice starts with this.
-const UNDELIVERED: &[u8] = br#"{"type":"error","code":"undelivered""#;
-
-/// Every frame callgate sends that tells a connection it was replaced starts with this.
-const SESSION_REPLACED: &[u8] = br#"{"type":"error","code":"session_replaced""#;
-
 /// Queued outbox frames are gathered into one write up to this many bytes.
 const WRITE_BATCH: usize = 64 * 1024;
 
@@ -831,11 +632,6 @@ const STOP_READING_AT: usize = 64 * 1024;
 
 /// How long a connection the server is closing may keep sending before the socket is dropped.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
-
-/// Whether the upgrade's query string opts in to sequence numbers and acknowledgements (`seq=1`).
-fn wants_seq(query: Option<&str>) -> bool {
-    query.is_some_and(|q| q.split('&').any(|pair| pair == "seq=1"))
-}
 
 /// Whether a text message is a `video-offer-request`, cheaply and without a full parse: the
 /// per-minute call limit must apply before the hub does any work on it.

@@ -1,0 +1,58 @@
+//! Delivery to an ID that another node holds. The [`Bus`] is asked only for IDs this node does not
+//! hold (see [`super::router`]); on a single node every ID is local, so [`NoBus`] answers
+//! [`BusDelivery::NoSuchClient`] and is never on a hot path.
+//!
+//! A cluster's bus (Redis: PUBLISH to the home node's channel, and a bounded per-ID stream for
+//! messages that found nobody live) implements the same trait. The receiving node numbers the
+//! message in the recipient's log (sequence numbers are given out by the ID's home node only) and
+//! reports drops to the sender the same way a local delivery does.
+
+use std::future::Future;
+
+use super::delivery::Envelope;
+use super::protocol::ClientId;
+
+/// What became of a message handed to the bus.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
+pub enum BusDelivery {
+    /// The node holding the ID took it (it numbers and queues or holds it there).
+    Delivered,
+    /// Nobody holds the ID live right now; the message is held for its resume.
+    Held,
+    /// No node holds the ID.
+    NoSuchClient,
+    /// The bus cannot be reached; the message is lost and its sender must be told.
+    Unavailable,
+}
+
+/// Delivery to IDs held by other nodes.
+pub trait Bus: Send + Sync + 'static {
+    /// Sends `envelope` to whichever node holds `to`.
+    fn send(&self, to: ClientId, envelope: Envelope) -> impl Future<Output = BusDelivery> + Send;
+}
+
+/// The bus of a node that runs alone: there is no other node, so no other ID.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoBus;
+
+impl Bus for NoBus {
+    async fn send(&self, _to: ClientId, _envelope: Envelope) -> BusDelivery {
+        BusDelivery::NoSuchClient
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::signaling::registry::ready;
+
+    #[test]
+    fn a_lone_node_knows_no_other_id() {
+        let envelope = Envelope::new(&crate::signaling::protocol::ServerMessage::Pong);
+        assert_eq!(
+            ready(NoBus.send(ClientId::new(123_456_789), envelope)),
+            BusDelivery::NoSuchClient
+        );
+    }
+}

@@ -1,0 +1,478 @@
+//! Applies what the hub decided: deliveries to IDs this node holds go through [`Connections`],
+//! deliveries to other IDs through the [`Bus`]; replies, acks and resumes change the connection's
+//! own entry. This is what the session layer calls: [`Router::join`], [`Router::handle_text`],
+//! [`Router::disconnect`] and, from a timer, [`Router::expire`].
+//!
+//! Delivery results come back here, so this is where "nothing lost without a word" is kept: a
+//! message that can be neither delivered nor held is answered with `undelivered` to its sender,
+//! and a recipient too slow to take it is detached (its ID reserved) in both the local table and
+//! the registry.
+
+use std::time::Instant;
+
+use super::bus::{Bus, BusDelivery, NoBus};
+use super::connections::{AckError, Connections, Delivery, Detached, Joining, Outbox, Removed};
+use super::delivery::Envelope;
+use super::hub::{
+    id_frame, replaced_frame, AckRefusal, Attachment, CallObserver, ConnectError, Departure,
+    Effect, Effects, Hub, IceServersFor, Outcome, Resumption,
+};
+use super::outbox::OutboxSender;
+use super::protocol::{ClientId, CloseCode, DropReason, ErrorCode};
+use super::registry::{Binding, CallState, Freed, MemoryRegistry, RegisterError, Registry, Stale};
+use super::SignalingLimits;
+
+/// The signaling core of one node: the rules ([`Hub`]), the IDs it holds ([`Connections`]) and
+/// the way to the others ([`Bus`]). Shared by every session (wrap it in an `Arc`).
+pub struct Router<R = MemoryRegistry, B = NoBus, O = OutboxSender> {
+    /// The rules, over the registry.
+    hub: Hub<R>,
+    /// The IDs this node holds: outboxes, logs, reservations.
+    connections: Connections<O>,
+    /// Delivery to IDs held elsewhere.
+    bus: B,
+}
+
+impl<O: Outbox> Router<MemoryRegistry, NoBus, O> {
+    /// The core of a node that runs alone: a memory registry and no bus.
+    pub fn single_node(limits: SignalingLimits) -> Self {
+        Self::new(Hub::single_node(limits), NoBus)
+    }
+}
+
+impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
+    /// A router applying `hub`'s decisions, with an empty table sized by the hub's limits.
+    pub fn new(hub: Hub<R>, bus: B) -> Self {
+        Self {
+            connections: Connections::new(hub.limits()),
+            hub,
+            bus,
+        }
+    }
+
+    /// Reports call events to `observer` from now on.
+    pub fn with_observer(mut self, observer: std::sync::Arc<dyn CallObserver>) -> Self {
+        self.hub = self.hub.with_observer(observer);
+        self
+    }
+
+    /// The rules.
+    pub fn hub(&self) -> &Hub<R> {
+        &self.hub
+    }
+
+    /// The IDs this node holds, for metrics (`len`) and tests.
+    pub fn connections(&self) -> &Connections<O> {
+        &self.connections
+    }
+
+    /// The limits enforced.
+    pub fn limits(&self) -> &SignalingLimits {
+        self.hub.limits()
+    }
+
+    /// [`Router::join`] for a connection whose address and delivery mode are unknown.
+    pub async fn connect(
+        &self,
+        outbox: O,
+        ice_servers: Option<IceServersFor>,
+        now: Instant,
+    ) -> Result<Attachment, ConnectError> {
+        self.join(outbox, ice_servers, Joining::default(), now)
+            .await
+    }
+
+    /// Admits a new connection: makes room (ending the oldest reservation if the node is full),
+    /// claims its ID and token and queues the `id` message. The address counts towards
+    /// [`SignalingLimits::reservations_per_ip`], and a connection that opted in to
+    /// acknowledgements gets `seq` in every message (see [`super::delivery`]).
+    ///
+    /// The session layer must hand over the only sending handle of the connection's queue; see
+    /// [`Outbox`]. On error, send [`ConnectError::frame`] and close with
+    /// [`ConnectError::close_code`].
+    pub async fn join(
+        &self,
+        outbox: O,
+        ice_servers: Option<IceServersFor>,
+        joining: Joining,
+        now: Instant,
+    ) -> Result<Attachment, ConnectError> {
+        // Reservations never lock a live client out: when every place is taken, the oldest
+        // reservation makes room (a few tries, in case other connections take the room first).
+        let mut tries = 0;
+        while !self.connections.admit() {
+            tries += 1;
+            let evicted = if tries > 4 {
+                None
+            } else {
+                self.connections.evict_oldest()
+            };
+            let Some(removed) = evicted else {
+                return Err(RegisterError::Full.into());
+            };
+            tracing::debug!(client = %removed.binding.id, "reservation ended to make room for a live client");
+            self.end(removed, now).await;
+        }
+        let (conn, hello) = match self.hub.connect(ice_servers, now).await {
+            Ok(joined) => joined,
+            Err(e) => {
+                self.connections.cancel_admit();
+                return Err(e);
+            }
+        };
+        if let Err(e) = self
+            .connections
+            .attach(conn.binding(), outbox, joining, hello)
+        {
+            let _ = self.hub.registry().release(conn.binding()).await;
+            return Err(e.into());
+        }
+        Ok(conn)
+    }
+
+    /// Handles one text frame from `conn`. Every refusal is answered with an `error` frame on the
+    /// connection's own outbox; the connection stays open unless [`Outcome::close`] says otherwise.
+    pub async fn handle_text(&self, conn: &mut Attachment, frame: &[u8], now: Instant) -> Outcome {
+        let effects = self.hub.handle_text(conn, frame, now).await;
+        self.apply(Some(conn), effects, now).await
+    }
+
+    /// Answers a frame the session layer refused itself (too large, binary, rate limited, too many
+    /// calls) with an `error` frame, counting it as a violation.
+    pub async fn reject(&self, conn: &mut Attachment, code: ErrorCode, now: Instant) -> Outcome {
+        let effects = self.hub.reject(conn, code);
+        self.apply(Some(conn), effects, now).await
+    }
+
+    /// The connection is gone. See [`Departure`] for the difference between a drop and a leave.
+    pub async fn disconnect(&self, conn: Attachment, departure: Departure, now: Instant) {
+        let binding = conn.binding();
+        let registry = self.hub.registry();
+        let gone = match departure {
+            Departure::Dropped => match self.connections.detach(binding, now) {
+                Ok(Detached::Reserved) => {
+                    let grace = self.connections.grace();
+                    let _ = registry.detach(binding, now, grace).await;
+                    None
+                }
+                Ok(Detached::Freed(lost)) => {
+                    tracing::debug!(client = %binding.id, "address holds its share of reservations; ID freed");
+                    registry
+                        .release(binding)
+                        .await
+                        .ok()
+                        .map(|freed| (freed, lost))
+                }
+                // Detached already (too slow), or taken over by a resume.
+                Err(Stale) => None,
+            },
+            Departure::Left => match registry.release(binding).await {
+                Ok(freed) => {
+                    let lost = self.connections.remove(binding).unwrap_or_default();
+                    Some((freed, lost))
+                }
+                Err(Stale) => None,
+            },
+        };
+        if let Some((freed, lost)) = gone {
+            let effects = self.hub.gone(freed, lost, now);
+            let _ = self.apply(None, effects, now).await;
+        }
+    }
+
+    /// Ends every reservation due at `now`, telling each one's call peer with `close-call-server`
+    /// (reason `peer_gone`). Returns the next deadline: the session layer's timer should sleep until
+    /// then, or for [`SignalingLimits::resume_grace`] when `None` (a reservation made later is due
+    /// no sooner than that).
+    pub async fn expire(&self, now: Instant) -> Option<Instant> {
+        let mut expired = Vec::new();
+        loop {
+            let next = self.connections.expire(now, &mut expired);
+            if expired.is_empty() {
+                return next;
+            }
+            for removed in expired.drain(..) {
+                self.end(removed, now).await;
+            }
+        }
+    }
+
+    /// The connection's call state, for metrics and tests.
+    pub async fn call_state(&self, conn: &Attachment) -> Result<CallState, Stale> {
+        self.hub.call_state(conn).await
+    }
+
+    /// A reservation made here ended: free it in the registry (unless a resume elsewhere won) and
+    /// tell its peer and the senders of what it held.
+    async fn end(&self, removed: Removed, now: Instant) {
+        let freed = self
+            .hub
+            .registry()
+            .expire(removed.binding)
+            .await
+            .unwrap_or(Freed {
+                id: removed.binding.id,
+                peer: None,
+            });
+        let effects = self.hub.gone(freed, removed.lost, now);
+        let _ = self.apply(None, effects, now).await;
+    }
+
+    /// Marks a binding the local table detached (too slow) as reserved in the registry too.
+    async fn detached(&self, binding: Binding, now: Instant, outcome: &mut Outcome) {
+        tracing::debug!(client = %binding.id, "outbox full; detached");
+        outcome.detached_peer = Some(binding.id);
+        let grace = self.connections.grace();
+        let _ = self.hub.registry().detach(binding, now, grace).await;
+    }
+
+    /// Does what `effects` say, in order; `conn` is the connection they answer, if any.
+    async fn apply(
+        &self,
+        mut conn: Option<&mut Attachment>,
+        effects: Effects,
+        now: Instant,
+    ) -> Outcome {
+        let Effects { list, mut outcome } = effects;
+        for effect in list {
+            match effect {
+                Effect::Deliver { to, envelope } => {
+                    self.deliver_or_tell(to, envelope, now, &mut outcome).await;
+                }
+                Effect::Reply(envelope) => {
+                    let Some(conn) = conn.as_deref() else {
+                        debug_assert!(false, "a reply with no connection");
+                        continue;
+                    };
+                    self.reply(conn, envelope, now, &mut outcome).await;
+                }
+                Effect::Ack { seq } => {
+                    let Some(conn) = conn.as_deref_mut() else {
+                        debug_assert!(false, "an ack with no connection");
+                        continue;
+                    };
+                    let refusal = match self.connections.ack(conn.binding(), seq) {
+                        Ok(()) => continue,
+                        Err(AckError::Stale(stale)) => AckRefusal::Stale(stale),
+                        Err(AckError::Beyond(beyond)) => AckRefusal::Beyond(beyond),
+                    };
+                    let refused = self.hub.refuse_ack(conn, refusal);
+                    outcome.close = outcome.close.or(refused.outcome.close);
+                    outcome.error = refused.outcome.error;
+                    // A refusal is answered with replies only.
+                    for effect in refused.list {
+                        if let Effect::Reply(envelope) = effect {
+                            self.reply(conn, envelope, now, &mut outcome).await;
+                        }
+                    }
+                }
+                Effect::TakeOver(resumption) => {
+                    self.take_over(*resumption, now, &mut outcome).await;
+                }
+            }
+        }
+        outcome
+    }
+
+    /// Queues a message for the connection itself; if it cannot take it, the connection must
+    /// close.
+    async fn reply(
+        &self,
+        conn: &Attachment,
+        envelope: Envelope,
+        now: Instant,
+        outcome: &mut Outcome,
+    ) {
+        match self.connections.reply(conn.binding(), envelope, now) {
+            Ok((Delivery::Sent, _)) => {}
+            Ok((_, detached)) => {
+                outcome.close = Some(CloseCode::PolicyViolation);
+                if let Some(binding) = detached {
+                    let grace = self.connections.grace();
+                    let _ = self.hub.registry().detach(binding, now, grace).await;
+                }
+            }
+            Err(Stale) => outcome.close = Some(CloseCode::PolicyViolation),
+        }
+    }
+
+    /// Moves the resuming connection onto the ID the registry gave it.
+    async fn take_over(&self, resumption: Resumption, now: Instant, outcome: &mut Outcome) {
+        let Resumption {
+            from,
+            takeover,
+            last_seq,
+            ice_servers,
+        } = resumption;
+        let heartbeat = self.limits().heartbeat_interval;
+        let (id, token) = (takeover.binding.id, &takeover.token);
+        let taken = self.connections.take_over(
+            from,
+            takeover.binding,
+            takeover.previous_epoch,
+            last_seq,
+            now,
+            |missed| id_frame(id, token, true, missed, heartbeat, ice_servers.as_deref()),
+            replaced_frame(),
+        );
+        tracing::debug!(
+            client = %id,
+            delivered = taken.delivered,
+            missed = ?taken.missed,
+            replaced = taken.replaced.is_some(),
+            "took over"
+        );
+        if takeover.was_live && takeover.previous_node != *self.hub.node() {
+            // TODO(cluster): ask that node to kick its half-open connection; until then it
+            // finds out on its next operation (Stale).
+            tracing::debug!(client = %id, node = %takeover.previous_node, "resumed from a live connection on another node");
+        }
+        if taken.overflowed {
+            outcome.close = Some(CloseCode::PolicyViolation);
+            let grace = self.connections.grace();
+            let _ = self
+                .hub
+                .registry()
+                .detach(takeover.binding, now, grace)
+                .await;
+        }
+    }
+
+    /// Delivers to `to`; if it can be neither delivered nor held, its sender is told with
+    /// `undelivered` (a notice from the server, which nobody is told about in turn).
+    async fn deliver_or_tell(
+        &self,
+        to: ClientId,
+        envelope: Envelope,
+        now: Instant,
+        outcome: &mut Outcome,
+    ) {
+        if let Some(Effect::Deliver { to, envelope }) =
+            self.deliver(to, envelope, now, outcome).await
+        {
+            let notice = self.deliver(to, envelope, now, outcome).await;
+            debug_assert!(notice.is_none(), "a server notice has no sender to tell");
+        }
+    }
+
+    /// Delivers to `to`, here or through the bus; returns the `undelivered` notice for the sender
+    /// if the message can be neither delivered nor held.
+    async fn deliver(
+        &self,
+        to: ClientId,
+        envelope: Envelope,
+        now: Instant,
+        outcome: &mut Outcome,
+    ) -> Option<Effect> {
+        let origin = envelope.origin();
+        match self.connections.deliver(to, envelope, now) {
+            Ok((Delivery::Sent | Delivery::Queued, _)) => None,
+            Ok((Delivery::Detached, detached)) => {
+                if let Some(binding) = detached {
+                    self.detached(binding, now, outcome).await;
+                }
+                None
+            }
+            Ok((Delivery::Dropped { reason, .. }, detached)) => {
+                tracing::debug!(client = %to, %reason, "message dropped; sender told");
+                if let Some(binding) = detached {
+                    self.detached(binding, now, outcome).await;
+                }
+                self.hub.undelivered(to, reason, origin)
+            }
+            // Not held here: another node's, or nobody's.
+            Err(envelope) => match self.bus.send(to, envelope).await {
+                BusDelivery::Delivered | BusDelivery::Held | BusDelivery::NoSuchClient => None,
+                BusDelivery::Unavailable => {
+                    self.hub.undelivered(to, DropReason::ServerBusy, origin)
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::signaling::connections::test_outbox::TestOutbox;
+    use crate::signaling::registry::{ready, Location, NodeId};
+
+    type TestRouter = Router<MemoryRegistry, NoBus, TestOutbox>;
+
+    fn offer(from: ClientId, to: ClientId) -> String {
+        format!(
+            r#"{{"type":"video-offer-request","id":{from},"calleeId":{to},"offer":{{"type":"offer","sdp":"v=0"}}}}"#
+        )
+    }
+
+    /// The hub alone decides and touches no queue: an offer comes back as one delivery to the
+    /// callee, and nothing reaches the callee until the router applies it.
+    #[test]
+    fn the_hub_returns_effects_and_pushes_nothing() {
+        let router: TestRouter = Router::single_node(SignalingLimits::default());
+        let now = Instant::now();
+        let (a_out, b_out) = (TestOutbox::with_capacity(8), TestOutbox::with_capacity(8));
+        let mut a = ready(router.connect(a_out.clone(), None, now)).unwrap();
+        let b = ready(router.connect(b_out.clone(), None, now)).unwrap();
+        a_out.take();
+        b_out.take();
+        let frame = offer(a.id(), b.id());
+        let effects = ready(router.hub().handle_text(&mut a, frame.as_bytes(), now));
+        assert_eq!(effects.list.len(), 1);
+        let Effect::Deliver { to, envelope } = &effects.list[0] else {
+            panic!("{:?}", effects.list);
+        };
+        assert_eq!(*to, b.id());
+        assert_eq!(envelope.kind(), protocol_kind());
+        assert!(b_out.take().is_empty(), "the hub pushed into an outbox");
+        // Applied, it arrives.
+        let outcome = ready(router.apply(Some(&mut a), effects, now));
+        assert_eq!(outcome.close, None);
+        assert_eq!(b_out.take().len(), 1);
+    }
+
+    fn protocol_kind() -> crate::signaling::protocol::ServerKind {
+        crate::signaling::protocol::ServerKind::VideoAnswerRequest
+    }
+
+    /// A recipient too slow to take a message is detached in the registry too, so its ID expires
+    /// when its grace is over instead of staying "live" in the shared table for ever.
+    #[test]
+    fn a_peer_detached_for_being_slow_is_reserved_in_the_registry_and_expires() {
+        let limits = SignalingLimits::default();
+        let grace = limits.resume_grace;
+        let router: TestRouter = Router::single_node(limits);
+        let now = Instant::now();
+        let a_out = TestOutbox::with_capacity(64);
+        let mut a = ready(router.connect(a_out.clone(), None, now)).unwrap();
+        // Room for the `id` message only: the offer will not fit.
+        let b = ready(router.connect(TestOutbox::with_capacity(1), None, now)).unwrap();
+        let frame = offer(a.id(), b.id());
+        let outcome = ready(router.handle_text(&mut a, frame.as_bytes(), now));
+        assert_eq!(outcome.detached_peer, Some(b.id()));
+        assert_eq!(
+            ready(router.hub().registry().locate(b.id())),
+            Some(Location {
+                node: NodeId::local(),
+                epoch: b.binding().epoch,
+                live: false
+            })
+        );
+        // Not resumed: at the deadline the ID is gone from both tables and the caller is told.
+        a_out.take();
+        assert_eq!(
+            ready(router.expire(now + grace + Duration::from_secs(1))),
+            None
+        );
+        assert_eq!(ready(router.hub().registry().locate(b.id())), None);
+        assert!(router.hub().registry().len() == 1);
+        assert_eq!(router.connections().len(), 1);
+        let told = a_out.take();
+        assert!(
+            told.iter().any(|f| f.contains("close-call-server")),
+            "{told:?}"
+        );
+    }
+}

@@ -264,6 +264,10 @@ async fn a_call_crosses_nodes_with_every_message_type_and_ids_are_unique() {
     assert_eq!(reply["answer"]["type"], "answer");
     callee.candidate(caller.id, 2).await;
     assert_eq!(candidate_number(&caller.recv().await), 2);
+    // One call in progress, counted once over both nodes (on the caller's).
+    const IN_PROGRESS: &str = "callgate_calls_in_progress";
+    assert_eq!(a.metric(IN_PROGRESS).await, 1.0);
+    assert_eq!(b.metric(IN_PROGRESS).await, 0.0);
     caller
         .send(&format!(
             r#"{{"type":"offer","clientId":{},"offer":{OFFER}}}"#,
@@ -301,6 +305,10 @@ async fn a_call_crosses_nodes_with_every_message_type_and_ids_are_unique() {
         .await;
     let ended = callee.expect("close-call-server").await;
     assert_eq!(ended["clientId"].as_u64(), Some(caller.id));
+    assert_eq!(
+        a.metric(IN_PROGRESS).await + b.metric(IN_PROGRESS).await,
+        0.0
+    );
 
     // Decline, from the callee's node.
     caller.offer(callee.id).await;

@@ -32,8 +32,8 @@ use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::signaling::bus::{Bus, BusDelivery};
 use crate::signaling::delivery::Envelope;
-use crate::signaling::hub::Hub;
-use crate::signaling::protocol::{ClientId, DropReason, ServerKind};
+use crate::signaling::hub::{CallEvent, Hub};
+use crate::signaling::protocol::{ClientId, DropReason, EndReason, ServerKind};
 use crate::signaling::registry::Registry as _;
 use crate::signaling::router::Router;
 use crate::signaling::session::SessionHub;
@@ -260,10 +260,43 @@ async fn receive(router: &NodeRouter, message: BusMessage) {
                     | ServerKind::CloseCallServer
             ) {
                 // Another node changed this ID's call: re-read it before the client can answer.
-                router.hub().registry().sync_call(to).await;
+                let registry = router.hub().registry();
+                let before = registry.cached(to).map(|(_, state)| state);
+                registry.sync_call(to).await;
+                let after = registry.cached(to).map(|(_, state)| state);
+                if let Some(event) = remote_call_event(to, before, after) {
+                    router.hub().observe(event, Instant::now());
+                }
             }
             deliver_here(router, to, epoch, message.into_envelope()).await;
         }
+    }
+}
+
+/// What a local client's call state change, made on another node, means for call metrics (which
+/// count each call on its caller's node: see `metrics::CallMetrics`).
+fn remote_call_event(
+    me: ClientId,
+    before: Option<CallState>,
+    after: Option<CallState>,
+) -> Option<CallEvent> {
+    match (before?, after?) {
+        (CallState::Calling { peer }, CallState::InCall { peer: now }) if peer == now => {
+            Some(CallEvent::Answered {
+                caller: me,
+                callee: peer,
+            })
+        }
+        (CallState::Calling { peer }, CallState::Idle) => Some(CallEvent::Declined {
+            caller: me,
+            callee: peer,
+        }),
+        (CallState::InCall { peer }, CallState::Idle) => Some(CallEvent::Ended {
+            by: peer,
+            peer: me,
+            reason: EndReason::Hangup,
+        }),
+        _ => None,
     }
 }
 

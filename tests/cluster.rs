@@ -3,7 +3,7 @@
 //! balancer. Without redis-server (or haproxy) these tests print why and pass — except under
 //! `CI=true`, where a missing tool fails them.
 //!
-//! Cross-node calls and resumes are not here yet: they need the registry and bus over Redis.
+//! Cross-node calls and resumes are in tests/cluster_calls.rs.
 
 mod common;
 #[path = "support/haproxy.rs"]

@@ -49,6 +49,9 @@ pub type NodeRouter = SessionHub<NodeRegistry, NodeBus>;
 /// How often the orphan sweep runs, and how many IDs it takes per run.
 const ORPHAN_SWEEP: (Duration, usize) = (Duration::from_secs(2), 64);
 
+/// After the subscription comes back, when to look for held messages a second time.
+const RESUBSCRIBE_SECOND_LOOK: Duration = Duration::from_secs(2);
+
 /// Events waiting between the subscription task and the inbox.
 const INBOX_CAPACITY: usize = 1024;
 
@@ -225,13 +228,26 @@ async fn inbox(router: Arc<NodeRouter>, mut subscription: Subscription, mut shut
                 tracing::info!(
                     "cluster inbox subscribed again; delivering what was held meanwhile"
                 );
-                for binding in router.hub().registry().live() {
-                    for envelope in router.bus().take_held(binding.id).await {
-                        deliver_here(&router, binding.id, Some(binding.epoch), envelope).await;
-                    }
-                }
+                take_held_for_live(&router).await;
+                // A sender that found no subscriber just before this may hold its message just
+                // after: look once more, a moment later.
+                let router = router.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(RESUBSCRIBE_SECOND_LOOK).await;
+                    take_held_for_live(&router).await;
+                });
             }
             Some(BusEvent::Message(message)) => receive(&router, message).await,
+        }
+    }
+}
+
+/// Delivers what was held for this node's live IDs while its subscription was down (senders
+/// found no subscriber and held their messages).
+async fn take_held_for_live(router: &NodeRouter) {
+    for binding in router.hub().registry().live() {
+        for envelope in router.bus().take_held(binding.id).await {
+            deliver_here(router, binding.id, Some(binding.epoch), envelope).await;
         }
     }
 }

@@ -576,15 +576,9 @@ async fn with_redis_frozen_a_same_node_call_goes_on_and_a_cross_node_offer_gets_
             .await;
     }
 
-    // The offer's script may have run when Redis woke up, after the node gave up on it: the
-    // client cancels before calling again (docs/PROTOCOL.md, cluster_unavailable), which either
-    // ends that ghost offer (the callee, who never saw it, is told) or finds nothing to end.
-    z.send(&format!(r#"{{"type":"cancel","clientId":{}}}"#, w.id))
-        .await;
-    tokio::select! {
-        ended = w.recv() => assert_eq!(ended["type"], "close-call-server", "{ended}"),
-        refused = z.recv() => assert_eq!(refused["code"], "not_in_call", "{refused}"),
-    }
+    // Everything recovers. The frozen offer's script may have run when Redis woke up, after the
+    // node gave up on it; the same offer sent again is taken as that one (before the node
+    // remembered timed-out offers this failed with already_in_call, the callee never told).
     call(&mut z, &mut w).await;
     z.candidate(w.id, 3).await;
     assert_eq!(candidate_number(&w.recv().await), 3);

@@ -585,3 +585,33 @@ async fn with_redis_frozen_a_same_node_call_goes_on_and_a_cross_node_offer_gets_
     x.candidate(y.id, 4).await;
     assert_eq!(candidate_number(&y.recv().await), 4);
 }
+
+#[tokio::test]
+async fn a_resume_on_another_node_closes_the_half_open_connection_still_holding_the_id() {
+    let Some((redis, cluster, a, b)) = two_nodes().await else {
+        return;
+    };
+    let mut caller = Client::join(&cluster, a.https).await;
+    let mut old = Client::join(&cluster, b.https).await;
+    call(&mut caller, &mut old).await;
+
+    // The client believes its connection to node-b is dead and resumes on node-a while node-b
+    // still holds it live: node-b is told to close it.
+    let (mut new, _) = Client::resumed(&cluster, a.https, old.id, &old.token).await;
+    old.expect_error("session_replaced").await;
+    assert_eq!(old.ws.expect_close().await, Some(1008));
+    assert_eq!(id_field(&redis, new.id, "node").as_deref(), Some("node-a"));
+
+    // The call goes on with the new connection, both ways.
+    caller.candidate(new.id, 1).await;
+    assert_eq!(candidate_number(&new.recv().await), 1);
+    new.candidate(caller.id, 2).await;
+    assert_eq!(candidate_number(&caller.recv().await), 2);
+    // node-b holds nothing for it any more.
+    b.wait_for_metric(
+        "callgate_websocket_connections_open",
+        |n| n == 0.0,
+        Duration::from_secs(5),
+    )
+    .await;
+}

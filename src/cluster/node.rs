@@ -430,3 +430,40 @@ async fn orphans(router: Arc<NodeRouter>, mut shutdown: Shutdown) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The caller's node counts what its client learns from another node, once per change.
+    #[test]
+    fn a_call_change_made_elsewhere_is_one_event_for_the_callers_metrics() {
+        let (me, peer) = (ClientId::new(111_111_111), ClientId::new(222_222_222));
+        let calling = Some(CallState::Calling { peer });
+        let in_call = Some(CallState::InCall { peer });
+        let idle = Some(CallState::Idle);
+        assert_eq!(
+            remote_call_event(me, calling, in_call),
+            Some(CallEvent::Answered {
+                caller: me,
+                callee: peer
+            })
+        );
+        assert_eq!(
+            remote_call_event(me, calling, idle),
+            Some(CallEvent::Declined {
+                caller: me,
+                callee: peer
+            })
+        );
+        assert!(matches!(
+            remote_call_event(me, in_call, idle),
+            Some(CallEvent::Ended { by, peer: p, .. }) if by == peer && p == me
+        ));
+        // The callee's side (called, then in a call) and no change at all: nothing.
+        let called = Some(CallState::Called { peer });
+        assert_eq!(remote_call_event(me, called, in_call), None);
+        assert_eq!(remote_call_event(me, in_call, in_call), None);
+        assert_eq!(remote_call_event(me, None, idle), None);
+    }
+}

@@ -40,7 +40,12 @@ struct Client {
 impl Client {
     /// Opens `wss://localhost/socket` at `addr` and reads the `id` message.
     async fn join(cluster: &Cluster, addr: SocketAddr) -> Client {
-        let mut ws = open(cluster, addr).await;
+        Client::join_at(cluster, addr, "/socket").await
+    }
+
+    /// Like [`Client::join`], on `path` (`/socket?seq=1`: acknowledgements).
+    async fn join_at(cluster: &Cluster, addr: SocketAddr, path: &str) -> Client {
+        let mut ws = open_at(cluster, addr, path).await;
         let hello = ws.recv().await;
         assert_eq!(hello["type"], "id", "{hello}");
         Client {
@@ -53,11 +58,24 @@ impl Client {
     /// Opens a new connection at `addr` and resumes `id` there; returns the client and its `id`
     /// message.
     async fn resumed(cluster: &Cluster, addr: SocketAddr, id: u64, token: &str) -> (Client, Value) {
-        let mut ws = open(cluster, addr).await;
+        Client::resumed_at(cluster, addr, "/socket", id, token, None).await
+    }
+
+    /// Like [`Client::resumed`], on `path`, saying `last_seq` when given.
+    async fn resumed_at(
+        cluster: &Cluster,
+        addr: SocketAddr,
+        path: &str,
+        id: u64,
+        token: &str,
+        last_seq: Option<u64>,
+    ) -> (Client, Value) {
+        let mut ws = open_at(cluster, addr, path).await;
         let fresh = ws.recv().await;
         assert_eq!(fresh["type"], "id", "{fresh}");
+        let last = last_seq.map_or(String::new(), |n| format!(r#","last_seq":{n}"#));
         ws.send(&format!(
-            r#"{{"type":"resume","id":{id},"token":"{token}"}}"#
+            r#"{{"type":"resume","id":{id},"token":"{token}"{last}}}"#
         ))
         .await;
         let hello = ws.recv().await;
@@ -142,8 +160,12 @@ fn candidate_number(message: &Value) -> u32 {
 }
 
 async fn open(cluster: &Cluster, addr: SocketAddr) -> Ws {
+    open_at(cluster, addr, "/socket").await
+}
+
+async fn open_at(cluster: &Cluster, addr: SocketAddr, path: &str) -> Ws {
     let tls = connect(&cluster.tls(), addr).await.expect("TLS connects");
-    let req = hyper::Request::get("/socket")
+    let req = hyper::Request::get(path)
         .header("host", format!("localhost:{}", addr.port()))
         .header("upgrade", "websocket")
         .header("connection", "upgrade")
@@ -665,4 +687,36 @@ async fn through_haproxy_a_killed_nodes_client_resumes_on_the_other_within_5_s()
     assert_eq!(candidate_number(&callee.recv().await), 1);
     callee.candidate(caller.id, 2).await;
     assert_eq!(candidate_number(&caller.recv().await), 2);
+}
+
+#[tokio::test]
+async fn a_takeover_from_a_live_connection_elsewhere_forwards_only_what_the_client_did_not_process()
+{
+    let Some((_redis, cluster, a, b)) = two_nodes().await else {
+        return;
+    };
+    const ACKS: &str = "/socket?seq=1";
+    let mut caller = Client::join(&cluster, a.https).await;
+    let mut old = Client::join_at(&cluster, b.https, ACKS).await;
+    call(&mut caller, &mut old).await; // the offer is seq 1
+    for n in 1..=3 {
+        caller.candidate(old.id, n).await;
+        let message = old.recv().await;
+        assert_eq!(candidate_number(&message), n);
+        assert_eq!(message["seq"], u64::from(n) + 1);
+    }
+    // Nothing acknowledged; the client processed through seq 3 (candidate 2) and moves to
+    // node-a while node-b still holds its connection, which therefore holds seq 1 to 4.
+    let (mut new, _) =
+        Client::resumed_at(&cluster, a.https, ACKS, old.id, &old.token, Some(3)).await;
+    old.expect_error("session_replaced").await;
+    // node-b forwards what it held; only candidate 3 (seq 4 there) was not processed.
+    let forwarded = new.recv().await;
+    assert_eq!(candidate_number(&forwarded), 3);
+    assert_eq!(forwarded["seq"], 4);
+    new.quiet(Duration::from_millis(300)).await;
+    caller.candidate(new.id, 4).await;
+    let next = new.recv().await;
+    assert_eq!(candidate_number(&next), 4);
+    assert_eq!(next["seq"], 5);
 }

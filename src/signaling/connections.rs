@@ -637,6 +637,13 @@ impl<O: Outbox> Connections<O> {
         Some(slot.log.take_held(&self.held_bytes))
     }
 
+    /// The last number `id`'s client said it processed on the node it resumed from (0: none).
+    pub fn processed_elsewhere(&self, id: ClientId) -> u64 {
+        self.shard(id)
+            .get(&id)
+            .map_or(0, |s| s.log.processed_elsewhere())
+    }
+
     /// After a resume from another node: numbering for `binding` continues after `seq`.
     pub fn continue_after(&self, binding: Binding, seq: u64) {
         if let Some(slot) = self

@@ -152,6 +152,9 @@ pub struct Log {
     bytes: usize,
     /// Sequence numbers dropped since the last resume (first, last), both inclusive.
     missed: Option<(u64, u64)>,
+    /// After a resume from another node: the last number the client said it processed there.
+    /// What that node forwards later under its own numbers up to this is not delivered again.
+    processed_elsewhere: u64,
 }
 
 impl Log {
@@ -290,6 +293,12 @@ impl Log {
     pub fn continue_after(&mut self, seq: u64) {
         self.last_seq = self.last_seq.max(seq);
         self.sent_through = self.sent_through.max(seq);
+        self.processed_elsewhere = self.processed_elsewhere.max(seq);
+    }
+
+    /// The last number the client said it processed on the node it resumed from (0: none).
+    pub fn processed_elsewhere(&self) -> u64 {
+        self.processed_elsewhere
     }
 
     /// Bytes held.

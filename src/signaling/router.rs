@@ -264,8 +264,12 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
     ) -> Result<(), Envelope> {
         match self.connections.live_epoch(to) {
             Some(live) if epoch.is_none_or(|e| e == live) => {
-                // Numbered here, the ID's home; a number given by a node it left goes.
-                let (envelope, _) = envelope.unsealed();
+                // Numbered here, the ID's home; a number given by a node it left goes. What that
+                // node forwards after a takeover which the client said it processed is dropped.
+                let (envelope, seq) = envelope.unsealed();
+                if seq.is_some_and(|seq| seq <= self.connections.processed_elsewhere(to)) {
+                    return Ok(());
+                }
                 let mut outcome = Outcome::default();
                 self.deliver_or_tell(to, envelope, now, &mut outcome).await;
                 Ok(())

@@ -159,10 +159,7 @@ fn candidate_number(message: &Value) -> u32 {
         .unwrap()
 }
 
-async fn open(cluster: &Cluster, addr: SocketAddr) -> Ws {
-    open_at(cluster, addr, "/socket").await
-}
-
+/// Opens `wss://localhost{path}` at `addr` (a node or the balancer), reading nothing.
 async fn open_at(cluster: &Cluster, addr: SocketAddr, path: &str) -> Ws {
     let tls = connect(&cluster.tls(), addr).await.expect("TLS connects");
     let req = hyper::Request::get(path)

@@ -58,8 +58,25 @@ impl FrontShared {
         local: SocketAddr,
         slot: &ReservedSlot,
     ) -> Inbound<'a> {
-        let verdict = Gate::inbound_data(packet, src)
-            .unwrap_or_else(|| gate.inbound(packet, src, local, SystemTime::now(), Instant::now()));
+        let verdict = match Gate::inbound_data(packet, src) {
+            // The media path: ChannelData, decided without a clock; nothing to carry out.
+            Some(Verdict::Forward) => return Inbound::Engine(Cow::Borrowed(packet)),
+            Some(verdict) => verdict,
+            None => gate.inbound(packet, src, local, SystemTime::now(), Instant::now()),
+        };
+        self.carry_out(gate, verdict, packet, src, local, slot)
+    }
+
+    /// Does what `verdict` asks beside forwarding (see [`FrontShared::inbound`]).
+    fn carry_out<'a>(
+        &self,
+        gate: &Gate,
+        verdict: Verdict,
+        packet: &'a [u8],
+        src: SocketAddr,
+        local: SocketAddr,
+        slot: &ReservedSlot,
+    ) -> Inbound<'a> {
         match verdict {
             Verdict::Forward => Inbound::Engine(Cow::Borrowed(packet)),
             Verdict::ForwardRewritten(bytes) => Inbound::Engine(Cow::Owned(bytes)),

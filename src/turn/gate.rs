@@ -26,11 +26,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use ring::hmac;
 
 use super::credentials::{long_term_key, RestUsername, TurnCredentials};
 use super::inspect::{self, attr, method, Class, Packet, StunMessage, StunWriter};
+use super::limiter::SourceLimiter;
 use super::policy::{OwnAddresses, PeerFilter, PeerPolicy, PeerRefusal};
 use super::quota::{AllocationKey, AllocationLedger, QuotaExceeded, Transport};
 use super::relayed::RelayedPorts;
@@ -52,7 +52,7 @@ pub const NONCE_ACCEPTED_FOR: Duration = Duration::from_secs(50 * 60);
 /// Above this many remembered keys the cache is cleared (they are re-derived on the next request).
 const MAX_VERIFIED_KEYS: usize = 65_536;
 
-/// Source keys the unauthenticated rate limiter tracks at most (about 64 bytes each).
+/// Source keys the unauthenticated rate limiter tracks at most (about 48 bytes each).
 pub const MAX_UNAUTHENTICATED_SOURCES: usize = 65_536;
 
 /// How long an Allocate success is kept to answer the request's retransmissions: a STUN client
@@ -163,11 +163,9 @@ pub struct GateShared {
     credentials: TurnCredentials,
     policy: PeerFilter,
     stats: Arc<TurnStats>,
-    /// Per-source rate of unauthenticated requests, keyed by [`source_key`]; replaced by an empty
-    /// one when it tracks [`MAX_UNAUTHENTICATED_SOURCES`] (see [`GateShared::allow_unauthenticated`]).
-    unauthenticated: RwLock<DefaultKeyedRateLimiter<IpAddr>>,
-    /// The quota of [`GateShared::unauthenticated`], to rebuild it empty.
-    unauthenticated_quota: Quota,
+    /// Per-source rate of unauthenticated requests, keyed by [`source_key`], at most
+    /// [`MAX_UNAUTHENTICATED_SOURCES`] sources.
+    unauthenticated: Mutex<SourceLimiter>,
     ledger: Mutex<AllocationLedger>,
     verified: Arc<VerifiedKeys>,
     /// The live relayed ports, which are own addresses the policy lets through as peers.
@@ -295,7 +293,6 @@ impl GateShared {
     ) -> Arc<Self> {
         let rate = NonZeroU32::new(rules.unauthenticated_per_ip_per_sec).unwrap_or(NonZeroU32::MIN);
         let burst = rate.saturating_mul(NonZeroU32::new(2).unwrap_or(NonZeroU32::MIN));
-        let quota = Quota::per_second(rate).allow_burst(burst);
         Arc::new(GateShared {
             relay_ips: rules.relay_ips,
             max_permissions: rules.max_permissions_per_allocation,
@@ -303,8 +300,11 @@ impl GateShared {
             credentials: rules.credentials,
             policy: rules.policy.compile(),
             stats,
-            unauthenticated: RwLock::new(RateLimiter::keyed(quota)),
-            unauthenticated_quota: quota,
+            unauthenticated: Mutex::new(SourceLimiter::new(
+                rate,
+                burst,
+                MAX_UNAUTHENTICATED_SOURCES,
+            )),
             ledger: Mutex::new(AllocationLedger::new(
                 rules.user_quota,
                 rules.total_quota,
@@ -328,8 +328,8 @@ impl GateShared {
     /// Periodic housekeeping: forget idle rate-limiter entries, pending allocations the engine
     /// never answered and Allocate successes too old to be retransmitted.
     pub fn maintain(&self, now: Instant) {
-        let limiter = self.limiter();
-        limiter.retain_recent();
+        let mut limiter = self.limiter();
+        limiter.retain_recent(now);
         limiter.shrink_to_fit();
         drop(limiter);
         self.ledger().expire_pending(now);
@@ -390,48 +390,17 @@ impl GateShared {
         self.policy.set_own_addresses(own);
     }
 
-    fn limiter(&self) -> std::sync::RwLockReadGuard<'_, DefaultKeyedRateLimiter<IpAddr>> {
+    fn limiter(&self) -> std::sync::MutexGuard<'_, SourceLimiter> {
         self.unauthenticated
-            .read()
+            .lock()
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether an unauthenticated request from `ip` is within its source's rate.
-    ///
-    /// Spoofed UDP sources would grow the table by one entry per packet between two
-    /// [`GateShared::maintain`] calls, so it is bounded: at [`MAX_UNAUTHENTICATED_SOURCES`] keys
-    /// the idle ones are forgotten, and if that leaves more than half, all are (shed, rather than
-    /// refusing new sources: refusing would lock every new client out for as long as a spoofing
-    /// flood lasts, while shedding only hands sources that were rate-limited a fresh burst, and
-    /// answers to spoofed sources are challenges no larger than the request).
-    fn allow_unauthenticated(&self, ip: IpAddr) -> bool {
-        let key = source_key(ip);
-        let limiter = self.limiter();
-        if limiter.len() >= MAX_UNAUTHENTICATED_SOURCES {
-            limiter.retain_recent();
-            if limiter.len() > MAX_UNAUTHENTICATED_SOURCES / 2 {
-                drop(limiter);
-                let mut slot = self
-                    .unauthenticated
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner());
-                if slot.len() > MAX_UNAUTHENTICATED_SOURCES / 2 {
-                    *slot = RateLimiter::keyed(self.unauthenticated_quota);
-                    tracing::debug!("unauthenticated rate limiter full: shed");
-                }
-                drop(slot);
-                return self.allow_unauthenticated_in(&self.limiter(), key);
-            }
-        }
-        self.allow_unauthenticated_in(&limiter, key)
-    }
-
-    fn allow_unauthenticated_in(
-        &self,
-        limiter: &DefaultKeyedRateLimiter<IpAddr>,
-        key: IpAddr,
-    ) -> bool {
-        if limiter.check_key(&key).is_ok() {
+    /// Whether an unauthenticated request from `ip` at `now` is within its source's rate (IPv6
+    /// per /64); counts a refusal. The table is bounded under spoofed sources (see
+    /// [`SourceLimiter`]); answers to spoofed sources are challenges no larger than the request.
+    fn allow_unauthenticated(&self, ip: IpAddr, now: Instant) -> bool {
+        if self.limiter().check(source_key(ip), now) {
             true
         } else {
             TurnStats::bump(&self.stats.rate_limited);
@@ -504,6 +473,7 @@ impl Gate {
     /// The verdict on relayed data that needs no time (ChannelData: forwarded after a length
     /// check), or `None` when [`Gate::inbound`] must see the packet with the clocks. Lets the
     /// listener read the clocks only for STUN.
+    #[inline]
     pub fn inbound_data(packet: &[u8], src: SocketAddr) -> Option<Verdict> {
         match packet.first() {
             Some(0x40..=0x7f) if src.port() != 0 => Some(if inspect::inspect(packet).is_ok() {
@@ -518,6 +488,7 @@ impl Gate {
     /// Whether [`Gate::outbound`] has anything to say about `packet`: `false` for relayed data
     /// (ChannelData, Data indications), which the listener sends without a look or a clock.
     /// The engine never sends an indication to [`PRIMING_ADDR`] (it holds no allocation there).
+    #[inline]
     pub fn outbound_needs_look(packet: &[u8]) -> bool {
         const CLASS_BITS: u16 = 0x0110;
         const INDICATION: u16 = 0x0010;
@@ -557,7 +528,7 @@ impl Gate {
             _ => return Verdict::Drop(DropReason::NotTurn),
         }
         if msg.method == method::BINDING {
-            return if !self.shared.allow_unauthenticated(src.ip()) {
+            return if !self.shared.allow_unauthenticated(src.ip(), now) {
                 Verdict::Drop(DropReason::RateLimited)
             } else if msg.ambiguity().is_some() {
                 Verdict::Reply(StunWriter::error_response(&msg, 400, "Bad Request").finish())
@@ -566,21 +537,21 @@ impl Gate {
             };
         }
         if !msg.has_integrity() {
-            return self.challenge(&msg, src, 401, "Unauthorized");
+            return self.challenge(&msg, src, now, 401, "Unauthorized");
         }
         let (Some(username), Some(realm), Some(nonce)) = (msg.username(), msg.realm(), msg.nonce())
         else {
-            if !self.shared.allow_unauthenticated(src.ip()) {
+            if !self.shared.allow_unauthenticated(src.ip(), now) {
                 return Verdict::Drop(DropReason::RateLimited);
             }
             return Verdict::Reply(StunWriter::error_response(&msg, 400, "Bad Request").finish());
         };
         if !self.nonce_accepted(nonce, now) {
-            return self.challenge(&msg, src, 438, "Stale Nonce");
+            return self.challenge(&msg, src, now, 438, "Stale Nonce");
         }
         let Some(key) = self.authenticate(&msg, username, realm, wall) else {
             TurnStats::bump(&self.shared.stats.auth_failures);
-            return self.challenge(&msg, src, 401, "Unauthorized");
+            return self.challenge(&msg, src, now, 401, "Unauthorized");
         };
         let hkey = inspect::integrity_key(&key);
         let user = RestUsername::parse(username, wall).map_or("", |u| u.user);
@@ -695,10 +666,11 @@ impl Gate {
         &self,
         msg: &StunMessage<'_>,
         src: SocketAddr,
+        now: Instant,
         code: u16,
         reason: &str,
     ) -> Verdict {
-        if !self.shared.allow_unauthenticated(src.ip()) {
+        if !self.shared.allow_unauthenticated(src.ip(), now) {
             return Verdict::Drop(DropReason::RateLimited);
         }
         let Some(nonce) = self.current_nonce() else {
@@ -1455,6 +1427,26 @@ mod tests {
         assert!(matches!(inbound(&gate, &req, other), Verdict::Reply(_)));
         assert_eq!(s.stats.snapshot().rate_limited, 90);
         assert_eq!(s.memory().rate_limited_ips, 2);
+    }
+
+    /// The limiter runs on the time the gate is given, not on a clock of its own.
+    #[test]
+    fn the_unauthenticated_rate_refills_with_the_time_passed_in() {
+        let s = shared(10, 100);
+        let gate = primed_gate(Arc::clone(&s));
+        let req = Gate::priming_request();
+        let t0 = Instant::now();
+        let at = |t: Instant| gate.inbound(&req, client(5), local(), SystemTime::now(), t);
+        let answered = (0..20)
+            .filter(|_| matches!(at(t0), Verdict::Reply(_)))
+            .count();
+        assert_eq!(answered, 10, "burst of 2 x 5/s");
+        let soon = t0 + Duration::from_millis(199);
+        assert_eq!(at(soon), Verdict::Drop(DropReason::RateLimited));
+        let refilled = t0 + Duration::from_millis(200);
+        assert!(matches!(at(refilled), Verdict::Reply(_)), "one per 200 ms");
+        s.maintain(t0 + Duration::from_secs(3));
+        assert_eq!(s.memory().rate_limited_ips, 0, "idle sources forgotten");
     }
 
     #[test]

@@ -25,10 +25,11 @@
 //! | `framing.rs` | where a STUN or ChannelData message ends on a TCP/TLS stream — no I/O | — |
 //! | `relayed.rs` | the live relayed ports, lock-free, for the policy's relay-to-relay exception | — |
 //! | `bind.rs` | binding UDP sockets with the relay's socket options | — |
+//! | `limiter.rs` | per-source rate of unauthenticated requests (GCRA), the time passed in — no I/O | — |
 //! | `quota.rs` | the allocation ledger behind 486 Allocation Quota Reached — no I/O | `source` |
 //! | `write_queue.rs` | a TCP/TLS client's outgoing frames, bounded in bytes | `stats` |
 //! | `settings.rs` | [`TurnSettings`], coturn's knobs with safe defaults | `credentials`, `error`, `policy`, `write_queue` |
-//! | `gate.rs` | the front layer's decisions for every inbound and outbound packet — no I/O | `credentials`, `inspect`, `policy`, `quota`, `relayed`, `settings`, `source`, `stats` |
+//! | `gate.rs` | the front layer's decisions for every inbound and outbound packet — no I/O | `credentials`, `inspect`, `limiter`, `policy`, `quota`, `relayed`, `settings`, `source`, `stats` |
 //! | `reservation.rs` | ports held for RESERVATION-TOKEN (EVEN-PORT), which the engine never honours | `bind`, `gate`, `settings` |
 //! | `route.rs` | how one relay socket reaches its client with oversized ChannelData | `framing`, `write_queue` |
 //! | `peer.rs` | relay sockets towards peers: port range, bandwidth cap, counters, policy; their registry | `bind`, `policy`, `relayed`, `reservation`, `route`, `settings`, `stats` |
@@ -49,6 +50,7 @@ pub mod front;
 pub mod gate;
 pub mod inspect;
 pub mod jumbo;
+pub mod limiter;
 pub mod peer;
 pub mod policy;
 pub mod quota;

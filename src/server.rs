@@ -568,11 +568,11 @@ async fn watch_certificate(certs: Arc<CertStore>, metrics: Arc<Metrics>, mut shu
 
 /// Ends resume reservations when their grace period is over (and tells their call peers).
 async fn expire_reservations(signaling: Arc<WebSocketEndpoint>, mut shutdown: Shutdown) {
-    let hub = signaling.hub().clone();
-    let grace = hub.limits().resume_grace;
+    let sessions = signaling.sessions().clone();
+    let grace = sessions.resume_grace();
     loop {
         let now = std::time::Instant::now();
-        let next = hub.expire(now).await.unwrap_or(now + grace);
+        let next = sessions.expire(now).await.unwrap_or(now + grace);
         let wake = tokio::time::Instant::from_std(next);
         tokio::select! {
             _ = shutdown.recv() => return,

@@ -17,7 +17,7 @@ use crate::shutdown::Shutdown;
 use crate::signaling::connections::Joining;
 use crate::signaling::hub::IceServersFor;
 use crate::signaling::protocol::ClientId;
-use crate::signaling::session::{SessionHub, Sessions};
+use crate::signaling::session::SessionRunner;
 use crate::turn::{TurnCredentials, TurnEndpoints};
 use std::time::Duration;
 
@@ -32,8 +32,8 @@ pub struct OriginPolicy {
 
 /// Accepts WebSocket upgrades and hands them to the signaling sessions.
 pub struct WebSocketEndpoint {
-    /// Runs the upgraded connections.
-    sessions: Arc<Sessions>,
+    /// Runs the upgraded connections (over whatever registry and bus the node uses).
+    sessions: Arc<dyn SessionRunner>,
     /// Who may connect from a browser.
     origins: OriginPolicy,
     /// Per-address upgrade rate (the open-socket cap is the session's).
@@ -56,7 +56,7 @@ impl std::fmt::Debug for WebSocketEndpoint {
 impl WebSocketEndpoint {
     /// An endpoint starting `sessions`.
     pub fn new(
-        sessions: Arc<Sessions>,
+        sessions: Arc<dyn SessionRunner>,
         origins: OriginPolicy,
         per_ip: Arc<PerIpLimits>,
         metrics: Arc<Metrics>,
@@ -76,9 +76,9 @@ impl WebSocketEndpoint {
         self.ice.as_ref()
     }
 
-    /// The signaling router, for the expiry task.
-    pub fn hub(&self) -> &Arc<SessionHub> {
-        self.sessions.hub()
+    /// The sessions, for the expiry task.
+    pub fn sessions(&self) -> &Arc<dyn SessionRunner> {
+        &self.sessions
     }
 
     /// Answers an upgrade request: refuses it (403, 429, 400) or switches protocols and starts the
@@ -126,7 +126,7 @@ impl WebSocketEndpoint {
                 Ok(ws) => {
                     let sessions = this.sessions.clone();
                     sessions
-                        .run(ws.into_inner(), ip, joining, ice, shutdown)
+                        .start(ws.into_inner(), ip, joining, ice, shutdown)
                         .await;
                     // The HTTP connection's accounting (open connections, per-address slot)
                     // lasts as long as the session.

@@ -14,24 +14,72 @@
 
 use std::future::{poll_fn, Future};
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use super::bus::{Bus, NoBus};
 use super::connections::Joining;
 use super::hub::{Attachment, Departure, IceServersFor};
 use super::observer::{CloseReason, SessionEvent, SessionLimit, SessionObserver};
 use super::outbox::{self, OutboxBudget, OutboxLimits, OutboxReceiver, OutboxSender};
 use super::protocol::{CloseCode, ErrorCode, ServerFrame, ServerKind, ServerMessage};
+use super::registry::{MemoryRegistry, Registry};
+use super::router::Router;
 use super::wire::{close_code_allowed, Frame, FrameReader, OpCode, Outgoing, ReadError};
 use crate::limits::{IpRefusal, PerIpLimits, SessionRates};
 use crate::shutdown::Shutdown;
 
-/// The signaling core as sessions use it: a single node's router over session outboxes.
-pub type SessionHub =
-    super::router::Router<super::registry::MemoryRegistry, super::bus::NoBus, OutboxSender>;
+/// The signaling core as sessions use it: a router over session outboxes (by default a single
+/// node's: memory registry, no bus).
+pub type SessionHub<R = MemoryRegistry, B = NoBus> = Router<R, B, OutboxSender>;
+
+/// A boxed, sendable future (what [`SessionRunner`] hands out).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Runs sessions whatever the node's registry and bus are, so the HTTP layer and the server hold one
+/// type (`Arc<dyn SessionRunner>`) for a single node and for a cluster node alike.
+pub trait SessionRunner: Send + Sync + std::fmt::Debug + 'static {
+    /// Runs one upgraded connection to its end; see [`Sessions::run`].
+    fn start(
+        self: Arc<Self>,
+        io: Stream,
+        ip: IpAddr,
+        joining: Joining,
+        ice: Option<IceServersFor>,
+        shutdown: Shutdown,
+    ) -> BoxFuture<'static, ()>;
+
+    /// Ends the reservations due at `now`; returns the next deadline (see [`Router::expire`]).
+    fn expire(&self, now: Instant) -> BoxFuture<'_, Option<Instant>>;
+
+    /// How long a dropped connection's ID stays reserved.
+    fn resume_grace(&self) -> Duration;
+}
+
+impl<R: Registry, B: Bus> SessionRunner for Sessions<R, B> {
+    fn start(
+        self: Arc<Self>,
+        io: Stream,
+        ip: IpAddr,
+        joining: Joining,
+        ice: Option<IceServersFor>,
+        shutdown: Shutdown,
+    ) -> BoxFuture<'static, ()> {
+        Box::pin(self.run(io, ip, joining, ice, shutdown))
+    }
+
+    fn expire(&self, now: Instant) -> BoxFuture<'_, Option<Instant>> {
+        Box::pin(self.hub.expire(now))
+    }
+
+    fn resume_grace(&self) -> Duration {
+        self.hub.limits().resume_grace
+    }
+}
 
 /// Session-level settings: the config's `signaling.session` section.
 #[derive(Debug, Clone)]
@@ -77,10 +125,10 @@ impl Default for SessionSettings {
     }
 }
 
-/// Runs upgraded WebSockets as signaling sessions.
-pub struct Sessions {
+/// Runs upgraded WebSockets as signaling sessions over a node's registry `R` and bus `B`.
+pub struct Sessions<R = MemoryRegistry, B = NoBus> {
     /// The call rules and routing table.
-    hub: Arc<SessionHub>,
+    hub: Arc<SessionHub<R, B>>,
     /// Sizes, rates, heartbeat.
     settings: SessionSettings,
     /// The per-address cap on open sockets.
@@ -91,7 +139,7 @@ pub struct Sessions {
     outbox_budget: Arc<OutboxBudget>,
 }
 
-impl std::fmt::Debug for Sessions {
+impl<R, B> std::fmt::Debug for Sessions<R, B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Sessions")
             .field("settings", &self.settings)
@@ -99,10 +147,10 @@ impl std::fmt::Debug for Sessions {
     }
 }
 
-impl Sessions {
+impl<R: Registry, B: Bus> Sessions<R, B> {
     /// Sessions over `hub`, reporting to `observer`.
     pub fn new(
-        hub: Arc<SessionHub>,
+        hub: Arc<SessionHub<R, B>>,
         settings: SessionSettings,
         per_ip: Arc<PerIpLimits>,
         observer: Arc<dyn SessionObserver>,
@@ -117,7 +165,7 @@ impl Sessions {
     }
 
     /// The router, for the expiry task and tests.
-    pub fn hub(&self) -> &Arc<SessionHub> {
+    pub fn hub(&self) -> &Arc<SessionHub<R, B>> {
         &self.hub
     }
 

@@ -11,19 +11,29 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use callgate::turn::credentials::long_term_key;
-use callgate::turn::gate::{Gate, GateRules, GateShared, Verdict};
+use callgate::turn::front::{FrontShared, Inbound};
+use callgate::turn::gate::{Gate, GateRules, GateShared};
 use callgate::turn::inspect::{
     self, attr, encode_xor_address, integrity_key, method, Class, StunWriter,
 };
 use callgate::turn::jumbo::JumboTable;
+use callgate::turn::peer::PeerSockets;
 use callgate::turn::quota::Transport;
-use callgate::turn::reservation::PortReservations;
+use callgate::turn::reservation::{PortReservations, ReservedSlot};
 use callgate::turn::{PeerPolicy, TurnCredentials, TurnStats};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 const REALM: &str = "callgate";
 
-fn gate() -> Gate {
+/// A gate and the listeners' shared state, as a UDP front holds them.
+fn gate() -> (Gate, FrontShared) {
+    let stats = Arc::new(TurnStats::default());
+    let reservations = Arc::new(PortReservations::new(
+        callgate::turn::reservation::loopback(),
+        65535,
+        0,
+    ));
+    let relayed = Arc::default();
     let shared = GateShared::new(
         GateRules {
             realm: REALM.into(),
@@ -36,15 +46,17 @@ fn gate() -> Gate {
             relay_ips: callgate::turn::reservation::loopback(),
             max_permissions_per_allocation: 64,
         },
-        Arc::new(TurnStats::default()),
-        Arc::new(PortReservations::new(
-            callgate::turn::reservation::loopback(),
-            65535,
-            0,
-        )),
-        Arc::new(JumboTable::default()),
+        Arc::clone(&stats),
+        Arc::clone(&relayed),
+        Arc::clone(&reservations) as _,
     );
-    Gate::new(shared, Transport::Udp)
+    let front = FrontShared {
+        gate: Arc::clone(&shared),
+        jumbo: Arc::new(JumboTable::new(Arc::new(PeerSockets::new(relayed)))),
+        reservations,
+        stats,
+    };
+    (Gate::new(shared, Transport::Udp), front)
 }
 
 fn channel_data(len: usize) -> Vec<u8> {
@@ -72,7 +84,8 @@ fn signed_request(method: u16, creds: &TurnCredentials, peer: Option<SocketAddr>
 }
 
 fn front_layer(c: &mut Criterion) {
-    let g = gate();
+    let (g, front) = gate();
+    let slot = ReservedSlot::default();
     let src: SocketAddr = "198.51.100.7:40000".parse().unwrap();
     let local: SocketAddr = "192.0.2.1:3478".parse().unwrap();
     let mut group = c.benchmark_group("front/channel_data_inbound");
@@ -81,8 +94,8 @@ fn front_layer(c: &mut Criterion) {
         group.throughput(Throughput::Bytes(len as u64));
         group.bench_with_input(BenchmarkId::from_parameter(len), &packet, |b, p| {
             b.iter(|| {
-                let v = g.inbound_now(black_box(p), src, local);
-                assert_eq!(v, Verdict::Forward);
+                let v = front.inbound(&g, black_box(p), src, local, &slot);
+                assert!(matches!(v, Inbound::Engine(_)));
             })
         });
     }
@@ -90,7 +103,7 @@ fn front_layer(c: &mut Criterion) {
 
     let packet = channel_data(1200);
     c.bench_function("front/channel_data_outbound", |b| {
-        b.iter(|| g.outbound(black_box(&packet), src, local))
+        b.iter(|| front.outbound(&g, black_box(&packet), src, local, || unreachable!()))
     });
 
     // A Send indication: parsed in full by the gate (the relay's slow data path, ChannelData's
@@ -105,8 +118,8 @@ fn front_layer(c: &mut Criterion) {
     let send = w.finish();
     c.bench_function("front/send_indication_inbound", |b| {
         b.iter(|| {
-            let v = g.inbound_now(black_box(&send), src, local);
-            assert_eq!(v, Verdict::Forward);
+            let v = front.inbound(&g, black_box(&send), src, local, &slot);
+            assert!(matches!(v, Inbound::Engine(_)));
         })
     });
 
@@ -128,7 +141,7 @@ fn front_layer(c: &mut Criterion) {
     // The whole authenticated path minus the nonce check (unprimed gates answer 438 after
     // parsing; this measures parse + nonce lookup + reply encoding, the unauthenticated cost).
     c.bench_function("front/unauthenticated_request_reply", |b| {
-        let g = gate();
+        let (g, _) = gate();
         let unsigned = Gate::priming_request();
         b.iter(|| {
             g.inbound(

@@ -17,6 +17,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::acme::{self, Acme, AcmeMetrics};
 use crate::cluster;
 use crate::cluster::node::ClusterMetrics;
+use crate::cluster::node::NodeRouter;
 use crate::cluster::nodes::{Membership, NodeInfo, NodeMetrics};
 use crate::cluster::redis::{Redis, RedisMetrics};
 use crate::config::{Config, TlsSource};
@@ -24,15 +25,14 @@ use crate::http::headers::SecurityHeaders;
 use crate::http::proxy_protocol::TrustedProxies;
 use crate::http::routes::Readiness;
 use crate::http::static_files::StaticFiles;
-use crate::http::websocket::{IceProvider, NodeSessions, WebSocketEndpoint};
+use crate::http::websocket::{IceProvider, WebSocketEndpoint};
 use crate::http::{self, Admission, App, RedirectTarget};
 use crate::limits::{AddressLimit, ConnectionLimit, PerIpLimits};
 use crate::metrics::{Limit, Metrics};
 use crate::shutdown::{Shutdown, ShutdownController};
-use crate::signaling::bus::Bus;
-use crate::signaling::registry::{NodeId, Registry};
+use crate::signaling::registry::NodeId;
 use crate::signaling::router::Router;
-use crate::signaling::session::{SessionHub, Sessions};
+use crate::signaling::session::{SessionRunner, Sessions};
 use crate::tls::{self, CertStore, LoadError};
 use crate::turn::{Relay, RunningRelay, TlsAcceptorSource};
 
@@ -116,6 +116,8 @@ pub struct Server {
     redis: Option<Redis>,
     /// The `callgate_cluster_nodes_*` gauges, registered on every node (0 on a single node).
     node_metrics: NodeMetrics,
+    /// A cluster node's router, whose tasks (inbox, leases, orphan sweep) start with the server.
+    cluster_hub: Option<Arc<NodeRouter>>,
 }
 
 impl Server {
@@ -200,33 +202,40 @@ impl Server {
             config.signaling.connections_per_ip,
         );
         let cluster_metrics = ClusterMetrics::register(&metrics);
-        let sessions = match (&redis, config.cluster.enabled()) {
-            (Some(redis), Some((_, node_id))) => {
-                let hub = cluster::node::router(
-                    redis,
-                    NodeId::new(node_id),
-                    config.signaling.limits.clone(),
-                    cluster_metrics,
-                )
-                .with_observer(metrics.clone());
-                NodeSessions::Cluster(Sessions::new(
-                    Arc::new(hub),
-                    config.signaling.session.clone(),
-                    per_ip.clone(),
-                    metrics.clone(),
-                ))
-            }
-            _ => {
-                let hub = Router::single_node(config.signaling.limits.clone())
-                    .with_observer(metrics.clone());
-                NodeSessions::Single(Sessions::new(
-                    Arc::new(hub),
-                    config.signaling.session.clone(),
-                    per_ip.clone(),
-                    metrics.clone(),
-                ))
-            }
-        };
+        // A cluster node's router runs on Redis (and its tasks start with the server); a single
+        // node's is the memory registry with no bus, exactly as before.
+        let (sessions, cluster_hub): (Arc<dyn SessionRunner>, _) =
+            match (&redis, config.cluster.enabled()) {
+                (Some(redis), Some((_, node_id))) => {
+                    let hub = Arc::new(
+                        cluster::node::router(
+                            redis,
+                            NodeId::new(node_id),
+                            config.signaling.limits.clone(),
+                            cluster_metrics,
+                        )
+                        .with_observer(metrics.clone()),
+                    );
+                    let sessions = Sessions::new(
+                        hub.clone(),
+                        config.signaling.session.clone(),
+                        per_ip.clone(),
+                        metrics.clone(),
+                    );
+                    (sessions, Some(hub))
+                }
+                _ => {
+                    let hub = Router::single_node(config.signaling.limits.clone())
+                        .with_observer(metrics.clone());
+                    let sessions = Sessions::new(
+                        Arc::new(hub),
+                        config.signaling.session.clone(),
+                        per_ip.clone(),
+                        metrics.clone(),
+                    );
+                    (sessions, None)
+                }
+            };
         let signaling = WebSocketEndpoint::new(
             sessions,
             config.signaling.origins.clone(),
@@ -269,6 +278,7 @@ impl Server {
             acme,
             redis,
             node_metrics,
+            cluster_hub,
         })
     }
 
@@ -319,6 +329,7 @@ impl Server {
             acme,
             redis,
             node_metrics,
+            cluster_hub,
         } = self;
         let membership = match (config.cluster.enabled(), redis) {
             (Some((_, node_id)), Some(redis)) => Some(Membership::start(
@@ -340,17 +351,10 @@ impl Server {
             )),
             _ => None,
         };
-        match signaling.sessions() {
-            NodeSessions::Single(sessions) => {
-                let hub = sessions.hub().clone();
-                tokio::spawn(expire_reservations(hub, controller.handle()));
-            }
-            NodeSessions::Cluster(sessions) => {
-                let hub = sessions.hub().clone();
-                cluster::node::spawn(hub.clone(), &controller.handle());
-                tokio::spawn(expire_reservations(hub, controller.handle()));
-            }
+        if let Some(hub) = cluster_hub {
+            cluster::node::spawn(hub, &controller.handle());
         }
+        tokio::spawn(expire_reservations(signaling, controller.handle()));
         tokio::spawn(prune_rate_limits(per_ip, controller.handle()));
         let per_ip = AddressLimit::new(
             config.http.connections_per_ip,
@@ -601,14 +605,12 @@ async fn watch_certificate(certs: Arc<CertStore>, metrics: Arc<Metrics>, mut shu
 }
 
 /// Ends resume reservations when their grace period is over (and tells their call peers).
-async fn expire_reservations<R: Registry, B: Bus>(
-    hub: Arc<SessionHub<R, B>>,
-    mut shutdown: Shutdown,
-) {
-    let grace = hub.limits().resume_grace;
+async fn expire_reservations(signaling: Arc<WebSocketEndpoint>, mut shutdown: Shutdown) {
+    let sessions = signaling.sessions().clone();
+    let grace = sessions.resume_grace();
     loop {
         let now = std::time::Instant::now();
-        let next = hub.expire(now).await.unwrap_or(now + grace);
+        let next = sessions.expire(now).await.unwrap_or(now + grace);
         let wake = tokio::time::Instant::from_std(next);
         tokio::select! {
             _ = shutdown.recv() => return,

@@ -1,4 +1,4 @@
-//! TURN over TCP/TLS framing (`turn::stream::frame_length`, `frame_for_stream`) on arbitrary
+//! TURN over TCP/TLS framing (`turn::framing::frame_length`, `frame_for_stream`) on arbitrary
 //! byte streams, and each frame through `turn::inspect`.
 //!
 //! Checked: no panic; a frame's wire length covers its message, pads only ChannelData and to a
@@ -7,8 +7,8 @@
 
 #![no_main]
 
+use callgate::turn::framing::{frame_for_stream, frame_length};
 use callgate::turn::inspect;
-use callgate::turn::stream::{frame_for_stream, frame_length};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|stream: &[u8]| {

@@ -11,14 +11,13 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 
 use super::{text_response, Body, ConnectionContext};
-use crate::cluster::node::{NodeBus, NodeRegistry};
 use crate::limits::{IpKey, PerIpLimits};
 use crate::metrics::{Limit, Metrics};
 use crate::shutdown::Shutdown;
 use crate::signaling::connections::Joining;
 use crate::signaling::hub::IceServersFor;
 use crate::signaling::protocol::ClientId;
-use crate::signaling::session::Sessions;
+use crate::signaling::session::SessionRunner;
 use crate::turn::{TurnCredentials, TurnEndpoints};
 use std::time::Duration;
 
@@ -31,20 +30,10 @@ pub struct OriginPolicy {
     pub public_authority: Option<String>,
 }
 
-/// The sessions of a single node or of a cluster node (their routers differ in registry and bus;
-/// one match per connection, nothing per message).
-#[derive(Debug, Clone)]
-pub enum NodeSessions {
-    /// A node that runs alone: memory registry, no bus.
-    Single(Arc<Sessions>),
-    /// A cluster node: Redis registry and bus.
-    Cluster(Arc<Sessions<NodeRegistry, NodeBus>>),
-}
-
 /// Accepts WebSocket upgrades and hands them to the signaling sessions.
 pub struct WebSocketEndpoint {
-    /// Runs the upgraded connections.
-    sessions: NodeSessions,
+    /// Runs the upgraded connections (over whatever registry and bus the node uses).
+    sessions: Arc<dyn SessionRunner>,
     /// Who may connect from a browser.
     origins: OriginPolicy,
     /// Per-address upgrade rate (the open-socket cap is the session's).
@@ -67,7 +56,7 @@ impl std::fmt::Debug for WebSocketEndpoint {
 impl WebSocketEndpoint {
     /// An endpoint starting `sessions`.
     pub fn new(
-        sessions: NodeSessions,
+        sessions: Arc<dyn SessionRunner>,
         origins: OriginPolicy,
         per_ip: Arc<PerIpLimits>,
         metrics: Arc<Metrics>,
@@ -88,7 +77,7 @@ impl WebSocketEndpoint {
     }
 
     /// The sessions, for the expiry task.
-    pub fn sessions(&self) -> &NodeSessions {
+    pub fn sessions(&self) -> &Arc<dyn SessionRunner> {
         &self.sessions
     }
 
@@ -135,15 +124,10 @@ impl WebSocketEndpoint {
             match upgrade.await {
                 // fastwebsockets only did the handshake; frames are read and written in `wire`.
                 Ok(ws) => {
-                    let io = ws.into_inner();
-                    match this.sessions.clone() {
-                        NodeSessions::Single(sessions) => {
-                            sessions.run(io, ip, joining, ice, shutdown).await;
-                        }
-                        NodeSessions::Cluster(sessions) => {
-                            sessions.run(io, ip, joining, ice, shutdown).await;
-                        }
-                    }
+                    let sessions = this.sessions.clone();
+                    sessions
+                        .start(ws.into_inner(), ip, joining, ice, shutdown)
+                        .await;
                     // The HTTP connection's accounting (open connections, per-address slot)
                     // lasts as long as the session.
                     drop(conn);

@@ -660,7 +660,10 @@ impl<R: Registry> Hub<R> {
                 id,
                 token,
                 last_seq,
-            } => self.resume(conn, id, &token, last_seq, now, effects).await,
+            } => {
+                // Boxed: rare, and its state would otherwise sit in every message's future.
+                Box::pin(self.resume(conn, id, &token, last_seq, now, effects)).await
+            }
             ClientMessage::Ping => {
                 let pong = Envelope::new(&ServerMessage::Pong);
                 effects.push(Effect::Reply(pong));

@@ -338,14 +338,36 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
         for effect in list {
             match effect {
                 Effect::Deliver { to, envelope } => {
-                    self.deliver_or_tell(to, envelope, now, &mut outcome).await;
+                    // The common case (a local ID took it or held it) awaits nothing; the rest
+                    // (a slow peer, a drop to report, another node) is boxed so its state does
+                    // not sit in every message's future.
+                    let origin = envelope.origin();
+                    match self.deliver_local(to, envelope, now) {
+                        Ok((Delivery::Sent | Delivery::Queued, _)) => {}
+                        local => {
+                            let rest = self.deliver_rest(to, origin, local, now, &mut outcome);
+                            Box::pin(rest).await;
+                        }
+                    }
                 }
                 Effect::Reply(envelope) => {
                     let Some(conn) = conn.as_deref() else {
                         debug_assert!(false, "a reply with no connection");
                         continue;
                     };
-                    self.reply(conn, envelope, now, &mut outcome).await;
+                    match self.connections.reply(conn.binding(), envelope, now) {
+                        Ok((Delivery::Sent, _)) => {}
+                        Ok((_, detached)) => {
+                            outcome.close = Some(CloseCode::PolicyViolation);
+                            if let Some(binding) = detached {
+                                let grace = self.connections.grace();
+                                let detach = self.hub.registry().detach(binding, now, grace);
+                                let _ = Box::pin(detach).await;
+                                Box::pin(self.flush(binding, now)).await;
+                            }
+                        }
+                        Err(Stale) => outcome.close = Some(CloseCode::PolicyViolation),
+                    }
                 }
                 Effect::Ack { seq } => {
                     let Some(conn) = conn.as_deref_mut() else {
@@ -360,15 +382,19 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
                     let refused = self.hub.refuse_ack(conn, refusal);
                     outcome.close = outcome.close.or(refused.outcome.close);
                     outcome.error = refused.outcome.error;
-                    // A refusal is answered with replies only.
-                    for effect in refused.list {
-                        if let Effect::Reply(envelope) = effect {
-                            self.reply(conn, envelope, now, &mut outcome).await;
+                    // A refusal is answered with replies only (boxed: rare).
+                    Box::pin(async {
+                        for effect in refused.list {
+                            if let Effect::Reply(envelope) = effect {
+                                self.reply(conn, envelope, now, &mut outcome).await;
+                            }
                         }
-                    }
+                    })
+                    .await;
                 }
                 Effect::TakeOver(resumption) => {
-                    self.take_over(*resumption, now, &mut outcome).await;
+                    // Boxed: rare, and its state would otherwise sit in every message's future.
+                    Box::pin(self.take_over(*resumption, now, &mut outcome)).await;
                 }
             }
         }
@@ -470,8 +496,23 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
         }
     }
 
-    /// Delivers to `to`; if it can be neither delivered nor held, its sender is told with
-    /// `undelivered` (a notice from the server, which nobody is told about in turn).
+    /// Hands a message for `to` to the local table, unless a cluster holds it elsewhere: an ID
+    /// reserved here has its messages held on the bus (one place every node's resume reads), so
+    /// it comes back like a message for an ID this node does not hold.
+    fn deliver_local(
+        &self,
+        to: ClientId,
+        envelope: Envelope,
+        now: Instant,
+    ) -> Result<(Delivery, Option<Binding>), Envelope> {
+        if self.bus.holds_reserved() && self.connections.is_reserved(to) {
+            return Err(envelope);
+        }
+        self.connections.deliver(to, envelope, now)
+    }
+
+    /// Delivers to `to`, here or through the bus, telling the sender if it can be neither
+    /// delivered nor held (for the cluster's paths: flushes, forwards, replays, notices).
     async fn deliver_or_tell(
         &self,
         to: ClientId,
@@ -479,29 +520,43 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
         now: Instant,
         outcome: &mut Outcome,
     ) {
-        if let Some(Effect::Deliver { to, envelope }) =
-            self.deliver(to, envelope, now, outcome).await
-        {
-            let notice = self.deliver(to, envelope, now, outcome).await;
+        let origin = envelope.origin();
+        match self.deliver_local(to, envelope, now) {
+            Ok((Delivery::Sent | Delivery::Queued, _)) => {}
+            local => Box::pin(self.deliver_rest(to, origin, local, now, outcome)).await,
+        }
+    }
+
+    /// Finishes a delivery the local table did not simply take: a detached (slow) recipient, a
+    /// drop to report to the sender with `undelivered` (a notice from the server, which nobody is
+    /// told about in turn), or an ID this node does not hold (the bus).
+    async fn deliver_rest(
+        &self,
+        to: ClientId,
+        origin: Option<Origin>,
+        local: Result<(Delivery, Option<Binding>), Envelope>,
+        now: Instant,
+        outcome: &mut Outcome,
+    ) {
+        let notice = self.settle(to, origin, local, now, outcome).await;
+        if let Some(Effect::Deliver { to, envelope }) = notice {
+            let local = self.deliver_local(to, envelope, now);
+            let notice = self.settle(to, None, local, now, outcome).await;
             debug_assert!(notice.is_none(), "a server notice has no sender to tell");
         }
     }
 
-    /// Delivers to `to`, here or through the bus; returns the `undelivered` notice for the sender
-    /// if the message can be neither delivered nor held.
-    async fn deliver(
+    /// Acts on what the local table did with a message for `to`; returns the `undelivered` notice
+    /// for the sender if the message can be neither delivered nor held.
+    async fn settle(
         &self,
         to: ClientId,
-        envelope: Envelope,
+        origin: Option<Origin>,
+        local: Result<(Delivery, Option<Binding>), Envelope>,
         now: Instant,
         outcome: &mut Outcome,
     ) -> Option<Effect> {
-        let origin = envelope.origin();
-        if self.bus.holds_reserved() && self.connections.is_reserved(to) {
-            // A cluster holds for reserved IDs in one place every node's resume reads.
-            return self.send_on_bus(to, envelope).await;
-        }
-        match self.connections.deliver(to, envelope, now) {
+        match local {
             Ok((Delivery::Sent | Delivery::Queued, _)) => None,
             Ok((Delivery::Detached, detached)) => {
                 if let Some(binding) = detached {

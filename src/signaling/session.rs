@@ -14,6 +14,7 @@
 
 use std::future::{poll_fn, Future};
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Poll};
 use std::time::{Duration, Instant};
@@ -27,13 +28,58 @@ use super::observer::{CloseReason, SessionEvent, SessionLimit, SessionObserver};
 use super::outbox::{self, OutboxBudget, OutboxLimits, OutboxReceiver, OutboxSender};
 use super::protocol::{CloseCode, ErrorCode, ServerFrame, ServerKind, ServerMessage};
 use super::registry::{MemoryRegistry, Registry};
+use super::router::Router;
 use super::wire::{close_code_allowed, Frame, FrameReader, OpCode, Outgoing, ReadError};
 use crate::limits::{IpRefusal, PerIpLimits, SessionRates};
 use crate::shutdown::Shutdown;
 
-/// The signaling core as sessions use it: a router over session outboxes; by default a single
-/// node's (memory registry, no bus). A cluster node's sessions use its registry and bus.
-pub type SessionHub<R = MemoryRegistry, B = NoBus> = super::router::Router<R, B, OutboxSender>;
+/// The signaling core as sessions use it: a router over session outboxes (by default a single
+/// node's: memory registry, no bus).
+pub type SessionHub<R = MemoryRegistry, B = NoBus> = Router<R, B, OutboxSender>;
+
+/// A boxed, sendable future (what [`SessionRunner`] hands out).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Runs sessions whatever the node's registry and bus are, so the HTTP layer and the server hold one
+/// type (`Arc<dyn SessionRunner>`) for a single node and for a cluster node alike.
+pub trait SessionRunner: Send + Sync + std::fmt::Debug + 'static {
+    /// Runs one upgraded connection to its end; see [`Sessions::run`].
+    fn start(
+        self: Arc<Self>,
+        io: Stream,
+        ip: IpAddr,
+        joining: Joining,
+        ice: Option<IceServersFor>,
+        shutdown: Shutdown,
+    ) -> BoxFuture<'static, ()>;
+
+    /// Ends the reservations due at `now`; returns the next deadline (see [`Router::expire`]).
+    fn expire(&self, now: Instant) -> BoxFuture<'_, Option<Instant>>;
+
+    /// How long a dropped connection's ID stays reserved.
+    fn resume_grace(&self) -> Duration;
+}
+
+impl<R: Registry, B: Bus> SessionRunner for Sessions<R, B> {
+    fn start(
+        self: Arc<Self>,
+        io: Stream,
+        ip: IpAddr,
+        joining: Joining,
+        ice: Option<IceServersFor>,
+        shutdown: Shutdown,
+    ) -> BoxFuture<'static, ()> {
+        Box::pin(self.run(io, ip, joining, ice, shutdown))
+    }
+
+    fn expire(&self, now: Instant) -> BoxFuture<'_, Option<Instant>> {
+        Box::pin(self.hub.expire(now))
+    }
+
+    fn resume_grace(&self) -> Duration {
+        self.hub.limits().resume_grace
+    }
+}
 
 /// Session-level settings: the config's `signaling.session` section.
 #[derive(Debug, Clone)]
@@ -79,7 +125,7 @@ impl Default for SessionSettings {
     }
 }
 
-/// Runs upgraded WebSockets as signaling sessions.
+/// Runs upgraded WebSockets as signaling sessions over a node's registry `R` and bus `B`.
 pub struct Sessions<R = MemoryRegistry, B = NoBus> {
     /// The call rules and routing table.
     hub: Arc<SessionHub<R, B>>,

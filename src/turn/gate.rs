@@ -5,8 +5,11 @@
 //! The gate owns the rules that the engine lacks: REST-credential checks with 401 (not 400), the
 //! nonce the engine must accept, per-IP rate limits on unauthenticated requests, the peer policy
 //! (403), allocation quotas (486), stripping DONT-FRAGMENT and refusing RESERVATION-TOKEN. It does
-//! no I/O: it takes bytes and addresses and returns what to do, so it is unit-tested and benched
-//! without sockets. It must never block: the locks it takes guard O(1) map operations.
+//! no I/O: it takes bytes, addresses and the time and returns what to do ([`Verdict`],
+//! [`Outbound`]) — it reads no clock, holds no socket and no async primitive, so it is unit-tested,
+//! fuzzed and benched without sockets. What a verdict asks for beyond sending (holding a reserved
+//! port, telling the jumbo table about an allocation or a channel) is done by the listener that
+//! asked (`front.rs`). It must never block: the locks it takes guard O(1) map operations.
 //!
 //! # Nonces
 //! The engine keeps every nonce it ever hands out in a map that is only pruned when a client
@@ -23,15 +26,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use ring::hmac;
 
 use super::credentials::{long_term_key, RestUsername, TurnCredentials};
 use super::inspect::{self, attr, method, Class, Packet, StunMessage, StunWriter};
-use super::jumbo::{ClientPath, JumboTable};
-use super::policy::{OwnAddresses, PeerFilter, PeerPolicy};
+use super::limiter::SourceLimiter;
+use super::policy::{OwnAddresses, PeerFilter, PeerPolicy, PeerRefusal};
 use super::quota::{AllocationKey, AllocationLedger, QuotaExceeded, Transport};
-use super::reservation::PortReservations;
+use super::relayed::RelayedPorts;
 use super::settings::RelayIps;
 use super::source::source_key;
 use super::stats::TurnStats;
@@ -50,7 +52,7 @@ pub const NONCE_ACCEPTED_FOR: Duration = Duration::from_secs(50 * 60);
 /// Above this many remembered keys the cache is cleared (they are re-derived on the next request).
 const MAX_VERIFIED_KEYS: usize = 65_536;
 
-/// Source keys the unauthenticated rate limiter tracks at most (about 64 bytes each).
+/// Source keys the unauthenticated rate limiter tracks at most (about 48 bytes each).
 pub const MAX_UNAUTHENTICATED_SOURCES: usize = 65_536;
 
 /// How long an Allocate success is kept to answer the request's retransmissions: a STUN client
@@ -83,6 +85,17 @@ pub enum Verdict {
         /// The request re-signed without DONT-FRAGMENT or with LIFETIME adjusted, if needed.
         rewritten: Option<Vec<u8>>,
     },
+    /// Hand the ChannelBind to the engine unchanged, and remember `number` → `peer` under
+    /// `transaction` until the engine answers (oversized ChannelData follows the engine's
+    /// channels; see `jumbo.rs`).
+    ForwardBind {
+        /// The request's transaction ID, which the engine's answer carries.
+        transaction: [u8; 12],
+        /// CHANNEL-NUMBER.
+        number: u16,
+        /// The one XOR-PEER-ADDRESS.
+        peer: SocketAddr,
+    },
     /// Send these bytes back to the source; the engine never sees the request.
     Reply(Vec<u8>),
     /// Drop the packet silently.
@@ -112,6 +125,9 @@ pub enum Outbound {
     Send,
     /// Do not send it (it answered the gate's own priming request).
     Swallow,
+    /// Do not send it: it answered the gate's priming request with the nonce the gate now uses
+    /// (whoever waits for the relay to answer requests may go on).
+    Primed,
     /// The engine created an allocation on `relayed`: reserve the next port under `reserve` if
     /// the response carries a RESERVATION-TOKEN, tell the jumbo table how to reach the client,
     /// then send.
@@ -121,6 +137,22 @@ pub enum Outbound {
         /// The RESERVATION-TOKEN the engine put in the response, if any.
         reserve: Option<[u8; 8]>,
     },
+    /// The engine answered the ChannelBind `transaction` (see [`Verdict::ForwardBind`]): tell the
+    /// jumbo table whether the channel is `bound`, then send.
+    ChannelBindAnswered {
+        /// The ChannelBind's transaction ID.
+        transaction: [u8; 12],
+        /// Whether the engine bound the channel (a success response).
+        bound: bool,
+    },
+}
+
+/// Which RESERVATION-TOKENs are backed by a held port. The gate asks; the table that holds the
+/// ports at the edge (`reservation.rs`) answers, as quinn-proto asks its `TokenLog`: a lookup,
+/// never I/O.
+pub trait ReservedTokens: Send + Sync {
+    /// Whether `token` is backed by a held port at `now`.
+    fn is_backed(&self, token: &[u8; 8], now: Instant) -> bool;
 }
 
 /// State shared by every listener and every engine instance of one relay.
@@ -131,15 +163,15 @@ pub struct GateShared {
     credentials: TurnCredentials,
     policy: PeerFilter,
     stats: Arc<TurnStats>,
-    /// Per-source rate of unauthenticated requests, keyed by [`source_key`]; replaced by an empty
-    /// one when it tracks [`MAX_UNAUTHENTICATED_SOURCES`] (see [`GateShared::allow_unauthenticated`]).
-    unauthenticated: RwLock<DefaultKeyedRateLimiter<IpAddr>>,
-    /// The quota of [`GateShared::unauthenticated`], to rebuild it empty.
-    unauthenticated_quota: Quota,
+    /// Per-source rate of unauthenticated requests, keyed by [`source_key`], at most
+    /// [`MAX_UNAUTHENTICATED_SOURCES`] sources.
+    unauthenticated: Mutex<SourceLimiter>,
     ledger: Mutex<AllocationLedger>,
     verified: Arc<VerifiedKeys>,
-    reservations: Arc<PortReservations>,
-    jumbo: Arc<JumboTable>,
+    /// The live relayed ports, which are own addresses the policy lets through as peers.
+    relayed: Arc<RelayedPorts>,
+    /// Which RESERVATION-TOKENs a held port backs.
+    reserved: Arc<dyn ReservedTokens>,
     /// Error responses carrying a NONCE the engine has sent: each is one entry in its nonce map.
     engine_nonces: AtomicUsize,
     /// Recent Allocate successes over UDP, by 5-tuple: a retransmitted Allocate (its response was
@@ -225,8 +257,6 @@ pub struct GateMemory {
     /// Nonces the engine has issued (each one stays in its map): one per priming, none per
     /// client request.
     pub engine_nonces: usize,
-    /// Relay sockets, allocations and pending ChannelBinds in the jumbo table.
-    pub jumbo: (usize, usize, usize),
 }
 
 /// The rules a gate enforces, taken from [`TurnSettings`](super::TurnSettings).
@@ -253,16 +283,16 @@ pub struct GateRules {
 }
 
 impl GateShared {
-    /// Builds the shared state from validated rules.
+    /// Builds the shared state from validated rules; `relayed` is kept by the relay sockets and
+    /// `reserved` by whoever holds reserved ports.
     pub fn new(
         rules: GateRules,
         stats: Arc<TurnStats>,
-        reservations: Arc<PortReservations>,
-        jumbo: Arc<JumboTable>,
+        relayed: Arc<RelayedPorts>,
+        reserved: Arc<dyn ReservedTokens>,
     ) -> Arc<Self> {
         let rate = NonZeroU32::new(rules.unauthenticated_per_ip_per_sec).unwrap_or(NonZeroU32::MIN);
         let burst = rate.saturating_mul(NonZeroU32::new(2).unwrap_or(NonZeroU32::MIN));
-        let quota = Quota::per_second(rate).allow_burst(burst);
         Arc::new(GateShared {
             relay_ips: rules.relay_ips,
             max_permissions: rules.max_permissions_per_allocation,
@@ -270,16 +300,19 @@ impl GateShared {
             credentials: rules.credentials,
             policy: rules.policy.compile(),
             stats,
-            unauthenticated: RwLock::new(RateLimiter::keyed(quota)),
-            unauthenticated_quota: quota,
+            unauthenticated: Mutex::new(SourceLimiter::new(
+                rate,
+                burst,
+                MAX_UNAUTHENTICATED_SOURCES,
+            )),
             ledger: Mutex::new(AllocationLedger::new(
                 rules.user_quota,
                 rules.total_quota,
                 rules.allocations_per_ip,
             )),
             verified: Arc::new(VerifiedKeys::default()),
-            reservations,
-            jumbo,
+            relayed,
+            reserved,
             engine_nonces: AtomicUsize::new(0),
             allocate_replies: Mutex::new(HashMap::new()),
         })
@@ -292,31 +325,20 @@ impl GateShared {
         }
     }
 
-    /// Periodic housekeeping: forget idle rate-limiter entries and stale reservations.
+    /// Periodic housekeeping: forget idle rate-limiter entries, pending allocations the engine
+    /// never answered and Allocate successes too old to be retransmitted.
     pub fn maintain(&self, now: Instant) {
-        let limiter = self.limiter();
-        limiter.retain_recent();
+        let mut limiter = self.limiter();
+        limiter.retain_recent(now);
         limiter.shrink_to_fit();
         drop(limiter);
         self.ledger().expire_pending(now);
-        self.reservations.prune(now);
         self.allocate_replies()
             .retain(|_, reply| now.duration_since(reply.sent) < ALLOCATE_REPLAY_FOR);
     }
 
-    /// Relay sockets, allocations and channels known for oversized ChannelData.
-    pub fn jumbo(&self) -> &Arc<JumboTable> {
-        &self.jumbo
-    }
-
-    /// Ports held for RESERVATION-TOKENs.
-    pub fn reservations(&self) -> &Arc<PortReservations> {
-        &self.reservations
-    }
-
     /// The engine closed an allocation (its `alloc_close_notify`).
     pub fn allocation_closed(&self, key: &AllocationKey) {
-        self.jumbo.closed(key);
         self.allocate_replies().remove(key);
         if self.ledger().release(key) == Some(true) {
             TurnStats::drop_one(&self.stats.allocations_active);
@@ -331,7 +353,6 @@ impl GateShared {
             ledger_entries: self.ledger().total(),
             allocate_replies: self.allocate_replies().len(),
             engine_nonces: self.engine_nonces.load(Ordering::Relaxed),
-            jumbo: self.jumbo.sizes(),
         }
     }
 
@@ -360,8 +381,8 @@ impl GateShared {
 
     /// Whether `peer` may be relayed to: the peer policy, and not the relay's own address unless
     /// it is a live relayed address.
-    fn check_peer(&self, peer: SocketAddr) -> Result<(), super::policy::PeerRefusal> {
-        self.policy.check_peer(peer, |a| self.jumbo.is_relayed(a))
+    fn check_peer(&self, peer: SocketAddr) -> Result<(), PeerRefusal> {
+        self.policy.check_peer(peer, |a| self.relayed.contains(a))
     }
 
     /// Gives the gate's peer filter the relay's own addresses, once the listeners are bound.
@@ -369,48 +390,17 @@ impl GateShared {
         self.policy.set_own_addresses(own);
     }
 
-    fn limiter(&self) -> std::sync::RwLockReadGuard<'_, DefaultKeyedRateLimiter<IpAddr>> {
+    fn limiter(&self) -> std::sync::MutexGuard<'_, SourceLimiter> {
         self.unauthenticated
-            .read()
+            .lock()
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether an unauthenticated request from `ip` is within its source's rate.
-    ///
-    /// Spoofed UDP sources would grow the table by one entry per packet between two
-    /// [`GateShared::maintain`] calls, so it is bounded: at [`MAX_UNAUTHENTICATED_SOURCES`] keys
-    /// the idle ones are forgotten, and if that leaves more than half, all are (shed, rather than
-    /// refusing new sources: refusing would lock every new client out for as long as a spoofing
-    /// flood lasts, while shedding only hands sources that were rate-limited a fresh burst, and
-    /// answers to spoofed sources are challenges no larger than the request).
-    fn allow_unauthenticated(&self, ip: IpAddr) -> bool {
-        let key = source_key(ip);
-        let limiter = self.limiter();
-        if limiter.len() >= MAX_UNAUTHENTICATED_SOURCES {
-            limiter.retain_recent();
-            if limiter.len() > MAX_UNAUTHENTICATED_SOURCES / 2 {
-                drop(limiter);
-                let mut slot = self
-                    .unauthenticated
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner());
-                if slot.len() > MAX_UNAUTHENTICATED_SOURCES / 2 {
-                    *slot = RateLimiter::keyed(self.unauthenticated_quota);
-                    tracing::debug!("unauthenticated rate limiter full: shed");
-                }
-                drop(slot);
-                return self.allow_unauthenticated_in(&self.limiter(), key);
-            }
-        }
-        self.allow_unauthenticated_in(&limiter, key)
-    }
-
-    fn allow_unauthenticated_in(
-        &self,
-        limiter: &DefaultKeyedRateLimiter<IpAddr>,
-        key: IpAddr,
-    ) -> bool {
-        if limiter.check_key(&key).is_ok() {
+    /// Whether an unauthenticated request from `ip` at `now` is within its source's rate (IPv6
+    /// per /64); counts a refusal. The table is bounded under spoofed sources (see
+    /// [`SourceLimiter`]); answers to spoofed sources are challenges no larger than the request.
+    fn allow_unauthenticated(&self, ip: IpAddr, now: Instant) -> bool {
+        if self.limiter().check(source_key(ip), now) {
             true
         } else {
             TurnStats::bump(&self.stats.rate_limited);
@@ -430,7 +420,6 @@ pub struct Gate {
     shared: Arc<GateShared>,
     transport: Transport,
     nonce: RwLock<NonceState>,
-    primed: tokio::sync::watch::Sender<bool>,
 }
 
 impl Gate {
@@ -440,7 +429,6 @@ impl Gate {
             shared,
             transport,
             nonce: RwLock::new(NonceState::default()),
-            primed: tokio::sync::watch::channel(false).0,
         }
     }
 
@@ -469,12 +457,6 @@ impl Gate {
             .is_none_or(|(_, at)| now.saturating_duration_since(*at) >= NONCE_ROTATION)
     }
 
-    /// Resolves once the engine's first nonce is known.
-    pub async fn primed(&self) {
-        let mut rx = self.primed.subscribe();
-        let _ = rx.wait_for(|p| *p).await;
-    }
-
     fn current_nonce(&self) -> Option<String> {
         let n = self.nonce.read().unwrap_or_else(|p| p.into_inner());
         n.current.as_ref().map(|(s, _)| s.clone())
@@ -488,18 +470,33 @@ impl Gate {
             .any(|(s, at)| s == nonce && now.saturating_duration_since(*at) < NONCE_ACCEPTED_FOR)
     }
 
-    /// [`Gate::inbound`] at the current time, reading the clocks only for STUN requests: relayed
-    /// data (ChannelData, Send indications) is forwarded after a two-byte look.
-    pub fn inbound_now(&self, packet: &[u8], src: SocketAddr, local: SocketAddr) -> Verdict {
+    /// The verdict on relayed data that needs no time (ChannelData: forwarded after a length
+    /// check), or `None` when [`Gate::inbound`] must see the packet with the clocks. Lets the
+    /// listener read the clocks only for STUN.
+    #[inline]
+    pub fn inbound_data(packet: &[u8], src: SocketAddr) -> Option<Verdict> {
         match packet.first() {
-            Some(0x40..=0x7f) if src.port() != 0 => {
-                if inspect::inspect(packet).is_ok() {
-                    Verdict::Forward
-                } else {
-                    Verdict::Drop(DropReason::NotTurn)
-                }
+            Some(0x40..=0x7f) if src.port() != 0 => Some(if inspect::inspect(packet).is_ok() {
+                Verdict::Forward
+            } else {
+                Verdict::Drop(DropReason::NotTurn)
+            }),
+            _ => None,
+        }
+    }
+
+    /// Whether [`Gate::outbound`] has anything to say about `packet`: `false` for relayed data
+    /// (ChannelData, Data indications), which the listener sends without a look or a clock.
+    /// The engine never sends an indication to [`PRIMING_ADDR`] (it holds no allocation there).
+    #[inline]
+    pub fn outbound_needs_look(packet: &[u8]) -> bool {
+        const CLASS_BITS: u16 = 0x0110;
+        const INDICATION: u16 = 0x0010;
+        match packet {
+            [first, second, ..] if first & 0xc0 == 0 => {
+                u16::from_be_bytes([*first, *second]) & CLASS_BITS != INDICATION
             }
-            _ => self.inbound(packet, src, local, SystemTime::now(), Instant::now()),
+            _ => false,
         }
     }
 
@@ -531,7 +528,7 @@ impl Gate {
             _ => return Verdict::Drop(DropReason::NotTurn),
         }
         if msg.method == method::BINDING {
-            return if !self.shared.allow_unauthenticated(src.ip()) {
+            return if !self.shared.allow_unauthenticated(src.ip(), now) {
                 Verdict::Drop(DropReason::RateLimited)
             } else if msg.ambiguity().is_some() {
                 Verdict::Reply(StunWriter::error_response(&msg, 400, "Bad Request").finish())
@@ -540,21 +537,21 @@ impl Gate {
             };
         }
         if !msg.has_integrity() {
-            return self.challenge(&msg, src, 401, "Unauthorized");
+            return self.challenge(&msg, src, now, 401, "Unauthorized");
         }
         let (Some(username), Some(realm), Some(nonce)) = (msg.username(), msg.realm(), msg.nonce())
         else {
-            if !self.shared.allow_unauthenticated(src.ip()) {
+            if !self.shared.allow_unauthenticated(src.ip(), now) {
                 return Verdict::Drop(DropReason::RateLimited);
             }
             return Verdict::Reply(StunWriter::error_response(&msg, 400, "Bad Request").finish());
         };
         if !self.nonce_accepted(nonce, now) {
-            return self.challenge(&msg, src, 438, "Stale Nonce");
+            return self.challenge(&msg, src, now, 438, "Stale Nonce");
         }
         let Some(key) = self.authenticate(&msg, username, realm, wall) else {
             TurnStats::bump(&self.shared.stats.auth_failures);
-            return self.challenge(&msg, src, 401, "Unauthorized");
+            return self.challenge(&msg, src, now, 401, "Unauthorized");
         };
         let hkey = inspect::integrity_key(&key);
         let user = RestUsername::parse(username, wall).map_or("", |u| u.user);
@@ -583,7 +580,7 @@ impl Gate {
                 let mut reserved_port = None;
                 if let Some(token) = msg.reservation_token() {
                     // The engine never honours tokens; the front does, for the ones it backed.
-                    match token.filter(|t| self.shared.reservations.contains(t, now)) {
+                    match token.filter(|t| self.shared.reserved.is_backed(t, now)) {
                         Some(t) => reserved_port = Some(t),
                         None => return signed_error(&msg, 508, "Insufficient Capacity", &hkey),
                     }
@@ -651,14 +648,14 @@ impl Gate {
                     tracing::debug!(%src, user, "refusing permission: {e}");
                     return signed_error(&msg, 508, "Insufficient Capacity", &hkey);
                 }
-                if let (true, Some(number), Some(peer)) =
-                    (bind, msg.channel_number(), msg.peers().next())
-                {
-                    self.shared
-                        .jumbo
-                        .bind_requested(key, msg.transaction_id(), number, peer);
+                match (bind, msg.channel_number(), msg.peers().next()) {
+                    (true, Some(number), Some(peer)) => Verdict::ForwardBind {
+                        transaction: msg.transaction_id(),
+                        number,
+                        peer,
+                    },
+                    _ => Verdict::Forward,
                 }
-                Verdict::Forward
             }
             _ => Verdict::Forward,
         }
@@ -669,10 +666,11 @@ impl Gate {
         &self,
         msg: &StunMessage<'_>,
         src: SocketAddr,
+        now: Instant,
         code: u16,
         reason: &str,
     ) -> Verdict {
-        if !self.shared.allow_unauthenticated(src.ip()) {
+        if !self.shared.allow_unauthenticated(src.ip(), now) {
             return Verdict::Drop(DropReason::RateLimited);
         }
         let Some(nonce) = self.current_nonce() else {
@@ -706,9 +704,16 @@ impl Gate {
             .find(|key| msg.integrity_matches(&inspect::integrity_key(key)))
     }
 
-    /// Observes what the engine sends to `dst`: captures priming answers, and keeps the quota
-    /// ledger and allocation counters in step with the engine's Allocate responses.
-    pub fn outbound(&self, packet: &[u8], dst: SocketAddr, local: SocketAddr) -> Outbound {
+    /// Observes what the engine sends to `dst` at `now`: captures priming answers, and keeps the
+    /// quota ledger and allocation counters in step with the engine's Allocate responses. See
+    /// [`Gate::outbound_needs_look`] for what a listener may send without asking.
+    pub fn outbound(
+        &self,
+        packet: &[u8],
+        dst: SocketAddr,
+        local: SocketAddr,
+        now: Instant,
+    ) -> Outbound {
         // Hot path first: relayed data (ChannelData, Data indications) needs no look.
         let Some(&first) = packet.first() else {
             return Outbound::Send;
@@ -722,18 +727,24 @@ impl Gate {
         const CHANNEL_BIND_SUCCESS: u16 = 0x0109;
         const CHANNEL_BIND_ERROR: u16 = 0x0119;
         // Error responses (class bits 11) are rare; look for engine-issued nonces in them.
+        let mut primed = false;
         if typ & 0x0110 == 0x0110 {
             if let Ok(m) = StunMessage::parse(packet) {
                 if let Some(nonce) = m.nonce() {
                     self.shared.engine_nonces.fetch_add(1, Ordering::Relaxed);
                     if dst == PRIMING_ADDR {
-                        self.rotate_nonce(nonce.to_owned(), Instant::now());
+                        self.rotate_nonce(nonce.to_owned(), now);
+                        primed = true;
                     }
                 }
             }
         }
         if dst == PRIMING_ADDR {
-            return Outbound::Swallow;
+            return if primed {
+                Outbound::Primed
+            } else {
+                Outbound::Swallow
+            };
         }
         match typ {
             ALLOCATE_SUCCESS => {
@@ -749,7 +760,7 @@ impl Gate {
                     let reply = AllocateReply {
                         transaction,
                         bytes: packet.to_vec(),
-                        sent: Instant::now(),
+                        sent: now,
                     };
                     self.shared.allocate_replies().insert(key, reply);
                 }
@@ -758,14 +769,12 @@ impl Gate {
                 }
             }
             CHANNEL_BIND_SUCCESS | CHANNEL_BIND_ERROR if packet.len() >= 20 => {
-                let mut tid = [0u8; 12];
-                tid.copy_from_slice(&packet[8..20]);
-                let key = (self.transport, dst, local);
-                if typ == CHANNEL_BIND_SUCCESS {
-                    self.shared.jumbo.bind_confirmed(key, tid);
-                } else {
-                    self.shared.jumbo.bind_refused(key, tid);
-                }
+                let mut transaction = [0u8; 12];
+                transaction.copy_from_slice(&packet[8..20]);
+                return Outbound::ChannelBindAnswered {
+                    transaction,
+                    bound: typ == CHANNEL_BIND_SUCCESS,
+                };
             }
             ALLOCATE_ERROR => {
                 // 437 (mismatch) means the 5-tuple already has a live allocation: keep it.
@@ -786,33 +795,10 @@ impl Gate {
         Outbound::Send
     }
 
-    /// The engine allocated `relayed` for `client` (the [`Outbound::AllocatedThenSend`] answer):
-    /// hold the port a RESERVATION-TOKEN promised, and tell the jumbo table how to reach the
-    /// client through this listener.
-    pub fn allocated(
-        &self,
-        client: SocketAddr,
-        local: SocketAddr,
-        relayed: SocketAddr,
-        reserve: Option<[u8; 8]>,
-        path: ClientPath,
-    ) {
-        if let Some(token) = reserve {
-            self.shared
-                .reservations
-                .reserve(token, relayed, Instant::now());
-        }
-        self.shared
-            .jumbo
-            .allocated((self.transport, client, local), relayed, path);
-    }
-
     fn rotate_nonce(&self, nonce: String, now: Instant) {
         let mut n = self.nonce.write().unwrap_or_else(|p| p.into_inner());
         n.previous = n.current.take();
         n.current = Some((nonce, now));
-        drop(n);
-        self.primed.send_replace(true);
     }
 }
 
@@ -879,6 +865,7 @@ pub fn error_code(m: &StunMessage<'_>) -> Option<u16> {
 mod tests {
     use super::*;
     use crate::turn::inspect::{encode_xor_address, integrity_key};
+    use crate::turn::reservation::PortReservations;
 
     const REALM: &str = "callgate";
 
@@ -900,12 +887,12 @@ mod tests {
                 max_permissions_per_allocation: 3,
             },
             Arc::new(TurnStats::default()),
+            Arc::default(),
             Arc::new(PortReservations::new(
                 crate::turn::reservation::loopback(),
                 65535,
                 0,
             )),
-            Arc::new(JumboTable::default()),
         )
     }
 
@@ -916,8 +903,8 @@ mod tests {
         let req = StunMessage::parse(&req).unwrap();
         let mut answer = StunWriter::error_response(&req, 401, "");
         answer.attribute(attr::NONCE, b"engine-nonce");
-        let out = gate.outbound(&answer.finish(), PRIMING_ADDR, local());
-        assert_eq!(out, Outbound::Swallow);
+        let out = gate.outbound(&answer.finish(), PRIMING_ADDR, local(), Instant::now());
+        assert_eq!(out, Outbound::Primed);
         assert!(!gate.needs_priming(Instant::now()));
         gate
     }
@@ -1121,7 +1108,7 @@ mod tests {
 
         // Engine confirms allocation 1, then closes it: a slot frees up.
         let success = StunWriter::new(method::ALLOCATE, Class::Success, [9; 12]).finish();
-        gate.outbound(&success, client(1), local());
+        gate.outbound(&success, client(1), local(), Instant::now());
         assert_eq!(s.stats.snapshot().allocations_active, 1);
         s.allocation_closed(&(Transport::Udp, client(1), local()));
         assert_eq!(s.stats.snapshot().allocations_active, 0);
@@ -1129,7 +1116,7 @@ mod tests {
         // An engine error response releases the pending slot.
         let parsed = StunMessage::parse(&req).unwrap();
         let err = StunWriter::error_response(&parsed, 508, "").finish();
-        gate.outbound(&err, client(2), local());
+        gate.outbound(&err, client(2), local(), Instant::now());
         assert_eq!(inbound(&gate, &req, client(4)), Verdict::Forward);
     }
 
@@ -1147,7 +1134,7 @@ mod tests {
         let mut success = StunWriter::new(method::ALLOCATE, Class::Success, [9; 12]);
         success.attribute(attr::LIFETIME, &600u32.to_be_bytes());
         let success = success.finish();
-        gate.outbound(&success, client(1), local());
+        gate.outbound(&success, client(1), local(), Instant::now());
         assert_eq!(s.memory().allocate_replies, 1);
 
         // The response was lost; the client sends the same request again.
@@ -1169,7 +1156,7 @@ mod tests {
         assert_ne!(v, Verdict::Reply(success.clone()));
         s.maintain(later);
         assert_eq!(s.memory().allocate_replies, 0);
-        gate.outbound(&success, client(3), local());
+        gate.outbound(&success, client(3), local(), Instant::now());
         s.allocation_closed(&(Transport::Udp, client(3), local()));
         assert_eq!(s.memory().allocate_replies, 0);
     }
@@ -1202,7 +1189,14 @@ mod tests {
             }
             let mut ok = Req::new(method, &creds, "a");
             ok.peers = vec!["127.0.0.1:9".parse().unwrap()];
-            assert_eq!(inbound(&gate, &ok.bytes(), client(1)), Verdict::Forward);
+            let forwarded = match inbound(&gate, &ok.bytes(), client(1)) {
+                Verdict::Forward => method == method::CREATE_PERMISSION,
+                Verdict::ForwardBind { number, peer, .. } => {
+                    number == 0x4000 && peer == ok.peers[0] && method == method::CHANNEL_BIND
+                }
+                _ => false,
+            };
+            assert!(forwarded);
         }
         assert_eq!(gate.shared.stats.snapshot().refused_peers, 14);
     }
@@ -1435,6 +1429,26 @@ mod tests {
         assert_eq!(s.memory().rate_limited_ips, 2);
     }
 
+    /// The limiter runs on the time the gate is given, not on a clock of its own.
+    #[test]
+    fn the_unauthenticated_rate_refills_with_the_time_passed_in() {
+        let s = shared(10, 100);
+        let gate = primed_gate(Arc::clone(&s));
+        let req = Gate::priming_request();
+        let t0 = Instant::now();
+        let at = |t: Instant| gate.inbound(&req, client(5), local(), SystemTime::now(), t);
+        let answered = (0..20)
+            .filter(|_| matches!(at(t0), Verdict::Reply(_)))
+            .count();
+        assert_eq!(answered, 10, "burst of 2 x 5/s");
+        let soon = t0 + Duration::from_millis(199);
+        assert_eq!(at(soon), Verdict::Drop(DropReason::RateLimited));
+        let refilled = t0 + Duration::from_millis(200);
+        assert!(matches!(at(refilled), Verdict::Reply(_)), "one per 200 ms");
+        s.maintain(t0 + Duration::from_secs(3));
+        assert_eq!(s.memory().rate_limited_ips, 0, "idle sources forgotten");
+    }
+
     #[test]
     fn unauthenticated_limiter_stays_bounded_under_spoofed_sources() {
         let s = shared(10, 100);
@@ -1500,7 +1514,7 @@ mod tests {
         let alloc = Req::new(method::ALLOCATE, &creds, "a");
         assert_eq!(inbound(&gate, &alloc.bytes(), client(1)), Verdict::Forward);
         let success = StunWriter::new(method::ALLOCATE, Class::Success, [9; 12]).finish();
-        gate.outbound(&success, client(1), local());
+        gate.outbound(&success, client(1), local(), Instant::now());
         let mut perm = Req::new(method::CREATE_PERMISSION, &creds, "a");
         perm.peers = ["8.8.8.1:1", "8.8.8.2:1", "8.8.8.3:1"]
             .iter()
@@ -1591,17 +1605,61 @@ mod tests {
     fn channel_data_fast_path_checks_length_only() {
         let gate = Gate::new(shared(10, 100), Transport::Udp);
         assert_eq!(
-            gate.inbound_now(&[0x40, 1, 0, 2, 9, 9], client(1), local()),
-            Verdict::Forward
+            Gate::inbound_data(&[0x40, 1, 0, 2, 9, 9], client(1)),
+            Some(Verdict::Forward)
         );
         assert_eq!(
-            gate.inbound_now(&[0x40, 1, 0, 9, 9], client(1), local()),
-            Verdict::Drop(DropReason::NotTurn)
+            Gate::inbound_data(&[0x40, 1, 0, 9, 9], client(1)),
+            Some(Verdict::Drop(DropReason::NotTurn))
         );
+        let spoofed = [0x40, 1, 0, 0];
+        assert_eq!(Gate::inbound_data(&spoofed, PRIMING_ADDR), None);
         assert_eq!(
-            gate.inbound_now(&[0x40, 1, 0, 0], PRIMING_ADDR, local()),
+            inbound(&gate, &spoofed, PRIMING_ADDR),
             Verdict::Drop(DropReason::Spoofed)
         );
+        let binding = Gate::priming_request();
+        assert_eq!(Gate::inbound_data(&binding, client(1)), None, "STUN");
+    }
+
+    #[test]
+    fn relayed_data_goes_out_without_a_look_and_responses_with_one() {
+        let indication = StunWriter::new(method::DATA, Class::Indication, [1; 12]).finish();
+        assert_eq!(u16::from_be_bytes([indication[0], indication[1]]), 0x0017);
+        assert!(!Gate::outbound_needs_look(&indication), "Data indication");
+        assert!(!Gate::outbound_needs_look(&[0x40, 0, 0, 0]), "ChannelData");
+        assert!(!Gate::outbound_needs_look(&[]));
+        for class in [Class::Success, Class::Error] {
+            for m in [method::ALLOCATE, method::CHANNEL_BIND, method::REFRESH] {
+                let response = StunWriter::new(m, class, [1; 12]).finish();
+                assert!(Gate::outbound_needs_look(&response), "{m:#x} {class:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_channel_bind_names_its_channel_for_the_jumbo_table_and_its_answer_comes_back() {
+        let gate = primed_gate(shared(10, 100));
+        let creds = TurnCredentials::new(&["new"]).unwrap();
+        let mut bind = Req::new(method::CHANNEL_BIND, &creds, "a");
+        bind.peers = vec!["8.8.8.8:5000".parse().unwrap()];
+        let bytes = bind.bytes();
+        let transaction: [u8; 12] = bytes[8..20].try_into().unwrap();
+        assert_eq!(
+            inbound(&gate, &bytes, client(1)),
+            Verdict::ForwardBind {
+                transaction,
+                number: 0x4000,
+                peer: bind.peers[0],
+            }
+        );
+        for (class, bound) in [(Class::Success, true), (Class::Error, false)] {
+            let answer = StunWriter::new(method::CHANNEL_BIND, class, transaction).finish();
+            assert_eq!(
+                gate.outbound(&answer, client(1), local(), Instant::now()),
+                Outbound::ChannelBindAnswered { transaction, bound }
+            );
+        }
     }
 
     #[test]

@@ -6,10 +6,12 @@
 //! advertised (external) address, the bandwidth cap, the byte and packet counters, and — as defence
 //! in depth behind the gate's 403 — refusing to send to a forbidden peer even if a permission
 //! somehow exists. It must never send to an address [`PeerPolicy`](super::PeerPolicy) refuses.
+//! [`PeerSockets`] is the registry of the relay sockets alive.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{ready, Context, Poll};
 
 use async_trait::async_trait;
@@ -17,9 +19,11 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::net::UdpSocket;
 use webrtc_util::Conn;
 
-use super::jumbo::{channel_data, JumboRoute, JumboTable};
+use super::bind::bind_udp;
 use super::policy::PeerFilter;
+use super::relayed::RelayedPorts;
 use super::reservation::ReservedSlot;
+use super::route::{channel_data, JumboRoute};
 use super::settings::RelayIps;
 use super::stats::TurnStats;
 
@@ -61,8 +65,8 @@ pub struct PeerSocketGenerator {
     /// A port reserved by RESERVATION-TOKEN, put here by this engine loop's front just before
     /// it hands the engine the Allocate that presents the token.
     pub reserved: ReservedSlot,
-    /// Where relay sockets are registered for oversized ChannelData.
-    pub jumbo: Arc<JumboTable>,
+    /// Where relay sockets are registered (oversized ChannelData, relayed addresses as peers).
+    pub sockets: Arc<PeerSockets>,
 }
 
 #[async_trait]
@@ -117,10 +121,10 @@ impl turn::relay::RelayAddressGenerator for PeerSocketGenerator {
             policy: Arc::clone(&self.policy),
             stats: Arc::clone(&self.stats),
             budgets,
-            jumbo: Arc::clone(&self.jumbo),
+            sockets: Arc::clone(&self.sockets),
             route: Mutex::new(JumboRoute::default()),
         });
-        self.jumbo.register(relay_addr, Arc::downgrade(&conn));
+        self.sockets.register(relay_addr, Arc::downgrade(&conn));
         Ok((conn, relay_addr))
     }
 }
@@ -139,48 +143,68 @@ impl PeerSocketGenerator {
     }
 }
 
-/// Binds a non-blocking UDP socket with SO_RCVBUF set and, for listener sockets, SO_REUSEPORT so
-/// several read loops can share one port.
-pub fn bind_udp(
-    addr: SocketAddr,
-    reuse_port: bool,
-    recv_buffer_bytes: usize,
-) -> std::io::Result<UdpSocket> {
-    UdpSocket::from_std(bind_udp_std(addr, reuse_port, recv_buffer_bytes)?)
+/// The relay sockets alive right now: by relayed port for the jumbo table, which links an
+/// allocation to its socket when the engine confirms it, and as [`RelayedPorts`] (lock-free) for
+/// the peer policy, which lets relayed addresses of this relay through as peers.
+pub struct PeerSockets {
+    /// The same sockets as one bit per port, shared with the gate.
+    relayed: Arc<RelayedPorts>,
+    /// By relayed address: (IPv4?, port), since the advertised IP may be an external one.
+    by_port: Mutex<HashMap<(bool, u16), Weak<PeerSocket>>>,
 }
 
-/// [`bind_udp`] without the tokio registration (usable outside a runtime, e.g. for reservations).
-pub fn bind_udp_std(
-    addr: SocketAddr,
-    reuse_port: bool,
-    recv_buffer_bytes: usize,
-) -> std::io::Result<std::net::UdpSocket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
-    if reuse_port {
-        socket.set_reuse_port(true)?;
-    }
-    if recv_buffer_bytes > 0 {
-        // The kernel caps this at net.core.rmem_max; a smaller buffer is not fatal.
-        if let Err(e) = socket.set_recv_buffer_size(recv_buffer_bytes) {
-            tracing::warn!(%addr, "could not set SO_RCVBUF to {recv_buffer_bytes}: {e}");
-        }
-        // Linux reports twice what it grants and silently caps at net.core.rmem_max.
-        let granted = socket.recv_buffer_size().unwrap_or(0) / 2;
-        static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-        if granted < recv_buffer_bytes && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
-            tracing::warn!(
-                "TURN sockets got a {granted}-byte receive buffer instead of {recv_buffer_bytes}; \
-                 raise net.core.rmem_max (sysctl) or bursts will be dropped"
-            );
+impl PeerSockets {
+    /// An empty registry that keeps `relayed` in step.
+    pub fn new(relayed: Arc<RelayedPorts>) -> Self {
+        PeerSockets {
+            relayed,
+            by_port: Mutex::default(),
         }
     }
-    socket.bind(&addr.into())?;
-    socket.set_nonblocking(true)?;
-    Ok(socket.into())
+
+    fn by_port(&self) -> std::sync::MutexGuard<'_, HashMap<(bool, u16), Weak<PeerSocket>>> {
+        self.by_port.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A relay socket was created for the relayed address `relayed`.
+    fn register(&self, relayed: SocketAddr, socket: Weak<PeerSocket>) {
+        self.by_port()
+            .insert((relayed.is_ipv4(), relayed.port()), socket);
+        self.relayed.insert(relayed);
+    }
+
+    /// The relay socket for `relayed` is gone.
+    fn unregister(&self, relayed: SocketAddr) {
+        let k = (relayed.is_ipv4(), relayed.port());
+        let mut by_port = self.by_port();
+        if by_port.get(&k).is_some_and(|w| w.strong_count() == 0) {
+            by_port.remove(&k);
+            self.relayed.remove(relayed);
+        }
+    }
+
+    /// The live relay socket on `relayed`'s family and port.
+    pub fn get(&self, relayed: SocketAddr) -> Option<Arc<PeerSocket>> {
+        self.by_port()
+            .get(&(relayed.is_ipv4(), relayed.port()))
+            .and_then(Weak::upgrade)
+    }
+
+    /// Whether `relayed` is the relayed address of a live allocation of this relay (by family and
+    /// port: the advertised IP may be an external one). One atomic load.
+    pub fn is_relayed(&self, relayed: SocketAddr) -> bool {
+        self.relayed.contains(relayed)
+    }
+
+    /// Relay sockets registered.
+    pub fn len(&self) -> usize {
+        self.by_port().len()
+    }
+
+    /// Whether no relay socket is registered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// One allocation's relay socket. The engine keeps one per allocation for the allocation's whole
@@ -188,13 +212,14 @@ pub fn bind_udp_std(
 /// `docs/PERFORMANCE-TURN.md`, "Memory per allocation".
 pub struct PeerSocket {
     socket: UdpSocket,
-    /// The advertised relayed address (the jumbo table's key for this socket).
+    /// The advertised relayed address (its key in [`PeerSockets`]).
     relay_addr: SocketAddr,
     policy: Arc<PeerFilter>,
     stats: Arc<TurnStats>,
     /// `max-bps`, boxed so that allocations without a cap (the default) do not carry two limiters.
     budgets: Option<Box<Budgets>>,
-    jumbo: Arc<JumboTable>,
+    /// The registry this socket leaves when dropped.
+    sockets: Arc<PeerSockets>,
     /// Channels and the client path, for datagrams too large for the engine.
     route: Mutex<JumboRoute>,
 }
@@ -301,7 +326,7 @@ enum Direction {
 
 impl Drop for PeerSocket {
     fn drop(&mut self) {
-        self.jumbo.unregister(self.relay_addr);
+        self.sockets.unregister(self.relay_addr);
     }
 }
 
@@ -325,7 +350,7 @@ impl Conn for PeerSocket {
 
     async fn send_to(&self, buf: &[u8], target: SocketAddr) -> webrtc_util::Result<usize> {
         if (self.policy)
-            .check_peer(target, |a| self.jumbo.is_relayed(a))
+            .check_peer(target, |a| self.sockets.is_relayed(a))
             .is_err()
         {
             TurnStats::bump(&self.stats.refused_peers);
@@ -390,7 +415,7 @@ mod tests {
             stats: Arc::new(TurnStats::default()),
             max_bytes_per_sec,
             reserved: ReservedSlot::default(),
-            jumbo: Arc::new(JumboTable::default()),
+            sockets: Arc::new(PeerSockets::new(Arc::default())),
         }
     }
 

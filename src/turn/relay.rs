@@ -11,26 +11,24 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
-use turn::allocation::AllocationInfo;
 use turn::server::config::{ConnConfig, ServerConfig};
 use turn::server::Server;
 
+use super::bind::bind_udp;
 use super::credentials::{TurnCredentials, TurnEndpoints};
 use super::error::TurnError;
+use super::front::{forward_closes, FrontShared};
 use super::gate::{Gate, GateMemory, GateRules, GateShared};
 use super::jumbo::JumboTable;
-use super::peer::{bind_udp, PeerSocketGenerator};
+use super::peer::{PeerSocketGenerator, PeerSockets};
 use super::quota::Transport;
+use super::relayed::RelayedPorts;
 use super::reservation::PortReservations;
 use super::settings::TurnSettings;
 use super::stats::TurnStats;
-use super::stream::{self, StreamListener};
+use super::stream::{self, StreamListener, TlsAcceptorSource};
 use super::udp::UdpFront;
 use crate::shutdown::Shutdown;
-
-/// Where the TLS listener gets its acceptor, called once per connection so a certificate the
-/// gateway reloads is used by the next handshake. The gateway owns loading and reloading.
-pub type TlsAcceptorSource = Arc<dyn Fn() -> tokio_rustls::TlsAcceptor + Send + Sync>;
 
 /// How often housekeeping runs: rate-limiter pruning, stale reservations, nonce rotation.
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(5);
@@ -51,10 +49,31 @@ pub struct RunningRelay {
     credentials: TurnCredentials,
     /// Counters for the metrics layer.
     stats: Arc<TurnStats>,
-    /// The gate's shared tables, for [`RunningRelay::memory`]; `None` when disabled.
-    shared: Option<Arc<GateShared>>,
+    /// The gate's and the fronts' shared tables, for [`RunningRelay::memory`]; `None` when
+    /// disabled.
+    front: Option<Arc<FrontShared>>,
     /// Where the HTTPS listener hands TURN connections it routed; `None` when disabled.
     handoff: Option<stream::StreamHandoff>,
+}
+
+/// Sizes of the relay's bounded maps, for tests and diagnostics: the gate's ([`GateMemory`])
+/// and the fronts' tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayMemory {
+    /// Source IPs the unauthenticated rate limiter tracks.
+    pub rate_limited_ips: usize,
+    /// Keys remembered for the engine's `AuthHandler`.
+    pub verified_keys: usize,
+    /// Allocations (pending and confirmed) in the quota ledger.
+    pub ledger_entries: usize,
+    /// Allocate successes kept to answer retransmissions.
+    pub allocate_replies: usize,
+    /// Nonces the engine has issued: one per priming, none per client request.
+    pub engine_nonces: usize,
+    /// Relay sockets, allocations and pending ChannelBinds known for oversized ChannelData.
+    pub jumbo: (usize, usize, usize),
+    /// Ports held for RESERVATION-TOKENs.
+    pub reservations: usize,
 }
 
 impl Relay {
@@ -83,7 +102,7 @@ impl Relay {
             tls_addrs: Vec::new(),
             credentials: credentials.clone(),
             stats: Arc::clone(&stats),
-            shared: None,
+            front: None,
             handoff: None,
         };
         if !settings.enabled {
@@ -98,6 +117,13 @@ impl Relay {
         let mut engines = Vec::new();
         let relay_ips = settings.relay_ips()?;
         let policy = Arc::new(settings.peer_policy().compile());
+        let relayed = Arc::new(RelayedPorts::default());
+        let sockets = Arc::new(PeerSockets::new(Arc::clone(&relayed)));
+        let reservations = Arc::new(PortReservations::new(
+            relay_ips,
+            settings.max_port,
+            settings.recv_buffer_bytes,
+        ));
         let shared = GateShared::new(
             GateRules {
                 realm: settings.realm.clone(),
@@ -111,19 +137,20 @@ impl Relay {
                 max_permissions_per_allocation: settings.max_permissions_per_allocation,
             },
             Arc::clone(&stats),
-            Arc::new(PortReservations::new(
-                relay_ips,
-                settings.max_port,
-                settings.recv_buffer_bytes,
-            )),
-            Arc::new(JumboTable::default()),
+            relayed,
+            Arc::clone(&reservations) as _,
         );
-        relay.shared = Some(Arc::clone(&shared));
+        let front = Arc::new(FrontShared {
+            gate: Arc::clone(&shared),
+            jumbo: Arc::new(JumboTable::new(Arc::clone(&sockets))),
+            reservations,
+            stats: Arc::clone(&stats),
+        });
+        relay.front = Some(Arc::clone(&front));
         let generator = {
             let settings = settings.clone();
             let policy = Arc::clone(&policy);
             let stats = Arc::clone(&stats);
-            let jumbo = Arc::clone(shared.jumbo());
             move |reserved| {
                 Box::new(PeerSocketGenerator {
                     relay_ips,
@@ -134,7 +161,7 @@ impl Relay {
                     stats: Arc::clone(&stats),
                     max_bytes_per_sec: settings.max_bytes_per_sec,
                     reserved,
-                    jumbo: Arc::clone(&jumbo),
+                    sockets: Arc::clone(&sockets),
                 }) as Box<dyn turn::relay::RelayAddressGenerator + Send + Sync>
             }
         };
@@ -146,9 +173,8 @@ impl Relay {
                 let started = start_udp(
                     SocketAddr::new(ip, port),
                     &settings,
-                    &shared,
+                    &front,
                     &generator,
-                    &stats,
                     &stop_rx,
                     &mut tasks,
                 )
@@ -166,7 +192,7 @@ impl Relay {
             }
         }
         let stream_ctx = Arc::new(stream::StreamContext {
-            shared: Arc::clone(&shared),
+            front: Arc::clone(&front),
             generator: Arc::clone(&generator),
             realm: settings.realm.clone(),
             stats: Arc::clone(&stats),
@@ -216,7 +242,7 @@ impl Relay {
 
         // Housekeeping: prune maps, rotate the engine nonce before it expires.
         {
-            let shared = Arc::clone(&shared);
+            let front = Arc::clone(&front);
             let mut stop = stop_rx.clone();
             tasks.spawn(async move {
                 let mut tick = tokio::time::interval(MAINTENANCE_EVERY);
@@ -226,7 +252,7 @@ impl Relay {
                         _ = stop.wait_for(|s| *s) => return,
                     }
                     let now = Instant::now();
-                    shared.maintain(now);
+                    front.maintain(now);
                     for (gate, front) in &udp_gates {
                         if gate.needs_priming(now) {
                             front.inject(Gate::priming_request());
@@ -300,9 +326,8 @@ async fn supervise(
 async fn start_udp(
     addr: SocketAddr,
     settings: &TurnSettings,
-    shared: &Arc<GateShared>,
+    front: &Arc<FrontShared>,
     generator: &stream::GeneratorFactory,
-    stats: &Arc<TurnStats>,
     stop: &watch::Receiver<bool>,
     tasks: &mut JoinSet<()>,
 ) -> Result<(Server, Arc<Gate>, Arc<UdpFront>, SocketAddr), TurnError> {
@@ -318,18 +343,18 @@ async fn start_udp(
     for _ in 1..settings.udp_sockets {
         sockets.push(bind_udp(bound, true, settings.recv_buffer_bytes).map_err(bind_err)?);
     }
-    let gate = Arc::new(Gate::new(Arc::clone(shared), Transport::Udp));
+    let gate = Arc::new(Gate::new(Arc::clone(&front.gate), Transport::Udp));
     let mut fronts = Vec::new();
     for s in sockets {
-        let front = UdpFront::new(s, Arc::clone(&gate), Arc::clone(stats), stop.clone())
+        let udp = UdpFront::new(s, Arc::clone(&gate), Arc::clone(front), stop.clone())
             .map_err(bind_err)?;
-        fronts.push(Arc::new(front));
+        fronts.push(Arc::new(udp));
     }
     let (close_tx, close_rx) = mpsc::channel(256);
     tasks.spawn(forward_closes(
         Transport::Udp,
         close_rx,
-        Arc::clone(shared),
+        Arc::clone(front),
         stop.clone(),
     ));
     let engine = Server::new(ServerConfig {
@@ -341,32 +366,14 @@ async fn start_udp(
             })
             .collect(),
         realm: settings.realm.clone(),
-        auth_handler: Arc::new(shared.auth_handler()),
+        auth_handler: Arc::new(front.gate.auth_handler()),
         channel_bind_timeout: Duration::ZERO,
         alloc_close_notify: Some(close_tx),
     })
     .await?;
     fronts[0].inject(Gate::priming_request());
-    gate.primed().await;
+    fronts[0].primed().await;
     Ok((engine, gate, Arc::clone(&fronts[0]), bound))
-}
-
-/// Feeds the engine's allocation-closed notifications to the quota ledger.
-pub(crate) async fn forward_closes(
-    transport: Transport,
-    mut rx: mpsc::Receiver<AllocationInfo>,
-    shared: Arc<GateShared>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        let info = tokio::select! {
-            info = rx.recv() => info,
-            _ = shutdown.wait_for(|s| *s) => None,
-        };
-        let Some(info) = info else { return };
-        let t = info.five_tuple;
-        shared.allocation_closed(&(transport, t.src_addr, t.dst_addr));
-    }
 }
 
 fn bind_tcp(addr: SocketAddr, transport: &'static str) -> Result<TcpListener, TurnError> {
@@ -441,7 +448,24 @@ impl RunningRelay {
     }
 
     /// Sizes of the front layer's maps (all bounded), for tests and diagnostics.
-    pub fn memory(&self) -> Option<GateMemory> {
-        self.shared.as_ref().map(|s| s.memory())
+    pub fn memory(&self) -> Option<RelayMemory> {
+        self.front.as_ref().map(|f| {
+            let GateMemory {
+                rate_limited_ips,
+                verified_keys,
+                ledger_entries,
+                allocate_replies,
+                engine_nonces,
+            } = f.gate.memory();
+            RelayMemory {
+                rate_limited_ips,
+                verified_keys,
+                ledger_entries,
+                allocate_replies,
+                engine_nonces,
+                jumbo: f.jumbo.sizes(),
+                reservations: f.reservations.len(),
+            }
+        })
     }
 }

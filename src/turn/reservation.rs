@@ -7,15 +7,18 @@
 //! allocation (the engine handles one request at a time per read loop). Unknown or expired tokens
 //! are answered 508 by the gate.
 //!
+//! The gate asks whether a token is backed through [`ReservedTokens`]; it never holds the sockets.
 //! This module owns the reserved sockets and their expiry; it must never hold more than
 //! [`MAX_RESERVATIONS`] of them.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-
-use super::settings::RelayIps;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use super::bind::bind_udp_std;
+use super::gate::ReservedTokens;
+use super::settings::RelayIps;
 
 /// How long a reserved port is held (RFC 8656 §7.2 suggests 30 s).
 pub const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
@@ -67,7 +70,7 @@ impl PortReservations {
             return false;
         }
         let addr = SocketAddr::new(ip.bind, next);
-        match super::peer::bind_udp_std(addr, false, self.recv_buffer_bytes) {
+        match bind_udp_std(addr, false, self.recv_buffer_bytes) {
             Ok(socket) => {
                 self.held().insert(token, (socket, now));
                 true
@@ -105,6 +108,12 @@ impl PortReservations {
     /// Whether no port is held.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+impl ReservedTokens for PortReservations {
+    fn is_backed(&self, token: &[u8; 8], now: Instant) -> bool {
+        self.contains(token, now)
     }
 }
 

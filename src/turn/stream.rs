@@ -34,49 +34,25 @@ use turn::server::config::{ConnConfig, ServerConfig};
 use turn::server::Server;
 use webrtc_util::Conn;
 
-use super::gate::{Gate, GateShared, Outbound, Verdict, PRIMING_ADDR};
+use super::framing::{frame_for_stream, frame_length};
+use super::front::{forward_closes, FrontShared, Inbound};
+use super::gate::{Gate, Outbound, PRIMING_ADDR};
 use super::inspect::{self, method, Class, Packet};
-use super::jumbo::ClientPath;
 use super::quota::Transport;
-use super::relay::{forward_closes, TlsAcceptorSource};
 use super::reservation::ReservedSlot;
+use super::route::ClientPath;
+use super::source::source_key;
 use super::stats::TurnStats;
 use super::write_queue::{self, WriteQueue, WriteQueueReceiver};
+
+/// Where the TLS listener gets its acceptor, called once per connection so a certificate the
+/// gateway reloads is used by the next handshake. The gateway owns loading and reloading.
+pub type TlsAcceptorSource = Arc<dyn Fn() -> tokio_rustls::TlsAcceptor + Send + Sync>;
 
 /// Makes a relay-socket generator for each engine read loop, sharing that loop's reserved slot.
 pub type GeneratorFactory = Arc<
     dyn Fn(ReservedSlot) -> Box<dyn turn::relay::RelayAddressGenerator + Send + Sync> + Send + Sync,
 >;
-
-/// Why a byte stream cannot be read as TURN frames; the connection is closed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum FramingError {
-    /// The first two bits are neither 00 (STUN) nor 01 (ChannelData): framing is lost.
-    #[error("the TCP stream is not STUN or ChannelData framed (first byte {0:#04x})")]
-    NotTurn(u8),
-}
-
-/// Given a frame's first four bytes, returns `(frame_len, wire_len)`: the bytes that make up the
-/// message and the bytes it occupies on the stream (ChannelData is padded to a multiple of 4 on
-/// streams; STUN lengths are already multiples of 4).
-pub fn frame_length(header: [u8; 4]) -> Result<(usize, usize), FramingError> {
-    let len = usize::from(u16::from_be_bytes([header[2], header[3]]));
-    match header[0] >> 6 {
-        0 => Ok((20 + len, 20 + len)),
-        1 => Ok((4 + len, (4 + len).next_multiple_of(4))),
-        _ => Err(FramingError::NotTurn(header[0])),
-    }
-}
-
-/// Pads an outgoing ChannelData frame to 4 bytes; STUN is returned as is.
-pub fn frame_for_stream(packet: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(packet.len() + 3);
-    v.extend_from_slice(packet);
-    if packet.first().is_some_and(|b| b >> 6 == 1) {
-        v.resize(packet.len().next_multiple_of(4), 0);
-    }
-    v
-}
 
 /// Reads whole frames from a byte stream into one reused buffer.
 struct FrameReader {
@@ -98,8 +74,8 @@ impl FrameReader {
 
 /// Everything a stream listener needs, shared by its connections.
 pub struct StreamContext {
-    /// Gate state shared with every listener.
-    pub shared: Arc<GateShared>,
+    /// Gate state and tables shared with every listener.
+    pub front: Arc<FrontShared>,
     /// Relay socket generators for each connection's engine.
     pub generator: GeneratorFactory,
     /// `realm`.
@@ -201,7 +177,7 @@ pub async fn accept_loop(l: StreamListener, ctx: Arc<StreamContext>) {
                     tracing::debug!(%peer, "TURN stream connection cap reached");
                     continue;
                 };
-                let Some(per_ip) = PerIpConnections::admit(&ctx.per_ip, super::source::source_key(peer.ip())) else {
+                let Some(per_ip) = PerIpConnections::admit(&ctx.per_ip, source_key(peer.ip())) else {
                     tracing::debug!(%peer, "TURN stream connections per IP cap reached");
                     continue;
                 };
@@ -304,9 +280,7 @@ impl StreamHandoff {
             tracing::debug!(%peer, "TURN stream connection cap reached (HTTPS port)");
             return;
         };
-        let Some(per_ip) =
-            PerIpConnections::admit(&ctx.per_ip, super::source::source_key(peer.ip()))
-        else {
+        let Some(per_ip) = PerIpConnections::admit(&ctx.per_ip, source_key(peer.ip())) else {
             tracing::debug!(%peer, "TURN stream connections per IP cap reached (HTTPS port)");
             return;
         };
@@ -340,7 +314,7 @@ async fn run(
 
     let (tx, rx) = write_queue::channel(ctx.write_queue_bytes, Arc::clone(&ctx.stats));
     let writer_task = tokio::spawn(write_loop(writer, rx));
-    let gate = Arc::new(Gate::new(Arc::clone(&ctx.shared), transport));
+    let gate = Arc::new(Gate::new(Arc::clone(&ctx.front.gate), transport));
     let front = Arc::new(StreamFront {
         reader: tokio::sync::Mutex::new(FrameReader {
             inner: BufReader::with_capacity(16 * 1024, reader),
@@ -350,7 +324,7 @@ async fn run(
         peer,
         local,
         gate: Arc::clone(&gate),
-        stats: Arc::clone(&ctx.stats),
+        front: Arc::clone(&ctx.front),
         injected: Mutex::new(Some(Gate::priming_request())),
         ended: Notify::new(),
         shutdown: ctx.shutdown.clone(),
@@ -363,7 +337,7 @@ async fn run(
     tokio::spawn(forward_closes(
         transport,
         close_rx,
-        Arc::clone(&ctx.shared),
+        Arc::clone(&ctx.front),
         ctx.shutdown.clone(),
     ));
     let engine = Server::new(ServerConfig {
@@ -372,7 +346,7 @@ async fn run(
             relay_addr_generator: (ctx.generator)(Arc::clone(&front.reserved)),
         }],
         realm: ctx.realm.clone(),
-        auth_handler: Arc::new(ctx.shared.auth_handler()),
+        auth_handler: Arc::new(ctx.front.gate.auth_handler()),
         channel_bind_timeout: Duration::ZERO,
         alloc_close_notify: Some(close_tx),
     })
@@ -409,8 +383,10 @@ pub struct StreamFront {
     tx: WriteQueue,
     peer: SocketAddr,
     local: SocketAddr,
+    /// This connection's gate (its engine's nonce).
     gate: Arc<Gate>,
-    stats: Arc<TurnStats>,
+    /// Where the gate's verdicts are carried out.
+    front: Arc<FrontShared>,
     injected: Mutex<Option<Vec<u8>>>,
     /// Notified when `recv_from` fails for good (EOF, error, idle, shutdown).
     ended: Notify,
@@ -506,32 +482,24 @@ impl Conn for StreamFront {
                 _ = shutdown.changed() => return Err(self.end()),
             };
             let frame = &reader.buf[..len];
-            let verdict = self.gate.inbound_now(frame, self.peer, self.local);
-            let forward = match verdict {
-                Verdict::Forward => frame,
-                Verdict::ForwardReserved {
-                    token,
-                    ref rewritten,
-                } => {
-                    let socket = self.gate.shared().reservations().take(&token);
-                    *self.reserved.lock().unwrap_or_else(|p| p.into_inner()) = socket;
-                    rewritten.as_deref().unwrap_or(frame)
-                }
-                Verdict::ForwardRewritten(ref v) => v.as_slice(),
-                Verdict::Reply(v) => {
+            let inbound =
+                self.front
+                    .inbound(&self.gate, frame, self.peer, self.local, &self.reserved);
+            let forward = match inbound {
+                Inbound::Engine(forward) => forward,
+                Inbound::Reply(v) => {
                     self.queue(v);
                     continue;
                 }
-                Verdict::Drop(_) => continue,
+                Inbound::Dropped => continue,
             };
             if forward.len() > buf.len() {
                 // Too large for the engine: relay it on its bound channel ourselves.
                 let key = (self.gate.transport(), self.peer, self.local);
-                let jumbo = self.gate.shared().jumbo();
-                jumbo.relay_oversized(&key, forward, &self.stats).await;
+                self.front.relay_oversized(&key, &forward).await;
                 continue;
             }
-            buf[..forward.len()].copy_from_slice(forward);
+            buf[..forward.len()].copy_from_slice(&forward);
             return Ok((forward.len(), self.peer));
         }
     }
@@ -541,16 +509,15 @@ impl Conn for StreamFront {
     }
 
     async fn send_to(&self, buf: &[u8], target: SocketAddr) -> webrtc_util::Result<usize> {
-        match self.gate.outbound(buf, target, self.local) {
-            Outbound::Swallow => return Ok(buf.len()),
-            Outbound::Send => {}
-            Outbound::AllocatedThenSend { relayed, reserve } => {
-                let path = ClientPath::Stream {
-                    queue: self.tx.clone(),
-                };
-                self.gate
-                    .allocated(target, self.local, relayed, reserve, path);
-            }
+        let path = || ClientPath::Stream {
+            queue: self.tx.clone(),
+        };
+        match self
+            .front
+            .outbound(&self.gate, buf, target, self.local, path)
+        {
+            Outbound::Swallow | Outbound::Primed => return Ok(buf.len()),
+            _ => {}
         }
         if target == self.peer {
             self.observe_answer(buf);
@@ -583,26 +550,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn frames_stun_and_padded_channel_data() {
-        assert_eq!(frame_length([0x00, 0x03, 0x00, 0x08]), Ok((28, 28)));
-        assert_eq!(frame_length([0x00, 0x01, 0x00, 0x00]), Ok((20, 20)));
-        assert_eq!(frame_length([0x40, 0x00, 0x00, 0x05]), Ok((9, 12)));
-        assert_eq!(frame_length([0x7f, 0xff, 0x00, 0x04]), Ok((8, 8)));
-        assert_eq!(frame_length([0x40, 0x00, 0xff, 0xff]), Ok((65539, 65540)));
-        assert_eq!(
-            frame_length([0x80, 0, 0, 0]),
-            Err(FramingError::NotTurn(0x80))
-        );
-        assert_eq!(
-            frame_length([0xc0, 0, 0, 0]),
-            Err(FramingError::NotTurn(0xc0))
-        );
-        // Other protocols may look framed ("GET " reads as channel 0x4745); the gate then drops
-        // what is not a bound channel or valid STUN.
-        assert!(frame_length(*b"GET ").is_ok());
-    }
-
-    #[test]
     fn per_ip_connections_are_capped_and_released() {
         let book = Arc::new(PerIpConnections::new(2));
         let a: IpAddr = "192.0.2.1".parse().unwrap();
@@ -621,22 +568,11 @@ mod tests {
         );
     }
 
-    #[test]
-    fn pads_outgoing_channel_data_only() {
-        assert_eq!(
-            frame_for_stream(&[0x40, 0, 0, 1, 9]),
-            [0x40, 0, 0, 1, 9, 0, 0, 0]
-        );
-        assert_eq!(frame_for_stream(&[0x40, 0, 0, 0]), [0x40, 0, 0, 0]);
-        let stun = [0u8; 20];
-        assert_eq!(frame_for_stream(&stun), stun);
-    }
-
     #[tokio::test]
     async fn reads_back_to_back_frames_from_a_stream() {
         let mut bytes = Vec::new();
         bytes.extend_from_slice(&frame_for_stream(&[0x40, 0x01, 0, 3, 1, 2, 3]));
-        let stun = crate::turn::gate::Gate::priming_request();
+        let stun = Gate::priming_request();
         bytes.extend_from_slice(&stun);
         let mut r = FrameReader {
             inner: BufReader::new(Box::new(std::io::Cursor::new(bytes))),

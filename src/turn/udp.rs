@@ -3,8 +3,9 @@
 //! the engine's answers.
 //!
 //! This module owns the UDP edge: the read loop's staging buffer, answering the gate's replies
-//! directly on the socket, injecting the nonce-priming request, and stopping on shutdown. It makes
-//! no decisions of its own; those are the gate's.
+//! directly on the socket, injecting the nonce-priming request and saying when it was answered,
+//! and stopping on shutdown. It makes no decisions of its own; those are the gate's, carried out
+//! through [`FrontShared`].
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,11 +16,11 @@ use tokio::net::UdpSocket;
 use tokio::sync::{watch, Notify};
 use webrtc_util::Conn;
 
-use super::gate::{Gate, Outbound, Verdict, PRIMING_ADDR};
-use super::jumbo::ClientPath;
+use super::front::{FrontShared, Inbound};
+use super::gate::{Gate, Outbound, PRIMING_ADDR};
 use super::quota::Transport;
 use super::reservation::ReservedSlot;
-use super::stats::TurnStats;
+use super::route::ClientPath;
 
 /// Staging buffer size: any UDP datagram fits, so oversized ones are detected, not truncated.
 const STAGING: usize = 65_536;
@@ -28,8 +29,12 @@ const STAGING: usize = 65_536;
 pub struct UdpFront {
     socket: Arc<UdpSocket>,
     local: SocketAddr,
+    /// The gate of this socket's engine.
     gate: Arc<Gate>,
-    stats: Arc<TurnStats>,
+    /// What every listener shares: where the gate's verdicts are carried out.
+    front: Arc<FrontShared>,
+    /// Set once the engine answered a priming request with a nonce (see [`UdpFront::primed`]).
+    primed: watch::Sender<bool>,
     /// A request to hand the engine before the next socket read (nonce priming).
     injected: Mutex<Option<Vec<u8>>>,
     /// Set with `injected`, so the per-packet path checks an atomic instead of taking a lock.
@@ -49,7 +54,7 @@ impl UdpFront {
     pub fn new(
         socket: UdpSocket,
         gate: Arc<Gate>,
-        stats: Arc<TurnStats>,
+        front: Arc<FrontShared>,
         shutdown: watch::Receiver<bool>,
     ) -> std::io::Result<Self> {
         let local = socket.local_addr()?;
@@ -57,7 +62,8 @@ impl UdpFront {
             socket: Arc::new(socket),
             local,
             gate,
-            stats,
+            front,
+            primed: watch::channel(false).0,
             injected: Mutex::new(None),
             has_injected: AtomicBool::new(false),
             wake: Notify::new(),
@@ -77,6 +83,12 @@ impl UdpFront {
         *self.injected.lock().unwrap_or_else(|p| p.into_inner()) = Some(packet);
         self.has_injected.store(true, Ordering::Release);
         self.wake.notify_one();
+    }
+
+    /// Resolves once the engine has answered a priming request injected here with a nonce.
+    pub async fn primed(&self) {
+        let mut rx = self.primed.subscribe();
+        let _ = rx.wait_for(|p| *p).await;
     }
 
     fn take_injected(&self) -> Option<Vec<u8>> {
@@ -177,32 +189,25 @@ impl Conn for UdpFront {
                 Err(e) => return Err(e.into()),
             };
             let packet = &staging[..n];
-            let verdict = self.gate.inbound_now(packet, src, self.local);
-            let forward = match verdict {
-                Verdict::Forward => packet,
-                Verdict::ForwardReserved {
-                    token,
-                    ref rewritten,
-                } => {
-                    let socket = self.gate.shared().reservations().take(&token);
-                    *self.reserved.lock().unwrap_or_else(|p| p.into_inner()) = socket;
-                    rewritten.as_deref().unwrap_or(packet)
-                }
-                Verdict::ForwardRewritten(ref v) => v.as_slice(),
-                Verdict::Reply(v) => {
-                    let _ = self.socket.send_to(&v, src).await;
-                    continue;
-                }
-                Verdict::Drop(_) => continue,
-            };
+            let forward =
+                match self
+                    .front
+                    .inbound(&self.gate, packet, src, self.local, &self.reserved)
+                {
+                    Inbound::Engine(forward) => forward,
+                    Inbound::Reply(v) => {
+                        let _ = self.socket.send_to(&v, src).await;
+                        continue;
+                    }
+                    Inbound::Dropped => continue,
+                };
             if forward.len() > buf.len() {
                 // Too large for the engine: relay it on its bound channel ourselves.
                 let key = (Transport::Udp, src, self.local);
-                let jumbo = self.gate.shared().jumbo();
-                jumbo.relay_oversized(&key, forward, &self.stats).await;
+                self.front.relay_oversized(&key, &forward).await;
                 continue;
             }
-            buf[..forward.len()].copy_from_slice(forward);
+            buf[..forward.len()].copy_from_slice(&forward);
             return Ok((forward.len(), src));
         }
     }
@@ -212,17 +217,20 @@ impl Conn for UdpFront {
     }
 
     async fn send_to(&self, buf: &[u8], target: SocketAddr) -> webrtc_util::Result<usize> {
-        match self.gate.outbound(buf, target, self.local) {
+        let path = || ClientPath::Udp {
+            socket: Arc::clone(&self.socket),
+            client: target,
+        };
+        match self
+            .front
+            .outbound(&self.gate, buf, target, self.local, path)
+        {
             Outbound::Swallow => return Ok(buf.len()),
-            Outbound::Send => {}
-            Outbound::AllocatedThenSend { relayed, reserve } => {
-                let path = ClientPath::Udp {
-                    socket: Arc::clone(&self.socket),
-                    client: target,
-                };
-                self.gate
-                    .allocated(target, self.local, relayed, reserve, path);
+            Outbound::Primed => {
+                self.primed.send_replace(true);
+                return Ok(buf.len());
             }
+            _ => {}
         }
         // As in `PeerSocket::send_to`: try first, wait through a poll function (small future).
         match self.socket.try_send_to(buf, target) {

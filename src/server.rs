@@ -15,6 +15,9 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::acme::{self, Acme, AcmeMetrics};
+use crate::cluster;
+use crate::cluster::node::ClusterMetrics;
+use crate::cluster::node::NodeRouter;
 use crate::cluster::nodes::{Membership, NodeInfo, NodeMetrics};
 use crate::cluster::redis::{Redis, RedisMetrics};
 use crate::config::{Config, TlsSource};
@@ -27,8 +30,9 @@ use crate::http::{self, Admission, App, RedirectTarget};
 use crate::limits::{AddressLimit, ConnectionLimit, PerIpLimits};
 use crate::metrics::{Limit, Metrics};
 use crate::shutdown::{Shutdown, ShutdownController};
+use crate::signaling::registry::NodeId;
 use crate::signaling::router::Router;
-use crate::signaling::session::Sessions;
+use crate::signaling::session::{SessionRunner, Sessions};
 use crate::tls::{self, CertStore, LoadError};
 use crate::turn::{Relay, RunningRelay, TlsAcceptorSource};
 
@@ -112,6 +116,8 @@ pub struct Server {
     redis: Option<Redis>,
     /// The `callgate_cluster_nodes_*` gauges, registered on every node (0 on a single node).
     node_metrics: NodeMetrics,
+    /// A cluster node's router, whose tasks (inbox, leases, orphan sweep) start with the server.
+    cluster_hub: Option<Arc<NodeRouter>>,
 }
 
 impl Server {
@@ -195,14 +201,41 @@ impl Server {
             config.signaling.upgrades_per_second,
             config.signaling.connections_per_ip,
         );
-        let hub =
-            Router::single_node(config.signaling.limits.clone()).with_observer(metrics.clone());
-        let sessions = Sessions::new(
-            Arc::new(hub),
-            config.signaling.session.clone(),
-            per_ip.clone(),
-            metrics.clone(),
-        );
+        let cluster_metrics = ClusterMetrics::register(&metrics);
+        // A cluster node's router runs on Redis (and its tasks start with the server); a single
+        // node's is the memory registry with no bus, exactly as before.
+        let (sessions, cluster_hub): (Arc<dyn SessionRunner>, _) =
+            match (&redis, config.cluster.enabled()) {
+                (Some(redis), Some((_, node_id))) => {
+                    let hub = Arc::new(
+                        cluster::node::router(
+                            redis,
+                            NodeId::new(node_id),
+                            config.signaling.limits.clone(),
+                            cluster_metrics,
+                        )
+                        .with_observer(metrics.clone()),
+                    );
+                    let sessions = Sessions::new(
+                        hub.clone(),
+                        config.signaling.session.clone(),
+                        per_ip.clone(),
+                        metrics.clone(),
+                    );
+                    (sessions, Some(hub))
+                }
+                _ => {
+                    let hub = Router::single_node(config.signaling.limits.clone())
+                        .with_observer(metrics.clone());
+                    let sessions = Sessions::new(
+                        Arc::new(hub),
+                        config.signaling.session.clone(),
+                        per_ip.clone(),
+                        metrics.clone(),
+                    );
+                    (sessions, None)
+                }
+            };
         let signaling = WebSocketEndpoint::new(
             sessions,
             config.signaling.origins.clone(),
@@ -245,6 +278,7 @@ impl Server {
             acme,
             redis,
             node_metrics,
+            cluster_hub,
         })
     }
 
@@ -295,6 +329,7 @@ impl Server {
             acme,
             redis,
             node_metrics,
+            cluster_hub,
         } = self;
         let membership = match (config.cluster.enabled(), redis) {
             (Some((_, node_id)), Some(redis)) => Some(Membership::start(
@@ -316,6 +351,9 @@ impl Server {
             )),
             _ => None,
         };
+        if let Some(hub) = cluster_hub {
+            cluster::node::spawn(hub, &controller.handle());
+        }
         tokio::spawn(expire_reservations(signaling, controller.handle()));
         tokio::spawn(prune_rate_limits(per_ip, controller.handle()));
         let per_ip = AddressLimit::new(

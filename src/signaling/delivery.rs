@@ -75,6 +75,29 @@ impl Envelope {
         &self.json
     }
 
+    /// Takes a sealed frame's sequence number back out (`,"seq":N` just before the closing
+    /// brace, which only [`seal`](Self::seal) writes there: a client's JSON is always nested one
+    /// level deeper), returning the plain envelope and the number. For a frame a cluster node
+    /// held or forwarded after numbering it: the ID's new home numbers it again.
+    pub fn unsealed(mut self) -> (Self, Option<u64>) {
+        const KEY: &[u8] = br#","seq":"#;
+        let Some(body) = self.json.strip_suffix(b"}") else {
+            return (self, None);
+        };
+        let digits = body.iter().rev().take_while(|b| b.is_ascii_digit()).count();
+        let start = body.len() - digits;
+        if digits == 0 || digits > 20 || !body[..start].ends_with(KEY) {
+            return (self, None);
+        }
+        let seq = std::str::from_utf8(&body[start..])
+            .ok()
+            .and_then(|d| d.parse().ok());
+        let cut = start - KEY.len();
+        self.json.truncate(cut);
+        self.json.push(b'}');
+        (self, seq)
+    }
+
     /// The ready-to-send frame: `,"seq":N` goes in before the closing brace when `seq` is given.
     /// No copy: the spare capacity was reserved when the JSON was written.
     pub fn seal(self, seq: Option<u64>) -> ServerFrame {
@@ -129,6 +152,9 @@ pub struct Log {
     bytes: usize,
     /// Sequence numbers dropped since the last resume (first, last), both inclusive.
     missed: Option<(u64, u64)>,
+    /// After a resume from another node: the last number the client said it processed there.
+    /// What that node forwards later under its own numbers up to this is not delivered again.
+    processed_elsewhere: u64,
 }
 
 impl Log {
@@ -248,6 +274,31 @@ impl Log {
         let origins = self.held.drain(..).filter_map(|h| h.origin).collect();
         self.held = VecDeque::new();
         origins
+    }
+
+    /// Empties the log, handing over what it held (in sequence order, with who caused each) so
+    /// it can be held elsewhere: a cluster node moves a reserved ID's messages into the shared
+    /// held stream, so a resume on any node finds them. Sequence numbers stay as given out.
+    pub fn take_held(&mut self, held_total: &AtomicUsize) -> Vec<(ServerFrame, Option<Origin>)> {
+        held_total.fetch_sub(self.bytes, Ordering::Relaxed);
+        self.bytes = 0;
+        std::mem::take(&mut self.held)
+            .into_iter()
+            .map(|h| (h.frame, h.origin))
+            .collect()
+    }
+
+    /// Continues numbering after `seq` (a resume moved the ID here from another node, where the
+    /// client saw numbers up to `seq`), so numbers never go back.
+    pub fn continue_after(&mut self, seq: u64) {
+        self.last_seq = self.last_seq.max(seq);
+        self.sent_through = self.sent_through.max(seq);
+        self.processed_elsewhere = self.processed_elsewhere.max(seq);
+    }
+
+    /// The last number the client said it processed on the node it resumed from (0: none).
+    pub fn processed_elsewhere(&self) -> u64 {
+        self.processed_elsewhere
     }
 
     /// Bytes held.
@@ -444,5 +495,21 @@ mod tests {
         assert_eq!(log.discard(&total).len(), 2);
         assert!(log.is_empty());
         assert_eq!(total.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn unsealing_takes_out_exactly_the_number_seal_put_in() {
+        let message = ServerMessage::Pong;
+        let plain = Envelope::new(&message).seal(None).bytes;
+        let sealed = Envelope::new(&message).seal(Some(41));
+        let (back, seq) = Envelope::from_parts(sealed.kind, sealed.bytes.to_vec(), None).unsealed();
+        assert_eq!(seq, Some(41));
+        assert_eq!(back.json(), &plain[..]);
+        // No number: unchanged. A client's nested `"seq"` is never mistaken for one.
+        let (same, none) = Envelope::from_parts(sealed.kind, plain.to_vec(), None).unsealed();
+        assert_eq!((same.json(), none), (&plain[..], None));
+        let nested = br#"{"type":"ice-candidate","candidate":{"x":1,"seq":5}}"#.to_vec();
+        let (same, none) = Envelope::from_parts(sealed.kind, nested.clone(), None).unsealed();
+        assert_eq!((same.json(), none), (&nested[..], None));
     }
 }

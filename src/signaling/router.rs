@@ -66,6 +66,11 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
         &self.connections
     }
 
+    /// The way to other nodes' IDs.
+    pub fn bus(&self) -> &B {
+        &self.bus
+    }
+
     /// The limits enforced.
     pub fn limits(&self) -> &SignalingLimits {
         self.hub.limits()
@@ -153,6 +158,7 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
                 Ok(Detached::Reserved) => {
                     let grace = self.connections.grace();
                     let _ = registry.detach(binding, now, grace).await;
+                    self.flush(binding, now).await;
                     None
                 }
                 Ok(Detached::Freed(lost)) => {
@@ -224,6 +230,101 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
         outcome.detached_peer = Some(binding.id);
         let grace = self.connections.grace();
         let _ = self.hub.registry().detach(binding, now, grace).await;
+        self.flush(binding, now).await;
+    }
+
+    /// In a cluster, moves what a just-reserved ID holds here into the bus's held place, where a
+    /// resume on any node finds it (see [`Bus::holds_reserved`]); what cannot be held is
+    /// reported to its senders. Nothing on a single node.
+    async fn flush(&self, binding: Binding, now: Instant) {
+        if !self.bus.holds_reserved() {
+            return;
+        }
+        let mut outcome = Outcome::default();
+        for (frame, origin) in self.connections.take_log(binding) {
+            let envelope = Envelope::from_parts(frame.kind, frame.bytes.to_vec(), origin);
+            if let Some(Effect::Deliver { to, envelope }) =
+                self.send_on_bus(binding.id, envelope).await
+            {
+                // Boxed: a delivery can detach a slow sender, which flushes again (rare).
+                Box::pin(self.deliver_or_tell(to, envelope, now, &mut outcome)).await;
+            }
+        }
+    }
+
+    /// A message from another node for `to`, routed by `epoch`: delivered if a connection here
+    /// holds `to` live (at that epoch, when given). Otherwise it comes back, for the caller to hold
+    /// in the shared held place (the ID is reserved, or moved on).
+    pub async fn deliver_from_bus(
+        &self,
+        to: ClientId,
+        epoch: Option<u64>,
+        envelope: Envelope,
+        now: Instant,
+    ) -> Result<(), Envelope> {
+        match self.connections.live_epoch(to) {
+            Some(live) if epoch.is_none_or(|e| e == live) => {
+                // Numbered here, the ID's home; a number given by a node it left goes. What that
+                // node forwards after a takeover which the client said it processed is dropped.
+                let (envelope, seq) = envelope.unsealed();
+                if seq.is_some_and(|seq| seq <= self.connections.processed_elsewhere(to)) {
+                    return Ok(());
+                }
+                let mut outcome = Outcome::default();
+                self.deliver_or_tell(to, envelope, now, &mut outcome).await;
+                Ok(())
+            }
+            _ => Err(envelope),
+        }
+    }
+
+    /// Another node took over `binding`'s ID while a connection here still held it: that
+    /// connection is told `session_replaced` and closed, and what it held for the client goes to
+    /// the ID's new home. Returns whether a connection here held it.
+    pub async fn kick(&self, binding: Binding, now: Instant) -> bool {
+        let Some(held) = self.connections.kick(binding, replaced_frame(), now) else {
+            return false;
+        };
+        let mut outcome = Outcome::default();
+        for (frame, origin) in held {
+            let envelope = Envelope::from_parts(frame.kind, frame.bytes.to_vec(), origin);
+            if let Some(Effect::Deliver { to, envelope }) =
+                self.send_on_bus(binding.id, envelope).await
+            {
+                self.deliver_or_tell(to, envelope, now, &mut outcome).await;
+            }
+        }
+        true
+    }
+
+    /// Delivers one effect that is not an answer to a connection (a notice for a sender, from a
+    /// node task).
+    pub async fn apply_effect(&self, effect: Effect, now: Instant) {
+        let effects = Effects {
+            list: std::iter::once(effect).collect(),
+            outcome: Outcome::default(),
+        };
+        let _ = self.apply(None, effects, now).await;
+    }
+
+    /// An ID went away for good outside this node's own timers (a cluster task found it): its
+    /// peer and the senders of what was held for it are told, as [`Hub::gone`] says.
+    pub async fn gone(&self, freed: Freed, lost: Vec<Origin>, now: Instant) {
+        let effects = self.hub.gone(freed, lost, now);
+        let _ = self.apply(None, effects, now).await;
+    }
+
+    /// Sends through the bus; the `undelivered` notice for the sender if it went nowhere.
+    async fn send_on_bus(&self, to: ClientId, envelope: Envelope) -> Option<Effect> {
+        let origin = envelope.origin();
+        match self.bus.send(to, envelope).await {
+            BusDelivery::Delivered | BusDelivery::Held => None,
+            BusDelivery::NoSuchClient => {
+                self.hub.undelivered(to, DropReason::RecipientGone, origin)
+            }
+            BusDelivery::Dropped(reason) => self.hub.undelivered(to, reason, origin),
+            BusDelivery::Unavailable => self.hub.undelivered(to, DropReason::ServerBusy, origin),
+        }
     }
 
     /// Does what `effects` say, in order; `conn` is the connection they answer, if any.
@@ -241,7 +342,7 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
                     // (a slow peer, a drop to report, another node) is boxed so its state does
                     // not sit in every message's future.
                     let origin = envelope.origin();
-                    match self.connections.deliver(to, envelope, now) {
+                    match self.deliver_local(to, envelope, now) {
                         Ok((Delivery::Sent | Delivery::Queued, _)) => {}
                         local => {
                             let rest = self.deliver_rest(to, origin, local, now, &mut outcome);
@@ -262,6 +363,7 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
                                 let grace = self.connections.grace();
                                 let detach = self.hub.registry().detach(binding, now, grace);
                                 let _ = Box::pin(detach).await;
+                                Box::pin(self.flush(binding, now)).await;
                             }
                         }
                         Err(Stale) => outcome.close = Some(CloseCode::PolicyViolation),
@@ -315,6 +417,7 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
                 if let Some(binding) = detached {
                     let grace = self.connections.grace();
                     let _ = self.hub.registry().detach(binding, now, grace).await;
+                    self.flush(binding, now).await;
                 }
             }
             Err(Stale) => outcome.close = Some(CloseCode::PolicyViolation),
@@ -348,9 +451,12 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
             "took over"
         );
         if takeover.was_live && takeover.previous_node != *self.hub.node() {
-            // TODO(cluster): ask that node to kick its half-open connection; until then it
-            // finds out on its next operation (Stale).
-            tracing::debug!(client = %id, node = %takeover.previous_node, "resumed from a live connection on another node");
+            tracing::debug!(client = %id, node = %takeover.previous_node, "resumed from a live connection on another node; kicking it there");
+            let previous = Binding {
+                id,
+                epoch: takeover.previous_epoch,
+            };
+            self.bus.kick(&takeover.previous_node, previous).await;
         }
         if taken.overflowed {
             outcome.close = Some(CloseCode::PolicyViolation);
@@ -360,6 +466,64 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
                 .registry()
                 .detach(takeover.binding, now, grace)
                 .await;
+            self.flush(takeover.binding, now).await;
+        } else if self.bus.holds_reserved() {
+            self.replay_held(takeover.binding, last_seq, now, outcome)
+                .await;
+        }
+    }
+
+    /// In a cluster, after a resume: numbering continues after what the client saw, then what was
+    /// held for the ID while nobody held it live (on any node) is delivered in order, leaving out
+    /// what the client says it processed (`last_seq`: numbers given by the node it left).
+    async fn replay_held(
+        &self,
+        binding: Binding,
+        last_seq: Option<u64>,
+        now: Instant,
+        outcome: &mut Outcome,
+    ) {
+        if let Some(seq) = last_seq {
+            self.connections.continue_after(binding, seq);
+        }
+        for envelope in self.bus.take_held(binding.id).await {
+            let (envelope, seq) = envelope.unsealed();
+            if seq.is_some_and(|seq| last_seq.is_some_and(|last| seq <= last)) {
+                continue;
+            }
+            self.deliver_or_tell(binding.id, envelope, now, outcome)
+                .await;
+        }
+    }
+
+    /// Hands a message for `to` to the local table, unless a cluster holds it elsewhere: an ID
+    /// reserved here has its messages held on the bus (one place every node's resume reads), so
+    /// it comes back like a message for an ID this node does not hold.
+    fn deliver_local(
+        &self,
+        to: ClientId,
+        envelope: Envelope,
+        now: Instant,
+    ) -> Result<(Delivery, Option<Binding>), Envelope> {
+        if self.bus.holds_reserved() && self.connections.is_reserved(to) {
+            return Err(envelope);
+        }
+        self.connections.deliver(to, envelope, now)
+    }
+
+    /// Delivers to `to`, here or through the bus, telling the sender if it can be neither
+    /// delivered nor held (for the cluster's paths: flushes, forwards, replays, notices).
+    async fn deliver_or_tell(
+        &self,
+        to: ClientId,
+        envelope: Envelope,
+        now: Instant,
+        outcome: &mut Outcome,
+    ) {
+        let origin = envelope.origin();
+        match self.deliver_local(to, envelope, now) {
+            Ok((Delivery::Sent | Delivery::Queued, _)) => {}
+            local => Box::pin(self.deliver_rest(to, origin, local, now, outcome)).await,
         }
     }
 
@@ -376,7 +540,7 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
     ) {
         let notice = self.settle(to, origin, local, now, outcome).await;
         if let Some(Effect::Deliver { to, envelope }) = notice {
-            let local = self.connections.deliver(to, envelope, now);
+            let local = self.deliver_local(to, envelope, now);
             let notice = self.settle(to, None, local, now, outcome).await;
             debug_assert!(notice.is_none(), "a server notice has no sender to tell");
         }
@@ -410,6 +574,7 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
             // Not held here: another node's, or nobody's.
             Err(envelope) => match self.bus.send(to, envelope).await {
                 BusDelivery::Delivered | BusDelivery::Held | BusDelivery::NoSuchClient => None,
+                BusDelivery::Dropped(reason) => self.hub.undelivered(to, reason, origin),
                 BusDelivery::Unavailable => {
                     self.hub.undelivered(to, DropReason::ServerBusy, origin)
                 }
@@ -424,6 +589,7 @@ mod tests {
 
     use super::*;
     use crate::signaling::connections::test_outbox::TestOutbox;
+    use crate::signaling::connections::Joining;
     use crate::signaling::registry::{ready, Location, NodeId};
 
     type TestRouter = Router<MemoryRegistry, NoBus, TestOutbox>;
@@ -458,6 +624,99 @@ mod tests {
         let outcome = ready(router.apply(Some(&mut a), effects, now));
         assert_eq!(outcome.close, None);
         assert_eq!(b_out.take().len(), 1);
+    }
+
+    /// A bus that holds everything it is given, as a cluster's held stream does for reserved IDs.
+    #[derive(Default)]
+    struct HoldingBus {
+        held: std::sync::Mutex<Vec<(ClientId, Envelope)>>,
+    }
+
+    impl Bus for HoldingBus {
+        async fn send(&self, to: ClientId, envelope: Envelope) -> BusDelivery {
+            self.held.lock().unwrap().push((to, envelope));
+            BusDelivery::Held
+        }
+
+        fn holds_reserved(&self) -> bool {
+            true
+        }
+
+        async fn take_held(&self, to: ClientId) -> Vec<Envelope> {
+            let mut held = self.held.lock().unwrap();
+            let (mine, others) = held.drain(..).partition(|(id, _)| *id == to);
+            *held = others;
+            mine.into_iter().map(|(_, envelope)| envelope).collect()
+        }
+    }
+
+    /// In a cluster, a reserved ID's messages live in one place every node's resume reads: what
+    /// its log held when it dropped moves to the bus at once, later messages go there directly,
+    /// and the resume replays them in order, leaving out what the client says it processed and
+    /// numbering on from there. (Fails if the router keeps them in the local log: the bus would
+    /// hold nothing and a resume on another node would find nothing.)
+    #[test]
+    fn in_a_cluster_a_reserved_ids_messages_move_to_the_bus_and_replay_after_last_seq() {
+        let limits = SignalingLimits::default();
+        let hub = Hub::new(MemoryRegistry::new(&limits), NodeId::local(), limits);
+        let router: Router<MemoryRegistry, HoldingBus, TestOutbox> =
+            Router::new(hub, HoldingBus::default());
+        let now = Instant::now();
+        let (a_out, b_out) = (TestOutbox::with_capacity(64), TestOutbox::with_capacity(64));
+        let mut a = ready(router.connect(a_out.clone(), None, now)).unwrap();
+        let acks = Joining {
+            address: None,
+            acks: true,
+        };
+        let b = ready(router.join(b_out.clone(), None, acks, now)).unwrap();
+        let hello: serde_json::Value = serde_json::from_str(&b_out.take()[0]).unwrap();
+        let token = hello["token"].as_str().unwrap().to_owned();
+        let frame = offer(a.id(), b.id());
+        let _ = ready(router.handle_text(&mut a, frame.as_bytes(), now));
+        let frame = format!(
+            r#"{{"type":"ice-candidate","clientId":{},"candidate":{{"candidate":"c1"}}}}"#,
+            b.id()
+        );
+        let _ = ready(router.handle_text(&mut a, frame.as_bytes(), now));
+        assert_eq!(
+            b_out.take().len(),
+            2,
+            "offer (seq 1) and candidate (seq 2) sent"
+        );
+
+        // Dropped with both unacknowledged: they move to the bus; nothing stays in the log.
+        let b_id = b.id();
+        ready(router.disconnect(b, super::super::hub::Departure::Dropped, now));
+        assert_eq!(router.connections().held_bytes(), 0);
+        assert_eq!(router.bus().held.lock().unwrap().len(), 2);
+        // A message while reserved goes to the bus too.
+        let frame = format!(
+            r#"{{"type":"ice-candidate","clientId":{b_id},"candidate":{{"candidate":"c2"}}}}"#
+        );
+        let _ = ready(router.handle_text(&mut a, frame.as_bytes(), now));
+        assert_eq!(router.bus().held.lock().unwrap().len(), 3);
+        assert_eq!(router.connections().held_bytes(), 0);
+
+        // Resumed having processed seq 1: the candidate c1 (was seq 2) and c2 follow, once each,
+        // numbered on after every number given out (here, on the node that gave out 1 and 2).
+        let c_out = TestOutbox::with_capacity(64);
+        let mut c = ready(router.join(c_out.clone(), None, acks, now)).unwrap();
+        c_out.take();
+        let resume = format!(r#"{{"type":"resume","id":{b_id},"token":"{token}","last_seq":1}}"#);
+        let outcome = ready(router.handle_text(&mut c, resume.as_bytes(), now));
+        assert_eq!(outcome.close, None);
+        let got: Vec<serde_json::Value> = c_out
+            .take()
+            .iter()
+            .map(|f| serde_json::from_str(f).unwrap())
+            .collect();
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(got[0]["type"], "id");
+        assert_eq!(got[1]["candidate"]["candidate"], "c1");
+        assert_eq!(got[1]["seq"], 3);
+        assert_eq!(got[2]["candidate"]["candidate"], "c2");
+        assert_eq!(got[2]["seq"], 4);
+        assert!(router.bus().held.lock().unwrap().is_empty());
     }
 
     fn protocol_kind() -> crate::signaling::protocol::ServerKind {

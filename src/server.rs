@@ -15,6 +15,8 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::acme::{self, Acme, AcmeMetrics};
+use crate::cluster;
+use crate::cluster::node::ClusterMetrics;
 use crate::cluster::nodes::{Membership, NodeInfo, NodeMetrics};
 use crate::cluster::redis::{Redis, RedisMetrics};
 use crate::config::{Config, TlsSource};
@@ -22,13 +24,15 @@ use crate::http::headers::SecurityHeaders;
 use crate::http::proxy_protocol::TrustedProxies;
 use crate::http::routes::Readiness;
 use crate::http::static_files::StaticFiles;
-use crate::http::websocket::{IceProvider, WebSocketEndpoint};
+use crate::http::websocket::{IceProvider, NodeSessions, WebSocketEndpoint};
 use crate::http::{self, Admission, App, RedirectTarget};
 use crate::limits::{AddressLimit, ConnectionLimit, PerIpLimits};
 use crate::metrics::{Limit, Metrics};
 use crate::shutdown::{Shutdown, ShutdownController};
+use crate::signaling::bus::Bus;
+use crate::signaling::registry::{NodeId, Registry};
 use crate::signaling::router::Router;
-use crate::signaling::session::Sessions;
+use crate::signaling::session::{SessionHub, Sessions};
 use crate::tls::{self, CertStore, LoadError};
 use crate::turn::{Relay, RunningRelay, TlsAcceptorSource};
 
@@ -195,14 +199,34 @@ impl Server {
             config.signaling.upgrades_per_second,
             config.signaling.connections_per_ip,
         );
-        let hub =
-            Router::single_node(config.signaling.limits.clone()).with_observer(metrics.clone());
-        let sessions = Sessions::new(
-            Arc::new(hub),
-            config.signaling.session.clone(),
-            per_ip.clone(),
-            metrics.clone(),
-        );
+        let cluster_metrics = ClusterMetrics::register(&metrics);
+        let sessions = match (&redis, config.cluster.enabled()) {
+            (Some(redis), Some((_, node_id))) => {
+                let hub = cluster::node::router(
+                    redis,
+                    NodeId::new(node_id),
+                    config.signaling.limits.clone(),
+                    cluster_metrics,
+                )
+                .with_observer(metrics.clone());
+                NodeSessions::Cluster(Sessions::new(
+                    Arc::new(hub),
+                    config.signaling.session.clone(),
+                    per_ip.clone(),
+                    metrics.clone(),
+                ))
+            }
+            _ => {
+                let hub = Router::single_node(config.signaling.limits.clone())
+                    .with_observer(metrics.clone());
+                NodeSessions::Single(Sessions::new(
+                    Arc::new(hub),
+                    config.signaling.session.clone(),
+                    per_ip.clone(),
+                    metrics.clone(),
+                ))
+            }
+        };
         let signaling = WebSocketEndpoint::new(
             sessions,
             config.signaling.origins.clone(),
@@ -316,7 +340,17 @@ impl Server {
             )),
             _ => None,
         };
-        tokio::spawn(expire_reservations(signaling, controller.handle()));
+        match signaling.sessions() {
+            NodeSessions::Single(sessions) => {
+                let hub = sessions.hub().clone();
+                tokio::spawn(expire_reservations(hub, controller.handle()));
+            }
+            NodeSessions::Cluster(sessions) => {
+                let hub = sessions.hub().clone();
+                cluster::node::spawn(hub.clone(), &controller.handle());
+                tokio::spawn(expire_reservations(hub, controller.handle()));
+            }
+        }
         tokio::spawn(prune_rate_limits(per_ip, controller.handle()));
         let per_ip = AddressLimit::new(
             config.http.connections_per_ip,
@@ -567,8 +601,10 @@ async fn watch_certificate(certs: Arc<CertStore>, metrics: Arc<Metrics>, mut shu
 }
 
 /// Ends resume reservations when their grace period is over (and tells their call peers).
-async fn expire_reservations(signaling: Arc<WebSocketEndpoint>, mut shutdown: Shutdown) {
-    let hub = signaling.hub().clone();
+async fn expire_reservations<R: Registry, B: Bus>(
+    hub: Arc<SessionHub<R, B>>,
+    mut shutdown: Shutdown,
+) {
     let grace = hub.limits().resume_grace;
     loop {
         let now = std::time::Instant::now();

@@ -14,13 +14,17 @@
 //! | `registry.rs` | [`registry::RedisRegistry`]: each client ID's node, epoch, resume token and call state, one Lua script per operation (`lua/`) |
 //! | `bus.rs` | [`bus::RedisBus`]: messages to IDs on other nodes (`PUBLISH`), held for reserved IDs (capped streams), the orphan sweep, a node's self-healing subscription |
 //! | `route.rs` | [`route::Routes`]: delivery to an ID on another node — cached route, one `PUBLISH`, or the held stream |
-//! | `types.rs` | the registry's vocabulary from the cluster design, until `signaling/registry.rs` provides it |
+//! | `types.rs` | the registry's vocabulary (hubcore's types) plus `Unavailable` and `BindingError` for the Redis code |
+//! | `calls.rs` | [`calls::ClusterRegistry`]: the hub's `Registry` over Redis, with this node's live IDs' call states cached so relays cost no round trip |
+//! | `node.rs` | a node's router over Redis ([`node::NodeRouter`]), its `Bus`, and its tasks: inbox (deliver, hold, kick), lease refresh and peer-gone check, orphan sweep |
 //!
 //! Every key this module writes has a TTL or a bound (see docs/OPERATIONS.md, "Running several
 //! nodes", and docs/SECURITY.md, "Redis"). Dependencies point down: `cluster` uses `config`,
 //! `metrics`, `shutdown` and `signaling`'s types; nothing in `signaling` or `turn` imports it.
 
 pub mod bus;
+pub mod calls;
+pub mod node;
 pub mod nodes;
 pub mod redis;
 pub mod registry;

@@ -132,6 +132,11 @@ where
         BusDelivery::Unavailable
     }
 
+    /// The bus underneath (publishing, holding, subscribing).
+    pub fn bus(&self) -> &RedisBus<C> {
+        &self.bus
+    }
+
     /// Drops the cached route to `id` (the caller learnt it moved or left).
     pub fn forget(&self, id: ClientId) {
         self.lock().remove(&id);

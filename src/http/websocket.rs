@@ -11,13 +11,14 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 
 use super::{text_response, Body, ConnectionContext};
+use crate::cluster::node::{NodeBus, NodeRegistry};
 use crate::limits::{IpKey, PerIpLimits};
 use crate::metrics::{Limit, Metrics};
 use crate::shutdown::Shutdown;
 use crate::signaling::connections::Joining;
 use crate::signaling::hub::IceServersFor;
 use crate::signaling::protocol::ClientId;
-use crate::signaling::session::{SessionHub, Sessions};
+use crate::signaling::session::Sessions;
 use crate::turn::{TurnCredentials, TurnEndpoints};
 use std::time::Duration;
 
@@ -30,10 +31,20 @@ pub struct OriginPolicy {
     pub public_authority: Option<String>,
 }
 
+/// The sessions of a single node or of a cluster node (their routers differ in registry and bus;
+/// one match per connection, nothing per message).
+#[derive(Debug, Clone)]
+pub enum NodeSessions {
+    /// A node that runs alone: memory registry, no bus.
+    Single(Arc<Sessions>),
+    /// A cluster node: Redis registry and bus.
+    Cluster(Arc<Sessions<NodeRegistry, NodeBus>>),
+}
+
 /// Accepts WebSocket upgrades and hands them to the signaling sessions.
 pub struct WebSocketEndpoint {
     /// Runs the upgraded connections.
-    sessions: Arc<Sessions>,
+    sessions: NodeSessions,
     /// Who may connect from a browser.
     origins: OriginPolicy,
     /// Per-address upgrade rate (the open-socket cap is the session's).
@@ -56,7 +67,7 @@ impl std::fmt::Debug for WebSocketEndpoint {
 impl WebSocketEndpoint {
     /// An endpoint starting `sessions`.
     pub fn new(
-        sessions: Arc<Sessions>,
+        sessions: NodeSessions,
         origins: OriginPolicy,
         per_ip: Arc<PerIpLimits>,
         metrics: Arc<Metrics>,
@@ -76,9 +87,9 @@ impl WebSocketEndpoint {
         self.ice.as_ref()
     }
 
-    /// The signaling router, for the expiry task.
-    pub fn hub(&self) -> &Arc<SessionHub> {
-        self.sessions.hub()
+    /// The sessions, for the expiry task.
+    pub fn sessions(&self) -> &NodeSessions {
+        &self.sessions
     }
 
     /// Answers an upgrade request: refuses it (403, 429, 400) or switches protocols and starts the
@@ -124,10 +135,15 @@ impl WebSocketEndpoint {
             match upgrade.await {
                 // fastwebsockets only did the handshake; frames are read and written in `wire`.
                 Ok(ws) => {
-                    let sessions = this.sessions.clone();
-                    sessions
-                        .run(ws.into_inner(), ip, joining, ice, shutdown)
-                        .await;
+                    let io = ws.into_inner();
+                    match this.sessions.clone() {
+                        NodeSessions::Single(sessions) => {
+                            sessions.run(io, ip, joining, ice, shutdown).await;
+                        }
+                        NodeSessions::Cluster(sessions) => {
+                            sessions.run(io, ip, joining, ice, shutdown).await;
+                        }
+                    }
                     // The HTTP connection's accounting (open connections, per-address slot)
                     // lasts as long as the session.
                     drop(conn);

@@ -10,7 +10,8 @@
 use std::future::Future;
 
 use super::delivery::Envelope;
-use super::protocol::ClientId;
+use super::protocol::{ClientId, DropReason};
+use super::registry::{Binding, NodeId};
 
 /// What became of a message handed to the bus.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,6 +23,8 @@ pub enum BusDelivery {
     Held,
     /// No node holds the ID.
     NoSuchClient,
+    /// The ID's held budget (or the cluster's) is spent: the sender must be told why.
+    Dropped(DropReason),
     /// The bus cannot be reached; the message is lost and its sender must be told.
     Unavailable,
 }
@@ -30,6 +33,26 @@ pub enum BusDelivery {
 pub trait Bus: Send + Sync + 'static {
     /// Sends `envelope` to whichever node holds `to`.
     fn send(&self, to: ClientId, envelope: Envelope) -> impl Future<Output = BusDelivery> + Send;
+
+    /// Whether messages for an ID reserved on this node go through the bus too (a cluster: into
+    /// the one durable held place every node's resume reads), rather than into the local log.
+    fn holds_reserved(&self) -> bool {
+        false
+    }
+
+    /// Takes what was held for `to` while nobody held it live, oldest first (a cluster's resume
+    /// replays it). Nothing on a single node, whose local log holds everything.
+    fn take_held(&self, to: ClientId) -> impl Future<Output = Vec<Envelope>> + Send {
+        let _ = to;
+        std::future::ready(Vec::new())
+    }
+
+    /// Asks `node` to close the connection holding `binding`: the ID was resumed here while that
+    /// (half-open) connection still held it. Nothing to do on a single node.
+    fn kick(&self, node: &NodeId, binding: Binding) -> impl Future<Output = ()> + Send {
+        let _ = (node, binding);
+        std::future::ready(())
+    }
 }
 
 /// The bus of a node that runs alone: there is no other node, so no other ID.

@@ -580,6 +580,74 @@ impl<O: Outbox> Connections<O> {
         Ok(())
     }
 
+    /// The epoch of `id`'s live connection here, if a connection here holds it.
+    pub fn live_epoch(&self, id: ClientId) -> Option<u64> {
+        self.shard(id)
+            .get(&id)
+            .filter(|s| matches!(s.presence, Presence::Live(_)))
+            .map(|s| s.epoch)
+    }
+
+    /// Whether `id` is reserved here (its connection dropped; waiting for a resume).
+    pub fn is_reserved(&self, id: ClientId) -> bool {
+        self.shard(id)
+            .get(&id)
+            .is_some_and(|s| matches!(s.presence, Presence::Reserved { .. }))
+    }
+
+    /// Takes what the reserved `binding` holds (see [`Log::take_held`]); empty if it is not
+    /// reserved here at that epoch.
+    pub fn take_log(&self, binding: Binding) -> Vec<(ServerFrame, Option<Origin>)> {
+        let mut shard = self.shard(binding.id);
+        match shard.get_mut(&binding.id) {
+            Some(slot)
+                if slot.epoch == binding.epoch
+                    && matches!(slot.presence, Presence::Reserved { .. }) =>
+            {
+                slot.log.take_held(&self.held_bytes)
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// The ID was resumed on another node while `binding`'s connection here still held it: the
+    /// connection is sent `replaced` and its outbox dropped (its session closes), the entry goes,
+    /// and what it held comes back (to be forwarded to the ID's new home). `None` if `binding` is
+    /// not held here.
+    pub fn kick(
+        &self,
+        binding: Binding,
+        replaced: ServerFrame,
+        now: Instant,
+    ) -> Option<Vec<(ServerFrame, Option<Origin>)>> {
+        let mut slot = {
+            let mut shard = self.shard(binding.id);
+            shard
+                .get(&binding.id)
+                .filter(|s| s.epoch == binding.epoch)?;
+            shard.remove(&binding.id)?
+        };
+        self.clients.fetch_sub(1, Ordering::Relaxed);
+        match std::mem::replace(&mut slot.presence, Presence::Reserved { until: now }) {
+            Presence::Live(outbox) => {
+                let _ = outbox.try_push(replaced);
+            }
+            Presence::Reserved { .. } => self.shared().unreserve(slot.address),
+        }
+        Some(slot.log.take_held(&self.held_bytes))
+    }
+
+    /// After a resume from another node: numbering for `binding` continues after `seq`.
+    pub fn continue_after(&self, binding: Binding, seq: u64) {
+        if let Some(slot) = self
+            .shard(binding.id)
+            .get_mut(&binding.id)
+            .filter(|s| s.epoch == binding.epoch)
+        {
+            slot.log.continue_after(seq);
+        }
+    }
+
     fn shard(&self, id: ClientId) -> MutexGuard<'_, Shard<O>> {
         lock(&self.shards[shard_of(id)])
     }

@@ -75,6 +75,29 @@ impl Envelope {
         &self.json
     }
 
+    /// Takes a sealed frame's sequence number back out (`,"seq":N` just before the closing
+    /// brace, which only [`seal`](Self::seal) writes there: a client's JSON is always nested one
+    /// level deeper), returning the plain envelope and the number. For a frame a cluster node
+    /// held or forwarded after numbering it: the ID's new home numbers it again.
+    pub fn unsealed(mut self) -> (Self, Option<u64>) {
+        const KEY: &[u8] = br#","seq":"#;
+        let Some(body) = self.json.strip_suffix(b"}") else {
+            return (self, None);
+        };
+        let digits = body.iter().rev().take_while(|b| b.is_ascii_digit()).count();
+        let start = body.len() - digits;
+        if digits == 0 || digits > 20 || !body[..start].ends_with(KEY) {
+            return (self, None);
+        }
+        let seq = std::str::from_utf8(&body[start..])
+            .ok()
+            .and_then(|d| d.parse().ok());
+        let cut = start - KEY.len();
+        self.json.truncate(cut);
+        self.json.push(b'}');
+        (self, seq)
+    }
+
     /// The ready-to-send frame: `,"seq":N` goes in before the closing brace when `seq` is given.
     /// No copy: the spare capacity was reserved when the JSON was written.
     pub fn seal(self, seq: Option<u64>) -> ServerFrame {
@@ -248,6 +271,25 @@ impl Log {
         let origins = self.held.drain(..).filter_map(|h| h.origin).collect();
         self.held = VecDeque::new();
         origins
+    }
+
+    /// Empties the log, handing over what it held (in sequence order, with who caused each) so
+    /// it can be held elsewhere: a cluster node moves a reserved ID's messages into the shared
+    /// held stream, so a resume on any node finds them. Sequence numbers stay as given out.
+    pub fn take_held(&mut self, held_total: &AtomicUsize) -> Vec<(ServerFrame, Option<Origin>)> {
+        held_total.fetch_sub(self.bytes, Ordering::Relaxed);
+        self.bytes = 0;
+        std::mem::take(&mut self.held)
+            .into_iter()
+            .map(|h| (h.frame, h.origin))
+            .collect()
+    }
+
+    /// Continues numbering after `seq` (a resume moved the ID here from another node, where the
+    /// client saw numbers up to `seq`), so numbers never go back.
+    pub fn continue_after(&mut self, seq: u64) {
+        self.last_seq = self.last_seq.max(seq);
+        self.sent_through = self.sent_through.max(seq);
     }
 
     /// Bytes held.

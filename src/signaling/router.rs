@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use super::bus::{Bus, BusDelivery, NoBus};
 use super::connections::{AckError, Connections, Delivery, Detached, Joining, Outbox, Removed};
-use super::delivery::Envelope;
+use super::delivery::{Envelope, Origin};
 use super::hub::{
     id_frame, replaced_frame, AckRefusal, Attachment, CallObserver, ConnectError, Departure,
     Effect, Effects, Hub, IceServersFor, Outcome, Resumption,
@@ -64,6 +64,11 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
     /// The IDs this node holds, for metrics (`len`) and tests.
     pub fn connections(&self) -> &Connections<O> {
         &self.connections
+    }
+
+    /// The way to other nodes' IDs.
+    pub fn bus(&self) -> &B {
+        &self.bus
     }
 
     /// The limits enforced.
@@ -153,6 +158,7 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
                 Ok(Detached::Reserved) => {
                     let grace = self.connections.grace();
                     let _ = registry.detach(binding, now, grace).await;
+                    self.flush(binding, now).await;
                     None
                 }
                 Ok(Detached::Freed(lost)) => {
@@ -224,6 +230,97 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
         outcome.detached_peer = Some(binding.id);
         let grace = self.connections.grace();
         let _ = self.hub.registry().detach(binding, now, grace).await;
+        self.flush(binding, now).await;
+    }
+
+    /// In a cluster, moves what a just-reserved ID holds here into the bus's held place, where a
+    /// resume on any node finds it (see [`Bus::holds_reserved`]); what cannot be held is
+    /// reported to its senders. Nothing on a single node.
+    async fn flush(&self, binding: Binding, now: Instant) {
+        if !self.bus.holds_reserved() {
+            return;
+        }
+        let mut outcome = Outcome::default();
+        for (frame, origin) in self.connections.take_log(binding) {
+            let envelope = Envelope::from_parts(frame.kind, frame.bytes.to_vec(), origin);
+            if let Some(Effect::Deliver { to, envelope }) =
+                self.send_on_bus(binding.id, envelope).await
+            {
+                // Boxed: a delivery can detach a slow sender, which flushes again (rare).
+                Box::pin(self.deliver_or_tell(to, envelope, now, &mut outcome)).await;
+            }
+        }
+    }
+
+    /// A message from another node for `to`, routed by `epoch`: delivered if a connection here
+    /// holds `to` live (at that epoch, when given). Otherwise it comes back, for the caller to hold
+    /// in the shared held place (the ID is reserved, or moved on).
+    pub async fn deliver_from_bus(
+        &self,
+        to: ClientId,
+        epoch: Option<u64>,
+        envelope: Envelope,
+        now: Instant,
+    ) -> Result<(), Envelope> {
+        match self.connections.live_epoch(to) {
+            Some(live) if epoch.is_none_or(|e| e == live) => {
+                // Numbered here, the ID's home; a number given by a node it left goes.
+                let (envelope, _) = envelope.unsealed();
+                let mut outcome = Outcome::default();
+                self.deliver_or_tell(to, envelope, now, &mut outcome).await;
+                Ok(())
+            }
+            _ => Err(envelope),
+        }
+    }
+
+    /// Another node took over `binding`'s ID while a connection here still held it: that
+    /// connection is told `session_replaced` and closed, and what it held for the client goes to
+    /// the ID's new home. Returns whether a connection here held it.
+    pub async fn kick(&self, binding: Binding, now: Instant) -> bool {
+        let Some(held) = self.connections.kick(binding, replaced_frame(), now) else {
+            return false;
+        };
+        let mut outcome = Outcome::default();
+        for (frame, origin) in held {
+            let envelope = Envelope::from_parts(frame.kind, frame.bytes.to_vec(), origin);
+            if let Some(Effect::Deliver { to, envelope }) =
+                self.send_on_bus(binding.id, envelope).await
+            {
+                self.deliver_or_tell(to, envelope, now, &mut outcome).await;
+            }
+        }
+        true
+    }
+
+    /// Delivers one effect that is not an answer to a connection (a notice for a sender, from a
+    /// node task).
+    pub async fn apply_effect(&self, effect: Effect, now: Instant) {
+        let effects = Effects {
+            list: std::iter::once(effect).collect(),
+            outcome: Outcome::default(),
+        };
+        let _ = self.apply(None, effects, now).await;
+    }
+
+    /// An ID went away for good outside this node's own timers (a cluster task found it): its
+    /// peer and the senders of what was held for it are told, as [`Hub::gone`] says.
+    pub async fn gone(&self, freed: Freed, lost: Vec<Origin>, now: Instant) {
+        let effects = self.hub.gone(freed, lost, now);
+        let _ = self.apply(None, effects, now).await;
+    }
+
+    /// Sends through the bus; the `undelivered` notice for the sender if it went nowhere.
+    async fn send_on_bus(&self, to: ClientId, envelope: Envelope) -> Option<Effect> {
+        let origin = envelope.origin();
+        match self.bus.send(to, envelope).await {
+            BusDelivery::Delivered | BusDelivery::Held => None,
+            BusDelivery::NoSuchClient => {
+                self.hub.undelivered(to, DropReason::RecipientGone, origin)
+            }
+            BusDelivery::Dropped(reason) => self.hub.undelivered(to, reason, origin),
+            BusDelivery::Unavailable => self.hub.undelivered(to, DropReason::ServerBusy, origin),
+        }
     }
 
     /// Does what `effects` say, in order; `conn` is the connection they answer, if any.
@@ -290,6 +387,7 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
                 if let Some(binding) = detached {
                     let grace = self.connections.grace();
                     let _ = self.hub.registry().detach(binding, now, grace).await;
+                    self.flush(binding, now).await;
                 }
             }
             Err(Stale) => outcome.close = Some(CloseCode::PolicyViolation),
@@ -323,9 +421,12 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
             "took over"
         );
         if takeover.was_live && takeover.previous_node != *self.hub.node() {
-            // TODO(cluster): ask that node to kick its half-open connection; until then it
-            // finds out on its next operation (Stale).
-            tracing::debug!(client = %id, node = %takeover.previous_node, "resumed from a live connection on another node");
+            tracing::debug!(client = %id, node = %takeover.previous_node, "resumed from a live connection on another node; kicking it there");
+            let previous = Binding {
+                id,
+                epoch: takeover.previous_epoch,
+            };
+            self.bus.kick(&takeover.previous_node, previous).await;
         }
         if taken.overflowed {
             outcome.close = Some(CloseCode::PolicyViolation);
@@ -334,6 +435,33 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
                 .hub
                 .registry()
                 .detach(takeover.binding, now, grace)
+                .await;
+            self.flush(takeover.binding, now).await;
+        } else if self.bus.holds_reserved() {
+            self.replay_held(takeover.binding, last_seq, now, outcome)
+                .await;
+        }
+    }
+
+    /// In a cluster, after a resume: numbering continues after what the client saw, then what was
+    /// held for the ID while nobody held it live (on any node) is delivered in order, leaving out
+    /// what the client says it processed (`last_seq`: numbers given by the node it left).
+    async fn replay_held(
+        &self,
+        binding: Binding,
+        last_seq: Option<u64>,
+        now: Instant,
+        outcome: &mut Outcome,
+    ) {
+        if let Some(seq) = last_seq {
+            self.connections.continue_after(binding, seq);
+        }
+        for envelope in self.bus.take_held(binding.id).await {
+            let (envelope, seq) = envelope.unsealed();
+            if seq.is_some_and(|seq| last_seq.is_some_and(|last| seq <= last)) {
+                continue;
+            }
+            self.deliver_or_tell(binding.id, envelope, now, outcome)
                 .await;
         }
     }
@@ -365,6 +493,10 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
         outcome: &mut Outcome,
     ) -> Option<Effect> {
         let origin = envelope.origin();
+        if self.bus.holds_reserved() && self.connections.is_reserved(to) {
+            // A cluster holds for reserved IDs in one place every node's resume reads.
+            return self.send_on_bus(to, envelope).await;
+        }
         match self.connections.deliver(to, envelope, now) {
             Ok((Delivery::Sent | Delivery::Queued, _)) => None,
             Ok((Delivery::Detached, detached)) => {
@@ -383,6 +515,7 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
             // Not held here: another node's, or nobody's.
             Err(envelope) => match self.bus.send(to, envelope).await {
                 BusDelivery::Delivered | BusDelivery::Held | BusDelivery::NoSuchClient => None,
+                BusDelivery::Dropped(reason) => self.hub.undelivered(to, reason, origin),
                 BusDelivery::Unavailable => {
                     self.hub.undelivered(to, DropReason::ServerBusy, origin)
                 }

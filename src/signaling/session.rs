@@ -20,18 +20,20 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use super::bus::{Bus, NoBus};
 use super::connections::Joining;
 use super::hub::{Attachment, Departure, IceServersFor};
 use super::observer::{CloseReason, SessionEvent, SessionLimit, SessionObserver};
 use super::outbox::{self, OutboxBudget, OutboxLimits, OutboxReceiver, OutboxSender};
 use super::protocol::{CloseCode, ErrorCode, ServerFrame, ServerKind, ServerMessage};
+use super::registry::{MemoryRegistry, Registry};
 use super::wire::{close_code_allowed, Frame, FrameReader, OpCode, Outgoing, ReadError};
 use crate::limits::{IpRefusal, PerIpLimits, SessionRates};
 use crate::shutdown::Shutdown;
 
-/// The signaling core as sessions use it: a single node's router over session outboxes.
-pub type SessionHub =
-    super::router::Router<super::registry::MemoryRegistry, super::bus::NoBus, OutboxSender>;
+/// The signaling core as sessions use it: a router over session outboxes; by default a single
+/// node's (memory registry, no bus). A cluster node's sessions use its registry and bus.
+pub type SessionHub<R = MemoryRegistry, B = NoBus> = super::router::Router<R, B, OutboxSender>;
 
 /// Session-level settings: the config's `signaling.session` section.
 #[derive(Debug, Clone)]
@@ -78,9 +80,9 @@ impl Default for SessionSettings {
 }
 
 /// Runs upgraded WebSockets as signaling sessions.
-pub struct Sessions {
+pub struct Sessions<R = MemoryRegistry, B = NoBus> {
     /// The call rules and routing table.
-    hub: Arc<SessionHub>,
+    hub: Arc<SessionHub<R, B>>,
     /// Sizes, rates, heartbeat.
     settings: SessionSettings,
     /// The per-address cap on open sockets.
@@ -91,7 +93,7 @@ pub struct Sessions {
     outbox_budget: Arc<OutboxBudget>,
 }
 
-impl std::fmt::Debug for Sessions {
+impl<R, B> std::fmt::Debug for Sessions<R, B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Sessions")
             .field("settings", &self.settings)
@@ -99,10 +101,10 @@ impl std::fmt::Debug for Sessions {
     }
 }
 
-impl Sessions {
+impl<R: Registry, B: Bus> Sessions<R, B> {
     /// Sessions over `hub`, reporting to `observer`.
     pub fn new(
-        hub: Arc<SessionHub>,
+        hub: Arc<SessionHub<R, B>>,
         settings: SessionSettings,
         per_ip: Arc<PerIpLimits>,
         observer: Arc<dyn SessionObserver>,
@@ -117,7 +119,7 @@ impl Sessions {
     }
 
     /// The router, for the expiry task and tests.
-    pub fn hub(&self) -> &Arc<SessionHub> {
+    pub fn hub(&self) -> &Arc<SessionHub<R, B>> {
         &self.hub
     }
 

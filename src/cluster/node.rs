@@ -1,0 +1,383 @@
+//! A cluster node's signaling: the hub's router over the Redis registry ([`ClusterRegistry`])
+//! and the Redis bus ([`ClusterBus`]), and the tasks that keep the node in step with the others.
+//!
+//! - **inbox**: this node's subscription. A message for an ID a connection here holds (at the
+//!   epoch it was routed by) is numbered and queued here; one for an ID that is not live here
+//!   (reserved, or moved on) goes to the ID's held stream, where its resume — on any node — finds
+//!   it. A kick closes the connection it names (the ID was resumed elsewhere). After a gap in the
+//!   subscription, what was held for this node's live IDs meanwhile is delivered.
+//! - **leases**: every `grace / 3`, this node's live IDs' keys are renewed (one pipelined round
+//!   trip per 256 IDs); bindings Redis no longer gives to this node are closed so their clients
+//!   resume. The same pass asks where each local client's call peer on another node is: a peer
+//!   whose ID no node holds any more (its node died and nobody resumed it) ends the call, and
+//!   the client is told `close-call-server` (`peer_gone`).
+//! - **orphans**: every few seconds, messages held for IDs that expired unresumed are taken and
+//!   their senders told `undelivered` (`recipient_gone`).
+//!
+//! A single node runs none of this: its router is the memory registry and `NoBus`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prometheus::{IntCounter, IntCounterVec, Opts};
+use redis::aio::ConnectionLike;
+
+use super::bus::{BusEvent, BusKind, BusMessage, BusSettings, Hold, RedisBus, Subscription};
+use super::calls::ClusterRegistry;
+use super::redis::{Redis, RedisConnection};
+use super::registry::{RedisRegistry, RegistrySettings};
+use super::route::{self, RouteSettings, Routes};
+use super::types::{Binding, CallState, Freed, NodeId};
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
+use crate::signaling::bus::{Bus, BusDelivery};
+use crate::signaling::delivery::Envelope;
+use crate::signaling::hub::Hub;
+use crate::signaling::protocol::{ClientId, DropReason, ServerKind};
+use crate::signaling::registry::Registry as _;
+use crate::signaling::router::Router;
+use crate::signaling::session::SessionHub;
+use crate::signaling::SignalingLimits;
+
+/// The registry of a cluster node's hub.
+pub type NodeRegistry = ClusterRegistry<RedisConnection>;
+/// The bus of a cluster node's hub.
+pub type NodeBus = ClusterBus<RedisConnection>;
+/// A cluster node's router, as its sessions use it.
+pub type NodeRouter = SessionHub<NodeRegistry, NodeBus>;
+
+/// How often the orphan sweep runs, and how many IDs it takes per run.
+const ORPHAN_SWEEP: (Duration, usize) = (Duration::from_secs(2), 64);
+
+/// Events waiting between the subscription task and the inbox.
+const INBOX_CAPACITY: usize = 1024;
+
+/// `callgate_cluster_messages_total{direction}`: messages between nodes.
+#[derive(Clone)]
+pub struct ClusterMetrics {
+    /// Published to another node's inbox and received by it.
+    pub sent: IntCounter,
+    /// Taken from this node's inbox.
+    pub received: IntCounter,
+}
+
+impl ClusterMetrics {
+    /// Registers the family in `metrics`' registry (on every node: zeros on a single node).
+    pub fn register(metrics: &Metrics) -> ClusterMetrics {
+        let family = IntCounterVec::new(
+            Opts::new(
+                "cluster_messages_total",
+                "Signaling messages between cluster nodes: sent = published to the node holding \
+                 the recipient and received there; received = taken from this node's inbox. \
+                 Messages between two clients of one node never appear here.",
+            ),
+            &["direction"],
+        )
+        .expect("valid metric");
+        metrics.register(Box::new(family.clone()));
+        ClusterMetrics {
+            sent: family.with_label_values(&["sent"]),
+            received: family.with_label_values(&["received"]),
+        }
+    }
+}
+
+/// The hub's [`Bus`] on a cluster node: [`Routes`] (cached route, one `PUBLISH`, or the held
+/// stream), kicks and held-stream replays.
+pub struct ClusterBus<C> {
+    /// Route cache, publishing and holding.
+    routes: Routes<C>,
+    /// Counts what crosses nodes.
+    metrics: ClusterMetrics,
+}
+
+impl<C> ClusterBus<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    /// A bus over `routes`.
+    pub fn new(routes: Routes<C>, metrics: ClusterMetrics) -> Self {
+        Self { routes, metrics }
+    }
+
+    /// The routes, for the node's tasks.
+    pub fn routes(&self) -> &Routes<C> {
+        &self.routes
+    }
+}
+
+impl<C> Bus for ClusterBus<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    async fn send(&self, to: ClientId, envelope: Envelope) -> BusDelivery {
+        match self.routes.deliver(to, None, envelope).await {
+            route::BusDelivery::Delivered => {
+                self.metrics.sent.inc();
+                BusDelivery::Delivered
+            }
+            route::BusDelivery::Held => BusDelivery::Held,
+            route::BusDelivery::NoSuchClient => BusDelivery::NoSuchClient,
+            route::BusDelivery::Dropped(reason) => BusDelivery::Dropped(reason),
+            route::BusDelivery::Unavailable => BusDelivery::Unavailable,
+        }
+    }
+
+    fn holds_reserved(&self) -> bool {
+        true
+    }
+
+    async fn take_held(&self, to: ClientId) -> Vec<Envelope> {
+        match self.routes.bus().take_held(to).await {
+            Ok(held) => held
+                .into_iter()
+                .filter(|m| m.kind == BusKind::Deliver)
+                .map(BusMessage::into_envelope)
+                .collect(),
+            Err(_) => {
+                tracing::warn!(client = %to, "messages held for a resumed ID could not be taken: Redis unavailable; they are reported to their senders when they expire");
+                Vec::new()
+            }
+        }
+    }
+
+    async fn kick(&self, node: &NodeId, binding: Binding) {
+        let kick = BusMessage::kick(binding.id, binding.epoch);
+        if let Err(e) = self.routes.bus().send(node, &kick).await {
+            tracing::debug!(client = %binding.id, %node, "kick not sent: {e}");
+        }
+    }
+}
+
+/// Everything a cluster node's signaling needs, made from the node's Redis connection.
+pub fn router(
+    redis: &Redis,
+    node: NodeId,
+    limits: SignalingLimits,
+    metrics: ClusterMetrics,
+) -> NodeRouter {
+    let grace = limits.resume_grace;
+    let timeout = Duration::from_secs(1);
+    let registry = RedisRegistry::new(
+        redis.connection(),
+        RegistrySettings {
+            id_digits: limits.id_digits,
+            lease: lease(grace),
+            timeout,
+        },
+    );
+    let bus = RedisBus::new(
+        redis.client().clone(),
+        redis.connection(),
+        BusSettings {
+            held_messages: limits.resume_queue_messages,
+            held_bytes: limits.resume_queue_bytes,
+            held_bytes_total: limits.resume_queue_bytes_total,
+            grace,
+            timeout,
+        },
+    );
+    let routes = Routes::new(
+        registry.clone(),
+        bus,
+        RouteSettings {
+            max_routes: limits.max_clients,
+            ttl: Duration::from_secs(2),
+        },
+    );
+    let hub = Hub::new(ClusterRegistry::new(registry), node, limits);
+    Router::new(hub, ClusterBus::new(routes, metrics))
+}
+
+/// A live ID's lease: a grace period plus the refresh period, so a dead node's IDs stay
+/// resumable for at least a grace period.
+pub fn lease(grace: Duration) -> Duration {
+    grace + refresh_period(grace)
+}
+
+/// How often live IDs' leases are renewed.
+fn refresh_period(grace: Duration) -> Duration {
+    (grace / 3).max(Duration::from_millis(200))
+}
+
+/// Starts the node's tasks (see the module docs); they end at shutdown.
+pub fn spawn(router: Arc<NodeRouter>, shutdown: &Shutdown) {
+    let node = router.hub().node().clone();
+    let subscription = router.bus().routes().bus().subscribe(&node, INBOX_CAPACITY);
+    tokio::spawn(inbox(router.clone(), subscription, shutdown.clone()));
+    tokio::spawn(leases(router.clone(), shutdown.clone()));
+    tokio::spawn(orphans(router, shutdown.clone()));
+}
+
+/// Receives this node's messages until shutdown.
+async fn inbox(router: Arc<NodeRouter>, mut subscription: Subscription, mut shutdown: Shutdown) {
+    loop {
+        let event = tokio::select! {
+            _ = shutdown.recv() => return,
+            event = subscription.next() => event,
+        };
+        match event {
+            None => return,
+            Some(BusEvent::Subscribed { resumed: false }) => {
+                tracing::info!(node = %router.hub().node(), "cluster inbox subscribed");
+            }
+            Some(BusEvent::Subscribed { resumed: true }) => {
+                tracing::info!(
+                    "cluster inbox subscribed again; delivering what was held meanwhile"
+                );
+                for binding in router.hub().registry().live() {
+                    for envelope in router.bus().take_held(binding.id).await {
+                        deliver_here(&router, binding.id, Some(binding.epoch), envelope).await;
+                    }
+                }
+            }
+            Some(BusEvent::Message(message)) => receive(&router, message).await,
+        }
+    }
+}
+
+/// One message from another node.
+async fn receive(router: &NodeRouter, message: BusMessage) {
+    match message.kind {
+        BusKind::Kick => {
+            let Some(epoch) = message.epoch else { return };
+            let binding = Binding {
+                id: message.to,
+                epoch,
+            };
+            router.hub().registry().forget(binding);
+            if router.kick(binding, Instant::now()).await {
+                tracing::debug!(client = %binding.id, "connection closed: its ID was resumed on another node");
+            }
+        }
+        BusKind::Deliver => {
+            router.bus().metrics.received.inc();
+            let (to, epoch) = (message.to, message.epoch);
+            if matches!(
+                message.server_kind,
+                ServerKind::VideoAnswerRequest
+                    | ServerKind::ServerReply
+                    | ServerKind::CloseCallServer
+            ) {
+                // Another node changed this ID's call: re-read it before the client can answer.
+                router.hub().registry().sync_call(to).await;
+            }
+            deliver_here(router, to, epoch, message.into_envelope()).await;
+        }
+    }
+}
+
+/// Delivers to `to` if a connection here holds it at `epoch`; else holds it for the ID's resume
+/// (or sends it on, if the ID moved), telling the sender if neither works.
+async fn deliver_here(router: &NodeRouter, to: ClientId, epoch: Option<u64>, envelope: Envelope) {
+    let now = Instant::now();
+    let Err(envelope) = router.deliver_from_bus(to, epoch, envelope, now).await else {
+        return;
+    };
+    let routes = router.bus().routes();
+    routes.forget(to);
+    let origin = envelope.origin();
+    let message = BusMessage::new(to, epoch, None, envelope);
+    let reason = match routes.bus().hold(&message).await {
+        Ok(Hold::Held) => return,
+        Ok(Hold::Moved) => {
+            // Resumed on another node meanwhile: send it there (one more locate).
+            match router.bus().send(to, message.into_envelope()).await {
+                BusDelivery::Delivered | BusDelivery::Held => return,
+                BusDelivery::NoSuchClient => DropReason::RecipientGone,
+                BusDelivery::Dropped(reason) => reason,
+                BusDelivery::Unavailable => DropReason::ServerBusy,
+            }
+        }
+        Ok(Hold::NoSuchClient) => DropReason::RecipientGone,
+        Ok(Hold::Dropped(reason)) => reason,
+        Err(_) => DropReason::ServerBusy,
+    };
+    tracing::debug!(client = %to, %reason, "message from another node not delivered; sender told");
+    if let Some(notice) = router.hub().undelivered(to, reason, origin) {
+        router.apply_effect(notice, now).await;
+    }
+}
+
+/// Renews this node's leases, closes what Redis says it lost, and ends calls whose peer no node
+/// holds any more.
+async fn leases(router: Arc<NodeRouter>, mut shutdown: Shutdown) {
+    let registry = router.hub().registry();
+    let node = router.hub().node().clone();
+    let mut ticks = tokio::time::interval(refresh_period(router.limits().resume_grace));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.recv() => return,
+            _ = ticks.tick() => {}
+        }
+        match registry.refresh_leases(&node).await {
+            Ok(refreshed) => {
+                for binding in refreshed.lost {
+                    registry.forget(binding);
+                    if router.kick(binding, Instant::now()).await {
+                        tracing::info!(client = %binding.id, "connection closed: Redis no longer gives its ID to this node");
+                    }
+                }
+            }
+            Err(_) => {
+                tracing::debug!("lease refresh failed: Redis unavailable");
+                continue;
+            }
+        }
+        for binding in registry.live() {
+            let Some((_, state)) = registry.cached(binding.id) else {
+                continue;
+            };
+            let Some(peer) = state.peer() else { continue };
+            if router.connections().holds(peer) {
+                continue;
+            }
+            if let Ok(None) = registry.redis().locate(peer).await {
+                peer_gone(&router, binding, peer, state).await;
+            }
+        }
+    }
+}
+
+/// `peer` is gone from the whole cluster (its node died, nobody resumed it): `binding`'s call
+/// with it ends and its client is told.
+async fn peer_gone(router: &NodeRouter, binding: Binding, peer: ClientId, state: CallState) {
+    use crate::signaling::registry::Transition;
+    tracing::info!(client = %binding.id, %peer, ?state, "call peer gone from the cluster; ending the call");
+    if router
+        .hub()
+        .registry()
+        .transition(binding, peer, Transition::Hangup)
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let freed = Freed {
+        id: peer,
+        peer: Some(binding.id),
+    };
+    router.gone(freed, Vec::new(), Instant::now()).await;
+}
+
+/// Tells the senders of messages held for IDs that expired unresumed.
+async fn orphans(router: Arc<NodeRouter>, mut shutdown: Shutdown) {
+    let (every, limit) = ORPHAN_SWEEP;
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.recv() => return,
+            _ = ticks.tick() => {}
+        }
+        let Ok(found) = router.bus().routes().bus().take_orphans(limit).await else {
+            continue;
+        };
+        for (id, messages) in found {
+            let lost = messages.iter().filter_map(|m| m.origin).collect();
+            let freed = Freed { id, peer: None };
+            router.gone(freed, lost, Instant::now()).await;
+        }
+    }
+}

@@ -10,6 +10,8 @@ mod nodes;
 #[path = "support/redis.rs"]
 mod redis_server;
 
+use std::time::Duration;
+
 use nodes::Cluster;
 use redis_server::RedisServer;
 
@@ -94,4 +96,56 @@ async fn relay_pairs_across_two_nodes_lose_nothing_and_every_message_crosses() {
         total_sent, total_received,
         "every published message arrived once"
     );
+}
+
+const IN_PROGRESS: &str = "callgate_calls_in_progress";
+const ANSWERED: &str = r#"callgate_calls_total{outcome="answered"}"#;
+const UNANSWERED: &str = r#"callgate_calls_total{outcome="unanswered"}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "finding for the cluster glue: a cross-node call is counted answered and in progress on \
+            the callee's node, and ended (as unanswered) on the node that handles the hang-up, so \
+            calls_in_progress never returns to 0; run with --ignored once fixed"]
+async fn call_metrics_add_up_across_nodes_after_every_call_ended() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let cluster = Cluster::new(redis.url());
+    let (cert, _) = cluster.dev_cert();
+    let a = cluster.start("node-a", &GENEROUS).await;
+    let b = cluster.start("node-b", &GENEROUS).await;
+    // 8 calls, each between the two nodes; callgate-load hangs every one up before it exits.
+    let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_callgate-load"))
+        .args(["--target", &format!("{},{}", a.https, b.https), "--ca"])
+        .arg(&cert)
+        .args([
+            "relay",
+            "--pairs",
+            "8",
+            "--rate",
+            "40",
+            "--placement",
+            "cross",
+        ])
+        .args(["--duration", "0.5", "--warmup", "0"])
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .status()
+        .await
+        .expect("callgate-load runs");
+    assert!(status.success());
+    let sum = |series: &'static str| {
+        let (a, b) = (&a, &b);
+        async move { a.metric(series).await + b.metric(series).await }
+    };
+    assert_eq!(sum(ANSWERED).await, 8.0, "each answered call counted once");
+    assert_eq!(
+        sum(UNANSWERED).await,
+        0.0,
+        "no answered call counted as unanswered"
+    );
+    for node in [&a, &b] {
+        node.wait_for_metric(IN_PROGRESS, |n| n == 0.0, Duration::from_secs(5))
+            .await;
+    }
 }

@@ -107,6 +107,10 @@ test('a call across two nodes survives the death of one: resume through HAProxy,
   assert.ok(relaysA.has(relayOf(before.url)), `page 1 relays through node A (${[...relaysA]}): ${JSON.stringify(before)}`);
   const crossNode = await metric(env.CALLGATE_CLUSTER_METRICS_B, 'callgate_cluster_messages_total');
   assert.ok(crossNode > 0, `node B counted the messages that crossed to or from node A (${crossNode})`);
+  // The call is counted once when the nodes' gauges are summed (the dashboard's cluster-wide panel).
+  const inProgress = (url) => metric(url, 'callgate_calls_in_progress');
+  const perNode = await Promise.all([inProgress(env.CALLGATE_CLUSTER_METRICS_A), inProgress(env.CALLGATE_CLUSTER_METRICS_B)]);
+  assert.equal(perNode[0] + perNode[1], 1, `calls in progress on nodes A and B: ${perNode}`);
   await screenshot(a, 'cluster-call-before-kill');
 
   // From now on page 2 must never leave the call.

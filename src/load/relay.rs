@@ -265,15 +265,31 @@ pub async fn run(
         if pids.is_empty() {
             return Ok(None);
         }
+        let each = |pids: &[u32]| {
+            pids.iter()
+                .map(|&pid| stats::sample(Some(pid)))
+                .collect::<Result<Vec<_>, _>>()
+        };
         tokio::time::sleep_until(window.measure).await;
-        let before = stats::sample_servers(&pids)?.expect("a PID");
+        let before = each(&pids)?;
         let own_before = stats::sample(None)?;
         tokio::time::sleep_until(window.end).await;
-        let after = stats::sample_servers(&pids)?.expect("a PID");
+        let after = each(&pids)?;
         let own_after = stats::sample(None)?;
+        // Each process's share (a cluster: which node, and Redis), in the order given.
+        let per_pid: Vec<f64> = before
+            .iter()
+            .zip(&after)
+            .map(|(b, a)| stats::round3(a.cpu.saturating_sub(b.cpu).as_secs_f64()))
+            .collect();
+        let (before, after) = (
+            stats::total(&before).expect("a PID"),
+            stats::total(&after).expect("a PID"),
+        );
         Ok::<_, Error>(Some((
             ServerUse::between(before, after),
             own_after.cpu.saturating_sub(own_before.cpu),
+            per_pid,
         )))
     });
 
@@ -350,7 +366,7 @@ pub async fn run(
             lag.line()
         ));
     }
-    let server = usage.map(|(server, own_cpu)| {
+    let server = usage.map(|(server, own_cpu, per_pid)| {
         let per_message = if messages > 0 {
             server.cpu.as_secs_f64() * 1e6 / messages as f64
         } else {
@@ -366,7 +382,17 @@ pub async fn run(
             server.rss_after_kib,
             own_cpu.as_secs_f64(),
         ));
+        if per_pid.len() > 1 {
+            let shares: Vec<String> = common
+                .server_pid
+                .iter()
+                .zip(&per_pid)
+                .map(|(pid, cpu)| format!("{pid}: {cpu:.2} s"))
+                .collect();
+            human.push_str(&format!("\nCPU per PID: {}", shares.join(", ")));
+        }
         json!({
+            "cpu_s_per_pid": per_pid,
             "cpu_s": stats::round3(server.cpu.as_secs_f64()),
             "system_cpu_s": stats::round3(server.system.as_secs_f64()),
             "cpu_us_per_message": stats::round3(per_message),

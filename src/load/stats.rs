@@ -139,19 +139,20 @@ pub fn sample(pid: Option<u32>) -> Result<ProcSample, super::Error> {
 /// The summed use of every process in `pids` (a cluster's nodes, and Redis if given); `None`
 /// when no PID was given.
 pub fn sample_servers(pids: &[u32]) -> Result<Option<ProcSample>, super::Error> {
-    let mut total: Option<ProcSample> = None;
-    for &pid in pids {
-        let one = sample(Some(pid))?;
-        total = Some(match total {
-            None => one,
-            Some(sum) => ProcSample {
-                cpu: sum.cpu + one.cpu,
-                system: sum.system + one.system,
-                rss_kib: sum.rss_kib + one.rss_kib,
-            },
-        });
-    }
-    Ok(total)
+    let each = pids
+        .iter()
+        .map(|&pid| sample(Some(pid)))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(total(&each))
+}
+
+/// The sum of several readings (CPU, kernel CPU and RSS); `None` for none.
+pub fn total(samples: &[ProcSample]) -> Option<ProcSample> {
+    samples.iter().copied().reduce(|sum, one| ProcSample {
+        cpu: sum.cpu + one.cpu,
+        system: sum.system + one.system,
+        rss_kib: sum.rss_kib + one.rss_kib,
+    })
 }
 
 /// `sysconf(_SC_CLK_TCK)`, read from the auxiliary vector (`AT_CLKTCK`) so no libc binding is

@@ -472,18 +472,24 @@ impl CallObserver for CallMetrics {
                     );
                 }
             }
+            // Counted where the offer was (the caller's node): in a cluster the callee's node
+            // reports the answer too, and the caller's node learns it from the bus, so counting
+            // only calls offered here counts each call once when summed over nodes.
             CallEvent::Answered { caller, .. } => {
-                self.answered.inc();
-                self.in_progress.inc();
                 if let Some(times) = open.get_mut(&caller) {
-                    times.answered = Some(now);
-                    self.setup_seconds
-                        .observe(now.saturating_duration_since(times.offered).as_secs_f64());
+                    if times.answered.is_none() {
+                        self.answered.inc();
+                        self.in_progress.inc();
+                        times.answered = Some(now);
+                        self.setup_seconds
+                            .observe(now.saturating_duration_since(times.offered).as_secs_f64());
+                    }
                 }
             }
             CallEvent::Declined { caller, .. } => {
-                self.declined.inc();
-                open.remove(&caller);
+                if open.remove(&caller).is_some() {
+                    self.declined.inc();
+                }
             }
             CallEvent::Ended { by, peer, .. } => {
                 let times = open.remove(&by).or_else(|| open.remove(&peer));

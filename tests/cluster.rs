@@ -3,7 +3,7 @@
 //! balancer. Without redis-server (or haproxy) these tests print why and pass — except under
 //! `CI=true`, where a missing tool fails them.
 //!
-//! Cross-node calls and resumes are not here yet: they need the registry and bus over Redis.
+//! Cross-node calls and resumes are in tests/cluster_calls.rs.
 
 mod common;
 #[path = "support/haproxy.rs"]
@@ -34,6 +34,14 @@ const ANSWER: &str =
 
 /// Opens `wss://localhost/socket` at `addr` (a node or the balancer) and reads the `id` message.
 async fn join(cluster: &Cluster, addr: SocketAddr) -> (Ws, u64) {
+    let mut ws = open_socket(cluster, addr).await;
+    let hello = ws.recv().await;
+    assert_eq!(hello["type"], "id", "{hello}");
+    (ws, hello["id"].as_u64().expect("numeric id"))
+}
+
+/// Opens `wss://localhost/socket` at `addr`, reading nothing.
+async fn open_socket(cluster: &Cluster, addr: SocketAddr) -> Ws {
     let tls = connect(&cluster.tls(), addr).await.expect("TLS connects");
     let req = hyper::Request::get("/socket")
         .header("host", format!("localhost:{}", addr.port()))
@@ -49,10 +57,7 @@ async fn join(cluster: &Cluster, addr: SocketAddr) -> (Ws, u64) {
     let (ws, _) = fastwebsockets::handshake::client(&common::SpawnExecutor, req, tls)
         .await
         .expect("WebSocket upgrade");
-    let mut ws = Ws { ws };
-    let hello = ws.recv().await;
-    assert_eq!(hello["type"], "id", "{hello}");
-    (ws, hello["id"].as_u64().expect("numeric id"))
+    Ws { ws }
 }
 
 /// A calls B and B accepts.
@@ -200,6 +205,12 @@ async fn redis_going_away_is_one_log_line_and_a_metric_and_it_comes_back_by_itse
         .await;
     let (mut caller, caller_id) = join(&cluster, a.https).await;
     let (mut callee, callee_id) = join(&cluster, a.https).await;
+    call(&mut caller, caller_id, &mut callee, callee_id).await;
+    let candidate = |n: u32| {
+        format!(
+            r#"{{"type":"ice-candidate","clientId":{callee_id},"candidate":{{"candidate":"candidate:{n} 1 udp 1 127.0.0.1 9 typ host","sdpMid":"0","sdpMLineIndex":0}}}}"#
+        )
+    };
 
     redis.stop();
     a.wait_for_metric(REDIS_UP, |up| up == 0.0, Duration::from_secs(5))
@@ -208,8 +219,10 @@ async fn redis_going_away_is_one_log_line_and_a_metric_and_it_comes_back_by_itse
     let errors = "callgate_redis_errors_total{kind=\"connection\"}";
     let timeouts = "callgate_redis_errors_total{kind=\"timeout\"}";
     let failed_at_outage = a.metric(errors).await + a.metric(timeouts).await;
-    // ... while two clients of this node call each other as on a single node.
-    call(&mut caller, caller_id, &mut callee, callee_id).await;
+    // ... while the call between two clients of this node goes on (relays need no Redis).
+    caller.send(&candidate(1)).await;
+    let relayed = callee.recv().await;
+    assert_eq!(relayed["type"], "ice-candidate", "{relayed}");
     let mut ticks = tokio::time::interval(Duration::from_millis(200));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -242,13 +255,9 @@ async fn redis_going_away_is_one_log_line_and_a_metric_and_it_comes_back_by_itse
         assert_eq!(node.log_count("Redis is reachable again"), 1);
     }
     // The call between the two clients is still up.
-    caller
-        .send(&format!(
-            r#"{{"type":"ice-candidate","clientId":{callee_id},"candidate":{{"candidate":"candidate:1 1 udp 1 127.0.0.1 9 typ host","sdpMid":"0","sdpMLineIndex":0}}}}"#
-        ))
-        .await;
-    let candidate = callee.recv().await;
-    assert_eq!(candidate["type"], "ice-candidate", "{candidate}");
+    caller.send(&candidate(2)).await;
+    let relayed = callee.recv().await;
+    assert_eq!(relayed["type"], "ice-candidate", "{relayed}");
 }
 
 #[tokio::test]
@@ -460,21 +469,22 @@ async fn a_node_starts_without_its_redis_and_joins_when_redis_answers() {
     redis.stop();
     let cluster = Cluster::new(redis.url());
     let a = cluster.start("node-a", &[]).await;
-    assert_eq!(
-        a.readyz().await,
-        Some(200),
-        "serves as a single node meanwhile"
-    );
+    assert_eq!(a.readyz().await, Some(200), "serves meanwhile");
     a.wait_for_log("Redis is unreachable", Duration::from_secs(5))
         .await;
     assert_eq!(a.metric(REDIS_UP).await, 0.0);
-    let (_client, _) = join(&cluster, a.https).await;
+    // A client cannot get a cluster-wide ID yet: it is told so, and to come back (1013).
+    let mut refused = open_socket(&cluster, a.https).await;
+    let error = refused.recv().await;
+    assert_eq!(error["code"], "cluster_unavailable", "{error}");
+    assert_eq!(refused.expect_close().await, Some(1013));
 
     redis.restart();
     a.wait_for_metric(ALIVE, |n| n == 1.0, Duration::from_secs(10))
         .await;
     assert_eq!(a.metric(REDIS_UP).await, 1.0);
     assert!(heartbeat(&redis, "node-a").is_some());
+    let (_client, _) = join(&cluster, a.https).await;
 }
 
 /// The ACL docs/SECURITY.md recommends for callgate's Redis user: its keys, its channels, and

@@ -83,7 +83,10 @@ async fn relay_pairs_across_two_nodes_lose_nothing_and_every_message_crosses() {
     // Each node's own CPU over the window, in the order of --server-pid; both worked.
     let per_node = report["server"]["cpu_s_per_pid"].as_array().unwrap();
     assert_eq!(per_node.len(), 2, "{report}");
-    assert!(per_node.iter().all(|cpu| cpu.as_f64().unwrap() > 0.0), "{report}");
+    assert!(
+        per_node.iter().all(|cpu| cpu.as_f64().unwrap() > 0.0),
+        "{report}"
+    );
     // Each pair's offers go A → B and its answers B → A: both nodes sent and received at least
     // the 2 × (100 + warm-up) messages of the run, each exactly once.
     for node in [&a, &b] {

@@ -18,6 +18,9 @@
 //! turned into `Stale` (which would close the connection with 1008):
 //!
 //! - `claim`, `resume`, `transition`: `Unavailable` (the client gets `cluster_unavailable`).
+//!   Redis may still run a script the node gave up on; for an offer that matters (the caller
+//!   would be "calling" a callee never told), so the node remembers the offer, and the same offer
+//!   sent again is taken as that one rather than refused as `already_in_call`.
 //! - `call_state`: answered from the cache; a live local binding is always in it.
 //! - `detach`: the ID is reserved locally; Redis keeps it live until its lease runs out (nobody
 //!   refreshes it), which is a reservation of about a lease.
@@ -45,6 +48,10 @@ pub struct ClusterRegistry<C> {
     redis: RedisRegistry<C>,
     /// This node's live IDs: epoch and call state.
     calls: Mutex<HashMap<ClientId, (u64, CallState)>>,
+    /// Offers Redis did not answer in time (binding → callee): the script may still have run.
+    /// The same offer sent again is then taken as that offer, not refused as a call already
+    /// going. At most one per live ID, dropped with it.
+    uncertain: Mutex<HashMap<Binding, ClientId>>,
 }
 
 impl<C> ClusterRegistry<C>
@@ -56,6 +63,7 @@ where
         Self {
             redis,
             calls: Mutex::new(HashMap::new()),
+            uncertain: Mutex::new(HashMap::new()),
         }
     }
 
@@ -81,6 +89,7 @@ where
 
     /// Forgets `binding` (its connection was kicked, or Redis says it is lost).
     pub fn forget(&self, binding: Binding) {
+        self.uncertain().remove(&binding);
         let mut calls = self.lock();
         if calls.get(&binding.id).is_some_and(|e| e.0 == binding.epoch) {
             calls.remove(&binding.id);
@@ -125,6 +134,7 @@ where
 
     /// Removes `binding`, returning its cached state.
     fn take(&self, binding: Binding) -> Option<CallState> {
+        self.uncertain().remove(&binding);
         let mut calls = self.lock();
         match calls.get(&binding.id) {
             Some(&(epoch, state)) if epoch == binding.epoch => {
@@ -145,6 +155,13 @@ where
                 }
             }
         }
+    }
+
+    /// The uncertain offers; a panic elsewhere while holding it leaves a valid map.
+    fn uncertain(&self) -> MutexGuard<'_, HashMap<Binding, ClientId>> {
+        self.uncertain
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The cache; a panic elsewhere while holding it leaves a valid map.
@@ -241,11 +258,27 @@ where
         peer: ClientId,
         t: Transition,
     ) -> Result<CallState, TransitionError> {
+        let retried = self.uncertain().remove(&binding);
         match self.redis.transition(binding, peer, t).await {
             Ok(mine) => {
                 self.set(binding, mine);
                 self.set_peer(peer, mine.mirror(binding.id));
                 Ok(mine)
+            }
+            // The offer that timed out had been applied after all: this is it, sent again.
+            Err(TransitionError::AlreadyInCall {
+                state: state @ CallState::Calling { peer: callee },
+                ..
+            }) if t == Transition::Offer && retried == Some(peer) && callee == peer => {
+                self.set(binding, state);
+                self.set_peer(peer, state.mirror(binding.id));
+                Ok(state)
+            }
+            Err(TransitionError::Unavailable) => {
+                if t == Transition::Offer {
+                    self.uncertain().insert(binding, peer);
+                }
+                Err(TransitionError::Unavailable)
             }
             Err(e) => {
                 // A refusal names the sender's true state: keep the cache honest.

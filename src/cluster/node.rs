@@ -32,8 +32,8 @@ use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::signaling::bus::{Bus, BusDelivery};
 use crate::signaling::delivery::Envelope;
-use crate::signaling::hub::Hub;
-use crate::signaling::protocol::{ClientId, DropReason, ServerKind};
+use crate::signaling::hub::{CallEvent, Hub};
+use crate::signaling::protocol::{ClientId, DropReason, EndReason, ServerKind};
 use crate::signaling::registry::Registry as _;
 use crate::signaling::router::Router;
 use crate::signaling::session::SessionHub;
@@ -48,6 +48,9 @@ pub type NodeRouter = SessionHub<NodeRegistry, NodeBus>;
 
 /// How often the orphan sweep runs, and how many IDs it takes per run.
 const ORPHAN_SWEEP: (Duration, usize) = (Duration::from_secs(2), 64);
+
+/// After the subscription comes back, when to look for held messages a second time.
+const RESUBSCRIBE_SECOND_LOOK: Duration = Duration::from_secs(2);
 
 /// Events waiting between the subscription task and the inbox.
 const INBOX_CAPACITY: usize = 1024;
@@ -225,13 +228,26 @@ async fn inbox(router: Arc<NodeRouter>, mut subscription: Subscription, mut shut
                 tracing::info!(
                     "cluster inbox subscribed again; delivering what was held meanwhile"
                 );
-                for binding in router.hub().registry().live() {
-                    for envelope in router.bus().take_held(binding.id).await {
-                        deliver_here(&router, binding.id, Some(binding.epoch), envelope).await;
-                    }
-                }
+                take_held_for_live(&router).await;
+                // A sender that found no subscriber just before this may hold its message just
+                // after: look once more, a moment later.
+                let router = router.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(RESUBSCRIBE_SECOND_LOOK).await;
+                    take_held_for_live(&router).await;
+                });
             }
             Some(BusEvent::Message(message)) => receive(&router, message).await,
+        }
+    }
+}
+
+/// Delivers what was held for this node's live IDs while its subscription was down (senders
+/// found no subscriber and held their messages).
+async fn take_held_for_live(router: &NodeRouter) {
+    for binding in router.hub().registry().live() {
+        for envelope in router.bus().take_held(binding.id).await {
+            deliver_here(router, binding.id, Some(binding.epoch), envelope).await;
         }
     }
 }
@@ -260,10 +276,43 @@ async fn receive(router: &NodeRouter, message: BusMessage) {
                     | ServerKind::CloseCallServer
             ) {
                 // Another node changed this ID's call: re-read it before the client can answer.
-                router.hub().registry().sync_call(to).await;
+                let registry = router.hub().registry();
+                let before = registry.cached(to).map(|(_, state)| state);
+                registry.sync_call(to).await;
+                let after = registry.cached(to).map(|(_, state)| state);
+                if let Some(event) = remote_call_event(to, before, after) {
+                    router.hub().observe(event, Instant::now());
+                }
             }
             deliver_here(router, to, epoch, message.into_envelope()).await;
         }
+    }
+}
+
+/// What a local client's call state change, made on another node, means for call metrics (which
+/// count each call on its caller's node: see `metrics::CallMetrics`).
+fn remote_call_event(
+    me: ClientId,
+    before: Option<CallState>,
+    after: Option<CallState>,
+) -> Option<CallEvent> {
+    match (before?, after?) {
+        (CallState::Calling { peer }, CallState::InCall { peer: now }) if peer == now => {
+            Some(CallEvent::Answered {
+                caller: me,
+                callee: peer,
+            })
+        }
+        (CallState::Calling { peer }, CallState::Idle) => Some(CallEvent::Declined {
+            caller: me,
+            callee: peer,
+        }),
+        (CallState::InCall { peer }, CallState::Idle) => Some(CallEvent::Ended {
+            by: peer,
+            peer: me,
+            reason: EndReason::Hangup,
+        }),
+        _ => None,
     }
 }
 
@@ -379,5 +428,42 @@ async fn orphans(router: Arc<NodeRouter>, mut shutdown: Shutdown) {
             let freed = Freed { id, peer: None };
             router.gone(freed, lost, Instant::now()).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The caller's node counts what its client learns from another node, once per change.
+    #[test]
+    fn a_call_change_made_elsewhere_is_one_event_for_the_callers_metrics() {
+        let (me, peer) = (ClientId::new(111_111_111), ClientId::new(222_222_222));
+        let calling = Some(CallState::Calling { peer });
+        let in_call = Some(CallState::InCall { peer });
+        let idle = Some(CallState::Idle);
+        assert_eq!(
+            remote_call_event(me, calling, in_call),
+            Some(CallEvent::Answered {
+                caller: me,
+                callee: peer
+            })
+        );
+        assert_eq!(
+            remote_call_event(me, calling, idle),
+            Some(CallEvent::Declined {
+                caller: me,
+                callee: peer
+            })
+        );
+        assert!(matches!(
+            remote_call_event(me, in_call, idle),
+            Some(CallEvent::Ended { by, peer: p, .. }) if by == peer && p == me
+        ));
+        // The callee's side (called, then in a call) and no change at all: nothing.
+        let called = Some(CallState::Called { peer });
+        assert_eq!(remote_call_event(me, called, in_call), None);
+        assert_eq!(remote_call_event(me, in_call, in_call), None);
+        assert_eq!(remote_call_event(me, None, idle), None);
     }
 }

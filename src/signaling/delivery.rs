@@ -487,4 +487,20 @@ mod tests {
         assert!(log.is_empty());
         assert_eq!(total.load(Ordering::Relaxed), 0);
     }
+
+    #[test]
+    fn unsealing_takes_out_exactly_the_number_seal_put_in() {
+        let message = ServerMessage::Pong;
+        let plain = Envelope::new(&message).seal(None).bytes;
+        let sealed = Envelope::new(&message).seal(Some(41));
+        let (back, seq) = Envelope::from_parts(sealed.kind, sealed.bytes.to_vec(), None).unsealed();
+        assert_eq!(seq, Some(41));
+        assert_eq!(back.json(), &plain[..]);
+        // No number: unchanged. A client's nested `"seq"` is never mistaken for one.
+        let (same, none) = Envelope::from_parts(sealed.kind, plain.to_vec(), None).unsealed();
+        assert_eq!((same.json(), none), (&plain[..], None));
+        let nested = br#"{"type":"ice-candidate","candidate":{"x":1,"seq":5}}"#.to_vec();
+        let (same, none) = Envelope::from_parts(sealed.kind, nested.clone(), None).unsealed();
+        assert_eq!((same.json(), none), (&nested[..], None));
+    }
 }

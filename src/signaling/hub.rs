@@ -383,7 +383,10 @@ impl<R: Registry> Hub<R> {
         self
     }
 
-    fn observe(&self, event: CallEvent, now: Instant) {
+    /// Reports a call event to the observer. The hub reports what it decides itself; a cluster
+    /// node also reports what its clients learn from another node (their call was answered,
+    /// declined or ended there), so call metrics can be counted on the caller's node only.
+    pub fn observe(&self, event: CallEvent, now: Instant) {
         if let Some(observer) = &self.observer {
             observer.call_event(event, now);
         }

@@ -530,6 +530,7 @@ mod tests {
 
     use super::*;
     use crate::signaling::connections::test_outbox::TestOutbox;
+    use crate::signaling::connections::Joining;
     use crate::signaling::registry::{ready, Location, NodeId};
 
     type TestRouter = Router<MemoryRegistry, NoBus, TestOutbox>;
@@ -564,6 +565,99 @@ mod tests {
         let outcome = ready(router.apply(Some(&mut a), effects, now));
         assert_eq!(outcome.close, None);
         assert_eq!(b_out.take().len(), 1);
+    }
+
+    /// A bus that holds everything it is given, as a cluster's held stream does for reserved IDs.
+    #[derive(Default)]
+    struct HoldingBus {
+        held: std::sync::Mutex<Vec<(ClientId, Envelope)>>,
+    }
+
+    impl Bus for HoldingBus {
+        async fn send(&self, to: ClientId, envelope: Envelope) -> BusDelivery {
+            self.held.lock().unwrap().push((to, envelope));
+            BusDelivery::Held
+        }
+
+        fn holds_reserved(&self) -> bool {
+            true
+        }
+
+        async fn take_held(&self, to: ClientId) -> Vec<Envelope> {
+            let mut held = self.held.lock().unwrap();
+            let (mine, others) = held.drain(..).partition(|(id, _)| *id == to);
+            *held = others;
+            mine.into_iter().map(|(_, envelope)| envelope).collect()
+        }
+    }
+
+    /// In a cluster, a reserved ID's messages live in one place every node's resume reads: what
+    /// its log held when it dropped moves to the bus at once, later messages go there directly,
+    /// and the resume replays them in order, leaving out what the client says it processed and
+    /// numbering on from there. (Fails if the router keeps them in the local log: the bus would
+    /// hold nothing and a resume on another node would find nothing.)
+    #[test]
+    fn in_a_cluster_a_reserved_ids_messages_move_to_the_bus_and_replay_after_last_seq() {
+        let limits = SignalingLimits::default();
+        let hub = Hub::new(MemoryRegistry::new(&limits), NodeId::local(), limits);
+        let router: Router<MemoryRegistry, HoldingBus, TestOutbox> =
+            Router::new(hub, HoldingBus::default());
+        let now = Instant::now();
+        let (a_out, b_out) = (TestOutbox::with_capacity(64), TestOutbox::with_capacity(64));
+        let mut a = ready(router.connect(a_out.clone(), None, now)).unwrap();
+        let acks = Joining {
+            address: None,
+            acks: true,
+        };
+        let b = ready(router.join(b_out.clone(), None, acks, now)).unwrap();
+        let hello: serde_json::Value = serde_json::from_str(&b_out.take()[0]).unwrap();
+        let token = hello["token"].as_str().unwrap().to_owned();
+        let frame = offer(a.id(), b.id());
+        let _ = ready(router.handle_text(&mut a, frame.as_bytes(), now));
+        let frame = format!(
+            r#"{{"type":"ice-candidate","clientId":{},"candidate":{{"candidate":"c1"}}}}"#,
+            b.id()
+        );
+        let _ = ready(router.handle_text(&mut a, frame.as_bytes(), now));
+        assert_eq!(
+            b_out.take().len(),
+            2,
+            "offer (seq 1) and candidate (seq 2) sent"
+        );
+
+        // Dropped with both unacknowledged: they move to the bus; nothing stays in the log.
+        let b_id = b.id();
+        ready(router.disconnect(b, super::super::hub::Departure::Dropped, now));
+        assert_eq!(router.connections().held_bytes(), 0);
+        assert_eq!(router.bus().held.lock().unwrap().len(), 2);
+        // A message while reserved goes to the bus too.
+        let frame = format!(
+            r#"{{"type":"ice-candidate","clientId":{b_id},"candidate":{{"candidate":"c2"}}}}"#
+        );
+        let _ = ready(router.handle_text(&mut a, frame.as_bytes(), now));
+        assert_eq!(router.bus().held.lock().unwrap().len(), 3);
+        assert_eq!(router.connections().held_bytes(), 0);
+
+        // Resumed having processed seq 1: the candidate c1 (was seq 2) and c2 follow, once each,
+        // numbered on after every number given out (here, on the node that gave out 1 and 2).
+        let c_out = TestOutbox::with_capacity(64);
+        let mut c = ready(router.join(c_out.clone(), None, acks, now)).unwrap();
+        c_out.take();
+        let resume = format!(r#"{{"type":"resume","id":{b_id},"token":"{token}","last_seq":1}}"#);
+        let outcome = ready(router.handle_text(&mut c, resume.as_bytes(), now));
+        assert_eq!(outcome.close, None);
+        let got: Vec<serde_json::Value> = c_out
+            .take()
+            .iter()
+            .map(|f| serde_json::from_str(f).unwrap())
+            .collect();
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(got[0]["type"], "id");
+        assert_eq!(got[1]["candidate"]["candidate"], "c1");
+        assert_eq!(got[1]["seq"], 3);
+        assert_eq!(got[2]["candidate"]["candidate"], "c2");
+        assert_eq!(got[2]["seq"], 4);
+        assert!(router.bus().held.lock().unwrap().is_empty());
     }
 
     fn protocol_kind() -> crate::signaling::protocol::ServerKind {

@@ -169,7 +169,9 @@ impl<R: Registry, B: Bus> Sessions<R, B> {
         let attachment = match self.hub.join(outbox, ice, joining, Instant::now()).await {
             Ok(attachment) => attachment,
             Err(e) => {
-                self.observe(SessionEvent::Limited(SessionLimit::ServerFull));
+                if e.code() == ErrorCode::ServerFull {
+                    self.observe(SessionEvent::Limited(SessionLimit::ServerFull));
+                }
                 self.observe(SessionEvent::Error(e.code()));
                 self.observe(SessionEvent::Closed(CloseReason::Refused));
                 link.out.push(OpCode::Text, &e.frame());

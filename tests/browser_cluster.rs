@@ -6,8 +6,10 @@
 //! The placement is fixed so the test always exercises the cross-node path: page 1 opens the app
 //! through HAProxy, whose `balance` is set to `first` here (every other option is the shipped
 //! file's), so it lands on node A while A lives and on node B once A is gone; page 2 opens node B
-//! directly. The JavaScript test kills node A itself (SIGKILL by the PID given here) at the moment
-//! it chooses, then checks that page 1 resumes on B with the same ID and the call goes on.
+//! directly. The JavaScript test stops node A itself (by the PID given here) at the moment it
+//! chooses — SIGKILL (death) in one test, SIGTERM (drain: /readyz 503, then WebSockets closed
+//! with 1001) in the other — then checks that page 1 resumes on B with the same ID and the call
+//! goes on.
 //!
 //! Needs `node`, `/usr/bin/chromium`, `tests/e2e/node_modules` (`npm ci --prefix tests/e2e`),
 //! `redis-server` and `haproxy`. Without them the test explains what is missing and passes,
@@ -51,8 +53,23 @@ fn missing_prerequisites(e2e: &Path) -> Vec<String> {
     missing
 }
 
+/// One cluster browser run at a time: each starts Chromium, two nodes and HAProxy.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test]
 async fn a_browser_call_across_two_nodes_survives_the_death_of_one() {
+    cluster_call("SIGKILL").await;
+}
+
+#[tokio::test]
+async fn a_browser_call_across_two_nodes_survives_a_drain_of_one() {
+    cluster_call("SIGTERM").await;
+}
+
+/// Runs `cluster_call.test.js`, which stops node A with `signal` mid-call (`SIGKILL`: death;
+/// `SIGTERM`: drain, clients told 1001 after `shutdown-drain-delay`).
+async fn cluster_call(signal: &str) {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let e2e = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests")
         .join("e2e");
@@ -81,6 +98,10 @@ async fn a_browser_call_across_two_nodes_survives_the_death_of_one() {
         // Both browsers are on this machine: the relays must reach each other on loopback.
         "--allowed-peer-ip",
         "127.0.0.1",
+        // A drained node answers /readyz 503 this long before it closes its WebSockets with
+        // 1001: HAProxy (check every 1 s, fall 2) has taken it out by then.
+        "--shutdown-drain-delay",
+        "3s",
     ];
     let a = cluster.start("node-a", &settings).await;
     let b = cluster.start("node-b", &settings).await;
@@ -114,6 +135,7 @@ async fn a_browser_call_across_two_nodes_survives_the_death_of_one() {
             format!("http://{}/metrics", b.metrics),
         )
         .env("CALLGATE_CLUSTER_CERT", &cert)
+        .env("CALLGATE_CLUSTER_STOP", signal)
         .output()
         .await
         .expect("node starts");
@@ -130,9 +152,16 @@ async fn a_browser_call_across_two_nodes_survives_the_death_of_one() {
         "the cluster browser test failed ({}); its output and the nodes' logs are above",
         output.status
     );
-    // The test did kill node A, and node B served both pages to the end.
+    // Node A is gone (killed, or drained and exited), and node B served both pages to the end.
     let mut a = a;
-    assert!(!a.is_running(), "the browser test killed node A");
+    if signal == "SIGTERM" {
+        assert_eq!(
+            a.wait_exit(std::time::Duration::from_secs(15)).await,
+            Some(0),
+            "a drained node exits 0"
+        );
+    }
+    assert!(!a.is_running(), "the browser test stopped node A");
     assert!(
         b.log_count("panicked") == 0,
         "node B panicked:\n{}",

@@ -1,5 +1,5 @@
 // A call between two Chromium pages held by two different callgate nodes (one Redis between
-// them), and the call surviving the death (SIGKILL) of one node: its page reconnects through
+// them), and the call surviving the death (SIGKILL) or the drain (SIGTERM) of one node: its page reconnects through
 // HAProxy, resumes its ID on the other node, and the media, relayed through the dead node's TURN
 // server until then, comes back through the survivor's relay after the app's ICE restart.
 //
@@ -7,7 +7,9 @@
 // redis-server, the two nodes and HAProxy and passes them here:
 //   CALLGATE_CLUSTER_LB           https://… of HAProxy (`balance first`: node A while it lives)
 //   CALLGATE_CLUSTER_NODE_B       https://… of node B itself
-//   CALLGATE_CLUSTER_NODE_A_PID   node A's process, killed here
+//   CALLGATE_CLUSTER_NODE_A_PID   node A's process, stopped here
+//   CALLGATE_CLUSTER_STOP         how: SIGKILL (death, the default) or SIGTERM (drain: /readyz 503,
+//                                 then WebSockets closed with 1001 after shutdown-drain-delay)
 //   CALLGATE_CLUSTER_METRICS_A/B  each node's /metrics
 //   CALLGATE_CLUSTER_CERT         the certificate every node serves
 // Without them (e.g. `npm test` or tests/browser.rs) the test is skipped and says why.
@@ -20,11 +22,13 @@ import {
 } from './harness.js';
 
 const env = process.env;
+const signal = env.CALLGATE_CLUSTER_STOP || 'SIGKILL';
+const how = signal === 'SIGTERM' ? 'drain' : 'death';
 const skip = env.CALLGATE_CLUSTER_LB
   ? false
   : 'needs Redis, two callgate nodes and HAProxy: run it with `cargo test --test browser_cluster`';
 
-/** The issue's bound: a killed node's clients resume elsewhere within this. */
+/** The issue's bound: a killed (or drained) node's clients resume elsewhere within this. */
 const RESUME_MS = 5000;
 /** ICE notices the dead relay, restarts and connects through the other one within this. */
 const MEDIA_BACK_MS = 30000;
@@ -69,7 +73,7 @@ function relayOf(url) {
   return /^turns?:([^?]+)/.exec(url || '')?.[1] ?? null;
 }
 
-test('a call across two nodes survives the death of one: resume through HAProxy, media through the other relay', { skip }, async (t) => {
+test(`a call across two nodes survives the ${how} of one: resume through HAProxy, media through the other relay`, { skip }, async (t) => {
   browser = await launchBrowser(spkiHashOf(env.CALLGATE_CLUSTER_CERT));
   const open = async (url, name) => {
     const p = await openPerson(browser, url, name);
@@ -122,13 +126,14 @@ test('a call across two nodes survives the death of one: resume through HAProxy,
     }, 20);
   });
 
-  // kill -9 node A.
+  // kill -9 node A, or SIGTERM it (it drains: its clients are told 1001 after the drain delay).
   const killedAt = Date.now();
-  process.kill(Number(env.CALLGATE_CLUSTER_NODE_A_PID), 'SIGKILL');
+  process.kill(Number(env.CALLGATE_CLUSTER_NODE_A_PID), signal);
   await a.page.waitForFunction(() => window.callgate.signaling !== 'open', null, { timeout: STEP_MS });
+  const offlineAt = Date.now();
   await a.page.waitForFunction(() => window.callgate.signaling === 'open', null, { timeout: STEP_MS });
-  const resumeMs = Date.now() - killedAt;
-  t.diagnostic(`page 1 was back online ${resumeMs} ms after node A was killed`);
+  const resumeMs = Date.now() - offlineAt;
+  t.diagnostic(`${signal}: page 1 lost node A ${offlineAt - killedAt} ms after the signal and was back online ${resumeMs} ms later`);
   assert.equal(await idOf(a), aId, 'page 1 resumed its ID on node B');
   assert.ok(resumeMs <= RESUME_MS, `resumed within ${RESUME_MS} ms (took ${resumeMs} ms)`);
   await waitMetric(env.CALLGATE_CLUSTER_METRICS_B, 'callgate_websocket_connections_open', (n) => n === 2, 'both pages on node B');
@@ -143,7 +148,7 @@ test('a call across two nodes survives the death of one: resume through HAProxy,
     { timeout: MEDIA_BACK_MS, every: 250, what: `page 1's media through node B's relay (${[...relaysB]})` },
   );
   await Promise.all([expectFramesFlowing(a, 20), expectFramesFlowing(b, 20)]);
-  t.diagnostic(`media through node B's relay ${Date.now() - killedAt} ms after the kill: ${JSON.stringify(through)}`);
+  t.diagnostic(`media through node B's relay ${Date.now() - offlineAt} ms after page 1 lost node A: ${JSON.stringify(through)}`);
   await screenshot(a, 'cluster-call-after-kill');
 
   assert.deepEqual(await b.page.evaluate(() => window.__states), ['incall'], 'page 2 never saw the call end');

@@ -1,8 +1,11 @@
-//! Calls, IDs and resumes across nodes: a real `redis-server`, two real `callgate` binaries and
-//! WebSocket clients speaking the seed's protocol to different nodes. Without redis-server these
-//! tests print why and pass — except under `CI=true`, where a missing tool fails them.
+//! Calls, IDs and resumes across nodes: a real `redis-server`, two real `callgate` binaries (and
+//! a real HAProxy from `ops/haproxy/haproxy.cfg`) and WebSocket clients speaking the seed's
+//! protocol to different nodes. Without redis-server (or haproxy) these tests print why and pass —
+//! except under `CI=true`, where a missing tool fails them.
 
 mod common;
+#[path = "support/haproxy.rs"]
+mod haproxy;
 #[path = "support/nodes.rs"]
 mod nodes;
 #[path = "support/redis.rs"]
@@ -14,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{connect, Event, Ws};
+use haproxy::Haproxy;
 use http_body_util::Empty;
 use nodes::{Cluster, Node};
 use redis_server::RedisServer;
@@ -614,4 +618,51 @@ async fn a_resume_on_another_node_closes_the_half_open_connection_still_holding_
         Duration::from_secs(5),
     )
     .await;
+}
+
+#[tokio::test]
+async fn through_haproxy_a_killed_nodes_client_resumes_on_the_other_within_5_s() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let cluster = Cluster::new(redis.url());
+    // Only HAProxy (connecting from 127.0.0.2) is trusted for the PROXY header.
+    let trusted = [
+        "--proxy-protocol-from",
+        "127.0.0.2",
+        "--resume-grace",
+        GRACE,
+    ];
+    let a = cluster.start("node-a", &trusted).await;
+    let b = cluster.start("node-b", &trusted).await;
+    let Some(balancer) = Haproxy::start(&[a.https, b.https], "127.0.0.2".parse().unwrap()) else {
+        return;
+    };
+    // leastconn spreads the two clients over the two nodes.
+    let mut caller = Client::join(&cluster, balancer.addr).await;
+    let mut callee = Client::join(&cluster, balancer.addr).await;
+    let (caller_node, callee_node) = (
+        id_field(&redis, caller.id, "node").unwrap(),
+        id_field(&redis, callee.id, "node").unwrap(),
+    );
+    assert_ne!(caller_node, callee_node, "leastconn put both on one node");
+    call(&mut caller, &mut callee).await;
+
+    let (mut victim, _survivor) = if callee_node == "node-a" {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    victim.kill();
+    let killed = Instant::now();
+    caller.candidate(callee.id, 1).await;
+    // The web app reconnects through the balancer at once (HAProxy retries a dead node's
+    // connection on the other, `option redispatch`) and resumes.
+    callee.resume_at(&cluster, balancer.addr).await;
+    let took = killed.elapsed();
+    assert!(took < Duration::from_secs(5), "resumed after {took:?}");
+    assert_eq!(id_field(&redis, callee.id, "node"), Some(caller_node));
+    assert_eq!(candidate_number(&callee.recv().await), 1);
+    callee.candidate(caller.id, 2).await;
+    assert_eq!(candidate_number(&caller.recv().await), 2);
 }

@@ -150,3 +150,51 @@ async fn refuses_targets_that_are_not_loopback() {
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("not a loopback address"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_spreads_pairs_over_several_targets() {
+    let first = TestServer::start(generous).await;
+    let second = TestServer::start(generous).await;
+    // One trust file for both servers' certificates, as for a cluster's nodes.
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("both.pem");
+    let mut pem = std::fs::read(&first.cert_path).unwrap();
+    pem.extend(std::fs::read(&second.cert_path).unwrap());
+    std::fs::write(&ca, pem).unwrap();
+    let targets = format!("{},{}", first.addrs.https, second.addrs.https);
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_callgate-load"))
+        .args(["--target", &targets, "--ca"])
+        .arg(&ca)
+        .args(["--server-pid", &std::process::id().to_string()])
+        // Two independent servers, not a cluster: each pair must stay on its node.
+        .args(["relay", "--pairs", "4", "--placement", "local"])
+        .args(["--duration", "1", "--warmup", "0.2"])
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(std::time::Duration::from_secs(60), output)
+        .await
+        .expect("callgate-load finishes within 60 s")
+        .expect("callgate-load runs");
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        output.status.success(),
+        "{}\n{stdout}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(report["nodes"], 2, "{report}");
+    assert_eq!(report["placement"], "local", "{report}");
+    assert_eq!(report["errors"], 0, "{report}");
+    assert!(report["round_trips"].as_u64().unwrap() > 0, "{report}");
+    // Pairs took the servers in turn: each set up two of the four calls.
+    for server in [&first, &second] {
+        let text = String::from_utf8(common::scrape(server, None).await.body.to_vec()).unwrap();
+        assert_eq!(
+            common::sample(&text, "callgate_calls_attempted_total"),
+            Some(2.0),
+            "{text}"
+        );
+    }
+    first.stop().await;
+    second.stop().await;
+}

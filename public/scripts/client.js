@@ -126,7 +126,7 @@ function onSignalingState(state) {
   updateCallButton();
 }
 
-function onId({ id, previousId, resumed }) {
+function onId({ id, previousId, resumed, iceServers }) {
   $('my-id').textContent = formatId(id);
   $('my-id').dataset.id = String(id);
   $('my-link').value = `${location.origin}/?call=${id}`;
@@ -135,6 +135,7 @@ function onId({ id, previousId, resumed }) {
   updateCallButton();
   if (resumed) {
     toast('Reconnected.');
+    adoptIceServers(iceServers);
   } else if (previousId != null) {
     // The server forgot us (restart, or we were away too long): a new ID, and any call setup
     // that was waiting on the old one is gone.
@@ -153,6 +154,27 @@ function onId({ id, previousId, resumed }) {
     if (callee !== id) startCall(callee);
     else showHomeMessage('That link is your own. Send it to someone else so they can call you.');
   }
+}
+
+/**
+ * After a resume the server may be another node of a cluster, with its own TURN relay. The call
+ * takes the ICE servers the resume brought (fresh credentials in any case), and when the relay
+ * changed it restarts ICE at once: an allocation on the node we lost (killed, or draining) will
+ * carry no more media, and waiting for ICE to notice costs seconds of frozen video.
+ */
+function adoptIceServers(iceServers) {
+  const call = app.call;
+  if (!call || call.closed || !Array.isArray(iceServers)) return;
+  const urlsOf = (servers) => JSON.stringify((servers || []).flatMap((s) => [].concat(s.urls || [])).sort());
+  const config = call.pc.getConfiguration();
+  const moved = urlsOf(config.iceServers) !== urlsOf(iceServers);
+  try {
+    call.pc.setConfiguration({ ...config, iceServers });
+  } catch (err) {
+    console.warn('could not update the ICE servers', err);
+    return;
+  }
+  if (moved) call.restartIce();
 }
 
 function updateCallButton() {

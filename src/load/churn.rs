@@ -36,7 +36,7 @@ pub struct ChurnArgs {
 const CYCLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn run(
-    target: &Arc<Target>,
+    targets: &[Arc<Target>],
     common: &TargetArgs,
     args: ChurnArgs,
 ) -> Result<Report, Error> {
@@ -45,10 +45,7 @@ pub async fn run(
         return Err("--rate must be more than 0 and at most 10000".into());
     }
     super::check_fd_limit(args.max_in_flight * 2);
-    let before = common
-        .server_pid
-        .map(|pid| stats::sample(Some(pid)))
-        .transpose()?;
+    let before = stats::sample_servers(&common.server_pid)?;
     let room = Arc::new(Semaphore::new(args.max_in_flight.max(1)));
     let start = Instant::now() + Duration::from_millis(20);
     let interval = Duration::from_secs_f64(1.0 / args.rate);
@@ -61,13 +58,16 @@ pub async fn run(
             break;
         }
         tokio::time::sleep_until(at).await;
-        let target = target.clone();
+        // Several nodes: each cycle's caller on one, its callee on the next.
+        let n = scheduled as usize;
+        let caller = targets[n % targets.len()].clone();
+        let callee = targets[(n + 1) % targets.len()].clone();
         let permit = room.clone().try_acquire_owned();
         cycles.spawn(async move {
             let Ok(_permit) = permit else {
                 return Err(Error::from("too many cycles in flight"));
             };
-            match tokio::time::timeout(CYCLE_TIMEOUT, cycle(&target)).await {
+            match tokio::time::timeout(CYCLE_TIMEOUT, cycle(&caller, &callee)).await {
                 Ok(Ok(())) => Ok(at.elapsed()),
                 Ok(Err(e)) => Err(e),
                 Err(_) => Err("cycle took over 10 s".into()),
@@ -95,10 +95,7 @@ pub async fn run(
         }
     }
     let elapsed = start.elapsed();
-    let after = common
-        .server_pid
-        .map(|pid| stats::sample(Some(pid)))
-        .transpose()?;
+    let after = stats::sample_servers(&common.server_pid)?;
 
     let seconds = duration.as_secs_f64();
     let latency = tally.latencies.summary();
@@ -184,8 +181,8 @@ impl Tally {
 }
 
 /// One user session: connect both, call, accept, hang up, leave.
-async fn cycle(target: &Target) -> Result<(), Error> {
-    let ((mut a, a_id), (mut b, b_id)) = tokio::try_join!(target.join(), target.join())?;
+async fn cycle(caller: &Target, callee: &Target) -> Result<(), Error> {
+    let ((mut a, a_id), (mut b, b_id)) = tokio::try_join!(caller.join(), callee.join())?;
     let offer = client::session_description("offer", 0, 1024);
     let request = format!(
         r#"{{"type":"video-offer-request","id":{a_id},"calleeId":{b_id},"offer":{offer}}}"#

@@ -46,9 +46,20 @@ pub struct Target {
 }
 
 impl Target {
-    /// Checks the arguments (loopback only) and builds the TLS client.
-    pub fn new(args: &TargetArgs) -> Result<Arc<Target>, Error> {
-        let addr = super::loopback_addr(&args.target)?;
+    /// One [`Target`] per `--target` (at least one), in the order given.
+    pub fn all(args: &TargetArgs) -> Result<Vec<Arc<Target>>, Error> {
+        if args.target.is_empty() {
+            return Err("--target: give at least one address".into());
+        }
+        args.target
+            .iter()
+            .map(|target| Target::new(args, target))
+            .collect()
+    }
+
+    /// Checks `target` (loopback only) and builds the TLS client for it.
+    pub fn new(args: &TargetArgs, target: &str) -> Result<Arc<Target>, Error> {
+        let addr = super::loopback_addr(target)?;
         let server_name = ServerName::try_from(args.server_name.clone())
             .map_err(|e| format!("--server-name {}: {e}", args.server_name))?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());

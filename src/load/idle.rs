@@ -42,7 +42,7 @@ pub struct IdleArgs {
 }
 
 pub async fn run(
-    target: &Arc<Target>,
+    targets: &[Arc<Target>],
     common: &TargetArgs,
     args: IdleArgs,
 ) -> Result<Report, Error> {
@@ -52,8 +52,8 @@ pub async fn run(
     let hold = super::bounded("hold", args.hold)?;
     let settle = super::bounded("settle", args.settle)?;
     super::check_fd_limit(args.connections + 1);
-    let pid = common.server_pid;
-    let before = pid.map(|pid| stats::sample(Some(pid))).transpose()?;
+    let pids = &common.server_pid;
+    let before = stats::sample_servers(pids)?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let gate = Arc::new(Semaphore::new(args.concurrency.max(1)));
@@ -62,8 +62,9 @@ pub async fn run(
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<Result<(), Error>>(1024);
     let started = Instant::now();
     let mut holders = tokio::task::JoinSet::new();
-    for _ in 0..args.connections {
-        let target = target.clone();
+    for n in 0..args.connections {
+        // Several nodes: connections take them in turn.
+        let target = targets[n % targets.len()].clone();
         let gate = gate.clone();
         let ready = ready_tx.clone();
         let mut stop = stop_rx.clone();
@@ -120,13 +121,13 @@ pub async fn run(
     let open = connected.load(Ordering::Relaxed);
 
     tokio::time::sleep(settle).await;
-    let loaded = pid.map(|pid| stats::sample(Some(pid))).transpose()?;
+    let loaded = stats::sample_servers(pids)?;
 
     // Hold, probing latency on one more connection.
     let hold_end = Instant::now() + hold;
     let mut probe = Latencies::default();
     let mut probe_errors = 0u64;
-    match target.join().await {
+    match targets[0].join().await {
         Ok((mut ws, _)) => {
             while Instant::now() < hold_end {
                 let sent = Instant::now();
@@ -164,7 +165,7 @@ pub async fn run(
         }
     }
     tokio::time::sleep_until(hold_end).await;
-    let held = pid.map(|pid| stats::sample(Some(pid))).transpose()?;
+    let held = stats::sample_servers(pids)?;
     let dropped_during_hold = dropped.load(Ordering::Relaxed);
     let _ = stop_tx.send(true);
     let closing = Instant::now();

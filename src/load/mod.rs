@@ -43,9 +43,17 @@ struct Cli {
 /// Where the gateway is and how to trust it; shared by every scenario.
 #[derive(Debug, Args)]
 pub struct TargetArgs {
-    /// The gateway's HTTPS address; must be a loopback address.
-    #[arg(long, global = true, default_value = "127.0.0.1:8443")]
-    pub target: String,
+    /// The gateway's HTTPS address; must be a loopback address. Repeat it (or give a comma list)
+    /// to spread the load over several nodes of a cluster: `relay` puts each pair's two sides on
+    /// different nodes (`--placement cross`) or both on one (`local`), `idle` and `churn` take the
+    /// nodes in turn.
+    #[arg(
+        long,
+        global = true,
+        default_value = "127.0.0.1:8443",
+        value_delimiter = ','
+    )]
+    pub target: Vec<String>,
     /// TLS server name (SNI) and Host header.
     #[arg(long, global = true, default_value = "localhost")]
     pub server_name: String,
@@ -62,9 +70,10 @@ pub struct TargetArgs {
     /// so ephemeral ports and the server's per-IP limits are shared out.
     #[arg(long, global = true, default_value_t = 16)]
     pub sources: u8,
-    /// The server's process ID: report its CPU time per forwarded message and its RSS.
-    #[arg(long, global = true, value_name = "PID")]
-    pub server_pid: Option<u32>,
+    /// The server's process ID: report its CPU time per forwarded message and its RSS. Repeat it
+    /// (or give a comma list) for a cluster: the nodes' (and Redis's, if given) CPU is summed.
+    #[arg(long, global = true, value_name = "PID", value_delimiter = ',')]
+    pub server_pid: Vec<u32>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -93,11 +102,11 @@ pub fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async move {
-        let target = client::Target::new(&cli.target)?;
+        let targets = client::Target::all(&cli.target)?;
         match cli.scenario {
-            Scenario::Relay(args) => relay::run(&target, &cli.target, args).await,
-            Scenario::Idle(args) => idle::run(&target, &cli.target, args).await,
-            Scenario::Churn(args) => churn::run(&target, &cli.target, args).await,
+            Scenario::Relay(args) => relay::run(&targets, &cli.target, args).await,
+            Scenario::Idle(args) => idle::run(&targets, &cli.target, args).await,
+            Scenario::Churn(args) => churn::run(&targets, &cli.target, args).await,
         }
     });
     match result {

@@ -17,6 +17,12 @@
 //!
 //! Only round trips scheduled inside the measured window (after `--warmup`) count. The server's
 //! CPU time and RSS (`--server-pid`) are read at the window's start and end.
+//!
+//! With several `--target`s (the nodes of a cluster), pair `i`'s caller connects to node
+//! `i mod N`; its callee to node `i + 1 mod N` (`--placement cross`: every forwarded message
+//! crosses between nodes) or to the same node (`--placement local`: the cluster's cost for calls
+//! that stay on one node). Several `--server-pid`s are summed, so CPU per forwarded message is
+//! the whole cluster's (give Redis's PID too to count it).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,6 +59,37 @@ pub struct RelayArgs {
     /// Connections being set up at once.
     #[arg(long, default_value_t = 64)]
     connect_concurrency: usize,
+    /// With several `--target`s: put each pair's two sides on different nodes (`cross`) or on
+    /// the same node (`local`); pairs take the nodes in turn either way.
+    #[arg(long, value_enum, default_value_t = Placement::Cross)]
+    placement: Placement,
+}
+
+/// Where a pair's two sides connect when there are several targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Placement {
+    /// Caller on node `i`, callee on node `i + 1`: every message crosses between nodes.
+    Cross,
+    /// Both sides of pair `i` on node `i`: no message leaves its node.
+    Local,
+}
+
+impl Placement {
+    /// The (caller, callee) target indexes of pair `index` among `nodes` targets.
+    fn nodes(self, index: usize, nodes: usize) -> (usize, usize) {
+        let caller = index % nodes;
+        match self {
+            Placement::Cross => (caller, (index + 1) % nodes),
+            Placement::Local => (caller, caller),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Placement::Cross => "cross",
+            Placement::Local => "local",
+        }
+    }
 }
 
 /// How long an answer may take before the round trip counts as lost (and the pair stops).
@@ -135,7 +172,7 @@ impl Templates {
 }
 
 pub async fn run(
-    target: &Arc<Target>,
+    targets: &[Arc<Target>],
     common: &TargetArgs,
     args: RelayArgs,
 ) -> Result<Report, Error> {
@@ -162,13 +199,15 @@ pub async fn run(
     let setup_started = std::time::Instant::now();
     let gate = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
     let mut setups = tokio::task::JoinSet::new();
-    for _ in 0..args.pairs {
-        let target = target.clone();
+    for index in 0..args.pairs {
+        let (caller, callee) = args.placement.nodes(index, targets.len());
+        let (caller, callee) = (targets[caller].clone(), targets[callee].clone());
         let gate = gate.clone();
         let sdp_bytes = args.sdp_bytes;
         setups.spawn(async move {
             let _permit = gate.acquire_owned().await.expect("never closed");
-            tokio::time::timeout(Duration::from_secs(30), set_up_call(&target, sdp_bytes))
+            let set_up = set_up_call(&caller, &callee, sdp_bytes);
+            tokio::time::timeout(Duration::from_secs(30), set_up)
                 .await
                 .map_err(|_| Error::from("call set-up took over 30 s"))?
         });
@@ -221,18 +260,36 @@ pub async fn run(
     let pacer_thread = pacer.map(|pacer| pacer.spawn(window.end, ticks));
 
     // The server's use over exactly the measured window.
-    let pid = common.server_pid;
+    let pids = common.server_pid.clone();
     let sampler = tokio::spawn(async move {
-        let Some(pid) = pid else { return Ok(None) };
+        if pids.is_empty() {
+            return Ok(None);
+        }
+        let each = |pids: &[u32]| {
+            pids.iter()
+                .map(|&pid| stats::sample(Some(pid)))
+                .collect::<Result<Vec<_>, _>>()
+        };
         tokio::time::sleep_until(window.measure).await;
-        let before = stats::sample(Some(pid))?;
+        let before = each(&pids)?;
         let own_before = stats::sample(None)?;
         tokio::time::sleep_until(window.end).await;
-        let after = stats::sample(Some(pid))?;
+        let after = each(&pids)?;
         let own_after = stats::sample(None)?;
+        // Each process's share (a cluster: which node, and Redis), in the order given.
+        let per_pid: Vec<f64> = before
+            .iter()
+            .zip(&after)
+            .map(|(b, a)| stats::round3(a.cpu.saturating_sub(b.cpu).as_secs_f64()))
+            .collect();
+        let (before, after) = (
+            stats::total(&before).expect("a PID"),
+            stats::total(&after).expect("a PID"),
+        );
         Ok::<_, Error>(Some((
             ServerUse::between(before, after),
             own_after.cpu.saturating_sub(own_before.cpu),
+            per_pid,
         )))
     });
 
@@ -276,11 +333,16 @@ pub async fn run(
         "closed"
     };
     let mut human = format!(
-        "relay ({mode} loop): {} pairs, {} B SDP, {:.1} s measured after {:.1} s warm-up (set-up {:.2} s)\n\
+        "relay ({mode} loop): {} pairs{}, {} B SDP, {:.1} s measured after {:.1} s warm-up (set-up {:.2} s)\n\
          round trips: {} ({:.0}/s{}), forwarded messages {:.0}/s\n\
          latency (offer sent{} → answer received): {}\n\
          errors: {}, lost: {}",
         args.pairs,
+        if targets.len() > 1 {
+            format!(" over {} nodes ({})", targets.len(), args.placement.name())
+        } else {
+            String::new()
+        },
         args.sdp_bytes,
         seconds,
         warmup.as_secs_f64(),
@@ -304,7 +366,7 @@ pub async fn run(
             lag.line()
         ));
     }
-    let server = usage.map(|(server, own_cpu)| {
+    let server = usage.map(|(server, own_cpu, per_pid)| {
         let per_message = if messages > 0 {
             server.cpu.as_secs_f64() * 1e6 / messages as f64
         } else {
@@ -320,7 +382,17 @@ pub async fn run(
             server.rss_after_kib,
             own_cpu.as_secs_f64(),
         ));
+        if per_pid.len() > 1 {
+            let shares: Vec<String> = common
+                .server_pid
+                .iter()
+                .zip(&per_pid)
+                .map(|(pid, cpu)| format!("{pid}: {cpu:.2} s"))
+                .collect();
+            human.push_str(&format!("\nCPU per PID: {}", shares.join(", ")));
+        }
         json!({
+            "cpu_s_per_pid": per_pid,
             "cpu_s": stats::round3(server.cpu.as_secs_f64()),
             "system_cpu_s": stats::round3(server.system.as_secs_f64()),
             "cpu_us_per_message": stats::round3(per_message),
@@ -332,6 +404,8 @@ pub async fn run(
         "scenario": "relay",
         "mode": mode,
         "pairs": args.pairs,
+        "nodes": targets.len(),
+        "placement": args.placement.name(),
         "sdp_bytes": args.sdp_bytes,
         "duration_s": seconds,
         "warmup_s": warmup.as_secs_f64(),
@@ -353,13 +427,14 @@ pub async fn run(
     })
 }
 
-/// Connects A and B and puts them in a call: (A, B, A's ID, B's ID).
+/// Connects A (to `caller`) and B (to `callee`) and puts them in a call: (A, B, A's ID, B's ID).
 async fn set_up_call(
-    target: &Target,
+    caller: &Target,
+    callee: &Target,
     sdp_bytes: usize,
 ) -> Result<(Socket, Socket, u64, u64), Error> {
-    let (mut a, a_id) = target.join().await?;
-    let (mut b, b_id) = target.join().await?;
+    let (mut a, a_id) = caller.join().await?;
+    let (mut b, b_id) = callee.join().await?;
     let offer = client::session_description("offer", 0, sdp_bytes);
     let request = format!(
         r#"{{"type":"video-offer-request","id":{a_id},"calleeId":{b_id},"offer":{offer}}}"#
@@ -617,4 +692,19 @@ async fn open_loop(
     }
     result.lost += expected.saturating_sub(received);
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Placement;
+
+    #[test]
+    fn cross_placement_puts_every_pair_across_two_nodes_and_local_on_one() {
+        let cross: Vec<_> = (0..4).map(|i| Placement::Cross.nodes(i, 2)).collect();
+        assert_eq!(cross, [(0, 1), (1, 0), (0, 1), (1, 0)]);
+        let local: Vec<_> = (0..4).map(|i| Placement::Local.nodes(i, 2)).collect();
+        assert_eq!(local, [(0, 0), (1, 1), (0, 0), (1, 1)]);
+        // One target: both placements are that one node.
+        assert_eq!(Placement::Cross.nodes(3, 1), (0, 0));
+    }
 }

@@ -136,6 +136,25 @@ pub fn sample(pid: Option<u32>) -> Result<ProcSample, super::Error> {
     })
 }
 
+/// The summed use of every process in `pids` (a cluster's nodes, and Redis if given); `None`
+/// when no PID was given.
+pub fn sample_servers(pids: &[u32]) -> Result<Option<ProcSample>, super::Error> {
+    let each = pids
+        .iter()
+        .map(|&pid| sample(Some(pid)))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(total(&each))
+}
+
+/// The sum of several readings (CPU, kernel CPU and RSS); `None` for none.
+pub fn total(samples: &[ProcSample]) -> Option<ProcSample> {
+    samples.iter().copied().reduce(|sum, one| ProcSample {
+        cpu: sum.cpu + one.cpu,
+        system: sum.system + one.system,
+        rss_kib: sum.rss_kib + one.rss_kib,
+    })
+}
+
 /// `sysconf(_SC_CLK_TCK)`, read from the auxiliary vector (`AT_CLKTCK`) so no libc binding is
 /// needed; 100 if it cannot be read.
 fn clock_ticks_per_second() -> u64 {
@@ -188,6 +207,16 @@ mod tests {
         assert_eq!(s.p99_ms, 0.99);
         assert_eq!(s.p999_ms, 0.999);
         assert_eq!(s.max_ms, 1.0);
+    }
+
+    #[test]
+    fn several_servers_add_up_and_none_is_none() {
+        let me = std::process::id();
+        assert!(sample_servers(&[]).unwrap().is_none());
+        let one = sample(Some(me)).unwrap();
+        let two = sample_servers(&[me, me]).unwrap().unwrap();
+        assert!(two.cpu >= one.cpu * 2);
+        assert!(two.rss_kib >= one.rss_kib);
     }
 
     #[test]

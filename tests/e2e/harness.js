@@ -116,6 +116,13 @@ export class Callgate {
   }
 }
 
+/** base64 SHA-256 of a PEM certificate's public key (e.g. a test cluster's shared certificate). */
+export function spkiHashOf(certPath) {
+  const cert = new X509Certificate(readFileSync(certPath));
+  const spki = cert.publicKey.export({ type: 'spki', format: 'der' });
+  return createHash('sha256').update(spki).digest('base64');
+}
+
 /**
  * A TCP proxy in front of callgate. `cut()` destroys every open connection at once (TCP RST, no
  * WebSocket close frame), which is what a dropped Wi-Fi looks like to both ends.

@@ -29,6 +29,18 @@ pub struct Haproxy {
 impl Haproxy {
     /// Starts haproxy in front of `nodes` (their HTTPS addresses), connecting from `source`.
     pub fn start(nodes: &[SocketAddr], source: IpAddr) -> Option<Haproxy> {
+        Self::start_balanced(nodes, source, None)
+    }
+
+    /// Like [`Haproxy::start`], with the backend's `balance` algorithm replaced when `balance` is
+    /// given: `Some("first")` sends every connection to the first live node, so a test knows
+    /// where a client lands (and where it lands once that node is gone) without counting the
+    /// browser's connections. Every other option of the shipped file stays.
+    pub fn start_balanced(
+        nodes: &[SocketAddr],
+        source: IpAddr,
+        balance: Option<&str>,
+    ) -> Option<Haproxy> {
         if !tool_present() {
             return None;
         }
@@ -42,7 +54,20 @@ impl Haproxy {
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("ops/haproxy/haproxy.cfg"),
         )
         .unwrap();
-        let config = for_test(&template, addr, nodes, source);
+        let mut config = for_test(&template, addr, nodes, source);
+        if let Some(algorithm) = balance {
+            config = config
+                .lines()
+                .map(|line| match line.split_whitespace().next() {
+                    Some("balance") => format!("    balance {algorithm}\n"),
+                    _ => format!("{line}\n"),
+                })
+                .collect();
+            assert!(
+                config.contains(&format!("balance {algorithm}")),
+                "the template has no balance line"
+            );
+        }
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("haproxy.cfg");
         std::fs::write(&path, &config).unwrap();

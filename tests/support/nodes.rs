@@ -285,6 +285,11 @@ impl Node {
         Some(fetched.status.as_u16())
     }
 
+    /// Its process ID, while it runs (e.g. for a browser test that kills it itself).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// SIGKILL: the node dies without a word (no draining, no leaving).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

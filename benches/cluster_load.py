@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""callgate-load across a cluster, interleaved (docs/PERFORMANCE.md, "Across nodes"): a single node
+without Redis vs two nodes sharing one redis-server, with every pair across the nodes (cross) and
+within them (local); open loop, PAIRS pairs at RATE round trips/s; prints each run and the medians,
+with each process's CPU per forwarded message and the Redis commands of each run.
+
+Usage: cargo build --release --bin callgate --bin callgate-load
+       python3 benches/cluster_load.py [ROUNDS=3] [PAIRS=500] [RATE=5000]
+Needs redis-server and redis-cli; binds only 127.0.0.1 ports the OS picks, and kills what it starts.
+"""
+import json, os, resource, socket, statistics, subprocess, sys, tempfile, threading, time
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = f'{ROOT}/target/release/callgate'
+LOAD = f'{ROOT}/target/release/callgate-load'
+ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+PAIRS, RATE, DUR, WARM = (sys.argv[2] if len(sys.argv) > 2 else '500'), (sys.argv[3] if len(sys.argv) > 3 else '5000'), '10', '2'
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(20000, hard), hard))
+def free():
+    s = socket.socket(); s.bind(('127.0.0.1', 0)); p = s.getsockname()[1]; s.close(); return p
+tmp = tempfile.mkdtemp(prefix='xbrowser-perf-')
+certs = f'{tmp}/certs'
+procs = []
+def node(extra):
+    port = free()
+    args = [BIN, '--https-listen', f'127.0.0.1:{port}', '--http-listen', 'off', '--metrics-listen', 'off',
+            '--listening-ip', '127.0.0.1', '--listening-port', '0', '--tls-listening-port', 'off',
+            '--log-format', 'json', '--log-level', 'info', '--max-connections', '19500',
+            '--connections-per-ip', '100000', '--ws-upgrades-per-second', '100000',
+            '--ws-connections-per-ip', '100000', '--ws-messages-per-second', '100000',
+            '--ws-message-burst', '100000', '--ws-calls-per-minute', '100000',
+            '--certs-dir', certs, '--public-dir', f'{ROOT}/public'] + extra
+    p = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    procs.append(p)
+    ready = threading.Event()
+    def drain():
+        for line in p.stderr:
+            if 'callgate ready' in line: ready.set()
+            elif '"WARN"' in line or '"ERROR"' in line: sys.stderr.write(line)
+    threading.Thread(target=drain, daemon=True).start()
+    assert ready.wait(30), 'node not ready'
+    return port, p.pid
+try:
+    rport = free()
+    redis = subprocess.Popen(['redis-server', '--port', str(rport), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    procs.append(redis)
+    time.sleep(0.5)
+    single = node([])
+    cl = ['--redis-url', f'redis://127.0.0.1:{rport}', '--static-auth-secret', 'perf-secret-0123456789abcdef', '--turn-host', '127.0.0.1']
+    a = node(cl + ['--node-id', 'perf-a'])
+    b = node(cl + ['--node-id', 'perf-b'])
+    time.sleep(2)
+    kinds = {
+        'single': ([f'127.0.0.1:{single[0]}'], [single[1]], []),
+        'cross': ([f'127.0.0.1:{a[0]}', f'127.0.0.1:{b[0]}'], [a[1], b[1], redis.pid], ['--placement', 'cross']),
+        'local': ([f'127.0.0.1:{a[0]}', f'127.0.0.1:{b[0]}'], [a[1], b[1], redis.pid], ['--placement', 'local']),
+    }
+    results = {k: [] for k in kinds}
+    def cmdstats():
+        out = subprocess.run(['redis-cli', '-p', str(rport), 'info', 'commandstats'], capture_output=True, text=True).stdout
+        stats = {}
+        for line in out.splitlines():
+            if line.startswith('cmdstat_'):
+                name, rest = line.split(':', 1)
+                stats[name[8:]] = int(rest.split('calls=')[1].split(',')[0])
+        return stats
+    for r in range(ROUNDS):
+        order = list(kinds) if r % 2 == 0 else list(reversed(kinds))
+        for k in order:
+            targets, pids, extra = kinds[k]
+            cmd = [LOAD, '--target', ','.join(targets), '--ca', f'{certs}/cert.pem', '--server-pid', ','.join(map(str, pids)),
+                   'relay', '--pairs', PAIRS, '--rate', RATE, '--duration', DUR, '--warmup', WARM] + extra
+            before = cmdstats()
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            after = cmdstats()
+            diff = {c: after[c] - before.get(c, 0) for c in after if after[c] - before.get(c, 0) > 0}
+            if not out.stdout.strip():
+                print(k, 'FAILED', out.stderr[-2000:]); continue
+            j = json.loads(out.stdout)
+            j['redis_calls'] = diff
+            results[k].append(j)
+            s = j['server']
+            print(f"round {r} {k}: rt/s {j['round_trips_per_s']:.0f} p50 {j['latency']['p50_ms']} p99 {j['latency']['p99_ms']} p99.9 {j['latency']['p999_ms']} "
+                  f"max {j['latency']['max_ms']} errors {j['errors']} lost {j['lost']} cpu/msg {s['cpu_us_per_message']} per-pid {s['cpu_s_per_pid']} "
+                  f"lag p99 {j['send_lag']['p99_ms'] if j.get('send_lag') else None} redis {diff} (messages {j['round_trips']*2})", flush=True)
+    print('--- medians')
+    for k, rs in results.items():
+        if not rs: continue
+        med = lambda f: statistics.median(f(x) for x in rs)
+        msgs = lambda x: x['round_trips'] * 2
+        print(f"{k}: n={len(rs)} p50 {med(lambda x: x['latency']['p50_ms'])} p99 {med(lambda x: x['latency']['p99_ms'])} "
+              f"p99.9 {med(lambda x: x['latency']['p999_ms'])} cpu/msg {med(lambda x: x['server']['cpu_us_per_message']):.1f} us "
+              + ' '.join(f"pid{i} {med(lambda x, i=i: x['server']['cpu_s_per_pid'][i] * 1e6 / msgs(x)):.1f}us" for i in range(len(rs[0]['server']['cpu_s_per_pid'])))
+              + f" errors {sum(x['errors'] for x in rs)} lost {sum(x['lost'] for x in rs)}")
+finally:
+    for p in procs:
+        p.kill(); p.wait()
+    subprocess.run(['rm', '-rf', tmp])

@@ -16,10 +16,8 @@ mod redis_server;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::Bytes;
 use common::{connect, Ws};
 use haproxy::Haproxy;
-use http_body_util::Empty;
 use nodes::Cluster;
 use redis::Commands;
 use redis_server::RedisServer;
@@ -43,21 +41,10 @@ async fn join(cluster: &Cluster, addr: SocketAddr) -> (Ws, u64) {
 /// Opens `wss://localhost/socket` at `addr`, reading nothing.
 async fn open_socket(cluster: &Cluster, addr: SocketAddr) -> Ws {
     let tls = connect(&cluster.tls(), addr).await.expect("TLS connects");
-    let req = hyper::Request::get("/socket")
-        .header("host", format!("localhost:{}", addr.port()))
-        .header("upgrade", "websocket")
-        .header("connection", "upgrade")
-        .header(
-            "sec-websocket-key",
-            fastwebsockets::handshake::generate_key(),
-        )
-        .header("sec-websocket-version", "13")
-        .body(Empty::<Bytes>::new())
-        .unwrap();
-    let (ws, _) = fastwebsockets::handshake::client(&common::SpawnExecutor, req, tls)
+    let host = format!("localhost:{}", addr.port());
+    Ws::upgrade(tls, &host, "/socket", None)
         .await
-        .expect("WebSocket upgrade");
-    Ws { ws }
+        .expect("WebSocket upgrade")
 }
 
 /// A calls B and B accepts.

@@ -15,10 +15,8 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use common::{connect, Event, Ws};
 use haproxy::Haproxy;
-use http_body_util::Empty;
 use nodes::{Cluster, Node};
 use redis_server::RedisServer;
 use serde_json::Value;
@@ -162,21 +160,10 @@ fn candidate_number(message: &Value) -> u32 {
 /// Opens `wss://localhost{path}` at `addr` (a node or the balancer), reading nothing.
 async fn open_at(cluster: &Cluster, addr: SocketAddr, path: &str) -> Ws {
     let tls = connect(&cluster.tls(), addr).await.expect("TLS connects");
-    let req = hyper::Request::get(path)
-        .header("host", format!("localhost:{}", addr.port()))
-        .header("upgrade", "websocket")
-        .header("connection", "upgrade")
-        .header(
-            "sec-websocket-key",
-            fastwebsockets::handshake::generate_key(),
-        )
-        .header("sec-websocket-version", "13")
-        .body(Empty::<Bytes>::new())
-        .unwrap();
-    let (ws, _) = fastwebsockets::handshake::client(&common::SpawnExecutor, req, tls)
+    let host = format!("localhost:{}", addr.port());
+    Ws::upgrade(tls, &host, path, None)
         .await
-        .expect("WebSocket upgrade");
-    Ws { ws }
+        .expect("WebSocket upgrade")
 }
 
 /// Two nodes on one fresh Redis.

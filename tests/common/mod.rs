@@ -301,8 +301,22 @@ impl Ws {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        let host = format!("localhost:{}", server.addrs.https.port());
+        Ws::upgrade(stream, &host, path, origin).await
+    }
+
+    /// Upgrades an established stream to a WebSocket at `path`, naming `host` (`host:port`).
+    pub async fn upgrade<S>(
+        stream: S,
+        host: &str,
+        path: &str,
+        origin: Option<&str>,
+    ) -> Result<Ws, UpgradeRefused>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let mut req = Request::get(path)
-            .header("host", format!("localhost:{}", server.addrs.https.port()))
+            .header("host", host)
             .header("upgrade", "websocket")
             .header("connection", "upgrade")
             .header(

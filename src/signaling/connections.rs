@@ -128,6 +128,28 @@ pub struct TakenOver<O> {
     pub overflowed: bool,
 }
 
+/// What [`Connections::finish_takeover`] did with a deferred resume's backlog.
+#[derive(Debug, Default)]
+pub struct Finished {
+    /// What became of each message (replayed, then those that arrived while deferred), with
+    /// who caused it: a drop must be reported to its sender.
+    pub results: Vec<(Option<Origin>, Delivery)>,
+    /// The connection could not take it all and is detached (reserved): the registry must learn.
+    pub detached: Option<Binding>,
+    /// Messages for an entry that is gone meanwhile (kicked by yet another resume): to be sent
+    /// on to wherever the ID is now.
+    pub leftover: Vec<Envelope>,
+}
+
+/// What a kicked or flushed entry held.
+#[derive(Debug, Default)]
+pub struct Taken {
+    /// The held frames, in sequence order, with who caused each.
+    pub frames: Vec<(ServerFrame, Option<Origin>)>,
+    /// The range dropped for the ID and not yet reported to its client.
+    pub missed: Option<(u64, u64)>,
+}
+
 /// An entry that was removed (expired or evicted), with the senders whose held messages die.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Removed {
@@ -196,6 +218,19 @@ struct Slot<O> {
     acks: bool,
     /// The client's address, for the reservations cap.
     address: Option<IpKey>,
+    /// While a resume from another node waits for what the old home held: messages for the ID,
+    /// not yet numbered, delivered after that backlog (see [`Connections::finish_takeover`]).
+    pending: Option<Pending>,
+}
+
+/// Messages waiting behind a resume's backlog. Bounded like a held log (messages and bytes per
+/// ID); it lasts at most the handover wait.
+#[derive(Debug, Default)]
+struct Pending {
+    /// The messages, in arrival order.
+    messages: Vec<Envelope>,
+    /// Their JSON length.
+    bytes: usize,
 }
 
 /// Whether a connection holds the ID.
@@ -310,6 +345,7 @@ impl<O: Outbox> Connections<O> {
             log: Log::default(),
             acks: joining.acks,
             address: joining.address,
+            pending: None,
         };
         if let Some(old) = self.shard(binding.id).insert(binding.id, slot) {
             // The registry gave out an ID this node still held: only after a registry loss.
@@ -396,6 +432,10 @@ impl<O: Outbox> Connections<O> {
     /// `from`'s own entry is removed. A live holder here is replaced (told `session_replaced`
     /// through `replaced_frame`, and its outbox dropped). If `to` is not held here (it was on
     /// another node), it starts with an empty log.
+    ///
+    /// With `defer` (a resume from another node, whose backlog is still to come), nothing is sent
+    /// yet: messages for the ID wait, unnumbered, until [`Self::finish_takeover`] sends the `id`
+    /// message and the backlog first.
     #[allow(clippy::too_many_arguments)]
     pub fn take_over(
         &self,
@@ -406,6 +446,7 @@ impl<O: Outbox> Connections<O> {
         now: Instant,
         hello: impl FnOnce(Option<(u64, u64)>) -> ServerFrame,
         replaced_frame: ServerFrame,
+        defer: bool,
     ) -> TakenOver<O> {
         let shared = self.shared();
         // The resuming connection's own entry goes; its outbox moves.
@@ -452,6 +493,7 @@ impl<O: Outbox> Connections<O> {
             log: Log::default(),
             acks,
             address,
+            pending: None,
         });
         tgt.epoch = to.epoch;
         let new_presence = match outbox {
@@ -472,6 +514,18 @@ impl<O: Outbox> Connections<O> {
         };
         tgt.address = address;
         tgt.acks = acks;
+        if defer {
+            if let Presence::Live(_) = tgt.presence {
+                tgt.pending = Some(Pending::default());
+                drop(shard);
+                return TakenOver {
+                    replaced,
+                    delivered: 0,
+                    missed: None,
+                    overflowed: false,
+                };
+            }
+        }
         let Replay {
             frames: replay,
             missed,
@@ -522,6 +576,65 @@ impl<O: Outbox> Connections<O> {
             missed,
             overflowed,
         }
+    }
+
+    /// Ends a deferred resume of `binding` (see [`Self::take_over`]): sends `hello`, then numbers
+    /// and sends `replay` (the backlog from elsewhere, in order), then what arrived meanwhile, all
+    /// under one lock so nothing overtakes them. If the connection cannot take it all it is
+    /// detached (reserved) and the rest held, as for any slow reader.
+    pub fn finish_takeover(
+        &self,
+        binding: Binding,
+        hello: ServerFrame,
+        replay: Vec<Envelope>,
+        now: Instant,
+    ) -> Finished {
+        let shared = self.shared();
+        let mut finished = Finished::default();
+        let mut deadline = None;
+        {
+            let mut shard = self.shard(binding.id);
+            let Some(slot) = shard
+                .get_mut(&binding.id)
+                .filter(|s| s.epoch == binding.epoch)
+            else {
+                finished.leftover = replay;
+                return finished;
+            };
+            let pending = slot.pending.take().map(|p| p.messages).unwrap_or_default();
+            let took_hello = match &slot.presence {
+                Presence::Live(outbox) => outbox.try_push(hello).is_ok(),
+                Presence::Reserved { .. } => false,
+            };
+            if !took_hello {
+                deadline = match slot.presence {
+                    Presence::Live(_) => slot.reserve(now, &shared, binding.id, false),
+                    Presence::Reserved { until } if until > now => None,
+                    Presence::Reserved { .. } => {
+                        shared.reserve(slot.address, false);
+                        let until = now + shared.limits.grace;
+                        slot.presence = Presence::Reserved { until };
+                        Some(Deadline {
+                            at: until,
+                            id: binding.id,
+                            epoch: binding.epoch,
+                        })
+                    }
+                };
+            }
+            for message in replay.into_iter().chain(pending) {
+                let origin = message.origin();
+                let (delivery, reserved) = slot.deliver(message, now, &shared, binding.id);
+                deadline = deadline.or(reserved);
+                finished.results.push((origin, delivery));
+            }
+        }
+        finished.detached = deadline.map(|d| Binding {
+            id: d.id,
+            epoch: d.epoch,
+        });
+        self.schedule(deadline);
+        finished
     }
 
     /// Numbers `message` and queues it for whoever holds `to` here, live or reserved. Never
@@ -595,18 +708,21 @@ impl<O: Outbox> Connections<O> {
             .is_some_and(|s| matches!(s.presence, Presence::Reserved { .. }))
     }
 
-    /// Takes what the reserved `binding` holds (see [`Log::take_held`]); empty if it is not
-    /// reserved here at that epoch.
-    pub fn take_log(&self, binding: Binding) -> Vec<(ServerFrame, Option<Origin>)> {
+    /// Takes what the reserved `binding` holds (see [`Log::take_held`]) and the range it dropped
+    /// (which stays, for a resume here); empty if it is not reserved here at that epoch.
+    pub fn take_log(&self, binding: Binding) -> Taken {
         let mut shard = self.shard(binding.id);
         match shard.get_mut(&binding.id) {
             Some(slot)
                 if slot.epoch == binding.epoch
                     && matches!(slot.presence, Presence::Reserved { .. }) =>
             {
-                slot.log.take_held(&self.held_bytes)
+                Taken {
+                    frames: slot.log.take_held(&self.held_bytes),
+                    missed: slot.log.missed(),
+                }
             }
-            _ => Vec::new(),
+            _ => Taken::default(),
         }
     }
 
@@ -614,12 +730,7 @@ impl<O: Outbox> Connections<O> {
     /// connection is sent `replaced` and its outbox dropped (its session closes), the entry goes,
     /// and what it held comes back (to be forwarded to the ID's new home). `None` if `binding` is
     /// not held here.
-    pub fn kick(
-        &self,
-        binding: Binding,
-        replaced: ServerFrame,
-        now: Instant,
-    ) -> Option<Vec<(ServerFrame, Option<Origin>)>> {
+    pub fn kick(&self, binding: Binding, replaced: ServerFrame, now: Instant) -> Option<Taken> {
         let mut slot = {
             let mut shard = self.shard(binding.id);
             shard
@@ -634,7 +745,11 @@ impl<O: Outbox> Connections<O> {
             }
             Presence::Reserved { .. } => self.shared().unreserve(slot.address),
         }
-        Some(slot.log.take_held(&self.held_bytes))
+        let missed = slot.log.missed();
+        Some(Taken {
+            frames: slot.log.take_held(&self.held_bytes),
+            missed,
+        })
     }
 
     /// The last number `id`'s client said it processed on the node it resumed from (0: none).
@@ -766,10 +881,24 @@ impl<O: Outbox> Slot<O> {
         shared: &Shared<'_>,
         id: ClientId,
     ) -> (Delivery, Option<Deadline>) {
+        let hold = shared.limits.hold;
+        if let (Some(pending), Presence::Live(_)) = (&mut self.pending, &self.presence) {
+            // A resume's backlog is still to come: this waits behind it, not yet numbered.
+            let len = message.json().len();
+            if pending.messages.len() >= hold.messages || pending.bytes + len > hold.bytes {
+                let dropped = Delivery::Dropped {
+                    reason: DropReason::QueueFull,
+                    detached: false,
+                };
+                return (dropped, None);
+            }
+            pending.bytes += len;
+            pending.messages.push(message);
+            return (Delivery::Queued, None);
+        }
         let seq = self.log.next_seq();
         let origin = message.origin();
         let frame = message.seal(self.acks.then_some(seq));
-        let hold = shared.limits.hold;
         match &self.presence {
             Presence::Live(outbox) => {
                 if self.acks {
@@ -1076,6 +1205,7 @@ mod tests {
                     ServerKind::Error(ErrorCode::SessionReplaced),
                     "replaced".into(),
                 ),
+                false,
             );
             self.tokens.borrow_mut().insert(target, took.token.clone());
             Ok(Resumed {

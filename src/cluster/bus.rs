@@ -931,6 +931,52 @@ mod tests {
         assert_eq!(longest.encode().len(), BusMessage::MAX_HEADER + 39);
     }
 
+    /// A kick names where to hand over, the answer carries the held messages and the dropped
+    /// range, and a marker its range: each survives the payload, and a kick from a node that
+    /// names no new home (the previous version) reads as a plain kick.
+    #[test]
+    fn handovers_and_missed_markers_survive_the_payload_round_trip() {
+        let to = ClientId::new(5);
+        let handover = Handover {
+            node: NodeId::new("node-b"),
+            epoch: 77,
+        };
+        let kick = BusMessage::kick_to(to, 9, &handover);
+        let back = BusMessage::decode(kick.encode()).unwrap();
+        assert_eq!(back.kind, BusKind::Kick);
+        assert_eq!(back.epoch, Some(9));
+        assert_eq!(back.handover(), Some(handover));
+        assert_eq!(BusMessage::kick(to, 9).handover(), None);
+
+        let origin = Origin {
+            from: ClientId::new(6),
+            kind: MessageKind::IceCandidate,
+        };
+        let flushed = Flushed {
+            messages: vec![message(Some(77), Some(origin)), message(Some(77), None)],
+            missed: Some((4, 6)),
+        };
+        let answer = BusMessage::decode(BusMessage::flushed(to, 77, &flushed).encode()).unwrap();
+        assert_eq!(answer.kind, BusKind::Flushed);
+        assert_eq!(Flushed::decode(answer.frame).unwrap(), flushed);
+        let empty = Flushed::default();
+        assert_eq!(Flushed::decode(empty.encode()).unwrap(), empty);
+        let cut = flushed.encode();
+        assert_eq!(
+            Flushed::decode(cut.slice(..cut.len() - 1)),
+            Err(PayloadError::Truncated)
+        );
+
+        let marker = BusMessage::decode(BusMessage::missed(to, 3, (10, 12)).encode()).unwrap();
+        assert_eq!(marker.kind, BusKind::Missed);
+        assert_eq!(marker.missed_range(), Some((10, 12)));
+        assert_eq!(message(None, None).missed_range(), None);
+        // Two kinds at once is not a payload of ours.
+        let mut both = kick.encode().to_vec();
+        both[1] |= BusMessage::MISSED;
+        assert!(BusMessage::decode(Bytes::from(both)).is_err());
+    }
+
     #[test]
     fn a_payload_that_is_not_ours_is_refused_not_misread() {
         let full = message(

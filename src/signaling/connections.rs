@@ -1263,6 +1263,72 @@ mod tests {
         Some(IpKey::of(std::net::IpAddr::from([192, 0, 2, last])))
     }
 
+    /// A resume from another node (deferred): what arrives for the ID before its backlog is in
+    /// waits, unnumbered, and goes out after the `id` message and the backlog; beyond the ID's
+    /// budget it is dropped for its sender to be told. (Before, it went out at once, ahead of the
+    /// backlog.)
+    #[test]
+    fn a_deferred_resume_sends_the_id_message_then_the_backlog_then_what_arrived_meanwhile() {
+        let limits = SignalingLimits {
+            resume_queue_messages: 3,
+            ..SignalingLimits::default()
+        };
+        let conns: Connections<TestOutbox> = Connections::new(&limits);
+        let now = Instant::now();
+        let outbox = TestOutbox::with_capacity(64);
+        let from = Binding {
+            id: ClientId::new(111_111),
+            epoch: 1,
+        };
+        assert!(conns.admit());
+        conns
+            .attach(
+                from,
+                outbox.clone(),
+                Joining::default(),
+                hello(from.id, &ResumeToken::random(&mut rand::rng())),
+            )
+            .unwrap();
+        outbox.take();
+        let to = Binding {
+            id: ClientId::new(222_222),
+            epoch: 5,
+        };
+        let replaced = text_frame(ServerKind::Error(ErrorCode::SessionReplaced), "x".into());
+        let taken = conns.take_over(from, to, 4, None, now, |_| unreachable!(), replaced, true);
+        assert!(!taken.overflowed);
+        assert!(outbox.take().is_empty(), "nothing before the backlog");
+        let peer = Binding {
+            id: ClientId::new(333_333),
+            epoch: 2,
+        };
+        for len in [20, 21, 22] {
+            let (delivery, _) = conns.deliver(to.id, message(peer, len), now).unwrap();
+            assert_eq!(delivery, Delivery::Queued);
+        }
+        let (over, _) = conns.deliver(to.id, message(peer, 23), now).unwrap();
+        assert_eq!(
+            over,
+            Delivery::Dropped {
+                reason: DropReason::QueueFull,
+                detached: false
+            }
+        );
+        let resumed = text_frame(ServerKind::Id, "resumed".into());
+        let backlog = vec![message(peer, 30), message(peer, 31)];
+        let finished = conns.finish_takeover(to, resumed, backlog, now);
+        assert!(finished.detached.is_none() && finished.leftover.is_empty());
+        assert_eq!(finished.results.len(), 5);
+        assert!(finished.results.iter().all(|(_, d)| *d == Delivery::Sent));
+        let got = outbox.take();
+        assert_eq!(got[0], "resumed");
+        let lengths: Vec<usize> = got[1..].iter().map(String::len).collect();
+        assert_eq!(lengths, [30, 31, 20, 21, 22]);
+        // Done waiting: the next goes straight out.
+        let (next, _) = conns.deliver(to.id, message(peer, 24), now).unwrap();
+        assert_eq!(next, Delivery::Sent);
+    }
+
     #[test]
     fn ids_have_the_configured_digits_are_unique_and_not_sequential() {
         for digits in [6u8, 9, 12, 15] {

@@ -126,6 +126,9 @@ pub struct TakenOver<O> {
     pub missed: Option<(u64, u64)>,
     /// The backlog did not fit the connection's queue: it is detached again (reserved).
     pub overflowed: bool,
+    /// Messages that were waiting behind an earlier deferred resume of the ID here (which this
+    /// one overtook), not numbered: to be delivered after the replay.
+    pub waiting: Vec<Envelope>,
 }
 
 /// What [`Connections::finish_takeover`] did with a deferred resume's backlog.
@@ -514,15 +517,20 @@ impl<O: Outbox> Connections<O> {
         };
         tgt.address = address;
         tgt.acks = acks;
+        let waiting = tgt.pending.take().map(|p| p.messages).unwrap_or_default();
         if defer {
             if let Presence::Live(_) = tgt.presence {
-                tgt.pending = Some(Pending::default());
+                tgt.pending = Some(Pending {
+                    bytes: waiting.iter().map(|m| m.json().len()).sum(),
+                    messages: waiting,
+                });
                 drop(shard);
                 return TakenOver {
                     replaced,
                     delivered: 0,
                     missed: None,
                     overflowed: false,
+                    waiting: Vec::new(),
                 };
             }
         }
@@ -575,6 +583,7 @@ impl<O: Outbox> Connections<O> {
             delivered,
             missed,
             overflowed,
+            waiting,
         }
     }
 
@@ -746,10 +755,14 @@ impl<O: Outbox> Connections<O> {
             Presence::Reserved { .. } => self.shared().unreserve(slot.address),
         }
         let missed = slot.log.missed();
-        Some(Taken {
-            frames: slot.log.take_held(&self.held_bytes),
-            missed,
-        })
+        let mut frames = slot.log.take_held(&self.held_bytes);
+        // What waited behind a deferred resume here comes after, unnumbered.
+        let waiting = slot.pending.take().map(|p| p.messages).unwrap_or_default();
+        frames.extend(waiting.into_iter().map(|m| {
+            let origin = m.origin();
+            (m.seal(None), origin)
+        }));
+        Some(Taken { frames, missed })
     }
 
     /// The last number `id`'s client said it processed on the node it resumed from (0: none).
@@ -1327,6 +1340,99 @@ mod tests {
         // Done waiting: the next goes straight out.
         let (next, _) = conns.deliver(to.id, message(peer, 24), now).unwrap();
         assert_eq!(next, Delivery::Sent);
+    }
+
+    /// A deferred resume overtaken by another one (a kick from a node that resumed the ID
+    /// since, or a resume here) hands on what waited for it instead of dropping it silently.
+    #[test]
+    fn what_waits_behind_a_deferred_resume_survives_a_kick_or_a_second_resume() {
+        let conns: Connections<TestOutbox> = Connections::new(&SignalingLimits::default());
+        let now = Instant::now();
+        let replaced = || text_frame(ServerKind::Error(ErrorCode::SessionReplaced), "x".into());
+        let peer = Binding {
+            id: ClientId::new(333_333),
+            epoch: 2,
+        };
+        let defer = |from: Binding, to: Binding, previous: u64| {
+            let outbox = TestOutbox::with_capacity(64);
+            assert!(conns.admit());
+            let token = ResumeToken::random(&mut rand::rng());
+            conns
+                .attach(
+                    from,
+                    outbox.clone(),
+                    Joining::default(),
+                    hello(from.id, &token),
+                )
+                .unwrap();
+            let taken = conns.take_over(
+                from,
+                to,
+                previous,
+                None,
+                now,
+                |_| unreachable!(),
+                replaced(),
+                true,
+            );
+            assert!(!taken.overflowed);
+            outbox
+        };
+        let id = ClientId::new(222_222);
+        let first = Binding { id, epoch: 5 };
+        defer(
+            Binding {
+                id: ClientId::new(111_111),
+                epoch: 1,
+            },
+            first,
+            4,
+        );
+        let (delivery, _) = conns.deliver(id, message(peer, 40), now).unwrap();
+        assert_eq!(delivery, Delivery::Queued);
+        // Kicked (resumed elsewhere meanwhile): the waiting message comes back with the log.
+        let taken = conns.kick(first, replaced(), now).unwrap();
+        assert_eq!(taken.frames.len(), 1);
+        assert_eq!(taken.frames[0].0.len(), 40);
+        assert_eq!(taken.frames[0].1.map(|o| o.from), Some(peer.id));
+
+        // Deferred again, then resumed here by another connection before it finished.
+        let second = Binding { id, epoch: 7 };
+        defer(
+            Binding {
+                id: ClientId::new(444_444),
+                epoch: 6,
+            },
+            second,
+            6,
+        );
+        let (delivery, _) = conns.deliver(id, message(peer, 41), now).unwrap();
+        assert_eq!(delivery, Delivery::Queued);
+        let outbox = TestOutbox::with_capacity(64);
+        let from = Binding {
+            id: ClientId::new(555_555),
+            epoch: 8,
+        };
+        assert!(conns.admit());
+        let token = ResumeToken::random(&mut rand::rng());
+        conns
+            .attach(from, outbox, Joining::default(), hello(from.id, &token))
+            .unwrap();
+        let third = Binding { id, epoch: 9 };
+        let taken = conns.take_over(
+            from,
+            third,
+            7,
+            None,
+            now,
+            |_| text_frame(ServerKind::Id, "id".into()),
+            replaced(),
+            false,
+        );
+        assert_eq!(taken.waiting.len(), 1);
+        assert_eq!(taken.waiting[0].json().len(), 41);
+        let (next, _) = conns.deliver(id, message(peer, 42), now).unwrap();
+        assert_eq!(next, Delivery::Sent, "nothing waits any more");
     }
 
     #[test]

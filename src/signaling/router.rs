@@ -503,6 +503,9 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
             self.replay_held(takeover.binding, last_seq, now, outcome)
                 .await;
         }
+        for envelope in taken.waiting {
+            self.deliver_or_tell(id, envelope, now, outcome).await;
+        }
     }
 
     /// In a cluster, after a resume: numbering continues after what the client saw, then what was

@@ -19,7 +19,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::delivery::{AckBeyond, Envelope, HoldLimits, Log, Origin, Replay};
-use super::protocol::{ClientId, DropReason, ServerFrame};
+use super::protocol::{ClientId, DropReason, ServerFrame, ServerKind};
 use super::registry::{Binding, RegisterError, Stale};
 use super::SignalingLimits;
 use crate::limits::IpKey;
@@ -748,14 +748,26 @@ impl<O: Outbox> Connections<O> {
             shard.remove(&binding.id)?
         };
         self.clients.fetch_sub(1, Ordering::Relaxed);
+        let mut frames = Vec::new();
         match std::mem::replace(&mut slot.presence, Presence::Reserved { until: now }) {
             Presence::Live(outbox) => {
+                if !slot.acks {
+                    // Never written, so never read: they go with the ID. (A client that
+                    // acknowledges holds them in its log already.)
+                    frames.extend(
+                        outbox
+                            .take_unsent()
+                            .into_iter()
+                            .filter(|f| f.kind != ServerKind::Id)
+                            .map(|f| (f, None)),
+                    );
+                }
                 let _ = outbox.try_push(replaced);
             }
             Presence::Reserved { .. } => self.shared().unreserve(slot.address),
         }
         let missed = slot.log.missed();
-        let mut frames = slot.log.take_held(&self.held_bytes);
+        frames.extend(slot.log.take_held(&self.held_bytes));
         // What waited behind a deferred resume here comes after, unnumbered.
         let waiting = slot.pending.take().map(|p| p.messages).unwrap_or_default();
         frames.extend(waiting.into_iter().map(|m| {

@@ -912,6 +912,51 @@ mod tests {
         assert!(router.bus().held.lock().unwrap().is_empty());
     }
 
+    /// A cluster bus whose held place cannot be read (Redis times out).
+    struct UnreadableBus;
+
+    impl Bus for UnreadableBus {
+        async fn send(&self, _to: ClientId, _envelope: Envelope) -> BusDelivery {
+            BusDelivery::Held
+        }
+
+        fn holds_reserved(&self) -> bool {
+            true
+        }
+
+        async fn read_held(&self, _to: Binding) -> Result<Held, super::super::bus::BusUnavailable> {
+            Err(super::super::bus::BusUnavailable)
+        }
+    }
+
+    /// Issue 13, gap 4: when the held place cannot be read after a resume, the client still gets
+    /// its `id` message (with the new token) and the connection is closed with 1013, so the
+    /// client resumes again and the messages, still held, reach it then. (Before, the resume
+    /// went on as if nothing was held.)
+    #[test]
+    fn a_resume_whose_held_messages_cannot_be_read_gets_its_id_and_1013_to_come_back() {
+        let limits = SignalingLimits::default();
+        let hub = Hub::new(MemoryRegistry::new(&limits), NodeId::local(), limits);
+        let router: Router<MemoryRegistry, UnreadableBus, TestOutbox> =
+            Router::new(hub, UnreadableBus);
+        let now = Instant::now();
+        let b_out = TestOutbox::with_capacity(64);
+        let b = ready(router.connect(b_out.clone(), None, now)).unwrap();
+        let hello: serde_json::Value = serde_json::from_str(&b_out.take()[0]).unwrap();
+        let token = hello["token"].as_str().unwrap().to_owned();
+        let b_id = b.id();
+        ready(router.disconnect(b, super::super::hub::Departure::Dropped, now));
+        let c_out = TestOutbox::with_capacity(64);
+        let mut c = ready(router.connect(c_out.clone(), None, now)).unwrap();
+        c_out.take();
+        let resume = format!(r#"{{"type":"resume","id":{b_id},"token":"{token}"}}"#);
+        let outcome = ready(router.handle_text(&mut c, resume.as_bytes(), now));
+        assert_eq!(outcome.close, Some(CloseCode::TryAgainLater));
+        let got = c_out.take();
+        let id: serde_json::Value = serde_json::from_str(&got[0]).unwrap();
+        assert_eq!(id["resumed"], true, "{got:?}");
+    }
+
     fn protocol_kind() -> crate::signaling::protocol::ServerKind {
         crate::signaling::protocol::ServerKind::VideoAnswerRequest
     }

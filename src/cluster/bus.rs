@@ -10,6 +10,11 @@
 //! itself after Redis restarts, and says so ([`BusEvent::Subscribed`]) so the node can take what
 //! was held for its live IDs meanwhile.
 //!
+//! The node that resumes an ID reads its held stream without deleting it, delivers, then trims up
+//! to the last entry it read ([`RedisBus::read_held`], [`RedisBus::trim_held`]): an answer lost to
+//! a timeout is read again. A range a node had to drop for a reserved ID travels in the stream as
+//! a [`BusKind::Missed`] marker, so the resume reports it wherever it happens.
+//!
 //! Messages held for an ID that expires without a resume (its node died) outlive it by a grace
 //! period; any node's orphan sweep ([`RedisBus::take_orphans`]) takes them so their senders can
 //! be told.

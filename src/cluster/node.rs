@@ -4,8 +4,11 @@
 //! - **inbox**: this node's subscription. A message for an ID a connection here holds (at the
 //!   epoch it was routed by) is numbered and queued here; one for an ID that is not live here
 //!   (reserved, or moved on) goes to the ID's held stream, where its resume — on any node — finds
-//!   it. A kick closes the connection it names (the ID was resumed elsewhere). After a gap in the
-//!   subscription, what was held for this node's live IDs meanwhile is delivered.
+//!   it. A kick closes the connection it names (the ID was resumed elsewhere) and, when it names
+//!   the new home, answers it with one handover message carrying what the connection held, which
+//!   the new home replays before anything newer ([`ClusterBus::hand_over`](Bus::hand_over) waits
+//!   for it). After a gap in the subscription, what was held for this node's live IDs meanwhile is
+//!   delivered.
 //! - **leases**: every `grace / 3`, this node's live IDs' keys are renewed (one pipelined round
 //!   trip per 256 IDs); bindings Redis no longer gives to this node are closed so their clients
 //!   resume. The same pass asks where each local client's call peer on another node is: a peer
@@ -350,11 +353,19 @@ async fn inbox(router: Arc<NodeRouter>, mut subscription: Subscription, mut shut
 }
 
 /// Delivers what was held for this node's live IDs while its subscription was down (senders
-/// found no subscriber and held their messages).
+/// found no subscriber and held their messages). Read, delivered, then trimmed: what cannot be
+/// read now stays held for the second look or the ID's next resume.
 async fn take_held_for_live(router: &NodeRouter) {
     for binding in router.hub().registry().live() {
-        for envelope in router.bus().take_held(binding.id).await {
+        let Ok(held) = router.bus().read_held(binding).await else {
+            tracing::debug!(client = %binding.id, "held messages not read: Redis unavailable; they stay held");
+            continue;
+        };
+        for envelope in held.messages {
             deliver_here(router, binding.id, Some(binding.epoch), envelope).await;
+        }
+        if let Some(cursor) = held.cursor {
+            router.bus().trim_held(binding.id, cursor).await;
         }
     }
 }

@@ -227,7 +227,7 @@ struct Slot<O> {
 }
 
 /// Messages waiting behind a resume's backlog. Bounded like a held log (messages and bytes per
-/// ID); it lasts at most the handover wait.
+/// ID, and counted in the global held budget, hard); it lasts at most the handover wait.
 #[derive(Debug, Default)]
 struct Pending {
     /// The messages, in arrival order.
@@ -517,11 +517,13 @@ impl<O: Outbox> Connections<O> {
         };
         tgt.address = address;
         tgt.acks = acks;
-        let waiting = tgt.pending.take().map(|p| p.messages).unwrap_or_default();
+        let waiting = tgt.take_pending(&self.held_bytes);
         if defer {
             if let Presence::Live(_) = tgt.presence {
+                let bytes = waiting.iter().map(|m| m.json().len()).sum();
+                self.held_bytes.fetch_add(bytes, Ordering::Relaxed);
                 tgt.pending = Some(Pending {
-                    bytes: waiting.iter().map(|m| m.json().len()).sum(),
+                    bytes,
                     messages: waiting,
                 });
                 drop(shard);
@@ -610,7 +612,7 @@ impl<O: Outbox> Connections<O> {
                 finished.leftover = replay;
                 return finished;
             };
-            let pending = slot.pending.take().map(|p| p.messages).unwrap_or_default();
+            let pending = slot.take_pending(&self.held_bytes);
             let took_hello = match &slot.presence {
                 Presence::Live(outbox) => outbox.try_push(hello).is_ok(),
                 Presence::Reserved { .. } => false,
@@ -769,7 +771,7 @@ impl<O: Outbox> Connections<O> {
         let missed = slot.log.missed();
         frames.extend(slot.log.take_held(&self.held_bytes));
         // What waited behind a deferred resume here comes after, unnumbered.
-        let waiting = slot.pending.take().map(|p| p.messages).unwrap_or_default();
+        let waiting = slot.take_pending(&self.held_bytes);
         frames.extend(waiting.into_iter().map(|m| {
             let origin = m.origin();
             (m.seal(None), origin)
@@ -829,7 +831,10 @@ impl<O: Outbox> Connections<O> {
         if let Presence::Reserved { .. } = slot.presence {
             self.shared().unreserve(slot.address);
         }
-        slot.log.discard(&self.held_bytes)
+        let waiting = slot.take_pending(&self.held_bytes);
+        let mut lost = slot.log.discard(&self.held_bytes);
+        lost.extend(waiting.iter().filter_map(Envelope::origin));
+        lost
     }
 }
 
@@ -865,6 +870,16 @@ impl Shared<'_> {
 impl<O: Outbox> Slot<O> {
     fn is_live(&self, epoch: u64) -> bool {
         self.epoch == epoch && matches!(self.presence, Presence::Live(_))
+    }
+
+    /// Ends a deferred resume's wait: what waited, in order, its bytes given back to the global
+    /// budget.
+    fn take_pending(&mut self, held_total: &AtomicUsize) -> Vec<Envelope> {
+        let Some(pending) = self.pending.take() else {
+            return Vec::new();
+        };
+        held_total.fetch_sub(pending.bytes, Ordering::Relaxed);
+        pending.messages
     }
 
     /// Turns a live slot into a reservation (the outbox is dropped with the old presence) and
@@ -910,9 +925,19 @@ impl<O: Outbox> Slot<O> {
         if let (Some(pending), Presence::Live(_)) = (&mut self.pending, &self.presence) {
             // A resume's backlog is still to come: this waits behind it, not yet numbered.
             let len = message.json().len();
-            if pending.messages.len() >= hold.messages || pending.bytes + len > hold.bytes {
+            let reason = if pending.messages.len() >= hold.messages
+                || pending.bytes + len > hold.bytes
+            {
+                Some(DropReason::QueueFull)
+            } else if shared.held_bytes.fetch_add(len, Ordering::Relaxed) + len > hold.bytes_total {
+                shared.held_bytes.fetch_sub(len, Ordering::Relaxed);
+                Some(DropReason::ServerBusy)
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
                 let dropped = Delivery::Dropped {
-                    reason: DropReason::QueueFull,
+                    reason,
                     detached: false,
                 };
                 return (dropped, None);
@@ -1339,9 +1364,15 @@ mod tests {
                 detached: false
             }
         );
+        assert_eq!(
+            conns.held_bytes(),
+            20 + 21 + 22,
+            "counted in the global budget"
+        );
         let resumed = text_frame(ServerKind::Id, "resumed".into());
         let backlog = vec![message(peer, 30), message(peer, 31)];
         let finished = conns.finish_takeover(to, resumed, backlog, now);
+        assert_eq!(conns.held_bytes(), 0);
         assert!(finished.detached.is_none() && finished.leftover.is_empty());
         assert_eq!(finished.results.len(), 5);
         assert!(finished.results.iter().all(|(_, d)| *d == Delivery::Sent));
@@ -1404,6 +1435,7 @@ mod tests {
         assert_eq!(delivery, Delivery::Queued);
         // Kicked (resumed elsewhere meanwhile): the waiting message comes back with the log.
         let taken = conns.kick(first, replaced(), now).unwrap();
+        assert_eq!(conns.held_bytes(), 0);
         assert_eq!(taken.frames.len(), 1);
         assert_eq!(taken.frames[0].0.len(), 40);
         assert_eq!(taken.frames[0].1.map(|o| o.from), Some(peer.id));
@@ -1443,6 +1475,7 @@ mod tests {
         );
         assert_eq!(taken.waiting.len(), 1);
         assert_eq!(taken.waiting[0].json().len(), 41);
+        assert_eq!(conns.held_bytes(), 0);
         let (next, _) = conns.deliver(id, message(peer, 42), now).unwrap();
         assert_eq!(next, Delivery::Sent, "nothing waits any more");
     }

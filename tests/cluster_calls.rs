@@ -704,3 +704,111 @@ async fn a_takeover_from_a_live_connection_elsewhere_forwards_only_what_the_clie
     assert_eq!(candidate_number(&next), 4);
     assert_eq!(next["seq"], 5);
 }
+
+/// Two nodes on one fresh Redis, each also given `extra` settings.
+async fn two_nodes_with(extra: &[&str]) -> Option<(RedisServer, Cluster, Node, Node)> {
+    let redis = RedisServer::start()?;
+    let cluster = Cluster::new(redis.url());
+    let mut args = vec!["--resume-grace", GRACE];
+    args.extend_from_slice(extra);
+    let a = cluster.start("node-a", &args).await;
+    let b = cluster.start("node-b", &args).await;
+    Some((redis, cluster, a, b))
+}
+
+/// Issue 13, gap 1: a resume on node-a of an ID still live (half-open) on node-b waits for
+/// node-b to hand over what it held, so those messages come first and a burst the peer sends as
+/// soon as the client is back comes after them, numbered on. (Before, node-b's forwarded messages
+/// arrived after the resume's `id` message, behind messages sent since.)
+#[tokio::test]
+async fn a_half_open_takeover_replays_the_old_homes_messages_before_anything_sent_since() {
+    let Some((_redis, cluster, a, b)) = two_nodes().await else {
+        return;
+    };
+    const ACKS: &str = "/socket?seq=1";
+    let mut caller = Client::join(&cluster, a.https).await;
+    let mut old = Client::join_at(&cluster, b.https, ACKS).await;
+    call(&mut caller, &mut old).await; // the offer is seq 1
+    for n in 1..=3 {
+        caller.candidate(old.id, n).await;
+        assert_eq!(candidate_number(&old.recv().await), n);
+    }
+    // The client processed only the offer and moves to node-a while node-b still holds it.
+    let (mut new, hello) =
+        Client::resumed_at(&cluster, a.https, ACKS, old.id, &old.token, Some(1)).await;
+    assert!(hello.get("missed").is_none(), "{hello}");
+    // The peer sends a burst the moment the client is back.
+    for n in 4..=23 {
+        caller.candidate(new.id, n).await;
+    }
+    for n in 1..=23 {
+        let message = new.recv().await;
+        assert_eq!(candidate_number(&message), n, "{message}");
+        assert_eq!(message["seq"], u64::from(n) + 1, "{message}");
+    }
+    new.quiet(Duration::from_millis(300)).await;
+    old.expect_error("session_replaced").await;
+}
+
+/// Issue 13, gap 2: a range node-b had to drop for a client that did not keep up (and had not
+/// reported, since the client had not resumed) reaches the client when it resumes on node-a.
+#[tokio::test]
+async fn a_missed_range_dropped_on_one_node_is_reported_by_a_resume_on_the_other() {
+    let Some((_redis, cluster, a, b)) = two_nodes_with(&["--ws-message-burst", "200"]).await else {
+        return;
+    };
+    const ACKS: &str = "/socket?seq=1";
+    let mut caller = Client::join(&cluster, a.https).await;
+    let mut callee = Client::join_at(&cluster, b.https, ACKS).await;
+    call(&mut caller, &mut callee).await; // the offer is seq 1
+                                          // The callee never acknowledges: its budget (64 messages) holds the offer and 63
+                                          // candidates; the 64th is dropped (seq 65) and it is detached, its connection closed.
+    for n in 1..=64 {
+        caller.candidate(callee.id, n).await;
+    }
+    let dropped = caller.expect_error("undelivered").await;
+    assert_eq!(dropped["reason"], "queue_full", "{dropped}");
+    let (callee_id, token) = (callee.id, callee.token.clone());
+    drop(callee);
+    let (mut callee, hello) =
+        Client::resumed_at(&cluster, a.https, ACKS, callee_id, &token, Some(1)).await;
+    assert_eq!(hello["missed"], serde_json::json!([65, 65]), "{hello}");
+    // What node-b held comes next, numbered after the missed range.
+    let first = callee.recv().await;
+    assert_eq!(candidate_number(&first), 1, "{first}");
+    assert_eq!(first["seq"], 66, "{first}");
+}
+
+/// Issue 13, gap 3: node-b is killed after writing messages its client never processed. The
+/// resume on node-a cannot know how many were lost: the client is told `missed` from its
+/// `last_seq` + 1 with no upper end, and its call peer `undelivered` with `node_failed` naming
+/// it, so the web app can restart ICE instead of waiting for candidates that never come.
+#[tokio::test]
+async fn a_killed_nodes_unconfirmed_messages_are_reported_to_the_client_and_its_peer() {
+    let Some((_redis, cluster, a, mut b)) = two_nodes().await else {
+        return;
+    };
+    const ACKS: &str = "/socket?seq=1";
+    let mut caller = Client::join(&cluster, a.https).await;
+    let mut callee = Client::join_at(&cluster, b.https, ACKS).await;
+    call(&mut caller, &mut callee).await; // the offer is seq 1
+    for n in 1..=3 {
+        caller.candidate(callee.id, n).await;
+        assert_eq!(candidate_number(&callee.recv().await), n);
+    }
+    // node-b wrote seq 2..4; the client processed through seq 2 when node-b died.
+    b.kill();
+    let (mut callee, hello) =
+        Client::resumed_at(&cluster, a.https, ACKS, callee.id, &callee.token, Some(2)).await;
+    assert_eq!(hello["missed"], serde_json::json!([3, null]), "{hello}");
+    let told = caller.expect_error("undelivered").await;
+    assert_eq!(told["reason"], "node_failed", "{told}");
+    assert_eq!(told["clientId"].as_u64(), Some(callee.id), "{told}");
+    // The call goes on; numbering continues after what the client processed.
+    caller.candidate(callee.id, 4).await;
+    let next = callee.recv().await;
+    assert_eq!(candidate_number(&next), 4);
+    assert_eq!(next["seq"], 3, "{next}");
+    callee.candidate(caller.id, 5).await;
+    assert_eq!(candidate_number(&caller.recv().await), 5);
+}

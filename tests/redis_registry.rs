@@ -1503,6 +1503,21 @@ async fn every_operation_works_as_the_restricted_acl_user_and_nothing_else_does(
         .resume(c, a.id, &a_token, &n1, Instant::now())
         .await
         .unwrap();
+    // The resume's read, its trim and a missed-range marker need nothing more than the ACL.
+    let marker = BusMessage::missed(a.id, took.binding.epoch, (3, 4));
+    assert!(s.bus.hold_marker(&marker).await.unwrap());
+    let read = s.bus.read_held(took.binding).await.unwrap();
+    assert_eq!(read.messages.len(), 2);
+    s.bus
+        .trim_held(a.id, read.cursor.as_deref().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(s.bus.hold(&m).await.unwrap(), Hold::Moved);
+    let m = BusMessage {
+        epoch: Some(took.binding.epoch),
+        ..m
+    };
+    assert_eq!(s.bus.hold(&m).await.unwrap(), Hold::Held);
     assert_eq!(s.bus.take_held(a.id).await.unwrap().len(), 1);
     assert_eq!(
         s.registry
@@ -1914,5 +1929,145 @@ async fn messages_held_for_an_id_that_expired_unresumed_are_swept_so_their_sende
         s.bus.take_held(waiting.id).await.unwrap().len(),
         2,
         "not swept while resumable"
+    );
+}
+
+/// A command connection whose next successful answer is lost after Redis ran the command, as
+/// when a script's answer times out on its way back.
+#[derive(Clone)]
+struct LosesAnAnswer {
+    /// The real connection.
+    inner: ConnectionManager,
+    /// Set: the next answer (not an error) is dropped and a timeout returned instead.
+    lose: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl redis::aio::ConnectionLike for LosesAnAnswer {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        Box::pin(async move {
+            let value = self.inner.req_packed_command(cmd).await?;
+            if !matches!(value, redis::Value::ServerError(_))
+                && self.lose.swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                let lost = std::io::Error::new(std::io::ErrorKind::TimedOut, "answer lost");
+                return Err(redis::RedisError::from(lost));
+            }
+            Ok(value)
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        self.inner.req_packed_commands(pipeline, offset, count)
+    }
+
+    fn get_db(&self) -> i64 {
+        self.inner.get_db()
+    }
+}
+
+/// Issue 13, gap 4: the resuming node's read of the held stream is retry-safe. Redis runs the
+/// read and its answer is lost (a timeout): read again, every message is still there; the trim
+/// after delivery deletes only what was read, so a message held after the read stays. The old
+/// `take_held` deleted in the same step, so a lost answer lost the messages and their senders were
+/// never told: shown here too.
+#[tokio::test]
+async fn a_held_read_whose_answer_is_lost_reads_everything_again_and_trims_only_what_was_read() {
+    let Some(s) = setup().await else { return };
+    let (a, token) = s.claim("n1").await;
+    let (b, _) = s.claim("n2").await;
+    s.registry
+        .detach(a, Instant::now(), Duration::from_secs(30))
+        .await
+        .unwrap();
+    let message = |n: usize, epoch: u64| BusMessage {
+        kind: BusKind::Deliver,
+        call: None,
+        to: a.id,
+        epoch: Some(epoch),
+        origin: Some(Origin {
+            from: b.id,
+            kind: MessageKind::IceCandidate,
+        }),
+        server_kind: ServerKind::IceCandidate,
+        frame: Bytes::from(format!("{{\"n\":{n}}}")),
+    };
+    for n in 0..3 {
+        assert_eq!(s.bus.hold(&message(n, a.epoch)).await.unwrap(), Hold::Held);
+    }
+    let (c, _) = s.claim("n3").await;
+    let took = s
+        .registry
+        .resume(c, a.id, &token, &node("n3"), Instant::now())
+        .await
+        .unwrap();
+    let lose = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flaky = RedisBus::new(
+        s.client.clone(),
+        LosesAnAnswer {
+            inner: manager(&s.client).await,
+            lose: lose.clone(),
+        },
+        BusSettings {
+            held_messages: 4,
+            held_bytes: 1024,
+            held_bytes_total: 1 << 20,
+            grace: Duration::from_secs(30),
+            timeout: TIMEOUT,
+        },
+    );
+    // Loads the scripts; reading changes nothing.
+    assert_eq!(
+        flaky.read_held(took.binding).await.unwrap().messages.len(),
+        3
+    );
+    lose.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(flaky.read_held(took.binding).await.err(), Some(Unavailable));
+    let read = flaky.read_held(took.binding).await.unwrap();
+    let expected: Vec<BusMessage> = (0..3).map(|n| message(n, a.epoch)).collect();
+    assert_eq!(read.messages, expected, "a lost answer loses nothing");
+    // One arrives between the read and the trim: it stays, and is read next time.
+    assert_eq!(
+        s.bus.hold(&message(3, took.binding.epoch)).await.unwrap(),
+        Hold::Held
+    );
+    flaky
+        .trim_held(a.id, read.cursor.as_deref().unwrap())
+        .await
+        .unwrap();
+    let rest = flaky.read_held(took.binding).await.unwrap();
+    assert_eq!(rest.messages, vec![message(3, took.binding.epoch)]);
+    // Only the ID's holder reads: a reader at the old epoch gets nothing.
+    assert!(flaky.read_held(a).await.unwrap().messages.is_empty());
+    flaky
+        .trim_held(a.id, rest.cursor.as_deref().unwrap())
+        .await
+        .unwrap();
+    let mut raw = s.raw.clone();
+    let exists: bool = raw.exists(format!("cg:held:{}", a.id)).await.unwrap();
+    assert!(!exists, "trimmed to nothing, the stream is gone");
+
+    // What the old take-and-delete did with a lost answer: the messages are gone for good.
+    assert_eq!(
+        s.bus.hold(&message(4, took.binding.epoch)).await.unwrap(),
+        Hold::Held
+    );
+    assert!(flaky.take_held(a.id).await.unwrap().len() == 1);
+    assert_eq!(
+        s.bus.hold(&message(5, took.binding.epoch)).await.unwrap(),
+        Hold::Held
+    );
+    lose.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(flaky.take_held(a.id).await.err(), Some(Unavailable));
+    assert!(
+        flaky.take_held(a.id).await.unwrap().is_empty(),
+        "take_held's lost answer lost the message"
     );
 }

@@ -220,7 +220,7 @@ async function onMessage(m) {
   }
 }
 
-function onServerError({ code, message, request }) {
+function onServerError({ code, message, request, reason }) {
   const peer = app.peerId ? formatId(app.peerId) : '';
   if (app.state === 'outgoing' && (request === 'video-offer-request' || !request)) {
     const words = {
@@ -242,8 +242,11 @@ function onServerError({ code, message, request }) {
   if (code === 'session_replaced') return;
   if (code === 'undelivered') {
     // Our message could not reach the peer (it is away and its queue is full, or it did not come
-    // back): the call's signaling has a hole in it.
-    onSignalingGap(`A message to ${peer || 'the other side'} could not be delivered.`);
+    // back), or, with `node_failed`, the server holding the peer failed and what we sent lately
+    // may not have arrived: either way the call's signaling may have a hole in it.
+    onSignalingGap(reason === 'node_failed'
+      ? `The server of ${peer || 'the other side'} failed; messages to them may not have arrived.`
+      : `A message to ${peer || 'the other side'} could not be delivered.`);
     return;
   }
   console.warn('signaling error', code, message, request);

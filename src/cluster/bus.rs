@@ -10,6 +10,11 @@
 //! itself after Redis restarts, and says so ([`BusEvent::Subscribed`]) so the node can take what
 //! was held for its live IDs meanwhile.
 //!
+//! The node that resumes an ID reads its held stream without deleting it, delivers, then trims up
+//! to the last entry it read ([`RedisBus::read_held`], [`RedisBus::trim_held`]): an answer lost to
+//! a timeout is read again. A range a node had to drop for a reserved ID travels in the stream as
+//! a [`BusKind::Missed`] marker, so the resume reports it wherever it happens.
+//!
 //! Messages held for an ID that expires without a resume (its node died) outlive it by a grace
 //! period; any node's orphan sweep ([`RedisBus::take_orphans`]) takes them so their senders can
 //! be told.
@@ -48,6 +53,12 @@ static HOLD: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/h
 /// Takes and deletes every held message in one step.
 static TAKE_HELD: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/take_held.lua")));
+/// Reads the held messages without deleting them (the reader trims what it delivered).
+static READ_HELD: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/read_held.lua")));
+/// Deletes held messages up to the last one delivered.
+static TRIM_HELD: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/trim_held.lua")));
 /// Takes the messages held for IDs that expired unresumed.
 static ORPHANS: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/orphans.lua")));
 
@@ -61,8 +72,73 @@ pub enum BusKind {
     /// Deliver the frame to the recipient's connection (or its delivery log).
     Deliver,
     /// Close the connection holding the recipient at `epoch`: the ID was resumed elsewhere while
-    /// that (half-open) connection still held it. The frame is empty.
+    /// that (half-open) connection still held it. The frame is empty, or names the new home
+    /// ([`Handover`]) that waits for a [`BusKind::Flushed`] answer.
     Kick,
+    /// The answer to a kick naming a new home: everything the kicked connection held for the
+    /// recipient, and the range it had to drop ([`Flushed`]). `epoch` is the new home's.
+    Flushed,
+    /// A marker in a held stream: the recipient's old home had to drop the `seq` range in the
+    /// frame (two u64, first and last), which its client has not been told yet.
+    Missed,
+}
+
+/// Where a kicked connection's log goes: the node that resumed the ID, under its new epoch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Handover {
+    /// The node now holding the ID.
+    pub node: NodeId,
+    /// The ID's epoch there.
+    pub epoch: u64,
+}
+
+/// What a kicked connection held, sent to the ID's new home in one message so it is replayed
+/// before anything sent to the ID since.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Flushed {
+    /// The held messages, oldest first (sealed with the old home's numbers when the client
+    /// acknowledges, so the new home leaves out what the client processed).
+    pub messages: Vec<BusMessage>,
+    /// The `seq` range the old home dropped and had not reported.
+    pub missed: Option<(u64, u64)>,
+}
+
+impl Flushed {
+    /// The frame of a [`BusKind::Flushed`] message: first and last of the missed range (0, 0:
+    /// none), then each message as a u32 length and its payload.
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::new();
+        let (first, last) = self.missed.unwrap_or((0, 0));
+        out.put_u64(first);
+        out.put_u64(last);
+        for message in &self.messages {
+            let payload = message.encode();
+            out.put_u32(u32::try_from(payload.len()).unwrap_or(u32::MAX));
+            out.put_slice(&payload);
+        }
+        out.freeze()
+    }
+
+    /// Reads [`Flushed::encode`]'s frame.
+    pub fn decode(mut frame: Bytes) -> Result<Self, PayloadError> {
+        if frame.remaining() < 16 {
+            return Err(PayloadError::Truncated);
+        }
+        let (first, last) = (frame.get_u64(), frame.get_u64());
+        let missed = (first != 0).then_some((first, last));
+        let mut messages = Vec::new();
+        while frame.has_remaining() {
+            if frame.remaining() < 4 {
+                return Err(PayloadError::Truncated);
+            }
+            let len = frame.get_u32() as usize;
+            if frame.remaining() < len {
+                return Err(PayloadError::Truncated);
+            }
+            messages.push(BusMessage::decode(frame.split_to(len))?);
+        }
+        Ok(Self { messages, missed })
+    }
 }
 
 /// A message on its way to an ID on another node, or held for it.
@@ -108,8 +184,8 @@ pub enum PayloadError {
     /// Flags this version does not define.
     #[error("The bus payload sets flags {0:#04x}, which this node does not know.")]
     UnknownFlags(u8),
-    /// A kick without the epoch it is for.
-    #[error("The bus payload is a kick without an epoch.")]
+    /// A kick (or a flush, or a marker) without the epoch it is for.
+    #[error("The bus payload is a kick, flush or marker without an epoch.")]
     KickWithoutEpoch,
 }
 
@@ -124,6 +200,10 @@ impl BusMessage {
     const HAS_CALL: u8 = 4;
     /// Flag: a [`BusKind::Kick`] (otherwise a delivery).
     const KICK: u8 = 8;
+    /// Flag: a [`BusKind::Flushed`].
+    const FLUSHED: u8 = 16;
+    /// Flag: a [`BusKind::Missed`] marker.
+    const MISSED: u8 = 32;
     /// The longest header: version, flags, server kind, recipient, epoch, origin, call.
     const MAX_HEADER: usize = 1 + 1 + 1 + 8 + 8 + 9 + 9;
 
@@ -159,6 +239,72 @@ impl BusMessage {
         }
     }
 
+    /// Asks `to`'s node to close the connection holding `to` at `epoch` and to send what it
+    /// held to `handover` (a [`BusKind::Flushed`] message on that node's channel).
+    pub fn kick_to(to: ClientId, epoch: u64, handover: &Handover) -> Self {
+        let mut frame = BytesMut::with_capacity(8 + handover.node.to_string().len());
+        frame.put_u64(handover.epoch);
+        frame.put_slice(handover.node.to_string().as_bytes());
+        Self {
+            frame: frame.freeze(),
+            ..Self::kick(to, epoch)
+        }
+    }
+
+    /// The new home a kick names, if it names one (a node of the previous version sends none).
+    pub fn handover(&self) -> Option<Handover> {
+        if self.kind != BusKind::Kick || self.frame.len() <= 8 {
+            return None;
+        }
+        let mut frame = self.frame.clone();
+        let epoch = frame.get_u64();
+        let node = std::str::from_utf8(&frame).ok()?;
+        Some(Handover {
+            node: NodeId::new(node),
+            epoch,
+        })
+    }
+
+    /// The answer to a kick: what the kicked connection held for `to`, for its new home at
+    /// `epoch`.
+    pub fn flushed(to: ClientId, epoch: u64, flushed: &Flushed) -> Self {
+        Self {
+            kind: BusKind::Flushed,
+            to,
+            epoch: Some(epoch),
+            origin: None,
+            call: None,
+            server_kind: ServerKind::Pong,
+            frame: flushed.encode(),
+        }
+    }
+
+    /// A marker for `to`'s held stream: its old home dropped `first..=last` (see
+    /// [`BusKind::Missed`]).
+    pub fn missed(to: ClientId, epoch: u64, (first, last): (u64, u64)) -> Self {
+        let mut frame = BytesMut::with_capacity(16);
+        frame.put_u64(first);
+        frame.put_u64(last);
+        Self {
+            kind: BusKind::Missed,
+            to,
+            epoch: Some(epoch),
+            origin: None,
+            call: None,
+            server_kind: ServerKind::Pong,
+            frame: frame.freeze(),
+        }
+    }
+
+    /// The range a [`BusKind::Missed`] marker names.
+    pub fn missed_range(&self) -> Option<(u64, u64)> {
+        if self.kind != BusKind::Missed || self.frame.len() != 16 {
+            return None;
+        }
+        let mut frame = self.frame.clone();
+        Some((frame.get_u64(), frame.get_u64()))
+    }
+
     /// Back into an envelope for the local delivery log (with room for a sequence number).
     pub fn into_envelope(self) -> Envelope {
         let mut json = Vec::with_capacity(self.frame.len() + SEQ_ROOM);
@@ -181,9 +327,12 @@ impl BusMessage {
         if self.call.is_some() {
             flags |= Self::HAS_CALL;
         }
-        if self.kind == BusKind::Kick {
-            flags |= Self::KICK;
-        }
+        flags |= match self.kind {
+            BusKind::Deliver => 0,
+            BusKind::Kick => Self::KICK,
+            BusKind::Flushed => Self::FLUSHED,
+            BusKind::Missed => Self::MISSED,
+        };
         out.put_u8(Self::VERSION);
         out.put_u8(flags);
         out.put_u8(server_kind_code(self.server_kind));
@@ -226,7 +375,13 @@ impl BusMessage {
             return Err(PayloadError::Version(version));
         }
         let flags = payload.get_u8();
-        let unknown = flags & !(Self::HAS_EPOCH | Self::HAS_ORIGIN | Self::HAS_CALL | Self::KICK);
+        let unknown = flags
+            & !(Self::HAS_EPOCH
+                | Self::HAS_ORIGIN
+                | Self::HAS_CALL
+                | Self::KICK
+                | Self::FLUSHED
+                | Self::MISSED);
         if unknown != 0 {
             return Err(PayloadError::UnknownFlags(unknown));
         }
@@ -267,14 +422,16 @@ impl BusMessage {
         } else {
             None
         };
-        let kind = if flags & Self::KICK != 0 {
-            if epoch.is_none() {
-                return Err(PayloadError::KickWithoutEpoch);
-            }
-            BusKind::Kick
-        } else {
-            BusKind::Deliver
+        let kind = match flags & (Self::KICK | Self::FLUSHED | Self::MISSED) {
+            0 => BusKind::Deliver,
+            Self::KICK => BusKind::Kick,
+            Self::FLUSHED => BusKind::Flushed,
+            Self::MISSED => BusKind::Missed,
+            both => return Err(PayloadError::UnknownFlags(both)),
         };
+        if kind != BusKind::Deliver && epoch.is_none() {
+            return Err(PayloadError::KickWithoutEpoch);
+        }
         Ok(Self {
             kind,
             to,
@@ -366,6 +523,15 @@ pub enum Hold {
     /// The ID's held budget (messages or bytes: `QueueFull`) or the cluster's (`ServerBusy`) is
     /// spent: tell the sender.
     Dropped(DropReason),
+}
+
+/// What [`RedisBus::read_held`] found.
+#[derive(Debug, Default)]
+pub struct HeldRead {
+    /// The held messages (deliveries and [`BusKind::Missed`] markers), oldest first.
+    pub messages: Vec<BusMessage>,
+    /// The last entry read, for [`RedisBus::trim_held`]; `None` when nothing was held.
+    pub cursor: Option<String>,
 }
 
 /// One event of a node's subscription.
@@ -476,6 +642,65 @@ where
         let mut conn = self.conn.clone();
         let payloads: Vec<Vec<u8>> = self.run(call.invoke_async(&mut conn)).await?;
         Ok(decode_all(to, payloads))
+    }
+
+    /// Holds a [`BusKind::Missed`] marker for `to` at `epoch`: the caps do not refuse it (it is
+    /// 27 bytes and reports a drop the caps made). `Ok(false)`: the ID is not there at `epoch`.
+    pub async fn hold_marker(&self, marker: &BusMessage) -> Result<bool, Unavailable> {
+        let mut call = HOLD.prepare_invoke();
+        call.key(super::registry::id_key(marker.to))
+            .key(held_key(marker.to))
+            .key(DUE_KEY)
+            .arg(marker.epoch.map(|e| e.to_string()).unwrap_or_default())
+            .arg(marker.encode().as_ref())
+            .arg(self.settings.held_messages)
+            .arg(self.settings.held_bytes)
+            .arg(
+                u64::try_from(self.settings.grace.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .max(1),
+            )
+            .arg(self.settings.held_bytes_total)
+            .arg(marker.to.get())
+            .arg("1");
+        let mut conn = self.conn.clone();
+        let code: i64 = self.run(call.invoke_async(&mut conn)).await?;
+        Ok(code == 1)
+    }
+
+    /// Reads what is held for `to.id`, oldest first, without deleting it, if the ID is still at
+    /// `to.epoch` (else nothing: it moved on, and its new home reads). Deliver, then
+    /// [`trim_held`](Self::trim_held) up to [`HeldRead::cursor`]: a read whose answer is lost
+    /// (a timeout) can be retried and loses nothing.
+    pub async fn read_held(&self, to: super::types::Binding) -> Result<HeldRead, Unavailable> {
+        let mut call = READ_HELD.prepare_invoke();
+        call.key(held_key(to.id))
+            .key(super::registry::id_key(to.id))
+            .arg(to.epoch);
+        let mut conn = self.conn.clone();
+        let found: Option<Vec<Vec<u8>>> = self.run(call.invoke_async(&mut conn)).await?;
+        let mut read = HeldRead::default();
+        for pair in found.unwrap_or_default().chunks(2) {
+            let [entry, payload] = pair else { break };
+            read.cursor = Some(String::from_utf8_lossy(entry).into_owned());
+            read.messages
+                .extend(decode_all(to.id, vec![payload.clone()]));
+        }
+        Ok(read)
+    }
+
+    /// Deletes what is held for `to` up to and including the entry `cursor` (from
+    /// [`read_held`](Self::read_held)); later entries stay, in order.
+    pub async fn trim_held(&self, to: ClientId, cursor: &str) -> Result<(), Unavailable> {
+        let mut call = TRIM_HELD.prepare_invoke();
+        call.key(held_key(to))
+            .key(super::registry::id_key(to))
+            .key(DUE_KEY)
+            .arg(cursor)
+            .arg(to.get());
+        let mut conn = self.conn.clone();
+        let _kept: i64 = self.run(call.invoke_async(&mut conn)).await?;
+        Ok(())
     }
 
     /// The orphan sweep, for any node to run every few seconds: takes the messages held for up
@@ -709,6 +934,52 @@ mod tests {
             ..message(Some(7), Some(origin))
         };
         assert_eq!(longest.encode().len(), BusMessage::MAX_HEADER + 39);
+    }
+
+    /// A kick names where to hand over, the answer carries the held messages and the dropped
+    /// range, and a marker its range: each survives the payload, and a kick from a node that
+    /// names no new home (the previous version) reads as a plain kick.
+    #[test]
+    fn handovers_and_missed_markers_survive_the_payload_round_trip() {
+        let to = ClientId::new(5);
+        let handover = Handover {
+            node: NodeId::new("node-b"),
+            epoch: 77,
+        };
+        let kick = BusMessage::kick_to(to, 9, &handover);
+        let back = BusMessage::decode(kick.encode()).unwrap();
+        assert_eq!(back.kind, BusKind::Kick);
+        assert_eq!(back.epoch, Some(9));
+        assert_eq!(back.handover(), Some(handover));
+        assert_eq!(BusMessage::kick(to, 9).handover(), None);
+
+        let origin = Origin {
+            from: ClientId::new(6),
+            kind: MessageKind::IceCandidate,
+        };
+        let flushed = Flushed {
+            messages: vec![message(Some(77), Some(origin)), message(Some(77), None)],
+            missed: Some((4, 6)),
+        };
+        let answer = BusMessage::decode(BusMessage::flushed(to, 77, &flushed).encode()).unwrap();
+        assert_eq!(answer.kind, BusKind::Flushed);
+        assert_eq!(Flushed::decode(answer.frame).unwrap(), flushed);
+        let empty = Flushed::default();
+        assert_eq!(Flushed::decode(empty.encode()).unwrap(), empty);
+        let cut = flushed.encode();
+        assert_eq!(
+            Flushed::decode(cut.slice(..cut.len() - 1)),
+            Err(PayloadError::Truncated)
+        );
+
+        let marker = BusMessage::decode(BusMessage::missed(to, 3, (10, 12)).encode()).unwrap();
+        assert_eq!(marker.kind, BusKind::Missed);
+        assert_eq!(marker.missed_range(), Some((10, 12)));
+        assert_eq!(message(None, None).missed_range(), None);
+        // Two kinds at once is not a payload of ours.
+        let mut both = kick.encode().to_vec();
+        both[1] |= BusMessage::MISSED;
+        assert!(BusMessage::decode(Bytes::from(both)).is_err());
     }
 
     #[test]

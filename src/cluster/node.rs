@@ -4,8 +4,11 @@
 //! - **inbox**: this node's subscription. A message for an ID a connection here holds (at the
 //!   epoch it was routed by) is numbered and queued here; one for an ID that is not live here
 //!   (reserved, or moved on) goes to the ID's held stream, where its resume — on any node — finds
-//!   it. A kick closes the connection it names (the ID was resumed elsewhere). After a gap in the
-//!   subscription, what was held for this node's live IDs meanwhile is delivered.
+//!   it. A kick closes the connection it names (the ID was resumed elsewhere) and, when it names
+//!   the new home, answers it with one handover message carrying what the connection held, which
+//!   the new home replays before anything newer ([`ClusterBus::hand_over`](Bus::hand_over) waits
+//!   for it). After a gap in the subscription, what was held for this node's live IDs meanwhile is
+//!   delivered.
 //! - **leases**: every `grace / 3`, this node's live IDs' keys are renewed (one pipelined round
 //!   trip per 256 IDs); bindings Redis no longer gives to this node are closed so their clients
 //!   resume. The same pass asks where each local client's call peer on another node is: a peer
@@ -16,13 +19,17 @@
 //!
 //! A single node runs none of this: its router is the memory registry and `NoBus`.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use prometheus::{IntCounter, IntCounterVec, Opts};
 use redis::aio::ConnectionLike;
+use tokio::sync::oneshot;
 
-use super::bus::{BusEvent, BusKind, BusMessage, BusSettings, Hold, RedisBus, Subscription};
+use super::bus::{
+    self, BusEvent, BusKind, BusMessage, BusSettings, Flushed, Hold, RedisBus, Subscription,
+};
 use super::calls::ClusterRegistry;
 use super::redis::{Redis, RedisConnection};
 use super::registry::{RedisRegistry, RegistrySettings};
@@ -30,7 +37,7 @@ use super::route::{self, RouteSettings, Routes};
 use super::types::{Binding, CallState, Freed, NodeId};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
-use crate::signaling::bus::{Bus, BusDelivery};
+use crate::signaling::bus::{Bus, BusDelivery, BusUnavailable, Handover, Held};
 use crate::signaling::delivery::Envelope;
 use crate::signaling::hub::{CallEvent, Hub};
 use crate::signaling::protocol::{ClientId, DropReason, EndReason, ServerKind};
@@ -51,6 +58,10 @@ const ORPHAN_SWEEP: (Duration, usize) = (Duration::from_secs(2), 64);
 
 /// After the subscription comes back, when to look for held messages a second time.
 const RESUBSCRIBE_SECOND_LOOK: Duration = Duration::from_secs(2);
+
+/// How long a resume waits for the node that held the ID live to hand over what it held; past
+/// this, that node counts as failed (what it had not had confirmed is reported lost).
+const HANDOVER_WAIT: Duration = Duration::from_secs(2);
 
 /// Events waiting between the subscription task and the inbox.
 const INBOX_CAPACITY: usize = 1024;
@@ -92,15 +103,38 @@ pub struct ClusterBus<C> {
     routes: Routes<C>,
     /// Counts what crosses nodes.
     metrics: ClusterMetrics,
+    /// This node, named in kicks so the kicked node knows where to hand over.
+    node: NodeId,
+    /// Resumes here waiting for another node's handover, by ID and new epoch: at most one per
+    /// resume in progress, each removed when its wait ends.
+    handovers: Mutex<HashMap<(ClientId, u64), oneshot::Sender<Flushed>>>,
 }
 
 impl<C> ClusterBus<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
-    /// A bus over `routes`.
-    pub fn new(routes: Routes<C>, metrics: ClusterMetrics) -> Self {
-        Self { routes, metrics }
+    /// A bus over `routes`, for the node `node`.
+    pub fn new(routes: Routes<C>, metrics: ClusterMetrics, node: NodeId) -> Self {
+        Self {
+            routes,
+            metrics,
+            node,
+            handovers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Passes a handover to the resume waiting for it; gives it back if none waits (it gave up).
+    fn handed_over(&self, to: ClientId, epoch: u64, flushed: Flushed) -> Result<(), Flushed> {
+        let waiting = self
+            .handovers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&(to, epoch));
+        match waiting {
+            Some(tx) => tx.send(flushed),
+            None => Err(flushed),
+        }
     }
 
     /// The routes, for the node's tasks.
@@ -141,6 +175,82 @@ where
                 tracing::warn!(client = %to, "messages held for a resumed ID could not be taken: Redis unavailable; they are reported to their senders when they expire");
                 Vec::new()
             }
+        }
+    }
+
+    async fn read_held(&self, to: Binding) -> Result<Held, BusUnavailable> {
+        let read = self
+            .routes
+            .bus()
+            .read_held(to)
+            .await
+            .map_err(|_| BusUnavailable)?;
+        let mut held = Held {
+            cursor: read.cursor,
+            ..Held::default()
+        };
+        for message in read.messages {
+            match message.kind {
+                BusKind::Deliver => held.messages.push(message.into_envelope()),
+                BusKind::Missed => held.missed = merge(held.missed, message.missed_range()),
+                BusKind::Kick | BusKind::Flushed => {}
+            }
+        }
+        Ok(held)
+    }
+
+    async fn trim_held(&self, to: ClientId, cursor: String) {
+        for _ in 0..2 {
+            if self.routes.bus().trim_held(to, &cursor).await.is_ok() {
+                return;
+            }
+        }
+        tracing::warn!(client = %to, "messages held for a resumed ID were delivered but could not be deleted: Redis unavailable; a later resume may deliver them again");
+    }
+
+    async fn hold_missed(&self, binding: Binding, missed: (u64, u64)) {
+        let marker = BusMessage::missed(binding.id, binding.epoch, missed);
+        if !matches!(self.routes.bus().hold_marker(&marker).await, Ok(true)) {
+            tracing::debug!(client = %binding.id, ?missed, "missed range not held: the ID moved on or Redis is unavailable");
+        }
+    }
+
+    async fn hand_over(&self, node: &NodeId, old: Binding, new: Binding) -> Handover {
+        let (tx, rx) = oneshot::channel();
+        self.handovers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert((new.id, new.epoch), tx);
+        let to = bus::Handover {
+            node: self.node.clone(),
+            epoch: new.epoch,
+        };
+        let kick = BusMessage::kick_to(old.id, old.epoch, &to);
+        let answer = match self.routes.bus().send(node, &kick).await {
+            // Somebody listens on its channel: wait for its answer, a bounded time.
+            Ok(true) => tokio::time::timeout(HANDOVER_WAIT, rx)
+                .await
+                .ok()
+                .and_then(Result::ok),
+            // Nobody does: it is dead (or cut off from Redis).
+            Ok(false) | Err(_) => None,
+        };
+        self.handovers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&(new.id, new.epoch));
+        match answer {
+            Some(flushed) => Handover::Flushed(Held {
+                messages: flushed
+                    .messages
+                    .into_iter()
+                    .filter(|m| m.kind == BusKind::Deliver)
+                    .map(BusMessage::into_envelope)
+                    .collect(),
+                missed: flushed.missed,
+                cursor: None,
+            }),
+            None => Handover::Unanswered,
         }
     }
 
@@ -188,8 +298,8 @@ pub fn router(
             ttl: Duration::from_secs(2),
         },
     );
-    let hub = Hub::new(ClusterRegistry::new(registry), node, limits);
-    Router::new(hub, ClusterBus::new(routes, metrics))
+    let hub = Hub::new(ClusterRegistry::new(registry), node.clone(), limits);
+    Router::new(hub, ClusterBus::new(routes, metrics, node))
 }
 
 /// A live ID's lease: a grace period plus the refresh period, so a dead node's IDs stay
@@ -243,11 +353,19 @@ async fn inbox(router: Arc<NodeRouter>, mut subscription: Subscription, mut shut
 }
 
 /// Delivers what was held for this node's live IDs while its subscription was down (senders
-/// found no subscriber and held their messages).
+/// found no subscriber and held their messages). Read, delivered, then trimmed: what cannot be
+/// read now stays held for the second look or the ID's next resume.
 async fn take_held_for_live(router: &NodeRouter) {
     for binding in router.hub().registry().live() {
-        for envelope in router.bus().take_held(binding.id).await {
+        let Ok(held) = router.bus().read_held(binding).await else {
+            tracing::debug!(client = %binding.id, "held messages not read: Redis unavailable; they stay held");
+            continue;
+        };
+        for envelope in held.messages {
             deliver_here(router, binding.id, Some(binding.epoch), envelope).await;
+        }
+        if let Some(cursor) = held.cursor {
+            router.bus().trim_held(binding.id, cursor).await;
         }
     }
 }
@@ -262,10 +380,38 @@ async fn receive(router: &NodeRouter, message: BusMessage) {
                 epoch,
             };
             router.hub().registry().forget(binding);
-            if router.kick(binding, Instant::now()).await {
-                tracing::debug!(client = %binding.id, "connection closed: its ID was resumed on another node");
+            match message.handover() {
+                Some(handover) => hand_over(router, binding, handover).await,
+                None => {
+                    if router.kick(binding, Instant::now()).await {
+                        tracing::debug!(client = %binding.id, "connection closed: its ID was resumed on another node");
+                    }
+                }
             }
         }
+        BusKind::Flushed => {
+            let Some(epoch) = message.epoch else { return };
+            let flushed = match Flushed::decode(message.frame.clone()) {
+                Ok(flushed) => flushed,
+                Err(e) => {
+                    tracing::warn!(error = %e, client = %message.to, "redis bus: skipped a handover");
+                    return;
+                }
+            };
+            if let Err(late) = router.bus().handed_over(message.to, epoch, flushed) {
+                // The resume stopped waiting: deliver what came, late rather than never.
+                tracing::debug!(client = %message.to, "a handover came after its resume stopped waiting");
+                for m in late
+                    .messages
+                    .into_iter()
+                    .filter(|m| m.kind == BusKind::Deliver)
+                {
+                    deliver_here(router, message.to, Some(epoch), m.into_envelope()).await;
+                }
+            }
+        }
+        // Only ever in held streams.
+        BusKind::Missed => {}
         BusKind::Deliver => {
             router.bus().metrics.received.inc();
             let (to, epoch) = (message.to, message.epoch);
@@ -286,6 +432,49 @@ async fn receive(router: &NodeRouter, message: BusMessage) {
             }
             deliver_here(router, to, epoch, message.into_envelope()).await;
         }
+    }
+}
+
+/// The ID was resumed on `handover.node` while a connection here held it: closes it and sends
+/// what it held there in one message, which that node replays before anything newer. An empty
+/// answer when nothing here holds it, so the new home need not wait out its bound.
+async fn hand_over(router: &NodeRouter, binding: Binding, handover: bus::Handover) {
+    let now = Instant::now();
+    let taken = router.kick_for_handover(binding, now).unwrap_or_default();
+    let flushed = Flushed {
+        messages: taken
+            .frames
+            .iter()
+            .map(|(frame, origin)| {
+                let envelope = Envelope::from_parts(frame.kind, frame.bytes.to_vec(), *origin);
+                BusMessage::new(binding.id, Some(handover.epoch), None, envelope)
+            })
+            .collect(),
+        missed: taken.missed,
+    };
+    let answer = BusMessage::flushed(binding.id, handover.epoch, &flushed);
+    match router
+        .bus()
+        .routes()
+        .bus()
+        .send(&handover.node, &answer)
+        .await
+    {
+        Ok(true) => {
+            tracing::debug!(client = %binding.id, node = %handover.node, held = flushed.messages.len(), "connection closed and handed over: its ID was resumed on another node");
+        }
+        _ => {
+            // The new home is gone too: send each on to wherever the ID is now.
+            router.forward(binding.id, taken, now).await;
+        }
+    }
+}
+
+/// Two missed ranges as one.
+fn merge(a: Option<(u64, u64)>, b: Option<(u64, u64)>) -> Option<(u64, u64)> {
+    match (a, b) {
+        (Some((f1, l1)), Some((f2, l2))) => Some((f1.min(f2), l1.max(l2))),
+        (a, b) => a.or(b),
     }
 }
 

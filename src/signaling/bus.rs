@@ -29,6 +29,33 @@ pub enum BusDelivery {
     Unavailable,
 }
 
+/// What was held elsewhere for an ID that just resumed on this node, read but not yet deleted.
+#[derive(Debug, Default)]
+pub struct Held {
+    /// The messages, oldest first; those an old home numbered still carry its `seq`.
+    pub messages: Vec<Envelope>,
+    /// The `seq` range an old home had to drop and never reported.
+    pub missed: Option<(u64, u64)>,
+    /// Where the read ended, for [`Bus::trim_held`] once the messages are delivered; `None`
+    /// when nothing was held.
+    pub cursor: Option<String>,
+}
+
+/// The bus could not be reached (a Redis error or timeout).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("The bus between nodes cannot be reached.")]
+pub struct BusUnavailable;
+
+/// What the node that held an ID live answered when the ID was resumed here.
+#[derive(Debug)]
+pub enum Handover {
+    /// It closed its connection and sent everything it held, and the range it dropped.
+    Flushed(Held),
+    /// It did not answer in time, or nobody listens on its channel: it is dead (or cut off), and
+    /// what it had numbered for the client after the client's `last_seq` is unknown.
+    Unanswered,
+}
+
 /// Delivery to IDs held by other nodes.
 pub trait Bus: Send + Sync + 'static {
     /// Sends `envelope` to whichever node holds `to`.
@@ -45,6 +72,40 @@ pub trait Bus: Send + Sync + 'static {
     fn take_held(&self, to: ClientId) -> impl Future<Output = Vec<Envelope>> + Send {
         let _ = to;
         std::future::ready(Vec::new())
+    }
+
+    /// Reads (without deleting) what is held for `to` while nobody held it live, if the ID is
+    /// still at `to.epoch`; [`Bus::trim_held`] deletes it once delivered, so a lost answer can be
+    /// read again. Nothing on a single node.
+    fn read_held(&self, to: Binding) -> impl Future<Output = Result<Held, BusUnavailable>> + Send {
+        let _ = to;
+        std::future::ready(Ok(Held::default()))
+    }
+
+    /// Deletes what [`Bus::read_held`] read for `to`, up to `cursor`.
+    fn trim_held(&self, to: ClientId, cursor: String) -> impl Future<Output = ()> + Send {
+        let _ = (to, cursor);
+        std::future::ready(())
+    }
+
+    /// Notes in `binding`'s held place that its messages `missed` were dropped here and not yet
+    /// reported, so a resume on any node tells the client.
+    fn hold_missed(&self, binding: Binding, missed: (u64, u64)) -> impl Future<Output = ()> + Send {
+        let _ = (binding, missed);
+        std::future::ready(())
+    }
+
+    /// Asks `node` to close the connection holding `old` (the ID was resumed here, as `new`,
+    /// while that half-open connection still held it) and to hand over what it held; waits a
+    /// bounded time for the answer. Never called on a single node.
+    fn hand_over(
+        &self,
+        node: &NodeId,
+        old: Binding,
+        new: Binding,
+    ) -> impl Future<Output = Handover> + Send {
+        let _ = (node, old, new);
+        std::future::ready(Handover::Unanswered)
     }
 
     /// Asks `node` to close the connection holding `binding`: the ID was resumed here while that

@@ -19,7 +19,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::delivery::{AckBeyond, Envelope, HoldLimits, Log, Origin, Replay};
-use super::protocol::{ClientId, DropReason, ServerFrame};
+use super::protocol::{ClientId, DropReason, ServerFrame, ServerKind};
 use super::registry::{Binding, RegisterError, Stale};
 use super::SignalingLimits;
 use crate::limits::IpKey;
@@ -126,6 +126,31 @@ pub struct TakenOver<O> {
     pub missed: Option<(u64, u64)>,
     /// The backlog did not fit the connection's queue: it is detached again (reserved).
     pub overflowed: bool,
+    /// Messages that were waiting behind an earlier deferred resume of the ID here (which this
+    /// one overtook), not numbered: to be delivered after the replay.
+    pub waiting: Vec<Envelope>,
+}
+
+/// What [`Connections::finish_takeover`] did with a deferred resume's backlog.
+#[derive(Debug, Default)]
+pub struct Finished {
+    /// What became of each message (replayed, then those that arrived while deferred), with
+    /// who caused it: a drop must be reported to its sender.
+    pub results: Vec<(Option<Origin>, Delivery)>,
+    /// The connection could not take it all and is detached (reserved): the registry must learn.
+    pub detached: Option<Binding>,
+    /// Messages for an entry that is gone meanwhile (kicked by yet another resume): to be sent
+    /// on to wherever the ID is now.
+    pub leftover: Vec<Envelope>,
+}
+
+/// What a kicked or flushed entry held.
+#[derive(Debug, Default)]
+pub struct Taken {
+    /// The held frames, in sequence order, with who caused each.
+    pub frames: Vec<(ServerFrame, Option<Origin>)>,
+    /// The range dropped for the ID and not yet reported to its client.
+    pub missed: Option<(u64, u64)>,
 }
 
 /// An entry that was removed (expired or evicted), with the senders whose held messages die.
@@ -196,6 +221,19 @@ struct Slot<O> {
     acks: bool,
     /// The client's address, for the reservations cap.
     address: Option<IpKey>,
+    /// While a resume from another node waits for what the old home held: messages for the ID,
+    /// not yet numbered, delivered after that backlog (see [`Connections::finish_takeover`]).
+    pending: Option<Pending>,
+}
+
+/// Messages waiting behind a resume's backlog. Bounded like a held log (messages and bytes per
+/// ID, and counted in the global held budget, hard); it lasts at most the handover wait.
+#[derive(Debug, Default)]
+struct Pending {
+    /// The messages, in arrival order.
+    messages: Vec<Envelope>,
+    /// Their JSON length.
+    bytes: usize,
 }
 
 /// Whether a connection holds the ID.
@@ -310,6 +348,7 @@ impl<O: Outbox> Connections<O> {
             log: Log::default(),
             acks: joining.acks,
             address: joining.address,
+            pending: None,
         };
         if let Some(old) = self.shard(binding.id).insert(binding.id, slot) {
             // The registry gave out an ID this node still held: only after a registry loss.
@@ -396,6 +435,10 @@ impl<O: Outbox> Connections<O> {
     /// `from`'s own entry is removed. A live holder here is replaced (told `session_replaced`
     /// through `replaced_frame`, and its outbox dropped). If `to` is not held here (it was on
     /// another node), it starts with an empty log.
+    ///
+    /// With `defer` (a resume from another node, whose backlog is still to come), nothing is sent
+    /// yet: messages for the ID wait, unnumbered, until [`Self::finish_takeover`] sends the `id`
+    /// message and the backlog first.
     #[allow(clippy::too_many_arguments)]
     pub fn take_over(
         &self,
@@ -406,6 +449,7 @@ impl<O: Outbox> Connections<O> {
         now: Instant,
         hello: impl FnOnce(Option<(u64, u64)>) -> ServerFrame,
         replaced_frame: ServerFrame,
+        defer: bool,
     ) -> TakenOver<O> {
         let shared = self.shared();
         // The resuming connection's own entry goes; its outbox moves.
@@ -452,6 +496,7 @@ impl<O: Outbox> Connections<O> {
             log: Log::default(),
             acks,
             address,
+            pending: None,
         });
         tgt.epoch = to.epoch;
         let new_presence = match outbox {
@@ -472,6 +517,25 @@ impl<O: Outbox> Connections<O> {
         };
         tgt.address = address;
         tgt.acks = acks;
+        let waiting = tgt.take_pending(&self.held_bytes);
+        if defer {
+            if let Presence::Live(_) = tgt.presence {
+                let bytes = waiting.iter().map(|m| m.json().len()).sum();
+                self.held_bytes.fetch_add(bytes, Ordering::Relaxed);
+                tgt.pending = Some(Pending {
+                    bytes,
+                    messages: waiting,
+                });
+                drop(shard);
+                return TakenOver {
+                    replaced,
+                    delivered: 0,
+                    missed: None,
+                    overflowed: false,
+                    waiting: Vec::new(),
+                };
+            }
+        }
         let Replay {
             frames: replay,
             missed,
@@ -521,7 +585,67 @@ impl<O: Outbox> Connections<O> {
             delivered,
             missed,
             overflowed,
+            waiting,
         }
+    }
+
+    /// Ends a deferred resume of `binding` (see [`Self::take_over`]): sends `hello`, then numbers
+    /// and sends `replay` (the backlog from elsewhere, in order), then what arrived meanwhile, all
+    /// under one lock so nothing overtakes them. If the connection cannot take it all it is
+    /// detached (reserved) and the rest held, as for any slow reader.
+    pub fn finish_takeover(
+        &self,
+        binding: Binding,
+        hello: ServerFrame,
+        replay: Vec<Envelope>,
+        now: Instant,
+    ) -> Finished {
+        let shared = self.shared();
+        let mut finished = Finished::default();
+        let mut deadline = None;
+        {
+            let mut shard = self.shard(binding.id);
+            let Some(slot) = shard
+                .get_mut(&binding.id)
+                .filter(|s| s.epoch == binding.epoch)
+            else {
+                finished.leftover = replay;
+                return finished;
+            };
+            let pending = slot.take_pending(&self.held_bytes);
+            let took_hello = match &slot.presence {
+                Presence::Live(outbox) => outbox.try_push(hello).is_ok(),
+                Presence::Reserved { .. } => false,
+            };
+            if !took_hello {
+                deadline = match slot.presence {
+                    Presence::Live(_) => slot.reserve(now, &shared, binding.id, false),
+                    Presence::Reserved { until } if until > now => None,
+                    Presence::Reserved { .. } => {
+                        shared.reserve(slot.address, false);
+                        let until = now + shared.limits.grace;
+                        slot.presence = Presence::Reserved { until };
+                        Some(Deadline {
+                            at: until,
+                            id: binding.id,
+                            epoch: binding.epoch,
+                        })
+                    }
+                };
+            }
+            for message in replay.into_iter().chain(pending) {
+                let origin = message.origin();
+                let (delivery, reserved) = slot.deliver(message, now, &shared, binding.id);
+                deadline = deadline.or(reserved);
+                finished.results.push((origin, delivery));
+            }
+        }
+        finished.detached = deadline.map(|d| Binding {
+            id: d.id,
+            epoch: d.epoch,
+        });
+        self.schedule(deadline);
+        finished
     }
 
     /// Numbers `message` and queues it for whoever holds `to` here, live or reserved. Never
@@ -595,18 +719,21 @@ impl<O: Outbox> Connections<O> {
             .is_some_and(|s| matches!(s.presence, Presence::Reserved { .. }))
     }
 
-    /// Takes what the reserved `binding` holds (see [`Log::take_held`]); empty if it is not
-    /// reserved here at that epoch.
-    pub fn take_log(&self, binding: Binding) -> Vec<(ServerFrame, Option<Origin>)> {
+    /// Takes what the reserved `binding` holds (see [`Log::take_held`]) and the range it dropped
+    /// (which stays, for a resume here); empty if it is not reserved here at that epoch.
+    pub fn take_log(&self, binding: Binding) -> Taken {
         let mut shard = self.shard(binding.id);
         match shard.get_mut(&binding.id) {
             Some(slot)
                 if slot.epoch == binding.epoch
                     && matches!(slot.presence, Presence::Reserved { .. }) =>
             {
-                slot.log.take_held(&self.held_bytes)
+                Taken {
+                    frames: slot.log.take_held(&self.held_bytes),
+                    missed: slot.log.missed(),
+                }
             }
-            _ => Vec::new(),
+            _ => Taken::default(),
         }
     }
 
@@ -614,12 +741,7 @@ impl<O: Outbox> Connections<O> {
     /// connection is sent `replaced` and its outbox dropped (its session closes), the entry goes,
     /// and what it held comes back (to be forwarded to the ID's new home). `None` if `binding` is
     /// not held here.
-    pub fn kick(
-        &self,
-        binding: Binding,
-        replaced: ServerFrame,
-        now: Instant,
-    ) -> Option<Vec<(ServerFrame, Option<Origin>)>> {
+    pub fn kick(&self, binding: Binding, replaced: ServerFrame, now: Instant) -> Option<Taken> {
         let mut slot = {
             let mut shard = self.shard(binding.id);
             shard
@@ -628,13 +750,33 @@ impl<O: Outbox> Connections<O> {
             shard.remove(&binding.id)?
         };
         self.clients.fetch_sub(1, Ordering::Relaxed);
+        let mut frames = Vec::new();
         match std::mem::replace(&mut slot.presence, Presence::Reserved { until: now }) {
             Presence::Live(outbox) => {
+                if !slot.acks {
+                    // Never written, so never read: they go with the ID. (A client that
+                    // acknowledges holds them in its log already.)
+                    frames.extend(
+                        outbox
+                            .take_unsent()
+                            .into_iter()
+                            .filter(|f| f.kind != ServerKind::Id)
+                            .map(|f| (f, None)),
+                    );
+                }
                 let _ = outbox.try_push(replaced);
             }
             Presence::Reserved { .. } => self.shared().unreserve(slot.address),
         }
-        Some(slot.log.take_held(&self.held_bytes))
+        let missed = slot.log.missed();
+        frames.extend(slot.log.take_held(&self.held_bytes));
+        // What waited behind a deferred resume here comes after, unnumbered.
+        let waiting = slot.take_pending(&self.held_bytes);
+        frames.extend(waiting.into_iter().map(|m| {
+            let origin = m.origin();
+            (m.seal(None), origin)
+        }));
+        Some(Taken { frames, missed })
     }
 
     /// The last number `id`'s client said it processed on the node it resumed from (0: none).
@@ -689,7 +831,10 @@ impl<O: Outbox> Connections<O> {
         if let Presence::Reserved { .. } = slot.presence {
             self.shared().unreserve(slot.address);
         }
-        slot.log.discard(&self.held_bytes)
+        let waiting = slot.take_pending(&self.held_bytes);
+        let mut lost = slot.log.discard(&self.held_bytes);
+        lost.extend(waiting.iter().filter_map(Envelope::origin));
+        lost
     }
 }
 
@@ -725,6 +870,16 @@ impl Shared<'_> {
 impl<O: Outbox> Slot<O> {
     fn is_live(&self, epoch: u64) -> bool {
         self.epoch == epoch && matches!(self.presence, Presence::Live(_))
+    }
+
+    /// Ends a deferred resume's wait: what waited, in order, its bytes given back to the global
+    /// budget.
+    fn take_pending(&mut self, held_total: &AtomicUsize) -> Vec<Envelope> {
+        let Some(pending) = self.pending.take() else {
+            return Vec::new();
+        };
+        held_total.fetch_sub(pending.bytes, Ordering::Relaxed);
+        pending.messages
     }
 
     /// Turns a live slot into a reservation (the outbox is dropped with the old presence) and
@@ -766,10 +921,34 @@ impl<O: Outbox> Slot<O> {
         shared: &Shared<'_>,
         id: ClientId,
     ) -> (Delivery, Option<Deadline>) {
+        let hold = shared.limits.hold;
+        if let (Some(pending), Presence::Live(_)) = (&mut self.pending, &self.presence) {
+            // A resume's backlog is still to come: this waits behind it, not yet numbered.
+            let len = message.json().len();
+            let reason = if pending.messages.len() >= hold.messages
+                || pending.bytes + len > hold.bytes
+            {
+                Some(DropReason::QueueFull)
+            } else if shared.held_bytes.fetch_add(len, Ordering::Relaxed) + len > hold.bytes_total {
+                shared.held_bytes.fetch_sub(len, Ordering::Relaxed);
+                Some(DropReason::ServerBusy)
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                let dropped = Delivery::Dropped {
+                    reason,
+                    detached: false,
+                };
+                return (dropped, None);
+            }
+            pending.bytes += len;
+            pending.messages.push(message);
+            return (Delivery::Queued, None);
+        }
         let seq = self.log.next_seq();
         let origin = message.origin();
         let frame = message.seal(self.acks.then_some(seq));
-        let hold = shared.limits.hold;
         match &self.presence {
             Presence::Live(outbox) => {
                 if self.acks {
@@ -1076,6 +1255,7 @@ mod tests {
                     ServerKind::Error(ErrorCode::SessionReplaced),
                     "replaced".into(),
                 ),
+                false,
             );
             self.tokens.borrow_mut().insert(target, took.token.clone());
             Ok(Resumed {
@@ -1131,6 +1311,173 @@ mod tests {
 
     fn address(last: u8) -> Option<IpKey> {
         Some(IpKey::of(std::net::IpAddr::from([192, 0, 2, last])))
+    }
+
+    /// A resume from another node (deferred): what arrives for the ID before its backlog is in
+    /// waits, unnumbered, and goes out after the `id` message and the backlog; beyond the ID's
+    /// budget it is dropped for its sender to be told. (Before, it went out at once, ahead of the
+    /// backlog.)
+    #[test]
+    fn a_deferred_resume_sends_the_id_message_then_the_backlog_then_what_arrived_meanwhile() {
+        let limits = SignalingLimits {
+            resume_queue_messages: 3,
+            ..SignalingLimits::default()
+        };
+        let conns: Connections<TestOutbox> = Connections::new(&limits);
+        let now = Instant::now();
+        let outbox = TestOutbox::with_capacity(64);
+        let from = Binding {
+            id: ClientId::new(111_111),
+            epoch: 1,
+        };
+        assert!(conns.admit());
+        conns
+            .attach(
+                from,
+                outbox.clone(),
+                Joining::default(),
+                hello(from.id, &ResumeToken::random(&mut rand::rng())),
+            )
+            .unwrap();
+        outbox.take();
+        let to = Binding {
+            id: ClientId::new(222_222),
+            epoch: 5,
+        };
+        let replaced = text_frame(ServerKind::Error(ErrorCode::SessionReplaced), "x".into());
+        let taken = conns.take_over(from, to, 4, None, now, |_| unreachable!(), replaced, true);
+        assert!(!taken.overflowed);
+        assert!(outbox.take().is_empty(), "nothing before the backlog");
+        let peer = Binding {
+            id: ClientId::new(333_333),
+            epoch: 2,
+        };
+        for len in [20, 21, 22] {
+            let (delivery, _) = conns.deliver(to.id, message(peer, len), now).unwrap();
+            assert_eq!(delivery, Delivery::Queued);
+        }
+        let (over, _) = conns.deliver(to.id, message(peer, 23), now).unwrap();
+        assert_eq!(
+            over,
+            Delivery::Dropped {
+                reason: DropReason::QueueFull,
+                detached: false
+            }
+        );
+        assert_eq!(
+            conns.held_bytes(),
+            20 + 21 + 22,
+            "counted in the global budget"
+        );
+        let resumed = text_frame(ServerKind::Id, "resumed".into());
+        let backlog = vec![message(peer, 30), message(peer, 31)];
+        let finished = conns.finish_takeover(to, resumed, backlog, now);
+        assert_eq!(conns.held_bytes(), 0);
+        assert!(finished.detached.is_none() && finished.leftover.is_empty());
+        assert_eq!(finished.results.len(), 5);
+        assert!(finished.results.iter().all(|(_, d)| *d == Delivery::Sent));
+        let got = outbox.take();
+        assert_eq!(got[0], "resumed");
+        let lengths: Vec<usize> = got[1..].iter().map(String::len).collect();
+        assert_eq!(lengths, [30, 31, 20, 21, 22]);
+        // Done waiting: the next goes straight out.
+        let (next, _) = conns.deliver(to.id, message(peer, 24), now).unwrap();
+        assert_eq!(next, Delivery::Sent);
+    }
+
+    /// A deferred resume overtaken by another one (a kick from a node that resumed the ID
+    /// since, or a resume here) hands on what waited for it instead of dropping it silently.
+    #[test]
+    fn what_waits_behind_a_deferred_resume_survives_a_kick_or_a_second_resume() {
+        let conns: Connections<TestOutbox> = Connections::new(&SignalingLimits::default());
+        let now = Instant::now();
+        let replaced = || text_frame(ServerKind::Error(ErrorCode::SessionReplaced), "x".into());
+        let peer = Binding {
+            id: ClientId::new(333_333),
+            epoch: 2,
+        };
+        let defer = |from: Binding, to: Binding, previous: u64| {
+            let outbox = TestOutbox::with_capacity(64);
+            assert!(conns.admit());
+            let token = ResumeToken::random(&mut rand::rng());
+            conns
+                .attach(
+                    from,
+                    outbox.clone(),
+                    Joining::default(),
+                    hello(from.id, &token),
+                )
+                .unwrap();
+            let taken = conns.take_over(
+                from,
+                to,
+                previous,
+                None,
+                now,
+                |_| unreachable!(),
+                replaced(),
+                true,
+            );
+            assert!(!taken.overflowed);
+            outbox
+        };
+        let id = ClientId::new(222_222);
+        let first = Binding { id, epoch: 5 };
+        defer(
+            Binding {
+                id: ClientId::new(111_111),
+                epoch: 1,
+            },
+            first,
+            4,
+        );
+        let (delivery, _) = conns.deliver(id, message(peer, 40), now).unwrap();
+        assert_eq!(delivery, Delivery::Queued);
+        // Kicked (resumed elsewhere meanwhile): the waiting message comes back with the log.
+        let taken = conns.kick(first, replaced(), now).unwrap();
+        assert_eq!(conns.held_bytes(), 0);
+        assert_eq!(taken.frames.len(), 1);
+        assert_eq!(taken.frames[0].0.len(), 40);
+        assert_eq!(taken.frames[0].1.map(|o| o.from), Some(peer.id));
+
+        // Deferred again, then resumed here by another connection before it finished.
+        let second = Binding { id, epoch: 7 };
+        defer(
+            Binding {
+                id: ClientId::new(444_444),
+                epoch: 6,
+            },
+            second,
+            6,
+        );
+        let (delivery, _) = conns.deliver(id, message(peer, 41), now).unwrap();
+        assert_eq!(delivery, Delivery::Queued);
+        let outbox = TestOutbox::with_capacity(64);
+        let from = Binding {
+            id: ClientId::new(555_555),
+            epoch: 8,
+        };
+        assert!(conns.admit());
+        let token = ResumeToken::random(&mut rand::rng());
+        conns
+            .attach(from, outbox, Joining::default(), hello(from.id, &token))
+            .unwrap();
+        let third = Binding { id, epoch: 9 };
+        let taken = conns.take_over(
+            from,
+            third,
+            7,
+            None,
+            now,
+            |_| text_frame(ServerKind::Id, "id".into()),
+            replaced(),
+            false,
+        );
+        assert_eq!(taken.waiting.len(), 1);
+        assert_eq!(taken.waiting[0].json().len(), 41);
+        assert_eq!(conns.held_bytes(), 0);
+        let (next, _) = conns.deliver(id, message(peer, 42), now).unwrap();
+        assert_eq!(next, Delivery::Sent, "nothing waits any more");
     }
 
     #[test]

@@ -296,6 +296,11 @@ impl Log {
         self.processed_elsewhere = self.processed_elsewhere.max(seq);
     }
 
+    /// The range dropped since the last resume, not yet reported.
+    pub fn missed(&self) -> Option<(u64, u64)> {
+        self.missed
+    }
+
     /// The last number the client said it processed on the node it resumed from (0: none).
     pub fn processed_elsewhere(&self) -> u64 {
         self.processed_elsewhere

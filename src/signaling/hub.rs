@@ -902,11 +902,26 @@ pub fn id_frame(
     heartbeat: std::time::Duration,
     ice_servers: Option<&RawValue>,
 ) -> ServerFrame {
+    resumed_id_frame(id, token, resumed, missed, None, heartbeat, ice_servers)
+}
+
+/// Like [`id_frame`], after a resume from a server that failed: messages it numbered from
+/// `lost_from` on may be lost (`"missed":[first,null]`).
+pub fn resumed_id_frame(
+    id: ClientId,
+    token: &ResumeToken,
+    resumed: bool,
+    missed: Option<(u64, u64)>,
+    lost_from: Option<u64>,
+    heartbeat: std::time::Duration,
+    ice_servers: Option<&RawValue>,
+) -> ServerFrame {
     ServerMessage::Id {
         id,
         token,
         resumed,
         missed,
+        lost_from,
         heartbeat,
         ice_servers,
     }

@@ -468,6 +468,10 @@ pub enum DropReason {
     /// The ID went away for good (left, or did not come back within the resume grace).
     #[error("it left or did not come back in time")]
     RecipientGone,
+    /// The server that held the recipient failed (cluster: killed, or cut off) before the
+    /// recipient confirmed receipt; what it had written to the recipient may be lost.
+    #[error("its server failed before it confirmed receipt")]
+    NodeFailed,
 }
 
 impl DropReason {
@@ -477,6 +481,7 @@ impl DropReason {
             Self::QueueFull => "queue_full",
             Self::ServerBusy => "server_busy",
             Self::RecipientGone => "recipient_gone",
+            Self::NodeFailed => "node_failed",
         }
     }
 }
@@ -911,6 +916,10 @@ pub enum ServerMessage<'a> {
         resumed: bool,
         /// After a resume: the `seq` range dropped for the ID while it was away (both inclusive).
         missed: Option<(u64, u64)>,
+        /// After a resume from a server that failed: messages it numbered from here on may be
+        /// lost and how many is unknown; sent as `"missed":[first,null]` (with `missed`'s first
+        /// number if lower).
+        lost_from: Option<u64>,
         /// How often the server pings at the WebSocket level, so clients can size their own timeouts.
         heartbeat: Duration,
         /// ICE servers (STUN/TURN with credentials) as opaque JSON from the caller of the hub.
@@ -1142,6 +1151,7 @@ impl ServerMessage<'_> {
                 token,
                 resumed,
                 missed,
+                lost_from,
                 heartbeat,
                 ice_servers,
             } => {
@@ -1152,8 +1162,15 @@ impl ServerMessage<'_> {
                     r#"","resumed":{resumed},"version":{PROTOCOL_VERSION},"heartbeatMs":{}"#,
                     heartbeat.as_millis()
                 )?;
-                if let Some((first, last)) = missed {
-                    write!(out, r#","missed":[{first},{last}]"#)?;
+                match (missed, lost_from) {
+                    (missed, Some(from)) => {
+                        let first = missed.map_or(*from, |(first, _)| first.min(*from));
+                        write!(out, r#","missed":[{first},null]"#)?;
+                    }
+                    (Some((first, last)), None) => {
+                        write!(out, r#","missed":[{first},{last}]"#)?;
+                    }
+                    (None, None) => {}
                 }
                 if let Some(ice) = ice_servers {
                     out.extend_from_slice(br#","iceServers":"#);
@@ -1213,13 +1230,20 @@ impl ServerMessage<'_> {
                 request,
             } => {
                 let code = ErrorCode::Undelivered;
-                let what = match (request, count) {
-                    (Some(kind), 1) => format!("Your {} to {to} was", kind.as_str()),
-                    (_, 1) => format!("Your message to {to} was"),
-                    (_, n) => format!("{n} of your messages to {to} were"),
+                let sentence = match (request, count) {
+                    (Some(kind), 1) => {
+                        format!(
+                            "Your {} to {to} was not delivered: {reason}.",
+                            kind.as_str()
+                        )
+                    }
+                    (_, 1) => format!("Your message to {to} was not delivered: {reason}."),
+                    // How many is unknown (its server failed): say so rather than a number.
+                    (_, 0) => format!("Messages you sent to {to} lately may be lost: {reason}."),
+                    (_, n) => format!("{n} of your messages to {to} were not delivered: {reason}."),
                 };
                 write!(out, r#"{{"type":"error","code":"{code}","message":"#)?;
-                serde_json::to_writer(&mut *out, &format!("{what} not delivered: {reason}."))?;
+                serde_json::to_writer(&mut *out, &sentence)?;
                 if let Some(request) = request {
                     write!(out, r#","request":"{}""#, request.as_str())?;
                 }
@@ -1585,6 +1609,7 @@ mod tests {
             token: &token,
             resumed: true,
             missed: Some((5, 9)),
+            lost_from: None,
             heartbeat: Duration::from_secs(20),
             ice_servers: None,
         };
@@ -1643,6 +1668,7 @@ mod tests {
                     token: &token,
                     resumed: false,
                     missed: None,
+                    lost_from: None,
                     heartbeat: Duration::from_secs(20),
                     ice_servers: Some(&ice),
                 },

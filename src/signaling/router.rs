@@ -10,15 +10,17 @@
 
 use std::time::Instant;
 
-use super::bus::{Bus, BusDelivery, NoBus};
-use super::connections::{AckError, Connections, Delivery, Detached, Joining, Outbox, Removed};
+use super::bus::{Bus, BusDelivery, Handover, Held, NoBus};
+use super::connections::{
+    AckError, Connections, Delivery, Detached, Finished, Joining, Outbox, Removed, Taken,
+};
 use super::delivery::{Envelope, Origin};
 use super::hub::{
-    id_frame, replaced_frame, AckRefusal, Attachment, CallObserver, ConnectError, Departure,
-    Effect, Effects, Hub, IceServersFor, Outcome, Resumption,
+    id_frame, replaced_frame, resumed_id_frame, AckRefusal, Attachment, CallObserver, ConnectError,
+    Departure, Effect, Effects, Hub, IceServersFor, Outcome, Resumption,
 };
 use super::outbox::OutboxSender;
-use super::protocol::{ClientId, CloseCode, DropReason, ErrorCode};
+use super::protocol::{ClientId, CloseCode, DropReason, ErrorCode, ServerMessage};
 use super::registry::{Binding, CallState, Freed, MemoryRegistry, RegisterError, Registry, Stale};
 use super::SignalingLimits;
 
@@ -241,7 +243,12 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
             return;
         }
         let mut outcome = Outcome::default();
-        for (frame, origin) in self.connections.take_log(binding) {
+        let taken = self.connections.take_log(binding);
+        if let Some(missed) = taken.missed {
+            // Not reported yet: a resume on another node must tell the client.
+            self.bus.hold_missed(binding, missed).await;
+        }
+        for (frame, origin) in taken.frames {
             let envelope = Envelope::from_parts(frame.kind, frame.bytes.to_vec(), origin);
             if let Some(Effect::Deliver { to, envelope }) =
                 self.send_on_bus(binding.id, envelope).await
@@ -282,19 +289,29 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
     /// connection is told `session_replaced` and closed, and what it held for the client goes to
     /// the ID's new home. Returns whether a connection here held it.
     pub async fn kick(&self, binding: Binding, now: Instant) -> bool {
-        let Some(held) = self.connections.kick(binding, replaced_frame(), now) else {
+        let Some(held) = self.kick_for_handover(binding, now) else {
             return false;
         };
+        self.forward(binding.id, held, now).await;
+        true
+    }
+
+    /// Like [`Router::kick`], but what the connection held comes back, for the caller to hand to
+    /// the ID's new home in one message (so it is replayed there before anything newer).
+    pub fn kick_for_handover(&self, binding: Binding, now: Instant) -> Option<Taken> {
+        self.connections.kick(binding, replaced_frame(), now)
+    }
+
+    /// Sends what a kicked connection held on to wherever `id` is now, one message at a time
+    /// (when the handover message could not be sent); what goes nowhere is reported.
+    pub async fn forward(&self, id: ClientId, held: Taken, now: Instant) {
         let mut outcome = Outcome::default();
-        for (frame, origin) in held {
+        for (frame, origin) in held.frames {
             let envelope = Envelope::from_parts(frame.kind, frame.bytes.to_vec(), origin);
-            if let Some(Effect::Deliver { to, envelope }) =
-                self.send_on_bus(binding.id, envelope).await
-            {
+            if let Some(Effect::Deliver { to, envelope }) = self.send_on_bus(id, envelope).await {
                 self.deliver_or_tell(to, envelope, now, &mut outcome).await;
             }
         }
-        true
     }
 
     /// Delivers one effect that is not an answer to a connection (a notice for a sender, from a
@@ -434,6 +451,9 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
         } = resumption;
         let heartbeat = self.limits().heartbeat_interval;
         let (id, token) = (takeover.binding.id, &takeover.token);
+        // From another node: its backlog (what it held, what the held stream holds) comes
+        // first, so the `id` message and everything for the ID wait until it is here.
+        let remote = self.bus.holds_reserved() && takeover.previous_node != *self.hub.node();
         let taken = self.connections.take_over(
             from,
             takeover.binding,
@@ -442,6 +462,7 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
             now,
             |missed| id_frame(id, token, true, missed, heartbeat, ice_servers.as_deref()),
             replaced_frame(),
+            remote,
         );
         tracing::debug!(
             client = %id,
@@ -450,6 +471,17 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
             replaced = taken.replaced.is_some(),
             "took over"
         );
+        if remote && !taken.overflowed {
+            self.take_over_from_elsewhere(
+                &takeover,
+                last_seq,
+                ice_servers.as_deref(),
+                now,
+                outcome,
+            )
+            .await;
+            return;
+        }
         if takeover.was_live && takeover.previous_node != *self.hub.node() {
             tracing::debug!(client = %id, node = %takeover.previous_node, "resumed from a live connection on another node; kicking it there");
             let previous = Binding {
@@ -471,11 +503,17 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
             self.replay_held(takeover.binding, last_seq, now, outcome)
                 .await;
         }
+        for envelope in taken.waiting {
+            self.deliver_or_tell(id, envelope, now, outcome).await;
+        }
     }
 
     /// In a cluster, after a resume: numbering continues after what the client saw, then what was
     /// held for the ID while nobody held it live (on any node) is delivered in order, leaving out
-    /// what the client says it processed (`last_seq`: numbers given by the node it left).
+    /// what the client says it processed (`last_seq`: numbers given by the node it left). The
+    /// held place is read, delivered, then trimmed, so an answer lost to a timeout is read
+    /// again; if it cannot be read twice the connection is closed with 1013 and the messages
+    /// stay held for the client's next resume.
     async fn replay_held(
         &self,
         binding: Binding,
@@ -486,13 +524,144 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
         if let Some(seq) = last_seq {
             self.connections.continue_after(binding, seq);
         }
-        for envelope in self.bus.take_held(binding.id).await {
-            let (envelope, seq) = envelope.unsealed();
-            if seq.is_some_and(|seq| last_seq.is_some_and(|last| seq <= last)) {
-                continue;
-            }
+        let Some(held) = self.read_held(binding, outcome).await else {
+            return;
+        };
+        for envelope in unprocessed(held.messages, last_seq) {
             self.deliver_or_tell(binding.id, envelope, now, outcome)
                 .await;
+        }
+        if let Some(cursor) = held.cursor {
+            self.bus.trim_held(binding.id, cursor).await;
+        }
+    }
+
+    /// Reads what is held for `binding`, trying twice; `None` (and the connection closed with
+    /// 1013: the messages stay held for its next resume) if the bus cannot answer.
+    async fn read_held(&self, binding: Binding, outcome: &mut Outcome) -> Option<Held> {
+        for _ in 0..2 {
+            if let Ok(held) = self.bus.read_held(binding).await {
+                return Some(held);
+            }
+        }
+        tracing::warn!(client = %binding.id, "messages held for a resumed ID could not be read: Redis unavailable; closing with 1013 so the client resumes again and gets them");
+        outcome.close = Some(CloseCode::TryAgainLater);
+        None
+    }
+
+    /// A resume of an ID another node held: the old home hands over what it held (or is found
+    /// dead), the held place is read, and only then does the client get its `id` message and
+    /// the backlog, in order, before anything sent to it since. A dead old home's unconfirmed
+    /// messages are unknown: the client is told `"missed":[last_seq+1,null]` and its call peer
+    /// (the only client that could have sent it anything) `undelivered` with `node_failed`.
+    async fn take_over_from_elsewhere(
+        &self,
+        takeover: &super::registry::Takeover,
+        last_seq: Option<u64>,
+        ice_servers: Option<&serde_json::value::RawValue>,
+        now: Instant,
+        outcome: &mut Outcome,
+    ) {
+        let binding = takeover.binding;
+        let id = binding.id;
+        let mut backlog = Vec::new();
+        let mut missed = None;
+        let mut node_failed = false;
+        if takeover.was_live {
+            tracing::debug!(client = %id, node = %takeover.previous_node, "resumed from a live connection on another node; asking it to hand over");
+            let old = Binding {
+                id,
+                epoch: takeover.previous_epoch,
+            };
+            match self
+                .bus
+                .hand_over(&takeover.previous_node, old, binding)
+                .await
+            {
+                Handover::Flushed(held) => {
+                    backlog.extend(held.messages);
+                    missed = merge(missed, held.missed);
+                }
+                Handover::Unanswered => {
+                    tracing::info!(client = %id, node = %takeover.previous_node, "the node that held a resumed ID did not answer; what it numbered after the client's last_seq is reported lost");
+                    // Only a client that acknowledges (it says `last_seq`) has a delivery
+                    // record to be exact about; for one that does not, nothing is known, as on
+                    // one node, and nobody is alarmed.
+                    node_failed = last_seq.is_some();
+                }
+            }
+        }
+        let held = self.read_held(binding, outcome).await;
+        let cursor = held.as_ref().and_then(|h| h.cursor.clone());
+        if let Some(held) = held {
+            backlog.extend(held.messages);
+            missed = merge(missed, held.missed);
+        }
+        // Numbers never go back: on after what the client saw and what was dropped.
+        let after = last_seq
+            .unwrap_or(0)
+            .max(missed.map_or(0, |(_, last)| last));
+        if after > 0 {
+            self.connections.continue_after(binding, after);
+        }
+        let lost_from = last_seq.filter(|_| node_failed).map(|last| last + 1);
+        let hello = resumed_id_frame(
+            id,
+            &takeover.token,
+            true,
+            missed,
+            lost_from,
+            self.limits().heartbeat_interval,
+            ice_servers,
+        );
+        let replay = unprocessed(backlog, last_seq);
+        let finished = self
+            .connections
+            .finish_takeover(binding, hello, replay, now);
+        if let Some(cursor) = cursor {
+            self.bus.trim_held(id, cursor).await;
+        }
+        self.settle_finished(id, finished, now, outcome).await;
+        if node_failed {
+            if let Some(peer) = takeover.call.peer() {
+                let notice = ServerMessage::Undelivered {
+                    to: id,
+                    reason: DropReason::NodeFailed,
+                    count: 0,
+                    request: None,
+                };
+                self.deliver_or_tell(peer, Envelope::new(&notice), now, outcome)
+                    .await;
+            }
+        }
+    }
+
+    /// Reports what a deferred resume could not deliver, and detaches a connection that could
+    /// not take its backlog.
+    async fn settle_finished(
+        &self,
+        id: ClientId,
+        finished: Finished,
+        now: Instant,
+        outcome: &mut Outcome,
+    ) {
+        for (origin, delivery) in finished.results {
+            if let Delivery::Dropped { reason, .. } = delivery {
+                if let Some(Effect::Deliver { to, envelope }) =
+                    self.hub.undelivered(id, reason, origin)
+                {
+                    self.deliver_or_tell(to, envelope, now, outcome).await;
+                }
+            }
+        }
+        if let Some(binding) = finished.detached {
+            outcome.close = Some(CloseCode::PolicyViolation);
+            self.detached(binding, now, outcome).await;
+        }
+        for envelope in finished.leftover {
+            if let Some(Effect::Deliver { to, envelope }) = self.send_on_bus(id, envelope).await {
+                self.deliver_or_tell(to, envelope, now, outcome).await;
+            }
         }
     }
 
@@ -583,6 +752,27 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
     }
 }
 
+/// The messages of a backlog the client has not processed (numbered after `last_seq` by the node
+/// that numbered them, or not numbered), without their old numbers, in order.
+fn unprocessed(backlog: Vec<Envelope>, last_seq: Option<u64>) -> Vec<Envelope> {
+    backlog
+        .into_iter()
+        .filter_map(|envelope| {
+            let (envelope, seq) = envelope.unsealed();
+            let processed = seq.is_some_and(|seq| last_seq.is_some_and(|last| seq <= last));
+            (!processed).then_some(envelope)
+        })
+        .collect()
+}
+
+/// Two missed ranges as one (from the lowest first to the highest last).
+fn merge(a: Option<(u64, u64)>, b: Option<(u64, u64)>) -> Option<(u64, u64)> {
+    match (a, b) {
+        (Some((f1, l1)), Some((f2, l2))) => Some((f1.min(f2), l1.max(l2))),
+        (a, b) => a.or(b),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -642,11 +832,14 @@ mod tests {
             true
         }
 
-        async fn take_held(&self, to: ClientId) -> Vec<Envelope> {
+        async fn read_held(&self, to: Binding) -> Result<Held, super::super::bus::BusUnavailable> {
             let mut held = self.held.lock().unwrap();
-            let (mine, others) = held.drain(..).partition(|(id, _)| *id == to);
+            let (mine, others) = held.drain(..).partition(|(id, _)| *id == to.id);
             *held = others;
-            mine.into_iter().map(|(_, envelope)| envelope).collect()
+            Ok(Held {
+                messages: mine.into_iter().map(|(_, envelope)| envelope).collect(),
+                ..Held::default()
+            })
         }
     }
 
@@ -717,6 +910,51 @@ mod tests {
         assert_eq!(got[2]["candidate"]["candidate"], "c2");
         assert_eq!(got[2]["seq"], 4);
         assert!(router.bus().held.lock().unwrap().is_empty());
+    }
+
+    /// A cluster bus whose held place cannot be read (Redis times out).
+    struct UnreadableBus;
+
+    impl Bus for UnreadableBus {
+        async fn send(&self, _to: ClientId, _envelope: Envelope) -> BusDelivery {
+            BusDelivery::Held
+        }
+
+        fn holds_reserved(&self) -> bool {
+            true
+        }
+
+        async fn read_held(&self, _to: Binding) -> Result<Held, super::super::bus::BusUnavailable> {
+            Err(super::super::bus::BusUnavailable)
+        }
+    }
+
+    /// Issue 13, gap 4: when the held place cannot be read after a resume, the client still gets
+    /// its `id` message (with the new token) and the connection is closed with 1013, so the
+    /// client resumes again and the messages, still held, reach it then. (Before, the resume
+    /// went on as if nothing was held.)
+    #[test]
+    fn a_resume_whose_held_messages_cannot_be_read_gets_its_id_and_1013_to_come_back() {
+        let limits = SignalingLimits::default();
+        let hub = Hub::new(MemoryRegistry::new(&limits), NodeId::local(), limits);
+        let router: Router<MemoryRegistry, UnreadableBus, TestOutbox> =
+            Router::new(hub, UnreadableBus);
+        let now = Instant::now();
+        let b_out = TestOutbox::with_capacity(64);
+        let b = ready(router.connect(b_out.clone(), None, now)).unwrap();
+        let hello: serde_json::Value = serde_json::from_str(&b_out.take()[0]).unwrap();
+        let token = hello["token"].as_str().unwrap().to_owned();
+        let b_id = b.id();
+        ready(router.disconnect(b, super::super::hub::Departure::Dropped, now));
+        let c_out = TestOutbox::with_capacity(64);
+        let mut c = ready(router.connect(c_out.clone(), None, now)).unwrap();
+        c_out.take();
+        let resume = format!(r#"{{"type":"resume","id":{b_id},"token":"{token}"}}"#);
+        let outcome = ready(router.handle_text(&mut c, resume.as_bytes(), now));
+        assert_eq!(outcome.close, Some(CloseCode::TryAgainLater));
+        let got = c_out.take();
+        let id: serde_json::Value = serde_json::from_str(&got[0]).unwrap();
+        assert_eq!(id["resumed"], true, "{got:?}");
     }
 
     fn protocol_kind() -> crate::signaling::protocol::ServerKind {

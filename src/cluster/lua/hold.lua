@@ -1,5 +1,6 @@
 -- KEYS: cg:id:{id}, cg:held:{id}, cg:held:due
--- ARGV: epoch expected ('' for any), payload, max messages, max bytes, grace ms, max bytes total, id
+-- ARGV: epoch expected ('' for any), payload, max messages, max bytes, grace ms, max bytes total, id,
+--       '1' for a marker (a missed range: tiny, and never refused for the caps, which it reports)
 -- Returns 1 held, 0 no such client, 2 moved (epoch differs: locate again), 3 too many messages,
 -- 4 too many bytes for this ID, 5 too many bytes held cluster-wide. The caps are checked before
 -- XADD, so nothing already held is ever trimmed away without its sender being told.
@@ -17,11 +18,12 @@ end
 if ARGV[1] ~= '' and e ~= ARGV[1] then
   return 2
 end
-if redis.call('XLEN', KEYS[2]) >= tonumber(ARGV[3]) then
+local marker = ARGV[8] == '1'
+if not marker and redis.call('XLEN', KEYS[2]) >= tonumber(ARGV[3]) then
   return 3
 end
 local size = string.len(ARGV[2])
-if (tonumber(held) or 0) + size > tonumber(ARGV[4]) then
+if not marker and (tonumber(held) or 0) + size > tonumber(ARGV[4]) then
   return 4
 end
 local grace = tonumber(ARGV[5])
@@ -32,7 +34,7 @@ local total = 0
 for w = window - 5, window do
   total = total + (tonumber(redis.call('GET', 'cg:held:bytes:' .. w)) or 0)
 end
-if total + size > tonumber(ARGV[6]) then
+if not marker and total + size > tonumber(ARGV[6]) then
   return 5
 end
 redis.call('XADD', KEYS[2], '*', 'm', ARGV[2])

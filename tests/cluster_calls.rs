@@ -704,3 +704,120 @@ async fn a_takeover_from_a_live_connection_elsewhere_forwards_only_what_the_clie
     assert_eq!(candidate_number(&next), 4);
     assert_eq!(next["seq"], 5);
 }
+
+/// `close-call-client` from `from` to `to`.
+async fn hang_up(from: &mut Client, to: u64) {
+    let me = from.id;
+    from.send(&format!(
+        r#"{{"type":"close-call-client","id":{me},"clientId":{to}}}"#
+    ))
+    .await;
+}
+
+/// Awaits an ID's call in Redis: `phase` with `peer` ("" when idle).
+async fn until_phase(redis: &RedisServer, id: u64, phase: &str, peer: &str) {
+    let what = format!("{id} {phase} with {peer:?} in Redis");
+    until(Duration::from_secs(10), &what, || {
+        id_field(redis, id, "phase").as_deref() == Some(phase)
+            && id_field(redis, id, "peer").as_deref() == Some(peer)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_hang_up_redis_runs_after_its_sender_was_told_it_failed_ends_the_call_on_both_sides() {
+    let Some((redis, cluster, a, b)) = two_nodes().await else {
+        return;
+    };
+    let mut x = Client::join(&cluster, a.https).await;
+    let mut z = Client::join(&cluster, b.https).await;
+    call(&mut x, &mut z).await;
+
+    // Redis freezes with the hang-up's script in its socket: node-a gives up after 1 s and the
+    // sender hears that its hang-up did not go through.
+    redis.pause();
+    hang_up(&mut x, z.id).await;
+    let refused = x.expect_error("cluster_unavailable").await;
+    assert_eq!(refused["request"], "close-call-client", "{refused}");
+    z.quiet(Duration::from_millis(200)).await;
+
+    // Redis wakes up and runs the hang-up after all. Node-a finds out (the hang-up was recorded
+    // with its operation number) and tells both sides; before, the peer was never told and sat in
+    // a call Redis said was over.
+    redis.resume();
+    let ended = z.expect("close-call-server").await;
+    assert_eq!(ended["clientId"].as_u64(), Some(x.id), "{ended}");
+    let ended = x.expect("close-call-server").await;
+    assert_eq!(ended["clientId"].as_u64(), Some(z.id), "{ended}");
+    until_phase(&redis, x.id, "idle", "").await;
+    until_phase(&redis, z.id, "idle", "").await;
+    // Both are free: a new call works, and nothing else arrives.
+    call(&mut z, &mut x).await;
+    x.candidate(z.id, 1).await;
+    assert_eq!(candidate_number(&z.recv().await), 1);
+    x.quiet(Duration::from_millis(200)).await;
+}
+
+#[tokio::test]
+async fn while_redis_is_down_two_clients_of_one_node_call_and_the_state_reaches_redis_when_it_returns(
+) {
+    let Some((mut redis, cluster, a, b)) = two_nodes().await else {
+        return;
+    };
+    let mut x = Client::join(&cluster, a.https).await;
+    let mut y = Client::join(&cluster, a.https).await;
+    let mut w = Client::join(&cluster, a.https).await;
+    let mut z = Client::join(&cluster, b.https).await;
+
+    // Redis stops (and will come back empty). Two clients of node-a place, answer and hang up a
+    // call; then call again and stay in it.
+    redis.stop();
+    call(&mut x, &mut y).await;
+    x.candidate(y.id, 1).await;
+    assert_eq!(candidate_number(&y.recv().await), 1);
+    hang_up(&mut x, y.id).await;
+    let ended = y.expect("close-call-server").await;
+    assert_eq!(ended["clientId"].as_u64(), Some(x.id), "{ended}");
+    call(&mut y, &mut x).await;
+    // Across nodes: a clear code; no new WebSocket either (an ID must be unique).
+    z.offer(w.id).await;
+    z.expect_error("cluster_unavailable").await;
+    let mut refused = open_at(&cluster, a.https, "/socket").await;
+    let error = refused.recv().await;
+    assert_eq!(error["code"], "cluster_unavailable", "{error}");
+    assert_eq!(refused.expect_close().await, Some(1013));
+
+    // Redis returns empty: node-a puts its IDs back with their calls and resume tokens.
+    redis.restart();
+    until_phase(&redis, x.id, "incall", &y.id.to_string()).await;
+    until_phase(&redis, y.id, "incall", &x.id.to_string()).await;
+    // x resumes on node-b, which reads its call from Redis: the call goes on both ways.
+    x.resume_at(&cluster, b.https).await;
+    x.candidate(y.id, 2).await;
+    assert_eq!(candidate_number(&y.recv().await), 2);
+    y.candidate(x.id, 3).await;
+    assert_eq!(candidate_number(&x.recv().await), 3);
+
+    // Redis freezes (and keeps its data): two other clients of node-a call; a cross-node offer
+    // gets the clear code.
+    let mut u = Client::join(&cluster, a.https).await;
+    let mut v = Client::join(&cluster, a.https).await;
+    redis.pause();
+    call(&mut u, &mut v).await;
+    z.offer(w.id).await;
+    z.expect_error("cluster_unavailable").await;
+    redis.resume();
+    until_phase(&redis, u.id, "incall", &v.id.to_string()).await;
+    until_phase(&redis, v.id, "incall", &u.id.to_string()).await;
+    v.resume_at(&cluster, b.https).await;
+    v.candidate(u.id, 4).await;
+    assert_eq!(candidate_number(&u.recv().await), 4);
+    u.candidate(v.id, 5).await;
+    assert_eq!(candidate_number(&v.recv().await), 5);
+    // The offer Redis ran late was undone: z and w are free to call.
+    until_phase(&redis, w.id, "idle", "").await;
+    call(&mut z, &mut w).await;
+    for client in [&mut x, &mut y, &mut u, &mut v] {
+        client.quiet(Duration::from_millis(100)).await;
+    }
+}

@@ -32,8 +32,8 @@ use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::signaling::bus::{Bus, BusDelivery};
 use crate::signaling::delivery::Envelope;
-use crate::signaling::hub::{CallEvent, Hub};
-use crate::signaling::protocol::{ClientId, DropReason, EndReason, ServerKind};
+use crate::signaling::hub::{CallEvent, Effect, Hub};
+use crate::signaling::protocol::{ClientId, DropReason, EndReason, ServerKind, ServerMessage};
 use crate::signaling::registry::Registry as _;
 use crate::signaling::router::Router;
 use crate::signaling::session::SessionHub;
@@ -48,6 +48,10 @@ pub type NodeRouter = SessionHub<NodeRegistry, NodeBus>;
 
 /// How often the orphan sweep runs, and how many IDs it takes per run.
 const ORPHAN_SWEEP: (Duration, usize) = (Duration::from_secs(2), 64);
+
+/// How often the node checks whether Redis must be brought up to date after an outage (a check
+/// of two counters; Redis is asked only when there is something to do).
+const RECONCILE_EVERY: Duration = Duration::from_millis(250);
 
 /// After the subscription comes back, when to look for held messages a second time.
 const RESUBSCRIBE_SECOND_LOOK: Duration = Duration::from_secs(2);
@@ -188,7 +192,7 @@ pub fn router(
             ttl: Duration::from_secs(2),
         },
     );
-    let hub = Hub::new(ClusterRegistry::new(registry), node, limits);
+    let hub = Hub::new(ClusterRegistry::new(registry, node.clone()), node, limits);
     Router::new(hub, ClusterBus::new(routes, metrics))
 }
 
@@ -209,6 +213,7 @@ pub fn spawn(router: Arc<NodeRouter>, shutdown: &Shutdown) {
     let subscription = router.bus().routes().bus().subscribe(&node, INBOX_CAPACITY);
     tokio::spawn(inbox(router.clone(), subscription, shutdown.clone()));
     tokio::spawn(leases(router.clone(), shutdown.clone()));
+    tokio::spawn(reconcile(router.clone(), shutdown.clone()));
     tokio::spawn(orphans(router, shutdown.clone()));
 }
 
@@ -374,18 +379,69 @@ async fn leases(router: Arc<NodeRouter>, mut shutdown: Shutdown) {
                 continue;
             }
         }
-        for binding in registry.live() {
-            let Some((_, state)) = registry.cached(binding.id) else {
-                continue;
-            };
-            let Some(peer) = state.peer() else { continue };
-            if router.connections().holds(peer) {
-                continue;
-            }
-            if let Ok(None) = registry.redis().locate(peer).await {
+        // Calls whose peer is on another node: is the peer still held anywhere? One pipelined
+        // round trip for all of them.
+        let calls: Vec<(Binding, ClientId, CallState)> = registry
+            .live()
+            .into_iter()
+            .filter_map(|binding| {
+                let (_, state) = registry.cached(binding.id)?;
+                let peer = state.peer()?;
+                (!router.connections().holds(peer)).then_some((binding, peer, state))
+            })
+            .collect();
+        let peers: Vec<ClientId> = calls.iter().map(|&(_, peer, _)| peer).collect();
+        let Ok(held) = registry.redis().held(&peers).await else {
+            continue;
+        };
+        for ((binding, peer, state), held) in calls.into_iter().zip(held) {
+            if !held {
                 peer_gone(&router, binding, peer, state).await;
             }
         }
+    }
+}
+
+/// Brings Redis up to date after an outage, within [`RECONCILE_EVERY`] of it answering again
+/// (see [`ClusterRegistry::reconcile`]), and does what reconciles found: closes connections
+/// whose IDs Redis gives to someone else, tells clients whose call ended without a word.
+async fn reconcile(router: Arc<NodeRouter>, mut shutdown: Shutdown) {
+    let registry = router.hub().registry();
+    let mut ticks = tokio::time::interval(RECONCILE_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.recv() => return,
+            _ = ticks.tick() => {}
+        }
+        if registry.needs_reconcile() {
+            if let Err(e) = registry.reconcile().await {
+                tracing::debug!("reconcile with Redis failed: {e}");
+            }
+        }
+        follow_up(&router).await;
+    }
+}
+
+/// Does what the registry's reconciles left to do.
+async fn follow_up(router: &NodeRouter) {
+    let followups = router.hub().registry().take_followups();
+    let now = Instant::now();
+    for binding in followups.lost {
+        if router.kick(binding, now).await {
+            tracing::info!(client = %binding.id, "connection closed: Redis no longer gives its ID to this node");
+        }
+    }
+    for correction in followups.corrections {
+        let notice = ServerMessage::CloseCallServer {
+            peer: correction.peer,
+            reason: correction.reason,
+        };
+        let effect = Effect::Deliver {
+            to: correction.to,
+            envelope: Envelope::new(&notice),
+        };
+        router.apply_effect(effect, now).await;
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use callgate::cluster::bus::{BusEvent, BusKind, BusMessage, BusSettings, Hold, RedisBus};
-use callgate::cluster::registry::{RedisRegistry, Refreshed, RegistrySettings};
+use callgate::cluster::registry::{Known, RedisRegistry, Refreshed, RegistrySettings, Resolved};
 use callgate::cluster::route::{BusDelivery, RouteSettings, Routes};
 use callgate::cluster::types::{
     Binding, BindingError, CallState, NodeId, RegisterError, ResumeError, Stale, Transition,
@@ -1914,5 +1914,117 @@ async fn messages_held_for_an_id_that_expired_unresumed_are_swept_so_their_sende
         s.bus.take_held(waiting.id).await.unwrap().len(),
         2,
         "not swept while resumable"
+    );
+}
+
+#[tokio::test]
+async fn an_unanswered_transition_is_made_certain_and_a_late_copy_of_a_fenced_one_is_refused() {
+    let Some(s) = setup().await else { return };
+    let (a, _) = s.claim("n1").await;
+    let (b, _) = s.claim("n2").await;
+    // Operation 5 never reached Redis: resolving it fences it off, and its late copy is refused.
+    assert_eq!(
+        s.registry.resolve(a, 5).await,
+        Ok(Some(Resolved::NotApplied(CallState::Idle)))
+    );
+    assert_eq!(
+        s.registry
+            .transition_op(a, b.id, Transition::Offer, Some(5))
+            .await,
+        Err(TransitionError::Unavailable)
+    );
+    assert_eq!(s.state(a).await, CallState::Idle);
+    assert_eq!(s.state(b).await, CallState::Idle);
+    // Operation 6 ran: resolving says so, with the state it left; a copy of it does not run twice.
+    let calling = CallState::Calling { peer: b.id };
+    assert_eq!(
+        s.registry
+            .transition_op(a, b.id, Transition::Offer, Some(6))
+            .await,
+        Ok(calling)
+    );
+    assert_eq!(
+        s.registry.resolve(a, 6).await,
+        Ok(Some(Resolved::Applied(calling)))
+    );
+    assert_eq!(
+        s.registry
+            .transition_op(a, b.id, Transition::Cancel, Some(6))
+            .await,
+        Err(TransitionError::Unavailable)
+    );
+    assert_eq!(s.state(a).await, calling);
+    // A stale binding has nothing to resolve.
+    let gone = Binding {
+        id: a.id,
+        epoch: a.epoch + 1000,
+    };
+    assert_eq!(s.registry.resolve(gone, 7).await, Ok(None));
+    s.assert_every_key_expires("resolve").await;
+}
+
+#[tokio::test]
+async fn a_write_back_restores_lost_ids_with_call_and_token_and_replaces_a_call_made_meanwhile() {
+    let Some(s) = setup().await else { return };
+    let n1 = node("n1");
+    let (x, x_token) = s.claim("n1").await;
+    let (y, _) = s.claim("n1").await;
+    let (z, _) = s.claim("n2").await;
+    let digest = |t: &ResumeToken| callgate::cluster::registry::token_digest(t);
+    // x's key is lost (Redis restarted, or its lease ran out while it was frozen); n1 decided
+    // x and y are in a call; meanwhile n2 put y in a call with z.
+    let mut raw = s.raw.clone();
+    let _: () = raw.del(format!("cg:id:{}", x.id)).await.unwrap();
+    s.registry
+        .transition(z, y.id, Transition::Offer)
+        .await
+        .unwrap();
+    let known = [
+        Known {
+            binding: x,
+            token: digest(&x_token),
+            call: CallState::InCall { peer: y.id },
+            dirty: true,
+        },
+        Known {
+            binding: y,
+            token: String::new(),
+            call: CallState::InCall { peer: x.id },
+            dirty: true,
+        },
+    ];
+    let done = s.registry.write_back(&n1, &known, 100).await.unwrap();
+    assert_eq!((done.restored, done.written), (1, 1), "{done:?}");
+    assert!(done.lost.is_empty());
+    assert_eq!(
+        done.displaced,
+        [(y.id, z.id)],
+        "z's call with y was replaced"
+    );
+    assert_eq!(s.state(x).await, CallState::InCall { peer: y.id });
+    assert_eq!(s.state(y).await, CallState::InCall { peer: x.id });
+    assert_eq!(s.state(z).await, CallState::Idle);
+    // A late copy of an older operation of n1 is refused.
+    assert_eq!(
+        s.registry
+            .transition_op(x, y.id, Transition::Hangup, Some(99))
+            .await,
+        Err(TransitionError::Unavailable)
+    );
+    s.assert_every_key_expires("write back").await;
+    // The restored x keeps its token: it resumes on another node, call and all.
+    let (fresh, _) = s.claim("n2").await;
+    let took = s
+        .registry
+        .resume(fresh, x.id, &x_token, &node("n2"), Instant::now())
+        .await
+        .expect("resumed with the token put back");
+    assert_eq!(took.call, CallState::InCall { peer: y.id });
+    // A binding n1 no longer holds is reported lost and left alone.
+    let done = s.registry.write_back(&n1, &known[..1], 101).await.unwrap();
+    assert_eq!(done.lost, [x]);
+    assert_eq!(
+        s.registry.locate(x.id).await.unwrap().unwrap().node,
+        node("n2")
     );
 }

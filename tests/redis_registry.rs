@@ -1259,6 +1259,23 @@ async fn round_trips_and_latency_per_operation_on_loopback() {
     })
     .await;
     assert_eq!(sent, u64::from(N));
+    // As a cluster node sends it: with an operation number, recorded in the hash.
+    let ops = std::sync::atomic::AtomicU64::new(1_000_000);
+    // Starts with a's call going (the warm-up hangs up), ends with it going again.
+    let sent = measure(&s, "transition+op", "evalsha", N + 1, |round| {
+        let t = if round % 2 == 1 {
+            Transition::Hangup
+        } else {
+            Transition::Offer
+        };
+        let registry = s.registry.clone();
+        let op = ops.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        async move {
+            registry.transition_op(a, b.id, t, Some(op)).await.unwrap();
+        }
+    })
+    .await;
+    assert_eq!(sent, u64::from(N + 1));
     let sent = measure(&s, "call_state", "evalsha", N, |_| {
         let registry = s.registry.clone();
         async move {

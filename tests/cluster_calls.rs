@@ -821,3 +821,33 @@ async fn while_redis_is_down_two_clients_of_one_node_call_and_the_state_reaches_
         client.quiet(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test]
+async fn a_client_that_drops_during_a_redis_outage_resumes_elsewhere_with_the_call_its_node_decided(
+) {
+    let Some((redis, cluster, a, b)) = two_nodes().await else {
+        return;
+    };
+    let mut x = Client::join(&cluster, a.https).await;
+    let mut y = Client::join(&cluster, a.https).await;
+    redis.pause();
+    call(&mut x, &mut y).await;
+    // x's socket breaks while Redis is still frozen: node-a reserves it without Redis.
+    let Client { ws, id, token } = x;
+    drop(ws);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.resume();
+    // node-a writes back the call it decided, then the reservation.
+    until_phase(&redis, id, "incall", &y.id.to_string()).await;
+    until(Duration::from_secs(10), "reserved in Redis", || {
+        id_field(&redis, id, "live").as_deref() == Some("0")
+    })
+    .await;
+    let (mut x, _) = Client::resumed(&cluster, b.https, id, &token).await;
+    x.candidate(y.id, 1).await;
+    assert_eq!(candidate_number(&y.recv().await), 1);
+    y.candidate(x.id, 2).await;
+    assert_eq!(candidate_number(&x.recv().await), 2);
+    hang_up(&mut y, x.id).await;
+    x.expect("close-call-server").await;
+}

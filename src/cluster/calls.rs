@@ -34,11 +34,12 @@
 //!   told it failed, so the call is ended (an offer or accept is undone) and both clients are told
 //!   `close-call-server` ([`Correction`]).
 //! - `call_state`: answered from the cache; a live local binding is always in it.
-//! - `detach`: the ID is reserved locally; Redis keeps it live until its lease runs out (nobody
-//!   refreshes it), which is a reservation of about a lease.
-//! - `release`: the peer named by the cache is still told `close-call-server`; Redis forgets the
-//!   ID when its lease runs out.
-//! - `expire`: a local peer still in a call with the expired ID is reset here (and written back).
+//! - `detach`, `release`: done here at once (the peer named by the cache is told); what the node
+//!   knew of the ID is kept ([`MAX_DEPARTED`] at most) and the reconcile writes its call state
+//!   back, then reserves it for what is left of its grace, or frees it (a peer on another node
+//!   whose call that ends is told `close-call-server`, `peer_gone`).
+//! - `expire`: a local peer still in a call with the expired ID is reset here (and written
+//!   back); an ID that dropped during the outage is freed by the reconcile.
 //! - `locate`, `refresh`: logged; the keys' TTLs make Redis converge by themselves.
 //!
 //! After an outage, [`ClusterRegistry::reconcile`] runs before any other registry operation of
@@ -79,6 +80,21 @@ struct Local {
     dirty: bool,
     /// Changes made here (so a write-back clears `dirty` only if nothing changed meanwhile).
     changes: u64,
+}
+
+/// Departures Redis could not be told of that a node keeps for its reconcile, at most (one per
+/// connection that left during an outage); beyond that they are left to their keys' leases.
+pub const MAX_DEPARTED: usize = 16_384;
+
+/// A live ID that left this node while Redis could not be told.
+struct Departed {
+    /// What the node knew of it.
+    local: Local,
+    /// Reserved for this long from `at` (its connection dropped); `None`: freed (it left, or
+    /// its reservation ended).
+    grace: Option<Duration>,
+    /// When it left.
+    at: Instant,
 }
 
 /// A transition Redis did not answer in time.
@@ -135,6 +151,8 @@ pub struct ClusterRegistry<C> {
     calls: Mutex<HashMap<ClientId, Local>>,
     /// Transitions with a peer elsewhere that Redis did not answer in time.
     unresolved: Mutex<HashMap<Binding, Unresolved>>,
+    /// IDs that left while Redis could not be told.
+    departed: Mutex<HashMap<Binding, Departed>>,
     /// The last operation number given out.
     ops: AtomicU64,
     /// Failures to reach Redis (and changes decided without it), counted.
@@ -158,6 +176,7 @@ where
             node,
             calls: Mutex::new(HashMap::new()),
             unresolved: Mutex::new(HashMap::new()),
+            departed: Mutex::new(HashMap::new()),
             ops: AtomicU64::new(0),
             trouble: AtomicU64::new(0),
             settled: AtomicU64::new(0),
@@ -295,19 +314,17 @@ where
             done.resolved += 1;
         }
         let op = self.next_op();
-        let (known, changes): (Vec<Known>, Vec<u64>) = self
+        let (mut known, changes): (Vec<Known>, Vec<u64>) = self
             .lock()
             .iter()
-            .map(|(&id, l)| {
-                let known = Known {
-                    binding: Binding { id, epoch: l.epoch },
-                    token: l.token.clone(),
-                    call: l.state,
-                    dirty: l.dirty,
-                };
-                (known, l.changes)
-            })
+            .map(|(&id, l)| (known_of(Binding { id, epoch: l.epoch }, l), l.changes))
             .unzip();
+        let live = known.len();
+        let departed: Vec<(Binding, Option<Duration>, Instant)> = {
+            let departed = self.departed();
+            known.extend(departed.iter().map(|(&b, d)| known_of(b, &d.local)));
+            departed.iter().map(|(&b, d)| (b, d.grace, d.at)).collect()
+        };
         let written = match self.redis.write_back(&self.node, &known, op).await {
             Ok(written) => written,
             Err(e) => {
@@ -315,6 +332,14 @@ where
                 return Err(e);
             }
         };
+        let (known, gone) = known.split_at(live);
+        let lost: Vec<Binding> = written
+            .lost
+            .iter()
+            .copied()
+            .filter(|b| !gone.iter().any(|k| k.binding == *b))
+            .collect();
+        self.settle_departed(departed).await?;
         {
             let mut calls = self.lock();
             for (k, changes) in known.iter().zip(changes) {
@@ -327,7 +352,7 @@ where
             }
         }
         done.restored = written.restored;
-        for &binding in &written.lost {
+        for &binding in &lost {
             self.forget(binding);
         }
         let corrections: Vec<Correction> = written
@@ -342,7 +367,7 @@ where
             .collect();
         {
             let mut followups = self.followups();
-            followups.lost.extend(written.lost);
+            followups.lost.extend(lost);
             followups.corrections.extend(corrections);
         }
         self.settled.store(start, Ordering::Release);
@@ -355,6 +380,67 @@ where
             );
         }
         Ok(done)
+    }
+
+    /// Tells Redis of the IDs that left during the outage (their call states were just written
+    /// back): a dropped connection's ID is reserved for what is left of its grace, one that left
+    /// is freed, and a peer on another node whose call that reset is told.
+    async fn settle_departed(
+        &self,
+        departed: Vec<(Binding, Option<Duration>, Instant)>,
+    ) -> Result<(), Unavailable> {
+        let now = Instant::now();
+        for (binding, grace, at) in departed {
+            let left = grace.and_then(|g| g.checked_sub(now.duration_since(at)));
+            let outcome = match left {
+                Some(left) if !left.is_zero() => {
+                    self.redis.detach(binding, now, left).await.map(|()| None)
+                }
+                _ => self.redis.release(binding).await.map(Some),
+            };
+            match outcome {
+                Ok(Some(Freed {
+                    peer: Some(peer), ..
+                })) if !self.holds(peer) => {
+                    self.followups().corrections.push(Correction {
+                        to: peer,
+                        peer: binding.id,
+                        reason: EndReason::PeerGone,
+                    });
+                }
+                Ok(_) | Err(BindingError::Stale(_)) => {}
+                Err(BindingError::Unavailable(e)) => {
+                    self.note_trouble();
+                    return Err(e);
+                }
+            }
+            self.departed().remove(&binding);
+        }
+        Ok(())
+    }
+
+    /// Keeps what the node knew of `binding`, which left while Redis could not be told.
+    fn depart(&self, binding: Binding, local: Option<Local>, grace: Option<Duration>) {
+        self.note_trouble();
+        let mut departed = self.departed();
+        if let Some(d) = departed.get_mut(&binding) {
+            // Its reservation ended too.
+            d.grace = grace;
+            return;
+        }
+        let Some(local) = local else { return };
+        if departed.len() >= MAX_DEPARTED {
+            tracing::warn!(client = %binding.id, "a departure Redis was not told of is left to its lease: too many");
+            return;
+        }
+        departed.insert(
+            binding,
+            Departed {
+                local,
+                grace,
+                at: Instant::now(),
+            },
+        );
     }
 
     /// A transition the sender was told had failed was applied: end what it started (an offer
@@ -498,14 +584,20 @@ where
         self.lock().insert(binding.id, local);
     }
 
-    /// Removes `binding`, returning its cached state.
-    fn take(&self, binding: Binding) -> Option<CallState> {
+    /// Removes `binding`, returning what the cache knew of it.
+    fn take(&self, binding: Binding) -> Option<Local> {
         self.unresolved().remove(&binding);
         let mut calls = self.lock();
         match calls.get(&binding.id) {
-            Some(l) if l.epoch == binding.epoch => calls.remove(&binding.id).map(|l| l.state),
+            Some(l) if l.epoch == binding.epoch => calls.remove(&binding.id),
             _ => None,
         }
+    }
+
+    /// The departures Redis was not told of; a panic elsewhere while holding it leaves a valid
+    /// map.
+    fn departed(&self) -> MutexGuard<'_, HashMap<Binding, Departed>> {
+        self.departed.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// A peer whose call the registry reset to Idle; `dirty` if Redis was not told.
@@ -544,6 +636,16 @@ where
     }
 }
 
+/// What a write-back needs of a cached ID.
+fn known_of(binding: Binding, local: &Local) -> Known {
+    Known {
+        binding,
+        token: local.token.clone(),
+        call: local.state,
+        dirty: local.dirty,
+    }
+}
+
 impl<C> Registry for ClusterRegistry<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
@@ -562,6 +664,10 @@ where
         node: &NodeId,
         now: Instant,
     ) -> Result<Takeover, ResumeError> {
+        if self.needs_reconcile() {
+            // What this node decided while Redis was out must be there before an ID moves.
+            self.reconcile().await?;
+        }
         let takeover = self.redis.resume(current, target, token, node, now).await?;
         self.take(current);
         self.insert(takeover.binding, takeover.call, &takeover.token);
@@ -569,19 +675,27 @@ where
     }
 
     async fn detach(&self, binding: Binding, now: Instant, grace: Duration) -> Result<(), Stale> {
-        self.take(binding);
+        let local = self.take(binding);
         match self.redis.detach(binding, now, grace).await {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                if local.as_ref().is_some_and(|l| l.dirty) {
+                    // Reserved in Redis with a call state from before the outage: the
+                    // reconcile writes this node's.
+                    self.depart(binding, local, Some(grace));
+                }
+                Ok(())
+            }
             Err(BindingError::Stale(stale)) => Err(stale),
             Err(BindingError::Unavailable(_)) => {
-                tracing::debug!(client = %binding.id, "detach not written: Redis unavailable; the ID's lease ends it");
+                tracing::debug!(client = %binding.id, "detach not written: Redis unavailable; written when it answers");
+                self.depart(binding, local, Some(grace));
                 Ok(())
             }
         }
     }
 
     async fn release(&self, binding: Binding) -> Result<Freed, Stale> {
-        let cached = self.take(binding);
+        let local = self.take(binding);
         match self.redis.release(binding).await {
             Ok(freed) => {
                 self.reset_peer(&freed, false);
@@ -591,10 +705,10 @@ where
             Err(BindingError::Unavailable(_)) => {
                 let freed = Freed {
                     id: binding.id,
-                    peer: cached.and_then(CallState::peer),
+                    peer: local.as_ref().and_then(|l| l.state.peer()),
                 };
-                self.note_trouble();
                 self.reset_peer(&freed, true);
+                self.depart(binding, local, None);
                 Ok(freed)
             }
         }
@@ -610,6 +724,7 @@ where
                 freed
             }
             Err(Unavailable) => {
+                self.depart(binding, None, None);
                 // A live local peer still in a call with it: reset here, told by the caller of
                 // this, written back later.
                 let peer = self
@@ -617,13 +732,12 @@ where
                     .iter()
                     .find(|(_, l)| l.state.peer() == Some(binding.id))
                     .map(|(&id, _)| id);
-                tracing::debug!(client = %binding.id, ?peer, "expire not written: Redis unavailable; the key's TTL ends it");
+                tracing::debug!(client = %binding.id, ?peer, "expire not written: Redis unavailable; written when it answers");
                 let freed = Freed {
                     id: binding.id,
                     peer,
                 };
                 if peer.is_some() {
-                    self.note_trouble();
                     self.reset_peer(&freed, true);
                     return Some(freed);
                 }

@@ -4,10 +4,10 @@
 -- - key missing (Redis restarted empty, or the lease ran out meanwhile): recreated live on this
 --   node with the node's call state and resume token (digest); the epoch counter is raised past
 --   it, so no epoch is given out twice;
--- - held by this node at that epoch: lease renewed; if dirty (the node decided a call change
---   while Redis was out) its call state is written; a token an earlier restore left empty is
---   put back;
--- - held by anyone else, or reserved: left alone (this node's connection is stale).
+-- - held by this node at that epoch: if dirty (the node decided a call change while Redis was
+--   out) its call state is written; a token an earlier restore left empty is put back; if live,
+--   its lease is renewed, else (reserved: its connection dropped meanwhile) it counts as lost;
+-- - held by anyone else: left alone (this node's connection is stale).
 -- A call state written over one another node made meanwhile (Redis was unreachable from this
 -- node only): that other peer is reset to idle if it still points here, and returned, so its
 -- client can be told. `op` is recorded, so a late copy of an older transition is refused.
@@ -32,7 +32,7 @@ for i = 1, n do
       highest = tonumber(epoch)
     end
     code = 2
-  elseif h_node == node and h_epoch == epoch and h_live == '1' then
+  elseif h_node == node and h_epoch == epoch then
     if dirty == '1' or h_token == '' then
       if h_peer and h_peer ~= '' and h_peer ~= peer then
         local other = id_key(h_peer)
@@ -46,8 +46,10 @@ for i = 1, n do
         redis.call('HSET', key, 'token', token)
       end
     end
-    redis.call('PEXPIRE', key, lease)
-    code = 1
+    if h_live == '1' then
+      redis.call('PEXPIRE', key, lease)
+      code = 1
+    end
   end
   out[2 * i - 1] = code
   out[2 * i] = displaced

@@ -740,6 +740,9 @@ async fn a_hang_up_redis_runs_after_its_sender_was_told_it_failed_ends_the_call_
     let refused = x.expect_error("cluster_unavailable").await;
     assert_eq!(refused["request"], "close-call-client", "{refused}");
     z.quiet(Duration::from_millis(200)).await;
+    const UNSETTLED: &str = r#"callgate_cluster_unsettled{kind="transitions"}"#;
+    a.wait_for_metric(UNSETTLED, |n| n == 1.0, Duration::from_secs(5))
+        .await;
 
     // Redis wakes up and runs the hang-up after all. Node-a finds out (the hang-up was recorded
     // with its operation number) and tells both sides; before, the peer was never told and sat in
@@ -751,6 +754,12 @@ async fn a_hang_up_redis_runs_after_its_sender_was_told_it_failed_ends_the_call_
     assert_eq!(ended["clientId"].as_u64(), Some(z.id), "{ended}");
     until_phase(&redis, x.id, "idle", "").await;
     until_phase(&redis, z.id, "idle", "").await;
+    a.wait_for_metric(UNSETTLED, |n| n == 0.0, Duration::from_secs(5))
+        .await;
+    assert_eq!(
+        a.metric("callgate_cluster_call_corrections_total").await,
+        2.0
+    );
     // Both are free: a new call works, and nothing else arrives.
     call(&mut z, &mut x).await;
     x.candidate(z.id, 1).await;

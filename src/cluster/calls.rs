@@ -276,9 +276,10 @@ where
         self.trouble.load(Ordering::Acquire) != self.settled.load(Ordering::Acquire)
     }
 
-    /// Transitions whose outcome this node does not know yet.
-    pub fn unresolved_count(&self) -> usize {
-        self.unresolved().len()
+    /// What this node still has to settle with Redis: transitions whose outcome it does not
+    /// know, and IDs that left while Redis could not be told.
+    pub fn unsettled(&self) -> (usize, usize) {
+        (self.unresolved().len(), self.departed().len())
     }
 
     /// What reconciles left for the node to do (taken: each is returned once).

@@ -19,7 +19,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use prometheus::{IntCounter, IntCounterVec, Opts};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts};
 use redis::aio::ConnectionLike;
 
 use super::bus::{BusEvent, BusKind, BusMessage, BusSettings, Hold, RedisBus, Subscription};
@@ -59,13 +59,24 @@ const RESUBSCRIBE_SECOND_LOOK: Duration = Duration::from_secs(2);
 /// Events waiting between the subscription task and the inbox.
 const INBOX_CAPACITY: usize = 1024;
 
-/// `callgate_cluster_messages_total{direction}`: messages between nodes.
+/// `callgate_cluster_messages_total{direction}`: messages between nodes; and what the node still
+/// has to settle with Redis after an outage.
 #[derive(Clone)]
 pub struct ClusterMetrics {
     /// Published to another node's inbox and received by it.
     pub sent: IntCounter,
     /// Taken from this node's inbox.
     pub received: IntCounter,
+    /// `callgate_cluster_unsettled{kind="transitions"}`: call-state changes with a client of
+    /// another node whose outcome this node does not know yet.
+    pub unsettled_transitions: IntGauge,
+    /// `callgate_cluster_unsettled{kind="departures"}`: IDs that left this node while Redis
+    /// could not be told.
+    pub unsettled_departures: IntGauge,
+    /// `callgate_cluster_call_corrections_total`: clients told `close-call-server` because a
+    /// call-state change ran after its sender was told it failed, or this node's write-back
+    /// replaced a call another node made during an outage.
+    pub corrections: IntCounter,
 }
 
 impl ClusterMetrics {
@@ -82,9 +93,31 @@ impl ClusterMetrics {
         )
         .expect("valid metric");
         metrics.register(Box::new(family.clone()));
+        let unsettled = IntGaugeVec::new(
+            Opts::new(
+                "cluster_unsettled",
+                "What this node still has to settle with Redis after an outage: transitions = \
+                 cross-node call-state changes whose outcome it does not know; departures = IDs \
+                 that left while Redis could not be told. 0 when Redis is fine.",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
+        metrics.register(Box::new(unsettled.clone()));
+        let corrections = IntCounter::new(
+            "cluster_call_corrections_total",
+            "Clients told close-call-server after a Redis outage: a call-state change Redis ran \
+             after its sender was told it failed, or a call another node made meanwhile that \
+             this node's write-back replaced.",
+        )
+        .expect("valid metric");
+        metrics.register(Box::new(corrections.clone()));
         ClusterMetrics {
             sent: family.with_label_values(&["sent"]),
             received: family.with_label_values(&["received"]),
+            unsettled_transitions: unsettled.with_label_values(&["transitions"]),
+            unsettled_departures: unsettled.with_label_values(&["departures"]),
+            corrections,
         }
     }
 }
@@ -425,7 +458,15 @@ async fn reconcile(router: Arc<NodeRouter>, mut shutdown: Shutdown) {
 
 /// Does what the registry's reconciles left to do.
 async fn follow_up(router: &NodeRouter) {
-    let followups = router.hub().registry().take_followups();
+    let registry = router.hub().registry();
+    let metrics = &router.bus().metrics;
+    let (transitions, departures) = registry.unsettled();
+    metrics.unsettled_transitions.set(gauge(transitions));
+    metrics.unsettled_departures.set(gauge(departures));
+    let followups = registry.take_followups();
+    metrics
+        .corrections
+        .inc_by(followups.corrections.len() as u64);
     let now = Instant::now();
     for binding in followups.lost {
         if router.kick(binding, now).await {
@@ -443,6 +484,11 @@ async fn follow_up(router: &NodeRouter) {
         };
         router.apply_effect(effect, now).await;
     }
+}
+
+/// A count as a gauge value.
+fn gauge(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 /// `peer` is gone from the whole cluster (its node died, nobody resumed it): `binding`'s call

@@ -2045,3 +2045,27 @@ async fn a_write_back_restores_lost_ids_with_call_and_token_and_replaces_a_call_
         node("n2")
     );
 }
+
+#[tokio::test]
+async fn whether_many_peers_are_still_held_is_one_exists_each_in_one_pipeline() {
+    let Some(s) = setup().await else { return };
+    let (live, _) = s.claim("n1").await;
+    let (reserved, _) = s.claim("n2").await;
+    let (left, _) = s.claim("n2").await;
+    s.registry
+        .detach(reserved, Instant::now(), Duration::from_secs(30))
+        .await
+        .unwrap();
+    s.registry.release(left).await.unwrap();
+    let never = ClientId::new(123_456_789);
+    let ids = [live.id, reserved.id, left.id, never, live.id];
+    assert_eq!(
+        s.registry.held(&ids).await,
+        Ok(vec![true, true, false, false, true])
+    );
+    assert_eq!(s.registry.held(&[]).await, Ok(vec![]));
+    let before = command_calls(&s, "exists").await;
+    let many: Vec<ClientId> = (0..500).map(|n| ClientId::new(100_000_000 + n)).collect();
+    assert_eq!(s.registry.held(&many).await.unwrap().len(), 500);
+    assert_eq!(command_calls(&s, "exists").await - before, 500);
+}

@@ -8,14 +8,19 @@
 //!   subscription, what was held for this node's live IDs meanwhile is delivered.
 //! - **leases**: every `grace / 3`, this node's live IDs' keys are renewed (one pipelined round
 //!   trip per 256 IDs); bindings Redis no longer gives to this node are closed so their clients
-//!   resume. The same pass asks where each local client's call peer on another node is: a peer
-//!   whose ID no node holds any more (its node died and nobody resumed it) ends the call, and
-//!   the client is told `close-call-server` (`peer_gone`).
+//!   resume. The same pass asks, in one pipelined round trip, whether each local client's call
+//!   peer on another node is still held anywhere: a peer whose ID no node holds any more in two
+//!   passes in a row (its node died and nobody resumed it) ends the call, and the client is told
+//!   `close-call-server` (`peer_gone`).
+//! - **reconcile**: after a Redis outage, brings Redis up to date with what this node decided
+//!   and settles what it does not know ([`ClusterRegistry::reconcile`]); tells the clients whose
+//!   calls that ended.
 //! - **orphans**: every few seconds, messages held for IDs that expired unresumed are taken and
 //!   their senders told `undelivered` (`recipient_gone`).
 //!
 //! A single node runs none of this: its router is the memory registry and `NoBus`.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -393,6 +398,7 @@ async fn leases(router: Arc<NodeRouter>, mut shutdown: Shutdown) {
     let node = router.hub().node().clone();
     let mut ticks = tokio::time::interval(refresh_period(router.limits().resume_grace));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut missing_before = HashSet::new();
     loop {
         tokio::select! {
             _ = shutdown.recv() => return,
@@ -427,11 +433,20 @@ async fn leases(router: Arc<NodeRouter>, mut shutdown: Shutdown) {
         let Ok(held) = registry.redis().held(&peers).await else {
             continue;
         };
+        // Gone only if missing twice in a row: after Redis restarted empty, the peer's node may
+        // not have put its IDs back yet (it does within a quarter second of Redis answering).
+        let mut missing = HashSet::new();
         for ((binding, peer, state), held) in calls.into_iter().zip(held) {
-            if !held {
+            if held {
+                continue;
+            }
+            if missing_before.contains(&peer) {
                 peer_gone(&router, binding, peer, state).await;
+            } else {
+                missing.insert(peer);
             }
         }
+        missing_before = missing;
     }
 }
 

@@ -2069,3 +2069,38 @@ async fn whether_many_peers_are_still_held_is_one_exists_each_in_one_pipeline() 
     assert_eq!(s.registry.held(&many).await.unwrap().len(), 500);
     assert_eq!(command_calls(&s, "exists").await - before, 500);
 }
+
+#[tokio::test]
+async fn a_call_decided_during_an_outage_whose_peer_resumed_elsewhere_meanwhile_is_reset_and_reported(
+) {
+    let Some(s) = setup().await else { return };
+    let n1 = node("n1");
+    let (x, x_token) = s.claim("n1").await;
+    let (y, y_token) = s.claim("n1").await;
+    // n1 put x and y in a call while Redis was out; y resumed on n2 before n1 wrote it back, so
+    // Redis gave n2 y's state from before the outage (idle).
+    let (fresh, _) = s.claim("n2").await;
+    s.registry
+        .resume(fresh, y.id, &y_token, &node("n2"), Instant::now())
+        .await
+        .unwrap();
+    let digest = callgate::cluster::registry::token_digest(&x_token);
+    let known = [Known {
+        binding: x,
+        token: digest,
+        call: CallState::InCall { peer: y.id },
+        dirty: true,
+    }];
+    let done = s.registry.write_back(&n1, &known, 10).await.unwrap();
+    assert_eq!(done.broken, [(x.id, y.id)], "{done:?}");
+    assert_eq!(s.state(x).await, CallState::Idle, "the call cannot stand");
+    // An idle state has no peer to check.
+    let known = [Known {
+        binding: x,
+        token: String::new(),
+        call: CallState::Idle,
+        dirty: true,
+    }];
+    let done = s.registry.write_back(&n1, &known, 11).await.unwrap();
+    assert!(done.broken.is_empty(), "{done:?}");
+}

@@ -356,7 +356,7 @@ where
         for &binding in &lost {
             self.forget(binding);
         }
-        let corrections: Vec<Correction> = written
+        let mut corrections: Vec<Correction> = written
             .displaced
             .iter()
             .filter(|&&(_, other)| self.cached(other).is_none())
@@ -366,6 +366,21 @@ where
                 reason: EndReason::Hangup,
             })
             .collect();
+        for &(me, peer) in &written.broken {
+            // Its peer resumed elsewhere before this write-back, into a call state without me.
+            if let Some(l) = self.lock().get_mut(&me) {
+                if l.state.peer() == Some(peer) {
+                    l.state = CallState::Idle;
+                }
+            }
+            for (to, peer) in [(me, peer), (peer, me)] {
+                corrections.push(Correction {
+                    to,
+                    peer,
+                    reason: EndReason::Hangup,
+                });
+            }
+        }
         {
             let mut followups = self.followups();
             followups.lost.extend(lost);

@@ -131,6 +131,10 @@ pub struct WrittenBack {
     /// `(me, other)`: a call another node had made for `me` meanwhile was replaced by this
     /// node's; `other`'s state was reset to idle and its client should be told.
     pub displaced: Vec<(ClientId, ClientId)>,
+    /// `(me, peer)`: a call this node decided for `me` during the outage whose `peer` moved to
+    /// another node meanwhile and is not in it there; `me` was reset to idle, and both clients
+    /// should be told.
+    pub broken: Vec<(ClientId, ClientId)>,
 }
 
 /// How a transition whose answer never came turned out ([`RedisRegistry::resolve`]).
@@ -482,17 +486,20 @@ where
         }
         for (batch, reply) in known.chunks(REFRESH_BATCH).zip(&replies) {
             let reply: Vec<Value> = redis::from_redis_value_ref(reply).map_err(|_| malformed())?;
-            if reply.len() != 2 * batch.len() {
+            if reply.len() != 3 * batch.len() {
                 return Err(malformed());
             }
-            for (k, pair) in batch.iter().zip(reply.chunks(2)) {
-                match int(pair.first()) {
+            for (k, entry) in batch.iter().zip(reply.chunks(3)) {
+                match int(entry.first()) {
                     Some(2) => done.restored += 1,
                     Some(1) => done.written += 1,
                     _ => done.lost.push(k.binding),
                 }
-                if let Some(other) = text(pair.get(1)).and_then(parse_id) {
+                if let Some(other) = text(entry.get(1)).and_then(parse_id) {
                     done.displaced.push((k.binding.id, other));
+                }
+                if let Some(peer) = text(entry.get(2)).and_then(parse_id) {
+                    done.broken.push((k.binding.id, peer));
                 }
             }
         }

@@ -11,8 +11,25 @@
 -- A call state written over one another node made meanwhile (Redis was unreachable from this
 -- node only): that other peer is reset to idle if it still points here, and returned, so its
 -- client can be told. `op` is recorded, so a late copy of an older transition is refused.
--- Returns two entries per ID: code (2 restored, 1 renewed or written, -1 lost) and the displaced
--- peer ('' if none).
+-- A dirty call whose peer moved to another node meanwhile (resumed there before this write-back)
+-- and is not in that call there is reset to idle, and the peer returned as broken.
+-- Returns three entries per ID: code (2 restored, 1 renewed or written, -1 lost), the displaced
+-- peer and the broken peer ('' if none).
+-- A call this node decided whose peer has meanwhile moved to another node (resumed there before
+-- this write-back) and is not in it there: the call cannot stand. Mine is reset; the peer is
+-- returned so both clients can be told.
+local function check_mirror(key, me, phase, peer)
+  if peer == '' then
+    return ''
+  end
+  local p_node, p_phase, p_peer = unpack(redis.call('HMGET', id_key(peer), 'node', 'phase', 'peer'))
+  if p_node and p_node ~= ARGV[1] and (p_peer ~= me or p_phase ~= MIRROR[phase]) then
+    redis.call('HSET', key, 'phase', 'idle', 'peer', '')
+    return peer
+  end
+  return ''
+end
+
 local n = #KEYS - 1
 local node, lease, op = ARGV[1], ARGV[2], ARGV[3]
 local highest = 0
@@ -23,11 +40,14 @@ for i = 1, n do
   local key = KEYS[i]
   local me = string.sub(key, 7)
   local h_node, h_epoch, h_live, h_token, h_peer = unpack(redis.call('HMGET', key, 'node', 'epoch', 'live', 'token', 'peer'))
-  local code, displaced = -1, ''
+  local code, displaced, broken = -1, '', ''
   if not h_epoch then
     redis.call('HSET', key, 'node', node, 'epoch', epoch, 'token', token, 'live', 1,
       'phase', phase, 'peer', peer, 'held_bytes', 0, 'op', op)
     redis.call('PEXPIRE', key, lease)
+    if dirty == '1' then
+      broken = check_mirror(key, me, phase, peer)
+    end
     if tonumber(epoch) > highest then
       highest = tonumber(epoch)
     end
@@ -42,6 +62,9 @@ for i = 1, n do
         end
       end
       redis.call('HSET', key, 'phase', phase, 'peer', peer, 'op', op)
+      if dirty == '1' then
+        broken = check_mirror(key, me, phase, peer)
+      end
       if h_token == '' then
         redis.call('HSET', key, 'token', token)
       end
@@ -51,8 +74,9 @@ for i = 1, n do
       code = 1
     end
   end
-  out[2 * i - 1] = code
-  out[2 * i] = displaced
+  out[3 * i - 2] = code
+  out[3 * i - 1] = displaced
+  out[3 * i] = broken
 end
 if highest > tonumber(redis.call('GET', KEYS[n + 1]) or 0) then
   redis.call('SET', KEYS[n + 1], highest)

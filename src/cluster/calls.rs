@@ -323,7 +323,14 @@ where
         let live = known.len();
         let departed: Vec<(Binding, Option<Duration>, Instant)> = {
             let departed = self.departed();
-            known.extend(departed.iter().map(|(&b, d)| known_of(b, &d.local)));
+            // A freed one is only released below: writing it back could put back a key that
+            // is gone for good.
+            known.extend(
+                departed
+                    .iter()
+                    .filter(|(_, d)| d.grace.is_some())
+                    .map(|(&b, d)| known_of(b, &d.local)),
+            );
             departed.iter().map(|(&b, d)| (b, d.grace, d.at)).collect()
         };
         let written = match self.redis.write_back(&self.node, &known, op).await {
@@ -714,6 +721,7 @@ where
         let local = self.take(binding);
         match self.redis.release(binding).await {
             Ok(freed) => {
+                self.departed().remove(&binding);
                 self.reset_peer(&freed, false);
                 Ok(freed)
             }
@@ -734,6 +742,9 @@ where
         self.take(binding);
         match self.redis.expire(binding).await {
             Ok(freed) => {
+                // Freed in Redis: nothing of it is left to write back (a write-back would put
+                // the key back).
+                self.departed().remove(&binding);
                 if let Some(freed) = &freed {
                     self.reset_peer(freed, false);
                 }

@@ -587,8 +587,9 @@ async fn with_redis_frozen_a_same_node_call_goes_on_and_a_cross_node_offer_gets_
     }
 
     // Everything recovers. The frozen offer's script may have run when Redis woke up, after the
-    // node gave up on it; the same offer sent again is taken as that one (before the node
-    // remembered timed-out offers this failed with already_in_call, the callee never told).
+    // node gave up on it; the node settles it (withdrawn: the callee never saw it) before the
+    // same offer sent again runs (before that, this failed with already_in_call, the callee
+    // never told).
     call(&mut z, &mut w).await;
     z.candidate(w.id, 3).await;
     assert_eq!(candidate_number(&w.recv().await), 3);

@@ -42,8 +42,8 @@
 //!   back); an ID that dropped during the outage is freed by the reconcile.
 //! - `locate`, `refresh`: logged; the keys' TTLs make Redis converge by themselves.
 //!
-//! After an outage, [`ClusterRegistry::reconcile`] runs before any other registry operation of
-//! this node (a transition waits for it) and, from the node's reconcile task, within a quarter
+//! After an outage, [`ClusterRegistry::reconcile`] runs before this node's next cross-node
+//! transition or resume (they wait for it) and, from the node's reconcile task, within a quarter
 //! second of Redis answering: it resolves the remembered transitions, then writes back every live
 //! ID (`lua/write_back.lua`): dirty call states, and keys Redis lost (restarted empty, or leases
 //! that ran out while it was frozen) put back with their call state and resume token.

@@ -587,8 +587,9 @@ async fn with_redis_frozen_a_same_node_call_goes_on_and_a_cross_node_offer_gets_
     }
 
     // Everything recovers. The frozen offer's script may have run when Redis woke up, after the
-    // node gave up on it; the same offer sent again is taken as that one (before the node
-    // remembered timed-out offers this failed with already_in_call, the callee never told).
+    // node gave up on it; the node settles it (withdrawn: the callee never saw it) before the
+    // same offer sent again runs (before that, this failed with already_in_call, the callee
+    // never told).
     call(&mut z, &mut w).await;
     z.candidate(w.id, 3).await;
     assert_eq!(candidate_number(&w.recv().await), 3);
@@ -811,4 +812,160 @@ async fn a_killed_nodes_unconfirmed_messages_are_reported_to_the_client_and_its_
     assert_eq!(next["seq"], 3, "{next}");
     callee.candidate(caller.id, 5).await;
     assert_eq!(candidate_number(&caller.recv().await), 5);
+}
+
+/// `close-call-client` from `from` to `to`.
+async fn hang_up(from: &mut Client, to: u64) {
+    let me = from.id;
+    from.send(&format!(
+        r#"{{"type":"close-call-client","id":{me},"clientId":{to}}}"#
+    ))
+    .await;
+}
+
+/// Awaits an ID's call in Redis: `phase` with `peer` ("" when idle).
+async fn until_phase(redis: &RedisServer, id: u64, phase: &str, peer: &str) {
+    let what = format!("{id} {phase} with {peer:?} in Redis");
+    until(Duration::from_secs(10), &what, || {
+        id_field(redis, id, "phase").as_deref() == Some(phase)
+            && id_field(redis, id, "peer").as_deref() == Some(peer)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_hang_up_redis_runs_after_its_sender_was_told_it_failed_ends_the_call_on_both_sides() {
+    let Some((redis, cluster, a, b)) = two_nodes().await else {
+        return;
+    };
+    let mut x = Client::join(&cluster, a.https).await;
+    let mut z = Client::join(&cluster, b.https).await;
+    call(&mut x, &mut z).await;
+
+    // Redis freezes with the hang-up's script in its socket: node-a gives up after 1 s and the
+    // sender hears that its hang-up did not go through.
+    redis.pause();
+    hang_up(&mut x, z.id).await;
+    let refused = x.expect_error("cluster_unavailable").await;
+    assert_eq!(refused["request"], "close-call-client", "{refused}");
+    z.quiet(Duration::from_millis(200)).await;
+    const UNSETTLED: &str = r#"callgate_cluster_unsettled{kind="transitions"}"#;
+    a.wait_for_metric(UNSETTLED, |n| n == 1.0, Duration::from_secs(5))
+        .await;
+
+    // Redis wakes up and runs the hang-up after all. Node-a finds out (the hang-up was recorded
+    // with its operation number) and tells both sides; before, the peer was never told and sat in
+    // a call Redis said was over.
+    redis.resume();
+    let ended = z.expect("close-call-server").await;
+    assert_eq!(ended["clientId"].as_u64(), Some(x.id), "{ended}");
+    let ended = x.expect("close-call-server").await;
+    assert_eq!(ended["clientId"].as_u64(), Some(z.id), "{ended}");
+    until_phase(&redis, x.id, "idle", "").await;
+    until_phase(&redis, z.id, "idle", "").await;
+    a.wait_for_metric(UNSETTLED, |n| n == 0.0, Duration::from_secs(5))
+        .await;
+    assert_eq!(
+        a.metric("callgate_cluster_call_corrections_total").await,
+        2.0
+    );
+    // Both are free: a new call works, and nothing else arrives.
+    call(&mut z, &mut x).await;
+    x.candidate(z.id, 1).await;
+    assert_eq!(candidate_number(&z.recv().await), 1);
+    x.quiet(Duration::from_millis(200)).await;
+}
+
+#[tokio::test]
+async fn while_redis_is_down_two_clients_of_one_node_call_and_the_state_reaches_redis_when_it_returns(
+) {
+    let Some((mut redis, cluster, a, b)) = two_nodes().await else {
+        return;
+    };
+    let mut x = Client::join(&cluster, a.https).await;
+    let mut y = Client::join(&cluster, a.https).await;
+    let mut w = Client::join(&cluster, a.https).await;
+    let mut z = Client::join(&cluster, b.https).await;
+
+    // Redis stops (and will come back empty). Two clients of node-a place, answer and hang up a
+    // call; then call again and stay in it.
+    redis.stop();
+    call(&mut x, &mut y).await;
+    x.candidate(y.id, 1).await;
+    assert_eq!(candidate_number(&y.recv().await), 1);
+    hang_up(&mut x, y.id).await;
+    let ended = y.expect("close-call-server").await;
+    assert_eq!(ended["clientId"].as_u64(), Some(x.id), "{ended}");
+    call(&mut y, &mut x).await;
+    // Across nodes: a clear code; no new WebSocket either (an ID must be unique).
+    z.offer(w.id).await;
+    z.expect_error("cluster_unavailable").await;
+    let mut refused = open_at(&cluster, a.https, "/socket").await;
+    let error = refused.recv().await;
+    assert_eq!(error["code"], "cluster_unavailable", "{error}");
+    assert_eq!(refused.expect_close().await, Some(1013));
+
+    // Redis returns empty: node-a puts its IDs back with their calls and resume tokens.
+    redis.restart();
+    until_phase(&redis, x.id, "incall", &y.id.to_string()).await;
+    until_phase(&redis, y.id, "incall", &x.id.to_string()).await;
+    // x resumes on node-b, which reads its call from Redis: the call goes on both ways.
+    x.resume_at(&cluster, b.https).await;
+    x.candidate(y.id, 2).await;
+    assert_eq!(candidate_number(&y.recv().await), 2);
+    y.candidate(x.id, 3).await;
+    assert_eq!(candidate_number(&x.recv().await), 3);
+
+    // Redis freezes (and keeps its data): two other clients of node-a call; a cross-node offer
+    // gets the clear code.
+    let mut u = Client::join(&cluster, a.https).await;
+    let mut v = Client::join(&cluster, a.https).await;
+    redis.pause();
+    call(&mut u, &mut v).await;
+    z.offer(w.id).await;
+    z.expect_error("cluster_unavailable").await;
+    redis.resume();
+    until_phase(&redis, u.id, "incall", &v.id.to_string()).await;
+    until_phase(&redis, v.id, "incall", &u.id.to_string()).await;
+    v.resume_at(&cluster, b.https).await;
+    v.candidate(u.id, 4).await;
+    assert_eq!(candidate_number(&u.recv().await), 4);
+    u.candidate(v.id, 5).await;
+    assert_eq!(candidate_number(&v.recv().await), 5);
+    // The offer Redis ran late was undone: z and w are free to call.
+    until_phase(&redis, w.id, "idle", "").await;
+    call(&mut z, &mut w).await;
+    for client in [&mut x, &mut y, &mut u, &mut v] {
+        client.quiet(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_drops_during_a_redis_outage_resumes_elsewhere_with_the_call_its_node_decided(
+) {
+    let Some((redis, cluster, a, b)) = two_nodes().await else {
+        return;
+    };
+    let mut x = Client::join(&cluster, a.https).await;
+    let mut y = Client::join(&cluster, a.https).await;
+    redis.pause();
+    call(&mut x, &mut y).await;
+    // x's socket breaks while Redis is still frozen: node-a reserves it without Redis.
+    let Client { ws, id, token } = x;
+    drop(ws);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.resume();
+    // node-a writes back the call it decided, then the reservation.
+    until_phase(&redis, id, "incall", &y.id.to_string()).await;
+    until(Duration::from_secs(10), "reserved in Redis", || {
+        id_field(&redis, id, "live").as_deref() == Some("0")
+    })
+    .await;
+    let (mut x, _) = Client::resumed(&cluster, b.https, id, &token).await;
+    x.candidate(y.id, 1).await;
+    assert_eq!(candidate_number(&y.recv().await), 1);
+    y.candidate(x.id, 2).await;
+    assert_eq!(candidate_number(&x.recv().await), 2);
+    hang_up(&mut y, x.id).await;
+    x.expect("close-call-server").await;
 }

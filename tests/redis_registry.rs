@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use callgate::cluster::bus::{BusEvent, BusKind, BusMessage, BusSettings, Hold, RedisBus};
-use callgate::cluster::registry::{RedisRegistry, Refreshed, RegistrySettings};
+use callgate::cluster::registry::{Known, RedisRegistry, Refreshed, RegistrySettings, Resolved};
 use callgate::cluster::route::{BusDelivery, RouteSettings, Routes};
 use callgate::cluster::types::{
     Binding, BindingError, CallState, NodeId, RegisterError, ResumeError, Stale, Transition,
@@ -1259,6 +1259,23 @@ async fn round_trips_and_latency_per_operation_on_loopback() {
     })
     .await;
     assert_eq!(sent, u64::from(N));
+    // As a cluster node sends it: with an operation number, recorded in the hash.
+    let ops = std::sync::atomic::AtomicU64::new(1_000_000);
+    // Starts with a's call going (the warm-up hangs up), ends with it going again.
+    let sent = measure(&s, "transition+op", "evalsha", N + 1, |round| {
+        let t = if round % 2 == 1 {
+            Transition::Hangup
+        } else {
+            Transition::Offer
+        };
+        let registry = s.registry.clone();
+        let op = ops.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        async move {
+            registry.transition_op(a, b.id, t, Some(op)).await.unwrap();
+        }
+    })
+    .await;
+    assert_eq!(sent, u64::from(N + 1));
     let sent = measure(&s, "call_state", "evalsha", N, |_| {
         let registry = s.registry.clone();
         async move {
@@ -2070,4 +2087,175 @@ async fn a_held_read_whose_answer_is_lost_reads_everything_again_and_trims_only_
         flaky.take_held(a.id).await.unwrap().is_empty(),
         "take_held's lost answer lost the message"
     );
+}
+
+#[tokio::test]
+async fn an_unanswered_transition_is_made_certain_and_a_late_copy_of_a_fenced_one_is_refused() {
+    let Some(s) = setup().await else { return };
+    let (a, _) = s.claim("n1").await;
+    let (b, _) = s.claim("n2").await;
+    // Operation 5 never reached Redis: resolving it fences it off, and its late copy is refused.
+    assert_eq!(
+        s.registry.resolve(a, 5).await,
+        Ok(Some(Resolved::NotApplied(CallState::Idle)))
+    );
+    assert_eq!(
+        s.registry
+            .transition_op(a, b.id, Transition::Offer, Some(5))
+            .await,
+        Err(TransitionError::Unavailable)
+    );
+    assert_eq!(s.state(a).await, CallState::Idle);
+    assert_eq!(s.state(b).await, CallState::Idle);
+    // Operation 6 ran: resolving says so, with the state it left; a copy of it does not run twice.
+    let calling = CallState::Calling { peer: b.id };
+    assert_eq!(
+        s.registry
+            .transition_op(a, b.id, Transition::Offer, Some(6))
+            .await,
+        Ok(calling)
+    );
+    assert_eq!(
+        s.registry.resolve(a, 6).await,
+        Ok(Some(Resolved::Applied(calling)))
+    );
+    assert_eq!(
+        s.registry
+            .transition_op(a, b.id, Transition::Cancel, Some(6))
+            .await,
+        Err(TransitionError::Unavailable)
+    );
+    assert_eq!(s.state(a).await, calling);
+    // A stale binding has nothing to resolve.
+    let gone = Binding {
+        id: a.id,
+        epoch: a.epoch + 1000,
+    };
+    assert_eq!(s.registry.resolve(gone, 7).await, Ok(None));
+    s.assert_every_key_expires("resolve").await;
+}
+
+#[tokio::test]
+async fn a_write_back_restores_lost_ids_with_call_and_token_and_replaces_a_call_made_meanwhile() {
+    let Some(s) = setup().await else { return };
+    let n1 = node("n1");
+    let (x, x_token) = s.claim("n1").await;
+    let (y, _) = s.claim("n1").await;
+    let (z, _) = s.claim("n2").await;
+    let digest = |t: &ResumeToken| callgate::cluster::registry::token_digest(t);
+    // x's key is lost (Redis restarted, or its lease ran out while it was frozen); n1 decided
+    // x and y are in a call; meanwhile n2 put y in a call with z.
+    let mut raw = s.raw.clone();
+    let _: () = raw.del(format!("cg:id:{}", x.id)).await.unwrap();
+    s.registry
+        .transition(z, y.id, Transition::Offer)
+        .await
+        .unwrap();
+    let known = [
+        Known {
+            binding: x,
+            token: digest(&x_token),
+            call: CallState::InCall { peer: y.id },
+            dirty: true,
+        },
+        Known {
+            binding: y,
+            token: String::new(),
+            call: CallState::InCall { peer: x.id },
+            dirty: true,
+        },
+    ];
+    let done = s.registry.write_back(&n1, &known, 100).await.unwrap();
+    assert_eq!((done.restored, done.written), (1, 1), "{done:?}");
+    assert!(done.lost.is_empty());
+    assert_eq!(
+        done.displaced,
+        [(y.id, z.id)],
+        "z's call with y was replaced"
+    );
+    assert_eq!(s.state(x).await, CallState::InCall { peer: y.id });
+    assert_eq!(s.state(y).await, CallState::InCall { peer: x.id });
+    assert_eq!(s.state(z).await, CallState::Idle);
+    // A late copy of an older operation of n1 is refused.
+    assert_eq!(
+        s.registry
+            .transition_op(x, y.id, Transition::Hangup, Some(99))
+            .await,
+        Err(TransitionError::Unavailable)
+    );
+    s.assert_every_key_expires("write back").await;
+    // The restored x keeps its token: it resumes on another node, call and all.
+    let (fresh, _) = s.claim("n2").await;
+    let took = s
+        .registry
+        .resume(fresh, x.id, &x_token, &node("n2"), Instant::now())
+        .await
+        .expect("resumed with the token put back");
+    assert_eq!(took.call, CallState::InCall { peer: y.id });
+    // A binding n1 no longer holds is reported lost and left alone.
+    let done = s.registry.write_back(&n1, &known[..1], 101).await.unwrap();
+    assert_eq!(done.lost, [x]);
+    assert_eq!(
+        s.registry.locate(x.id).await.unwrap().unwrap().node,
+        node("n2")
+    );
+}
+
+#[tokio::test]
+async fn whether_many_peers_are_still_held_is_one_exists_each_in_one_pipeline() {
+    let Some(s) = setup().await else { return };
+    let (live, _) = s.claim("n1").await;
+    let (reserved, _) = s.claim("n2").await;
+    let (left, _) = s.claim("n2").await;
+    s.registry
+        .detach(reserved, Instant::now(), Duration::from_secs(30))
+        .await
+        .unwrap();
+    s.registry.release(left).await.unwrap();
+    let never = ClientId::new(123_456_789);
+    let ids = [live.id, reserved.id, left.id, never, live.id];
+    assert_eq!(
+        s.registry.held(&ids).await,
+        Ok(vec![true, true, false, false, true])
+    );
+    assert_eq!(s.registry.held(&[]).await, Ok(vec![]));
+    let before = command_calls(&s, "exists").await;
+    let many: Vec<ClientId> = (0..500).map(|n| ClientId::new(100_000_000 + n)).collect();
+    assert_eq!(s.registry.held(&many).await.unwrap().len(), 500);
+    assert_eq!(command_calls(&s, "exists").await - before, 500);
+}
+
+#[tokio::test]
+async fn a_call_decided_during_an_outage_whose_peer_resumed_elsewhere_meanwhile_is_reset_and_reported(
+) {
+    let Some(s) = setup().await else { return };
+    let n1 = node("n1");
+    let (x, x_token) = s.claim("n1").await;
+    let (y, y_token) = s.claim("n1").await;
+    // n1 put x and y in a call while Redis was out; y resumed on n2 before n1 wrote it back, so
+    // Redis gave n2 y's state from before the outage (idle).
+    let (fresh, _) = s.claim("n2").await;
+    s.registry
+        .resume(fresh, y.id, &y_token, &node("n2"), Instant::now())
+        .await
+        .unwrap();
+    let digest = callgate::cluster::registry::token_digest(&x_token);
+    let known = [Known {
+        binding: x,
+        token: digest,
+        call: CallState::InCall { peer: y.id },
+        dirty: true,
+    }];
+    let done = s.registry.write_back(&n1, &known, 10).await.unwrap();
+    assert_eq!(done.broken, [(x.id, y.id)], "{done:?}");
+    assert_eq!(s.state(x).await, CallState::Idle, "the call cannot stand");
+    // An idle state has no peer to check.
+    let known = [Known {
+        binding: x,
+        token: String::new(),
+        call: CallState::Idle,
+        dirty: true,
+    }];
+    let done = s.registry.write_back(&n1, &known, 11).await.unwrap();
+    assert!(done.broken.is_empty(), "{done:?}");
 }

@@ -11,19 +11,23 @@
 //!   delivered.
 //! - **leases**: every `grace / 3`, this node's live IDs' keys are renewed (one pipelined round
 //!   trip per 256 IDs); bindings Redis no longer gives to this node are closed so their clients
-//!   resume. The same pass asks where each local client's call peer on another node is: a peer
-//!   whose ID no node holds any more (its node died and nobody resumed it) ends the call, and
-//!   the client is told `close-call-server` (`peer_gone`).
+//!   resume. The same pass asks, in one pipelined round trip, whether each local client's call
+//!   peer on another node is still held anywhere: a peer whose ID no node holds any more in two
+//!   passes in a row (its node died and nobody resumed it) ends the call, and the client is told
+//!   `close-call-server` (`peer_gone`).
+//! - **reconcile**: after a Redis outage, brings Redis up to date with what this node decided
+//!   and settles what it does not know ([`ClusterRegistry::reconcile`]); tells the clients whose
+//!   calls that ended.
 //! - **orphans**: every few seconds, messages held for IDs that expired unresumed are taken and
 //!   their senders told `undelivered` (`recipient_gone`).
 //!
 //! A single node runs none of this: its router is the memory registry and `NoBus`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use prometheus::{IntCounter, IntCounterVec, Opts};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts};
 use redis::aio::ConnectionLike;
 use tokio::sync::oneshot;
 
@@ -39,8 +43,8 @@ use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::signaling::bus::{Bus, BusDelivery, BusUnavailable, Handover, Held};
 use crate::signaling::delivery::Envelope;
-use crate::signaling::hub::{CallEvent, Hub};
-use crate::signaling::protocol::{ClientId, DropReason, EndReason, ServerKind};
+use crate::signaling::hub::{CallEvent, Effect, Hub};
+use crate::signaling::protocol::{ClientId, DropReason, EndReason, ServerKind, ServerMessage};
 use crate::signaling::registry::Registry as _;
 use crate::signaling::router::Router;
 use crate::signaling::session::SessionHub;
@@ -56,6 +60,10 @@ pub type NodeRouter = SessionHub<NodeRegistry, NodeBus>;
 /// How often the orphan sweep runs, and how many IDs it takes per run.
 const ORPHAN_SWEEP: (Duration, usize) = (Duration::from_secs(2), 64);
 
+/// How often the node checks whether Redis must be brought up to date after an outage (a check
+/// of two counters; Redis is asked only when there is something to do).
+const RECONCILE_EVERY: Duration = Duration::from_millis(250);
+
 /// After the subscription comes back, when to look for held messages a second time.
 const RESUBSCRIBE_SECOND_LOOK: Duration = Duration::from_secs(2);
 
@@ -66,13 +74,24 @@ const HANDOVER_WAIT: Duration = Duration::from_secs(2);
 /// Events waiting between the subscription task and the inbox.
 const INBOX_CAPACITY: usize = 1024;
 
-/// `callgate_cluster_messages_total{direction}`: messages between nodes.
+/// `callgate_cluster_messages_total{direction}`: messages between nodes; and what the node still
+/// has to settle with Redis after an outage.
 #[derive(Clone)]
 pub struct ClusterMetrics {
     /// Published to another node's inbox and received by it.
     pub sent: IntCounter,
     /// Taken from this node's inbox.
     pub received: IntCounter,
+    /// `callgate_cluster_unsettled{kind="transitions"}`: call-state changes with a client of
+    /// another node whose outcome this node does not know yet.
+    pub unsettled_transitions: IntGauge,
+    /// `callgate_cluster_unsettled{kind="departures"}`: IDs that left this node while Redis
+    /// could not be told.
+    pub unsettled_departures: IntGauge,
+    /// `callgate_cluster_call_corrections_total`: clients told `close-call-server` because a
+    /// call-state change ran after its sender was told it failed, or this node's write-back
+    /// replaced a call another node made during an outage.
+    pub corrections: IntCounter,
 }
 
 impl ClusterMetrics {
@@ -89,9 +108,31 @@ impl ClusterMetrics {
         )
         .expect("valid metric");
         metrics.register(Box::new(family.clone()));
+        let unsettled = IntGaugeVec::new(
+            Opts::new(
+                "cluster_unsettled",
+                "What this node still has to settle with Redis after an outage: transitions = \
+                 cross-node call-state changes whose outcome it does not know; departures = IDs \
+                 that left while Redis could not be told. 0 when Redis is fine.",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
+        metrics.register(Box::new(unsettled.clone()));
+        let corrections = IntCounter::new(
+            "cluster_call_corrections_total",
+            "Clients told close-call-server after a Redis outage: a call-state change Redis ran \
+             after its sender was told it failed, or a call another node made meanwhile that \
+             this node's write-back replaced.",
+        )
+        .expect("valid metric");
+        metrics.register(Box::new(corrections.clone()));
         ClusterMetrics {
             sent: family.with_label_values(&["sent"]),
             received: family.with_label_values(&["received"]),
+            unsettled_transitions: unsettled.with_label_values(&["transitions"]),
+            unsettled_departures: unsettled.with_label_values(&["departures"]),
+            corrections,
         }
     }
 }
@@ -298,7 +339,11 @@ pub fn router(
             ttl: Duration::from_secs(2),
         },
     );
-    let hub = Hub::new(ClusterRegistry::new(registry), node.clone(), limits);
+    let hub = Hub::new(
+        ClusterRegistry::new(registry, node.clone()),
+        node.clone(),
+        limits,
+    );
     Router::new(hub, ClusterBus::new(routes, metrics, node))
 }
 
@@ -319,6 +364,7 @@ pub fn spawn(router: Arc<NodeRouter>, shutdown: &Shutdown) {
     let subscription = router.bus().routes().bus().subscribe(&node, INBOX_CAPACITY);
     tokio::spawn(inbox(router.clone(), subscription, shutdown.clone()));
     tokio::spawn(leases(router.clone(), shutdown.clone()));
+    tokio::spawn(reconcile(router.clone(), shutdown.clone()));
     tokio::spawn(orphans(router, shutdown.clone()));
 }
 
@@ -544,6 +590,7 @@ async fn leases(router: Arc<NodeRouter>, mut shutdown: Shutdown) {
     let node = router.hub().node().clone();
     let mut ticks = tokio::time::interval(refresh_period(router.limits().resume_grace));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut missing_before = HashSet::new();
     loop {
         tokio::select! {
             _ = shutdown.recv() => return,
@@ -563,19 +610,92 @@ async fn leases(router: Arc<NodeRouter>, mut shutdown: Shutdown) {
                 continue;
             }
         }
-        for binding in registry.live() {
-            let Some((_, state)) = registry.cached(binding.id) else {
-                continue;
-            };
-            let Some(peer) = state.peer() else { continue };
-            if router.connections().holds(peer) {
+        // Calls whose peer is on another node: is the peer still held anywhere? One pipelined
+        // round trip for all of them.
+        let calls: Vec<(Binding, ClientId, CallState)> = registry
+            .live()
+            .into_iter()
+            .filter_map(|binding| {
+                let (_, state) = registry.cached(binding.id)?;
+                let peer = state.peer()?;
+                (!router.connections().holds(peer)).then_some((binding, peer, state))
+            })
+            .collect();
+        let peers: Vec<ClientId> = calls.iter().map(|&(_, peer, _)| peer).collect();
+        let Ok(held) = registry.redis().held(&peers).await else {
+            continue;
+        };
+        // Gone only if missing twice in a row: after Redis restarted empty, the peer's node may
+        // not have put its IDs back yet (it does within a quarter second of Redis answering).
+        let mut missing = HashSet::new();
+        for ((binding, peer, state), held) in calls.into_iter().zip(held) {
+            if held {
                 continue;
             }
-            if let Ok(None) = registry.redis().locate(peer).await {
+            if missing_before.contains(&peer) {
                 peer_gone(&router, binding, peer, state).await;
+            } else {
+                missing.insert(peer);
             }
         }
+        missing_before = missing;
     }
+}
+
+/// Brings Redis up to date after an outage, within [`RECONCILE_EVERY`] of it answering again
+/// (see [`ClusterRegistry::reconcile`]), and does what reconciles found: closes connections
+/// whose IDs Redis gives to someone else, tells clients whose call ended without a word.
+async fn reconcile(router: Arc<NodeRouter>, mut shutdown: Shutdown) {
+    let registry = router.hub().registry();
+    let mut ticks = tokio::time::interval(RECONCILE_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.recv() => return,
+            _ = ticks.tick() => {}
+        }
+        if registry.needs_reconcile() {
+            if let Err(e) = registry.reconcile().await {
+                tracing::debug!("reconcile with Redis failed: {e}");
+            }
+        }
+        follow_up(&router).await;
+    }
+}
+
+/// Does what the registry's reconciles left to do.
+async fn follow_up(router: &NodeRouter) {
+    let registry = router.hub().registry();
+    let metrics = &router.bus().metrics;
+    let (transitions, departures) = registry.unsettled();
+    metrics.unsettled_transitions.set(gauge(transitions));
+    metrics.unsettled_departures.set(gauge(departures));
+    let followups = registry.take_followups();
+    metrics
+        .corrections
+        .inc_by(followups.corrections.len() as u64);
+    let now = Instant::now();
+    for binding in followups.lost {
+        if router.kick(binding, now).await {
+            tracing::info!(client = %binding.id, "connection closed: Redis no longer gives its ID to this node");
+        }
+    }
+    for correction in followups.corrections {
+        let notice = ServerMessage::CloseCallServer {
+            peer: correction.peer,
+            reason: correction.reason,
+        };
+        let effect = Effect::Deliver {
+            to: correction.to,
+            envelope: Envelope::new(&notice),
+        };
+        router.apply_effect(effect, now).await;
+    }
+}
+
+/// A count as a gauge value.
+fn gauge(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 /// `peer` is gone from the whole cluster (its node died, nobody resumed it): `binding`'s call

@@ -69,6 +69,10 @@ struct Scripts {
     refresh: Script,
     /// Puts back a node's live IDs after Redis lost its data.
     restore: Script,
+    /// Makes a transition's outcome certain (applied, or fenced off).
+    resolve: Script,
+    /// Writes a node's knowledge of its live IDs back after an outage.
+    write_back: Script,
 }
 
 /// Compiled (hashed) once per process; Redis caches the scripts by SHA.
@@ -85,6 +89,8 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
         transition: with_prelude(include_str!("lua/transition.lua")),
         refresh: with_prelude(include_str!("lua/refresh.lua")),
         restore: with_prelude(include_str!("lua/restore.lua")),
+        resolve: with_prelude(include_str!("lua/resolve.lua")),
+        write_back: with_prelude(include_str!("lua/write_back.lua")),
     }
 });
 
@@ -98,6 +104,46 @@ pub struct Refreshed {
     /// Bindings this node no longer holds (moved, detached, or gone): their connections are
     /// stale and should be closed so the clients resume.
     pub lost: Vec<Binding>,
+}
+
+/// What a node knows of one of its live IDs, for [`RedisRegistry::write_back`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Known {
+    /// The ID and the epoch this node holds it at.
+    pub binding: Binding,
+    /// Its resume token's digest ([`token_digest`]), to put back if Redis lost it.
+    pub token: String,
+    /// Its call state as this node knows it.
+    pub call: CallState,
+    /// The node changed the call state while Redis was unreachable: write it.
+    pub dirty: bool,
+}
+
+/// What [`RedisRegistry::write_back`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WrittenBack {
+    /// IDs found held by this node: leases renewed, dirty call states written.
+    pub written: usize,
+    /// IDs Redis had lost, put back live on this node with their call state and token.
+    pub restored: usize,
+    /// Bindings this node no longer holds (moved, detached): their connections are stale.
+    pub lost: Vec<Binding>,
+    /// `(me, other)`: a call another node had made for `me` meanwhile was replaced by this
+    /// node's; `other`'s state was reset to idle and its client should be told.
+    pub displaced: Vec<(ClientId, ClientId)>,
+    /// `(me, peer)`: a call this node decided for `me` during the outage whose `peer` moved to
+    /// another node meanwhile and is not in it there; `me` was reset to idle, and both clients
+    /// should be told.
+    pub broken: Vec<(ClientId, ClientId)>,
+}
+
+/// How a transition whose answer never came turned out ([`RedisRegistry::resolve`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resolved {
+    /// It was applied; the ID's call state now.
+    Applied(CallState),
+    /// It was not, and never will be; the ID's call state now.
+    NotApplied(CallState),
 }
 
 /// How the Redis registry behaves; the cluster configuration maps onto this.
@@ -309,6 +355,20 @@ where
         peer: ClientId,
         t: Transition,
     ) -> Result<CallState, TransitionError> {
+        self.transition_op(binding, peer, t, None).await
+    }
+
+    /// [`transition`](Self::transition) as operation `op` of this node: recorded with the ID
+    /// when applied, refused as outdated (`Unavailable`, logged) if an operation at least as new
+    /// was applied or fenced already, so [`resolve`](Self::resolve) can tell whether it ran.
+    /// Operation numbers must grow per binding.
+    pub async fn transition_op(
+        &self,
+        binding: Binding,
+        peer: ClientId,
+        t: Transition,
+        op: Option<u64>,
+    ) -> Result<CallState, TransitionError> {
         let name = match t {
             Transition::Offer => "offer",
             Transition::Accept => "accept",
@@ -322,7 +382,8 @@ where
             .arg(binding.epoch)
             .arg(name)
             .arg(binding.id.get())
-            .arg(peer.get());
+            .arg(peer.get())
+            .arg(op.map_or(String::new(), |op| op.to_string()));
         let mut conn = self.conn.clone();
         let reply: Vec<Value> = self.run(call.invoke_async(&mut conn)).await?;
         let state = || {
@@ -345,11 +406,104 @@ where
             Some(3) => Err(TransitionError::UnknownPeer),
             Some(4) => Err(TransitionError::Busy),
             Some(5) => Err(TransitionError::WrongState(state()?)),
+            Some(6) => {
+                tracing::warn!(client = %binding.id, ?op, "redis registry: a transition was refused as outdated");
+                Err(TransitionError::Unavailable)
+            }
             _ => {
                 malformed();
                 Err(TransitionError::Unavailable)
             }
         }
+    }
+
+    /// Makes the outcome of operation `op` (a [`transition_op`](Self::transition_op) whose
+    /// answer never came) certain: applied, or fenced so a late copy is refused. `None`: the
+    /// binding is stale.
+    pub async fn resolve(
+        &self,
+        binding: Binding,
+        op: u64,
+    ) -> Result<Option<Resolved>, Unavailable> {
+        let mut call = SCRIPTS.resolve.prepare_invoke();
+        call.key(id_key(binding.id)).arg(binding.epoch).arg(op);
+        let mut conn = self.conn.clone();
+        let reply: Vec<Value> = self.run(call.invoke_async(&mut conn)).await?;
+        let state = || {
+            call_state(
+                text(reply.get(1)).unwrap_or(""),
+                text(reply.get(2)).unwrap_or(""),
+            )
+            .ok_or_else(malformed)
+        };
+        match int(reply.first()) {
+            Some(0) => Ok(None),
+            Some(1) => Ok(Some(Resolved::Applied(state()?))),
+            Some(2) => Ok(Some(Resolved::NotApplied(state()?))),
+            _ => Err(malformed()),
+        }
+    }
+
+    /// Puts what this node knows of its live IDs back into Redis (see `lua/write_back.lua`):
+    /// restores missing keys with their call state and token, writes dirty call states, renews
+    /// leases. Batches of 256 IDs per script, all in one pipeline. `op` must be at least every
+    /// operation number this node gave out so far: late copies of older transitions are then
+    /// refused.
+    pub async fn write_back(
+        &self,
+        node: &NodeId,
+        known: &[Known],
+        op: u64,
+    ) -> Result<WrittenBack, Unavailable> {
+        let mut done = WrittenBack::default();
+        if known.is_empty() {
+            return Ok(done);
+        }
+        let mut pipe = redis::pipe();
+        for batch in known.chunks(REFRESH_BATCH) {
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(SCRIPTS.write_back.get_hash()).arg(batch.len() + 1);
+            for k in batch {
+                cmd.arg(id_key(k.binding.id));
+            }
+            cmd.arg(EPOCH_KEY)
+                .arg(node.as_str())
+                .arg(self.lease_ms)
+                .arg(op);
+            for k in batch {
+                let (phase, peer) = phase_and_peer(k.call);
+                cmd.arg(k.binding.epoch)
+                    .arg(&k.token)
+                    .arg(phase)
+                    .arg(peer)
+                    .arg(u8::from(k.dirty));
+            }
+            pipe.add_command(cmd);
+        }
+        let replies = self.pipeline(&pipe, &SCRIPTS.write_back).await?;
+        if replies.len() != known.chunks(REFRESH_BATCH).len() {
+            return Err(malformed());
+        }
+        for (batch, reply) in known.chunks(REFRESH_BATCH).zip(&replies) {
+            let reply: Vec<Value> = redis::from_redis_value_ref(reply).map_err(|_| malformed())?;
+            if reply.len() != 3 * batch.len() {
+                return Err(malformed());
+            }
+            for (k, entry) in batch.iter().zip(reply.chunks(3)) {
+                match int(entry.first()) {
+                    Some(2) => done.restored += 1,
+                    Some(1) => done.written += 1,
+                    _ => done.lost.push(k.binding),
+                }
+                if let Some(other) = text(entry.get(1)).and_then(parse_id) {
+                    done.displaced.push((k.binding.id, other));
+                }
+                if let Some(peer) = text(entry.get(2)).and_then(parse_id) {
+                    done.broken.push((k.binding.id, peer));
+                }
+            }
+        }
+        Ok(done)
     }
 
     /// Where an ID is held: one `HMGET`, no script (a single-key read is atomic by itself).
@@ -371,6 +525,24 @@ where
             }),
             _ => None,
         })
+    }
+
+    /// Which of `ids` some node holds (live or reserved): one `EXISTS` each, all in one
+    /// pipeline, so checking every cross-node call's peer costs one round trip.
+    pub async fn held(&self, ids: &[ClientId]) -> Result<Vec<bool>, Unavailable> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for &id in ids {
+            pipe.cmd("EXISTS").arg(id_key(id));
+        }
+        let mut conn = self.conn.clone();
+        let found: Vec<i64> = self.run(pipe.query_async(&mut conn)).await?;
+        if found.len() != ids.len() {
+            return Err(malformed());
+        }
+        Ok(found.into_iter().map(|n| n == 1).collect())
     }
 
     /// Renews the lease of this node's live IDs: batches of 256 IDs per script, all batches in
@@ -528,7 +700,7 @@ where
 /// The form a resume token is stored in: hex SHA-256 of its wire form. A digest, so a copy of
 /// Redis's data does not let anyone resume an ID; compared in Lua with `==`, which leaks at most
 /// how much of a digest matched — useless for finding a token.
-fn token_digest(token: &ResumeToken) -> String {
+pub fn token_digest(token: &ResumeToken) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, token.to_string().as_bytes());
     let mut hex = String::with_capacity(64);
     for byte in digest.as_ref() {
@@ -579,6 +751,16 @@ fn call_state(phase: &str, peer: &str) -> Option<CallState> {
         "called" => Some(CallState::Called { peer }),
         "incall" => Some(CallState::InCall { peer }),
         _ => None,
+    }
+}
+
+/// A call state as the hash's `phase` and `peer` fields.
+fn phase_and_peer(state: CallState) -> (&'static str, String) {
+    match state {
+        CallState::Idle => ("idle", String::new()),
+        CallState::Calling { peer } => ("calling", peer.to_string()),
+        CallState::Called { peer } => ("called", peer.to_string()),
+        CallState::InCall { peer } => ("incall", peer.to_string()),
     }
 }
 

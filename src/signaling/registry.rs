@@ -476,7 +476,7 @@ impl MemoryRegistry {
 
 /// The rule of `t` for the sender `me` in `mine`, with `peer` in `theirs` (`None`: nobody holds
 /// it). Returns both new states (the peer's only if it changes) or the refusal.
-fn apply(
+pub fn apply(
     t: Transition,
     me: ClientId,
     peer: ClientId,

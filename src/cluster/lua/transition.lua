@@ -1,12 +1,24 @@
--- KEYS: cg:id:{me}, cg:id:{peer}   ARGV: epoch, transition, me, peer
+-- KEYS: cg:id:{me}, cg:id:{peer}   ARGV: epoch, transition, me, peer, op ('' for none)
 -- Returns {1, new phase, new peer} or a refusal:
 -- {0} stale, {2, phase, peer} already in a call, {3} unknown peer, {4} busy,
--- {5, phase, peer} wrong state (my current one).
-local e, live, phase, peer = unpack(redis.call('HMGET', KEYS[1], 'epoch', 'live', 'phase', 'peer'))
+-- {5, phase, peer} wrong state (my current one), {6, phase, peer} outdated: an operation of this
+-- node at least as new as `op` was applied to my ID already, or `op` was fenced (resolve.lua),
+-- so this one must not run — it is a copy Redis received late.
+-- An applied transition records `op` in my hash (field `op`): resolve.lua reads it to learn
+-- whether a transition whose answer the node never got was applied.
+local e, live, phase, peer, done = unpack(redis.call('HMGET', KEYS[1], 'epoch', 'live', 'phase', 'peer', 'op'))
 if e ~= ARGV[1] or live ~= '1' then
   return { 0 }
 end
-local t, me, other = ARGV[2], ARGV[3], ARGV[4]
+local t, me, other, op = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+if op ~= '' and tonumber(done or '0') >= tonumber(op) then
+  return { 6, phase, peer }
+end
+local function applied()
+  if op ~= '' then
+    redis.call('HSET', KEYS[1], 'op', op)
+  end
+end
 if t == 'offer' then
   if phase ~= 'idle' then
     return { 2, phase, peer }
@@ -23,6 +35,7 @@ if t == 'offer' then
   end
   redis.call('HSET', KEYS[1], 'phase', 'calling', 'peer', other)
   redis.call('HSET', KEYS[2], 'phase', 'called', 'peer', me)
+  applied()
   return { 1, 'calling', other }
 end
 local wanted
@@ -40,6 +53,7 @@ if phase ~= wanted or peer ~= other then
 end
 local new = t == 'accept' and 'incall' or 'idle'
 set_pair(KEYS[1], me, new, other)
+applied()
 if new == 'idle' then
   return { 1, 'idle', '' }
 end

@@ -228,7 +228,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
 
 /// A directory name for an ACME directory URL: host, port and path, with anything but
 /// `[A-Za-z0-9.-]` turned into `_` (`acme-v02.api.letsencrypt.org_directory`).
-fn slug(directory: &str) -> String {
+pub(super) fn slug(directory: &str) -> String {
     let rest = directory
         .strip_prefix("https://")
         .unwrap_or(directory)

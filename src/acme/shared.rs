@@ -518,7 +518,7 @@ impl SharedStore {
                     .arg(millis(CHALLENGE_TTL))
                     .ignore();
                 self.redis.pipeline::<()>(&pipe).await?;
-                tracing::debug!(%version, "ACME: serving the cluster's challenge answers");
+                tracing::info!(%version, "ACME: serving the cluster's challenge answers");
             }
             _ => answers.clear(),
         }

@@ -437,8 +437,10 @@ impl Acme {
                     }
                     let delay = backoff.failed(error.retry_after(unix_now()));
                     if let (Some(shared), Some(lock)) = (&self.shared, &held) {
-                        // Keep the lock through the back-off: the other nodes would fail alike.
-                        if !matches!(shared.renew(lock, delay).await, Ok(true)) {
+                        // Keep the lock through the back-off (and a little longer, so this node
+                        // takes it again first): the other nodes would fail alike.
+                        let hold = delay + shared::POLL * 5;
+                        if !matches!(shared.renew(lock, hold).await, Ok(true)) {
                             held = None;
                         }
                     }

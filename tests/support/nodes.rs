@@ -65,6 +65,17 @@ impl Cluster {
 
     /// Starts node `id` with the test settings plus `extra` flags, and waits until it is ready.
     pub async fn start(&self, id: &str, extra: &[&str]) -> Node {
+        self.start_with_certs(id, &self.dir.path().join("certs"), extra)
+            .await
+    }
+
+    /// Like [`Cluster::start`], with the node's own certs-dir (e.g. where its ACME copy lives).
+    pub async fn start_with_certs(
+        &self,
+        id: &str,
+        certs: &std::path::Path,
+        extra: &[&str],
+    ) -> Node {
         let bin = env!("CARGO_BIN_EXE_callgate");
         let mut child = Command::new(bin)
             .args([
@@ -96,7 +107,7 @@ impl Cluster {
             .arg("--public-dir")
             .arg(self.dir.path().join("public"))
             .arg("--certs-dir")
-            .arg(self.dir.path().join("certs"))
+            .arg(certs)
             .args(extra)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stderr(Stdio::piped())

@@ -1,0 +1,296 @@
+//! Automatic HTTPS for a cluster: real `callgate` nodes sharing a real `redis-server`, a real
+//! ACME server (pebble + challtestsrv) and, in front, HAProxy from `ops/haproxy/haproxy.cfg` — the
+//! CA's validation goes through the balancer, so it lands on a node that may not be the one that
+//! ordered. One order serves every node; renewal reaches every node; a node killed mid-order
+//! leaves its lock to lapse and another completes; Redis down leaves every node serving.
+//! Without pebble, redis-server or haproxy these tests print why and pass — except under
+//! `CI=true`, where a missing tool fails them.
+
+mod common;
+#[path = "support/haproxy.rs"]
+mod haproxy;
+#[path = "support/nodes.rs"]
+mod nodes;
+#[path = "support/pebble.rs"]
+mod pebble;
+#[path = "support/redis.rs"]
+mod redis_server;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::{tls_client, H1};
+use haproxy::Haproxy;
+use nodes::{Cluster, Node};
+use pebble::{free_port, pebble_installed, PebblePlan, PebbleSettings};
+use redis::Commands;
+use redis_server::RedisServer;
+use rustls::pki_types::{CertificateDer, ServerName};
+
+/// The name ordered; challtestsrv resolves every name to 127.0.0.1.
+const NAME: &str = "call.callgate.test";
+const ORDERS: &str = "callgate_acme_orders_total";
+const FIRST: &str = "callgate_acme_certificates_issued_total{kind=\"first\"}";
+const RENEWAL: &str = "callgate_acme_certificates_issued_total{kind=\"renewal\"}";
+
+/// The Redis key prefix of `plan`'s directory (`cg:acme:<slug>:`).
+fn prefix(plan: &PebblePlan) -> String {
+    format!("cg:acme:127.0.0.1_{}_dir:", plan.listen)
+}
+
+/// Awaits the ordering lock being held by `node` (its value is `<node>:<fence>`).
+async fn wait_for_lock(redis: &RedisServer, plan: &PebblePlan, node: &str, within: Duration) {
+    let key = format!("{}lock", prefix(plan));
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let value: Option<String> = redis.client().get(&key).unwrap();
+        if value
+            .as_deref()
+            .is_some_and(|v| v.starts_with(&format!("{node}:")))
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{node} did not take the ACME lock within {within:?} (it is {value:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// An open HTTPS connection to `addr` verifying `NAME` against `root`.
+async fn open(addr: SocketAddr, root: &CertificateDer<'static>) -> std::io::Result<H1> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let tls = tls_client(std::slice::from_ref(root), &[b"http/1.1"])
+        .connect(ServerName::try_from(NAME).unwrap(), tcp)
+        .await?;
+    Ok(H1::over(tls).await)
+}
+
+/// The leaf a client verifying `NAME` against `root` gets from `node`, after a page is served.
+async fn served_leaf(
+    node: &Node,
+    root: &CertificateDer<'static>,
+) -> std::io::Result<CertificateDer<'static>> {
+    let tcp = tokio::net::TcpStream::connect(node.https).await?;
+    let tls = tls_client(std::slice::from_ref(root), &[b"http/1.1"])
+        .connect(ServerName::try_from(NAME).unwrap(), tcp)
+        .await?;
+    let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let page = H1::over(tls).await.get("/").await;
+    assert_eq!(page.status, 200);
+    Ok(leaf)
+}
+
+/// Awaits `node` serving a leaf (verified for NAME) that `accept`s; returns it.
+async fn wait_for_leaf(
+    node: &Node,
+    root: &CertificateDer<'static>,
+    within: Duration,
+    accept: impl Fn(&CertificateDer<'static>) -> bool,
+) -> CertificateDer<'static> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Ok(leaf) = served_leaf(node, root).await {
+            if accept(&leaf) {
+                return leaf;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node {} did not serve the expected certificate within {within:?}:\n{}",
+            node.id,
+            node.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Flags for an ACME node behind the test balancer (which connects from 127.0.0.2).
+fn node_flags(plan: &PebblePlan) -> Vec<String> {
+    let mut flags = plan.flags(NAME, "tls-alpn-01");
+    flags.extend(
+        [
+            "--proxy-protocol-from",
+            "127.0.0.2/32",
+            "--header-read-timeout",
+            "2m",
+        ]
+        .map(str::to_owned),
+    );
+    flags
+}
+
+fn refs(flags: &[String]) -> Vec<&str> {
+    flags.iter().map(String::as_str).collect()
+}
+
+/// A field of the shared certificate hash.
+fn cert_field(redis: &RedisServer, plan: &PebblePlan, field: &str) -> Option<String> {
+    redis
+        .client()
+        .hget(format!("{}cert", prefix(plan)), field)
+        .unwrap()
+}
+
+#[tokio::test]
+async fn one_order_serves_every_node_and_renewal_reaches_both_through_the_balancer() {
+    if !pebble_installed() {
+        return;
+    }
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let plan = PebblePlan::new(dir.path());
+    let cluster = Cluster::new(redis.url());
+    let flags = node_flags(&plan);
+
+    // Node A starts alone while the CA is not up yet: it takes the lock, fails ("directory"),
+    // and keeps the lock through its back-off.
+    let a = cluster
+        .start_with_certs("node-a", &dir.path().join("a"), &refs(&flags))
+        .await;
+    wait_for_lock(&redis, &plan, "node-a", Duration::from_secs(20)).await;
+    let b = cluster
+        .start_with_certs("node-b", &dir.path().join("b"), &refs(&flags))
+        .await;
+    // Every connection through the balancer goes to B (the first live server): the CA's
+    // TLS-ALPN-01 validation reaches the node that did NOT order.
+    let Some(balancer) = Haproxy::start_balanced(
+        &[b.https, a.https],
+        "127.0.0.2".parse().unwrap(),
+        Some("first"),
+    ) else {
+        return;
+    };
+    let pebble = plan
+        .start(PebbleSettings {
+            http_port: free_port(),
+            tls_port: balancer.addr.port(),
+            validity_seconds: 24,
+            blocked: vec![],
+            dns_down: false,
+        })
+        .await;
+    a.wait_for_metric(FIRST, |v| v == 1.0, Duration::from_secs(90))
+        .await;
+    let root = pebble.issuing_root().await;
+
+    // Both nodes serve the one certificate, obtained by one order on A; B never ordered.
+    let first = served_leaf(&a, &root).await.unwrap();
+    wait_for_leaf(&b, &root, Duration::from_secs(10), |l| *l == first).await;
+    assert_eq!(b.metric(ORDERS).await, 0.0, "{}", b.log_text());
+    assert_eq!(b.metric(FIRST).await, 0.0);
+    assert!(
+        b.log_count("serving the cluster's challenge answers") >= 1,
+        "B answered the validation with A's challenge answers:\n{}",
+        b.log_text()
+    );
+
+    // The key in Redis is sealed; the chain is public.
+    let key = cert_field(&redis, &plan, "key").expect("the certificate key is shared");
+    assert!(!key.contains("PRIVATE KEY"), "{key}");
+    assert!(cert_field(&redis, &plan, "chain")
+        .unwrap()
+        .contains("BEGIN CERTIFICATE"));
+    let account: String = redis
+        .client()
+        .hget(format!("{}account", prefix(&plan)), "sealed")
+        .unwrap();
+    assert!(!account.contains("key_pkcs8") && !account.contains('{'));
+
+    // A connection open on B with the first certificate...
+    let mut kept = open(b.https, &root).await.unwrap();
+    assert_eq!(kept.get("/").await.status, 200);
+    // ...renewal (a third of the 24 s lifetime left) reaches both nodes...
+    let renewed = wait_for_leaf(&a, &root, Duration::from_secs(60), |l| *l != first).await;
+    wait_for_leaf(&b, &root, Duration::from_secs(10), |l| *l != first).await;
+    let renewals = a.metric(RENEWAL).await + b.metric(RENEWAL).await;
+    assert!(renewals >= 1.0, "renewals counted on the ordering node");
+    assert_ne!(renewed, first);
+    // ...and the open connection keeps working.
+    assert_eq!(kept.get("/").await.status, 200);
+    // One first order in all, whoever renewed.
+    assert_eq!(a.metric(FIRST).await + b.metric(FIRST).await, 1.0);
+    drop(balancer);
+}
+
+#[tokio::test]
+async fn a_node_killed_mid_order_lets_another_complete_and_redis_down_keeps_every_node_serving() {
+    if !pebble_installed() {
+        return;
+    }
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let plan = PebblePlan::new(dir.path());
+    let cluster = Cluster::new(redis.url());
+    let flags = node_flags(&plan);
+
+    // The "CA" accepts connections and never answers: node A's order hangs with the lock held.
+    let hole = std::net::TcpListener::bind(("127.0.0.1", plan.listen)).unwrap();
+    hole.set_nonblocking(true).unwrap();
+    let mut a = cluster
+        .start_with_certs("node-a", &dir.path().join("a"), &refs(&flags))
+        .await;
+    wait_for_lock(&redis, &plan, "node-a", Duration::from_secs(20)).await;
+    a.wait_for_log("ACME: ordering a certificate", Duration::from_secs(10))
+        .await;
+    let mut held = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while held.is_empty() {
+        if let Ok((conn, _)) = hole.accept() {
+            held.push(conn);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "A never called the CA"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.kill();
+    drop((held, hole));
+
+    // B starts, waits for A's lock to lapse, and orders through the real CA.
+    let b = cluster
+        .start_with_certs("node-b", &dir.path().join("b"), &refs(&flags))
+        .await;
+    let pebble = plan
+        .start(PebbleSettings {
+            http_port: free_port(),
+            tls_port: b.https.port(),
+            validity_seconds: 0,
+            blocked: vec![],
+            dns_down: false,
+        })
+        .await;
+    b.wait_for_metric(FIRST, |v| v == 1.0, Duration::from_secs(90))
+        .await;
+    let root = pebble.issuing_root().await;
+    let leaf = served_leaf(&b, &root).await.unwrap();
+
+    // A comes back: it loads the cluster's certificate and orders nothing.
+    let a = cluster
+        .start_with_certs("node-a", &dir.path().join("a"), &refs(&flags))
+        .await;
+    wait_for_leaf(&a, &root, Duration::from_secs(10), |l| *l == leaf).await;
+    assert_eq!(a.metric(ORDERS).await, 0.0);
+
+    // Redis goes away: both keep serving the certificate.
+    redis.stop();
+    for node in [&a, &b] {
+        node.wait_for_metric("callgate_redis_up", |v| v == 0.0, Duration::from_secs(10))
+            .await;
+        assert_eq!(served_leaf(node, &root).await.unwrap(), leaf, "{}", node.id);
+    }
+    // And a node restarted while Redis is still down serves its certs-dir copy.
+    let mut a = a;
+    a.kill();
+    let a = cluster
+        .start_with_certs("node-a", &dir.path().join("a"), &refs(&flags))
+        .await;
+    assert_eq!(served_leaf(&a, &root).await.unwrap(), leaf);
+    assert_eq!(a.metric(ORDERS).await, 0.0);
+}

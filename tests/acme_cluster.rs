@@ -294,3 +294,43 @@ async fn a_node_killed_mid_order_lets_another_complete_and_redis_down_keeps_ever
     assert_eq!(served_leaf(&a, &root).await.unwrap(), leaf);
     assert_eq!(a.metric(ORDERS).await, 0.0);
 }
+
+#[tokio::test]
+async fn http_01_is_answered_by_a_node_that_did_not_order() {
+    if !pebble_installed() {
+        return;
+    }
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let plan = PebblePlan::new(dir.path());
+    let cluster = Cluster::new(redis.url());
+    let mut flags = plan.flags(NAME, "http-01");
+    flags.extend(["--http-listen", "127.0.0.1:0"].map(str::to_owned));
+
+    // A takes the lock while the CA is down; the CA's HTTP-01 requests then go to B only.
+    let a = cluster
+        .start_with_certs("node-a", &dir.path().join("a"), &refs(&flags))
+        .await;
+    wait_for_lock(&redis, &plan, "node-a", Duration::from_secs(20)).await;
+    let b = cluster
+        .start_with_certs("node-b", &dir.path().join("b"), &refs(&flags))
+        .await;
+    let pebble = plan
+        .start(PebbleSettings {
+            http_port: b.http.expect("B's plain-HTTP listener").port(),
+            tls_port: free_port(),
+            validity_seconds: 0,
+            blocked: vec![],
+            dns_down: false,
+        })
+        .await;
+    a.wait_for_metric(FIRST, |v| v == 1.0, Duration::from_secs(90))
+        .await;
+    let root = pebble.issuing_root().await;
+    let leaf = served_leaf(&a, &root).await.unwrap();
+    wait_for_leaf(&b, &root, Duration::from_secs(10), |l| *l == leaf).await;
+    assert_eq!(b.metric(ORDERS).await, 0.0, "{}", b.log_text());
+    assert!(b.log_count("serving the cluster's challenge answers") >= 1);
+}

@@ -81,8 +81,6 @@ impl Cluster {
             .args([
                 "--https-listen",
                 "127.0.0.1:0",
-                "--http-listen",
-                "off",
                 "--metrics-listen",
                 "127.0.0.1:0",
                 "--listening-ip",
@@ -104,6 +102,13 @@ impl Cluster {
                 "--node-id",
                 id,
             ])
+            // No plain-HTTP listener unless the test asks for one.
+            .args(
+                (!extra.contains(&"--http-listen"))
+                    .then_some(["--http-listen", "off"])
+                    .into_iter()
+                    .flatten(),
+            )
             .arg("--public-dir")
             .arg(self.dir.path().join("public"))
             .arg("--certs-dir")
@@ -119,6 +124,7 @@ impl Cluster {
             child: Some(child),
             id: id.to_owned(),
             https: "0.0.0.0:0".parse().unwrap(),
+            http: None,
             metrics: "0.0.0.0:0".parse().unwrap(),
             log,
             cert: self.dir.path().join("certs/cert.pem"),
@@ -135,6 +141,11 @@ impl Cluster {
         for listener in listeners.split(", ") {
             if let Some(addr) = listener.strip_prefix("https://") {
                 node.https = addr.parse().unwrap();
+            } else if let Some(addr) = listener
+                .strip_prefix("http://")
+                .and_then(|rest| rest.strip_suffix(" (redirect to HTTPS)"))
+            {
+                node.http = Some(addr.parse().unwrap());
             } else if let Some(rest) = listener.strip_prefix("http://") {
                 node.metrics = rest.trim_end_matches("/metrics").parse().unwrap();
             }
@@ -188,6 +199,8 @@ pub struct Node {
     pub id: String,
     /// Its HTTPS listener.
     pub https: SocketAddr,
+    /// Its plain-HTTP listener, when started with `--http-listen`.
+    pub http: Option<SocketAddr>,
     /// Its metrics listener.
     pub metrics: SocketAddr,
     /// Its log.

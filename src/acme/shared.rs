@@ -31,6 +31,7 @@ use std::time::Duration;
 use redis::Script;
 
 use super::challenge::ChallengeAnswers;
+use super::metrics::AcmeMetrics;
 use super::seal::{SealError, Sealer};
 use super::store::AcmeStore;
 use crate::cluster::nodes::NODES_KEY;
@@ -184,7 +185,9 @@ static NOT_SEEN: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local missing = {}
-for _, node in ipairs(redis.call('HKEYS', KEYS[1])) do
+local listed = redis.call('HGETALL', KEYS[1])
+for i = 1, #listed, 2 do
+  local node = listed[i]
   if redis.call('EXISTS', 'cg:node:' .. node .. ':alive') == 1
      and redis.call('HGET', KEYS[2], node) ~= ARGV[1] then
     table.insert(missing, node)
@@ -451,6 +454,7 @@ impl SharedStore {
         &self,
         store: &AcmeStore,
         certs: &CertStore,
+        metrics: &AcmeMetrics,
     ) -> Result<bool, SharedError> {
         let version = self.certificate_version().await?;
         if version.is_none() || version == self.served() {
@@ -465,6 +469,7 @@ impl SharedStore {
                 tracing::warn!("ACME: cannot keep the cluster's certificate under certs-dir: {e}");
                 SharedError::Malformed("certificate")
             })?;
+        metrics.certificate_expiry.set(stored.not_after as f64);
         let current = certs.current();
         if current.cert.first() != stored.key.cert.first() {
             certs.replace(stored.key);
@@ -485,6 +490,7 @@ impl SharedStore {
         store: &AcmeStore,
         certs: &CertStore,
         answers: &ChallengeAnswers,
+        metrics: &AcmeMetrics,
         seen: &mut Option<String>,
     ) -> Result<(), SharedError> {
         let mut pipe = redis::pipe();
@@ -497,7 +503,7 @@ impl SharedStore {
             (Option<String>, Option<String>),
         ) = self.redis.pipeline(&pipe).await?;
         if cert_version.is_some() && cert_version != self.served() {
-            self.load_certificate(store, certs).await?;
+            self.load_certificate(store, certs, metrics).await?;
         }
         if challenge_version == *seen {
             return Ok(());
@@ -535,6 +541,7 @@ pub fn follow(
     store: AcmeStore,
     certs: Arc<CertStore>,
     answers: Arc<ChallengeAnswers>,
+    metrics: AcmeMetrics,
     mut shutdown: Shutdown,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -546,7 +553,10 @@ pub fn follow(
                 _ = shutdown.recv() => return,
                 _ = ticks.tick() => {}
             }
-            match shared.poll(&store, &certs, &answers, &mut seen).await {
+            match shared
+                .poll(&store, &certs, &answers, &metrics, &mut seen)
+                .await
+            {
                 Ok(()) | Err(SharedError::Redis(_)) => {}
                 Err(e) => tracing::warn!("ACME: cannot use the cluster's shared state: {e}"),
             }

@@ -265,6 +265,7 @@ impl Acme {
                 self.store.clone(),
                 certs.clone(),
                 self.answers.clone(),
+                metrics.clone(),
                 shutdown.clone(),
             );
         }
@@ -293,6 +294,9 @@ impl Acme {
             let now = unix_now();
             let stored = self.store.certificate();
             let dates = stored.as_ref().map(StoredCertificate::dates);
+            if let Some(cert) = &stored {
+                metrics.certificate_expiry.set(cert.not_after as f64);
+            }
             if let Some(cert) = stored.as_ref() {
                 if order_due(dates, &self.config.domains, None, now) > now {
                     // A usable certificate: ask the CA's renewal information when it is time to.
@@ -327,10 +331,10 @@ impl Acme {
                     Ok(Some(lock)) => {
                         let fresh = held.as_ref() != Some(&lock);
                         held = Some(lock.clone());
-                        // Another node may have stored a certificate since this one looked.
-                        if fresh
-                            && shared.load_certificate(&self.store, &certs).await.ok() == Some(true)
-                        {
+                        if fresh {
+                            // Another node may have stored a certificate since this one looked
+                            // (loaded here, or by the follower meanwhile): look again, lock held.
+                            let _ = shared.load_certificate(&self.store, &certs, &metrics).await;
                             continue;
                         }
                         Some(lock)
@@ -409,6 +413,7 @@ impl Acme {
             match outcome {
                 Ok(issued) => {
                     certs.replace(issued.key.clone());
+                    metrics.certificate_expiry.set(issued.not_after as f64);
                     if renewal {
                         metrics.issued_renewal.inc();
                     } else {

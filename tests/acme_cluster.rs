@@ -343,3 +343,83 @@ async fn http_01_is_answered_by_a_node_that_did_not_order() {
     assert_eq!(b.metric(ORDERS).await, 0.0, "{}", b.log_text());
     assert!(b.log_count("serving the cluster's challenge answers") >= 1);
 }
+
+#[tokio::test]
+async fn the_ordering_lock_is_exclusive_lapses_and_fences_out_a_node_that_lost_it() {
+    use callgate::acme::{Sealer, SharedError, SharedStore};
+    use callgate::cluster::redis::{Redis, RedisMetrics};
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let metrics = callgate::metrics::Metrics::new();
+    let url: callgate::config::RedisUrl = redis.url().parse().unwrap();
+    let conn = Redis::open(&url, RedisMetrics::register(&metrics)).unwrap();
+    let directory = "https://ca.test/dir";
+    let secret = [nodes::SECRET];
+    let a = SharedStore::new(
+        conn.clone(),
+        "node-a",
+        directory,
+        Sealer::new(&secret).unwrap(),
+    );
+    let b = SharedStore::new(conn, "node-b", directory, Sealer::new(&secret).unwrap());
+    let ttl = Duration::from_millis(600);
+
+    // One holder at a time; the holder may extend its own lock.
+    let lock_a = a.acquire(None, ttl).await.unwrap().expect("free");
+    assert_eq!(b.acquire(None, ttl).await.unwrap(), None);
+    assert_eq!(
+        a.acquire(Some(&lock_a), ttl).await.unwrap(),
+        Some(lock_a.clone())
+    );
+    // A stops renewing (dead, paused): the lock lapses and B takes it with a new token.
+    tokio::time::sleep(ttl + Duration::from_millis(200)).await;
+    let lock_b = b.acquire(None, ttl * 10).await.unwrap().expect("lapsed");
+    assert_ne!(lock_a, lock_b);
+    assert!(lock_b.value().starts_with("node-b:"));
+
+    // A, unaware, tries to store its certificate: refused, and it cannot renew or retake.
+    let cert = rcgen::generate_simple_self_signed(vec![NAME.into()]).unwrap();
+    let (chain, key) = (cert.cert.pem(), cert.signing_key.serialize_pem());
+    let stale = a.save_certificate(&lock_a, &chain, &key).await;
+    assert!(matches!(stale, Err(SharedError::Fenced)), "{stale:?}");
+    assert!(!a.renew(&lock_a, ttl).await.unwrap());
+    assert_eq!(a.acquire(Some(&lock_a), ttl).await.unwrap(), None);
+    assert!(
+        a.certificate().await.unwrap().is_none(),
+        "nothing was written"
+    );
+
+    // B stores it; A reads it back (key opened); in Redis the key is sealed.
+    b.save_certificate(&lock_b, &chain, &key).await.unwrap();
+    let shared = a.certificate().await.unwrap().expect("stored");
+    assert_eq!(
+        (shared.chain.as_str(), shared.key.as_str()),
+        (chain.as_str(), key.as_str())
+    );
+    assert_eq!(shared.version, lock_b.value());
+    let stored: String = redis
+        .client()
+        .hget("cg:acme:ca.test_dir:cert", "key")
+        .unwrap();
+    assert!(!stored.contains("PRIVATE KEY"));
+    // A node with another secret cannot open it.
+    let other_conn = Redis::open(
+        &url,
+        RedisMetrics::register(&callgate::metrics::Metrics::new()),
+    )
+    .unwrap();
+    let other = SharedStore::new(
+        other_conn,
+        "node-c",
+        directory,
+        Sealer::new(&["a-different-secret-0123"]).unwrap(),
+    );
+    assert!(matches!(
+        other.certificate().await,
+        Err(SharedError::Seal(_))
+    ));
+    // Released, the lock is free again.
+    b.release(&lock_b).await;
+    assert!(a.acquire(None, ttl).await.unwrap().is_some());
+}

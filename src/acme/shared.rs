@@ -61,6 +61,12 @@ pub enum SharedError {
     /// A stored secret does not open.
     #[error(transparent)]
     Seal(#[from] SealError),
+    /// The cluster's certificate could not be kept under this node's certs-dir.
+    #[error("cannot keep the cluster's certificate under certs-dir: {0}")]
+    Local(#[from] super::store::StoreError),
+    /// A published TLS-ALPN-01 answer could not be turned into a validation certificate.
+    #[error("{0}")]
+    Validation(String),
     /// A stored value is not what callgate writes.
     #[error("the stored {0} is unreadable")]
     Malformed(&'static str),
@@ -98,20 +104,18 @@ pub struct PublishedChallenges {
 }
 
 impl PublishedChallenges {
-    /// Makes `answers` hold exactly these answers.
-    pub fn apply(&self, answers: &ChallengeAnswers) {
-        answers.clear();
-        for (token, key_authorization) in &self.http01 {
-            answers.add_http01(token.clone(), key_authorization.clone());
-        }
-        for (domain, digest) in &self.tls_alpn01 {
-            let Some(digest) = from_hex(digest) else {
-                continue;
-            };
-            if let Err(e) = answers.add_tls_alpn01(domain, &digest) {
-                tracing::warn!("ACME: {e}");
-            }
-        }
+    /// Makes `answers` hold exactly these answers (swapped in at once).
+    pub fn apply(&self, answers: &ChallengeAnswers) -> Result<(), SharedError> {
+        let digests = self
+            .tls_alpn01
+            .iter()
+            .map(|(domain, hex)| Some((domain.clone(), from_hex(hex)?)))
+            .collect::<Option<Vec<_>>>()
+            .ok_or(SharedError::Malformed("challenge answers"))?;
+        let http01 = self.http01.clone().into_iter().collect();
+        answers
+            .replace_all(http01, &digests)
+            .map_err(|e| SharedError::Validation(e.to_string()))
     }
 }
 
@@ -463,12 +467,7 @@ impl SharedStore {
         let Some(shared) = self.certificate().await? else {
             return Ok(false);
         };
-        let stored = store
-            .save_certificate(&shared.chain, &shared.key)
-            .map_err(|e| {
-                tracing::warn!("ACME: cannot keep the cluster's certificate under certs-dir: {e}");
-                SharedError::Malformed("certificate")
-            })?;
+        let stored = store.save_certificate(&shared.chain, &shared.key)?;
         metrics.certificate_expiry.set(stored.not_after as f64);
         let current = certs.current();
         if current.cert.first() != stored.key.cert.first() {
@@ -502,9 +501,26 @@ impl SharedStore {
             Option<String>,
             (Option<String>, Option<String>),
         ) = self.redis.pipeline(&pipe).await?;
+        // Challenges first: a certificate that cannot be loaded must not stop this node from
+        // answering the CA.
+        let challenges = self
+            .follow_challenges(answers, challenge_version, published, seen)
+            .await;
         if cert_version.is_some() && cert_version != self.served() {
             self.load_certificate(store, certs, metrics).await?;
         }
+        challenges
+    }
+
+    /// Loads published challenge answers of a new `challenge_version` into `answers` (or clears
+    /// them when none are published) and acknowledges the version.
+    async fn follow_challenges(
+        &self,
+        answers: &ChallengeAnswers,
+        challenge_version: Option<String>,
+        published: Option<String>,
+        seen: &mut Option<String>,
+    ) -> Result<(), SharedError> {
         if challenge_version == *seen {
             return Ok(());
         }
@@ -512,7 +528,7 @@ impl SharedStore {
             (Some(version), Some(json)) => {
                 let published: PublishedChallenges = serde_json::from_str(&json)
                     .map_err(|_| SharedError::Malformed("challenge answers"))?;
-                published.apply(answers);
+                published.apply(answers)?;
                 let mut pipe = redis::pipe();
                 pipe.cmd("HSET")
                     .arg(self.key("seen"))
@@ -546,6 +562,8 @@ pub fn follow(
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut seen = None;
+        // The last problem logged, so a lasting one is logged once, not every second.
+        let mut logged: Option<String> = None;
         let mut ticks = tokio::time::interval(POLL);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -557,8 +575,18 @@ pub fn follow(
                 .poll(&store, &certs, &answers, &metrics, &mut seen)
                 .await
             {
-                Ok(()) | Err(SharedError::Redis(_)) => {}
-                Err(e) => tracing::warn!("ACME: cannot use the cluster's shared state: {e}"),
+                // Outages are logged once by the Redis connection itself.
+                Ok(()) | Err(SharedError::Redis(_)) => logged = None,
+                Err(e) => {
+                    let text = e.to_string();
+                    if logged.as_ref() != Some(&text) {
+                        tracing::warn!(
+                            "ACME: cannot use the cluster's shared state: {text}; still serving \
+                             the current certificate"
+                        );
+                        logged = Some(text);
+                    }
+                }
             }
         }
     })
@@ -598,7 +626,7 @@ mod tests {
             .insert("call.example.com".into(), to_hex(&[9u8; 32]));
         let json = serde_json::to_string(&published).unwrap();
         let back: PublishedChallenges = serde_json::from_str(&json).unwrap();
-        back.apply(&answers);
+        back.apply(&answers).unwrap();
         assert_eq!(
             answers.http01("stale"),
             None,

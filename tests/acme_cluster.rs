@@ -188,6 +188,9 @@ async fn one_order_serves_every_node_and_renewal_reaches_both_through_the_balanc
         "B answered the validation with A's challenge answers:\n{}",
         b.log_text()
     );
+    // The CA's validation went through the balancer to B (node1 there), not to A.
+    let validation = balancer.wait_for_log("callgate_nodes/node", Duration::from_secs(10));
+    assert!(validation.contains("callgate_nodes/node1"), "{validation}");
     // Each node reports the expiry of the certificate it serves: the same one.
     let expiry = a.metric(EXPIRY).await;
     assert!(expiry > 0.0);

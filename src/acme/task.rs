@@ -476,7 +476,13 @@ impl Acme {
                         challenge += 1;
                     }
                     tokio::select! {
-                        _ = shutdown.recv() => return,
+                        _ = shutdown.recv() => {
+                            // Leaving: another node may try at once.
+                            if let (Some(shared), Some(lock)) = (&self.shared, &held) {
+                                shared.release(lock).await;
+                            }
+                            return;
+                        }
                         _ = tokio::time::sleep(delay) => {}
                     }
                 }

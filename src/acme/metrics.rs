@@ -19,10 +19,6 @@ pub struct AcmeMetrics {
     /// `callgate_acme_next_renewal_timestamp_seconds`: when the next order is due (Unix time);
     /// while orders fail it stays at the time the order first became due. 0 without ACME.
     pub next_renewal: Gauge,
-    /// `callgate_acme_certificate_expiry_timestamp_seconds`: the notAfter (Unix time) of the ACME
-    /// certificate this node serves — in a cluster, per node, so a node that did not pick up a
-    /// renewal shows. 0 until there is one.
-    pub certificate_expiry: Gauge,
 }
 
 impl AcmeMetrics {
@@ -57,12 +53,6 @@ impl AcmeMetrics {
             "Unix time at which the next ACME order is due; stays at the first due time while \
              orders fail; 0 without ACME.",
         )?;
-        let certificate_expiry = Gauge::new(
-            "acme_certificate_expiry_timestamp_seconds",
-            "Unix time at which the ACME certificate this node serves expires; 0 until there is \
-             one (or without ACME).",
-        )?;
-        metrics.register(Box::new(certificate_expiry.clone()));
         metrics.register(Box::new(orders.clone()));
         metrics.register(Box::new(issued.clone()));
         metrics.register(Box::new(failures.clone()));
@@ -76,7 +66,6 @@ impl AcmeMetrics {
                 .map(|r| failures.with_label_values(&[r.label()]))
                 .collect(),
             next_renewal,
-            certificate_expiry,
         })
     }
 

@@ -31,7 +31,6 @@ use std::time::Duration;
 use redis::Script;
 
 use super::challenge::ChallengeAnswers;
-use super::metrics::AcmeMetrics;
 use super::seal::{SealError, Sealer};
 use super::store::AcmeStore;
 use crate::cluster::nodes::NODES_KEY;
@@ -214,6 +213,9 @@ pub struct SharedStore {
     sealer: Sealer,
     /// The certificate version this node serves (so its own order is not loaded twice).
     served: Mutex<Option<String>>,
+    /// One load at a time (the follower and the ordering task both load; two writing the same
+    /// certs-dir files at once would leave the other reading half a pair).
+    loading: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for SharedStore {
@@ -234,6 +236,7 @@ impl SharedStore {
             prefix: format!("cg:acme:{}:", super::store::slug(directory)),
             sealer,
             served: Mutex::new(None),
+            loading: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -458,8 +461,8 @@ impl SharedStore {
         &self,
         store: &AcmeStore,
         certs: &CertStore,
-        metrics: &AcmeMetrics,
     ) -> Result<bool, SharedError> {
+        let _one_at_a_time = self.loading.lock().await;
         let version = self.certificate_version().await?;
         if version.is_none() || version == self.served() {
             return Ok(false);
@@ -468,7 +471,6 @@ impl SharedStore {
             return Ok(false);
         };
         let stored = store.save_certificate(&shared.chain, &shared.key)?;
-        metrics.certificate_expiry.set(stored.not_after as f64);
         let current = certs.current();
         if current.cert.first() != stored.key.cert.first() {
             certs.replace(stored.key);
@@ -489,7 +491,6 @@ impl SharedStore {
         store: &AcmeStore,
         certs: &CertStore,
         answers: &ChallengeAnswers,
-        metrics: &AcmeMetrics,
         seen: &mut Option<String>,
     ) -> Result<(), SharedError> {
         let mut pipe = redis::pipe();
@@ -507,7 +508,7 @@ impl SharedStore {
             .follow_challenges(answers, challenge_version, published, seen)
             .await;
         if cert_version.is_some() && cert_version != self.served() {
-            self.load_certificate(store, certs, metrics).await?;
+            self.load_certificate(store, certs).await?;
         }
         challenges
     }
@@ -557,7 +558,6 @@ pub fn follow(
     store: AcmeStore,
     certs: Arc<CertStore>,
     answers: Arc<ChallengeAnswers>,
-    metrics: AcmeMetrics,
     mut shutdown: Shutdown,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -571,10 +571,7 @@ pub fn follow(
                 _ = shutdown.recv() => return,
                 _ = ticks.tick() => {}
             }
-            match shared
-                .poll(&store, &certs, &answers, &metrics, &mut seen)
-                .await
-            {
+            match shared.poll(&store, &certs, &answers, &mut seen).await {
                 // Outages are logged once by the Redis connection itself.
                 Ok(()) | Err(SharedError::Redis(_)) => logged = None,
                 Err(e) => {

@@ -265,7 +265,6 @@ impl Acme {
                 self.store.clone(),
                 certs.clone(),
                 self.answers.clone(),
-                metrics.clone(),
                 shutdown.clone(),
             );
         }
@@ -294,9 +293,6 @@ impl Acme {
             let now = unix_now();
             let stored = self.store.certificate();
             let dates = stored.as_ref().map(StoredCertificate::dates);
-            if let Some(cert) = &stored {
-                metrics.certificate_expiry.set(cert.not_after as f64);
-            }
             if let Some(cert) = stored.as_ref() {
                 if order_due(dates, &self.config.domains, None, now) > now {
                     // A usable certificate: ask the CA's renewal information when it is time to.
@@ -334,7 +330,7 @@ impl Acme {
                         if fresh {
                             // Another node may have stored a certificate since this one looked
                             // (loaded here, or by the follower meanwhile): look again, lock held.
-                            let _ = shared.load_certificate(&self.store, &certs, &metrics).await;
+                            let _ = shared.load_certificate(&self.store, &certs).await;
                             continue;
                         }
                         Some(lock)
@@ -413,7 +409,6 @@ impl Acme {
             match outcome {
                 Ok(issued) => {
                     certs.replace(issued.key.clone());
-                    metrics.certificate_expiry.set(issued.not_after as f64);
                     if renewal {
                         metrics.issued_renewal.inc();
                     } else {

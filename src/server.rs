@@ -173,6 +173,16 @@ impl Server {
             Some((redis_url, _)) => Some(Redis::open(redis_url, redis_metrics)?),
             None => None,
         };
+        let mut acme = acme;
+        if let (Some(acme), Some(redis), Some((_, node_id))) =
+            (acme.as_mut(), &redis, config.cluster.enabled())
+        {
+            // One certificate for the cluster; its key sealed with static-auth-secret (which
+            // cluster mode requires).
+            if let Some(sealer) = acme::Sealer::new(&config.turn.relay.auth_secrets) {
+                acme.share(redis.clone(), node_id, sealer);
+            }
+        }
         let relay = start_relay(&config, &certs, controller.handle()).await?;
         metrics.export_turn(relay.stats().clone());
         let https = bind("https-listen", config.http.https_listen).await?;

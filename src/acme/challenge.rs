@@ -89,6 +89,28 @@ impl ChallengeAnswers {
             .cloned()
     }
 
+    /// Replaces every answer at once with `http01` (token → key authorization) and `tls_alpn01`
+    /// (domain → SHA-256 digest of the key authorization): a handshake or request sees either the
+    /// old set or the new one, never none in between.
+    pub fn replace_all(
+        &self,
+        http01: HashMap<String, String>,
+        tls_alpn01: &[(String, Vec<u8>)],
+    ) -> Result<(), ValidationCertError> {
+        let mut certificates = HashMap::with_capacity(tls_alpn01.len());
+        for (domain, digest) in tls_alpn01 {
+            let key =
+                validation_certificate(domain, digest).map_err(|reason| ValidationCertError {
+                    domain: domain.clone(),
+                    reason,
+                })?;
+            certificates.insert(domain.to_ascii_lowercase(), Arc::new(key));
+        }
+        *write(&self.http01) = http01;
+        *write(&self.tls_alpn01) = certificates;
+        Ok(())
+    }
+
     /// Removes every answer (the order is over, whatever its outcome).
     pub fn clear(&self) {
         write(&self.http01).clear();

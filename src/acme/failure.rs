@@ -71,7 +71,10 @@ impl FailureReason {
             FailureReason::DirectoryUnreachable => {
                 "cannot talk to acme-directory: check outbound HTTPS, the URL and acme-directory-ca"
             }
-            FailureReason::Storage => "cannot write under certs-dir: check its owner and modes",
+            FailureReason::Storage => {
+                "cannot write under certs-dir (check its owner and modes) or, in a cluster, use \
+                 Redis (check callgate_redis_up)"
+            }
             FailureReason::Other => "see the message for details",
         }
     }

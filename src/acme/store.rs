@@ -206,9 +206,10 @@ fn describe(key: CertifiedKey) -> Option<StoredCertificate> {
     })
 }
 
-/// Writes `bytes` to `path` with mode 0600: to `path.tmp` first, then renamed over `path`.
+/// Writes `bytes` to `path` with mode 0600: to `path.<pid>.tmp` first (so nodes of a cluster
+/// that share a certs-dir never write one temporary file together), then renamed over `path`.
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    let tmp = path.with_extension("tmp");
+    let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
     let written = (|| {
         let _ = std::fs::remove_file(&tmp);
         let mut file = std::fs::OpenOptions::new()
@@ -228,7 +229,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
 
 /// A directory name for an ACME directory URL: host, port and path, with anything but
 /// `[A-Za-z0-9.-]` turned into `_` (`acme-v02.api.letsencrypt.org_directory`).
-fn slug(directory: &str) -> String {
+pub(super) fn slug(directory: &str) -> String {
     let rest = directory
         .strip_prefix("https://")
         .unwrap_or(directory)

@@ -7,6 +7,10 @@
 //! new certificate, open connections are untouched. A failure keeps the current certificate
 //! serving, is logged once with its reason and what to do, counted by reason, and retried with
 //! back-off.
+//!
+//! In a cluster ([`Acme::share`]) the same loop runs on every node, but an order starts only on
+//! the node that holds the shared ordering lock (see `shared.rs`); the others wait and load what
+//! it stores. Orders and their outcomes are counted on the node that ordered.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -21,7 +25,10 @@ use super::challenge::{ChallengeAnswers, ValidationCertError};
 use super::failure::{retry_after_in_detail, FailureLog, FailureReason};
 use super::metrics::AcmeMetrics;
 use super::schedule::{order_due, renew_at, renew_in_window, Backoff};
+use super::seal::Sealer;
+use super::shared::{self, Lock, PublishedChallenges, SharedError, SharedStore, LOCK_TTL};
 use super::store::{AcmeStore, StoreError, StoredCertificate};
+use crate::cluster::redis::Redis;
 use crate::config::{AcmeChallenge, AcmeConfig};
 use crate::shutdown::Shutdown;
 use crate::tls::CertStore;
@@ -88,6 +95,9 @@ enum OrderError {
     /// Writing the account or certificate failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The cluster's shared state could not be read or written, or the lock was lost.
+    #[error("cluster: {0}")]
+    Shared(#[from] SharedError),
     /// The whole order took longer than [`ORDER_TIMEOUT`].
     #[error("the order did not complete within {0:?}")]
     Timeout(Duration),
@@ -122,7 +132,7 @@ impl OrderError {
                 | instant_acme::Error::Timeout(_),
             )
             | OrderError::Timeout(_) => FailureReason::DirectoryUnreachable,
-            OrderError::Store(_) => FailureReason::Storage,
+            OrderError::Store(_) | OrderError::Shared(_) => FailureReason::Storage,
             OrderError::Invalid => FailureReason::ChallengeUnreachable,
             OrderError::NoChallenge { .. } | OrderError::Authorization { .. } => {
                 FailureReason::Refused
@@ -183,6 +193,8 @@ pub struct Acme {
     challenges: Vec<Challenge>,
     /// Trust roots for the directory's TLS when `acme-directory-ca` is set.
     directory_roots: Option<rustls::RootCertStore>,
+    /// Cluster mode: the state shared with the other nodes through Redis.
+    shared: Option<Arc<SharedStore>>,
 }
 
 impl Acme {
@@ -207,7 +219,19 @@ impl Acme {
             answers: ChallengeAnswers::new(),
             challenges,
             directory_roots,
+            shared: None,
         })
+    }
+
+    /// Cluster mode: shares the account, the certificate, the challenge answers and the right to
+    /// order with the other nodes of `redis` (this node is `node`), sealing keys with `sealer`.
+    pub fn share(&mut self, redis: Redis, node: &str, sealer: Sealer) {
+        self.shared = Some(Arc::new(SharedStore::new(
+            redis,
+            node,
+            &self.config.directory,
+            sealer,
+        )));
     }
 
     /// The certificate chain and key files this task writes (they may not exist yet).
@@ -235,6 +259,15 @@ impl Acme {
         metrics: AcmeMetrics,
         shutdown: Shutdown,
     ) -> tokio::task::JoinHandle<()> {
+        if let Some(shared) = &self.shared {
+            shared::follow(
+                shared.clone(),
+                self.store.clone(),
+                certs.clone(),
+                self.answers.clone(),
+                shutdown.clone(),
+            );
+        }
         tokio::spawn(self.run(certs, metrics, shutdown))
     }
 
@@ -247,6 +280,9 @@ impl Acme {
         // When the pending order first became due: the gauge stays there while orders fail, so
         // "due more than a day ago" means "failing for a day" (the alert).
         let mut overdue_since: Option<i64> = None;
+        // Cluster mode: the ordering lock, while this node holds it (kept through a back-off so
+        // the other nodes do not order in its place at once).
+        let mut held: Option<Lock> = None;
         tracing::info!(
             domains = %self.config.domains.join(","),
             directory = %self.config.directory,
@@ -275,6 +311,9 @@ impl Acme {
             };
             metrics.next_renewal.set(due as f64);
             if due > now {
+                if let (Some(shared), Some(lock)) = (&self.shared, held.take()) {
+                    shared.release(&lock).await;
+                }
                 let wait = Duration::from_secs((due - now) as u64).min(MAX_SLEEP);
                 tokio::select! {
                     _ = shutdown.recv() => return,
@@ -282,6 +321,50 @@ impl Acme {
                 }
             }
 
+            let lock = match &self.shared {
+                None => None,
+                Some(shared) => match shared.acquire(held.as_ref(), LOCK_TTL).await {
+                    Ok(Some(lock)) => {
+                        let fresh = held.as_ref() != Some(&lock);
+                        held = Some(lock.clone());
+                        if fresh {
+                            // Another node may have stored a certificate since this one looked
+                            // (loaded here, or by the follower meanwhile): look again, lock held.
+                            let _ = shared.load_certificate(&self.store, &certs).await;
+                            continue;
+                        }
+                        Some(lock)
+                    }
+                    Ok(None) => {
+                        held = None;
+                        tracing::debug!(
+                            "ACME: another node is ordering; waiting for its certificate"
+                        );
+                        tokio::select! {
+                            _ = shutdown.recv() => return,
+                            _ = tokio::time::sleep(shared::POLL * 2) => continue,
+                        }
+                    }
+                    Err(e) => {
+                        held = None;
+                        metrics.failed(FailureReason::Storage);
+                        let delay = backoff.failed(None);
+                        if failure_log.is_news(FailureReason::Storage) {
+                            tracing::error!(
+                                reason = FailureReason::Storage.label(),
+                                retry_in = ?delay,
+                                "ACME: cannot take the cluster's ordering lock for {}: {e}. \
+                                 Still serving the current certificate.",
+                                self.config.domains.join(", "),
+                            );
+                        }
+                        tokio::select! {
+                            _ = shutdown.recv() => return,
+                            _ = tokio::time::sleep(delay) => continue,
+                        }
+                    }
+                },
+            };
             let kind = self.challenges[challenge % self.challenges.len()];
             let renewal = stored.is_some();
             metrics.orders.inc();
@@ -299,15 +382,30 @@ impl Acme {
                     "ACME: retrying"
                 );
             }
-            let attempt = tokio::time::timeout(ORDER_TIMEOUT, self.order(&mut account, kind));
+            let attempt =
+                tokio::time::timeout(ORDER_TIMEOUT, self.order(&mut account, kind, lock.as_ref()));
+            let keep = async {
+                match (&self.shared, &lock) {
+                    (Some(shared), Some(lock)) => shared.keep(lock).await,
+                    _ => std::future::pending().await,
+                }
+            };
             let outcome = tokio::select! {
                 _ = shutdown.recv() => {
                     self.answers.clear();
+                    if let (Some(shared), Some(lock)) = (&self.shared, &lock) {
+                        shared.clear_challenges(lock).await;
+                        shared.release(lock).await;
+                    }
                     return;
                 }
                 outcome = attempt => outcome.unwrap_or(Err(OrderError::Timeout(ORDER_TIMEOUT))),
+                lost = keep => Err(OrderError::Shared(lost)),
             };
             self.answers.clear();
+            if let (Some(shared), Some(lock)) = (&self.shared, &lock) {
+                shared.clear_challenges(lock).await;
+            }
             match outcome {
                 Ok(issued) => {
                     certs.replace(issued.key.clone());
@@ -320,6 +418,9 @@ impl Acme {
                     overdue_since = None;
                     failure_log.succeeded();
                     ari = AriState::default();
+                    if let (Some(shared), Some(lock)) = (&self.shared, held.take()) {
+                        shared.release(&lock).await;
+                    }
                     tracing::info!(
                         names = %issued.names.join(","),
                         not_after = issued.not_after,
@@ -335,6 +436,14 @@ impl Acme {
                         account = None;
                     }
                     let delay = backoff.failed(error.retry_after(unix_now()));
+                    if let (Some(shared), Some(lock)) = (&self.shared, &held) {
+                        // Keep the lock through the back-off (and a little longer, so this node
+                        // takes it again first): the other nodes would fail alike.
+                        let hold = delay + shared::POLL * 5;
+                        if !matches!(shared.renew(lock, hold).await, Ok(true)) {
+                            held = None;
+                        }
+                    }
                     let message = with_causes(&error);
                     if failure_log.is_news(reason) {
                         tracing::error!(
@@ -362,7 +471,13 @@ impl Acme {
                         challenge += 1;
                     }
                     tokio::select! {
-                        _ = shutdown.recv() => return,
+                        _ = shutdown.recv() => {
+                            // Leaving: another node may try at once.
+                            if let (Some(shared), Some(lock)) = (&self.shared, &held) {
+                                shared.release(lock).await;
+                            }
+                            return;
+                        }
                         _ = tokio::time::sleep(delay) => {}
                     }
                 }
@@ -375,11 +490,14 @@ impl Acme {
         &self,
         account: &mut Option<Account>,
         challenge: Challenge,
+        lock: Option<&Lock>,
     ) -> Result<StoredCertificate, OrderError> {
         let account = match account {
             Some(account) => account.clone(),
-            None => account.insert(self.account().await?).clone(),
+            None => account.insert(self.account(lock).await?).clone(),
         };
+        let shared = self.shared.as_deref().zip(lock);
+        let mut published = PublishedChallenges::default();
         let identifiers: Vec<Identifier> = self
             .config
             .domains
@@ -404,12 +522,33 @@ impl Acme {
                 })?;
             let key_authorization = handle.key_authorization();
             match challenge {
-                Challenge::Http01 => self
-                    .answers
-                    .add_http01(handle.token.clone(), key_authorization.as_str().to_owned()),
-                Challenge::TlsAlpn01 => self
-                    .answers
-                    .add_tls_alpn01(&domain, key_authorization.digest().as_ref())?,
+                Challenge::Http01 => {
+                    let answer = key_authorization.as_str().to_owned();
+                    published
+                        .http01
+                        .insert(handle.token.clone(), answer.clone());
+                    self.answers.add_http01(handle.token.clone(), answer);
+                }
+                Challenge::TlsAlpn01 => {
+                    let digest = key_authorization.digest();
+                    published
+                        .tls_alpn01
+                        .insert(domain.clone(), shared::to_hex(digest.as_ref()));
+                    self.answers.add_tls_alpn01(&domain, digest.as_ref())?;
+                }
+            }
+            if let Some((shared, lock)) = shared {
+                // The CA's validation may reach any node: every live node must answer first.
+                let serial = (published.http01.len() + published.tls_alpn01.len()) as u32;
+                let version = shared.publish_challenges(lock, &published, serial).await?;
+                let missing = shared.wait_seen(&version).await;
+                if !missing.is_empty() {
+                    tracing::warn!(
+                        nodes = %missing.join(","),
+                        "ACME: these nodes do not serve the challenge answers yet; asking the CA \
+                         to validate anyway"
+                    );
+                }
             }
             handle.set_ready().await?;
         }
@@ -422,6 +561,10 @@ impl Acme {
         }
         let key_pem = order.finalize().await?;
         let chain_pem = order.poll_certificate(&polling).await?;
+        if let Some((shared, lock)) = shared {
+            // Shared first: a certificate this node serves is one every node can load.
+            shared.save_certificate(lock, &chain_pem, &key_pem).await?;
+        }
         Ok(self.store.save_certificate(&chain_pem, &key_pem)?)
     }
 
@@ -454,7 +597,10 @@ impl Acme {
     /// The stored account, for asking about renewal information; `None` (and no new account)
     /// if there is none or the CA cannot be reached now.
     async fn stored_account(&self, ari: &mut AriState, now: i64) -> Option<Account> {
-        let credentials = self.store.account().ok()??;
+        let credentials = match self.store.account().ok().flatten() {
+            Some(credentials) => credentials,
+            None => self.shared.as_ref()?.account().await.ok()??,
+        };
         let builder = self.builder().ok()?;
         match builder.from_credentials(credentials).await {
             Ok(account) => Some(account),
@@ -466,9 +612,26 @@ impl Acme {
         }
     }
 
-    /// The stored account, or a new one (stored at once).
-    async fn account(&self) -> Result<Account, OrderError> {
-        if let Some(credentials) = self.store.account()? {
+    /// The stored account (the cluster's first, in cluster mode), or a new one (stored at once,
+    /// for the cluster too).
+    async fn account(&self, lock: Option<&Lock>) -> Result<Account, OrderError> {
+        let shared = self.shared.as_deref().zip(lock);
+        if let Some((shared, lock)) = shared {
+            match shared.account().await? {
+                Some(credentials) => {
+                    let account = self.builder()?.from_credentials(credentials).await?;
+                    return Ok(account);
+                }
+                None => {
+                    // This node's own account from before the cluster, if any, becomes the
+                    // cluster's.
+                    if let Some(credentials) = self.store.account()? {
+                        shared.save_account(lock, &credentials).await?;
+                        return Ok(self.builder()?.from_credentials(credentials).await?);
+                    }
+                }
+            }
+        } else if let Some(credentials) = self.store.account()? {
             return Ok(self.builder()?.from_credentials(credentials).await?);
         }
         let contact = self.config.email.as_ref().map(|e| format!("mailto:{e}"));
@@ -482,6 +645,9 @@ impl Acme {
             .builder()?
             .create(&new, self.config.directory.clone(), None)
             .await?;
+        if let Some((shared, lock)) = shared {
+            shared.save_account(lock, &credentials).await?;
+        }
         self.store.save_account(&credentials)?;
         tracing::info!(id = account.id(), "ACME: registered a new account");
         Ok(account)

@@ -65,13 +65,22 @@ impl Cluster {
 
     /// Starts node `id` with the test settings plus `extra` flags, and waits until it is ready.
     pub async fn start(&self, id: &str, extra: &[&str]) -> Node {
+        self.start_with_certs(id, &self.dir.path().join("certs"), extra)
+            .await
+    }
+
+    /// Like [`Cluster::start`], with the node's own certs-dir (e.g. where its ACME copy lives).
+    pub async fn start_with_certs(
+        &self,
+        id: &str,
+        certs: &std::path::Path,
+        extra: &[&str],
+    ) -> Node {
         let bin = env!("CARGO_BIN_EXE_callgate");
         let mut child = Command::new(bin)
             .args([
                 "--https-listen",
                 "127.0.0.1:0",
-                "--http-listen",
-                "off",
                 "--metrics-listen",
                 "127.0.0.1:0",
                 "--listening-ip",
@@ -93,10 +102,17 @@ impl Cluster {
                 "--node-id",
                 id,
             ])
+            // No plain-HTTP listener unless the test asks for one.
+            .args(
+                (!extra.contains(&"--http-listen"))
+                    .then_some(["--http-listen", "off"])
+                    .into_iter()
+                    .flatten(),
+            )
             .arg("--public-dir")
             .arg(self.dir.path().join("public"))
             .arg("--certs-dir")
-            .arg(self.dir.path().join("certs"))
+            .arg(certs)
             .args(extra)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stderr(Stdio::piped())
@@ -108,6 +124,7 @@ impl Cluster {
             child: Some(child),
             id: id.to_owned(),
             https: "0.0.0.0:0".parse().unwrap(),
+            http: None,
             metrics: "0.0.0.0:0".parse().unwrap(),
             log,
             cert: self.dir.path().join("certs/cert.pem"),
@@ -124,6 +141,11 @@ impl Cluster {
         for listener in listeners.split(", ") {
             if let Some(addr) = listener.strip_prefix("https://") {
                 node.https = addr.parse().unwrap();
+            } else if let Some(addr) = listener
+                .strip_prefix("http://")
+                .and_then(|rest| rest.strip_suffix(" (redirect to HTTPS)"))
+            {
+                node.http = Some(addr.parse().unwrap());
             } else if let Some(rest) = listener.strip_prefix("http://") {
                 node.metrics = rest.trim_end_matches("/metrics").parse().unwrap();
             }
@@ -177,6 +199,8 @@ pub struct Node {
     pub id: String,
     /// Its HTTPS listener.
     pub https: SocketAddr,
+    /// Its plain-HTTP listener, when started with `--http-listen`.
+    pub http: Option<SocketAddr>,
     /// Its metrics listener.
     pub metrics: SocketAddr,
     /// Its log.

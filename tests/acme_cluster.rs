@@ -1,0 +1,427 @@
+//! Automatic HTTPS for a cluster: real `callgate` nodes sharing a real `redis-server`, a real
+//! ACME server (pebble + challtestsrv) and, in front, HAProxy from `ops/haproxy/haproxy.cfg` — the
+//! CA's validation goes through the balancer, so it lands on a node that may not be the one that
+//! ordered. One order serves every node; renewal reaches every node; a node killed mid-order
+//! leaves its lock to lapse and another completes; Redis down leaves every node serving.
+//! Without pebble, redis-server or haproxy these tests print why and pass — except under
+//! `CI=true`, where a missing tool fails them.
+
+mod common;
+#[path = "support/haproxy.rs"]
+mod haproxy;
+#[path = "support/nodes.rs"]
+mod nodes;
+#[path = "support/pebble.rs"]
+mod pebble;
+#[path = "support/redis.rs"]
+mod redis_server;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::{tls_client, H1};
+use haproxy::Haproxy;
+use nodes::{Cluster, Node};
+use pebble::{free_port, pebble_installed, PebblePlan, PebbleSettings};
+use redis::Commands;
+use redis_server::RedisServer;
+use rustls::pki_types::{CertificateDer, ServerName};
+
+/// The name ordered; challtestsrv resolves every name to 127.0.0.1.
+const NAME: &str = "call.callgate.test";
+const ORDERS: &str = "callgate_acme_orders_total";
+const FIRST: &str = "callgate_acme_certificates_issued_total{kind=\"first\"}";
+const RENEWAL: &str = "callgate_acme_certificates_issued_total{kind=\"renewal\"}";
+const EXPIRY: &str = "callgate_certificate_expiry_timestamp_seconds";
+
+/// The Redis key prefix of `plan`'s directory (`cg:acme:<slug>:`).
+fn prefix(plan: &PebblePlan) -> String {
+    format!("cg:acme:127.0.0.1_{}_dir:", plan.listen)
+}
+
+/// Awaits the ordering lock being held by `node` (its value is `<node>:<fence>`).
+async fn wait_for_lock(redis: &RedisServer, plan: &PebblePlan, node: &str, within: Duration) {
+    let key = format!("{}lock", prefix(plan));
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let value: Option<String> = redis.client().get(&key).unwrap();
+        if value
+            .as_deref()
+            .is_some_and(|v| v.starts_with(&format!("{node}:")))
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{node} did not take the ACME lock within {within:?} (it is {value:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// An open HTTPS connection to `addr` verifying `NAME` against `root`.
+async fn open(addr: SocketAddr, root: &CertificateDer<'static>) -> std::io::Result<H1> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let tls = tls_client(std::slice::from_ref(root), &[b"http/1.1"])
+        .connect(ServerName::try_from(NAME).unwrap(), tcp)
+        .await?;
+    Ok(H1::over(tls).await)
+}
+
+/// The leaf a client verifying `NAME` against `root` gets from `node`, after a page is served.
+async fn served_leaf(
+    node: &Node,
+    root: &CertificateDer<'static>,
+) -> std::io::Result<CertificateDer<'static>> {
+    let tcp = tokio::net::TcpStream::connect(node.https).await?;
+    let tls = tls_client(std::slice::from_ref(root), &[b"http/1.1"])
+        .connect(ServerName::try_from(NAME).unwrap(), tcp)
+        .await?;
+    let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let page = H1::over(tls).await.get("/").await;
+    assert_eq!(page.status, 200);
+    Ok(leaf)
+}
+
+/// Awaits `node` serving a leaf (verified for NAME) that `accept`s; returns it.
+async fn wait_for_leaf(
+    node: &Node,
+    root: &CertificateDer<'static>,
+    within: Duration,
+    accept: impl Fn(&CertificateDer<'static>) -> bool,
+) -> CertificateDer<'static> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Ok(leaf) = served_leaf(node, root).await {
+            if accept(&leaf) {
+                return leaf;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node {} did not serve the expected certificate within {within:?}:\n{}",
+            node.id,
+            node.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Flags for an ACME node behind the test balancer (which connects from 127.0.0.2).
+fn node_flags(plan: &PebblePlan) -> Vec<String> {
+    let mut flags = plan.flags(NAME, "tls-alpn-01");
+    flags.extend(
+        [
+            "--proxy-protocol-from",
+            "127.0.0.2/32",
+            "--header-read-timeout",
+            "2m",
+        ]
+        .map(str::to_owned),
+    );
+    flags
+}
+
+fn refs(flags: &[String]) -> Vec<&str> {
+    flags.iter().map(String::as_str).collect()
+}
+
+/// A field of the shared certificate hash.
+fn cert_field(redis: &RedisServer, plan: &PebblePlan, field: &str) -> Option<String> {
+    redis
+        .client()
+        .hget(format!("{}cert", prefix(plan)), field)
+        .unwrap()
+}
+
+#[tokio::test]
+async fn one_order_serves_every_node_and_renewal_reaches_both_through_the_balancer() {
+    if !pebble_installed() {
+        return;
+    }
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let plan = PebblePlan::new(dir.path());
+    let cluster = Cluster::new(redis.url());
+    let flags = node_flags(&plan);
+
+    // Node A starts alone while the CA is not up yet: it takes the lock, fails ("directory"),
+    // and keeps the lock through its back-off.
+    let a = cluster
+        .start_with_certs("node-a", &dir.path().join("a"), &refs(&flags))
+        .await;
+    wait_for_lock(&redis, &plan, "node-a", Duration::from_secs(20)).await;
+    let b = cluster
+        .start_with_certs("node-b", &dir.path().join("b"), &refs(&flags))
+        .await;
+    // Every connection through the balancer goes to B (the first live server): the CA's
+    // TLS-ALPN-01 validation reaches the node that did NOT order.
+    let Some(balancer) = Haproxy::start_balanced(
+        &[b.https, a.https],
+        "127.0.0.2".parse().unwrap(),
+        Some("first"),
+    ) else {
+        return;
+    };
+    let pebble = plan
+        .start(PebbleSettings {
+            http_port: free_port(),
+            tls_port: balancer.addr.port(),
+            validity_seconds: 24,
+            blocked: vec![],
+            dns_down: false,
+        })
+        .await;
+    a.wait_for_metric(FIRST, |v| v == 1.0, Duration::from_secs(90))
+        .await;
+    let root = pebble.issuing_root().await;
+
+    // Both nodes serve the one certificate, obtained by one order on A; B never ordered.
+    let first = served_leaf(&a, &root).await.unwrap();
+    wait_for_leaf(&b, &root, Duration::from_secs(10), |l| *l == first).await;
+    assert_eq!(b.metric(ORDERS).await, 0.0, "{}", b.log_text());
+    assert_eq!(b.metric(FIRST).await, 0.0);
+    assert!(
+        b.log_count("serving the cluster's challenge answers") >= 1,
+        "B answered the validation with A's challenge answers:\n{}",
+        b.log_text()
+    );
+    // The CA's validation went through the balancer to B (node1 there), not to A.
+    let validation = balancer.wait_for_log("callgate_nodes/node", Duration::from_secs(10));
+    assert!(validation.contains("callgate_nodes/node1"), "{validation}");
+    // Each node reports the expiry of the certificate it serves: the same one.
+    let expiry = a.metric(EXPIRY).await;
+    assert!(expiry > 0.0);
+    b.wait_for_metric(EXPIRY, |v| v == expiry, Duration::from_secs(5))
+        .await;
+
+    // The key in Redis is sealed; the chain is public.
+    let key = cert_field(&redis, &plan, "key").expect("the certificate key is shared");
+    assert!(!key.contains("PRIVATE KEY"), "{key}");
+    assert!(cert_field(&redis, &plan, "chain")
+        .unwrap()
+        .contains("BEGIN CERTIFICATE"));
+    let account: String = redis
+        .client()
+        .hget(format!("{}account", prefix(&plan)), "sealed")
+        .unwrap();
+    assert!(!account.contains("key_pkcs8") && !account.contains('{'));
+
+    // A connection open on B with the first certificate...
+    let mut kept = open(b.https, &root).await.unwrap();
+    assert_eq!(kept.get("/").await.status, 200);
+    // ...renewal (a third of the 24 s lifetime left) reaches both nodes...
+    let renewed = wait_for_leaf(&a, &root, Duration::from_secs(60), |l| *l != first).await;
+    wait_for_leaf(&b, &root, Duration::from_secs(10), |l| *l != first).await;
+    let renewals = a.metric(RENEWAL).await + b.metric(RENEWAL).await;
+    assert!(renewals >= 1.0, "renewals counted on the ordering node");
+    b.wait_for_metric(EXPIRY, |v| v > expiry, Duration::from_secs(5))
+        .await;
+    assert_ne!(renewed, first);
+    // ...and the open connection keeps working.
+    assert_eq!(kept.get("/").await.status, 200);
+    // One first order in all, whoever renewed.
+    assert_eq!(a.metric(FIRST).await + b.metric(FIRST).await, 1.0);
+    drop(balancer);
+}
+
+#[tokio::test]
+async fn a_node_killed_mid_order_lets_another_complete_and_redis_down_keeps_every_node_serving() {
+    if !pebble_installed() {
+        return;
+    }
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let plan = PebblePlan::new(dir.path());
+    let cluster = Cluster::new(redis.url());
+    let flags = node_flags(&plan);
+
+    // The "CA" accepts connections and never answers: node A's order hangs with the lock held.
+    let hole = std::net::TcpListener::bind(("127.0.0.1", plan.listen)).unwrap();
+    hole.set_nonblocking(true).unwrap();
+    let mut a = cluster
+        .start_with_certs("node-a", &dir.path().join("a"), &refs(&flags))
+        .await;
+    wait_for_lock(&redis, &plan, "node-a", Duration::from_secs(20)).await;
+    a.wait_for_log("ACME: ordering a certificate", Duration::from_secs(10))
+        .await;
+    let mut held = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while held.is_empty() {
+        if let Ok((conn, _)) = hole.accept() {
+            held.push(conn);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "A never called the CA"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.kill();
+    drop((held, hole));
+
+    // B starts, waits for A's lock to lapse, and orders through the real CA.
+    let b = cluster
+        .start_with_certs("node-b", &dir.path().join("b"), &refs(&flags))
+        .await;
+    let pebble = plan
+        .start(PebbleSettings {
+            http_port: free_port(),
+            tls_port: b.https.port(),
+            validity_seconds: 0,
+            blocked: vec![],
+            dns_down: false,
+        })
+        .await;
+    b.wait_for_metric(FIRST, |v| v == 1.0, Duration::from_secs(90))
+        .await;
+    let root = pebble.issuing_root().await;
+    let leaf = served_leaf(&b, &root).await.unwrap();
+
+    // A comes back: it loads the cluster's certificate and orders nothing.
+    let a = cluster
+        .start_with_certs("node-a", &dir.path().join("a"), &refs(&flags))
+        .await;
+    wait_for_leaf(&a, &root, Duration::from_secs(10), |l| *l == leaf).await;
+    assert_eq!(a.metric(ORDERS).await, 0.0);
+
+    // Redis goes away: both keep serving the certificate.
+    redis.stop();
+    for node in [&a, &b] {
+        node.wait_for_metric("callgate_redis_up", |v| v == 0.0, Duration::from_secs(10))
+            .await;
+        assert_eq!(served_leaf(node, &root).await.unwrap(), leaf, "{}", node.id);
+    }
+    // And a node restarted while Redis is still down serves its certs-dir copy.
+    let mut a = a;
+    a.kill();
+    let a = cluster
+        .start_with_certs("node-a", &dir.path().join("a"), &refs(&flags))
+        .await;
+    assert_eq!(served_leaf(&a, &root).await.unwrap(), leaf);
+    assert_eq!(a.metric(ORDERS).await, 0.0);
+}
+
+#[tokio::test]
+async fn http_01_is_answered_by_a_node_that_did_not_order() {
+    if !pebble_installed() {
+        return;
+    }
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let plan = PebblePlan::new(dir.path());
+    let cluster = Cluster::new(redis.url());
+    let mut flags = plan.flags(NAME, "http-01");
+    flags.extend(["--http-listen", "127.0.0.1:0"].map(str::to_owned));
+
+    // A takes the lock while the CA is down; the CA's HTTP-01 requests then go to B only.
+    let a = cluster
+        .start_with_certs("node-a", &dir.path().join("a"), &refs(&flags))
+        .await;
+    wait_for_lock(&redis, &plan, "node-a", Duration::from_secs(20)).await;
+    let b = cluster
+        .start_with_certs("node-b", &dir.path().join("b"), &refs(&flags))
+        .await;
+    let pebble = plan
+        .start(PebbleSettings {
+            http_port: b.http.expect("B's plain-HTTP listener").port(),
+            tls_port: free_port(),
+            validity_seconds: 0,
+            blocked: vec![],
+            dns_down: false,
+        })
+        .await;
+    a.wait_for_metric(FIRST, |v| v == 1.0, Duration::from_secs(90))
+        .await;
+    let root = pebble.issuing_root().await;
+    let leaf = served_leaf(&a, &root).await.unwrap();
+    wait_for_leaf(&b, &root, Duration::from_secs(10), |l| *l == leaf).await;
+    assert_eq!(b.metric(ORDERS).await, 0.0, "{}", b.log_text());
+    assert!(b.log_count("serving the cluster's challenge answers") >= 1);
+}
+
+#[tokio::test]
+async fn the_ordering_lock_is_exclusive_lapses_and_fences_out_a_node_that_lost_it() {
+    use callgate::acme::{Sealer, SharedError, SharedStore};
+    use callgate::cluster::redis::{Redis, RedisMetrics};
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let metrics = callgate::metrics::Metrics::new();
+    let url: callgate::config::RedisUrl = redis.url().parse().unwrap();
+    let conn = Redis::open(&url, RedisMetrics::register(&metrics)).unwrap();
+    let directory = "https://ca.test/dir";
+    let secret = [nodes::SECRET];
+    let a = SharedStore::new(
+        conn.clone(),
+        "node-a",
+        directory,
+        Sealer::new(&secret).unwrap(),
+    );
+    let b = SharedStore::new(conn, "node-b", directory, Sealer::new(&secret).unwrap());
+    let ttl = Duration::from_millis(600);
+
+    // One holder at a time; the holder may extend its own lock.
+    let lock_a = a.acquire(None, ttl).await.unwrap().expect("free");
+    assert_eq!(b.acquire(None, ttl).await.unwrap(), None);
+    assert_eq!(
+        a.acquire(Some(&lock_a), ttl).await.unwrap(),
+        Some(lock_a.clone())
+    );
+    // A stops renewing (dead, paused): the lock lapses and B takes it with a new token.
+    tokio::time::sleep(ttl + Duration::from_millis(200)).await;
+    let lock_b = b.acquire(None, ttl * 10).await.unwrap().expect("lapsed");
+    assert_ne!(lock_a, lock_b);
+    assert!(lock_b.value().starts_with("node-b:"));
+
+    // A, unaware, tries to store its certificate: refused, and it cannot renew or retake.
+    let cert = rcgen::generate_simple_self_signed(vec![NAME.into()]).unwrap();
+    let (chain, key) = (cert.cert.pem(), cert.signing_key.serialize_pem());
+    let stale = a.save_certificate(&lock_a, &chain, &key).await;
+    assert!(matches!(stale, Err(SharedError::Fenced)), "{stale:?}");
+    assert!(!a.renew(&lock_a, ttl).await.unwrap());
+    assert_eq!(a.acquire(Some(&lock_a), ttl).await.unwrap(), None);
+    assert!(
+        a.certificate().await.unwrap().is_none(),
+        "nothing was written"
+    );
+
+    // B stores it; A reads it back (key opened); in Redis the key is sealed.
+    b.save_certificate(&lock_b, &chain, &key).await.unwrap();
+    let shared = a.certificate().await.unwrap().expect("stored");
+    assert_eq!(
+        (shared.chain.as_str(), shared.key.as_str()),
+        (chain.as_str(), key.as_str())
+    );
+    assert_eq!(shared.version, lock_b.value());
+    let stored: String = redis
+        .client()
+        .hget("cg:acme:ca.test_dir:cert", "key")
+        .unwrap();
+    assert!(!stored.contains("PRIVATE KEY"));
+    // A node with another secret cannot open it.
+    let other_conn = Redis::open(
+        &url,
+        RedisMetrics::register(&callgate::metrics::Metrics::new()),
+    )
+    .unwrap();
+    let other = SharedStore::new(
+        other_conn,
+        "node-c",
+        directory,
+        Sealer::new(&["a-different-secret-0123"]).unwrap(),
+    );
+    assert!(matches!(
+        other.certificate().await,
+        Err(SharedError::Seal(_))
+    ));
+    // Released, the lock is free again.
+    b.release(&lock_b).await;
+    assert!(a.acquire(None, ttl).await.unwrap().is_some());
+}

@@ -27,6 +27,7 @@ use redis::Script;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use super::publish::Publisher;
 use super::types::{CallState, NodeId, Unavailable};
 use crate::signaling::delivery::{Envelope, Origin};
 use crate::signaling::protocol::{
@@ -287,6 +288,71 @@ impl BusMessage {
     }
 }
 
+/// First byte of a payload carrying several messages ([`encode_batch`]); a single message keeps
+/// [`BusMessage::VERSION`], byte for byte what it was before batches.
+pub const BATCH_VERSION: u8 = 3;
+
+/// One payload carrying several encoded messages, for one `PUBLISH`: [`BATCH_VERSION`], then for
+/// each message its length (u32, big-endian) and its [`BusMessage::encode`] bytes. Held streams
+/// keep single messages; only the channel carries batches.
+pub fn encode_batch<'a>(messages: impl Iterator<Item = &'a Bytes> + Clone) -> Bytes {
+    let len = 1 + messages.clone().map(|m| 4 + m.len()).sum::<usize>();
+    let mut out = BytesMut::with_capacity(len);
+    out.put_u8(BATCH_VERSION);
+    for message in messages {
+        out.put_u32(u32::try_from(message.len()).expect("a bus message is far below 4 GiB"));
+        out.put_slice(message);
+    }
+    out.freeze()
+}
+
+/// The messages of one payload read from a node's channel: a single message
+/// ([`BusMessage::encode`]) or a batch ([`encode_batch`]), decoded lazily, each sharing the
+/// payload's buffer (no copy). A record that cannot be read is an `Err` and the next is still
+/// read; a batch whose framing is cut short ends with `Err(Truncated)`.
+#[derive(Debug)]
+pub struct Records {
+    /// What is left to read; `None` once done.
+    rest: Option<Bytes>,
+    /// Whether `rest` is a batch's records (else it is one message).
+    batch: bool,
+}
+
+impl Records {
+    /// The messages in `payload`.
+    pub fn new(mut payload: Bytes) -> Self {
+        let batch = payload.first() == Some(&BATCH_VERSION);
+        if batch {
+            payload.advance(1);
+        }
+        Self {
+            rest: Some(payload),
+            batch,
+        }
+    }
+}
+
+impl Iterator for Records {
+    type Item = Result<BusMessage, PayloadError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if !self.batch {
+            return self.rest.take().map(BusMessage::decode);
+        }
+        let rest = self.rest.as_mut().filter(|rest| !rest.is_empty())?;
+        let len = if rest.len() >= 4 {
+            rest.get_u32() as usize
+        } else {
+            usize::MAX
+        };
+        if rest.len() < len {
+            self.rest = None;
+            return Some(Err(PayloadError::Truncated));
+        }
+        Some(BusMessage::decode(rest.split_to(len)))
+    }
+}
+
 /// Decodes held payloads for `to`, logging and skipping any that cannot be read.
 fn decode_all(to: ClientId, payloads: Vec<Vec<u8>>) -> Vec<BusMessage> {
     payloads
@@ -406,6 +472,8 @@ pub struct RedisBus<C = ConnectionManager> {
     client: redis::Client,
     /// The shared command connection.
     conn: C,
+    /// Coalesces what goes to each node into one `PUBLISH` at a time, on `conn`.
+    publisher: Publisher<C>,
     /// Caps and timeouts.
     settings: BusSettings,
 }
@@ -418,21 +486,18 @@ where
     pub fn new(client: redis::Client, conn: C, settings: BusSettings) -> Self {
         Self {
             client,
+            publisher: Publisher::new(conn.clone(), settings.timeout),
             conn,
             settings,
         }
     }
 
-    /// Publishes `message` on `node`'s channel. `Ok(true)`: the node received it; `Ok(false)`:
-    /// nobody is subscribed (that node is gone or between reconnects) — hold it instead.
+    /// Publishes `message` on `node`'s channel, in one `PUBLISH` with whatever else is queued
+    /// for `node` meanwhile (see [`super::publish`]). `Ok(true)`: the node received it;
+    /// `Ok(false)`: nobody is subscribed (that node is gone or between reconnects) — hold it
+    /// instead.
     pub async fn send(&self, node: &NodeId, message: &BusMessage) -> Result<bool, Unavailable> {
-        let mut conn = self.conn.clone();
-        let cmd = redis::cmd("PUBLISH")
-            .arg(node_channel(node))
-            .arg(message.encode().as_ref())
-            .to_owned();
-        let receivers: u64 = self.run(cmd.query_async(&mut conn)).await?;
-        Ok(receivers > 0)
+        self.publisher.publish(node, message.encode()).await
     }
 
     /// Holds `message` for its recipient's next resume, if the recipient exists at the epoch it
@@ -589,13 +654,15 @@ async fn keep_subscribed(
                         message = stream.next() => {
                             let Some(message) = message else { break };
                             let payload = Bytes::copy_from_slice(message.get_payload_bytes());
-                            match BusMessage::decode(payload) {
-                                Ok(message) => {
-                                    if tx.send(BusEvent::Message(message)).await.is_err() {
-                                        return;
+                            for record in Records::new(payload) {
+                                match record {
+                                    Ok(message) => {
+                                        if tx.send(BusEvent::Message(message)).await.is_err() {
+                                            return;
+                                        }
                                     }
+                                    Err(e) => tracing::warn!(error = %e, "redis bus: skipped a message"),
                                 }
-                                Err(e) => tracing::warn!(error = %e, "redis bus: skipped a message"),
                             }
                         }
                         _ = ping.tick() => {
@@ -777,6 +844,67 @@ mod tests {
             BusMessage::decode(Bytes::from(kick)),
             Err(PayloadError::KickWithoutEpoch)
         );
+    }
+
+    #[test]
+    fn a_batch_carries_every_message_in_order_and_a_single_message_is_unchanged() {
+        let origin = Origin {
+            from: ClientId::new(987_654_321),
+            kind: MessageKind::IceCandidate,
+        };
+        let messages: Vec<BusMessage> = (0..5)
+            .map(|n| BusMessage {
+                to: ClientId::new(100 + n),
+                ..message(Some(n), Some(origin))
+            })
+            .chain([BusMessage::kick(ClientId::new(5), 99)])
+            .collect();
+        let encoded: Vec<Bytes> = messages.iter().map(BusMessage::encode).collect();
+        let batch = encode_batch(encoded.iter());
+        assert_eq!(batch[0], BATCH_VERSION);
+        assert_eq!(
+            batch.len(),
+            1 + encoded.iter().map(|e| 4 + e.len()).sum::<usize>()
+        );
+        let back: Vec<BusMessage> = Records::new(batch.clone()).map(Result::unwrap).collect();
+        assert_eq!(back, messages);
+        // The frames share the payload's buffer: no copy per message.
+        let range = batch.as_ptr_range();
+        for m in Records::new(batch.clone()).map(Result::unwrap) {
+            if !m.frame.is_empty() {
+                assert!(range.contains(&m.frame.as_ptr()));
+            }
+        }
+        // A single message is read as it always was.
+        let single: Vec<_> = Records::new(encoded[0].clone()).collect();
+        assert_eq!(single, vec![Ok(messages[0].clone())]);
+        assert_eq!(
+            Records::new(Bytes::new()).collect::<Vec<_>>(),
+            vec![Err(PayloadError::Truncated)]
+        );
+    }
+
+    #[test]
+    fn a_bad_record_in_a_batch_is_skipped_and_a_cut_batch_ends_truncated() {
+        let good = message(Some(1), None).encode();
+        let mut bad = good.to_vec();
+        bad[0] = 9;
+        let bad = Bytes::from(bad);
+        let batch = encode_batch([&good, &bad, &good].into_iter());
+        let records: Vec<_> = Records::new(batch.clone()).collect();
+        assert_eq!(records.len(), 3);
+        assert!(records[0].is_ok() && records[2].is_ok());
+        assert_eq!(records[1], Err(PayloadError::Version(9)));
+        // Cut anywhere: never a panic, never a message past the cut, and the last record
+        // read is an error unless the cut falls between records.
+        for len in 1..batch.len() {
+            let records: Vec<_> = Records::new(batch.slice(..len)).collect();
+            assert!(records.len() <= 3, "{len}");
+            let record = 4 + good.len();
+            if (len - 1) % record != 0 {
+                assert_eq!(records.last(), Some(&Err(PayloadError::Truncated)), "{len}");
+            }
+        }
     }
 
     #[test]

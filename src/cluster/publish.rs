@@ -1,0 +1,215 @@
+//! Publishing to other nodes' inboxes, coalesced: one sender task per destination node takes
+//! everything queued for that node and sends it as **one** `PUBLISH` whose payload carries all of
+//! it ([`encode_batch`]).
+//!
+//! There is no timer: a message that finds the node's sender idle is published at once, on its
+//! own, as it always was. Only while a `PUBLISH` to that node is in flight do further messages
+//! queue behind it, and the next `PUBLISH` takes them all (Nagle without the wait). Under load a
+//! cross-node message then costs a fraction of a `PUBLISH`, a fraction of Redis's fan-out and a
+//! fraction of a wake-up of the receiving node's inbox; when idle it costs what it did.
+//!
+//! Each caller still gets its own answer — the `PUBLISH`'s (received by a subscriber, by nobody,
+//! or Redis unavailable) — so what the caller does on failure (hold the message in the ID's
+//! stream, or tell its sender) is per message, exactly as without coalescing. One queue per
+//! destination node keeps each ID's messages in the order they were queued. A caller waits at
+//! most the bus timeout for its answer, queueing included; a message whose caller stopped waiting
+//! is not published.
+//!
+//! Bounds: a queue holds at most [`QUEUE`] messages (a full queue makes callers wait, within
+//! their timeout), a `PUBLISH` carries at most [`MAX_BATCH`] messages and about
+//! [`MAX_BATCH_BYTES`], and a sender task whose node has been quiet for [`IDLE`] ends, so the
+//! tasks are bounded by the nodes messages go to.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis::aio::ConnectionLike;
+use tokio::sync::{mpsc, oneshot};
+
+use super::bus::{encode_batch, node_channel};
+use super::types::{NodeId, Unavailable};
+
+/// Most messages waiting for one destination node.
+pub const QUEUE: usize = 4096;
+/// Most messages in one `PUBLISH`.
+pub const MAX_BATCH: usize = 128;
+/// A `PUBLISH` stops taking more messages once its payload reaches this many bytes.
+pub const MAX_BATCH_BYTES: usize = 256 * 1024;
+/// A destination node's sender task ends after this long without a message.
+pub const IDLE: Duration = Duration::from_secs(30);
+
+/// What a `PUBLISH` answered: `Ok(true)` a subscriber received it, `Ok(false)` nobody did.
+type Answer = Result<bool, Unavailable>;
+
+/// One message waiting for its node's next `PUBLISH`.
+struct Queued {
+    /// The encoded [`BusMessage`](super::bus::BusMessage).
+    payload: Bytes,
+    /// Where the `PUBLISH`'s answer goes.
+    reply: oneshot::Sender<Answer>,
+}
+
+/// The destination nodes' queues, shared by every clone of a [`Publisher`].
+type Queues = Arc<Mutex<HashMap<NodeId, mpsc::Sender<Queued>>>>;
+
+/// Coalescing publisher over the node's command connection; clones share the queues.
+#[derive(Clone)]
+pub struct Publisher<C> {
+    /// The command connection the sender tasks publish on.
+    conn: C,
+    /// Longest wait for a caller's answer, queueing included, and for one `PUBLISH`.
+    timeout: Duration,
+    /// One sender per destination node with a live sender task.
+    queues: Queues,
+}
+
+impl<C> Publisher<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    /// A publisher on `conn`, answering every caller within `timeout`.
+    pub fn new(conn: C, timeout: Duration) -> Self {
+        Self {
+            conn,
+            timeout,
+            queues: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Publishes `payload` (one encoded message) on `node`'s channel, in the same `PUBLISH` as
+    /// whatever else is queued for `node` by then. `Ok(true)`: that node received it.
+    pub async fn publish(&self, node: &NodeId, payload: Bytes) -> Answer {
+        let (reply, answer) = oneshot::channel();
+        let queued = Queued { payload, reply };
+        let wait = async {
+            self.enqueue(node, queued).await?;
+            answer.await.map_err(|_| Unavailable)?
+        };
+        tokio::time::timeout(self.timeout, wait)
+            .await
+            .unwrap_or(Err(Unavailable))
+    }
+
+    /// How many destination nodes have a sender task now.
+    pub fn senders(&self) -> usize {
+        lock(&self.queues).len()
+    }
+
+    /// Queues `queued` for `node`, starting its sender task if it has none (or its task just
+    /// ended for idleness).
+    async fn enqueue(&self, node: &NodeId, mut queued: Queued) -> Result<(), Unavailable> {
+        // Twice at most: a task that ended between our lookup and our send leaves a closed queue,
+        // and the next lookup starts a fresh one.
+        for _ in 0..2 {
+            let sender = self.sender(node);
+            match sender.send(queued).await {
+                Ok(()) => return Ok(()),
+                Err(mpsc::error::SendError(back)) => queued = back,
+            }
+        }
+        Err(Unavailable)
+    }
+
+    /// `node`'s queue, with a sender task behind it.
+    fn sender(&self, node: &NodeId) -> mpsc::Sender<Queued> {
+        let mut queues = lock(&self.queues);
+        if let Some(sender) = queues.get(node).filter(|s| !s.is_closed()) {
+            return sender.clone();
+        }
+        let (sender, receiver) = mpsc::channel(QUEUE);
+        queues.insert(node.clone(), sender.clone());
+        tokio::spawn(send_all(
+            self.conn.clone(),
+            node.clone(),
+            self.timeout,
+            receiver,
+            self.queues.clone(),
+        ));
+        sender
+    }
+}
+
+/// A destination node's sender task: waits for a message, takes everything queued behind it
+/// (up to the batch bounds), publishes it as one payload, answers every caller; ends after
+/// [`IDLE`] without messages, publishing what raced in while it was ending.
+async fn send_all<C>(
+    mut conn: C,
+    node: NodeId,
+    timeout: Duration,
+    mut receiver: mpsc::Receiver<Queued>,
+    queues: Queues,
+) where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    let channel = node_channel(&node);
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut ending = false;
+    loop {
+        let first = if ending {
+            receiver.recv().await
+        } else {
+            match tokio::time::timeout(IDLE, receiver.recv()).await {
+                Ok(first) => first,
+                Err(_) => {
+                    // Quiet: leave the map (the entry is ours: a new one is only made once ours is
+                    // closed), then publish whatever raced in before the close.
+                    lock(&queues).remove(&node);
+                    receiver.close();
+                    ending = true;
+                    continue;
+                }
+            }
+        };
+        let Some(first) = first else { return };
+        let mut bytes = first.payload.len();
+        batch.push(first);
+        while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+            match receiver.try_recv() {
+                Ok(next) => {
+                    bytes += next.payload.len();
+                    batch.push(next);
+                }
+                Err(_) => break,
+            }
+        }
+        // A caller that stopped waiting was told its message is lost: do not deliver it anyway.
+        batch.retain(|queued: &Queued| !queued.reply.is_closed());
+        let payload = match batch.as_slice() {
+            [] => continue,
+            [only] => only.payload.clone(),
+            many => encode_batch(many.iter().map(|queued| &queued.payload)),
+        };
+        let answer = publish(&mut conn, &channel, &payload, timeout).await;
+        for queued in batch.drain(..) {
+            let _ = queued.reply.send(answer);
+        }
+    }
+}
+
+/// One `PUBLISH` within `timeout`.
+async fn publish<C: ConnectionLike>(
+    conn: &mut C,
+    channel: &str,
+    payload: &[u8],
+    timeout: Duration,
+) -> Answer {
+    let cmd = redis::cmd("PUBLISH").arg(channel).arg(payload).to_owned();
+    match tokio::time::timeout(timeout, cmd.query_async::<u64>(conn)).await {
+        Ok(Ok(receivers)) => Ok(receivers > 0),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "redis bus: PUBLISH failed");
+            Err(Unavailable)
+        }
+        Err(_) => {
+            tracing::debug!("redis bus: PUBLISH timed out");
+            Err(Unavailable)
+        }
+    }
+}
+
+/// The queues; a panic elsewhere while holding them leaves nothing half-written.
+fn lock(queues: &Queues) -> std::sync::MutexGuard<'_, HashMap<NodeId, mpsc::Sender<Queued>>> {
+    queues.lock().unwrap_or_else(PoisonError::into_inner)
+}

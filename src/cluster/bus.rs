@@ -908,6 +908,29 @@ mod tests {
     }
 
     #[test]
+    fn reading_arbitrary_batches_never_panics_and_ends() {
+        use rand::{Rng as _, SeedableRng as _};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(31);
+        let good = message(Some(1), None).encode();
+        for _ in 0..50_000 {
+            let mut bytes = vec![BATCH_VERSION];
+            while bytes.len() < 120 && rng.random_range(0..4) != 0 {
+                if rng.random() {
+                    // A real record, sometimes with a lying length.
+                    let len = u32::try_from(good.len()).unwrap() ^ (rng.random::<u32>() & 1);
+                    bytes.extend_from_slice(&len.to_be_bytes());
+                    bytes.extend_from_slice(&good);
+                } else {
+                    bytes.push(rng.random());
+                }
+            }
+            let len = bytes.len();
+            let records = Records::new(Bytes::from(bytes)).count();
+            assert!(records <= len / 4 + 1, "{records} records from {len} bytes");
+        }
+    }
+
+    #[test]
     fn decoding_arbitrary_bytes_never_panics_and_what_decodes_encodes_back_the_same() {
         use rand::{Rng as _, SeedableRng as _};
         let mut rng = rand::rngs::StdRng::seed_from_u64(13);

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use callgate::cluster::bus::{BusEvent, BusKind, BusMessage, BusSettings, Hold, RedisBus};
+use callgate::cluster::publish::Publisher;
 use callgate::cluster::registry::{RedisRegistry, Refreshed, RegistrySettings};
 use callgate::cluster::route::{BusDelivery, RouteSettings, Routes};
 use callgate::cluster::types::{
@@ -976,6 +977,47 @@ async fn messages_queued_behind_a_publish_share_one_and_each_sender_gets_its_ans
         assert!(matches!(inbox.next().await, Some(BusEvent::Message(got)) if &got == m));
     }
     assert_eq!(command_calls(&s, "publish").await - before, 10);
+}
+
+#[tokio::test]
+async fn a_quiet_nodes_sender_task_ends_and_the_next_message_starts_another() {
+    let Some(s) = setup().await else { return };
+    let n1 = node("n1");
+    let mut inbox = s.bus.subscribe(&n1, 64);
+    assert!(matches!(
+        inbox.next().await,
+        Some(BusEvent::Subscribed { resumed: false })
+    ));
+    let publisher = Publisher::with_idle(s.raw.clone(), TIMEOUT, Duration::from_millis(100));
+    let m = BusMessage::kick(ClientId::new(111_222_333), 6);
+    for round in 0..3 {
+        assert_eq!(
+            publisher.publish(&n1, m.encode()).await,
+            Ok(true),
+            "{round}"
+        );
+        assert!(matches!(inbox.next().await, Some(BusEvent::Message(got)) if got == m));
+        assert_eq!(publisher.senders(), 1);
+        eventually(Duration::from_secs(5), "the sender task ends", || async {
+            publisher.senders() == 0
+        })
+        .await;
+    }
+    // Sends racing the end of a sender task: every one is answered and arrives, none twice.
+    let mut sent = 0;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(95)).await;
+        let answers =
+            futures_util::future::join_all((0..5).map(|_| publisher.publish(&n1, m.encode())))
+                .await;
+        assert!(answers.iter().all(|a| *a == Ok(true)), "{answers:?}");
+        sent += answers.len();
+    }
+    for _ in 0..sent {
+        assert!(matches!(inbox.next().await, Some(BusEvent::Message(got)) if got == m));
+    }
+    let extra = tokio::time::timeout(Duration::from_millis(200), inbox.next()).await;
+    assert!(extra.is_err(), "a message arrived twice: {extra:?}");
 }
 
 #[tokio::test]

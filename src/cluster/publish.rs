@@ -61,6 +61,8 @@ pub struct Publisher<C> {
     conn: C,
     /// Longest wait for a caller's answer, queueing included, and for one `PUBLISH`.
     timeout: Duration,
+    /// How long a destination node's sender task waits for a message before it ends.
+    idle: Duration,
     /// One sender per destination node with a live sender task.
     queues: Queues,
 }
@@ -69,13 +71,25 @@ impl<C> Publisher<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
-    /// A publisher on `conn`, answering every caller within `timeout`.
+    /// A publisher on `conn`, answering every caller within `timeout`; sender tasks end after
+    /// [`IDLE`] without messages.
     pub fn new(conn: C, timeout: Duration) -> Self {
+        Self::with_idle(conn, timeout, IDLE)
+    }
+
+    /// Like [`Publisher::new`], with sender tasks ending after `idle` without messages.
+    pub fn with_idle(conn: C, timeout: Duration, idle: Duration) -> Self {
         Self {
             conn,
             timeout,
+            idle,
             queues: Arc::new(Mutex::new(HashMap::new())),
         }
+    }
+
+    /// How many destination nodes have a sender task now.
+    pub fn senders(&self) -> usize {
+        lock(&self.queues).len()
     }
 
     /// Publishes `payload` (one encoded message) on `node`'s channel, in the same `PUBLISH` as
@@ -90,11 +104,6 @@ where
         tokio::time::timeout(self.timeout, wait)
             .await
             .unwrap_or(Err(Unavailable))
-    }
-
-    /// How many destination nodes have a sender task now.
-    pub fn senders(&self) -> usize {
-        lock(&self.queues).len()
     }
 
     /// Queues `queued` for `node`, starting its sender task if it has none (or its task just
@@ -123,7 +132,7 @@ where
         tokio::spawn(send_all(
             self.conn.clone(),
             node.clone(),
-            self.timeout,
+            (self.timeout, self.idle),
             receiver,
             self.queues.clone(),
         ));
@@ -132,12 +141,12 @@ where
 }
 
 /// A destination node's sender task: waits for a message, takes everything queued behind it
-/// (up to the batch bounds), publishes it as one payload, answers every caller; ends after
-/// [`IDLE`] without messages, publishing what raced in while it was ending.
+/// (up to the batch bounds), publishes it as one payload (within `timeout`), answers every
+/// caller; ends after `idle` without messages, publishing what raced in while it was ending.
 async fn send_all<C>(
     mut conn: C,
     node: NodeId,
-    timeout: Duration,
+    (timeout, idle): (Duration, Duration),
     mut receiver: mpsc::Receiver<Queued>,
     queues: Queues,
 ) where
@@ -150,7 +159,7 @@ async fn send_all<C>(
         let first = if ending {
             receiver.recv().await
         } else {
-            match tokio::time::timeout(IDLE, receiver.recv()).await {
+            match tokio::time::timeout(idle, receiver.recv()).await {
                 Ok(first) => first,
                 Err(_) => {
                     // Quiet: leave the map (the entry is ours: a new one is only made once ours is

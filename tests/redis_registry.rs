@@ -10,7 +10,9 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use callgate::cluster::bus::{BusEvent, BusKind, BusMessage, BusSettings, Hold, RedisBus};
+use callgate::cluster::bus::{
+    node_channel, BusEvent, BusKind, BusMessage, BusSettings, Hold, RedisBus,
+};
 use callgate::cluster::publish::Publisher;
 use callgate::cluster::registry::{RedisRegistry, Refreshed, RegistrySettings};
 use callgate::cluster::route::{BusDelivery, RouteSettings, Routes};
@@ -989,10 +991,11 @@ async fn a_quiet_nodes_sender_task_ends_and_the_next_message_starts_another() {
         Some(BusEvent::Subscribed { resumed: false })
     ));
     let publisher = Publisher::with_idle(s.raw.clone(), TIMEOUT, Duration::from_millis(100));
+    let channel = node_channel(&n1);
     let m = BusMessage::kick(ClientId::new(111_222_333), 6);
     for round in 0..3 {
         assert_eq!(
-            publisher.publish(&n1, m.encode()).await,
+            publisher.publish(&channel, m.encode()).await,
             Ok(true),
             "{round}"
         );
@@ -1008,7 +1011,7 @@ async fn a_quiet_nodes_sender_task_ends_and_the_next_message_starts_another() {
     for _ in 0..20 {
         tokio::time::sleep(Duration::from_millis(95)).await;
         let answers =
-            futures_util::future::join_all((0..5).map(|_| publisher.publish(&n1, m.encode())))
+            futures_util::future::join_all((0..5).map(|_| publisher.publish(&channel, m.encode())))
                 .await;
         assert!(answers.iter().all(|a| *a == Ok(true)), "{answers:?}");
         sent += answers.len();

@@ -27,7 +27,7 @@ use redis::Script;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::publish::Publisher;
+use super::publish::{Publisher, BATCH_VERSION};
 use super::types::{CallState, NodeId, Unavailable};
 use crate::signaling::delivery::{Envelope, Origin};
 use crate::signaling::protocol::{
@@ -288,26 +288,8 @@ impl BusMessage {
     }
 }
 
-/// First byte of a payload carrying several messages ([`encode_batch`]); a single message keeps
-/// [`BusMessage::VERSION`], byte for byte what it was before batches.
-pub const BATCH_VERSION: u8 = 3;
-
-/// One payload carrying several encoded messages, for one `PUBLISH`: [`BATCH_VERSION`], then for
-/// each message its length (u32, big-endian) and its [`BusMessage::encode`] bytes. Held streams
-/// keep single messages; only the channel carries batches.
-pub fn encode_batch<'a>(messages: impl Iterator<Item = &'a Bytes> + Clone) -> Bytes {
-    let len = 1 + messages.clone().map(|m| 4 + m.len()).sum::<usize>();
-    let mut out = BytesMut::with_capacity(len);
-    out.put_u8(BATCH_VERSION);
-    for message in messages {
-        out.put_u32(u32::try_from(message.len()).expect("a bus message is far below 4 GiB"));
-        out.put_slice(message);
-    }
-    out.freeze()
-}
-
 /// The messages of one payload read from a node's channel: a single message
-/// ([`BusMessage::encode`]) or a batch ([`encode_batch`]), decoded lazily, each sharing the
+/// ([`BusMessage::encode`]) or a batch ([`super::publish::encode_batch`]), decoded lazily, each sharing the
 /// payload's buffer (no copy). A record that cannot be read is an `Err` and the next is still
 /// read; a batch whose framing is cut short ends with `Err(Truncated)`.
 #[derive(Debug)]
@@ -497,7 +479,9 @@ where
     /// `Ok(false)`: nobody is subscribed (that node is gone or between reconnects) — hold it
     /// instead.
     pub async fn send(&self, node: &NodeId, message: &BusMessage) -> Result<bool, Unavailable> {
-        self.publisher.publish(node, message.encode()).await
+        self.publisher
+            .publish(&node_channel(node), message.encode())
+            .await
     }
 
     /// Holds `message` for its recipient's next resume, if the recipient exists at the epoch it
@@ -699,6 +683,7 @@ async fn subscribe_once(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::publish::encode_batch;
 
     fn message(epoch: Option<u64>, origin: Option<Origin>) -> BusMessage {
         BusMessage {

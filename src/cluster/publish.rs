@@ -1,6 +1,6 @@
-//! Publishing to other nodes' inboxes, coalesced: one sender task per destination node takes
-//! everything queued for that node and sends it as **one** `PUBLISH` whose payload carries all of
-//! it ([`encode_batch`]).
+//! Publishing to other nodes' inboxes, coalesced: one sender task per destination node (per
+//! channel) takes everything queued for that node and sends it as **one** `PUBLISH` whose payload
+//! carries all of it ([`encode_batch`]; `bus::Records` reads it back).
 //!
 //! There is no timer: a message that finds the node's sender idle is published at once, on its
 //! own, as it always was. Only while a `PUBLISH` to that node is in flight do further messages
@@ -24,12 +24,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{BufMut as _, Bytes, BytesMut};
 use redis::aio::ConnectionLike;
 use tokio::sync::{mpsc, oneshot};
 
-use super::bus::{encode_batch, node_channel};
-use super::types::{NodeId, Unavailable};
+use super::types::Unavailable;
 
 /// Most messages waiting for one destination node.
 pub const QUEUE: usize = 4096;
@@ -39,6 +38,24 @@ pub const MAX_BATCH: usize = 128;
 pub const MAX_BATCH_BYTES: usize = 256 * 1024;
 /// A destination node's sender task ends after this long without a message.
 pub const IDLE: Duration = Duration::from_secs(30);
+
+/// First byte of a payload carrying several messages ([`encode_batch`]); a single message keeps
+/// its own version byte (2), byte for byte what it was before batches.
+pub const BATCH_VERSION: u8 = 3;
+
+/// One payload carrying several encoded messages, for one `PUBLISH`: [`BATCH_VERSION`], then for
+/// each message its length (u32, big-endian) and its bytes. Held streams keep single messages;
+/// only the channel carries batches.
+pub fn encode_batch<'a>(messages: impl Iterator<Item = &'a Bytes> + Clone) -> Bytes {
+    let len = 1 + messages.clone().map(|m| 4 + m.len()).sum::<usize>();
+    let mut out = BytesMut::with_capacity(len);
+    out.put_u8(BATCH_VERSION);
+    for message in messages {
+        out.put_u32(u32::try_from(message.len()).expect("a bus message is far below 4 GiB"));
+        out.put_slice(message);
+    }
+    out.freeze()
+}
 
 /// What a `PUBLISH` answered: `Ok(true)` a subscriber received it, `Ok(false)` nobody did.
 type Answer = Result<bool, Unavailable>;
@@ -52,7 +69,7 @@ struct Queued {
 }
 
 /// The destination nodes' queues, shared by every clone of a [`Publisher`].
-type Queues = Arc<Mutex<HashMap<NodeId, mpsc::Sender<Queued>>>>;
+type Queues = Arc<Mutex<HashMap<String, mpsc::Sender<Queued>>>>;
 
 /// Coalescing publisher over the node's command connection; clones share the queues.
 #[derive(Clone)]
@@ -63,7 +80,7 @@ pub struct Publisher<C> {
     timeout: Duration,
     /// How long a destination node's sender task waits for a message before it ends.
     idle: Duration,
-    /// One sender per destination node with a live sender task.
+    /// One sender per destination channel with a live sender task.
     queues: Queues,
 }
 
@@ -87,18 +104,18 @@ where
         }
     }
 
-    /// How many destination nodes have a sender task now.
+    /// How many destination channels have a sender task now.
     pub fn senders(&self) -> usize {
         lock(&self.queues).len()
     }
 
-    /// Publishes `payload` (one encoded message) on `node`'s channel, in the same `PUBLISH` as
-    /// whatever else is queued for `node` by then. `Ok(true)`: that node received it.
-    pub async fn publish(&self, node: &NodeId, payload: Bytes) -> Answer {
+    /// Publishes `payload` (one encoded message) on `channel` (a node's inbox), in the same
+    /// `PUBLISH` as whatever else is queued for it by then. `Ok(true)`: a subscriber received it.
+    pub async fn publish(&self, channel: &str, payload: Bytes) -> Answer {
         let (reply, answer) = oneshot::channel();
         let queued = Queued { payload, reply };
         let wait = async {
-            self.enqueue(node, queued).await?;
+            self.enqueue(channel, queued).await?;
             answer.await.map_err(|_| Unavailable)?
         };
         tokio::time::timeout(self.timeout, wait)
@@ -106,13 +123,13 @@ where
             .unwrap_or(Err(Unavailable))
     }
 
-    /// Queues `queued` for `node`, starting its sender task if it has none (or its task just
+    /// Queues `queued` for `channel`, starting its sender task if it has none (or its task just
     /// ended for idleness).
-    async fn enqueue(&self, node: &NodeId, mut queued: Queued) -> Result<(), Unavailable> {
+    async fn enqueue(&self, channel: &str, mut queued: Queued) -> Result<(), Unavailable> {
         // Twice at most: a task that ended between our lookup and our send leaves a closed queue,
         // and the next lookup starts a fresh one.
         for _ in 0..2 {
-            let sender = self.sender(node);
+            let sender = self.sender(channel);
             match sender.send(queued).await {
                 Ok(()) => return Ok(()),
                 Err(mpsc::error::SendError(back)) => queued = back,
@@ -121,17 +138,17 @@ where
         Err(Unavailable)
     }
 
-    /// `node`'s queue, with a sender task behind it.
-    fn sender(&self, node: &NodeId) -> mpsc::Sender<Queued> {
+    /// `channel`'s queue, with a sender task behind it.
+    fn sender(&self, channel: &str) -> mpsc::Sender<Queued> {
         let mut queues = lock(&self.queues);
-        if let Some(sender) = queues.get(node).filter(|s| !s.is_closed()) {
+        if let Some(sender) = queues.get(channel).filter(|s| !s.is_closed()) {
             return sender.clone();
         }
         let (sender, receiver) = mpsc::channel(QUEUE);
-        queues.insert(node.clone(), sender.clone());
+        queues.insert(channel.to_owned(), sender.clone());
         tokio::spawn(send_all(
             self.conn.clone(),
-            node.clone(),
+            channel.to_owned(),
             (self.timeout, self.idle),
             receiver,
             self.queues.clone(),
@@ -145,14 +162,13 @@ where
 /// caller; ends after `idle` without messages, publishing what raced in while it was ending.
 async fn send_all<C>(
     mut conn: C,
-    node: NodeId,
+    channel: String,
     (timeout, idle): (Duration, Duration),
     mut receiver: mpsc::Receiver<Queued>,
     queues: Queues,
 ) where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
-    let channel = node_channel(&node);
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut ending = false;
     loop {
@@ -164,7 +180,7 @@ async fn send_all<C>(
                 Err(_) => {
                     // Quiet: leave the map (the entry is ours: a new one is only made once ours is
                     // closed), then publish whatever raced in before the close.
-                    lock(&queues).remove(&node);
+                    lock(&queues).remove(&channel);
                     receiver.close();
                     ending = true;
                     continue;
@@ -219,6 +235,6 @@ async fn publish<C: ConnectionLike>(
 }
 
 /// The queues; a panic elsewhere while holding them leaves nothing half-written.
-fn lock(queues: &Queues) -> std::sync::MutexGuard<'_, HashMap<NodeId, mpsc::Sender<Queued>>> {
+fn lock(queues: &Queues) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::Sender<Queued>>> {
     queues.lock().unwrap_or_else(PoisonError::into_inner)
 }

@@ -2,9 +2,11 @@
 //! channel) takes everything queued for that node and sends it as **one** `PUBLISH` whose payload
 //! carries all of it ([`encode_batch`]; `bus::Records` reads it back).
 //!
-//! There is no timer: a message that finds the node's sender idle is published at once, on its
-//! own, as it always was. Only while a `PUBLISH` to that node is in flight do further messages
-//! queue behind it, and the next `PUBLISH` takes them all (Nagle without the wait). Under load a
+//! There is no timer: a message that finds fewer than [`IN_FLIGHT`] `PUBLISH`es to its node
+//! awaiting their answer is published at once, on its own, as it always was. Only while that
+//! many are out do further messages queue, and the next `PUBLISH` takes them all (Nagle without
+//! the wait, and with a window of [`IN_FLIGHT`] instead of one, so a message does not wait a
+//! whole round trip just because another one is out). Under load a
 //! cross-node message then costs a fraction of a `PUBLISH`, a fraction of Redis's fan-out and a
 //! fraction of a wake-up of the receiving node's inbox; when idle it costs what it did.
 //!
@@ -25,6 +27,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::{BufMut as _, Bytes, BytesMut};
+use futures_util::stream::{FuturesUnordered, StreamExt as _};
 use redis::aio::ConnectionLike;
 use tokio::sync::{mpsc, oneshot};
 
@@ -36,6 +39,10 @@ pub const QUEUE: usize = 4096;
 pub const MAX_BATCH: usize = 128;
 /// A `PUBLISH` stops taking more messages once its payload reaches this many bytes.
 pub const MAX_BATCH_BYTES: usize = 256 * 1024;
+/// Most `PUBLISH`es to one node awaiting their answer; messages queue (and share the next one)
+/// only while this many are out. Each caller awaits its own answer before its next message, so
+/// one sender's messages never overtake each other whatever this is.
+pub const IN_FLIGHT: usize = 4;
 /// A destination node's sender task ends after this long without a message.
 pub const IDLE: Duration = Duration::from_secs(30);
 
@@ -157,11 +164,13 @@ where
     }
 }
 
-/// A destination node's sender task: waits for a message, takes everything queued behind it
-/// (up to the batch bounds), publishes it as one payload (within `timeout`), answers every
-/// caller; ends after `idle` without messages, publishing what raced in while it was ending.
+/// A destination node's sender task: takes the first message waiting and everything queued
+/// behind it (up to the batch bounds) and publishes it as one payload (within `timeout`), with
+/// at most [`IN_FLIGHT`] `PUBLISH`es outstanding; answers every caller of a batch when its
+/// `PUBLISH` answers. Ends after `idle` with nothing queued or in flight, publishing what raced
+/// in while it was ending.
 async fn send_all<C>(
-    mut conn: C,
+    conn: C,
     channel: String,
     (timeout, idle): (Duration, Duration),
     mut receiver: mpsc::Receiver<Queued>,
@@ -169,47 +178,67 @@ async fn send_all<C>(
 ) where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    let mut ending = false;
+    let channel: Arc<str> = channel.into();
+    let mut in_flight = FuturesUnordered::new();
+    let mut open = true;
     loop {
-        let first = if ending {
-            receiver.recv().await
-        } else {
-            match tokio::time::timeout(idle, receiver.recv()).await {
-                Ok(first) => first,
-                Err(_) => {
-                    // Quiet: leave the map (the entry is ours: a new one is only made once ours is
-                    // closed), then publish whatever raced in before the close.
-                    lock(&queues).remove(&channel);
-                    receiver.close();
-                    ending = true;
-                    continue;
+        let room = in_flight.len() < IN_FLIGHT;
+        tokio::select! {
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+            first = receiver.recv(), if room => {
+                let Some(first) = first else {
+                    // Closed and drained: finish what is in flight, then end.
+                    while in_flight.next().await.is_some() {}
+                    return;
+                };
+                if let Some(batch) = take_batch(first, &mut receiver) {
+                    in_flight.push(publish_batch(conn.clone(), channel.clone(), batch, timeout));
                 }
             }
-        };
-        let Some(first) = first else { return };
-        let mut bytes = first.payload.len();
-        batch.push(first);
-        while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
-            match receiver.try_recv() {
-                Ok(next) => {
-                    bytes += next.payload.len();
-                    batch.push(next);
-                }
-                Err(_) => break,
+            () = tokio::time::sleep(idle), if open && in_flight.is_empty() => {
+                // Quiet: leave the map (the entry is ours: a new one is only made once ours is
+                // closed), then publish whatever raced in before the close.
+                lock(&queues).remove(&*channel);
+                receiver.close();
+                open = false;
             }
+            else => return,
         }
-        // A caller that stopped waiting was told its message is lost: do not deliver it anyway.
-        batch.retain(|queued: &Queued| !queued.reply.is_closed());
-        let payload = match batch.as_slice() {
-            [] => continue,
-            [only] => only.payload.clone(),
-            many => encode_batch(many.iter().map(|queued| &queued.payload)),
-        };
-        let answer = publish(&mut conn, &channel, &payload, timeout).await;
-        for queued in batch.drain(..) {
-            let _ = queued.reply.send(answer);
+    }
+}
+
+/// `first` and whatever is queued behind it, up to the batch bounds, less the messages whose
+/// caller stopped waiting (it was told the message is lost: do not deliver it anyway).
+fn take_batch(first: Queued, receiver: &mut mpsc::Receiver<Queued>) -> Option<Vec<Queued>> {
+    let mut bytes = first.payload.len();
+    let mut batch = vec![first];
+    while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+        match receiver.try_recv() {
+            Ok(next) => {
+                bytes += next.payload.len();
+                batch.push(next);
+            }
+            Err(_) => break,
         }
+    }
+    batch.retain(|queued| !queued.reply.is_closed());
+    (!batch.is_empty()).then_some(batch)
+}
+
+/// Publishes `batch` as one payload on `channel` and answers each of its callers.
+async fn publish_batch<C: ConnectionLike>(
+    mut conn: C,
+    channel: Arc<str>,
+    batch: Vec<Queued>,
+    timeout: Duration,
+) {
+    let payload = match batch.as_slice() {
+        [only] => only.payload.clone(),
+        many => encode_batch(many.iter().map(|queued| &queued.payload)),
+    };
+    let answer = publish(&mut conn, &channel, &payload, timeout).await;
+    for queued in batch {
+        let _ = queued.reply.send(answer);
     }
 }
 

@@ -410,7 +410,7 @@ async fn a_relayed_message_costs_no_redis_round_trip_on_one_node_and_at_most_one
         "{N} relays across nodes cost {others} Redis commands besides PUBLISH"
     );
 
-    // Several senders at once: what queues behind a PUBLISH in flight shares the next one, so at
+    // Several senders at once: what queues behind the PUBLISHes in flight shares the next one, so at
     // most one PUBLISH per message (fewer whenever sends overlap), each recipient's messages
     // complete and in order. Fresh senders, M each: 4 senders of 50 each lose messages past the
     // 32nd per recipient without telling the sender, on main too (d29a7d7): reported, not this

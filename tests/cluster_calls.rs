@@ -356,7 +356,7 @@ async fn a_call_crosses_nodes_with_every_message_type_and_ids_are_unique() {
 }
 
 #[tokio::test]
-async fn a_relayed_message_costs_no_redis_round_trip_on_one_node_and_one_publish_across() {
+async fn a_relayed_message_costs_no_redis_round_trip_on_one_node_and_at_most_one_publish_across() {
     let Some((redis, cluster, a, b)) = two_nodes().await else {
         return;
     };
@@ -388,8 +388,9 @@ async fn a_relayed_message_costs_no_redis_round_trip_on_one_node_and_one_publish
     );
     assert_eq!(after.get("publish"), before.get("publish"));
 
-    // Across nodes: exactly one PUBLISH per message, no registry read (the route is cached
-    // after the first).
+    // Across nodes, one sender: one PUBLISH per message (each waits for the answer to the one
+    // before, so nothing queues behind it and nothing waits to be batched), no registry read
+    // (the route is cached after the first).
     let before = command_calls(&redis);
     let started = Instant::now();
     for n in 0..N {
@@ -408,10 +409,50 @@ async fn a_relayed_message_costs_no_redis_round_trip_on_one_node_and_one_publish
         others < background_bound,
         "{N} relays across nodes cost {others} Redis commands besides PUBLISH"
     );
+
+    // Several senders at once: what queues behind the PUBLISHes in flight shares the next one, so at
+    // most one PUBLISH per message (fewer whenever sends overlap), each recipient's messages
+    // complete and in order. Fresh senders, M each: 4 senders of 50 each lose messages past the
+    // 32nd per recipient without telling the sender, on main too (d29a7d7): reported, not this
+    // test's subject.
+    let mut senders = Vec::new();
+    let mut recipients = Vec::new();
+    for _ in 0..4 {
+        let mut from = Client::join(&cluster, a.https).await;
+        let mut to = Client::join(&cluster, b.https).await;
+        call(&mut from, &mut to).await;
+        senders.push(from);
+        recipients.push(to);
+    }
+    const M: u32 = 20;
+    let before = command_calls(&redis);
+    for n in 0..M {
+        for (from, to) in senders.iter_mut().zip(&recipients) {
+            from.candidate(to.id, n).await;
+        }
+    }
+    for to in &mut recipients {
+        for n in 0..M {
+            assert_eq!(candidate_number(&to.recv().await), n);
+        }
+    }
+    let after = command_calls(&redis);
+    let publishes =
+        after.get("publish").copied().unwrap_or(0) - before.get("publish").copied().unwrap_or(0);
+    let sent = u64::from(M) * senders.len() as u64;
+    assert!(
+        (1..=sent).contains(&publishes),
+        "{sent} relays from {} senders took {publishes} PUBLISHes",
+        senders.len()
+    );
+    eprintln!(
+        "{sent} relays from {} senders at once: {publishes} PUBLISHes",
+        senders.len()
+    );
     assert!(
         b.metric("callgate_cluster_messages_total{direction=\"received\"}")
             .await
-            >= f64::from(N)
+            >= sent as f64
     );
 }
 

@@ -10,7 +10,10 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use callgate::cluster::bus::{BusEvent, BusKind, BusMessage, BusSettings, Hold, RedisBus};
+use callgate::cluster::bus::{
+    node_channel, BusEvent, BusKind, BusMessage, BusSettings, Hold, RedisBus,
+};
+use callgate::cluster::publish::Publisher;
 use callgate::cluster::registry::{Known, RedisRegistry, Refreshed, RegistrySettings, Resolved};
 use callgate::cluster::route::{BusDelivery, RouteSettings, Routes};
 use callgate::cluster::types::{
@@ -925,6 +928,99 @@ async fn send_reaches_the_subscribed_node_and_says_when_nobody_listens() {
     )
     .await;
     let _ = &s.client;
+}
+
+#[tokio::test]
+async fn messages_queued_behind_a_publish_share_one_and_each_sender_gets_its_answer_in_order() {
+    let Some(s) = setup().await else { return };
+    let n1 = node("n1");
+    let mut inbox = s.bus.subscribe(&n1, 1024);
+    assert!(matches!(
+        inbox.next().await,
+        Some(BusEvent::Subscribed { resumed: false })
+    ));
+    const N: u64 = 100;
+    let sent: Vec<BusMessage> = (0..N)
+        .map(|n| BusMessage {
+            kind: BusKind::Deliver,
+            call: None,
+            to: ClientId::new(100_000_000 + n % 7),
+            epoch: Some(n),
+            origin: Some(Origin {
+                from: ClientId::new(200_000_000 + n),
+                kind: MessageKind::IceCandidate,
+            }),
+            server_kind: ServerKind::IceCandidate,
+            frame: Bytes::from(format!(r#"{{"type":"ice-candidate","n":{n}}}"#)),
+        })
+        .collect();
+    // A test runtime has one thread: all N sends are queued before the node's sender task first
+    // runs, so the task takes them all into one PUBLISH (one at a time, they would take N).
+    let before = command_calls(&s, "publish").await;
+    let answers = futures_util::future::join_all(sent.iter().map(|m| s.bus.send(&n1, m))).await;
+    assert!(answers.iter().all(|a| *a == Ok(true)), "{answers:?}");
+    assert_eq!(command_calls(&s, "publish").await - before, 1);
+    for m in &sent {
+        match inbox.next().await {
+            Some(BusEvent::Message(got)) => assert_eq!(&got, m),
+            other => panic!("expected message {:?}, got {other:?}", m.epoch),
+        }
+    }
+
+    // Nobody subscribed: every sender of the batch is told, so each holds its own message.
+    let gone = node("gone");
+    let answers = futures_util::future::join_all(sent.iter().map(|m| s.bus.send(&gone, m))).await;
+    assert!(answers.iter().all(|a| *a == Ok(false)), "{answers:?}");
+
+    // One at a time (each waits for its answer): one PUBLISH each, no wait added.
+    let before = command_calls(&s, "publish").await;
+    for m in &sent[..10] {
+        assert_eq!(s.bus.send(&n1, m).await, Ok(true));
+        assert!(matches!(inbox.next().await, Some(BusEvent::Message(got)) if &got == m));
+    }
+    assert_eq!(command_calls(&s, "publish").await - before, 10);
+}
+
+#[tokio::test]
+async fn a_quiet_nodes_sender_task_ends_and_the_next_message_starts_another() {
+    let Some(s) = setup().await else { return };
+    let n1 = node("n1");
+    let mut inbox = s.bus.subscribe(&n1, 64);
+    assert!(matches!(
+        inbox.next().await,
+        Some(BusEvent::Subscribed { resumed: false })
+    ));
+    let publisher = Publisher::with_idle(s.raw.clone(), TIMEOUT, Duration::from_millis(100));
+    let channel = node_channel(&n1);
+    let m = BusMessage::kick(ClientId::new(111_222_333), 6);
+    for round in 0..3 {
+        assert_eq!(
+            publisher.publish(&channel, m.encode()).await,
+            Ok(true),
+            "{round}"
+        );
+        assert!(matches!(inbox.next().await, Some(BusEvent::Message(got)) if got == m));
+        assert_eq!(publisher.senders(), 1);
+        eventually(Duration::from_secs(5), "the sender task ends", || async {
+            publisher.senders() == 0
+        })
+        .await;
+    }
+    // Sends racing the end of a sender task: every one is answered and arrives, none twice.
+    let mut sent = 0;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(95)).await;
+        let answers =
+            futures_util::future::join_all((0..5).map(|_| publisher.publish(&channel, m.encode())))
+                .await;
+        assert!(answers.iter().all(|a| *a == Ok(true)), "{answers:?}");
+        sent += answers.len();
+    }
+    for _ in 0..sent {
+        assert!(matches!(inbox.next().await, Some(BusEvent::Message(got)) if got == m));
+    }
+    let extra = tokio::time::timeout(Duration::from_millis(200), inbox.next()).await;
+    assert!(extra.is_err(), "a message arrived twice: {extra:?}");
 }
 
 #[tokio::test]

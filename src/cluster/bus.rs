@@ -32,6 +32,7 @@ use redis::Script;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use super::publish::{Publisher, BATCH_VERSION};
 use super::types::{CallState, NodeId, Unavailable};
 use crate::signaling::delivery::{Envelope, Origin};
 use crate::signaling::protocol::{
@@ -444,6 +445,53 @@ impl BusMessage {
     }
 }
 
+/// The messages of one payload read from a node's channel: a single message
+/// ([`BusMessage::encode`]) or a batch ([`super::publish::encode_batch`]), decoded lazily, each sharing the
+/// payload's buffer (no copy). A record that cannot be read is an `Err` and the next is still
+/// read; a batch whose framing is cut short ends with `Err(Truncated)`.
+#[derive(Debug)]
+pub struct Records {
+    /// What is left to read; `None` once done.
+    rest: Option<Bytes>,
+    /// Whether `rest` is a batch's records (else it is one message).
+    batch: bool,
+}
+
+impl Records {
+    /// The messages in `payload`.
+    pub fn new(mut payload: Bytes) -> Self {
+        let batch = payload.first() == Some(&BATCH_VERSION);
+        if batch {
+            payload.advance(1);
+        }
+        Self {
+            rest: Some(payload),
+            batch,
+        }
+    }
+}
+
+impl Iterator for Records {
+    type Item = Result<BusMessage, PayloadError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if !self.batch {
+            return self.rest.take().map(BusMessage::decode);
+        }
+        let rest = self.rest.as_mut().filter(|rest| !rest.is_empty())?;
+        let len = if rest.len() >= 4 {
+            rest.get_u32() as usize
+        } else {
+            usize::MAX
+        };
+        if rest.len() < len {
+            self.rest = None;
+            return Some(Err(PayloadError::Truncated));
+        }
+        Some(BusMessage::decode(rest.split_to(len)))
+    }
+}
+
 /// Decodes held payloads for `to`, logging and skipping any that cannot be read.
 fn decode_all(to: ClientId, payloads: Vec<Vec<u8>>) -> Vec<BusMessage> {
     payloads
@@ -572,6 +620,8 @@ pub struct RedisBus<C = ConnectionManager> {
     client: redis::Client,
     /// The shared command connection.
     conn: C,
+    /// Coalesces what goes to each node into one `PUBLISH` at a time, on `conn`.
+    publisher: Publisher<C>,
     /// Caps and timeouts.
     settings: BusSettings,
 }
@@ -584,21 +634,20 @@ where
     pub fn new(client: redis::Client, conn: C, settings: BusSettings) -> Self {
         Self {
             client,
+            publisher: Publisher::new(conn.clone(), settings.timeout),
             conn,
             settings,
         }
     }
 
-    /// Publishes `message` on `node`'s channel. `Ok(true)`: the node received it; `Ok(false)`:
-    /// nobody is subscribed (that node is gone or between reconnects) — hold it instead.
+    /// Publishes `message` on `node`'s channel, in one `PUBLISH` with whatever else is queued
+    /// for `node` meanwhile (see [`super::publish`]). `Ok(true)`: the node received it;
+    /// `Ok(false)`: nobody is subscribed (that node is gone or between reconnects) — hold it
+    /// instead.
     pub async fn send(&self, node: &NodeId, message: &BusMessage) -> Result<bool, Unavailable> {
-        let mut conn = self.conn.clone();
-        let cmd = redis::cmd("PUBLISH")
-            .arg(node_channel(node))
-            .arg(message.encode().as_ref())
-            .to_owned();
-        let receivers: u64 = self.run(cmd.query_async(&mut conn)).await?;
-        Ok(receivers > 0)
+        self.publisher
+            .publish(&node_channel(node), message.encode())
+            .await
     }
 
     /// Holds `message` for its recipient's next resume, if the recipient exists at the epoch it
@@ -814,13 +863,15 @@ async fn keep_subscribed(
                         message = stream.next() => {
                             let Some(message) = message else { break };
                             let payload = Bytes::copy_from_slice(message.get_payload_bytes());
-                            match BusMessage::decode(payload) {
-                                Ok(message) => {
-                                    if tx.send(BusEvent::Message(message)).await.is_err() {
-                                        return;
+                            for record in Records::new(payload) {
+                                match record {
+                                    Ok(message) => {
+                                        if tx.send(BusEvent::Message(message)).await.is_err() {
+                                            return;
+                                        }
                                     }
+                                    Err(e) => tracing::warn!(error = %e, "redis bus: skipped a message"),
                                 }
-                                Err(e) => tracing::warn!(error = %e, "redis bus: skipped a message"),
                             }
                         }
                         _ = ping.tick() => {
@@ -857,6 +908,7 @@ async fn subscribe_once(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::publish::encode_batch;
 
     fn message(epoch: Option<u64>, origin: Option<Origin>) -> BusMessage {
         BusMessage {
@@ -1048,6 +1100,90 @@ mod tests {
             BusMessage::decode(Bytes::from(kick)),
             Err(PayloadError::KickWithoutEpoch)
         );
+    }
+
+    #[test]
+    fn a_batch_carries_every_message_in_order_and_a_single_message_is_unchanged() {
+        let origin = Origin {
+            from: ClientId::new(987_654_321),
+            kind: MessageKind::IceCandidate,
+        };
+        let messages: Vec<BusMessage> = (0..5)
+            .map(|n| BusMessage {
+                to: ClientId::new(100 + n),
+                ..message(Some(n), Some(origin))
+            })
+            .chain([BusMessage::kick(ClientId::new(5), 99)])
+            .collect();
+        let encoded: Vec<Bytes> = messages.iter().map(BusMessage::encode).collect();
+        let batch = encode_batch(encoded.iter());
+        assert_eq!(batch[0], BATCH_VERSION);
+        assert_eq!(
+            batch.len(),
+            1 + encoded.iter().map(|e| 4 + e.len()).sum::<usize>()
+        );
+        let back: Vec<BusMessage> = Records::new(batch.clone()).map(Result::unwrap).collect();
+        assert_eq!(back, messages);
+        // The frames share the payload's buffer: no copy per message.
+        let range = batch.as_ptr_range();
+        for m in Records::new(batch.clone()).map(Result::unwrap) {
+            if !m.frame.is_empty() {
+                assert!(range.contains(&m.frame.as_ptr()));
+            }
+        }
+        // A single message is read as it always was.
+        let single: Vec<_> = Records::new(encoded[0].clone()).collect();
+        assert_eq!(single, vec![Ok(messages[0].clone())]);
+        assert_eq!(
+            Records::new(Bytes::new()).collect::<Vec<_>>(),
+            vec![Err(PayloadError::Truncated)]
+        );
+    }
+
+    #[test]
+    fn a_bad_record_in_a_batch_is_skipped_and_a_cut_batch_ends_truncated() {
+        let good = message(Some(1), None).encode();
+        let mut bad = good.to_vec();
+        bad[0] = 9;
+        let bad = Bytes::from(bad);
+        let batch = encode_batch([&good, &bad, &good].into_iter());
+        let records: Vec<_> = Records::new(batch.clone()).collect();
+        assert_eq!(records.len(), 3);
+        assert!(records[0].is_ok() && records[2].is_ok());
+        assert_eq!(records[1], Err(PayloadError::Version(9)));
+        // Cut anywhere: never a panic, never a message past the cut, and the last record
+        // read is an error unless the cut falls between records.
+        for len in 1..batch.len() {
+            let records: Vec<_> = Records::new(batch.slice(..len)).collect();
+            assert!(records.len() <= 3, "{len}");
+            let record = 4 + good.len();
+            if (len - 1) % record != 0 {
+                assert_eq!(records.last(), Some(&Err(PayloadError::Truncated)), "{len}");
+            }
+        }
+    }
+
+    #[test]
+    fn reading_arbitrary_batches_never_panics_and_ends() {
+        use rand::{Rng as _, SeedableRng as _};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(31);
+        let good = message(Some(1), None).encode();
+        for _ in 0..50_000 {
+            let mut bytes = vec![BATCH_VERSION];
+            while bytes.len() < 120 && rng.random_range(0..4) != 0 {
+                if rng.random() {
+                    // A real record, sometimes with a lying length.
+                    let len = u32::try_from(good.len()).unwrap() ^ (rng.random::<u32>() & 1);
+                    bytes.extend_from_slice(&len.to_be_bytes());
+                    bytes.extend_from_slice(&good);
+                } else {
+                    bytes.push(rng.random());
+                }
+            }
+            let len = bytes.len();
+            let records = Records::new(Bytes::from(bytes)).count();
+            assert!(records <= len / 4 + 1, "{records} records from {len} bytes");
+        }
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::acme::{self, Acme, AcmeMetrics};
 use crate::cluster;
 use crate::cluster::node::ClusterMetrics;
 use crate::cluster::node::NodeRouter;
-use crate::cluster::nodes::{Membership, NodeInfo, NodeMetrics};
+use crate::cluster::nodes::{BusReaders, Membership, NodeInfo, NodeMetrics, BUS_READS};
 use crate::cluster::redis::{Redis, RedisMetrics};
 use crate::config::{Config, TlsSource};
 use crate::http::headers::SecurityHeaders;
@@ -118,6 +118,8 @@ pub struct Server {
     node_metrics: NodeMetrics,
     /// A cluster node's router, whose tasks (inbox, leases, orphan sweep) start with the server.
     cluster_hub: Option<Arc<NodeRouter>>,
+    /// Which nodes read batch payloads: filled by membership, asked by the router's bus.
+    bus_readers: BusReaders,
 }
 
 impl Server {
@@ -214,6 +216,7 @@ impl Server {
         let cluster_metrics = ClusterMetrics::register(&metrics);
         // A cluster node's router runs on Redis (and its tasks start with the server); a single
         // node's is the memory registry with no bus, exactly as before.
+        let bus_readers = BusReaders::default();
         let (sessions, cluster_hub): (Arc<dyn SessionRunner>, _) =
             match (&redis, config.cluster.enabled()) {
                 (Some(redis), Some((_, node_id))) => {
@@ -223,6 +226,7 @@ impl Server {
                             NodeId::new(node_id),
                             config.signaling.limits.clone(),
                             cluster_metrics,
+                            bus_readers.clone(),
                         )
                         .with_observer(metrics.clone()),
                     );
@@ -289,6 +293,7 @@ impl Server {
             redis,
             node_metrics,
             cluster_hub,
+            bus_readers,
         })
     }
 
@@ -340,6 +345,7 @@ impl Server {
             redis,
             node_metrics,
             cluster_hub,
+            bus_readers,
         } = self;
         let membership = match (config.cluster.enabled(), redis) {
             (Some((_, node_id)), Some(redis)) => Some(Membership::start(
@@ -355,9 +361,11 @@ impl Server {
                             .map(|ip| ip.public.to_string())
                     }),
                     draining: false,
+                    bus_reads: BUS_READS,
                 },
                 config.signaling.limits.resume_grace,
                 node_metrics,
+                bus_readers,
             )),
             _ => None,
         };

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use callgate::cluster::bus::{
     node_channel, BusEvent, BusKind, BusMessage, BusSettings, Hold, RedisBus,
 };
+use callgate::cluster::nodes::{BusReaders, NodeInfo, BUS_READS};
 use callgate::cluster::publish::Publisher;
 use callgate::cluster::registry::{Known, RedisRegistry, Refreshed, RegistrySettings, Resolved};
 use callgate::cluster::route::{BusDelivery, RouteSettings, Routes};
@@ -48,6 +49,8 @@ struct Setup {
     registry: RedisRegistry,
     /// The bus under test.
     bus: RedisBus,
+    /// Which nodes the bus batches to (none until a test says).
+    readers: BusReaders,
 }
 
 /// Node names used in the tests.
@@ -88,7 +91,8 @@ async fn setup_on(redis: RedisServer, url: &str, lease: Duration, grace: Duratio
             timeout: TIMEOUT,
         },
     );
-    let bus = RedisBus::new(
+    let readers = BusReaders::default();
+    let bus = RedisBus::with_readers(
         client.clone(),
         manager(&client).await,
         BusSettings {
@@ -98,6 +102,7 @@ async fn setup_on(redis: RedisServer, url: &str, lease: Duration, grace: Duratio
             grace,
             timeout: TIMEOUT,
         },
+        readers.clone(),
     );
     Setup {
         redis,
@@ -105,6 +110,7 @@ async fn setup_on(redis: RedisServer, url: &str, lease: Duration, grace: Duratio
         raw,
         registry,
         bus,
+        readers,
     }
 }
 
@@ -934,6 +940,14 @@ async fn send_reaches_the_subscribed_node_and_says_when_nobody_listens() {
 async fn messages_queued_behind_a_publish_share_one_and_each_sender_gets_its_answer_in_order() {
     let Some(s) = setup().await else { return };
     let n1 = node("n1");
+    // n1's heartbeat says it reads batches (what a node of this release advertises).
+    s.readers.set(&[NodeInfo {
+        id: "n1".into(),
+        https: "127.0.0.1:1".into(),
+        turn: None,
+        draining: false,
+        bus_reads: BUS_READS,
+    }]);
     let mut inbox = s.bus.subscribe(&n1, 1024);
     assert!(matches!(
         inbox.next().await,

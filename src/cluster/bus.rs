@@ -32,6 +32,7 @@ use redis::Script;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use super::nodes::BusReaders;
 use super::publish::{Publisher, BATCH_VERSION};
 use super::types::{CallState, NodeId, Unavailable};
 use crate::signaling::delivery::{Envelope, Origin};
@@ -46,8 +47,11 @@ pub fn held_key(id: ClientId) -> String {
 
 /// A node's inbox channel.
 pub fn node_channel(node: &NodeId) -> String {
-    format!("cg:node:{node}")
+    format!("{NODE_CHANNEL_PREFIX}{node}")
 }
+
+/// What [`node_channel`] puts before the node ID.
+const NODE_CHANNEL_PREFIX: &str = "cg:node:";
 
 /// Holds one message, checking the caps first.
 static HOLD: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/hold.lua")));
@@ -630,11 +634,29 @@ impl<C> RedisBus<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
-    /// A bus on `conn` (commands) and `client` (subscriptions).
+    /// A bus on `conn` (commands) and `client` (subscriptions) that batches to no node: see
+    /// [`RedisBus::with_readers`].
     pub fn new(client: redis::Client, conn: C, settings: BusSettings) -> Self {
+        Self::with_readers(client, conn, settings, BusReaders::default())
+    }
+
+    /// A bus that puts several messages in one `PUBLISH` only to the nodes `readers` says read
+    /// batches (membership fills it from the heartbeats); any other node gets each message in a
+    /// `PUBLISH` of its own, which every release reads.
+    pub fn with_readers(
+        client: redis::Client,
+        conn: C,
+        settings: BusSettings,
+        readers: BusReaders,
+    ) -> Self {
+        let batches = move |channel: &str| {
+            channel
+                .strip_prefix(NODE_CHANNEL_PREFIX)
+                .is_some_and(|node| readers.reads_batches(node))
+        };
         Self {
             client,
-            publisher: Publisher::new(conn.clone(), settings.timeout),
+            publisher: Publisher::new(conn.clone(), settings.timeout).batching(batches),
             conn,
             settings,
         }

@@ -35,6 +35,7 @@ use super::bus::{
     self, BusEvent, BusKind, BusMessage, BusSettings, Flushed, Hold, RedisBus, Subscription,
 };
 use super::calls::ClusterRegistry;
+use super::nodes::BusReaders;
 use super::redis::{Redis, RedisConnection};
 use super::registry::{RedisRegistry, RegistrySettings};
 use super::route::{self, RouteSettings, Routes};
@@ -303,12 +304,14 @@ where
     }
 }
 
-/// Everything a cluster node's signaling needs, made from the node's Redis connection.
+/// Everything a cluster node's signaling needs, made from the node's Redis connection; its bus
+/// batches only to the nodes `readers` (filled by membership) says read batches.
 pub fn router(
     redis: &Redis,
     node: NodeId,
     limits: SignalingLimits,
     metrics: ClusterMetrics,
+    readers: BusReaders,
 ) -> NodeRouter {
     let grace = limits.resume_grace;
     let timeout = Duration::from_secs(1);
@@ -320,7 +323,7 @@ pub fn router(
             timeout,
         },
     );
-    let bus = RedisBus::new(
+    let bus = RedisBus::with_readers(
         redis.client().clone(),
         redis.connection(),
         BusSettings {
@@ -330,6 +333,7 @@ pub fn router(
             grace,
             timeout,
         },
+        readers,
     );
     let routes = Routes::new(
         registry.clone(),

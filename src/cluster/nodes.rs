@@ -1,8 +1,8 @@
 //! Cluster membership: this node's heartbeat in Redis, and which other nodes are alive.
 //!
 //! Every [`HEARTBEAT_INTERVAL`] one Lua script (one round trip) does, with Redis's own clock:
-//! - `SET cg:node:{id}:alive {info} PX 5000`: the node's advertised addresses and `draining`
-//!   flag, gone by itself [`ALIVE_TTL`] after the node stops (kill -9 included);
+//! - `SET cg:node:{id}:alive {info} PX 5000`: the node's advertised addresses, `draining`
+//!   flag and the highest bus payload version it reads ([`BUS_READS`]), gone by itself [`ALIVE_TTL`] after the node stops (kill -9 included);
 //! - `HSET cg:nodes {id} {now-ms}` and `PEXPIRE cg:nodes`: the list of nodes to look at, which
 //!   expires as a whole if every node stops;
 //! - reads every listed node's alive key; a node whose key is gone and whose last heartbeat is
@@ -13,15 +13,22 @@
 //! is in Redis before `/readyz` turns 503), and [`Membership::leave`] after the last connection
 //! is gone. A Redis outage only costs heartbeats: the node keeps serving, and the loop resumes
 //! by itself when Redis returns.
+//!
+//! After each heartbeat the nodes' advertised payload versions go into [`BusReaders`], which the
+//! bus asks before it puts several messages in one `PUBLISH`: a node that does not advertise
+//! batches (one of the previous release, which drops them) gets each message alone, so a rolling
+//! upgrade loses nothing. A change is seen at the next heartbeat, within [`HEARTBEAT_INTERVAL`].
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use prometheus::IntGauge;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Mutex, Notify};
 
+use super::publish::BATCH_VERSION;
 use super::redis::{Redis, RedisError};
 use crate::metrics::Metrics;
 
@@ -30,6 +37,10 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Lifetime of a heartbeat: a node that stops beating counts as gone this long after its last.
 pub const ALIVE_TTL: Duration = Duration::from_secs(5);
+
+/// The highest bus payload version this node reads (batches, [`BATCH_VERSION`]), as its
+/// heartbeat advertises it.
+pub const BUS_READS: u8 = BATCH_VERSION;
 
 /// `cg:nodes`: node ID → Redis time (ms) of its last heartbeat.
 pub const NODES_KEY: &str = "cg:nodes";
@@ -50,6 +61,31 @@ pub struct NodeInfo {
     pub turn: Option<String>,
     /// Shutting down: it accepts no new clients and is closing the ones it has (1001).
     pub draining: bool,
+    /// The highest bus payload version the node reads ([`BUS_READS`] on this version). Absent
+    /// (0) from the heartbeat of a node older than this field, which reads version 2 only.
+    #[serde(default)]
+    pub bus_reads: u8,
+}
+
+/// The payload version each alive node reads, by node ID, from the last heartbeat: written by
+/// the heartbeat loop, read by the bus before each `PUBLISH`. Clones share the table. A node not
+/// in it (unknown, gone, or this node before its first heartbeat) counts as reading version 2
+/// only, so nothing it cannot read is sent to it.
+#[derive(Clone, Debug, Default)]
+pub struct BusReaders(Arc<RwLock<HashMap<String, u8>>>);
+
+impl BusReaders {
+    /// Replaces the table with what `alive` advertises.
+    pub fn set(&self, alive: &[NodeInfo]) {
+        let table = alive.iter().map(|n| (n.id.clone(), n.bus_reads)).collect();
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = table;
+    }
+
+    /// Whether `node` advertises that it reads batch payloads ([`BATCH_VERSION`]).
+    pub fn reads_batches(&self, node: &str) -> bool {
+        let table = self.0.read().unwrap_or_else(PoisonError::into_inner);
+        table.get(node).is_some_and(|&v| v >= BATCH_VERSION)
+    }
 }
 
 /// The heartbeat: write mine, list the alive ones, forget stale ones. See the module docs.
@@ -125,6 +161,8 @@ struct Inner {
     alive: watch::Sender<Vec<NodeInfo>>,
     /// Gauges.
     metrics: NodeMetrics,
+    /// Where the alive nodes' payload versions go after each heartbeat.
+    readers: BusReaders,
     /// Stops the heartbeat loop.
     stop: Notify,
 }
@@ -140,12 +178,14 @@ pub struct Membership {
 impl Membership {
     /// Starts beating at once and every [`HEARTBEAT_INTERVAL`]. `info.draining` is ignored (a
     /// node starts serving). `resume_grace` sets the stale bound (a dead node's clients may
-    /// resume elsewhere for that long; its entry is kept until then).
+    /// resume elsewhere for that long; its entry is kept until then). After each heartbeat the
+    /// alive nodes' payload versions go into `readers` (the bus's).
     pub fn start(
         redis: Redis,
         info: NodeInfo,
         resume_grace: Duration,
         metrics: NodeMetrics,
+        readers: BusReaders,
     ) -> Membership {
         let inner = Arc::new(Inner {
             redis,
@@ -159,6 +199,7 @@ impl Membership {
             writing: Mutex::new(()),
             alive: watch::Sender::new(Vec::new()),
             metrics,
+            readers,
             stop: Notify::new(),
         });
         let task = tokio::spawn(beat(inner.clone()));
@@ -227,6 +268,7 @@ async fn beat(inner: Arc<Inner>) {
                 let draining = alive.iter().filter(|n| n.draining).count();
                 inner.metrics.alive.set(alive.len() as i64);
                 inner.metrics.draining.set(draining as i64);
+                inner.readers.set(&alive);
                 inner.alive.send_replace(alive);
             }
             Err(e) if !e.is_outage() && !refused => {
@@ -282,11 +324,54 @@ mod tests {
             https: "10.0.0.1:443".into(),
             turn: Some("a.example.com".into()),
             draining: true,
+            bus_reads: BUS_READS,
         })
         .unwrap();
         let listed = vec!["a".into(), good, "b".into(), "{not json".into()];
         let alive = parse_alive(&listed);
         assert_eq!(alive.len(), 1);
         assert!(alive[0].draining);
+        assert_eq!(alive[0].bus_reads, BUS_READS);
+    }
+
+    /// The heartbeat of the previous release has no `bus_reads`; it must parse (as "reads 2"),
+    /// and ours must parse on a node of the previous release (which ignores unknown fields).
+    #[test]
+    fn heartbeats_of_either_release_parse_on_the_other_and_only_v3_readers_get_batches() {
+        let old = r#"{"id":"old","https":"10.0.0.1:443","turn":null,"draining":false}"#;
+        let new = serde_json::to_string(&NodeInfo {
+            id: "new".into(),
+            https: "10.0.0.2:443".into(),
+            turn: None,
+            draining: false,
+            bus_reads: BUS_READS,
+        })
+        .unwrap();
+        let alive = parse_alive(&["old".into(), old.into(), "new".into(), new.clone()]);
+        assert_eq!(alive.len(), 2);
+        assert_eq!(alive[0].bus_reads, 0);
+
+        /// `NodeInfo` as the previous release declares it.
+        #[derive(Deserialize)]
+        #[allow(dead_code)]
+        struct PreviousNodeInfo {
+            id: String,
+            https: String,
+            turn: Option<String>,
+            draining: bool,
+        }
+        assert_eq!(
+            serde_json::from_str::<PreviousNodeInfo>(&new).unwrap().id,
+            "new"
+        );
+
+        let readers = BusReaders::default();
+        assert!(!readers.reads_batches("new"), "unknown: no batches");
+        readers.set(&alive);
+        assert!(readers.reads_batches("new"));
+        assert!(!readers.reads_batches("old"));
+        assert!(!readers.reads_batches("elsewhere"));
+        readers.set(&alive[..1]);
+        assert!(!readers.reads_batches("new"), "gone: no batches");
     }
 }

@@ -21,6 +21,11 @@
 //! their timeout), a `PUBLISH` carries at most [`MAX_BATCH`] messages and about
 //! [`MAX_BATCH_BYTES`], and a sender task whose node has been quiet for [`IDLE`] ends, so the
 //! tasks are bounded by the nodes messages go to.
+//!
+//! Only to a node that reads batches: the publisher asks [`Batches`] before each `PUBLISH`, and
+//! sends what queued for any other node (one of the previous release, during a rolling upgrade)
+//! as one `PUBLISH` per message — version 2, which every release reads — pipelined in one round
+//! trip, in queue order, each caller getting its own `PUBLISH`'s answer.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -64,6 +69,10 @@ pub fn encode_batch<'a>(messages: impl Iterator<Item = &'a Bytes> + Clone) -> By
     out.freeze()
 }
 
+/// Whether the node behind a channel reads batch payloads ([`BATCH_VERSION`]), asked before
+/// each `PUBLISH` of several messages.
+pub type Batches = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
 /// What a `PUBLISH` answered: `Ok(true)` a subscriber received it, `Ok(false)` nobody did.
 type Answer = Result<bool, Unavailable>;
 
@@ -89,6 +98,8 @@ pub struct Publisher<C> {
     idle: Duration,
     /// One sender per destination channel with a live sender task.
     queues: Queues,
+    /// Which channels may get batch payloads.
+    batches: Batches,
 }
 
 impl<C> Publisher<C>
@@ -96,7 +107,7 @@ where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
     /// A publisher on `conn`, answering every caller within `timeout`; sender tasks end after
-    /// [`IDLE`] without messages.
+    /// [`IDLE`] without messages. It batches to every channel: see [`Publisher::batching`].
     pub fn new(conn: C, timeout: Duration) -> Self {
         Self::with_idle(conn, timeout, IDLE)
     }
@@ -108,7 +119,15 @@ where
             timeout,
             idle,
             queues: Arc::new(Mutex::new(HashMap::new())),
+            batches: Arc::new(|_: &str| true),
         }
+    }
+
+    /// Batches only to the channels for which `batches` says yes (asked before each `PUBLISH`);
+    /// what queues for any other goes as one `PUBLISH` per message.
+    pub fn batching(mut self, batches: impl Fn(&str) -> bool + Send + Sync + 'static) -> Self {
+        self.batches = Arc::new(batches);
+        self
     }
 
     /// How many destination channels have a sender task now.
@@ -159,6 +178,7 @@ where
             (self.timeout, self.idle),
             receiver,
             self.queues.clone(),
+            self.batches.clone(),
         ));
         sender
     }
@@ -175,6 +195,7 @@ async fn send_all<C>(
     (timeout, idle): (Duration, Duration),
     mut receiver: mpsc::Receiver<Queued>,
     queues: Queues,
+    batches: Batches,
 ) where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
@@ -192,7 +213,9 @@ async fn send_all<C>(
                     return;
                 };
                 if let Some(batch) = take_batch(first, &mut receiver) {
-                    in_flight.push(publish_batch(conn.clone(), channel.clone(), batch, timeout));
+                    let batches = batches(&channel);
+                    let batch = publish_batch(conn.clone(), channel.clone(), (batch, batches), timeout);
+                    in_flight.push(batch);
                 }
             }
             () = tokio::time::sleep(idle), if open && in_flight.is_empty() => {
@@ -225,19 +248,47 @@ fn take_batch(first: Queued, receiver: &mut mpsc::Receiver<Queued>) -> Option<Ve
     (!batch.is_empty()).then_some(batch)
 }
 
-/// Publishes `batch` as one payload on `channel` and answers each of its callers.
+/// Publishes `batch` as one payload on `channel` and answers each of its callers; if the node
+/// does not read batches (`batches` false), as one `PUBLISH` per message instead.
 async fn publish_batch<C: ConnectionLike>(
     mut conn: C,
     channel: Arc<str>,
-    batch: Vec<Queued>,
+    (batch, batches): (Vec<Queued>, bool),
     timeout: Duration,
 ) {
     let payload = match batch.as_slice() {
         [only] => only.payload.clone(),
+        _ if !batches => return publish_each(&mut conn, &channel, batch, timeout).await,
         many => encode_batch(many.iter().map(|queued| &queued.payload)),
     };
     let answer = publish(&mut conn, &channel, &payload, timeout).await;
     for queued in batch {
+        let _ = queued.reply.send(answer);
+    }
+}
+
+/// One `PUBLISH` per message of `batch`, pipelined (one round trip, in order) within `timeout`;
+/// each caller gets its own `PUBLISH`'s answer.
+async fn publish_each<C: ConnectionLike>(
+    conn: &mut C,
+    channel: &str,
+    batch: Vec<Queued>,
+    timeout: Duration,
+) {
+    let mut pipe = redis::pipe();
+    for queued in &batch {
+        pipe.cmd("PUBLISH").arg(channel).arg(&queued.payload[..]);
+    }
+    let answers = match tokio::time::timeout(timeout, pipe.query_async::<Vec<u64>>(conn)).await {
+        Ok(Ok(receivers)) if receivers.len() == batch.len() => {
+            receivers.into_iter().map(|n| Ok(n > 0)).collect()
+        }
+        Ok(Ok(_)) | Ok(Err(_)) | Err(_) => {
+            tracing::debug!("redis bus: pipelined PUBLISHes failed or timed out");
+            vec![Err(Unavailable); batch.len()]
+        }
+    };
+    for (queued, answer) in batch.into_iter().zip(answers) {
         let _ = queued.reply.send(answer);
     }
 }

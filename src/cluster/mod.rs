@@ -10,10 +10,10 @@
 //! | file | what it holds |
 //! |---|---|
 //! | `redis.rs` | the one shared Redis connection: reconnects by itself, times out and times every command, `callgate_redis_*` metrics, one log line per outage |
-//! | `nodes.rs` | membership: this node's heartbeat, advertised address and `draining` flag; the other nodes seen alive; stale nodes removed |
+//! | `nodes.rs` | membership: this node's heartbeat, advertised address, `draining` flag and bus payload version read; the other nodes seen alive, and which of them read batches; stale nodes removed |
 //! | `registry.rs` | [`registry::RedisRegistry`]: each client ID's node, epoch, resume token and call state, one Lua script per operation (`lua/`) |
 //! | `bus.rs` | [`bus::RedisBus`]: messages to IDs on other nodes (`PUBLISH`), held for reserved IDs (capped streams), the orphan sweep, a node's self-healing subscription |
-//! | `publish.rs` | [`publish::Publisher`]: one sender task per destination node; what queues while 4 `PUBLISH`es to it are in flight goes in the next one, as one batch payload |
+//! | `publish.rs` | [`publish::Publisher`]: one sender task per destination node; what queues while 4 `PUBLISH`es to it are in flight goes in the next one, as one batch payload — to a node that advertises reading batches; any other gets one `PUBLISH` per message |
 //! | `route.rs` | [`route::Routes`]: delivery to an ID on another node — cached route, one `PUBLISH`, or the held stream |
 //! | `types.rs` | the registry's vocabulary (hubcore's types) plus `Unavailable` and `BindingError` for the Redis code |
 //! | `calls.rs` | [`calls::ClusterRegistry`]: the hub's `Registry` over Redis, with this node's live IDs' call states cached so relays cost no round trip |

@@ -105,6 +105,7 @@ async fn two_nodes_see_each_other_and_a_killed_node_is_gone_within_seconds() {
     assert_eq!(info["draining"], false);
     assert_eq!(info["turn"], "127.0.0.1");
     assert_eq!(info["https"], b.https.to_string());
+    assert_eq!(info["bus_reads"], 3, "it advertises reading batch payloads");
     let mut r = redis.client();
     let alive_ttl: i64 = redis::cmd("PTTL")
         .arg("cg:node:node-b:alive")

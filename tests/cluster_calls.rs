@@ -994,7 +994,7 @@ async fn a_client_that_drops_during_a_redis_outage_resumes_elsewhere_with_the_ca
     // x's socket breaks while Redis is still frozen: node-a reserves it without Redis.
     let Client { ws, id, token } = x;
     drop(ws);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     redis.resume();
     // node-a writes back the call it decided, then the reservation.
     until_phase(&redis, id, "incall", &y.id.to_string()).await;
@@ -1009,4 +1009,66 @@ async fn a_client_that_drops_during_a_redis_outage_resumes_elsewhere_with_the_ca
     assert_eq!(candidate_number(&x.recv().await), 2);
     hang_up(&mut y, x.id).await;
     x.expect("close-call-server").await;
+}
+
+#[tokio::test]
+async fn what_queues_for_a_current_node_while_redis_stalls_goes_as_one_batch_payload() {
+    use futures_util::StreamExt as _;
+    let Some((redis, cluster, a, b)) = two_nodes().await else {
+        return;
+    };
+    // Each node sees the other advertise batches (`bus_reads` 3) once both have beaten.
+    for node in [&a, &b] {
+        node.wait_for_metric(
+            "callgate_cluster_nodes_alive",
+            |n| n == 2.0,
+            Duration::from_secs(10),
+        )
+        .await;
+    }
+    // 8 callers on node-a, each in a call with a callee on node-b; one relay each warms the
+    // route cache so the stalled relays below need nothing but their PUBLISH.
+    let mut pairs = Vec::new();
+    for _ in 0..8 {
+        let mut from = Client::join(&cluster, a.https).await;
+        let mut to = Client::join(&cluster, b.https).await;
+        call(&mut from, &mut to).await;
+        from.candidate(to.id, 0).await;
+        assert_eq!(candidate_number(&to.recv().await), 0);
+        pairs.push((from, to));
+    }
+    // Every payload node-a publishes to node-b, by its version byte.
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub.subscribe("cg:node:node-b").await.unwrap();
+    let mut payloads = pubsub.into_on_message();
+
+    // Redis stalls: 4 PUBLISHes to node-b hang in flight, the other 4 relays queue behind them.
+    // (A sleep: nothing observable happens on a frozen Redis; 500 ms leaves the relays time to
+    // reach node-a on a loaded machine and is within the 1 s bus timeout.)
+    redis.pause();
+    for (from, to) in &mut pairs {
+        from.candidate(to.id, 1).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.resume();
+    for (_, to) in &mut pairs {
+        assert_eq!(candidate_number(&to.recv().await), 1);
+    }
+    let mut versions = Vec::new();
+    let mut messages = 0;
+    while messages < 8 {
+        let payload = tokio::time::timeout(Duration::from_secs(5), payloads.next())
+            .await
+            .expect("node-a's payloads")
+            .expect("subscribed")
+            .get_payload_bytes()
+            .to_vec();
+        versions.push(payload[0]);
+        messages += callgate::cluster::bus::Records::new(payload.into()).count();
+    }
+    assert!(
+        versions.contains(&callgate::cluster::publish::BATCH_VERSION),
+        "8 relays while 4 PUBLISHes hung went as {versions:?}"
+    );
 }

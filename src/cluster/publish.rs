@@ -213,9 +213,8 @@ async fn send_all<C>(
                     return;
                 };
                 if let Some(batch) = take_batch(first, &mut receiver) {
-                    let batches = batches(&channel);
-                    let batch = publish_batch(conn.clone(), channel.clone(), (batch, batches), timeout);
-                    in_flight.push(batch);
+                    let batch = (batch.len() > 1 && batches(&channel), batch);
+                    in_flight.push(publish_batch(conn.clone(), channel.clone(), batch, timeout));
                 }
             }
             () = tokio::time::sleep(idle), if open && in_flight.is_empty() => {
@@ -253,7 +252,7 @@ fn take_batch(first: Queued, receiver: &mut mpsc::Receiver<Queued>) -> Option<Ve
 async fn publish_batch<C: ConnectionLike>(
     mut conn: C,
     channel: Arc<str>,
-    (batch, batches): (Vec<Queued>, bool),
+    (batches, batch): (bool, Vec<Queued>),
     timeout: Duration,
 ) {
     let payload = match batch.as_slice() {

@@ -849,3 +849,50 @@ async fn a_thousand_clients_place_calls_concurrently() {
     assert_eq!(ids.len(), 1000);
     std::sync::Arc::into_inner(server).unwrap().stop().await;
 }
+
+/// Four pairs on one node, each caller sending 50 `ice-candidate`s interleaved with the others'
+/// (no read in between): every callee gets all 50, in order. The one-node twin of
+/// `cluster_calls::four_senders_of_fifty_across_nodes_deliver_every_message_in_order`; both
+/// stalled at about 32 per callee while the test client did not flush its sends.
+#[tokio::test]
+async fn four_senders_of_fifty_on_one_node_deliver_every_message_in_order() {
+    let server = TestServer::start(|_, _| {}).await;
+    let mut pairs = Vec::new();
+    for _ in 0..4 {
+        let (mut a, ha) = Ws::join(&server).await;
+        let (mut b, hb) = Ws::join(&server).await;
+        call(&mut a, id_of(&ha), &mut b, id_of(&hb)).await;
+        pairs.push((a, b, id_of(&hb)));
+    }
+    // Below one connection's burst (60): nothing here may be rate limited.
+    const M: u64 = 50;
+    for n in 0..M {
+        for (a, _, b_id) in &mut pairs {
+            a.send(&format!(
+                r#"{{"type":"ice-candidate","clientId":{b_id},"candidate":{{"n":{n}}}}}"#
+            ))
+            .await;
+        }
+    }
+    let mut counts = Vec::new();
+    for (_, b, _) in &mut pairs {
+        let mut numbers = Vec::new();
+        while numbers.len() < M as usize {
+            match tokio::time::timeout(Duration::from_secs(5), b.next()).await {
+                Ok(Event::Text(text)) => {
+                    let message: Value = serde_json::from_str(&text).unwrap();
+                    assert_eq!(message["type"], "ice-candidate", "{message}");
+                    numbers.push(message["candidate"]["n"].as_u64().unwrap());
+                }
+                Ok(other) => panic!("{other:?} after {numbers:?}"),
+                Err(_) => break,
+            }
+        }
+        assert_eq!(numbers, (0..numbers.len() as u64).collect::<Vec<_>>());
+        counts.push(numbers.len());
+    }
+    assert_eq!(counts, [M as usize; 4], "each callee's count of {M}");
+    for (a, _, _) in &mut pairs {
+        assert_nothing_pending(a).await;
+    }
+}

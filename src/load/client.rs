@@ -187,9 +187,12 @@ fn accept_key(key: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(ctx.finish())
 }
 
-/// Sends one text message.
+/// Sends one text message and flushes it: unflushed, a message can stay in the TLS layer until
+/// the next send on the socket (once the task's tokio cooperative budget is spent, the TCP write
+/// returns pending and tokio-rustls keeps the encrypted record while reporting the text written).
 pub async fn send_text(ws: &mut Socket, text: &[u8]) -> Result<(), Error> {
     ws.write_frame(Frame::text(Payload::Borrowed(text))).await?;
+    ws.flush().await?;
     Ok(())
 }
 
@@ -207,7 +210,7 @@ pub async fn recv_text(ws: &mut Socket) -> Result<Vec<u8>, Error> {
 
 /// Says goodbye with close code 1000 (the ID is freed at once) and waits briefly for the echo.
 pub async fn close(mut ws: Socket) {
-    if ws.write_frame(Frame::close(1000, b"")).await.is_ok() {
+    if ws.write_frame(Frame::close(1000, b"")).await.is_ok() && ws.flush().await.is_ok() {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
             while let Ok(frame) = ws.read_frame().await {
                 if frame.opcode == OpCode::Close {

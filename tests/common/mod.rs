@@ -345,6 +345,11 @@ impl Ws {
         (ws, hello)
     }
 
+    /// Sends one text message and flushes it. Without the flush a message can stay in the TLS
+    /// layer indefinitely: once the task's tokio cooperative budget is spent (about 128 socket
+    /// operations without yielding, e.g. 4 × 50 sends in a row), the TCP write returns pending,
+    /// tokio-rustls keeps the encrypted record and reports the plaintext written, and nothing
+    /// writes it until the next send on the same socket.
     pub async fn send(&mut self, text: &str) {
         self.ws
             .write_frame(fastwebsockets::Frame::text(
@@ -352,6 +357,7 @@ impl Ws {
             ))
             .await
             .unwrap();
+        self.ws.flush().await.unwrap();
     }
 
     pub async fn send_json(&mut self, value: serde_json::Value) {

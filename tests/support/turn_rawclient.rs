@@ -168,6 +168,8 @@ impl RawClient {
                     v.resize(bytes.len().next_multiple_of(4), 0);
                 }
                 w.write_all(&v).await.unwrap();
+                // Over TLS an unflushed write can stay in the client (see `common::Ws::send`).
+                w.flush().await.unwrap();
             }
         }
     }

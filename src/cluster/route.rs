@@ -248,6 +248,12 @@ mod tests {
             None,
             Envelope::new(&crate::signaling::protocol::ServerMessage::Pong),
         ));
+        send(routes.deliver_unless_at(
+            b.id,
+            None,
+            Envelope::new(&crate::signaling::protocol::ServerMessage::Pong),
+            Some(node),
+        ));
     }
 
     /// The node's shared, instrumented connection (timeouts, `callgate_redis_*` metrics) is one

@@ -8,7 +8,8 @@
 //!   the new home, answers it with one handover message carrying what the connection held, which
 //!   the new home replays before anything newer ([`ClusterBus::hand_over`](Bus::hand_over) waits
 //!   for it). After a gap in the subscription, what was held for this node's live IDs meanwhile is
-//!   delivered.
+//!   delivered. A draining node keeps reading until its own clients are gone, then leaves the
+//!   channel cleanly (nothing Redis counted as received is dropped unread).
 //! - **leases**: every `grace / 3`, this node's live IDs' keys are renewed (one pipelined round
 //!   trip per 256 IDs); bindings Redis no longer gives to this node are closed so their clients
 //!   resume. The same pass asks, in one pipelined round trip, whether each local client's call

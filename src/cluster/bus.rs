@@ -26,10 +26,10 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
-use futures_util::StreamExt as _;
+use futures_util::{FutureExt as _, StreamExt as _};
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::Script;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::nodes::BusReaders;
@@ -811,13 +811,19 @@ where
     /// the task stops reading and Redis buffers (up to its `client-output-buffer-limit pubsub`).
     pub fn subscribe(&self, node: &NodeId, capacity: usize) -> Subscription {
         let (tx, rx) = mpsc::channel(capacity.max(1));
+        let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(keep_subscribed(
             self.client.clone(),
             node_channel(node),
             self.settings.timeout,
             tx,
+            stopped,
         ));
-        Subscription { rx, task }
+        Subscription {
+            rx,
+            task,
+            stop: Some(stop),
+        }
     }
 
     /// Runs one Redis future within the timeout; any error or a timeout is `Unavailable`.
@@ -846,12 +852,26 @@ pub struct Subscription {
     rx: mpsc::Receiver<BusEvent>,
     /// The task, aborted on drop so its connection closes.
     task: JoinHandle<()>,
+    /// Tells the task to unsubscribe ([`Subscription::unsubscribe`]).
+    stop: Option<oneshot::Sender<()>>,
 }
 
 impl Subscription {
-    /// The next event; `None` only if the task ended (it does not, short of a panic).
+    /// The next event; `None` once the task ended: after [`Subscription::unsubscribe`], when
+    /// everything Redis sent before it confirmed has been passed on (or, short of a panic, never).
     pub async fn next(&mut self) -> Option<BusEvent> {
         self.rx.recv().await
+    }
+
+    /// Leaves the channel cleanly (a draining node, once no client of its own is live): the task
+    /// sends `UNSUBSCRIBE`, passes on every message Redis sent before confirming it, and ends, so
+    /// [`next`](Self::next) yields those and then `None`. From the confirmation on, a `PUBLISH` to
+    /// this node reaches nobody and its sender holds the message in the ID's stream. Dropping the
+    /// subscription instead loses what Redis counted as received but the node never read.
+    pub fn unsubscribe(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
     }
 }
 
@@ -862,12 +882,14 @@ impl Drop for Subscription {
 }
 
 /// The subscription task: connect, subscribe, forward messages, ping every `timeout` to notice a
-/// silent break; after any break wait `timeout` and start over. Ends when the receiver is gone.
+/// silent break; after any break wait `timeout` and start over. Ends when the receiver is gone,
+/// or on `stop`: then it unsubscribes and forwards what came before Redis confirmed it.
 async fn keep_subscribed(
     client: redis::Client,
     channel: String,
     timeout: Duration,
     tx: mpsc::Sender<BusEvent>,
+    mut stop: oneshot::Receiver<()>,
 ) {
     let mut resumed = false;
     loop {
@@ -884,17 +906,24 @@ async fn keep_subscribed(
                     tokio::select! {
                         message = stream.next() => {
                             let Some(message) = message else { break };
-                            let payload = Bytes::copy_from_slice(message.get_payload_bytes());
-                            for record in Records::new(payload) {
-                                match record {
-                                    Ok(message) => {
-                                        if tx.send(BusEvent::Message(message)).await.is_err() {
-                                            return;
-                                        }
-                                    }
-                                    Err(e) => tracing::warn!(error = %e, "redis bus: skipped a message"),
+                            if !forward(&message, &tx).await {
+                                return;
+                            }
+                        }
+                        _ = &mut stop => {
+                            // Leaving. Redis answers UNSUBSCRIBE after every message it sent
+                            // before, and the connection hands those to the stream before the
+                            // answer: all of them are there now.
+                            let left = tokio::time::timeout(timeout, sink.unsubscribe(&channel)).await;
+                            if !matches!(left, Ok(Ok(()))) {
+                                tracing::warn!(%channel, "redis bus: UNSUBSCRIBE not confirmed; messages sent to this node just now may be lost");
+                            }
+                            while let Some(Some(message)) = stream.next().now_or_never() {
+                                if !forward(&message, &tx).await {
+                                    return;
                                 }
                             }
+                            return;
                         }
                         _ = ping.tick() => {
                             let pong = tokio::time::timeout(timeout, sink.ping::<redis::Value>()).await;
@@ -913,8 +942,26 @@ async fn keep_subscribed(
         tokio::select! {
             () = tokio::time::sleep(timeout) => {}
             () = tx.closed() => return,
+            // Not subscribed: nothing to pass on.
+            _ = &mut stop => return,
         }
     }
+}
+
+/// Passes the records of one payload to the inbox; `false` if the inbox is gone.
+async fn forward(message: &redis::Msg, tx: &mpsc::Sender<BusEvent>) -> bool {
+    let payload = Bytes::copy_from_slice(message.get_payload_bytes());
+    for record in Records::new(payload) {
+        match record {
+            Ok(message) => {
+                if tx.send(BusEvent::Message(message)).await.is_err() {
+                    return false;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "redis bus: skipped a message"),
+        }
+    }
+    true
 }
 
 /// One connection, subscribed.

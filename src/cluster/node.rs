@@ -8,7 +8,8 @@
 //!   the new home, answers it with one handover message carrying what the connection held, which
 //!   the new home replays before anything newer ([`ClusterBus::hand_over`](Bus::hand_over) waits
 //!   for it). After a gap in the subscription, what was held for this node's live IDs meanwhile is
-//!   delivered.
+//!   delivered. A draining node keeps reading until its own clients are gone, then leaves the
+//!   channel cleanly (nothing Redis counted as received is dropped unread).
 //! - **leases**: every `grace / 3`, this node's live IDs' keys are renewed (one pipelined round
 //!   trip per 256 IDs); bindings Redis no longer gives to this node are closed so their clients
 //!   resume. The same pass asks, in one pipelined round trip, whether each local client's call
@@ -74,6 +75,12 @@ const HANDOVER_WAIT: Duration = Duration::from_secs(2);
 
 /// Events waiting between the subscription task and the inbox.
 const INBOX_CAPACITY: usize = 1024;
+
+/// While draining, how often the inbox looks whether any ID is still live here (a cheap look at
+/// the node's own table), and the longest it stays subscribed after the shutdown signal.
+const INBOX_DRAIN_CHECK: Duration = Duration::from_millis(20);
+/// See [`INBOX_DRAIN_CHECK`]: well under the shutdown timeout, well over closing every client.
+const INBOX_DRAIN_MAX: Duration = Duration::from_secs(5);
 
 /// `callgate_cluster_messages_total{direction}`: messages between nodes; and what the node still
 /// has to settle with Redis after an outage.
@@ -200,6 +207,27 @@ where
             route::BusDelivery::Dropped(reason) => BusDelivery::Dropped(reason),
             route::BusDelivery::Unavailable => BusDelivery::Unavailable,
         }
+    }
+
+    async fn send_unless_here(
+        &self,
+        to: ClientId,
+        envelope: Envelope,
+    ) -> Result<BusDelivery, Envelope> {
+        let delivery = self
+            .routes
+            .deliver_unless_at(to, None, envelope, Some(&self.node))
+            .await?;
+        Ok(match delivery {
+            route::BusDelivery::Delivered => {
+                self.metrics.sent.inc();
+                BusDelivery::Delivered
+            }
+            route::BusDelivery::Held => BusDelivery::Held,
+            route::BusDelivery::NoSuchClient => BusDelivery::NoSuchClient,
+            route::BusDelivery::Dropped(reason) => BusDelivery::Dropped(reason),
+            route::BusDelivery::Unavailable => BusDelivery::Unavailable,
+        })
     }
 
     fn holds_reserved(&self) -> bool {
@@ -372,11 +400,36 @@ pub fn spawn(router: Arc<NodeRouter>, shutdown: &Shutdown) {
     tokio::spawn(orphans(router, shutdown.clone()));
 }
 
-/// Receives this node's messages until shutdown.
+/// Receives this node's messages until it has left its channel at shutdown.
+///
+/// A draining node keeps reading while it closes its clients (1001): what other nodes published
+/// to it meanwhile — Redis counted it received — is held in each ID's stream for its resume, or
+/// sent on to where it resumed. Once no ID is live here and no dropped client's log is still
+/// being moved to its held stream (or after [`INBOX_DRAIN_MAX`]) the
+/// subscription leaves the channel cleanly, everything Redis sent before that is handled, and
+/// only then does the inbox end; from then on senders find no subscriber and hold the messages
+/// themselves. (Before, the inbox ended at the signal and what was in flight to it was lost.)
 async fn inbox(router: Arc<NodeRouter>, mut subscription: Subscription, mut shutdown: Shutdown) {
+    let mut draining: Option<Instant> = None;
+    let mut unsubscribed = false;
+    let mut check = tokio::time::interval(INBOX_DRAIN_CHECK);
     loop {
         let event = tokio::select! {
-            _ = shutdown.recv() => return,
+            _ = shutdown.recv(), if draining.is_none() => {
+                draining = Some(Instant::now());
+                continue;
+            }
+            _ = check.tick(), if draining.is_some() && !unsubscribed => {
+                let since = draining.map_or(Duration::ZERO, |at| at.elapsed());
+                let settled = router.hub().registry().live().is_empty()
+                    && router.flushes_in_progress() == 0;
+                if settled || since >= INBOX_DRAIN_MAX {
+                    tracing::debug!(?since, "cluster inbox leaving its channel");
+                    subscription.unsubscribe();
+                    unsubscribed = true;
+                }
+                continue;
+            }
             event = subscription.next() => event,
         };
         match event {
@@ -562,6 +615,8 @@ async fn deliver_here(router: &NodeRouter, to: ClientId, epoch: Option<u64>, env
     let Err(envelope) = router.deliver_from_bus(to, epoch, envelope, now).await else {
         return;
     };
+    // Just dropped here: held after what its log still held.
+    router.wait_flushed(to).await;
     let routes = router.bus().routes();
     routes.forget(to);
     let origin = envelope.origin();

@@ -98,38 +98,57 @@ where
         call: Option<CallState>,
         envelope: Envelope,
     ) -> BusDelivery {
+        match self.deliver_unless_at(to, call, envelope, None).await {
+            Ok(delivery) => delivery,
+            Err(_) => unreachable!("no node to stop at"),
+        }
+    }
+
+    /// Like [`Routes::deliver`], but when `to` is live on `here` (this node: the ID resumed here
+    /// while the message chased it) the envelope comes back instead of being published to this
+    /// node's own inbox, for the caller to deliver here in order.
+    pub async fn deliver_unless_at(
+        &self,
+        to: ClientId,
+        call: Option<CallState>,
+        envelope: Envelope,
+        here: Option<&NodeId>,
+    ) -> Result<BusDelivery, Envelope> {
         let mut message = BusMessage::new(to, None, call, envelope);
         for _ in 0..ATTEMPTS {
             let route = match self.cached(to) {
                 Some(route) => route,
                 None => match self.registry.locate(to).await {
                     Ok(Some(at)) => self.remember(to, at.node, at.epoch, at.live),
-                    Ok(None) => return BusDelivery::NoSuchClient,
-                    Err(_) => return BusDelivery::Unavailable,
+                    Ok(None) => return Ok(BusDelivery::NoSuchClient),
+                    Err(_) => return Ok(BusDelivery::Unavailable),
                 },
             };
             message.epoch = Some(route.epoch);
+            if route.live && here == Some(&route.node) {
+                return Err(message.into_envelope());
+            }
             if route.live {
                 match self.bus.send(&route.node, &message).await {
-                    Ok(true) => return BusDelivery::Delivered,
+                    Ok(true) => return Ok(BusDelivery::Delivered),
                     // The node is gone or between reconnects: hold, if the ID is still there.
                     Ok(false) => {}
-                    Err(_) => return BusDelivery::Unavailable,
+                    Err(_) => return Ok(BusDelivery::Unavailable),
                 }
             }
             match self.bus.hold(&message).await {
-                Ok(Hold::Held) => return BusDelivery::Held,
+                Ok(Hold::Held) => return Ok(BusDelivery::Held),
                 Ok(Hold::NoSuchClient) => {
                     self.forget(to);
-                    return BusDelivery::NoSuchClient;
+                    return Ok(BusDelivery::NoSuchClient);
                 }
                 Ok(Hold::Moved) => self.forget(to),
-                Ok(Hold::Dropped(reason)) => return BusDelivery::Dropped(reason),
-                Err(_) => return BusDelivery::Unavailable,
+                Ok(Hold::Dropped(reason)) => return Ok(BusDelivery::Dropped(reason)),
+                Err(_) => return Ok(BusDelivery::Unavailable),
             }
         }
         tracing::debug!(%to, "an ID kept moving while a message chased it");
-        BusDelivery::Unavailable
+        Ok(BusDelivery::Unavailable)
     }
 
     /// The bus underneath (publishing, holding, subscribing).
@@ -228,6 +247,12 @@ mod tests {
             b.id,
             None,
             Envelope::new(&crate::signaling::protocol::ServerMessage::Pong),
+        ));
+        send(routes.deliver_unless_at(
+            b.id,
+            None,
+            Envelope::new(&crate::signaling::protocol::ServerMessage::Pong),
+            Some(node),
         ));
     }
 

@@ -61,6 +61,18 @@ pub trait Bus: Send + Sync + 'static {
     /// Sends `envelope` to whichever node holds `to`.
     fn send(&self, to: ClientId, envelope: Envelope) -> impl Future<Output = BusDelivery> + Send;
 
+    /// Like [`Bus::send`], but gives `envelope` back when `to` turns out to be held live by this
+    /// very node (it resumed here while the message chased it), for the caller to deliver here:
+    /// sent through the bus to itself it could be overtaken by the sender's next message,
+    /// delivered here directly.
+    fn send_unless_here(
+        &self,
+        to: ClientId,
+        envelope: Envelope,
+    ) -> impl Future<Output = Result<BusDelivery, Envelope>> + Send {
+        async move { Ok(self.send(to, envelope).await) }
+    }
+
     /// Whether messages for an ID reserved on this node go through the bus too (a cluster: into
     /// the one durable held place every node's resume reads), rather than into the local log.
     fn holds_reserved(&self) -> bool {

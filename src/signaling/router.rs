@@ -8,7 +8,11 @@
 //! and a recipient too slow to take it is detached (its ID reserved) in both the local table and
 //! the registry.
 
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
+
+use tokio::sync::watch;
 
 use super::bus::{Bus, BusDelivery, Handover, Held, NoBus};
 use super::connections::{
@@ -33,6 +37,60 @@ pub struct Router<R = MemoryRegistry, B = NoBus, O = OutboxSender> {
     connections: Connections<O>,
     /// Delivery to IDs held elsewhere.
     bus: B,
+    /// IDs whose log is being moved to the bus right now (see [`Flushes`]).
+    flushes: Flushes,
+}
+
+/// Longest a message waits for the flush of its recipient's log (a flush is one held-stream
+/// write per message, each within the bus's 1 s timeout).
+const FLUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The IDs whose log a flush is moving to the bus's held place, one message after another. A
+/// message for such an ID that would be held too (from another node's inbox, or a local sender)
+/// waits until the flush is done, so it is held after the log it is newer than: without this, a
+/// candidate that arrived while a dropped client's last messages were being moved overtook
+/// them (a resume delivered 19 before 18).
+#[derive(Default)]
+struct Flushes {
+    /// One entry per flush in progress; its sender is dropped when the flush ends.
+    ids: Mutex<HashMap<ClientId, watch::Receiver<()>>>,
+}
+
+impl Flushes {
+    /// Marks `id` as flushing until the returned guard is dropped.
+    fn start(&self, id: ClientId) -> watch::Sender<()> {
+        let (done, rx) = watch::channel(());
+        self.lock().insert(id, rx);
+        done
+    }
+
+    /// Ends `id`'s flush (`done` is the guard [`Flushes::start`] returned).
+    fn end(&self, id: ClientId, done: watch::Sender<()>) {
+        self.lock().remove(&id);
+        drop(done);
+    }
+
+    /// Waits for the flush of `id`'s log, if one is in progress, at most [`FLUSH_WAIT`] (two
+    /// flushes that each tell the other's client something must not wait for each other for
+    /// ever; past the bound the message is held as before, possibly ahead of the log).
+    async fn wait(&self, id: ClientId) {
+        let rx = self.lock().get(&id).cloned();
+        if let Some(mut rx) = rx {
+            // Err once the flush's sender is dropped: the flush is done.
+            let done = async { while rx.changed().await.is_ok() {} };
+            let _ = tokio::time::timeout(FLUSH_WAIT, done).await;
+        }
+    }
+
+    /// How many flushes are in progress.
+    fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// The map; a panic elsewhere while holding it leaves nothing half-written.
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ClientId, watch::Receiver<()>>> {
+        self.ids.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 impl<O: Outbox> Router<MemoryRegistry, NoBus, O> {
@@ -49,6 +107,7 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
             connections: Connections::new(hub.limits()),
             hub,
             bus,
+            flushes: Flushes::default(),
         }
     }
 
@@ -190,14 +249,27 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
         let binding = conn.binding();
         let registry = self.hub.registry();
         let gone = match departure {
-            Departure::Dropped => match self.connections.detach(binding, now) {
-                Ok(Detached::Reserved) => {
+            // In a cluster the ID's log moves to the bus: marked before the local table calls
+            // the ID reserved, so no message for it is held before the log (see `Flushes`).
+            Departure::Dropped => match (
+                self.bus
+                    .holds_reserved()
+                    .then(|| self.flushes.start(binding.id)),
+                self.connections.detach(binding, now),
+            ) {
+                (flushing, Ok(Detached::Reserved)) => {
                     let grace = self.connections.grace();
                     let _ = registry.detach(binding, now, grace).await;
-                    self.flush(binding, now).await;
+                    self.flush_marked(binding, now).await;
+                    if let Some(done) = flushing {
+                        self.flushes.end(binding.id, done);
+                    }
                     None
                 }
-                Ok(Detached::Freed(lost)) => {
+                (flushing, Ok(Detached::Freed(lost))) => {
+                    if let Some(done) = flushing {
+                        self.flushes.end(binding.id, done);
+                    }
                     tracing::debug!(client = %binding.id, "address holds its share of reservations; ID freed");
                     registry
                         .release(binding)
@@ -206,7 +278,12 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
                         .map(|freed| (freed, lost))
                 }
                 // Detached already (too slow), or taken over by a resume.
-                Err(Stale) => None,
+                (flushing, Err(Stale)) => {
+                    if let Some(done) = flushing {
+                        self.flushes.end(binding.id, done);
+                    }
+                    None
+                }
             },
             Departure::Left => match registry.release(binding).await {
                 Ok(freed) => {
@@ -276,6 +353,16 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
         if !self.bus.holds_reserved() {
             return;
         }
+        let done = self.flushes.start(binding.id);
+        self.flush_marked(binding, now).await;
+        self.flushes.end(binding.id, done);
+    }
+
+    /// [`Router::flush`], for a caller that marked the flush in [`Flushes`] already.
+    async fn flush_marked(&self, binding: Binding, now: Instant) {
+        if !self.bus.holds_reserved() {
+            return;
+        }
         let mut outcome = Outcome::default();
         let taken = self.connections.take_log(binding);
         if let Some(missed) = taken.missed {
@@ -291,6 +378,17 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
                 Box::pin(self.deliver_or_tell(to, envelope, now, &mut outcome)).await;
             }
         }
+    }
+
+    /// Waits until the log of `to` (reserved here just now) is in the bus's held place, so a
+    /// message for it held after this comes after that log. At once if no flush is in progress.
+    pub async fn wait_flushed(&self, to: ClientId) {
+        self.flushes.wait(to).await;
+    }
+
+    /// How many reserved IDs' logs are being moved to the bus right now.
+    pub fn flushes_in_progress(&self) -> usize {
+        self.flushes.len()
     }
 
     /// A message from another node for `to`, routed by `epoch`: delivered if a connection here
@@ -774,14 +872,30 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
                 }
                 self.hub.undelivered(to, reason, origin)
             }
-            // Not held here: another node's, or nobody's.
-            Err(envelope) => match self.bus.send(to, envelope).await {
-                BusDelivery::Delivered | BusDelivery::Held | BusDelivery::NoSuchClient => None,
-                BusDelivery::Dropped(reason) => self.hub.undelivered(to, reason, origin),
-                BusDelivery::Unavailable => {
-                    self.hub.undelivered(to, DropReason::ServerBusy, origin)
+            // Not held here: another node's, or nobody's (or reserved here: held after what
+            // its log still holds).
+            Err(envelope) => {
+                self.flushes.wait(to).await;
+                let sent = match self.bus.send_unless_here(to, envelope).await {
+                    Ok(sent) => sent,
+                    // It resumed here while the message chased it: delivered here, where the
+                    // sender's next message goes too, not through this node's own inbox.
+                    Err(envelope) => match self.deliver_local(to, envelope, now) {
+                        Ok(local) => {
+                            return Box::pin(self.settle(to, origin, Ok(local), now, outcome))
+                                .await;
+                        }
+                        Err(envelope) => self.bus.send(to, envelope).await,
+                    },
+                };
+                match sent {
+                    BusDelivery::Delivered | BusDelivery::Held | BusDelivery::NoSuchClient => None,
+                    BusDelivery::Dropped(reason) => self.hub.undelivered(to, reason, origin),
+                    BusDelivery::Unavailable => {
+                        self.hub.undelivered(to, DropReason::ServerBusy, origin)
+                    }
                 }
-            },
+            }
         }
     }
 }
@@ -971,6 +1085,114 @@ mod tests {
         assert_eq!(got[2]["candidate"]["candidate"], "c2");
         assert_eq!(got[2]["seq"], 4);
         assert!(router.bus().held.lock().unwrap().is_empty());
+    }
+
+    /// A cluster bus that holds what it is sent, in order, and makes the first send (a flush's
+    /// first message) wait until `gate` opens.
+    struct GatedBus {
+        held: std::sync::Mutex<Vec<String>>,
+        sends: std::sync::atomic::AtomicUsize,
+        /// Two permits once the first send waits (one for each future watching for it).
+        started: tokio::sync::Semaphore,
+        gate: tokio::sync::Semaphore,
+    }
+
+    impl Default for GatedBus {
+        fn default() -> Self {
+            Self {
+                held: std::sync::Mutex::default(),
+                sends: std::sync::atomic::AtomicUsize::new(0),
+                started: tokio::sync::Semaphore::new(0),
+                gate: tokio::sync::Semaphore::new(0),
+            }
+        }
+    }
+
+    impl Bus for GatedBus {
+        async fn send(&self, _to: ClientId, envelope: Envelope) -> BusDelivery {
+            let first = self
+                .sends
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                == 0;
+            let text = String::from_utf8_lossy(envelope.unsealed().0.json()).into_owned();
+            if first {
+                self.started.add_permits(2);
+                let _permit = self.gate.acquire().await.unwrap();
+            }
+            self.held.lock().unwrap().push(text);
+            BusDelivery::Held
+        }
+
+        fn holds_reserved(&self) -> bool {
+            true
+        }
+    }
+
+    /// In a cluster, a dropped client's unacknowledged messages move to the held place one by
+    /// one; a message for it that arrives meanwhile is held after them, not in between (a resume
+    /// replays the held place in order). Before, it was held at once and a resume delivered it
+    /// ahead of older ones (seen across a drain as candidate 19 before 18).
+    #[tokio::test]
+    async fn a_message_for_a_client_whose_log_is_being_moved_is_held_after_that_log() {
+        let limits = SignalingLimits::default();
+        let hub = Hub::new(MemoryRegistry::new(&limits), NodeId::local(), limits);
+        let router: Router<MemoryRegistry, GatedBus, TestOutbox> =
+            Router::new(hub, GatedBus::default());
+        let now = Instant::now();
+        let (a_out, b_out) = (TestOutbox::with_capacity(64), TestOutbox::with_capacity(64));
+        let mut a = ready(router.connect(a_out.clone(), None, now)).unwrap();
+        let acks = Joining {
+            address: None,
+            acks: true,
+        };
+        let b = ready(router.join(b_out.clone(), None, acks, now)).unwrap();
+        let b_id = b.id();
+        let candidate = |n: u32| {
+            format!(
+                r#"{{"type":"ice-candidate","clientId":{b_id},"candidate":{{"candidate":"c{n}"}}}}"#
+            )
+        };
+        let frame = offer(a.id(), b_id);
+        let _ = router.handle_text(&mut a, frame.as_bytes(), now).await;
+        let _ = router
+            .handle_text(&mut a, candidate(1).as_bytes(), now)
+            .await;
+        assert_eq!(
+            b_out.take().len(),
+            3,
+            "id, offer and c1 sent, none acknowledged"
+        );
+
+        // b drops: its log (offer, c1) moves to the bus, the first send held at the gate. While
+        // it waits, a sends c2; only then does the gate open.
+        let drop_b = router.disconnect(b, super::super::hub::Departure::Dropped, now);
+        let send_c2 = async {
+            router.bus().started.acquire().await.unwrap().forget();
+            let _ = router
+                .handle_text(&mut a, candidate(2).as_bytes(), now)
+                .await;
+        };
+        let open = async {
+            router.bus().started.acquire().await.unwrap().forget();
+            // Everything else runs as far as it can before the flush goes on.
+            for _ in 0..20 {
+                tokio::task::yield_now().await;
+            }
+            router.bus().gate.add_permits(1);
+        };
+        tokio::join!(drop_b, send_c2, open);
+
+        let held = router.bus().held.lock().unwrap().clone();
+        let kinds: Vec<String> = held
+            .iter()
+            .map(|text| {
+                let v: serde_json::Value = serde_json::from_str(text).unwrap();
+                v["candidate"]["candidate"]
+                    .as_str()
+                    .map_or_else(|| v["type"].as_str().unwrap().to_owned(), str::to_owned)
+            })
+            .collect();
+        assert_eq!(kinds, ["video-answer-request", "c1", "c2"]);
     }
 
     /// A cluster bus whose held place cannot be read (Redis times out).

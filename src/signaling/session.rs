@@ -44,15 +44,21 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// Runs sessions whatever the node's registry and bus are, so the HTTP layer and the server hold one
 /// type (`Arc<dyn SessionRunner>`) for a single node and for a cluster node alike.
 pub trait SessionRunner: Send + Sync + std::fmt::Debug + 'static {
-    /// Runs one upgraded connection to its end; see [`Sessions::run`].
-    fn start(
+    /// Runs one upgraded connection to its end in a task of its own (see [`Sessions::run`]),
+    /// holding `hold` (the HTTP connection's slots under its caps) until then.
+    ///
+    /// The task is spawned here, where the session future's type is known, so it is one
+    /// allocation for the connection's life: a future boxed for the caller and awaited in the
+    /// caller's task cost a second one (≈ 350 B per idle connection).
+    fn spawn(
         self: Arc<Self>,
         io: Stream,
         ip: IpAddr,
         joining: Joining,
         ice: Option<IceServersFor>,
         shutdown: Shutdown,
-    ) -> BoxFuture<'static, ()>;
+        hold: Arc<dyn std::any::Any + Send + Sync>,
+    );
 
     /// Ends the reservations due at `now`; returns the next deadline (see [`Router::expire`]).
     fn expire(&self, now: Instant) -> BoxFuture<'_, Option<Instant>>;
@@ -62,15 +68,19 @@ pub trait SessionRunner: Send + Sync + std::fmt::Debug + 'static {
 }
 
 impl<R: Registry, B: Bus> SessionRunner for Sessions<R, B> {
-    fn start(
+    fn spawn(
         self: Arc<Self>,
         io: Stream,
         ip: IpAddr,
         joining: Joining,
         ice: Option<IceServersFor>,
         shutdown: Shutdown,
-    ) -> BoxFuture<'static, ()> {
-        Box::pin(self.run(io, ip, joining, ice, shutdown))
+        hold: Arc<dyn std::any::Any + Send + Sync>,
+    ) {
+        tokio::spawn(async move {
+            self.run(io, ip, joining, ice, shutdown).await;
+            drop(hold);
+        });
     }
 
     fn expire(&self, now: Instant) -> BoxFuture<'_, Option<Instant>> {

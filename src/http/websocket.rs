@@ -119,19 +119,15 @@ impl WebSocketEndpoint {
             address: Some(IpKey::of(ip)),
             acks: wants_seq(req.uri().query()),
         };
-        let this = self.clone();
+        let sessions = self.sessions.clone();
+        // This task ends once the upgrade is done: the session runs in a task of its own, so an
+        // idle connection holds one task, not this one too.
         tokio::spawn(async move {
             match upgrade.await {
                 // fastwebsockets only did the handshake; frames are read and written in `wire`.
-                Ok(ws) => {
-                    let sessions = this.sessions.clone();
-                    sessions
-                        .start(ws.into_inner(), ip, joining, ice, shutdown)
-                        .await;
-                    // The HTTP connection's accounting (open connections, per-address slot)
-                    // lasts as long as the session.
-                    drop(conn);
-                }
+                // The HTTP connection's accounting (open connections, per-address slot) lasts
+                // as long as the session: it holds `conn`.
+                Ok(ws) => sessions.spawn(ws.into_inner(), ip, joining, ice, shutdown, conn),
                 Err(e) => tracing::debug!("WebSocket upgrade did not complete: {e}"),
             }
         });

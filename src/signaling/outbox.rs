@@ -79,6 +79,7 @@ pub fn bounded(limits: OutboxLimits) -> (OutboxSender, OutboxReceiver) {
             waker: None,
             sender_gone: false,
             receiver_gone: false,
+            reused: false,
         }),
         limits,
     });
@@ -126,6 +127,10 @@ struct State {
     sender_gone: bool,
     /// The receiver was dropped: frames pushed now would never be sent.
     receiver_gone: bool,
+    /// A frame has been taken since the queue first emptied: from then on a small emptied queue
+    /// keeps its memory (a connection in use will get more frames), before that it lets go of it
+    /// (after its `id` message, an idle connection may get nothing for hours).
+    reused: bool,
 }
 
 impl Shared {
@@ -245,15 +250,23 @@ impl Drop for OutboxReceiver {
     }
 }
 
-/// Takes the oldest frame; the queue's memory goes back once it is empty, unless it is small.
+/// Takes the oldest frame; the queue's memory goes back once it is empty, unless it is small and
+/// the queue is in use (it emptied once before).
+///
+/// The first time the queue empties it always lets go: an idle connection has been sent its `id`
+/// and then nothing, and would otherwise keep 4 slots (160 B) for nothing. A queue that fills
+/// again keeps its small allocation, so the relay path allocates no more than before.
 fn pop(state: &mut State, limits: &OutboxLimits) -> Option<ServerFrame> {
     let frame = state.frames.pop_front()?;
     state.bytes -= frame.len();
     if let Some(budget) = &limits.budget {
         budget.used.fetch_sub(frame.len(), Ordering::Relaxed);
     }
-    if state.frames.is_empty() && state.frames.capacity() > 4 {
-        state.frames = VecDeque::new();
+    if state.frames.is_empty() {
+        if state.frames.capacity() > 4 || !state.reused {
+            state.frames = VecDeque::new();
+        }
+        state.reused = true;
     }
     Some(frame)
 }
@@ -376,6 +389,20 @@ mod tests {
         // Dropping the slow receiver gives its bytes back.
         drop(slow_rx);
         assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn a_queue_emptied_the_first_time_holds_no_memory_then_keeps_a_small_one() {
+        let (tx, mut rx) = channel(128);
+        // The `id` message, then silence: an idle connection keeps no queue.
+        tx.try_push(f(Bytes::from_static(b"id"))).unwrap();
+        rx.try_recv().unwrap();
+        assert_eq!(tx.shared.lock().frames.capacity(), 0);
+        // A connection in use keeps its few slots between messages.
+        tx.try_push(f(Bytes::from_static(b"offer"))).unwrap();
+        rx.try_recv().unwrap();
+        assert!(tx.shared.lock().frames.capacity() > 0);
+        assert!(tx.shared.lock().frames.capacity() <= 4);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! | `connections.rs` | what this node holds per ID: live outboxes, delivery logs, reservation deadlines, per-address counts |
 //! | `bus.rs` | delivery to IDs held by other nodes (`NoBus` on a single node) |
 //! | `router.rs` | applies the hub's effects: local IDs through `connections`, others through `bus` |
+//! | `flushes.rs` | which IDs' logs are being moved to the bus, and the bounded (timed) wait for one |
 //! | `delivery.rs` | what each ID is owed: sequence numbers, messages held until acknowledged |
 //! | `outbox.rs` | a connection's bounded queue of frames to send, filled by the router |
 //! | `session.rs` | one upgraded WebSocket: the session loop, heartbeat, size and rate limits |
@@ -25,6 +26,7 @@ use std::time::Duration;
 pub mod bus;
 pub mod connections;
 pub mod delivery;
+pub mod flushes;
 pub mod hub;
 pub mod observer;
 pub mod outbox;

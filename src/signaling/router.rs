@@ -8,17 +8,14 @@
 //! and a recipient too slow to take it is detached (its ID reserved) in both the local table and
 //! the registry.
 
-use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
-
-use tokio::sync::watch;
 
 use super::bus::{Bus, BusDelivery, Handover, Held, NoBus};
 use super::connections::{
     AckError, Connections, Delivery, Detached, Finished, Joining, Outbox, Removed, Taken,
 };
 use super::delivery::{Envelope, Origin};
+use super::flushes::Flushes;
 use super::hub::{
     id_frame, replaced_frame, resumed_id_frame, AckRefusal, Attachment, CallObserver, ConnectError,
     Departure, Effect, Effects, Hub, IceServersFor, Outcome, Resumption,
@@ -39,58 +36,6 @@ pub struct Router<R = MemoryRegistry, B = NoBus, O = OutboxSender> {
     bus: B,
     /// IDs whose log is being moved to the bus right now (see [`Flushes`]).
     flushes: Flushes,
-}
-
-/// Longest a message waits for the flush of its recipient's log (a flush is one held-stream
-/// write per message, each within the bus's 1 s timeout).
-const FLUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// The IDs whose log a flush is moving to the bus's held place, one message after another. A
-/// message for such an ID that would be held too (from another node's inbox, or a local sender)
-/// waits until the flush is done, so it is held after the log it is newer than: without this, a
-/// candidate that arrived while a dropped client's last messages were being moved overtook
-/// them (a resume delivered 19 before 18).
-#[derive(Default)]
-struct Flushes {
-    /// One entry per flush in progress; its sender is dropped when the flush ends.
-    ids: Mutex<HashMap<ClientId, watch::Receiver<()>>>,
-}
-
-impl Flushes {
-    /// Marks `id` as flushing until the returned guard is dropped.
-    fn start(&self, id: ClientId) -> watch::Sender<()> {
-        let (done, rx) = watch::channel(());
-        self.lock().insert(id, rx);
-        done
-    }
-
-    /// Ends `id`'s flush (`done` is the guard [`Flushes::start`] returned).
-    fn end(&self, id: ClientId, done: watch::Sender<()>) {
-        self.lock().remove(&id);
-        drop(done);
-    }
-
-    /// Waits for the flush of `id`'s log, if one is in progress, at most [`FLUSH_WAIT`] (two
-    /// flushes that each tell the other's client something must not wait for each other for
-    /// ever; past the bound the message is held as before, possibly ahead of the log).
-    async fn wait(&self, id: ClientId) {
-        let rx = self.lock().get(&id).cloned();
-        if let Some(mut rx) = rx {
-            // Err once the flush's sender is dropped: the flush is done.
-            let done = async { while rx.changed().await.is_ok() {} };
-            let _ = tokio::time::timeout(FLUSH_WAIT, done).await;
-        }
-    }
-
-    /// How many flushes are in progress.
-    fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    /// The map; a panic elsewhere while holding it leaves nothing half-written.
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ClientId, watch::Receiver<()>>> {
-        self.ids.lock().unwrap_or_else(PoisonError::into_inner)
-    }
 }
 
 impl<O: Outbox> Router<MemoryRegistry, NoBus, O> {

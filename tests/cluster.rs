@@ -542,3 +542,73 @@ async fn membership_works_as_the_restricted_acl_user() {
         assert_eq!(node.log_count("NOPERM"), 0, "{}", node.log_text());
     }
 }
+
+/// Sends one plain HTTP/1.1 request to `addr` and returns the whole response.
+async fn plain_get(addr: SocketAddr, host: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        stream.read_to_string(&mut response),
+    )
+    .await
+    .expect("the redirect answered within 10 s")
+    .unwrap();
+    response
+}
+
+#[tokio::test]
+async fn haproxy_from_ops_forwards_port_80_so_either_node_redirects_to_the_public_https_url() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let cluster = Cluster::new(redis.url());
+    let flags = [
+        "--proxy-protocol-from",
+        "127.0.0.2",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--public-url",
+        "https://call.example.test",
+    ];
+    let a = cluster.start("node-a", &flags).await;
+    let b = cluster.start("node-b", &flags).await;
+    let http_nodes = [
+        a.http.expect("node-a listens for HTTP"),
+        b.http.expect("node-b listens for HTTP"),
+    ];
+    let Some(balancer) = Haproxy::start_with_http(
+        &[a.https, b.https],
+        &http_nodes,
+        "127.0.0.2".parse().unwrap(),
+    ) else {
+        return;
+    };
+    // roundrobin spreads the requests over the nodes; each arrives with the PROXY header (a
+    // node refuses a trusted balancer's connection without one) and is answered with the
+    // public URL, not the node's own port.
+    for _ in 0..4 {
+        let response = plain_get(balancer.http_addr, "call.example.test", "/?call=123456789").await;
+        assert!(response.starts_with("HTTP/1.1 308"), "{response}");
+        assert!(
+            response
+                .to_ascii_lowercase()
+                .contains("location: https://call.example.test/?call=123456789"),
+            "{response}"
+        );
+    }
+    // The port-80 health check (GET /healthz with its own PROXY header) sees a dead node.
+    let mut a = a;
+    a.kill();
+    balancer.wait_for_log("callgate_nodes_http/node1 is DOWN", Duration::from_secs(10));
+    let response = plain_get(balancer.http_addr, "call.example.test", "/").await;
+    assert!(response.starts_with("HTTP/1.1 308"), "{response}");
+    drop(b);
+}

@@ -1,7 +1,7 @@
 //! A real HAProxy for tests, configured from the shipped `ops/haproxy/haproxy.cfg`.
 //!
 //! The harness keeps every option of the shipped file and changes only what must differ on a
-//! test machine: the `bind` address (a free loopback port), the `server` lines (one per test
+//! test machine: the `bind` addresses (free loopback ports), the `server` lines (one per test
 //! node, each connecting from `source` so that only HAProxy's connections are trusted for the
 //! PROXY header), and the process settings of `global` (no chroot, no user switch, log to
 //! stderr, `maxconn` within an unprivileged file limit). Started with `-db` (foreground), stopped by PID on drop. Without haproxy installed
@@ -20,6 +20,8 @@ pub struct Haproxy {
     child: Child,
     /// The frontend address clients connect to.
     pub addr: SocketAddr,
+    /// The port-80 frontend's address (plain HTTP: redirects and ACME HTTP-01).
+    pub http_addr: SocketAddr,
     /// Its stderr, line by line (server state changes: "Server callgate_nodes/node1 is DOWN").
     lines: mpsc::Receiver<String>,
     /// Holds the generated config.
@@ -32,6 +34,16 @@ impl Haproxy {
         Self::start_balanced(nodes, source, None)
     }
 
+    /// Like [`Haproxy::start`], with the port-80 frontend forwarding to `http_nodes` (the
+    /// nodes' plain-HTTP listeners) on [`Haproxy::http_addr`].
+    pub fn start_with_http(
+        nodes: &[SocketAddr],
+        http_nodes: &[SocketAddr],
+        source: IpAddr,
+    ) -> Option<Haproxy> {
+        Self::start_full(nodes, http_nodes, source, None)
+    }
+
     /// Like [`Haproxy::start`], with the backend's `balance` algorithm replaced when `balance` is
     /// given: `Some("first")` sends every connection to the first live node, so a test knows
     /// where a client lands (and where it lands once that node is gone) without counting the
@@ -41,20 +53,32 @@ impl Haproxy {
         source: IpAddr,
         balance: Option<&str>,
     ) -> Option<Haproxy> {
+        Self::start_full(nodes, &[], source, balance)
+    }
+
+    fn start_full(
+        nodes: &[SocketAddr],
+        http_nodes: &[SocketAddr],
+        source: IpAddr,
+        balance: Option<&str>,
+    ) -> Option<Haproxy> {
         if !tool_present() {
             return None;
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let free = || {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            SocketAddr::from(([127, 0, 0, 1], port))
+        };
+        let (addr, http_addr) = (free(), free());
         let template = std::fs::read_to_string(
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("ops/haproxy/haproxy.cfg"),
         )
         .unwrap();
-        let mut config = for_test(&template, addr, nodes, source);
+        let mut config = for_test(&template, addr, http_addr, nodes, http_nodes, source);
         if let Some(algorithm) = balance {
             config = config
                 .lines()
@@ -106,6 +130,7 @@ impl Haproxy {
         Some(Haproxy {
             child,
             addr,
+            http_addr,
             lines,
             _dir: dir,
         })
@@ -133,11 +158,27 @@ impl Drop for Haproxy {
 }
 
 /// The shipped config with test addresses; every other line kept as it is.
-pub fn for_test(template: &str, bind: SocketAddr, nodes: &[SocketAddr], source: IpAddr) -> String {
+///
+/// The HTTPS frontend binds `bind` and its backend's `server` lines become `nodes`; the port-80
+/// frontend (the one whose name ends in `_http`) binds `http_bind` and its backend's `server`
+/// lines become `http_nodes` (none: a backend without servers, which answers nothing).
+pub fn for_test(
+    template: &str,
+    bind: SocketAddr,
+    http_bind: SocketAddr,
+    nodes: &[SocketAddr],
+    http_nodes: &[SocketAddr],
+    source: IpAddr,
+) -> String {
     let mut out = String::new();
-    let mut servers_written = false;
+    let mut section = String::new();
+    let mut written: Vec<String> = Vec::new();
     for line in template.lines() {
         let words: Vec<&str> = line.split_whitespace().collect();
+        if !line.starts_with(char::is_whitespace) && !words.is_empty() && !line.starts_with('#') {
+            section = words.join(" ");
+        }
+        let plain_http = section.ends_with("_http");
         match words.first().copied() {
             Some("chroot" | "user" | "group" | "daemon") => continue,
             // Sized for production; a test runs unprivileged with a lower file limit.
@@ -145,18 +186,22 @@ pub fn for_test(template: &str, bind: SocketAddr, nodes: &[SocketAddr], source: 
             Some("log") if words.get(1) == Some(&"/dev/log") => {
                 out.push_str("    log stderr format raw local0\n");
             }
-            Some("bind") => out.push_str(&format!("    bind {bind}\n")),
+            Some("bind") => {
+                let addr = if plain_http { http_bind } else { bind };
+                out.push_str(&format!("    bind {addr}\n"));
+            }
             Some("server") => {
                 // One line per test node, with the template's options after the address.
-                if !servers_written {
+                if !written.contains(&section) {
                     let options = words.get(3..).unwrap_or_default().join(" ");
-                    for (i, node) in nodes.iter().enumerate() {
+                    let targets = if plain_http { http_nodes } else { nodes };
+                    for (i, node) in targets.iter().enumerate() {
                         out.push_str(&format!(
                             "    server node{} {node} {options} source {source}\n",
                             i + 1
                         ));
                     }
-                    servers_written = true;
+                    written.push(section.clone());
                 }
             }
             _ => {
@@ -165,7 +210,10 @@ pub fn for_test(template: &str, bind: SocketAddr, nodes: &[SocketAddr], source: 
             }
         }
     }
-    assert!(servers_written, "the template has no server line");
+    assert!(
+        written.iter().any(|s| !s.ends_with("_http")),
+        "the template has no server line"
+    );
     out
 }
 

@@ -675,6 +675,19 @@ where
     /// Holds `message` for its recipient's next resume, if the recipient exists at the epoch it
     /// was routed by and its budget allows. The stream lives as long as the ID can be resumed.
     pub async fn hold(&self, message: &BusMessage) -> Result<Hold, Unavailable> {
+        let code = self.run_hold(message, false).await?;
+        Ok(match code {
+            1 => Hold::Held,
+            0 => Hold::NoSuchClient,
+            2 => Hold::Moved,
+            5 => Hold::Dropped(DropReason::ServerBusy),
+            _ => Hold::Dropped(DropReason::QueueFull),
+        })
+    }
+
+    /// Runs `hold.lua` for `message` (`marker`: a [`BusKind::Missed`] marker the caps do not
+    /// refuse); its answer code.
+    async fn run_hold(&self, message: &BusMessage, marker: bool) -> Result<i64, Unavailable> {
         let mut call = HOLD.prepare_invoke();
         call.key(super::registry::id_key(message.to))
             .key(held_key(message.to))
@@ -690,15 +703,11 @@ where
             )
             .arg(self.settings.held_bytes_total)
             .arg(message.to.get());
+        if marker {
+            call.arg("1");
+        }
         let mut conn = self.conn.clone();
-        let code: i64 = self.run(call.invoke_async(&mut conn)).await?;
-        Ok(match code {
-            1 => Hold::Held,
-            0 => Hold::NoSuchClient,
-            2 => Hold::Moved,
-            5 => Hold::Dropped(DropReason::ServerBusy),
-            _ => Hold::Dropped(DropReason::QueueFull),
-        })
+        self.run(call.invoke_async(&mut conn)).await
     }
 
     /// Takes every message held for `to`, oldest first, deleting them in the same step: of two
@@ -718,25 +727,7 @@ where
     /// Holds a [`BusKind::Missed`] marker for `to` at `epoch`: the caps do not refuse it (it is
     /// 27 bytes and reports a drop the caps made). `Ok(false)`: the ID is not there at `epoch`.
     pub async fn hold_marker(&self, marker: &BusMessage) -> Result<bool, Unavailable> {
-        let mut call = HOLD.prepare_invoke();
-        call.key(super::registry::id_key(marker.to))
-            .key(held_key(marker.to))
-            .key(DUE_KEY)
-            .arg(marker.epoch.map(|e| e.to_string()).unwrap_or_default())
-            .arg(marker.encode().as_ref())
-            .arg(self.settings.held_messages)
-            .arg(self.settings.held_bytes)
-            .arg(
-                u64::try_from(self.settings.grace.as_millis())
-                    .unwrap_or(u64::MAX)
-                    .max(1),
-            )
-            .arg(self.settings.held_bytes_total)
-            .arg(marker.to.get())
-            .arg("1");
-        let mut conn = self.conn.clone();
-        let code: i64 = self.run(call.invoke_async(&mut conn)).await?;
-        Ok(code == 1)
+        Ok(self.run_hold(marker, true).await? == 1)
     }
 
     /// Reads what is held for `to.id`, oldest first, without deleting it, if the ID is still at

@@ -347,6 +347,76 @@ async fn http_01_is_answered_by_a_node_that_did_not_order() {
 }
 
 #[tokio::test]
+async fn http_01_through_haproxy_port_80_reaches_the_node_that_did_not_order() {
+    if !pebble_installed() {
+        return;
+    }
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let plan = PebblePlan::new(dir.path());
+    let cluster = Cluster::new(redis.url());
+    // As an SRE deploys it: http-listen on every node, behind the shipped haproxy.cfg, which
+    // forwards port 80 with the PROXY header (so the nodes trust the balancer's address there).
+    let mut flags = plan.flags(NAME, "http-01");
+    flags.extend(
+        [
+            "--http-listen",
+            "127.0.0.1:0",
+            "--proxy-protocol-from",
+            "127.0.0.2/32",
+        ]
+        .map(str::to_owned),
+    );
+
+    // A takes the lock while the CA is down; then B joins.
+    let a = cluster
+        .start_with_certs("node-a", &dir.path().join("a"), &refs(&flags))
+        .await;
+    wait_for_lock(&redis, &plan, "node-a", Duration::from_secs(20)).await;
+    let b = cluster
+        .start_with_certs("node-b", &dir.path().join("b"), &refs(&flags))
+        .await;
+    // Port 80 of the balancer goes to B only: the CA's HTTP-01 request cannot reach the orderer.
+    let Some(balancer) = Haproxy::start_with_http(
+        &[a.https, b.https],
+        &[b.http.expect("B's plain-HTTP listener")],
+        "127.0.0.2".parse().unwrap(),
+    ) else {
+        return;
+    };
+    let pebble = plan
+        .start(PebbleSettings {
+            http_port: balancer.http_addr.port(),
+            tls_port: free_port(),
+            validity_seconds: 0,
+            blocked: vec![],
+            dns_down: false,
+        })
+        .await;
+    a.wait_for_metric(FIRST, |v| v == 1.0, Duration::from_secs(90))
+        .await;
+    let root = pebble.issuing_root().await;
+    // Issued on A's order, served by both.
+    let leaf = served_leaf(&a, &root).await.unwrap();
+    wait_for_leaf(&b, &root, Duration::from_secs(10), |l| *l == leaf).await;
+    assert_eq!(b.metric(ORDERS).await, 0.0, "{}", b.log_text());
+    assert!(
+        b.log_count("serving the cluster's challenge answers") >= 1,
+        "{}",
+        b.log_text()
+    );
+    // The CA's request came through HAProxy's port 80 (its tcplog line names the frontend and
+    // the server it picked: B, the only one).
+    let validation = balancer.wait_for_log("callgate_http ", Duration::from_secs(10));
+    assert!(
+        validation.contains("callgate_nodes_http/node1"),
+        "{validation}"
+    );
+}
+
+#[tokio::test]
 async fn the_ordering_lock_is_exclusive_lapses_and_fences_out_a_node_that_lost_it() {
     use callgate::acme::{Sealer, SharedError, SharedStore};
     use callgate::cluster::redis::{Redis, RedisMetrics};

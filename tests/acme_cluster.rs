@@ -39,24 +39,40 @@ fn prefix(plan: &PebblePlan) -> String {
     format!("cg:acme:127.0.0.1_{}_dir:", plan.listen)
 }
 
-/// Awaits the ordering lock being held by `node` (its value is `<node>:<fence>`).
+/// Awaits `node` having the next order to itself: it holds the ordering lock (`<node>:<fence>`),
+/// or it failed the last order and backs off (the `pause` is its: no other node orders before
+/// it retries).
 async fn wait_for_lock(redis: &RedisServer, plan: &PebblePlan, node: &str, within: Duration) {
-    let key = format!("{}lock", prefix(plan));
     let deadline = tokio::time::Instant::now() + within;
     loop {
-        let value: Option<String> = redis.client().get(&key).unwrap();
-        if value
+        let lock: Option<String> = redis.client().get(format!("{}lock", prefix(plan))).unwrap();
+        let pause: Option<String> = redis
+            .client()
+            .get(format!("{}pause", prefix(plan)))
+            .unwrap();
+        if lock
             .as_deref()
             .is_some_and(|v| v.starts_with(&format!("{node}:")))
+            || pause.as_deref() == Some(node)
         {
             return;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "{node} did not take the ACME lock within {within:?} (it is {value:?})"
+            "{node} did not take the ACME lock within {within:?} (lock {lock:?}, pause {pause:?})"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// `flags` with `--acme-retry-delay` set to `delay`.
+fn with_retry_delay(mut flags: Vec<String>, delay: &str) -> Vec<String> {
+    let at = flags
+        .iter()
+        .position(|f| f == "--acme-retry-delay")
+        .expect("the plan sets a retry delay");
+    flags[at + 1] = delay.to_owned();
+    flags
 }
 
 /// An open HTTPS connection to `addr` verifying `NAME` against `root`.
@@ -262,6 +278,7 @@ async fn a_node_killed_mid_order_lets_another_complete_and_redis_down_keeps_ever
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     a.kill();
+    let killed = tokio::time::Instant::now();
     drop((held, hole));
 
     // B starts, waits for A's lock to lapse, and orders through the real CA.
@@ -279,6 +296,12 @@ async fn a_node_killed_mid_order_lets_another_complete_and_redis_down_keeps_ever
         .await;
     b.wait_for_metric(FIRST, |v| v == 1.0, Duration::from_secs(90))
         .await;
+    // Within the lock's TTL (A's lock lapses) plus B's start and one order.
+    let took = killed.elapsed();
+    assert!(
+        took < callgate::acme::LOCK_TTL + Duration::from_secs(15),
+        "B took over {took:?} after A died mid-order"
+    );
     let root = pebble.issuing_root().await;
     let leaf = served_leaf(&b, &root).await.unwrap();
 
@@ -414,6 +437,90 @@ async fn http_01_through_haproxy_port_80_reaches_the_node_that_did_not_order() {
         validation.contains("callgate_nodes_http/node1"),
         "{validation}"
     );
+}
+
+#[tokio::test]
+async fn a_failed_order_hands_the_lock_back_and_the_back_off_is_the_clusters() {
+    if !pebble_installed() {
+        return;
+    }
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let plan = PebblePlan::new(dir.path());
+    let cluster = Cluster::new(redis.url());
+    let flags = with_retry_delay(node_flags(&plan), "4s");
+    let key = |name: &str| format!("{}{name}", prefix(&plan));
+    let pttl = |name: &str| -> i64 {
+        redis::cmd("PTTL")
+            .arg(key(name))
+            .query(&mut redis.client())
+            .unwrap()
+    };
+
+    // The CA is down: A's first order fails. A backs off, and holds no lock while it does: the
+    // lock covers the attempt only; the back-off is in Redis, A's to retry first.
+    let mut a = cluster
+        .start_with_certs("node-a", &dir.path().join("a"), &refs(&flags))
+        .await;
+    a.wait_for_log(
+        "ACME: could not obtain a certificate",
+        Duration::from_secs(20),
+    )
+    .await;
+    let failures: Option<u32> = redis.client().get(key("failures")).unwrap();
+    assert_eq!(failures, Some(1));
+    let pause: Option<String> = redis.client().get(key("pause")).unwrap();
+    assert_eq!(pause.as_deref(), Some("node-a"));
+    let lock: Option<String> = redis.client().get(key("lock")).unwrap();
+    assert_eq!(lock, None, "A keeps no lock through its back-off");
+
+    // A dies while backing off. B waits out the cluster's back-off (4 s + 5 s of grace, from
+    // A's failure), not A's death, and not one attempt sooner: the CA is not hammered.
+    a.kill();
+    let b = cluster
+        .start_with_certs("node-b", &dir.path().join("b"), &refs(&flags))
+        .await;
+    assert!(pttl("pause") > 0, "the back-off outlives A");
+    assert_eq!(b.metric(ORDERS).await, 0.0, "B orders during the back-off");
+    // Its attempt fails too (the CA is still down), and the back-off doubles from the
+    // cluster's count: 8 s, not the 4 s of a first failure.
+    b.wait_for_log(
+        "ACME: could not obtain a certificate",
+        Duration::from_secs(20),
+    )
+    .await;
+    let failures: Option<u32> = redis.client().get(key("failures")).unwrap();
+    assert_eq!(failures, Some(2));
+    let pause: Option<String> = redis.client().get(key("pause")).unwrap();
+    assert_eq!(pause.as_deref(), Some("node-b"));
+    let left = pttl("pause");
+    assert!(
+        left > 10_000,
+        "the second failure pauses 8 s + 5 s: {left} ms left"
+    );
+    assert_eq!(b.metric(ORDERS).await, 1.0);
+
+    // The CA comes back: B obtains the certificate after its back-off, which then ends.
+    let pebble = plan
+        .start(PebbleSettings {
+            http_port: free_port(),
+            tls_port: b.https.port(),
+            validity_seconds: 0,
+            blocked: vec![],
+            dns_down: false,
+        })
+        .await;
+    b.wait_for_metric(FIRST, |v| v == 1.0, Duration::from_secs(30))
+        .await;
+    let root = pebble.issuing_root().await;
+    served_leaf(&b, &root).await.unwrap();
+    let gone: (bool, bool) = (
+        redis.client().exists(key("failures")).unwrap(),
+        redis.client().exists(key("pause")).unwrap(),
+    );
+    assert_eq!(gone, (false, false), "a success clears the back-off");
 }
 
 #[tokio::test]

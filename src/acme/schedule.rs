@@ -80,6 +80,12 @@ impl Backoff {
         doubled.max(not_before.unwrap_or_default())
     }
 
+    /// Continues from `failures` earlier failures (the cluster's count, kept in Redis), so the
+    /// next [`Backoff::failed`] doubles from there.
+    pub fn resume(&mut self, failures: u32) {
+        self.failures = failures;
+    }
+
     /// Failures since the last success.
     pub fn failures(&self) -> u32 {
         self.failures
@@ -155,5 +161,8 @@ mod tests {
         b.succeeded();
         assert_eq!(b.failures(), 0);
         assert_eq!(b.failed(None), Duration::from_secs(60));
+        // Three failures elsewhere in the cluster: the next waits 8 times the first.
+        b.resume(3);
+        assert_eq!(b.failed(None), Duration::from_secs(480));
     }
 }

@@ -19,7 +19,16 @@
 //! - `cert` — hash `version`, `chain` (PEM), `key` (sealed, see [`super::seal`]); replaced whole;
 //! - `account` — the account credentials, sealed;
 //! - `challenges` — hash `version`, `answers` (JSON), PX [`CHALLENGE_TTL`]; `seen` — hash node →
-//!   challenge version it serves, PX [`CHALLENGE_TTL`].
+//!   challenge version it serves, PX [`CHALLENGE_TTL`];
+//! - `pause` — the node that failed the last order: while it exists no other node takes the
+//!   lock, PX the back-off + [`PAUSE_GRACE`]; `failures` — consecutive failed orders, PX
+//!   [`FAILURES_TTL`] (both deleted by the next success).
+//!
+//! The lock covers one order attempt only: a failed attempt counts the failure, then sets
+//! `pause` and releases the lock in one script. The node that failed retries when its back-off
+//! ends; if it died meanwhile, the others take over [`PAUSE_GRACE`] later — with the back-off
+//! still doubling from the cluster's count, so the cluster retries no faster than one node
+//! would.
 //!
 //! Redis down: nothing is ordered (the lock cannot be taken), every node keeps serving what it
 //! has, and picks up any change once Redis answers again.
@@ -47,6 +56,11 @@ pub const POLL: Duration = Duration::from_secs(1);
 pub const CHALLENGE_TTL: Duration = Duration::from_secs(600);
 /// The longest the orderer waits for every live node to serve the challenge answers.
 pub const ACK_WAIT: Duration = Duration::from_secs(10);
+/// How long the count of consecutive failed orders outlives the last failure (longer than the
+/// longest back-off, so the next failure, on whichever node, doubles it).
+pub const FAILURES_TTL: Duration = Duration::from_secs(12 * 3600);
+/// How much longer than the node that failed an order the other nodes wait before ordering.
+pub const PAUSE_GRACE: Duration = Duration::from_secs(5);
 
 /// Why shared ACME state could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -118,7 +132,9 @@ impl PublishedChallenges {
     }
 }
 
-/// `SET lock` if free (or extend it if it is `ARGV[3]`, ours); returns the value or nil.
+/// `SET lock` if free and the cluster is not backing off (`KEYS[3]`, the pause, unless it is
+/// this node's own: the node that failed retries first), or extend it if it is `ARGV[3]`, ours;
+/// returns the value or nil.
 static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -128,6 +144,10 @@ if current then
     redis.call('PEXPIRE', KEYS[1], ARGV[2])
     return current
   end
+  return false
+end
+local pause = redis.call('GET', KEYS[3])
+if pause and pause ~= ARGV[1] then
   return false
 end
 local value = ARGV[1] .. ':' .. redis.call('INCR', KEYS[2])
@@ -158,6 +178,36 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0
+",
+    )
+});
+
+/// A failed order: if the lock (`KEYS[1]`) is still `ARGV[1]`, counts the failure in `KEYS[2]`
+/// (TTL `ARGV[2]` ms) and returns the count; 0 if the lock is not ours.
+static FAILED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+local failures = redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return failures
+",
+    )
+});
+
+/// The back-off: if the lock (`KEYS[1]`) is still `ARGV[1]`, sets the pause `KEYS[2]` to this
+/// node (`ARGV[3]`) for `ARGV[2]` ms and releases the lock, at once. 1 or 0.
+static BACK_OFF: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[2])
+redis.call('DEL', KEYS[1])
+return 1
 ",
     )
 });
@@ -255,6 +305,7 @@ impl SharedStore {
         invocation
             .key(self.key("lock"))
             .key(self.key("fence"))
+            .key(self.key("pause"))
             .arg(&self.node)
             .arg(millis(ttl))
             .arg(held.map_or("", Lock::value));
@@ -279,6 +330,48 @@ impl SharedStore {
         invocation.key(self.key("lock")).arg(lock.value());
         if let Err(e) = self.redis.script::<i64>(&invocation).await {
             tracing::debug!("ACME: could not release the ordering lock (it lapses by itself): {e}");
+        }
+    }
+
+    /// Counts a failed order of `lock`'s holder; returns the cluster's consecutive failures
+    /// (this one included), or 0 if the lock is no longer ours.
+    pub async fn failed(&self, lock: &Lock) -> Result<u32, RedisError> {
+        let mut invocation = FAILED.prepare_invoke();
+        invocation
+            .key(self.key("lock"))
+            .key(self.key("failures"))
+            .arg(lock.value())
+            .arg(millis(FAILURES_TTL));
+        let failures: i64 = self.redis.script(&invocation).await?;
+        Ok(failures.clamp(0, i64::from(u32::MAX)) as u32)
+    }
+
+    /// Starts the cluster's back-off of `delay` and gives the lock up, in one step: this node
+    /// may order again after `delay`, the others after `delay` + [`PAUSE_GRACE`] (so the node
+    /// that failed retries first, and if it died meanwhile the others take over by
+    /// themselves). Errors are only logged: the lock lapses by itself.
+    pub async fn back_off(&self, lock: &Lock, delay: Duration) {
+        let mut invocation = BACK_OFF.prepare_invoke();
+        invocation
+            .key(self.key("lock"))
+            .key(self.key("pause"))
+            .arg(lock.value())
+            .arg(millis(delay + PAUSE_GRACE))
+            .arg(&self.node);
+        if let Err(e) = self.redis.script::<i64>(&invocation).await {
+            tracing::debug!("ACME: could not share the back-off (the lock lapses by itself): {e}");
+        }
+    }
+
+    /// An order succeeded: the cluster's failure count and back-off go. Errors are only logged
+    /// (both expire).
+    pub async fn succeeded(&self) {
+        let cmd = redis::cmd("DEL")
+            .arg(self.key("failures"))
+            .arg(self.key("pause"))
+            .clone();
+        if let Err(e) = self.redis.query::<i64>(&cmd).await {
+            tracing::debug!("ACME: could not clear the cluster's back-off (it expires): {e}");
         }
     }
 

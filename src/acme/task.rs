@@ -280,8 +280,8 @@ impl Acme {
         // When the pending order first became due: the gauge stays there while orders fail, so
         // "due more than a day ago" means "failing for a day" (the alert).
         let mut overdue_since: Option<i64> = None;
-        // Cluster mode: the ordering lock, while this node holds it (kept through a back-off so
-        // the other nodes do not order in its place at once).
+        // Cluster mode: the ordering lock, while this node holds it (for one order attempt; a
+        // failure hands it back with the cluster's back-off, see `shared.rs`).
         let mut held: Option<Lock> = None;
         tracing::info!(
             domains = %self.config.domains.join(","),
@@ -338,7 +338,8 @@ impl Acme {
                     Ok(None) => {
                         held = None;
                         tracing::debug!(
-                            "ACME: another node is ordering; waiting for its certificate"
+                            "ACME: another node is ordering, or the cluster is backing off after \
+                             a failed order; waiting"
                         );
                         tokio::select! {
                             _ = shutdown.recv() => return,
@@ -419,6 +420,7 @@ impl Acme {
                     failure_log.succeeded();
                     ari = AriState::default();
                     if let (Some(shared), Some(lock)) = (&self.shared, held.take()) {
+                        shared.succeeded().await;
                         shared.release(&lock).await;
                     }
                     tracing::info!(
@@ -435,15 +437,21 @@ impl Acme {
                         // Start from the directory again next time (it may have moved).
                         account = None;
                     }
-                    let delay = backoff.failed(error.retry_after(unix_now()));
-                    if let (Some(shared), Some(lock)) = (&self.shared, &held) {
-                        // Keep the lock through the back-off (and a little longer, so this node
-                        // takes it again first): the other nodes would fail alike.
-                        let hold = delay + shared::POLL * 5;
-                        if !matches!(shared.renew(lock, hold).await, Ok(true)) {
-                            held = None;
+                    let retry_after = error.retry_after(unix_now());
+                    let delay = match (&self.shared, held.take()) {
+                        (Some(shared), Some(lock)) => {
+                            // The back-off is the cluster's: it doubles with every failure on
+                            // any node, no node orders before it ends, and the lock goes back
+                            // now, so a node that dies while backing off holds nothing.
+                            if let Ok(failures @ 1..) = shared.failed(&lock).await {
+                                backoff.resume(failures - 1);
+                            }
+                            let delay = backoff.failed(retry_after);
+                            shared.back_off(&lock, delay).await;
+                            delay
                         }
-                    }
+                        _ => backoff.failed(retry_after),
+                    };
                     let message = with_causes(&error);
                     if failure_log.is_news(reason) {
                         tracing::error!(
@@ -471,13 +479,7 @@ impl Acme {
                         challenge += 1;
                     }
                     tokio::select! {
-                        _ = shutdown.recv() => {
-                            // Leaving: another node may try at once.
-                            if let (Some(shared), Some(lock)) = (&self.shared, &held) {
-                                shared.release(lock).await;
-                            }
-                            return;
-                        }
+                        _ = shutdown.recv() => return,
                         _ = tokio::time::sleep(delay) => {}
                     }
                 }

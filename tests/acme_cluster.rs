@@ -524,6 +524,139 @@ async fn a_failed_order_hands_the_lock_back_and_the_back_off_is_the_clusters() {
 }
 
 #[tokio::test]
+async fn one_node_asks_the_ca_for_renewal_information_and_the_others_read_its_answer() {
+    if !pebble_installed() {
+        return;
+    }
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let plan = PebblePlan::new(dir.path());
+    let cluster = Cluster::new(redis.url());
+    let flags = node_flags(&plan);
+    let a = cluster
+        .start_with_certs("node-a", &dir.path().join("a"), &refs(&flags))
+        .await;
+    let b = cluster
+        .start_with_certs("node-b", &dir.path().join("b"), &refs(&flags))
+        .await;
+    let pebble = plan
+        .start(PebbleSettings {
+            http_port: free_port(),
+            tls_port: a.https.port(),
+            validity_seconds: 0,
+            blocked: vec![],
+            dns_down: false,
+        })
+        .await;
+    let root = pebble.issuing_root().await;
+    let leaf = wait_for_leaf(&a, &root, Duration::from_secs(90), |_| true).await;
+    wait_for_leaf(&b, &root, Duration::from_secs(10), |l| *l == leaf).await;
+    assert_eq!(a.metric(FIRST).await + b.metric(FIRST).await, 1.0);
+    // Both have looked at the renewal information of the served certificate (the next-renewal
+    // gauge is set just after, to a time in the future).
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as f64;
+    for node in [&a, &b] {
+        node.wait_for_metric(
+            "callgate_acme_next_renewal_timestamp_seconds",
+            |v| v > now,
+            Duration::from_secs(10),
+        )
+        .await;
+    }
+    // One node asked and shared the answer (sealed) ...
+    let shared: String = redis.client().get(format!("{}ari", prefix(&plan))).unwrap();
+    assert!(!shared.contains("unsupported"), "{shared}");
+    // ... and only the orderer, which had the account open, spoke to the CA: the directory was
+    // fetched once (by the order's new account). Without the shared answer the other node
+    // fetched it again to ask (Debian's pebble has no renewal information, so the ask itself
+    // ends there).
+    assert_eq!(
+        plan.log_count("GET /dir "),
+        1,
+        "requests for the directory in pebble's log"
+    );
+}
+
+#[tokio::test]
+async fn renewal_information_is_asked_once_per_period_by_one_node_of_many() {
+    use callgate::acme::{AriAnswer, AriTurn, Sealer, SharedStore};
+    use callgate::cluster::redis::{Redis, RedisMetrics};
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let metrics = callgate::metrics::Metrics::new();
+    let url: callgate::config::RedisUrl = redis.url().parse().unwrap();
+    let conn = Redis::open(&url, RedisMetrics::register(&metrics)).unwrap();
+    let secret = [nodes::SECRET];
+    let stores: Vec<SharedStore> = ["node-a", "node-b", "node-c"]
+        .iter()
+        .map(|node| {
+            SharedStore::new(
+                conn.clone(),
+                node,
+                "https://ca.test/dir",
+                Sealer::new(&secret).unwrap(),
+            )
+        })
+        .collect();
+    let (cert, period) = ("aki.serial", 3600);
+    let start = 1_900_000_000;
+    let mut asked = 0;
+    // Four renewal-check periods; in each, every node looks three times.
+    for p in 0..4 {
+        let now = start + p * period;
+        for look in 0..3 {
+            for (i, store) in stores.iter().enumerate() {
+                match store.renewal_info(cert, now + look).await.unwrap() {
+                    AriTurn::Ask => {
+                        asked += 1;
+                        // While it asks the CA, the others wait for its answer.
+                        for (j, other) in stores.iter().enumerate() {
+                            if i != j {
+                                let turn = other.renewal_info(cert, now + look).await.unwrap();
+                                assert_eq!(turn, AriTurn::Wait);
+                            }
+                        }
+                        let answer = AriAnswer {
+                            cert: cert.into(),
+                            due: Some(now + 100),
+                            next_check: now + period,
+                            unsupported: false,
+                        };
+                        store.save_renewal_info(&answer, now).await.unwrap();
+                    }
+                    AriTurn::Answer(answer) => assert_eq!(answer.due, Some(now + 100)),
+                    AriTurn::Wait => panic!("nobody is asking, yet node {i} waits"),
+                }
+            }
+        }
+    }
+    assert_eq!(asked, 4, "one CA request per period for the whole cluster");
+    // Another certificate (renewed meanwhile): the stored answer is not about it.
+    let now = start + 3 * period + 10;
+    assert_eq!(
+        stores[1].renewal_info("aki.other", now).await.unwrap(),
+        AriTurn::Ask
+    );
+    // The shared answer is sealed and expires; so does a node's turn to ask.
+    let key = "cg:acme:ca.test_dir:ari";
+    let stored: String = redis.client().get(key).unwrap();
+    assert!(!stored.contains(cert), "{stored}");
+    for name in [key, "cg:acme:ca.test_dir:ari-ask"] {
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(name)
+            .query(&mut redis.client())
+            .unwrap();
+        assert!(ttl > 0, "{name} has no TTL");
+    }
+}
+
+#[tokio::test]
 async fn the_ordering_lock_is_exclusive_lapses_and_fences_out_a_node_that_lost_it() {
     use callgate::acme::{Sealer, SharedError, SharedStore};
     use callgate::cluster::redis::{Redis, RedisMetrics};

@@ -45,6 +45,6 @@ pub use failure::FailureReason;
 pub use metrics::AcmeMetrics;
 pub use schedule::{renew_at, Backoff};
 pub use seal::{SealError, Sealer};
-pub use shared::{PublishedChallenges, SharedError, SharedStore, LOCK_TTL};
+pub use shared::{AriAnswer, AriTurn, PublishedChallenges, SharedError, SharedStore, LOCK_TTL};
 pub use store::{AcmeStore, StoreError, StoredCertificate};
 pub use task::{Acme, AcmeSetupError, Listeners};

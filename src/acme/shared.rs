@@ -22,13 +22,18 @@
 //!   challenge version it serves, PX [`CHALLENGE_TTL`];
 //! - `pause` — the node that failed the last order: while it exists no other node takes the
 //!   lock, PX the back-off + [`PAUSE_GRACE`]; `failures` — consecutive failed orders, PX
-//!   [`FAILURES_TTL`] (both deleted by the next success).
+//!   [`FAILURES_TTL`] (both deleted by the next success);
+//! - `ari` — the CA's renewal information for the served certificate, sealed, PX until it should
+//!   be asked again; `ari-ask` — the node asking the CA now, PX [`ARI_ASK_TTL`].
 //!
 //! The lock covers one order attempt only: a failed attempt counts the failure, then sets
 //! `pause` and releases the lock in one script. The node that failed retries when its back-off
 //! ends; if it died meanwhile, the others take over [`PAUSE_GRACE`] later — with the back-off
 //! still doubling from the cluster's count, so the cluster retries no faster than one node
 //! would.
+//!
+//! Renewal information (ARI) is asked by one node at a time (`ari-ask`); the others read its
+//! answer from `ari` until the CA's Retry-After.
 //!
 //! Redis down: nothing is ordered (the lock cannot be taken), every node keeps serving what it
 //! has, and picks up any change once Redis answers again.
@@ -61,6 +66,8 @@ pub const ACK_WAIT: Duration = Duration::from_secs(10);
 pub const FAILURES_TTL: Duration = Duration::from_secs(12 * 3600);
 /// How much longer than the node that failed an order the other nodes wait before ordering.
 pub const PAUSE_GRACE: Duration = Duration::from_secs(5);
+/// How long one node has to ask the CA for renewal information before another may.
+pub const ARI_ASK_TTL: Duration = Duration::from_secs(60);
 
 /// Why shared ACME state could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +111,30 @@ pub struct SharedCertificate {
     pub chain: String,
     /// PEM private key (opened).
     pub key: String,
+}
+
+/// The CA's renewal information for one certificate, as shared between the nodes.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AriAnswer {
+    /// The certificate's ARI identifier (`<AKI>.<serial>`, base64url).
+    pub cert: String,
+    /// When to renew (Unix seconds), if the CA named a window.
+    pub due: Option<i64>,
+    /// When to ask the CA again (Unix seconds).
+    pub next_check: i64,
+    /// The CA offers no renewal information.
+    pub unsupported: bool,
+}
+
+/// What one node should do about renewal information now ([`SharedStore::renewal_info`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AriTurn {
+    /// Another node asked the CA; here is its answer.
+    Answer(AriAnswer),
+    /// This node asks the CA, then stores the answer ([`SharedStore::save_renewal_info`]).
+    Ask,
+    /// Another node is asking the CA now: look again later.
+    Wait,
 }
 
 /// Challenge answers as published: what every node must answer while an order is validated.
@@ -373,6 +404,53 @@ impl SharedStore {
         if let Err(e) = self.redis.query::<i64>(&cmd).await {
             tracing::debug!("ACME: could not clear the cluster's back-off (it expires): {e}");
         }
+    }
+
+    /// What this node should do about renewal information for certificate `cert` (its ARI
+    /// identifier) at `now` (Unix seconds): use the answer another node stored, ask the CA
+    /// itself (it is now the one node asking, for [`ARI_ASK_TTL`]), or wait for the node that
+    /// is asking.
+    pub async fn renewal_info(&self, cert: &str, now: i64) -> Result<AriTurn, SharedError> {
+        let cmd = redis::cmd("GET").arg(self.key("ari")).clone();
+        if let Some(sealed) = self.redis.query::<Option<String>>(&cmd).await? {
+            let json = self.sealer.open("renewal-info", &sealed)?;
+            let answer: AriAnswer = serde_json::from_slice(&json)
+                .map_err(|_| SharedError::Malformed("renewal information"))?;
+            if answer.cert == cert && answer.next_check > now {
+                return Ok(AriTurn::Answer(answer));
+            }
+        }
+        let claim = redis::cmd("SET")
+            .arg(self.key("ari-ask"))
+            .arg(&self.node)
+            .arg("NX")
+            .arg("PX")
+            .arg(millis(ARI_ASK_TTL))
+            .clone();
+        let claimed: Option<String> = self.redis.query(&claim).await?;
+        Ok(match claimed {
+            Some(_) => AriTurn::Ask,
+            None => AriTurn::Wait,
+        })
+    }
+
+    /// Stores the CA's renewal information for every node (sealed: it decides when the cluster
+    /// renews), until its `next_check` as of `now`, and ends this node's turn to ask.
+    pub async fn save_renewal_info(&self, answer: &AriAnswer, now: i64) -> Result<(), SharedError> {
+        let json = serde_json::to_vec(answer).expect("renewal information serializes");
+        let sealed = self.sealer.seal("renewal-info", &json);
+        let ttl =
+            Duration::from_secs(answer.next_check.saturating_sub(now).clamp(1, 2 * 86_400) as u64);
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(self.key("ari"))
+            .arg(sealed)
+            .arg("PX")
+            .arg(millis(ttl))
+            .ignore();
+        pipe.cmd("DEL").arg(self.key("ari-ask")).ignore();
+        self.redis.pipeline::<()>(&pipe).await?;
+        Ok(())
     }
 
     /// Renews `lock` every third of [`LOCK_TTL`] for as long as it is awaited; returns when the

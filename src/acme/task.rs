@@ -26,7 +26,9 @@ use super::failure::{retry_after_in_detail, FailureLog, FailureReason};
 use super::metrics::AcmeMetrics;
 use super::schedule::{order_due, renew_at, renew_in_window, Backoff};
 use super::seal::Sealer;
-use super::shared::{self, Lock, PublishedChallenges, SharedError, SharedStore, LOCK_TTL};
+use super::shared::{
+    self, AriAnswer, AriTurn, Lock, PublishedChallenges, SharedError, SharedStore, LOCK_TTL,
+};
 use super::store::{AcmeStore, StoreError, StoredCertificate};
 use crate::cluster::redis::Redis;
 use crate::config::{AcmeChallenge, AcmeConfig};
@@ -37,6 +39,9 @@ use crate::tls::CertStore;
 const ORDER_TIMEOUT: Duration = Duration::from_secs(300);
 /// The longest the task sleeps before looking at the clock and the certificate again.
 const MAX_SLEEP: Duration = Duration::from_secs(3600);
+/// Cluster mode: how soon to look again for the renewal information another node is asking
+/// for (or while Redis cannot be read), in seconds.
+const ARI_WAIT: i64 = 60;
 
 /// Why ACME could not be set up at startup. Each names the setting or file to fix.
 #[derive(Debug, thiserror::Error)]
@@ -296,10 +301,10 @@ impl Acme {
             if let Some(cert) = stored.as_ref() {
                 if order_due(dates, &self.config.domains, None, now) > now {
                     // A usable certificate: ask the CA's renewal information when it is time to.
-                    if account.is_none() && ari.wants_check(now) {
-                        account = self.stored_account(&mut ari, now).await;
+                    ari.follow(cert);
+                    if ari.wants_check(now) {
+                        self.renewal_info(&mut ari, &mut account, cert, now).await;
                     }
-                    ari.refresh(account.as_ref(), cert, now).await;
                 }
             }
             let due = order_due(dates, &self.config.domains, ari.due, now);
@@ -596,6 +601,49 @@ impl Acme {
         OrderError::Invalid
     }
 
+    /// Brings `ari` up to date for `cert`. On one node: asks the CA. In a cluster: one node at
+    /// a time asks and stores the answer in Redis; the others use it. With Redis unreachable
+    /// nobody asks (the one-third-of-lifetime rule, or the last answer, still holds) until it
+    /// answers again.
+    async fn renewal_info(
+        &self,
+        ari: &mut AriState,
+        account: &mut Option<Account>,
+        cert: &StoredCertificate,
+        now: i64,
+    ) {
+        let Some(shared) = &self.shared else {
+            if account.is_none() {
+                *account = self.stored_account(ari, now).await;
+            }
+            ari.refresh(account.as_ref(), cert, now).await;
+            return;
+        };
+        let Some(id) = ari.cert.clone() else {
+            return;
+        };
+        match shared.renewal_info(&id, now).await {
+            Ok(AriTurn::Answer(answer)) => ari.adopt(&answer),
+            Ok(AriTurn::Wait) => ari.next_check = now + ARI_WAIT,
+            Ok(AriTurn::Ask) => {
+                if account.is_none() {
+                    *account = self.stored_account(ari, now).await;
+                }
+                ari.refresh(account.as_ref(), cert, now).await;
+                // Shared only if the CA answered (or has no renewal information at all).
+                if ari.next_check > now {
+                    if let Err(e) = shared.save_renewal_info(&ari.answer(id), now).await {
+                        tracing::debug!("ACME: could not share the renewal information: {e}");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!("ACME: cannot read the cluster's renewal information: {e}");
+                ari.next_check = now + ARI_WAIT;
+            }
+        }
+    }
+
     /// The stored account, for asking about renewal information; `None` (and no new account)
     /// if there is none or the CA cannot be reached now.
     async fn stored_account(&self, ari: &mut AriState, now: i64) -> Option<Account> {
@@ -705,6 +753,8 @@ fn read_roots(path: &std::path::Path) -> Result<rustls::RootCertStore, AcmeSetup
 /// What the CA's renewal information (RFC 9773) said about the current certificate.
 #[derive(Debug, Default)]
 struct AriState {
+    /// The certificate this is about (its ARI identifier); `None`: it has none.
+    cert: Option<String>,
     /// When to renew, if the CA named a window.
     due: Option<i64>,
     /// When to ask again (the CA's Retry-After).
@@ -714,6 +764,41 @@ struct AriState {
 }
 
 impl AriState {
+    /// Makes this about `cert`: an answer about another certificate (one this node served
+    /// before the cluster's new one) no longer applies.
+    fn follow(&mut self, cert: &StoredCertificate) {
+        let id = cert
+            .key
+            .cert
+            .first()
+            .and_then(|leaf| instant_acme::CertificateIdentifier::try_from(leaf).ok())
+            .map(|id| id.to_string());
+        if id != self.cert {
+            *self = AriState {
+                unsupported: self.unsupported,
+                cert: id,
+                ..AriState::default()
+            };
+        }
+    }
+
+    /// Takes another node's answer about the same certificate.
+    fn adopt(&mut self, answer: &AriAnswer) {
+        self.due = answer.due;
+        self.next_check = answer.next_check;
+        self.unsupported = answer.unsupported;
+    }
+
+    /// This state as an answer to share, about certificate `cert`.
+    fn answer(&self, cert: String) -> AriAnswer {
+        AriAnswer {
+            cert,
+            due: self.due,
+            next_check: self.next_check,
+            unsupported: self.unsupported,
+        }
+    }
+
     /// Whether renewal information should be fetched now.
     fn wants_check(&self, now: i64) -> bool {
         !self.unsupported && now >= self.next_check
@@ -743,7 +828,11 @@ impl AriState {
                 ));
                 self.next_check = now + retry.as_secs().clamp(3600, 86_400) as i64;
             }
-            Err(instant_acme::Error::Unsupported(_)) => self.unsupported = true,
+            Err(instant_acme::Error::Unsupported(_)) => {
+                self.unsupported = true;
+                // Other nodes read this answer until then (a CA may add it later).
+                self.next_check = now + 86_400;
+            }
             Err(e) => {
                 tracing::debug!("ACME: renewal information unavailable: {e}");
                 self.next_check = now + 3600;

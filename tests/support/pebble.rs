@@ -117,6 +117,16 @@ impl PebblePlan {
         }
     }
 
+    /// How many lines of pebble's log (every request it handles is one: "GET /dir -> calling
+    /// handler()") contain `needle`, so far.
+    pub fn log_count(&self, needle: &str) -> usize {
+        std::fs::read_to_string(self.dir.join("pebble.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
     pub fn directory(&self) -> String {
         format!("https://127.0.0.1:{}/dir", self.listen)
     }

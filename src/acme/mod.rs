@@ -26,10 +26,12 @@
 //!
 //! On a single node, challenge answers are in this process's memory and the certificate is in
 //! this host's certs-dir. With `redis-url` ([`Acme::share`]), the nodes share one certificate
-//! through Redis (`shared.rs`): one node at a time orders (a lock with a TTL and a fencing token),
-//! every node serves the challenge answers (so the CA's validation may land on any node behind
-//! the balancer) and loads the issued certificate; keys in Redis are sealed (`seal.rs`). Each node
-//! still keeps its certs-dir copy, so a restart without Redis serves the last certificate.
+//! through Redis (`shared.rs`): one node at a time orders (a lock with a TTL and a fencing token,
+//! held for one attempt; the back-off after a failure is the cluster's), one node at a time asks
+//! the CA for renewal information and the others read its answer, every node serves the
+//! challenge answers (so the CA's validation may land on any node behind the balancer) and loads
+//! the issued certificate; keys in Redis are sealed (`seal.rs`). Each node still keeps its
+//! certs-dir copy, so a restart without Redis serves the last certificate.
 
 mod challenge;
 mod failure;

@@ -524,6 +524,85 @@ async fn a_failed_order_hands_the_lock_back_and_the_back_off_is_the_clusters() {
 }
 
 #[tokio::test]
+async fn an_orderer_killed_while_its_challenge_is_pending_is_replaced_within_the_lock_ttl() {
+    if !pebble_installed() {
+        return;
+    }
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let plan = PebblePlan::new(dir.path());
+    let cluster = Cluster::new(redis.url());
+    let flags = node_flags(&plan);
+    let key = |name: &str| format!("{}{name}", prefix(&plan));
+
+    // A node listed alive that never loads the challenge answers: the orderer waits for it
+    // (up to 10 s) before telling the CA to validate, which keeps its order open long enough
+    // to kill it with the challenge pending.
+    let mut conn = redis.client();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let _: () = conn.hset("cg:nodes", "slow-node", now_ms).unwrap();
+    let _: () = conn.set_ex("cg:node:slow-node:alive", "{}", 120).unwrap();
+
+    // A takes the lock first (the CA is down); B waits.
+    let mut a = cluster
+        .start_with_certs("node-a", &dir.path().join("a"), &refs(&flags))
+        .await;
+    wait_for_lock(&redis, &plan, "node-a", Duration::from_secs(20)).await;
+    let b = cluster
+        .start_with_certs("node-b", &dir.path().join("b"), &refs(&flags))
+        .await;
+    let pebble = plan
+        .start(PebbleSettings {
+            http_port: free_port(),
+            tls_port: b.https.port(),
+            validity_seconds: 0,
+            blocked: vec![],
+            dns_down: false,
+        })
+        .await;
+    // A's next attempt reaches the CA and publishes its challenge answers: kill -9 it then.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let published: bool = conn.exists(key("challenges")).unwrap();
+        if published {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "A published no challenge:\n{}",
+            a.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.kill();
+    let killed = tokio::time::Instant::now();
+    let lock: Option<String> = conn.get(key("lock")).unwrap();
+    assert!(
+        lock.is_some_and(|l| l.starts_with("node-a:")),
+        "A held the lock"
+    );
+    let issued: bool = conn.exists(key("cert")).unwrap();
+    assert!(!issued, "A finished its order before it was killed");
+    let _: () = conn.del("cg:node:slow-node:alive").unwrap();
+
+    // B takes over when A's lock lapses, orders, and serves the certificate.
+    b.wait_for_metric(FIRST, |v| v == 1.0, Duration::from_secs(60))
+        .await;
+    let took = killed.elapsed();
+    assert!(
+        took < callgate::acme::LOCK_TTL + Duration::from_secs(15),
+        "B took over {took:?} after A died with its challenge pending"
+    );
+    let root = pebble.issuing_root().await;
+    served_leaf(&b, &root).await.unwrap();
+}
+
+#[tokio::test]
 async fn one_node_asks_the_ca_for_renewal_information_and_the_others_read_its_answer() {
     if !pebble_installed() {
         return;

@@ -2,7 +2,9 @@
 //! ACME server (pebble + challtestsrv) and, in front, HAProxy from `ops/haproxy/haproxy.cfg` — the
 //! CA's validation goes through the balancer, so it lands on a node that may not be the one that
 //! ordered. One order serves every node; renewal reaches every node; a node killed mid-order
-//! leaves its lock to lapse and another completes; Redis down leaves every node serving.
+//! leaves its lock to lapse and another completes; a failed order hands the lock back and its
+//! back-off is the cluster's; one node asks the CA for renewal information and the others read
+//! its answer; Redis down leaves every node serving.
 //! Without pebble, redis-server or haproxy these tests print why and pass — except under
 //! `CI=true`, where a missing tool fails them.
 

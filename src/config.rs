@@ -1937,6 +1937,59 @@ mod tests {
     }
 
     #[test]
+    fn cluster_links_need_a_cluster_a_secret_and_a_dialable_address() {
+        let base = ["--turn", "false"];
+        let with = |extra: &[&str]| {
+            let mut args = base.to_vec();
+            args.extend_from_slice(extra);
+            Config::from_options(parse(&args)).map_err(|e| e.to_string())
+        };
+        let url = ["--redis-url", "redis://10.0.0.5:6379"];
+        let secret = ["--static-auth-secret", "0123456789abcdef0123"];
+        let listen = |addr| ["--cluster-listen", addr];
+        fn join<'a>(parts: &[&[&'a str]]) -> Vec<&'a str> {
+            parts.concat()
+        }
+        assert!(with(&listen("10.0.0.1:7400"))
+            .unwrap_err()
+            .starts_with("cluster-listen: only means something in a cluster"));
+        assert!(with(&join(&[&url, &listen("10.0.0.1:7400")]))
+            .unwrap_err()
+            .starts_with("static-auth-secret: is required with cluster-listen"));
+        let config = with(&join(&[&url, &secret, &listen("10.0.0.1:7400")])).unwrap();
+        assert_eq!(
+            config.cluster.link_advertise(),
+            Some("10.0.0.1:7400".parse().unwrap())
+        );
+        assert!(with(&join(&[&url, &secret, &listen("0.0.0.0:7400")]))
+            .unwrap_err()
+            .starts_with("cluster-advertise: is required when cluster-listen is 0.0.0.0"));
+        let advertised = join(&[
+            &url,
+            &secret,
+            &listen("[::]:7400"),
+            &["--cluster-advertise", "10.0.0.1:7400"],
+        ]);
+        assert_eq!(
+            with(&advertised).unwrap().cluster.link_advertise(),
+            Some("10.0.0.1:7400".parse().unwrap())
+        );
+        assert!(
+            with(&join(&[&url, &["--cluster-advertise", "10.0.0.1:7400"]]))
+                .unwrap_err()
+                .starts_with("cluster-advertise: only means something with cluster-listen")
+        );
+        // Without it: no links, as before.
+        assert_eq!(with(&url).unwrap().cluster.listen, None);
+        // The TOML keys and the environment variables.
+        let toml: Options = toml::from_str(
+            "redis-url = \"redis://10.0.0.5:6379\"\ncluster-listen = \"10.0.0.1:7400\"",
+        )
+        .unwrap();
+        assert!(toml.cluster_listen.is_some());
+    }
+
+    #[test]
     fn node_ids_are_checked_and_default_to_the_host_name_and_a_suffix() {
         let base = [
             "--redis-url",

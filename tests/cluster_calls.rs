@@ -1384,8 +1384,15 @@ async fn killing_a_linked_peer_mid_stream_loses_nothing_silently() {
     for n in 11..=30 {
         caller.candidate(callee.id, n).await;
     }
-    let (mut callee, hello) =
-        Client::resumed_at(&cluster, a.https, ACKS, callee.id, &callee.token, Some(last_seq)).await;
+    let (mut callee, hello) = Client::resumed_at(
+        &cluster,
+        a.https,
+        ACKS,
+        callee.id,
+        &callee.token,
+        Some(last_seq),
+    )
+    .await;
     let missed = !hello["missed"].is_null();
     // What arrives at the callee until 3 s of quiet, then what the caller was told.
     while let Ok(event) = tokio::time::timeout(Duration::from_secs(3), callee.ws.next()).await {
@@ -1416,4 +1423,108 @@ async fn killing_a_linked_peer_mid_stream_loses_nothing_silently() {
         "candidates {lost:?} lost without a word (received {received:?}, resume {hello})"
     );
     eprintln!("after the kill: lost {lost:?}, caller told {told} times, missed range: {missed}");
+}
+
+/// Reads `stream` to its end within `within`: how many bytes came before the close.
+async fn read_to_close(stream: &mut tokio::net::TcpStream, within: Duration) -> usize {
+    use tokio::io::AsyncReadExt as _;
+    let mut all = Vec::new();
+    tokio::time::timeout(within, stream.read_to_end(&mut all))
+        .await
+        .expect("closed in time")
+        .map_or(all.len(), |_| all.len())
+}
+
+/// The link port before authentication: a hello that is not a link's is refused, a 4 GiB length
+/// prefix is refused without being read, at most 32 connections are in a handshake at once (the
+/// next is closed at once, before the node says anything), and each is cut at 5 s.
+#[tokio::test]
+async fn the_link_port_bounds_unauthenticated_connections() {
+    use callgate::cluster::link::wire::{Hello, HELLO_HEAD};
+    use tokio::io::AsyncWriteExt as _;
+    use tokio::net::TcpStream;
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let cluster = Cluster::new(redis.url());
+    let a = cluster.start("node-a", &[]).await;
+    let line = a
+        .wait_for_log("cluster links: accepting", Duration::from_secs(5))
+        .await;
+    let event: Value = serde_json::from_str(&line).unwrap();
+    let port: SocketAddr = event["fields"]["listen"]
+        .as_str()
+        .or_else(|| event["listen"].as_str())
+        .unwrap_or_else(|| panic!("listen in {line}"))
+        .parse()
+        .unwrap();
+    let its_hello = HELLO_HEAD + "node-a".len();
+
+    let mut http = TcpStream::connect(port).await.unwrap();
+    http.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(
+        read_to_close(&mut http, Duration::from_secs(2)).await,
+        its_hello
+    );
+    a.wait_for_metric(
+        "callgate_cluster_link_failures_total{reason=\"hello\"}",
+        |n| n == 1.0,
+        Duration::from_secs(2),
+    )
+    .await;
+
+    let mut huge = TcpStream::connect(port).await.unwrap();
+    huge.write_all(&Hello::new("intruder").encode())
+        .await
+        .unwrap();
+    huge.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+    assert_eq!(
+        read_to_close(&mut huge, Duration::from_secs(2)).await,
+        its_hello
+    );
+    a.wait_for_metric(
+        "callgate_cluster_link_failures_total{reason=\"oversize\"}",
+        |n| n == 1.0,
+        Duration::from_secs(2),
+    )
+    .await;
+
+    let mut silent = Vec::new();
+    for _ in 0..32 {
+        silent.push(TcpStream::connect(port).await.unwrap());
+    }
+    // Each of the 32 has its handshake slot once the node sent its hello.
+    for stream in &mut silent {
+        use tokio::io::AsyncReadExt as _;
+        let mut hello = vec![0u8; its_hello];
+        tokio::time::timeout(Duration::from_secs(2), stream.read_exact(&mut hello))
+            .await
+            .expect("the node's hello")
+            .unwrap();
+    }
+    let mut one_more = TcpStream::connect(port).await.unwrap();
+    assert_eq!(
+        read_to_close(&mut one_more, Duration::from_secs(2)).await,
+        0,
+        "closed before a hello"
+    );
+    assert_eq!(
+        a.metric("callgate_cluster_link_failures_total{reason=\"busy\"}")
+            .await,
+        1.0
+    );
+    let started = Instant::now();
+    for stream in &mut silent {
+        assert_eq!(read_to_close(stream, Duration::from_secs(8)).await, 0);
+    }
+    let took = started.elapsed();
+    assert!(took >= Duration::from_secs(4), "cut after {took:?}");
+    a.wait_for_metric(
+        "callgate_cluster_link_failures_total{reason=\"timeout\"}",
+        |n| n == 32.0,
+        Duration::from_secs(2),
+    )
+    .await;
 }

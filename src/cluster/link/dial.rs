@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::wire::{Frame, Hello, Keys, Opener, Role, Sealer};
-use super::{give_back, read_frame, read_hello, LinkError, Links, Queued, Sent, HANDSHAKE, QUEUE};
+use super::{give_back, read_frame, read_hello, LinkError, Links, Queued, Reply, HANDSHAKE, QUEUE};
 use crate::cluster::bus::{BusMessage, RedisBus};
 use crate::cluster::nodes::NodeInfo;
 use crate::cluster::publish::{encode_batch, MAX_BATCH, MAX_BATCH_BYTES};
@@ -136,7 +136,12 @@ where
 
     // From here on the peer's messages queue on this link (unwritten until ready).
     let (queue, mut rx) = mpsc::channel(QUEUE);
-    let generation = links.install(peer, queue);
+    let mut installed = Installed {
+        links,
+        peer,
+        generation: links.install(peer, queue),
+        established: false,
+    };
     let result = async {
         let marker = BusMessage::link_start(mine.nonce);
         if !matches!(
@@ -155,30 +160,52 @@ where
         }
         tracing::info!(%peer, "cluster link established");
         links.metrics.outgoing.inc();
+        installed.established = true;
         let pending = Mutex::new(VecDeque::new());
-        let result = tokio::select! {
+        tokio::select! {
             r = write(&mut wr, &mut sealer, &mut rx, &pending) => r,
             r = read(&mut rd, &mut opener, &pending) => r,
             r = stalled(&pending) => r,
-        };
-        links.metrics.outgoing.dec();
-        result
+        }
     }
     .await;
-    links.uninstall(peer, generation);
+    drop(installed);
     // Unwritten: through Redis. Written and unanswered: dropped here, so their senders hear
     // `Unavailable`.
     give_back(&mut rx);
     result
 }
 
+/// An outgoing link in [`Links`]: taken out (and uncounted) when the link ends, also when its
+/// dialer is aborted (the node left the alive list).
+struct Installed<'a> {
+    /// Where it is installed.
+    links: &'a Links,
+    /// The peer node.
+    peer: &'a str,
+    /// Which link to `peer` this is.
+    generation: u64,
+    /// Counted in `callgate_cluster_links{direction="out"}`.
+    established: bool,
+}
+
+impl Drop for Installed<'_> {
+    fn drop(&mut self) {
+        self.links.uninstall(self.peer, self.generation);
+        if self.established {
+            self.links.metrics.outgoing.dec();
+        }
+    }
+}
+
 /// Frames written and not acknowledged yet, oldest first: number, when, each message's reply.
-type Pending = Mutex<VecDeque<(u64, Instant, Vec<oneshot::Sender<Sent>>)>>;
+type Pending = Mutex<VecDeque<Written>>;
+
+/// A frame written and not acknowledged yet: its number, when, each message's reply.
+type Written = (u64, Instant, Vec<oneshot::Sender<Reply>>);
 
 /// The pending frames; a panic elsewhere while holding them leaves nothing half-written.
-fn lock(
-    pending: &Pending,
-) -> std::sync::MutexGuard<'_, VecDeque<(u64, Instant, Vec<oneshot::Sender<Sent>>)>> {
+fn lock(pending: &Pending) -> std::sync::MutexGuard<'_, VecDeque<Written>> {
     pending.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -249,7 +276,7 @@ fn frame(
         .into_iter()
         .partition(|q| q.payload.len() <= MAX_BATCH_BYTES);
     for queued in large {
-        let _ = queued.reply.send(Sent::NotSent);
+        let _ = queued.reply.send(Reply::Unwritten);
     }
     let payload = match batch.as_slice() {
         [] => return,
@@ -280,7 +307,7 @@ where
             return Err(super::wire::WireError::Malformed("an acknowledgement out of step").into());
         }
         for (reply, taken) in replies.into_iter().zip(taken) {
-            let _ = reply.send(if taken { Sent::Taken } else { Sent::Nobody });
+            let _ = reply.send(if taken { Reply::Taken } else { Reply::Nobody });
         }
     }
 }

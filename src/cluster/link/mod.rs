@@ -57,7 +57,7 @@ pub const INBOX: usize = 1024;
 
 /// What became of one message handed to a link.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Sent {
+pub(crate) enum Reply {
     /// The peer's inbox took it.
     Taken,
     /// The peer's inbox no longer reads (draining): hold it, as for a `PUBLISH` nobody received.
@@ -66,7 +66,7 @@ pub(crate) enum Sent {
     Unavailable,
     /// Never written (the link broke or closed first, or it is too large for a frame): send it
     /// through Redis instead.
-    NotSent,
+    Unwritten,
 }
 
 /// One message waiting for a link's writer.
@@ -74,7 +74,7 @@ pub(crate) struct Queued {
     /// The encoded [`BusMessage`].
     pub payload: Bytes,
     /// Where its answer goes.
-    pub reply: oneshot::Sender<Sent>,
+    pub reply: oneshot::Sender<Reply>,
 }
 
 /// An established (or starting) outgoing link, as senders see it.
@@ -238,21 +238,21 @@ impl Links {
         let (reply, answer) = oneshot::channel();
         let wait = async {
             if queue.send(Queued { payload, reply }).await.is_err() {
-                return Sent::NotSent;
+                return Reply::Unwritten;
             }
-            answer.await.unwrap_or(Sent::Unavailable)
+            answer.await.unwrap_or(Reply::Unavailable)
         };
         let sent = tokio::time::timeout(self.timeout, wait)
             .await
-            .unwrap_or(Sent::Unavailable);
+            .unwrap_or(Reply::Unavailable);
         match sent {
-            Sent::Taken => {
+            Reply::Taken => {
                 self.metrics.by_link.inc();
                 Some(Ok(true))
             }
-            Sent::Nobody => Some(Ok(false)),
-            Sent::Unavailable => Some(Err(Unavailable)),
-            Sent::NotSent => None,
+            Reply::Nobody => Some(Ok(false)),
+            Reply::Unavailable => Some(Err(Unavailable)),
+            Reply::Unwritten => None,
         }
     }
 
@@ -328,11 +328,11 @@ impl Links {
     }
 }
 
-/// Answers everything still queued on a link that closes `NotSent` (its senders use Redis).
+/// Answers everything still queued on a link that closes `Unwritten` (its senders use Redis).
 fn give_back(queue: &mut mpsc::Receiver<Queued>) {
     queue.close();
     while let Ok(queued) = queue.try_recv() {
-        let _ = queued.reply.send(Sent::NotSent);
+        let _ = queued.reply.send(Reply::Unwritten);
     }
 }
 

@@ -85,6 +85,19 @@ struct Outbound {
     queue: mpsc::Sender<Queued>,
 }
 
+/// The `reason`s of `callgate_cluster_link_failures_total`.
+const REASONS: [&str; 9] = [
+    "auth",
+    "hello",
+    "oversize",
+    "malformed",
+    "busy",
+    "timeout",
+    "io",
+    "not_ready",
+    "replaced",
+];
+
 /// `callgate_cluster_link*` metrics.
 #[derive(Clone)]
 pub struct LinkMetrics {
@@ -132,6 +145,10 @@ impl LinkMetrics {
             &["reason"],
         )
         .expect("valid metric");
+        // Every reason from the start, at 0, so a dashboard or an alert has a series to read.
+        for reason in REASONS {
+            failures.with_label_values(&[reason]);
+        }
         metrics.register(Box::new(links.clone()));
         metrics.register(Box::new(sent.clone()));
         metrics.register(Box::new(failures.clone()));

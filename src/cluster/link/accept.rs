@@ -132,13 +132,27 @@ async fn accepted(
             }
         }
         sealer.seal(&Frame::Ack { frame: n, taken }, &mut out);
-        if let Err(e) = wr.write_all(&out).await {
-            break Err(e.into());
+        // More frames already read: their acknowledgements go in the same write.
+        if !whole_frame_buffered(rd.buffer()) {
+            if let Err(e) = wr.write_all(&out).await {
+                break Err(e.into());
+            }
+            out.clear();
         }
-        out.clear();
     };
     links.metrics.incoming.dec();
     links.accepted_ended(&peer, generation);
     tracing::info!(%peer, "cluster link from {peer} ended");
     result
+}
+
+/// Whether `buffered` (what the reader holds, not yet taken) starts with a whole frame.
+fn whole_frame_buffered(buffered: &[u8]) -> bool {
+    match buffered.get(..4) {
+        Some(len) => {
+            let len = u32::from_be_bytes(len.try_into().expect("4 bytes")) as usize;
+            buffered.len() >= 4 + len
+        }
+        None => false,
+    }
 }

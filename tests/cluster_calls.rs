@@ -1528,3 +1528,65 @@ async fn the_link_port_bounds_unauthenticated_connections() {
     )
     .await;
 }
+
+/// A sender streams across nodes while their link comes up: the first messages go by `PUBLISH`,
+/// the later ones on the link, and the recipient gets every one once, in order. (The link
+/// carries nothing until the recipient's inbox has read the link-start marker published behind
+/// the earlier messages; without that wait, a message on the new link could overtake one still
+/// in the recipient's subscription.)
+#[tokio::test]
+async fn a_stream_that_switches_from_redis_to_a_new_link_stays_in_order() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let cluster = Cluster::new(redis.url());
+    let fast = [
+        "--resume-grace",
+        GRACE,
+        "--ws-messages-per-second",
+        "1000",
+        "--ws-message-burst",
+        "1000",
+    ];
+    let a = cluster.start("node-a", &fast).await;
+    let b = cluster.start("node-b", &fast).await;
+    let mut w = Client::join(&cluster, a.https).await;
+    let mut z = Client::join(&cluster, b.https).await;
+    call(&mut w, &mut z).await;
+    // One candidate every 10 ms for up to 8 s, until node-a's link to node-b is up and has
+    // carried some; node-b's client reads concurrently.
+    let (w_id, z_id) = (w.id, z.id);
+    let reader = tokio::spawn(async move {
+        let mut numbers = Vec::new();
+        while let Ok(event) = tokio::time::timeout(Duration::from_secs(3), z.ws.next()).await {
+            let Event::Text(text) = event else {
+                panic!("recipient: {event:?}");
+            };
+            numbers.push(candidate_number(&serde_json::from_str(&text).unwrap()));
+        }
+        numbers
+    });
+    let mut sent = 0;
+    let started = Instant::now();
+    let mut ticks = tokio::time::interval(Duration::from_millis(10));
+    while started.elapsed() < Duration::from_secs(8) {
+        ticks.tick().await;
+        w.candidate(z_id, sent).await;
+        sent += 1;
+        if sent % 20 == 0
+            && a.metric("callgate_cluster_sent_total{path=\"link\"}").await >= 50.0
+        {
+            break;
+        }
+    }
+    let numbers = reader.await.unwrap();
+    let by_redis = a.metric("callgate_cluster_sent_total{path=\"redis\"}").await;
+    let by_link = a.metric("callgate_cluster_sent_total{path=\"link\"}").await;
+    assert!(
+        by_redis >= 1.0 && by_link >= 1.0,
+        "both paths used: {by_redis} by Redis, {by_link} on the link"
+    );
+    let expected: Vec<u32> = (0..sent).collect();
+    assert_eq!(numbers, expected, "{w_id}'s {sent} candidates, in order");
+    eprintln!("{sent} candidates: {by_redis} by Redis, then {by_link} on the link");
+}

@@ -691,9 +691,9 @@ async fn candidates_streamed_across_a_drain_arrive_once_each_and_in_order() {
         "--resume-grace",
         GRACE,
         "--ws-messages-per-second",
-        "1000",
+        "2000",
         "--ws-message-burst",
-        "1000",
+        "2000",
     ];
     let a = cluster.start("node-a", &args).await;
     let mut b = cluster.start("node-b", &args).await;
@@ -1533,7 +1533,9 @@ async fn the_link_port_bounds_unauthenticated_connections() {
 /// the later ones on the link, and the recipient gets every one once, in order. (The link
 /// carries nothing until the recipient's inbox has read the link-start marker published behind
 /// the earlier messages; without that wait, a message on the new link could overtake one still
-/// in the recipient's subscription.)
+/// in the recipient's subscription. On loopback that race is narrow: with the wait removed this
+/// test still passed 8 of 8 runs, so it guards the order across the switch rather than proving
+/// the marker is needed.)
 #[tokio::test]
 async fn a_stream_that_switches_from_redis_to_a_new_link_stays_in_order() {
     let Some(redis) = RedisServer::start() else {
@@ -1544,16 +1546,16 @@ async fn a_stream_that_switches_from_redis_to_a_new_link_stays_in_order() {
         "--resume-grace",
         GRACE,
         "--ws-messages-per-second",
-        "1000",
+        "2000",
         "--ws-message-burst",
-        "1000",
+        "2000",
     ];
     let a = cluster.start("node-a", &fast).await;
     let b = cluster.start("node-b", &fast).await;
     let mut w = Client::join(&cluster, a.https).await;
     let mut z = Client::join(&cluster, b.https).await;
     call(&mut w, &mut z).await;
-    // One candidate every 10 ms for up to 8 s, until node-a's link to node-b is up and has
+    // Eight candidates every 10 ms for up to 8 s, until node-a's link to node-b is up and has
     // carried some; node-b's client reads concurrently.
     let (w_id, z_id) = (w.id, z.id);
     let reader = tokio::spawn(async move {
@@ -1571,16 +1573,19 @@ async fn a_stream_that_switches_from_redis_to_a_new_link_stays_in_order() {
     let mut ticks = tokio::time::interval(Duration::from_millis(10));
     while started.elapsed() < Duration::from_secs(8) {
         ticks.tick().await;
-        w.candidate(z_id, sent).await;
-        sent += 1;
-        if sent % 20 == 0
-            && a.metric("callgate_cluster_sent_total{path=\"link\"}").await >= 50.0
-        {
+        // Back to back, so the node sends each the moment the one before is answered.
+        for _ in 0..8 {
+            w.candidate(z_id, sent).await;
+            sent += 1;
+        }
+        if sent % 40 == 0 && a.metric("callgate_cluster_sent_total{path=\"link\"}").await >= 200.0 {
             break;
         }
     }
     let numbers = reader.await.unwrap();
-    let by_redis = a.metric("callgate_cluster_sent_total{path=\"redis\"}").await;
+    let by_redis = a
+        .metric("callgate_cluster_sent_total{path=\"redis\"}")
+        .await;
     let by_link = a.metric("callgate_cluster_sent_total{path=\"link\"}").await;
     assert!(
         by_redis >= 1.0 && by_link >= 1.0,

@@ -1595,3 +1595,144 @@ async fn a_stream_that_switches_from_redis_to_a_new_link_stays_in_order() {
     assert_eq!(numbers, expected, "{w_id}'s {sent} candidates, in order");
     eprintln!("{sent} candidates: {by_redis} by Redis, then {by_link} on the link");
 }
+
+/// A link dialled by hand to `port` as node `me` with the cluster's secret: hellos and proofs
+/// exchanged; the link-start marker published on node-a's channel if `marker`, then node-a's
+/// `Ready` awaited (at most 8 s). The reader, the writer and the keys; `None` if no `Ready` came.
+async fn dial_by_hand(
+    port: SocketAddr,
+    redis: &RedisServer,
+    me: &str,
+    marker: bool,
+) -> (
+    tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>,
+    tokio::net::tcp::OwnedWriteHalf,
+    callgate::cluster::link::wire::Keys,
+    bool,
+) {
+    use callgate::cluster::bus::BusMessage;
+    use callgate::cluster::link::wire::{Frame, Hello, Keys, Role, HELLO_HEAD};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let stream = tokio::net::TcpStream::connect(port).await.unwrap();
+    let (rd, mut wr) = stream.into_split();
+    let mut rd = tokio::io::BufReader::new(rd);
+    let mine = Hello::new(me);
+    wr.write_all(&mine.encode()).await.unwrap();
+    let mut head = [0u8; HELLO_HEAD];
+    rd.read_exact(&mut head).await.unwrap();
+    let (nonce, len) = Hello::head(&head).unwrap();
+    let mut id = vec![0u8; len];
+    rd.read_exact(&mut id).await.unwrap();
+    let theirs = Hello::with_id(nonce, &id).unwrap();
+    assert_eq!(theirs.node, "node-a");
+    let mut keys = Keys::derive(nodes::SECRET.as_bytes(), Role::Dialer, &mine, &theirs);
+    let mut out = bytes::BytesMut::new();
+    keys.sealer.seal(&Frame::Proof, &mut out);
+    wr.write_all(&out).await.unwrap();
+    assert_eq!(read_sealed(&mut rd, &mut keys).await, Some(Frame::Proof));
+    if marker {
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg("cg:node:node-a")
+            .arg(&BusMessage::link_start(mine.nonce).encode()[..])
+            .query(&mut redis.client())
+            .unwrap();
+    }
+    let ready = tokio::time::timeout(Duration::from_secs(8), read_sealed(&mut rd, &mut keys))
+        .await
+        .expect("an answer or a close within 8 s");
+    (rd, wr, keys, ready == Some(Frame::Ready))
+}
+
+/// The next frame of a hand-dialled link, opened; `None` at its close.
+async fn read_sealed(
+    rd: &mut tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>,
+    keys: &mut callgate::cluster::link::wire::Keys,
+) -> Option<callgate::cluster::link::wire::Frame> {
+    use tokio::io::AsyncReadExt as _;
+    let len = rd.read_u32().await.ok()? as usize;
+    let mut body = vec![0u8; len];
+    rd.read_exact(&mut body).await.ok()?;
+    Some(
+        callgate::cluster::link::wire::Frame::decode(keys.opener.open(&mut body).unwrap()).unwrap(),
+    )
+}
+
+/// A link authenticated by hand against a real node: it says `Ready` only once the link-start
+/// marker has come through Redis (never without it: closed, `not_ready`); it acknowledges a frame
+/// of messages with one answer per message; a second link from the same node ID replaces the
+/// first (closed, `replaced`), so one link per peer.
+#[tokio::test]
+async fn a_link_is_ready_only_after_its_marker_and_one_peer_has_one_link() {
+    use callgate::cluster::bus::BusMessage;
+    use callgate::cluster::link::wire::Frame;
+    use callgate::cluster::publish::encode_batch;
+    use callgate::signaling::protocol::ClientId;
+    use tokio::io::AsyncWriteExt as _;
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let cluster = Cluster::new(redis.url());
+    let a = cluster.start("node-a", &[]).await;
+    let line = a
+        .wait_for_log("cluster links: accepting", Duration::from_secs(5))
+        .await;
+    let event: Value = serde_json::from_str(&line).unwrap();
+    let port: SocketAddr = event["fields"]["listen"]
+        .as_str()
+        .or_else(|| event["listen"].as_str())
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    let (_, _, _, ready) = dial_by_hand(port, &redis, "node-b", false).await;
+    assert!(!ready, "no marker, no ready");
+    assert_eq!(
+        a.metric("callgate_cluster_link_failures_total{reason=\"not_ready\"}")
+            .await,
+        1.0
+    );
+
+    let (mut rd, mut wr, mut keys, ready) = dial_by_hand(port, &redis, "node-b", true).await;
+    assert!(ready);
+    a.wait_for_metric(
+        "callgate_cluster_links{direction=\"in\"}",
+        |n| n == 1.0,
+        Duration::from_secs(2),
+    )
+    .await;
+    // Two kicks for IDs nobody holds, as one batch: both taken by node-a's inbox.
+    let kicks = [
+        BusMessage::kick(ClientId::new(111_111_111), 1).encode(),
+        BusMessage::kick(ClientId::new(222_222_222), 1).encode(),
+    ];
+    let mut out = bytes::BytesMut::new();
+    let n = keys
+        .sealer
+        .seal(&Frame::Messages(encode_batch(kicks.iter())), &mut out);
+    wr.write_all(&out).await.unwrap();
+    assert_eq!(
+        read_sealed(&mut rd, &mut keys).await,
+        Some(Frame::Ack {
+            frame: n,
+            taken: vec![true, true]
+        })
+    );
+
+    let (_rd2, _wr2, _keys2, ready) = dial_by_hand(port, &redis, "node-b", true).await;
+    assert!(ready);
+    assert_eq!(
+        read_sealed(&mut rd, &mut keys).await,
+        None,
+        "the older link is closed"
+    );
+    a.wait_for_metric(
+        "callgate_cluster_link_failures_total{reason=\"replaced\"}",
+        |n| n == 1.0,
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(
+        a.metric("callgate_cluster_links{direction=\"in\"}").await,
+        1.0
+    );
+}

@@ -535,7 +535,7 @@ settings! {
     cluster_listen: SocketAddr => cluster.listen;
 
     /// Address the other nodes dial for this node's link [default: cluster-listen; required when
-    /// that is 0.0.0.0 or [::]].
+    /// that is 0.0.0.0 or ::].
     #[arg(value_name = "ADDR")]
     cluster_advertise: SocketAddr => cluster.advertise;
 }

@@ -714,9 +714,10 @@ where
     }
 
     /// Publishes `message` on `node`'s channel, in one `PUBLISH` with whatever else is queued
-    /// for `node` meanwhile (see [`super::publish`]). `Ok(true)`: the node received it;
-    /// `Ok(false)`: nobody is subscribed (that node is gone or between reconnects) — hold it
-    /// instead.
+    /// for `node` meanwhile (see [`super::publish`]) — or, with a direct link to `node`
+    /// established, sends it on the link (no Redis round trip; see [`super::link`]), with the
+    /// same answers. `Ok(true)`: the node received it; `Ok(false)`: nobody is subscribed (that
+    /// node is gone or between reconnects, or its inbox left its channel) — hold it instead.
     pub async fn send(&self, node: &NodeId, message: &BusMessage) -> Result<bool, Unavailable> {
         let payload = message.encode();
         if let Some(links) = &self.links {

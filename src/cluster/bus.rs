@@ -1182,11 +1182,16 @@ mod tests {
             Err(PayloadError::UnknownServerKind(0x7f))
         );
         let mut flags = full.to_vec();
-        flags[1] |= 0x40;
+        flags[1] |= 0x80;
         assert_eq!(
             BusMessage::decode(Bytes::from(flags)),
-            Err(PayloadError::UnknownFlags(0x40))
+            Err(PayloadError::UnknownFlags(0x80))
         );
+        // 0x40 is the link-start marker (a direct link's nonce); it round-trips.
+        let marker = BusMessage::link_start([7; 32]);
+        let decoded = BusMessage::decode(marker.encode()).unwrap();
+        assert_eq!(decoded, marker);
+        assert_eq!(decoded.kind, BusKind::LinkStart);
         let mut unknown = full.to_vec();
         unknown[27] = 200;
         assert_eq!(

@@ -5,8 +5,8 @@
 //! handshake at once (one more is closed at once), each for at most [`HANDSHAKE`]; before the
 //! dialer's proof opens, this side has sent its hello and nothing else, and reads at most a hello
 //! and one frame of [`MAX_FRAME`](super::wire::MAX_FRAME) bytes. After the proof: one link per
-//! peer node (a newer one replaces the older), frames capped, any frame that does not open ends
-//! the link. Every refusal is one log line and `callgate_cluster_link_failures_total{reason}`.
+//! peer node (a newer one replaces the older), at most [`MAX_INCOMING`](super::MAX_INCOMING) peers, frames capped, any
+//! frame that does not open ends the link. Every refusal is one log line and `callgate_cluster_link_failures_total{reason}`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -101,7 +101,7 @@ async fn accepted(
     wr.write_all(&out).await?;
     out.clear();
 
-    let (generation, mut replaced) = links.accept_from(&peer);
+    let (generation, mut replaced) = links.accept_from(&peer).ok_or(LinkError::TooMany)?;
     tracing::info!(%peer, %from, "cluster link from {peer} established");
     links.metrics.incoming.inc();
     let mut buf = Vec::new();

@@ -50,6 +50,9 @@ use crate::metrics::Metrics;
 pub const HANDSHAKE: Duration = Duration::from_secs(5);
 /// Most incoming connections in their handshake at once; beyond that a new one is closed.
 pub const HANDSHAKES: usize = 32;
+/// Most incoming links at once (one per peer node): a cluster is far smaller; beyond this a new
+/// node's link is refused (it keeps using Redis).
+pub const MAX_INCOMING: usize = 256;
 /// Messages waiting for one link's writer.
 pub const QUEUE: usize = 4096;
 /// Messages waiting for this node's inbox from all links together.
@@ -326,14 +329,19 @@ impl Links {
     }
 
     /// Registers an incoming link from `node`, stopping the older one from that node if any.
-    /// Its number and the signal that a newer link replaced it.
-    fn accept_from(&self, node: &str) -> (u64, oneshot::Receiver<()>) {
+    /// Its number and the signal that a newer link replaced it; `None` when [`MAX_INCOMING`]
+    /// other nodes have one already.
+    fn accept_from(&self, node: &str) -> Option<(u64, oneshot::Receiver<()>)> {
         let generation = self.generation();
         let (stop, stopped) = oneshot::channel();
-        if let Some((_, older)) = lock(&self.incoming).insert(node.to_owned(), (generation, stop)) {
+        let mut incoming = lock(&self.incoming);
+        if incoming.len() >= MAX_INCOMING && !incoming.contains_key(node) {
+            return None;
+        }
+        if let Some((_, older)) = incoming.insert(node.to_owned(), (generation, stop)) {
             let _ = older.send(());
         }
-        (generation, stopped)
+        Some((generation, stopped))
     }
 
     /// The incoming link `generation` from `node` ended.
@@ -374,6 +382,9 @@ pub enum LinkError {
     /// The peer stopped acknowledging messages.
     #[error("the peer stopped acknowledging")]
     Stalled,
+    /// [`MAX_INCOMING`] other nodes have a link already.
+    #[error("{MAX_INCOMING} other nodes have a link already")]
+    TooMany,
 }
 
 impl LinkError {
@@ -385,6 +396,7 @@ impl LinkError {
             Self::Timeout | Self::Stalled => "timeout",
             Self::WrongPeer(_) => "hello",
             Self::NotReady => "not_ready",
+            Self::TooMany => "busy",
         }
     }
 }
@@ -417,4 +429,56 @@ where
     let mut id = vec![0u8; len];
     rd.read_exact(&mut id).await?;
     Ok(wire::Hello::with_id(nonce, &id)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn links() -> Arc<Links> {
+        let metrics = LinkMetrics::register(&Metrics::new());
+        Links::new(
+            "me",
+            &["0123456789abcdef0123"],
+            Duration::from_secs(1),
+            metrics,
+        )
+    }
+
+    /// One incoming link per peer (a newer one stops the older), at most [`MAX_INCOMING`] peers.
+    #[test]
+    fn incoming_links_are_one_per_peer_and_bounded() {
+        let links = links();
+        let (first, mut stopped) = links.accept_from("peer-0").unwrap();
+        let (second, _) = links.accept_from("peer-0").unwrap();
+        assert_ne!(first, second);
+        assert_eq!(stopped.try_recv(), Ok(()), "the older link is told to stop");
+        // The older one ending does not take the newer one out.
+        links.accepted_ended("peer-0", first);
+        assert!(lock(&links.incoming).contains_key("peer-0"));
+        for n in 1..MAX_INCOMING {
+            assert!(links.accept_from(&format!("peer-{n}")).is_some());
+        }
+        assert!(links.accept_from("one-too-many").is_none());
+        assert!(
+            links.accept_from("peer-7").is_some(),
+            "a known peer may replace its link"
+        );
+        links.accepted_ended("peer-0", second);
+        assert!(links.accept_from("one-too-many").is_some());
+    }
+
+    /// No link: the bus sends through Redis. A closed link: what was never written too.
+    #[tokio::test]
+    async fn without_an_open_link_a_message_goes_through_redis() {
+        let links = links();
+        assert_eq!(links.send("peer", Bytes::from_static(b"x")).await, None);
+        let (queue, rx) = mpsc::channel(1);
+        let generation = links.install("peer", queue);
+        assert!(links.has_link("peer"));
+        drop(rx);
+        assert_eq!(links.send("peer", Bytes::from_static(b"x")).await, None);
+        links.uninstall("peer", generation);
+        assert!(!links.has_link("peer"));
+    }
 }

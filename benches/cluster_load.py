@@ -4,6 +4,10 @@ without Redis vs two nodes sharing one redis-server, with every pair across the 
 within them (local); open loop, PAIRS pairs at RATE round trips/s; prints each run and the medians,
 with each process's CPU per forwarded message and the Redis commands of each run.
 
+The two nodes have direct links (cluster-listen): cross-node messages skip Redis. Two more nodes
+without links on the same Redis give `cross-redis` (every cross-node message a PUBLISH), to
+compare in one sitting; LINKS=0 runs only nodes without links (single, cross, local as before).
+
 Usage: cargo build --release --bin callgate --bin callgate-load
        python3 benches/cluster_load.py [ROUNDS=3] [PAIRS=500] [RATE=5000]
 Needs redis-server and redis-cli; binds only 127.0.0.1 ports the OS picks, and kills what it starts.
@@ -13,6 +17,8 @@ Environment (all optional):
                          compare before/after in one sitting) instead of target/release
   PIN_NODES=CPUS         run the nodes (and the single node) under `taskset -c CPUS`
   PIN_REST=CPUS          run redis-server and the load generator under `taskset -c CPUS`
+  LINKS=0                no direct links at all (default: a linked pair, and an unlinked pair for
+                         the cross-redis runs)
   PERF=1                 count, per process and per forwarded message, system calls (all, and the
                          socket ones) and context switches with `perf stat` (software events and
                          syscall tracepoints: they do not move with the machine's load)
@@ -65,14 +71,21 @@ try:
     time.sleep(0.5)
     single = node([])
     cl = ['--redis-url', f'redis://127.0.0.1:{rport}', '--static-auth-secret', 'perf-secret-0123456789abcdef', '--turn-host', '127.0.0.1']
-    a = node(cl + ['--node-id', 'perf-a'])
-    b = node(cl + ['--node-id', 'perf-b'])
-    time.sleep(2)
+    LINKS = os.environ.get('LINKS', '1') != '0'
+    link = lambda: ['--cluster-listen', f'127.0.0.1:{free()}'] if LINKS else []
+    a = node(cl + ['--node-id', 'perf-a'] + link())
+    b = node(cl + ['--node-id', 'perf-b'] + link())
+    if LINKS:
+        c = node(cl + ['--node-id', 'perf-c'])
+        d = node(cl + ['--node-id', 'perf-d'])
+    time.sleep(3)
     kinds = {
         'single': ([f'127.0.0.1:{single[0]}'], [single[1]], []),
         'cross': ([f'127.0.0.1:{a[0]}', f'127.0.0.1:{b[0]}'], [a[1], b[1], redis.pid], ['--placement', 'cross']),
         'local': ([f'127.0.0.1:{a[0]}', f'127.0.0.1:{b[0]}'], [a[1], b[1], redis.pid], ['--placement', 'local']),
     }
+    if LINKS:
+        kinds['cross-redis'] = ([f'127.0.0.1:{c[0]}', f'127.0.0.1:{d[0]}'], [c[1], d[1], redis.pid], ['--placement', 'cross'])
     results = {k: [] for k in kinds}
     def cmdstats():
         out = subprocess.run(['redis-cli', '-p', str(rport), 'info', 'commandstats'], capture_output=True, text=True).stdout

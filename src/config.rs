@@ -526,6 +526,18 @@ settings! {
     /// unique per node [default: the host name plus a random suffix].
     #[arg(value_name = "NAME")]
     node_id: String => cluster.node_id;
+
+    /// Address this node accepts direct links from the other nodes on, e.g. 10.0.0.5:7400: the
+    /// messages between nodes then skip Redis (authenticated and encrypted with
+    /// static-auth-secret). Keep it on a private network, firewalled to the nodes. Needs
+    /// redis-url and static-auth-secret. Unset: no links, every message through Redis.
+    #[arg(value_name = "ADDR")]
+    cluster_listen: SocketAddr => cluster.listen;
+
+    /// Address the other nodes dial for this node's link [default: cluster-listen; required when
+    /// that is 0.0.0.0 or ::].
+    #[arg(value_name = "ADDR")]
+    cluster_advertise: SocketAddr => cluster.advertise;
 }
 
 /// How a setting's layer value (what the user writes) becomes the field it sets, and back.
@@ -1043,6 +1055,11 @@ pub struct ClusterConfig {
     /// This node's unique name (Redis keys, membership, logs); filled with [`default_node_id`]
     /// when `redis-url` is set and it is not.
     pub node_id: Option<String>,
+    /// Where this node accepts direct links from the other nodes (`cluster-listen`); `None`: no
+    /// links, every message between nodes through Redis.
+    pub listen: Option<SocketAddr>,
+    /// What the other nodes dial for this node's link (`cluster-advertise`); `None`: `listen`.
+    pub advertise: Option<SocketAddr>,
 }
 
 impl ClusterConfig {
@@ -1051,7 +1068,41 @@ impl ClusterConfig {
         Some((self.redis_url.as_ref()?, self.node_id.as_deref()?))
     }
 
+    /// The address other nodes dial for this node's link, when it has one (the listener's own
+    /// when that is port 0 is filled in by the server).
+    pub fn link_advertise(&self) -> Option<SocketAddr> {
+        self.advertise.or(self.listen)
+    }
+
     fn check(&self) -> Result<(), ConfigError> {
+        if self.redis_url.is_none() && self.listen.is_some() {
+            return Err(invalid(
+                "cluster-listen",
+                "only means something in a cluster: set redis-url too",
+            ));
+        }
+        if self.listen.is_none() && self.advertise.is_some() {
+            return Err(invalid(
+                "cluster-advertise",
+                "only means something with cluster-listen",
+            ));
+        }
+        if self.advertise.is_none() && self.listen.is_some_and(|l| l.ip().is_unspecified()) {
+            return Err(invalid(
+                "cluster-advertise",
+                "is required when cluster-listen is 0.0.0.0 or [::]: the other nodes need an \
+                 address of this node they can reach",
+            ));
+        }
+        if self
+            .advertise
+            .is_some_and(|a| a.ip().is_unspecified() || a.port() == 0)
+        {
+            return Err(invalid(
+                "cluster-advertise",
+                "must be an address and port the other nodes can dial",
+            ));
+        }
         match (&self.redis_url, &self.node_id) {
             (None, Some(_)) => Err(invalid(
                 "node-id",
@@ -1322,6 +1373,13 @@ impl Config {
                      TURN address, since media must reach the relay that holds the allocation",
                 ));
             }
+        }
+        if self.cluster.listen.is_some() && self.turn.relay.auth_secrets.is_empty() {
+            return Err(invalid(
+                "static-auth-secret",
+                "is required with cluster-listen: the nodes authenticate their links and derive \
+                 the links' keys from it",
+            ));
         }
         if self.acme.enabled() && self.tls.cert.is_some() {
             return Err(invalid(
@@ -1876,6 +1934,59 @@ mod tests {
         let printed = config.to_toml();
         assert!(!printed.contains("hunter2"), "{printed}");
         assert!(printed.contains("redis://***@10.0.0.5:6379/0"), "{printed}");
+    }
+
+    #[test]
+    fn cluster_links_need_a_cluster_a_secret_and_a_dialable_address() {
+        let base = ["--turn", "false"];
+        let with = |extra: &[&str]| {
+            let mut args = base.to_vec();
+            args.extend_from_slice(extra);
+            Config::from_options(parse(&args)).map_err(|e| e.to_string())
+        };
+        let url = ["--redis-url", "redis://10.0.0.5:6379"];
+        let secret = ["--static-auth-secret", "0123456789abcdef0123"];
+        let listen = |addr| ["--cluster-listen", addr];
+        fn join<'a>(parts: &[&[&'a str]]) -> Vec<&'a str> {
+            parts.concat()
+        }
+        assert!(with(&listen("10.0.0.1:7400"))
+            .unwrap_err()
+            .starts_with("cluster-listen: only means something in a cluster"));
+        assert!(with(&join(&[&url, &listen("10.0.0.1:7400")]))
+            .unwrap_err()
+            .starts_with("static-auth-secret: is required with cluster-listen"));
+        let config = with(&join(&[&url, &secret, &listen("10.0.0.1:7400")])).unwrap();
+        assert_eq!(
+            config.cluster.link_advertise(),
+            Some("10.0.0.1:7400".parse().unwrap())
+        );
+        assert!(with(&join(&[&url, &secret, &listen("0.0.0.0:7400")]))
+            .unwrap_err()
+            .starts_with("cluster-advertise: is required when cluster-listen is 0.0.0.0"));
+        let advertised = join(&[
+            &url,
+            &secret,
+            &listen("[::]:7400"),
+            &["--cluster-advertise", "10.0.0.1:7400"],
+        ]);
+        assert_eq!(
+            with(&advertised).unwrap().cluster.link_advertise(),
+            Some("10.0.0.1:7400".parse().unwrap())
+        );
+        assert!(
+            with(&join(&[&url, &["--cluster-advertise", "10.0.0.1:7400"]]))
+                .unwrap_err()
+                .starts_with("cluster-advertise: only means something with cluster-listen")
+        );
+        // Without it: no links, as before.
+        assert_eq!(with(&url).unwrap().cluster.listen, None);
+        // The TOML keys and the environment variables.
+        let toml: Options = toml::from_str(
+            "redis-url = \"redis://10.0.0.5:6379\"\ncluster-listen = \"10.0.0.1:7400\"",
+        )
+        .unwrap();
+        assert!(toml.cluster_listen.is_some());
     }
 
     #[test]

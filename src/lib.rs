@@ -15,7 +15,7 @@
 //! | `tls/` | certificate loading (`load`), dev-certificate generation (`dev_cert`), hot reload (`reload`) |
 //! | `http/` | accept loop with admission (per-address and global caps) and timeouts (`mod`), idle/stall/close limits of a connection (`lifetime`), PROXY protocol (`proxy_protocol`), routes and `/api/turn-credentials` (`routes`), the WebSocket upgrade with its origin check and ICE servers (`websocket`), static files held in memory (`static_files`) and the range policy (`ranges`), security headers, the redirect listener, the metrics listener (`admin`) |
 //! | `signaling/` | upgraded WebSocket sessions (`session`) and what they report (`observer`), their frames (`wire`) and send queues (`outbox`), the call rules without I/O (`hub`) and what applies them (`router`), wire messages (`protocol`), the shared ID table (`registry`), this node's IDs (`connections`), other nodes' IDs (`bus`) |
-//! | `cluster/` | scale-out over Redis (`redis-url`): the shared connection with its metrics (`redis`), node membership, heartbeats and drain (`nodes`), the Redis registry and bus (see its own Layout) |
+//! | `cluster/` | scale-out over Redis (`redis-url`): the shared connection with its metrics (`redis`), node membership, heartbeats and drain (`nodes`), the Redis registry and bus, direct links between nodes (`link`, `cluster-listen`) (see its own Layout) |
 //! | `turn/` | the embedded TURN relay: a front layer before the `turn` crate's engine (see its own Layout) |
 //!
 //! Dependencies point down: `server` → `http` → (`signaling`, `metrics`, `turn::credentials`);

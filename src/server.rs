@@ -16,6 +16,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::acme::{self, Acme, AcmeMetrics};
 use crate::cluster;
+use crate::cluster::link::{self, LinkMetrics, Links};
 use crate::cluster::node::ClusterMetrics;
 use crate::cluster::node::NodeRouter;
 use crate::cluster::nodes::{BusReaders, Membership, NodeInfo, NodeMetrics, BUS_READS};
@@ -120,6 +121,9 @@ pub struct Server {
     cluster_hub: Option<Arc<NodeRouter>>,
     /// Which nodes read batch payloads: filled by membership, asked by the router's bus.
     bus_readers: BusReaders,
+    /// Direct links between nodes (`cluster-listen`): the bound listener and the links the
+    /// router's bus sends on.
+    cluster_links: Option<(TcpListener, Arc<Links>)>,
 }
 
 impl Server {
@@ -217,6 +221,19 @@ impl Server {
         // A cluster node's router runs on Redis (and its tasks start with the server); a single
         // node's is the memory registry with no bus, exactly as before.
         let bus_readers = BusReaders::default();
+        let link_metrics = LinkMetrics::register(&metrics);
+        let cluster_links = match (config.cluster.listen, config.cluster.enabled()) {
+            (Some(addr), Some((_, node_id))) => Some((
+                bind("cluster-listen", addr).await?,
+                Links::new(
+                    node_id,
+                    &config.turn.relay.auth_secrets,
+                    cluster::node::BUS_TIMEOUT,
+                    link_metrics,
+                ),
+            )),
+            _ => None,
+        };
         let (sessions, cluster_hub): (Arc<dyn SessionRunner>, _) =
             match (&redis, config.cluster.enabled()) {
                 (Some(redis), Some((_, node_id))) => {
@@ -227,6 +244,7 @@ impl Server {
                             config.signaling.limits.clone(),
                             cluster_metrics,
                             bus_readers.clone(),
+                            cluster_links.as_ref().map(|(_, links)| links.clone()),
                         )
                         .with_observer(metrics.clone()),
                     );
@@ -294,6 +312,7 @@ impl Server {
             node_metrics,
             cluster_hub,
             bus_readers,
+            cluster_links,
         })
     }
 
@@ -346,7 +365,17 @@ impl Server {
             node_metrics,
             cluster_hub,
             bus_readers,
+            cluster_links,
         } = self;
+        // Where the other nodes dial this node's link: cluster-advertise, else the bound
+        // cluster-listen (its real port when that was 0).
+        let link_address = cluster_links.as_ref().and_then(|(listener, _)| {
+            config
+                .cluster
+                .advertise
+                .or_else(|| listener.local_addr().ok())
+                .map(|addr| addr.to_string())
+        });
         let membership = match (config.cluster.enabled(), redis) {
             (Some((_, node_id)), Some(redis)) => Some(Membership::start(
                 redis,
@@ -362,6 +391,7 @@ impl Server {
                     }),
                     draining: false,
                     bus_reads: BUS_READS,
+                    link: link_address.clone(),
                 },
                 config.signaling.limits.resume_grace,
                 node_metrics,
@@ -370,6 +400,24 @@ impl Server {
             _ => None,
         };
         if let Some(hub) = cluster_hub {
+            if let (Some((listener, links)), Some(membership)) = (cluster_links, &membership) {
+                tracing::info!(
+                    listen = %listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
+                    advertised = link_address.as_deref().unwrap_or_default(),
+                    "cluster links: accepting links from the other nodes"
+                );
+                tokio::spawn(link::accept::serve(
+                    listener,
+                    links.clone(),
+                    controller.handle(),
+                ));
+                tokio::spawn(link::dial::run(
+                    links,
+                    hub.bus().routes().bus().clone(),
+                    membership.alive(),
+                    controller.handle(),
+                ));
+            }
             cluster::node::spawn(hub, &controller.handle());
         }
         tokio::spawn(expire_reservations(signaling, controller.handle()));

@@ -55,6 +55,7 @@ fn heartbeat(redis: &RedisServer, id: &str, bus_reads: u8, readers: BusReaders) 
             turn: None,
             draining: false,
             bus_reads,
+            link: None,
         },
         Duration::from_secs(30),
         NodeMetrics::register(&metrics),

@@ -947,6 +947,7 @@ async fn messages_queued_behind_a_publish_share_one_and_each_sender_gets_its_ans
         turn: None,
         draining: false,
         bus_reads: BUS_READS,
+        link: None,
     }]);
     let mut inbox = s.bus.subscribe(&n1, 1024);
     assert!(matches!(

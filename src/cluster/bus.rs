@@ -22,7 +22,7 @@
 //! The payload is a small versioned binary record ([`BusMessage::encode`]); the frame inside is
 //! the unsealed JSON, since sequence numbers are given by the node that holds the ID.
 
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
@@ -32,6 +32,7 @@ use redis::Script;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use super::link::Links;
 use super::nodes::BusReaders;
 use super::publish::{Publisher, BATCH_VERSION};
 use super::types::{CallState, NodeId, Unavailable};
@@ -86,6 +87,10 @@ pub enum BusKind {
     /// A marker in a held stream: the recipient's old home had to drop the `seq` range in the
     /// frame (two u64, first and last), which its client has not been told yet.
     Missed,
+    /// On a node's channel only: a node that just opened a direct link to this one (see
+    /// [`super::link`]) published it behind everything it published here before; the frame is
+    /// the link's nonce. Once the inbox reads it, the link may carry messages in order.
+    LinkStart,
 }
 
 /// Where a kicked connection's log goes: the node that resumed the ID, under its new epoch.
@@ -209,6 +214,8 @@ impl BusMessage {
     const FLUSHED: u8 = 16;
     /// Flag: a [`BusKind::Missed`] marker.
     const MISSED: u8 = 32;
+    /// Flag: a [`BusKind::LinkStart`] marker.
+    const LINK_START: u8 = 64;
     /// The longest header: version, flags, server kind, recipient, epoch, origin, call.
     const MAX_HEADER: usize = 1 + 1 + 1 + 8 + 8 + 9 + 9;
 
@@ -301,6 +308,20 @@ impl BusMessage {
         }
     }
 
+    /// The link-start marker of the direct link whose dialer's nonce is `nonce` (see
+    /// [`BusKind::LinkStart`]).
+    pub fn link_start(nonce: [u8; 32]) -> Self {
+        Self {
+            kind: BusKind::LinkStart,
+            to: ClientId::new(0),
+            epoch: Some(0),
+            origin: None,
+            call: None,
+            server_kind: ServerKind::Pong,
+            frame: Bytes::copy_from_slice(&nonce),
+        }
+    }
+
     /// The range a [`BusKind::Missed`] marker names.
     pub fn missed_range(&self) -> Option<(u64, u64)> {
         if self.kind != BusKind::Missed || self.frame.len() != 16 {
@@ -337,6 +358,7 @@ impl BusMessage {
             BusKind::Kick => Self::KICK,
             BusKind::Flushed => Self::FLUSHED,
             BusKind::Missed => Self::MISSED,
+            BusKind::LinkStart => Self::LINK_START,
         };
         out.put_u8(Self::VERSION);
         out.put_u8(flags);
@@ -386,7 +408,8 @@ impl BusMessage {
                 | Self::HAS_CALL
                 | Self::KICK
                 | Self::FLUSHED
-                | Self::MISSED);
+                | Self::MISSED
+                | Self::LINK_START);
         if unknown != 0 {
             return Err(PayloadError::UnknownFlags(unknown));
         }
@@ -427,11 +450,12 @@ impl BusMessage {
         } else {
             None
         };
-        let kind = match flags & (Self::KICK | Self::FLUSHED | Self::MISSED) {
+        let kind = match flags & (Self::KICK | Self::FLUSHED | Self::MISSED | Self::LINK_START) {
             0 => BusKind::Deliver,
             Self::KICK => BusKind::Kick,
             Self::FLUSHED => BusKind::Flushed,
             Self::MISSED => BusKind::Missed,
+            Self::LINK_START => BusKind::LinkStart,
             both => return Err(PayloadError::UnknownFlags(both)),
         };
         if kind != BusKind::Deliver && epoch.is_none() {
@@ -628,6 +652,9 @@ pub struct RedisBus<C = ConnectionManager> {
     publisher: Publisher<C>,
     /// Caps and timeouts.
     settings: BusSettings,
+    /// Direct links to other nodes (`cluster-listen`): a node with one established gets its
+    /// messages there instead of by `PUBLISH`.
+    links: Option<Arc<Links>>,
 }
 
 impl<C> RedisBus<C>
@@ -659,17 +686,47 @@ where
             publisher: Publisher::new(conn.clone(), settings.timeout).batching(batches),
             conn,
             settings,
+            links: None,
         }
     }
 
-    /// Publishes `message` on `node`'s channel, in one `PUBLISH` with whatever else is queued
-    /// for `node` meanwhile (see [`super::publish`]). `Ok(true)`: the node received it;
-    /// `Ok(false)`: nobody is subscribed (that node is gone or between reconnects) — hold it
-    /// instead.
-    pub async fn send(&self, node: &NodeId, message: &BusMessage) -> Result<bool, Unavailable> {
+    /// Sends to a node with an established direct link on that link (see [`super::link`]).
+    pub fn with_links(mut self, links: Arc<Links>) -> Self {
+        self.links = Some(links);
+        self
+    }
+
+    /// The direct links, if this node has them.
+    pub fn links(&self) -> Option<&Arc<Links>> {
+        self.links.as_ref()
+    }
+
+    /// Publishes `message` on `node`'s channel even when a link to it is up: the link-start
+    /// marker, which must follow what was published before it.
+    pub async fn publish_only(
+        &self,
+        node: &NodeId,
+        message: &BusMessage,
+    ) -> Result<bool, Unavailable> {
         self.publisher
             .publish(&node_channel(node), message.encode())
             .await
+    }
+
+    /// Publishes `message` on `node`'s channel, in one `PUBLISH` with whatever else is queued
+    /// for `node` meanwhile (see [`super::publish`]) — or, with a direct link to `node`
+    /// established, sends it on the link (no Redis round trip; see [`super::link`]), with the
+    /// same answers. `Ok(true)`: the node received it; `Ok(false)`: nobody is subscribed (that
+    /// node is gone or between reconnects, or its inbox left its channel) — hold it instead.
+    pub async fn send(&self, node: &NodeId, message: &BusMessage) -> Result<bool, Unavailable> {
+        let payload = message.encode();
+        if let Some(links) = &self.links {
+            if let Some(answer) = links.send(node.as_str(), payload.clone()).await {
+                return answer;
+            }
+            links.metrics().by_redis.inc();
+        }
+        self.publisher.publish(&node_channel(node), payload).await
     }
 
     /// Holds `message` for its recipient's next resume, if the recipient exists at the epoch it
@@ -1125,11 +1182,16 @@ mod tests {
             Err(PayloadError::UnknownServerKind(0x7f))
         );
         let mut flags = full.to_vec();
-        flags[1] |= 0x40;
+        flags[1] |= 0x80;
         assert_eq!(
             BusMessage::decode(Bytes::from(flags)),
-            Err(PayloadError::UnknownFlags(0x40))
+            Err(PayloadError::UnknownFlags(0x80))
         );
+        // 0x40 is the link-start marker (a direct link's nonce); it round-trips.
+        let marker = BusMessage::link_start([7; 32]);
+        let decoded = BusMessage::decode(marker.encode()).unwrap();
+        assert_eq!(decoded, marker);
+        assert_eq!(decoded.kind, BusKind::LinkStart);
         let mut unknown = full.to_vec();
         unknown[27] = 200;
         assert_eq!(

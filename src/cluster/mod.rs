@@ -17,6 +17,7 @@
 //! | `route.rs` | [`route::Routes`]: delivery to an ID on another node — cached route, one `PUBLISH`, or the held stream |
 //! | `types.rs` | the registry's vocabulary (hubcore's types) plus `Unavailable` and `BindingError` for the Redis code |
 //! | `calls.rs` | [`calls::ClusterRegistry`]: the hub's `Registry` over Redis, with this node's live IDs' call states cached so relays cost no round trip |
+//! | `link/` | [`link::Links`]: direct, authenticated, encrypted TCP links between nodes (`cluster-listen`) carrying what `PUBLISH` carries, with no Redis round trip; Redis stays the path to a node without one (see its own Layout) |
 //! | `node.rs` | a node's router over Redis ([`node::NodeRouter`]), its `Bus`, and its tasks: inbox (deliver, hold, kick), lease refresh and peer-gone check, orphan sweep |
 //!
 //! Every key this module writes has a TTL or a bound (see docs/OPERATIONS.md, "Running several
@@ -25,6 +26,7 @@
 
 pub mod bus;
 pub mod calls;
+pub mod link;
 pub mod node;
 pub mod nodes;
 pub mod publish;

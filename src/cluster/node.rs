@@ -36,6 +36,7 @@ use super::bus::{
     self, BusEvent, BusKind, BusMessage, BusSettings, Flushed, Hold, RedisBus, Subscription,
 };
 use super::calls::ClusterRegistry;
+use super::link::Links;
 use super::nodes::BusReaders;
 use super::redis::{Redis, RedisConnection};
 use super::registry::{RedisRegistry, RegistrySettings};
@@ -72,6 +73,10 @@ const RESUBSCRIBE_SECOND_LOOK: Duration = Duration::from_secs(2);
 /// How long a resume waits for the node that held the ID live to hand over what it held; past
 /// this, that node counts as failed (what it had not had confirmed is reported lost).
 const HANDOVER_WAIT: Duration = Duration::from_secs(2);
+
+/// Longest wait for one Redis operation of the registry or the bus, and for a message's answer
+/// from another node (by `PUBLISH` or a direct link).
+pub const BUS_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Events waiting between the subscription task and the inbox.
 const INBOX_CAPACITY: usize = 1024;
@@ -263,7 +268,7 @@ where
             match message.kind {
                 BusKind::Deliver => held.messages.push(message.into_envelope()),
                 BusKind::Missed => held.missed = merge(held.missed, message.missed_range()),
-                BusKind::Kick | BusKind::Flushed => {}
+                BusKind::Kick | BusKind::Flushed | BusKind::LinkStart => {}
             }
         }
         Ok(held)
@@ -333,16 +338,18 @@ where
 }
 
 /// Everything a cluster node's signaling needs, made from the node's Redis connection; its bus
-/// batches only to the nodes `readers` (filled by membership) says read batches.
+/// batches only to the nodes `readers` (filled by membership) says read batches, and sends on
+/// `links` to the nodes it has a direct link to.
 pub fn router(
     redis: &Redis,
     node: NodeId,
     limits: SignalingLimits,
     metrics: ClusterMetrics,
     readers: BusReaders,
+    links: Option<Arc<Links>>,
 ) -> NodeRouter {
     let grace = limits.resume_grace;
-    let timeout = Duration::from_secs(1);
+    let timeout = BUS_TIMEOUT;
     let registry = RedisRegistry::new(
         redis.connection(),
         RegistrySettings {
@@ -363,6 +370,10 @@ pub fn router(
         },
         readers,
     );
+    let bus = match links {
+        Some(links) => bus.with_links(links),
+        None => bus,
+    };
     let routes = Routes::new(
         registry.clone(),
         bus,
@@ -394,7 +405,18 @@ fn refresh_period(grace: Duration) -> Duration {
 pub fn spawn(router: Arc<NodeRouter>, shutdown: &Shutdown) {
     let node = router.hub().node().clone();
     let subscription = router.bus().routes().bus().subscribe(&node, INBOX_CAPACITY);
-    tokio::spawn(inbox(router.clone(), subscription, shutdown.clone()));
+    let linked = router
+        .bus()
+        .routes()
+        .bus()
+        .links()
+        .and_then(|links| links.take_inbox());
+    tokio::spawn(inbox(
+        router.clone(),
+        subscription,
+        linked,
+        shutdown.clone(),
+    ));
     tokio::spawn(leases(router.clone(), shutdown.clone()));
     tokio::spawn(reconcile(router.clone(), shutdown.clone()));
     tokio::spawn(orphans(router, shutdown.clone()));
@@ -409,12 +431,26 @@ pub fn spawn(router: Arc<NodeRouter>, shutdown: &Shutdown) {
 /// subscription leaves the channel cleanly, everything Redis sent before that is handled, and
 /// only then does the inbox end; from then on senders find no subscriber and hold the messages
 /// themselves. (Before, the inbox ended at the signal and what was in flight to it was lost.)
-async fn inbox(router: Arc<NodeRouter>, mut subscription: Subscription, mut shutdown: Shutdown) {
+///
+/// Messages from direct links (`linked`, see [`super::link`]) are read before the
+/// subscription's: one a link acknowledged is handled before anything its sender publishes
+/// after the link broke. Leaving the channel closes them too (links answer "nobody" from then).
+async fn inbox(
+    router: Arc<NodeRouter>,
+    mut subscription: Subscription,
+    mut linked: Option<tokio::sync::mpsc::Receiver<BusMessage>>,
+    mut shutdown: Shutdown,
+) {
     let mut draining: Option<Instant> = None;
     let mut unsubscribed = false;
     let mut check = tokio::time::interval(INBOX_DRAIN_CHECK);
     loop {
         let event = tokio::select! {
+            biased;
+            Some(message) = next_linked(&mut linked) => {
+                receive(&router, message).await;
+                continue;
+            }
             _ = shutdown.recv(), if draining.is_none() => {
                 draining = Some(Instant::now());
                 continue;
@@ -426,6 +462,9 @@ async fn inbox(router: Arc<NodeRouter>, mut subscription: Subscription, mut shut
                 if settled || since >= INBOX_DRAIN_MAX {
                     tracing::debug!(?since, "cluster inbox leaving its channel");
                     subscription.unsubscribe();
+                    if let Some(linked) = &mut linked {
+                        linked.close();
+                    }
                     unsubscribed = true;
                 }
                 continue;
@@ -433,7 +472,16 @@ async fn inbox(router: Arc<NodeRouter>, mut subscription: Subscription, mut shut
             event = subscription.next() => event,
         };
         match event {
-            None => return,
+            None => {
+                // Left the channel: what the links took before closing is handled too.
+                if let Some(linked) = &mut linked {
+                    linked.close();
+                    while let Some(message) = linked.recv().await {
+                        receive(&router, message).await;
+                    }
+                }
+                return;
+            }
             Some(BusEvent::Subscribed { resumed: false }) => {
                 tracing::info!(node = %router.hub().node(), "cluster inbox subscribed");
             }
@@ -452,6 +500,17 @@ async fn inbox(router: Arc<NodeRouter>, mut subscription: Subscription, mut shut
             }
             Some(BusEvent::Message(message)) => receive(&router, message).await,
         }
+    }
+}
+
+/// The next message from the direct links; never, without links; `None` once they are closed
+/// and read to the end.
+async fn next_linked(
+    linked: &mut Option<tokio::sync::mpsc::Receiver<BusMessage>>,
+) -> Option<BusMessage> {
+    match linked {
+        Some(linked) => linked.recv().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -515,6 +574,11 @@ async fn receive(router: &NodeRouter, message: BusMessage) {
         }
         // Only ever in held streams.
         BusKind::Missed => {}
+        BusKind::LinkStart => {
+            if let Some(links) = router.bus().routes().bus().links() {
+                links.started(&message.frame);
+            }
+        }
         BusKind::Deliver => {
             router.bus().metrics.received.inc();
             let (to, epoch) = (message.to, message.epoch);

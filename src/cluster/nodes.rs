@@ -65,6 +65,11 @@ pub struct NodeInfo {
     /// (0) from the heartbeat of a node older than this field, which reads version 2 only.
     #[serde(default)]
     pub bus_reads: u8,
+    /// Where the node accepts direct links from the other nodes (`cluster-advertise`), if it
+    /// does. Absent from the heartbeat of a node without `cluster-listen` or older than this
+    /// field: such a node gets every message by `PUBLISH`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
 }
 
 /// The payload version each alive node reads, by node ID, from the last heartbeat: written by
@@ -325,6 +330,7 @@ mod tests {
             turn: Some("a.example.com".into()),
             draining: true,
             bus_reads: BUS_READS,
+            link: None,
         })
         .unwrap();
         let listed = vec!["a".into(), good, "b".into(), "{not json".into()];
@@ -345,6 +351,7 @@ mod tests {
             turn: None,
             draining: false,
             bus_reads: BUS_READS,
+            link: None,
         })
         .unwrap();
         let alive = parse_alive(&["old".into(), old.into(), "new".into(), new.clone()]);

@@ -3,7 +3,8 @@
 //! nobody is live for it. This is the cluster side of hubcore's `Bus::send(to, envelope)`.
 //!
 //! Between two peers that keep talking the route is cached, so a relayed message costs one
-//! `PUBLISH` and no registry read. A cached route goes stale when the ID moves; that is noticed
+//! `PUBLISH` and no registry read (and no Redis round trip at all on a direct link between the
+//! two nodes, `cluster-listen`: see [`super::link`]). A cached route goes stale when the ID moves; that is noticed
 //! when the node named is gone (`PUBLISH` reaches nobody) or the held stream answers that the
 //! epoch moved, and otherwise bounded by the cache's TTL (a node that receives a message for an
 //! epoch it no longer holds forwards it). The cache is bounded in entries.

@@ -31,6 +31,9 @@ pub struct Cluster {
     pub redis_url: String,
     /// Extra environment variables for every node.
     env: Vec<(String, String)>,
+    /// Whether nodes open direct links to each other (`--cluster-listen 127.0.0.1:0`): on
+    /// unless [`Cluster::without_links`] or a node's own flags say otherwise.
+    links: bool,
 }
 
 impl Cluster {
@@ -42,7 +45,14 @@ impl Cluster {
             dir,
             redis_url,
             env: Vec::new(),
+            links: true,
         }
+    }
+
+    /// Nodes started from now on have no direct links: every message between them goes through
+    /// Redis (`PUBLISH`), as without `cluster-listen`.
+    pub fn without_links(&mut self) {
+        self.links = false;
     }
 
     /// A cluster whose Redis is not started yet: `redis_url` is set once it is.
@@ -91,8 +101,6 @@ impl Cluster {
                 "0",
                 "--turn-host",
                 "127.0.0.1",
-                "--static-auth-secret",
-                SECRET,
                 "--log-format",
                 "json",
                 "--log-level",
@@ -102,6 +110,19 @@ impl Cluster {
                 "--node-id",
                 id,
             ])
+            // The shared secret and a direct link listener, unless the test says otherwise.
+            .args(
+                (!extra.contains(&"--static-auth-secret"))
+                    .then_some(["--static-auth-secret", SECRET])
+                    .into_iter()
+                    .flatten(),
+            )
+            .args(
+                (self.links && !extra.contains(&"--cluster-listen"))
+                    .then_some(["--cluster-listen", "127.0.0.1:0"])
+                    .into_iter()
+                    .flatten(),
+            )
             // No plain-HTTP listener unless the test asks for one.
             .args(
                 (!extra.contains(&"--http-listen"))

@@ -245,7 +245,13 @@ where
 
     /// Renews this node's live IDs' leases (see [`RedisRegistry::refresh`]); after an outage,
     /// reconciles instead (which renews them too).
-    pub async fn refresh_leases(&self, node: &NodeId) -> Result<Refreshed, Unavailable> {
+    ///
+    /// Records each live ID's `high_water` too (see [`RedisRegistry::refresh_recording`]).
+    pub async fn refresh_leases(
+        &self,
+        node: &NodeId,
+        high_water: impl Fn(Binding) -> Option<u64>,
+    ) -> Result<Refreshed, Unavailable> {
         if self.needs_reconcile() {
             let done = self.reconcile().await?;
             return Ok(Refreshed {
@@ -255,7 +261,7 @@ where
             });
         }
         let live = self.live();
-        match self.redis.refresh(node, &live).await {
+        match self.redis.refresh_recording(node, &live, high_water).await {
             Ok(refreshed) => {
                 if refreshed.restored > 0 {
                     // Put back idle and without a token: the next reconcile writes both.

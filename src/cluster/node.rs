@@ -12,7 +12,9 @@
 //!   channel cleanly (nothing Redis counted as received is dropped unread).
 //! - **leases**: every `grace / 3`, this node's live IDs' keys are renewed (one pipelined round
 //!   trip per 256 IDs); bindings Redis no longer gives to this node are closed so their clients
-//!   resume. The same pass asks, in one pipelined round trip, whether each local client's call
+//!   resume. Each renewal also records what was numbered for each acknowledging client (its
+//!   delivery record), so a resume elsewhere after this node dies can tell a quiet call lost
+//!   nothing (see `lua/resume.lua`). The same pass asks, in one pipelined round trip, whether each local client's call
 //!   peer on another node is still held anywhere: a peer whose ID no node holds any more in two
 //!   passes in a row (its node died and nobody resumed it) ends the call, and the client is told
 //!   `close-call-server` (`peer_gone`).
@@ -655,7 +657,8 @@ async fn leases(router: Arc<NodeRouter>, mut shutdown: Shutdown) {
             _ = shutdown.recv() => return,
             _ = ticks.tick() => {}
         }
-        match registry.refresh_leases(&node).await {
+        let high_water = |binding| router.connections().high_water(binding);
+        match registry.refresh_leases(&node, high_water).await {
             Ok(refreshed) => {
                 for binding in refreshed.lost {
                     registry.forget(binding);

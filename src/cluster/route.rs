@@ -118,7 +118,7 @@ where
         for _ in 0..ATTEMPTS {
             let route = match self.cached(to) {
                 Some(route) => route,
-                None => match self.registry.locate(to).await {
+                None => match self.registry.locate_to_send(to).await {
                     Ok(Some(at)) => self.remember(to, at.node, at.epoch, at.live),
                     Ok(None) => return Ok(BusDelivery::NoSuchClient),
                     Err(_) => return Ok(BusDelivery::Unavailable),

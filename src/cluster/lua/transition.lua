@@ -35,6 +35,8 @@ if t == 'offer' then
   end
   redis.call('HSET', KEYS[1], 'phase', 'calling', 'peer', other)
   redis.call('HSET', KEYS[2], 'phase', 'called', 'peer', me)
+  -- The callee is sent the offer (maybe by this very node, with no route read): see locate.lua.
+  redis.call('HSET', KEYS[2], 'in_at', now_ms())
   applied()
   return { 1, 'calling', other }
 end

@@ -631,7 +631,8 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
     /// the backlog, in order, before anything sent to it since. A dead old home's unconfirmed
     /// messages are unknown: the client is told `"missed":[last_seq+1,null]` and its call peer
     /// (the only client that could have sent it anything) `undelivered` with `node_failed` —
-    /// unless the dead home's last delivery record ([`Takeover::quiet_through`](super::registry::Takeover::quiet_through)) shows the client
+    /// unless the dead home's last delivery record
+    /// ([`Takeover::quiet_through`](super::registry::Takeover::quiet_through)) shows the client
     /// processed everything it was sent.
     async fn take_over_from_elsewhere(
         &self,

@@ -1155,6 +1155,46 @@ async fn a_hang_up_redis_runs_after_its_sender_was_told_it_failed_ends_the_call_
     x.quiet(Duration::from_millis(200)).await;
 }
 
+/// Issue 13: a client whose hang-up Redis runs late leaves (its socket breaks) before Redis
+/// answers again. Its node still settles the hang-up when Redis returns: the peer is told at once,
+/// while the ID is still reserved, and the client hears it when it resumes. (Before, the unsettled
+/// hang-up was forgotten when the client left, and the peer sat in a call Redis said was over
+/// until the ID's reservation ran out.)
+#[tokio::test]
+async fn a_hang_up_redis_runs_late_after_its_sender_left_is_settled_when_redis_returns() {
+    let Some((redis, cluster, a, b)) = two_nodes().await else {
+        return;
+    };
+    let mut x = Client::join(&cluster, a.https).await;
+    let mut z = Client::join(&cluster, b.https).await;
+    call(&mut x, &mut z).await;
+
+    redis.pause();
+    hang_up(&mut x, z.id).await;
+    x.expect_error("cluster_unavailable").await;
+    let Client { ws, id, token } = x;
+    drop(ws);
+    const DEPARTED: &str = r#"callgate_cluster_unsettled{kind="departures"}"#;
+    a.wait_for_metric(DEPARTED, |n| n == 1.0, Duration::from_secs(5))
+        .await;
+
+    redis.resume();
+    let ended = z.expect("close-call-server").await;
+    assert_eq!(ended["clientId"].as_u64(), Some(id), "{ended}");
+    assert_eq!(
+        id_field(&redis, id, "live").as_deref(),
+        Some("0"),
+        "the peer must be told while the ID is still reserved, not when it runs out"
+    );
+    let (mut x, _) = Client::resumed(&cluster, b.https, id, &token).await;
+    let ended = x.expect("close-call-server").await;
+    assert_eq!(ended["clientId"].as_u64(), Some(z.id), "{ended}");
+    a.wait_for_metric(DEPARTED, |n| n == 0.0, Duration::from_secs(5))
+        .await;
+    // Both are free.
+    call(&mut z, &mut x).await;
+}
+
 #[tokio::test]
 async fn while_redis_is_down_two_clients_of_one_node_call_and_the_state_reaches_redis_when_it_returns(
 ) {

@@ -393,6 +393,31 @@ where
         t: Transition,
         op: Option<u64>,
     ) -> Result<CallState, TransitionError> {
+        self.run_transition(binding, peer, t, op, false).await
+    }
+
+    /// [`transition_op`](Self::transition_op) for a binding whose connection left this node
+    /// while Redis could not be told (it may be reserved by now): a reconcile undoing what it
+    /// started when a transition it was told had failed ran after all.
+    pub async fn transition_departed(
+        &self,
+        binding: Binding,
+        peer: ClientId,
+        t: Transition,
+        op: u64,
+    ) -> Result<CallState, TransitionError> {
+        self.run_transition(binding, peer, t, Some(op), true).await
+    }
+
+    /// Runs `lua/transition.lua`; `reserved`: a reserved binding counts too.
+    async fn run_transition(
+        &self,
+        binding: Binding,
+        peer: ClientId,
+        t: Transition,
+        op: Option<u64>,
+        reserved: bool,
+    ) -> Result<CallState, TransitionError> {
         let name = match t {
             Transition::Offer => "offer",
             Transition::Accept => "accept",
@@ -407,7 +432,8 @@ where
             .arg(name)
             .arg(binding.id.get())
             .arg(peer.get())
-            .arg(op.map_or(String::new(), |op| op.to_string()));
+            .arg(op.map_or(String::new(), |op| op.to_string()))
+            .arg(if reserved { "1" } else { "" });
         let mut conn = self.conn.clone();
         let reply: Vec<Value> = self.run(call.invoke_async(&mut conn)).await?;
         let state = || {

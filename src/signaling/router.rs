@@ -331,6 +331,11 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
         self.flushes.wait(to).await;
     }
 
+    /// Whether the log of `to` (reserved here just now) is being moved to the bus right now.
+    pub fn is_flushing(&self, to: ClientId) -> bool {
+        self.flushes.contains(to)
+    }
+
     /// How many reserved IDs' logs are being moved to the bus right now.
     pub fn flushes_in_progress(&self) -> usize {
         self.flushes.len()

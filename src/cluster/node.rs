@@ -567,7 +567,9 @@ async fn deliver_in_order(
     };
     if router.is_flushing(to) {
         match queues.start(to, (epoch, envelope)) {
-            Ok(()) => {
+            // Joined a queue another receiver started just now: its drain takes it.
+            Ok(false) => {}
+            Ok(true) => {
                 let router = router.clone();
                 tokio::spawn(async move {
                     let queues = &router.bus().behind;

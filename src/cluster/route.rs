@@ -239,6 +239,9 @@ mod tests {
         send(r.transition(b, b.id, Transition::Offer));
         send(r.locate(b.id));
         send(r.refresh(node, &[]));
+        send(r.locate_to_send(b.id));
+        send(r.refresh_recording(node, &[], |_| None));
+        send(r.transition_departed(b, b.id, Transition::Hangup, 1));
         let m = BusMessage::kick(b.id, 1);
         send(bus.send(node, &m));
         send(bus.hold(&m));

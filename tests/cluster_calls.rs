@@ -1013,6 +1013,100 @@ async fn a_killed_nodes_unconfirmed_messages_are_reported_to_the_client_and_its_
     assert_eq!(candidate_number(&caller.recv().await), 5);
 }
 
+/// A caller on node-a and an acknowledging callee on node-b in a call; the caller sent three
+/// candidates, which the callee processed and acknowledged (seq 1 to 4). Then nothing is sent
+/// until node-b's delivery record in Redis covers seq 4 and is newer than the last route read
+/// to the callee by more than the quiet window (5 s): nothing is in flight any more.
+async fn a_quiet_call(
+    cluster: &Cluster,
+    a: &Node,
+    b: &Node,
+    redis: &RedisServer,
+) -> (Client, Client) {
+    const ACKS: &str = "/socket?seq=1";
+    let mut caller = Client::join(cluster, a.https).await;
+    let mut callee = Client::join_at(cluster, b.https, ACKS).await;
+    call(&mut caller, &mut callee).await; // the offer is seq 1
+    for n in 1..=3 {
+        caller.candidate(callee.id, n).await;
+        assert_eq!(candidate_number(&callee.recv().await), n);
+    }
+    callee.send(r#"{"type":"ack","seq":4}"#).await;
+    let id = callee.id;
+    let field = |name| id_field(redis, id, name).and_then(|v| v.parse::<u64>().ok());
+    until(
+        Duration::from_secs(20),
+        "a delivery record past the quiet window",
+        || {
+            let (Some(hw), Some(at), Some(sent)) = (field("hw"), field("hw_at"), field("in_at"))
+            else {
+                return false;
+            };
+            hw == 4 && at > sent + 5_000
+        },
+    )
+    .await;
+    (caller, callee)
+}
+
+/// Issue 13, false alarms: node-b is killed while its client's call is quiet (everything
+/// processed and acknowledged, nothing sent since node-b's last lease refresh recorded that).
+/// The resume on node-a reports nothing: no `missed` to the client, no `undelivered` to its
+/// peer, so neither restarts ICE for nothing. (Before, both were told, always.)
+#[tokio::test]
+async fn a_killed_nodes_quiet_call_resumes_elsewhere_without_a_false_alarm() {
+    let Some((redis, cluster, a, mut b)) = two_nodes().await else {
+        return;
+    };
+    let (mut caller, callee) = a_quiet_call(&cluster, &a, &b, &redis).await;
+    b.kill();
+    let (mut callee, hello) = Client::resumed_at(
+        &cluster,
+        a.https,
+        "/socket?seq=1",
+        callee.id,
+        &callee.token,
+        Some(4),
+    )
+    .await;
+    assert!(hello.get("missed").is_none(), "{hello}");
+    // The call goes on, numbered after what the client processed; the caller was told nothing.
+    caller.candidate(callee.id, 4).await;
+    let next = callee.recv().await;
+    assert_eq!(candidate_number(&next), 4);
+    assert_eq!(next["seq"], 5, "{next}");
+    callee.candidate(caller.id, 5).await;
+    assert_eq!(candidate_number(&caller.recv().await), 5);
+    caller.quiet(Duration::from_millis(300)).await;
+}
+
+/// The other side of the rule: the same quiet call, but the caller sends one more candidate
+/// just before node-b dies and the client never acknowledges it. Its record still says seq 4
+/// was the last, and the client says it processed 4; yet a message was on its way since, so the
+/// loss is reported, as before.
+#[tokio::test]
+async fn a_message_sent_after_the_last_delivery_record_is_still_reported_when_the_node_dies() {
+    let Some((redis, cluster, a, mut b)) = two_nodes().await else {
+        return;
+    };
+    let (mut caller, mut callee) = a_quiet_call(&cluster, &a, &b, &redis).await;
+    caller.candidate(callee.id, 4).await;
+    assert_eq!(candidate_number(&callee.recv().await), 4); // seq 5, never acknowledged
+    b.kill();
+    let (_callee, hello) = Client::resumed_at(
+        &cluster,
+        a.https,
+        "/socket?seq=1",
+        callee.id,
+        &callee.token,
+        Some(4),
+    )
+    .await;
+    assert_eq!(hello["missed"], serde_json::json!([5, null]), "{hello}");
+    let told = caller.expect_error("undelivered").await;
+    assert_eq!(told["reason"], "node_failed", "{told}");
+}
+
 /// `close-call-client` from `from` to `to`.
 async fn hang_up(from: &mut Client, to: u64) {
     let me = from.id;
@@ -1073,6 +1167,46 @@ async fn a_hang_up_redis_runs_after_its_sender_was_told_it_failed_ends_the_call_
     x.candidate(z.id, 1).await;
     assert_eq!(candidate_number(&z.recv().await), 1);
     x.quiet(Duration::from_millis(200)).await;
+}
+
+/// Issue 13: a client whose hang-up Redis runs late leaves (its socket breaks) before Redis
+/// answers again. Its node still settles the hang-up when Redis returns: the peer is told at once,
+/// while the ID is still reserved, and the client hears it when it resumes. (Before, the unsettled
+/// hang-up was forgotten when the client left, and the peer sat in a call Redis said was over
+/// until the ID's reservation ran out.)
+#[tokio::test]
+async fn a_hang_up_redis_runs_late_after_its_sender_left_is_settled_when_redis_returns() {
+    let Some((redis, cluster, a, b)) = two_nodes().await else {
+        return;
+    };
+    let mut x = Client::join(&cluster, a.https).await;
+    let mut z = Client::join(&cluster, b.https).await;
+    call(&mut x, &mut z).await;
+
+    redis.pause();
+    hang_up(&mut x, z.id).await;
+    x.expect_error("cluster_unavailable").await;
+    let Client { ws, id, token } = x;
+    drop(ws);
+    const DEPARTED: &str = r#"callgate_cluster_unsettled{kind="departures"}"#;
+    a.wait_for_metric(DEPARTED, |n| n == 1.0, Duration::from_secs(5))
+        .await;
+
+    redis.resume();
+    let ended = z.expect("close-call-server").await;
+    assert_eq!(ended["clientId"].as_u64(), Some(id), "{ended}");
+    assert_eq!(
+        id_field(&redis, id, "live").as_deref(),
+        Some("0"),
+        "the peer must be told while the ID is still reserved, not when it runs out"
+    );
+    let (mut x, _) = Client::resumed(&cluster, b.https, id, &token).await;
+    let ended = x.expect("close-call-server").await;
+    assert_eq!(ended["clientId"].as_u64(), Some(z.id), "{ended}");
+    a.wait_for_metric(DEPARTED, |n| n == 0.0, Duration::from_secs(5))
+        .await;
+    // Both are free.
+    call(&mut z, &mut x).await;
 }
 
 #[tokio::test]

@@ -37,7 +37,10 @@
 //! - `detach`, `release`: done here at once (the peer named by the cache is told); what the node
 //!   knew of the ID is kept ([`MAX_DEPARTED`] at most) and the reconcile writes its call state
 //!   back, then reserves it for what is left of its grace, or frees it (a peer on another node
-//!   whose call that ends is told `close-call-server`, `peer_gone`).
+//!   whose call that ends is told `close-call-server`, `peer_gone`). A transition of the ID
+//!   whose outcome is unknown stays remembered after it left, and the reconcile settles it as
+//!   for a live one (before, it was dropped, and a call Redis ended or started late was ended only
+//!   by the ID's reservation or lease running out, its peer left in it meanwhile).
 //! - `expire`: a local peer still in a call with the expired ID is reset here (and written
 //!   back); an ID that dropped during the outage is freed by the reconcile.
 //! - `locate`, `refresh`: logged; the keys' TTLs make Redis converge by themselves.
@@ -245,7 +248,13 @@ where
 
     /// Renews this node's live IDs' leases (see [`RedisRegistry::refresh`]); after an outage,
     /// reconciles instead (which renews them too).
-    pub async fn refresh_leases(&self, node: &NodeId) -> Result<Refreshed, Unavailable> {
+    ///
+    /// Records each live ID's `high_water` too (see [`RedisRegistry::refresh_recording`]).
+    pub async fn refresh_leases(
+        &self,
+        node: &NodeId,
+        high_water: impl Fn(Binding) -> Option<u64>,
+    ) -> Result<Refreshed, Unavailable> {
         if self.needs_reconcile() {
             let done = self.reconcile().await?;
             return Ok(Refreshed {
@@ -255,7 +264,7 @@ where
             });
         }
         let live = self.live();
-        match self.redis.refresh(node, &live).await {
+        match self.redis.refresh_recording(node, &live, high_water).await {
             Ok(refreshed) => {
                 if refreshed.restored > 0 {
                     // Put back idle and without a token: the next reconcile writes both.
@@ -523,7 +532,13 @@ where
         t: Transition,
     ) -> Result<(), Unavailable> {
         let op = self.next_op();
-        match self.redis.transition_op(binding, peer, t, Some(op)).await {
+        let ended = if self.cached(binding.id).is_some_and(|(b, _)| b == binding) {
+            self.redis.transition_op(binding, peer, t, Some(op)).await
+        } else {
+            // Its connection left during the outage: its ID may be reserved by now.
+            self.redis.transition_departed(binding, peer, t, op).await
+        };
+        match ended {
             Ok(state) | Err(TransitionError::WrongState(state)) => {
                 self.set(binding, state);
                 self.set_peer(peer, state.mirror(binding.id));
@@ -580,11 +595,16 @@ where
         self.lock().contains_key(&id)
     }
 
+    /// Sets `binding`'s cached state, or that of its departure (written back by the reconcile).
     fn set(&self, binding: Binding, state: CallState) {
         if let Some(l) = self.lock().get_mut(&binding.id) {
             if l.epoch == binding.epoch {
                 l.state = state;
+                return;
             }
+        }
+        if let Some(d) = self.departed().get_mut(&binding) {
+            d.local.state = state;
         }
     }
 
@@ -607,9 +627,10 @@ where
         self.lock().insert(binding.id, local);
     }
 
-    /// Removes `binding`, returning what the cache knew of it.
+    /// Removes `binding`, returning what the cache knew of it. A transition of it whose outcome
+    /// is unknown stays remembered: the connection left (or its reservation ended), but the next
+    /// reconcile still makes that outcome certain and tells the peer if the call must end.
     fn take(&self, binding: Binding) -> Option<Local> {
-        self.unresolved().remove(&binding);
         let mut calls = self.lock();
         match calls.get(&binding.id) {
             Some(l) if l.epoch == binding.epoch => calls.remove(&binding.id),

@@ -18,12 +18,14 @@
 //! | `types.rs` | the registry's vocabulary (hubcore's types) plus `Unavailable` and `BindingError` for the Redis code |
 //! | `calls.rs` | [`calls::ClusterRegistry`]: the hub's `Registry` over Redis, with this node's live IDs' call states cached so relays cost no round trip |
 //! | `link/` | [`link::Links`]: direct, authenticated, encrypted TCP links between nodes (`cluster-listen`) carrying what `PUBLISH` carries, with no Redis round trip; Redis stays the path to a node without one (see its own Layout) |
+//! | `behind.rs` | [`behind::Behind`]: inbox messages for an ID whose dropped client's log is being flushed, queued per ID behind that flush so other IDs' messages go on |
 //! | `node.rs` | a node's router over Redis ([`node::NodeRouter`]), its `Bus`, and its tasks: inbox (deliver, hold, kick), lease refresh and peer-gone check, orphan sweep |
 //!
 //! Every key this module writes has a TTL or a bound (see docs/OPERATIONS.md, "Running several
 //! nodes", and docs/SECURITY.md, "Redis"). Dependencies point down: `cluster` uses `config`,
 //! `metrics`, `shutdown` and `signaling`'s types; nothing in `signaling` or `turn` imports it.
 
+pub mod behind;
 pub mod bus;
 pub mod calls;
 pub mod link;

@@ -12,7 +12,9 @@
 //!   channel cleanly (nothing Redis counted as received is dropped unread).
 //! - **leases**: every `grace / 3`, this node's live IDs' keys are renewed (one pipelined round
 //!   trip per 256 IDs); bindings Redis no longer gives to this node are closed so their clients
-//!   resume. The same pass asks, in one pipelined round trip, whether each local client's call
+//!   resume. Each renewal also records what was numbered for each acknowledging client (its
+//!   delivery record), so a resume elsewhere after this node dies can tell a quiet call lost
+//!   nothing (see `lua/resume.lua`). The same pass asks, in one pipelined round trip, whether each local client's call
 //!   peer on another node is still held anywhere: a peer whose ID no node holds any more in two
 //!   passes in a row (its node died and nobody resumed it) ends the call, and the client is told
 //!   `close-call-server` (`peer_gone`).
@@ -32,6 +34,7 @@ use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts};
 use redis::aio::ConnectionLike;
 use tokio::sync::oneshot;
 
+use super::behind::{self, Behind};
 use super::bus::{
     self, BusEvent, BusKind, BusMessage, BusSettings, Flushed, Hold, RedisBus, Subscription,
 };
@@ -162,6 +165,9 @@ pub struct ClusterBus<C> {
     /// Resumes here waiting for another node's handover, by ID and new epoch: at most one per
     /// resume in progress, each removed when its wait ends.
     handovers: Mutex<HashMap<(ClientId, u64), oneshot::Sender<Flushed>>>,
+    /// Messages from the inbox waiting behind the flush of their recipient's log (see
+    /// [`behind`]), with the epoch they were routed by.
+    behind: Behind<(Option<u64>, Envelope)>,
 }
 
 impl<C> ClusterBus<C>
@@ -175,6 +181,7 @@ where
             metrics,
             node,
             handovers: Mutex::new(HashMap::new()),
+            behind: Behind::new(INBOX_CAPACITY),
         }
     }
 
@@ -458,7 +465,8 @@ async fn inbox(
             _ = check.tick(), if draining.is_some() && !unsubscribed => {
                 let since = draining.map_or(Duration::ZERO, |at| at.elapsed());
                 let settled = router.hub().registry().live().is_empty()
-                    && router.flushes_in_progress() == 0;
+                    && router.flushes_in_progress() == 0
+                    && router.bus().behind.is_empty();
                 if settled || since >= INBOX_DRAIN_MAX {
                     tracing::debug!(?since, "cluster inbox leaving its channel");
                     subscription.unsubscribe();
@@ -533,7 +541,7 @@ async fn take_held_for_live(router: &NodeRouter) {
 }
 
 /// One message from another node.
-async fn receive(router: &NodeRouter, message: BusMessage) {
+async fn receive(router: &Arc<NodeRouter>, message: BusMessage) {
     match message.kind {
         BusKind::Kick => {
             let Some(epoch) = message.epoch else { return };
@@ -597,9 +605,54 @@ async fn receive(router: &NodeRouter, message: BusMessage) {
                     router.hub().observe(event, Instant::now());
                 }
             }
-            deliver_here(router, to, epoch, message.into_envelope()).await;
+            deliver_in_order(router, to, epoch, message.into_envelope()).await;
         }
     }
+}
+
+/// [`deliver_here`] for the inbox, without holding up other IDs: a message for an ID whose
+/// dropped client's log is being flushed waits in that ID's queue behind the flush ([`behind`]),
+/// and so does every later message for it until the queue is empty, so their order is kept;
+/// the inbox goes on with the next message. (Before, the inbox waited for the flush — up to
+/// 2 s when Redis is slow — and every message behind it, for any ID, waited too.)
+async fn deliver_in_order(
+    router: &Arc<NodeRouter>,
+    to: ClientId,
+    epoch: Option<u64>,
+    envelope: Envelope,
+) {
+    let queues = &router.bus().behind;
+    let Err((epoch, envelope)) = queues.push(to, (epoch, envelope)) else {
+        return;
+    };
+    let now = Instant::now();
+    let Err(envelope) = router.deliver_from_bus(to, epoch, envelope, now).await else {
+        return;
+    };
+    if router.is_flushing(to) {
+        match queues.start(to, (epoch, envelope)) {
+            // Joined a queue another receiver started just now: its drain takes it.
+            Ok(false) => {}
+            Ok(true) => {
+                let router = router.clone();
+                tokio::spawn(async move {
+                    let queues = &router.bus().behind;
+                    let flushed = router.wait_flushed(to);
+                    behind::drain(queues, to, flushed, |(epoch, envelope)| {
+                        hold_here(&router, to, epoch, envelope)
+                    })
+                    .await;
+                });
+            }
+            // As many wait already as the inbox holds: wait here (back-pressure).
+            Err((epoch, envelope)) => {
+                router.wait_flushed(to).await;
+                hold_here(router, to, epoch, envelope).await;
+            }
+        }
+        return;
+    }
+    hold_here(router, to, epoch, envelope).await;
 }
 
 /// The ID was resumed on `handover.node` while a connection here held it: closes it and sends
@@ -681,6 +734,13 @@ async fn deliver_here(router: &NodeRouter, to: ClientId, epoch: Option<u64>, env
     };
     // Just dropped here: held after what its log still held.
     router.wait_flushed(to).await;
+    hold_here(router, to, epoch, envelope).await;
+}
+
+/// Holds a message for `to`, which no connection here holds (at `epoch`), for the ID's resume, or
+/// sends it on if the ID moved; tells the sender if neither works.
+async fn hold_here(router: &NodeRouter, to: ClientId, epoch: Option<u64>, envelope: Envelope) {
+    let now = Instant::now();
     let routes = router.bus().routes();
     routes.forget(to);
     let origin = envelope.origin();
@@ -719,7 +779,8 @@ async fn leases(router: Arc<NodeRouter>, mut shutdown: Shutdown) {
             _ = shutdown.recv() => return,
             _ = ticks.tick() => {}
         }
-        match registry.refresh_leases(&node).await {
+        let high_water = |binding| router.connections().high_water(binding);
+        match registry.refresh_leases(&node, high_water).await {
             Ok(refreshed) => {
                 for binding in refreshed.lost {
                     registry.forget(binding);

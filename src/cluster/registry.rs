@@ -65,6 +65,8 @@ struct Scripts {
     call_state: Script,
     /// Applies a call transition to two IDs.
     transition: Script,
+    /// Reads a route to send to an ID, noting that a message is on its way.
+    locate: Script,
     /// Renews a node's live IDs' leases.
     refresh: Script,
     /// Puts back a node's live IDs after Redis lost its data.
@@ -87,12 +89,19 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
         expire: with_prelude(include_str!("lua/expire.lua")),
         call_state: with_prelude(include_str!("lua/call_state.lua")),
         transition: with_prelude(include_str!("lua/transition.lua")),
+        locate: with_prelude(include_str!("lua/locate.lua")),
         refresh: with_prelude(include_str!("lua/refresh.lua")),
         restore: with_prelude(include_str!("lua/restore.lua")),
         resolve: with_prelude(include_str!("lua/resolve.lua")),
         write_back: with_prelude(include_str!("lua/write_back.lua")),
     }
 });
+
+/// How long before its home's last delivery record nothing may have been sent to an ID for a
+/// resume after that home died to trust the record (`lua/resume.lua`): a sender reads the route
+/// (stamping `in_at`) at most a route TTL (2 s, `cluster::node`) before it sends, and the
+/// rest covers Redis round trips (each bounded by the 1 s timeout) and the home's inbox.
+pub const QUIET_WINDOW: Duration = Duration::from_secs(5);
 
 /// What [`RedisRegistry::refresh`] found.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -251,7 +260,8 @@ where
             .arg(token_digest(token))
             .arg(token_digest(&new_token))
             .arg(node.as_str())
-            .arg(self.lease_ms);
+            .arg(self.lease_ms)
+            .arg(millis(QUIET_WINDOW));
         let mut conn = self.conn.clone();
         let reply: Vec<Value> = self.run(call.invoke_async(&mut conn)).await?;
         match int(reply.first()) {
@@ -262,9 +272,22 @@ where
                     let was_live = text(reply.get(3))? == "1";
                     let call = call_state(text(reply.get(4))?, text(reply.get(5))?)?;
                     let previous_epoch = text(reply.get(6))?.parse().ok()?;
-                    Some((epoch, previous_node, was_live, call, previous_epoch))
+                    let quiet = text(reply.get(7))?;
+                    let quiet_through = if quiet.is_empty() {
+                        None
+                    } else {
+                        Some(quiet.parse().ok()?)
+                    };
+                    Some((
+                        epoch,
+                        previous_node,
+                        was_live,
+                        call,
+                        previous_epoch,
+                        quiet_through,
+                    ))
                 })();
-                let (epoch, previous_node, was_live, call, previous_epoch) =
+                let (epoch, previous_node, was_live, call, previous_epoch, quiet_through) =
                     parsed.ok_or_else(malformed)?;
                 Ok(Takeover {
                     binding: Binding { id: target, epoch },
@@ -273,6 +296,7 @@ where
                     was_live,
                     previous_epoch,
                     call,
+                    quiet_through,
                 })
             }
             Some(-1) => Err(ResumeError::Stale(Stale)),
@@ -369,6 +393,31 @@ where
         t: Transition,
         op: Option<u64>,
     ) -> Result<CallState, TransitionError> {
+        self.run_transition(binding, peer, t, op, false).await
+    }
+
+    /// [`transition_op`](Self::transition_op) for a binding whose connection left this node
+    /// while Redis could not be told (it may be reserved by now): a reconcile undoing what it
+    /// started when a transition it was told had failed ran after all.
+    pub async fn transition_departed(
+        &self,
+        binding: Binding,
+        peer: ClientId,
+        t: Transition,
+        op: u64,
+    ) -> Result<CallState, TransitionError> {
+        self.run_transition(binding, peer, t, Some(op), true).await
+    }
+
+    /// Runs `lua/transition.lua`; `reserved`: a reserved binding counts too.
+    async fn run_transition(
+        &self,
+        binding: Binding,
+        peer: ClientId,
+        t: Transition,
+        op: Option<u64>,
+        reserved: bool,
+    ) -> Result<CallState, TransitionError> {
         let name = match t {
             Transition::Offer => "offer",
             Transition::Accept => "accept",
@@ -383,7 +432,8 @@ where
             .arg(name)
             .arg(binding.id.get())
             .arg(peer.get())
-            .arg(op.map_or(String::new(), |op| op.to_string()));
+            .arg(op.map_or(String::new(), |op| op.to_string()))
+            .arg(if reserved { "1" } else { "" });
         let mut conn = self.conn.clone();
         let reply: Vec<Value> = self.run(call.invoke_async(&mut conn)).await?;
         let state = || {
@@ -527,6 +577,27 @@ where
         })
     }
 
+    /// Like [`locate`](Self::locate), for a node about to send to `id`: also stamps, in the ID's
+    /// hash, that a message may be on its way (`in_at`, Redis's clock), which a resume after the
+    /// ID's home died compares with the home's delivery record (`lua/resume.lua`). Same one round
+    /// trip; the route cache calls it at most once per route TTL per ID it keeps sending to.
+    pub async fn locate_to_send(&self, id: ClientId) -> Result<Option<Location>, Unavailable> {
+        let mut call = SCRIPTS.locate.prepare_invoke();
+        call.key(id_key(id));
+        let mut conn = self.conn.clone();
+        let reply: Vec<Value> = self.run(call.invoke_async(&mut conn)).await?;
+        if reply.is_empty() {
+            return Ok(None);
+        }
+        let parsed = (|| {
+            let node = NodeId::new(text(reply.first())?);
+            let epoch = text(reply.get(1))?.parse().ok()?;
+            let live = text(reply.get(2))? == "1";
+            Some(Location { node, epoch, live })
+        })();
+        parsed.map(Some).ok_or_else(malformed)
+    }
+
     /// Which of `ids` some node holds (live or reserved): one `EXISTS` each, all in one
     /// pipeline, so checking every cross-node call's peer costs one round trip.
     pub async fn held(&self, ids: &[ClientId]) -> Result<Vec<bool>, Unavailable> {
@@ -554,6 +625,19 @@ where
     /// token (a second round trip, only then), so routing to the node's clients recovers by
     /// itself. Deviation from the design's `()` return: the node needs to know what it lost.
     pub async fn refresh(&self, node: &NodeId, live: &[Binding]) -> Result<Refreshed, Unavailable> {
+        self.refresh_recording(node, live, |_| None).await
+    }
+
+    /// [`refresh`](Self::refresh), also recording for each ID its `high_water` (the highest
+    /// `seq` this node numbered for it, taken now, before the round trip): should this node die,
+    /// a resume elsewhere by a client that processed that much, to which nothing was sent since,
+    /// reports no loss (`lua/refresh.lua`, `lua/resume.lua`).
+    pub async fn refresh_recording(
+        &self,
+        node: &NodeId,
+        live: &[Binding],
+        high_water: impl Fn(Binding) -> Option<u64>,
+    ) -> Result<Refreshed, Unavailable> {
         let mut refreshed = Refreshed::default();
         if live.is_empty() {
             return Ok(refreshed);
@@ -567,8 +651,12 @@ where
                 cmd.arg(id_key(binding.id));
             }
             cmd.arg(node.as_str()).arg(self.lease_ms);
-            for binding in batch {
+            for &binding in batch {
                 cmd.arg(binding.epoch);
+                match high_water(binding) {
+                    Some(seq) => cmd.arg(seq),
+                    None => cmd.arg(""),
+                };
             }
             pipe.add_command(cmd);
         }

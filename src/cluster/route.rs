@@ -119,7 +119,7 @@ where
         for _ in 0..ATTEMPTS {
             let route = match self.cached(to) {
                 Some(route) => route,
-                None => match self.registry.locate(to).await {
+                None => match self.registry.locate_to_send(to).await {
                     Ok(Some(at)) => self.remember(to, at.node, at.epoch, at.live),
                     Ok(None) => return Ok(BusDelivery::NoSuchClient),
                     Err(_) => return Ok(BusDelivery::Unavailable),
@@ -240,6 +240,9 @@ mod tests {
         send(r.transition(b, b.id, Transition::Offer));
         send(r.locate(b.id));
         send(r.refresh(node, &[]));
+        send(r.locate_to_send(b.id));
+        send(r.refresh_recording(node, &[], |_| None));
+        send(r.transition_departed(b, b.id, Transition::Hangup, 1));
         let m = BusMessage::kick(b.id, 1);
         send(bus.send(node, &m));
         send(bus.hold(&m));

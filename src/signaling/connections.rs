@@ -786,6 +786,16 @@ impl<O: Outbox> Connections<O> {
             .map_or(0, |s| s.log.processed_elsewhere())
     }
 
+    /// For a cluster's delivery record: the highest `seq` given out to `binding`, if its client
+    /// acknowledges and nothing for it waits unnumbered (behind a resume's backlog). A client that
+    /// processed that much has everything this node was given for it so far.
+    pub fn high_water(&self, binding: Binding) -> Option<u64> {
+        self.shard(binding.id)
+            .get(&binding.id)
+            .filter(|s| s.epoch == binding.epoch && s.acks && s.pending.is_none())
+            .map(|s| s.log.last_seq())
+    }
+
     /// After a resume from another node: numbering for `binding` continues after `seq`.
     pub fn continue_after(&self, binding: Binding, seq: u64) {
         if let Some(slot) = self

@@ -55,6 +55,11 @@ impl Flushes {
         }
     }
 
+    /// Whether `id`'s log is being moved right now.
+    pub fn contains(&self, id: ClientId) -> bool {
+        self.lock().contains_key(&id)
+    }
+
     /// How many flushes are in progress.
     pub fn len(&self) -> usize {
         self.lock().len()

@@ -237,6 +237,10 @@ pub struct Takeover {
     pub previous_epoch: u64,
     /// The call state carried over.
     pub call: CallState,
+    /// In a cluster, when the previous home's last delivery record still vouches for everything
+    /// the ID was sent: the highest `seq` it had numbered for it, with nothing sent to the ID
+    /// since. A client that processed that much lost nothing if that home died. `None`: unknown.
+    pub quiet_through: Option<u64>,
 }
 
 /// An ID that was freed. If it had a call, the peer's call was reset to Idle and must be told.
@@ -595,6 +599,8 @@ impl Registry for MemoryRegistry {
                 was_live: tgt.live,
                 previous_epoch: tgt.epoch,
                 call: tgt.call,
+                // One process: no node can die while another resumes its IDs.
+                quiet_through: None,
             };
             tgt.epoch = epoch;
             tgt.token = new_token;

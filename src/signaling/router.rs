@@ -331,6 +331,11 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
         self.flushes.wait(to).await;
     }
 
+    /// Whether the log of `to` (reserved here just now) is being moved to the bus right now.
+    pub fn is_flushing(&self, to: ClientId) -> bool {
+        self.flushes.contains(to)
+    }
+
     /// How many reserved IDs' logs are being moved to the bus right now.
     pub fn flushes_in_progress(&self) -> usize {
         self.flushes.len()
@@ -630,7 +635,10 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
     /// dead), the held place is read, and only then does the client get its `id` message and
     /// the backlog, in order, before anything sent to it since. A dead old home's unconfirmed
     /// messages are unknown: the client is told `"missed":[last_seq+1,null]` and its call peer
-    /// (the only client that could have sent it anything) `undelivered` with `node_failed`.
+    /// (the only client that could have sent it anything) `undelivered` with `node_failed` —
+    /// unless the dead home's last delivery record
+    /// ([`Takeover::quiet_through`](super::registry::Takeover::quiet_through)) shows the client
+    /// processed everything it was sent.
     async fn take_over_from_elsewhere(
         &self,
         takeover: &super::registry::Takeover,
@@ -660,11 +668,21 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
                     missed = merge(missed, held.missed);
                 }
                 Handover::Unanswered => {
-                    tracing::info!(client = %id, node = %takeover.previous_node, "the node that held a resumed ID did not answer; what it numbered after the client's last_seq is reported lost");
                     // Only a client that acknowledges (it says `last_seq`) has a delivery
                     // record to be exact about; for one that does not, nothing is known, as on
-                    // one node, and nobody is alarmed.
-                    node_failed = last_seq.is_some();
+                    // one node, and nobody is alarmed. One that processed everything the dead
+                    // node's last record says it had numbered, with nothing sent to it since,
+                    // lost nothing.
+                    let quiet = matches!(
+                        (last_seq, takeover.quiet_through),
+                        (Some(seen), Some(through)) if seen >= through
+                    );
+                    node_failed = last_seq.is_some() && !quiet;
+                    if node_failed {
+                        tracing::info!(client = %id, node = %takeover.previous_node, "the node that held a resumed ID did not answer; what it numbered after the client's last_seq is reported lost");
+                    } else {
+                        tracing::info!(client = %id, node = %takeover.previous_node, "the node that held a resumed ID did not answer; its last delivery record shows nothing lost");
+                    }
                 }
             }
         }

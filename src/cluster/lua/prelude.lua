@@ -1,6 +1,8 @@
 -- Shared by every registry script (prepended in Rust). A client ID's hash `cg:id:{id}` holds:
 -- node, epoch, token (SHA-256 of the resume token, hex), live (1|0), phase
 -- (idle|calling|called|incall), peer (decimal ID, '' when idle), held_bytes (bytes in cg:held:{id}).
+-- A live ID may also hold its home's delivery record (hw, hw_at, hw_peer, hw_pe: refresh.lua) and
+-- in_at, when a message was last on its way to it (locate.lua, transition.lua): see resume.lua.
 -- Key names are built only from decimal IDs that the registry itself wrote or that Rust parsed
 -- into a u64; nothing a client typed reaches a key name.
 local function id_key(id)
@@ -48,4 +50,10 @@ local function free(key, me)
     end
   end
   return ''
+end
+
+-- Redis's clock, in milliseconds: the one clock every node's records can be compared on.
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end

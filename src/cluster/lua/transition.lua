@@ -1,4 +1,6 @@
--- KEYS: cg:id:{me}, cg:id:{peer}   ARGV: epoch, transition, me, peer, op ('' for none)
+-- KEYS: cg:id:{me}, cg:id:{peer}
+-- ARGV: epoch, transition, me, peer, op ('' for none), reserved ('1': my binding may be reserved,
+-- for a reconcile ending what a connection that left during an outage started; '' otherwise)
 -- Returns {1, new phase, new peer} or a refusal:
 -- {0} stale, {2, phase, peer} already in a call, {3} unknown peer, {4} busy,
 -- {5, phase, peer} wrong state (my current one), {6, phase, peer} outdated: an operation of this
@@ -7,7 +9,7 @@
 -- An applied transition records `op` in my hash (field `op`): resolve.lua reads it to learn
 -- whether a transition whose answer the node never got was applied.
 local e, live, phase, peer, done = unpack(redis.call('HMGET', KEYS[1], 'epoch', 'live', 'phase', 'peer', 'op'))
-if e ~= ARGV[1] or live ~= '1' then
+if e ~= ARGV[1] or (live ~= '1' and ARGV[6] ~= '1') then
   return { 0 }
 end
 local t, me, other, op = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
@@ -35,6 +37,8 @@ if t == 'offer' then
   end
   redis.call('HSET', KEYS[1], 'phase', 'calling', 'peer', other)
   redis.call('HSET', KEYS[2], 'phase', 'called', 'peer', me)
+  -- The callee is sent the offer (maybe by this very node, with no route read): see locate.lua.
+  redis.call('HSET', KEYS[2], 'in_at', now_ms())
   applied()
   return { 1, 'calling', other }
 end

@@ -13,6 +13,7 @@
 -- client can be told. `op` is recorded, so a late copy of an older transition is refused.
 -- A dirty call whose peer moved to another node meanwhile (resumed there before this write-back)
 -- and is not in that call there is reset to idle, and the peer returned as broken.
+-- Any delivery record of an ID held by this node is deleted (see refresh.lua).
 -- Returns three entries per ID: code (2 restored, 1 renewed or written, -1 lost), the displaced
 -- peer and the broken peer ('' if none).
 -- A call this node decided whose peer has meanwhile moved to another node (resumed there before
@@ -53,6 +54,9 @@ for i = 1, n do
     end
     code = 2
   elseif h_node == node and h_epoch == epoch then
+    -- What the node numbered for it since its last delivery record may include notices this
+    -- reconcile leads to (corrections), which no route read stamps: the record is void.
+    redis.call('HDEL', key, 'hw', 'hw_at', 'hw_peer', 'hw_pe')
     if dirty == '1' or h_token == '' then
       if h_peer and h_peer ~= '' and h_peer ~= peer then
         local other = id_key(h_peer)

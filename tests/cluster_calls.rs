@@ -1216,3 +1216,170 @@ async fn what_queues_for_a_current_node_while_redis_stalls_goes_as_one_batch_pay
         "8 relays while 4 PUBLISHes hung went as {versions:?}"
     );
 }
+
+/// A TCP proxy in front of Redis that delays every chunk by `delay` in each direction (latency,
+/// not a bandwidth cap: chunks keep their order and are not held behind each other's delay).
+/// It runs until the test ends. Returns its `redis://` URL.
+async fn slow_redis(redis: &RedisServer, delay: Duration) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::{TcpListener, TcpStream};
+
+    async fn pipe(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        delay: Duration,
+    ) {
+        let (tx, mut rx) =
+            tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+        tokio::spawn(async move {
+            while let Some((due, chunk)) = rx.recv().await {
+                tokio::time::sleep_until(due).await;
+                if to.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    let due = tokio::time::Instant::now() + delay;
+                    if tx.send((due, buf[..n].to_vec())).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    let upstream: SocketAddr = redis.url().trim_start_matches("redis://").parse().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("redis://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = TcpStream::connect(upstream).await else {
+                continue;
+            };
+            let (client_read, client_write) = client.into_split();
+            let (server_read, server_write) = server.into_split();
+            tokio::spawn(pipe(client_read, server_write, delay));
+            tokio::spawn(pipe(server_read, client_write, delay));
+        }
+    });
+    url
+}
+
+/// Two nodes on one Redis: node-a reaches it directly, node-b through [`slow_redis`] (`delay`
+/// each way). Both with the test grace and a rate limit that lets a test stream.
+async fn a_fast_and_a_slow_node(delay: Duration) -> Option<(RedisServer, Cluster, Node, Node)> {
+    let redis = RedisServer::start()?;
+    let mut cluster = Cluster::new(redis.url());
+    let args = [
+        "--resume-grace",
+        GRACE,
+        "--ws-messages-per-second",
+        "1000",
+        "--ws-message-burst",
+        "1000",
+    ];
+    let a = cluster.start("node-a", &args).await;
+    cluster.redis_url = slow_redis(&redis, delay).await;
+    let b = cluster.start("node-b", &args).await;
+    cluster.redis_url = redis.url();
+    Some((redis, cluster, a, b))
+}
+
+/// Issue 13, "resume anywhere … in order" (window 2 of the ordering review): a client whose
+/// socket breaks on node-b (slow Redis) leaves node-b a log of unacknowledged messages to move
+/// to its held stream, one held-stream write each. The client resumes on node-a while that move
+/// is still going on, and its peer on node-a sends more at once. Everything must arrive once, in
+/// order. Before the fix node-a read the held stream as soon as the ID was reserved, delivered
+/// the part node-b had written so far, then the peer's new messages (local on node-a), and only
+/// then what node-b moved later (sent on to node-a as the ID had moved): 1..k, 13.., k+1..12.
+#[tokio::test]
+async fn a_resume_while_the_old_node_still_moves_the_log_delivers_the_log_before_newer_messages() {
+    const N: u32 = 12;
+    const ACKS: &str = "/socket?seq=1";
+    let Some((redis, cluster, a, b)) = a_fast_and_a_slow_node(Duration::from_millis(15)).await
+    else {
+        return;
+    };
+    let mut caller = Client::join(&cluster, a.https).await;
+    let mut callee = Client::join_at(&cluster, b.https, ACKS).await;
+    call(&mut caller, &mut callee).await; // the offer is seq 1
+    for n in 1..=N {
+        caller.candidate(callee.id, n).await;
+    }
+    // Received on node-b, not acknowledged: all N are in node-b's log.
+    for n in 1..=N {
+        assert_eq!(candidate_number(&callee.recv().await), n);
+    }
+    let Client {
+        ws,
+        id: callee_id,
+        token,
+    } = callee;
+    drop(ws);
+    until(Duration::from_secs(5), "reserved in Redis", || {
+        id_field(&redis, callee_id, "live").as_deref() == Some("0")
+    })
+    .await;
+    // node-b is now moving the log, one slow write at a time; the client is back on node-a.
+    let (mut callee, hello) =
+        Client::resumed_at(&cluster, a.https, ACKS, callee_id, &token, Some(1)).await;
+    assert!(hello.get("missed").is_none(), "{hello}");
+    for n in N + 1..=N + 5 {
+        caller.candidate(callee_id, n).await;
+    }
+    let mut got = Vec::new();
+    while got.len() < (N + 5) as usize {
+        got.push(candidate_number(&callee.recv().await));
+    }
+    let expected: Vec<u32> = (1..=N + 5).collect();
+    assert_eq!(got, expected, "lost, repeated or out of order");
+    callee.quiet(Duration::from_millis(300)).await;
+    let _ = b;
+}
+
+/// Issue 13, "resume anywhere … in order" (window 1 of the ordering review): a client on node-b
+/// (slow Redis) sends its peer on node-c a message (m1) whose delivery takes node-b a registry
+/// read and a `PUBLISH`, and at once resumes its ID on node-a over a connection it had opened
+/// (node-b still holds the old one: half-open). It sends m2 as soon as it is back. The peer must
+/// see m1 before m2. Before the fix node-b answered node-a's handover at once, while m1 was still
+/// on its way, and m2 (node-a to node-c, fast) overtook it (3 runs of 3).
+#[tokio::test]
+async fn a_message_in_flight_on_the_old_node_reaches_the_peer_before_one_sent_after_a_resume() {
+    const ACKS: &str = "/socket?seq=1";
+    let Some((_redis, cluster, a, b)) = a_fast_and_a_slow_node(Duration::from_millis(80)).await
+    else {
+        return;
+    };
+    let c = cluster.start("node-c", &["--resume-grace", GRACE]).await;
+    let mut peer = Client::join(&cluster, c.https).await;
+    let mut mover = Client::join_at(&cluster, b.https, ACKS).await;
+    call(&mut peer, &mut mover).await;
+    // node-b's route to the peer (cached by the reply) expires: m1 needs a registry read first.
+    tokio::time::sleep(Duration::from_millis(2_300)).await;
+    let mut new = open_at(&cluster, a.https, ACKS).await;
+    let fresh = new.recv().await;
+    assert_eq!(fresh["type"], "id", "{fresh}");
+    mover.candidate(peer.id, 1).await;
+    new.send(&format!(
+        r#"{{"type":"resume","id":{},"token":"{}","last_seq":1}}"#,
+        mover.id, mover.token
+    ))
+    .await;
+    let hello = new.recv().await;
+    assert_eq!(hello["resumed"], true, "{hello}");
+    let mut moved = Client {
+        ws: new,
+        id: mover.id,
+        token: hello["token"].as_str().unwrap().to_owned(),
+    };
+    moved.candidate(peer.id, 2).await;
+    assert_eq!(candidate_number(&peer.recv().await), 1, "m2 overtook m1");
+    assert_eq!(candidate_number(&peer.recv().await), 2);
+    peer.quiet(Duration::from_millis(300)).await;
+    let _ = b;
+}

@@ -69,9 +69,15 @@ const RECONCILE_EVERY: Duration = Duration::from_millis(250);
 /// After the subscription comes back, when to look for held messages a second time.
 const RESUBSCRIBE_SECOND_LOOK: Duration = Duration::from_secs(2);
 
-/// How long a resume waits for the node that held the ID live to hand over what it held; past
-/// this, that node counts as failed (what it had not had confirmed is reported lost).
-const HANDOVER_WAIT: Duration = Duration::from_secs(2);
+/// How long a resume waits for the node that held the ID to hand over what it held; past this,
+/// that node counts as failed (what it had not had confirmed is reported lost). Longer than
+/// [`HANDOVER_SETTLE`] plus a `PUBLISH`, so a node that waited its whole bound is still heard.
+const HANDOVER_WAIT: Duration = Duration::from_secs(3);
+
+/// Longest a node asked to hand an ID over waits for what it still has on its way for that ID:
+/// a message the ID's connection here is delivering, and the move of a dropped ID's log to its
+/// held stream (each bounded by Redis's 1 s command timeout per step).
+const HANDOVER_SETTLE: Duration = Duration::from_secs(2);
 
 /// Events waiting between the subscription task and the inbox.
 const INBOX_CAPACITY: usize = 1024;
@@ -474,7 +480,7 @@ async fn take_held_for_live(router: &NodeRouter) {
 }
 
 /// One message from another node.
-async fn receive(router: &NodeRouter, message: BusMessage) {
+async fn receive(router: &Arc<NodeRouter>, message: BusMessage) {
     match message.kind {
         BusKind::Kick => {
             let Some(epoch) = message.epoch else { return };
@@ -484,7 +490,11 @@ async fn receive(router: &NodeRouter, message: BusMessage) {
             };
             router.hub().registry().forget(binding);
             match message.handover() {
-                Some(handover) => hand_over(router, binding, handover).await,
+                // In a task of its own: it may wait (bounded) for what is on its way for the
+                // ID, and the inbox must go on meanwhile.
+                Some(handover) => {
+                    tokio::spawn(hand_over(router.clone(), binding, handover));
+                }
                 None => {
                     if router.kick(binding, Instant::now()).await {
                         tracing::debug!(client = %binding.id, "connection closed: its ID was resumed on another node");
@@ -538,12 +548,29 @@ async fn receive(router: &NodeRouter, message: BusMessage) {
     }
 }
 
-/// The ID was resumed on `handover.node` while a connection here held it: closes it and sends
-/// what it held there in one message, which that node replays before anything newer. An empty
-/// answer when nothing here holds it, so the new home need not wait out its bound.
-async fn hand_over(router: &NodeRouter, binding: Binding, handover: bus::Handover) {
+/// The ID was resumed on `handover.node` while this node held it (live, or reserved after a
+/// drop): closes the connection and sends what it held there in one message, which that node
+/// replays before anything newer. An empty answer when nothing here holds it, so the new home
+/// need not wait out its bound.
+///
+/// The answer waits (at most [`HANDOVER_SETTLE`]) until nothing for the ID is on its way here:
+/// a message its connection was delivering when the kick came (else the client's next message,
+/// sent from the new home, could overtake it: window 1 of the ordering review), and the move of
+/// a dropped connection's log to the held stream (else the new home read the stream half
+/// written, and the rest, sent on later, came after newer messages: window 2).
+async fn hand_over(router: Arc<NodeRouter>, binding: Binding, handover: bus::Handover) {
     let now = Instant::now();
     let taken = router.kick_for_handover(binding, now).unwrap_or_default();
+    let settled = async {
+        router.wait_sent(binding.id, HANDOVER_SETTLE).await;
+        router.wait_flushed(binding.id).await;
+    };
+    if tokio::time::timeout(HANDOVER_SETTLE, settled)
+        .await
+        .is_err()
+    {
+        tracing::debug!(client = %binding.id, "handing over with a message or a log move still on its way");
+    }
     let flushed = Flushed {
         messages: taken
             .frames

@@ -108,7 +108,8 @@ pub trait Bus: Send + Sync + 'static {
     }
 
     /// Asks `node` to close the connection holding `old` (the ID was resumed here, as `new`,
-    /// while that half-open connection still held it) and to hand over what it held; waits a
+    /// while that half-open connection still held it, or while `node` held it reserved) and to
+    /// hand over what it held, once nothing for the ID is on its way there any more; waits a
     /// bounded time for the answer. Never called on a single node.
     fn hand_over(
         &self,

@@ -1383,3 +1383,63 @@ async fn a_message_in_flight_on_the_old_node_reaches_the_peer_before_one_sent_af
     peer.quiet(Duration::from_millis(300)).await;
     let _ = b;
 }
+
+/// Issue 13, "resume anywhere … in order" (the re-check of the ordering review): a caller on
+/// node-c streams candidates to a client of node-b (slow Redis) while the client moves to
+/// node-a. node-c's cached route still names node-b for up to 2 s, so for a while node-b gets
+/// the candidates and sends each on to node-a (a held-stream write that finds the ID moved, a
+/// registry read, a `PUBLISH`); once the route expires node-c sends to node-a directly. The
+/// client must still see every candidate once, in order.
+#[tokio::test]
+async fn a_sender_whose_route_goes_stale_while_the_recipient_moves_keeps_its_order() {
+    const N: u32 = 200;
+    const ACKS: &str = "/socket?seq=1";
+    let Some((_redis, cluster, a, b)) = a_fast_and_a_slow_node(Duration::from_millis(3)).await
+    else {
+        return;
+    };
+    let args = [
+        "--resume-grace",
+        GRACE,
+        "--ws-messages-per-second",
+        "1000",
+        "--ws-message-burst",
+        "1000",
+    ];
+    let c = cluster.start("node-c", &args).await;
+    let mut caller = Client::join(&cluster, c.https).await;
+    let mut callee = Client::join_at(&cluster, b.https, ACKS).await;
+    call(&mut caller, &mut callee).await; // the offer is seq 1
+    let (callee_id, token) = (callee.id, callee.token.clone());
+    let send = async {
+        for n in 1..=N {
+            caller.candidate(callee_id, n).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    let receive = async {
+        let mut got = Vec::new();
+        let mut last_seq = 1;
+        while got.len() < 20 {
+            let message = callee.recv().await;
+            last_seq = message["seq"].as_u64().unwrap();
+            got.push(candidate_number(&message));
+        }
+        // The client moves (half-open: node-b still holds the old connection).
+        let (mut moved, _) =
+            Client::resumed_at(&cluster, a.https, ACKS, callee_id, &token, Some(last_seq)).await;
+        while got.last() != Some(&N) {
+            let message = moved.recv().await;
+            got.push(candidate_number(&message));
+            let seq = message["seq"].as_u64().unwrap();
+            moved
+                .send(&format!(r#"{{"type":"ack","seq":{seq}}}"#))
+                .await;
+        }
+        got
+    };
+    let ((), got) = tokio::join!(send, receive);
+    let expected: Vec<u32> = (1..=N).collect();
+    assert_eq!(got, expected, "lost, repeated or out of order");
+    let _ = b;
+}

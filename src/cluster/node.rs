@@ -269,7 +269,7 @@ where
             match message.kind {
                 BusKind::Deliver => held.messages.push(message.into_envelope()),
                 BusKind::Missed => held.missed = merge(held.missed, message.missed_range()),
-                BusKind::Kick | BusKind::Flushed => {}
+                BusKind::Kick | BusKind::Flushed | BusKind::Sync | BusKind::Synced => {}
             }
         }
         Ok(held)
@@ -376,7 +376,8 @@ pub fn router(
             max_routes: limits.max_clients,
             ttl: Duration::from_secs(2),
         },
-    );
+    )
+    .syncing_as(node.clone());
     let hub = Hub::new(
         ClusterRegistry::new(registry, node.clone()),
         node.clone(),
@@ -480,7 +481,7 @@ async fn take_held_for_live(router: &NodeRouter) {
 }
 
 /// One message from another node.
-async fn receive(router: &Arc<NodeRouter>, message: BusMessage) {
+async fn receive(router: &NodeRouter, message: BusMessage) {
     match message.kind {
         BusKind::Kick => {
             let Some(epoch) = message.epoch else { return };
@@ -490,11 +491,11 @@ async fn receive(router: &Arc<NodeRouter>, message: BusMessage) {
             };
             router.hub().registry().forget(binding);
             match message.handover() {
-                // In a task of its own: it may wait (bounded) for what is on its way for the
-                // ID, and the inbox must go on meanwhile.
-                Some(handover) => {
-                    tokio::spawn(hand_over(router.clone(), binding, handover));
-                }
+                // In the inbox, not a task of its own: its answer must leave after whatever
+                // this inbox received for the ID before the kick (sent on to the new home
+                // through the same per-node queue). Its wait for what is on its way is bounded
+                // (HANDOVER_SETTLE) and usually nothing.
+                Some(handover) => hand_over(router, binding, handover).await,
                 None => {
                     if router.kick(binding, Instant::now()).await {
                         tracing::debug!(client = %binding.id, "connection closed: its ID was resumed on another node");
@@ -525,6 +526,22 @@ async fn receive(router: &Arc<NodeRouter>, message: BusMessage) {
         }
         // Only ever in held streams.
         BusKind::Missed => {}
+        // Another node's route to `to` moved off this node: everything it sent here before is
+        // handled (this inbox goes in order), so it may publish to the new home now.
+        BusKind::Sync => {
+            let Some(node) = message.sync_from() else {
+                return;
+            };
+            let answer = BusMessage::synced(&message);
+            if let Err(e) = router.bus().routes().bus().send(&node, &answer).await {
+                tracing::debug!(client = %message.to, %node, "barrier not answered: {e}");
+            }
+        }
+        BusKind::Synced => {
+            if let Some(token) = message.epoch {
+                router.bus().routes().synced(token);
+            }
+        }
         BusKind::Deliver => {
             router.bus().metrics.received.inc();
             let (to, epoch) = (message.to, message.epoch);
@@ -558,7 +575,7 @@ async fn receive(router: &Arc<NodeRouter>, message: BusMessage) {
 /// sent from the new home, could overtake it: window 1 of the ordering review), and the move of
 /// a dropped connection's log to the held stream (else the new home read the stream half
 /// written, and the rest, sent on later, came after newer messages: window 2).
-async fn hand_over(router: Arc<NodeRouter>, binding: Binding, handover: bus::Handover) {
+async fn hand_over(router: &NodeRouter, binding: Binding, handover: bus::Handover) {
     let now = Instant::now();
     let taken = router.kick_for_handover(binding, now).unwrap_or_default();
     let settled = async {
@@ -645,8 +662,24 @@ async fn deliver_here(router: &NodeRouter, to: ClientId, epoch: Option<u64>, env
     // Just dropped here: held after what its log still held.
     router.wait_flushed(to).await;
     let routes = router.bus().routes();
-    routes.forget(to);
     let origin = envelope.origin();
+    // Known to have moved on (an earlier message found it so): sent on with one `PUBLISH`. A
+    // node whose cached route still names this one sends everything through here for up to
+    // the route's TTL; a hold and a registry read for each would let them queue up here.
+    if epoch.is_some_and(|epoch| routes.moved_on(to, epoch)) {
+        let reason = match router.bus().send(to, envelope).await {
+            BusDelivery::Delivered | BusDelivery::Held => return,
+            BusDelivery::NoSuchClient => DropReason::RecipientGone,
+            BusDelivery::Dropped(reason) => reason,
+            BusDelivery::Unavailable => DropReason::ServerBusy,
+        };
+        tracing::debug!(client = %to, %reason, "message from another node not sent on; sender told");
+        if let Some(notice) = router.hub().undelivered(to, reason, origin) {
+            router.apply_effect(notice, now).await;
+        }
+        return;
+    }
+    routes.forget(to);
     let message = BusMessage::new(to, epoch, None, envelope);
     let reason = match routes.bus().hold(&message).await {
         Ok(Hold::Held) => return,

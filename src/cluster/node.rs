@@ -7,8 +7,10 @@
 //!   it. A kick closes the connection it names (the ID was resumed elsewhere) and, when it names
 //!   the new home, answers it with one handover message carrying what the connection held, which
 //!   the new home replays before anything newer ([`ClusterBus::hand_over`](Bus::hand_over) waits
-//!   for it). After a gap in the subscription, what was held for this node's live IDs meanwhile is
-//!   delivered. A draining node keeps reading until its own clients are gone, then leaves the
+//!   for it), once nothing for the ID is on its way here (a message its connection is delivering,
+//!   the move of its log to the held stream). A barrier from a node whose route moved off this
+//!   one is answered in order with everything else ([`Routes`]' docs). After a gap in the
+//!   subscription, what was held for this node's live IDs meanwhile is delivered. A draining node keeps reading until its own clients are gone, then leaves the
 //!   channel cleanly (nothing Redis counted as received is dropped unread).
 //! - **leases**: every `grace / 3`, this node's live IDs' keys are renewed (one pipelined round
 //!   trip per 256 IDs); bindings Redis no longer gives to this node are closed so their clients

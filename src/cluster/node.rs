@@ -459,7 +459,9 @@ async fn inbox(router: Arc<NodeRouter>, mut subscription: Subscription, mut shut
                     take_held_for_live(&router).await;
                 });
             }
-            Some(BusEvent::Message(message)) => receive(&router, message).await,
+            Some(BusEvent::Message(message)) => {
+                route::in_inbox(receive(&router, message)).await;
+            }
         }
     }
 }

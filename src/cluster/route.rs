@@ -94,6 +94,19 @@ pub struct Routes<C = ConnectionManager> {
     next_sync: AtomicU64,
 }
 
+tokio::task_local! {
+    /// Set while a node's inbox handles a message ([`in_inbox`]): a barrier's answer
+    /// comes through that very inbox, so a delivery made from it (a message sent on) does not
+    /// wait for one; it would only wait out [`SYNC_WAIT`].
+    static IN_INBOX: ();
+}
+
+/// Runs `handling` (a node's inbox handling one message) so that no delivery it makes waits for
+/// a barrier's answer, which only that inbox could take.
+pub async fn in_inbox<F: std::future::Future>(handling: F) -> F::Output {
+    IN_INBOX.scope((), handling).await
+}
+
 /// How long after this node last published to an ID's old home a route change waits for a
 /// barrier through it: well over the time an inbox takes to handle what it was sent.
 pub const SYNC_WINDOW: Duration = Duration::from_secs(10);
@@ -150,10 +163,21 @@ where
     /// a barrier through that node, so nothing sent there before is overtaken (module docs).
     async fn sync_if_moved(&self, to: ClientId, node: &NodeId) {
         let Some(me) = &self.node else { return };
-        let old = match lock(&self.hops).get(&to) {
-            Some((old, at)) if old != node && at.elapsed() < SYNC_WINDOW => old.clone(),
-            _ => return,
+        let old = {
+            let mut hops = lock(&self.hops);
+            match hops.get_mut(&to) {
+                Some((old, at)) if old != node && at.elapsed() < SYNC_WINDOW => {
+                    // One barrier per move: what follows goes by the new route.
+                    let old = std::mem::replace(old, node.clone());
+                    *at = Instant::now();
+                    old
+                }
+                _ => return,
+            }
         };
+        if IN_INBOX.try_with(|()| ()).is_ok() {
+            return;
+        }
         let token = self.next_sync.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         lock(&self.syncs).insert(token, tx);

@@ -1389,9 +1389,25 @@ async fn a_message_in_flight_on_the_old_node_reaches_the_peer_before_one_sent_af
 /// node-a. node-c's cached route still names node-b for up to 2 s, so for a while node-b gets
 /// the candidates and sends each on to node-a (a held-stream write that finds the ID moved, a
 /// registry read, a `PUBLISH`); once the route expires node-c sends to node-a directly. The
-/// client must still see every candidate once, in order.
+/// client must still see every candidate once, in order (5 of 5 runs failed without the
+/// barrier through the old node).
 #[tokio::test]
 async fn a_sender_whose_route_goes_stale_while_the_recipient_moves_keeps_its_order() {
+    stream_to_a_client_that_moves(false).await;
+}
+
+/// Like the test above with the caller on node-a, where the client moves to: its candidates
+/// go to node-b until the client is live on node-a, then straight to the client; the last ones
+/// node-b is still sending on must come first.
+#[tokio::test]
+async fn a_sender_whose_recipient_moves_to_its_own_node_keeps_its_order() {
+    stream_to_a_client_that_moves(true).await;
+}
+
+/// A caller (on node-a if `caller_on_a`, else on node-c) streams 200 candidates, one per 10 ms,
+/// to a client of node-b (Redis 3 ms away) that moves to node-a (half-open) after 20; the client
+/// must see each once, in order.
+async fn stream_to_a_client_that_moves(caller_on_a: bool) {
     const N: u32 = 200;
     const ACKS: &str = "/socket?seq=1";
     let Some((_redis, cluster, a, b)) = a_fast_and_a_slow_node(Duration::from_millis(3)).await
@@ -1407,7 +1423,7 @@ async fn a_sender_whose_route_goes_stale_while_the_recipient_moves_keeps_its_ord
         "1000",
     ];
     let c = cluster.start("node-c", &args).await;
-    let mut caller = Client::join(&cluster, c.https).await;
+    let mut caller = Client::join(&cluster, if caller_on_a { a.https } else { c.https }).await;
     let mut callee = Client::join_at(&cluster, b.https, ACKS).await;
     call(&mut caller, &mut callee).await; // the offer is seq 1
     let (callee_id, token) = (callee.id, callee.token.clone());

@@ -332,6 +332,14 @@ where
         }
     }
 
+    fn went_elsewhere(&self, to: ClientId) -> bool {
+        self.routes.went_elsewhere(to, &self.node)
+    }
+
+    async fn settle_here(&self, to: ClientId) {
+        self.routes.sync_if_moved(to, &self.node).await;
+    }
+
     async fn kick(&self, node: &NodeId, binding: Binding) {
         let kick = BusMessage::kick(binding.id, binding.epoch);
         if let Err(e) = self.routes.bus().send(node, &kick).await {

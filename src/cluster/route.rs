@@ -159,9 +159,21 @@ where
             .is_some_and(|route| route.live && route.epoch > epoch)
     }
 
-    /// Before the first `PUBLISH` for `to` to `node` after its messages went to another node:
-    /// a barrier through that node, so nothing sent there before is overtaken (module docs).
-    async fn sync_if_moved(&self, to: ClientId, node: &NodeId) {
+    /// Whether `to`'s messages last went to a node other than `node` (within [`SYNC_WINDOW`]),
+    /// so delivering to `node` must wait for [`Routes::sync_if_moved`] first. A look at one map.
+    pub fn went_elsewhere(&self, to: ClientId, node: &NodeId) -> bool {
+        if self.node.is_none() {
+            return false;
+        }
+        lock(&self.hops)
+            .get(&to)
+            .is_some_and(|(old, at)| old != node && at.elapsed() < SYNC_WINDOW)
+    }
+
+    /// Before the first delivery for `to` at `node` (another node, or this one: `to` resumed
+    /// here) after its messages went to a third node: a barrier through that node, so nothing
+    /// sent there before is overtaken (module docs).
+    pub async fn sync_if_moved(&self, to: ClientId, node: &NodeId) {
         let Some(me) = &self.node else { return };
         let old = {
             let mut hops = lock(&self.hops);
@@ -175,7 +187,9 @@ where
                 _ => return,
             }
         };
-        if IN_INBOX.try_with(|()| ()).is_ok() {
+        // Nothing is on its way through this node's own channel (its deliveries here are
+        // done when made), and the inbox cannot wait for an answer only it could take.
+        if old == *me || IN_INBOX.try_with(|()| ()).is_ok() {
             return;
         }
         let token = self.next_sync.fetch_add(1, Ordering::Relaxed);

@@ -127,6 +127,22 @@ pub trait Bus: Send + Sync + 'static {
         let _ = (node, binding);
         std::future::ready(())
     }
+
+    /// Whether this node sent messages for `to` to another node lately, so a delivery here must
+    /// first wait for [`Bus::settle_here`]: `to` just moved here, and what went to its old node
+    /// may still be on its way back. Asked before every local delivery: cheap, no I/O.
+    fn went_elsewhere(&self, to: ClientId) -> bool {
+        let _ = to;
+        false
+    }
+
+    /// Waits (bounded) until what this node sent `to`'s old node for it has been handled there,
+    /// so a local delivery does not overtake it (a barrier through that node). Never called on a
+    /// single node.
+    fn settle_here(&self, to: ClientId) -> impl Future<Output = ()> + Send {
+        let _ = to;
+        std::future::ready(())
+    }
 }
 
 /// The bus of a node that runs alone: there is no other node, so no other ID.

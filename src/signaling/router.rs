@@ -457,6 +457,11 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
                     // (a slow peer, a drop to report, another node) is boxed so its state does
                     // not sit in every message's future.
                     let origin = envelope.origin();
+                    if self.bus.went_elsewhere(to) && self.connections.live_epoch(to).is_some() {
+                        // `to` just moved here while this node's earlier messages for it went
+                        // to its old node: those come first (rare; boxed).
+                        Box::pin(self.bus.settle_here(to)).await;
+                    }
                     match self.deliver_local(to, envelope, now) {
                         Ok((Delivery::Sent | Delivery::Queued, _)) => {}
                         local => {

@@ -510,6 +510,27 @@ fn routing(c: &mut Criterion) {
     group.finish();
 }
 
+/// What a cluster node adds to every client message (`Router::handle_text` marks the message
+/// on its way for a handover to wait for: one insert and one remove in a shared map); a single
+/// node does none of it. Compare with `routing/offer-3KB-threads/1` of the same run.
+fn marks(c: &mut Criterion) {
+    use callgate::signaling::flushes::Flushes;
+    use callgate::signaling::protocol::ClientId;
+    let marks = Flushes::default();
+    let mut group = c.benchmark_group("marks");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("message-on-its-way", |b| {
+        let mut n = 100_000_000u64;
+        b.iter(|| {
+            n += 1;
+            let id = ClientId::new(n % 10_000 + 100_000_000);
+            let done = marks.start(id);
+            marks.end(id, done);
+        })
+    });
+    group.finish();
+}
+
 /// The resume path: B drops, A keeps sending 1 KB offers that queue for B's reserved ID, then a
 /// new connection resumes B and receives its new `id` and the backlog.
 fn resume(c: &mut Criterion) {
@@ -639,6 +660,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = wire, parse, hub, call, routing, resume, https_port
+    targets = wire, parse, hub, call, routing, marks, resume, https_port
 }
 criterion_main!(benches);

@@ -1870,3 +1870,246 @@ async fn a_link_is_ready_only_after_its_marker_and_one_peer_has_one_link() {
         1.0
     );
 }
+
+/// A TCP proxy in front of Redis that delays every chunk by `delay` in each direction (latency,
+/// not a bandwidth cap: chunks keep their order and are not held behind each other's delay).
+/// It runs until the test ends. Returns its `redis://` URL.
+async fn slow_redis(redis: &RedisServer, delay: Duration) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::{TcpListener, TcpStream};
+
+    async fn pipe(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        delay: Duration,
+    ) {
+        let (tx, mut rx) =
+            tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+        tokio::spawn(async move {
+            while let Some((due, chunk)) = rx.recv().await {
+                tokio::time::sleep_until(due).await;
+                if to.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    let due = tokio::time::Instant::now() + delay;
+                    if tx.send((due, buf[..n].to_vec())).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    let upstream: SocketAddr = redis.url().trim_start_matches("redis://").parse().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("redis://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = TcpStream::connect(upstream).await else {
+                continue;
+            };
+            let (client_read, client_write) = client.into_split();
+            let (server_read, server_write) = server.into_split();
+            tokio::spawn(pipe(client_read, server_write, delay));
+            tokio::spawn(pipe(server_read, client_write, delay));
+        }
+    });
+    url
+}
+
+/// Two nodes on one Redis: node-a reaches it directly, node-b through [`slow_redis`] (`delay`
+/// each way). Both with the test grace and a rate limit that lets a test stream.
+async fn a_fast_and_a_slow_node(delay: Duration) -> Option<(RedisServer, Cluster, Node, Node)> {
+    let redis = RedisServer::start()?;
+    let mut cluster = Cluster::new(redis.url());
+    let args = [
+        "--resume-grace",
+        GRACE,
+        "--ws-messages-per-second",
+        "1000",
+        "--ws-message-burst",
+        "1000",
+    ];
+    let a = cluster.start("node-a", &args).await;
+    cluster.redis_url = slow_redis(&redis, delay).await;
+    let b = cluster.start("node-b", &args).await;
+    cluster.redis_url = redis.url();
+    Some((redis, cluster, a, b))
+}
+
+/// Issue 13, "resume anywhere … in order" (window 2 of the ordering review): a client whose
+/// socket breaks on node-b (slow Redis) leaves node-b a log of unacknowledged messages to move
+/// to its held stream, one held-stream write each. The client resumes on node-a while that move
+/// is still going on, and its peer on node-a sends more at once. Everything must arrive once, in
+/// order. Before the fix node-a read the held stream as soon as the ID was reserved, delivered
+/// the part node-b had written so far, then the peer's new messages (local on node-a), and only
+/// then what node-b moved later (sent on to node-a as the ID had moved): 1..k, 13.., k+1..12.
+#[tokio::test]
+async fn a_resume_while_the_old_node_still_moves_the_log_delivers_the_log_before_newer_messages() {
+    const N: u32 = 12;
+    const ACKS: &str = "/socket?seq=1";
+    let Some((redis, cluster, a, b)) = a_fast_and_a_slow_node(Duration::from_millis(15)).await
+    else {
+        return;
+    };
+    let mut caller = Client::join(&cluster, a.https).await;
+    let mut callee = Client::join_at(&cluster, b.https, ACKS).await;
+    call(&mut caller, &mut callee).await; // the offer is seq 1
+    for n in 1..=N {
+        caller.candidate(callee.id, n).await;
+    }
+    // Received on node-b, not acknowledged: all N are in node-b's log.
+    for n in 1..=N {
+        assert_eq!(candidate_number(&callee.recv().await), n);
+    }
+    let Client {
+        ws,
+        id: callee_id,
+        token,
+    } = callee;
+    drop(ws);
+    until(Duration::from_secs(5), "reserved in Redis", || {
+        id_field(&redis, callee_id, "live").as_deref() == Some("0")
+    })
+    .await;
+    // node-b is now moving the log, one slow write at a time; the client is back on node-a.
+    let (mut callee, hello) =
+        Client::resumed_at(&cluster, a.https, ACKS, callee_id, &token, Some(1)).await;
+    assert!(hello.get("missed").is_none(), "{hello}");
+    for n in N + 1..=N + 5 {
+        caller.candidate(callee_id, n).await;
+    }
+    let mut got = Vec::new();
+    while got.len() < (N + 5) as usize {
+        got.push(candidate_number(&callee.recv().await));
+    }
+    let expected: Vec<u32> = (1..=N + 5).collect();
+    assert_eq!(got, expected, "lost, repeated or out of order");
+    callee.quiet(Duration::from_millis(300)).await;
+    let _ = b;
+}
+
+/// Issue 13, "resume anywhere … in order" (window 1 of the ordering review): a client on node-b
+/// (slow Redis) sends its peer on node-c a message (m1) whose delivery takes node-b a registry
+/// read and a `PUBLISH`, and at once resumes its ID on node-a over a connection it had opened
+/// (node-b still holds the old one: half-open). It sends m2 as soon as it is back. The peer must
+/// see m1 before m2. Before the fix node-b answered node-a's handover at once, while m1 was still
+/// on its way, and m2 (node-a to node-c, fast) overtook it (3 runs of 3).
+#[tokio::test]
+async fn a_message_in_flight_on_the_old_node_reaches_the_peer_before_one_sent_after_a_resume() {
+    const ACKS: &str = "/socket?seq=1";
+    let Some((_redis, cluster, a, b)) = a_fast_and_a_slow_node(Duration::from_millis(80)).await
+    else {
+        return;
+    };
+    let c = cluster.start("node-c", &["--resume-grace", GRACE]).await;
+    let mut peer = Client::join(&cluster, c.https).await;
+    let mut mover = Client::join_at(&cluster, b.https, ACKS).await;
+    call(&mut peer, &mut mover).await;
+    // node-b's route to the peer (cached by the reply) expires: m1 needs a registry read first.
+    tokio::time::sleep(Duration::from_millis(2_300)).await;
+    let mut new = open_at(&cluster, a.https, ACKS).await;
+    let fresh = new.recv().await;
+    assert_eq!(fresh["type"], "id", "{fresh}");
+    mover.candidate(peer.id, 1).await;
+    new.send(&format!(
+        r#"{{"type":"resume","id":{},"token":"{}","last_seq":1}}"#,
+        mover.id, mover.token
+    ))
+    .await;
+    let hello = new.recv().await;
+    assert_eq!(hello["resumed"], true, "{hello}");
+    let mut moved = Client {
+        ws: new,
+        id: mover.id,
+        token: hello["token"].as_str().unwrap().to_owned(),
+    };
+    moved.candidate(peer.id, 2).await;
+    assert_eq!(candidate_number(&peer.recv().await), 1, "m2 overtook m1");
+    assert_eq!(candidate_number(&peer.recv().await), 2);
+    peer.quiet(Duration::from_millis(300)).await;
+    let _ = b;
+}
+
+/// Issue 13, "resume anywhere … in order" (the re-check of the ordering review): a caller on
+/// node-c streams candidates to a client of node-b (slow Redis) while the client moves to
+/// node-a. node-c's cached route still names node-b for up to 2 s, so for a while node-b gets
+/// the candidates and sends each on to node-a (a held-stream write that finds the ID moved, a
+/// registry read, a `PUBLISH`); once the route expires node-c sends to node-a directly. The
+/// client must still see every candidate once, in order (5 of 5 runs failed without the
+/// barrier through the old node).
+#[tokio::test]
+async fn a_sender_whose_route_goes_stale_while_the_recipient_moves_keeps_its_order() {
+    stream_to_a_client_that_moves(false).await;
+}
+
+/// Like the test above with the caller on node-a, where the client moves to: its candidates
+/// go to node-b until the client is live on node-a, then straight to the client; the last ones
+/// node-b is still sending on must come first.
+#[tokio::test]
+async fn a_sender_whose_recipient_moves_to_its_own_node_keeps_its_order() {
+    stream_to_a_client_that_moves(true).await;
+}
+
+/// A caller (on node-a if `caller_on_a`, else on node-c) streams 200 candidates, one per 10 ms,
+/// to a client of node-b (Redis 3 ms away) that moves to node-a (half-open) after 20; the client
+/// must see each once, in order.
+async fn stream_to_a_client_that_moves(caller_on_a: bool) {
+    const N: u32 = 200;
+    const ACKS: &str = "/socket?seq=1";
+    let Some((_redis, cluster, a, b)) = a_fast_and_a_slow_node(Duration::from_millis(3)).await
+    else {
+        return;
+    };
+    let args = [
+        "--resume-grace",
+        GRACE,
+        "--ws-messages-per-second",
+        "1000",
+        "--ws-message-burst",
+        "1000",
+    ];
+    let c = cluster.start("node-c", &args).await;
+    let mut caller = Client::join(&cluster, if caller_on_a { a.https } else { c.https }).await;
+    let mut callee = Client::join_at(&cluster, b.https, ACKS).await;
+    call(&mut caller, &mut callee).await; // the offer is seq 1
+    let (callee_id, token) = (callee.id, callee.token.clone());
+    let send = async {
+        for n in 1..=N {
+            caller.candidate(callee_id, n).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    let receive = async {
+        let mut got = Vec::new();
+        let mut last_seq = 1;
+        while got.len() < 20 {
+            let message = callee.recv().await;
+            last_seq = message["seq"].as_u64().unwrap();
+            got.push(candidate_number(&message));
+        }
+        // The client moves (half-open: node-b still holds the old connection).
+        let (mut moved, _) =
+            Client::resumed_at(&cluster, a.https, ACKS, callee_id, &token, Some(last_seq)).await;
+        while got.last() != Some(&N) {
+            let message = moved.recv().await;
+            got.push(candidate_number(&message));
+            let seq = message["seq"].as_u64().unwrap();
+            moved
+                .send(&format!(r#"{{"type":"ack","seq":{seq}}}"#))
+                .await;
+        }
+        got
+    };
+    let ((), got) = tokio::join!(send, receive);
+    let expected: Vec<u32> = (1..=N).collect();
+    assert_eq!(got, expected, "lost, repeated or out of order");
+    let _ = b;
+}

@@ -91,6 +91,13 @@ pub enum BusKind {
     /// [`super::link`]) published it behind everything it published here before; the frame is
     /// the link's nonce. Once the inbox reads it, the link may carry messages in order.
     LinkStart,
+    /// A barrier from a node whose route to the recipient moved off the receiving node: "answer
+    /// once you have handled everything I published to you before this". The frame names the
+    /// asking node, `epoch` carries its token. Handled in order with everything else, so the
+    /// answer means what the asker sent here before has been delivered, held or sent on.
+    Sync,
+    /// The answer to a [`BusKind::Sync`]: `epoch` is its token.
+    Synced,
 }
 
 /// Where a kicked connection's log goes: the node that resumed the ID, under its new epoch.
@@ -214,8 +221,12 @@ impl BusMessage {
     const FLUSHED: u8 = 16;
     /// Flag: a [`BusKind::Missed`] marker.
     const MISSED: u8 = 32;
-    /// Flag: a [`BusKind::LinkStart`] marker.
-    const LINK_START: u8 = 64;
+    /// Flag: a [`BusKind::Sync`] barrier; with [`Self::FLUSHED`], its answer
+    /// ([`BusKind::Synced`]). A node of an earlier release skips both (unknown flags): an asker
+    /// then waits out its bound.
+    const SYNC: u8 = 64;
+    /// Flags: a [`BusKind::LinkStart`] marker ([`Self::SYNC`] with [`Self::KICK`]).
+    const LINK_START: u8 = Self::SYNC | Self::KICK;
     /// The longest header: version, flags, server kind, recipient, epoch, origin, call.
     const MAX_HEADER: usize = 1 + 1 + 1 + 8 + 8 + 9 + 9;
 
@@ -322,6 +333,36 @@ impl BusMessage {
         }
     }
 
+    /// A barrier for `node`'s route to `to` (see [`BusKind::Sync`]), with `token` for its answer.
+    pub fn sync(to: ClientId, token: u64, node: &NodeId) -> Self {
+        Self {
+            kind: BusKind::Sync,
+            to,
+            epoch: Some(token),
+            origin: None,
+            call: None,
+            server_kind: ServerKind::Pong,
+            frame: Bytes::from(node.to_string()),
+        }
+    }
+
+    /// The node a [`BusKind::Sync`] barrier asks to be answered on.
+    pub fn sync_from(&self) -> Option<NodeId> {
+        if self.kind != BusKind::Sync || self.frame.is_empty() {
+            return None;
+        }
+        std::str::from_utf8(&self.frame).ok().map(NodeId::new)
+    }
+
+    /// The answer to `sync` (a [`BusKind::Sync`] barrier).
+    pub fn synced(sync: &BusMessage) -> Self {
+        Self {
+            kind: BusKind::Synced,
+            frame: Bytes::new(),
+            ..sync.clone()
+        }
+    }
+
     /// The range a [`BusKind::Missed`] marker names.
     pub fn missed_range(&self) -> Option<(u64, u64)> {
         if self.kind != BusKind::Missed || self.frame.len() != 16 {
@@ -359,6 +400,8 @@ impl BusMessage {
             BusKind::Flushed => Self::FLUSHED,
             BusKind::Missed => Self::MISSED,
             BusKind::LinkStart => Self::LINK_START,
+            BusKind::Sync => Self::SYNC,
+            BusKind::Synced => Self::SYNC | Self::FLUSHED,
         };
         out.put_u8(Self::VERSION);
         out.put_u8(flags);
@@ -409,7 +452,7 @@ impl BusMessage {
                 | Self::KICK
                 | Self::FLUSHED
                 | Self::MISSED
-                | Self::LINK_START);
+                | Self::SYNC);
         if unknown != 0 {
             return Err(PayloadError::UnknownFlags(unknown));
         }
@@ -450,12 +493,14 @@ impl BusMessage {
         } else {
             None
         };
-        let kind = match flags & (Self::KICK | Self::FLUSHED | Self::MISSED | Self::LINK_START) {
+        let kind = match flags & (Self::KICK | Self::FLUSHED | Self::MISSED | Self::SYNC) {
             0 => BusKind::Deliver,
             Self::KICK => BusKind::Kick,
             Self::FLUSHED => BusKind::Flushed,
             Self::MISSED => BusKind::Missed,
+            Self::SYNC => BusKind::Sync,
             Self::LINK_START => BusKind::LinkStart,
+            synced if synced == Self::SYNC | Self::FLUSHED => BusKind::Synced,
             both => return Err(PayloadError::UnknownFlags(both)),
         };
         if kind != BusKind::Deliver && epoch.is_none() {
@@ -1103,6 +1148,24 @@ mod tests {
             ..message(Some(7), Some(origin))
         };
         assert_eq!(longest.encode().len(), BusMessage::MAX_HEADER + 39);
+    }
+
+    /// A route change's barrier names the node to answer and carries its token; the answer
+    /// carries the token back; both survive the payload, and neither reads as anything else.
+    #[test]
+    fn barriers_and_their_answers_survive_the_payload_round_trip() {
+        let to = ClientId::new(5);
+        let node = NodeId::new("node-c");
+        let sync = BusMessage::decode(BusMessage::sync(to, 41, &node).encode()).unwrap();
+        assert_eq!(sync.kind, BusKind::Sync);
+        assert_eq!((sync.to, sync.epoch), (to, Some(41)));
+        assert_eq!(sync.sync_from(), Some(node));
+        assert_eq!(sync.handover(), None);
+        let answer = BusMessage::decode(BusMessage::synced(&sync).encode()).unwrap();
+        assert_eq!(answer.kind, BusKind::Synced);
+        assert_eq!((answer.to, answer.epoch), (to, Some(41)));
+        assert_eq!(answer.sync_from(), None);
+        assert_eq!(BusMessage::kick(to, 9).sync_from(), None);
     }
 
     /// A kick names where to hand over, the answer carries the held messages and the dropped

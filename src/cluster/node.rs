@@ -7,8 +7,10 @@
 //!   it. A kick closes the connection it names (the ID was resumed elsewhere) and, when it names
 //!   the new home, answers it with one handover message carrying what the connection held, which
 //!   the new home replays before anything newer ([`ClusterBus::hand_over`](Bus::hand_over) waits
-//!   for it). After a gap in the subscription, what was held for this node's live IDs meanwhile is
-//!   delivered. A draining node keeps reading until its own clients are gone, then leaves the
+//!   for it), once nothing for the ID is on its way here (a message its connection is delivering,
+//!   the move of its log to the held stream). A barrier from a node whose route moved off this
+//!   one is answered in order with everything else ([`Routes`]' docs). After a gap in the
+//!   subscription, what was held for this node's live IDs meanwhile is delivered. A draining node keeps reading until its own clients are gone, then leaves the
 //!   channel cleanly (nothing Redis counted as received is dropped unread).
 //! - **leases**: every `grace / 3`, this node's live IDs' keys are renewed (one pipelined round
 //!   trip per 256 IDs); bindings Redis no longer gives to this node are closed so their clients
@@ -73,9 +75,15 @@ const RECONCILE_EVERY: Duration = Duration::from_millis(250);
 /// After the subscription comes back, when to look for held messages a second time.
 const RESUBSCRIBE_SECOND_LOOK: Duration = Duration::from_secs(2);
 
-/// How long a resume waits for the node that held the ID live to hand over what it held; past
-/// this, that node counts as failed (what it had not had confirmed is reported lost).
-const HANDOVER_WAIT: Duration = Duration::from_secs(2);
+/// How long a resume waits for the node that held the ID to hand over what it held; past this,
+/// that node counts as failed (what it had not had confirmed is reported lost). Longer than
+/// [`HANDOVER_SETTLE`] plus a `PUBLISH`, so a node that waited its whole bound is still heard.
+const HANDOVER_WAIT: Duration = Duration::from_secs(3);
+
+/// Longest a node asked to hand an ID over waits for what it still has on its way for that ID:
+/// a message the ID's connection here is delivering, and the move of a dropped ID's log to its
+/// held stream (each bounded by Redis's 1 s command timeout per step).
+const HANDOVER_SETTLE: Duration = Duration::from_secs(2);
 
 /// Longest wait for one Redis operation of the registry or the bus, and for a message's answer
 /// from another node (by `PUBLISH` or a direct link).
@@ -275,7 +283,11 @@ where
             match message.kind {
                 BusKind::Deliver => held.messages.push(message.into_envelope()),
                 BusKind::Missed => held.missed = merge(held.missed, message.missed_range()),
-                BusKind::Kick | BusKind::Flushed | BusKind::LinkStart => {}
+                BusKind::Kick
+                | BusKind::Flushed
+                | BusKind::LinkStart
+                | BusKind::Sync
+                | BusKind::Synced => {}
             }
         }
         Ok(held)
@@ -336,6 +348,14 @@ where
         }
     }
 
+    fn went_elsewhere(&self, to: ClientId) -> bool {
+        self.routes.went_elsewhere(to, &self.node)
+    }
+
+    async fn settle_here(&self, to: ClientId) {
+        self.routes.sync_if_moved(to, &self.node).await;
+    }
+
     async fn kick(&self, node: &NodeId, binding: Binding) {
         let kick = BusMessage::kick(binding.id, binding.epoch);
         if let Err(e) = self.routes.bus().send(node, &kick).await {
@@ -388,7 +408,8 @@ pub fn router(
             max_routes: limits.max_clients,
             ttl: Duration::from_secs(2),
         },
-    );
+    )
+    .syncing_as(node.clone());
     let hub = Hub::new(
         ClusterRegistry::new(registry, node.clone()),
         node.clone(),
@@ -455,7 +476,7 @@ async fn inbox(
         let event = tokio::select! {
             biased;
             Some(message) = next_linked(&mut linked) => {
-                receive(&router, message).await;
+                route::in_inbox(receive(&router, message)).await;
                 continue;
             }
             _ = shutdown.recv(), if draining.is_none() => {
@@ -485,7 +506,7 @@ async fn inbox(
                 if let Some(linked) = &mut linked {
                     linked.close();
                     while let Some(message) = linked.recv().await {
-                        receive(&router, message).await;
+                        route::in_inbox(receive(&router, message)).await;
                     }
                 }
                 return;
@@ -506,7 +527,9 @@ async fn inbox(
                     take_held_for_live(&router).await;
                 });
             }
-            Some(BusEvent::Message(message)) => receive(&router, message).await,
+            Some(BusEvent::Message(message)) => {
+                route::in_inbox(receive(&router, message)).await;
+            }
         }
     }
 }
@@ -551,6 +574,10 @@ async fn receive(router: &Arc<NodeRouter>, message: BusMessage) {
             };
             router.hub().registry().forget(binding);
             match message.handover() {
+                // In the inbox, not a task of its own: its answer must leave after whatever
+                // this inbox received for the ID before the kick (sent on to the new home
+                // through the same per-node queue). Its wait for what is on its way is bounded
+                // (HANDOVER_SETTLE) and usually nothing.
                 Some(handover) => hand_over(router, binding, handover).await,
                 None => {
                     if router.kick(binding, Instant::now()).await {
@@ -585,6 +612,22 @@ async fn receive(router: &Arc<NodeRouter>, message: BusMessage) {
         BusKind::LinkStart => {
             if let Some(links) = router.bus().routes().bus().links() {
                 links.started(&message.frame);
+            }
+        }
+        // Another node's route to `to` moved off this node: everything it sent here before is
+        // handled (this inbox goes in order), so it may publish to the new home now.
+        BusKind::Sync => {
+            let Some(node) = message.sync_from() else {
+                return;
+            };
+            let answer = BusMessage::synced(&message);
+            if let Err(e) = router.bus().routes().bus().send(&node, &answer).await {
+                tracing::debug!(client = %message.to, %node, "barrier not answered: {e}");
+            }
+        }
+        BusKind::Synced => {
+            if let Some(token) = message.epoch {
+                router.bus().routes().synced(token);
             }
         }
         BusKind::Deliver => {
@@ -655,12 +698,29 @@ async fn deliver_in_order(
     hold_here(router, to, epoch, envelope).await;
 }
 
-/// The ID was resumed on `handover.node` while a connection here held it: closes it and sends
-/// what it held there in one message, which that node replays before anything newer. An empty
-/// answer when nothing here holds it, so the new home need not wait out its bound.
+/// The ID was resumed on `handover.node` while this node held it (live, or reserved after a
+/// drop): closes the connection and sends what it held there in one message, which that node
+/// replays before anything newer. An empty answer when nothing here holds it, so the new home
+/// need not wait out its bound.
+///
+/// The answer waits (at most [`HANDOVER_SETTLE`]) until nothing for the ID is on its way here:
+/// a message its connection was delivering when the kick came (else the client's next message,
+/// sent from the new home, could overtake it: window 1 of the ordering review), and the move of
+/// a dropped connection's log to the held stream (else the new home read the stream half
+/// written, and the rest, sent on later, came after newer messages: window 2).
 async fn hand_over(router: &NodeRouter, binding: Binding, handover: bus::Handover) {
     let now = Instant::now();
     let taken = router.kick_for_handover(binding, now).unwrap_or_default();
+    let settled = async {
+        router.wait_sent(binding.id, HANDOVER_SETTLE).await;
+        router.wait_flushed(binding.id).await;
+    };
+    if tokio::time::timeout(HANDOVER_SETTLE, settled)
+        .await
+        .is_err()
+    {
+        tracing::debug!(client = %binding.id, "handing over with a message or a log move still on its way");
+    }
     let flushed = Flushed {
         messages: taken
             .frames
@@ -742,8 +802,24 @@ async fn deliver_here(router: &NodeRouter, to: ClientId, epoch: Option<u64>, env
 async fn hold_here(router: &NodeRouter, to: ClientId, epoch: Option<u64>, envelope: Envelope) {
     let now = Instant::now();
     let routes = router.bus().routes();
-    routes.forget(to);
     let origin = envelope.origin();
+    // Known to have moved on (an earlier message found it so): sent on with one `PUBLISH`. A
+    // node whose cached route still names this one sends everything through here for up to
+    // the route's TTL; a hold and a registry read for each would let them queue up here.
+    if epoch.is_some_and(|epoch| routes.moved_on(to, epoch)) {
+        let reason = match router.bus().send(to, envelope).await {
+            BusDelivery::Delivered | BusDelivery::Held => return,
+            BusDelivery::NoSuchClient => DropReason::RecipientGone,
+            BusDelivery::Dropped(reason) => reason,
+            BusDelivery::Unavailable => DropReason::ServerBusy,
+        };
+        tracing::debug!(client = %to, %reason, "message from another node not sent on; sender told");
+        if let Some(notice) = router.hub().undelivered(to, reason, origin) {
+            router.apply_effect(notice, now).await;
+        }
+        return;
+    }
+    routes.forget(to);
     let message = BusMessage::new(to, epoch, None, envelope);
     let reason = match routes.bus().hold(&message).await {
         Ok(Hold::Held) => return,

@@ -8,12 +8,26 @@
 //! when the node named is gone (`PUBLISH` reaches nobody) or the held stream answers that the
 //! epoch moved, and otherwise bounded by the cache's TTL (a node that receives a message for an
 //! epoch it no longer holds forwards it). The cache is bounded in entries.
+//!
+//! **A route that moves keeps each sender's order.** While a cached route names a node the ID
+//! left, that node sends each message on to the ID's new home; once the route is read again this
+//! node publishes to the new home directly, and its next message could overtake the last one the
+//! old node is still sending on. So the first `PUBLISH` for an ID to a node other than the one
+//! its messages last went to (within [`SYNC_WINDOW`]) waits for a barrier: a [`BusKind::Sync`]
+//! through the old node's channel, which that node answers once it has handled everything
+//! before it (delivered, held or sent on), at most [`SYNC_WAIT`]. A node that is gone answers
+//! nothing and is not waited for (nobody received the barrier). Only nodes made with
+//! [`Routes::syncing_as`] do this.
+//!
+//! [`BusKind::Sync`]: super::bus::BusKind::Sync
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionLike, ConnectionManager};
+use tokio::sync::oneshot;
 
 use super::bus::{BusMessage, Hold, RedisBus};
 use super::registry::RedisRegistry;
@@ -71,7 +85,35 @@ pub struct Routes<C = ConnectionManager> {
     cache: Mutex<HashMap<ClientId, Route>>,
     /// Bounds.
     settings: RouteSettings,
+    /// This node, named in barriers; `None`: no barriers (see the module docs).
+    node: Option<NodeId>,
+    /// Where each ID's messages last went from here, and when; bounded like `cache`.
+    hops: Mutex<HashMap<ClientId, (NodeId, Instant)>>,
+    /// Barriers waiting for their answer, by token (one per route change in progress).
+    syncs: Mutex<HashMap<u64, oneshot::Sender<()>>>,
+    /// The next barrier's token.
+    next_sync: AtomicU64,
 }
+
+tokio::task_local! {
+    /// Set while a node's inbox handles a message ([`in_inbox`]): a barrier's answer
+    /// comes through that very inbox, so a delivery made from it (a message sent on) does not
+    /// wait for one; it would only wait out [`SYNC_WAIT`].
+    static IN_INBOX: ();
+}
+
+/// Runs `handling` (a node's inbox handling one message) so that no delivery it makes waits for
+/// a barrier's answer, which only that inbox could take.
+pub async fn in_inbox<F: std::future::Future>(handling: F) -> F::Output {
+    IN_INBOX.scope((), handling).await
+}
+
+/// How long after this node last published to an ID's old home a route change waits for a
+/// barrier through it: well over the time an inbox takes to handle what it was sent.
+pub const SYNC_WINDOW: Duration = Duration::from_secs(10);
+
+/// Longest a route change waits for the old node's answer to its barrier.
+pub const SYNC_WAIT: Duration = Duration::from_secs(1);
 
 /// Tries before giving up on an ID that keeps moving while a message chases it.
 const ATTEMPTS: usize = 3;
@@ -87,6 +129,102 @@ where
             bus,
             cache: Mutex::new(HashMap::new()),
             settings,
+            node: None,
+            hops: Mutex::new(HashMap::new()),
+            syncs: Mutex::new(HashMap::new()),
+            next_sync: AtomicU64::new(1),
+        }
+    }
+
+    /// Routes of the node `node`, which keeps each sender's order when a route moves with a
+    /// barrier through the old node (see the module docs); its inbox must answer
+    /// [`BusKind::Sync`](super::bus::BusKind::Sync) and pass
+    /// [`BusKind::Synced`](super::bus::BusKind::Synced) to [`Routes::synced`].
+    pub fn syncing_as(mut self, node: NodeId) -> Self {
+        self.node = Some(node);
+        self
+    }
+
+    /// A barrier's answer came (its token): the route change waiting for it goes on.
+    pub fn synced(&self, token: u64) {
+        let waiting = lock(&self.syncs).remove(&token);
+        if let Some(tx) = waiting {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Whether the cached route to `id` is live at an epoch after `epoch`: the ID moved on
+    /// from the holder a message was routed to, and this cached route is where it is now.
+    pub fn moved_on(&self, id: ClientId, epoch: u64) -> bool {
+        self.cached(id)
+            .is_some_and(|route| route.live && route.epoch > epoch)
+    }
+
+    /// Whether `to`'s messages last went to a node other than `node` (within [`SYNC_WINDOW`]),
+    /// so delivering to `node` must wait for [`Routes::sync_if_moved`] first. A look at one map.
+    pub fn went_elsewhere(&self, to: ClientId, node: &NodeId) -> bool {
+        if self.node.is_none() {
+            return false;
+        }
+        lock(&self.hops)
+            .get(&to)
+            .is_some_and(|(old, at)| old != node && at.elapsed() < SYNC_WINDOW)
+    }
+
+    /// Before the first delivery for `to` at `node` (another node, or this one: `to` resumed
+    /// here) after its messages went to a third node: a barrier through that node, so nothing
+    /// sent there before is overtaken (module docs).
+    pub async fn sync_if_moved(&self, to: ClientId, node: &NodeId) {
+        let Some(me) = &self.node else { return };
+        let old = {
+            let mut hops = lock(&self.hops);
+            match hops.get_mut(&to) {
+                Some((old, at)) if old != node && at.elapsed() < SYNC_WINDOW => {
+                    // One barrier per move: what follows goes by the new route.
+                    let old = std::mem::replace(old, node.clone());
+                    *at = Instant::now();
+                    old
+                }
+                _ => return,
+            }
+        };
+        // Nothing is on its way through this node's own channel (its deliveries here are
+        // done when made), and the inbox cannot wait for an answer only it could take.
+        if old == *me || IN_INBOX.try_with(|()| ()).is_ok() {
+            return;
+        }
+        let token = self.next_sync.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.syncs).insert(token, tx);
+        let barrier = BusMessage::sync(to, token, me);
+        // Nobody received it (the old node is gone), or Redis failed: nothing to wait for.
+        if let Ok(true) = self.bus.send(&old, &barrier).await {
+            if tokio::time::timeout(SYNC_WAIT, rx).await.is_err() {
+                tracing::debug!(%to, node = %old, "the old node did not answer a route change's barrier in time");
+            }
+        }
+        lock(&self.syncs).remove(&token);
+    }
+
+    /// `to`'s messages just went to `node`.
+    fn sent_via(&self, to: ClientId, node: &NodeId) {
+        if self.node.is_none() {
+            return;
+        }
+        let mut hops = lock(&self.hops);
+        match hops.get_mut(&to) {
+            Some((last, at)) if last == node => *at = Instant::now(),
+            _ => {
+                if hops.len() >= self.settings.max_routes {
+                    hops.retain(|_, (_, at)| at.elapsed() < SYNC_WINDOW);
+                    if hops.len() >= self.settings.max_routes {
+                        hops.clear();
+                    }
+                }
+                if self.settings.max_routes > 0 {
+                    hops.insert(to, (node.clone(), Instant::now()));
+                }
+            }
         }
     }
 
@@ -126,12 +264,17 @@ where
                 },
             };
             message.epoch = Some(route.epoch);
+            // Whether delivered there, held or handed back: after what went to the old node.
+            self.sync_if_moved(to, &route.node).await;
             if route.live && here == Some(&route.node) {
                 return Err(message.into_envelope());
             }
             if route.live {
                 match self.bus.send(&route.node, &message).await {
-                    Ok(true) => return Ok(BusDelivery::Delivered),
+                    Ok(true) => {
+                        self.sent_via(to, &route.node);
+                        return Ok(BusDelivery::Delivered);
+                    }
                     // The node is gone or between reconnects: hold, if the ID is still there.
                     Ok(false) => {}
                     Err(_) => return Ok(BusDelivery::Unavailable),
@@ -211,6 +354,11 @@ where
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ClientId, Route>> {
         self.cache.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// One of the maps; a panic elsewhere while holding it leaves nothing half-written.
+fn lock<T>(map: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    map.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -108,7 +108,8 @@ pub trait Bus: Send + Sync + 'static {
     }
 
     /// Asks `node` to close the connection holding `old` (the ID was resumed here, as `new`,
-    /// while that half-open connection still held it) and to hand over what it held; waits a
+    /// while that half-open connection still held it, or while `node` held it reserved) and to
+    /// hand over what it held, once nothing for the ID is on its way there any more; waits a
     /// bounded time for the answer. Never called on a single node.
     fn hand_over(
         &self,
@@ -124,6 +125,22 @@ pub trait Bus: Send + Sync + 'static {
     /// (half-open) connection still held it. Nothing to do on a single node.
     fn kick(&self, node: &NodeId, binding: Binding) -> impl Future<Output = ()> + Send {
         let _ = (node, binding);
+        std::future::ready(())
+    }
+
+    /// Whether this node sent messages for `to` to another node lately, so a delivery here must
+    /// first wait for [`Bus::settle_here`]: `to` just moved here, and what went to its old node
+    /// may still be on its way back. Asked before every local delivery: cheap, no I/O.
+    fn went_elsewhere(&self, to: ClientId) -> bool {
+        let _ = to;
+        false
+    }
+
+    /// Waits (bounded) until what this node sent `to`'s old node for it has been handled there,
+    /// so a local delivery does not overtake it (a barrier through that node). Never called on a
+    /// single node.
+    fn settle_here(&self, to: ClientId) -> impl Future<Output = ()> + Send {
+        let _ = to;
         std::future::ready(())
     }
 }

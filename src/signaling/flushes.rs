@@ -6,6 +6,10 @@
 //! (tokio's), kept out of the router so the core itself reads no clock: the wait is bounded
 //! because two flushes that each tell the other's client something must not wait for each other
 //! for ever.
+//!
+//! The same marks serve a second purpose in the router: which IDs' connections have a message
+//! of theirs on its way right now (the session awaits its delivery), so a node handing an ID
+//! over to another waits until it is out (see `Router::wait_sent`).
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
@@ -47,11 +51,16 @@ impl Flushes {
     /// flushes that each tell the other's client something must not wait for each other for
     /// ever; past the bound the message is held as before, possibly ahead of the log).
     pub async fn wait(&self, id: ClientId) {
+        self.wait_within(id, FLUSH_WAIT).await;
+    }
+
+    /// Waits until `id` is not marked (at once if it is not), at most `bound`.
+    pub async fn wait_within(&self, id: ClientId, bound: std::time::Duration) {
         let rx = self.lock().get(&id).cloned();
         if let Some(mut rx) = rx {
-            // Err once the flush's sender is dropped: the flush is done.
+            // Err once the mark's sender is dropped: the work is done.
             let done = async { while rx.changed().await.is_ok() {} };
-            let _ = tokio::time::timeout(FLUSH_WAIT, done).await;
+            let _ = tokio::time::timeout(bound, done).await;
         }
     }
 

@@ -36,6 +36,9 @@ pub struct Router<R = MemoryRegistry, B = NoBus, O = OutboxSender> {
     bus: B,
     /// IDs whose log is being moved to the bus right now (see [`Flushes`]).
     flushes: Flushes,
+    /// In a cluster, IDs whose connection has a message on its way right now (see
+    /// [`Router::wait_sent`]).
+    sends: Flushes,
 }
 
 impl<O: Outbox> Router<MemoryRegistry, NoBus, O> {
@@ -53,6 +56,7 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
             hub,
             bus,
             flushes: Flushes::default(),
+            sends: Flushes::default(),
         }
     }
 
@@ -171,8 +175,16 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
         frame: &[u8],
         now: Instant,
     ) -> Outcome {
+        // In a cluster the message is marked on its way until it is delivered, held or
+        // reported, so a handover of this ID to another node waits for it (`wait_sent`).
+        let id = conn.id();
+        let sending = self.bus.holds_reserved().then(|| self.sends.start(id));
         let effects = self.hub.handle_text(conn, frame, now).await;
-        self.apply(Some(conn), effects, now).await
+        let outcome = self.apply(Some(conn), effects, now).await;
+        if let Some(done) = sending {
+            self.sends.end(id, done);
+        }
+        outcome
     }
 
     /// Answers a frame the session layer refused itself (too large, binary, rate limited, too many
@@ -336,6 +348,15 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
         self.flushes.contains(to)
     }
 
+    /// Waits, at most `bound`, until no message from `id`'s connection here is on its way (its
+    /// session is inside [`Router::handle_text`]): a node handing `id` over to the node it
+    /// resumed on answers only then, so a message the client sent here is published before
+    /// anything it sends there (each session awaits its message's delivery before reading the
+    /// next one; this extends that across the move). At once on a single node.
+    pub async fn wait_sent(&self, id: ClientId, bound: std::time::Duration) {
+        self.sends.wait_within(id, bound).await;
+    }
+
     /// How many reserved IDs' logs are being moved to the bus right now.
     pub fn flushes_in_progress(&self) -> usize {
         self.flushes.len()
@@ -441,6 +462,11 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
                     // (a slow peer, a drop to report, another node) is boxed so its state does
                     // not sit in every message's future.
                     let origin = envelope.origin();
+                    if self.bus.went_elsewhere(to) && self.connections.live_epoch(to).is_some() {
+                        // `to` just moved here while this node's earlier messages for it went
+                        // to its old node: those come first (rare; boxed).
+                        Box::pin(self.bus.settle_here(to)).await;
+                    }
                     match self.deliver_local(to, envelope, now) {
                         Ok((Delivery::Sent | Delivery::Queued, _)) => {}
                         local => {
@@ -652,39 +678,47 @@ impl<R: Registry, B: Bus, O: Outbox> Router<R, B, O> {
         let mut backlog = Vec::new();
         let mut missed = None;
         let mut node_failed = false;
-        if takeover.was_live {
-            tracing::debug!(client = %id, node = %takeover.previous_node, "resumed from a live connection on another node; asking it to hand over");
-            let old = Binding {
-                id,
-                epoch: takeover.previous_epoch,
-            };
-            match self
-                .bus
-                .hand_over(&takeover.previous_node, old, binding)
-                .await
-            {
-                Handover::Flushed(held) => {
-                    backlog.extend(held.messages);
-                    missed = merge(missed, held.missed);
-                }
-                Handover::Unanswered => {
-                    // Only a client that acknowledges (it says `last_seq`) has a delivery
-                    // record to be exact about; for one that does not, nothing is known, as on
-                    // one node, and nobody is alarmed. One that processed everything the dead
-                    // node's last record says it had numbered, with nothing sent to it since,
-                    // lost nothing.
-                    let quiet = matches!(
-                        (last_seq, takeover.quiet_through),
-                        (Some(seen), Some(through)) if seen >= through
-                    );
-                    node_failed = last_seq.is_some() && !quiet;
-                    if node_failed {
-                        tracing::info!(client = %id, node = %takeover.previous_node, "the node that held a resumed ID did not answer; what it numbered after the client's last_seq is reported lost");
-                    } else {
-                        tracing::info!(client = %id, node = %takeover.previous_node, "the node that held a resumed ID did not answer; its last delivery record shows nothing lost");
-                    }
+        if let Some(seq) = last_seq {
+            // Now, not once the backlog is here: what the old home sends on meanwhile (its log's
+            // move to the held stream found the ID moved) is checked against it on arrival.
+            self.connections.continue_after(binding, seq);
+        }
+        // Asked even when the ID was reserved there: the node it dropped from may still be
+        // moving its log to the held stream, and answers once that is done (a dead one at once:
+        // nobody listens). Only a live holder's silence means messages may be lost.
+        tracing::debug!(client = %id, node = %takeover.previous_node, live = takeover.was_live, "resumed from another node; asking it to hand over");
+        let old = Binding {
+            id,
+            epoch: takeover.previous_epoch,
+        };
+        match self
+            .bus
+            .hand_over(&takeover.previous_node, old, binding)
+            .await
+        {
+            Handover::Flushed(held) => {
+                backlog.extend(held.messages);
+                missed = merge(missed, held.missed);
+            }
+            Handover::Unanswered if takeover.was_live => {
+                // Only a client that acknowledges (it says `last_seq`) has a delivery record
+                // to be exact about; for one that does not, nothing is known, as on one node,
+                // and nobody is alarmed. One that processed everything the dead node's last
+                // record says it had numbered, with nothing sent to it since, lost nothing.
+                let quiet = matches!(
+                    (last_seq, takeover.quiet_through),
+                    (Some(seen), Some(through)) if seen >= through
+                );
+                node_failed = last_seq.is_some() && !quiet;
+                if node_failed {
+                    tracing::info!(client = %id, node = %takeover.previous_node, "the node that held a resumed ID did not answer; what it numbered after the client's last_seq is reported lost");
+                } else {
+                    tracing::info!(client = %id, node = %takeover.previous_node, "the node that held a resumed ID did not answer; its last delivery record shows nothing lost");
                 }
             }
+            // Reserved there: its log went to the held stream when it dropped (or the node
+            // died while moving it, which nothing here can tell).
+            Handover::Unanswered => {}
         }
         let held = self.read_held(binding, outcome).await;
         let cursor = held.as_ref().and_then(|h| h.cursor.clone());
@@ -1156,6 +1190,56 @@ mod tests {
             })
             .collect();
         assert_eq!(kinds, ["video-answer-request", "c1", "c2"]);
+    }
+
+    /// In a cluster a node handing an ID over to the node it resumed on waits until the message
+    /// its connection here is still delivering is out (window 1 of the ordering review: the
+    /// client's next message, sent from the new home, overtook it). `wait_sent` pends while the
+    /// bus holds the message back and returns once it went; with nothing on its way, at once.
+    #[tokio::test]
+    async fn wait_sent_pends_while_a_message_of_the_connection_is_on_its_way() {
+        use std::time::Duration;
+        let limits = SignalingLimits::default();
+        let hub = Hub::new(MemoryRegistry::new(&limits), NodeId::local(), limits);
+        let router: Router<MemoryRegistry, GatedBus, TestOutbox> =
+            Router::new(hub, GatedBus::default());
+        let now = Instant::now();
+        let mut a = ready(router.connect(TestOutbox::with_capacity(64), None, now)).unwrap();
+        // b does not acknowledge: nothing stays in its log, so its drop moves nothing to the bus.
+        let b = ready(router.connect(TestOutbox::with_capacity(64), None, now)).unwrap();
+        let (a_id, b_id) = (a.id(), b.id());
+        let _ = router
+            .handle_text(&mut a, offer(a_id, b_id).as_bytes(), now)
+            .await;
+        router
+            .disconnect(b, super::super::hub::Departure::Dropped, now)
+            .await;
+        router.wait_sent(a_id, Duration::from_secs(2)).await;
+
+        // b is reserved: a's candidate goes to the bus, which holds it back at the gate.
+        let candidate = format!(
+            r#"{{"type":"ice-candidate","clientId":{b_id},"candidate":{{"candidate":"c1"}}}}"#
+        );
+        let send = router.handle_text(&mut a, candidate.as_bytes(), now);
+        let check = async {
+            router.bus().started.acquire().await.unwrap().forget();
+            let waited = tokio::time::timeout(
+                Duration::from_millis(50),
+                router.wait_sent(a_id, Duration::from_secs(2)),
+            )
+            .await;
+            assert!(
+                waited.is_err(),
+                "wait_sent returned with the message on its way"
+            );
+            router.bus().gate.add_permits(1);
+            let started = std::time::Instant::now();
+            router.wait_sent(a_id, Duration::from_secs(2)).await;
+            assert!(started.elapsed() < Duration::from_secs(1));
+        };
+        let (outcome, ()) = tokio::join!(send, check);
+        assert_eq!(outcome.close, None);
+        assert_eq!(router.bus().held.lock().unwrap().len(), 1);
     }
 
     /// A cluster bus whose held place cannot be read (Redis times out).
